@@ -1,0 +1,134 @@
+// The op set the model's forward pass is written against, and the step interface every backend
+// consumes. The CPU backend (cpu/) is the exact reference; the CUDA backend implements the same
+// ops on the device. No CUDA headers here.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "common/dtype.h"
+
+namespace ernie::backend {
+
+using Shape = std::vector<int64_t>;
+
+// A non-owning view of backend memory (host memory for cpu, device memory for cuda), row-major.
+struct Tensor {
+  void* data = nullptr;
+  DType dtype = DType::kF32;
+  Shape shape;
+
+  bool empty() const { return data == nullptr; }
+  int64_t numel() const {
+    int64_t n = 1;
+    for (int64_t d : shape) n *= d;
+    return shape.empty() ? 0 : n;
+  }
+  int64_t dim(int i) const { return shape.at(i < 0 ? shape.size() + i : i); }
+  template <typename T>
+  T* as() const {
+    return static_cast<T*>(data);
+  }
+};
+
+// A tensor in host memory in its checkpoint dtype, handed to Backend::load_weight.
+struct HostTensor {
+  const void* data = nullptr;  // need not be aligned
+  DType dtype = DType::kBF16;
+  Shape shape;
+};
+
+// One forward step over any mix of prefill chunks and decodes, flattened.
+struct StepInput {
+  std::vector<int32_t> token_ids;     // [num_tokens]
+  std::vector<int32_t> positions;     // [num_tokens]: position of each token in its sequence
+  std::vector<int32_t> query_start;   // [num_seqs + 1]: sequence s owns tokens [qs[s], qs[s+1])
+  std::vector<int32_t> context_lens;  // [num_seqs]: tokens in the KV cache after this step
+  std::vector<int32_t> block_tables;  // [num_seqs, max_blocks_per_seq], unused entries -1
+  int32_t max_blocks_per_seq = 0;
+  std::vector<int64_t> slot_mapping;    // [num_tokens]: KV slot = block * block_size + offset
+  std::vector<int32_t> logits_indices;  // token rows whose logits the step returns, in order
+
+  int32_t num_tokens() const { return static_cast<int32_t>(token_ids.size()); }
+  int32_t num_seqs() const { return static_cast<int32_t>(context_lens.size()); }
+};
+
+// Checks that a StepInput is self-consistent for a cache of `num_blocks` x `block_size` slots;
+// throws ernie::Error naming the first inconsistency. Backends call it in begin_step.
+void validate_step(const StepInput& step, int64_t num_blocks, int64_t block_size,
+                   int64_t vocab_size);
+
+// Shapes the attention ops need, fixed for the model.
+struct AttentionConfig {
+  int num_heads = 0;
+  int num_kv_heads = 0;
+  int head_dim = 0;
+  double rope_theta = 10000.0;
+  float scale = 1.0f;  // head_dim^-0.5
+};
+
+// The weights of one MoE block, stacked per expert so a backend can run grouped GEMMs.
+struct MoeWeights {
+  Tensor router;           // [E, hidden] f32
+  Tensor router_bias;      // [E] f32, e_score_correction_bias: selection only
+  Tensor experts_gate_up;  // [E, 2 * I_e, hidden]: rows [0, I_e) gate, [I_e, 2 I_e) up
+  Tensor experts_down;     // [E, hidden, I_e]
+  Tensor shared_gate_up;   // [2 * I_s, hidden], empty without shared experts
+  Tensor shared_down;      // [hidden, I_s]
+  int top_k = 0;
+  float norm_min = 1e-12f;
+};
+
+class Backend {
+ public:
+  virtual ~Backend() = default;
+  virtual std::string name() const = 0;
+  // The dtype activations are kept in (f32 on cpu).
+  virtual DType activation_dtype() const = 0;
+
+  // Copies a host tensor into memory the backend owns (converting as it likes) for the
+  // lifetime of the backend.
+  virtual Tensor load_weight(const HostTensor& src) = 0;
+
+  virtual void configure_attention(const AttentionConfig& cfg) = 0;
+  // Allocates the paged KV cache: per layer, K and V of [num_blocks, block_size, kv_heads,
+  // head_dim].
+  virtual void allocate_kv_cache(int num_layers, int64_t num_blocks, int block_size) = 0;
+  virtual int64_t num_kv_blocks() const = 0;
+  virtual int kv_block_size() const = 0;
+
+  // Starts a step: validates and takes the batch description; frees last step's scratch.
+  virtual void begin_step(const StepInput& step) = 0;
+  // Scratch activation memory valid until the next begin_step.
+  virtual Tensor scratch(const Shape& shape, DType dtype) = 0;
+
+  // ---- ops (shapes: T = the step's tokens) ----
+  // out [T, hidden] = table[token_ids]
+  virtual void embedding(Tensor out, const Tensor& table) = 0;
+  // out = rms_norm(x) * weight, per row
+  virtual void rms_norm(Tensor out, const Tensor& x, const Tensor& weight, float eps) = 0;
+  // residual += x; out = rms_norm(residual) * weight
+  virtual void add_rms_norm(Tensor out, Tensor residual, const Tensor& x, const Tensor& weight,
+                            float eps) = 0;
+  // out [M, N] = x [M, K] @ w[N, K]^T
+  virtual void linear(Tensor out, const Tensor& x, const Tensor& w) = 0;
+  // qkv [T, (H + 2 KV) * d]: rotates q and k in place (interleaved pairs), stores k and v into
+  // layer's cache at the step's slots.
+  virtual void rope_store_kv(Tensor qkv, int layer) = 0;
+  // out [T, H * d]: causal attention of q (inside qkv) over each sequence's cached keys.
+  virtual void attention(Tensor out, const Tensor& qkv, int layer) = 0;
+  // out [M, I] = silu(gate_up[:, :I]) * gate_up[:, I:]
+  virtual void silu_mul(Tensor out, const Tensor& gate_up) = 0;
+  // out [T, hidden] = routed experts (+ shared experts) of x [T, hidden]
+  virtual void moe(Tensor out, const Tensor& x, const MoeWeights& w) = 0;
+  // out [R, cols] = x[step.logits_indices]
+  virtual void gather_logit_rows(Tensor out, const Tensor& x) = 0;
+  // Copies an f32 tensor to the host.
+  virtual void to_host(const Tensor& src, float* dst) = 0;
+};
+
+std::unique_ptr<Backend> make_cpu_backend(int num_threads = 0);
+
+}  // namespace ernie::backend

@@ -1,0 +1,191 @@
+#include "model/ernie45.h"
+
+#include <cmath>
+#include <cstring>
+
+#include "common/check.h"
+#include "common/log.h"
+
+namespace ernie::model {
+namespace {
+
+using backend::HostTensor;
+
+HostTensor host(const TensorView& v) {
+  return HostTensor{v.data, v.dtype(), v.shape()};
+}
+
+// Concatenates tensors of one dtype along dim 0 (and optionally stacks under a new leading dim)
+// into one host buffer, so q/k/v and gate/up become one GEMM and experts one stacked tensor.
+class Concat {
+ public:
+  void add(const TensorView& v) {
+    const DType t = v.dtype();
+    if (parts_.empty()) dtype_ = t;
+    if (t != dtype_) {
+      throw Error(cat(*v.file, ": tensor '", v.info->name, "' is ", dtype_name(t), " but ",
+                      dtype_name(dtype_), " was expected like its siblings"));
+    }
+    const auto* p = reinterpret_cast<const char*>(v.data);
+    bytes_.insert(bytes_.end(), p, p + v.info->nbytes());
+    parts_.push_back(v.shape());
+  }
+  // Rows of all parts stacked: [sum rows, cols].
+  HostTensor rows() const {
+    int64_t r = 0;
+    for (const auto& s : parts_) r += s[0];
+    return HostTensor{bytes_.data(), dtype_, {r, parts_[0][1]}};
+  }
+  HostTensor with_shape(const backend::Shape& shape) const {
+    return HostTensor{bytes_.data(), dtype_, shape};
+  }
+
+ private:
+  DType dtype_ = DType::kBF16;
+  std::vector<char> bytes_;
+  std::vector<Shape> parts_;
+};
+
+}  // namespace
+
+ModelWeights load_weights(const ModelConfig& c, const Checkpoint& ck, backend::Backend& be) {
+  const int64_t h = c.hidden_size, v = c.vocab_size;
+  ModelWeights w;
+  w.embed = be.load_weight(host(ck.get("model.embed_tokens.weight", {v, h})));
+  w.norm = be.load_weight(host(ck.get("model.norm.weight", {h})));
+  if (ck.has("lm_head.weight")) {
+    if (c.tie_word_embeddings) {
+      log::warn(
+          "checkpoint has lm_head.weight but tie_word_embeddings is true: using the embedding");
+      w.lm_head = w.embed;
+    } else {
+      w.lm_head = be.load_weight(host(ck.get("lm_head.weight", {v, h})));
+    }
+  } else {
+    require(c.tie_word_embeddings, cat(ck.dir().string(),
+                                       ": checkpoint has no tensor 'lm_head.weight' and "
+                                       "tie_word_embeddings is false"));
+    w.lm_head = w.embed;
+  }
+  const int64_t q = c.q_size(), kv = c.kv_size();
+  for (int64_t i = 0; i < c.num_hidden_layers; ++i) {
+    const std::string p = cat("model.layers.", i, ".");
+    LayerWeights L;
+    L.input_norm = be.load_weight(host(ck.get(p + "input_layernorm.weight", {h})));
+    L.post_norm = be.load_weight(host(ck.get(p + "post_attention_layernorm.weight", {h})));
+    Concat qkv;
+    qkv.add(ck.get(p + "self_attn.q_proj.weight", {q, h}));
+    qkv.add(ck.get(p + "self_attn.k_proj.weight", {kv, h}));
+    qkv.add(ck.get(p + "self_attn.v_proj.weight", {kv, h}));
+    L.qkv = be.load_weight(qkv.rows());
+    L.o = be.load_weight(host(ck.get(p + "self_attn.o_proj.weight", {h, q})));
+    L.is_moe = c.is_moe_layer(i);
+    if (!L.is_moe) {
+      const int64_t inter = c.intermediate_size;
+      Concat gu;
+      gu.add(ck.get(p + "mlp.gate_proj.weight", {inter, h}));
+      gu.add(ck.get(p + "mlp.up_proj.weight", {inter, h}));
+      L.gate_up = be.load_weight(gu.rows());
+      L.down = be.load_weight(host(ck.get(p + "mlp.down_proj.weight", {h, inter})));
+    } else {
+      const int64_t e = c.moe_num_experts, ie = c.moe_intermediate_size;
+      auto& m = L.moe;
+      auto router = ck.get(p + "mlp.gate.weight", {e, h});
+      m.router = be.load_weight(HostTensor{router.data, router.dtype(), {e, h}});
+      // Released checkpoints store the bias as [1, E]; accept [E] too.
+      auto bias = ck.get(p + "mlp.moe_statics.e_score_correction_bias");
+      require(bias.numel() == e && (bias.shape() == Shape{1, e} || bias.shape() == Shape{e}),
+              cat(*bias.file, ": tensor '", bias.info->name, "' has shape ",
+                  shape_str(bias.shape()), ", expected [1, ", e, "]"));
+      m.router_bias = be.load_weight(HostTensor{bias.data, bias.dtype(), {e}});
+      Concat gu, down;
+      for (int64_t x = 0; x < e; ++x) {
+        const std::string ep = cat(p, "mlp.experts.", x, ".");
+        gu.add(ck.get(ep + "gate_proj.weight", {ie, h}));
+        gu.add(ck.get(ep + "up_proj.weight", {ie, h}));
+        down.add(ck.get(ep + "down_proj.weight", {h, ie}));
+      }
+      m.experts_gate_up = be.load_weight(gu.with_shape({e, 2 * ie, h}));
+      m.experts_down = be.load_weight(down.with_shape({e, h, ie}));
+      if (c.moe_num_shared_experts > 0) {
+        const int64_t si = c.shared_intermediate_size();
+        Concat sgu;
+        sgu.add(ck.get(p + "mlp.shared_experts.gate_proj.weight", {si, h}));
+        sgu.add(ck.get(p + "mlp.shared_experts.up_proj.weight", {si, h}));
+        m.shared_gate_up = be.load_weight(sgu.rows());
+        m.shared_down =
+            be.load_weight(host(ck.get(p + "mlp.shared_experts.down_proj.weight", {h, si})));
+      }
+      m.top_k = static_cast<int>(c.moe_k);
+      m.norm_min = static_cast<float>(c.moe_norm_min);
+    }
+    w.layers.push_back(std::move(L));
+  }
+  return w;
+}
+
+Ernie45::Ernie45(const ModelConfig& cfg, ModelWeights weights, backend::Backend& be)
+    : cfg_(cfg), w_(std::move(weights)), be_(be) {
+  backend::AttentionConfig a;
+  a.num_heads = static_cast<int>(cfg.num_attention_heads);
+  a.num_kv_heads = static_cast<int>(cfg.num_key_value_heads);
+  a.head_dim = static_cast<int>(cfg.head_dim);
+  a.rope_theta = cfg.rope_theta;
+  a.scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(cfg.head_dim)));
+  be_.configure_attention(a);
+}
+
+std::vector<float> Ernie45::forward(const backend::StepInput& step) {
+  be_.begin_step(step);
+  const DType act = be_.activation_dtype();
+  const int64_t t = step.num_tokens(), h = cfg_.hidden_size;
+  const float eps = static_cast<float>(cfg_.rms_norm_eps);
+  const int64_t qkv_cols = cfg_.q_size() + 2 * cfg_.kv_size();
+
+  Tensor residual = be_.scratch({t, h}, act);  // [T, hidden]
+  Tensor x = be_.scratch({t, h}, act);         // normalised input of the current sub-block
+  Tensor delta = be_.scratch({t, h}, act);     // output of the last sub-block
+  Tensor qkv = be_.scratch({t, qkv_cols}, act);
+  Tensor attn = be_.scratch({t, cfg_.q_size()}, act);
+
+  be_.embedding(residual, w_.embed);
+  for (size_t i = 0; i < w_.layers.size(); ++i) {
+    const LayerWeights& L = w_.layers[i];
+    if (i == 0) {
+      be_.rms_norm(x, residual, L.input_norm, eps);
+    } else {
+      be_.add_rms_norm(x, residual, delta, L.input_norm, eps);
+    }
+    be_.linear(qkv, x, L.qkv);
+    be_.rope_store_kv(qkv, static_cast<int>(i));
+    be_.attention(attn, qkv, static_cast<int>(i));
+    be_.linear(delta, attn, L.o);
+    be_.add_rms_norm(x, residual, delta, L.post_norm, eps);
+    if (L.is_moe) {
+      be_.moe(delta, x, L.moe);
+    } else {
+      const int64_t inter = L.down.dim(1);
+      Tensor gu = be_.scratch({t, 2 * inter}, act);
+      Tensor a = be_.scratch({t, inter}, act);
+      be_.linear(gu, x, L.gate_up);
+      be_.silu_mul(a, gu);
+      be_.linear(delta, a, L.down);
+    }
+  }
+  // Only the rows that need logits go through the final norm and the head.
+  const int64_t rows = static_cast<int64_t>(step.logits_indices.size());
+  std::vector<float> out(rows * cfg_.vocab_size);
+  if (rows == 0) return out;
+  Tensor res_rows = be_.scratch({rows, h}, act);
+  Tensor delta_rows = be_.scratch({rows, h}, act);
+  Tensor normed = be_.scratch({rows, h}, act);
+  Tensor logits = be_.scratch({rows, cfg_.vocab_size}, DType::kF32);
+  be_.gather_logit_rows(res_rows, residual);
+  be_.gather_logit_rows(delta_rows, delta);
+  be_.add_rms_norm(normed, res_rows, delta_rows, w_.norm, eps);
+  be_.linear(logits, normed, w_.lm_head);
+  be_.to_host(logits, out.data());
+  return out;
+}
+
+}  // namespace ernie::model

@@ -1,0 +1,51 @@
+// The ERNIE-4.5 MoE forward pass, written once against backend::Backend's op set.
+#pragma once
+
+#include <vector>
+
+#include "backend/backend.h"
+#include "model/config.h"
+#include "model/safetensors.h"
+
+namespace ernie::model {
+
+using backend::Tensor;
+
+// One decoder layer's weights as loaded. Shapes are [out, in], row-major.
+struct LayerWeights {
+  Tensor input_norm;  // [hidden]
+  Tensor post_norm;   // [hidden]
+  Tensor qkv;         // [(heads + 2 * kv_heads) * head_dim, hidden]: q, k, v fused at load
+  Tensor o;           // [hidden, heads * head_dim]
+  bool is_moe = false;
+  Tensor gate_up;           // dense layers: [2 * intermediate, hidden], gate rows then up rows
+  Tensor down;              // dense layers: [hidden, intermediate]
+  backend::MoeWeights moe;  // MoE layers
+};
+
+struct ModelWeights {
+  Tensor embed;    // [vocab, hidden]
+  Tensor norm;     // [hidden]
+  Tensor lm_head;  // [vocab, hidden]; the embedding itself when tied
+  std::vector<LayerWeights> layers;
+};
+
+// Reads the checkpoint's tensors (checking every shape) into the backend. MTP tensors are
+// not read.
+ModelWeights load_weights(const ModelConfig& cfg, const Checkpoint& ckpt, backend::Backend& be);
+
+class Ernie45 {
+ public:
+  Ernie45(const ModelConfig& cfg, ModelWeights weights, backend::Backend& be);
+
+  const ModelConfig& config() const { return cfg_; }
+  // Runs one step; returns the logits of step.logits_indices, [rows, vocab] row-major f32.
+  std::vector<float> forward(const backend::StepInput& step);
+
+ private:
+  ModelConfig cfg_;
+  ModelWeights w_;
+  backend::Backend& be_;
+};
+
+}  // namespace ernie::model

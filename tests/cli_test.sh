@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# End to end through the binary: make a model, generate from it, and refuse bad input clearly.
+set -euo pipefail
+: "${ERNIE:?set ERNIE to the ernie binary}"
+dir=$(mktemp -d)
+trap 'rm -rf "$dir"' EXIT
+fail() { echo "FAIL: $*" >&2; exit 1; }
+
+"$ERNIE" make-model --preset tiny --seed 4 --out "$dir/m" --set num_hidden_layers=2 2>/dev/null
+out=$("$ERNIE" generate --model "$dir/m" --prompt-token-ids 5,6,7 --prompt-token-ids 9 \
+      --max-tokens 6 --temperature 0 --logprobs 3 --json --ignore-eos 2>/dev/null)
+python3 - "$out" <<'PY'
+import json, sys
+lines = sys.argv[1].strip().split("\n")
+assert len(lines) == 2, lines
+for line in lines:
+    o = json.loads(line)
+    assert len(o["token_ids"]) == 6, o
+    assert len(o["logprobs"]) == 6 and all(len(s) == 3 for s in o["logprobs"]), o
+    for step, tok in zip(o["logprobs"], o["token_ids"]):
+        assert step[0]["id"] == tok, (step, tok)           # greedy = most likely
+        assert step[0]["logprob"] >= step[1]["logprob"] >= step[2]["logprob"]
+        assert all(s["logprob"] <= 0 for s in step)
+PY
+
+expect_error() {  # expect_error "message part" args...
+  local want=$1; shift
+  if msg=$("$ERNIE" "$@" 2>&1); then fail "expected failure: $*"; fi
+  grep -q -- "$want" <<<"$msg" || fail "message for '$*' lacks '$want': $msg"
+}
+expect_error "tokenizer" generate --model "$dir/m" --prompt "hello"
+expect_error "not an integer" generate --model "$dir/m" --prompt-token-ids 1,x,3
+expect_error "outside the vocabulary" generate --model "$dir/m" --prompt-token-ids 1,999999
+expect_error "config.json" generate --model "$dir/nothing" --prompt-token-ids 1
+expect_error "moe_k" make-model --preset tiny --out "$dir/bad" --set moe_k=100
+expect_error "preset" make-model --preset 7b --out "$dir/bad"
+expect_error "max-tokens" generate --model "$dir/m" --prompt-token-ids 1 --max-tokens 0
+echo "cli end to end: ok"

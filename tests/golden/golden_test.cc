@@ -1,0 +1,123 @@
+// The CPU reference against transformers: fixtures made by tools/make_golden.py (greedy
+// decoding of synthetic checkpoints in float32 with Ernie4_5_MoeForCausalLM). The checkpoint is
+// rebuilt here from the same make-model arguments; weights are deterministic per seed.
+#include <gtest/gtest.h>
+
+#include <nlohmann/json.hpp>
+
+#include <algorithm>
+#include <cmath>
+#include <filesystem>
+#include <map>
+
+#include "../unit/test_util.h"
+#include "runtime/offline.h"
+
+namespace ernie {
+namespace {
+
+using nlohmann::json;
+namespace fs = std::filesystem;
+
+constexpr double kLogprobTolerance = 1e-3;
+
+std::vector<fs::path> fixtures() {
+  std::vector<fs::path> out;
+  for (const auto& e : fs::directory_iterator(ERNIE_GOLDEN_DIR)) {
+    if (e.path().extension() == ".json") out.push_back(e.path());
+  }
+  std::sort(out.begin(), out.end());
+  return out;
+}
+
+model::MakeModelOptions options_from(const json& args, const fs::path& out) {
+  model::MakeModelOptions o;
+  o.out = out;
+  for (size_t i = 0; i + 1 < args.size(); i += 2) {
+    const std::string flag = args[i], value = args[i + 1];
+    if (flag == "--preset") {
+      o.preset = value;
+    } else if (flag == "--seed") {
+      o.seed = std::stoull(value);
+    } else if (flag == "--set") {
+      o.sets.push_back(value);
+    } else {
+      ADD_FAILURE() << "unknown make-model flag in fixture: " << flag;
+    }
+  }
+  return o;
+}
+
+struct Mode {
+  const char* name;
+  int block_size;
+  int max_num_batched_tokens;
+  bool batched;  // all prompts in one batch, or one at a time
+};
+
+class Golden : public ::testing::TestWithParam<fs::path> {};
+
+TEST_P(Golden, MatchesTransformers) {
+  const json fx = json::parse(testing::read_file(GetParam()));
+  testing::TempDir dir;
+  model::make_model(options_from(fx["make_model_args"], dir.path()));
+  const json written = json::parse(testing::read_file(dir.path() / "config.json"));
+  ASSERT_EQ(written, fx["config"])
+      << "make-model no longer writes the config this fixture was made from; regenerate the "
+         "fixtures with scripts/gpu_golden.sh";
+  auto m = testing::load_cpu_model(dir.path());
+  const int steps = fx["steps"];
+
+  std::vector<runtime::GenerateRequest> reqs;
+  for (const auto& p : fx["prompts"]) {
+    runtime::GenerateRequest r;
+    r.prompt = p["prompt"].get<std::vector<int32_t>>();
+    r.max_tokens = steps;
+    r.temperature = 0.0f;
+    r.logprobs = 20;
+    r.ignore_eos = true;
+    reqs.push_back(r);
+  }
+  // Whole prompts in one step; prompts split at odd places with small blocks; one at a time.
+  const Mode modes[] = {
+      {"batched", 16, 8192, true}, {"chunked", 5, 23, true}, {"alone", 32, 8192, false}};
+  double worst = 0.0;
+  for (const Mode& mode : modes) {
+    SCOPED_TRACE(mode.name);
+    runtime::OfflineOptions opts;
+    opts.block_size = mode.block_size;
+    opts.max_num_batched_tokens = mode.max_num_batched_tokens;
+    std::vector<runtime::GenerateResult> res;
+    if (mode.batched) {
+      res = runtime::generate(*m.model, *m.be, reqs, opts);
+    } else {
+      for (const auto& r : reqs) res.push_back(runtime::generate(*m.model, *m.be, {r}, opts)[0]);
+    }
+    for (size_t i = 0; i < reqs.size(); ++i) {
+      const json& want = fx["prompts"][i];
+      SCOPED_TRACE(::testing::Message() << "prompt of " << reqs[i].prompt.size() << " tokens");
+      ASSERT_EQ(res[i].tokens, want["tokens"].get<std::vector<int32_t>>());
+      for (int s = 0; s < steps; ++s) {
+        std::map<int32_t, float> ours;
+        for (const auto& t : res[i].logprobs[s]) ours[t.id] = t.logprob;
+        for (const auto& pair : want["top_logprobs"][s]) {
+          const int32_t id = pair[0];
+          const double lp = pair[1];
+          ASSERT_TRUE(ours.count(id))
+              << "step " << s << ": token " << id << " (logprob " << lp << ") is not in our top 20";
+          const double diff = std::abs(ours[id] - lp);
+          worst = std::max(worst, diff);
+          EXPECT_LE(diff, kLogprobTolerance) << "step " << s << " token " << id;
+        }
+      }
+    }
+  }
+  std::printf("[ golden   ] %s: largest |logprob difference| %.3g over %zu prompts x %d steps\n",
+              GetParam().stem().c_str(), worst, reqs.size(), steps);
+}
+
+INSTANTIATE_TEST_SUITE_P(Fixtures, Golden, ::testing::ValuesIn(fixtures()),
+                         [](const auto& info) { return info.param.stem().string(); });
+
+}  // namespace
+}  // namespace ernie
