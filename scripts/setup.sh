@@ -5,7 +5,7 @@ set -euo pipefail
 
 packages=(
   build-essential cmake ninja-build git python3 python3-venv
-  nlohmann-json3-dev libcli11-dev libgtest-dev
+  nlohmann-json3-dev libcli11-dev libgtest-dev libsentencepiece-dev
   clang libclang-rt-dev   # libFuzzer for the safetensors fuzz pass
 )
 

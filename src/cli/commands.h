@@ -36,4 +36,11 @@ struct GenerateArgs {
 CLI::App* add_generate(CLI::App& app, GenerateArgs& args);
 int run_generate(const GenerateArgs& args);
 
+struct TokenizeArgs {
+  std::string model;
+  std::string chat_template;
+};
+CLI::App* add_tokenize(CLI::App& app, TokenizeArgs& args);
+int run_tokenize(const TokenizeArgs& args);
+
 }  // namespace ernie::cli

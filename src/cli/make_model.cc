@@ -1,6 +1,7 @@
 #include "cli/commands.h"
 #include "common/log.h"
 #include "model/synthetic.h"
+#include "tokenizer/synthetic.h"
 
 namespace ernie::cli {
 
@@ -26,6 +27,9 @@ int run_make_model(const MakeModelArgs& a) {
   o.no_weights = a.no_weights;
   o.sets = a.sets;
   const auto c = model::make_model(o);
+  const auto tok = tokenizer::write_synthetic_tokenizer(a.out);
+  log::info("make-model: tokenizer with ", tok.size, " tokens (", tok.sentencepiece_size,
+            " SentencePiece pieces) and the ERNIE chat template");
   log::info("make-model: ", a.preset, " model in ", a.out, ": ", c.num_hidden_layers, " layers (",
             c.num_moe_layers(), " MoE), hidden ", c.hidden_size, ", ", c.moe_num_experts,
             " experts top-", c.moe_k, ", vocab ", c.vocab_size);

@@ -69,8 +69,9 @@ json preset_config(const std::string& preset) {
     c.num_nextn_predict_layers = 1;
   } else if (preset == "tiny") {
     // Small enough for CI, with every feature of the 21B: GQA, shared experts, a dense first
-    // layer, tied head, head_dim != hidden / heads, MTP; the real vocabulary size so the real
-    // tokenizer's ids fit.
+    // layer, tied head, head_dim != hidden / heads, MTP. The vocabulary covers the synthetic
+    // tokenizer (at most 4096 ids) so generated ids decode to text.
+    c.vocab_size = 4096;
     c.hidden_size = 128;
     c.intermediate_size = 352;
     c.moe_intermediate_size = 64;

@@ -1,0 +1,124 @@
+#!/usr/bin/env python3
+"""Our tokenizer against transformers' own (AutoTokenizer.from_pretrained) on a synthetic
+checkpoint: token ids with and without special tokens, decoding with and without
+skip_special_tokens on the corpus and on random id sequences, and the streaming detokenizer.
+Usage: compare_hf.py --ernie build/ernie [--model DIR] [--seed N]"""
+import argparse
+import json
+import random
+import subprocess
+import sys
+import tempfile
+
+try:
+    from transformers import AutoTokenizer
+except ImportError:
+    print("SKIP: transformers is not installed (scripts/setup-python.sh installs it)")
+    sys.exit(77)
+
+CORPUS = [
+    "Hello world", "hello world", " leading space", "trailing space ", "  two  spaces  between  ",
+    "tabs\tand\nnewlines\n\nand\r\nCRLF", "\n", " ", "", "    ", "a", "Z",
+    "模型的专家路由很重要。百度文心大模型！", "混合 English 和中文，标点；符号？", "こんにちは、東京のモデルです。",
+    "한국어 텍스트도 있어요", "Emoji 😀🚀👍🏽 and flags 🇨🇳 and ZWJ 👩‍💻 family 👨‍👩‍👧",
+    "def f(x):\n    return x ** 2  # square\n", "for (int i = 0; i < n; ++i) { a[i] = b[i] * 2; }",
+    '{"key": [1, 2.5, -3e10], "nested": {"a": null}}', "numbers 1234567890 3.14159 -42 1e-9",
+    "<|begin_of_sentence|>User: hi\nAssistant: hello<|end_of_sentence|>",
+    "text<|end_of_sentence|>more<mask:3>end", "<s>bos</s>eos<unk>", "<mask:0><mask:7><mask:1>",
+    "not special: <|begin_of_sentence| and <mask:9> and <|end_of", "<<|end_of_sentence|>>",
+    "Ünïcödé àccents ñ ß ø å Ω ≈ ∑ √ ∞", "math: ∀x∈ℝ, x²≥0", "arrows → ← ↔ and box ┌─┐",
+    "\u200bzero\u200dwidth\ufeffbom", "mixed\u00a0nbsp\u3000ideographic space",
+    "repeated!!!!!!!!!!!!!! ??????? ......", "URL https://example.com/a/b?c=d&e=f#g",
+    "ﬁ ligature ｆｕｌｌｗｉｄｔｈ ① ㈱", "Ｈｅｌｌｏ", "a" * 300, "中" * 100, "😀" * 20,
+]
+
+
+def random_text(rng, n):
+    alphabet = ["a", "b", "Z", " ", "  ", "\n", "\t", "模", "型", "😀", "é", "<mask:2>",
+                "<|end_of_sentence|>", "<s>", "1", "23", ".", ",", "the", " the", "ёж", "\u0301"]
+    return "".join(rng.choice(alphabet) for _ in range(n))
+
+
+class Ernie:
+    def __init__(self, binary, model):
+        self.p = subprocess.Popen([binary, "tokenize", "--model", model], stdin=subprocess.PIPE,
+                                  stdout=subprocess.PIPE, text=True, encoding="utf-8")
+
+    def ask(self, **req):
+        self.p.stdin.write(json.dumps(req) + "\n")
+        self.p.stdin.flush()
+        out = json.loads(self.p.stdout.readline())
+        if "error" in out:
+            raise RuntimeError(out["error"])
+        return out
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--ernie", required=True)
+    ap.add_argument("--model")
+    ap.add_argument("--seed", type=int, default=random.randrange(1 << 30))
+    a = ap.parse_args()
+    rng = random.Random(a.seed)
+    print(f"seed {a.seed}")
+    with tempfile.TemporaryDirectory() as tmp:
+        model = a.model
+        if model is None:
+            model = tmp + "/m"
+            subprocess.run([a.ernie, "make-model", "--preset", "tiny", "--no-weights", "--out", model],
+                           check=True, stderr=subprocess.DEVNULL)
+        hf = AutoTokenizer.from_pretrained(model)
+        ours = Ernie(a.ernie, model)
+        failures = 0
+
+        def fail(msg):
+            nonlocal failures
+            failures += 1
+            if failures <= 20:
+                print("MISMATCH", msg)
+
+        texts = CORPUS + [random_text(rng, rng.randint(1, 40)) for _ in range(300)]
+        for text in texts:
+            for add in (False, True):
+                want = hf.encode(text, add_special_tokens=add)
+                got = ours.ask(op="encode", text=text, add_special_tokens=add)["ids"]
+                if got != want:
+                    fail(f"encode {text!r} add_special_tokens={add}: ours {got} hf {want}")
+            ids = hf.encode(text, add_special_tokens=False)
+            for skip in (False, True):
+                want = hf.decode(ids, skip_special_tokens=skip)
+                got = ours.ask(op="decode", ids=ids, skip_special_tokens=skip)["text"]
+                if got != want:
+                    fail(f"decode of {text!r} skip={skip}: ours {got!r} hf {want!r}")
+        # Random id sequences: byte pieces (valid and broken UTF-8), specials, unknown ids.
+        vocab = len(hf)
+        byte_ids = [hf.convert_tokens_to_ids(f"<0x{b:02X}>") for b in range(256)]
+        specials = list(hf.all_special_ids)
+        streamed = 0
+        for _ in range(400):
+            ids = []
+            for _ in range(rng.randint(1, 30)):
+                r = rng.random()
+                if r < 0.35:
+                    ids.append(rng.choice(byte_ids))
+                elif r < 0.45:
+                    ids.append(rng.choice(specials))
+                elif r < 0.5:
+                    ids.append(rng.randrange(vocab, 4096))  # model rows the tokenizer lacks
+                else:
+                    ids.append(rng.randrange(0, vocab))
+            for skip in (False, True):
+                want = hf.decode(ids, skip_special_tokens=skip)
+                got = ours.ask(op="decode", ids=ids, skip_special_tokens=skip)["text"]
+                if got != want:
+                    fail(f"decode {ids} skip={skip}: ours {got!r} hf {want!r}")
+                pieces = ours.ask(op="stream", ids=ids, skip_special_tokens=skip)["pieces"]
+                if "".join(pieces) != want:
+                    fail(f"stream {ids} skip={skip}: {pieces!r} joined != {want!r}")
+                streamed += 1
+        print(f"{len(texts)} texts, {streamed} streamed sequences: {failures} mismatches")
+        return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
