@@ -3,7 +3,9 @@
 //   {"op": "encode", "text": "...", "add_special_tokens": false}
 //   {"op": "decode", "ids": [...], "skip_special_tokens": false}
 //   {"op": "stream", "ids": [...], "skip_special_tokens": false}   (incremental detokenizer)
-//   {"op": "chat", "messages": [...], "add_generation_prompt": true, "kwargs": {...}}
+//   {"op": "chat", "messages": [...], "add_generation_prompt": true, "tools": [...], "kwargs":
+//   {...}}
+//   {"op": "render", "template": "...", "context": {...}}
 // One JSON answer per line: {"ids": [...]} / {"text": "..."} / {"pieces": [...]} or {"error":
 // "..."}.
 #include <nlohmann/json.hpp>
@@ -12,6 +14,7 @@
 
 #include "cli/commands.h"
 #include "common/check.h"
+#include "tokenizer/chat.h"
 #include "tokenizer/detokenizer.h"
 #include "tokenizer/tokenizer.h"
 
@@ -29,11 +32,12 @@ CLI::App* add_tokenize(CLI::App& app, TokenizeArgs& a) {
 
 int run_tokenize(const TokenizeArgs& a) {
   auto tok = tokenizer::Tokenizer::load(a.model);
+  std::shared_ptr<const tokenizer::ChatTemplate> chat;  // parsed on first use
   std::string line;
   while (std::getline(std::cin, line)) {
     nlohmann::json out;
     try {
-      const auto req = nlohmann::json::parse(line);
+      const auto req = nlohmann::ordered_json::parse(line);
       const std::string op = req.at("op");
       if (op == "encode") {
         out["ids"] =
@@ -48,6 +52,16 @@ int run_tokenize(const TokenizeArgs& a) {
           pieces.push_back(detok.add(id));
         pieces.push_back(detok.finish());
         out["pieces"] = pieces;
+      } else if (op == "render") {  // a raw template with a raw context
+        out["text"] = jinja::Template(req.at("template").get<std::string>())
+                          .render(req.value("context", nlohmann::ordered_json::object()));
+      } else if (op == "chat") {
+        if (!chat) chat = tokenizer::ChatTemplate::for_model(*tok, a.chat_template);
+        tokenizer::ChatOptions o;
+        o.add_generation_prompt = req.value("add_generation_prompt", true);
+        if (req.contains("tools")) o.tools = req["tools"];
+        if (req.contains("kwargs")) o.kwargs = req["kwargs"];
+        out["text"] = chat->render(*tok, req.at("messages"), o);
       } else {
         throw Error(cat("unknown op '", op, "'"));
       }
