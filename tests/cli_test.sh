@@ -28,7 +28,22 @@ expect_error() {  # expect_error "message part" args...
   if msg=$("$ERNIE" "$@" 2>&1); then fail "expected failure: $*"; fi
   grep -q -- "$want" <<<"$msg" || fail "message for '$*' lacks '$want': $msg"
 }
-expect_error "tokenizer" generate --model "$dir/m" --prompt "hello"
+# Text in, text out through the tokenizer and the chat template.
+out=$("$ERNIE" generate --model "$dir/m" --chat "Hello" --prompt "The engine" --max-tokens 5 \
+      --temperature 0 --json 2>/dev/null)
+python3 - "$out" <<'PY'
+import json, sys
+lines = [json.loads(l) for l in sys.argv[1].strip().split("\n")]
+assert len(lines) == 2, lines
+for o in lines:
+    assert isinstance(o["text"], str) and 1 <= len(o["token_ids"]) <= 5, o
+PY
+mkdir -p "$dir/notok" && cp "$dir/m"/config.json "$dir/m"/*.safetensors* "$dir/notok/"
+expect_error "tokenizer.model" generate --model "$dir/notok" --prompt "hello"
+expect_error "JSON object" generate --model "$dir/m" --chat hi --chat-template-kwargs '[1]'
+expect_error "cannot open" generate --model "$dir/m" --chat hi --chat-template "$dir/missing.jinja"
+printf '{{ raise_exception("no system messages here") }}' > "$dir/bad.jinja"
+expect_error "no system messages here" generate --model "$dir/m" --chat hi --chat-template "$dir/bad.jinja"
 expect_error "not an integer" generate --model "$dir/m" --prompt-token-ids 1,x,3
 expect_error "outside the vocabulary" generate --model "$dir/m" --prompt-token-ids 1,999999
 expect_error "config.json" generate --model "$dir/nothing" --prompt-token-ids 1

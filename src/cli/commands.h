@@ -23,6 +23,11 @@ struct GenerateArgs {
   std::string model;
   std::vector<std::string> prompt_token_ids;  // one comma-separated list per prompt
   std::vector<std::string> prompts;
+  std::vector<std::string> chats;  // one user message each
+  std::string system;
+  std::string chat_template;
+  std::string chat_template_kwargs;
+  bool skip_special_tokens = true;
   int max_tokens = 16;
   float temperature = 1.0f;
   uint64_t seed = 0;

@@ -2,6 +2,7 @@
 
 #include <charconv>
 #include <chrono>
+#include <filesystem>
 #include <iostream>
 
 #include "backend/backend.h"
@@ -10,6 +11,9 @@
 #include "common/log.h"
 #include "model/ernie45.h"
 #include "runtime/offline.h"
+#include "tokenizer/chat.h"
+#include "tokenizer/detokenizer.h"
+#include "tokenizer/tokenizer.h"
 
 namespace ernie::cli {
 namespace {
@@ -42,6 +46,14 @@ CLI::App* add_generate(CLI::App& app, GenerateArgs& a) {
   c->add_option("--prompt-token-ids", a.prompt_token_ids,
                 "A prompt as comma-separated token ids; repeat for several prompts");
   c->add_option("--prompt", a.prompts, "A text prompt; repeat for several prompts");
+  c->add_option("--chat", a.chats, "A user message, rendered with the chat template; repeatable");
+  c->add_option("--system", a.system, "A system message for --chat");
+  c->add_option("--chat-template", a.chat_template, "A chat template file instead of the model's");
+  c->add_option("--chat-template-kwargs", a.chat_template_kwargs,
+                "JSON object of extra variables for the chat template");
+  c->add_option("--skip-special-tokens", a.skip_special_tokens,
+                "Leave special tokens out of the output text")
+      ->capture_default_str();
   c->add_option("--max-tokens", a.max_tokens, "Tokens to generate per prompt")
       ->check(CLI::Range(1, 1 << 30))
       ->capture_default_str();
@@ -67,17 +79,40 @@ CLI::App* add_generate(CLI::App& app, GenerateArgs& a) {
 }
 
 int run_generate(const GenerateArgs& a) {
-  if (!a.prompts.empty()) {
-    throw Error(
-        "--prompt (text) needs the tokenizer, which is not built yet; "
-        "pass --prompt-token-ids 1,2,3 instead");
+  if (a.prompt_token_ids.empty() && a.prompts.empty() && a.chats.empty()) {
+    throw Error("give at least one --prompt, --chat or --prompt-token-ids");
   }
-  if (a.prompt_token_ids.empty()) throw Error("give at least one --prompt-token-ids");
   if (a.device != "cpu") throw Error("--device cuda is not built yet; use --device cpu");
+  nlohmann::ordered_json kwargs = nlohmann::ordered_json::object();
+  if (!a.chat_template_kwargs.empty()) {
+    kwargs = nlohmann::ordered_json::parse(a.chat_template_kwargs, nullptr, false);
+    if (!kwargs.is_object()) throw Error("--chat-template-kwargs must be a JSON object");
+  }
+  // Text needs the tokenizer; token-id prompts work without one.
+  std::shared_ptr<const tokenizer::Tokenizer> tok;
+  if (!a.prompts.empty() || !a.chats.empty() ||
+      std::filesystem::exists(std::filesystem::path(a.model) / "tokenizer.model")) {
+    tok = tokenizer::Tokenizer::load(a.model);
+  }
+  std::vector<std::vector<int32_t>> prompts;
+  for (const auto& p : a.prompt_token_ids) prompts.push_back(parse_ids(p));
+  for (const auto& p : a.prompts) prompts.push_back(tok->encode(p, /*add_special_tokens=*/true));
+  if (!a.chats.empty()) {
+    auto tmpl = tokenizer::ChatTemplate::for_model(*tok, a.chat_template);
+    for (const auto& text : a.chats) {
+      nlohmann::ordered_json messages = nlohmann::ordered_json::array();
+      if (!a.system.empty()) messages.push_back({{"role", "system"}, {"content", a.system}});
+      messages.push_back({{"role", "user"}, {"content", text}});
+      tokenizer::ChatOptions o;
+      o.kwargs = kwargs;
+      prompts.push_back(tok->encode(tmpl->render(*tok, messages, o), /*add_special_tokens=*/false));
+    }
+  }
   std::vector<runtime::GenerateRequest> reqs;
-  for (const auto& p : a.prompt_token_ids) {
+  for (auto& p : prompts) {
     runtime::GenerateRequest r;
-    r.prompt = parse_ids(p);
+    r.prompt = std::move(p);
+    if (tok && !a.ignore_eos) r.stop_token_ids = tok->eos_token_ids();
     r.max_tokens = a.max_tokens;
     r.temperature = a.temperature;
     r.seed = a.seed;
@@ -102,9 +137,16 @@ int run_generate(const GenerateArgs& a) {
   for (size_t i = 0; i < results.size(); ++i) {
     const auto& r = results[i];
     generated += r.tokens.size();
+    std::string text;
+    if (tok) {
+      tokenizer::IncrementalDetokenizer detok(tok, a.skip_special_tokens);
+      for (int32_t id : r.tokens) text += detok.add(id);
+      text += detok.finish();
+    }
     if (a.json) {
       nlohmann::json j;
       j["token_ids"] = r.tokens;
+      if (tok) j["text"] = text;
       j["finish_reason"] = r.finish_reason;
       if (a.logprobs > 0) {
         nlohmann::json lps = nlohmann::json::array();
@@ -117,9 +159,14 @@ int run_generate(const GenerateArgs& a) {
       }
       std::cout << j.dump() << "\n";
     } else {
-      std::cout << "prompt " << i << ": ";
-      for (size_t k = 0; k < r.tokens.size(); ++k) std::cout << (k ? "," : "") << r.tokens[k];
-      std::cout << "  (" << r.finish_reason << ")\n";
+      std::cout << "--- prompt " << i << " (" << r.tokens.size() << " tokens, " << r.finish_reason
+                << ")\n";
+      if (tok) {
+        std::cout << text << "\n";
+      } else {
+        for (size_t k = 0; k < r.tokens.size(); ++k) std::cout << (k ? "," : "") << r.tokens[k];
+        std::cout << "\n";
+      }
     }
   }
   const double secs = std::chrono::duration<double>(t2 - t1).count();

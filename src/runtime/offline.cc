@@ -101,8 +101,10 @@ std::vector<GenerateResult> generate(model::Ernie45& model, backend::Backend& be
       if (r.logprobs > 0) results[i].logprobs.push_back(top_logprobs(lg, r.logprobs));
       seqs[i].tokens.push_back(tok);
       const bool eos =
-          !r.ignore_eos && std::find(cfg.eos_token_ids.begin(), cfg.eos_token_ids.end(), tok) !=
-                               cfg.eos_token_ids.end();
+          (!r.ignore_eos && std::find(cfg.eos_token_ids.begin(), cfg.eos_token_ids.end(), tok) !=
+                                cfg.eos_token_ids.end()) ||
+          std::find(r.stop_token_ids.begin(), r.stop_token_ids.end(), tok) !=
+              r.stop_token_ids.end();
       if (eos || static_cast<int>(results[i].tokens.size()) >= r.max_tokens) {
         seqs[i].done = true;
         results[i].finish_reason = eos ? "stop" : "length";

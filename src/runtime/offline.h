@@ -20,6 +20,7 @@ struct GenerateRequest {
   uint64_t seed = 0;
   int logprobs = 0;  // top-k logprobs per generated token
   bool ignore_eos = false;
+  std::vector<int32_t> stop_token_ids;  // end the request like EOS (the tokenizer's EOS ids)
 };
 
 struct GenerateResult {

@@ -5,6 +5,7 @@ skip_special_tokens on the corpus and on random id sequences, and the streaming 
 Usage: compare_hf.py --ernie build/ernie [--model DIR] [--seed N]"""
 import argparse
 import json
+import os
 import random
 import subprocess
 import sys
@@ -53,6 +54,32 @@ class Ernie:
         return out
 
 
+def nfkc_variant(src, dst):
+    """A copy of the synthetic tokenizer retrained with SentencePiece's defaults (nmt_nfkc
+    normalization, dummy prefix, whitespace folding), so the normalizer and the flags that
+    transformers ignores are covered too."""
+    import shutil
+    import sentencepiece as spm
+    shutil.copytree(src, dst)
+    corpus = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "data", "tokenizer_corpus.txt")
+    spm.SentencePieceTrainer.train(
+        input=corpus, model_prefix=os.path.join(dst, "sp"), vocab_size=3000, model_type="bpe",
+        byte_fallback=True, character_coverage=1.0, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+        user_defined_symbols=["<|begin_of_sentence|>", "<|end_of_sentence|>"], num_threads=1,
+        hard_vocab_limit=False, minloglevel=2)
+    os.replace(os.path.join(dst, "sp.model"), os.path.join(dst, "tokenizer.model"))
+    sp = spm.SentencePieceProcessor(model_file=os.path.join(dst, "tokenizer.model"))
+    cfg_path = os.path.join(dst, "tokenizer_config.json")
+    cfg = json.load(open(cfg_path))
+    dec = {k: v for k, v in cfg["added_tokens_decoder"].items() if not v["content"].startswith("<mask:")}
+    for k in range(8):
+        dec[str(sp.get_piece_size() + k)] = {"content": f"<mask:{k}>", "lstrip": False, "normalized": False,
+                                             "rstrip": False, "single_word": False, "special": True}
+    cfg["added_tokens_decoder"] = dec
+    json.dump(cfg, open(cfg_path, "w"))
+    return dst
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--ernie", required=True)
@@ -62,11 +89,30 @@ def main():
     rng = random.Random(a.seed)
     print(f"seed {a.seed}")
     with tempfile.TemporaryDirectory() as tmp:
-        model = a.model
-        if model is None:
-            model = tmp + "/m"
-            subprocess.run([a.ernie, "make-model", "--preset", "tiny", "--no-weights", "--out", model],
+        models = [a.model]
+        if a.model is None:
+            models = [tmp + "/m"]
+            subprocess.run([a.ernie, "make-model", "--preset", "tiny", "--no-weights", "--out", models[0]],
                            check=True, stderr=subprocess.DEVNULL)
+            models.append(nfkc_variant(models[0], tmp + "/nfkc"))
+        total_failures = 0
+        for model in models:
+            total_failures += check_model(a, rng, model)
+        return 1 if total_failures else 0
+
+
+# Known gap, for tokenizers with a normalization charsmap (nmt_nfkc) only: transformers'
+# Precompiled normalizer rewrites whole grapheme clusters ("\r\n" -> one space, a space plus
+# a combining mark), SentencePiece rewrites longest byte matches. Our synthetic tokenizer and
+# (as far as we know) ERNIE's use the identity normalization, where the two agree exactly.
+def grapheme_sensitive(text):
+    return "\r" in text or any(0x300 <= ord(c) <= 0x36F for c in text)
+
+
+def check_model(a, rng, model):
+    if True:
+        nfkc = os.path.basename(model) == "nfkc"
+        print(f"model {os.path.basename(model)}")
         hf = AutoTokenizer.from_pretrained(model)
         ours = Ernie(a.ernie, model)
         failures = 0
@@ -79,6 +125,8 @@ def main():
 
         texts = CORPUS + [random_text(rng, rng.randint(1, 40)) for _ in range(300)]
         for text in texts:
+            if nfkc and grapheme_sensitive(text):
+                continue
             for add in (False, True):
                 want = hf.encode(text, add_special_tokens=add)
                 got = ours.ask(op="encode", text=text, add_special_tokens=add)["ids"]
@@ -117,7 +165,7 @@ def main():
                     fail(f"stream {ids} skip={skip}: {pieces!r} joined != {want!r}")
                 streamed += 1
         print(f"{len(texts)} texts, {streamed} streamed sequences: {failures} mismatches")
-        return 1 if failures else 0
+        return failures
 
 
 if __name__ == "__main__":
