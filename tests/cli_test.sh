@@ -45,9 +45,10 @@ expect_error "cannot open" generate --model "$dir/m" --chat hi --chat-template "
 printf '{{ raise_exception("no system messages here") }}' > "$dir/bad.jinja"
 expect_error "no system messages here" generate --model "$dir/m" --chat hi --chat-template "$dir/bad.jinja"
 expect_error "not an integer" generate --model "$dir/m" --prompt-token-ids 1,x,3
-expect_error "outside the vocabulary" generate --model "$dir/m" --prompt-token-ids 1,999999
+expect_error "out of vocabulary" generate --model "$dir/m" --prompt-token-ids 1,999999
 expect_error "config.json" generate --model "$dir/nothing" --prompt-token-ids 1
 expect_error "moe_k" make-model --preset tiny --out "$dir/bad" --set moe_k=100
 expect_error "preset" make-model --preset 7b --out "$dir/bad"
-expect_error "max-tokens" generate --model "$dir/m" --prompt-token-ids 1 --max-tokens 0
+expect_error "max_tokens must be at least 1" generate --model "$dir/m" --prompt-token-ids 1 --max-tokens 0
+expect_error "maximum context length" generate --model "$dir/m" --prompt-token-ids 1,2,3 --max-tokens 100 --max-model-len 64
 echo "cli end to end: ok"

@@ -81,6 +81,38 @@ struct MoeWeights {
   float norm_min = 1e-12f;
 };
 
+// How to sample one row of logits (one sequence). Pointers stay valid for the call.
+struct SamplingRow {
+  float temperature = 1.0f;  // < 1e-5: greedy
+  float top_p = 1.0f;
+  int top_k = 0;  // 0 or -1: off
+  float min_p = 0.0f;
+  float presence_penalty = 0.0f;
+  float frequency_penalty = 0.0f;
+  float repetition_penalty = 1.0f;
+  const std::vector<std::pair<int32_t, float>>* logit_bias = nullptr;
+  const std::vector<int32_t>* prompt_tokens = nullptr;  // repetition penalty
+  const std::vector<int32_t>* output_tokens = nullptr;  // all three penalties
+  std::vector<int32_t> banned;  // ids that must not be drawn (EOS/stop ids under min_tokens)
+  uint64_t seed = 0;            // with `position`, fixes the draw whatever else is batched
+  int64_t position = 0;         // index of the token being sampled in the request's output
+  int num_logprobs = -1;        // -1: none; k >= 0: the sampled token's and the top k
+};
+
+struct TokenLogprob {
+  int32_t id;
+  float logprob;
+};
+
+// One row's result. Logprobs are of the model's raw distribution (log_softmax of the logits
+// before any penalty, bias or temperature), as vLLM reports them by default.
+struct SampledToken {
+  int32_t id = -1;
+  float logprob = 0.0f;           // of `id`, when logprobs were asked for
+  int32_t rank = 0;               // 1 = most likely
+  std::vector<TokenLogprob> top;  // most likely first
+};
+
 class Backend {
  public:
   virtual ~Backend() = default;
@@ -96,6 +128,8 @@ class Backend {
   // Allocates the paged KV cache: per layer, K and V of [num_blocks, block_size, kv_heads,
   // head_dim].
   virtual void allocate_kv_cache(int num_layers, int64_t num_blocks, int block_size) = 0;
+  // The element type of the KV cache (sizes the cache from a memory budget).
+  virtual DType kv_dtype() const = 0;
   virtual int64_t num_kv_blocks() const = 0;
   virtual int kv_block_size() const = 0;
 
@@ -127,6 +161,10 @@ class Backend {
   virtual void gather_logit_rows(Tensor out, const Tensor& x) = 0;
   // Copies an f32 tensor to the host.
   virtual void to_host(const Tensor& src, float* dst) = 0;
+  // Samples one token per row of logits [rows, vocab] (on the device for GPU backends; only
+  // ids and requested logprobs come back).
+  virtual std::vector<SampledToken> sample(const Tensor& logits,
+                                           const std::vector<SamplingRow>& rows) = 0;
 };
 
 std::unique_ptr<Backend> make_cpu_backend(int num_threads = 0);

@@ -4,6 +4,7 @@
 #include <CLI/CLI.hpp>
 
 #include <cstdint>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -27,16 +28,32 @@ struct GenerateArgs {
   std::string system;
   std::string chat_template;
   std::string chat_template_kwargs;
-  bool skip_special_tokens = true;
-  int max_tokens = 16;
-  float temperature = 1.0f;
-  uint64_t seed = 0;
-  int logprobs = 0;
   bool json = false;
+  std::string device = "cpu";
+  // Sampling (vLLM's SamplingParams names).
+  int n = 1;
+  int max_tokens = 16;
+  int min_tokens = 0;
+  float temperature = 1.0f;
+  float top_p = 1.0f;
+  int top_k = 0;
+  float min_p = 0.0f;
+  float presence_penalty = 0.0f;
+  float frequency_penalty = 0.0f;
+  float repetition_penalty = 1.0f;
+  std::optional<uint64_t> seed;
+  int logprobs = -1;
   bool ignore_eos = false;
+  std::vector<std::string> stop;
+  bool skip_special_tokens = true;
+  // Engine (vLLM's engine argument names).
   int block_size = 16;
   int max_num_batched_tokens = 8192;
-  std::string device = "cpu";
+  int max_num_seqs = 256;
+  int64_t max_model_len = 0;
+  bool no_prefix_caching = false;
+  int64_t num_gpu_blocks_override = 0;
+  double kv_cache_memory_gib = 1.0;
 };
 CLI::App* add_generate(CLI::App& app, GenerateArgs& args);
 int run_generate(const GenerateArgs& args);

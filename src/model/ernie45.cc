@@ -136,6 +136,13 @@ Ernie45::Ernie45(const ModelConfig& cfg, ModelWeights weights, backend::Backend&
 }
 
 std::vector<float> Ernie45::forward(const backend::StepInput& step) {
+  const Tensor logits = forward_logits(step);
+  std::vector<float> out(logits.numel());
+  if (!out.empty()) be_.to_host(logits, out.data());
+  return out;
+}
+
+Tensor Ernie45::forward_logits(const backend::StepInput& step) {
   be_.begin_step(step);
   const DType act = be_.activation_dtype();
   const int64_t t = step.num_tokens(), h = cfg_.hidden_size;
@@ -174,8 +181,7 @@ std::vector<float> Ernie45::forward(const backend::StepInput& step) {
   }
   // Only the rows that need logits go through the final norm and the head.
   const int64_t rows = static_cast<int64_t>(step.logits_indices.size());
-  std::vector<float> out(rows * cfg_.vocab_size);
-  if (rows == 0) return out;
+  if (rows == 0) return Tensor{nullptr, DType::kF32, {0, cfg_.vocab_size}};
   Tensor res_rows = be_.scratch({rows, h}, act);
   Tensor delta_rows = be_.scratch({rows, h}, act);
   Tensor normed = be_.scratch({rows, h}, act);
@@ -184,8 +190,7 @@ std::vector<float> Ernie45::forward(const backend::StepInput& step) {
   be_.gather_logit_rows(delta_rows, delta);
   be_.add_rms_norm(normed, res_rows, delta_rows, w_.norm, eps);
   be_.linear(logits, normed, w_.lm_head);
-  be_.to_host(logits, out.data());
-  return out;
+  return logits;
 }
 
 }  // namespace ernie::model

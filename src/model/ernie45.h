@@ -39,8 +39,12 @@ class Ernie45 {
   Ernie45(const ModelConfig& cfg, ModelWeights weights, backend::Backend& be);
 
   const ModelConfig& config() const { return cfg_; }
-  // Runs one step; returns the logits of step.logits_indices, [rows, vocab] row-major f32.
+  // Runs one step; returns the logits of step.logits_indices, [rows, vocab] f32, in backend
+  // memory valid until the next step (sample them with Backend::sample).
+  Tensor forward_logits(const backend::StepInput& step);
+  // The same logits copied to the host (tests and tools).
   std::vector<float> forward(const backend::StepInput& step);
+  backend::Backend& backend() { return be_; }
 
  private:
   ModelConfig cfg_;

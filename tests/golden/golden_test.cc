@@ -11,7 +11,7 @@
 #include <map>
 
 #include "../unit/test_util.h"
-#include "runtime/offline.h"
+#include "runtime/engine.h"
 
 namespace ernie {
 namespace {
@@ -68,38 +68,43 @@ TEST_P(Golden, MatchesTransformers) {
   auto m = testing::load_cpu_model(dir.path());
   const int steps = fx["steps"];
 
-  std::vector<runtime::GenerateRequest> reqs;
-  for (const auto& p : fx["prompts"]) {
-    runtime::GenerateRequest r;
-    r.prompt = p["prompt"].get<std::vector<int32_t>>();
-    r.max_tokens = steps;
-    r.temperature = 0.0f;
-    r.logprobs = 20;
-    r.ignore_eos = true;
-    reqs.push_back(r);
-  }
-  // Whole prompts in one step; prompts split at odd places with small blocks; one at a time.
+  std::vector<std::vector<int32_t>> prompts;
+  for (const auto& p : fx["prompts"]) prompts.push_back(p["prompt"].get<std::vector<int32_t>>());
+  runtime::SamplingParams sp;
+  sp.max_tokens = steps;
+  sp.temperature = 0.0f;
+  sp.logprobs = 20;
+  sp.ignore_eos = true;
+  // Whole prompts in one step; prompts split at odd places over small blocks with prefix
+  // caching off; one prompt at a time.
   const Mode modes[] = {
       {"batched", 16, 8192, true}, {"chunked", 5, 23, true}, {"alone", 32, 8192, false}};
   double worst = 0.0;
   for (const Mode& mode : modes) {
     SCOPED_TRACE(mode.name);
-    runtime::OfflineOptions opts;
-    opts.block_size = mode.block_size;
-    opts.max_num_batched_tokens = mode.max_num_batched_tokens;
+    runtime::EngineConfig ec;
+    ec.block_size = mode.block_size;
+    ec.max_num_batched_tokens = mode.max_num_batched_tokens;
+    ec.max_model_len = 256;
+    ec.max_num_seqs = 8;
+    ec.enable_prefix_caching = mode.block_size != 5;
+    runtime::Engine engine(*m.model, nullptr, ec);
     std::vector<runtime::GenerateResult> res;
     if (mode.batched) {
-      res = runtime::generate(*m.model, *m.be, reqs, opts);
+      for (auto& r : runtime::generate(engine, prompts,
+                                       std::vector<runtime::SamplingParams>(prompts.size(), sp))) {
+        res.push_back(r[0]);
+      }
     } else {
-      for (const auto& r : reqs) res.push_back(runtime::generate(*m.model, *m.be, {r}, opts)[0]);
+      for (const auto& p : prompts) res.push_back(runtime::generate(engine, {p}, {sp})[0][0]);
     }
-    for (size_t i = 0; i < reqs.size(); ++i) {
+    for (size_t i = 0; i < prompts.size(); ++i) {
       const json& want = fx["prompts"][i];
-      SCOPED_TRACE(::testing::Message() << "prompt of " << reqs[i].prompt.size() << " tokens");
+      SCOPED_TRACE(::testing::Message() << "prompt of " << prompts[i].size() << " tokens");
       ASSERT_EQ(res[i].tokens, want["tokens"].get<std::vector<int32_t>>());
       for (int s = 0; s < steps; ++s) {
         std::map<int32_t, float> ours;
-        for (const auto& t : res[i].logprobs[s]) ours[t.id] = t.logprob;
+        for (const auto& t : res[i].logprobs[s].top) ours[t.id] = t.logprob;
         for (const auto& pair : want["top_logprobs"][s]) {
           const int32_t id = pair[0];
           const double lp = pair[1];
@@ -113,7 +118,7 @@ TEST_P(Golden, MatchesTransformers) {
     }
   }
   std::printf("[ golden   ] %s: largest |logprob difference| %.3g over %zu prompts x %d steps\n",
-              GetParam().stem().c_str(), worst, reqs.size(), steps);
+              GetParam().stem().c_str(), worst, prompts.size(), steps);
 }
 
 INSTANTIATE_TEST_SUITE_P(Fixtures, Golden, ::testing::ValuesIn(fixtures()),

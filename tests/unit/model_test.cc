@@ -7,7 +7,6 @@
 
 #include "common/check.h"
 #include "common/rng.h"
-#include "runtime/offline.h"
 #include "test_util.h"
 
 namespace ernie {
@@ -85,61 +84,6 @@ TEST_F(ModelTest, InconsistentStepsAreRejected) {
   EXPECT_THROW(m.model->forward(bad), Error);
   bad = single_seq_step({5, 6, 7}, 14, 4, 4, false);  // runs past the 16 slots of its table
   EXPECT_THROW(m.model->forward(bad), Error);
-}
-
-TEST_F(ModelTest, SampledGenerationIsReproduciblePerSeed) {
-  auto m = testing::load_cpu_model(dir_->path());
-  runtime::GenerateRequest r;
-  r.prompt = {11, 12, 13};
-  r.max_tokens = 12;
-  r.temperature = 1.0f;
-  r.ignore_eos = true;
-  r.seed = 1234;
-  const auto a = runtime::generate(*m.model, *m.be, {r}, {});
-  // The same request beside others in the batch gives the same tokens.
-  runtime::GenerateRequest other = r;
-  other.prompt = {40, 41};
-  other.seed = 99;
-  const auto b = runtime::generate(*m.model, *m.be, {other, r}, {});
-  EXPECT_EQ(a[0].tokens, b[1].tokens);
-  r.seed = 1235;
-  const auto c = runtime::generate(*m.model, *m.be, {r}, {});
-  EXPECT_NE(a[0].tokens, c[0].tokens);
-  EXPECT_EQ(a[0].finish_reason, "length");
-}
-
-TEST_F(ModelTest, BadRequestsAreRefused) {
-  auto m = testing::load_cpu_model(dir_->path());
-  runtime::GenerateRequest r;
-  r.prompt = {1, 2};
-  r.max_tokens = 255;  // 2 + 255 > 256 positions
-  EXPECT_THROW(runtime::generate(*m.model, *m.be, {r}, {}), Error);
-  r.max_tokens = 4;
-  r.prompt = {1, 103424};
-  EXPECT_THROW(runtime::generate(*m.model, *m.be, {r}, {}), Error);
-  r.prompt = {};
-  EXPECT_THROW(runtime::generate(*m.model, *m.be, {r}, {}), Error);
-}
-
-TEST_F(ModelTest, StopsAtEos) {
-  auto m = testing::load_cpu_model(dir_->path());
-  // Make the model's first greedy token an EOS id by editing config.json's eos list.
-  runtime::GenerateRequest r;
-  r.prompt = {21, 22, 23};
-  r.max_tokens = 5;
-  r.temperature = 0.0f;
-  const auto first = runtime::generate(*m.model, *m.be, {r}, {})[0].tokens[0];
-  TempDir copy;
-  for (const auto& e : std::filesystem::directory_iterator(dir_->path())) {
-    std::filesystem::copy(e.path(), copy.path() / e.path().filename());
-  }
-  auto cfg = nlohmann::json::parse(testing::read_file(copy.path() / "config.json"));
-  cfg["eos_token_id"] = {2, first};
-  testing::write_file(copy.path() / "config.json", cfg.dump());
-  auto m2 = testing::load_cpu_model(copy.path());
-  const auto res = runtime::generate(*m2.model, *m2.be, {r}, {})[0];
-  EXPECT_EQ(res.tokens, std::vector<int32_t>{first});
-  EXPECT_EQ(res.finish_reason, "stop");
 }
 
 TEST_F(ModelTest, LoadErrorsNameTheTensor) {

@@ -11,6 +11,7 @@
 
 #include "backend/backend.h"
 #include "backend/cpu/ops.h"
+#include "backend/cpu/sampler.h"
 #include "common/check.h"
 
 namespace ernie::backend {
@@ -52,6 +53,7 @@ class CpuBackend final : public Backend {
                     std::vector<float>(per_layer, std::numeric_limits<float>::quiet_NaN()));
   }
   int64_t num_kv_blocks() const override { return num_blocks_; }
+  DType kv_dtype() const override { return DType::kF32; }
   int kv_block_size() const override { return block_size_; }
 
   void begin_step(const StepInput& step) override {
@@ -235,6 +237,19 @@ class CpuBackend final : public Backend {
 
   void to_host(const Tensor& src, float* dst) override {
     std::memcpy(dst, src.data, src.numel() * sizeof(float));
+  }
+
+  std::vector<SampledToken> sample(const Tensor& logits,
+                                   const std::vector<SamplingRow>& rows) override {
+    check(logits.dim(0) == static_cast<int64_t>(rows.size()), "one sampling row per logits row");
+    const int64_t vocab = logits.dim(1);
+    std::vector<SampledToken> out(rows.size());
+#pragma omp parallel for schedule(dynamic) if (rows.size() > 1)
+    for (size_t r = 0; r < rows.size(); ++r) {
+      out[r] =
+          cpu::sample_row({logits.as<float>() + r * vocab, static_cast<size_t>(vocab)}, rows[r]);
+    }
+    return out;
   }
 
  private:

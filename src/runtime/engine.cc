@@ -1,0 +1,345 @@
+#include "runtime/engine.h"
+
+#include <algorithm>
+
+#include "common/check.h"
+#include "common/log.h"
+
+namespace ernie::runtime {
+
+int64_t kv_blocks_for_memory(const model::ModelConfig& c, int block_size, int64_t bytes,
+                             size_t bytes_per_element) {
+  const int64_t per_block = c.num_hidden_layers * 2 * block_size * c.num_key_value_heads *
+                            c.head_dim * static_cast<int64_t>(bytes_per_element);
+  return bytes / per_block;
+}
+
+Engine::Engine(model::Ernie45& model, std::shared_ptr<const tokenizer::Tokenizer> tok,
+               EngineConfig cfg)
+    : model_(model),
+      tok_(std::move(tok)),
+      cfg_(cfg),
+      max_model_len_(cfg.max_model_len > 0 ? cfg.max_model_len
+                                           : model.config().max_position_embeddings),
+      kv_([&] {
+        const auto& c = model.config();
+        require(cfg.block_size > 0 && cfg.block_size <= 1024,
+                cat("block size must be in [1, 1024], got ", cfg.block_size));
+        int64_t blocks = cfg.num_blocks_override;
+        if (blocks <= 0) {
+          blocks = kv_blocks_for_memory(c, cfg.block_size, cfg.kv_cache_memory,
+                                        dtype_size(model.backend().kv_dtype()));
+          // More than every sequence at full length is never used.
+          const int64_t useful = static_cast<int64_t>(cfg.max_num_seqs) *
+                                 ((max_model_len_ + cfg.block_size - 1) / cfg.block_size);
+          blocks = std::min(blocks, useful);
+        }
+        require(blocks > 0, "no memory for the KV cache: raise the KV cache budget");
+        return KvCacheManager(blocks, cfg.block_size, cfg.enable_prefix_caching);
+      }()),
+      sched_({cfg.max_num_seqs, cfg.max_num_batched_tokens, max_model_len_}, kv_),
+      seed_rng_(cfg.seed) {
+  const auto& c = model.config();
+  require(cfg.max_num_seqs > 0, "max_num_seqs must be positive");
+  require(cfg.max_num_batched_tokens > 0, "max_num_batched_tokens must be positive");
+  require(max_model_len_ <= c.max_position_embeddings,
+          cat("max_model_len ", max_model_len_,
+              " is larger than the model's max_position_embeddings ", c.max_position_embeddings));
+  if (kv_capacity_tokens() < max_model_len_) {
+    throw Error(
+        cat("The model's max seq len (", max_model_len_,
+            ") is larger than the maximum number of tokens that can be stored in KV cache (",
+            kv_capacity_tokens(),
+            "). Try increasing the KV cache memory or decreasing max_model_len."));
+  }
+  model.backend().allocate_kv_cache(static_cast<int>(c.num_hidden_layers), kv_.num_blocks(),
+                                    cfg.block_size);
+  for (int64_t id : c.eos_token_ids) eos_ids_.push_back(static_cast<int32_t>(id));
+  if (tok_) {
+    for (int32_t id : tok_->eos_token_ids()) {
+      if (std::find(eos_ids_.begin(), eos_ids_.end(), id) == eos_ids_.end()) eos_ids_.push_back(id);
+    }
+  }
+}
+
+Engine::~Engine() = default;
+
+void Engine::add_request(const std::string& id, std::vector<int32_t> prompt,
+                         SamplingParams params) {
+  if (requests_.count(id)) throw Error(cat("request id '", id, "' is already in use"));
+  params.validate(cfg_.max_logprobs);
+  if (prompt.empty()) throw ParamError("prompt", "The prompt cannot be empty.");
+  const int64_t vocab = model_.config().vocab_size;
+  for (int32_t t : prompt) {
+    if (t < 0 || t >= vocab)
+      throw ParamError("prompt", cat("Token id ", t, " is out of vocabulary (size ", vocab, ")."));
+  }
+  const int64_t n_prompt = static_cast<int64_t>(prompt.size());
+  if (n_prompt >= max_model_len_) {
+    throw ParamError("prompt",
+                     cat("This model's maximum context length is ", max_model_len_,
+                         " tokens. However, your request has ", n_prompt,
+                         " input tokens. Please reduce the length of the input messages."));
+  }
+  if (n_prompt + params.max_tokens > max_model_len_) {
+    throw ParamError(
+        "max_tokens",
+        cat("This model's maximum context length is ", max_model_len_,
+            " tokens. However, you requested ", n_prompt + params.max_tokens, " tokens (", n_prompt,
+            " in the messages, ", params.max_tokens,
+            " in the completion). Please reduce the length of the messages or completion."));
+  }
+  auto req = std::make_unique<Request>();
+  req->id = id;
+  req->prompt = std::make_shared<const std::vector<int32_t>>(std::move(prompt));
+  req->params = std::make_shared<const SamplingParams>(std::move(params));
+  for (int i = 0; i < req->params->n; ++i) {
+    auto s = std::make_unique<Sequence>();
+    s->request_id = id;
+    s->index = i;
+    s->arrival = next_arrival_++;
+    s->prompt = req->prompt;
+    s->params = req->params;
+    s->seed = req->params->seed ? *req->params->seed + static_cast<uint64_t>(i) : seed_rng_();
+    s->tokens = *req->prompt;
+    if (tok_)
+      s->detok = std::make_unique<tokenizer::IncrementalDetokenizer>(
+          tok_, req->params->skip_special_tokens);
+    sched_.add(s.get());
+    req->seqs.push_back(std::move(s));
+  }
+  prompt_tokens_ += n_prompt * req->params->n;
+  requests_[id] = std::move(req);
+}
+
+void Engine::abort_request(const std::string& id) {
+  auto it = requests_.find(id);
+  if (it == requests_.end()) return;
+  for (auto& s : it->second->seqs) {
+    if (!s->finished()) finish_seq(*s, FinishReason::kAbort);
+  }
+  aborted_.push_back(id);
+}
+
+void Engine::finish_seq(Sequence& s, FinishReason why) {
+  if (s.finished()) return;
+  s.finish = why;
+  if (s.detok && why != FinishReason::kAbort && !s.stop_string) s.text += s.detok->finish();
+  sched_.remove(&s);
+}
+
+backend::SamplingRow Engine::sampling_row(const Sequence& s) const {
+  const SamplingParams& p = *s.params;
+  backend::SamplingRow r;
+  r.temperature = p.temperature;
+  r.top_p = p.top_p;
+  r.top_k = p.top_k;
+  r.min_p = p.min_p;
+  r.presence_penalty = p.presence_penalty;
+  r.frequency_penalty = p.frequency_penalty;
+  r.repetition_penalty = p.repetition_penalty;
+  if (!p.logit_bias.empty()) r.logit_bias = &p.logit_bias;
+  r.prompt_tokens = s.prompt.get();
+  r.output_tokens = &s.output;
+  if (static_cast<int>(s.output.size()) < p.min_tokens) {
+    if (!p.ignore_eos) r.banned = eos_ids_;
+    r.banned.insert(r.banned.end(), p.stop_token_ids.begin(), p.stop_token_ids.end());
+  }
+  r.seed = s.seed;
+  r.position = static_cast<int64_t>(s.output.size());
+  r.num_logprobs = p.logprobs ? *p.logprobs : -1;
+  return r;
+}
+
+void Engine::append_token(Sequence& s, const backend::SampledToken& t) {
+  const SamplingParams& p = *s.params;
+  s.output.push_back(t.id);
+  s.tokens.push_back(t.id);
+  ++generation_tokens_;
+  if (p.logprobs) s.logprobs.push_back(t);
+  const size_t text_before = s.text.size();
+  if (s.detok) s.text += s.detok->add(t.id);
+  const bool may_stop = static_cast<int>(s.output.size()) >= p.min_tokens;
+  if (may_stop) {
+    if (!p.ignore_eos && std::find(eos_ids_.begin(), eos_ids_.end(), t.id) != eos_ids_.end()) {
+      finish_seq(s, FinishReason::kStop);
+      return;
+    }
+    if (std::find(p.stop_token_ids.begin(), p.stop_token_ids.end(), t.id) !=
+        p.stop_token_ids.end()) {
+      s.stop_token = t.id;
+      finish_seq(s, FinishReason::kStop);
+      return;
+    }
+    // Stop strings, matched across token boundaries: search the text that could contain a
+    // match ending in the new piece; the earliest match wins.
+    size_t best = std::string::npos;
+    const std::string* hit = nullptr;
+    for (const auto& stop : p.stop) {
+      const size_t from = text_before >= stop.size() ? text_before - stop.size() + 1 : 0;
+      const size_t pos = s.text.find(stop, from);
+      if (pos != std::string::npos && pos < best) {
+        best = pos;
+        hit = &stop;
+      }
+    }
+    if (hit) {
+      s.text.resize(p.include_stop_str_in_output ? best + hit->size() : best);
+      s.stop_string = *hit;
+      finish_seq(s, FinishReason::kStop);
+      return;
+    }
+  }
+  if (static_cast<int>(s.output.size()) >= p.max_tokens || s.num_tokens() >= max_model_len_) {
+    finish_seq(s, FinishReason::kLength);
+  }
+}
+
+CompletionDelta Engine::take_delta(Sequence& s) {
+  CompletionDelta d;
+  d.index = s.index;
+  d.token_ids.assign(s.output.begin() + static_cast<long>(s.tokens_sent), s.output.end());
+  if (s.params->logprobs) {
+    d.logprobs.assign(s.logprobs.begin() + static_cast<long>(s.tokens_sent), s.logprobs.end());
+  }
+  s.tokens_sent = s.output.size();
+  size_t end = s.text.size();
+  if (!s.finished() && !s.params->stop.empty()) {
+    // Hold back text that could be the start of a stop string, on a character boundary.
+    size_t hold = 0;
+    for (const auto& stop : s.params->stop) hold = std::max(hold, stop.size() - 1);
+    end = end > hold ? end - hold : 0;
+    while (end > s.text_sent && end < s.text.size() &&
+           (static_cast<unsigned char>(s.text[end]) & 0xc0) == 0x80)
+      --end;
+  }
+  if (end > s.text_sent) {
+    d.text = s.text.substr(s.text_sent, end - s.text_sent);
+    s.text_sent = end;
+  }
+  if (s.finished()) {
+    d.finish_reason = finish_reason_name(s.finish);
+    if (s.stop_string)
+      d.stop_reason = *s.stop_string;
+    else if (s.stop_token)
+      d.stop_reason = *s.stop_token;
+  }
+  d.num_output_tokens = static_cast<int64_t>(s.output.size());
+  return d;
+}
+
+std::vector<RequestOutput> Engine::step() {
+  std::vector<RequestOutput> outputs;
+  std::vector<Request*> touched;
+  // Aborted requests are reported once, then forgotten.
+  for (const auto& id : aborted_) {
+    auto it = requests_.find(id);
+    if (it == requests_.end()) continue;
+    RequestOutput o;
+    o.request_id = id;
+    o.num_prompt_tokens = static_cast<int64_t>(it->second->prompt->size());
+    o.finished = true;
+    for (auto& s : it->second->seqs) o.outputs.push_back(take_delta(*s));
+    outputs.push_back(std::move(o));
+    requests_.erase(it);
+  }
+  aborted_.clear();
+
+  const SchedulerOutput plan = sched_.schedule();
+  if (plan.seqs.empty()) return outputs;
+  ++steps_;
+  backend::StepInput step;
+  int max_blocks = 1;
+  for (const auto& sc : plan.seqs)
+    max_blocks = std::max<int>(max_blocks, static_cast<int>(sc.seq->table.blocks.size()));
+  step.max_blocks_per_seq = max_blocks;
+  const int bs = cfg_.block_size;
+  std::vector<Sequence*> sampled;
+  for (const auto& sc : plan.seqs) {
+    Sequence& s = *sc.seq;
+    step.query_start.push_back(step.num_tokens());
+    for (int64_t pos = sc.start; pos < sc.start + sc.num_tokens; ++pos) {
+      step.token_ids.push_back(s.tokens[pos]);
+      step.positions.push_back(static_cast<int32_t>(pos));
+      step.slot_mapping.push_back(static_cast<int64_t>(s.table.blocks[pos / bs]) * bs + pos % bs);
+    }
+    step.context_lens.push_back(static_cast<int32_t>(sc.start + sc.num_tokens));
+    for (int b = 0; b < max_blocks; ++b) {
+      step.block_tables.push_back(b < static_cast<int>(s.table.blocks.size()) ? s.table.blocks[b]
+                                                                              : -1);
+    }
+    if (sc.samples) {
+      step.logits_indices.push_back(step.num_tokens() - 1);
+      sampled.push_back(&s);
+    }
+  }
+  step.query_start.push_back(step.num_tokens());
+  const backend::Tensor logits = model_.forward_logits(step);
+  std::vector<backend::SampledToken> tokens;
+  if (!sampled.empty()) {
+    std::vector<backend::SamplingRow> rows;
+    rows.reserve(sampled.size());
+    for (Sequence* s : sampled) rows.push_back(sampling_row(*s));
+    tokens = model_.backend().sample(logits, rows);
+  }
+  sched_.update(plan);
+  for (size_t i = 0; i < sampled.size(); ++i) append_token(*sampled[i], tokens[i]);
+
+  // Report every request that produced something.
+  std::map<std::string, RequestOutput> by_request;
+  for (Sequence* s : sampled) {
+    Request& r = *requests_.at(s->request_id);
+    RequestOutput& o = by_request[r.id];
+    o.request_id = r.id;
+    o.num_prompt_tokens = static_cast<int64_t>(r.prompt->size());
+    o.outputs.push_back(take_delta(*s));
+  }
+  for (auto& [id, o] : by_request) {
+    auto it = requests_.find(id);
+    o.finished = std::all_of(it->second->seqs.begin(), it->second->seqs.end(),
+                             [](const auto& s) { return s->finished(); });
+    if (o.finished) requests_.erase(it);
+    outputs.push_back(std::move(o));
+  }
+  return outputs;
+}
+
+EngineStats Engine::stats() const {
+  EngineStats st;
+  st.running = sched_.num_running();
+  st.waiting = sched_.num_waiting();
+  st.kv_usage = kv_.pool().usage();
+  st.prefix_queries = kv_.queries();
+  st.prefix_hits = kv_.hits();
+  st.prompt_tokens = prompt_tokens_;
+  st.generation_tokens = generation_tokens_;
+  st.preemptions = sched_.num_preemptions();
+  st.steps = steps_;
+  return st;
+}
+
+std::vector<std::vector<GenerateResult>> generate(Engine& engine,
+                                                  const std::vector<std::vector<int32_t>>& prompts,
+                                                  const std::vector<SamplingParams>& params) {
+  require(prompts.size() == params.size(), "one SamplingParams per prompt");
+  std::vector<std::vector<GenerateResult>> results(prompts.size());
+  for (size_t i = 0; i < prompts.size(); ++i) {
+    results[i].resize(params[i].n);
+    engine.add_request(std::to_string(i), prompts[i], params[i]);
+  }
+  while (engine.has_unfinished()) {
+    for (auto& out : engine.step()) {
+      auto& rs = results[std::stoul(out.request_id)];
+      for (auto& d : out.outputs) {
+        GenerateResult& g = rs[d.index];
+        g.tokens.insert(g.tokens.end(), d.token_ids.begin(), d.token_ids.end());
+        g.text += d.text;
+        g.logprobs.insert(g.logprobs.end(), d.logprobs.begin(), d.logprobs.end());
+        if (d.finish_reason) g.finish_reason = *d.finish_reason;
+      }
+    }
+  }
+  return results;
+}
+
+}  // namespace ernie::runtime

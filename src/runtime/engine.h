@@ -1,0 +1,128 @@
+// The engine: requests in, tokens and text out, one step at a time. It owns the scheduler and
+// the KV cache bookkeeping and drives the model through the step interface; the caller owns the
+// loop (the server runs it on one engine thread). No CUDA headers.
+#pragma once
+
+#include <chrono>
+#include <map>
+#include <memory>
+#include <optional>
+#include <random>
+#include <string>
+#include <variant>
+#include <vector>
+
+#include "model/ernie45.h"
+#include "runtime/kv_cache.h"
+#include "runtime/request.h"
+#include "runtime/sampling_params.h"
+#include "runtime/scheduler.h"
+#include "tokenizer/tokenizer.h"
+
+namespace ernie::runtime {
+
+struct EngineConfig {
+  int block_size = 16;
+  int max_num_seqs = 256;
+  int max_num_batched_tokens = 8192;
+  int64_t max_model_len = 0;  // 0: the model's max_position_embeddings
+  bool enable_prefix_caching = true;
+  int64_t num_blocks_override = 0;      // --num-gpu-blocks-override
+  int64_t kv_cache_memory = 1ll << 30;  // bytes for the KV cache when no override is given
+  int max_logprobs = 20;
+  uint64_t seed = 0;  // seeds requests that do not set their own
+};
+
+// What one of a request's n outputs produced since the last step.
+struct CompletionDelta {
+  int index = 0;
+  std::vector<int32_t> token_ids;  // new ids
+  std::string text;                // new text (held back while it may start a stop string)
+  std::vector<backend::SampledToken> logprobs;  // per new id, when asked for
+  std::optional<std::string> finish_reason;     // "stop", "length", "abort"
+  std::variant<std::monostate, std::string, int32_t> stop_reason;
+  int64_t num_output_tokens = 0;  // so far
+};
+
+struct RequestOutput {
+  std::string request_id;
+  std::vector<CompletionDelta> outputs;
+  int64_t num_prompt_tokens = 0;
+  int64_t num_cached_tokens = 0;
+  bool finished = false;  // every output finished
+};
+
+struct EngineStats {
+  size_t running = 0, waiting = 0;
+  double kv_usage = 0.0;
+  int64_t prefix_queries = 0, prefix_hits = 0;
+  int64_t prompt_tokens = 0, generation_tokens = 0;
+  int64_t preemptions = 0;
+  int64_t steps = 0;
+};
+
+class Engine {
+ public:
+  // `tok` may be null (token ids only: no text, no stop strings).
+  Engine(model::Ernie45& model, std::shared_ptr<const tokenizer::Tokenizer> tok, EngineConfig cfg);
+  ~Engine();
+
+  const EngineConfig& config() const { return cfg_; }
+  int64_t max_model_len() const { return max_model_len_; }
+  int64_t num_kv_blocks() const { return kv_.num_blocks(); }
+  // Tokens the KV cache holds.
+  int64_t kv_capacity_tokens() const { return kv_.num_blocks() * cfg_.block_size; }
+
+  // Validates and queues a request. Throws ParamError (bad parameter) or Error (prompt too
+  // long, duplicate id) before doing any work.
+  void add_request(const std::string& id, std::vector<int32_t> prompt, SamplingParams params);
+  // Ends a request (client gone): its blocks are freed; the next step reports finish "abort".
+  void abort_request(const std::string& id);
+  // Runs one step (nothing when idle) and returns what changed.
+  std::vector<RequestOutput> step();
+  bool has_unfinished() const { return !requests_.empty(); }
+  EngineStats stats() const;
+
+ private:
+  struct Request {
+    std::string id;
+    std::shared_ptr<const std::vector<int32_t>> prompt;
+    std::shared_ptr<const SamplingParams> params;
+    std::vector<std::unique_ptr<Sequence>> seqs;
+    int64_t cached_tokens = 0;
+  };
+  void finish_seq(Sequence& s, FinishReason why);
+  void append_token(Sequence& s, const backend::SampledToken& t);
+  CompletionDelta take_delta(Sequence& s);
+  backend::SamplingRow sampling_row(const Sequence& s) const;
+
+  model::Ernie45& model_;
+  std::shared_ptr<const tokenizer::Tokenizer> tok_;
+  EngineConfig cfg_;
+  int64_t max_model_len_ = 0;
+  KvCacheManager kv_;
+  Scheduler sched_;
+  std::map<std::string, std::unique_ptr<Request>> requests_;
+  std::vector<int32_t> eos_ids_;
+  uint64_t next_arrival_ = 0;
+  std::mt19937_64 seed_rng_;
+  int64_t prompt_tokens_ = 0, generation_tokens_ = 0, steps_ = 0;
+  std::vector<std::string> aborted_;  // reported by the next step
+};
+
+// Runs prompts to completion through an engine (offline generation, tests).
+struct GenerateResult {
+  std::vector<int32_t> tokens;
+  std::string text;
+  std::vector<backend::SampledToken> logprobs;
+  std::string finish_reason;
+};
+std::vector<std::vector<GenerateResult>> generate(Engine& engine,
+                                                  const std::vector<std::vector<int32_t>>& prompts,
+                                                  const std::vector<SamplingParams>& params);
+
+// KV blocks that fit in `bytes` for this model on this backend's cache layout.
+int64_t kv_blocks_for_memory(const model::ModelConfig& c, int block_size, int64_t bytes,
+                             size_t bytes_per_element);
+
+}  // namespace ernie::runtime

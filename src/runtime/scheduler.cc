@@ -1,0 +1,91 @@
+#include "runtime/scheduler.h"
+
+#include <algorithm>
+
+#include "common/check.h"
+
+namespace ernie::runtime {
+
+const char* finish_reason_name(FinishReason r) {
+  switch (r) {
+    case FinishReason::kStop:
+      return "stop";
+    case FinishReason::kLength:
+      return "length";
+    case FinishReason::kAbort:
+      return "abort";
+    default:
+      return "";
+  }
+}
+
+void Scheduler::remove(Sequence* s) {
+  auto it = std::find(running_.begin(), running_.end(), s);
+  if (it != running_.end()) running_.erase(it);
+  auto wt = std::find(waiting_.begin(), waiting_.end(), s);
+  if (wt != waiting_.end()) waiting_.erase(wt);
+  kv_.free(s->table);
+}
+
+void Scheduler::preempt(Sequence* s) {
+  kv_.free(s->table);
+  s->num_computed = 0;
+  ++s->num_preemptions;
+  ++preemptions_;
+  running_.erase(std::find(running_.begin(), running_.end(), s));
+  waiting_.push_front(s);
+}
+
+SchedulerOutput Scheduler::schedule() {
+  SchedulerOutput out;
+  int64_t budget = cfg_.max_num_batched_tokens;
+  // 1. Running sequences, oldest first.
+  for (size_t i = 0; i < running_.size() && budget > 0;) {
+    Sequence* s = running_[i];
+    const int64_t n = std::min(s->num_tokens() - s->num_computed, budget);
+    check(n > 0, "a running sequence has nothing to compute");
+    bool self_preempted = false;
+    while (!kv_.allocate(s->table, s->num_computed + n, {})) {
+      Sequence* victim = running_.back();
+      // Never preempt a sequence already scheduled this step (older than s anyway).
+      preempt(victim);
+      ++out.num_preempted;
+      if (victim == s) {
+        self_preempted = true;
+        break;
+      }
+    }
+    if (self_preempted) break;
+    out.seqs.push_back({s, s->num_computed, n, s->num_computed + n == s->num_tokens()});
+    budget -= n;
+    ++i;
+  }
+  // 2. Waiting sequences in arrival order, unless this step had to preempt.
+  while (out.num_preempted == 0 && !waiting_.empty() && budget > 0 &&
+         static_cast<int>(running_.size()) < cfg_.max_num_seqs) {
+    Sequence* s = waiting_.front();
+    const std::vector<int32_t> prefix = kv_.cached_prefix(s->tokens);
+    const int64_t computed = static_cast<int64_t>(prefix.size()) * kv_.block_size();
+    const int64_t n = std::min(s->num_tokens() - computed, budget);
+    if (!kv_.allocate(s->table, computed + n, prefix)) break;  // FCFS: nobody jumps the queue
+    s->num_computed = computed;
+    s->table.hashes.clear();
+    // The adopted prefix blocks are already cached: record their hashes.
+    kv_.cache_full_blocks(s->table, s->tokens, computed);
+    waiting_.pop_front();
+    running_.push_back(s);
+    out.seqs.push_back({s, computed, n, computed + n == s->num_tokens()});
+    budget -= n;
+  }
+  for (const auto& sc : out.seqs) out.num_tokens += sc.num_tokens;
+  return out;
+}
+
+void Scheduler::update(const SchedulerOutput& out) {
+  for (const auto& sc : out.seqs) {
+    sc.seq->num_computed = sc.start + sc.num_tokens;
+    kv_.cache_full_blocks(sc.seq->table, sc.seq->tokens, sc.seq->num_computed);
+  }
+}
+
+}  // namespace ernie::runtime

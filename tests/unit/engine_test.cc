@@ -1,0 +1,278 @@
+// The engine end to end on a small synthetic model with its tokenizer.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <random>
+
+#include "common/check.h"
+#include "common/rng.h"
+#include "runtime/engine.h"
+#include "test_util.h"
+#include "tokenizer/synthetic.h"
+
+namespace ernie::runtime {
+namespace {
+
+using testing::TempDir;
+
+class EngineTest : public ::testing::Test {
+ protected:
+  static void SetUpTestSuite() {
+    dir_ = new TempDir;
+    model::MakeModelOptions o;
+    o.out = dir_->path();
+    o.seed = 9;
+    o.sets = {"num_hidden_layers=2", "max_position_embeddings=512"};
+    model::make_model(o);
+    tokenizer::write_synthetic_tokenizer(dir_->path());
+    m_ = new testing::LoadedModel(testing::load_cpu_model(dir_->path()));
+    tok_ = tokenizer::Tokenizer::load(dir_->path());
+  }
+  static void TearDownTestSuite() {
+    delete m_;
+    delete dir_;
+    tok_.reset();
+  }
+  static EngineConfig small_config() {
+    EngineConfig c;
+    c.max_model_len = 256;
+    c.max_num_seqs = 16;
+    return c;
+  }
+  static std::vector<std::vector<int32_t>> random_prompts(Rng& rng, int n) {
+    std::vector<std::vector<int32_t>> out;
+    std::vector<int32_t> shared;
+    for (int i = 0; i < 40; ++i) shared.push_back(static_cast<int32_t>(3 + rng.below(4000)));
+    for (int i = 0; i < n; ++i) {
+      std::vector<int32_t> p;
+      if (i % 3 == 0)
+        p.assign(shared.begin(),
+                 shared.begin() + 17 + static_cast<long>(rng.below(23)));  // shared prefixes
+      const int len = 1 + static_cast<int>(rng.below(60));
+      for (int k = 0; k < len; ++k) p.push_back(static_cast<int32_t>(3 + rng.below(4000)));
+      out.push_back(p);
+    }
+    return out;
+  }
+  static TempDir* dir_;
+  static testing::LoadedModel* m_;
+  static std::shared_ptr<const tokenizer::Tokenizer> tok_;
+};
+TempDir* EngineTest::dir_ = nullptr;
+testing::LoadedModel* EngineTest::m_ = nullptr;
+std::shared_ptr<const tokenizer::Tokenizer> EngineTest::tok_;
+
+SamplingParams greedy(int max_tokens) {
+  SamplingParams p;
+  p.temperature = 0.0f;
+  p.max_tokens = max_tokens;
+  p.ignore_eos = true;
+  p.logprobs = 3;
+  return p;
+}
+
+// N concurrent requests give what each gives alone: with and without prefix caching, with
+// chunk budgets that split prompts at odd places, odd block sizes, and a cache small enough
+// to force preemption.
+TEST_F(EngineTest, ConcurrentEqualsAlone) {
+  Rng rng(std::random_device{}());
+  const auto prompts = random_prompts(rng, 10);
+  const SamplingParams p = greedy(12);
+  std::vector<GenerateResult> alone;
+  {
+    Engine e(*m_->model, nullptr, small_config());
+    for (const auto& pr : prompts) alone.push_back(generate(e, {pr}, {p})[0][0]);
+  }
+  struct Mode {
+    int block_size, budget;
+    bool caching;
+    int64_t blocks;
+  };
+  const Mode modes[] = {{16, 8192, true, 0}, {16, 8192, false, 0}, {5, 7, true, 0},
+                        {3, 64, false, 0},   {4, 33, true, 64},    {7, 19, false, 37}};
+  for (const Mode& mode : modes) {
+    SCOPED_TRACE(::testing::Message() << "block " << mode.block_size << " budget " << mode.budget
+                                      << " caching " << mode.caching << " blocks " << mode.blocks);
+    EngineConfig c = small_config();
+    c.block_size = mode.block_size;
+    c.max_num_batched_tokens = mode.budget;
+    c.enable_prefix_caching = mode.caching;
+    c.num_blocks_override = mode.blocks;
+    if (mode.blocks) c.max_model_len = mode.blocks * mode.block_size;
+    Engine e(*m_->model, nullptr, c);
+    // Twice: the second round meets a warm prefix cache.
+    for (int round = 0; round < 2; ++round) {
+      const auto res = generate(e, prompts, std::vector<SamplingParams>(prompts.size(), p));
+      for (size_t i = 0; i < prompts.size(); ++i) {
+        ASSERT_EQ(res[i][0].tokens, alone[i].tokens) << "prompt " << i << " round " << round;
+        for (size_t k = 0; k < alone[i].logprobs.size(); ++k) {
+          EXPECT_NEAR(res[i][0].logprobs[k].logprob, alone[i].logprobs[k].logprob, 1e-4);
+        }
+      }
+    }
+    const auto st = e.stats();
+    if (mode.blocks) EXPECT_GT(st.preemptions, 0) << "the small cache did not force preemption";
+    if (mode.caching)
+      EXPECT_GT(st.prefix_hits, 0);
+    else
+      EXPECT_EQ(st.prefix_hits, 0);
+    EXPECT_EQ(st.running + st.waiting, 0u);
+    EXPECT_EQ(st.kv_usage, 0.0);
+  }
+}
+
+TEST_F(EngineTest, SeededSamplingIsReproducibleWhateverTheBatch) {
+  SamplingParams p;
+  p.temperature = 1.0f;
+  p.top_p = 0.9f;
+  p.max_tokens = 16;
+  p.seed = 4242;
+  p.ignore_eos = true;
+  const std::vector<int32_t> prompt = {11, 12, 13, 14};
+  EngineConfig c = small_config();
+  Engine a(*m_->model, nullptr, c);
+  const auto alone = generate(a, {prompt}, {p})[0][0].tokens;
+  SamplingParams other = p;
+  other.seed = 7;
+  c.num_blocks_override = 12;  // preemption in the mix
+  c.block_size = 4;
+  c.max_model_len = 48;
+  c.max_num_batched_tokens = 9;
+  Engine b(*m_->model, nullptr, c);
+  const auto mixed = generate(b, {{40, 41, 42, 43, 44}, prompt, {7, 8}}, {other, p, other});
+  EXPECT_EQ(mixed[1][0].tokens, alone);
+  SamplingParams n3 = p;
+  n3.n = 3;
+  const auto three = generate(b, {prompt}, {n3})[0];
+  ASSERT_EQ(three.size(), 3u);
+  EXPECT_EQ(three[0].tokens, alone);  // index 0 uses the request's seed
+  EXPECT_NE(three[1].tokens, three[2].tokens);
+}
+
+TEST_F(EngineTest, StopStringsAcrossTokenBoundaries) {
+  Engine e(*m_->model, tok_, small_config());
+  SamplingParams p = greedy(24);
+  p.logprobs.reset();
+  const std::vector<int32_t> prompt = tok_->encode("The engine serves");
+  const auto full = generate(e, {prompt}, {p})[0][0];
+  ASSERT_GE(full.tokens.size(), 6u);
+  // A stop string that starts inside token 3's text and ends inside token 4's.
+  const std::string t3 =
+      tok_->decode(std::vector<int32_t>(full.tokens.begin(), full.tokens.begin() + 3));
+  const std::string t5 =
+      tok_->decode(std::vector<int32_t>(full.tokens.begin(), full.tokens.begin() + 5));
+  ASSERT_GT(t5.size(), t3.size() + 1);
+  const std::string stop = full.text.substr(t3.size() - 1, 2);
+  const size_t at = full.text.find(stop);
+  for (bool include : {false, true}) {
+    SamplingParams ps = p;
+    ps.stop = {"never-appears-zzz", stop};
+    ps.include_stop_str_in_output = include;
+    e.add_request("s", prompt, ps);
+    std::string streamed;
+    RequestOutput last;
+    while (e.has_unfinished()) {
+      for (auto& o : e.step()) {
+        for (auto& d : o.outputs) streamed += d.text;
+        last = o;
+      }
+    }
+    const std::string want = full.text.substr(0, include ? at + stop.size() : at);
+    EXPECT_EQ(streamed, want);
+    ASSERT_TRUE(last.finished);
+    EXPECT_EQ(last.outputs[0].finish_reason, "stop");
+    EXPECT_EQ(std::get<std::string>(last.outputs[0].stop_reason), stop);
+  }
+}
+
+TEST_F(EngineTest, StopTokenIdsMinTokensAndEos) {
+  Engine e(*m_->model, tok_, small_config());
+  SamplingParams p = greedy(10);
+  const std::vector<int32_t> prompt = {100, 200, 300};
+  const auto full = generate(e, {prompt}, {p})[0][0].tokens;
+  ASSERT_EQ(full.size(), 10u);
+  SamplingParams s = p;
+  s.stop_token_ids = {full[2]};
+  auto r = generate(e, {prompt}, {s})[0][0];
+  const size_t first = std::find(full.begin(), full.end(), full[2]) - full.begin();
+  EXPECT_EQ(r.tokens, std::vector<int32_t>(full.begin(), full.begin() + first + 1));
+  EXPECT_EQ(r.finish_reason, "stop");
+  // min_tokens bans the stop id until enough tokens exist.
+  s.min_tokens = static_cast<int>(first) + 2;
+  r = generate(e, {prompt}, {s})[0][0];
+  EXPECT_GE(r.tokens.size(), first + 2);
+  for (size_t i = 0; i + 1 < std::min<size_t>(r.tokens.size(), first + 2); ++i)
+    EXPECT_NE(r.tokens[i], full[2]);
+}
+
+TEST_F(EngineTest, BadRequestsAreRefusedBeforeAnyWork) {
+  Engine e(*m_->model, tok_, small_config());
+  SamplingParams p;
+  p.max_tokens = 250;
+  try {
+    e.add_request("a", std::vector<int32_t>(10, 5), p);  // 10 + 250 > 256
+    FAIL();
+  } catch (const ParamError& err) {
+    EXPECT_EQ(err.param(), "max_tokens");
+    EXPECT_NE(std::string(err.what()).find("maximum context length is 256"), std::string::npos);
+  }
+  p.max_tokens = 4;
+  EXPECT_THROW(e.add_request("b", std::vector<int32_t>(256, 5), p), ParamError);
+  EXPECT_THROW(e.add_request("c", {}, p), ParamError);
+  EXPECT_THROW(e.add_request("d", {1, 999999}, p), ParamError);
+  SamplingParams bad = p;
+  bad.temperature = -1.0f;
+  try {
+    e.add_request("e", {1, 2}, bad);
+    FAIL();
+  } catch (const ParamError& err) {
+    EXPECT_EQ(err.param(), "temperature");
+  }
+  bad = p;
+  bad.top_p = 0.0f;
+  EXPECT_THROW(e.add_request("f", {1, 2}, bad), ParamError);
+  bad = p;
+  bad.stop = {""};
+  EXPECT_THROW(e.add_request("g", {1, 2}, bad), ParamError);
+  bad = p;
+  bad.logprobs = 21;
+  EXPECT_THROW(e.add_request("h", {1, 2}, bad), ParamError);
+  e.add_request("ok", {1, 2}, p);
+  EXPECT_THROW(e.add_request("ok", {1, 2}, p), Error);  // duplicate id
+  EXPECT_FALSE(e.step().empty() && e.stats().running == 0);
+}
+
+TEST_F(EngineTest, AbortFreesBlocksAndReportsAbort) {
+  Engine e(*m_->model, nullptr, small_config());
+  SamplingParams p = greedy(50);
+  e.add_request("x", std::vector<int32_t>(30, 7), p);
+  e.add_request("y", std::vector<int32_t>(20, 9), p);
+  e.step();
+  e.step();
+  EXPECT_GT(e.stats().kv_usage, 0.0);
+  e.abort_request("x");
+  bool saw = false;
+  for (auto& o : e.step()) {
+    if (o.request_id == "x") {
+      saw = true;
+      EXPECT_TRUE(o.finished);
+      EXPECT_EQ(o.outputs[0].finish_reason, "abort");
+    }
+  }
+  EXPECT_TRUE(saw);
+  e.abort_request("y");
+  e.abort_request("not-a-request");  // ignored
+  e.step();
+  EXPECT_FALSE(e.has_unfinished());
+  EXPECT_EQ(e.stats().kv_usage, 0.0);
+}
+
+TEST_F(EngineTest, KvCapacityBelowMaxModelLenIsRefused) {
+  EngineConfig c = small_config();
+  c.num_blocks_override = 4;
+  c.block_size = 16;
+  EXPECT_THROW(Engine(*m_->model, nullptr, c), Error);  // 64 tokens < 256
+}
+
+}  // namespace
+}  // namespace ernie::runtime
