@@ -58,6 +58,40 @@ struct GenerateArgs {
 CLI::App* add_generate(CLI::App& app, GenerateArgs& args);
 int run_generate(const GenerateArgs& args);
 
+struct ServeArgs {
+  std::string model;
+  std::string host = "0.0.0.0";
+  int port = 8000;
+  std::vector<std::string> served_model_name;
+  std::string api_key;
+  std::string chat_template;
+  std::string device = "auto";
+  int tensor_parallel_size = 1;
+  double gpu_memory_utilization = 0.9;
+  std::string quantization;
+  std::string speculative_config;
+  int64_t max_model_len = 0;
+  int max_num_seqs = 256;
+  int max_num_batched_tokens = 8192;
+  bool enable_prefix_caching = true;
+  std::string load_format = "auto";
+  bool enforce_eager = false;
+  int block_size = 16;
+  uint64_t seed = 0;
+  int64_t num_gpu_blocks_override = 0;
+  int64_t kv_cache_memory = 0;
+  int max_logprobs = 20;
+  std::string dtype = "auto";
+  std::string tokenizer;
+  std::string download_dir;
+  std::string revision = "main";
+  bool log_requests = false;
+  int threads = 4;
+  std::vector<std::string> ignored;
+};
+CLI::App* add_serve(CLI::App& app, ServeArgs& args);
+int run_serve(const ServeArgs& args);
+
 struct TokenizeArgs {
   std::string model;
   std::string chat_template;

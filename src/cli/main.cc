@@ -16,6 +16,8 @@ int main(int argc, char** argv) {
   ernie::cli::GenerateArgs gen_args;
   CLI::App* make_cmd = ernie::cli::add_make_model(app, make_args);
   CLI::App* gen_cmd = ernie::cli::add_generate(app, gen_args);
+  ernie::cli::ServeArgs serve_args;
+  CLI::App* serve_cmd = ernie::cli::add_serve(app, serve_args);
   ernie::cli::TokenizeArgs tok_args;
   CLI::App* tok_cmd = ernie::cli::add_tokenize(app, tok_args);
   try {
@@ -27,6 +29,7 @@ int main(int argc, char** argv) {
     if (make_cmd->parsed()) return ernie::cli::run_make_model(make_args);
     if (gen_cmd->parsed()) return ernie::cli::run_generate(gen_args);
     if (tok_cmd->parsed()) return ernie::cli::run_tokenize(tok_args);
+    if (serve_cmd->parsed()) return ernie::cli::run_serve(serve_args);
   } catch (const ernie::Error& e) {
     ernie::log::error(e.what());
     return 1;

@@ -64,9 +64,8 @@ Engine::Engine(model::Ernie45& model, std::shared_ptr<const tokenizer::Tokenizer
 
 Engine::~Engine() = default;
 
-void Engine::add_request(const std::string& id, std::vector<int32_t> prompt,
-                         SamplingParams params) {
-  if (requests_.count(id)) throw Error(cat("request id '", id, "' is already in use"));
+void Engine::validate_request(const std::vector<int32_t>& prompt,
+                              const SamplingParams& params) const {
   params.validate(cfg_.max_logprobs);
   if (prompt.empty()) throw ParamError("prompt", "The prompt cannot be empty.");
   const int64_t vocab = model_.config().vocab_size;
@@ -89,6 +88,12 @@ void Engine::add_request(const std::string& id, std::vector<int32_t> prompt,
             " in the messages, ", params.max_tokens,
             " in the completion). Please reduce the length of the messages or completion."));
   }
+}
+
+void Engine::add_request(const std::string& id, std::vector<int32_t> prompt,
+                         SamplingParams params) {
+  if (requests_.count(id)) throw Error(cat("request id '", id, "' is already in use"));
+  validate_request(prompt, params);
   auto req = std::make_unique<Request>();
   req->id = id;
   req->prompt = std::make_shared<const std::vector<int32_t>>(std::move(prompt));
@@ -108,7 +113,7 @@ void Engine::add_request(const std::string& id, std::vector<int32_t> prompt,
     sched_.add(s.get());
     req->seqs.push_back(std::move(s));
   }
-  prompt_tokens_ += n_prompt * req->params->n;
+  prompt_tokens_ += static_cast<int64_t>(req->prompt->size()) * req->params->n;
   requests_[id] = std::move(req);
 }
 

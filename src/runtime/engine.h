@@ -73,6 +73,9 @@ class Engine {
   // Tokens the KV cache holds.
   int64_t kv_capacity_tokens() const { return kv_.num_blocks() * cfg_.block_size; }
 
+  // The checks add_request makes before any work (parameters, vocabulary, context length);
+  // reads only immutable configuration, so any thread may call it. Throws ParamError.
+  void validate_request(const std::vector<int32_t>& prompt, const SamplingParams& params) const;
   // Validates and queues a request. Throws ParamError (bad parameter) or Error (prompt too
   // long, duplicate id) before doing any work.
   void add_request(const std::string& id, std::vector<int32_t> prompt, SamplingParams params);

@@ -89,7 +89,9 @@ TEST(Sampler, TopKTopPMinPRestrictTheSupport) {
   row.min_p = 0.3f;
   f = frequencies(logits, row, 20000);
   for (size_t id = 0; id < p.size(); ++id) {
-    if (p[id] < 0.3 * p[order[0]]) EXPECT_EQ(f[id], 0.0) << id;
+    if (p[id] < 0.3 * p[order[0]]) {
+      EXPECT_EQ(f[id], 0.0) << id;
+    }
   }
 }
 
@@ -125,7 +127,9 @@ TEST(Sampler, GreedyBiasBannedPenaltiesAndLogprobs) {
   std::vector<int32_t> history(1, best);
   row.output_tokens = &history;
   row.repetition_penalty = 1e4f;
-  if (logits[best] > 0) EXPECT_NE(sample_row(logits, row).id, best);
+  if (logits[best] > 0) {
+    EXPECT_NE(sample_row(logits, row).id, best);
+  }
   row.repetition_penalty = 1.0f;
   row.frequency_penalty = 2.0f;
   std::vector<int32_t> many(1000, best);

@@ -1,0 +1,204 @@
+// `ernie serve MODEL`: the OpenAI-compatible server, with vLLM's flag names and defaults.
+#include <cstdlib>
+#include <filesystem>
+#include <iostream>
+
+#include <nlohmann/json.hpp>
+
+#include "backend/backend.h"
+#include "cli/commands.h"
+#include "common/check.h"
+#include "common/log.h"
+#include "model/checkpoint.h"
+#include "model/ernie45.h"
+#include "runtime/engine.h"
+#include "server/api.h"
+#include "server/async_engine.h"
+#include "server/http.h"
+#include "server/metrics.h"
+#include "tokenizer/chat.h"
+#include "tokenizer/tokenizer.h"
+
+namespace ernie::cli {
+
+CLI::App* add_serve(CLI::App& app, ServeArgs& a) {
+  CLI::App* c =
+      app.add_subcommand("serve", "Serve a model with an OpenAI-compatible API (like vllm serve)");
+  c->add_option("model", a.model,
+                "Model directory or Hugging Face id (e.g. baidu/ERNIE-4.5-21B-A3B-PT)")
+      ->required();
+  c->add_option("--host", a.host, "Address to listen on")->capture_default_str();
+  c->add_option("--port", a.port, "Port to listen on")
+      ->check(CLI::Range(0, 65535))
+      ->capture_default_str();
+  c->add_option("--served-model-name", a.served_model_name,
+                "Name(s) the API answers to (default: the model argument)");
+  c->add_option("--api-key", a.api_key,
+                "Require 'Authorization: Bearer KEY' on /v1 routes (or VLLM_API_KEY)");
+  c->add_option("--chat-template", a.chat_template, "Chat template file instead of the model's");
+  c->add_option("--device", a.device, "cpu, cuda, or auto")
+      ->check(CLI::IsMember({"auto", "cpu", "cuda"}))
+      ->capture_default_str();
+  c->add_option("--tensor-parallel-size", a.tensor_parallel_size, "GPUs to shard over")
+      ->check(CLI::Range(1, 1024))
+      ->capture_default_str();
+  c->add_option("--gpu-memory-utilization", a.gpu_memory_utilization,
+                "Fraction of GPU memory to use")
+      ->check(CLI::Range(0.0, 1.0))
+      ->capture_default_str();
+  c->add_option("--quantization,-q", a.quantization, "Weight quantization (fp8)");
+  c->add_option("--speculative-config", a.speculative_config,
+                "JSON, e.g. {\"method\": \"ernie_mtp\", \"num_speculative_tokens\": 1}");
+  c->add_option("--max-model-len", a.max_model_len, "Context length (default: the model's)")
+      ->check(CLI::Range(int64_t{1}, int64_t{1} << 40));
+  c->add_option("--max-num-seqs", a.max_num_seqs, "Sequences per step")
+      ->check(CLI::Range(1, 1 << 20))
+      ->capture_default_str();
+  c->add_option("--max-num-batched-tokens", a.max_num_batched_tokens, "Tokens per step")
+      ->check(CLI::Range(1, 1 << 24))
+      ->capture_default_str();
+  c->add_flag("--enable-prefix-caching,!--no-enable-prefix-caching", a.enable_prefix_caching,
+              "Prefix caching (on by default)");
+  c->add_option("--load-format", a.load_format, "auto, safetensors, or dummy (random weights)")
+      ->check(CLI::IsMember({"auto", "safetensors", "dummy"}))
+      ->capture_default_str();
+  c->add_flag("--enforce-eager", a.enforce_eager, "Do not capture CUDA graphs");
+  c->add_option("--block-size", a.block_size, "KV cache block size (tokens)")
+      ->check(CLI::IsMember({1, 8, 16, 32, 64, 128}))
+      ->capture_default_str();
+  c->add_option("--seed", a.seed, "Seed for requests without their own")->capture_default_str();
+  c->add_option("--num-gpu-blocks-override", a.num_gpu_blocks_override,
+                "Exact number of KV cache blocks")
+      ->check(CLI::Range(int64_t{1}, int64_t{1} << 40));
+  c->add_option("--kv-cache-memory", a.kv_cache_memory,
+                "KV cache size in bytes (CPU default: 4 GiB)")
+      ->check(CLI::Range(int64_t{1}, int64_t{1} << 50));
+  c->add_option("--max-logprobs", a.max_logprobs,
+                "Largest logprobs / top_logprobs a request may ask for")
+      ->check(CLI::Range(0, 1000))
+      ->capture_default_str();
+  c->add_option("--dtype", a.dtype, "Model dtype (auto or bfloat16)")
+      ->check(CLI::IsMember({"auto", "bfloat16", "bf16"}))
+      ->capture_default_str();
+  c->add_option("--tokenizer", a.tokenizer, "Tokenizer directory (default: the model's)");
+  c->add_option("--download-dir", a.download_dir,
+                "Where to download models (default: the Hugging Face cache)");
+  c->add_option("--revision", a.revision, "Model revision on the Hugging Face hub")
+      ->capture_default_str();
+  c->add_flag("--enable-log-requests", a.log_requests, "Log every request");
+  c->add_option("--api-server-count,--threads", a.threads, "HTTP I/O threads")
+      ->check(CLI::Range(1, 256))
+      ->capture_default_str();
+  // Accepted for compatibility with vLLM command lines; they change nothing here.
+  for (const char* f : {"--trust-remote-code", "--disable-log-requests", "--disable-log-stats",
+                        "--disable-uvicorn-access-log", "--disable-frontend-multiprocessing",
+                        "--enable-chunked-prefill"}) {
+    c->add_flag(
+         f, [&a, f](int64_t) { a.ignored.push_back(f); },
+         "Accepted for vLLM compatibility (no effect)")
+        ->group("Compatibility");
+  }
+  for (const char* f : {"--uvicorn-log-level", "--swap-space", "--distributed-executor-backend",
+                        "--generation-config"}) {
+    c->add_option_function<std::string>(
+         f, [&a, f](const std::string&) { a.ignored.push_back(f); },
+         "Accepted for vLLM compatibility (no effect)")
+        ->group("Compatibility");
+  }
+  return c;
+}
+
+int run_serve(const ServeArgs& a) {
+  // Refuse what is not built, before loading anything.
+  auto not_built = [](const std::string& what) {
+    throw Error(cat(what, " is not built yet in this version of ernie"));
+  };
+  if (a.tensor_parallel_size > 1) not_built("--tensor-parallel-size > 1 (tensor parallelism)");
+  if (!a.quantization.empty()) {
+    if (a.quantization != "fp8")
+      throw Error(cat("--quantization '", a.quantization, "' is not supported (choose fp8)"));
+    not_built("--quantization fp8");
+  }
+  if (!a.speculative_config.empty()) {
+    auto spec = nlohmann::json::parse(a.speculative_config, nullptr, false);
+    if (!spec.is_object()) throw Error("--speculative-config must be a JSON object");
+    not_built("--speculative-config (MTP speculative decoding)");
+  }
+  if (a.device == "cuda") not_built("--device cuda (the GPU backend)");
+  if (a.load_format == "dummy") not_built("--load-format dummy (comes with the GPU backend)");
+  if (!a.tokenizer.empty() && a.tokenizer != a.model)
+    not_built("--tokenizer other than the model's");
+  for (const auto& f : a.ignored)
+    log::info("note: ", f, " is accepted for vLLM compatibility and has no effect");
+  std::string api_key = a.api_key;
+  if (api_key.empty()) {
+    if (const char* env = std::getenv("VLLM_API_KEY")) api_key = env;
+  }
+
+  const auto dir = model::resolve_model(a.model, {a.revision, a.download_dir});
+  auto cfg = model::load_config(dir);
+  log::info("Loading ", a.model, " from ", dir.string(), " (", cfg.num_hidden_layers, " layers, ",
+            cfg.num_moe_layers(), " MoE, ", cfg.moe_num_experts, " experts top-", cfg.moe_k,
+            ", hidden ", cfg.hidden_size, ")");
+  auto tok = tokenizer::Tokenizer::load(dir);
+  std::shared_ptr<const tokenizer::ChatTemplate> chat;
+  if (!a.chat_template.empty() || !tok->chat_template().empty()) {
+    chat = tokenizer::ChatTemplate::for_model(*tok, a.chat_template);
+  } else {
+    log::warn("the model has no chat template: /v1/chat/completions will refuse requests");
+  }
+  model::Checkpoint ckpt(dir);
+  auto be = backend::make_cpu_backend();
+  const auto t0 = std::chrono::steady_clock::now();
+  model::Ernie45 m(cfg, model::load_weights(cfg, ckpt, *be), *be);
+  log::info("Model weights loaded on ", be->name(), " in ",
+            std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count(),
+            " s (dtype ", cfg.torch_dtype, ", computed in float32 on the CPU)");
+  runtime::EngineConfig ec;
+  ec.block_size = a.block_size;
+  ec.max_num_seqs = a.max_num_seqs;
+  ec.max_num_batched_tokens = a.max_num_batched_tokens;
+  ec.max_model_len = a.max_model_len;
+  ec.enable_prefix_caching = a.enable_prefix_caching;
+  ec.num_blocks_override = a.num_gpu_blocks_override;
+  ec.kv_cache_memory = a.kv_cache_memory > 0 ? a.kv_cache_memory : (4ll << 30);
+  ec.max_logprobs = a.max_logprobs;
+  ec.seed = a.seed;
+  runtime::Engine engine(m, tok, ec);
+  log::info("KV cache: ", engine.num_kv_blocks(), " blocks of ", ec.block_size, " tokens (",
+            engine.kv_capacity_tokens(), " tokens); maximum concurrency for ",
+            engine.max_model_len(), " tokens per request: ",
+            static_cast<double>(engine.kv_capacity_tokens()) /
+                static_cast<double>(engine.max_model_len()),
+            "x");
+  log::info("max_model_len ", engine.max_model_len(), ", max_num_seqs ", ec.max_num_seqs,
+            ", max_num_batched_tokens ", ec.max_num_batched_tokens, ", prefix caching ",
+            ec.enable_prefix_caching ? "on" : "off");
+
+  server::ApiContext ctx;
+  ctx.served_names =
+      a.served_model_name.empty() ? std::vector<std::string>{a.model} : a.served_model_name;
+  ctx.model_path = dir.string();
+  ctx.max_model_len = engine.max_model_len();
+  ctx.max_logprobs = a.max_logprobs;
+  ctx.tok = tok;
+  ctx.chat_template = chat;
+  ctx.engine = &engine;
+  ctx.created = std::time(nullptr);
+  server::Metrics metrics(ctx.served_names.front());
+  server::AsyncEngine async(engine, metrics);
+  server::ServerConfig sc;
+  sc.host = a.host;
+  sc.port = a.port;
+  sc.api_key = api_key;
+  sc.threads = a.threads;
+  sc.version = ERNIE_VERSION;
+  sc.log_requests = a.log_requests;
+  server::HttpServer http(sc, ctx, async, metrics);
+  http.run();
+  async.shutdown();
+  log::info("server stopped");
+  return 0;
+}
+
+}  // namespace ernie::cli

@@ -1,0 +1,107 @@
+// The OpenAI-compatible API as vLLM serves it: request parsing and validation, response and
+// stream-chunk shapes, error bodies. Transport-free: the HTTP layer calls these.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include "runtime/engine.h"
+#include "tokenizer/chat.h"
+#include "tokenizer/tokenizer.h"
+
+namespace ernie::server {
+
+using ojson = nlohmann::ordered_json;
+
+// An error returned to the client: {"error": {"message", "type", "param", "code"}}.
+struct ApiError {
+  int status = 400;
+  std::string message;
+  std::optional<std::string> param;
+  std::string type() const;
+  ojson body() const;
+};
+
+// What the API layer needs to know about the served model.
+struct ApiContext {
+  std::vector<std::string> served_names;  // the first is reported in responses
+  std::string model_path;
+  int64_t max_model_len = 0;
+  int max_logprobs = 20;
+  std::shared_ptr<const tokenizer::Tokenizer> tok;
+  std::shared_ptr<const tokenizer::ChatTemplate> chat_template;  // may be null
+  const runtime::Engine* engine = nullptr;                       // validate_request only
+  int64_t created = 0;                                           // unix time of startup
+};
+
+// A parsed /v1/completions or /v1/chat/completions request.
+struct Job {
+  bool chat = false;
+  std::string id;     // cmpl-... / chatcmpl-...
+  std::string model;  // as echoed in responses
+  int64_t created = 0;
+  bool stream = false;
+  bool include_usage = false;
+  bool continuous_usage = false;
+  bool echo = false;
+  int completion_logprobs = -1;  // completions: logprobs=k
+  bool chat_logprobs = false;    // chat: logprobs=true
+  std::vector<std::vector<int32_t>> prompts;
+  std::vector<std::string> prompt_texts;  // for echo
+  runtime::SamplingParams params;
+};
+
+Job parse_completion(const ojson& body, const ApiContext& ctx);
+Job parse_chat(const ojson& body, const ApiContext& ctx);
+// Checks the "model" field against the served names (404 when unknown).
+std::string check_model(const ojson& body, const ApiContext& ctx);
+
+// Accumulates engine outputs for one job and renders responses and stream chunks.
+class JobResult {
+ public:
+  JobResult(const Job& job, const ApiContext& ctx);
+  // Applies one engine output of prompt `prompt_index`; returns the SSE chunks it produces
+  // (empty for non-streaming jobs).
+  std::vector<ojson> apply(size_t prompt_index, const runtime::RequestOutput& out);
+  // Chunks to send before any output (chat: the assistant role; completions: echo).
+  std::vector<ojson> start_chunks();
+  // The final usage chunk (stream_options.include_usage), or null.
+  std::optional<ojson> usage_chunk() const;
+  ojson response() const;
+  bool finished() const;
+
+ private:
+  struct Choice {
+    std::string text;
+    std::vector<int32_t> token_ids;
+    std::vector<backend::SampledToken> logprobs;
+    std::optional<std::string> finish_reason;
+    ojson stop_reason = nullptr;
+    size_t text_offset = 0;  // completions logprobs: offset of the next token's text
+  };
+  ojson usage() const;
+  ojson chunk_base() const;
+  ojson logprobs_json(const std::vector<backend::SampledToken>& lps, size_t& text_offset) const;
+  std::string token_text(int32_t id) const;
+
+  const Job& job_;
+  const ApiContext& ctx_;
+  std::vector<Choice> choices_;  // prompt_index * n + index
+  int64_t prompt_tokens_ = 0;
+  std::vector<int64_t> prompt_lens_;
+};
+
+// Responses of the simple endpoints.
+ojson models_response(const ApiContext& ctx);
+ojson tokenize_response(const ojson& body, const ApiContext& ctx);
+ojson detokenize_response(const ojson& body, const ApiContext& ctx);
+
+// Random request ids ("cmpl-" + 32 hex digits).
+std::string random_id(const std::string& prefix);
+
+}  // namespace ernie::server
