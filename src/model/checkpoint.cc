@@ -155,8 +155,8 @@ void download(const std::string& url, const fs::path& dest, const std::string& r
     curl_easy_getinfo(c.h, CURLINFO_RESPONSE_CODE, &status);
     curl_slist_free_all(headers);
     std::fclose(f);
-    std::fprintf(stderr, "\n");
     if (rc == CURLE_OK && (status == 200 || status == 206)) {
+      std::fprintf(stderr, "\r  %s: 100%% (%.1f MB)\n", sink.name.c_str(), sink.have / 1e6);
       if (status == 200 && have > 0) {
         // The server ignored the range: the file restarted from zero; keep only the new bytes.
         throw Error(cat(url, ": the server does not support resuming; delete ", part.string(),
@@ -171,6 +171,7 @@ void download(const std::string& url, const fs::path& dest, const std::string& r
     }
     if (rc == CURLE_OK && status != 200 && status != 206)
       throw Error(http_error(status, url, repo));
+    std::fprintf(stderr, "\n");
     if (attempt >= 5) throw Error(cat("downloading ", url, " failed: ", curl_easy_strerror(rc)));
     log::warn("download of ", dest.filename().string(), " interrupted (", curl_easy_strerror(rc),
               "): resuming");
@@ -212,7 +213,9 @@ fs::path download_snapshot(const fs::path& cache, const std::string& repo,
   for (const auto& s : info["siblings"]) {
     if (!s.is_object() || !s.contains("rfilename") || !s["rfilename"].is_string()) continue;
     const std::string f = s["rfilename"];
-    if (wanted(f)) files.emplace_back(f, s.value("size", int64_t{-1}));
+    const int64_t size =
+        s.contains("size") && s["size"].is_number_integer() ? s["size"].get<int64_t>() : -1;
+    if (wanted(f)) files.emplace_back(f, size);
   }
   log::info("Downloading ", repo, "@", revision, " (", files.size(), " files) into ",
             snap.string());

@@ -157,7 +157,8 @@ std::string join_text_parts(const ojson& content, size_t message_index) {
   for (const auto& part : content) {
     if (!part.is_object())
       bad("messages", cat("messages[", message_index, "].content parts must be objects"));
-    const std::string type = part.value("type", "");
+    const std::string type =
+        part.contains("type") && part["type"].is_string() ? part["type"].get<std::string>() : "";
     if (type != "text") {
       bad("messages", cat("messages[", message_index, "]: content part type '", type,
                           "' is not supported by this text-only model"));

@@ -78,11 +78,10 @@ void AsyncEngine::abort(const std::string& id) {
 void AsyncEngine::shutdown() {
   {
     std::lock_guard lock(mu_);
-    if (stop_ && !thread_.joinable()) return;
     stop_ = true;
   }
   cv_.notify_one();
-  if (thread_.joinable()) thread_.join();
+  std::call_once(joined_, [this] { thread_.join(); });
 }
 
 runtime::EngineStats AsyncEngine::stats() const {

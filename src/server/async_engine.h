@@ -80,6 +80,7 @@ class AsyncEngine {
   std::chrono::steady_clock::time_point last_log_;
   int64_t logged_prompt_ = 0, logged_generation_ = 0;
   std::thread thread_;
+  std::once_flag joined_;  // shutdown() may be called from several threads
 };
 
 }  // namespace ernie::server

@@ -40,6 +40,7 @@ struct HttpServer::Impl {
   std::unique_ptr<tcp::acceptor> acceptor;
   std::atomic<int> bound_port{0};
   std::atomic<bool> stopping{false};
+  std::thread shutdown_thread;
 
   Impl(ServerConfig c, ApiContext& x, AsyncEngine& e, Metrics& m)
       : cfg(std::move(c)), ctx(x), engine(e), metrics(m), ioc(cfg.threads) {}
@@ -71,7 +72,9 @@ struct HttpServer::Impl {
     return json(req, e.status, e.body());
   }
 
-  awaitable<void> send(beast::tcp_stream& stream, Response res) {
+  // GCC 12 can destroy temporaries of a co_await expression twice: every co_await here takes
+  // named objects only.
+  awaitable<void> send(beast::tcp_stream& stream, Response& res) {
     stream.expires_after(idle());
     co_await http::async_write(stream, res, use_awaitable);
   }
@@ -141,12 +144,10 @@ struct HttpServer::Impl {
           timer->expires_at(net::steady_timer::time_point::max());
         }
       }
-      if (failure) {
-        abort_all();
-        co_await send(stream, error(req, ApiError{500, *failure, std::nullopt}));
-      } else {
-        co_await send(stream, json(req, 200, result.response()));
-      }
+      Response res = failure ? error(req, ApiError{500, *failure, std::nullopt})
+                             : json(req, 200, result.response());
+      if (failure) abort_all();
+      co_await send(stream, res);
       co_return;
     }
     // Server-sent events over a chunked response.
@@ -158,35 +159,52 @@ struct HttpServer::Impl {
     head.chunked(true);
     http::response_serializer<http::empty_body> sr{head};
     bool client_gone = false;
-    auto write_event = [&](const std::string& data) -> awaitable<void> {
-      const std::string event = "data: " + data + "\n\n";
-      stream.expires_after(idle());
-      co_await net::async_write(stream, http::make_chunk(net::buffer(event)), use_awaitable);
+    std::string event;
+    auto set_event = [&](const std::string& data) { event = "data: " + data + "\n\n"; };
+    auto dump = [](const ojson& j) {
+      return j.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace);
     };
     try {
       stream.expires_after(idle());
       co_await http::async_write_header(stream, sr, use_awaitable);
-      for (const auto& c : result.start_chunks())
-        co_await write_event(c.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace));
+      std::vector<ojson> first = result.start_chunks();
+      for (const auto& c : first) {
+        set_event(dump(c));
+        auto chunk = http::make_chunk(net::buffer(event));
+        stream.expires_after(idle());
+        co_await net::async_write(stream, chunk, use_awaitable);
+      }
       bool more = true;
       while (more) {
         std::vector<ojson> chunks;
         more = collect(chunks);
-        for (const auto& c : chunks)
-          co_await write_event(c.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace));
+        for (const auto& c : chunks) {
+          set_event(dump(c));
+          auto chunk = http::make_chunk(net::buffer(event));
+          stream.expires_after(idle());
+          co_await net::async_write(stream, chunk, use_awaitable);
+        }
         if (more && chunks.empty() && !pending->load()) {
           boost::system::error_code ec;
           co_await timer->async_wait(net::redirect_error(use_awaitable, ec));
           timer->expires_at(net::steady_timer::time_point::max());
         }
       }
+      std::string tail;
       if (failure) {
-        co_await write_event(ApiError{500, *failure, std::nullopt}.body().dump());
+        set_event(dump(ApiError{500, *failure, std::nullopt}.body()));
+        tail += event;
       } else if (auto u = result.usage_chunk()) {
-        co_await write_event(u->dump());
+        set_event(dump(*u));
+        tail += event;
       }
-      co_await write_event("[DONE]");
-      co_await net::async_write(stream, http::make_chunk_last(), use_awaitable);
+      set_event("[DONE]");
+      tail += event;
+      auto last = http::make_chunk(net::buffer(tail));
+      stream.expires_after(idle());
+      co_await net::async_write(stream, last, use_awaitable);
+      auto end = http::make_chunk_last();
+      co_await net::async_write(stream, end, use_awaitable);
     } catch (const boost::system::system_error&) {
       client_gone = true;  // the client went away or stalled: free its KV blocks
     }
@@ -242,7 +260,7 @@ struct HttpServer::Impl {
     bool keep_alive = req.keep_alive();
     auto routed = route(req);
     if (auto* res = std::get_if<Response>(&routed)) {
-      co_await send(stream, std::move(*res));
+      co_await send(stream, *res);
       co_return keep_alive;
     }
     Job job = std::move(std::get<Job>(routed));
@@ -269,16 +287,16 @@ struct HttpServer::Impl {
           Request stub;
           stub.version(11);
           stub.keep_alive(false);
-          if (ec == http::error::body_limit) {
-            co_await send(
-                stream,
-                error(stub,
-                      ApiError{413, cat("The request body exceeds ", cfg.max_body_bytes, " bytes."),
-                               std::nullopt}));
-          } else if (ec != beast::error::timeout && ec != net::error::connection_reset) {
-            co_await send(stream,
-                          error(stub, ApiError{400, cat("Malformed HTTP request: ", ec.message()),
-                                               std::nullopt}));
+          if (ec != beast::error::timeout && ec != net::error::connection_reset) {
+            Response res =
+                ec == http::error::body_limit
+                    ? error(stub, ApiError{413,
+                                           cat("The request body exceeds ", cfg.max_body_bytes,
+                                               " bytes."),
+                                           std::nullopt})
+                    : error(stub, ApiError{400, cat("Malformed HTTP request: ", ec.message()),
+                                           std::nullopt});
+            co_await send(stream, res);
           }
           break;
         }
@@ -323,12 +341,13 @@ void HttpServer::stop() {
     boost::system::error_code ec;
     if (s.acceptor) s.acceptor->close(ec);
   });
-  // Finish in-flight requests as aborted, then stop the I/O threads.
-  std::thread([&s] {
+  // Finish in-flight requests as aborted, give their last chunks a moment, then stop the I/O
+  // threads. run() joins this thread.
+  s.shutdown_thread = std::thread([&s] {
     s.engine.shutdown();
     std::this_thread::sleep_for(std::chrono::milliseconds(500));
     s.ioc.stop();
-  }).detach();
+  });
 }
 
 void HttpServer::run() {
@@ -356,6 +375,7 @@ void HttpServer::run() {
   for (int i = 1; i < s.cfg.threads; ++i) threads.emplace_back([&s] { s.ioc.run(); });
   s.ioc.run();
   for (auto& t : threads) t.join();
+  if (s.shutdown_thread.joinable()) s.shutdown_thread.join();
 }
 
 }  // namespace ernie::server

@@ -109,6 +109,15 @@ Tokenizer::Tokenizer() : sp_(std::make_unique<sentencepiece::SentencePieceProces
 Tokenizer::~Tokenizer() = default;
 
 std::shared_ptr<const Tokenizer> Tokenizer::load(const fs::path& dir) {
+  try {
+    return load_checked(dir);
+  } catch (const nlohmann::json::exception& e) {
+    // A field of an unexpected type in one of the JSON files.
+    throw Error(cat(dir.string(), ": malformed tokenizer files: ", e.what()));
+  }
+}
+
+std::shared_ptr<const Tokenizer> Tokenizer::load_checked(const fs::path& dir) {
   std::shared_ptr<Tokenizer> t(new Tokenizer());
   const fs::path model_path = dir / "tokenizer.model";
   if (!fs::exists(model_path)) {

@@ -71,6 +71,7 @@ class Tokenizer {
 
  private:
   Tokenizer();
+  static std::shared_ptr<const Tokenizer> load_checked(const std::filesystem::path& dir);
   void encode_plain(std::string_view text, bool prefix, std::vector<int32_t>& out) const;
 
   std::unique_ptr<sentencepiece::SentencePieceProcessor> sp_;

@@ -1,0 +1,241 @@
+"""The server through the official openai SDK and raw HTTP, as a vLLM client would use it."""
+import json
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import openai
+import pytest
+
+from conftest import Server
+
+
+def metric(server, name):
+    text = httpx.get(server.url + "/metrics").text
+    total = 0.0
+    found = False
+    for line in text.splitlines():
+        if line.startswith(name + "{") or line.startswith(name + " "):
+            total += float(line.rsplit(" ", 1)[1])
+            found = True
+    assert found, f"{name} missing from /metrics"
+    return total
+
+
+def test_models_health_version(server, client):
+    models = client.models.list()
+    assert [m.id for m in models.data] == ["ernie-tiny"]
+    assert models.data[0].max_model_len == 512
+    assert httpx.get(server.url + "/health").status_code == 200
+    assert "version" in httpx.get(server.url + "/version").json()
+
+
+def test_completion_and_usage(client):
+    r = client.completions.create(model="ernie-tiny", prompt="The engine", max_tokens=7, temperature=0)
+    assert r.object == "text_completion" and r.id.startswith("cmpl-")
+    assert len(r.choices) == 1 and r.choices[0].finish_reason in ("length", "stop")
+    assert r.usage.completion_tokens <= 7 and r.usage.prompt_tokens > 0
+    assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+    again = client.completions.create(model="ernie-tiny", prompt="The engine", max_tokens=7, temperature=0)
+    assert again.choices[0].text == r.choices[0].text  # greedy is deterministic
+
+
+def test_chat_and_streaming(client):
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "你好"}]
+    full = client.chat.completions.create(model="ernie-tiny", messages=msgs, max_tokens=12, temperature=0,
+                                          extra_body={"ignore_eos": True})
+    assert full.object == "chat.completion" and full.choices[0].message.role == "assistant"
+    stream = client.chat.completions.create(model="ernie-tiny", messages=msgs, max_tokens=12, temperature=0,
+                                            stream=True, stream_options={"include_usage": True},
+                                            extra_body={"ignore_eos": True})
+    text, usage, finish = "", None, None
+    for chunk in stream:
+        if chunk.usage:
+            usage = chunk.usage
+        for c in chunk.choices:
+            text += c.delta.content or ""
+            finish = c.finish_reason or finish
+    assert text == full.choices[0].message.content
+    assert usage.completion_tokens == full.usage.completion_tokens == 12
+    assert finish == "length"
+    # Completions streaming too.
+    chunks = list(client.completions.create(model="ernie-tiny", prompt=[1, 2, 3], max_tokens=5, stream=True,
+                                            temperature=0, extra_body={"ignore_eos": True}))
+    assert chunks[-1].choices[0].finish_reason == "length"
+
+
+def test_logprobs_n_seed_and_stop(client):
+    r = client.completions.create(model="ernie-tiny", prompt="abc", max_tokens=4, logprobs=3, temperature=0,
+                                  extra_body={"ignore_eos": True})
+    lp = r.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == 4
+    assert all(len(t) >= 3 for t in lp.top_logprobs) and all(v <= 0 for v in lp.token_logprobs)
+    c = client.chat.completions.create(model="ernie-tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=3,
+                                       logprobs=True, top_logprobs=2, temperature=0, extra_body={"ignore_eos": True})
+    content = c.choices[0].logprobs.content
+    assert len(content) == 3 and all(len(t.top_logprobs) == 2 for t in content)
+    n = client.completions.create(model="ernie-tiny", prompt="x", max_tokens=6, n=3, temperature=1.0, seed=11,
+                                  extra_body={"ignore_eos": True})
+    assert sorted(ch.index for ch in n.choices) == [0, 1, 2]
+    n2 = client.completions.create(model="ernie-tiny", prompt="x", max_tokens=6, n=3, temperature=1.0, seed=11,
+                                   extra_body={"ignore_eos": True})
+    assert [ch.text for ch in n.choices] == [ch.text for ch in n2.choices]
+    # A stop string taken from a greedy output ends generation before it.
+    full = client.completions.create(model="ernie-tiny", prompt="stop test", max_tokens=16, temperature=0,
+                                     extra_body={"ignore_eos": True}).choices[0].text
+    assert len(full) > 4
+    stop = full[2:4]
+    r = client.completions.create(model="ernie-tiny", prompt="stop test", max_tokens=16, temperature=0, stop=[stop],
+                                  extra_body={"ignore_eos": True})
+    assert r.choices[0].finish_reason == "stop" and r.choices[0].text == full[:full.find(stop)]
+    echo = client.completions.create(model="ernie-tiny", prompt="echo me", max_tokens=2, echo=True, temperature=0)
+    assert echo.choices[0].text.startswith("echo me")
+
+
+def test_tokenize_detokenize(server):
+    t = httpx.post(server.url + "/tokenize", json={"prompt": "hello 世界"}).json()
+    assert t["count"] == len(t["tokens"]) and t["max_model_len"] == 512
+    d = httpx.post(server.url + "/detokenize", json={"tokens": t["tokens"]}).json()
+    assert d["prompt"] == "hello 世界"
+    m = httpx.post(server.url + "/tokenize", json={"messages": [{"role": "user", "content": "hi"}]}).json()
+    assert m["count"] > t["count"] - 10
+
+
+def test_errors_have_vllm_shape(server, client):
+    with pytest.raises(openai.NotFoundError) as e:
+        client.completions.create(model="no-such-model", prompt="x", max_tokens=1)
+    assert "does not exist" in str(e.value)
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model="ernie-tiny", prompt="x", max_tokens=1, temperature=-1)
+    assert e.value.body["param"] == "temperature" if isinstance(e.value.body, dict) and "param" in e.value.body else True
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model="ernie-tiny", prompt="x", max_tokens=100000)
+    assert "maximum context length" in str(e.value)
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(model="ernie-tiny", prompt=[5] * 600, max_tokens=1)
+    bad = [
+        b"{not json", b"\xff\xfe{}", b"[]", b'{"prompt": 5}', b'{"prompt": "x", "max_tokens": "ten"}',
+        b'{"prompt": "x", "n": 100000}', b'{"prompt": "x", "max_tokens": -3}', b'{"prompt": "x", "top_p": 0}',
+        b'{"prompt": "x", "logprobs": 1000}', b'{"prompt": "x", "stop": [1]}', b'{"prompt": "x", "logit_bias": {"abc": 1}}',
+        b'{"prompt": [[]]}', b'{"prompt": [-1]}', b'{"prompt": "x", "stream_options": {"include_usage": true}}',
+    ]
+    for body in bad:
+        r = httpx.post(server.url + "/v1/completions", content=body, headers={"content-type": "application/json"})
+        assert r.status_code == 400, (body, r.status_code, r.text)
+        err = r.json()["error"]
+        assert set(err) == {"message", "type", "param", "code"} and err["code"] == 400 and err["type"] == "BadRequestError"
+    chat_bad = [b'{"messages": []}', b'{"messages": [{"content": "no role"}]}',
+                b'{"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}',
+                b'{"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}',
+                b'{"messages": [{"role": "user", "content": "x"}], "chat_template": "{{ 1 }}"}']
+    for body in chat_bad:
+        r = httpx.post(server.url + "/v1/chat/completions", content=body)
+        assert r.status_code == 400, (body, r.text)
+    assert httpx.get(server.url + "/nope").status_code == 404
+    assert httpx.get(server.url + "/v1/completions").status_code == 405
+    big = b'{"prompt": "' + b"a" * (65 << 20) + b'"}'
+    r = httpx.post(server.url + "/v1/completions", content=big, timeout=60)
+    assert r.status_code == 413
+
+
+def test_abort_mid_stream_frees_blocks(server):
+    body = {"model": "ernie-tiny", "prompt": "long", "max_tokens": 400, "stream": True, "ignore_eos": True}
+    with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=30) as r:
+        lines = r.iter_lines()
+        got = 0
+        for line in lines:
+            if line.startswith("data: "):
+                got += 1
+            if got >= 3:
+                break
+    # The connection is closed: the request must be aborted and its blocks freed.
+    deadline = time.time() + 20
+    while time.time() < deadline:
+        if metric(server, "vllm:num_requests_running") == 0 and metric(server, "vllm:kv_cache_usage_perc") == 0:
+            break
+        time.sleep(0.1)
+    assert metric(server, "vllm:num_requests_running") == 0
+    assert metric(server, "vllm:kv_cache_usage_perc") == 0
+    assert metric(server, "vllm:request_success_total") > 0
+
+
+def test_slow_and_broken_clients_do_not_block_others(server, client):
+    # A client that sends half a request and stalls, and one that sends garbage.
+    stalled = socket.create_connection(("127.0.0.1", server.port))
+    stalled.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{\"prompt\"")
+    garbage = socket.create_connection(("127.0.0.1", server.port))
+    garbage.sendall(b"\x00\x01\x02 not http at all\r\n\r\n")
+    r = client.completions.create(model="ernie-tiny", prompt="still here?", max_tokens=3)
+    assert r.choices[0].text is not None
+    garbage.settimeout(5)
+    assert garbage.recv(100).startswith(b"HTTP/1.1 400")
+    stalled.close()
+    garbage.close()
+
+
+def test_metrics_counters(server, client):
+    before = metric(server, "vllm:generation_tokens_total")
+    client.completions.create(model="ernie-tiny", prompt="count me", max_tokens=5, extra_body={"ignore_eos": True})
+    assert metric(server, "vllm:generation_tokens_total") >= before + 5
+    for name in ["vllm:num_requests_waiting", "vllm:prefix_cache_queries_total", "vllm:prefix_cache_hits_total",
+                 "vllm:prompt_tokens_total", "vllm:time_to_first_token_seconds_count",
+                 "vllm:e2e_request_latency_seconds_count", "vllm:inter_token_latency_seconds_count"]:
+        metric(server, name)
+
+
+def test_200_concurrent_streams(server):
+    def one(i):
+        body = {"model": "ernie-tiny", "prompt": f"client {i}", "max_tokens": 16, "stream": True, "ignore_eos": True,
+                "stream_options": {"include_usage": True}}
+        usage, done = None, False
+        with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=120) as r:
+            assert r.status_code == 200
+            for line in r.iter_lines():
+                if line == "data: [DONE]":
+                    done = True
+                elif line.startswith("data: "):
+                    data = json.loads(line[6:])
+                    usage = data.get("usage") or usage
+        return done, usage["completion_tokens"] if usage else None
+
+    with ThreadPoolExecutor(200) as pool:
+        results = list(pool.map(one, range(200)))
+    assert all(done for done, _ in results)
+    assert all(n == 16 for _, n in results)
+
+
+def test_api_key_and_shutdown(model_dir):
+    s = Server(model_dir, "--api-key", "sekret")
+    try:
+        assert httpx.get(s.url + "/v1/models").status_code == 401
+        assert httpx.get(s.url + "/v1/models").json() == {"error": "Unauthorized"}
+        assert httpx.get(s.url + "/v1/models", headers={"Authorization": "Bearer sekret"}).status_code == 200
+        assert httpx.get(s.url + "/health").status_code == 200
+        # SIGTERM while a stream is running: the stream ends, the process exits cleanly.
+        body = {"prompt": "x", "max_tokens": 400, "stream": True, "ignore_eos": True}
+        with httpx.stream("POST", s.url + "/v1/completions", json=body, timeout=30,
+                          headers={"Authorization": "Bearer sekret"}) as r:
+            it = r.iter_lines()
+            next(it)
+            s.proc.terminate()
+            for _ in it:
+                pass
+        assert s.proc.wait(timeout=20) == 0
+    finally:
+        s.stop()
+
+
+def test_refuses_unbuilt_features_and_bad_flags(model_dir):
+    import subprocess
+    from conftest import ERNIE
+    for args, want in [(["--tensor-parallel-size", "2"], "not built"), (["--quantization", "fp8"], "not built"),
+                       (["--quantization", "awq"], "not supported"), (["--speculative-config", "{"], "JSON"),
+                       (["--device", "cuda"], "not built"), (["--port", "99999"], "99999"),
+                       (["--max-num-seqs", "0"], "max-num-seqs")]:
+        r = subprocess.run([ERNIE, "serve", model_dir, *args], capture_output=True, text=True, timeout=30)
+        assert r.returncode != 0 and want in (r.stdout + r.stderr), (args, r.stdout, r.stderr)
+    r = subprocess.run([ERNIE, "serve", "not/a-model-anywhere"], capture_output=True, text=True, timeout=60,
+                       env={"HF_HUB_OFFLINE": "1", "HOME": "/tmp", "PATH": "/usr/bin:/bin"})
+    assert r.returncode != 0 and "not in the Hugging Face cache" in r.stderr
