@@ -4,6 +4,7 @@
 #include <CLI/CLI.hpp>
 
 #include <cstdint>
+#include <limits>
 #include <optional>
 #include <string>
 #include <vector>
@@ -91,6 +92,42 @@ struct ServeArgs {
 };
 CLI::App* add_serve(CLI::App& app, ServeArgs& args);
 int run_serve(const ServeArgs& args);
+
+struct BenchArgs {
+  std::string backend = "openai";
+  std::string base_url;
+  std::string host = "127.0.0.1";
+  int port = 8000;
+  std::string endpoint;
+  std::string model;
+  std::string served_model_name;
+  std::string tokenizer;
+  std::string dataset_name = "random";
+  int64_t input_len = 1024;
+  int64_t output_len = 128;
+  double range_ratio = 0.0;
+  int64_t prefix_len = 0;
+  int num_prompts = 1000;
+  double request_rate = std::numeric_limits<double>::infinity();
+  double burstiness = 1.0;
+  std::optional<int> max_concurrency;
+  bool ignore_eos = false;
+  int logprobs = -1;
+  std::string percentile_metrics = "ttft,tpot,itl";
+  std::string metric_percentiles = "99";
+  std::vector<std::string> goodput;
+  uint64_t seed = 0;
+  bool save_result = false;
+  bool save_detailed = false;
+  std::string result_dir;
+  std::string result_filename;
+  std::vector<std::string> metadata;
+  std::string label;
+  int num_warmups = 0;
+  bool disable_tqdm = false;
+};
+CLI::App* add_bench(CLI::App& app, BenchArgs& args);
+int run_bench(const BenchArgs& args);
 
 struct TokenizeArgs {
   std::string model;

@@ -18,6 +18,8 @@ int main(int argc, char** argv) {
   CLI::App* gen_cmd = ernie::cli::add_generate(app, gen_args);
   ernie::cli::ServeArgs serve_args;
   CLI::App* serve_cmd = ernie::cli::add_serve(app, serve_args);
+  ernie::cli::BenchArgs bench_args;
+  CLI::App* bench_cmd = ernie::cli::add_bench(app, bench_args);
   ernie::cli::TokenizeArgs tok_args;
   CLI::App* tok_cmd = ernie::cli::add_tokenize(app, tok_args);
   try {
@@ -30,6 +32,7 @@ int main(int argc, char** argv) {
     if (gen_cmd->parsed()) return ernie::cli::run_generate(gen_args);
     if (tok_cmd->parsed()) return ernie::cli::run_tokenize(tok_args);
     if (serve_cmd->parsed()) return ernie::cli::run_serve(serve_args);
+    if (bench_cmd->parsed()) return ernie::cli::run_bench(bench_args);
   } catch (const ernie::Error& e) {
     ernie::log::error(e.what());
     return 1;

@@ -193,6 +193,7 @@ std::shared_ptr<const Tokenizer> Tokenizer::load_checked(const fs::path& dir) {
   int32_t size = sp_size;
   for (const auto& a : t->added_) size = std::max(size, a.id + 1);
   t->vocab_size_ = size;
+  t->base_vocab_size_ = sp_size;
   t->pieces_.assign(size, Piece{"", false, false, false});
   for (int32_t id = 0; id < sp_size; ++id) {
     Piece& p = t->pieces_[id];

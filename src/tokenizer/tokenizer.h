@@ -45,6 +45,8 @@ class Tokenizer {
 
   // One past the largest id the tokenizer knows.
   int32_t vocab_size() const { return vocab_size_; }
+  // Pieces in tokenizer.model: transformers' `tokenizer.vocab_size` (added tokens excluded).
+  int32_t base_vocab_size() const { return base_vocab_size_; }
   std::optional<int32_t> token_to_id(std::string_view token) const;
   bool is_special(int32_t id) const;
   // How id decodes on its own: text, or raw bytes for byte-fallback pieces (is_byte), or
@@ -85,6 +87,7 @@ class Tokenizer {
   bool add_bos_ = false, add_eos_ = false;
   PrefixSpace prefix_ = PrefixSpace::kNever;
   int32_t vocab_size_ = 0;
+  int32_t base_vocab_size_ = 0;
   std::string chat_template_;
 };
 

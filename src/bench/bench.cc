@@ -1,0 +1,293 @@
+#include "bench/bench.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <numeric>
+#include <set>
+
+#include "common/check.h"
+
+namespace ernie::bench {
+
+std::vector<SampleRequest> random_dataset(const TokenizerOps& tok, const RandomDatasetArgs& a,
+                                          int64_t* mismatch) {
+  if (!(a.range_ratio >= 0.0 && a.range_ratio < 1.0))
+    throw Error("--random-range-ratio must be in [0, 1)");
+  if (a.input_len < 0 || a.output_len < 1 || a.prefix_len < 0) {
+    throw Error(
+        "--random-input-len and --random-prefix-len must be >= 0 and --random-output-len >= 1");
+  }
+  if (a.num_prompts < 1) throw Error("--num-prompts must be at least 1");
+  const int64_t in_low = static_cast<int64_t>(std::floor(a.input_len * (1 - a.range_ratio)));
+  const int64_t in_high = static_cast<int64_t>(std::ceil(a.input_len * (1 + a.range_ratio)));
+  const int64_t out_low =
+      std::max<int64_t>(1, static_cast<int64_t>(std::floor(a.output_len * (1 - a.range_ratio))));
+  const int64_t out_high =
+      std::max<int64_t>(1, static_cast<int64_t>(std::ceil(a.output_len * (1 + a.range_ratio))));
+  if (a.prefix_len + in_low < 1) {
+    throw Error(
+        "--random-input-len is too small: the shortest prompt would have no tokens; raise it or "
+        "--random-prefix-len, or lower --random-range-ratio");
+  }
+  std::set<int32_t> special(tok.special_ids.begin(), tok.special_ids.end());
+  std::vector<int32_t> allowed;
+  for (int64_t t = 0; t < tok.vocab_size; ++t) {
+    if (!special.count(static_cast<int32_t>(t))) allowed.push_back(static_cast<int32_t>(t));
+  }
+  if (allowed.empty()) throw Error("the tokenizer has no ordinary tokens to build prompts from");
+  std::mt19937_64 rng(a.seed);
+  auto uniform = [&](int64_t lo, int64_t hi) {
+    return std::uniform_int_distribution<int64_t>(lo, hi)(rng);
+  };
+  std::vector<int64_t> in_lens, out_lens, offsets;
+  for (int i = 0; i < a.num_prompts; ++i) in_lens.push_back(uniform(in_low, in_high));
+  for (int i = 0; i < a.num_prompts; ++i) out_lens.push_back(uniform(out_low, out_high));
+  for (int i = 0; i < a.num_prompts; ++i) offsets.push_back(uniform(0, tok.vocab_size - 1));
+  std::vector<int32_t> prefix;
+  for (int64_t i = 0; i < a.prefix_len; ++i)
+    prefix.push_back(allowed[uniform(0, static_cast<int64_t>(allowed.size()) - 1)]);
+  std::vector<SampleRequest> out;
+  int64_t total_mismatch = 0;
+  const int64_t n_allowed = static_cast<int64_t>(allowed.size());
+  for (int i = 0; i < a.num_prompts; ++i) {
+    std::vector<int32_t> seq = prefix;
+    for (int64_t k = 0; k < in_lens[i]; ++k)
+      seq.push_back(allowed[(offsets[i] + i + k) % n_allowed]);
+    const int64_t target = a.prefix_len + in_lens[i];
+    // Decode, re-encode, and pad or truncate until the token count is right (10 tries).
+    std::string prompt;
+    int tries = 10;
+    while (true) {
+      prompt = tok.decode(seq);
+      seq = tok.encode(prompt);
+      const int64_t n = static_cast<int64_t>(seq.size());
+      if (tries <= 0) {
+        total_mismatch += n - target;
+        break;
+      }
+      if (n == target) break;
+      if (n < target) {
+        for (int64_t k = n; k < target; ++k)
+          seq.push_back(static_cast<int32_t>(uniform(0, tok.vocab_size - 1)));
+      } else {
+        seq.resize(target);
+      }
+      --tries;
+    }
+    out.push_back({prompt, static_cast<int64_t>(seq.size()), out_lens[i]});
+  }
+  if (mismatch) *mismatch = total_mismatch;
+  return out;
+}
+
+std::vector<double> arrival_times(int num, double rate, double burstiness, uint64_t seed) {
+  require(burstiness > 0, "--burstiness must be positive");
+  require(rate > 0, "--request-rate must be positive");
+  std::vector<double> t(num, 0.0);
+  if (std::isinf(rate)) return t;
+  std::mt19937_64 rng(seed);
+  for (int i = 0; i < num; ++i) {
+    double d;
+    if (std::isinf(burstiness)) {
+      d = 1.0 / rate;
+    } else {
+      std::gamma_distribution<double> g(burstiness, 1.0 / (rate * burstiness));
+      d = g(rng);
+    }
+    t[i] = (i ? t[i - 1] : 0.0) + d;
+  }
+  if (num > 0 && t.back() > 0) {
+    const double scale = (num / rate) / t.back();
+    for (auto& x : t) x *= scale;
+  }
+  return t;
+}
+
+namespace {
+
+double percentile(std::vector<double> v, double p) {
+  // numpy's default "linear" method.
+  std::sort(v.begin(), v.end());
+  const double pos = (static_cast<double>(v.size()) - 1) * p / 100.0;
+  const size_t lo = static_cast<size_t>(std::floor(pos));
+  const size_t hi = std::min(lo + 1, v.size() - 1);
+  return v[lo] + (v[hi] - v[lo]) * (pos - static_cast<double>(lo));
+}
+
+}  // namespace
+
+MetricSummary summarize(const std::vector<double>& seconds,
+                        const std::vector<double>& percentiles) {
+  MetricSummary s;
+  std::vector<double> v = seconds.empty() ? std::vector<double>{0.0} : seconds;
+  const double n = static_cast<double>(v.size());
+  const double mean = std::accumulate(v.begin(), v.end(), 0.0) / n;
+  double var = 0;
+  for (double x : v) var += (x - mean) * (x - mean);
+  s.mean = mean * 1000;
+  s.stddev = std::sqrt(var / n) * 1000;
+  s.median = percentile(v, 50) * 1000;
+  for (double p : percentiles) s.percentiles.emplace_back(p, percentile(v, p) * 1000);
+  return s;
+}
+
+BenchmarkMetrics calculate_metrics(const std::vector<RequestOutput>& outputs, double duration,
+                                   const std::vector<double>& percentiles,
+                                   const std::map<std::string, double>& goodput) {
+  BenchmarkMetrics m;
+  m.duration = duration;
+  std::vector<double> ttfts, tpots, all_tpots, itls, e2els;
+  for (const auto& o : outputs) {
+    if (!o.success) {
+      m.output_lens.push_back(0);
+      ++m.failed;
+      continue;
+    }
+    const int64_t out = o.output_tokens > 0 ? o.output_tokens : 1;
+    m.output_lens.push_back(out);
+    m.total_input += o.prompt_len;
+    double tpot = 0;
+    if (out > 1) {
+      tpot = (o.latency - o.ttft) / static_cast<double>(out - 1);
+      tpots.push_back(tpot);
+    }
+    all_tpots.push_back(tpot);
+    itls.insert(itls.end(), o.itl.begin(), o.itl.end());
+    ttfts.push_back(o.ttft);
+    e2els.push_back(o.latency);
+    ++m.completed;
+  }
+  int good = 0;
+  if (!goodput.empty()) {
+    for (size_t i = 0; i < ttfts.size(); ++i) {
+      bool ok = true;
+      if (auto it = goodput.find("ttft"); it != goodput.end()) ok &= it->second / 1000 >= ttfts[i];
+      if (auto it = goodput.find("tpot"); it != goodput.end())
+        ok &= it->second / 1000 >= all_tpots[i];
+      if (auto it = goodput.find("e2el"); it != goodput.end()) ok &= it->second / 1000 >= e2els[i];
+      good += ok;
+    }
+  }
+  for (int64_t n : m.output_lens) m.total_output += n;
+  m.request_throughput = m.completed / duration;
+  m.request_goodput = good / duration;
+  m.output_throughput = m.total_output / duration;
+  m.total_token_throughput = (m.total_input + m.total_output) / duration;
+  m.ttft = summarize(ttfts, percentiles);
+  m.tpot = summarize(tpots, percentiles);
+  m.itl = summarize(itls, percentiles);
+  m.e2el = summarize(e2els, percentiles);
+  // Peak output tokens per one-second bucket, and peak concurrency (half-open intervals).
+  double t0 = std::numeric_limits<double>::infinity(), t1 = 0;
+  for (const auto& o : outputs) {
+    if (!o.success) continue;
+    t0 = std::min(t0, o.start_time);
+    t1 = std::max(t1, o.start_time + o.latency);
+  }
+  if (m.completed > 0) {
+    const size_t buckets = static_cast<size_t>(std::ceil(t1 - t0)) + 1;
+    std::vector<double> per_second(buckets, 0.0);
+    std::vector<std::pair<double, int>> events;
+    for (const auto& o : outputs) {
+      if (!o.success) continue;
+      double t = o.start_time + o.ttft;
+      auto add = [&](double ts) {
+        const long b = static_cast<long>(ts - t0);
+        if (b >= 0 && static_cast<size_t>(b) < buckets) per_second[b] += 1;
+      };
+      add(t);
+      for (double d : o.itl) add(t += d);
+      events.emplace_back(o.start_time, 1);
+      events.emplace_back(o.start_time + o.latency, -1);
+    }
+    std::sort(events.begin(), events.end());
+    int cur = 0;
+    for (const auto& [_, d] : events)
+      m.max_concurrent_requests = std::max(m.max_concurrent_requests, cur += d);
+    m.max_output_tokens_per_s = *std::max_element(per_second.begin(), per_second.end());
+  }
+  return m;
+}
+
+namespace {
+
+std::string line(const std::string& label, const std::string& value) {
+  char b[256];
+  std::snprintf(b, sizeof b, "%-40s %-10s\n", label.c_str(), value.c_str());
+  return b;
+}
+std::string f2(double v) {
+  char b[64];
+  std::snprintf(b, sizeof b, "%.2f", v);
+  return b;
+}
+std::string banner(const std::string& s, char fill) {
+  const size_t n = 50;
+  if (s.size() >= n) return s + "\n";
+  const size_t left = (n - s.size()) / 2, right = n - s.size() - left;
+  return std::string(left, fill) + s + std::string(right, fill) + "\n";
+}
+std::string pword(double p) {
+  if (p == std::floor(p)) return std::to_string(static_cast<long long>(p));
+  char b[32];
+  std::snprintf(b, sizeof b, "%g", p);
+  return b;
+}
+
+}  // namespace
+
+std::string format_result(const BenchmarkMetrics& m, const PrintOptions& o,
+                          nlohmann::ordered_json& result) {
+  std::string out = banner(" Serving Benchmark Result ", '=');
+  out += line("Successful requests:", std::to_string(m.completed));
+  out += line("Failed requests:", std::to_string(m.failed));
+  if (o.max_concurrency)
+    out += line("Maximum request concurrency:", std::to_string(*o.max_concurrency));
+  if (!std::isinf(o.request_rate))
+    out += line("Request rate configured (RPS):", f2(o.request_rate));
+  out += line("Benchmark duration (s):", f2(m.duration));
+  out += line("Total input tokens:", std::to_string(m.total_input));
+  out += line("Total generated tokens:", std::to_string(m.total_output));
+  out += line("Request throughput (req/s):", f2(m.request_throughput));
+  if (o.goodput) out += line("Request goodput (req/s):", f2(m.request_goodput));
+  out += line("Output token throughput (tok/s):", f2(m.output_throughput));
+  out += line("Peak output token throughput (tok/s):", f2(m.max_output_tokens_per_s));
+  out += line("Peak concurrent requests:", f2(m.max_concurrent_requests));
+  out += line("Total token throughput (tok/s):", f2(m.total_token_throughput));
+  result["duration"] = m.duration;
+  result["completed"] = m.completed;
+  result["failed"] = m.failed;
+  result["total_input_tokens"] = m.total_input;
+  result["total_output_tokens"] = m.total_output;
+  result["request_throughput"] = m.request_throughput;
+  result["request_goodput"] =
+      o.goodput ? nlohmann::ordered_json(m.request_goodput) : nlohmann::ordered_json(nullptr);
+  result["output_throughput"] = m.output_throughput;
+  result["total_token_throughput"] = m.total_token_throughput;
+  result["max_output_tokens_per_s"] = m.max_output_tokens_per_s;
+  result["max_concurrent_requests"] = m.max_concurrent_requests;
+  auto metric = [&](const char* key, const char* name, const char* header, const MetricSummary& s) {
+    if (std::find(o.percentile_metrics.begin(), o.percentile_metrics.end(), key) ==
+        o.percentile_metrics.end())
+      return;
+    out += banner(header, '-');
+    out += line(cat("Mean ", name, " (ms):"), f2(s.mean));
+    out += line(cat("Median ", name, " (ms):"), f2(s.median));
+    result[cat("mean_", key, "_ms")] = s.mean;
+    result[cat("median_", key, "_ms")] = s.median;
+    result[cat("std_", key, "_ms")] = s.stddev;
+    for (const auto& [p, v] : s.percentiles) {
+      out += line(cat("P", pword(p), " ", name, " (ms):"), f2(v));
+      result[cat("p", pword(p), "_", key, "_ms")] = v;
+    }
+  };
+  metric("ttft", "TTFT", "Time to First Token", m.ttft);
+  metric("tpot", "TPOT", "Time per Output Token (excl. 1st token)", m.tpot);
+  metric("itl", "ITL", "Inter-token Latency", m.itl);
+  metric("e2el", "E2EL", "End-to-end Latency", m.e2el);
+  out += std::string(50, '=') + "\n";
+  return out;
+}
+
+}  // namespace ernie::bench

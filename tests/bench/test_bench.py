@@ -1,0 +1,108 @@
+"""`ernie bench serve` against a scripted mock (every metric equals its known value), against
+`ernie serve` (the block prints completely, token counts match), and with bad arguments."""
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "server"))
+from conftest import ERNIE, Server, model_dir, server  # noqa: E402,F401  (fixtures)
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+LABELS = ["Successful requests:", "Failed requests:", "Benchmark duration (s):", "Total input tokens:",
+          "Total generated tokens:", "Request throughput (req/s):", "Output token throughput (tok/s):",
+          "Peak output token throughput (tok/s):", "Peak concurrent requests:", "Total token throughput (tok/s):",
+          "Mean TTFT (ms):", "Median TTFT (ms):", "P99 TTFT (ms):", "Mean TPOT (ms):", "Median TPOT (ms):",
+          "P99 TPOT (ms):", "Mean ITL (ms):", "Median ITL (ms):", "P99 ITL (ms):"]
+
+
+def parse_block(out):
+    assert "============ Serving Benchmark Result ============" in out, out
+    values = {}
+    for line in out.splitlines():
+        m = re.match(r"^(.{1,40}?:)\s+(\S+)\s*$", line)
+        if m:
+            try:
+                values[m.group(1)] = float(m.group(2))
+            except ValueError:
+                values[m.group(1)] = m.group(2)
+    return values
+
+
+@pytest.fixture(scope="module")
+def mock():
+    p = subprocess.Popen([sys.executable, os.path.join(HERE, "mock_server.py"), "0.2", "0.05"], stdout=subprocess.PIPE, text=True)
+    port = int(p.stdout.readline())
+    yield port
+    p.kill()
+
+
+def bench(port, *args, tokenizer=None):
+    cmd = [ERNIE, "bench", "serve", "--port", str(port), "--disable-tqdm", *args]
+    if tokenizer:
+        cmd += ["--tokenizer", tokenizer]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+
+
+def test_metrics_equal_known_values(mock, model_dir):
+    with tempfile.TemporaryDirectory() as out_dir:
+        r = bench(mock, "--random-input-len", "50", "--random-output-len", "5", "--num-prompts", "8",
+                  "--percentile-metrics", "ttft,tpot,itl,e2el", "--metric-percentiles", "50,99",
+                  "--save-result", "--save-detailed", "--result-dir", out_dir, "--result-filename", "r.json",
+                  "--metadata", "run=mock", tokenizer=model_dir)
+        assert r.returncode == 0, r.stdout + r.stderr
+        v = parse_block(r.stdout)
+        result = json.load(open(os.path.join(out_dir, "r.json")))
+    tol = 25.0  # ms of scheduling noise on a busy two-core machine
+    assert v["Successful requests:"] == 8 and v["Failed requests:"] == 0
+    assert v["Total input tokens:"] == 8 * 123       # from usage.prompt_tokens
+    assert v["Total generated tokens:"] == 8 * 5      # from usage.completion_tokens
+    assert abs(v["Mean TTFT (ms):"] - 200) < tol and abs(v["P99 TTFT (ms):"] - 200) < tol
+    assert abs(v["Mean ITL (ms):"] - 50) < tol and abs(v["Median ITL (ms):"] - 50) < tol
+    assert abs(v["Mean TPOT (ms):"] - 50) < tol      # (E2EL - TTFT) / (5 - 1)
+    assert abs(v["Mean E2EL (ms):"] - 400) < 2 * tol  # 200 + 4 x 50
+    assert abs(v["Benchmark duration (s):"] - 0.4) < 0.1  # rate inf: all at once
+    assert abs(v["Request throughput (req/s):"] - 8 / v["Benchmark duration (s):"]) < 0.1
+    assert v["Peak concurrent requests:"] == 8
+    assert result["run"] == "mock" and result["completed"] == 8 and len(result["itls"]) == 8
+    assert all(len(itl) == 4 for itl in result["itls"])
+    assert abs(result["p50_ttft_ms"] - 200) < tol
+    # Chat backend, concurrency limit, a Poisson arrival rate and goodput.
+    r = bench(mock, "--backend", "openai-chat", "--endpoint", "/v1/chat/completions", "--random-input-len", "20",
+              "--random-output-len", "3", "--num-prompts", "6", "--max-concurrency", "2", "--request-rate", "50",
+              "--goodput", "ttft:500", "tpot:10", tokenizer=model_dir)
+    assert r.returncode == 0, r.stdout + r.stderr
+    v = parse_block(r.stdout)
+    assert v["Maximum request concurrency:"] == 2 and v["Peak concurrent requests:"] <= 2
+    assert v["Request goodput (req/s):"] == 0  # every TPOT is ~50 ms > 10 ms
+    assert v["Total generated tokens:"] == 18
+    # Three rounds of two at 300 ms each.
+    assert v["Benchmark duration (s):"] > 0.8
+
+
+def test_against_ernie_serve(server):
+    r = bench(server.port, "--model", "ernie-tiny", "--random-input-len", "60", "--random-output-len", "12",
+              "--num-prompts", "10", "--ignore-eos", "--request-rate", "100", "--burstiness", "0.5",
+              "--percentile-metrics", "ttft,tpot,itl,e2el")
+    assert r.returncode == 0, r.stdout + r.stderr
+    v = parse_block(r.stdout)
+    for label in LABELS + ["Request rate configured (RPS):", "Mean E2EL (ms):", "P99 E2EL (ms):"]:
+        assert label in v, label
+    assert v["Successful requests:"] == 10
+    assert v["Total input tokens:"] == 10 * 60
+    assert v["Total generated tokens:"] == 10 * 12
+
+
+def test_bad_arguments_are_refused(mock, model_dir):
+    for args, want in [(["--dataset-name", "sharegpt"], "not supported"), (["--random-range-ratio", "1.5"], "range-ratio"),
+                       (["--request-rate", "0"], "request-rate"), (["--goodput", "latency:5"], "goodput"),
+                       (["--percentile-metrics", "ttft,xyz"], "xyz"), (["--metric-percentiles", "150"], "150"),
+                       (["--burstiness", "-1"], "burstiness"), (["--num-prompts", "0"], "num-prompts")]:
+        r = bench(mock, *args, tokenizer=model_dir)
+        assert r.returncode != 0 and want in (r.stdout + r.stderr), (args, r.stdout, r.stderr)
+    r = subprocess.run([ERNIE, "bench", "serve", "--port", "9", "--disable-tqdm"], capture_output=True, text=True, timeout=60)
+    assert r.returncode != 0 and "refused" in (r.stdout + r.stderr).lower(), r.stderr
