@@ -6,7 +6,7 @@ set -euo pipefail
 packages=(
   build-essential cmake ninja-build git python3 python3-venv
   nlohmann-json3-dev libcli11-dev libgtest-dev libsentencepiece-dev
-  libboost-dev libboost-system-dev libcurl4-openssl-dev curl
+  libboost-dev libcurl4-openssl-dev curl
   clang libclang-rt-dev   # libFuzzer for the safetensors fuzz pass
 )
 
