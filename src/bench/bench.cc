@@ -178,7 +178,9 @@ BenchmarkMetrics calculate_metrics(const std::vector<RequestOutput>& outputs, do
   m.tpot = summarize(tpots, percentiles);
   m.itl = summarize(itls, percentiles);
   m.e2el = summarize(e2els, percentiles);
-  // Peak output tokens per one-second bucket, and peak concurrency (half-open intervals).
+  // Peak output tokens and peak concurrent requests per one-second bucket, as the released
+  // vLLM (0.33) computes them: a request counts in every second from its start to its end,
+  // both included.
   double t0 = std::numeric_limits<double>::infinity(), t1 = 0;
   for (const auto& o : outputs) {
     if (!o.success) continue;
@@ -187,25 +189,24 @@ BenchmarkMetrics calculate_metrics(const std::vector<RequestOutput>& outputs, do
   }
   if (m.completed > 0) {
     const size_t buckets = static_cast<size_t>(std::ceil(t1 - t0)) + 1;
-    std::vector<double> per_second(buckets, 0.0);
-    std::vector<std::pair<double, int>> events;
+    std::vector<double> tokens(buckets, 0.0), concurrent(buckets, 0.0);
     for (const auto& o : outputs) {
       if (!o.success) continue;
       double t = o.start_time + o.ttft;
       auto add = [&](double ts) {
         const long b = static_cast<long>(ts - t0);
-        if (b >= 0 && static_cast<size_t>(b) < buckets) per_second[b] += 1;
+        if (b >= 0 && static_cast<size_t>(b) < buckets) tokens[b] += 1;
       };
       add(t);
       for (double d : o.itl) add(t += d);
-      events.emplace_back(o.start_time, 1);
-      events.emplace_back(o.start_time + o.latency, -1);
+      const long first = static_cast<long>(o.start_time - t0),
+                 last = static_cast<long>(o.start_time + o.latency - t0);
+      for (long sec = first; sec <= last && static_cast<size_t>(sec) < buckets; ++sec)
+        concurrent[sec] += 1;
     }
-    std::sort(events.begin(), events.end());
-    int cur = 0;
-    for (const auto& [_, d] : events)
-      m.max_concurrent_requests = std::max(m.max_concurrent_requests, cur += d);
-    m.max_output_tokens_per_s = *std::max_element(per_second.begin(), per_second.end());
+    m.max_output_tokens_per_s = *std::max_element(tokens.begin(), tokens.end());
+    m.max_concurrent_requests =
+        static_cast<int>(*std::max_element(concurrent.begin(), concurrent.end()));
   }
   return m;
 }

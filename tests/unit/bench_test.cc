@@ -45,7 +45,8 @@ TEST(Bench, MetricsFollowVllmDefinitions) {
   EXPECT_NEAR(m.itl.mean, 20.0, 1e-9);
   EXPECT_NEAR(m.e2el.mean, 190.0, 1e-9);
   EXPECT_NEAR(m.request_goodput, 0.5, 1e-12);  // only the first meets TTFT <= 150 ms
-  EXPECT_EQ(m.max_concurrent_requests, 1);     // [0, 0.18) and [0.5, 0.7) never overlap
+  EXPECT_EQ(m.max_concurrent_requests, 2);  // both are active during second 0 (vLLM 0.33's buckets)
+  EXPECT_EQ(m.max_output_tokens_per_s, 6.0);  // all six tokens fall in second 0
   EXPECT_EQ(m.output_lens, (std::vector<int64_t>{5, 1, 0}));
   nlohmann::ordered_json result;
   const std::string block = format_result(m, PrintOptions{}, result);
