@@ -52,10 +52,21 @@ std::optional<fs::path> cached_snapshot(const fs::path& cache, const std::string
 
 // ---- downloading ----
 
+// One GET: the handle with the options every hub request shares (auth, redirects, timeouts).
 struct Curl {
   CURL* h = curl_easy_init();
+  curl_slist* headers = nullptr;
+  Curl(const std::string& url, curl_write_callback write, void* sink);
   ~Curl() {
+    curl_slist_free_all(headers);
     if (h) curl_easy_cleanup(h);
+  }
+  // Performs the request; returns the curl code and the HTTP status.
+  std::pair<CURLcode, long> perform() {
+    const CURLcode rc = curl_easy_perform(h);
+    long status = 0;
+    curl_easy_getinfo(h, CURLINFO_RESPONSE_CODE, &status);
+    return {rc, status};
   }
 };
 
@@ -106,21 +117,21 @@ std::string http_error(long status, const std::string& what, const std::string& 
   return cat(what, ": HTTP ", status);
 }
 
+Curl::Curl(const std::string& url, curl_write_callback write, void* sink)
+    : headers(auth_headers()) {
+  curl_easy_setopt(h, CURLOPT_URL, url.c_str());
+  curl_easy_setopt(h, CURLOPT_FOLLOWLOCATION, 1L);
+  curl_easy_setopt(h, CURLOPT_WRITEFUNCTION, write);
+  curl_easy_setopt(h, CURLOPT_WRITEDATA, sink);
+  curl_easy_setopt(h, CURLOPT_HTTPHEADER, headers);
+  curl_easy_setopt(h, CURLOPT_CONNECTTIMEOUT, 20L);
+  curl_easy_setopt(h, CURLOPT_USERAGENT, "ernie");
+}
+
 nlohmann::json fetch_json(const std::string& url, const std::string& repo) {
-  Curl c;
   std::string body;
-  curl_slist* headers = auth_headers();
-  curl_easy_setopt(c.h, CURLOPT_URL, url.c_str());
-  curl_easy_setopt(c.h, CURLOPT_FOLLOWLOCATION, 1L);
-  curl_easy_setopt(c.h, CURLOPT_WRITEFUNCTION, to_string);
-  curl_easy_setopt(c.h, CURLOPT_WRITEDATA, &body);
-  curl_easy_setopt(c.h, CURLOPT_HTTPHEADER, headers);
-  curl_easy_setopt(c.h, CURLOPT_CONNECTTIMEOUT, 20L);
-  curl_easy_setopt(c.h, CURLOPT_USERAGENT, "ernie");
-  const CURLcode rc = curl_easy_perform(c.h);
-  long status = 0;
-  curl_easy_getinfo(c.h, CURLINFO_RESPONSE_CODE, &status);
-  curl_slist_free_all(headers);
+  Curl c(url, to_string, &body);
+  const auto [rc, status] = c.perform();
   if (rc != CURLE_OK)
     throw Error(cat("cannot reach the hub at ", url, ": ", curl_easy_strerror(rc)));
   if (status != 200) throw Error(http_error(status, url, repo));
@@ -138,22 +149,11 @@ void download(const std::string& url, const fs::path& dest, const std::string& r
     std::FILE* f = std::fopen(part.c_str(), "ab");
     if (!f) throw Error(cat(part.string(), ": cannot write: ", std::strerror(errno)));
     FileSink sink{f, have, size_hint, dest.filename().string(), std::chrono::steady_clock::now()};
-    Curl c;
-    curl_slist* headers = auth_headers();
-    curl_easy_setopt(c.h, CURLOPT_URL, url.c_str());
-    curl_easy_setopt(c.h, CURLOPT_FOLLOWLOCATION, 1L);
-    curl_easy_setopt(c.h, CURLOPT_WRITEFUNCTION, to_file);
-    curl_easy_setopt(c.h, CURLOPT_WRITEDATA, &sink);
-    curl_easy_setopt(c.h, CURLOPT_HTTPHEADER, headers);
-    curl_easy_setopt(c.h, CURLOPT_CONNECTTIMEOUT, 20L);
-    curl_easy_setopt(c.h, CURLOPT_LOW_SPEED_LIMIT, 1L);
+    Curl c(url, to_file, &sink);
+    curl_easy_setopt(c.h, CURLOPT_LOW_SPEED_LIMIT, 1L);  // give up on a stalled transfer
     curl_easy_setopt(c.h, CURLOPT_LOW_SPEED_TIME, 60L);
-    curl_easy_setopt(c.h, CURLOPT_USERAGENT, "ernie");
     if (have > 0) curl_easy_setopt(c.h, CURLOPT_RESUME_FROM_LARGE, static_cast<curl_off_t>(have));
-    const CURLcode rc = curl_easy_perform(c.h);
-    long status = 0;
-    curl_easy_getinfo(c.h, CURLINFO_RESPONSE_CODE, &status);
-    curl_slist_free_all(headers);
+    const auto [rc, status] = c.perform();
     std::fclose(f);
     if (rc == CURLE_OK && (status == 200 || status == 206)) {
       std::fprintf(stderr, "\r  %s: 100%% (%.1f MB)\n", sink.name.c_str(), sink.have / 1e6);

@@ -11,6 +11,8 @@ import subprocess
 import sys
 import tempfile
 
+from ernie_tokenize import Ernie
+
 try:
     from transformers import AutoTokenizer
 except ImportError:
@@ -38,20 +40,6 @@ def random_text(rng, n):
     alphabet = ["a", "b", "Z", " ", "  ", "\n", "\t", "模", "型", "😀", "é", "<mask:2>",
                 "<|end_of_sentence|>", "<s>", "1", "23", ".", ",", "the", " the", "ёж", "\u0301"]
     return "".join(rng.choice(alphabet) for _ in range(n))
-
-
-class Ernie:
-    def __init__(self, binary, model):
-        self.p = subprocess.Popen([binary, "tokenize", "--model", model], stdin=subprocess.PIPE,
-                                  stdout=subprocess.PIPE, text=True, encoding="utf-8")
-
-    def ask(self, **req):
-        self.p.stdin.write(json.dumps(req) + "\n")
-        self.p.stdin.flush()
-        out = json.loads(self.p.stdout.readline())
-        if "error" in out:
-            raise RuntimeError(out["error"])
-        return out
 
 
 def nfkc_variant(src, dst):
