@@ -8,6 +8,8 @@
 #include <boost/beast/core.hpp>
 #include <boost/beast/http.hpp>
 
+#include <sys/socket.h>
+
 #include <atomic>
 #include <chrono>
 #include <thread>
@@ -136,8 +138,37 @@ struct HttpServer::Impl {
       return !all_done;
     };
     if (!job.stream) {
+      // Watch the socket while waiting: a client that hangs up gets its request aborted.
+      auto gone = std::make_shared<std::atomic<bool>>(false);
+      net::co_spawn(
+          exec,
+          [&sock = stream.socket(), gone, timer]() -> awaitable<void> {
+            // Readiness can be reported spuriously (edge-triggered epoll after a drained read):
+            // only a peek that returns 0 bytes, or an error, means the client has gone.
+            while (true) {
+              boost::system::error_code ec;
+              co_await sock.async_wait(tcp::socket::wait_read,
+                                       net::redirect_error(use_awaitable, ec));
+              if (ec == net::error::operation_aborted) co_return;
+              if (!ec) {
+                char byte;
+                const ssize_t n = ::recv(sock.native_handle(), &byte, 1, MSG_PEEK | MSG_DONTWAIT);
+                if (n > 0) co_return;  // a pipelined request, not a hang-up
+                if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR)) continue;
+              }
+              gone->store(true);
+              timer->cancel();
+              co_return;
+            }
+          },
+          net::detached);
       std::vector<ojson> ignored;
       while (collect(ignored)) {
+        if (gone->load()) {
+          abort_all();
+          keep_alive = false;
+          co_return;
+        }
         if (!pending->load()) {
           boost::system::error_code ec;
           co_await timer->async_wait(net::redirect_error(use_awaitable, ec));
@@ -147,6 +178,8 @@ struct HttpServer::Impl {
       Response res = failure ? error(req, ApiError{500, *failure, std::nullopt})
                              : json(req, 200, result.response());
       if (failure) abort_all();
+      boost::system::error_code cancelled;
+      stream.socket().cancel(cancelled);  // ends the watcher before the response is written
       co_await send(stream, res);
       co_return;
     }

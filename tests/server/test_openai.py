@@ -17,7 +17,7 @@ def metric(server, name):
     total = 0.0
     found = False
     for line in text.splitlines():
-        if line.startswith(name + "{") or line.startswith(name + " "):
+        if line.startswith(name + ("" if name.endswith('"') else "{")) or line.startswith(name + " "):
             total += float(line.rsplit(" ", 1)[1])
             found = True
     assert found, f"{name} missing from /metrics"
@@ -159,6 +159,21 @@ def test_abort_mid_stream_frees_blocks(server):
     assert metric(server, "vllm:num_requests_running") == 0
     assert metric(server, "vllm:kv_cache_usage_perc") == 0
     assert metric(server, "vllm:request_success_total") > 0
+
+
+def test_client_gone_before_a_non_streaming_answer_is_aborted(server):
+    before = metric(server, 'vllm:request_success_total{model_name="ernie-tiny",finished_reason="abort"')
+    body = json.dumps({"prompt": "bye", "max_tokens": 400, "n": 64, "ignore_eos": True}).encode()
+    s = socket.create_connection(("127.0.0.1", server.port))
+    s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+              b"Content-Length: %d\r\n\r\n" % len(body) + body)
+    time.sleep(0.3)
+    s.close()
+    deadline = time.time() + 20
+    while time.time() < deadline and metric(server, "vllm:num_requests_running") > 0:
+        time.sleep(0.1)
+    assert metric(server, "vllm:num_requests_running") == 0
+    assert metric(server, 'vllm:request_success_total{model_name="ernie-tiny",finished_reason="abort"') > before
 
 
 def test_slow_and_broken_clients_do_not_block_others(server, client):
