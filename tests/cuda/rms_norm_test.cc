@@ -13,25 +13,12 @@
 #include "backend/cuda/rms_norm.cuh"
 #include "common/dtype.h"
 #include "common/rng.h"
+#include "device_buffer.h"
 
 namespace ernie::cuda {
 namespace {
 
-template <typename T>
-struct DeviceBuffer {
-  explicit DeviceBuffer(size_t n) : n(n) { ERNIE_CUDA_CHECK(cudaMalloc(&p, n * sizeof(T))); }
-  ~DeviceBuffer() { cudaFree(p); }
-  void upload(const std::vector<T>& h) {
-    ERNIE_CUDA_CHECK(cudaMemcpy(p, h.data(), n * sizeof(T), cudaMemcpyHostToDevice));
-  }
-  std::vector<T> download() const {
-    std::vector<T> h(n);
-    ERNIE_CUDA_CHECK(cudaMemcpy(h.data(), p, n * sizeof(T), cudaMemcpyDeviceToHost));
-    return h;
-  }
-  T* p = nullptr;
-  size_t n;
-};
+using testing::DeviceBuffer;
 
 TEST(CudaRmsNorm, FusedAddMatchesCpuReference) {
   if (device_count() == 0) GTEST_SKIP() << "no CUDA device";

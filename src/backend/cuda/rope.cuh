@@ -1,0 +1,18 @@
+// Interleaved rotary embedding fused with the paged KV-cache write.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+namespace ernie::cuda {
+
+// qkv [tokens, (heads + 2 kv_heads) * head_dim]: q and k are rotated in place (pairs (2j, 2j+1)
+// by angle position * theta^(-2j/head_dim), in f32), then k and v are stored at slot s of the
+// cache, laid out [slots, kv_heads, head_dim]. positions, slots: device arrays [tokens].
+void rope_store_kv(__nv_bfloat16* qkv, __nv_bfloat16* k_cache, __nv_bfloat16* v_cache,
+                   const int32_t* positions, const int64_t* slots, int tokens, int heads,
+                   int kv_heads, int head_dim, double theta, cudaStream_t stream);
+
+}  // namespace ernie::cuda
