@@ -187,6 +187,8 @@ std::shared_ptr<const Tokenizer> Tokenizer::load_checked(const fs::path& dir) {
   std::stable_sort(
       t->added_.begin(), t->added_.end(),
       [](const AddedToken& a, const AddedToken& b) { return a.content.size() > b.content.size(); });
+  for (const auto& a : t->added_)
+    t->by_first_byte_[static_cast<unsigned char>(a.content[0])].push_back(&a);
 
   // Pieces by id.
   const int32_t sp_size = t->sp_->GetPieceSize();
@@ -293,7 +295,9 @@ std::vector<int32_t> Tokenizer::encode(std::string_view text, bool add_special_t
   bool first = true;
   while (i < text.size()) {
     const AddedToken* hit = nullptr;
-    for (const auto& a : added_) {  // longest first
+    for (const AddedToken* ap :
+         by_first_byte_[static_cast<unsigned char>(text[i])]) {  // longest first
+      const AddedToken& a = *ap;
       if (text.compare(i, a.content.size(), a.content) != 0) continue;
       if (a.single_word &&
           ((i > 0 && is_word(text[i - 1])) ||

@@ -4,6 +4,7 @@
 // the way the Hugging Face decoder does (metaspace to space, byte fallback, no cleanup).
 #pragma once
 
+#include <array>
 #include <cstdint>
 #include <filesystem>
 #include <map>
@@ -78,6 +79,7 @@ class Tokenizer {
 
   std::unique_ptr<sentencepiece::SentencePieceProcessor> sp_;
   std::vector<AddedToken> added_;  // sorted by content length, longest first
+  std::array<std::vector<const AddedToken*>, 256> by_first_byte_;  // candidates per first byte
   std::map<std::string, int32_t, std::less<>> added_by_content_;
   std::vector<Piece> pieces_;  // [vocab_size]
   std::map<std::string, std::string> named_;
