@@ -13,6 +13,7 @@
 #include "backend/cuda/activation.cuh"
 #include "backend/cuda/device.h"
 #include "backend/cuda/rope.cuh"
+#include "backend/cuda/router.cuh"
 #include "common/dtype.h"
 #include "common/rng.h"
 #include "device_buffer.h"
@@ -118,6 +119,64 @@ TEST(CudaKernels, RopeStoreKvMatchesCpuReference) {
             << "slot " << slot << " was written";
       }
     }
+  }
+}
+
+TEST(CudaKernels, RouterMatchesCpuReference) {
+  if (device_count() == 0) GTEST_SKIP() << "no CUDA device";
+  Rng rng(std::random_device{}());
+  struct Shape {
+    int tokens, hidden, experts, k;
+  };
+  for (const Shape& s : {Shape{300, 2560, 64, 6}, Shape{17, 8192, 64, 8}, Shape{40, 128, 24, 8},
+                         Shape{3, 96, 16, 1}}) {
+    SCOPED_TRACE(::testing::Message()
+                 << s.tokens << "x" << s.hidden << ", " << s.experts << " experts top-" << s.k);
+    const auto x = random_bf16(rng, static_cast<size_t>(s.tokens) * s.hidden, 1.0);
+    std::vector<float> w(static_cast<size_t>(s.experts) * s.hidden), bias(s.experts);
+    for (auto& v : w) v = static_cast<float>(2.0 / std::sqrt(s.hidden) * rng.normal());
+    for (auto& v : bias) v = static_cast<float>(rng.uniform(-1.0, 1.0) / s.experts);
+    DeviceBuffer<uint16_t> d_x(x.size());
+    DeviceBuffer<float> d_w(w.size()), d_b(bias.size()), d_wts(static_cast<size_t>(s.tokens) * s.k);
+    DeviceBuffer<int32_t> d_ids(static_cast<size_t>(s.tokens) * s.k);
+    d_x.upload(x);
+    d_w.upload(w);
+    d_b.upload(bias);
+    d_ids.poison();
+    d_wts.poison();
+    route_topk(d_ids.p, d_wts.p, bf(d_x.p), d_w.p, d_b.p, s.tokens, s.hidden, s.experts, s.k,
+               1e-12f, nullptr);
+    ERNIE_CUDA_CHECK(cudaDeviceSynchronize());
+    const auto ids = d_ids.download();
+    const auto wts = d_wts.download();
+    const auto xf = widen(x);
+    std::vector<float> logits(static_cast<size_t>(s.tokens) * s.experts);
+    backend::cpu::gemm_xwt(logits.data(), xf.data(), w.data(), s.tokens, s.experts, s.hidden);
+    int near_ties = 0;
+    for (int t = 0; t < s.tokens; ++t) {
+      std::vector<int32_t> ref_ids(s.k);
+      std::vector<float> ref_w(s.k);
+      const float* lg = logits.data() + static_cast<size_t>(t) * s.experts;
+      backend::cpu::route_token(lg, bias.data(), s.experts, s.k, 1e-12f, ref_ids.data(),
+                                ref_w.data());
+      for (int r = 0; r < s.k; ++r) {
+        const int32_t got = ids[static_cast<size_t>(t) * s.k + r];
+        ASSERT_GE(got, 0);
+        ASSERT_LT(got, s.experts);
+        if (got != ref_ids[r]) {
+          // Only a genuine near tie of biased scores may order differently.
+          double mx = *std::max_element(lg, lg + s.experts), z = 0;
+          for (int e = 0; e < s.experts; ++e) z += std::exp(double(lg[e]) - mx);
+          auto score = [&](int e) { return std::exp(double(lg[e]) - mx) / z + bias[e]; };
+          ASSERT_NEAR(score(got), score(ref_ids[r]), 1e-5) << "token " << t << " rank " << r;
+          ++near_ties;
+          continue;
+        }
+        ASSERT_NEAR(wts[static_cast<size_t>(t) * s.k + r], ref_w[r], 1e-5)
+            << "token " << t << " rank " << r;
+      }
+    }
+    EXPECT_LE(near_ties, 2);
   }
 }
 
