@@ -98,20 +98,22 @@ SyntheticTokenizer write_synthetic_tokenizer(const std::filesystem::path& dir) {
   out.size = out.sentencepiece_size + static_cast<int32_t>(masks.size());
   check(out.size <= kSyntheticTokenizerMaxSize, "synthetic tokenizer too large");
 
+  // The named special tokens, written to special_tokens_map.json and repeated in
+  // tokenizer_config.json (transformers reads either).
+  const json special_map = {{"bos_token", "<s>"},
+                            {"eos_token", "</s>"},
+                            {"unk_token", "<unk>"},
+                            {"pad_token", "<unk>"},
+                            {"cls_token", "<|begin_of_sentence|>"},
+                            {"sep_token", "<|end_of_sentence|>"},
+                            {"mask_token", "<mask:1>"},
+                            {"additional_special_tokens", masks}};
   json cfg = {
       {"tokenizer_class", "LlamaTokenizer"},
       {"add_bos_token", false},
       {"add_eos_token", false},
       {"add_prefix_space", false},
       {"legacy", true},
-      {"bos_token", "<s>"},
-      {"eos_token", "</s>"},
-      {"unk_token", "<unk>"},
-      {"pad_token", "<unk>"},
-      {"cls_token", "<|begin_of_sentence|>"},
-      {"sep_token", "<|end_of_sentence|>"},
-      {"mask_token", "<mask:1>"},
-      {"additional_special_tokens", masks},
       {"added_tokens_decoder", decoder},
       {"chat_template", std::string(embedded::ernie45_chat_template())},
       {"clean_up_tokenization_spaces", false},
@@ -119,15 +121,9 @@ SyntheticTokenizer write_synthetic_tokenizer(const std::filesystem::path& dir) {
       {"model_max_length", 131072},
       {"padding_side", "left"},
   };
+  cfg.update(special_map);
   write_json(dir / "tokenizer_config.json", cfg);
-  write_json(dir / "special_tokens_map.json", {{"bos_token", "<s>"},
-                                               {"eos_token", "</s>"},
-                                               {"unk_token", "<unk>"},
-                                               {"pad_token", "<unk>"},
-                                               {"cls_token", "<|begin_of_sentence|>"},
-                                               {"sep_token", "<|end_of_sentence|>"},
-                                               {"mask_token", "<mask:1>"},
-                                               {"additional_special_tokens", masks}});
+  write_json(dir / "special_tokens_map.json", special_map);
   const int end_of_sentence = sp.PieceToId("<|end_of_sentence|>");
   write_json(dir / "generation_config.json",
              {{"bos_token_id", 1}, {"eos_token_id", {2, end_of_sentence}}, {"pad_token_id", 0}});
