@@ -98,6 +98,25 @@ def bias_changes_selection(model, input_ids):
     return changed / max(total, 1)
 
 
+def bf16_deviation(path, prompts, device):
+    """How far transformers itself moves in bfloat16: the largest |logprob difference| over the
+    float32 run's top tokens, teacher-forced on the float32 greedy tokens. A bf16 engine is
+    judged against this scale."""
+    model = Ernie4_5_MoeForCausalLM.from_pretrained(
+        path, dtype=torch.bfloat16, attn_implementation="eager").to(device).eval()
+    worst = 0.0
+    with torch.no_grad():
+        for p in prompts:
+            ids = p["prompt"] + p["tokens"][:-1]
+            logits = model(input_ids=torch.tensor([ids], device=device)).logits[0]
+            lp = torch.log_softmax(logits.double(), dim=-1)
+            first = len(p["prompt"]) - 1
+            for s, top in enumerate(p["top_logprobs"]):
+                for tok, want in top:
+                    worst = max(worst, abs(float(lp[first + s, tok]) - want))
+    return worst
+
+
 def run_case(case, ernie, device):
     with tempfile.TemporaryDirectory() as d:
         args = ["make-model", "--preset", "tiny", "--seed", str(case["seed"]), "--out", d]
@@ -126,6 +145,9 @@ def run_case(case, ernie, device):
                     ids.append(nxt)
             prompts.append({"prompt": prompt, "tokens": tokens, "top_logprobs": top})
         frac = bias_changes_selection(model, torch.tensor([prompts[-1]["prompt"]], device=device))
+        bf16_diff = bf16_deviation(d, prompts, device)
+        print(f"{case['name']}: transformers in bfloat16 differs by up to {bf16_diff:.3f} in the "
+              "reference's top logprobs", file=sys.stderr)
         print(f"{case['name']}: bias changes the selection for {frac:.1%} of token-layers",
               file=sys.stderr)
         return {
@@ -137,6 +159,7 @@ def run_case(case, ernie, device):
             "device": device,
             "steps": STEPS,
             "bias_changed_selection_fraction": frac,
+            "bf16_max_logprob_diff": bf16_diff,
             "prompts": prompts,
         }
 

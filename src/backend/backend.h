@@ -60,6 +60,12 @@ struct StepInput {
 void validate_step(const StepInput& step, int64_t num_blocks, int64_t block_size,
                    int64_t vocab_size);
 
+// How a dummy weight is drawn (`--load-format dummy`): normal(a, b) or uniform [a, b).
+struct RandomInit {
+  bool uniform = false;
+  double a = 0.0, b = 1.0;
+};
+
 // Shapes the attention ops need, fixed for the model.
 struct AttentionConfig {
   int num_heads = 0;
@@ -123,15 +129,28 @@ class Backend {
   // Copies a host tensor into memory the backend owns (converting as it likes) for the
   // lifetime of the backend.
   virtual Tensor load_weight(const HostTensor& src) = 0;
+  // A weight filled with deterministic random values (a function of `seed` only).
+  virtual Tensor random_weight(const Shape& shape, DType dtype, const RandomInit& init,
+                               uint64_t seed) = 0;
+  // Bytes held by weights so far.
+  virtual int64_t weight_bytes() const = 0;
 
   virtual void configure_attention(const AttentionConfig& cfg) = 0;
-  // Allocates the paged KV cache: per layer, K and V of [num_blocks, block_size, kv_heads,
-  // head_dim].
+  // Allocates the paged KV cache (replacing any earlier one): per layer, K and V of
+  // [num_blocks, block_size, kv_heads, head_dim].
   virtual void allocate_kv_cache(int num_layers, int64_t num_blocks, int block_size) = 0;
   // The element type of the KV cache (sizes the cache from a memory budget).
   virtual DType kv_dtype() const = 0;
   virtual int64_t num_kv_blocks() const = 0;
   virtual int kv_block_size() const = 0;
+  // Device backends: bytes left for the KV cache if the process may use `utilization` of the
+  // device's memory, after the weights and the scratch peak measured so far (run a worst-case
+  // step first). -1: the backend sizes its cache from a host budget instead (cpu).
+  virtual bool sizes_kv_from_device_memory() const { return false; }
+  virtual int64_t kv_memory_budget(double utilization) {
+    (void)utilization;
+    return -1;
+  }
 
   // Starts a step: validates and takes the batch description; frees last step's scratch.
   virtual void begin_step(const StepInput& step) = 0;

@@ -7,6 +7,7 @@
 #include <iostream>
 
 #include "backend/backend.h"
+#include "cli/backend_select.h"
 #include "cli/commands.h"
 #include "common/check.h"
 #include "common/log.h"
@@ -63,7 +64,7 @@ CLI::App* add_generate(CLI::App& app, GenerateArgs& a) {
                 "JSON object of extra variables for the chat template");
   c->add_flag("--json", a.json, "Print one JSON object per output");
   c->add_option("--device", a.device, "Where to run")
-      ->check(CLI::IsMember({"cpu", "cuda"}))
+      ->check(CLI::IsMember({"cpu", "cuda", "auto"}))
       ->capture_default_str();
   auto* s = c->add_option_group("Sampling");
   s->add_option("--n", a.n, "Outputs per prompt")->capture_default_str();
@@ -104,7 +105,6 @@ int run_generate(const GenerateArgs& a) {
   if (a.prompt_token_ids.empty() && a.prompts.empty() && a.chats.empty()) {
     throw Error("give at least one --prompt, --chat or --prompt-token-ids");
   }
-  if (a.device != "cpu") throw Error("--device cuda is not built yet; use --device cpu");
   nlohmann::ordered_json kwargs = nlohmann::ordered_json::object();
   if (!a.chat_template_kwargs.empty()) {
     kwargs = nlohmann::ordered_json::parse(a.chat_template_kwargs, nullptr, false);
@@ -156,7 +156,7 @@ int run_generate(const GenerateArgs& a) {
   const auto t0 = std::chrono::steady_clock::now();
   auto cfg = model::load_config(a.model);
   model::Checkpoint ckpt(a.model);
-  auto be = backend::make_cpu_backend();
+  auto be = make_backend(a.device);
   model::Ernie45 m(cfg, model::load_weights(cfg, ckpt, *be), *be);
   runtime::EngineConfig ec;
   ec.block_size = a.block_size;

@@ -6,6 +6,7 @@
 #include <nlohmann/json.hpp>
 
 #include "backend/backend.h"
+#include "cli/backend_select.h"
 #include "cli/commands.h"
 #include "common/check.h"
 #include "common/log.h"
@@ -124,8 +125,8 @@ int run_serve(const ServeArgs& a) {
     if (!spec.is_object()) throw Error("--speculative-config must be a JSON object");
     not_built("--speculative-config (MTP speculative decoding)");
   }
-  if (a.device == "cuda") not_built("--device cuda (the GPU backend)");
-  if (a.load_format == "dummy") not_built("--load-format dummy (comes with the GPU backend)");
+  require(a.gpu_memory_utilization > 0.0 && a.gpu_memory_utilization <= 1.0,
+          cat("--gpu-memory-utilization must be in (0, 1], got ", a.gpu_memory_utilization));
   if (!a.tokenizer.empty() && a.tokenizer != a.model)
     not_built("--tokenizer other than the model's");
   for (const auto& f : a.ignored)
@@ -147,13 +148,17 @@ int run_serve(const ServeArgs& a) {
   } else {
     log::warn("the model has no chat template: /v1/chat/completions will refuse requests");
   }
-  model::Checkpoint ckpt(dir);
-  auto be = backend::make_cpu_backend();
+  auto be = make_backend(a.device);
   const auto t0 = std::chrono::steady_clock::now();
-  model::Ernie45 m(cfg, model::load_weights(cfg, ckpt, *be), *be);
-  log::info("Model weights loaded on ", be->name(), " in ",
-            std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count(),
-            " s (dtype ", cfg.torch_dtype, ", computed in float32 on the CPU)");
+  const bool dummy = a.load_format == "dummy";
+  model::Ernie45 m(cfg,
+                   dummy ? model::dummy_weights(cfg, *be, a.seed)
+                         : model::load_weights(cfg, model::Checkpoint(dir), *be),
+                   *be);
+  log::info(dummy ? "Random (dummy) weights made on " : "Model weights loaded on ", be->name(),
+            " in ", std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count(),
+            " s: ", be->weight_bytes() / 1e9, " GB, activations in ",
+            dtype_name(be->activation_dtype()));
   runtime::EngineConfig ec;
   ec.block_size = a.block_size;
   ec.max_num_seqs = a.max_num_seqs;
@@ -162,6 +167,8 @@ int run_serve(const ServeArgs& a) {
   ec.enable_prefix_caching = a.enable_prefix_caching;
   ec.num_blocks_override = a.num_gpu_blocks_override;
   ec.kv_cache_memory = a.kv_cache_memory > 0 ? a.kv_cache_memory : (4ll << 30);
+  // An explicit --kv-cache-memory wins over --gpu-memory-utilization, as in vLLM.
+  ec.gpu_memory_utilization = a.kv_cache_memory > 0 ? 0.0 : a.gpu_memory_utilization;
   ec.max_logprobs = a.max_logprobs;
   ec.seed = a.seed;
   runtime::Engine engine(m, tok, ec);

@@ -5,6 +5,8 @@
 
 #include "common/check.h"
 #include "common/log.h"
+#include "common/rng.h"
+#include "model/synthetic.h"
 
 namespace ernie::model {
 namespace {
@@ -120,6 +122,62 @@ ModelWeights load_weights(const ModelConfig& c, const Checkpoint& ck, backend::B
       m.norm_min = static_cast<float>(c.moe_norm_min);
     }
     w.layers.push_back(std::move(L));
+    const int64_t done = i + 1;
+    if (done == c.num_hidden_layers || done % 4 == 0) {
+      log::info("loading weights: ", done, "/", c.num_hidden_layers, " layers (",
+                be.weight_bytes() / 1e9, " GB on ", be.name(), ")");
+    }
+  }
+  return w;
+}
+
+ModelWeights dummy_weights(const ModelConfig& c, backend::Backend& be, uint64_t seed) {
+  const int64_t h = c.hidden_size, v = c.vocab_size;
+  int64_t made = 0;
+  const int64_t total = c.num_hidden_layers;
+  // `like` names the released tensor whose scale the fused tensor takes.
+  auto make = [&](const std::string& like, const Shape& like_shape, const Shape& shape,
+                  DType dtype = DType::kBF16) {
+    return be.random_weight(shape, dtype, synthetic_init(like, like_shape, c),
+                            seed ^ hash_name(like));
+  };
+  ModelWeights w;
+  w.embed = make("model.embed_tokens.weight", {v, h}, {v, h});
+  w.norm = make("model.norm.weight", {h}, {h});
+  w.lm_head = c.tie_word_embeddings ? w.embed : make("lm_head.weight", {v, h}, {v, h});
+  const int64_t q = c.q_size(), kv = c.kv_size();
+  for (int64_t i = 0; i < c.num_hidden_layers; ++i) {
+    const std::string p = cat("model.layers.", i, ".");
+    LayerWeights L;
+    L.input_norm = make(p + "input_layernorm.weight", {h}, {h});
+    L.post_norm = make(p + "post_attention_layernorm.weight", {h}, {h});
+    L.qkv = make(p + "self_attn.q_proj.weight", {q, h}, {q + 2 * kv, h});
+    L.o = make(p + "self_attn.o_proj.weight", {h, q}, {h, q});
+    L.is_moe = c.is_moe_layer(i);
+    if (!L.is_moe) {
+      const int64_t inter = c.intermediate_size;
+      L.gate_up = make(p + "mlp.gate_proj.weight", {inter, h}, {2 * inter, h});
+      L.down = make(p + "mlp.down_proj.weight", {h, inter}, {h, inter});
+    } else {
+      const int64_t e = c.moe_num_experts, ie = c.moe_intermediate_size;
+      auto& m = L.moe;
+      m.router = make(p + "mlp.gate.weight", {e, h}, {e, h}, DType::kF32);
+      m.router_bias = make(p + "mlp.moe_statics.e_score_correction_bias", {1, e}, {e}, DType::kF32);
+      m.experts_gate_up = make(p + "mlp.experts.0.gate_proj.weight", {ie, h}, {e, 2 * ie, h});
+      m.experts_down = make(p + "mlp.experts.0.down_proj.weight", {h, ie}, {e, h, ie});
+      if (c.moe_num_shared_experts > 0) {
+        const int64_t si = c.shared_intermediate_size();
+        m.shared_gate_up = make(p + "mlp.shared_experts.gate_proj.weight", {si, h}, {2 * si, h});
+        m.shared_down = make(p + "mlp.shared_experts.down_proj.weight", {h, si}, {h, si});
+      }
+      m.top_k = static_cast<int>(c.moe_k);
+      m.norm_min = static_cast<float>(c.moe_norm_min);
+    }
+    w.layers.push_back(std::move(L));
+    ++made;
+    if (made == total || made % 4 == 0) {
+      log::info("dummy weights: ", made, "/", total, " layers (", be.weight_bytes() / 1e9, " GB)");
+    }
   }
   return w;
 }
@@ -154,6 +212,7 @@ Tensor Ernie45::forward_logits(const backend::StepInput& step) {
   Tensor delta = be_.scratch({t, h}, act);     // output of the last sub-block
   Tensor qkv = be_.scratch({t, qkv_cols}, act);
   Tensor attn = be_.scratch({t, cfg_.q_size()}, act);
+  Tensor gu, a;  // dense MLP scratch, made at the first dense layer
 
   be_.embedding(residual, w_.embed);
   for (size_t i = 0; i < w_.layers.size(); ++i) {
@@ -172,8 +231,10 @@ Tensor Ernie45::forward_logits(const backend::StepInput& step) {
       be_.moe(delta, x, L.moe);
     } else {
       const int64_t inter = L.down.dim(1);
-      Tensor gu = be_.scratch({t, 2 * inter}, act);
-      Tensor a = be_.scratch({t, inter}, act);
+      if (gu.empty()) {  // shared by every dense layer (all have the same size)
+        gu = be_.scratch({t, 2 * inter}, act);
+        a = be_.scratch({t, inter}, act);
+      }
       be_.linear(gu, x, L.gate_up);
       be_.silu_mul(a, gu);
       be_.linear(delta, a, L.down);

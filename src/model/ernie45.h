@@ -34,6 +34,10 @@ struct ModelWeights {
 // not read.
 ModelWeights load_weights(const ModelConfig& cfg, const Checkpoint& ckpt, backend::Backend& be);
 
+// Random weights of the right shapes made by the backend itself (`--load-format dummy`), with
+// make-model's scales; nothing is read from disk.
+ModelWeights dummy_weights(const ModelConfig& cfg, backend::Backend& be, uint64_t seed = 0);
+
 class Ernie45 {
  public:
   Ernie45(const ModelConfig& cfg, ModelWeights weights, backend::Backend& be);

@@ -21,33 +21,25 @@ bool contains(const std::string& s, const std::string& part) {
   return s.find(part) != std::string::npos;
 }
 
-// How a tensor's values are drawn: normal(0, std) + mean, or uniform(lo, hi).
-struct Init {
-  enum Kind { kNormal, kUniform } kind = kNormal;
-  double a = 0, b = 0;  // normal: mean, std; uniform: lo, hi
-};
+}  // namespace
 
-// Scales chosen so that a random model behaves like a trained one in the ways the tests need:
-// unit-RMS activations through every layer, peaked next-token distributions (logit std about
-// 3), and a router correction bias large enough to change which experts win.
-Init init_for(const std::string& name, const Shape& shape, const ModelConfig& c) {
+backend::RandomInit synthetic_init(const std::string& name, const Shape& shape,
+                                   const ModelConfig& c) {
   const double h = static_cast<double>(c.hidden_size);
-  if (ends_with(name, "norm.weight") || contains(name, "_norm.")) return {Init::kUniform, 0.8, 1.2};
+  if (ends_with(name, "norm.weight") || contains(name, "_norm.")) return {true, 0.8, 1.2};
   if (name == "model.embed_tokens.weight")
-    return {Init::kNormal, 0, c.tie_word_embeddings ? 3 / std::sqrt(h) : 1.0};
-  if (name == "lm_head.weight") return {Init::kNormal, 0, 3 / std::sqrt(h)};
-  if (ends_with(name, "mlp.gate.weight")) return {Init::kNormal, 0, 2 / std::sqrt(h)};
+    return {false, 0, c.tie_word_embeddings ? 3 / std::sqrt(h) : 1.0};
+  if (name == "lm_head.weight") return {false, 0, 3 / std::sqrt(h)};
+  if (ends_with(name, "mlp.gate.weight")) return {false, 0, 2 / std::sqrt(h)};
   if (ends_with(name, "e_score_correction_bias")) {
     const double e = static_cast<double>(c.moe_num_experts);
-    return {Init::kUniform, -1 / e, 1 / e};
+    return {true, -1 / e, 1 / e};
   }
   // Linear layers [out, in] (mtp_linear_proj may be stored transposed: use the larger side).
   double fan_in = static_cast<double>(shape.back());
   if (contains(name, "mtp_linear_proj")) fan_in = 2 * h;
-  return {Init::kNormal, 0, 1 / std::sqrt(fan_in)};
+  return {false, 0, 1 / std::sqrt(fan_in)};
 }
-
-}  // namespace
 
 json preset_config(const std::string& preset) {
   ModelConfig c;  // defaults are the 21B-A3B release
@@ -165,7 +157,7 @@ std::vector<TensorSpec> checkpoint_tensors(const ModelConfig& c, bool mtp_proj_t
 
 void fill_synthetic(const TensorSpec& spec, const ModelConfig& c, uint64_t seed,
                     std::span<std::byte> out) {
-  const Init init = init_for(spec.name, spec.shape, c);
+  const backend::RandomInit init = synthetic_init(spec.name, spec.shape, c);
   const int64_t n = shape_numel(spec.shape);
   check(static_cast<uint64_t>(out.size()) == spec.nbytes(), "fill buffer size");
   // Independent streams per chunk keep the values identical whatever the thread count.
@@ -176,8 +168,7 @@ void fill_synthetic(const TensorSpec& spec, const ModelConfig& c, uint64_t seed,
     Rng rng(seed, cat(spec.name, "#", ch));
     const int64_t end = std::min(n, (ch + 1) * kChunk);
     for (int64_t i = ch * kChunk; i < end; ++i) {
-      const double x =
-          init.kind == Init::kNormal ? init.a + init.b * rng.normal() : rng.uniform(init.a, init.b);
+      const double x = init.uniform ? rng.uniform(init.a, init.b) : init.a + init.b * rng.normal();
       const float f = static_cast<float>(x);
       if (spec.dtype == DType::kF32) {
         std::memcpy(out.data() + 4 * i, &f, 4);

@@ -10,6 +10,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include "backend/backend.h"
 #include "model/config.h"
 #include "model/safetensors.h"
 
@@ -37,6 +38,12 @@ struct MakeModelOptions {
 
 // Writes the checkpoint; logs progress. Returns the validated config.
 ModelConfig make_model(const MakeModelOptions& opts);
+
+// How make-model draws tensor `name` (also used by `--load-format dummy`): scales chosen so a
+// random model behaves like a trained one where tests need it (unit-RMS activations, peaked
+// next-token distributions, a correction bias that changes which experts win).
+backend::RandomInit synthetic_init(const std::string& name, const Shape& shape,
+                                   const ModelConfig& c);
 
 // Fills `out` with tensor `spec`'s synthetic values for `seed` (exposed for tests).
 void fill_synthetic(const TensorSpec& spec, const ModelConfig& c, uint64_t seed,

@@ -14,6 +14,43 @@ int64_t kv_blocks_for_memory(const model::ModelConfig& c, int block_size, int64_
   return bytes / per_block;
 }
 
+namespace {
+
+// Runs the largest step the scheduler can produce (max_num_batched_tokens of prefill, logits
+// and sampling for up to max_num_seqs rows) against a temporary cache, so the backend knows its
+// activation peak; returns the bytes left for the KV cache.
+int64_t profile_kv_budget(model::Ernie45& model, const EngineConfig& cfg, int64_t max_len) {
+  auto& be = model.backend();
+  const auto& c = model.config();
+  const int32_t n = static_cast<int32_t>(
+      std::min<int64_t>(cfg.max_num_batched_tokens, std::max<int64_t>(max_len, 1)));
+  const int32_t blocks = (n + cfg.block_size - 1) / cfg.block_size;
+  be.allocate_kv_cache(static_cast<int>(c.num_hidden_layers), blocks, cfg.block_size);
+  backend::StepInput step;
+  for (int32_t i = 0; i < n; ++i) {
+    step.token_ids.push_back(static_cast<int32_t>(i % c.vocab_size));
+    step.positions.push_back(i);
+    step.slot_mapping.push_back(i);
+  }
+  step.query_start = {0, n};
+  step.context_lens = {n};
+  step.max_blocks_per_seq = blocks;
+  for (int32_t b = 0; b < blocks; ++b) step.block_tables.push_back(b);
+  const int32_t rows = std::min<int32_t>(n, cfg.max_num_seqs);
+  for (int32_t r = n - rows; r < n; ++r) step.logits_indices.push_back(r);
+  const backend::Tensor logits = model.forward_logits(step);
+  std::vector<backend::SamplingRow> sampling(rows);
+  for (auto& r : sampling) {
+    r.top_k = 50;
+    r.top_p = 0.9f;
+    r.num_logprobs = cfg.max_logprobs;
+  }
+  be.sample(logits, sampling);
+  return be.kv_memory_budget(cfg.gpu_memory_utilization);
+}
+
+}  // namespace
+
 Engine::Engine(model::Ernie45& model, std::shared_ptr<const tokenizer::Tokenizer> tok,
                EngineConfig cfg)
     : model_(model),
@@ -27,7 +64,14 @@ Engine::Engine(model::Ernie45& model, std::shared_ptr<const tokenizer::Tokenizer
                 cat("block size must be in [1, 1024], got ", cfg.block_size));
         int64_t blocks = cfg.num_blocks_override;
         if (blocks <= 0) {
-          blocks = kv_blocks_for_memory(c, cfg.block_size, cfg.kv_cache_memory,
+          int64_t budget = cfg.kv_cache_memory;
+          if (model.backend().sizes_kv_from_device_memory() && cfg.gpu_memory_utilization > 0) {
+            require(
+                cfg.gpu_memory_utilization <= 1.0,
+                cat("gpu_memory_utilization must be in (0, 1], got ", cfg.gpu_memory_utilization));
+            budget = profile_kv_budget(model, cfg, max_model_len_);
+          }
+          blocks = kv_blocks_for_memory(c, cfg.block_size, budget,
                                         dtype_size(model.backend().kv_dtype()));
           // More than every sequence at full length is never used.
           const int64_t useful = static_cast<int64_t>(cfg.max_num_seqs) *

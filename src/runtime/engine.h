@@ -29,6 +29,10 @@ struct EngineConfig {
   bool enable_prefix_caching = true;
   int64_t num_blocks_override = 0;      // --num-gpu-blocks-override
   int64_t kv_cache_memory = 1ll << 30;  // bytes for the KV cache when no override is given
+  // Device backends: the KV cache takes what is left of this fraction of the device's memory
+  // after the weights and a measured worst-case step (--gpu-memory-utilization); 0: use
+  // kv_cache_memory on every backend.
+  double gpu_memory_utilization = 0.9;
   int max_logprobs = 20;
   uint64_t seed = 0;  // seeds requests that do not set their own
 };

@@ -12,6 +12,10 @@
 
 #include "../unit/test_util.h"
 #include "runtime/engine.h"
+#ifdef ERNIE_GOLDEN_CUDA
+#include "backend/cuda/cuda_backend.h"
+#include "backend/cuda/device.h"
+#endif
 
 namespace ernie {
 namespace {
@@ -19,7 +23,16 @@ namespace {
 using nlohmann::json;
 namespace fs = std::filesystem;
 
-constexpr double kLogprobTolerance = 1e-3;
+#ifdef ERNIE_GOLDEN_CUDA
+// bf16 weights, activations and KV cache against a float32 reference. For scale, transformers
+// itself moves by 0.24-1.0 in these logprobs when run in bfloat16 (recorded in each fixture);
+// we allow 0.3. Greedy tokens must agree until the first step where they differ; there the
+// reference's two best tokens must be within twice the tolerance (a near-tie a bf16 engine may
+// rightly break the other way), and the rest of that prompt is not compared.
+constexpr bool kCuda = true;
+#else
+constexpr bool kCuda = false;
+#endif
 
 std::vector<fs::path> fixtures() {
   std::vector<fs::path> out;
@@ -65,8 +78,14 @@ TEST_P(Golden, MatchesTransformers) {
   ASSERT_EQ(written, fx["config"])
       << "make-model no longer writes the config this fixture was made from; regenerate the "
          "fixtures with scripts/gpu_golden.sh";
+#ifdef ERNIE_GOLDEN_CUDA
+  if (cuda::device_count() == 0) GTEST_SKIP() << "no CUDA device";
+  auto m = testing::load_model(dir.path(), backend::make_cuda_backend(0));
+#else
   auto m = testing::load_cpu_model(dir.path());
+#endif
   const int steps = fx["steps"];
+  const double kLogprobTolerance = kCuda ? 0.3 : 1e-3;
 
   std::vector<std::vector<int32_t>> prompts;
   for (const auto& p : fx["prompts"]) prompts.push_back(p["prompt"].get<std::vector<int32_t>>());
@@ -80,6 +99,7 @@ TEST_P(Golden, MatchesTransformers) {
   const Mode modes[] = {
       {"batched", 16, 8192, true}, {"chunked", 5, 23, true}, {"alone", 32, 8192, false}};
   double worst = 0.0;
+  int compared = 0, divergences = 0;
   for (const Mode& mode : modes) {
     SCOPED_TRACE(mode.name);
     runtime::EngineConfig ec;
@@ -88,6 +108,8 @@ TEST_P(Golden, MatchesTransformers) {
     ec.max_model_len = 256;
     ec.max_num_seqs = 8;
     ec.enable_prefix_caching = mode.block_size != 5;
+    ec.gpu_memory_utilization = 0.0;  // a small fixed KV cache on every backend
+    ec.kv_cache_memory = 64ll << 20;
     runtime::Engine engine(*m.model, nullptr, ec);
     std::vector<runtime::GenerateResult> res;
     if (mode.batched) {
@@ -101,8 +123,25 @@ TEST_P(Golden, MatchesTransformers) {
     for (size_t i = 0; i < prompts.size(); ++i) {
       const json& want = fx["prompts"][i];
       SCOPED_TRACE(::testing::Message() << "prompt of " << prompts[i].size() << " tokens");
-      ASSERT_EQ(res[i].tokens, want["tokens"].get<std::vector<int32_t>>());
+      const auto want_tokens = want["tokens"].get<std::vector<int32_t>>();
+      if (!kCuda) {
+        ASSERT_EQ(res[i].tokens, want_tokens);
+      }
       for (int s = 0; s < steps; ++s) {
+        bool last = false;
+        if (kCuda) {
+          if (res[i].tokens[s] != want_tokens[s]) {
+            const double gap = want["top_logprobs"][s][0][1].get<double>() -
+                               want["top_logprobs"][s][1][1].get<double>();
+            EXPECT_LT(gap, 2 * kLogprobTolerance)
+                << "step " << s << ": token " << res[i].tokens[s] << " instead of "
+                << want_tokens[s] << " where the reference's margin is " << gap;
+            ++divergences;
+            last = true;  // the continuations differ from here
+          } else {
+            ++compared;
+          }
+        }
         std::map<int32_t, float> ours;
         for (const auto& t : res[i].logprobs[s].top) ours[t.id] = t.logprob;
         for (const auto& pair : want["top_logprobs"][s]) {
@@ -114,11 +153,24 @@ TEST_P(Golden, MatchesTransformers) {
           worst = std::max(worst, diff);
           EXPECT_LE(diff, kLogprobTolerance) << "step " << s << " token " << id;
         }
+        if (last) break;
       }
     }
   }
-  std::printf("[ golden   ] %s: largest |logprob difference| %.3g over %zu prompts x %d steps\n",
-              GetParam().stem().c_str(), worst, prompts.size(), steps);
+  std::printf(
+      "[ golden   ] %s (%s): largest |logprob difference| %.3g (tolerance %.3g) over "
+      "%zu prompts x %d steps\n",
+      GetParam().stem().c_str(), kCuda ? "cuda" : "cpu", worst, kLogprobTolerance, prompts.size(),
+      steps);
+  if (kCuda) {
+    std::printf(
+        "[ golden   ] greedy tokens equal: %d of %zu (%d near-tie divergences); "
+        "transformers' own bf16 deviation %.3g\n",
+        compared, 3 * prompts.size() * steps, divergences,
+        fx["bf16_max_logprob_diff"].get<double>());
+    // Most of the run must be compared, or the check says little.
+    EXPECT_GE(compared, static_cast<int>(prompts.size()) * steps * 3 / 2);
+  }
 }
 
 INSTANTIATE_TEST_SUITE_P(Fixtures, Golden, ::testing::ValuesIn(fixtures()),

@@ -111,11 +111,14 @@ TEST_F(EngineTest, ConcurrentEqualsAlone) {
       }
     }
     const auto st = e.stats();
-    if (mode.blocks) EXPECT_GT(st.preemptions, 0) << "the small cache did not force preemption";
-    if (mode.caching)
+    if (mode.blocks) {
+      EXPECT_GT(st.preemptions, 0) << "the small cache did not force preemption";
+    }
+    if (mode.caching) {
       EXPECT_GT(st.prefix_hits, 0);
-    else
+    } else {
       EXPECT_EQ(st.prefix_hits, 0);
+    }
     EXPECT_EQ(st.running + st.waiting, 0u);
     EXPECT_EQ(st.kv_usage, 0.0);
   }

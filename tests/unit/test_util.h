@@ -48,13 +48,18 @@ struct LoadedModel {
   std::unique_ptr<model::Ernie45> model;
 };
 
-inline LoadedModel load_cpu_model(const std::filesystem::path& dir) {
+inline LoadedModel load_model(const std::filesystem::path& dir,
+                              std::unique_ptr<backend::Backend> be) {
   LoadedModel m;
   auto cfg = model::load_config(dir);
   model::Checkpoint ck(dir);
-  m.be = backend::make_cpu_backend();
+  m.be = std::move(be);
   m.model = std::make_unique<model::Ernie45>(cfg, model::load_weights(cfg, ck, *m.be), *m.be);
   return m;
+}
+
+inline LoadedModel load_cpu_model(const std::filesystem::path& dir) {
+  return load_model(dir, backend::make_cpu_backend());
 }
 
 }  // namespace ernie::testing

@@ -13,6 +13,7 @@
 #include "backend/cpu/ops.h"
 #include "backend/cpu/sampler.h"
 #include "common/check.h"
+#include "common/rng.h"
 
 namespace ernie::backend {
 namespace {
@@ -31,6 +32,26 @@ class CpuBackend final : public Backend {
     auto& buf = weights_.emplace_back(static_cast<size_t>(n));
     for (int64_t i = 0; i < n; ++i) buf[i] = load_as_float(src.data, src.dtype, i);
     return Tensor{buf.data(), DType::kF32, src.shape};
+  }
+
+  Tensor random_weight(const Shape& shape, DType dtype, const RandomInit& init,
+                       uint64_t seed) override {
+    (void)dtype;  // kept in f32 like every cpu weight, rounded through bf16 like a checkpoint
+    int64_t n = 1;
+    for (int64_t d : shape) n *= d;
+    auto& buf = weights_.emplace_back(static_cast<size_t>(n));
+    Rng rng(seed);
+    for (auto& v : buf) {
+      const double x = init.uniform ? rng.uniform(init.a, init.b) : init.a + init.b * rng.normal();
+      v = bf16_to_float(float_to_bf16(static_cast<float>(x)));
+    }
+    return Tensor{buf.data(), DType::kF32, shape};
+  }
+
+  int64_t weight_bytes() const override {
+    int64_t b = 0;
+    for (const auto& w : weights_) b += static_cast<int64_t>(w.size() * sizeof(float));
+    return b;
   }
 
   void configure_attention(const AttentionConfig& cfg) override {

@@ -28,11 +28,14 @@ __global__ void fused_add_rms_norm_kernel(__nv_bfloat16* out, __nv_bfloat16* res
                                           int hidden, float eps) {
   const size_t row = blockIdx.x;
   __nv_bfloat16* r = residual + row * hidden;
-  const __nv_bfloat16* xr = x + row * hidden;
+  const __nv_bfloat16* xr = x ? x + row * hidden : nullptr;
   float ss = 0.0f;
   for (int i = threadIdx.x; i < hidden; i += kThreads) {
-    const __nv_bfloat16 s = __float2bfloat16(__bfloat162float(r[i]) + __bfloat162float(xr[i]));
-    r[i] = s;
+    __nv_bfloat16 s = r[i];
+    if (xr) {
+      s = __float2bfloat16(__bfloat162float(s) + __bfloat162float(xr[i]));
+      r[i] = s;
+    }
     const float f = __bfloat162float(s);
     ss += f * f;
   }

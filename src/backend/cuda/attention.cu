@@ -1,0 +1,329 @@
+#include <algorithm>
+
+#include "backend/cuda/attention.cuh"
+#include "backend/cuda/cuda_check.h"
+#include "backend/cuda/mma.cuh"
+
+namespace ernie::cuda {
+namespace {
+
+constexpr int kThreads = 128;
+constexpr int kKeysPerTile = 64;
+constexpr float kLog2e = 1.4426950408889634f;
+
+// RW warps split the query rows (16 each), KW warps split each 64-key tile; RW * KW = 4.
+// Prefill uses RW = 4 (64 query rows per CTA); decode uses KW = 4 (16 rows, keys split four
+// ways and merged through shared memory at the end).
+template <int D, int RW, int KW>
+__global__ void __launch_bounds__(kThreads) paged_attention_kernel(const PagedAttentionArgs a) {
+  static_assert(RW * KW == 4 && D % 16 == 0);
+  constexpr int BM = 16 * RW, BN = kKeysPerTile, NK = BN / KW, NT = NK / 8, LD = D + 8;
+  constexpr int kChunks = D / 8;  // 16-byte chunks per row
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  __nv_bfloat16* sq = reinterpret_cast<__nv_bfloat16*>(smem_raw);  // [BM][LD]
+  __nv_bfloat16* sk = sq + BM * LD;                                // [BN][LD]
+  __nv_bfloat16* sv = sk + BN * LD;                                // [BN][LD]
+
+  const int tile = blockIdx.x, kvh = blockIdx.y, split = blockIdx.z;
+  const int seq = a.tile_seq[tile], row0 = a.tile_row0[tile];
+  const int group = a.heads / a.kv_heads;
+  const int q0 = a.query_start[seq], rows = (a.query_start[seq + 1] - q0) * group;
+  const int last_row = min(row0 + BM, rows) - 1;
+  const int kv_end = min(a.context_lens[seq], a.positions[q0 + last_row / group] + 1);
+  const int k_begin = split * a.split_keys;
+  const int k_end = a.splits == 1 ? kv_end : min(kv_end, k_begin + a.split_keys);
+  const size_t row_stride = static_cast<size_t>(a.heads + 2 * a.kv_heads) * D;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, c = lane % 4;
+  const int wr = warp / KW, wk = warp % KW;
+
+  for (int i = threadIdx.x; i < BM * kChunks; i += kThreads) {
+    const int r = i / kChunks, ch = i % kChunks, row = row0 + r;
+    const bool valid = row < rows;
+    const __nv_bfloat16* src = a.qkv;
+    if (valid) {
+      src = a.qkv + static_cast<size_t>(q0 + row / group) * row_stride +
+            static_cast<size_t>(kvh * group + row % group) * D + ch * 8;
+    }
+    cp_async_16(sq + r * LD + ch * 8, src, valid);
+  }
+  cp_async_commit();
+
+  int pos[2];
+  for (int i = 0; i < 2; ++i) {
+    const int row = row0 + wr * 16 + g + 8 * i;
+    pos[i] = row < rows ? a.positions[q0 + row / group] : -1;
+  }
+  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
+  float o[D / 8][4];
+#pragma unroll
+  for (int nd = 0; nd < D / 8; ++nd) o[nd][0] = o[nd][1] = o[nd][2] = o[nd][3] = 0.0f;
+
+  cp_async_wait<0>();
+  __syncthreads();
+  uint32_t qf[D / 16][4];
+#pragma unroll
+  for (int kk = 0; kk < D / 16; ++kk) {
+    const __nv_bfloat16* p = sq + (wr * 16 + g) * LD + kk * 16 + 2 * c;
+    qf[kk][0] = load_u32(p);
+    qf[kk][1] = load_u32(p + 8 * LD);
+    qf[kk][2] = load_u32(p + 8);
+    qf[kk][3] = load_u32(p + 8 * LD + 8);
+  }
+
+  const int32_t* table = a.block_tables + static_cast<size_t>(seq) * a.max_blocks;
+  const float scale_log2 = a.scale * kLog2e;
+  const int kb = wk * NK;
+  for (int kt = k_begin; kt < k_end; kt += BN) {
+    __syncthreads();  // everyone is done with the previous tile
+    for (int i = threadIdx.x; i < BN * kChunks; i += kThreads) {
+      const int key = i / kChunks, ch = i % kChunks, j = kt + key;
+      const bool valid = j < k_end;  // rows past the range are zero (never NaN * 0)
+      size_t off = 0;
+      if (valid) {
+        const int64_t slot =
+            static_cast<int64_t>(table[j / a.block_size]) * a.block_size + j % a.block_size;
+        off = (static_cast<size_t>(slot) * a.kv_heads + kvh) * D + ch * 8;
+      }
+      cp_async_16(sk + key * LD + ch * 8, a.k_cache + off, valid);
+      cp_async_16(sv + key * LD + ch * 8, a.v_cache + off, valid);
+    }
+    cp_async_commit();
+    cp_async_wait<0>();
+    __syncthreads();
+
+    float s[NT][4];
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.0f;
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) {
+        const __nv_bfloat16* kp = sk + (kb + nt * 8 + g) * LD + kk * 16 + 2 * c;
+        mma_16816(s[nt], qf[kk], load_u32(kp), load_u32(kp + 8));
+      }
+    }
+    float mx[2] = {m[0], m[1]};
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int i = e / 2, j = kt + kb + nt * 8 + 2 * c + (e & 1);
+        const float v = (j < k_end && j <= pos[i]) ? s[nt][e] * scale_log2 : -INFINITY;
+        s[nt][e] = v;
+        mx[i] = fmaxf(mx[i], v);
+      }
+    }
+    float base[2];
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 1));
+      mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 2));
+      base[i] = mx[i] == -INFINITY ? 0.0f : mx[i];
+      const float rescale = exp2f(m[i] - base[i]);  // 0 while nothing was visible
+      m[i] = mx[i];
+      l[i] *= rescale;
+#pragma unroll
+      for (int nd = 0; nd < D / 8; ++nd) {
+        o[nd][2 * i] *= rescale;
+        o[nd][2 * i + 1] *= rescale;
+      }
+    }
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const float p = exp2f(s[nt][e] - base[e / 2]);
+        l[e / 2] += p;
+        s[nt][e] = p;
+      }
+    }
+#pragma unroll
+    for (int ks = 0; ks < NK / 16; ++ks) {
+      const uint32_t pa[4] = {pack_bf16(s[2 * ks][0], s[2 * ks][1]),
+                              pack_bf16(s[2 * ks][2], s[2 * ks][3]),
+                              pack_bf16(s[2 * ks + 1][0], s[2 * ks + 1][1]),
+                              pack_bf16(s[2 * ks + 1][2], s[2 * ks + 1][3])};
+#pragma unroll
+      for (int nd = 0; nd < D / 8; ++nd) {
+        const __nv_bfloat16* vp = sv + (kb + ks * 16 + 2 * c) * LD + nd * 8 + g;
+        mma_16816(o[nd], pa, pack_bf16(vp[0], vp[LD]), pack_bf16(vp[8 * LD], vp[9 * LD]));
+      }
+    }
+  }
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    l[i] += __shfl_xor_sync(0xffffffffu, l[i], 1);
+    l[i] += __shfl_xor_sync(0xffffffffu, l[i], 2);
+  }
+
+  // Writes one output element of local row r (un-normalised o, row max m in log2 units, sum l).
+  auto emit = [&](int r, int d, float ov, float mr, float lr) {
+    const int row = row0 + r;
+    if (row >= rows) return;
+    const size_t t = q0 + row / group, h = kvh * group + row % group;
+    const float val = lr > 0.0f ? ov / lr : 0.0f;
+    if (a.splits == 1) {
+      a.out[(t * a.heads + h) * D + d] = __float2bfloat16(val);
+    } else {
+      const size_t idx = (static_cast<size_t>(split) * a.tokens + t) * a.heads + h;
+      a.partial_o[idx * D + d] = val;
+      if (d == 0) a.partial_lse[idx] = lr > 0.0f ? mr + log2f(lr) : -INFINITY;
+    }
+  };
+
+  if constexpr (KW == 1) {
+#pragma unroll
+    for (int nd = 0; nd < D / 8; ++nd) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int i = e / 2;
+        emit(wr * 16 + g + 8 * i, nd * 8 + 2 * c + (e & 1), o[nd][e], m[i], l[i]);
+      }
+    }
+  } else {
+    __syncthreads();                           // K/V tiles are free: reuse them for the merge
+    float* mo = reinterpret_cast<float*>(sk);  // [KW][16][D]
+    float* mm = mo + KW * 16 * D;              // [KW][16]
+    float* ml = mm + KW * 16;                  // [KW][16]
+#pragma unroll
+    for (int nd = 0; nd < D / 8; ++nd) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        mo[(wk * 16 + g + 8 * (e / 2)) * D + nd * 8 + 2 * c + (e & 1)] = o[nd][e];
+      }
+    }
+    if (c == 0) {
+      for (int i = 0; i < 2; ++i) {
+        mm[wk * 16 + g + 8 * i] = m[i];
+        ml[wk * 16 + g + 8 * i] = l[i];
+      }
+    }
+    __syncthreads();
+    for (int idx = threadIdx.x; idx < 16 * D; idx += kThreads) {
+      const int r = idx / D, d = idx % D;
+      float mr = -INFINITY;
+      for (int w = 0; w < KW; ++w) mr = fmaxf(mr, mm[w * 16 + r]);
+      float lr = 0.0f, ov = 0.0f;
+      for (int w = 0; w < KW; ++w) {
+        const float mw = mm[w * 16 + r];
+        if (mw == -INFINITY) continue;
+        const float f = exp2f(mw - mr);
+        lr += ml[w * 16 + r] * f;
+        ov += mo[(w * 16 + r) * D + d] * f;
+      }
+      emit(r, d, ov, mr, lr);
+    }
+  }
+}
+
+// One CTA per (token, head), one thread per output element.
+__global__ void combine_splits_kernel(__nv_bfloat16* out, const float* partial_o,
+                                      const float* partial_lse, int tokens, int heads, int d,
+                                      int splits) {
+  const size_t th = blockIdx.x;
+  const size_t plane = static_cast<size_t>(tokens) * heads;
+  float mx = -INFINITY;
+  for (int s = 0; s < splits; ++s) mx = fmaxf(mx, partial_lse[s * plane + th]);
+  float sum = 0.0f, acc = 0.0f;
+  for (int s = 0; s < splits; ++s) {
+    const float lse = partial_lse[s * plane + th];
+    if (lse == -INFINITY) continue;
+    const float w = exp2f(lse - mx);
+    sum += w;
+    acc += w * partial_o[(s * plane + th) * d + threadIdx.x];
+  }
+  out[th * d + threadIdx.x] = __float2bfloat16(sum > 0.0f ? acc / sum : 0.0f);
+}
+
+template <int D, int RW, int KW>
+void launch(const PagedAttentionArgs& a, cudaStream_t stream) {
+  constexpr int BM = 16 * RW, LD = D + 8;
+  const size_t smem = static_cast<size_t>(BM + 2 * kKeysPerTile) * LD * sizeof(__nv_bfloat16);
+  static bool configured = false;  // set once per instantiation (host, single engine thread)
+  if (!configured) {
+    ERNIE_CUDA_CHECK(cudaFuncSetAttribute(paged_attention_kernel<D, RW, KW>,
+                                          cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                          static_cast<int>(smem)));
+    configured = true;
+  }
+  const dim3 grid(a.num_tiles, a.kv_heads, a.splits);
+  paged_attention_kernel<D, RW, KW><<<grid, kThreads, smem, stream>>>(a);
+  ERNIE_CUDA_CHECK(cudaGetLastError());
+}
+
+template <int D>
+void launch_d(const PagedAttentionArgs& a, cudaStream_t stream) {
+  if (a.decode_shape) {
+    launch<D, 1, 4>(a, stream);
+  } else {
+    launch<D, 4, 1>(a, stream);
+  }
+}
+
+}  // namespace
+
+AttentionPlan plan_attention(const std::vector<int32_t>& query_start,
+                             const std::vector<int32_t>& context_lens, int heads, int kv_heads,
+                             int sms) {
+  AttentionPlan p;
+  const int group = heads / kv_heads;
+  const int seqs = static_cast<int>(context_lens.size());
+  p.decode_shape = true;
+  for (int s = 0; s < seqs; ++s) {
+    if ((query_start[s + 1] - query_start[s]) * group > 16) p.decode_shape = false;
+  }
+  const int bm = p.decode_shape ? 16 : 64;
+  int max_ctx = 0;
+  for (int s = 0; s < seqs; ++s) {
+    const int rows = (query_start[s + 1] - query_start[s]) * group;
+    for (int r = 0; r < rows; r += bm) {
+      p.tile_seq.push_back(s);
+      p.tile_row0.push_back(r);
+    }
+    max_ctx = std::max(max_ctx, context_lens[s]);
+  }
+  // Split the key range when the tiles alone leave the GPU mostly idle and contexts are long:
+  // aim for about two CTAs per multiprocessor, at least 256 keys per split.
+  const int64_t ctas = static_cast<int64_t>(p.tile_seq.size()) * kv_heads;
+  int splits = 1;
+  if (ctas > 0 && ctas < sms && max_ctx > 512) {
+    const int want = static_cast<int>((2 * sms + ctas - 1) / ctas);
+    splits = std::max(1, std::min({want, (max_ctx + 255) / 256, 64}));
+  }
+  if (splits > 1) {
+    p.split_keys =
+        ((max_ctx + splits - 1) / splits + kKeysPerTile - 1) / kKeysPerTile * kKeysPerTile;
+    p.splits = (max_ctx + p.split_keys - 1) / p.split_keys;
+  }
+  return p;
+}
+
+void paged_attention(const PagedAttentionArgs& a, cudaStream_t stream) {
+  if (a.num_tiles == 0) return;
+  require(a.heads > 0 && a.kv_heads > 0 && a.heads % a.kv_heads == 0 && a.block_size > 0,
+          "paged_attention: bad shape");
+  require(a.splits == 1 || (a.partial_o && a.partial_lse), "paged_attention: splits need partials");
+  switch (a.head_dim) {
+    case 32:
+      launch_d<32>(a, stream);
+      break;
+    case 48:
+      launch_d<48>(a, stream);
+      break;
+    case 64:
+      launch_d<64>(a, stream);
+      break;
+    case 128:
+      launch_d<128>(a, stream);
+      break;
+    default:
+      throw Error(cat("paged attention supports head_dim 32, 48, 64 and 128, not ", a.head_dim));
+  }
+  if (a.splits > 1) {
+    combine_splits_kernel<<<a.tokens * a.heads, a.head_dim, 0, stream>>>(
+        a.out, a.partial_o, a.partial_lse, a.tokens, a.heads, a.head_dim, a.splits);
+    ERNIE_CUDA_CHECK(cudaGetLastError());
+  }
+}
+
+}  // namespace ernie::cuda

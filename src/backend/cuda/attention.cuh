@@ -1,0 +1,54 @@
+// Paged attention over the bf16 KV cache for any mix of prefill chunks and decodes.
+//
+// The query rows of one KV head are (token, head-in-group) pairs, so the query heads that share
+// a KV head form the M side of one tensor-core tile and every K/V byte is loaded once per tile.
+// Long contexts with few tiles are split over the key range (flash-decoding): each split writes
+// a partial output and its log-sum-exp, and a combine kernel merges them.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <vector>
+
+namespace ernie::cuda {
+
+// Host-side partition of a step's attention work; computed before the step.
+struct AttentionPlan {
+  std::vector<int32_t> tile_seq;   // sequence of each query tile
+  std::vector<int32_t> tile_row0;  // first query row ((token - first) * group + head) of the tile
+  int splits = 1;                  // key-range splits per tile
+  int split_keys = 0;              // keys per split (multiple of 64)
+  bool decode_shape = false;       // every sequence has <= 16 query rows: 16-row tiles
+};
+
+// query_start [S+1], context_lens [S] as in the step; `sms` = multiprocessor count.
+AttentionPlan plan_attention(const std::vector<int32_t>& query_start,
+                             const std::vector<int32_t>& context_lens, int heads, int kv_heads,
+                             int sms);
+
+struct PagedAttentionArgs {
+  const __nv_bfloat16* qkv = nullptr;      // [T, (H + 2 KV) * D]; q already rotated
+  __nv_bfloat16* out = nullptr;            // [T, H * D]
+  const __nv_bfloat16* k_cache = nullptr;  // [slots, KV, D]
+  const __nv_bfloat16* v_cache = nullptr;  // [slots, KV, D]
+  const int32_t* positions = nullptr;      // [T]: key j is visible to a token iff j <= position
+  const int32_t* query_start = nullptr;    // [S + 1]
+  const int32_t* context_lens = nullptr;   // [S]
+  const int32_t* block_tables = nullptr;   // [S, max_blocks]
+  const int32_t* tile_seq = nullptr;       // [num_tiles]
+  const int32_t* tile_row0 = nullptr;      // [num_tiles]
+  float* partial_o = nullptr;              // [splits, T, H, D] when splits > 1
+  float* partial_lse = nullptr;            // [splits, T, H] when splits > 1
+  int num_tiles = 0, tokens = 0, heads = 0, kv_heads = 0, head_dim = 0;
+  int max_blocks = 0, block_size = 0;
+  int splits = 1, split_keys = 0;
+  bool decode_shape = false;
+  float scale = 1.0f;
+};
+
+// head_dim in {32, 48, 64, 128}.
+void paged_attention(const PagedAttentionArgs& args, cudaStream_t stream);
+
+}  // namespace ernie::cuda

@@ -1,0 +1,656 @@
+#include "backend/cuda/cuda_backend.h"
+
+#include <cublas_v2.h>
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstring>
+#include <limits>
+#include <unordered_map>
+
+#include "backend/cuda/activation.cuh"
+#include "backend/cuda/attention.cuh"
+#include "backend/cuda/cuda_check.h"
+#include "backend/cuda/device.h"
+#include "backend/cuda/memory_ops.cuh"
+#include "backend/cuda/moe.cuh"
+#include "backend/cuda/rms_norm.cuh"
+#include "backend/cuda/rope.cuh"
+#include "backend/cuda/router.cuh"
+#include "backend/cuda/sampler.cuh"
+#include "common/check.h"
+#include "common/log.h"
+
+namespace ernie::backend {
+namespace {
+
+using cuda::check_cuda;
+
+void check_cublas(cublasStatus_t s, const char* what) {
+  if (s != CUBLAS_STATUS_SUCCESS) {
+    throw Error(cat("cuBLAS error in ", what, ": ", cublasGetStatusName(s)));
+  }
+}
+
+constexpr size_t kAlign = 256;
+size_t round_up(size_t n, size_t a) {
+  return (n + a - 1) / a * a;
+}
+
+__nv_bfloat16* bf(const Tensor& t) {
+  return static_cast<__nv_bfloat16*>(t.data);
+}
+
+// Per-step device memory: a bump allocator. When a step needs more than the current chunk, more
+// chunks are added; at the next reset they are merged into one chunk of the high-water size,
+// so after the first worst-case step no step allocates.
+class DeviceArena {
+ public:
+  ~DeviceArena() { release(); }
+  void* alloc(size_t bytes) {
+    bytes = round_up(std::max<size_t>(bytes, 1), kAlign);
+    if (chunks_.empty() || offset_ + bytes > chunks_.back().size) {
+      const size_t size = std::max(bytes, capacity() + (64u << 20));
+      Chunk c{nullptr, size};
+      check_cuda(cudaMalloc(&c.ptr, size), "cudaMalloc (scratch)");
+      chunks_.push_back(c);
+      offset_ = 0;
+    }
+    void* p = static_cast<char*>(chunks_.back().ptr) + offset_;
+    offset_ += bytes;
+    used_ += bytes;
+    peak_ = std::max(peak_, used_);
+    return p;
+  }
+  // Scratch taken after mark() can be handed back with rewind() once the kernels that use it
+  // are queued: later work on the same stream runs after them.
+  struct Mark {
+    size_t chunks, offset, used;
+  };
+  Mark mark() const { return {chunks_.size(), offset_, used_}; }
+  void rewind(const Mark& m) {
+    if (m.chunks != chunks_.size()) return;  // grew meanwhile: merged at the next reset
+    offset_ = m.offset;
+    used_ = m.used;
+  }
+  // Start of a step; the stream must be idle if chunks are merged.
+  void reset(cudaStream_t stream) {
+    if (chunks_.size() > 1) {
+      check_cuda(cudaStreamSynchronize(stream), "cudaStreamSynchronize");
+      release();
+      Chunk c{nullptr, round_up(peak_ + peak_ / 8, 1u << 20)};
+      check_cuda(cudaMalloc(&c.ptr, c.size), "cudaMalloc (scratch)");
+      chunks_.push_back(c);
+    }
+    offset_ = 0;
+    used_ = 0;
+  }
+  size_t peak() const { return peak_; }
+  size_t capacity() const {
+    size_t s = 0;
+    for (const auto& c : chunks_) s += c.size;
+    return s;
+  }
+
+ private:
+  struct Chunk {
+    void* ptr;
+    size_t size;
+  };
+  void release() {
+    for (auto& c : chunks_) cudaFree(c.ptr);
+    chunks_.clear();
+  }
+  std::vector<Chunk> chunks_;
+  size_t offset_ = 0, used_ = 0, peak_ = 0;
+};
+
+// Page-locked host memory that grows on demand.
+class PinnedBuffer {
+ public:
+  ~PinnedBuffer() {
+    if (p_) cudaFreeHost(p_);
+  }
+  char* get(size_t bytes) {
+    if (bytes > size_) {
+      if (p_) cudaFreeHost(p_);
+      p_ = nullptr;
+      size_ = round_up(std::max(bytes, size_ * 2), 1u << 16);
+      check_cuda(cudaHostAlloc(reinterpret_cast<void**>(&p_), size_, cudaHostAllocDefault),
+                 "cudaHostAlloc");
+    }
+    return p_;
+  }
+
+ private:
+  char* p_ = nullptr;
+  size_t size_ = 0;
+};
+
+// Lays out several host arrays in one buffer so one copy moves them all.
+class Packer {
+ public:
+  template <typename T>
+  size_t add(const T* data, size_t n) {
+    const size_t off = round_up(bytes_.size(), 16);
+    bytes_.resize(off + n * sizeof(T));
+    if (n) std::memcpy(bytes_.data() + off, data, n * sizeof(T));
+    return off;
+  }
+  template <typename T>
+  size_t add(const std::vector<T>& v) {
+    return add(v.data(), v.size());
+  }
+  const std::vector<char>& bytes() const { return bytes_; }
+
+ private:
+  std::vector<char> bytes_;
+};
+
+class CudaBackend final : public Backend {
+ public:
+  explicit CudaBackend(int device) : device_(device) {
+    const int n = cuda::device_count();
+    require(n > 0, "no CUDA device is available (is the NVIDIA driver loaded?)");
+    require(device >= 0 && device < n,
+            cat("CUDA device ", device, " does not exist (", n, " device", n == 1 ? "" : "s", ")"));
+    check_cuda(cudaSetDevice(device), "cudaSetDevice");
+    cudaDeviceProp prop{};
+    check_cuda(cudaGetDeviceProperties(&prop, device), "cudaGetDeviceProperties");
+    require(prop.major == 9 && prop.minor == 0,
+            cat("this build of ernie targets sm_90a (H100/H200); device ", device, " is ",
+                prop.name, " (sm_", prop.major, prop.minor, ")"));
+    sms_ = prop.multiProcessorCount;
+    check_cuda(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking), "cudaStreamCreate");
+    check_cuda(cudaEventCreateWithFlags(&meta_done_, cudaEventDisableTiming), "cudaEventCreate");
+    for (auto& e : upload_done_) {
+      check_cuda(cudaEventCreateWithFlags(&e, cudaEventDisableTiming), "cudaEventCreate");
+    }
+    check_cublas(cublasCreate(&blas_), "cublasCreate");
+    check_cublas(cublasSetStream(blas_, stream_), "cublasSetStream");
+    constexpr size_t kWorkspace = 32u << 20;
+    check_cuda(cudaMalloc(&blas_workspace_, kWorkspace), "cudaMalloc (cuBLAS workspace)");
+    check_cublas(cublasSetWorkspace(blas_, blas_workspace_, kWorkspace), "cublasSetWorkspace");
+    for (auto& s : staging_) {
+      check_cuda(cudaHostAlloc(reinterpret_cast<void**>(&s), kStagingBytes, cudaHostAllocDefault),
+                 "cudaHostAlloc (weight staging)");
+    }
+    log::info("CUDA device ", device, ": ", cuda::describe_device(device));
+  }
+
+  ~CudaBackend() override {
+    cudaStreamSynchronize(stream_);
+    for (void* p : allocations_) cudaFree(p);
+    if (kv_) cudaFree(kv_);
+    cudaFree(blas_workspace_);
+    for (auto* s : staging_) cudaFreeHost(s);
+    cublasDestroy(blas_);
+    for (auto& e : upload_done_) cudaEventDestroy(e);
+    cudaEventDestroy(meta_done_);
+    cudaStreamDestroy(stream_);
+  }
+
+  std::string name() const override { return "cuda"; }
+  DType activation_dtype() const override { return DType::kBF16; }
+
+  // ---- weights ----
+  Tensor load_weight(const HostTensor& src) override {
+    activate();
+    int64_t n = 1;
+    for (int64_t d : src.shape) n *= d;
+    DType dtype = src.dtype;
+    std::vector<uint16_t> converted;
+    const char* bytes = static_cast<const char*>(src.data);
+    if (dtype == DType::kF16) {  // rare: keep activations in one dtype
+      converted.resize(n);
+      for (int64_t i = 0; i < n; ++i) {
+        converted[i] = float_to_bf16(load_as_float(src.data, DType::kF16, i));
+      }
+      bytes = reinterpret_cast<const char*>(converted.data());
+      dtype = DType::kBF16;
+    }
+    require(dtype == DType::kBF16 || dtype == DType::kF32,
+            cat("the CUDA backend loads bf16/f16/f32 checkpoints, not ", dtype_name(dtype)));
+    const size_t total = static_cast<size_t>(n) * dtype_size(dtype);
+    void* dst = allocate_weight(total);
+    // mmap -> pinned -> device through two staging buffers: copying one chunk into pinned
+    // memory overlaps the transfer of the previous one.
+    for (size_t off = 0; off < total; off += kStagingBytes) {
+      const size_t len = std::min(kStagingBytes, total - off);
+      check_cuda(cudaEventSynchronize(upload_done_[next_staging_]), "cudaEventSynchronize");
+      char* st = staging_[next_staging_];
+      std::memcpy(st, bytes + off, len);
+      check_cuda(
+          cudaMemcpyAsync(static_cast<char*>(dst) + off, st, len, cudaMemcpyHostToDevice, stream_),
+          "cudaMemcpyAsync (weights)");
+      check_cuda(cudaEventRecord(upload_done_[next_staging_], stream_), "cudaEventRecord");
+      next_staging_ ^= 1;
+    }
+    if (!converted.empty()) check_cuda(cudaStreamSynchronize(stream_), "cudaStreamSynchronize");
+    return Tensor{dst, dtype, src.shape};
+  }
+
+  Tensor random_weight(const Shape& shape, DType dtype, const RandomInit& init,
+                       uint64_t seed) override {
+    activate();
+    int64_t n = 1;
+    for (int64_t d : shape) n *= d;
+    require(dtype == DType::kBF16 || dtype == DType::kF32, "random weights are bf16 or f32");
+    void* dst = allocate_weight(static_cast<size_t>(n) * dtype_size(dtype));
+    if (dtype == DType::kBF16) {
+      cuda::fill_random_bf16(static_cast<__nv_bfloat16*>(dst), n, init.uniform, init.a, init.b,
+                             seed, stream_);
+    } else {
+      cuda::fill_random_f32(static_cast<float*>(dst), n, init.uniform, init.a, init.b, seed,
+                            stream_);
+    }
+    return Tensor{dst, dtype, shape};
+  }
+
+  int64_t weight_bytes() const override { return weight_bytes_; }
+
+  // ---- KV cache ----
+  void configure_attention(const AttentionConfig& cfg) override {
+    require(cfg.num_heads > 0 && cfg.num_kv_heads > 0 && cfg.num_heads % cfg.num_kv_heads == 0 &&
+                cfg.head_dim > 0 && cfg.head_dim % 2 == 0,
+            "invalid attention configuration");
+    require(
+        cfg.head_dim == 32 || cfg.head_dim == 48 || cfg.head_dim == 64 || cfg.head_dim == 128,
+        cat("the CUDA attention kernels support head_dim 32, 48, 64 and 128, not ", cfg.head_dim));
+    attn_ = cfg;
+  }
+
+  void allocate_kv_cache(int num_layers, int64_t num_blocks, int block_size) override {
+    require(attn_.num_heads > 0, "configure_attention must precede allocate_kv_cache");
+    require(num_blocks > 0 && block_size > 0, "KV cache needs at least one block");
+    activate();
+    check_cuda(cudaStreamSynchronize(stream_), "cudaStreamSynchronize");
+    if (kv_) cudaFree(kv_);
+    kv_ = nullptr;
+    layer_elems_ =
+        static_cast<size_t>(num_blocks) * block_size * attn_.num_kv_heads * attn_.head_dim;
+    const size_t bytes = 2 * layer_elems_ * num_layers * sizeof(__nv_bfloat16);
+    check_cuda(cudaMalloc(&kv_, bytes),
+               cat("cudaMalloc of the KV cache (", bytes / 1e9, " GB)").c_str());
+    num_layers_ = num_layers;
+    num_blocks_ = num_blocks;
+    block_size_ = block_size;
+  }
+  DType kv_dtype() const override { return DType::kBF16; }
+  int64_t num_kv_blocks() const override { return num_blocks_; }
+  int kv_block_size() const override { return block_size_; }
+
+  bool sizes_kv_from_device_memory() const override { return true; }
+  int64_t kv_memory_budget(double utilization) override {
+    activate();
+    check_cuda(cudaStreamSynchronize(stream_), "cudaStreamSynchronize");
+    size_t free = 0, total = 0;
+    check_cuda(cudaMemGetInfo(&free, &total), "cudaMemGetInfo");
+    // Everything held now (weights, the scratch arena at its measured peak, cuBLAS, the
+    // context, a KV cache if any) stays; a margin covers graphs and fragmentation.
+    const int64_t held_kv =
+        kv_ ? static_cast<int64_t>(2 * layer_elems_ * num_layers_ * sizeof(__nv_bfloat16)) : 0;
+    const int64_t in_use = static_cast<int64_t>(total - free) - held_kv;
+    const int64_t margin = 512ll << 20;
+    const int64_t budget =
+        static_cast<int64_t>(utilization * static_cast<double>(total)) - in_use - margin;
+    log::info("GPU memory: ", total / 1e9, " GB total, ", in_use / 1e9, " GB in use (weights ",
+              weight_bytes_ / 1e9, " GB, activation peak ", arena_.peak() / 1e9,
+              " GB); KV cache budget at utilization ", utilization, ": ",
+              std::max<int64_t>(budget, 0) / 1e9, " GB");
+    return std::max<int64_t>(budget, 0);
+  }
+
+  // ---- steps ----
+  void begin_step(const StepInput& step) override {
+    activate();
+    require(kv_ != nullptr, "allocate_kv_cache must precede the first step");
+    validate_step(step, num_blocks_, block_size_, std::numeric_limits<int32_t>::max());
+    step_ = &step;
+    arena_.reset(stream_);
+    plan_ = cuda::plan_attention(step.query_start, step.context_lens, attn_.num_heads,
+                                 attn_.num_kv_heads, sms_);
+    Packer pk;
+    const size_t o_tokens = pk.add(step.token_ids), o_pos = pk.add(step.positions),
+                 o_qs = pk.add(step.query_start), o_ctx = pk.add(step.context_lens),
+                 o_tables = pk.add(step.block_tables), o_slots = pk.add(step.slot_mapping),
+                 o_logits = pk.add(step.logits_indices), o_tseq = pk.add(plan_.tile_seq),
+                 o_trow = pk.add(plan_.tile_row0);
+    const auto& bytes = pk.bytes();
+    // The previous step's metadata copy must be done before its pinned buffer is reused.
+    check_cuda(cudaEventSynchronize(meta_done_), "cudaEventSynchronize");
+    char* host = meta_host_.get(bytes.size());
+    std::memcpy(host, bytes.data(), bytes.size());
+    char* dev = static_cast<char*>(arena_.alloc(bytes.size()));
+    check_cuda(cudaMemcpyAsync(dev, host, bytes.size(), cudaMemcpyHostToDevice, stream_),
+               "cudaMemcpyAsync (step)");
+    check_cuda(cudaEventRecord(meta_done_, stream_), "cudaEventRecord");
+    d_tokens_ = reinterpret_cast<int32_t*>(dev + o_tokens);
+    d_positions_ = reinterpret_cast<int32_t*>(dev + o_pos);
+    d_query_start_ = reinterpret_cast<int32_t*>(dev + o_qs);
+    d_context_lens_ = reinterpret_cast<int32_t*>(dev + o_ctx);
+    d_block_tables_ = reinterpret_cast<int32_t*>(dev + o_tables);
+    d_slots_ = reinterpret_cast<int64_t*>(dev + o_slots);
+    d_logits_indices_ = reinterpret_cast<int32_t*>(dev + o_logits);
+    d_tile_seq_ = reinterpret_cast<int32_t*>(dev + o_tseq);
+    d_tile_row0_ = reinterpret_cast<int32_t*>(dev + o_trow);
+  }
+
+  Tensor scratch(const Shape& shape, DType dtype) override {
+    int64_t n = 1;
+    for (int64_t d : shape) n *= d;
+    return Tensor{arena_.alloc(static_cast<size_t>(n) * dtype_size(dtype)), dtype, shape};
+  }
+
+  // ---- ops ----
+  void embedding(Tensor out, const Tensor& table) override {
+    require(table.dtype == DType::kBF16 && out.dtype == DType::kBF16, "embedding is bf16");
+    for (int32_t id : step_->token_ids) {
+      require(id < table.dim(0), cat("token id ", id, " outside the embedding table"));
+    }
+    cuda::gather_rows(out.data, table.data, d_tokens_, step_->num_tokens(),
+                      table.dim(1) * static_cast<int64_t>(sizeof(__nv_bfloat16)), stream_);
+  }
+
+  void rms_norm(Tensor out, const Tensor& x, const Tensor& weight, float eps) override {
+    require(weight.dtype == DType::kBF16, "RMSNorm weights must be bf16");
+    cuda::fused_add_rms_norm(bf(out), bf(x), nullptr, bf(weight), static_cast<int>(x.dim(0)),
+                             static_cast<int>(x.dim(1)), eps, stream_);
+  }
+
+  void add_rms_norm(Tensor out, Tensor residual, const Tensor& x, const Tensor& weight,
+                    float eps) override {
+    require(weight.dtype == DType::kBF16, "RMSNorm weights must be bf16");
+    cuda::fused_add_rms_norm(bf(out), bf(residual), bf(x), bf(weight),
+                             static_cast<int>(residual.dim(0)), static_cast<int>(residual.dim(1)),
+                             eps, stream_);
+  }
+
+  void linear(Tensor out, const Tensor& x, const Tensor& w) override {
+    check(x.dim(1) == w.dim(1) && out.dim(0) == x.dim(0) && out.dim(1) == w.dim(0),
+          "linear shape mismatch");
+    require(x.dtype == DType::kBF16 && w.dtype == DType::kBF16,
+            "the CUDA linear takes bf16 inputs and weights");
+    const int m = static_cast<int>(x.dim(0)), n = static_cast<int>(w.dim(0)),
+              k = static_cast<int>(x.dim(1));
+    if (m == 0) return;
+    const float alpha = 1.0f, beta = 0.0f;
+    // Row-major out[m, n] = x[m, k] w[n, k]^T is column-major out^T = w^T x.
+    check_cublas(cublasGemmEx(blas_, CUBLAS_OP_T, CUBLAS_OP_N, n, m, k, &alpha, w.data, CUDA_R_16BF,
+                              k, x.data, CUDA_R_16BF, k, &beta, out.data,
+                              out.dtype == DType::kF32 ? CUDA_R_32F : CUDA_R_16BF, n,
+                              CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
+                 "cublasGemmEx");
+  }
+
+  void rope_store_kv(Tensor qkv, int layer) override {
+    cuda::rope_store_kv(bf(qkv), k_cache(layer), v_cache(layer), d_positions_, d_slots_,
+                        step_->num_tokens(), attn_.num_heads, attn_.num_kv_heads, attn_.head_dim,
+                        attn_.rope_theta, stream_);
+  }
+
+  void attention(Tensor out, const Tensor& qkv, int layer) override {
+    cuda::PagedAttentionArgs a;
+    a.qkv = bf(qkv);
+    a.out = bf(out);
+    a.k_cache = k_cache(layer);
+    a.v_cache = v_cache(layer);
+    a.positions = d_positions_;
+    a.query_start = d_query_start_;
+    a.context_lens = d_context_lens_;
+    a.block_tables = d_block_tables_;
+    a.tile_seq = d_tile_seq_;
+    a.tile_row0 = d_tile_row0_;
+    a.num_tiles = static_cast<int>(plan_.tile_seq.size());
+    a.tokens = step_->num_tokens();
+    a.heads = attn_.num_heads;
+    a.kv_heads = attn_.num_kv_heads;
+    a.head_dim = attn_.head_dim;
+    a.max_blocks = step_->max_blocks_per_seq;
+    a.block_size = block_size_;
+    a.splits = plan_.splits;
+    a.split_keys = plan_.split_keys;
+    a.decode_shape = plan_.decode_shape;
+    a.scale = attn_.scale;
+    const auto mark = arena_.mark();
+    if (a.splits > 1) {
+      const size_t rows = static_cast<size_t>(a.splits) * a.tokens * a.heads;
+      a.partial_o = static_cast<float*>(arena_.alloc(rows * a.head_dim * sizeof(float)));
+      a.partial_lse = static_cast<float*>(arena_.alloc(rows * sizeof(float)));
+    }
+    cuda::paged_attention(a, stream_);
+    arena_.rewind(mark);
+  }
+
+  void silu_mul(Tensor out, const Tensor& gate_up) override {
+    cuda::silu_mul(bf(out), bf(gate_up), static_cast<int>(gate_up.dim(0)),
+                   static_cast<int>(gate_up.dim(1) / 2), stream_);
+  }
+
+  void moe(Tensor out, const Tensor& x, const MoeWeights& w) override {
+    const int tokens = static_cast<int>(x.dim(0)), hidden = static_cast<int>(x.dim(1));
+    const int experts = static_cast<int>(w.router.dim(0)), k = w.top_k;
+    const int inter = static_cast<int>(w.experts_down.dim(2));
+    require(w.router.dtype == DType::kF32 && w.router_bias.dtype == DType::kF32,
+            "the MoE router weights and correction bias must be f32");
+    if (tokens == 0) return;
+    const auto mark = arena_.mark();
+    const int pairs = tokens * k;
+    auto* ids = static_cast<int32_t*>(arena_.alloc(pairs * sizeof(int32_t)));
+    auto* weights = static_cast<float*>(arena_.alloc(pairs * sizeof(float)));
+    cuda::route_topk(ids, weights, bf(x), w.router.as<float>(), w.router_bias.as<float>(), tokens,
+                     hidden, experts, k, w.norm_min, stream_);
+    const int64_t cap = cuda::moe_capacity(pairs, experts);
+    auto* sorted = static_cast<int32_t*>(arena_.alloc(cap * sizeof(int32_t)));
+    auto* block_expert =
+        static_cast<int32_t*>(arena_.alloc(cap / cuda::kMoeBlockM * sizeof(int32_t)));
+    auto* pair_pos = static_cast<int32_t*>(arena_.alloc(pairs * sizeof(int32_t)));
+    cuda::moe_align(sorted, block_expert, pair_pos, ids, pairs, experts, stream_);
+    auto* act = static_cast<__nv_bfloat16*>(arena_.alloc(cap * inter * sizeof(__nv_bfloat16)));
+    cuda::moe_gate_up(act, bf(x), bf(w.experts_gate_up), sorted, block_expert, cap, k, hidden,
+                      inter, stream_);
+    auto* y = static_cast<__nv_bfloat16*>(arena_.alloc(cap * hidden * sizeof(__nv_bfloat16)));
+    cuda::moe_down(y, act, bf(w.experts_down), weights, sorted, block_expert, cap, hidden, inter,
+                   stream_);
+    __nv_bfloat16* shared = nullptr;
+    if (!w.shared_gate_up.empty()) {
+      const int64_t si = w.shared_down.dim(1);
+      Tensor gu = scratch({tokens, 2 * si}, DType::kBF16);
+      Tensor a = scratch({tokens, si}, DType::kBF16);
+      Tensor s = scratch({tokens, hidden}, DType::kBF16);
+      linear(gu, x, w.shared_gate_up);
+      silu_mul(a, gu);
+      linear(s, a, w.shared_down);
+      shared = bf(s);
+    }
+    cuda::moe_combine(bf(out), y, pair_pos, shared, tokens, k, hidden, stream_);
+    arena_.rewind(mark);
+  }
+
+  void gather_logit_rows(Tensor out, const Tensor& x) override {
+    cuda::gather_rows(out.data, x.data, d_logits_indices_,
+                      static_cast<int>(step_->logits_indices.size()),
+                      x.dim(1) * static_cast<int64_t>(dtype_size(x.dtype)), stream_);
+  }
+
+  void to_host(const Tensor& src, float* dst) override {
+    require(src.dtype == DType::kF32, "to_host copies f32 tensors");
+    check_cuda(cudaMemcpyAsync(dst, src.data, src.numel() * sizeof(float), cudaMemcpyDeviceToHost,
+                               stream_),
+               "cudaMemcpyAsync (to host)");
+    check_cuda(cudaStreamSynchronize(stream_), "cudaStreamSynchronize");
+  }
+
+  std::vector<SampledToken> sample(const Tensor& logits,
+                                   const std::vector<SamplingRow>& rows) override {
+    check(logits.dim(0) == static_cast<int64_t>(rows.size()), "one sampling row per logits row");
+    require(logits.dtype == DType::kF32, "sampling takes f32 logits");
+    const int n = static_cast<int>(rows.size());
+    const int vocab = static_cast<int>(logits.dim(1));
+    if (n == 0) return {};
+    std::vector<cuda::DeviceSamplingRow> params(n);
+    std::vector<int32_t> bias_ids, pen_ids, pen_counts, ban_ids;
+    std::vector<float> bias_values;
+    int max_top = 0;
+    std::unordered_map<int32_t, int32_t> counts;
+    for (int r = 0; r < n; ++r) {
+      const SamplingRow& s = rows[r];
+      auto& p = params[r];
+      p.temperature = s.temperature;
+      p.top_p = s.top_p;
+      p.min_p = s.min_p;
+      p.top_k = s.top_k;
+      p.presence_penalty = s.presence_penalty;
+      p.frequency_penalty = s.frequency_penalty;
+      p.repetition_penalty = s.repetition_penalty;
+      p.num_logprobs = s.num_logprobs;
+      p.seed = s.seed;
+      p.position = s.position;
+      max_top = std::max(max_top, s.num_logprobs);
+      p.bias_begin = static_cast<int>(bias_ids.size());
+      if (s.logit_bias) {
+        for (const auto& [id, b] : *s.logit_bias) {
+          bias_ids.push_back(id);
+          bias_values.push_back(b);
+        }
+      }
+      p.bias_end = static_cast<int>(bias_ids.size());
+      p.pen_begin = static_cast<int>(pen_ids.size());
+      if (s.repetition_penalty != 1.0f || s.frequency_penalty != 0.0f ||
+          s.presence_penalty != 0.0f) {
+        counts.clear();
+        if (s.output_tokens) {
+          for (int32_t t : *s.output_tokens) ++counts[t];
+        }
+        if (s.repetition_penalty != 1.0f && s.prompt_tokens) {
+          for (int32_t t : *s.prompt_tokens) counts.try_emplace(t, 0);
+        }
+        for (const auto& [t, c] : counts) {
+          pen_ids.push_back(t);
+          pen_counts.push_back(c);
+        }
+      }
+      p.pen_end = static_cast<int>(pen_ids.size());
+      p.ban_begin = static_cast<int>(ban_ids.size());
+      ban_ids.insert(ban_ids.end(), s.banned.begin(), s.banned.end());
+      p.ban_end = static_cast<int>(ban_ids.size());
+    }
+    Packer pk;
+    const size_t o_params = pk.add(params), o_bias_ids = pk.add(bias_ids),
+                 o_bias_values = pk.add(bias_values), o_pen_ids = pk.add(pen_ids),
+                 o_pen_counts = pk.add(pen_counts), o_ban = pk.add(ban_ids);
+    const auto& bytes = pk.bytes();
+    check_cuda(cudaEventSynchronize(meta_done_), "cudaEventSynchronize");
+    char* host = meta_host_.get(bytes.size());
+    std::memcpy(host, bytes.data(), bytes.size());
+    char* dev = static_cast<char*>(arena_.alloc(bytes.size()));
+    check_cuda(cudaMemcpyAsync(dev, host, bytes.size(), cudaMemcpyHostToDevice, stream_),
+               "cudaMemcpyAsync (sampling)");
+    check_cuda(cudaEventRecord(meta_done_, stream_), "cudaEventRecord");
+    cuda::SamplingTables tab;
+    tab.bias_ids = reinterpret_cast<int32_t*>(dev + o_bias_ids);
+    tab.bias_values = reinterpret_cast<float*>(dev + o_bias_values);
+    tab.pen_ids = reinterpret_cast<int32_t*>(dev + o_pen_ids);
+    tab.pen_counts = reinterpret_cast<int32_t*>(dev + o_pen_counts);
+    tab.ban_ids = reinterpret_cast<int32_t*>(dev + o_ban);
+
+    // Results: ids, logprobs, ranks, then the top-k tables, in one block copied back at once.
+    const size_t top = static_cast<size_t>(n) * std::max(max_top, 1);
+    const size_t out_bytes = 3 * n * sizeof(int32_t) + 2 * top * sizeof(int32_t);
+    char* d_out = static_cast<char*>(arena_.alloc(out_bytes));
+    cuda::SamplingOutput out;
+    out.ids = reinterpret_cast<int32_t*>(d_out);
+    out.logprobs = reinterpret_cast<float*>(d_out + n * sizeof(int32_t));
+    out.ranks = reinterpret_cast<int32_t*>(d_out + 2 * n * sizeof(int32_t));
+    out.top_ids = reinterpret_cast<int32_t*>(d_out + 3 * n * sizeof(int32_t));
+    out.top_logprobs =
+        reinterpret_cast<float*>(d_out + 3 * n * sizeof(int32_t) + top * sizeof(int32_t));
+    out.max_top = std::max(max_top, 1);
+    auto* work = static_cast<float*>(arena_.alloc(static_cast<size_t>(n) * vocab * sizeof(float)));
+    cuda::sample_rows(logits.as<float>(), work, n, vocab,
+                      reinterpret_cast<cuda::DeviceSamplingRow*>(dev + o_params), tab, out,
+                      stream_);
+    char* h_out = result_host_.get(out_bytes);
+    check_cuda(cudaMemcpyAsync(h_out, d_out, out_bytes, cudaMemcpyDeviceToHost, stream_),
+               "cudaMemcpyAsync (samples)");
+    check_cuda(cudaStreamSynchronize(stream_), "cudaStreamSynchronize");
+
+    const auto* ids = reinterpret_cast<const int32_t*>(h_out);
+    const auto* lps = reinterpret_cast<const float*>(h_out + n * sizeof(int32_t));
+    const auto* ranks = reinterpret_cast<const int32_t*>(h_out + 2 * n * sizeof(int32_t));
+    const auto* top_ids = reinterpret_cast<const int32_t*>(h_out + 3 * n * sizeof(int32_t));
+    const auto* top_lps =
+        reinterpret_cast<const float*>(h_out + 3 * n * sizeof(int32_t) + top * sizeof(int32_t));
+    std::vector<SampledToken> result(n);
+    for (int r = 0; r < n; ++r) {
+      result[r].id = ids[r];
+      if (rows[r].num_logprobs >= 0) {
+        result[r].logprob = lps[r];
+        result[r].rank = ranks[r];
+        const int k = std::min(rows[r].num_logprobs, vocab);
+        for (int i = 0; i < k; ++i) {
+          result[r].top.push_back({top_ids[r * out.max_top + i], top_lps[r * out.max_top + i]});
+        }
+      }
+    }
+    return result;
+  }
+
+ private:
+  static constexpr size_t kStagingBytes = 64u << 20;
+
+  void activate() { check_cuda(cudaSetDevice(device_), "cudaSetDevice"); }
+
+  void* allocate_weight(size_t bytes) {
+    void* p = nullptr;
+    check_cuda(cudaMalloc(&p, std::max<size_t>(bytes, 1)),
+               cat("cudaMalloc of a weight (", bytes / 1e6, " MB; ", weight_bytes_ / 1e9,
+                   " GB already loaded)")
+                   .c_str());
+    allocations_.push_back(p);
+    weight_bytes_ += static_cast<int64_t>(bytes);
+    return p;
+  }
+
+  __nv_bfloat16* k_cache(int layer) const {
+    return static_cast<__nv_bfloat16*>(kv_) + 2 * layer_elems_ * layer;
+  }
+  __nv_bfloat16* v_cache(int layer) const { return k_cache(layer) + layer_elems_; }
+
+  int device_;
+  int sms_ = 0;
+  cudaStream_t stream_ = nullptr;
+  cublasHandle_t blas_ = nullptr;
+  void* blas_workspace_ = nullptr;
+  cudaEvent_t meta_done_ = nullptr;
+  cudaEvent_t upload_done_[2] = {nullptr, nullptr};
+  char* staging_[2] = {nullptr, nullptr};
+  int next_staging_ = 0;
+  std::vector<void*> allocations_;
+  int64_t weight_bytes_ = 0;
+
+  AttentionConfig attn_;
+  void* kv_ = nullptr;
+  size_t layer_elems_ = 0;
+  int num_layers_ = 0;
+  int64_t num_blocks_ = 0;
+  int block_size_ = 0;
+
+  DeviceArena arena_;
+  PinnedBuffer meta_host_, result_host_;
+  const StepInput* step_ = nullptr;
+  cuda::AttentionPlan plan_;
+  int32_t *d_tokens_ = nullptr, *d_positions_ = nullptr, *d_query_start_ = nullptr,
+          *d_context_lens_ = nullptr, *d_block_tables_ = nullptr, *d_logits_indices_ = nullptr,
+          *d_tile_seq_ = nullptr, *d_tile_row0_ = nullptr;
+  int64_t* d_slots_ = nullptr;
+};
+
+}  // namespace
+
+std::unique_ptr<Backend> make_cuda_backend(int device) {
+  return std::make_unique<CudaBackend>(device);
+}
+
+}  // namespace ernie::backend

@@ -1,0 +1,49 @@
+// The routed experts of an MoE block on the device, without a host round trip:
+//   1. moe_align: count (token, choice) pairs per expert, pad each expert's list to a multiple
+//      of kMoeBlockM rows, and write the pairs sorted by expert plus one expert id per M-block;
+//   2. moe_gate_up: grouped GEMM over the M-blocks, rows gathered from x by pair, gate and up
+//      columns of one tile side by side so SwiGLU happens in registers;
+//   3. moe_down: grouped GEMM of the activations with each expert's down projection, the
+//      routing weight applied in the epilogue;
+//   4. moe_combine: each token's k rows summed in f32 (plus the shared experts' output).
+// The launch grids are sized for the worst case, so nothing depends on the counts on the host.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+namespace ernie::cuda {
+
+constexpr int kMoeBlockM = 64;
+
+// Rows of the sorted/padded layout for `pairs` = tokens * k pairs over `experts` experts.
+inline int64_t moe_capacity(int64_t pairs, int experts) {
+  const int64_t rows = pairs + static_cast<int64_t>(experts) * (kMoeBlockM - 1);
+  return (rows + kMoeBlockM - 1) / kMoeBlockM * kMoeBlockM;
+}
+
+// ids [pairs] (expert of each pair, pair = token * k + choice). Writes sorted_pairs [capacity]
+// (-1 for padding), block_expert [capacity / kMoeBlockM] (-1 past the last used block) and
+// pair_pos [pairs] (row of each pair in the sorted layout). experts <= 1024.
+void moe_align(int32_t* sorted_pairs, int32_t* block_expert, int32_t* pair_pos, const int32_t* ids,
+               int pairs, int experts, cudaStream_t stream);
+
+// act [capacity, inter] = silu(x_g W_gate^T) * (x_g W_up^T) per sorted row, x_g = x[pair / k];
+// w_gate_up [E, 2 * inter, hidden] (gate rows then up rows). hidden % 32 == 0.
+void moe_gate_up(__nv_bfloat16* act, const __nv_bfloat16* x, const __nv_bfloat16* w_gate_up,
+                 const int32_t* sorted_pairs, const int32_t* block_expert, int64_t capacity, int k,
+                 int hidden, int inter, cudaStream_t stream);
+
+// y [capacity, hidden] = weight[pair] * act W_down^T per sorted row; w_down [E, hidden, inter].
+// inter % 32 == 0.
+void moe_down(__nv_bfloat16* y, const __nv_bfloat16* act, const __nv_bfloat16* w_down,
+              const float* weights, const int32_t* sorted_pairs, const int32_t* block_expert,
+              int64_t capacity, int hidden, int inter, cudaStream_t stream);
+
+// out [tokens, hidden] = sum over the token's k rows of y (+ shared [tokens, hidden] if given).
+void moe_combine(__nv_bfloat16* out, const __nv_bfloat16* y, const int32_t* pair_pos,
+                 const __nv_bfloat16* shared, int tokens, int k, int hidden, cudaStream_t stream);
+
+}  // namespace ernie::cuda

@@ -1,0 +1,369 @@
+#include <cfloat>
+#include <climits>
+
+#include "backend/cuda/cuda_check.h"
+#include "backend/cuda/sampler.cuh"
+
+namespace ernie::cuda {
+namespace {
+
+constexpr int kThreads = 1024;
+constexpr int kWarps = kThreads / 32;
+
+struct ArgMax {
+  float v;
+  int i;
+};
+// Larger value first; the lower index wins ties (std::max_element's rule).
+__device__ __forceinline__ bool better(ArgMax a, ArgMax b) {
+  return a.v > b.v || (a.v == b.v && a.i < b.i);
+}
+
+struct Shared {
+  double d[kWarps];
+  float f[kWarps];
+  ArgMax am[kWarps];
+  int hist[256];
+  double mass[256];
+  int pick;
+  int count_above;
+  double mass_above;
+  int found;
+};
+
+__device__ double block_sum(double v, Shared& sh) {
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  __syncthreads();
+  if (threadIdx.x % 32 == 0) sh.d[threadIdx.x / 32] = v;
+  __syncthreads();
+  v = sh.d[threadIdx.x % 32];
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+__device__ float block_max(float v, Shared& sh) {
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  __syncthreads();
+  if (threadIdx.x % 32 == 0) sh.f[threadIdx.x / 32] = v;
+  __syncthreads();
+  v = sh.f[threadIdx.x % 32];
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+
+__device__ ArgMax block_argmax(ArgMax v, Shared& sh) {
+  auto warp_reduce = [](ArgMax x) {
+    for (int o = 16; o > 0; o >>= 1) {
+      const ArgMax y{__shfl_xor_sync(0xffffffffu, x.v, o), __shfl_xor_sync(0xffffffffu, x.i, o)};
+      if (better(y, x)) x = y;
+    }
+    return x;
+  };
+  v = warp_reduce(v);
+  __syncthreads();
+  if (threadIdx.x % 32 == 0) sh.am[threadIdx.x / 32] = v;
+  __syncthreads();
+  return warp_reduce(sh.am[threadIdx.x % 32]);
+}
+
+// Exclusive prefix over threads in thread order; `total` gets the sum of all.
+__device__ double block_exclusive_scan(double v, Shared& sh, double& total) {
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  double x = v;
+  for (int o = 1; o < 32; o <<= 1) {
+    const double y = __shfl_up_sync(0xffffffffu, x, o);
+    if (lane >= o) x += y;
+  }
+  __syncthreads();
+  if (lane == 31) sh.d[warp] = x;
+  __syncthreads();
+  double w = sh.d[lane];
+  for (int o = 1; o < 32; o <<= 1) {
+    const double y = __shfl_up_sync(0xffffffffu, w, o);
+    if (lane >= o) w += y;
+  }
+  total = __shfl_sync(0xffffffffu, w, 31);
+  const double before = warp > 0 ? __shfl_sync(0xffffffffu, w, warp - 1) : 0.0;
+  return before + x - v;
+}
+
+// The xoshiro256** stream of common/rng.h (uniform from the top 53 bits).
+struct DeviceRng {
+  uint64_t s[4];
+  __device__ explicit DeviceRng(uint64_t seed) {
+    uint64_t sm = seed;
+    for (auto& w : s) {
+      uint64_t z = (sm += 0x9e3779b97f4a7c15ull);
+      z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+      z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+      w = z ^ (z >> 31);
+    }
+  }
+  static __device__ uint64_t rotl(uint64_t x, int k) { return (x << k) | (x >> (64 - k)); }
+  __device__ uint64_t next() {
+    const uint64_t result = rotl(s[1] * 5, 7) * 9;
+    const uint64_t t = s[1] << 17;
+    s[2] ^= s[0];
+    s[3] ^= s[1];
+    s[1] ^= s[2];
+    s[0] ^= s[3];
+    s[2] ^= t;
+    s[3] = rotl(s[3], 45);
+    return result;
+  }
+  __device__ double uniform() { return static_cast<double>(next() >> 11) * 0x1.0p-53; }
+};
+
+__device__ __forceinline__ unsigned key_of(float q) {
+  return __float_as_uint(q);
+}  // q >= 0
+
+// The index of the n-th (1-based) element equal to `bits`, in index order. Threads own
+// contiguous chunks so a scan over thread order is an index-order scan.
+__device__ int nth_occurrence(const float* q, int vocab, unsigned bits, int n, Shared& sh) {
+  const int chunk = (vocab + kThreads - 1) / kThreads;
+  const int lo = threadIdx.x * chunk, hi = min(vocab, lo + chunk);
+  int cnt = 0;
+  for (int i = lo; i < hi; ++i) cnt += key_of(q[i]) == bits;
+  double total;
+  const int before = static_cast<int>(block_exclusive_scan(cnt, sh, total));
+  if (threadIdx.x == 0) sh.found = vocab - 1;
+  __syncthreads();
+  if (before < n && n <= before + cnt) {
+    int seen = before;
+    for (int i = lo; i < hi; ++i) {
+      if (key_of(q[i]) == bits && ++seen == n) {
+        sh.found = i;
+        break;
+      }
+    }
+  }
+  __syncthreads();
+  return sh.found;
+}
+
+// Keeps the first n elements of q in (value desc, index asc) order and zeroes the rest.
+__device__ void keep_first(float* q, int vocab, int n, Shared& sh) {
+  unsigned prefix = 0, mask = 0;
+  int remaining = n;
+  for (int shift = 24; shift >= 0; shift -= 8) {
+    if (threadIdx.x < 256) sh.hist[threadIdx.x] = 0;
+    __syncthreads();
+    for (int i = threadIdx.x; i < vocab; i += kThreads) {
+      const unsigned k = key_of(q[i]);
+      if ((k & mask) == prefix) atomicAdd(&sh.hist[(k >> shift) & 255], 1);
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      int b = 255;
+      for (; b > 0; --b) {
+        if (remaining <= sh.hist[b]) break;
+        remaining -= sh.hist[b];
+      }
+      sh.pick = b;
+      sh.count_above = remaining;
+    }
+    __syncthreads();
+    prefix |= static_cast<unsigned>(sh.pick) << shift;
+    mask |= 255u << shift;
+    remaining = sh.count_above;
+    __syncthreads();
+  }
+  const int cut = nth_occurrence(q, vocab, prefix, remaining, sh);
+  for (int i = threadIdx.x; i < vocab; i += kThreads) {
+    const unsigned k = key_of(q[i]);
+    if (!(k > prefix || (k == prefix && i <= cut))) q[i] = 0.0f;
+  }
+  __syncthreads();
+}
+
+// The smallest n such that the first n elements (value desc, index asc) hold >= target mass.
+__device__ int count_for_mass(const float* q, int vocab, double target, Shared& sh) {
+  unsigned prefix = 0, mask = 0;
+  double mass_above = 0.0;
+  int count_above = 0;
+  for (int shift = 24; shift >= 0; shift -= 8) {
+    if (threadIdx.x < 256) {
+      sh.hist[threadIdx.x] = 0;
+      sh.mass[threadIdx.x] = 0.0;
+    }
+    __syncthreads();
+    for (int i = threadIdx.x; i < vocab; i += kThreads) {
+      const unsigned k = key_of(q[i]);
+      if ((k & mask) == prefix) {
+        atomicAdd(&sh.hist[(k >> shift) & 255], 1);
+        atomicAdd(&sh.mass[(k >> shift) & 255], static_cast<double>(q[i]));
+      }
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      int b = 255;
+      for (; b > 0; --b) {
+        if (sh.hist[b] > 0 && mass_above + sh.mass[b] >= target) break;
+        mass_above += sh.mass[b];
+        count_above += sh.hist[b];
+      }
+      sh.pick = b;
+      sh.mass_above = mass_above;
+      sh.count_above = count_above;
+    }
+    __syncthreads();
+    prefix |= static_cast<unsigned>(sh.pick) << shift;
+    mask |= 255u << shift;
+    mass_above = sh.mass_above;
+    count_above = sh.count_above;
+    __syncthreads();
+  }
+  // Every element equal to `prefix` weighs v: take just enough of them.
+  const double v = __uint_as_float(prefix);
+  const int ties = sh.hist[prefix & 255];
+  int m = v > 0.0 ? static_cast<int>(ceil((target - mass_above) / v)) : ties;
+  m = max(1, min(m, ties));
+  return count_above + m;
+}
+
+__global__ void __launch_bounds__(kThreads)
+    sample_kernel(const float* logits, float* work, int vocab, const DeviceSamplingRow* params,
+                  SamplingTables tab, SamplingOutput out) {
+  __shared__ Shared sh;
+  const int row = blockIdx.x;
+  const DeviceSamplingRow p = params[row];
+  const float* raw = logits + static_cast<size_t>(row) * vocab;
+  float* x = work + static_cast<size_t>(row) * vocab;
+
+  for (int i = threadIdx.x; i < vocab; i += kThreads) x[i] = raw[i];
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    for (int b = p.bias_begin; b < p.bias_end; ++b) {
+      const int id = tab.bias_ids[b];
+      if (id >= 0 && id < vocab) x[id] += tab.bias_values[b];
+    }
+  }
+  __syncthreads();
+  for (int e = p.pen_begin + threadIdx.x; e < p.pen_end; e += kThreads) {
+    const int id = tab.pen_ids[e], count = tab.pen_counts[e];
+    if (id < 0 || id >= vocab) continue;
+    float v = x[id];
+    if (p.repetition_penalty != 1.0f)
+      v = v > 0 ? v / p.repetition_penalty : v * p.repetition_penalty;
+    if (count > 0) v -= p.frequency_penalty * static_cast<float>(count) + p.presence_penalty;
+    x[id] = v;
+  }
+  __syncthreads();
+  for (int b = p.ban_begin + threadIdx.x; b < p.ban_end; b += kThreads) {
+    const int id = tab.ban_ids[b];
+    if (id >= 0 && id < vocab) x[id] = -INFINITY;
+  }
+  __syncthreads();
+
+  ArgMax best{-INFINITY, INT_MAX};
+  for (int i = threadIdx.x; i < vocab; i += kThreads) {
+    const ArgMax c{x[i], i};
+    if (better(c, best)) best = c;
+  }
+  const ArgMax top = block_argmax(best, sh);
+  int chosen = top.i;
+
+  if (p.temperature >= 1e-5f) {
+    const float mx = top.v;
+    // q = unnormalised probabilities; min_p keeps q >= min_p * max q = min_p.
+    for (int i = threadIdx.x; i < vocab; i += kThreads) {
+      const float v = x[i];
+      double q = v == -INFINITY ? 0.0 : exp((static_cast<double>(v) - mx) / p.temperature);
+      if (p.min_p > 0.0f && q < static_cast<double>(p.min_p)) q = 0.0;
+      x[i] = static_cast<float>(q);
+    }
+    __syncthreads();
+    if (p.top_k > 0 && p.top_k < vocab) keep_first(x, vocab, p.top_k, sh);
+    if (p.top_p < 1.0f) {
+      double kept = 0.0;
+      for (int i = threadIdx.x; i < vocab; i += kThreads) kept += x[i];
+      kept = block_sum(kept, sh);
+      const int n = count_for_mass(x, vocab, static_cast<double>(p.top_p) * kept, sh);
+      keep_first(x, vocab, max(n, 1), sh);
+    }
+    // The draw, in index order, keyed by (seed, position) as on the CPU.
+    const int chunk = (vocab + kThreads - 1) / kThreads;
+    const int lo = threadIdx.x * chunk, hi = min(vocab, lo + chunk);
+    double part = 0.0;
+    for (int i = lo; i < hi; ++i) part += x[i];
+    double total;
+    const double before = block_exclusive_scan(part, sh, total);
+    DeviceRng rng(p.seed ^ (0x9e3779b97f4a7c15ull * static_cast<uint64_t>(p.position + 1)));
+    const double u = rng.uniform() * total;
+    if (threadIdx.x == 0) sh.found = -1;
+    __syncthreads();
+    if (total > 0.0 && before <= u && u < before + part) {
+      double acc = before;
+      for (int i = lo; i < hi; ++i) {
+        if (x[i] <= 0.0f) continue;
+        acc += x[i];
+        if (acc > u) {
+          sh.found = i;
+          break;
+        }
+      }
+    }
+    __syncthreads();
+    if (sh.found < 0 && total > 0.0) {  // rounding left u past the end: the last kept token
+      int last = -1;
+      for (int i = threadIdx.x; i < vocab; i += kThreads) {
+        if (x[i] > 0.0f) last = max(last, i);
+      }
+      for (int o = 16; o > 0; o >>= 1) last = max(last, __shfl_xor_sync(0xffffffffu, last, o));
+      __syncthreads();
+      if (threadIdx.x % 32 == 0) atomicMax(&sh.found, last);
+      __syncthreads();
+    }
+    if (sh.found >= 0) chosen = sh.found;
+  }
+
+  if (threadIdx.x == 0) out.ids[row] = chosen;
+  if (p.num_logprobs < 0) return;
+  float mx = -INFINITY;
+  for (int i = threadIdx.x; i < vocab; i += kThreads) mx = fmaxf(mx, raw[i]);
+  mx = block_max(mx, sh);
+  double sum = 0.0;
+  int higher = 0;
+  const float chosen_v = raw[chosen];
+  for (int i = threadIdx.x; i < vocab; i += kThreads) {
+    sum += exp(static_cast<double>(raw[i]) - mx);
+    higher += raw[i] > chosen_v;
+  }
+  sum = block_sum(sum, sh);
+  const double h = block_sum(static_cast<double>(higher), sh);
+  const double lse = mx + log(sum);
+  if (threadIdx.x == 0) {
+    out.logprobs[row] = static_cast<float>(chosen_v - lse);
+    out.ranks[row] = 1 + static_cast<int>(h);
+  }
+  // The top k of the raw logits: k rounds, each the best element after the previous pick.
+  ArgMax prev{INFINITY, -1};
+  const int k = min(p.num_logprobs, min(out.max_top, vocab));
+  for (int r = 0; r < k; ++r) {
+    ArgMax b{-INFINITY, INT_MAX};
+    for (int i = threadIdx.x; i < vocab; i += kThreads) {
+      const ArgMax c{raw[i], i};
+      if (better(prev, c) && better(c, b)) b = c;
+    }
+    b = block_argmax(b, sh);
+    if (threadIdx.x == 0) {
+      out.top_ids[static_cast<size_t>(row) * out.max_top + r] = b.i;
+      out.top_logprobs[static_cast<size_t>(row) * out.max_top + r] = static_cast<float>(b.v - lse);
+    }
+    prev = b;
+  }
+}
+
+}  // namespace
+
+void sample_rows(const float* logits, float* work, int rows, int vocab,
+                 const DeviceSamplingRow* params, const SamplingTables& tables,
+                 const SamplingOutput& out, cudaStream_t stream) {
+  if (rows == 0) return;
+  require(vocab > 0, "sample_rows: empty vocabulary");
+  sample_kernel<<<rows, kThreads, 0, stream>>>(logits, work, vocab, params, tables, out);
+  ERNIE_CUDA_CHECK(cudaGetLastError());
+}
+
+}  // namespace ernie::cuda

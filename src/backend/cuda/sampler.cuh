@@ -1,0 +1,51 @@
+// Sampling on the device: one CTA per row of logits applies the engine's sampling parameters
+// exactly as the CPU reference (backend/cpu/sampler.cc) does and returns only the chosen id and
+// the requested logprobs.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+namespace ernie::cuda {
+
+struct DeviceSamplingRow {
+  float temperature = 1.0f;  // < 1e-5: greedy
+  float top_p = 1.0f;
+  float min_p = 0.0f;
+  int top_k = 0;  // <= 0: off
+  float presence_penalty = 0.0f;
+  float frequency_penalty = 0.0f;
+  float repetition_penalty = 1.0f;
+  int num_logprobs = -1;
+  uint64_t seed = 0;
+  int64_t position = 0;
+  // Ranges into the step's flat arrays.
+  int bias_begin = 0, bias_end = 0;  // logit_bias entries, applied in order
+  int pen_begin = 0, pen_end = 0;    // distinct tokens of prompt and output
+  int ban_begin = 0, ban_end = 0;    // banned ids
+};
+
+struct SamplingTables {
+  const int32_t* bias_ids = nullptr;
+  const float* bias_values = nullptr;
+  const int32_t* pen_ids = nullptr;     // distinct token ids
+  const int32_t* pen_counts = nullptr;  // occurrences in the output (0: prompt only)
+  const int32_t* ban_ids = nullptr;
+};
+
+struct SamplingOutput {
+  int32_t* ids = nullptr;         // [rows]
+  float* logprobs = nullptr;      // [rows]
+  int32_t* ranks = nullptr;       // [rows]
+  int32_t* top_ids = nullptr;     // [rows, max_top]
+  float* top_logprobs = nullptr;  // [rows, max_top]
+  int max_top = 0;
+};
+
+// logits [rows, vocab] f32 (not modified); work [rows, vocab] f32 scratch.
+void sample_rows(const float* logits, float* work, int rows, int vocab,
+                 const DeviceSamplingRow* params, const SamplingTables& tables,
+                 const SamplingOutput& out, cudaStream_t stream);
+
+}  // namespace ernie::cuda
