@@ -19,13 +19,22 @@ if [ "${ERNIE_GPU_TESTS:-1}" != 0 ]; then
   build-gpu/tests/ernie_cuda_tests 2>&1 > "$out/cuda_tests.log"
   rc=$?
   grep -E "^\[ golden|FAILED|PASSED|Failure|error" "$out/cuda_tests.log" | head -40
-  # The venv suites need packages the GPU machine may lack; run them with the system Python
-  # when it has them (the server then runs on the GPU: --device defaults to auto).
-  skip="tokenizer_vs|chat_templates|cuda"
-  if python3 -c "import openai, httpx, pytest, schemathesis" 2>/dev/null; then
-    mkdir -p .venv/bin && ln -sf "$(command -v python3)" .venv/bin/python
-  else
-    echo "(python suites skipped: openai/httpx/pytest/schemathesis not importable)"
+  # The Python suites need the test packages. The GPU machine has no package registry: use
+  # the system Python when it has them, else wheels brought along in .wheels/ (pip download
+  # for its Python), else skip them. The server then runs on the GPU (--device auto).
+  skip="tokenizer_vs|chat_templates|schemathesis|cuda"
+  have=0
+  if [ -x .venv/bin/python ] && .venv/bin/python -c "import openai, httpx, pytest" 2>/dev/null; then
+    have=1
+  elif python3 -c "import openai, httpx, pytest" 2>/dev/null; then
+    mkdir -p .venv/bin && ln -sf "$(command -v python3)" .venv/bin/python && have=1
+  elif [ -d .wheels ] && python3 -m venv .venv >/dev/null 2>&1 &&
+       .venv/bin/pip install -q --no-index --find-links .wheels openai httpx pytest \
+         > "$out/pip.log" 2>&1; then
+    have=1
+  fi
+  if [ "$have" = 0 ]; then
+    echo "(python suites skipped: openai/httpx/pytest not importable)"
     skip="$skip|server_|bench_serve"
   fi
   (cd build-gpu && ctest -j 8 --output-on-failure -E "$skip" > "$out/ctest.log" 2>&1) || rc=1

@@ -1,5 +1,6 @@
 """The server through the official openai SDK and raw HTTP, as a vLLM client would use it."""
 import json
+import os
 import socket
 import threading
 import time
@@ -242,15 +243,35 @@ def test_api_key_and_shutdown(model_dir):
         s.stop()
 
 
+def test_dummy_weights_serve(model_dir):
+    """--load-format dummy: random weights of the model's shapes, nothing read from the checkpoint."""
+    import httpx
+    from conftest import Server
+    s = Server(model_dir, "--load-format", "dummy")
+    try:
+        r = httpx.post(s.url + "/v1/completions", json={"model": "ernie-tiny", "prompt": [5, 6, 7],
+                                                         "max_tokens": 8, "ignore_eos": True}, timeout=60)
+        assert r.status_code == 200, r.text
+        assert r.json()["usage"]["completion_tokens"] == 8
+        assert "dummy" in s.output()
+    finally:
+        s.stop()
+
+
 def test_refuses_unbuilt_features_and_bad_flags(model_dir):
     import subprocess
     from conftest import ERNIE
     for args, want in [(["--tensor-parallel-size", "2"], "not built"), (["--quantization", "fp8"], "not built"),
                        (["--quantization", "awq"], "not supported"), (["--speculative-config", "{"], "JSON"),
-                       (["--device", "cuda"], "not built"), (["--port", "99999"], "99999"),
+                       (["--device", "tpu"], "--device"), (["--port", "99999"], "99999"),
+                       (["--gpu-memory-utilization", "1.5"], "gpu-memory-utilization"),
                        (["--max-num-seqs", "0"], "max-num-seqs")]:
         r = subprocess.run([ERNIE, "serve", model_dir, *args], capture_output=True, text=True, timeout=30)
         assert r.returncode != 0 and want in (r.stdout + r.stderr), (args, r.stdout, r.stderr)
+    if not os.path.exists("/dev/nvidiactl"):  # no GPU: --device cuda must say so and stop
+        r = subprocess.run([ERNIE, "serve", model_dir, "--device", "cuda"], capture_output=True, text=True,
+                           timeout=30)
+        assert r.returncode != 0 and "CUDA" in r.stderr, r.stderr
     r = subprocess.run([ERNIE, "serve", "not/a-model-anywhere"], capture_output=True, text=True, timeout=60,
                        env={"HF_HUB_OFFLINE": "1", "HOME": "/tmp", "PATH": "/usr/bin:/bin"})
     assert r.returncode != 0 and "not in the Hugging Face cache" in r.stderr
