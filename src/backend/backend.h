@@ -4,6 +4,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -156,6 +157,30 @@ class Backend {
   virtual void begin_step(const StepInput& step) = 0;
   // Scratch activation memory valid until the next begin_step.
   virtual Tensor scratch(const Shape& shape, DType dtype) = 0;
+
+  // ---- graphs for decode steps (optional: a backend without them keeps these defaults) ----
+  // Turns graphs on for steps of up to `max_batch` sequences whose block tables are at most
+  // `max_blocks_per_seq` wide; false when the backend has none.
+  virtual bool enable_graphs(int max_batch, int max_blocks_per_seq) {
+    (void)max_batch;
+    (void)max_blocks_per_seq;
+    return false;
+  }
+  // begin_step for a step of a graph size: equal sizes put every buffer at the same address.
+  // Padding rows may use block num_kv_blocks(), a spare block outside the engine's cache.
+  virtual void begin_graph_step(const StepInput& step) { begin_step(step); }
+  // Runs graph `key` on the current graph step; false when there is none yet.
+  virtual bool replay_graph(int key) {
+    (void)key;
+    return false;
+  }
+  // Runs `body` (the ops of the current graph step) eagerly, then records it as graph `key`
+  // without running it again; false when it could not be recorded (the eager results stand).
+  virtual bool capture_graph(int key, const std::function<void()>& body) {
+    (void)key;
+    body();
+    return false;
+  }
 
   // ---- ops (shapes: T = the step's tokens) ----
   // out [T, hidden] = table[token_ids]

@@ -171,6 +171,7 @@ int run_serve(const ServeArgs& a) {
   ec.gpu_memory_utilization = a.kv_cache_memory > 0 ? 0.0 : a.gpu_memory_utilization;
   ec.max_logprobs = a.max_logprobs;
   ec.seed = a.seed;
+  ec.enforce_eager = a.enforce_eager;
   runtime::Engine engine(m, tok, ec);
   log::info("KV cache: ", engine.num_kv_blocks(), " blocks of ", ec.block_size, " tokens (",
             engine.kv_capacity_tokens(), " tokens); maximum concurrency for ",

@@ -200,8 +200,81 @@ std::vector<float> Ernie45::forward(const backend::StepInput& step) {
   return out;
 }
 
+int Ernie45::graph_size_for(int batch) const {
+  for (int s : graph_sizes_) {
+    if (s >= batch) return s;
+  }
+  return 0;
+}
+
+backend::StepInput Ernie45::pad_step(const backend::StepInput& step, int size) const {
+  backend::StepInput p = step;
+  const int32_t spare = static_cast<int32_t>(be_.num_kv_blocks());
+  const int block = be_.kv_block_size();
+  for (int r = step.num_seqs(); r < size; ++r) {
+    p.token_ids.push_back(0);
+    p.positions.push_back(0);
+    p.slot_mapping.push_back(static_cast<int64_t>(spare) * block);
+    p.query_start.push_back(p.num_tokens());
+    p.context_lens.push_back(1);
+    p.block_tables.push_back(spare);
+    for (int b = 1; b < p.max_blocks_per_seq; ++b) p.block_tables.push_back(-1);
+    p.logits_indices.push_back(r);
+  }
+  return p;
+}
+
+int Ernie45::enable_graphs(int max_batch, int max_blocks_per_seq) {
+  if (max_batch <= 0) return 0;
+  std::vector<int> sizes;
+  for (int s : {1, 2, 4}) {
+    if (s < max_batch) sizes.push_back(s);
+  }
+  for (int s = 8; s < max_batch + 8; s += 8) sizes.push_back(s);
+  if (!be_.enable_graphs(sizes.back(), max_blocks_per_seq)) return 0;
+  graph_max_blocks_ = max_blocks_per_seq;
+  graph_sizes_ = sizes;
+  // Record every size now, on steps made only of padding rows.
+  backend::StepInput empty;
+  empty.max_blocks_per_seq = 1;
+  empty.query_start = {0};
+  int recorded = 0;
+  for (int s : sizes) {
+    const backend::StepInput p = pad_step(empty, s);
+    be_.begin_graph_step(p);
+    Tensor logits;
+    if (be_.capture_graph(s, [&] { logits = run_layers(p); })) {
+      graph_logits_[s] = logits;
+      ++recorded;
+    }
+  }
+  return recorded;
+}
+
 Tensor Ernie45::forward_logits(const backend::StepInput& step) {
+  const int n = step.num_seqs();
+  bool decode = !graph_sizes_.empty() && n <= graph_sizes_.back() && step.num_tokens() == n &&
+                step.max_blocks_per_seq <= graph_max_blocks_ &&
+                static_cast<int>(step.logits_indices.size()) == n;
+  for (int r = 0; decode && r < n; ++r) decode = step.logits_indices[r] == r;
+  if (decode) {
+    const int size = graph_size_for(n);
+    const backend::StepInput p = pad_step(step, size);
+    be_.begin_graph_step(p);
+    Tensor logits;
+    if (be_.replay_graph(size)) {
+      logits = graph_logits_.at(size);
+    } else if (be_.capture_graph(size, [&] { logits = run_layers(p); })) {
+      graph_logits_[size] = logits;  // recorded (again): run it
+      be_.replay_graph(size);
+    }
+    return Tensor{logits.data, logits.dtype, {n, logits.dim(1)}};
+  }
   be_.begin_step(step);
+  return run_layers(step);
+}
+
+Tensor Ernie45::run_layers(const backend::StepInput& step) {
   const DType act = be_.activation_dtype();
   const int64_t t = step.num_tokens(), h = cfg_.hidden_size;
   const float eps = static_cast<float>(cfg_.rms_norm_eps);

@@ -1,6 +1,7 @@
 // The ERNIE-4.5 MoE forward pass, written once against backend::Backend's op set.
 #pragma once
 
+#include <map>
 #include <vector>
 
 #include "backend/backend.h"
@@ -50,10 +51,24 @@ class Ernie45 {
   std::vector<float> forward(const backend::StepInput& step);
   backend::Backend& backend() { return be_; }
 
+  // Records decode steps of up to `max_batch` sequences as graphs at padded sizes (1, 2, 4, 8,
+  // then multiples of 8), now, for backends that have graphs; later decode steps replay them.
+  // Returns the number of graphs recorded.
+  int enable_graphs(int max_batch, int max_blocks_per_seq);
+
  private:
+  // The layers and the head for the current step (after begin_step).
+  Tensor run_layers(const backend::StepInput& step);
+  // A decode-only step padded to `size` sequences with rows that use the spare block.
+  backend::StepInput pad_step(const backend::StepInput& step, int size) const;
+  int graph_size_for(int batch) const;
+
   ModelConfig cfg_;
   ModelWeights w_;
   backend::Backend& be_;
+  std::vector<int> graph_sizes_;  // ascending; empty: no graphs
+  int graph_max_blocks_ = 0;
+  std::map<int, Tensor> graph_logits_;  // the logits buffer each graph writes
 };
 
 }  // namespace ernie::model

@@ -1,6 +1,7 @@
 #include "runtime/engine.h"
 
 #include <algorithm>
+#include <chrono>
 
 #include "common/check.h"
 #include "common/log.h"
@@ -98,6 +99,17 @@ Engine::Engine(model::Ernie45& model, std::shared_ptr<const tokenizer::Tokenizer
   }
   model.backend().allocate_kv_cache(static_cast<int>(c.num_hidden_layers), kv_.num_blocks(),
                                     cfg.block_size);
+  if (!cfg.enforce_eager) {
+    const auto t0 = std::chrono::steady_clock::now();
+    const int graphs = model.enable_graphs(
+        std::min(cfg.max_num_seqs, 512),
+        static_cast<int>((max_model_len_ + cfg.block_size - 1) / cfg.block_size));
+    if (graphs > 0) {
+      log::info("Captured ", graphs, " CUDA graphs for decode batches up to ",
+                std::min(cfg.max_num_seqs, 512), " in ",
+                std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count(), " s");
+    }
+  }
   for (int64_t id : c.eos_token_ids) eos_ids_.push_back(static_cast<int32_t>(id));
   if (tok_) {
     for (int32_t id : tok_->eos_token_ids()) {

@@ -34,7 +34,8 @@ struct EngineConfig {
   // kv_cache_memory on every backend.
   double gpu_memory_utilization = 0.9;
   int max_logprobs = 20;
-  uint64_t seed = 0;  // seeds requests that do not set their own
+  bool enforce_eager = false;  // no CUDA graphs for decode steps
+  uint64_t seed = 0;           // seeds requests that do not set their own
 };
 
 // What one of a request's n outputs produced since the last step.

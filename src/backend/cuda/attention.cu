@@ -30,8 +30,9 @@ __global__ void __launch_bounds__(kThreads) paged_attention_kernel(const PagedAt
   const int q0 = a.query_start[seq], rows = (a.query_start[seq + 1] - q0) * group;
   const int last_row = min(row0 + BM, rows) - 1;
   const int kv_end = min(a.context_lens[seq], a.positions[q0 + last_row / group] + 1);
-  const int k_begin = split * a.split_keys;
-  const int k_end = a.splits == 1 ? kv_end : min(kv_end, k_begin + a.split_keys);
+  const int split_keys = a.dims[0];
+  const int k_begin = split * split_keys;
+  const int k_end = a.splits == 1 ? kv_end : min(kv_end, k_begin + split_keys);
   const size_t row_stride = static_cast<size_t>(a.heads + 2 * a.kv_heads) * D;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, c = lane % 4;
   const int wr = warp / KW, wk = warp % KW;
@@ -70,7 +71,7 @@ __global__ void __launch_bounds__(kThreads) paged_attention_kernel(const PagedAt
     qf[kk][3] = load_u32(p + 8 * LD + 8);
   }
 
-  const int32_t* table = a.block_tables + static_cast<size_t>(seq) * a.max_blocks;
+  const int32_t* table = a.block_tables + static_cast<size_t>(seq) * a.dims[1];
   const float scale_log2 = a.scale * kLog2e;
   const int kb = wk * NK;
   for (int kt = k_begin; kt < k_end; kt += BN) {
@@ -264,7 +265,7 @@ void launch_d(const PagedAttentionArgs& a, cudaStream_t stream) {
 
 AttentionPlan plan_attention(const std::vector<int32_t>& query_start,
                              const std::vector<int32_t>& context_lens, int heads, int kv_heads,
-                             int sms) {
+                             int sms, bool fixed_splits) {
   AttentionPlan p;
   const int group = heads / kv_heads;
   const int seqs = static_cast<int>(context_lens.size());
@@ -282,19 +283,19 @@ AttentionPlan plan_attention(const std::vector<int32_t>& query_start,
     }
     max_ctx = std::max(max_ctx, context_lens[s]);
   }
-  // Split the key range when the tiles alone leave the GPU mostly idle and contexts are long:
-  // aim for about two CTAs per multiprocessor, at least 256 keys per split.
+  // Split the key range when the tiles alone leave the GPU mostly idle: aim for about two
+  // CTAs per multiprocessor, at least 256 keys per split. With fixed_splits (graphs) the count
+  // depends on the tile count only and the keys per split follow the longest context.
   const int64_t ctas = static_cast<int64_t>(p.tile_seq.size()) * kv_heads;
   int splits = 1;
-  if (ctas > 0 && ctas < sms && max_ctx > 512) {
+  if (ctas > 0 && ctas < sms && (fixed_splits || max_ctx > 512)) {
     const int want = static_cast<int>((2 * sms + ctas - 1) / ctas);
-    splits = std::max(1, std::min({want, (max_ctx + 255) / 256, 64}));
+    splits = std::min(want, 64);
+    if (!fixed_splits) splits = std::max(1, std::min(splits, (max_ctx + 255) / 256));
   }
-  if (splits > 1) {
-    p.split_keys =
-        ((max_ctx + splits - 1) / splits + kKeysPerTile - 1) / kKeysPerTile * kKeysPerTile;
-    p.splits = (max_ctx + p.split_keys - 1) / p.split_keys;
-  }
+  p.split_keys = std::max(kKeysPerTile, ((max_ctx + splits - 1) / splits + kKeysPerTile - 1) /
+                                            kKeysPerTile * kKeysPerTile);
+  p.splits = fixed_splits ? splits : std::max(1, (max_ctx + p.split_keys - 1) / p.split_keys);
   return p;
 }
 

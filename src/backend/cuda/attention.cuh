@@ -19,14 +19,16 @@ struct AttentionPlan {
   std::vector<int32_t> tile_seq;   // sequence of each query tile
   std::vector<int32_t> tile_row0;  // first query row ((token - first) * group + head) of the tile
   int splits = 1;                  // key-range splits per tile
-  int split_keys = 0;              // keys per split (multiple of 64)
+  int split_keys = 0;              // keys per split (multiple of 64; all keys when splits == 1)
   bool decode_shape = false;       // every sequence has <= 16 query rows: 16-row tiles
 };
 
 // query_start [S+1], context_lens [S] as in the step; `sms` = multiprocessor count.
+// fixed_splits: the split count depends only on the number of tiles (a graph replays it for
+// any context lengths; only split_keys changes, and it is read from device memory).
 AttentionPlan plan_attention(const std::vector<int32_t>& query_start,
                              const std::vector<int32_t>& context_lens, int heads, int kv_heads,
-                             int sms);
+                             int sms, bool fixed_splits = false);
 
 struct PagedAttentionArgs {
   const __nv_bfloat16* qkv = nullptr;      // [T, (H + 2 KV) * D]; q already rotated
@@ -36,14 +38,15 @@ struct PagedAttentionArgs {
   const int32_t* positions = nullptr;      // [T]: key j is visible to a token iff j <= position
   const int32_t* query_start = nullptr;    // [S + 1]
   const int32_t* context_lens = nullptr;   // [S]
-  const int32_t* block_tables = nullptr;   // [S, max_blocks]
+  const int32_t* block_tables = nullptr;   // [S, dims[1]]
+  const int32_t* dims = nullptr;           // device {split_keys, block table row stride}
   const int32_t* tile_seq = nullptr;       // [num_tiles]
   const int32_t* tile_row0 = nullptr;      // [num_tiles]
   float* partial_o = nullptr;              // [splits, T, H, D] when splits > 1
   float* partial_lse = nullptr;            // [splits, T, H] when splits > 1
   int num_tiles = 0, tokens = 0, heads = 0, kv_heads = 0, head_dim = 0;
-  int max_blocks = 0, block_size = 0;
-  int splits = 1, split_keys = 0;
+  int block_size = 0;
+  int splits = 1;
   bool decode_shape = false;
   float scale = 1.0f;
 };

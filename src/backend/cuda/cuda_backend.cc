@@ -6,7 +6,9 @@
 
 #include <algorithm>
 #include <cstring>
+#include <functional>
 #include <limits>
+#include <map>
 #include <unordered_map>
 
 #include "backend/cuda/activation.cuh"
@@ -79,6 +81,7 @@ class DeviceArena {
     if (chunks_.size() > 1) {
       check_cuda(cudaStreamSynchronize(stream), "cudaStreamSynchronize");
       release();
+      ++generation_;  // addresses change: graphs recorded before are stale
       Chunk c{nullptr, round_up(peak_ + peak_ / 8, 1u << 20)};
       check_cuda(cudaMalloc(&c.ptr, c.size), "cudaMalloc (scratch)");
       chunks_.push_back(c);
@@ -87,6 +90,8 @@ class DeviceArena {
     used_ = 0;
   }
   size_t peak() const { return peak_; }
+  size_t chunk_count() const { return chunks_.size(); }
+  uint64_t generation() const { return generation_; }
   size_t capacity() const {
     size_t s = 0;
     for (const auto& c : chunks_) s += c.size;
@@ -104,6 +109,7 @@ class DeviceArena {
   }
   std::vector<Chunk> chunks_;
   size_t offset_ = 0, used_ = 0, peak_ = 0;
+  uint64_t generation_ = 0;
 };
 
 // Page-locked host memory that grows on demand.
@@ -142,6 +148,9 @@ class Packer {
   size_t add(const std::vector<T>& v) {
     return add(v.data(), v.size());
   }
+  // Bytes the device region must hold: at least `min_bytes` (so that a fixed-size step always
+  // gets the same layout).
+  size_t region(size_t min_bytes) const { return std::max(bytes_.size(), min_bytes); }
   const std::vector<char>& bytes() const { return bytes_; }
 
  private:
@@ -181,6 +190,7 @@ class CudaBackend final : public Backend {
 
   ~CudaBackend() override {
     cudaStreamSynchronize(stream_);
+    for (auto& [key, g] : graphs_) cudaGraphExecDestroy(g.exec);
     for (void* p : allocations_) cudaFree(p);
     if (kv_) cudaFree(kv_);
     cudaFree(blas_workspace_);
@@ -303,38 +313,61 @@ class CudaBackend final : public Backend {
   }
 
   // ---- steps ----
-  void begin_step(const StepInput& step) override {
-    activate();
-    require(kv_ != nullptr, "allocate_kv_cache must precede the first step");
-    validate_step(step, num_blocks_, block_size_, std::numeric_limits<int32_t>::max());
-    step_ = &step;
-    arena_.reset(stream_);
-    plan_ = cuda::plan_attention(step.query_start, step.context_lens, attn_.num_heads,
-                                 attn_.num_kv_heads, sms_);
-    Packer pk;
-    const size_t o_tokens = pk.add(step.token_ids), o_pos = pk.add(step.positions),
-                 o_qs = pk.add(step.query_start), o_ctx = pk.add(step.context_lens),
-                 o_tables = pk.add(step.block_tables), o_slots = pk.add(step.slot_mapping),
-                 o_logits = pk.add(step.logits_indices), o_tseq = pk.add(plan_.tile_seq),
-                 o_trow = pk.add(plan_.tile_row0);
-    const auto& bytes = pk.bytes();
-    // The previous step's metadata copy must be done before its pinned buffer is reused.
-    check_cuda(cudaEventSynchronize(meta_done_), "cudaEventSynchronize");
-    char* host = meta_host_.get(bytes.size());
-    std::memcpy(host, bytes.data(), bytes.size());
-    char* dev = static_cast<char*>(arena_.alloc(bytes.size()));
-    check_cuda(cudaMemcpyAsync(dev, host, bytes.size(), cudaMemcpyHostToDevice, stream_),
-               "cudaMemcpyAsync (step)");
-    check_cuda(cudaEventRecord(meta_done_, stream_), "cudaEventRecord");
-    d_tokens_ = reinterpret_cast<int32_t*>(dev + o_tokens);
-    d_positions_ = reinterpret_cast<int32_t*>(dev + o_pos);
-    d_query_start_ = reinterpret_cast<int32_t*>(dev + o_qs);
-    d_context_lens_ = reinterpret_cast<int32_t*>(dev + o_ctx);
-    d_block_tables_ = reinterpret_cast<int32_t*>(dev + o_tables);
-    d_slots_ = reinterpret_cast<int64_t*>(dev + o_slots);
-    d_logits_indices_ = reinterpret_cast<int32_t*>(dev + o_logits);
-    d_tile_seq_ = reinterpret_cast<int32_t*>(dev + o_tseq);
-    d_tile_row0_ = reinterpret_cast<int32_t*>(dev + o_trow);
+  void begin_step(const StepInput& step) override { prepare_step(step, false); }
+
+  // ---- CUDA graphs ----
+  bool enable_graphs(int max_batch, int max_blocks_per_seq) override {
+    graph_max_batch_ = max_batch;
+    graph_max_blocks_ = max_blocks_per_seq;
+    return true;
+  }
+
+  void begin_graph_step(const StepInput& step) override {
+    require(graph_max_batch_ > 0, "enable_graphs must precede graph steps");
+    require(step.num_seqs() <= graph_max_batch_ && step.max_blocks_per_seq <= graph_max_blocks_,
+            "graph step larger than the graph limits");
+    prepare_step(step, true);
+  }
+
+  bool replay_graph(int key) override {
+    auto it = graphs_.find(key);
+    if (it == graphs_.end()) return false;
+    if (it->second.generation != arena_.generation()) {  // the arena moved: record again
+      cudaGraphExecDestroy(it->second.exec);
+      graphs_.erase(it);
+      return false;
+    }
+    check_cuda(cudaGraphLaunch(it->second.exec, stream_), "cudaGraphLaunch");
+    arena_.rewind(it->second.end);  // the graph's buffers stay in use until the next step
+    return true;
+  }
+
+  bool capture_graph(int key, const std::function<void()>& body) override {
+    const auto start = arena_.mark();
+    body();  // eager run: sets kernel attributes, sizes the arena; its results stand if we stop
+    if (arena_.chunk_count() != start.chunks) return false;  // grew: addresses not final yet
+    arena_.rewind(start);
+    check_cuda(cudaStreamBeginCapture(stream_, cudaStreamCaptureModeThreadLocal),
+               "cudaStreamBeginCapture");
+    try {
+      body();
+    } catch (...) {
+      cudaGraph_t g = nullptr;
+      cudaStreamEndCapture(stream_, &g);
+      if (g) cudaGraphDestroy(g);
+      throw;
+    }
+    cudaGraph_t graph = nullptr;
+    check_cuda(cudaStreamEndCapture(stream_, &graph), "cudaStreamEndCapture");
+    cudaGraphExec_t exec = nullptr;
+    const cudaError_t err = cudaGraphInstantiate(&exec, graph, 0);
+    cudaGraphDestroy(graph);
+    check_cuda(err, "cudaGraphInstantiate");
+    auto& slot = graphs_[key];
+    if (slot.exec) cudaGraphExecDestroy(slot.exec);
+    slot = Graph{exec, arena_.mark(), arena_.generation()};
+    arena_.rewind(start);  // the caller replays it to run the step
+    return true;
   }
 
   Tensor scratch(const Shape& shape, DType dtype) override {
@@ -407,10 +440,9 @@ class CudaBackend final : public Backend {
     a.heads = attn_.num_heads;
     a.kv_heads = attn_.num_kv_heads;
     a.head_dim = attn_.head_dim;
-    a.max_blocks = step_->max_blocks_per_seq;
+    a.dims = d_dims_;
     a.block_size = block_size_;
     a.splits = plan_.splits;
-    a.split_keys = plan_.split_keys;
     a.decode_shape = plan_.decode_shape;
     a.scale = attn_.scale;
     const auto mark = arena_.mark();
@@ -602,6 +634,51 @@ class CudaBackend final : public Backend {
 
   void activate() { check_cuda(cudaSetDevice(device_), "cudaSetDevice"); }
 
+  // Validates the step, resets the scratch arena and uploads the step's metadata in one copy.
+  // Graph steps (`fixed`) get a layout that depends only on the batch size: the attention
+  // split count is fixed by the tile count and the block tables go last in a region sized for
+  // the widest table, so every buffer lands at the same address for the same batch size.
+  void prepare_step(const StepInput& step, bool fixed) {
+    activate();
+    require(kv_ != nullptr, "allocate_kv_cache must precede the first step");
+    // The spare block (index num_blocks_) is only for padding rows of graph steps.
+    validate_step(step, num_blocks_ + (fixed ? 1 : 0), block_size_,
+                  std::numeric_limits<int32_t>::max());
+    step_ = &step;
+    arena_.reset(stream_);
+    plan_ = cuda::plan_attention(step.query_start, step.context_lens, attn_.num_heads,
+                                 attn_.num_kv_heads, sms_, fixed);
+    const int32_t dims[2] = {plan_.split_keys, step.max_blocks_per_seq};
+    Packer pk;
+    const size_t o_tokens = pk.add(step.token_ids), o_pos = pk.add(step.positions),
+                 o_qs = pk.add(step.query_start), o_ctx = pk.add(step.context_lens),
+                 o_slots = pk.add(step.slot_mapping), o_logits = pk.add(step.logits_indices),
+                 o_tseq = pk.add(plan_.tile_seq), o_trow = pk.add(plan_.tile_row0),
+                 o_dims = pk.add(dims, 2), o_tables = pk.add(step.block_tables);
+    const size_t region = pk.region(fixed ? o_tables + static_cast<size_t>(step.num_seqs()) *
+                                                           graph_max_blocks_ * sizeof(int32_t)
+                                          : 0);
+    const auto& bytes = pk.bytes();
+    // The previous step's metadata copy must be done before its pinned buffer is reused.
+    check_cuda(cudaEventSynchronize(meta_done_), "cudaEventSynchronize");
+    char* host = meta_host_.get(bytes.size());
+    std::memcpy(host, bytes.data(), bytes.size());
+    char* dev = static_cast<char*>(arena_.alloc(region));
+    check_cuda(cudaMemcpyAsync(dev, host, bytes.size(), cudaMemcpyHostToDevice, stream_),
+               "cudaMemcpyAsync (step)");
+    check_cuda(cudaEventRecord(meta_done_, stream_), "cudaEventRecord");
+    d_tokens_ = reinterpret_cast<int32_t*>(dev + o_tokens);
+    d_positions_ = reinterpret_cast<int32_t*>(dev + o_pos);
+    d_query_start_ = reinterpret_cast<int32_t*>(dev + o_qs);
+    d_context_lens_ = reinterpret_cast<int32_t*>(dev + o_ctx);
+    d_block_tables_ = reinterpret_cast<int32_t*>(dev + o_tables);
+    d_slots_ = reinterpret_cast<int64_t*>(dev + o_slots);
+    d_logits_indices_ = reinterpret_cast<int32_t*>(dev + o_logits);
+    d_tile_seq_ = reinterpret_cast<int32_t*>(dev + o_tseq);
+    d_tile_row0_ = reinterpret_cast<int32_t*>(dev + o_trow);
+    d_dims_ = reinterpret_cast<int32_t*>(dev + o_dims);
+  }
+
   void* allocate_weight(size_t bytes) {
     void* p = nullptr;
     check_cuda(cudaMalloc(&p, std::max<size_t>(bytes, 1)),
@@ -637,13 +714,21 @@ class CudaBackend final : public Backend {
   int64_t num_blocks_ = 0;
   int block_size_ = 0;
 
+  struct Graph {
+    cudaGraphExec_t exec = nullptr;
+    DeviceArena::Mark end{};  // arena state after the recorded step
+    uint64_t generation = 0;
+  };
+  std::map<int, Graph> graphs_;
+  int graph_max_batch_ = 0, graph_max_blocks_ = 0;
+
   DeviceArena arena_;
   PinnedBuffer meta_host_, result_host_;
   const StepInput* step_ = nullptr;
   cuda::AttentionPlan plan_;
   int32_t *d_tokens_ = nullptr, *d_positions_ = nullptr, *d_query_start_ = nullptr,
           *d_context_lens_ = nullptr, *d_block_tables_ = nullptr, *d_logits_indices_ = nullptr,
-          *d_tile_seq_ = nullptr, *d_tile_row0_ = nullptr;
+          *d_tile_seq_ = nullptr, *d_tile_row0_ = nullptr, *d_dims_ = nullptr;
   int64_t* d_slots_ = nullptr;
 };
 
