@@ -2,7 +2,8 @@
 # On the GPU machine: build everything with CUDA (sm_90a) using all cores, run every test
 # (GPU kernel, backend and golden tests included; the Python suites too when their packages are
 # importable), then the seed benchmark from docs/performance.md (21B config, dummy weights,
-# 16 x 8000/1000 at 10 requests/s). Logs go under ${1:-gpu-results}; the result block is
+# 16 x 8000/1000 at 10 requests/s; ERNIE_SERVE_ARGS adds serve flags). Logs go under
+# ${1:-gpu-results}; the result block is
 # printed last. ERNIE_GPU_BENCH=0 skips the benchmark; ERNIE_GPU_TESTS=0 skips the tests.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -45,7 +46,7 @@ if [ "${ERNIE_GPU_BENCH:-1}" != 0 ]; then
   model=/tmp/ernie-21b
   rm -rf "$model"
   $ernie make-model --preset 21b-a3b --no-weights --out "$model" > "$out/make_model.log" 2>&1
-  $ernie serve "$model" --load-format dummy --port 8200 > "$out/serve.log" 2>&1 &
+  $ernie serve "$model" --load-format dummy --port 8200 ${ERNIE_SERVE_ARGS:-} > "$out/serve.log" 2>&1 &
   server=$!
   for _ in $(seq 600); do
     curl -sf http://127.0.0.1:8200/health > /dev/null && break
