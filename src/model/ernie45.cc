@@ -225,6 +225,8 @@ backend::StepInput Ernie45::pad_step(const backend::StepInput& step, int size) c
 }
 
 int Ernie45::enable_graphs(int max_batch, int max_blocks_per_seq) {
+  graph_sizes_.clear();
+  graph_logits_.clear();
   if (max_batch <= 0) return 0;
   std::vector<int> sizes;
   for (int s : {1, 2, 4}) {

@@ -53,7 +53,7 @@ class Ernie45 {
 
   // Records decode steps of up to `max_batch` sequences as graphs at padded sizes (1, 2, 4, 8,
   // then multiples of 8), now, for backends that have graphs; later decode steps replay them.
-  // Returns the number of graphs recorded.
+  // Returns the number of graphs recorded. max_batch 0 turns graphs off.
   int enable_graphs(int max_batch, int max_blocks_per_seq);
 
  private:

@@ -99,10 +99,10 @@ Engine::Engine(model::Ernie45& model, std::shared_ptr<const tokenizer::Tokenizer
   }
   model.backend().allocate_kv_cache(static_cast<int>(c.num_hidden_layers), kv_.num_blocks(),
                                     cfg.block_size);
-  if (!cfg.enforce_eager) {
+  {  // graphs recorded for an earlier engine on this model are dropped either way
     const auto t0 = std::chrono::steady_clock::now();
     const int graphs = model.enable_graphs(
-        std::min(cfg.max_num_seqs, 512),
+        cfg.enforce_eager ? 0 : std::min(cfg.max_num_seqs, 512),
         static_cast<int>((max_model_len_ + cfg.block_size - 1) / cfg.block_size));
     if (graphs > 0) {
       log::info("Captured ", graphs, " CUDA graphs for decode batches up to ",

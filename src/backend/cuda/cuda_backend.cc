@@ -276,10 +276,13 @@ class CudaBackend final : public Backend {
     require(num_blocks > 0 && block_size > 0, "KV cache needs at least one block");
     activate();
     check_cuda(cudaStreamSynchronize(stream_), "cudaStreamSynchronize");
+    for (auto& [key, g] : graphs_) cudaGraphExecDestroy(g.exec);  // they point at the old cache
+    graphs_.clear();
     if (kv_) cudaFree(kv_);
     kv_ = nullptr;
+    // One spare block past the engine's: padding rows of graph steps write there.
     layer_elems_ =
-        static_cast<size_t>(num_blocks) * block_size * attn_.num_kv_heads * attn_.head_dim;
+        static_cast<size_t>(num_blocks + 1) * block_size * attn_.num_kv_heads * attn_.head_dim;
     const size_t bytes = 2 * layer_elems_ * num_layers * sizeof(__nv_bfloat16);
     check_cuda(cudaMalloc(&kv_, bytes),
                cat("cudaMalloc of the KV cache (", bytes / 1e9, " GB)").c_str());
