@@ -20,6 +20,7 @@
 #include "backend/cuda/device.h"
 #include "common/dtype.h"
 #include "common/rng.h"
+#include "runtime/engine.h"
 
 namespace ernie::backend {
 namespace {
@@ -218,6 +219,8 @@ TEST_F(CudaBackendTest, AttentionMatchesCpu) {
       {"MHA d48 block 5", cfg(4, 4, 48), 5, {{0, 23}, {40, 3}, {100, 1}}},
       {"MQA d32", cfg(4, 1, 32), 3, {{0, 50}, {20, 1}, {600, 2}}},
       {"d64 GQA", cfg(16, 2, 64), 32, {{1000, 1}, {0, 129}}},
+      {"short prompts in 16-row tiles", cfg(4, 2, 48), 16, {{0, 4}, {0, 5}, {3, 2}, {40, 8}}},
+      {"short prompts, 21B shape", cfg(20, 4, 128), 16, {{0, 2}, {0, 3}, {100, 1}}},
   };
   for (const auto& c : cases) {
     SCOPED_TRACE(c.name);
@@ -406,9 +409,10 @@ TEST_F(CudaBackendTest, ModelLogitsMatchCpu) {
     far += compare(g, w, what.c_str()).l2_rel > 0.05;
   }
   EXPECT_LE(far, static_cast<int>(st.logits_indices.size()) / 10);
-  // Greedy choices agree wherever the reference's margin is clear.
+  // Greedy choices agree wherever the reference's margin is clear, but for rows whose
+  // routing flipped (at most the far rows above).
   const int64_t v = c.vocab_size;
-  int checked = 0;
+  int checked = 0, differ = 0;
   for (size_t r = 0; r < st.logits_indices.size(); ++r) {
     const float* w = want.data() + r * v;
     const float* g = got.data() + r * v;
@@ -416,9 +420,10 @@ TEST_F(CudaBackendTest, ModelLogitsMatchCpu) {
     std::partial_sort(sorted.begin(), sorted.begin() + 2, sorted.end(), std::greater<>());
     if (sorted[0] - sorted[1] < 0.2f) continue;
     ++checked;
-    EXPECT_EQ(std::max_element(g, g + v) - g, std::max_element(w, w + v) - w) << "row " << r;
+    differ += std::max_element(g, g + v) - g != std::max_element(w, w + v) - w;
   }
   EXPECT_GT(checked, static_cast<int>(st.logits_indices.size()) / 2);
+  EXPECT_LE(differ, std::max(far, 1));
 }
 
 }  // namespace
@@ -494,6 +499,52 @@ TEST_F(CudaBackendTest, GraphReplayMatchesEager) {
     }
     at = to;
   }
+}
+
+// Many concurrent sampled requests through the engine on the GPU (mixed prefill/decode steps,
+// graph replays at many batch sizes): every request completes with valid tokens, and greedy
+// requests give the same tokens whatever else is batched with them.
+TEST_F(CudaBackendTest, EngineUnderLoad) {
+  ernie::testing::TempDir dir;
+  model::MakeModelOptions o;
+  o.out = dir.path();
+  o.seed = rng.below(1000);
+  model::make_model(o);
+  auto m = ernie::testing::load_model(dir.path(), std::move(gpu));
+  const int64_t vocab = m.model->config().vocab_size;
+  runtime::EngineConfig ec;
+  ec.max_model_len = 512;
+  ec.gpu_memory_utilization = 0.0;
+  ec.kv_cache_memory = 256ll << 20;
+  runtime::Engine engine(*m.model, nullptr, ec);
+  std::vector<std::vector<int32_t>> prompts;
+  std::vector<runtime::SamplingParams> params;
+  for (int i = 0; i < 200; ++i) {
+    std::vector<int32_t> p;
+    for (int t = 0, n = 3 + static_cast<int>(rng.below(5)); t < n; ++t) {
+      p.push_back(static_cast<int32_t>(3 + rng.below(vocab - 3)));
+    }
+    prompts.push_back(p);
+    runtime::SamplingParams sp;
+    sp.max_tokens = 16;
+    sp.ignore_eos = true;
+    sp.temperature = i % 2 ? 1.0f : 0.0f;
+    params.push_back(sp);
+  }
+  const auto all = runtime::generate(engine, prompts, params);
+  ASSERT_EQ(all.size(), prompts.size());
+  for (size_t i = 0; i < all.size(); ++i) {
+    ASSERT_EQ(all[i][0].tokens.size(), 16u) << "request " << i;
+    for (int32_t t : all[i][0].tokens) ASSERT_TRUE(t >= 0 && t < vocab) << t;
+  }
+  // Greedy requests alone (batch of one: graph size 1) give the same tokens.
+  int same = 0, greedy = 0;
+  for (size_t i = 0; i < prompts.size(); i += 2) {
+    ++greedy;
+    same += runtime::generate(engine, {prompts[i]}, {params[i]})[0][0].tokens == all[i][0].tokens;
+  }
+  // bf16 batches of other shapes may break near-ties differently; the rest must agree.
+  EXPECT_GE(same, greedy * 9 / 10) << same << " of " << greedy;
 }
 
 }  // namespace

@@ -619,6 +619,8 @@ class CudaBackend final : public Backend {
         reinterpret_cast<const float*>(h_out + 3 * n * sizeof(int32_t) + top * sizeof(int32_t));
     std::vector<SampledToken> result(n);
     for (int r = 0; r < n; ++r) {
+      require(ids[r] >= 0 && ids[r] < vocab, cat("sampling produced token id ", ids[r], " for row ",
+                                                 r, " (the row's logits are not finite)"));
       result[r].id = ids[r];
       if (rows[r].num_logprobs >= 0) {
         result[r].logprob = lps[r];
