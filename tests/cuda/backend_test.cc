@@ -483,7 +483,8 @@ TEST_F(CudaBackendTest, GraphReplayMatchesEager) {
   std::vector<int> at = lens;
   for (int s = 0; s < 8; ++s) {
     // Steps 0-3: all eight sequences. Steps 4-7: the first five, padded to eight by the graph
-    // path (other GEMM shapes and split plans: bf16-level differences only).
+    // path: other GEMM shapes and split plans round differently in bf16, which can also flip
+    // a near-tie expert choice (the padding-into-real-rows bug this guards against gave 0.4).
     const size_t seqs = s < 4 ? lens.size() : 5;
     std::vector<int> to = at;
     for (size_t q = 0; q < seqs; ++q) ++to[q];
@@ -495,7 +496,7 @@ TEST_F(CudaBackendTest, GraphReplayMatchesEager) {
     if (s < 4) {
       EXPECT_EQ(err.l2_rel, 0.0) << what;
     } else {
-      EXPECT_LT(err.l2_rel, 0.03) << what;
+      EXPECT_LT(err.l2_rel, 0.1) << what;  // measured 0.007-0.05 (routing near-ties)
     }
     at = to;
   }

@@ -219,7 +219,8 @@ def test_200_concurrent_streams(server):
     with ThreadPoolExecutor(200) as pool:
         results = list(pool.map(one, range(200)))
     assert all(done for done, _ in results)
-    assert all(n == 16 for _, n in results)
+    bad = [(i, n) for i, (_, n) in enumerate(results) if n != 16]
+    assert not bad, (bad[:10], server.output()[-4000:])
 
 
 def test_api_key_and_shutdown(model_dir):
