@@ -27,10 +27,11 @@ void RequestStream::fail(std::string message) {
   notify_();
 }
 
-std::vector<runtime::RequestOutput> RequestStream::drain() {
+std::vector<runtime::RequestOutput> RequestStream::drain(bool* finished) {
   std::lock_guard lock(mu_);
   std::vector<runtime::RequestOutput> out;
   out.swap(queue_);
+  if (finished) *finished = finished_;
   return out;
 }
 

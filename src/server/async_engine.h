@@ -27,7 +27,9 @@ class RequestStream {
   void push(runtime::RequestOutput o);
   void fail(std::string message);
   // Everything that arrived since the last call.
-  std::vector<runtime::RequestOutput> drain();
+  // Takes the queued outputs; *finished (when given) says, under the same lock, whether the
+  // last output is among them or was taken before.
+  std::vector<runtime::RequestOutput> drain(bool* finished = nullptr);
   bool finished() const;
   std::optional<std::string> error() const;
 

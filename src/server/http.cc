@@ -127,13 +127,16 @@ struct HttpServer::Impl {
       pending->store(false);
       bool all_done = true;
       for (size_t i = 0; i < streams.size(); ++i) {
-        for (auto& o : streams[i]->drain()) {
+        // Drained together with the finished flag: an output pushed after the drain (the
+        // last one, say) is never mistaken for delivered.
+        bool finished = false;
+        for (auto& o : streams[i]->drain(&finished)) {
           auto c = result.apply(i, o);
           chunks.insert(chunks.end(), std::make_move_iterator(c.begin()),
                         std::make_move_iterator(c.end()));
         }
         if (auto e = streams[i]->error()) failure = e;
-        all_done &= streams[i]->finished();
+        all_done &= finished;
       }
       return !all_done;
     };
