@@ -164,11 +164,14 @@ def test_abort_mid_stream_frees_blocks(server):
 
 def test_client_gone_before_a_non_streaming_answer_is_aborted(server):
     before = metric(server, 'vllm:request_success_total{model_name="ernie-tiny",finished_reason="abort"')
-    body = json.dumps({"prompt": "bye", "max_tokens": 400, "n": 64, "ignore_eos": True}).encode()
+    body = json.dumps({"prompt": "bye", "max_tokens": 480, "n": 64, "ignore_eos": True}).encode()
     s = socket.create_connection(("127.0.0.1", server.port))
     s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
               b"Content-Length: %d\r\n\r\n" % len(body) + body)
-    time.sleep(0.3)
+    # Hang up as soon as it runs (a GPU finishes the whole request in a fraction of a second).
+    deadline = time.time() + 10
+    while time.time() < deadline and metric(server, "vllm:num_requests_running") == 0:
+        time.sleep(0.005)
     s.close()
     deadline = time.time() + 20
     while time.time() < deadline and metric(server, "vllm:num_requests_running") > 0:
