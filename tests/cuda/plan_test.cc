@@ -1,0 +1,84 @@
+// Host-side planning for the CUDA kernels (runs without a GPU): the attention tile plan covers
+// every query row once, key splits cover every key, a graph plan depends only on the batch
+// shape; the MoE layout has room for any routing.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <random>
+
+#include "backend/cuda/attention.cuh"
+#include "backend/cuda/moe.cuh"
+#include "common/rng.h"
+
+namespace ernie::cuda {
+namespace {
+
+TEST(AttentionPlan, TilesCoverRowsAndSplitsCoverKeys) {
+  Rng rng(std::random_device{}());
+  for (int trial = 0; trial < 500; ++trial) {
+    const int kv = 1 << rng.below(4), group = 1 + static_cast<int>(rng.below(16));
+    const int heads = kv * group, sms = 132;
+    const int seqs = 1 + static_cast<int>(rng.below(300));
+    const bool decode = rng.below(2) == 0, fixed = decode && rng.below(2) == 0;
+    std::vector<int32_t> qs = {0}, ctx;
+    int max_ctx = 0;
+    for (int s = 0; s < seqs; ++s) {
+      const int q = decode ? 1 : 1 + static_cast<int>(rng.below(200));
+      const int c = q + static_cast<int>(rng.below(rng.below(2) ? 20000 : 300));
+      qs.push_back(qs.back() + q);
+      ctx.push_back(c);
+      max_ctx = std::max(max_ctx, c);
+    }
+    SCOPED_TRACE(::testing::Message() << seqs << " seqs, " << heads << "/" << kv << " heads, "
+                                      << (fixed ? "fixed" : "eager") << " trial " << trial);
+    const AttentionPlan p = plan_attention(qs, ctx, heads, kv, sms, fixed);
+    bool small = true;
+    for (int s = 0; s < seqs; ++s) small &= (qs[s + 1] - qs[s]) * group <= 16;
+    EXPECT_EQ(p.decode_shape, small);
+    const int bm = p.decode_shape ? 16 : 64;
+    // Tiles: for each sequence, rows 0, bm, 2 bm, ... in order, nothing else.
+    size_t t = 0;
+    for (int s = 0; s < seqs; ++s) {
+      for (int r = 0; r < (qs[s + 1] - qs[s]) * group; r += bm, ++t) {
+        ASSERT_LT(t, p.tile_seq.size());
+        ASSERT_EQ(p.tile_seq[t], s);
+        ASSERT_EQ(p.tile_row0[t], r);
+      }
+    }
+    EXPECT_EQ(t, p.tile_seq.size());
+    ASSERT_GE(p.splits, 1);
+    EXPECT_LE(p.splits, 64);
+    EXPECT_EQ(p.split_keys % 64, 0);
+    if (p.splits > 1) {
+      EXPECT_GE(static_cast<int64_t>(p.splits) * p.split_keys, max_ctx);
+      // Only when the tiles leave the GPU idle.
+      EXPECT_LT(static_cast<int64_t>(p.tile_seq.size()) * kv, sms);
+      if (!fixed) {
+        EXPECT_LT(static_cast<int64_t>(p.splits - 1) * p.split_keys, max_ctx);
+      }
+    }
+    if (fixed) {  // the same shape with other contexts keeps the split count
+      std::vector<int32_t> other = ctx;
+      for (auto& c : other) c = 1 + static_cast<int>(rng.below(30000));
+      const AttentionPlan o = plan_attention(qs, other, heads, kv, sms, true);
+      EXPECT_EQ(o.splits, p.splits);
+      EXPECT_EQ(o.tile_seq, p.tile_seq);
+      const int other_max = *std::max_element(other.begin(), other.end());
+      EXPECT_GE(static_cast<int64_t>(o.splits) * o.split_keys, other_max);
+    }
+  }
+}
+
+TEST(MoeLayout, CapacityHoldsAnyRouting) {
+  for (int64_t pairs : {1, 6, 96, 1000, 49152}) {
+    for (int experts : {8, 64, 160}) {
+      const int64_t cap = moe_capacity(pairs, experts);
+      EXPECT_EQ(cap % kMoeBlockM, 0);
+      // Worst case: every expert gets some pairs and pads its last block.
+      EXPECT_GE(cap, pairs + static_cast<int64_t>(experts) * (kMoeBlockM - 1));
+    }
+  }
+}
+
+}  // namespace
+}  // namespace ernie::cuda
