@@ -1,8 +1,69 @@
 #include "backend/backend.h"
 
+#include <chrono>
+
 #include "common/check.h"
 
 namespace ernie::backend {
+
+const char* stage_name(Stage s) {
+  switch (s) {
+    case Stage::kEmbedding:
+      return "embedding";
+    case Stage::kNorm:
+      return "norms";
+    case Stage::kQkvProj:
+      return "qkv_proj";
+    case Stage::kRopeKv:
+      return "rope_kv";
+    case Stage::kAttention:
+      return "attention";
+    case Stage::kOProj:
+      return "o_proj";
+    case Stage::kDenseMlp:
+      return "dense_mlp";
+    case Stage::kMoeRouter:
+      return "moe_router";
+    case Stage::kMoeExperts:
+      return "moe_experts";
+    case Stage::kMoeShared:
+      return "moe_shared";
+    case Stage::kMoeCombine:
+      return "moe_combine";
+    case Stage::kLmHead:
+      return "lm_head";
+    case Stage::kSampling:
+      return "sampling";
+    case Stage::kCount:
+      break;
+  }
+  return "?";
+}
+
+void HostStageTimer::mark(Stage s) {
+  if (!on_) return;
+  const auto now = std::chrono::steady_clock::now();
+  if (open_)
+    profile_.ms[static_cast<int>(stage_)] +=
+        std::chrono::duration<double, std::milli>(now - since_).count();
+  open_ = true;
+  stage_ = s;
+  since_ = now;
+}
+
+void HostStageTimer::end_step() {
+  if (!on_ || !open_) return;
+  mark(stage_);
+  open_ = false;
+  ++profile_.steps;
+}
+
+StageProfile HostStageTimer::take() {
+  end_step();
+  StageProfile p = profile_;
+  profile_ = {};
+  return p;
+}
 
 void validate_step(const StepInput& s, int64_t num_blocks, int64_t block_size, int64_t vocab_size) {
   const int64_t t = s.num_tokens(), n = s.num_seqs();

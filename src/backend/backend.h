@@ -3,6 +3,7 @@
 // ops on the device. No CUDA headers here.
 #pragma once
 
+#include <chrono>
 #include <cstdint>
 #include <functional>
 #include <memory>
@@ -120,6 +121,48 @@ struct SampledToken {
   std::vector<TokenLogprob> top;  // most likely first
 };
 
+// Stages of a step for the stage profile (`--profile-stages`): each op belongs to the stage
+// marked last before it.
+enum class Stage : int {
+  kEmbedding,
+  kNorm,
+  kQkvProj,
+  kRopeKv,
+  kAttention,
+  kOProj,
+  kDenseMlp,
+  kMoeRouter,  // router logits, top-k and the expert sort
+  kMoeExperts,
+  kMoeShared,
+  kMoeCombine,
+  kLmHead,
+  kSampling,
+  kCount
+};
+const char* stage_name(Stage s);
+
+// Time per stage summed over `steps` steps (device time between stage marks on GPU backends,
+// wall time on the CPU).
+struct StageProfile {
+  double ms[static_cast<int>(Stage::kCount)] = {};
+  int64_t steps = 0;
+};
+
+// Stage marks timed on the host clock, for backends whose ops are done when they return.
+class HostStageTimer {
+ public:
+  void enable(bool on) { on_ = on; }
+  void mark(Stage s);  // closes the open stage
+  void end_step();     // closes the open stage and counts a step
+  StageProfile take();
+
+ private:
+  bool on_ = false, open_ = false;
+  Stage stage_ = Stage::kEmbedding;
+  std::chrono::steady_clock::time_point since_;
+  StageProfile profile_;
+};
+
 class Backend {
  public:
   virtual ~Backend() = default;
@@ -181,6 +224,13 @@ class Backend {
     body();
     return false;
   }
+
+  // ---- stage profile (off by default; a backend may ignore marks while it is off) ----
+  virtual void enable_profile(bool on) = 0;
+  // The ops from here to the next mark belong to `s`.
+  virtual void mark(Stage s) = 0;
+  // The profile so far (steps whose timing is complete), and resets it.
+  virtual StageProfile take_profile() = 0;
 
   // ---- ops (shapes: T = the step's tokens) ----
   // out [T, hidden] = table[token_ids]

@@ -64,6 +64,9 @@ CLI::App* add_serve(CLI::App& app, ServeArgs& a) {
       ->check(CLI::IsMember({"auto", "safetensors", "dummy"}))
       ->capture_default_str();
   c->add_flag("--enforce-eager", a.enforce_eager, "Do not capture CUDA graphs");
+  c->add_flag("--profile-stages", a.profile_stages,
+              "Time every stage of every step (CUDA events on the GPU, graphs off) and log a "
+              "breakdown with the periodic stats");
   c->add_option("--block-size", a.block_size, "KV cache block size (tokens)")
       ->check(CLI::IsMember({1, 8, 16, 32, 64, 128}))
       ->capture_default_str();
@@ -172,6 +175,7 @@ int run_serve(const ServeArgs& a) {
   ec.max_logprobs = a.max_logprobs;
   ec.seed = a.seed;
   ec.enforce_eager = a.enforce_eager;
+  ec.profile_stages = a.profile_stages;
   runtime::Engine engine(m, tok, ec);
   log::info("KV cache: ", engine.num_kv_blocks(), " blocks of ", ec.block_size, " tokens (",
             engine.kv_capacity_tokens(), " tokens); maximum concurrency for ",

@@ -289,22 +289,32 @@ Tensor Ernie45::run_layers(const backend::StepInput& step) {
   Tensor attn = be_.scratch({t, cfg_.q_size()}, act);
   Tensor gu, a;  // dense MLP scratch, made at the first dense layer
 
+  using backend::Stage;
+  be_.mark(Stage::kEmbedding);
   be_.embedding(residual, w_.embed);
   for (size_t i = 0; i < w_.layers.size(); ++i) {
     const LayerWeights& L = w_.layers[i];
+    be_.mark(Stage::kNorm);
     if (i == 0) {
       be_.rms_norm(x, residual, L.input_norm, eps);
     } else {
       be_.add_rms_norm(x, residual, delta, L.input_norm, eps);
     }
+    be_.mark(Stage::kQkvProj);
     be_.linear(qkv, x, L.qkv);
+    be_.mark(Stage::kRopeKv);
     be_.rope_store_kv(qkv, static_cast<int>(i));
+    be_.mark(Stage::kAttention);
     be_.attention(attn, qkv, static_cast<int>(i));
+    be_.mark(Stage::kOProj);
     be_.linear(delta, attn, L.o);
+    be_.mark(Stage::kNorm);
     be_.add_rms_norm(x, residual, delta, L.post_norm, eps);
     if (L.is_moe) {
+      be_.mark(Stage::kMoeRouter);  // the backend marks the expert, shared and combine parts
       be_.moe(delta, x, L.moe);
     } else {
+      be_.mark(Stage::kDenseMlp);
       const int64_t inter = L.down.dim(1);
       if (gu.empty()) {  // shared by every dense layer (all have the same size)
         gu = be_.scratch({t, 2 * inter}, act);
@@ -318,6 +328,7 @@ Tensor Ernie45::run_layers(const backend::StepInput& step) {
   // Only the rows that need logits go through the final norm and the head.
   const int64_t rows = static_cast<int64_t>(step.logits_indices.size());
   if (rows == 0) return Tensor{nullptr, DType::kF32, {0, cfg_.vocab_size}};
+  be_.mark(Stage::kLmHead);
   Tensor res_rows = be_.scratch({rows, h}, act);
   Tensor delta_rows = be_.scratch({rows, h}, act);
   Tensor normed = be_.scratch({rows, h}, act);

@@ -99,10 +99,14 @@ Engine::Engine(model::Ernie45& model, std::shared_ptr<const tokenizer::Tokenizer
   }
   model.backend().allocate_kv_cache(static_cast<int>(c.num_hidden_layers), kv_.num_blocks(),
                                     cfg.block_size);
+  model.backend().enable_profile(cfg.profile_stages);
+  if (cfg.profile_stages && !cfg.enforce_eager) {
+    log::info("stage profiling: CUDA graphs are off (every op is timed on its own)");
+  }
   {  // graphs recorded for an earlier engine on this model are dropped either way
     const auto t0 = std::chrono::steady_clock::now();
     const int graphs = model.enable_graphs(
-        cfg.enforce_eager ? 0 : std::min(cfg.max_num_seqs, 512),
+        cfg.enforce_eager || cfg.profile_stages ? 0 : std::min(cfg.max_num_seqs, 512),
         static_cast<int>((max_model_len_ + cfg.block_size - 1) / cfg.block_size));
     if (graphs > 0) {
       log::info("Captured ", graphs, " CUDA graphs for decode batches up to ",

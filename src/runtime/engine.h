@@ -34,8 +34,9 @@ struct EngineConfig {
   // kv_cache_memory on every backend.
   double gpu_memory_utilization = 0.9;
   int max_logprobs = 20;
-  bool enforce_eager = false;  // no CUDA graphs for decode steps
-  uint64_t seed = 0;           // seeds requests that do not set their own
+  bool enforce_eager = false;   // no CUDA graphs for decode steps
+  bool profile_stages = false;  // time every step's stages (implies no graphs)
+  uint64_t seed = 0;            // seeds requests that do not set their own
 };
 
 // What one of a request's n outputs produced since the last step.
@@ -90,6 +91,9 @@ class Engine {
   std::vector<RequestOutput> step();
   bool has_unfinished() const { return !requests_.empty(); }
   EngineStats stats() const;
+  // The stage profile since the last call (profile_stages), and resets it.
+  backend::StageProfile take_stage_profile() { return model_.backend().take_profile(); }
+  bool profiling() const { return cfg_.profile_stages; }
 
  private:
   struct Request {

@@ -107,6 +107,25 @@ void AsyncEngine::log_stats() {
                   st.prefix_queries ? 100.0 * st.prefix_hits / st.prefix_queries : 0.0);
     log::info(line);
   }
+  if (engine_.profiling()) {
+    const backend::StageProfile p = engine_.take_stage_profile();
+    if (p.steps > 0) {
+      double total = 0.0;
+      for (double ms : p.ms) total += ms;
+      std::string line = cat("Stage profile over ", p.steps, " steps (ms per step, share):");
+      for (int s = 0; s < static_cast<int>(backend::Stage::kCount); ++s) {
+        if (p.ms[s] <= 0.0) continue;
+        char part[96];
+        std::snprintf(part, sizeof part, " %s %.3f (%.1f%%)",
+                      backend::stage_name(static_cast<backend::Stage>(s)), p.ms[s] / p.steps,
+                      100.0 * p.ms[s] / total);
+        line += part;
+      }
+      char end[64];
+      std::snprintf(end, sizeof end, "; total %.3f", total / p.steps);
+      log::info(line + end);
+    }
+  }
   logged_prompt_ = st.prompt_tokens;
   logged_generation_ = st.generation_tokens;
   last_log_ = now;

@@ -290,3 +290,43 @@ TEST_F(EngineTest, KvCapacityBelowMaxModelLenIsRefused) {
 
 }  // namespace
 }  // namespace ernie::runtime
+
+namespace ernie::runtime {
+namespace {
+
+// The stage profile: off, nothing is counted; on, every step is counted once and the stages
+// that ran have time.
+TEST_F(EngineTest, StageProfileCountsEveryStep) {
+  Rng rng(std::random_device{}());
+  const auto prompts = random_prompts(rng, 4);
+  {
+    Engine e(*m_->model, nullptr, small_config());
+    generate(e, prompts, std::vector<SamplingParams>(prompts.size(), greedy(5)));
+    EXPECT_EQ(e.take_stage_profile().steps, 0);
+  }
+  EngineConfig c = small_config();
+  c.profile_stages = true;
+  Engine e(*m_->model, nullptr, c);
+  e.take_stage_profile();
+  int steps = 0;
+  for (size_t i = 0; i < prompts.size(); ++i) {
+    e.add_request(cat("r", i), prompts[i], greedy(5));
+  }
+  while (e.has_unfinished()) {
+    e.step();
+    ++steps;
+  }
+  const backend::StageProfile p = e.take_stage_profile();
+  EXPECT_EQ(p.steps, steps);
+  using backend::Stage;
+  for (Stage s :
+       {Stage::kEmbedding, Stage::kNorm, Stage::kQkvProj, Stage::kAttention, Stage::kOProj,
+        Stage::kMoeRouter, Stage::kMoeExperts, Stage::kLmHead, Stage::kSampling}) {
+    EXPECT_GT(p.ms[static_cast<int>(s)], 0.0) << backend::stage_name(s);
+  }
+  EXPECT_EQ(e.take_stage_profile().steps, 0);  // taken: reset
+  m_->model->backend().enable_profile(false);
+}
+
+}  // namespace
+}  // namespace ernie::runtime

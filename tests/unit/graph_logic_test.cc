@@ -61,6 +61,9 @@ class GraphSpy final : public Backend {
     body();
     return true;
   }
+  void enable_profile(bool on) override { in_->enable_profile(on); }
+  void mark(backend::Stage s) override { in_->mark(s); }
+  backend::StageProfile take_profile() override { return in_->take_profile(); }
   void embedding(Tensor o, const Tensor& t) override { in_->embedding(o, t); }
   void rms_norm(Tensor o, const Tensor& x, const Tensor& w, float e) override {
     in_->rms_norm(o, x, w, e);

@@ -77,7 +77,12 @@ class CpuBackend final : public Backend {
   DType kv_dtype() const override { return DType::kF32; }
   int kv_block_size() const override { return block_size_; }
 
+  void enable_profile(bool on) override { timer_.enable(on); }
+  void mark(Stage s) override { timer_.mark(s); }
+  StageProfile take_profile() override { return timer_.take(); }
+
   void begin_step(const StepInput& step) override {
+    timer_.end_step();  // a step that was not sampled
     validate_step(step, num_blocks_, block_size_, std::numeric_limits<int32_t>::max());
     step_ = &step;
     scratch_.clear();
@@ -204,6 +209,7 @@ class CpuBackend final : public Backend {
                        w.norm_min, ids.data() + t * k, wts.data() + t * k);
     }
     // 2. per expert: gather its tokens, SwiGLU, scatter-add weighted rows.
+    timer_.mark(Stage::kMoeExperts);
     float* o = out.as<float>();
     std::fill(o, o + tokens * hidden, 0.0f);
     std::vector<float> xg, gu, act, y;
@@ -237,6 +243,7 @@ class CpuBackend final : public Backend {
     }
     // 3. shared experts on every token.
     if (!w.shared_gate_up.empty()) {
+      timer_.mark(Stage::kMoeShared);
       const int64_t si = w.shared_down.dim(1);
       gu.resize(tokens * 2 * si);
       act.resize(tokens * si);
@@ -263,6 +270,7 @@ class CpuBackend final : public Backend {
   std::vector<SampledToken> sample(const Tensor& logits,
                                    const std::vector<SamplingRow>& rows) override {
     check(logits.dim(0) == static_cast<int64_t>(rows.size()), "one sampling row per logits row");
+    timer_.mark(Stage::kSampling);
     const int64_t vocab = logits.dim(1);
     std::vector<SampledToken> out(rows.size());
 #pragma omp parallel for schedule(dynamic) if (rows.size() > 1)
@@ -270,6 +278,7 @@ class CpuBackend final : public Backend {
       out[r] =
           cpu::sample_row({logits.as<float>() + r * vocab, static_cast<size_t>(vocab)}, rows[r]);
     }
+    timer_.end_step();
     return out;
   }
 
@@ -281,6 +290,7 @@ class CpuBackend final : public Backend {
   std::deque<std::vector<float>> weights_;
   std::deque<std::vector<float>> scratch_;
   const StepInput* step_ = nullptr;
+  HostStageTimer timer_;
 };
 
 }  // namespace

@@ -191,6 +191,7 @@ class CudaBackend final : public Backend {
   ~CudaBackend() override {
     cudaStreamSynchronize(stream_);
     for (auto& [key, g] : graphs_) cudaGraphExecDestroy(g.exec);
+    for (auto e : events_) cudaEventDestroy(e);
     for (void* p : allocations_) cudaFree(p);
     if (kv_) cudaFree(kv_);
     cudaFree(blas_workspace_);
@@ -318,6 +319,27 @@ class CudaBackend final : public Backend {
   // ---- steps ----
   void begin_step(const StepInput& step) override { prepare_step(step, false); }
 
+  // ---- stage profile: an event at every mark, read back when the step is complete ----
+  void enable_profile(bool on) override { profiling_ = on; }
+
+  void mark(Stage s) override {
+    if (!profiling_ || capturing_) return;
+    if (marks_.size() == events_.size()) {
+      cudaEvent_t e = nullptr;
+      check_cuda(cudaEventCreate(&e), "cudaEventCreate");
+      events_.push_back(e);
+    }
+    check_cuda(cudaEventRecord(events_[marks_.size()], stream_), "cudaEventRecord");
+    marks_.push_back(s);
+  }
+
+  StageProfile take_profile() override {
+    close_profiled_step();
+    StageProfile p = profile_;
+    profile_ = {};
+    return p;
+  }
+
   // ---- CUDA graphs ----
   bool enable_graphs(int max_batch, int max_blocks_per_seq) override {
     graph_max_batch_ = max_batch;
@@ -353,8 +375,11 @@ class CudaBackend final : public Backend {
     check_cuda(cudaStreamBeginCapture(stream_, cudaStreamCaptureModeThreadLocal),
                "cudaStreamBeginCapture");
     try {
+      capturing_ = true;
       body();
+      capturing_ = false;
     } catch (...) {
+      capturing_ = false;
       cudaGraph_t g = nullptr;
       cudaStreamEndCapture(stream_, &g);
       if (g) cudaGraphDestroy(g);
@@ -448,14 +473,14 @@ class CudaBackend final : public Backend {
     a.splits = plan_.splits;
     a.decode_shape = plan_.decode_shape;
     a.scale = attn_.scale;
-    const auto mark = arena_.mark();
+    const auto scratch_mark = arena_.mark();
     if (a.splits > 1) {
       const size_t rows = static_cast<size_t>(a.splits) * a.tokens * a.heads;
       a.partial_o = static_cast<float*>(arena_.alloc(rows * a.head_dim * sizeof(float)));
       a.partial_lse = static_cast<float*>(arena_.alloc(rows * sizeof(float)));
     }
     cuda::paged_attention(a, stream_);
-    arena_.rewind(mark);
+    arena_.rewind(scratch_mark);
   }
 
   void silu_mul(Tensor out, const Tensor& gate_up) override {
@@ -470,7 +495,7 @@ class CudaBackend final : public Backend {
     require(w.router.dtype == DType::kF32 && w.router_bias.dtype == DType::kF32,
             "the MoE router weights and correction bias must be f32");
     if (tokens == 0) return;
-    const auto mark = arena_.mark();
+    const auto scratch_mark = arena_.mark();
     const int pairs = tokens * k;
     auto* ids = static_cast<int32_t*>(arena_.alloc(pairs * sizeof(int32_t)));
     auto* weights = static_cast<float*>(arena_.alloc(pairs * sizeof(float)));
@@ -482,6 +507,7 @@ class CudaBackend final : public Backend {
         static_cast<int32_t*>(arena_.alloc(cap / cuda::kMoeBlockM * sizeof(int32_t)));
     auto* pair_pos = static_cast<int32_t*>(arena_.alloc(pairs * sizeof(int32_t)));
     cuda::moe_align(sorted, block_expert, pair_pos, ids, pairs, experts, stream_);
+    mark(Stage::kMoeExperts);
     auto* act = static_cast<__nv_bfloat16*>(arena_.alloc(cap * inter * sizeof(__nv_bfloat16)));
     cuda::moe_gate_up(act, bf(x), bf(w.experts_gate_up), sorted, block_expert, cap, k, hidden,
                       inter, stream_);
@@ -490,6 +516,7 @@ class CudaBackend final : public Backend {
                    stream_);
     __nv_bfloat16* shared = nullptr;
     if (!w.shared_gate_up.empty()) {
+      mark(Stage::kMoeShared);
       const int64_t si = w.shared_down.dim(1);
       Tensor gu = scratch({tokens, 2 * si}, DType::kBF16);
       Tensor a = scratch({tokens, si}, DType::kBF16);
@@ -499,8 +526,9 @@ class CudaBackend final : public Backend {
       linear(s, a, w.shared_down);
       shared = bf(s);
     }
+    mark(Stage::kMoeCombine);
     cuda::moe_combine(bf(out), y, pair_pos, shared, tokens, k, hidden, stream_);
-    arena_.rewind(mark);
+    arena_.rewind(scratch_mark);
   }
 
   void gather_logit_rows(Tensor out, const Tensor& x) override {
@@ -524,6 +552,7 @@ class CudaBackend final : public Backend {
     const int n = static_cast<int>(rows.size());
     const int vocab = static_cast<int>(logits.dim(1));
     if (n == 0) return {};
+    mark(Stage::kSampling);
     std::vector<cuda::DeviceSamplingRow> params(n);
     std::vector<int32_t> bias_ids, pen_ids, pen_counts, ban_ids;
     std::vector<float> bias_values;
@@ -610,6 +639,7 @@ class CudaBackend final : public Backend {
     check_cuda(cudaMemcpyAsync(h_out, d_out, out_bytes, cudaMemcpyDeviceToHost, stream_),
                "cudaMemcpyAsync (samples)");
     check_cuda(cudaStreamSynchronize(stream_), "cudaStreamSynchronize");
+    close_profiled_step();
 
     const auto* ids = reinterpret_cast<const int32_t*>(h_out);
     const auto* lps = reinterpret_cast<const float*>(h_out + n * sizeof(int32_t));
@@ -639,12 +669,27 @@ class CudaBackend final : public Backend {
 
   void activate() { check_cuda(cudaSetDevice(device_), "cudaSetDevice"); }
 
+  // Turns the step's marks into stage times once its last op is done.
+  void close_profiled_step() {
+    if (marks_.empty()) return;
+    mark(marks_.back());  // an end event (its own interval is never counted)
+    check_cuda(cudaEventSynchronize(events_[marks_.size() - 1]), "cudaEventSynchronize");
+    for (size_t i = 0; i + 1 < marks_.size(); ++i) {
+      float ms = 0.0f;
+      check_cuda(cudaEventElapsedTime(&ms, events_[i], events_[i + 1]), "cudaEventElapsedTime");
+      profile_.ms[static_cast<int>(marks_[i])] += ms;
+    }
+    ++profile_.steps;
+    marks_.clear();
+  }
+
   // Validates the step, resets the scratch arena and uploads the step's metadata in one copy.
   // Graph steps (`fixed`) get a layout that depends only on the batch size: the attention
   // split count is fixed by the tile count and the block tables go last in a region sized for
   // the widest table, so every buffer lands at the same address for the same batch size.
   void prepare_step(const StepInput& step, bool fixed) {
     activate();
+    close_profiled_step();  // a step that was not sampled
     require(kv_ != nullptr, "allocate_kv_cache must precede the first step");
     // The spare block (index num_blocks_) is only for padding rows of graph steps.
     validate_step(step, num_blocks_ + (fixed ? 1 : 0), block_size_,
@@ -726,6 +771,11 @@ class CudaBackend final : public Backend {
   };
   std::map<int, Graph> graphs_;
   int graph_max_batch_ = 0, graph_max_blocks_ = 0;
+
+  bool profiling_ = false, capturing_ = false;
+  std::vector<cudaEvent_t> events_;  // reused across steps
+  std::vector<Stage> marks_;         // this step's marks, one event each
+  StageProfile profile_;
 
   DeviceArena arena_;
   PinnedBuffer meta_host_, result_host_;
