@@ -34,6 +34,10 @@ const char* stage_name(Stage s) {
       return "lm_head";
     case Stage::kSampling:
       return "sampling";
+    case Stage::kHostSchedule:
+      return "host_schedule";
+    case Stage::kHostOutput:
+      return "host_output";
     case Stage::kCount:
       break;
   }

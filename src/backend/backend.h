@@ -137,6 +137,8 @@ enum class Stage : int {
   kMoeCombine,
   kLmHead,
   kSampling,
+  kHostSchedule,  // engine: scheduling and building the step (the GPU waits)
+  kHostOutput,    // engine: stop checks, detokenizing, outputs (the GPU waits)
   kCount
 };
 const char* stage_name(Stage s);

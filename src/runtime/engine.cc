@@ -294,6 +294,8 @@ CompletionDelta Engine::take_delta(Sequence& s) {
 }
 
 std::vector<RequestOutput> Engine::step() {
+  using Clock = std::chrono::steady_clock;
+  const auto t_start = Clock::now();
   std::vector<RequestOutput> outputs;
   std::vector<Request*> touched;
   // Aborted requests are reported once, then forgotten.
@@ -339,6 +341,7 @@ std::vector<RequestOutput> Engine::step() {
     }
   }
   step.query_start.push_back(step.num_tokens());
+  const auto t_forward = Clock::now();
   const backend::Tensor logits = model_.forward_logits(step);
   std::vector<backend::SampledToken> tokens;
   if (!sampled.empty()) {
@@ -347,6 +350,7 @@ std::vector<RequestOutput> Engine::step() {
     for (Sequence* s : sampled) rows.push_back(sampling_row(*s));
     tokens = model_.backend().sample(logits, rows);
   }
+  const auto t_sampled = Clock::now();
   sched_.update(plan);
   for (size_t i = 0; i < sampled.size(); ++i) append_token(*sampled[i], tokens[i]);
 
@@ -366,7 +370,19 @@ std::vector<RequestOutput> Engine::step() {
     if (o.finished) requests_.erase(it);
     outputs.push_back(std::move(o));
   }
+  if (cfg_.profile_stages) {
+    auto ms = [](auto d) { return std::chrono::duration<double, std::milli>(d).count(); };
+    host_profile_.ms[static_cast<int>(backend::Stage::kHostSchedule)] += ms(t_forward - t_start);
+    host_profile_.ms[static_cast<int>(backend::Stage::kHostOutput)] += ms(Clock::now() - t_sampled);
+  }
   return outputs;
+}
+
+backend::StageProfile Engine::take_stage_profile() {
+  backend::StageProfile p = model_.backend().take_profile();
+  for (int s = 0; s < static_cast<int>(backend::Stage::kCount); ++s) p.ms[s] += host_profile_.ms[s];
+  host_profile_ = {};
+  return p;
 }
 
 EngineStats Engine::stats() const {

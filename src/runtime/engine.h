@@ -92,7 +92,8 @@ class Engine {
   bool has_unfinished() const { return !requests_.empty(); }
   EngineStats stats() const;
   // The stage profile since the last call (profile_stages), and resets it.
-  backend::StageProfile take_stage_profile() { return model_.backend().take_profile(); }
+  // Host stages (scheduling, outputs) are the engine's own; the rest come from the backend.
+  backend::StageProfile take_stage_profile();
   bool profiling() const { return cfg_.profile_stages; }
 
  private:
@@ -119,7 +120,8 @@ class Engine {
   uint64_t next_arrival_ = 0;
   std::mt19937_64 seed_rng_;
   int64_t prompt_tokens_ = 0, generation_tokens_ = 0, steps_ = 0;
-  std::vector<std::string> aborted_;  // reported by the next step
+  backend::StageProfile host_profile_;  // profile_stages: the engine's host time per stage
+  std::vector<std::string> aborted_;    // reported by the next step
 };
 
 // Runs prompts to completion through an engine (offline generation, tests).
