@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The main job on the embedded default: set up, build, write a small synthetic ERNIE-4.5 MoE
 # checkpoint (random weights, a trained tokenizer, the ERNIE chat template), start
-# `ernie serve` on it (CPU, port 8000 unless PORT is set), answer one chat request with curl,
-# and keep serving until Ctrl-C. Random weights make fluent-looking nonsense.
+# `ernie serve` on it (the GPU when one is usable, else the CPU; port 8000 unless PORT is
+# set), answer one chat request with curl, and keep serving until Ctrl-C. Random weights make
+# fluent-looking nonsense.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
