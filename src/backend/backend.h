@@ -147,6 +147,10 @@ const char* stage_name(Stage s);
 // wall time on the CPU).
 struct StageProfile {
   double ms[static_cast<int>(Stage::kCount)] = {};
+  // What the steps had to move and compute per stage (filled by the engine from the model's
+  // cost model), for achieved bandwidth and FLOP rates.
+  double bytes[static_cast<int>(Stage::kCount)] = {};
+  double flops[static_cast<int>(Stage::kCount)] = {};
   int64_t steps = 0;
 };
 

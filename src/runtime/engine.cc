@@ -5,6 +5,7 @@
 
 #include "common/check.h"
 #include "common/log.h"
+#include "model/roofline.h"
 
 namespace ernie::runtime {
 
@@ -371,6 +372,11 @@ std::vector<RequestOutput> Engine::step() {
     outputs.push_back(std::move(o));
   }
   if (cfg_.profile_stages) {
+    const model::StepCost cost = model::step_cost(model_.config(), step);
+    for (size_t i = 0; i < cost.size(); ++i) {
+      host_profile_.bytes[i] += cost[i].bytes;
+      host_profile_.flops[i] += cost[i].flops;
+    }
     auto ms = [](auto d) { return std::chrono::duration<double, std::milli>(d).count(); };
     host_profile_.ms[static_cast<int>(backend::Stage::kHostSchedule)] += ms(t_forward - t_start);
     host_profile_.ms[static_cast<int>(backend::Stage::kHostOutput)] += ms(Clock::now() - t_sampled);
@@ -380,7 +386,11 @@ std::vector<RequestOutput> Engine::step() {
 
 backend::StageProfile Engine::take_stage_profile() {
   backend::StageProfile p = model_.backend().take_profile();
-  for (int s = 0; s < static_cast<int>(backend::Stage::kCount); ++s) p.ms[s] += host_profile_.ms[s];
+  for (int s = 0; s < static_cast<int>(backend::Stage::kCount); ++s) {
+    p.ms[s] += host_profile_.ms[s];
+    p.bytes[s] += host_profile_.bytes[s];
+    p.flops[s] += host_profile_.flops[s];
+  }
   host_profile_ = {};
   return p;
 }

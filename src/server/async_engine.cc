@@ -112,17 +112,21 @@ void AsyncEngine::log_stats() {
     if (p.steps > 0) {
       double total = 0.0;
       for (double ms : p.ms) total += ms;
-      std::string line = cat("Stage profile over ", p.steps, " steps (ms per step, share):");
+      // Per stage: ms per step, share of the step, and the rates its floor implies (bytes
+      // that must move and FLOPs that must be done, over the time it took).
+      std::string line =
+          cat("Stage profile over ", p.steps, " steps (ms per step, share, TB/s, TFLOP/s):");
       for (int s = 0; s < static_cast<int>(backend::Stage::kCount); ++s) {
         if (p.ms[s] <= 0.0) continue;
-        char part[96];
-        std::snprintf(part, sizeof part, " %s %.3f (%.1f%%)",
+        const double sec = p.ms[s] / 1e3;
+        char part[128];
+        std::snprintf(part, sizeof part, " %s %.3f %.1f%% %.2f %.1f;",
                       backend::stage_name(static_cast<backend::Stage>(s)), p.ms[s] / p.steps,
-                      100.0 * p.ms[s] / total);
+                      100.0 * p.ms[s] / total, p.bytes[s] / sec / 1e12, p.flops[s] / sec / 1e12);
         line += part;
       }
       char end[64];
-      std::snprintf(end, sizeof end, "; total %.3f", total / p.steps);
+      std::snprintf(end, sizeof end, " total %.3f", total / p.steps);
       log::info(line + end);
     }
   }
