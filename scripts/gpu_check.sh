@@ -4,7 +4,8 @@
 # importable), then the seed benchmark from docs/performance.md (21B config, dummy weights,
 # 16 x 8000/1000 at 10 requests/s; ERNIE_SERVE_ARGS adds serve flags). Logs go under
 # ${1:-gpu-results}; the result block is
-# printed last. ERNIE_GPU_BENCH=0 skips the benchmark; ERNIE_GPU_TESTS=0 skips the tests.
+# printed last. ERNIE_GPU_BENCH=0 skips the benchmark; ERNIE_GPU_TESTS=0 skips the tests;
+# ERNIE_KERNEL_BENCH=1 adds per-op timings against their floors (ernie_kernel_bench).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=$(realpath -m "${1:-gpu-results}")
@@ -40,6 +41,10 @@ if [ "${ERNIE_GPU_TESTS:-1}" != 0 ]; then
   fi
   (cd build-gpu && ctest -j 8 --output-on-failure -E "$skip" > "$out/ctest.log" 2>&1) || rc=1
   tail -6 "$out/ctest.log"
+fi
+
+if [ "${ERNIE_KERNEL_BENCH:-0}" != 0 ]; then
+  build-gpu/ernie_kernel_bench 20 2>&1 | tee "$out/kernel_bench.txt"
 fi
 
 if [ "${ERNIE_GPU_BENCH:-1}" != 0 ]; then

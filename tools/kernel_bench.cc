@@ -1,0 +1,151 @@
+// Times the CUDA backend's heavy ops at the seed benchmark's shapes (21B: hidden 2560, 64
+// experts top-6, I 1536, 20/4 heads of 128) with random data, and prints each beside the floor
+// its bytes or FLOPs imply on the device: MoE experts (decode and prefill batches), decode
+// attention over long contexts, prefill attention. Usage: ernie_kernel_bench [iterations].
+// Inputs are random (unit normal); the buffers it makes are kept until it exits.
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <vector>
+
+#include "backend/backend.h"
+#include "backend/cuda/cuda_backend.h"
+#include "backend/cuda/device.h"
+#include "common/check.h"
+#include "model/roofline.h"
+
+namespace ernie {
+namespace {
+
+using backend::Backend;
+
+using backend::RandomInit;
+using backend::StepInput;
+using backend::Tensor;
+
+constexpr double kPeakBytes = 3.1e12;  // measured streaming read on the H100
+constexpr double kPeakFlops = 790e12;  // bf16 dense GEMM on the H100
+
+// Mean seconds per call of `fn` over `iters` calls after two warm-ups (the device is
+// synchronised around the timed loop only).
+template <typename F>
+double time_it(int iters, F&& fn) {
+  fn();
+  fn();
+  cudaDeviceSynchronize();
+  const auto t0 = std::chrono::steady_clock::now();
+  for (int i = 0; i < iters; ++i) fn();
+  cudaDeviceSynchronize();
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count() / iters;
+}
+
+void report(const char* what, double sec, double bytes, double flops) {
+  const double floor_s = std::max(bytes / kPeakBytes, flops / kPeakFlops);
+  std::printf("%-44s %9.3f ms  %6.2f TB/s  %7.1f TFLOP/s  floor %8.3f ms  x%.2f\n", what, sec * 1e3,
+              bytes / sec / 1e12, flops / sec / 1e12, floor_s * 1e3, sec / floor_s);
+}
+
+// One sequence per entry of `contexts`, each with `fresh` new tokens at the end.
+StepInput make_step(const std::vector<int>& contexts, int fresh, int block) {
+  StepInput s;
+  int width = 1;
+  for (int c : contexts) width = std::max(width, (c + block - 1) / block);
+  s.max_blocks_per_seq = width;
+  s.query_start = {0};
+  int next_block = 0;
+  for (int c : contexts) {
+    const int first = next_block;
+    for (int p = c - fresh; p < c; ++p) {
+      s.token_ids.push_back(1);
+      s.positions.push_back(p);
+      s.slot_mapping.push_back(static_cast<int64_t>(first + p / block) * block + p % block);
+    }
+    s.query_start.push_back(s.num_tokens());
+    s.context_lens.push_back(c);
+    s.logits_indices.push_back(s.num_tokens() - 1);
+    for (int b = 0; b < width; ++b)
+      s.block_tables.push_back(b < (c + block - 1) / block ? first + b : -1);
+    next_block += (c + block - 1) / block;
+  }
+  return s;
+}
+
+int run(int iters) {
+  require(cuda::device_count() > 0, "no CUDA device");
+  auto be = backend::make_cuda_backend(0);
+  const int64_t h = 2560, e = 64, k = 6, ie = 1536, si = 3072;
+  const int heads = 20, kv_heads = 4, d = 128, block = 16;
+  std::printf("%s\n", cuda::describe_device(0).c_str());
+  std::printf("%-44s %12s  %10s  %15s  %14s  %s\n", "op", "time", "bytes/s", "FLOP/s", "floor",
+              "ratio");
+
+  // ---- MoE experts (router, align, grouped GEMMs, combine; shared experts included) ----
+  backend::MoeWeights w;
+  w.router = be->random_weight({e, h}, DType::kF32, RandomInit{false, 0, 0.04}, 1);
+  w.router_bias = be->random_weight({e}, DType::kF32, RandomInit{true, -0.015, 0.015}, 2);
+  w.experts_gate_up = be->random_weight({e, 2 * ie, h}, DType::kBF16, {false, 0, 0.02}, 3);
+  w.experts_down = be->random_weight({e, h, ie}, DType::kBF16, {false, 0, 0.025}, 4);
+  w.shared_gate_up = be->random_weight({2 * si, h}, DType::kBF16, {false, 0, 0.02}, 5);
+  w.shared_down = be->random_weight({h, si}, DType::kBF16, {false, 0, 0.018}, 6);
+  w.top_k = static_cast<int>(k);
+  for (int64_t tokens : {1, 16, 64, 256, 8192}) {
+    Tensor x = be->random_weight({tokens, h}, DType::kBF16, {false, 0, 1}, 7);
+    Tensor out = be->random_weight({tokens, h}, DType::kBF16, {false, 0, 1}, 8);
+    const double sec = time_it(iters, [&] { be->moe(out, x, w); });
+    const double touched = model::expected_experts_touched(e, k, tokens);
+    const double bytes = (touched * 3 * ie + 3 * si) * h * 2 + e * h * 4;
+    const double flops = 6.0 * tokens * h * (k * ie + si);
+    char what[64];
+    std::snprintf(what, sizeof what, "moe layer, %lld tokens", static_cast<long long>(tokens));
+    report(what, sec, bytes, flops);
+  }
+
+  // ---- attention (one layer) ----
+  backend::AttentionConfig ac{heads, kv_heads, d, 500000.0, 0.08838834764831845f};
+  be->configure_attention(ac);
+  const int64_t row = (heads + 2 * kv_heads) * d;
+  struct Case {
+    const char* name;
+    int seqs, context, fresh;
+  };
+  for (const Case& c : {Case{"decode attention, 1 x 1000", 1, 1000, 1},
+                        Case{"decode attention, 16 x 8500", 16, 8500, 1},
+                        Case{"decode attention, 64 x 1500", 64, 1500, 1},
+                        Case{"decode attention, 256 x 1500", 256, 1500, 1},
+                        Case{"prefill attention, 1 x 8000", 1, 8000, 8000},
+                        Case{"prefill chunk 2048 after 6000", 1, 8048, 2048}}) {
+    const std::vector<int> contexts(c.seqs, c.context);
+    const int64_t blocks = static_cast<int64_t>(c.seqs) * ((c.context + block - 1) / block);
+    be->allocate_kv_cache(1, blocks, block);
+    // Fill the cache: every token of every sequence through rope_store_kv, then the step.
+    const StepInput fill = make_step(contexts, c.context, block);
+    be->begin_step(fill);
+    be->rope_store_kv(be->random_weight({fill.num_tokens(), row}, DType::kBF16, {}, 9), 0);
+    const StepInput st = make_step(contexts, c.fresh, block);
+    be->begin_step(st);
+    Tensor qkv = be->random_weight({st.num_tokens(), row}, DType::kBF16, {}, 10);
+    Tensor out = be->scratch({st.num_tokens(), heads * d}, DType::kBF16);
+    be->rope_store_kv(qkv, 0);
+    const double sec = time_it(iters, [&] { be->attention(out, qkv, 0); });
+    double visible = 0;
+    for (int32_t p : st.positions) visible += p + 1.0;
+    const double bytes = static_cast<double>(c.seqs) * c.context * 2 * kv_heads * d * 2;
+    report(c.name, sec, bytes, 4 * visible * heads * d);
+  }
+  return 0;
+}
+
+}  // namespace
+}  // namespace ernie
+
+int main(int argc, char** argv) {
+  try {
+    return ernie::run(argc > 1 ? std::atoi(argv[1]) : 20);
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "error: %s\n", e.what());
+    return 1;
+  }
+}
