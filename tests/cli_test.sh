@@ -51,4 +51,15 @@ expect_error "moe_k" make-model --preset tiny --out "$dir/bad" --set moe_k=100
 expect_error "preset" make-model --preset 7b --out "$dir/bad"
 expect_error "max_tokens must be at least 1" generate --model "$dir/m" --prompt-token-ids 1 --max-tokens 0
 expect_error "maximum context length" generate --model "$dir/m" --prompt-token-ids 1,2,3 --max-tokens 100 --max-model-len 64
+# The decode floor of the 21B model at the seed benchmark's batch (docs/performance.md: 43.0 GB,
+# 13.9 ms at 3.1 TB/s).
+"$ERNIE" make-model --preset 21b-a3b --no-weights --out "$dir/m21" 2>/dev/null
+floor=$("$ERNIE" roofline --model "$dir/m21" --batch 16 --context 8500)
+python3 - "$floor" <<'PY'
+import json, sys
+d = json.loads(sys.argv[1])
+assert abs(d["bytes"] / 1e9 - 43.0) < 0.9 and abs(d["floor_ms"] - 13.9) < 0.3, d
+assert d["stages"]["moe_experts"]["bytes"] > d["stages"]["attention"]["bytes"] > 0, d
+PY
+expect_error "batch" roofline --model "$dir/m21" --batch 0
 echo "cli end to end: ok"

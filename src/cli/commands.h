@@ -137,4 +137,13 @@ struct TokenizeArgs {
 CLI::App* add_tokenize(CLI::App& app, TokenizeArgs& args);
 int run_tokenize(const TokenizeArgs& args);
 
+struct RooflineArgs {
+  std::string model;
+  int batch = 1;
+  int64_t context = 1000;
+  double bandwidth = 3.1e12;  // measured streaming read on the H100
+};
+CLI::App* add_roofline(CLI::App& app, RooflineArgs& args);
+int run_roofline(const RooflineArgs& args);
+
 }  // namespace ernie::cli

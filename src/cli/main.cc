@@ -22,6 +22,8 @@ int main(int argc, char** argv) {
   CLI::App* bench_cmd = ernie::cli::add_bench(app, bench_args);
   ernie::cli::TokenizeArgs tok_args;
   CLI::App* tok_cmd = ernie::cli::add_tokenize(app, tok_args);
+  ernie::cli::RooflineArgs roof_args;
+  CLI::App* roof_cmd = ernie::cli::add_roofline(app, roof_args);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
@@ -31,6 +33,7 @@ int main(int argc, char** argv) {
     if (make_cmd->parsed()) return ernie::cli::run_make_model(make_args);
     if (gen_cmd->parsed()) return ernie::cli::run_generate(gen_args);
     if (tok_cmd->parsed()) return ernie::cli::run_tokenize(tok_args);
+    if (roof_cmd->parsed()) return ernie::cli::run_roofline(roof_args);
     if (serve_cmd->parsed()) return ernie::cli::run_serve(serve_args);
     if (bench_cmd->parsed()) return ernie::cli::run_bench(bench_args);
   } catch (const ernie::Error& e) {
