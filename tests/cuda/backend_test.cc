@@ -111,6 +111,13 @@ void expect_bf16_close(const std::vector<float>& got, const std::vector<float>& 
 
 class CudaBackendTest : public ::testing::Test {
  public:
+  // A tiny synthetic checkpoint with a fresh seed in `dir`.
+  void make_tiny_model(const ernie::testing::TempDir& dir) {
+    model::MakeModelOptions o;
+    o.out = dir.path();
+    o.seed = rng.below(1000);
+    model::make_model(o);
+  }
   void SetUp() override {
     if (cuda::device_count() == 0) GTEST_SKIP() << "no CUDA device";
     cpu = make_cpu_backend();
@@ -364,10 +371,7 @@ TEST_F(CudaBackendTest, ManyDrawsMatchCpuDrawForDraw) {
 // A whole synthetic model: the logits of a mixed step on the GPU against the CPU reference.
 TEST_F(CudaBackendTest, ModelLogitsMatchCpu) {
   ernie::testing::TempDir dir;
-  model::MakeModelOptions o;
-  o.out = dir.path();
-  o.seed = rng.below(1000);
-  model::make_model(o);
+  make_tiny_model(dir);
   auto ref = ernie::testing::load_model(dir.path(), std::move(cpu));
   auto dev = ernie::testing::load_model(dir.path(), std::move(gpu));
   const auto& c = ref.model->config();
@@ -436,10 +440,7 @@ namespace {
 // tables and split sizes read from device memory) against the same steps run eagerly.
 TEST_F(CudaBackendTest, GraphReplayMatchesEager) {
   ernie::testing::TempDir dir;
-  model::MakeModelOptions o;
-  o.out = dir.path();
-  o.seed = rng.below(1000);
-  model::make_model(o);
+  make_tiny_model(dir);
   auto eager = ernie::testing::load_model(dir.path(), std::move(gpu));
   auto graphed = ernie::testing::load_model(dir.path(), make_cuda_backend(0));
   const auto& c = eager.model->config();
@@ -507,10 +508,7 @@ TEST_F(CudaBackendTest, GraphReplayMatchesEager) {
 // requests give the same tokens whatever else is batched with them.
 TEST_F(CudaBackendTest, EngineUnderLoad) {
   ernie::testing::TempDir dir;
-  model::MakeModelOptions o;
-  o.out = dir.path();
-  o.seed = rng.below(1000);
-  model::make_model(o);
+  make_tiny_model(dir);
   auto m = ernie::testing::load_model(dir.path(), std::move(gpu));
   const int64_t vocab = m.model->config().vocab_size;
   runtime::EngineConfig ec;
