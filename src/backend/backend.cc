@@ -83,33 +83,33 @@ void validate_step(const StepInput& s, int64_t num_blocks, int64_t block_size, i
               static_cast<int64_t>(s.block_tables.size()) == n * s.max_blocks_per_seq,
           "step: block_tables must be [num_seqs, max_blocks_per_seq]");
   for (int32_t id : s.token_ids) {
-    require(id >= 0 && id < vocab_size,
-            cat("step: token id ", id, " outside vocabulary of ", vocab_size));
+    require_parts(id >= 0 && id < vocab_size, "step: token id ", id, " outside vocabulary of ",
+                  vocab_size);
   }
   for (int64_t q = 0; q < n; ++q) {
     const int32_t b = s.query_start[q], e = s.query_start[q + 1], ctx = s.context_lens[q];
-    require(b < e, cat("step: sequence ", q, " has no tokens"));
-    require(ctx >= e - b && ctx <= s.max_blocks_per_seq * block_size,
-            cat("step: sequence ", q, " context length ", ctx, " does not fit its block table"));
+    require_parts(b < e, "step: sequence ", q, " has no tokens");
+    require_parts(ctx >= e - b && ctx <= s.max_blocks_per_seq * block_size, "step: sequence ", q,
+                  " context length ", ctx, " does not fit its block table");
     for (int32_t i = b; i < e; ++i) {
       // New tokens are the last e-b positions of the context, in order.
-      require(s.positions[i] == ctx - (e - i),
-              cat("step: token ", i, " has position ", s.positions[i],
-                  " but its sequence's context is ", ctx));
+      require_parts(s.positions[i] == ctx - (e - i), "step: token ", i, " has position ",
+                    s.positions[i], " but its sequence's context is ", ctx);
       const int64_t blk = s.block_tables[q * s.max_blocks_per_seq + s.positions[i] / block_size];
-      require(blk >= 0 && blk < num_blocks, cat("step: token ", i, " maps to invalid block ", blk));
-      require(
-          s.slot_mapping[i] == blk * block_size + s.positions[i] % block_size,
-          cat("step: token ", i, " slot ", s.slot_mapping[i], " disagrees with its block table"));
+      require_parts(blk >= 0 && blk < num_blocks, "step: token ", i, " maps to invalid block ",
+                    blk);
+      require_parts(s.slot_mapping[i] == blk * block_size + s.positions[i] % block_size,
+                    "step: token ", i, " slot ", s.slot_mapping[i],
+                    " disagrees with its block table");
     }
     for (int32_t p = 0; p < ctx; p += static_cast<int32_t>(block_size)) {
       const int64_t blk = s.block_tables[q * s.max_blocks_per_seq + p / block_size];
-      require(blk >= 0 && blk < num_blocks,
-              cat("step: sequence ", q, " block table entry invalid"));
+      require_parts(blk >= 0 && blk < num_blocks, "step: sequence ", q,
+                    " block table entry invalid");
     }
   }
   for (int32_t r : s.logits_indices) {
-    require(r >= 0 && r < t, cat("step: logits index ", r, " outside the step's tokens"));
+    require_parts(r >= 0 && r < t, "step: logits index ", r, " outside the step's tokens");
   }
 }
 

@@ -28,6 +28,14 @@ inline void require(bool ok, std::string_view message) {
   if (!ok) throw Error(std::string(message));
 }
 
+// Throws Error(cat(parts...)) when `ok` is false, building the message only then: for checks
+// on hot paths (per token, per step), where require(ok, cat(...)) would format every time.
+template <typename... Args>
+void require_parts(bool ok, const Args&... parts) {
+  if (!ok) [[unlikely]]
+    throw Error(cat(parts...));
+}
+
 // An internal invariant: failing means a bug in ernie, so the location is included.
 // (__builtin_FILE/LINE rather than std::source_location: clang 14 with libstdc++ 12, which
 // builds the fuzzer, lacks the latter.)

@@ -11,7 +11,7 @@ def test_schemathesis_finds_no_server_errors(server):
     exe = os.path.join(os.path.dirname(sys.executable), "schemathesis")
     r = subprocess.run(
         [exe, "run", server.url + "/openapi.json", "--checks", "not_a_server_error", "--max-examples", "40",
-         "--request-timeout", "60", "--generation-deterministic", "--phases", "examples,coverage,fuzzing",
+         "--request-timeout", "300", "--generation-deterministic", "--phases", "examples,coverage,fuzzing",
          "--suppress-health-check", "all"],
         capture_output=True, text=True, timeout=900)
     print(r.stdout[-3000:])

@@ -102,7 +102,7 @@ class CpuBackend final : public Backend {
     const int64_t h = table.dim(1);
     for (int32_t t = 0; t < step_->num_tokens(); ++t) {
       const int32_t id = step_->token_ids[t];
-      require(id < table.dim(0), cat("token id ", id, " outside the embedding table"));
+      require_parts(id < table.dim(0), "token id ", id, " outside the embedding table");
       std::memcpy(out.as<float>() + t * h, table.as<float>() + id * h, h * sizeof(float));
     }
   }

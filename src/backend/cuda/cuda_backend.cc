@@ -408,7 +408,7 @@ class CudaBackend final : public Backend {
   void embedding(Tensor out, const Tensor& table) override {
     require(table.dtype == DType::kBF16 && out.dtype == DType::kBF16, "embedding is bf16");
     for (int32_t id : step_->token_ids) {
-      require(id < table.dim(0), cat("token id ", id, " outside the embedding table"));
+      require_parts(id < table.dim(0), "token id ", id, " outside the embedding table");
     }
     cuda::gather_rows(out.data, table.data, d_tokens_, step_->num_tokens(),
                       table.dim(1) * static_cast<int64_t>(sizeof(__nv_bfloat16)), stream_);
@@ -649,8 +649,8 @@ class CudaBackend final : public Backend {
         reinterpret_cast<const float*>(h_out + 3 * n * sizeof(int32_t) + top * sizeof(int32_t));
     std::vector<SampledToken> result(n);
     for (int r = 0; r < n; ++r) {
-      require(ids[r] >= 0 && ids[r] < vocab, cat("sampling produced token id ", ids[r], " for row ",
-                                                 r, " (the row's logits are not finite)"));
+      require_parts(ids[r] >= 0 && ids[r] < vocab, "sampling produced token id ", ids[r],
+                    " for row ", r, " (the row's logits are not finite)");
       result[r].id = ids[r];
       if (rows[r].num_logprobs >= 0) {
         result[r].logprob = lps[r];
