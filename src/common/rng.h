@@ -24,16 +24,17 @@ constexpr uint64_t hash_name(std::string_view s) {
 
 // xoshiro256** with doubles built from 53 random bits, and a normal approximation that uses
 // only exact arithmetic (sum of four uniforms, rescaled to unit variance): no libm calls, so
-// results never depend on the platform.
+// results never depend on the platform. Every member is constexpr, so CUDA code (built with
+// --expt-relaxed-constexpr) draws exactly the same stream as the host.
 class Rng {
  public:
-  explicit Rng(uint64_t seed) {
+  constexpr explicit Rng(uint64_t seed) {
     uint64_t sm = seed;
     for (auto& w : s_) w = splitmix64(sm);
   }
-  Rng(uint64_t seed, std::string_view stream) : Rng(seed ^ hash_name(stream)) {}
+  constexpr Rng(uint64_t seed, std::string_view stream) : Rng(seed ^ hash_name(stream)) {}
 
-  uint64_t next() {
+  constexpr uint64_t next() {
     const uint64_t result = rotl(s_[1] * 5, 7) * 9;
     const uint64_t t = s_[1] << 17;
     s_[2] ^= s_[0];
@@ -45,20 +46,20 @@ class Rng {
     return result;
   }
   // Uniform in [0, 1).
-  double uniform() { return static_cast<double>(next() >> 11) * 0x1.0p-53; }
+  constexpr double uniform() { return static_cast<double>(next() >> 11) * 0x1.0p-53; }
   // Uniform in [lo, hi).
-  double uniform(double lo, double hi) { return lo + (hi - lo) * uniform(); }
+  constexpr double uniform(double lo, double hi) { return lo + (hi - lo) * uniform(); }
   // Integer in [0, n).
-  uint64_t below(uint64_t n) { return n ? next() % n : 0; }
+  constexpr uint64_t below(uint64_t n) { return n ? next() % n : 0; }
   // Approximately standard normal (Irwin-Hall of 4: mean 2, variance 1/3), range +-3.46.
-  double normal() {
+  constexpr double normal() {
     double s = uniform() + uniform() + uniform() + uniform();
     return (s - 2.0) * 1.7320508075688772;
   }
 
  private:
   static constexpr uint64_t rotl(uint64_t x, int k) { return (x << k) | (x >> (64 - k)); }
-  uint64_t s_[4];
+  uint64_t s_[4] = {};
 };
 
 }  // namespace ernie

@@ -3,6 +3,7 @@
 
 #include "backend/cuda/cuda_check.h"
 #include "backend/cuda/sampler.cuh"
+#include "common/rng.h"
 
 namespace ernie::cuda {
 namespace {
@@ -86,33 +87,6 @@ __device__ double block_exclusive_scan(double v, Shared& sh, double& total) {
   const double before = warp > 0 ? __shfl_sync(0xffffffffu, w, warp - 1) : 0.0;
   return before + x - v;
 }
-
-// The xoshiro256** stream of common/rng.h (uniform from the top 53 bits).
-struct DeviceRng {
-  uint64_t s[4];
-  __device__ explicit DeviceRng(uint64_t seed) {
-    uint64_t sm = seed;
-    for (auto& w : s) {
-      uint64_t z = (sm += 0x9e3779b97f4a7c15ull);
-      z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-      z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-      w = z ^ (z >> 31);
-    }
-  }
-  static __device__ uint64_t rotl(uint64_t x, int k) { return (x << k) | (x >> (64 - k)); }
-  __device__ uint64_t next() {
-    const uint64_t result = rotl(s[1] * 5, 7) * 9;
-    const uint64_t t = s[1] << 17;
-    s[2] ^= s[0];
-    s[3] ^= s[1];
-    s[1] ^= s[2];
-    s[0] ^= s[3];
-    s[2] ^= t;
-    s[3] = rotl(s[3], 45);
-    return result;
-  }
-  __device__ double uniform() { return static_cast<double>(next() >> 11) * 0x1.0p-53; }
-};
 
 __device__ __forceinline__ unsigned key_of(float q) {
   return __float_as_uint(q);
@@ -289,7 +263,7 @@ __global__ void __launch_bounds__(kThreads)
     for (int i = lo; i < hi; ++i) part += x[i];
     double total;
     const double before = block_exclusive_scan(part, sh, total);
-    DeviceRng rng(p.seed ^ (0x9e3779b97f4a7c15ull * static_cast<uint64_t>(p.position + 1)));
+    Rng rng(p.seed ^ (0x9e3779b97f4a7c15ull * static_cast<uint64_t>(p.position + 1)));
     const double u = rng.uniform() * total;
     if (threadIdx.x == 0) sh.found = -1;
     __syncthreads();
