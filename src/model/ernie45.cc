@@ -133,8 +133,6 @@ ModelWeights load_weights(const ModelConfig& c, const Checkpoint& ck, backend::B
 
 ModelWeights dummy_weights(const ModelConfig& c, backend::Backend& be, uint64_t seed) {
   const int64_t h = c.hidden_size, v = c.vocab_size;
-  int64_t made = 0;
-  const int64_t total = c.num_hidden_layers;
   // `like` names the released tensor whose scale the fused tensor takes.
   auto make = [&](const std::string& like, const Shape& like_shape, const Shape& shape,
                   DType dtype = DType::kBF16) {
@@ -174,9 +172,10 @@ ModelWeights dummy_weights(const ModelConfig& c, backend::Backend& be, uint64_t 
       m.norm_min = static_cast<float>(c.moe_norm_min);
     }
     w.layers.push_back(std::move(L));
-    ++made;
-    if (made == total || made % 4 == 0) {
-      log::info("dummy weights: ", made, "/", total, " layers (", be.weight_bytes() / 1e9, " GB)");
+    const int64_t done = i + 1;
+    if (done == c.num_hidden_layers || done % 4 == 0) {
+      log::info("dummy weights: ", done, "/", c.num_hidden_layers, " layers (",
+                be.weight_bytes() / 1e9, " GB)");
     }
   }
   return w;
