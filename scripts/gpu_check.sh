@@ -44,7 +44,7 @@ if [ "${ERNIE_GPU_TESTS:-1}" != 0 ]; then
 fi
 
 if [ "${ERNIE_KERNEL_BENCH:-0}" != 0 ]; then
-  build-gpu/ernie_kernel_bench 20 2>&1 | tee "$out/kernel_bench.txt"
+  timeout 300 build-gpu/ernie_kernel_bench 20 2>&1 | tee "$out/kernel_bench.txt"
 fi
 
 if [ "${ERNIE_GPU_BENCH:-1}" != 0 ]; then

@@ -128,8 +128,11 @@ TEST(CudaKernels, RouterMatchesCpuReference) {
   struct Shape {
     int tokens, hidden, experts, k;
   };
-  for (const Shape& s : {Shape{300, 2560, 64, 6}, Shape{17, 8192, 64, 8}, Shape{40, 128, 24, 8},
-                         Shape{3, 96, 16, 1}}) {
+  // Few tokens split the reduction over CTAs, many do not; 24 and 160 experts leave partial
+  // expert tiles.
+  for (const Shape& s :
+       {Shape{300, 2560, 64, 6}, Shape{17, 8192, 64, 8}, Shape{40, 128, 24, 8}, Shape{3, 96, 16, 1},
+        Shape{1, 2560, 64, 6}, Shape{2000, 2560, 64, 6}, Shape{70, 512, 160, 8}}) {
     SCOPED_TRACE(::testing::Message()
                  << s.tokens << "x" << s.hidden << ", " << s.experts << " experts top-" << s.k);
     const auto x = random_bf16(rng, static_cast<size_t>(s.tokens) * s.hidden, 1.0);
@@ -139,13 +142,14 @@ TEST(CudaKernels, RouterMatchesCpuReference) {
     DeviceBuffer<uint16_t> d_x(x.size());
     DeviceBuffer<float> d_w(w.size()), d_b(bias.size()), d_wts(static_cast<size_t>(s.tokens) * s.k);
     DeviceBuffer<int32_t> d_ids(static_cast<size_t>(s.tokens) * s.k);
+    DeviceBuffer<float> d_scratch(route_scratch_bytes(s.tokens, s.hidden, s.experts) / 4);
     d_x.upload(x);
     d_w.upload(w);
     d_b.upload(bias);
     d_ids.poison();
     d_wts.poison();
     route_topk(d_ids.p, d_wts.p, bf(d_x.p), d_w.p, d_b.p, s.tokens, s.hidden, s.experts, s.k,
-               1e-12f, nullptr);
+               1e-12f, d_scratch.p, nullptr);
     ERNIE_CUDA_CHECK(cudaDeviceSynchronize());
     const auto ids = d_ids.download();
     const auto wts = d_wts.download();

@@ -70,14 +70,30 @@ TEST(AttentionPlan, TilesCoverRowsAndSplitsCoverKeys) {
 }
 
 TEST(MoeLayout, CapacityHoldsAnyRouting) {
-  for (int64_t pairs : {1, 6, 96, 1000, 49152}) {
-    for (int experts : {8, 64, 160}) {
-      const int64_t cap = moe_capacity(pairs, experts);
-      EXPECT_EQ(cap % kMoeBlockM, 0);
-      // Worst case: every expert gets some pairs and pads its last block.
-      EXPECT_GE(cap, pairs + static_cast<int64_t>(experts) * (kMoeBlockM - 1));
+  Rng rng(17);
+  for (int block_m : {kMoeBlockSmall, kMoeBlockLarge}) {
+    for (int64_t pairs : {1, 6, 96, 1000, 49152}) {
+      for (int experts : {8, 64, 160}) {
+        const int64_t cap = moe_capacity(pairs, experts, block_m);
+        EXPECT_EQ(cap % block_m, 0);
+        // Rows the align kernel lays out: each expert's count rounded up to whole blocks, for
+        // random routings and for the worst one (the pairs spread so every expert pads).
+        for (int trial = 0; trial < 20; ++trial) {
+          std::vector<int64_t> count(experts, 0);
+          for (int64_t p = 0; p < pairs; ++p) {
+            ++count[trial == 0 ? p % experts : static_cast<int>(rng.below(experts))];
+          }
+          int64_t rows = 0;
+          for (int64_t n : count) rows += (n + block_m - 1) / block_m * block_m;
+          EXPECT_LE(rows, cap) << pairs << " pairs, " << experts << " experts, block " << block_m;
+        }
+      }
     }
   }
+  // Decode batches of the 21B model (64 experts, top-6) take the small blocks, prefill the large.
+  EXPECT_EQ(moe_block_m(16 * 6, 64), kMoeBlockSmall);
+  EXPECT_EQ(moe_block_m(128 * 6, 64), kMoeBlockSmall);
+  EXPECT_EQ(moe_block_m(8192 * 6, 64), kMoeBlockLarge);
 }
 
 }  // namespace

@@ -499,21 +499,22 @@ class CudaBackend final : public Backend {
     const int pairs = tokens * k;
     auto* ids = static_cast<int32_t*>(arena_.alloc(pairs * sizeof(int32_t)));
     auto* weights = static_cast<float*>(arena_.alloc(pairs * sizeof(float)));
+    void* route_scratch = arena_.alloc(cuda::route_scratch_bytes(tokens, hidden, experts));
     cuda::route_topk(ids, weights, bf(x), w.router.as<float>(), w.router_bias.as<float>(), tokens,
-                     hidden, experts, k, w.norm_min, stream_);
-    const int64_t cap = cuda::moe_capacity(pairs, experts);
+                     hidden, experts, k, w.norm_min, route_scratch, stream_);
+    const int block_m = cuda::moe_block_m(pairs, experts);
+    const int64_t cap = cuda::moe_capacity(pairs, experts, block_m);
     auto* sorted = static_cast<int32_t*>(arena_.alloc(cap * sizeof(int32_t)));
-    auto* block_expert =
-        static_cast<int32_t*>(arena_.alloc(cap / cuda::kMoeBlockM * sizeof(int32_t)));
+    auto* block_expert = static_cast<int32_t*>(arena_.alloc(cap / block_m * sizeof(int32_t)));
     auto* pair_pos = static_cast<int32_t*>(arena_.alloc(pairs * sizeof(int32_t)));
-    cuda::moe_align(sorted, block_expert, pair_pos, ids, pairs, experts, stream_);
+    cuda::moe_align(sorted, block_expert, pair_pos, ids, pairs, experts, block_m, stream_);
     mark(Stage::kMoeExperts);
     auto* act = static_cast<__nv_bfloat16*>(arena_.alloc(cap * inter * sizeof(__nv_bfloat16)));
-    cuda::moe_gate_up(act, bf(x), bf(w.experts_gate_up), sorted, block_expert, cap, k, hidden,
-                      inter, stream_);
+    cuda::moe_gate_up(act, bf(x), bf(w.experts_gate_up), sorted, block_expert, cap, block_m, k,
+                      hidden, inter, stream_);
     auto* y = static_cast<__nv_bfloat16*>(arena_.alloc(cap * hidden * sizeof(__nv_bfloat16)));
-    cuda::moe_down(y, act, bf(w.experts_down), weights, sorted, block_expert, cap, hidden, inter,
-                   stream_);
+    cuda::moe_down(y, act, bf(w.experts_down), weights, sorted, block_expert, cap, block_m, hidden,
+                   inter, stream_);
     __nv_bfloat16* shared = nullptr;
     if (!w.shared_gate_up.empty()) {
       mark(Stage::kMoeShared);

@@ -1,6 +1,6 @@
 // The routed experts of an MoE block on the device, without a host round trip:
 //   1. moe_align: count (token, choice) pairs per expert, pad each expert's list to a multiple
-//      of kMoeBlockM rows, and write the pairs sorted by expert plus one expert id per M-block;
+//      of the M-block rows, and write the pairs sorted by expert plus one expert id per M-block;
 //   2. moe_gate_up: grouped GEMM over the M-blocks, rows gathered from x by pair, gate and up
 //      columns of one tile side by side so SwiGLU happens in registers;
 //   3. moe_down: grouped GEMM of the activations with each expert's down projection, the
@@ -16,31 +16,36 @@
 
 namespace ernie::cuda {
 
-constexpr int kMoeBlockM = 64;
+// Rows per M-block of the sorted layout: 16 when the average expert gets few rows (decode), so
+// the tiles stream weights with little padding; 64 for prefill-sized batches.
+constexpr int kMoeBlockSmall = 16, kMoeBlockLarge = 64;
+inline int moe_block_m(int64_t pairs, int experts) {
+  return pairs <= 16LL * experts ? kMoeBlockSmall : kMoeBlockLarge;
+}
 
 // Rows of the sorted/padded layout for `pairs` = tokens * k pairs over `experts` experts.
-inline int64_t moe_capacity(int64_t pairs, int experts) {
-  const int64_t rows = pairs + static_cast<int64_t>(experts) * (kMoeBlockM - 1);
-  return (rows + kMoeBlockM - 1) / kMoeBlockM * kMoeBlockM;
+inline int64_t moe_capacity(int64_t pairs, int experts, int block_m) {
+  const int64_t rows = pairs + static_cast<int64_t>(experts) * (block_m - 1);
+  return (rows + block_m - 1) / block_m * block_m;
 }
 
 // ids [pairs] (expert of each pair, pair = token * k + choice). Writes sorted_pairs [capacity]
-// (-1 for padding), block_expert [capacity / kMoeBlockM] (-1 past the last used block) and
+// (-1 for padding), block_expert [capacity / block_m] (-1 past the last used block) and
 // pair_pos [pairs] (row of each pair in the sorted layout). experts <= 1024.
 void moe_align(int32_t* sorted_pairs, int32_t* block_expert, int32_t* pair_pos, const int32_t* ids,
-               int pairs, int experts, cudaStream_t stream);
+               int pairs, int experts, int block_m, cudaStream_t stream);
 
 // act [capacity, inter] = silu(x_g W_gate^T) * (x_g W_up^T) per sorted row, x_g = x[pair / k];
-// w_gate_up [E, 2 * inter, hidden] (gate rows then up rows). hidden % 32 == 0.
+// w_gate_up [E, 2 * inter, hidden] (gate rows then up rows). hidden % 64 == 0.
 void moe_gate_up(__nv_bfloat16* act, const __nv_bfloat16* x, const __nv_bfloat16* w_gate_up,
-                 const int32_t* sorted_pairs, const int32_t* block_expert, int64_t capacity, int k,
-                 int hidden, int inter, cudaStream_t stream);
+                 const int32_t* sorted_pairs, const int32_t* block_expert, int64_t capacity,
+                 int block_m, int k, int hidden, int inter, cudaStream_t stream);
 
 // y [capacity, hidden] = weight[pair] * act W_down^T per sorted row; w_down [E, hidden, inter].
-// inter % 32 == 0.
+// inter % 64 == 0.
 void moe_down(__nv_bfloat16* y, const __nv_bfloat16* act, const __nv_bfloat16* w_down,
               const float* weights, const int32_t* sorted_pairs, const int32_t* block_expert,
-              int64_t capacity, int hidden, int inter, cudaStream_t stream);
+              int64_t capacity, int block_m, int hidden, int inter, cudaStream_t stream);
 
 // out [tokens, hidden] = sum over the token's k rows of y (+ shared [tokens, hidden] if given).
 void moe_combine(__nv_bfloat16* out, const __nv_bfloat16* y, const int32_t* pair_pos,

@@ -1,69 +1,156 @@
+#include <algorithm>
+
 #include "backend/cuda/cuda_check.h"
+#include "backend/cuda/mma.cuh"
 #include "backend/cuda/router.cuh"
 
 namespace ernie::cuda {
 namespace {
 
-constexpr int kThreads = 256;
+// Logits tile: 64 tokens (4 warps x 16) x 32 experts (4 n-tiles of 8), 32 of the reduction per
+// stage. Weight rows are padded to 40 floats so a half-warp's float2 reads hit distinct banks.
+constexpr int kBM = 64, kBN = 32, kBK = 32, kStages = 3;
+constexpr int kXLd = kBK + 8, kWLd = kBK + 8;
+constexpr int kThreads = 128;
+constexpr int kMinTilesPerSplit = 4;
+constexpr int kTargetCtas = 264;  // two per SM on the H100
 
-__device__ float block_reduce(float v, bool is_max, float* scratch) {
-  for (int o = 16; o > 0; o >>= 1) {
-    const float other = __shfl_xor_sync(0xffffffffu, v, o);
-    v = is_max ? fmaxf(v, other) : v + other;
-  }
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  __syncthreads();
-  if (lane == 0) scratch[warp] = v;
-  __syncthreads();
-  v = lane < kThreads / 32 ? scratch[lane] : (is_max ? -INFINITY : 0.0f);
-  for (int o = 16; o > 0; o >>= 1) {
-    const float other = __shfl_xor_sync(0xffffffffu, v, o);
-    v = is_max ? fmaxf(v, other) : v + other;
-  }
-  return v;  // every lane of every warp holds the result
+struct Split {
+  int m_tiles, n_tiles, k_tiles, splits, tiles_per_split;
+};
+
+Split plan_split(int tokens, int hidden, int experts) {
+  Split s;
+  s.m_tiles = (tokens + kBM - 1) / kBM;
+  s.n_tiles = (experts + kBN - 1) / kBN;
+  s.k_tiles = hidden / kBK;
+  const int want = std::max(1, kTargetCtas / (s.m_tiles * s.n_tiles));
+  s.splits = std::max(1, std::min(want, s.k_tiles / kMinTilesPerSplit));
+  s.tiles_per_split = (s.k_tiles + s.splits - 1) / s.splits;
+  s.splits = (s.k_tiles + s.tiles_per_split - 1) / s.tiles_per_split;
+  return s;
 }
 
-// One CTA per token: each warp computes the logits of experts warp, warp + 8, ...; then a
-// block-wide softmax; then k rounds of a block-wide argmax over the biased scores.
-__global__ void route_topk_kernel(int32_t* ids, float* weights, const __nv_bfloat16* x,
-                                  const float* router, const float* bias, int hidden, int experts,
-                                  int k, float norm_min) {
-  extern __shared__ float smem[];
-  float* p = smem;                 // [experts]
-  float* scores = smem + experts;  // [experts]
-  __shared__ float scratch[kThreads / 32];
-  const size_t t = blockIdx.x;
-  const __nv_bfloat16* xr = x + t * hidden;
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  for (int e = warp; e < experts; e += kThreads / 32) {
-    const float* w = router + static_cast<size_t>(e) * hidden;
-    float acc = 0.0f;
-    for (int i = lane; i < hidden; i += 32) acc += __bfloat162float(xr[i]) * w[i];
-    for (int o = 16; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
-    if (lane == 0) p[e] = acc;
+// hi + lo bf16 terms of a pair of f32 weights, each packed as one bf16x2 register.
+__device__ __forceinline__ void split_pair(float2 w, uint32_t& hi, uint32_t& lo) {
+  const __nv_bfloat162 h = __floats2bfloat162_rn(w.x, w.y);
+  const float2 hf = __bfloat1622float2(h);
+  const __nv_bfloat162 l = __floats2bfloat162_rn(w.x - hf.x, w.y - hf.y);
+  hi = *reinterpret_cast<const uint32_t*>(&h);
+  lo = *reinterpret_cast<const uint32_t*>(&l);
+}
+
+// partial[split][token][expert] = sum over this split's reduction range of x * W.
+__global__ void __launch_bounds__(kThreads)
+    router_logits_kernel(float* partial, const __nv_bfloat16* x, const float* w, int tokens,
+                         int hidden, int experts, int tiles_per_split) {
+  __shared__ __align__(16) __nv_bfloat16 xs[kStages][kBM][kXLd];
+  __shared__ __align__(16) float ws[kStages][kBN][kWLd];
+  const int m0 = blockIdx.x * kBM, n0 = blockIdx.y * kBN, split = blockIdx.z;
+  const int kt0 = split * tiles_per_split;
+  const int kt_end = min(hidden / kBK, kt0 + tiles_per_split);
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, c = lane % 4;
+
+  auto load_stage = [&](int stage, int kt) {
+    const int k0 = kt * kBK;
+    for (int i = tid; i < kBM * (kBK / 8); i += kThreads) {  // 8 bf16 per chunk
+      const int r = i / (kBK / 8), ch = i % (kBK / 8);
+      const bool ok = m0 + r < tokens;
+      cp_async_16(&xs[stage][r][ch * 8],
+                  ok ? x + static_cast<size_t>(m0 + r) * hidden + k0 + ch * 8 : x, ok);
+    }
+    for (int i = tid; i < kBN * (kBK / 4); i += kThreads) {  // 4 floats per chunk
+      const int r = i / (kBK / 4), ch = i % (kBK / 4);
+      const bool ok = n0 + r < experts;
+      cp_async_16(&ws[stage][r][ch * 4],
+                  ok ? w + static_cast<size_t>(n0 + r) * hidden + k0 + ch * 4 : w, ok);
+    }
+  };
+
+  float acc[kBN / 8][4] = {};
+  const int n = kt_end - kt0;
+  for (int s = 0; s < kStages - 1; ++s) {
+    if (s < n) load_stage(s, kt0 + s);
+    cp_async_commit();
   }
-  __syncthreads();
+  for (int i = 0; i < n; ++i) {
+    cp_async_wait<kStages - 2>();
+    __syncthreads();
+    if (i + kStages - 1 < n) load_stage((i + kStages - 1) % kStages, kt0 + i + kStages - 1);
+    cp_async_commit();
+    const int st = i % kStages;
+#pragma unroll
+    for (int ks = 0; ks < kBK / 16; ++ks) {
+      uint32_t a[4];
+      const __nv_bfloat16* p = &xs[st][warp * 16 + g][ks * 16 + 2 * c];
+      a[0] = load_u32(p);
+      a[1] = load_u32(p + 8 * kXLd);
+      a[2] = load_u32(p + 8);
+      a[3] = load_u32(p + 8 * kXLd + 8);
+#pragma unroll
+      for (int nt = 0; nt < kBN / 8; ++nt) {
+        const float* q = &ws[st][nt * 8 + g][ks * 16 + 2 * c];
+        uint32_t h0, l0, h1, l1;
+        split_pair(*reinterpret_cast<const float2*>(q), h0, l0);
+        split_pair(*reinterpret_cast<const float2*>(q + 8), h1, l1);
+        mma_16816(acc[nt], a, l0, l1);
+        mma_16816(acc[nt], a, h0, h1);
+      }
+    }
+  }
+  cp_async_wait<0>();
+  float* out = partial + static_cast<size_t>(split) * tokens * experts;
+#pragma unroll
+  for (int nt = 0; nt < kBN / 8; ++nt) {
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const int t = m0 + warp * 16 + g + (j >= 2 ? 8 : 0);
+      const int e = n0 + nt * 8 + 2 * c + (j & 1);
+      if (t < tokens && e < experts) out[static_cast<size_t>(t) * experts + e] = acc[nt][j];
+    }
+  }
+}
+
+constexpr int kTopkWarps = 4;
+
+// One warp per token: logits = the split partials summed in order, softmax, then k rounds of a
+// warp-wide argmax over the biased scores (the lower id wins a tie).
+__global__ void __launch_bounds__(kTopkWarps * 32)
+    router_topk_kernel(int32_t* ids, float* weights, const float* partial, const float* bias,
+                       int tokens, int experts, int splits, int k, float norm_min) {
+  extern __shared__ float smem[];
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int t = blockIdx.x * kTopkWarps + warp;
+  if (t >= tokens) return;
+  float* p = smem + static_cast<size_t>(warp) * 2 * experts;  // [experts]
+  float* scores = p + experts;                                // [experts]
   float mx = -INFINITY;
-  for (int e = threadIdx.x; e < experts; e += kThreads) mx = fmaxf(mx, p[e]);
-  mx = block_reduce(mx, true, scratch);
+  for (int e = lane; e < experts; e += 32) {
+    float v = 0.0f;
+    for (int s = 0; s < splits; ++s) {
+      v += partial[(static_cast<size_t>(s) * tokens + t) * experts + e];
+    }
+    p[e] = v;
+    mx = fmaxf(mx, v);
+  }
+  for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
   float sum = 0.0f;
-  for (int e = threadIdx.x; e < experts; e += kThreads) {
+  for (int e = lane; e < experts; e += 32) {
     p[e] = expf(p[e] - mx);
     sum += p[e];
   }
-  sum = block_reduce(sum, false, scratch);
-  for (int e = threadIdx.x; e < experts; e += kThreads) {
+  for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
+  for (int e = lane; e < experts; e += 32) {
     p[e] /= sum;
     scores[e] = p[e] + bias[e];
   }
-  __syncthreads();
+  __syncwarp();
   float total = 0.0f;
   for (int r = 0; r < k; ++r) {
-    // Argmax with the lower id winning ties: pack (score, -id) into a comparable pair.
     float best = -INFINITY;
     int best_id = experts;
-    for (int e = threadIdx.x; e < experts; e += kThreads) {
-      if (scores[e] > best || (scores[e] == best && e < best_id)) {
+    for (int e = lane; e < experts; e += 32) {
+      if (scores[e] > best) {  // ascending e: a later equal score never replaces
         best = scores[e];
         best_id = e;
       }
@@ -76,46 +163,43 @@ __global__ void route_topk_kernel(int32_t* ids, float* weights, const __nv_bfloa
         best_id = oi;
       }
     }
-    __shared__ float wb[kThreads / 32];
-    __shared__ int wi[kThreads / 32];
+    if (best_id >= experts) best_id = 0;  // only NaN logits leave nothing above -inf
+    total += p[best_id];
     if (lane == 0) {
-      wb[warp] = best;
-      wi[warp] = best_id;
+      ids[static_cast<size_t>(t) * k + r] = best_id;
+      weights[static_cast<size_t>(t) * k + r] = p[best_id];
     }
-    __syncthreads();
-    if (threadIdx.x == 0) {
-      int id = wi[0];
-      float b = wb[0];
-      for (int w = 1; w < kThreads / 32; ++w) {
-        if (wb[w] > b || (wb[w] == b && wi[w] < id)) {
-          b = wb[w];
-          id = wi[w];
-        }
-      }
-      ids[t * k + r] = id;
-      weights[t * k + r] = p[id];
-      total += p[id];
-      scores[id] = -INFINITY;
-    }
-    __syncthreads();
+    if (best_id % 32 == lane) scores[best_id] = -INFINITY;
+    __syncwarp();
   }
-  if (threadIdx.x == 0) {
-    const float denom = fmaxf(total, norm_min);
-    for (int r = 0; r < k; ++r) weights[t * k + r] /= denom;
-  }
+  const float denom = fmaxf(total, norm_min);
+  for (int r = lane; r < k; r += 32) weights[static_cast<size_t>(t) * k + r] /= denom;
 }
 
 }  // namespace
 
+size_t route_scratch_bytes(int tokens, int hidden, int experts) {
+  if (tokens <= 0) return 0;
+  const Split s = plan_split(tokens, hidden, experts);
+  return static_cast<size_t>(s.splits) * tokens * experts * sizeof(float);
+}
+
 void route_topk(int32_t* ids, float* weights, const __nv_bfloat16* x, const float* router,
                 const float* bias, int tokens, int hidden, int experts, int k, float norm_min,
-                cudaStream_t stream) {
+                void* scratch, cudaStream_t stream) {
   if (tokens == 0) return;
-  require(tokens > 0 && hidden > 0 && experts > 0 && experts <= 1024 && k > 0 && k <= experts,
+  require(tokens > 0 && hidden > 0 && hidden % kBK == 0 && experts > 0 && experts <= 1024 &&
+              k > 0 && k <= experts,
           "route_topk: bad shape");
-  const size_t smem = 2 * static_cast<size_t>(experts) * sizeof(float);
-  route_topk_kernel<<<tokens, kThreads, smem, stream>>>(ids, weights, x, router, bias, hidden,
-                                                        experts, k, norm_min);
+  const Split s = plan_split(tokens, hidden, experts);
+  auto* partial = static_cast<float*>(scratch);
+  const dim3 grid(s.m_tiles, s.n_tiles, s.splits);
+  router_logits_kernel<<<grid, kThreads, 0, stream>>>(partial, x, router, tokens, hidden, experts,
+                                                      s.tiles_per_split);
+  ERNIE_CUDA_CHECK(cudaGetLastError());
+  const size_t smem = static_cast<size_t>(kTopkWarps) * 2 * experts * sizeof(float);
+  router_topk_kernel<<<(tokens + kTopkWarps - 1) / kTopkWarps, kTopkWarps * 32, smem, stream>>>(
+      ids, weights, partial, bias, tokens, experts, s.splits, k, norm_min);
   ERNIE_CUDA_CHECK(cudaGetLastError());
 }
 

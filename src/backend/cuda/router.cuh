@@ -1,20 +1,31 @@
-// The ERNIE-4.5 MoE router on the device, in f32: logits = x W^T, p = softmax(logits), experts =
-// top-k of p + correction bias (selection only), weights = the unbiased p of the chosen experts
-// divided by max(sum, norm_min).
+// The ERNIE-4.5 MoE router on the device: logits = x W^T with f32 weights, p = softmax(logits),
+// experts = top-k of p + correction bias (selection only), weights = the unbiased p of the
+// chosen experts divided by max(sum, norm_min).
+//
+// The logits run on the tensor cores: each f32 weight is split into two bf16 terms
+// (hi = bf16(w), lo = bf16(w - hi)) and both are multiplied with the bf16 activations with f32
+// accumulation, so the weights keep about 16 significant bits (relative error near 2^-17)
+// instead of the 8 of a plain bf16 product; the activations are bf16 already. Few tokens split
+// the reduction over more CTAs; the partial sums are added in a fixed order by the top-k kernel,
+// so results do not depend on scheduling.
 #pragma once
 
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
+#include <cstddef>
 #include <cstdint>
 
 namespace ernie::cuda {
 
-// x [tokens, hidden] bf16; router [experts, hidden] f32; bias [experts] f32.
-// Writes ids [tokens, k] (descending biased score, lower id first on ties) and weights [tokens, k].
-// experts <= 1024, k <= experts.
+// Bytes of device scratch route_topk needs for this shape.
+size_t route_scratch_bytes(int tokens, int hidden, int experts);
+
+// x [tokens, hidden] bf16; router [experts, hidden] f32; bias [experts] f32; scratch of
+// route_scratch_bytes(). Writes ids [tokens, k] (descending biased score, lower id first on
+// ties) and weights [tokens, k]. hidden % 32 == 0, experts <= 1024, k <= experts.
 void route_topk(int32_t* ids, float* weights, const __nv_bfloat16* x, const float* router,
                 const float* bias, int tokens, int hidden, int experts, int k, float norm_min,
-                cudaStream_t stream);
+                void* scratch, cudaStream_t stream);
 
 }  // namespace ernie::cuda
