@@ -1,4 +1,5 @@
 #include "backend/cuda/cuda_check.h"
+#include "backend/cuda/hopper.cuh"
 #include "backend/cuda/mma.cuh"
 #include "backend/cuda/moe.cuh"
 
@@ -259,6 +260,148 @@ void launch_gemm(__nv_bfloat16* out, const __nv_bfloat16* a, const __nv_bfloat16
   }
 }
 
+// ---- Prefill: wgmma grouped GEMM (128-row M-blocks) ----
+//
+// One CTA computes a 128 x 128 tile of one M-block: a producer warpgroup (one thread) streams
+// 64-wide K slices of A (two 64-row boxes) and of the expert's weights (two 64-row boxes) with
+// TMA into a kWgStages-deep ring; two consumer warpgroups each multiply their 64 A rows by the
+// 128 weight rows with wgmma m64n128k16 and release the slot. Both operands come through tensor
+// maps over contiguous matrices: for gate/up, A is x gathered into sorted order first.
+constexpr int kWgBM = kMoeBlockWgmma, kWgBK = 64, kWgStages = 4;
+constexpr int kWgBox = 64 * kWgBK * 2;     // bytes of one 64-row box
+constexpr int kWgStageBytes = 4 * kWgBox;  // A: 2 boxes, B: 2 boxes
+constexpr size_t kWgSmem = static_cast<size_t>(kWgStages) * kWgStageBytes + 1024 + 256;
+
+template <bool kGateUp>
+__global__ void __launch_bounds__(384, 1)
+    moe_gemm_wgmma_kernel(const __grid_constant__ CUtensorMap a_map,
+                          const __grid_constant__ CUtensorMap b_map, __nv_bfloat16* out,
+                          const float* route_w, const int32_t* sorted_pairs,
+                          const int32_t* block_expert, int K, int N) {
+  const int e = block_expert[blockIdx.x];
+  if (e < 0) return;
+  extern __shared__ unsigned char smem_raw[];
+  // 128B-swizzled tiles need 1024-byte alignment.
+  unsigned char* smem = reinterpret_cast<unsigned char*>(
+      (reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t{1023});
+  uint64_t* full = reinterpret_cast<uint64_t*>(smem + kWgStages * kWgStageBytes);
+  uint64_t* empty = full + kWgStages;
+  const int tid = threadIdx.x, wg = tid / 128;
+  if (tid == 0) {
+    for (int s = 0; s < kWgStages; ++s) {
+      mbar_init(&full[s], 1);
+      mbar_init(&empty[s], 8);  // one arrival per consumer warp
+    }
+    mbar_init_fence();
+  }
+  __syncthreads();
+  const int m0 = blockIdx.x * kWgBM;
+  const int n0 = blockIdx.y * (kGateUp ? 64 : 128);
+  const int k_tiles = (K + kWgBK - 1) / kWgBK;
+
+  if (wg == 0) {  // producer
+    if (tid == 0) {
+      // Weight rows of this tile: gate rows n0.. and up rows N + n0.. of the expert's [2N, K]
+      // block, or rows n0.. and n0 + 64.. of its [N, K] down block.
+      const int r0 = kGateUp ? e * 2 * N + n0 : e * N + n0;
+      const int r1 = kGateUp ? r0 + N : r0 + 64;
+      for (int kt = 0; kt < k_tiles; ++kt) {
+        const int s = kt % kWgStages;
+        if (kt >= kWgStages) mbar_wait(&empty[s], ((kt / kWgStages) - 1) & 1);
+        unsigned char* st = smem + s * kWgStageBytes;
+        mbar_arrive_expect_tx(&full[s], kWgStageBytes);
+        const int k0 = kt * kWgBK;
+        tma_load_2d(st, &a_map, &full[s], k0, m0);
+        tma_load_2d(st + kWgBox, &a_map, &full[s], k0, m0 + 64);
+        tma_load_2d(st + 2 * kWgBox, &b_map, &full[s], k0, r0);
+        tma_load_2d(st + 3 * kWgBox, &b_map, &full[s], k0, r1);
+      }
+    }
+    return;
+  }
+
+  const int cw = wg - 1;  // this consumer's 64 rows of the M-block
+  float acc[64];
+#pragma unroll
+  for (int i = 0; i < 64; ++i) acc[i] = 0.0f;
+  for (int kt = 0; kt < k_tiles; ++kt) {
+    const int s = kt % kWgStages;
+    mbar_wait(&full[s], (kt / kWgStages) & 1);
+    const unsigned char* st = smem + s * kWgStageBytes;
+    wgmma_fence();
+#pragma unroll
+    for (int ks = 0; ks < kWgBK / 16; ++ks) {
+      wgmma_m64n128k16(acc, wgmma_desc_sw128(st + cw * kWgBox + ks * 32),
+                       wgmma_desc_sw128(st + 2 * kWgBox + ks * 32), 1);
+    }
+    wgmma_commit();
+    wgmma_wait<0>();
+    if (tid % 32 == 0) mbar_arrive(&empty[s]);
+  }
+
+  const int warp = (tid % 128) / 32, lane = tid % 32, g = lane / 4, c = lane % 4;
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    const int r = m0 + cw * 64 + warp * 16 + g + 8 * half;
+    const int pair = sorted_pairs[r];
+    if (pair < 0) continue;
+    __nv_bfloat16* orow = out + static_cast<size_t>(r) * N;
+    if (kGateUp) {
+#pragma unroll
+      for (int i = 0; i < 8; ++i) {
+        const int col = n0 + 8 * i + 2 * c;
+        if (col >= N) continue;
+        float v[2];
+#pragma unroll
+        for (int j = 0; j < 2; ++j) {
+          const float gv = acc[4 * i + 2 * half + j], uv = acc[4 * (i + 8) + 2 * half + j];
+          v[j] = gv / (1.0f + __expf(-gv)) * uv;
+        }
+        *reinterpret_cast<__nv_bfloat162*>(orow + col) = __floats2bfloat162_rn(v[0], v[1]);
+      }
+    } else {
+      const float rw = route_w[pair];
+#pragma unroll
+      for (int i = 0; i < 16; ++i) {
+        const int col = n0 + 8 * i + 2 * c;
+        if (col >= N) continue;
+        *reinterpret_cast<__nv_bfloat162*>(orow + col) =
+            __floats2bfloat162_rn(acc[4 * i + 2 * half] * rw, acc[4 * i + 2 * half + 1] * rw);
+      }
+    }
+  }
+}
+
+// xg[r] = x[sorted_pairs[r] / k] for the used rows (padding rows are left as they are: each
+// output row of the GEMM depends on its own A row only, and padding rows are never stored).
+__global__ void moe_gather_kernel(__nv_bfloat16* xg, const __nv_bfloat16* x,
+                                  const int32_t* sorted_pairs, int k, int hidden) {
+  const int r = blockIdx.x;
+  const int pair = sorted_pairs[r];
+  if (pair < 0) return;
+  const uint4* src = reinterpret_cast<const uint4*>(x + static_cast<size_t>(pair / k) * hidden);
+  uint4* dst = reinterpret_cast<uint4*>(xg + static_cast<size_t>(r) * hidden);
+  for (int i = threadIdx.x; i < hidden / 8; i += blockDim.x) dst[i] = src[i];
+}
+
+template <bool kGateUp>
+void launch_wgmma(__nv_bfloat16* out, const CUtensorMap& a_map, const CUtensorMap& b_map,
+                  const float* route_w, const int32_t* sorted_pairs, const int32_t* block_expert,
+                  int64_t capacity, int K, int N, cudaStream_t stream) {
+  static bool configured = false;
+  if (!configured) {
+    ERNIE_CUDA_CHECK(cudaFuncSetAttribute(moe_gemm_wgmma_kernel<kGateUp>,
+                                          cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                          static_cast<int>(kWgSmem)));
+    configured = true;
+  }
+  const int cols = kGateUp ? 64 : 128;
+  const dim3 grid(static_cast<unsigned>(capacity / kWgBM), (N + cols - 1) / cols);
+  moe_gemm_wgmma_kernel<kGateUp><<<grid, 384, kWgSmem, stream>>>(a_map, b_map, out, route_w,
+                                                                 sorted_pairs, block_expert, K, N);
+  ERNIE_CUDA_CHECK(cudaGetLastError());
+}
+
 __global__ void moe_combine_kernel(__nv_bfloat16* out, const __nv_bfloat16* y,
                                    const int32_t* pair_pos, const __nv_bfloat16* shared, int k,
                                    int hidden) {
@@ -288,16 +431,40 @@ void moe_align(int32_t* sorted_pairs, int32_t* block_expert, int32_t* pair_pos, 
 
 void moe_gate_up(__nv_bfloat16* act, const __nv_bfloat16* x, const __nv_bfloat16* w_gate_up,
                  const int32_t* sorted_pairs, const int32_t* block_expert, int64_t capacity,
-                 int block_m, int k, int hidden, int inter, cudaStream_t stream) {
+                 int block_m, int k, int hidden, int inter, int experts, __nv_bfloat16* x_sorted,
+                 cudaStream_t stream) {
   if (capacity == 0) return;
+  if (block_m == kMoeBlockWgmma) {
+    require_parts(hidden % 8 == 0 && inter % 8 == 0 && x_sorted != nullptr,
+                  "MoE wgmma GEMM: hidden ", hidden, " and intermediate ", inter,
+                  " must be multiples of 8, with a gather buffer");
+    moe_gather_kernel<<<static_cast<unsigned>(capacity), 128, 0, stream>>>(x_sorted, x,
+                                                                           sorted_pairs, k, hidden);
+    ERNIE_CUDA_CHECK(cudaGetLastError());
+    const CUtensorMap a = tensor_map_bf16_sw128(x_sorted, capacity, hidden, 64);
+    const CUtensorMap b =
+        tensor_map_bf16_sw128(w_gate_up, static_cast<int64_t>(experts) * 2 * inter, hidden, 64);
+    launch_wgmma<true>(act, a, b, nullptr, sorted_pairs, block_expert, capacity, hidden, inter,
+                       stream);
+    return;
+  }
   launch_gemm<true>(act, x, w_gate_up, nullptr, sorted_pairs, block_expert, capacity, block_m, k,
                     hidden, inter, stream);
 }
 
 void moe_down(__nv_bfloat16* y, const __nv_bfloat16* act, const __nv_bfloat16* w_down,
               const float* weights, const int32_t* sorted_pairs, const int32_t* block_expert,
-              int64_t capacity, int block_m, int hidden, int inter, cudaStream_t stream) {
+              int64_t capacity, int block_m, int hidden, int inter, int experts,
+              cudaStream_t stream) {
   if (capacity == 0) return;
+  if (block_m == kMoeBlockWgmma) {
+    const CUtensorMap a = tensor_map_bf16_sw128(act, capacity, inter, 64);
+    const CUtensorMap b =
+        tensor_map_bf16_sw128(w_down, static_cast<int64_t>(experts) * hidden, inter, 64);
+    launch_wgmma<false>(y, a, b, weights, sorted_pairs, block_expert, capacity, inter, hidden,
+                        stream);
+    return;
+  }
   launch_gemm<false>(y, act, w_down, weights, sorted_pairs, block_expert, capacity, block_m, 1,
                      inter, hidden, stream);
 }

@@ -17,10 +17,12 @@
 namespace ernie::cuda {
 
 // Rows per M-block of the sorted layout: 16 when the average expert gets few rows (decode), so
-// the tiles stream weights with little padding; 64 for prefill-sized batches.
-constexpr int kMoeBlockSmall = 16, kMoeBlockLarge = 64;
+// the tiles stream weights with little padding; 64 (mma.sync tiles) for mid-sized batches; 128
+// (wgmma tiles fed by TMA, sm_90a) for prefill-sized batches.
+constexpr int kMoeBlockSmall = 16, kMoeBlockLarge = 64, kMoeBlockWgmma = 128;
 inline int moe_block_m(int64_t pairs, int experts) {
-  return pairs <= 16LL * experts ? kMoeBlockSmall : kMoeBlockLarge;
+  if (pairs <= 16LL * experts) return kMoeBlockSmall;
+  return pairs <= 64LL * experts ? kMoeBlockLarge : kMoeBlockWgmma;
 }
 
 // Rows of the sorted/padded layout for `pairs` = tokens * k pairs over `experts` experts.
@@ -36,16 +38,19 @@ void moe_align(int32_t* sorted_pairs, int32_t* block_expert, int32_t* pair_pos, 
                int pairs, int experts, int block_m, cudaStream_t stream);
 
 // act [capacity, inter] = silu(x_g W_gate^T) * (x_g W_up^T) per sorted row, x_g = x[pair / k];
-// w_gate_up [E, 2 * inter, hidden] (gate rows then up rows). hidden % 64 == 0.
+// w_gate_up [E, 2 * inter, hidden] (gate rows then up rows). hidden % 8 == 0. With the wgmma
+// blocks, x_sorted [capacity, hidden] receives the gathered rows first (else it may be null).
 void moe_gate_up(__nv_bfloat16* act, const __nv_bfloat16* x, const __nv_bfloat16* w_gate_up,
                  const int32_t* sorted_pairs, const int32_t* block_expert, int64_t capacity,
-                 int block_m, int k, int hidden, int inter, cudaStream_t stream);
+                 int block_m, int k, int hidden, int inter, int experts, __nv_bfloat16* x_sorted,
+                 cudaStream_t stream);
 
 // y [capacity, hidden] = weight[pair] * act W_down^T per sorted row; w_down [E, hidden, inter].
-// inter % 64 == 0.
+// inter % 8 == 0.
 void moe_down(__nv_bfloat16* y, const __nv_bfloat16* act, const __nv_bfloat16* w_down,
               const float* weights, const int32_t* sorted_pairs, const int32_t* block_expert,
-              int64_t capacity, int block_m, int hidden, int inter, cudaStream_t stream);
+              int64_t capacity, int block_m, int hidden, int inter, int experts,
+              cudaStream_t stream);
 
 // out [tokens, hidden] = sum over the token's k rows of y (+ shared [tokens, hidden] if given).
 void moe_combine(__nv_bfloat16* out, const __nv_bfloat16* y, const int32_t* pair_pos,

@@ -1,0 +1,43 @@
+#include <cudaTypedefs.h>
+
+#include "backend/cuda/cuda_check.h"
+#include "backend/cuda/hopper.cuh"
+#include "common/check.h"
+
+namespace ernie::cuda {
+namespace {
+
+PFN_cuTensorMapEncodeTiled_v12000 encode_tiled() {
+  static PFN_cuTensorMapEncodeTiled_v12000 fn = [] {
+    void* p = nullptr;
+    cudaDriverEntryPointQueryResult found{};
+    ERNIE_CUDA_CHECK(cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &p, 12000,
+                                                      cudaEnableDefault, &found));
+    require(found == cudaDriverEntryPointSuccess && p != nullptr,
+            "the CUDA driver has no cuTensorMapEncodeTiled (TMA needs driver 12.0 or newer)");
+    return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(p);
+  }();
+  return fn;
+}
+
+}  // namespace
+
+CUtensorMap tensor_map_bf16_sw128(const void* base, int64_t rows, int64_t cols, int box_rows) {
+  require_parts(cols % 8 == 0 && reinterpret_cast<uintptr_t>(base) % 16 == 0 && rows > 0 &&
+                    box_rows > 0 && box_rows <= 256,
+                "tensor map: bad matrix ", rows, " x ", cols, " (box rows ", box_rows, ")");
+  CUtensorMap map;
+  const cuuint64_t dims[2] = {static_cast<cuuint64_t>(cols), static_cast<cuuint64_t>(rows)};
+  const cuuint64_t strides[1] = {static_cast<cuuint64_t>(cols) * 2};
+  const cuuint32_t box[2] = {64, static_cast<cuuint32_t>(box_rows)};
+  const cuuint32_t element_strides[2] = {1, 1};
+  const CUresult r = encode_tiled()(
+      &map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, const_cast<void*>(base), dims, strides, box,
+      element_strides, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+      CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  require_parts(r == CUDA_SUCCESS, "cuTensorMapEncodeTiled failed (error ", static_cast<int>(r),
+                ") for a ", rows, " x ", cols, " matrix");
+  return map;
+}
+
+}  // namespace ernie::cuda
