@@ -21,8 +21,9 @@ __global__ void __launch_bounds__(kThreads) paged_attention_kernel(const PagedAt
   constexpr int kChunks = D / 8;  // 16-byte chunks per row
   extern __shared__ __align__(16) unsigned char smem_raw[];
   __nv_bfloat16* sq = reinterpret_cast<__nv_bfloat16*>(smem_raw);  // [BM][LD]
-  __nv_bfloat16* sk = sq + BM * LD;                                // [BN][LD]
-  __nv_bfloat16* sv = sk + BN * LD;                                // [BN][LD]
+  __nv_bfloat16* skv = sq + BM * LD;                               // [2 buffers][K, V][BN][LD]
+  auto k_tile = [&](int buf) { return skv + (2 * buf) * BN * LD; };
+  auto v_tile = [&](int buf) { return skv + (2 * buf + 1) * BN * LD; };
 
   const int tile = blockIdx.x, kvh = blockIdx.y, split = blockIdx.z;
   const int seq = a.tile_seq[tile], row0 = a.tile_row0[tile];
@@ -59,6 +60,27 @@ __global__ void __launch_bounds__(kThreads) paged_attention_kernel(const PagedAt
 #pragma unroll
   for (int nd = 0; nd < D / 8; ++nd) o[nd][0] = o[nd][1] = o[nd][2] = o[nd][3] = 0.0f;
 
+  const int32_t* table = a.block_tables + static_cast<size_t>(seq) * a.dims[1];
+  // Keys [kt, kt + BN) into buffer `buf`; rows past the range are zero (never NaN * 0).
+  auto load_kv = [&](int buf, int kt) {
+    __nv_bfloat16* sk = k_tile(buf);
+    __nv_bfloat16* sv = v_tile(buf);
+    for (int i = threadIdx.x; i < BN * kChunks; i += kThreads) {
+      const int key = i / kChunks, ch = i % kChunks, j = kt + key;
+      const bool valid = j < k_end;
+      size_t off = 0;
+      if (valid) {
+        const int64_t slot =
+            static_cast<int64_t>(table[j / a.block_size]) * a.block_size + j % a.block_size;
+        off = (static_cast<size_t>(slot) * a.kv_heads + kvh) * D + ch * 8;
+      }
+      cp_async_16(sk + key * LD + ch * 8, a.k_cache + off, valid);
+      cp_async_16(sv + key * LD + ch * 8, a.v_cache + off, valid);
+    }
+  };
+  if (k_begin < k_end) load_kv(0, k_begin);
+  cp_async_commit();  // the query rows and the first key tile
+
   cp_async_wait<0>();
   __syncthreads();
   uint32_t qf[D / 16][4];
@@ -71,26 +93,19 @@ __global__ void __launch_bounds__(kThreads) paged_attention_kernel(const PagedAt
     qf[kk][3] = load_u32(p + 8 * LD + 8);
   }
 
-  const int32_t* table = a.block_tables + static_cast<size_t>(seq) * a.dims[1];
   const float scale_log2 = a.scale * kLog2e;
   const int kb = wk * NK;
-  for (int kt = k_begin; kt < k_end; kt += BN) {
-    __syncthreads();  // everyone is done with the previous tile
-    for (int i = threadIdx.x; i < BN * kChunks; i += kThreads) {
-      const int key = i / kChunks, ch = i % kChunks, j = kt + key;
-      const bool valid = j < k_end;  // rows past the range are zero (never NaN * 0)
-      size_t off = 0;
-      if (valid) {
-        const int64_t slot =
-            static_cast<int64_t>(table[j / a.block_size]) * a.block_size + j % a.block_size;
-        off = (static_cast<size_t>(slot) * a.kv_heads + kvh) * D + ch * 8;
-      }
-      cp_async_16(sk + key * LD + ch * 8, a.k_cache + off, valid);
-      cp_async_16(sv + key * LD + ch * 8, a.v_cache + off, valid);
-    }
+  // ldmatrix row addresses: lane l gives row l % 8 of matrix l / 8.
+  const int lrow = lane % 8, lmat = lane / 8;
+  int buf = 0;
+  for (int kt = k_begin; kt < k_end; kt += BN, buf ^= 1) {
+    __syncthreads();  // everyone is done with the other buffer (the previous tile)
+    if (kt + BN < k_end) load_kv(buf ^ 1, kt + BN);
     cp_async_commit();
-    cp_async_wait<0>();
+    cp_async_wait<1>();  // this tile has landed
     __syncthreads();
+    const __nv_bfloat16* sk = k_tile(buf);
+    const __nv_bfloat16* sv = v_tile(buf);
 
     float s[NT][4];
 #pragma unroll
@@ -98,9 +113,12 @@ __global__ void __launch_bounds__(kThreads) paged_attention_kernel(const PagedAt
 #pragma unroll
     for (int kk = 0; kk < D / 16; ++kk) {
 #pragma unroll
-      for (int nt = 0; nt < NT; ++nt) {
-        const __nv_bfloat16* kp = sk + (kb + nt * 8 + g) * LD + kk * 16 + 2 * c;
-        mma_16816(s[nt], qf[kk], load_u32(kp), load_u32(kp + 8));
+      for (int nt = 0; nt < NT; nt += 2) {
+        // Matrices: keys nt*8.. at d kk*16 and kk*16+8, then keys (nt+1)*8.. likewise.
+        uint32_t b[4];
+        ldmatrix_x4(b, sk + (kb + (nt + lmat / 2) * 8 + lrow) * LD + kk * 16 + (lmat % 2) * 8);
+        mma_16816(s[nt], qf[kk], b[0], b[1]);
+        mma_16816(s[nt + 1], qf[kk], b[2], b[3]);
       }
     }
     float mx[2] = {m[0], m[1]};
@@ -145,9 +163,13 @@ __global__ void __launch_bounds__(kThreads) paged_attention_kernel(const PagedAt
                               pack_bf16(s[2 * ks + 1][0], s[2 * ks + 1][1]),
                               pack_bf16(s[2 * ks + 1][2], s[2 * ks + 1][3])};
 #pragma unroll
-      for (int nd = 0; nd < D / 8; ++nd) {
-        const __nv_bfloat16* vp = sv + (kb + ks * 16 + 2 * c) * LD + nd * 8 + g;
-        mma_16816(o[nd], pa, pack_bf16(vp[0], vp[LD]), pack_bf16(vp[8 * LD], vp[9 * LD]));
+      for (int nd = 0; nd < D / 8; nd += 2) {
+        // Transposed matrices: keys ks*16.. and ks*16+8.. at d nd*8, then at d (nd+1)*8.
+        uint32_t b[4];
+        ldmatrix_x4_trans(b,
+                          sv + (kb + ks * 16 + (lmat % 2) * 8 + lrow) * LD + (nd + lmat / 2) * 8);
+        mma_16816(o[nd], pa, b[0], b[1]);
+        mma_16816(o[nd + 1], pa, b[2], b[3]);
       }
     }
   }
@@ -182,10 +204,10 @@ __global__ void __launch_bounds__(kThreads) paged_attention_kernel(const PagedAt
       }
     }
   } else {
-    __syncthreads();                           // K/V tiles are free: reuse them for the merge
-    float* mo = reinterpret_cast<float*>(sk);  // [KW][16][D]
-    float* mm = mo + KW * 16 * D;              // [KW][16]
-    float* ml = mm + KW * 16;                  // [KW][16]
+    __syncthreads();                            // K/V tiles are free: reuse them for the merge
+    float* mo = reinterpret_cast<float*>(skv);  // [KW][16][D]
+    float* mm = mo + KW * 16 * D;               // [KW][16]
+    float* ml = mm + KW * 16;                   // [KW][16]
 #pragma unroll
     for (int nd = 0; nd < D / 8; ++nd) {
 #pragma unroll
@@ -239,7 +261,7 @@ __global__ void combine_splits_kernel(__nv_bfloat16* out, const float* partial_o
 template <int D, int RW, int KW>
 void launch(const PagedAttentionArgs& a, cudaStream_t stream) {
   constexpr int BM = 16 * RW, LD = D + 8;
-  const size_t smem = static_cast<size_t>(BM + 2 * kKeysPerTile) * LD * sizeof(__nv_bfloat16);
+  const size_t smem = static_cast<size_t>(BM + 4 * kKeysPerTile) * LD * sizeof(__nv_bfloat16);
   static bool configured = false;  // set once per instantiation (host, single engine thread)
   if (!configured) {
     ERNIE_CUDA_CHECK(cudaFuncSetAttribute(paged_attention_kernel<D, RW, KW>,

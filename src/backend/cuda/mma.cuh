@@ -1,4 +1,5 @@
-// Warp-level tensor-core helpers (mma.sync m16n8k16, bf16 in, f32 accumulate) and cp.async.
+// Warp-level tensor-core helpers (mma.sync m16n8k16, bf16 in, f32 accumulate, ldmatrix) and
+// cp.async.
 //
 // Fragment layout of mma.m16n8k16 (g = lane / 4, c = lane % 4):
 //   A (16x16, row-major): a[0] = (g, 2c..2c+1), a[1] = (g+8, 2c..), a[2] = (g, 2c+8..),
@@ -32,6 +33,23 @@ __device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
 __device__ __forceinline__ uint32_t pack_bf16(__nv_bfloat16 lo, __nv_bfloat16 hi) {
   return static_cast<uint32_t>(__bfloat16_as_ushort(lo)) |
          (static_cast<uint32_t>(__bfloat16_as_ushort(hi)) << 16);
+}
+
+// Four 8x8 bf16 matrices from shared memory; lanes 8i..8i+7 give the row addresses of matrix i
+// (16 bytes each). Plain: r[i] holds row lane / 4, columns 2 (lane % 4), +1 of matrix i (an
+// A or B fragment half of rows stored k-contiguous). Transposed: r[i] holds rows 2 (lane % 4),
+// +1 of column lane / 4 (a B fragment half of rows stored n-contiguous).
+__device__ __forceinline__ void ldmatrix_x4(uint32_t r[4], const void* row_addr) {
+  const uint32_t a = static_cast<uint32_t>(__cvta_generic_to_shared(row_addr));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(a));
+}
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t r[4], const void* row_addr) {
+  const uint32_t a = static_cast<uint32_t>(__cvta_generic_to_shared(row_addr));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(a));
 }
 
 __device__ __forceinline__ uint32_t load_u32(const __nv_bfloat16* p) {

@@ -1,3 +1,5 @@
+#include <algorithm>
+
 #include "backend/cuda/cuda_check.h"
 #include "backend/cuda/hopper.cuh"
 #include "backend/cuda/mma.cuh"
@@ -262,11 +264,14 @@ void launch_gemm(__nv_bfloat16* out, const __nv_bfloat16* a, const __nv_bfloat16
 
 // ---- Prefill: wgmma grouped GEMM (128-row M-blocks) ----
 //
-// One CTA computes a 128 x 128 tile of one M-block: a producer warpgroup (one thread) streams
-// 64-wide K slices of A (two 64-row boxes) and of the expert's weights (two 64-row boxes) with
-// TMA into a kWgStages-deep ring; two consumer warpgroups each multiply their 64 A rows by the
-// 128 weight rows with wgmma m64n128k16 and release the slot. Both operands come through tensor
-// maps over contiguous matrices: for gate/up, A is x gathered into sorted order first.
+// Persistent CTAs (one per SM) walk the 128 x 128 output tiles (N tile fastest, so the CTAs
+// running together share A rows and an expert's weights in L2). A producer warpgroup (one
+// thread) streams 64-wide K slices of A (two 64-row boxes) and of the expert's weights (two
+// 64-row boxes) with TMA into a kWgStages-deep ring, running ahead into the next tile while the
+// consumers store the last one; two consumer warpgroups each multiply their 64 A rows by the 128
+// weight rows with wgmma m64n128k16, keeping one K slice of wgmma in flight, and release each
+// slot once its wgmma has completed. Both operands come through tensor maps over contiguous
+// matrices: for gate/up, A is x gathered into sorted order first.
 constexpr int kWgBM = kMoeBlockWgmma, kWgBK = 64, kWgStages = 4;
 constexpr int kWgBox = 64 * kWgBK * 2;     // bytes of one 64-row box
 constexpr int kWgStageBytes = 4 * kWgBox;  // A: 2 boxes, B: 2 boxes
@@ -277,9 +282,7 @@ __global__ void __launch_bounds__(384, 1)
     moe_gemm_wgmma_kernel(const __grid_constant__ CUtensorMap a_map,
                           const __grid_constant__ CUtensorMap b_map, __nv_bfloat16* out,
                           const float* route_w, const int32_t* sorted_pairs,
-                          const int32_t* block_expert, int K, int N) {
-  const int e = block_expert[blockIdx.x];
-  if (e < 0) return;
+                          const int32_t* block_expert, int m_blocks, int n_tiles, int K, int N) {
   extern __shared__ unsigned char smem_raw[];
   // 128B-swizzled tiles need 1024-byte alignment.
   unsigned char* smem = reinterpret_cast<unsigned char*>(
@@ -295,19 +298,24 @@ __global__ void __launch_bounds__(384, 1)
     mbar_init_fence();
   }
   __syncthreads();
-  const int m0 = blockIdx.x * kWgBM;
-  const int n0 = blockIdx.y * (kGateUp ? 64 : 128);
   const int k_tiles = (K + kWgBK - 1) / kWgBK;
+  const int tiles = m_blocks * n_tiles;
 
   if (wg == 0) {  // producer
-    if (tid == 0) {
+    if (tid != 0) return;
+    int it = 0;  // K slices issued so far, over all tiles: slot it % stages, round it / stages
+    for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
+      const int mb = tile / n_tiles, n0 = (tile % n_tiles) * (kGateUp ? 64 : 128);
+      const int e = block_expert[mb];
+      if (e < 0) continue;
+      const int m0 = mb * kWgBM;
       // Weight rows of this tile: gate rows n0.. and up rows N + n0.. of the expert's [2N, K]
       // block, or rows n0.. and n0 + 64.. of its [N, K] down block.
       const int r0 = kGateUp ? e * 2 * N + n0 : e * N + n0;
       const int r1 = kGateUp ? r0 + N : r0 + 64;
-      for (int kt = 0; kt < k_tiles; ++kt) {
-        const int s = kt % kWgStages;
-        if (kt >= kWgStages) mbar_wait(&empty[s], ((kt / kWgStages) - 1) & 1);
+      for (int kt = 0; kt < k_tiles; ++kt, ++it) {
+        const int s = it % kWgStages;
+        if (it >= kWgStages) mbar_wait(&empty[s], ((it / kWgStages) - 1) & 1);
         unsigned char* st = smem + s * kWgStageBytes;
         mbar_arrive_expect_tx(&full[s], kWgStageBytes);
         const int k0 = kt * kWgBK;
@@ -321,52 +329,61 @@ __global__ void __launch_bounds__(384, 1)
   }
 
   const int cw = wg - 1;  // this consumer's 64 rows of the M-block
-  float acc[64];
-#pragma unroll
-  for (int i = 0; i < 64; ++i) acc[i] = 0.0f;
-  for (int kt = 0; kt < k_tiles; ++kt) {
-    const int s = kt % kWgStages;
-    mbar_wait(&full[s], (kt / kWgStages) & 1);
-    const unsigned char* st = smem + s * kWgStageBytes;
-    wgmma_fence();
-#pragma unroll
-    for (int ks = 0; ks < kWgBK / 16; ++ks) {
-      wgmma_m64n128k16(acc, wgmma_desc_sw128(st + cw * kWgBox + ks * 32),
-                       wgmma_desc_sw128(st + 2 * kWgBox + ks * 32), 1);
-    }
-    wgmma_commit();
-    wgmma_wait<0>();
-    if (tid % 32 == 0) mbar_arrive(&empty[s]);
-  }
-
   const int warp = (tid % 128) / 32, lane = tid % 32, g = lane / 4, c = lane % 4;
+  int it = 0;
+  for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
+    const int mb = tile / n_tiles, n0 = (tile % n_tiles) * (kGateUp ? 64 : 128);
+    if (block_expert[mb] < 0) continue;
+    const int m0 = mb * kWgBM;
+    float acc[64];
 #pragma unroll
-  for (int half = 0; half < 2; ++half) {
-    const int r = m0 + cw * 64 + warp * 16 + g + 8 * half;
-    const int pair = sorted_pairs[r];
-    if (pair < 0) continue;
-    __nv_bfloat16* orow = out + static_cast<size_t>(r) * N;
-    if (kGateUp) {
+    for (int i = 0; i < 64; ++i) acc[i] = 0.0f;
+    for (int kt = 0; kt < k_tiles; ++kt, ++it) {
+      const int s = it % kWgStages;
+      mbar_wait(&full[s], (it / kWgStages) & 1);
+      const unsigned char* st = smem + s * kWgStageBytes;
+      wgmma_fence();
 #pragma unroll
-      for (int i = 0; i < 8; ++i) {
-        const int col = n0 + 8 * i + 2 * c;
-        if (col >= N) continue;
-        float v[2];
-#pragma unroll
-        for (int j = 0; j < 2; ++j) {
-          const float gv = acc[4 * i + 2 * half + j], uv = acc[4 * (i + 8) + 2 * half + j];
-          v[j] = gv / (1.0f + __expf(-gv)) * uv;
-        }
-        *reinterpret_cast<__nv_bfloat162*>(orow + col) = __floats2bfloat162_rn(v[0], v[1]);
+      for (int ks = 0; ks < kWgBK / 16; ++ks) {
+        wgmma_m64n128k16(acc, wgmma_desc_sw128(st + cw * kWgBox + ks * 32),
+                         wgmma_desc_sw128(st + 2 * kWgBox + ks * 32), 1);
       }
-    } else {
-      const float rw = route_w[pair];
+      wgmma_commit();
+      // The previous slice's group is complete once at most this one is pending.
+      wgmma_wait<1>();
+      if (kt > 0 && lane == 0) mbar_arrive(&empty[(it - 1) % kWgStages]);
+    }
+    wgmma_wait<0>();
+    if (lane == 0) mbar_arrive(&empty[(it - 1) % kWgStages]);
+
 #pragma unroll
-      for (int i = 0; i < 16; ++i) {
-        const int col = n0 + 8 * i + 2 * c;
-        if (col >= N) continue;
-        *reinterpret_cast<__nv_bfloat162*>(orow + col) =
-            __floats2bfloat162_rn(acc[4 * i + 2 * half] * rw, acc[4 * i + 2 * half + 1] * rw);
+    for (int half = 0; half < 2; ++half) {
+      const int r = m0 + cw * 64 + warp * 16 + g + 8 * half;
+      const int pair = sorted_pairs[r];
+      if (pair < 0) continue;
+      __nv_bfloat16* orow = out + static_cast<size_t>(r) * N;
+      if (kGateUp) {
+#pragma unroll
+        for (int i = 0; i < 8; ++i) {
+          const int col = n0 + 8 * i + 2 * c;
+          if (col >= N) continue;
+          float v[2];
+#pragma unroll
+          for (int j = 0; j < 2; ++j) {
+            const float gv = acc[4 * i + 2 * half + j], uv = acc[4 * (i + 8) + 2 * half + j];
+            v[j] = gv / (1.0f + __expf(-gv)) * uv;
+          }
+          *reinterpret_cast<__nv_bfloat162*>(orow + col) = __floats2bfloat162_rn(v[0], v[1]);
+        }
+      } else {
+        const float rw = route_w[pair];
+#pragma unroll
+        for (int i = 0; i < 16; ++i) {
+          const int col = n0 + 8 * i + 2 * c;
+          if (col >= N) continue;
+          *reinterpret_cast<__nv_bfloat162*>(orow + col) =
+              __floats2bfloat162_rn(acc[4 * i + 2 * half] * rw, acc[4 * i + 2 * half + 1] * rw);
+        }
       }
     }
   }
@@ -395,10 +412,17 @@ void launch_wgmma(__nv_bfloat16* out, const CUtensorMap& a_map, const CUtensorMa
                                           static_cast<int>(kWgSmem)));
     configured = true;
   }
+  static const int sms = [] {
+    int device = 0, count = 0;
+    ERNIE_CUDA_CHECK(cudaGetDevice(&device));
+    ERNIE_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device));
+    return count;
+  }();
   const int cols = kGateUp ? 64 : 128;
-  const dim3 grid(static_cast<unsigned>(capacity / kWgBM), (N + cols - 1) / cols);
-  moe_gemm_wgmma_kernel<kGateUp><<<grid, 384, kWgSmem, stream>>>(a_map, b_map, out, route_w,
-                                                                 sorted_pairs, block_expert, K, N);
+  const int m_blocks = static_cast<int>(capacity / kWgBM), n_tiles = (N + cols - 1) / cols;
+  const int grid = std::min(m_blocks * n_tiles, sms);
+  moe_gemm_wgmma_kernel<kGateUp><<<grid, 384, kWgSmem, stream>>>(
+      a_map, b_map, out, route_w, sorted_pairs, block_expert, m_blocks, n_tiles, K, N);
   ERNIE_CUDA_CHECK(cudaGetLastError());
 }
 
