@@ -101,6 +101,17 @@ int run(int iters) {
     char what[64];
     std::snprintf(what, sizeof what, "moe layer, %lld tokens", static_cast<long long>(tokens));
     report(what, sec, bytes, flops);
+    // Where the layer's time goes: one call with the stage profile on.
+    be->enable_profile(true);
+    be->mark(backend::Stage::kMoeRouter);
+    be->moe(out, x, w);
+    const backend::StageProfile p = be->take_profile();
+    be->enable_profile(false);
+    std::printf("  stages:");
+    for (int i = 0; i < static_cast<int>(backend::Stage::kCount); ++i) {
+      if (p.ms[i] > 0) std::printf(" %s %.3f ms", backend::stage_name(backend::Stage(i)), p.ms[i]);
+    }
+    std::printf("\n");
   }
 
   // ---- attention (one layer) ----

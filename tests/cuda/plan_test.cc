@@ -35,7 +35,7 @@ TEST(AttentionPlan, TilesCoverRowsAndSplitsCoverKeys) {
     bool small = true;
     for (int s = 0; s < seqs; ++s) small &= (qs[s + 1] - qs[s]) * group <= 16;
     EXPECT_EQ(p.decode_shape, small);
-    const int bm = p.decode_shape ? 16 : 64;
+    const int bm = p.decode_shape ? kAttentionDecodeRows : kAttentionPrefillRows;
     // Tiles: for each sequence, rows 0, bm, 2 bm, ... in order, nothing else.
     size_t t = 0;
     for (int s = 0; s < seqs; ++s) {

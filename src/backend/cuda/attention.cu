@@ -7,16 +7,18 @@
 namespace ernie::cuda {
 namespace {
 
-constexpr int kThreads = 128;
 constexpr int kKeysPerTile = 64;
+constexpr int kPrefillRowWarps = kAttentionPrefillRows / 16;  // one warp per 16 rows
 constexpr float kLog2e = 1.4426950408889634f;
 
-// RW warps split the query rows (16 each), KW warps split each 64-key tile; RW * KW = 4.
-// Prefill uses RW = 4 (64 query rows per CTA); decode uses KW = 4 (16 rows, keys split four
-// ways and merged through shared memory at the end).
+// RW warps split the query rows (16 each), KW warps split each 64-key tile. Prefill uses RW = 8
+// (128 query rows per CTA: each K/V tile brought in serves twice the rows of a 64-row tile);
+// decode uses KW = 4 (16 rows, keys split four ways and merged through shared memory at the
+// end). K/V tiles are double-buffered: the next tile streams in while this one is used.
 template <int D, int RW, int KW>
-__global__ void __launch_bounds__(kThreads) paged_attention_kernel(const PagedAttentionArgs a) {
-  static_assert(RW * KW == 4 && D % 16 == 0);
+__global__ void __launch_bounds__(32 * RW * KW) paged_attention_kernel(const PagedAttentionArgs a) {
+  static_assert((RW == 1 || KW == 1) && D % 16 == 0);
+  constexpr int kThreads = 32 * RW * KW;
   constexpr int BM = 16 * RW, BN = kKeysPerTile, NK = BN / KW, NT = NK / 8, LD = D + 8;
   constexpr int kChunks = D / 8;  // 16-byte chunks per row
   extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -55,6 +57,9 @@ __global__ void __launch_bounds__(kThreads) paged_attention_kernel(const PagedAt
     const int row = row0 + wr * 16 + g + 8 * i;
     pos[i] = row < rows ? a.positions[q0 + row / group] : -1;
   }
+  // The smallest position among the warp's rows (padding rows count as -1: never "full").
+  int min_pos = min(pos[0], pos[1]);
+  for (int o = 16; o > 0; o >>= 1) min_pos = min(min_pos, __shfl_xor_sync(0xffffffffu, min_pos, o));
   float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
   float o[D / 8][4];
 #pragma unroll
@@ -122,12 +127,16 @@ __global__ void __launch_bounds__(kThreads) paged_attention_kernel(const PagedAt
       }
     }
     float mx[2] = {m[0], m[1]};
+    // Keys past the range or after a row's position are masked; a warp whose rows all see
+    // every key of its part of the tile skips the tests.
+    const int last_key = kt + kb + NK - 1;
+    const bool full = last_key < k_end && last_key <= min_pos;
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt) {
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int i = e / 2, j = kt + kb + nt * 8 + 2 * c + (e & 1);
-        const float v = (j < k_end && j <= pos[i]) ? s[nt][e] * scale_log2 : -INFINITY;
+        const float v = (full || (j < k_end && j <= pos[i])) ? s[nt][e] * scale_log2 : -INFINITY;
         s[nt][e] = v;
         mx[i] = fmaxf(mx[i], v);
       }
@@ -260,7 +269,7 @@ __global__ void combine_splits_kernel(__nv_bfloat16* out, const float* partial_o
 
 template <int D, int RW, int KW>
 void launch(const PagedAttentionArgs& a, cudaStream_t stream) {
-  constexpr int BM = 16 * RW, LD = D + 8;
+  constexpr int BM = 16 * RW, LD = D + 8, kThreads = 32 * RW * KW;
   const size_t smem = static_cast<size_t>(BM + 4 * kKeysPerTile) * LD * sizeof(__nv_bfloat16);
   static bool configured = false;  // set once per instantiation (host, single engine thread)
   if (!configured) {
@@ -279,7 +288,7 @@ void launch_d(const PagedAttentionArgs& a, cudaStream_t stream) {
   if (a.decode_shape) {
     launch<D, 1, 4>(a, stream);
   } else {
-    launch<D, 4, 1>(a, stream);
+    launch<D, kPrefillRowWarps, 1>(a, stream);
   }
 }
 
@@ -293,9 +302,11 @@ AttentionPlan plan_attention(const std::vector<int32_t>& query_start,
   const int seqs = static_cast<int>(context_lens.size());
   p.decode_shape = true;
   for (int s = 0; s < seqs; ++s) {
-    if ((query_start[s + 1] - query_start[s]) * group > 16) p.decode_shape = false;
+    if ((query_start[s + 1] - query_start[s]) * group > kAttentionDecodeRows) {
+      p.decode_shape = false;
+    }
   }
-  const int bm = p.decode_shape ? 16 : 64;
+  const int bm = p.decode_shape ? kAttentionDecodeRows : kAttentionPrefillRows;
   int max_ctx = 0;
   for (int s = 0; s < seqs; ++s) {
     const int rows = (query_start[s + 1] - query_start[s]) * group;

@@ -14,6 +14,9 @@
 
 namespace ernie::cuda {
 
+// Query rows per tile: decode-shaped steps (every sequence <= 16 rows) and the rest.
+constexpr int kAttentionDecodeRows = 16, kAttentionPrefillRows = 128;
+
 // Host-side partition of a step's attention work; computed before the step.
 struct AttentionPlan {
   std::vector<int32_t> tile_seq;   // sequence of each query tile
