@@ -228,6 +228,8 @@ TEST_F(CudaBackendTest, AttentionMatchesCpu) {
       {"d64 GQA", cfg(16, 2, 64), 32, {{1000, 1}, {0, 129}}},
       {"short prompts in 16-row tiles", cfg(4, 2, 48), 16, {{0, 4}, {0, 5}, {3, 2}, {40, 8}}},
       {"short prompts, 21B shape", cfg(20, 4, 128), 16, {{0, 2}, {0, 3}, {100, 1}}},
+      {"prefill chunk after a long context (key splits)", cfg(20, 4, 128), 16, {{4000, 20}}},
+      {"d128 prefill, block 7", cfg(20, 4, 128), 7, {{0, 150}, {300, 33}}},
   };
   for (const auto& c : cases) {
     SCOPED_TRACE(c.name);

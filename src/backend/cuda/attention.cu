@@ -2,13 +2,14 @@
 
 #include "backend/cuda/attention.cuh"
 #include "backend/cuda/cuda_check.h"
+#include "backend/cuda/hopper.cuh"
 #include "backend/cuda/mma.cuh"
 
 namespace ernie::cuda {
 namespace {
 
 constexpr int kKeysPerTile = 64;
-constexpr int kPrefillRowWarps = kAttentionPrefillRows / 16;  // one warp per 16 rows
+constexpr int kPrefillRowWarps = kAttentionPrefillRows / 16;  // mma.sync path: a warp per 16 rows
 constexpr float kLog2e = 1.4426950408889634f;
 
 // RW warps split the query rows (16 each), KW warps split each 64-key tile. Prefill uses RW = 8
@@ -248,6 +249,196 @@ __global__ void __launch_bounds__(32 * RW * KW) paged_attention_kernel(const Pag
   }
 }
 
+// Prefill tiles for head_dim 128 on wgmma (sm_90a): one warpgroup per 64 query rows. Q and
+// double-buffered 64-key K/V tiles are copied with cp.async straight into the 128-byte swizzled
+// layout (two 64-column halves of 64 rows x 128 bytes each); S = Q K^T is a wgmma with both
+// operands in shared memory, the softmax runs on S in registers exactly as in the mma.sync
+// kernel (the accumulator of each warp has the m16n8 layout), and O += P V takes P from
+// registers and V as an N-major operand.
+constexpr int kWgD = 128, kWgRows = 64, kWgHalf = 64 * 128;  // bytes of a 64-row half tile
+constexpr size_t kWgAttnSmem = 1024 + 5 * 2 * kWgHalf;       // Q + 2 x (K, V)
+
+__global__ void __launch_bounds__(128) prefill_attention_wgmma_kernel(const PagedAttentionArgs a) {
+  constexpr int D = kWgD, BN = kKeysPerTile, kChunks = D / 8;
+  extern __shared__ unsigned char smem_raw[];
+  unsigned char* smem = reinterpret_cast<unsigned char*>(
+      (reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t{1023});
+  unsigned char* sq = smem;  // [2 halves][64 rows][128 bytes], swizzled
+  auto k_tile = [&](int buf) { return smem + (1 + 2 * buf) * 2 * kWgHalf; };
+  auto v_tile = [&](int buf) { return smem + (2 + 2 * buf) * 2 * kWgHalf; };
+  // Byte offset of 16-byte chunk `ch` (of 16) of row `r` in a swizzled 64-row tile.
+  auto swz = [](int r, int ch) {
+    return (ch / 8) * kWgHalf + r * 128 + (((ch % 8) ^ (r % 8)) << 4);
+  };
+
+  const int tile = blockIdx.x, kvh = blockIdx.y, split = blockIdx.z;
+  const int seq = a.tile_seq[tile], row0 = a.tile_row0[tile];
+  const int group = a.heads / a.kv_heads;
+  const int q0 = a.query_start[seq], rows = (a.query_start[seq + 1] - q0) * group;
+  const int last_row = min(row0 + kWgRows, rows) - 1;
+  const int kv_end = min(a.context_lens[seq], a.positions[q0 + last_row / group] + 1);
+  const int split_keys = a.dims[0];
+  const int k_begin = split * split_keys;
+  const int k_end = a.splits == 1 ? kv_end : min(kv_end, k_begin + split_keys);
+  const size_t row_stride = static_cast<size_t>(a.heads + 2 * a.kv_heads) * D;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, c = lane % 4;
+
+  for (int i = threadIdx.x; i < kWgRows * kChunks; i += 128) {
+    const int r = i / kChunks, ch = i % kChunks, row = row0 + r;
+    const bool valid = row < rows;
+    const __nv_bfloat16* src = a.qkv;
+    if (valid) {
+      src = a.qkv + static_cast<size_t>(q0 + row / group) * row_stride +
+            static_cast<size_t>(kvh * group + row % group) * D + ch * 8;
+    }
+    cp_async_16(sq + swz(r, ch), src, valid);
+  }
+  const int32_t* table = a.block_tables + static_cast<size_t>(seq) * a.dims[1];
+  auto load_kv = [&](int buf, int kt) {
+    unsigned char* sk = k_tile(buf);
+    unsigned char* sv = v_tile(buf);
+    for (int i = threadIdx.x; i < BN * kChunks; i += 128) {
+      const int key = i / kChunks, ch = i % kChunks, j = kt + key;
+      const bool valid = j < k_end;  // rows past the range are zero (never NaN * 0)
+      size_t off = 0;
+      if (valid) {
+        const int64_t slot =
+            static_cast<int64_t>(table[j / a.block_size]) * a.block_size + j % a.block_size;
+        off = (static_cast<size_t>(slot) * a.kv_heads + kvh) * D + ch * 8;
+      }
+      cp_async_16(sk + swz(key, ch), a.k_cache + off, valid);
+      cp_async_16(sv + swz(key, ch), a.v_cache + off, valid);
+    }
+  };
+  if (k_begin < k_end) load_kv(0, k_begin);
+  cp_async_commit();
+
+  int pos[2];
+  for (int i = 0; i < 2; ++i) {
+    const int row = row0 + warp * 16 + g + 8 * i;
+    pos[i] = row < rows ? a.positions[q0 + row / group] : -1;
+  }
+  int min_pos = min(pos[0], pos[1]);
+  for (int o = 16; o > 0; o >>= 1) min_pos = min(min_pos, __shfl_xor_sync(0xffffffffu, min_pos, o));
+  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
+  float o[64];
+#pragma unroll
+  for (int i = 0; i < 64; ++i) o[i] = 0.0f;
+  const float scale_log2 = a.scale * kLog2e;
+
+  int buf = 0;
+  for (int kt = k_begin; kt < k_end; kt += BN, buf ^= 1) {
+    __syncthreads();  // everyone is done with the other buffer (the previous tile)
+    if (kt + BN < k_end) load_kv(buf ^ 1, kt + BN);
+    cp_async_commit();
+    cp_async_wait<1>();  // this tile (and the query rows) have landed
+    fence_proxy_async();
+    __syncthreads();
+    const unsigned char* sk = k_tile(buf);
+    const unsigned char* sv = v_tile(buf);
+
+    float s[32];
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+      const int off = (kk / 4) * kWgHalf + (kk % 4) * 32;
+      wgmma_m64n64k16(s, wgmma_desc_sw128(sq + off), wgmma_desc_sw128(sk + off), kk > 0);
+    }
+    wgmma_commit();
+    wgmma_wait<0>();
+
+    float mx[2] = {m[0], m[1]};
+    const int last_key = kt + BN - 1;
+    const bool full = last_key < k_end && last_key <= min_pos;
+#pragma unroll
+    for (int nt = 0; nt < BN / 8; ++nt) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int i = e / 2, j = kt + nt * 8 + 2 * c + (e & 1);
+        const float v =
+            (full || (j < k_end && j <= pos[i])) ? s[4 * nt + e] * scale_log2 : -INFINITY;
+        s[4 * nt + e] = v;
+        mx[i] = fmaxf(mx[i], v);
+      }
+    }
+    float base[2];
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 1));
+      mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 2));
+      base[i] = mx[i] == -INFINITY ? 0.0f : mx[i];
+      const float rescale = exp2f(m[i] - base[i]);  // 0 while nothing was visible
+      m[i] = mx[i];
+      l[i] *= rescale;
+#pragma unroll
+      for (int nd = 0; nd < D / 8; ++nd) {
+        o[4 * nd + 2 * i] *= rescale;
+        o[4 * nd + 2 * i + 1] *= rescale;
+      }
+    }
+#pragma unroll
+    for (int e = 0; e < 32; ++e) {
+      const float p = exp2f(s[e] - base[(e % 4) / 2]);
+      l[(e % 4) / 2] += p;
+      s[e] = p;
+    }
+    uint32_t pa[BN / 16][4];
+#pragma unroll
+    for (int ks = 0; ks < BN / 16; ++ks) {
+#pragma unroll
+      for (int r = 0; r < 4; ++r) pa[ks][r] = pack_bf16(s[8 * ks + 2 * r], s[8 * ks + 2 * r + 1]);
+    }
+    wgmma_fence();
+#pragma unroll
+    for (int ks = 0; ks < BN / 16; ++ks) {
+      // Keys 16 ks.. (two 8-key groups of 1024 bytes), d 0..63 and (8 KB further) 64..127.
+      wgmma_m64n128k16_rs(o, pa[ks], wgmma_desc_sw128_mn(sv + ks * 2048, kWgHalf));
+    }
+    wgmma_commit();
+    wgmma_wait<0>();
+  }
+  cp_async_wait<0>();
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    l[i] += __shfl_xor_sync(0xffffffffu, l[i], 1);
+    l[i] += __shfl_xor_sync(0xffffffffu, l[i], 2);
+  }
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    const int row = row0 + warp * 16 + g + 8 * i;
+    if (row >= rows) continue;
+    const size_t t = q0 + row / group, h = kvh * group + row % group;
+    const float inv = l[i] > 0.0f ? 1.0f / l[i] : 0.0f;
+#pragma unroll
+    for (int nd = 0; nd < D / 8; ++nd) {
+      const int d = nd * 8 + 2 * c;
+      const float v0 = o[4 * nd + 2 * i] * inv, v1 = o[4 * nd + 2 * i + 1] * inv;
+      if (a.splits == 1) {
+        *reinterpret_cast<__nv_bfloat162*>(a.out + (t * a.heads + h) * D + d) =
+            __floats2bfloat162_rn(v0, v1);
+      } else {
+        const size_t idx = (static_cast<size_t>(split) * a.tokens + t) * a.heads + h;
+        a.partial_o[idx * D + d] = v0;
+        a.partial_o[idx * D + d + 1] = v1;
+        if (d == 0) a.partial_lse[idx] = l[i] > 0.0f ? m[i] + log2f(l[i]) : -INFINITY;
+      }
+    }
+  }
+}
+
+void launch_prefill_wgmma(const PagedAttentionArgs& a, cudaStream_t stream) {
+  static bool configured = false;
+  if (!configured) {
+    ERNIE_CUDA_CHECK(cudaFuncSetAttribute(prefill_attention_wgmma_kernel,
+                                          cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                          static_cast<int>(kWgAttnSmem)));
+    configured = true;
+  }
+  const dim3 grid(a.num_tiles, a.kv_heads, a.splits);
+  prefill_attention_wgmma_kernel<<<grid, 128, kWgAttnSmem, stream>>>(a);
+  ERNIE_CUDA_CHECK(cudaGetLastError());
+}
+
 // One CTA per (token, head), one thread per output element.
 __global__ void combine_splits_kernel(__nv_bfloat16* out, const float* partial_o,
                                       const float* partial_lse, int tokens, int heads, int d,
@@ -287,6 +478,8 @@ template <int D>
 void launch_d(const PagedAttentionArgs& a, cudaStream_t stream) {
   if (a.decode_shape) {
     launch<D, 1, 4>(a, stream);
+  } else if (D == kWgD) {
+    launch_prefill_wgmma(a, stream);
   } else {
     launch<D, kPrefillRowWarps, 1>(a, stream);
   }

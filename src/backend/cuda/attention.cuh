@@ -15,7 +15,7 @@
 namespace ernie::cuda {
 
 // Query rows per tile: decode-shaped steps (every sequence <= 16 rows) and the rest.
-constexpr int kAttentionDecodeRows = 16, kAttentionPrefillRows = 128;
+constexpr int kAttentionDecodeRows = 16, kAttentionPrefillRows = 64;
 
 // Host-side partition of a step's attention work; computed before the step.
 struct AttentionPlan {
