@@ -12,6 +12,23 @@ constexpr int kKeysPerTile = 64;
 constexpr int kPrefillRowWarps = kAttentionPrefillRows / 16;  // mma.sync path: a warp per 16 rows
 constexpr float kLog2e = 1.4426950408889634f;
 
+// Row of the paged cache that holds key j of a sequence (shift and mask for power-of-two block
+// sizes, the common case; a division otherwise).
+__device__ __forceinline__ int64_t key_slot(const int32_t* table, int j, int block_size,
+                                            int block_shift) {
+  if (block_shift >= 0) {
+    return (static_cast<int64_t>(table[j >> block_shift]) << block_shift) | (j & (block_size - 1));
+  }
+  return static_cast<int64_t>(table[j / block_size]) * block_size + j % block_size;
+}
+
+// 2^x on the special function unit (2^-inf = 0).
+__device__ __forceinline__ float fast_exp2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
 // RW warps split the query rows (16 each), KW warps split each 64-key tile. Prefill uses RW = 8
 // (128 query rows per CTA: each K/V tile brought in serves twice the rows of a 64-row tile);
 // decode uses KW = 4 (16 rows, keys split four ways and merged through shared memory at the
@@ -76,8 +93,7 @@ __global__ void __launch_bounds__(32 * RW * KW) paged_attention_kernel(const Pag
       const bool valid = j < k_end;
       size_t off = 0;
       if (valid) {
-        const int64_t slot =
-            static_cast<int64_t>(table[j / a.block_size]) * a.block_size + j % a.block_size;
+        const int64_t slot = key_slot(table, j, a.block_size, a.block_shift);
         off = (static_cast<size_t>(slot) * a.kv_heads + kvh) * D + ch * 8;
       }
       cp_async_16(sk + key * LD + ch * 8, a.k_cache + off, valid);
@@ -148,7 +164,7 @@ __global__ void __launch_bounds__(32 * RW * KW) paged_attention_kernel(const Pag
       mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 1));
       mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 2));
       base[i] = mx[i] == -INFINITY ? 0.0f : mx[i];
-      const float rescale = exp2f(m[i] - base[i]);  // 0 while nothing was visible
+      const float rescale = fast_exp2(m[i] - base[i]);  // 0 while nothing was visible
       m[i] = mx[i];
       l[i] *= rescale;
 #pragma unroll
@@ -161,7 +177,7 @@ __global__ void __launch_bounds__(32 * RW * KW) paged_attention_kernel(const Pag
     for (int nt = 0; nt < NT; ++nt) {
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
-        const float p = exp2f(s[nt][e] - base[e / 2]);
+        const float p = fast_exp2(s[nt][e] - base[e / 2]);
         l[e / 2] += p;
         s[nt][e] = p;
       }
@@ -240,7 +256,7 @@ __global__ void __launch_bounds__(32 * RW * KW) paged_attention_kernel(const Pag
       for (int w = 0; w < KW; ++w) {
         const float mw = mm[w * 16 + r];
         if (mw == -INFINITY) continue;
-        const float f = exp2f(mw - mr);
+        const float f = fast_exp2(mw - mr);
         lr += ml[w * 16 + r] * f;
         ov += mo[(w * 16 + r) * D + d] * f;
       }
@@ -302,8 +318,7 @@ __global__ void __launch_bounds__(128) prefill_attention_wgmma_kernel(const Page
       const bool valid = j < k_end;  // rows past the range are zero (never NaN * 0)
       size_t off = 0;
       if (valid) {
-        const int64_t slot =
-            static_cast<int64_t>(table[j / a.block_size]) * a.block_size + j % a.block_size;
+        const int64_t slot = key_slot(table, j, a.block_size, a.block_shift);
         off = (static_cast<size_t>(slot) * a.kv_heads + kvh) * D + ch * 8;
       }
       cp_async_16(sk + swz(key, ch), a.k_cache + off, valid);
@@ -367,7 +382,7 @@ __global__ void __launch_bounds__(128) prefill_attention_wgmma_kernel(const Page
       mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 1));
       mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 2));
       base[i] = mx[i] == -INFINITY ? 0.0f : mx[i];
-      const float rescale = exp2f(m[i] - base[i]);  // 0 while nothing was visible
+      const float rescale = fast_exp2(m[i] - base[i]);  // 0 while nothing was visible
       m[i] = mx[i];
       l[i] *= rescale;
 #pragma unroll
@@ -378,7 +393,7 @@ __global__ void __launch_bounds__(128) prefill_attention_wgmma_kernel(const Page
     }
 #pragma unroll
     for (int e = 0; e < 32; ++e) {
-      const float p = exp2f(s[e] - base[(e % 4) / 2]);
+      const float p = fast_exp2(s[e] - base[(e % 4) / 2]);
       l[(e % 4) / 2] += p;
       s[e] = p;
     }
@@ -451,7 +466,7 @@ __global__ void combine_splits_kernel(__nv_bfloat16* out, const float* partial_o
   for (int s = 0; s < splits; ++s) {
     const float lse = partial_lse[s * plane + th];
     if (lse == -INFINITY) continue;
-    const float w = exp2f(lse - mx);
+    const float w = fast_exp2(lse - mx);
     sum += w;
     acc += w * partial_o[(s * plane + th) * d + threadIdx.x];
   }
@@ -525,8 +540,13 @@ AttentionPlan plan_attention(const std::vector<int32_t>& query_start,
   return p;
 }
 
-void paged_attention(const PagedAttentionArgs& a, cudaStream_t stream) {
-  if (a.num_tiles == 0) return;
+void paged_attention(const PagedAttentionArgs& args, cudaStream_t stream) {
+  if (args.num_tiles == 0) return;
+  PagedAttentionArgs a = args;
+  a.block_shift = -1;
+  for (int b = 0; b < 31; ++b) {
+    if (a.block_size == 1 << b) a.block_shift = b;
+  }
   require(a.heads > 0 && a.kv_heads > 0 && a.heads % a.kv_heads == 0 && a.block_size > 0,
           "paged_attention: bad shape");
   require(a.splits == 1 || (a.partial_o && a.partial_lse), "paged_attention: splits need partials");
