@@ -230,6 +230,8 @@ TEST_F(CudaBackendTest, AttentionMatchesCpu) {
       {"short prompts, 21B shape", cfg(20, 4, 128), 16, {{0, 2}, {0, 3}, {100, 1}}},
       {"prefill chunk after a long context (key splits)", cfg(20, 4, 128), 16, {{4000, 20}}},
       {"d128 prefill, block 7", cfg(20, 4, 128), 7, {{0, 150}, {300, 33}}},
+      {"d128 prefill, block 8", cfg(20, 4, 128), 8, {{0, 150}, {301, 33}}},
+      {"d128 prefill, block 64", cfg(64, 8, 128), 64, {{0, 90}, {130, 70}, {3, 1}}},
   };
   for (const auto& c : cases) {
     SCOPED_TRACE(c.name);

@@ -1,4 +1,5 @@
 #include <algorithm>
+#include <unordered_map>
 
 #include "backend/cuda/attention.cuh"
 #include "backend/cuda/cuda_check.h"
@@ -274,7 +275,13 @@ __global__ void __launch_bounds__(32 * RW * KW) paged_attention_kernel(const Pag
 constexpr int kWgD = 128, kWgRows = 64, kWgHalf = 64 * 128;  // bytes of a 64-row half tile
 constexpr size_t kWgAttnSmem = 1024 + 5 * 2 * kWgHalf;       // Q + 2 x (K, V)
 
-__global__ void __launch_bounds__(128) prefill_attention_wgmma_kernel(const PagedAttentionArgs a) {
+// With kTma, K/V tiles come by TMA, one box per cache block and 64-column half (block sizes
+// 8, 16, 32, 64); thread 0 issues them and an mbarrier per buffer signals their arrival.
+template <bool kTma>
+__global__ void __launch_bounds__(128)
+    prefill_attention_wgmma_kernel(const PagedAttentionArgs a,
+                                   const __grid_constant__ CUtensorMap k_map,
+                                   const __grid_constant__ CUtensorMap v_map) {
   constexpr int D = kWgD, BN = kKeysPerTile, kChunks = D / 8;
   extern __shared__ unsigned char smem_raw[];
   unsigned char* smem = reinterpret_cast<unsigned char*>(
@@ -310,19 +317,48 @@ __global__ void __launch_bounds__(128) prefill_attention_wgmma_kernel(const Page
     cp_async_16(sq + swz(r, ch), src, valid);
   }
   const int32_t* table = a.block_tables + static_cast<size_t>(seq) * a.dims[1];
+  __shared__ __align__(8) uint64_t full[2];
+  if constexpr (kTma) {
+    // Rows of a tile past the sequence's last block are never loaded: they must hold finite
+    // values (masked to probability 0) before any tile arrives.
+    for (int i = threadIdx.x; i < 8 * kWgHalf / 16; i += 128) {
+      reinterpret_cast<uint4*>(k_tile(0))[i] = make_uint4(0, 0, 0, 0);
+    }
+    if (threadIdx.x == 0) {
+      mbar_init(&full[0], 1);
+      mbar_init(&full[1], 1);
+      mbar_init_fence();
+    }
+    fence_proxy_async();
+    __syncthreads();
+  }
   auto load_kv = [&](int buf, int kt) {
     unsigned char* sk = k_tile(buf);
     unsigned char* sv = v_tile(buf);
-    for (int i = threadIdx.x; i < BN * kChunks; i += 128) {
-      const int key = i / kChunks, ch = i % kChunks, j = kt + key;
-      const bool valid = j < k_end;  // rows past the range are zero (never NaN * 0)
-      size_t off = 0;
-      if (valid) {
-        const int64_t slot = key_slot(table, j, a.block_size, a.block_shift);
-        off = (static_cast<size_t>(slot) * a.kv_heads + kvh) * D + ch * 8;
+    if constexpr (kTma) {
+      if (threadIdx.x != 0) return;
+      const int bs = a.block_size;
+      const int first = kt / bs, last = (min(kt + BN, k_end) - 1) / bs;
+      mbar_arrive_expect_tx(&full[buf], (last - first + 1) * bs * 128 * 4);
+      for (int b = first; b <= last; ++b) {
+        const int slot0 = table[b] * bs, row = b * bs - kt;
+        for (int half = 0; half < 2; ++half) {
+          tma_load_3d(sk + half * kWgHalf + row * 128, &k_map, &full[buf], half * 64, kvh, slot0);
+          tma_load_3d(sv + half * kWgHalf + row * 128, &v_map, &full[buf], half * 64, kvh, slot0);
+        }
       }
-      cp_async_16(sk + swz(key, ch), a.k_cache + off, valid);
-      cp_async_16(sv + swz(key, ch), a.v_cache + off, valid);
+    } else {
+      for (int i = threadIdx.x; i < BN * kChunks; i += 128) {
+        const int key = i / kChunks, ch = i % kChunks, j = kt + key;
+        const bool valid = j < k_end;  // rows past the range are zero (never NaN * 0)
+        size_t off = 0;
+        if (valid) {
+          const int64_t slot = key_slot(table, j, a.block_size, a.block_shift);
+          off = (static_cast<size_t>(slot) * a.kv_heads + kvh) * D + ch * 8;
+        }
+        cp_async_16(sk + swz(key, ch), a.k_cache + off, valid);
+        cp_async_16(sv + swz(key, ch), a.v_cache + off, valid);
+      }
     }
   };
   if (k_begin < k_end) load_kv(0, k_begin);
@@ -342,13 +378,14 @@ __global__ void __launch_bounds__(128) prefill_attention_wgmma_kernel(const Page
   const float scale_log2 = a.scale * kLog2e;
 
   int buf = 0;
-  for (int kt = k_begin; kt < k_end; kt += BN, buf ^= 1) {
+  for (int kt = k_begin, t = 0; kt < k_end; kt += BN, buf ^= 1, ++t) {
     __syncthreads();  // everyone is done with the other buffer (the previous tile)
     if (kt + BN < k_end) load_kv(buf ^ 1, kt + BN);
     cp_async_commit();
     cp_async_wait<1>();  // this tile (and the query rows) have landed
     fence_proxy_async();
     __syncthreads();
+    if constexpr (kTma) mbar_wait(&full[buf], (t / 2) & 1);
     const unsigned char* sk = k_tile(buf);
     const unsigned char* sv = v_tile(buf);
 
@@ -441,16 +478,50 @@ __global__ void __launch_bounds__(128) prefill_attention_wgmma_kernel(const Page
   }
 }
 
+// Tensor maps over one layer's K or V cache [slots, kv_heads, 128] with 64 x 1 x block_size
+// boxes, kept per cache address and shape (encoding one costs host time every step otherwise).
+const CUtensorMap& cache_map(const __nv_bfloat16* cache, const PagedAttentionArgs& a) {
+  struct Key {
+    const void* p;
+    int64_t slots;
+    int kv_heads, block_size;
+    bool operator==(const Key&) const = default;
+  };
+  struct Hash {
+    size_t operator()(const Key& k) const {
+      return std::hash<const void*>()(k.p) ^ std::hash<int64_t>()(k.slots * 1315423911LL) ^
+             static_cast<size_t>(k.kv_heads * 31 + k.block_size);
+    }
+  };
+  static std::unordered_map<Key, CUtensorMap, Hash> maps;
+  const Key key{cache, a.cache_slots, a.kv_heads, a.block_size};
+  auto it = maps.find(key);
+  if (it == maps.end()) {
+    if (maps.size() > 4096) maps.clear();  // caches reallocated many times over
+    const int64_t dims[3] = {kWgD, a.kv_heads, a.cache_slots};
+    const int box[3] = {64, 1, a.block_size};
+    it = maps.emplace(key, tensor_map_bf16_sw128_3d(cache, dims, box)).first;
+  }
+  return it->second;
+}
+
 void launch_prefill_wgmma(const PagedAttentionArgs& a, cudaStream_t stream) {
-  static bool configured = false;
-  if (!configured) {
-    ERNIE_CUDA_CHECK(cudaFuncSetAttribute(prefill_attention_wgmma_kernel,
-                                          cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                          static_cast<int>(kWgAttnSmem)));
-    configured = true;
+  const bool tma = a.cache_slots > 0 && a.block_shift >= 3 && a.block_size <= kKeysPerTile;
+  static bool configured[2] = {false, false};
+  if (!configured[tma]) {
+    ERNIE_CUDA_CHECK(cudaFuncSetAttribute(
+        tma ? prefill_attention_wgmma_kernel<true> : prefill_attention_wgmma_kernel<false>,
+        cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(kWgAttnSmem)));
+    configured[tma] = true;
   }
   const dim3 grid(a.num_tiles, a.kv_heads, a.splits);
-  prefill_attention_wgmma_kernel<<<grid, 128, kWgAttnSmem, stream>>>(a);
+  if (tma) {
+    prefill_attention_wgmma_kernel<true>
+        <<<grid, 128, kWgAttnSmem, stream>>>(a, cache_map(a.k_cache, a), cache_map(a.v_cache, a));
+  } else {
+    const CUtensorMap unused{};
+    prefill_attention_wgmma_kernel<false><<<grid, 128, kWgAttnSmem, stream>>>(a, unused, unused);
+  }
   ERNIE_CUDA_CHECK(cudaGetLastError());
 }
 

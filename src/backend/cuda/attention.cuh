@@ -49,7 +49,8 @@ struct PagedAttentionArgs {
   float* partial_lse = nullptr;            // [splits, T, H] when splits > 1
   int num_tiles = 0, tokens = 0, heads = 0, kv_heads = 0, head_dim = 0;
   int block_size = 0;
-  int block_shift = -1;  // log2(block_size) when it is a power of two (set by paged_attention)
+  int block_shift = -1;     // log2(block_size) when it is a power of two (set by paged_attention)
+  int64_t cache_slots = 0;  // rows of k_cache / v_cache (lets prefill tiles load by TMA)
   int splits = 1;
   bool decode_shape = false;
   float scale = 1.0f;

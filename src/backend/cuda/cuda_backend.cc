@@ -287,6 +287,9 @@ class CudaBackend final : public Backend {
     const size_t bytes = 2 * layer_elems_ * num_layers * sizeof(__nv_bfloat16);
     check_cuda(cudaMalloc(&kv_, bytes),
                cat("cudaMalloc of the KV cache (", bytes / 1e9, " GB)").c_str());
+    // Finite contents everywhere: attention tiles may bring in slots past a sequence's end
+    // (masked to probability 0, and 0 * NaN would not be 0).
+    check_cuda(cudaMemsetAsync(kv_, 0, bytes, stream_), "cudaMemsetAsync (KV cache)");
     num_layers_ = num_layers;
     num_blocks_ = num_blocks;
     block_size_ = block_size;
@@ -470,6 +473,7 @@ class CudaBackend final : public Backend {
     a.head_dim = attn_.head_dim;
     a.dims = d_dims_;
     a.block_size = block_size_;
+    a.cache_slots = (num_blocks_ + 1) * block_size_;
     a.splits = plan_.splits;
     a.decode_shape = plan_.decode_shape;
     a.scale = attn_.scale;

@@ -40,4 +40,26 @@ CUtensorMap tensor_map_bf16_sw128(const void* base, int64_t rows, int64_t cols, 
   return map;
 }
 
+CUtensorMap tensor_map_bf16_sw128_3d(const void* base, const int64_t dims[3], const int box[3]) {
+  require_parts(dims[0] % 8 == 0 && reinterpret_cast<uintptr_t>(base) % 16 == 0 && dims[1] > 0 &&
+                    dims[2] > 0 && box[0] * 2 <= 128 && box[1] > 0 && box[2] > 0 && box[1] <= 256 &&
+                    box[2] <= 256,
+                "tensor map: bad array ", dims[0], " x ", dims[1], " x ", dims[2]);
+  CUtensorMap map;
+  const cuuint64_t gdims[3] = {static_cast<cuuint64_t>(dims[0]), static_cast<cuuint64_t>(dims[1]),
+                               static_cast<cuuint64_t>(dims[2])};
+  const cuuint64_t strides[2] = {static_cast<cuuint64_t>(dims[0]) * 2,
+                                 static_cast<cuuint64_t>(dims[0] * dims[1]) * 2};
+  const cuuint32_t gbox[3] = {static_cast<cuuint32_t>(box[0]), static_cast<cuuint32_t>(box[1]),
+                              static_cast<cuuint32_t>(box[2])};
+  const cuuint32_t element_strides[3] = {1, 1, 1};
+  const CUresult r = encode_tiled()(
+      &map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 3, const_cast<void*>(base), gdims, strides, gbox,
+      element_strides, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+      CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  require_parts(r == CUDA_SUCCESS, "cuTensorMapEncodeTiled failed (error ", static_cast<int>(r),
+                ") for a ", dims[0], " x ", dims[1], " x ", dims[2], " array");
+  return map;
+}
+
 }  // namespace ernie::cuda

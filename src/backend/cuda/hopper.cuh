@@ -18,6 +18,9 @@ namespace ernie::cuda {
 // base) whose TMA box is box_rows x 64 columns (128 bytes) with the 128-byte swizzle. Reads
 // outside the matrix fill zeros.
 CUtensorMap tensor_map_bf16_sw128(const void* base, int64_t rows, int64_t cols, int box_rows);
+// Host: the same over a packed 3-D bf16 array (dims[0] innermost, dims[0] % 8 == 0) with box
+// box[0] x box[1] x box[2] (box[0] * 2 bytes <= 128).
+CUtensorMap tensor_map_bf16_sw128_3d(const void* base, const int64_t dims[3], const int box[3]);
 
 __device__ __forceinline__ uint32_t smem_u32(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
@@ -60,6 +63,15 @@ __device__ __forceinline__ void tma_load_2d(void* dst, const CUtensorMap* map, u
       "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, "
       "{%3, %4}], [%2];\n" ::"r"(smem_u32(dst)),
       "l"(reinterpret_cast<uint64_t>(map)), "r"(smem_u32(bar)), "r"(c0), "r"(c1)
+      : "memory");
+}
+
+__device__ __forceinline__ void tma_load_3d(void* dst, const CUtensorMap* map, uint64_t* bar,
+                                            int c0, int c1, int c2) {
+  asm volatile(
+      "cp.async.bulk.tensor.3d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, "
+      "{%3, %4, %5}], [%2];\n" ::"r"(smem_u32(dst)),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(smem_u32(bar)), "r"(c0), "r"(c1), "r"(c2)
       : "memory");
 }
 
