@@ -264,17 +264,19 @@ void launch_gemm(__nv_bfloat16* out, const __nv_bfloat16* a, const __nv_bfloat16
 
 // ---- Prefill: wgmma grouped GEMM (128-row M-blocks) ----
 //
-// Persistent CTAs (one per SM) walk the 128 x 128 output tiles (N tile fastest, so the CTAs
+// Persistent CTAs (one per SM) walk the 128 x 256 output tiles (N tile fastest, so the CTAs
 // running together share A rows and an expert's weights in L2). A producer warpgroup (one
-// thread) streams 64-wide K slices of A (two 64-row boxes) and of the expert's weights (two
+// thread) streams 64-wide K slices of A (two 64-row boxes) and of the expert's weights (four
 // 64-row boxes) with TMA into a kWgStages-deep ring, running ahead into the next tile while the
-// consumers store the last one; two consumer warpgroups each multiply their 64 A rows by the 128
-// weight rows with wgmma m64n128k16, keeping one K slice of wgmma in flight, and release each
-// slot once its wgmma has completed. Both operands come through tensor maps over contiguous
+// consumers store the last one; two consumer warpgroups each multiply their 64 A rows by the 256
+// weight rows with wgmma m64n256k16, keeping one K slice of wgmma in flight, and release each
+// slot once its wgmma has completed. (256-wide tiles read a quarter fewer operand bytes from L2
+// per FLOP than 128-wide ones.) Both operands come through tensor maps over contiguous
 // matrices: for gate/up, A is x gathered into sorted order first.
 constexpr int kWgBM = kMoeBlockWgmma, kWgBK = 64, kWgStages = 4;
+constexpr int kWgBN = 256;                 // weight rows per tile
 constexpr int kWgBox = 64 * kWgBK * 2;     // bytes of one 64-row box
-constexpr int kWgStageBytes = 4 * kWgBox;  // A: 2 boxes, B: 2 boxes
+constexpr int kWgStageBytes = 6 * kWgBox;  // A: 2 boxes, B: 4 boxes
 constexpr size_t kWgSmem = static_cast<size_t>(kWgStages) * kWgStageBytes + 1024 + 256;
 
 template <bool kGateUp>
@@ -305,14 +307,15 @@ __global__ void __launch_bounds__(384, 1)
     if (tid != 0) return;
     int it = 0;  // K slices issued so far, over all tiles: slot it % stages, round it / stages
     for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
-      const int mb = tile / n_tiles, n0 = (tile % n_tiles) * (kGateUp ? 64 : 128);
+      const int mb = tile / n_tiles, n0 = (tile % n_tiles) * (kGateUp ? kWgBN / 2 : kWgBN);
       const int e = block_expert[mb];
       if (e < 0) continue;
       const int m0 = mb * kWgBM;
-      // Weight rows of this tile: gate rows n0.. and up rows N + n0.. of the expert's [2N, K]
-      // block, or rows n0.. and n0 + 64.. of its [N, K] down block.
+      // Weight rows of this tile: gate rows n0..n0+127 and up rows N + n0.. of the expert's
+      // [2N, K] block, or rows n0..n0+255 of its [N, K] down block; one box per 64 rows.
       const int r0 = kGateUp ? e * 2 * N + n0 : e * N + n0;
-      const int r1 = kGateUp ? r0 + N : r0 + 64;
+      const int rows[4] = {r0, r0 + 64, kGateUp ? r0 + N : r0 + 128,
+                           kGateUp ? r0 + N + 64 : r0 + 192};
       for (int kt = 0; kt < k_tiles; ++kt, ++it) {
         const int s = it % kWgStages;
         if (it >= kWgStages) mbar_wait(&empty[s], ((it / kWgStages) - 1) & 1);
@@ -321,8 +324,9 @@ __global__ void __launch_bounds__(384, 1)
         const int k0 = kt * kWgBK;
         tma_load_2d(st, &a_map, &full[s], k0, m0);
         tma_load_2d(st + kWgBox, &a_map, &full[s], k0, m0 + 64);
-        tma_load_2d(st + 2 * kWgBox, &b_map, &full[s], k0, r0);
-        tma_load_2d(st + 3 * kWgBox, &b_map, &full[s], k0, r1);
+        for (int b = 0; b < 4; ++b) {
+          tma_load_2d(st + (2 + b) * kWgBox, &b_map, &full[s], k0, rows[b]);
+        }
       }
     }
     return;
@@ -332,12 +336,12 @@ __global__ void __launch_bounds__(384, 1)
   const int warp = (tid % 128) / 32, lane = tid % 32, g = lane / 4, c = lane % 4;
   int it = 0;
   for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
-    const int mb = tile / n_tiles, n0 = (tile % n_tiles) * (kGateUp ? 64 : 128);
+    const int mb = tile / n_tiles, n0 = (tile % n_tiles) * (kGateUp ? kWgBN / 2 : kWgBN);
     if (block_expert[mb] < 0) continue;
     const int m0 = mb * kWgBM;
-    float acc[64];
+    float acc[128];
 #pragma unroll
-    for (int i = 0; i < 64; ++i) acc[i] = 0.0f;
+    for (int i = 0; i < 128; ++i) acc[i] = 0.0f;
     for (int kt = 0; kt < k_tiles; ++kt, ++it) {
       const int s = it % kWgStages;
       mbar_wait(&full[s], (it / kWgStages) & 1);
@@ -345,8 +349,8 @@ __global__ void __launch_bounds__(384, 1)
       wgmma_fence();
 #pragma unroll
       for (int ks = 0; ks < kWgBK / 16; ++ks) {
-        wgmma_m64n128k16(acc, wgmma_desc_sw128(st + cw * kWgBox + ks * 32),
-                         wgmma_desc_sw128(st + 2 * kWgBox + ks * 32), 1);
+        wgmma_m64n256k16(acc, wgmma_desc_sw128(st + cw * kWgBox + ks * 32),
+                         wgmma_desc_sw128(st + 2 * kWgBox + ks * 32));
       }
       wgmma_commit();
       // The previous slice's group is complete once at most this one is pending.
@@ -364,13 +368,13 @@ __global__ void __launch_bounds__(384, 1)
       __nv_bfloat16* orow = out + static_cast<size_t>(r) * N;
       if (kGateUp) {
 #pragma unroll
-        for (int i = 0; i < 8; ++i) {
+        for (int i = 0; i < 16; ++i) {
           const int col = n0 + 8 * i + 2 * c;
           if (col >= N) continue;
           float v[2];
 #pragma unroll
           for (int j = 0; j < 2; ++j) {
-            const float gv = acc[4 * i + 2 * half + j], uv = acc[4 * (i + 8) + 2 * half + j];
+            const float gv = acc[4 * i + 2 * half + j], uv = acc[4 * (i + 16) + 2 * half + j];
             v[j] = gv / (1.0f + __expf(-gv)) * uv;
           }
           *reinterpret_cast<__nv_bfloat162*>(orow + col) = __floats2bfloat162_rn(v[0], v[1]);
@@ -378,7 +382,7 @@ __global__ void __launch_bounds__(384, 1)
       } else {
         const float rw = route_w[pair];
 #pragma unroll
-        for (int i = 0; i < 16; ++i) {
+        for (int i = 0; i < 32; ++i) {
           const int col = n0 + 8 * i + 2 * c;
           if (col >= N) continue;
           *reinterpret_cast<__nv_bfloat162*>(orow + col) =
@@ -418,7 +422,7 @@ void launch_wgmma(__nv_bfloat16* out, const CUtensorMap& a_map, const CUtensorMa
     ERNIE_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device));
     return count;
   }();
-  const int cols = kGateUp ? 64 : 128;
+  const int cols = kGateUp ? kWgBN / 2 : kWgBN;
   const int m_blocks = static_cast<int>(capacity / kWgBM), n_tiles = (N + cols - 1) / cols;
   const int grid = std::min(m_blocks * n_tiles, sms);
   moe_gemm_wgmma_kernel<kGateUp><<<grid, 384, kWgSmem, stream>>>(
