@@ -266,19 +266,18 @@ __global__ void __launch_bounds__(32 * RW * KW) paged_attention_kernel(const Pag
   }
 }
 
-// Prefill tiles for head_dim 128 on wgmma (sm_90a), for caches whose blocks TMA can fetch
-// whole (power-of-two block sizes 8-64): one warpgroup per 64 query rows.
-//   - Q comes by cp.async into the 128-byte swizzled layout (two 64-column halves of 64 rows x
-//     128 bytes); K and V tiles of 64 keys come by TMA, one box per cache block and half, into
-//     two K and two V buffers, each with its own mbarrier.
-//   - S = Q K^T and O += P V run on wgmma (P from registers, V as an N-major operand); the
-//     softmax runs on S in registers as in the mma.sync kernel (each warp's accumulator has
-//     the m16n8 layout).
-//   - Pipelined: while the softmax of tile t runs, S of tile t+1 is already being computed; K
-//     is fetched two tiles ahead and V one, so every load has a whole iteration to land.
+// Prefill tiles for head_dim 128 on wgmma (sm_90a): one warpgroup per 64 query rows. Q and
+// double-buffered 64-key K/V tiles are copied with cp.async straight into the 128-byte swizzled
+// layout (two 64-column halves of 64 rows x 128 bytes each); S = Q K^T is a wgmma with both
+// operands in shared memory, the softmax runs on S in registers exactly as in the mma.sync
+// kernel (the accumulator of each warp has the m16n8 layout), and O += P V takes P from
+// registers and V as an N-major operand.
 constexpr int kWgD = 128, kWgRows = 64, kWgHalf = 64 * 128;  // bytes of a 64-row half tile
-constexpr size_t kWgAttnSmem = 1024 + 5 * 2 * kWgHalf;       // Q + 2 K + 2 V tiles
+constexpr size_t kWgAttnSmem = 1024 + 5 * 2 * kWgHalf;       // Q + 2 x (K, V)
 
+// With kTma, K/V tiles come by TMA, one box per cache block and 64-column half (block sizes
+// 8, 16, 32, 64); thread 0 issues them and an mbarrier per buffer signals their arrival.
+template <bool kTma>
 __global__ void __launch_bounds__(128)
     prefill_attention_wgmma_kernel(const PagedAttentionArgs a,
                                    const __grid_constant__ CUtensorMap k_map,
@@ -288,9 +287,12 @@ __global__ void __launch_bounds__(128)
   unsigned char* smem = reinterpret_cast<unsigned char*>(
       (reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t{1023});
   unsigned char* sq = smem;  // [2 halves][64 rows][128 bytes], swizzled
-  auto k_tile = [&](int buf) { return smem + (1 + buf) * 2 * kWgHalf; };
-  auto v_tile = [&](int buf) { return smem + (3 + buf) * 2 * kWgHalf; };
-  __shared__ __align__(8) uint64_t k_full[2], v_full[2];
+  auto k_tile = [&](int buf) { return smem + (1 + 2 * buf) * 2 * kWgHalf; };
+  auto v_tile = [&](int buf) { return smem + (2 + 2 * buf) * 2 * kWgHalf; };
+  // Byte offset of 16-byte chunk `ch` (of 16) of row `r` in a swizzled 64-row tile.
+  auto swz = [](int r, int ch) {
+    return (ch / 8) * kWgHalf + r * 128 + (((ch % 8) ^ (r % 8)) << 4);
+  };
 
   const int tile = blockIdx.x, kvh = blockIdx.y, split = blockIdx.z;
   const int seq = a.tile_seq[tile], row0 = a.tile_row0[tile];
@@ -301,10 +303,8 @@ __global__ void __launch_bounds__(128)
   const int split_keys = a.dims[0];
   const int k_begin = split * split_keys;
   const int k_end = a.splits == 1 ? kv_end : min(kv_end, k_begin + split_keys);
-  const int n_tiles = k_end > k_begin ? (k_end - k_begin + BN - 1) / BN : 0;
   const size_t row_stride = static_cast<size_t>(a.heads + 2 * a.kv_heads) * D;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, c = lane % 4;
-  const int32_t* table = a.block_tables + static_cast<size_t>(seq) * a.dims[1];
 
   for (int i = threadIdx.x; i < kWgRows * kChunks; i += 128) {
     const int r = i / kChunks, ch = i % kChunks, row = row0 + r;
@@ -314,46 +314,55 @@ __global__ void __launch_bounds__(128)
       src = a.qkv + static_cast<size_t>(q0 + row / group) * row_stride +
             static_cast<size_t>(kvh * group + row % group) * D + ch * 8;
     }
-    // 16-byte chunk ch of row r, swizzled: chunk (ch % 8) ^ (r % 8) of its 128-byte row.
-    cp_async_16(sq + (ch / 8) * kWgHalf + r * 128 + (((ch % 8) ^ (r % 8)) << 4), src, valid);
+    cp_async_16(sq + swz(r, ch), src, valid);
   }
-  cp_async_commit();
-  // Rows of a tile past the sequence's last block are never loaded: they must hold finite
-  // values (masked to probability 0) before any tile arrives.
-  for (int i = threadIdx.x; i < 8 * kWgHalf / 16; i += 128) {
-    reinterpret_cast<uint4*>(k_tile(0))[i] = make_uint4(0, 0, 0, 0);
-  }
-  if (threadIdx.x == 0) {
-    for (int b = 0; b < 2; ++b) {
-      mbar_init(&k_full[b], 1);
-      mbar_init(&v_full[b], 1);
+  const int32_t* table = a.block_tables + static_cast<size_t>(seq) * a.dims[1];
+  __shared__ __align__(8) uint64_t full[2];
+  if constexpr (kTma) {
+    // Rows of a tile past the sequence's last block are never loaded: they must hold finite
+    // values (masked to probability 0) before any tile arrives.
+    for (int i = threadIdx.x; i < 8 * kWgHalf / 16; i += 128) {
+      reinterpret_cast<uint4*>(k_tile(0))[i] = make_uint4(0, 0, 0, 0);
     }
-    mbar_init_fence();
+    if (threadIdx.x == 0) {
+      mbar_init(&full[0], 1);
+      mbar_init(&full[1], 1);
+      mbar_init_fence();
+    }
+    fence_proxy_async();
+    __syncthreads();
   }
-  fence_proxy_async();
-  __syncthreads();
-
-  // Thread 0: the K or V rows of tile t (keys k_begin + 64 t ..) into buffer t % 2.
-  auto load = [&](bool is_v, int t) {
-    const int bs = a.block_size, kt = k_begin + t * BN;
-    const int first = kt / bs, last = (min(kt + BN, k_end) - 1) / bs;
-    uint64_t* bar = is_v ? &v_full[t % 2] : &k_full[t % 2];
-    unsigned char* dst = is_v ? v_tile(t % 2) : k_tile(t % 2);
-    mbar_arrive_expect_tx(bar, (last - first + 1) * bs * 128 * 2);
-    for (int b = first; b <= last; ++b) {
-      const int slot0 = table[b] * bs, row = b * bs - kt;
-      for (int half = 0; half < 2; ++half) {
-        tma_load_3d(dst + half * kWgHalf + row * 128, is_v ? &v_map : &k_map, bar, half * 64, kvh,
-                    slot0);
+  auto load_kv = [&](int buf, int kt) {
+    unsigned char* sk = k_tile(buf);
+    unsigned char* sv = v_tile(buf);
+    if constexpr (kTma) {
+      if (threadIdx.x != 0) return;
+      const int bs = a.block_size;
+      const int first = kt / bs, last = (min(kt + BN, k_end) - 1) / bs;
+      mbar_arrive_expect_tx(&full[buf], (last - first + 1) * bs * 128 * 4);
+      for (int b = first; b <= last; ++b) {
+        const int slot0 = table[b] * bs, row = b * bs - kt;
+        for (int half = 0; half < 2; ++half) {
+          tma_load_3d(sk + half * kWgHalf + row * 128, &k_map, &full[buf], half * 64, kvh, slot0);
+          tma_load_3d(sv + half * kWgHalf + row * 128, &v_map, &full[buf], half * 64, kvh, slot0);
+        }
+      }
+    } else {
+      for (int i = threadIdx.x; i < BN * kChunks; i += 128) {
+        const int key = i / kChunks, ch = i % kChunks, j = kt + key;
+        const bool valid = j < k_end;  // rows past the range are zero (never NaN * 0)
+        size_t off = 0;
+        if (valid) {
+          const int64_t slot = key_slot(table, j, a.block_size, a.block_shift);
+          off = (static_cast<size_t>(slot) * a.kv_heads + kvh) * D + ch * 8;
+        }
+        cp_async_16(sk + swz(key, ch), a.k_cache + off, valid);
+        cp_async_16(sv + swz(key, ch), a.v_cache + off, valid);
       }
     }
   };
-  if (threadIdx.x == 0) {
-    for (int t = 0; t < 2 && t < n_tiles; ++t) {
-      load(false, t);
-      load(true, t);
-    }
-  }
+  if (k_begin < k_end) load_kv(0, k_begin);
+  cp_async_commit();
 
   int pos[2];
   for (int i = 0; i < 2; ++i) {
@@ -368,10 +377,19 @@ __global__ void __launch_bounds__(128)
   for (int i = 0; i < 64; ++i) o[i] = 0.0f;
   const float scale_log2 = a.scale * kLog2e;
 
-  // S of tile t into s (asynchronous: commit, then wait before reading s).
-  auto issue_scores = [&](float(&s)[32], int t) {
-    mbar_wait(&k_full[t % 2], (t / 2) & 1);
-    const unsigned char* sk = k_tile(t % 2);
+  int buf = 0;
+  for (int kt = k_begin, t = 0; kt < k_end; kt += BN, buf ^= 1, ++t) {
+    __syncthreads();  // everyone is done with the other buffer (the previous tile)
+    if (kt + BN < k_end) load_kv(buf ^ 1, kt + BN);
+    cp_async_commit();
+    cp_async_wait<1>();  // this tile (and the query rows) have landed
+    fence_proxy_async();
+    __syncthreads();
+    if constexpr (kTma) mbar_wait(&full[buf], (t / 2) & 1);
+    const unsigned char* sk = k_tile(buf);
+    const unsigned char* sv = v_tile(buf);
+
+    float s[32];
     wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < D / 16; ++kk) {
@@ -379,22 +397,7 @@ __global__ void __launch_bounds__(128)
       wgmma_m64n64k16(s, wgmma_desc_sw128(sq + off), wgmma_desc_sw128(sk + off), kk > 0);
     }
     wgmma_commit();
-  };
-
-  cp_async_wait<0>();  // the query rows
-  fence_proxy_async();
-  __syncthreads();
-  float s[32], s_next[32];
-  if (n_tiles > 0) {
-    issue_scores(s, 0);
     wgmma_wait<0>();
-  }
-  __syncthreads();  // K buffer 0 is free
-  if (threadIdx.x == 0 && n_tiles > 2) load(false, 2);
-
-  for (int t = 0; t < n_tiles; ++t) {
-    const int kt = k_begin + t * BN;
-    if (t + 1 < n_tiles) issue_scores(s_next, t + 1);
 
     float mx[2] = {m[0], m[1]};
     const int last_key = kt + BN - 1;
@@ -425,20 +428,18 @@ __global__ void __launch_bounds__(128)
         o[4 * nd + 2 * i + 1] *= rescale;
       }
     }
-    uint32_t pa[BN / 16][4];
 #pragma unroll
     for (int e = 0; e < 32; ++e) {
       const float p = fast_exp2(s[e] - base[(e % 4) / 2]);
       l[(e % 4) / 2] += p;
       s[e] = p;
     }
+    uint32_t pa[BN / 16][4];
 #pragma unroll
     for (int ks = 0; ks < BN / 16; ++ks) {
 #pragma unroll
       for (int r = 0; r < 4; ++r) pa[ks][r] = pack_bf16(s[8 * ks + 2 * r], s[8 * ks + 2 * r + 1]);
     }
-    mbar_wait(&v_full[t % 2], (t / 2) & 1);
-    const unsigned char* sv = v_tile(t % 2);
     wgmma_fence();
 #pragma unroll
     for (int ks = 0; ks < BN / 16; ++ks) {
@@ -446,15 +447,9 @@ __global__ void __launch_bounds__(128)
       wgmma_m64n128k16_rs(o, pa[ks], wgmma_desc_sw128_mn(sv + ks * 2048, kWgHalf));
     }
     wgmma_commit();
-    wgmma_wait<0>();  // S of tile t + 1 and O through tile t
-    __syncthreads();  // K buffer (t + 1) % 2 and V buffer t % 2 are free
-    if (threadIdx.x == 0) {
-      if (t + 3 < n_tiles) load(false, t + 3);
-      if (t + 2 < n_tiles) load(true, t + 2);
-    }
-#pragma unroll
-    for (int e = 0; e < 32; ++e) s[e] = s_next[e];
+    wgmma_wait<0>();
   }
+  cp_async_wait<0>();
 #pragma unroll
   for (int i = 0; i < 2; ++i) {
     l[i] += __shfl_xor_sync(0xffffffffu, l[i], 1);
@@ -510,24 +505,23 @@ const CUtensorMap& cache_map(const __nv_bfloat16* cache, const PagedAttentionArg
   return it->second;
 }
 
-// Whether the wgmma prefill kernel can take this step: head_dim 128 and cache blocks TMA can
-// fetch whole.
-bool prefill_wgmma_fits(const PagedAttentionArgs& a) {
-  return a.head_dim == kWgD && a.cache_slots > 0 && a.block_shift >= 3 &&
-         a.block_size <= kKeysPerTile;
-}
-
 void launch_prefill_wgmma(const PagedAttentionArgs& a, cudaStream_t stream) {
-  static bool configured = false;
-  if (!configured) {
-    ERNIE_CUDA_CHECK(cudaFuncSetAttribute(prefill_attention_wgmma_kernel,
-                                          cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                          static_cast<int>(kWgAttnSmem)));
-    configured = true;
+  const bool tma = a.cache_slots > 0 && a.block_shift >= 3 && a.block_size <= kKeysPerTile;
+  static bool configured[2] = {false, false};
+  if (!configured[tma]) {
+    ERNIE_CUDA_CHECK(cudaFuncSetAttribute(
+        tma ? prefill_attention_wgmma_kernel<true> : prefill_attention_wgmma_kernel<false>,
+        cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(kWgAttnSmem)));
+    configured[tma] = true;
   }
   const dim3 grid(a.num_tiles, a.kv_heads, a.splits);
-  prefill_attention_wgmma_kernel<<<grid, 128, kWgAttnSmem, stream>>>(a, cache_map(a.k_cache, a),
-                                                                     cache_map(a.v_cache, a));
+  if (tma) {
+    prefill_attention_wgmma_kernel<true>
+        <<<grid, 128, kWgAttnSmem, stream>>>(a, cache_map(a.k_cache, a), cache_map(a.v_cache, a));
+  } else {
+    const CUtensorMap unused{};
+    prefill_attention_wgmma_kernel<false><<<grid, 128, kWgAttnSmem, stream>>>(a, unused, unused);
+  }
   ERNIE_CUDA_CHECK(cudaGetLastError());
 }
 
@@ -570,7 +564,7 @@ template <int D>
 void launch_d(const PagedAttentionArgs& a, cudaStream_t stream) {
   if (a.decode_shape) {
     launch<D, 1, 4>(a, stream);
-  } else if (prefill_wgmma_fits(a)) {
+  } else if (D == kWgD) {
     launch_prefill_wgmma(a, stream);
   } else {
     launch<D, kPrefillRowWarps, 1>(a, stream);

@@ -434,6 +434,29 @@ __global__ void moe_combine_kernel(__nv_bfloat16* out, const __nv_bfloat16* y,
                                    const int32_t* pair_pos, const __nv_bfloat16* shared, int k,
                                    int hidden) {
   const size_t t = blockIdx.x;
+  if (hidden % 8 == 0) {  // 16-byte loads: eight columns per thread, summed in the same order
+    for (int i = threadIdx.x * 8; i < hidden; i += blockDim.x * 8) {
+      float acc[8] = {};
+      auto add = [&](const __nv_bfloat16* src) {
+        const uint4 v = *reinterpret_cast<const uint4*>(src);
+        const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&v);
+#pragma unroll
+        for (int q = 0; q < 4; ++q) {
+          const float2 f = __bfloat1622float2(h[q]);
+          acc[2 * q] += f.x;
+          acc[2 * q + 1] += f.y;
+        }
+      };
+      for (int j = 0; j < k; ++j) add(y + static_cast<size_t>(pair_pos[t * k + j]) * hidden + i);
+      if (shared) add(shared + t * hidden + i);
+      uint4 o;
+      __nv_bfloat162* oh = reinterpret_cast<__nv_bfloat162*>(&o);
+#pragma unroll
+      for (int q = 0; q < 4; ++q) oh[q] = __floats2bfloat162_rn(acc[2 * q], acc[2 * q + 1]);
+      *reinterpret_cast<uint4*>(out + t * hidden + i) = o;
+    }
+    return;
+  }
   for (int i = threadIdx.x; i < hidden; i += blockDim.x) {
     float acc = 0.0f;
     for (int j = 0; j < k; ++j) {
@@ -500,7 +523,7 @@ void moe_down(__nv_bfloat16* y, const __nv_bfloat16* act, const __nv_bfloat16* w
 void moe_combine(__nv_bfloat16* out, const __nv_bfloat16* y, const int32_t* pair_pos,
                  const __nv_bfloat16* shared, int tokens, int k, int hidden, cudaStream_t stream) {
   if (tokens == 0) return;
-  moe_combine_kernel<<<tokens, 256, 0, stream>>>(out, y, pair_pos, shared, k, hidden);
+  moe_combine_kernel<<<tokens, 128, 0, stream>>>(out, y, pair_pos, shared, k, hidden);
   ERNIE_CUDA_CHECK(cudaGetLastError());
 }
 
