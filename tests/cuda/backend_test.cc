@@ -287,7 +287,38 @@ TEST_F(CudaBackendTest, MoeMatchesCpu) {
     Tensor g_out = poisoned_gpu(*gpu, {c.tokens, c.hidden});
     gpu->moe(g_out, gpu->load_weight(x.host()), gw);
     ERNIE_CUDA_CHECK(cudaDeviceSynchronize());
-    expect_bf16_close(gpu_values(g_out), c_out, "moe");
+    // A token whose k-th and (k+1)-th biased scores (computed here in double) nearly tie may
+    // pick the other expert under a different summation order; such rows are left out of the
+    // comparison (a few per thousand at most), every other row must match.
+    std::vector<float> got = gpu_values(g_out), ref = c_out;
+    std::vector<float> got_kept, ref_kept;
+    int near_ties = 0;
+    for (int t = 0; t < c.tokens; ++t) {
+      std::vector<double> p(c.experts);
+      double mx = -1e300, z = 0;
+      for (int e = 0; e < c.experts; ++e) {
+        double acc = 0;
+        for (int i = 0; i < c.hidden; ++i) {
+          acc += static_cast<double>(bf16_to_float(x.bf16[static_cast<size_t>(t) * c.hidden + i])) *
+                 router.f32[static_cast<size_t>(e) * c.hidden + i];
+        }
+        p[e] = acc;
+        mx = std::max(mx, acc);
+      }
+      for (auto& v : p) z += std::exp(v - mx);
+      std::vector<double> score(c.experts);
+      for (int e = 0; e < c.experts; ++e) score[e] = std::exp(p[e] - mx) / z + bias.f32[e];
+      std::sort(score.begin(), score.end(), std::greater<>());
+      if (c.k < c.experts && score[c.k - 1] - score[c.k] < 1e-6) {
+        ++near_ties;
+        continue;
+      }
+      const size_t row = static_cast<size_t>(t) * c.hidden;
+      got_kept.insert(got_kept.end(), got.begin() + row, got.begin() + row + c.hidden);
+      ref_kept.insert(ref_kept.end(), ref.begin() + row, ref.begin() + row + c.hidden);
+    }
+    EXPECT_LE(near_ties, std::max(1, c.tokens / 100));
+    expect_bf16_close(got_kept, ref_kept, "moe");
   }
 }
 

@@ -31,12 +31,17 @@ Split plan_split(int tokens, int hidden, int experts) {
   return s;
 }
 
-// hi + lo bf16 terms of a pair of f32 weights, each packed as one bf16x2 register.
-__device__ __forceinline__ void split_pair(float2 w, uint32_t& hi, uint32_t& lo) {
+// hi + mid + lo bf16 terms of a pair of f32 weights (each the bf16 rounding of what the terms
+// before it left), each packed as one bf16x2 register.
+__device__ __forceinline__ void split_pair(float2 w, uint32_t& hi, uint32_t& mid, uint32_t& lo) {
   const __nv_bfloat162 h = __floats2bfloat162_rn(w.x, w.y);
   const float2 hf = __bfloat1622float2(h);
-  const __nv_bfloat162 l = __floats2bfloat162_rn(w.x - hf.x, w.y - hf.y);
+  const float2 r1 = make_float2(w.x - hf.x, w.y - hf.y);
+  const __nv_bfloat162 m = __floats2bfloat162_rn(r1.x, r1.y);
+  const float2 mf = __bfloat1622float2(m);
+  const __nv_bfloat162 l = __floats2bfloat162_rn(r1.x - mf.x, r1.y - mf.y);
   hi = *reinterpret_cast<const uint32_t*>(&h);
+  mid = *reinterpret_cast<const uint32_t*>(&m);
   lo = *reinterpret_cast<const uint32_t*>(&l);
 }
 
@@ -90,10 +95,11 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
       for (int nt = 0; nt < kBN / 8; ++nt) {
         const float* q = &ws[st][nt * 8 + g][ks * 16 + 2 * c];
-        uint32_t h0, l0, h1, l1;
-        split_pair(*reinterpret_cast<const float2*>(q), h0, l0);
-        split_pair(*reinterpret_cast<const float2*>(q + 8), h1, l1);
-        mma_16816(acc[nt], a, l0, l1);
+        uint32_t h0, md0, l0, h1, md1, l1;
+        split_pair(*reinterpret_cast<const float2*>(q), h0, md0, l0);
+        split_pair(*reinterpret_cast<const float2*>(q + 8), h1, md1, l1);
+        mma_16816(acc[nt], a, l0, l1);  // smallest terms first
+        mma_16816(acc[nt], a, md0, md1);
         mma_16816(acc[nt], a, h0, h1);
       }
     }

@@ -2,12 +2,12 @@
 // experts = top-k of p + correction bias (selection only), weights = the unbiased p of the
 // chosen experts divided by max(sum, norm_min).
 //
-// The logits run on the tensor cores: each f32 weight is split into two bf16 terms
-// (hi = bf16(w), lo = bf16(w - hi)) and both are multiplied with the bf16 activations with f32
-// accumulation, so the weights keep about 16 significant bits (relative error near 2^-17)
-// instead of the 8 of a plain bf16 product; the activations are bf16 already. Few tokens split
-// the reduction over more CTAs; the partial sums are added in a fixed order by the top-k kernel,
-// so results do not depend on scheduling.
+// The logits run on the tensor cores: each f32 weight is split into three bf16 terms (hi =
+// bf16(w), mid = bf16(w - hi), lo = bf16(w - hi - mid), together all 24 significant bits) and
+// each is multiplied with the bf16 activations with f32 accumulation, so the result differs from
+// an f32 GEMM by summation order only; the activations are bf16 already. Few tokens split the
+// reduction over more CTAs; the partial sums are added in a fixed order by the top-k kernel, so
+// results do not depend on scheduling.
 #pragma once
 
 #include <cuda_bf16.h>
