@@ -30,10 +30,10 @@ __device__ __forceinline__ float fast_exp2(float x) {
   return y;
 }
 
-// RW warps split the query rows (16 each), KW warps split each 64-key tile. Prefill uses RW = 8
-// (128 query rows per CTA: each K/V tile brought in serves twice the rows of a 64-row tile);
-// decode uses KW = 4 (16 rows, keys split four ways and merged through shared memory at the
-// end). K/V tiles are double-buffered: the next tile streams in while this one is used.
+// mma.sync kernel. RW warps split the query rows (16 each), KW warps split each 64-key tile.
+// Prefill tiles the wgmma kernel does not take use RW = kPrefillRowWarps (64 query rows per
+// CTA); decode uses KW = 4 (16 rows, keys split four ways and merged through shared memory at
+// the end). K/V tiles are double-buffered: the next tile streams in while this one is used.
 template <int D, int RW, int KW>
 __global__ void __launch_bounds__(32 * RW * KW) paged_attention_kernel(const PagedAttentionArgs a) {
   static_assert((RW == 1 || KW == 1) && D % 16 == 0);
@@ -267,8 +267,9 @@ __global__ void __launch_bounds__(32 * RW * KW) paged_attention_kernel(const Pag
 }
 
 // Prefill tiles for head_dim 128 on wgmma (sm_90a): one warpgroup per 64 query rows. Q and
-// double-buffered 64-key K/V tiles are copied with cp.async straight into the 128-byte swizzled
-// layout (two 64-column halves of 64 rows x 128 bytes each); S = Q K^T is a wgmma with both
+// double-buffered 64-key K/V tiles land in the 128-byte swizzled layout (two 64-column halves
+// of 64 rows x 128 bytes each): Q by cp.async, K/V by TMA where the cache blocks allow it (see
+// kTma) and by cp.async with the swizzle computed otherwise; S = Q K^T is a wgmma with both
 // operands in shared memory, the softmax runs on S in registers exactly as in the mma.sync
 // kernel (the accumulator of each warp has the m16n8 layout), and O += P V takes P from
 // registers and V as an N-major operand.
