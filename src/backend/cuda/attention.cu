@@ -30,6 +30,56 @@ __device__ __forceinline__ float fast_exp2(float x) {
   return y;
 }
 
+// One online-softmax step of a warp over its NT x 8 key columns of a tile, in the m16n8
+// accumulator layout (rows g and g + 8, columns 2 (lane % 4), +1 of each 8-column tile). Keys
+// from key0 on that are past k_end or after a row's position are masked (tests skipped when
+// every row sees every key: min_pos is the smallest position among the warp's rows); the
+// scores are scaled to log2 units, the running max m and sum l and the output o are updated,
+// and s is left holding the probabilities.
+template <int NT, int ND>
+__device__ __forceinline__ void softmax_step(float (&s)[NT][4], float (&o)[ND][4], float (&m)[2],
+                                             float (&l)[2], int key0, int k_end,
+                                             const int (&pos)[2], int min_pos, float scale_log2) {
+  const int c = threadIdx.x % 4;
+  const int last_key = key0 + NT * 8 - 1;
+  const bool full = last_key < k_end && last_key <= min_pos;
+  float mx[2] = {m[0], m[1]};
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int i = e / 2, j = key0 + nt * 8 + 2 * c + (e & 1);
+      const float v = (full || (j < k_end && j <= pos[i])) ? s[nt][e] * scale_log2 : -INFINITY;
+      s[nt][e] = v;
+      mx[i] = fmaxf(mx[i], v);
+    }
+  }
+  float base[2];
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 1));
+    mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 2));
+    base[i] = mx[i] == -INFINITY ? 0.0f : mx[i];
+    const float rescale = fast_exp2(m[i] - base[i]);  // 0 while nothing was visible
+    m[i] = mx[i];
+    l[i] *= rescale;
+#pragma unroll
+    for (int nd = 0; nd < ND; ++nd) {
+      o[nd][2 * i] *= rescale;
+      o[nd][2 * i + 1] *= rescale;
+    }
+  }
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const float p = fast_exp2(s[nt][e] - base[e / 2]);
+      l[e / 2] += p;
+      s[nt][e] = p;
+    }
+  }
+}
+
 // mma.sync kernel. RW warps split the query rows (16 each), KW warps split each 64-key tile.
 // Prefill tiles the wgmma kernel does not take use RW = kPrefillRowWarps (64 query rows per
 // CTA); decode uses KW = 4 (16 rows, keys split four ways and merged through shared memory at
@@ -144,45 +194,7 @@ __global__ void __launch_bounds__(32 * RW * KW) paged_attention_kernel(const Pag
         mma_16816(s[nt + 1], qf[kk], b[2], b[3]);
       }
     }
-    float mx[2] = {m[0], m[1]};
-    // Keys past the range or after a row's position are masked; a warp whose rows all see
-    // every key of its part of the tile skips the tests.
-    const int last_key = kt + kb + NK - 1;
-    const bool full = last_key < k_end && last_key <= min_pos;
-#pragma unroll
-    for (int nt = 0; nt < NT; ++nt) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int i = e / 2, j = kt + kb + nt * 8 + 2 * c + (e & 1);
-        const float v = (full || (j < k_end && j <= pos[i])) ? s[nt][e] * scale_log2 : -INFINITY;
-        s[nt][e] = v;
-        mx[i] = fmaxf(mx[i], v);
-      }
-    }
-    float base[2];
-#pragma unroll
-    for (int i = 0; i < 2; ++i) {
-      mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 1));
-      mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 2));
-      base[i] = mx[i] == -INFINITY ? 0.0f : mx[i];
-      const float rescale = fast_exp2(m[i] - base[i]);  // 0 while nothing was visible
-      m[i] = mx[i];
-      l[i] *= rescale;
-#pragma unroll
-      for (int nd = 0; nd < D / 8; ++nd) {
-        o[nd][2 * i] *= rescale;
-        o[nd][2 * i + 1] *= rescale;
-      }
-    }
-#pragma unroll
-    for (int nt = 0; nt < NT; ++nt) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const float p = fast_exp2(s[nt][e] - base[e / 2]);
-        l[e / 2] += p;
-        s[nt][e] = p;
-      }
-    }
+    softmax_step(s, o, m, l, kt + kb, k_end, pos, min_pos, scale_log2);
 #pragma unroll
     for (int ks = 0; ks < NK / 16; ++ks) {
       const uint32_t pa[4] = {pack_bf16(s[2 * ks][0], s[2 * ks][1]),
@@ -373,9 +385,9 @@ __global__ void __launch_bounds__(128)
   int min_pos = min(pos[0], pos[1]);
   for (int o = 16; o > 0; o >>= 1) min_pos = min(min_pos, __shfl_xor_sync(0xffffffffu, min_pos, o));
   float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
-  float o[64];
+  float o[D / 8][4];  // the wgmma m64n128 accumulator: 16 column tiles of 4
 #pragma unroll
-  for (int i = 0; i < 64; ++i) o[i] = 0.0f;
+  for (int nd = 0; nd < D / 8; ++nd) o[nd][0] = o[nd][1] = o[nd][2] = o[nd][3] = 0.0f;
   const float scale_log2 = a.scale * kLog2e;
 
   int buf = 0;
@@ -390,62 +402,33 @@ __global__ void __launch_bounds__(128)
     const unsigned char* sk = k_tile(buf);
     const unsigned char* sv = v_tile(buf);
 
-    float s[32];
+    float s[BN / 8][4];  // the wgmma m64n64 accumulator: 8 column tiles of 4
     wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < D / 16; ++kk) {
       const int off = (kk / 4) * kWgHalf + (kk % 4) * 32;
-      wgmma_m64n64k16(s, wgmma_desc_sw128(sq + off), wgmma_desc_sw128(sk + off), kk > 0);
+      wgmma_m64n64k16(reinterpret_cast<float(&)[32]>(s), wgmma_desc_sw128(sq + off),
+                      wgmma_desc_sw128(sk + off), kk > 0);
     }
     wgmma_commit();
     wgmma_wait<0>();
 
-    float mx[2] = {m[0], m[1]};
-    const int last_key = kt + BN - 1;
-    const bool full = last_key < k_end && last_key <= min_pos;
-#pragma unroll
-    for (int nt = 0; nt < BN / 8; ++nt) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int i = e / 2, j = kt + nt * 8 + 2 * c + (e & 1);
-        const float v =
-            (full || (j < k_end && j <= pos[i])) ? s[4 * nt + e] * scale_log2 : -INFINITY;
-        s[4 * nt + e] = v;
-        mx[i] = fmaxf(mx[i], v);
-      }
-    }
-    float base[2];
-#pragma unroll
-    for (int i = 0; i < 2; ++i) {
-      mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 1));
-      mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 2));
-      base[i] = mx[i] == -INFINITY ? 0.0f : mx[i];
-      const float rescale = fast_exp2(m[i] - base[i]);  // 0 while nothing was visible
-      m[i] = mx[i];
-      l[i] *= rescale;
-#pragma unroll
-      for (int nd = 0; nd < D / 8; ++nd) {
-        o[4 * nd + 2 * i] *= rescale;
-        o[4 * nd + 2 * i + 1] *= rescale;
-      }
-    }
-#pragma unroll
-    for (int e = 0; e < 32; ++e) {
-      const float p = fast_exp2(s[e] - base[(e % 4) / 2]);
-      l[(e % 4) / 2] += p;
-      s[e] = p;
-    }
+    softmax_step(s, o, m, l, kt, k_end, pos, min_pos, scale_log2);
     uint32_t pa[BN / 16][4];
 #pragma unroll
     for (int ks = 0; ks < BN / 16; ++ks) {
 #pragma unroll
-      for (int r = 0; r < 4; ++r) pa[ks][r] = pack_bf16(s[8 * ks + 2 * r], s[8 * ks + 2 * r + 1]);
+      for (int r = 0; r < 4; ++r) {
+        const float* q = s[2 * ks + r / 2] + 2 * (r % 2);
+        pa[ks][r] = pack_bf16(q[0], q[1]);
+      }
     }
     wgmma_fence();
 #pragma unroll
     for (int ks = 0; ks < BN / 16; ++ks) {
       // Keys 16 ks.. (two 8-key groups of 1024 bytes), d 0..63 and (8 KB further) 64..127.
-      wgmma_m64n128k16_rs(o, pa[ks], wgmma_desc_sw128_mn(sv + ks * 2048, kWgHalf));
+      wgmma_m64n128k16_rs(reinterpret_cast<float(&)[64]>(o), pa[ks],
+                          wgmma_desc_sw128_mn(sv + ks * 2048, kWgHalf));
     }
     wgmma_commit();
     wgmma_wait<0>();
@@ -465,7 +448,7 @@ __global__ void __launch_bounds__(128)
 #pragma unroll
     for (int nd = 0; nd < D / 8; ++nd) {
       const int d = nd * 8 + 2 * c;
-      const float v0 = o[4 * nd + 2 * i] * inv, v1 = o[4 * nd + 2 * i + 1] * inv;
+      const float v0 = o[nd][2 * i] * inv, v1 = o[nd][2 * i + 1] * inv;
       if (a.splits == 1) {
         *reinterpret_cast<__nv_bfloat162*>(a.out + (t * a.heads + h) * D + d) =
             __floats2bfloat162_rn(v0, v1);
