@@ -1,21 +1,31 @@
 // Times the CUDA backend's heavy ops at the seed benchmark's shapes (21B: hidden 2560, 64
 // experts top-6, I 1536, 20/4 heads of 128) with random data, and prints each beside the floor
 // its bytes or FLOPs imply on the device: MoE experts (decode and prefill batches), decode
-// attention over long contexts, prefill attention. Usage: ernie_kernel_bench [iterations].
-// Inputs are random (unit normal); the buffers it makes are kept until it exits.
+// attention over long contexts, prefill attention; then whole decode steps of the 21B model
+// (dummy weights, CUDA graphs as the server runs them) beside the roofline floor of the step.
+// Usage: ernie_kernel_bench [iterations] [ops|steps|all] [case,...]: a case list ("1",
+// "16x8500": sequences, or sequences x context) keeps only those decode steps (handy under a
+// profiler). Inputs are random (unit
+// normal); the buffers it makes are kept until it exits.
+#include <cuda_profiler_api.h>
 #include <cuda_runtime.h>
 
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
+#include <sstream>
+#include <string>
 #include <vector>
 
 #include "backend/backend.h"
 #include "backend/cuda/cuda_backend.h"
 #include "backend/cuda/device.h"
 #include "common/check.h"
+#include "model/config.h"
+#include "model/ernie45.h"
 #include "model/roofline.h"
+#include "model/synthetic.h"
 
 namespace ernie {
 namespace {
@@ -58,8 +68,11 @@ StepInput make_step(const std::vector<int>& contexts, int fresh, int block) {
   int next_block = 0;
   for (int c : contexts) {
     const int first = next_block;
+    const int seq = s.num_seqs();
     for (int p = c - fresh; p < c; ++p) {
-      s.token_ids.push_back(1);
+      // Distinct tokens per sequence, so that a decode batch routes like real text does
+      // (identical tokens would all pick the same experts).
+      s.token_ids.push_back(1000 + (seq * 7919 + p * 31) % 90000);
       s.positions.push_back(p);
       s.slot_mapping.push_back(static_cast<int64_t>(first + p / block) * block + p % block);
     }
@@ -73,14 +86,10 @@ StepInput make_step(const std::vector<int>& contexts, int fresh, int block) {
   return s;
 }
 
-int run(int iters) {
-  require(cuda::device_count() > 0, "no CUDA device");
+int run_ops(int iters) {
   auto be = backend::make_cuda_backend(0);
   const int64_t h = 2560, e = 64, k = 6, ie = 1536, si = 3072;
   const int heads = 20, kv_heads = 4, d = 128, block = 16;
-  std::printf("%s\n", cuda::describe_device(0).c_str());
-  std::printf("%-44s %12s  %10s  %15s  %14s  %s\n", "op", "time", "bytes/s", "FLOP/s", "floor",
-              "ratio");
 
   // ---- MoE experts (router, align, grouped GEMMs, combine; shared experts included) ----
   backend::MoeWeights w;
@@ -149,12 +158,79 @@ int run(int iters) {
   return 0;
 }
 
+// Whole decode steps of the 21B model: `seqs` sequences of `context` tokens each, one new
+// token per sequence, replayed from the CUDA graph the server would use (step input upload
+// included, sampling not). The floor is the step's bytes (model::step_cost) at peak bandwidth.
+int run_steps(int iters, const std::vector<std::string>& only) {
+  struct Case {
+    int seqs, context;
+  };
+  std::vector<Case> cases = {{1, 1000}, {16, 1000}, {16, 8500}, {64, 1500}, {256, 1000}};
+  if (!only.empty()) {
+    std::erase_if(cases, [&](const Case& c) {
+      const std::string a = std::to_string(c.seqs), b = a + "x" + std::to_string(c.context);
+      return std::find(only.begin(), only.end(), a) == only.end() &&
+             std::find(only.begin(), only.end(), b) == only.end();
+    });
+  }
+  if (cases.empty()) return 0;
+  auto be = backend::make_cuda_backend(0);
+  const model::ModelConfig cfg = model::parse_config(model::preset_config("21b-a3b"));
+  model::Ernie45 m(cfg, model::dummy_weights(cfg, *be), *be);
+  const int block = 16;
+  int64_t blocks = 0;
+  int max_width = 1, max_batch = 1;
+  for (const Case& c : cases) {
+    const int width = (c.context + block - 1) / block;
+    blocks = std::max<int64_t>(blocks, static_cast<int64_t>(c.seqs) * width);
+    max_width = std::max(max_width, width);
+    max_batch = std::max(max_batch, c.seqs);
+  }
+  be->allocate_kv_cache(static_cast<int>(cfg.num_hidden_layers), blocks, block);
+  const int graphs = m.enable_graphs(max_batch, max_width);
+  std::printf("decode steps: 21b-a3b dummy weights, %d graphs, %lld KV blocks of %d\n", graphs,
+              static_cast<long long>(blocks), block);
+  for (const Case& c : cases) {
+    const StepInput st = make_step(std::vector<int>(c.seqs, c.context), 1, block);
+    const double sec = time_it(iters, [&] { m.forward_logits(st); });
+    // One more step inside a profiler range (scripts/gpu_profile.sh collects only that one).
+    cudaProfilerStart();
+    m.forward_logits(st);
+    cudaDeviceSynchronize();
+    cudaProfilerStop();
+    double bytes = 0, flops = 0;
+    for (const model::StageCost& s : model::step_cost(cfg, st)) {
+      bytes += s.bytes;
+      flops += s.flops;
+    }
+    char what[64];
+    std::snprintf(what, sizeof what, "decode step, %d x %d", c.seqs, c.context);
+    report(what, sec, bytes, flops);
+  }
+  return 0;
+}
+
 }  // namespace
 }  // namespace ernie
 
 int main(int argc, char** argv) {
   try {
-    return ernie::run(argc > 1 ? std::atoi(argv[1]) : 20);
+    const int iters = argc > 1 ? std::atoi(argv[1]) : 20;
+    const std::string what = argc > 2 ? argv[2] : "all";
+    std::vector<std::string> only;  // "16" (every case of 16 sequences) or "16x8500"
+    if (argc > 3) {
+      std::stringstream list(argv[3]);
+      for (std::string item; std::getline(list, item, ',');) only.push_back(item);
+    }
+    ernie::require(iters > 0 && (what == "all" || what == "ops" || what == "steps"),
+                   "usage: ernie_kernel_bench [iterations > 0] [ops|steps|all] [SEQS[xCONTEXT],...]");
+    ernie::require(ernie::cuda::device_count() > 0, "no CUDA device");
+    std::printf("%s\n", ernie::cuda::describe_device(0).c_str());
+    std::printf("%-44s %12s  %10s  %15s  %14s  %s\n", "op", "time", "bytes/s", "FLOP/s", "floor",
+                "ratio");
+    if (what != "steps" && ernie::run_ops(iters) != 0) return 1;
+    if (what != "ops") return ernie::run_steps(iters, only);
+    return 0;
   } catch (const std::exception& e) {
     std::fprintf(stderr, "error: %s\n", e.what());
     return 1;
