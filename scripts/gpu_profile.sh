@@ -25,7 +25,7 @@ rows = [l for l in open(sys.argv[1]) if l.startswith('"')]
 table = list(csv.DictReader(rows))
 time_col = next(c for c in table[0] if c.startswith("gpu__time_duration"))
 unit, data = table[0][time_col], table[1:]  # the first row under the header holds units
-scale = {"nsecond": 1e-3, "usecond": 1.0, "msecond": 1e3}[unit]
+scale = {"ns": 1e-3, "nsecond": 1e-3, "us": 1.0, "usecond": 1.0, "ms": 1e3, "msecond": 1e3}[unit]
 sums, counts = collections.defaultdict(float), collections.Counter()
 for r in data:
     name = re.sub(r"\(.*", "", r["Kernel Name"])[:70]

@@ -222,8 +222,9 @@ int main(int argc, char** argv) {
       std::stringstream list(argv[3]);
       for (std::string item; std::getline(list, item, ',');) only.push_back(item);
     }
-    ernie::require(iters > 0 && (what == "all" || what == "ops" || what == "steps"),
-                   "usage: ernie_kernel_bench [iterations > 0] [ops|steps|all] [SEQS[xCONTEXT],...]");
+    ernie::require(
+        iters > 0 && (what == "all" || what == "ops" || what == "steps"),
+        "usage: ernie_kernel_bench [iterations > 0] [ops|steps|all] [SEQS[xCONTEXT],...]");
     ernie::require(ernie::cuda::device_count() > 0, "no CUDA device");
     std::printf("%s\n", ernie::cuda::describe_device(0).c_str());
     std::printf("%-44s %12s  %10s  %15s  %14s  %s\n", "op", "time", "bytes/s", "FLOP/s", "floor",

@@ -58,15 +58,18 @@ __global__ void moe_align_kernel(int32_t* sorted_pairs, int32_t* block_expert, i
   }
 }
 
-// Tile shapes of the grouped GEMM. Every CTA has 4 warps and computes BM rows x 128 weight rows.
-// Large (prefill): 64 rows, warps 2 x 2 (32 x 64 each), 32 of the reduction per stage, 3
-// stages. Small (decode): 16 rows, warps 1 x 4 (16 x 32 each), 64 per stage, 4 stages: almost
-// all of the shared memory holds weights in flight.
+// Tile shapes of the grouped GEMM. Every CTA has 4 warps.
+// Large (mid-size batches): 64 rows x 128 weight rows, warps 2 x 2 (32 x 64 each), 32 of the
+// reduction per stage, 3 stages. Small (decode): 16 rows x 64 weight rows, warps 1 x 4
+// (16 x 16 each), 64 per stage, 6 stages (69 KB: three CTAs per SM). A decode step streams
+// weights and nothing else, and its rate is set by the bytes in flight: narrow tiles give
+// twice the CTAs when few experts are touched, and the deep pipeline keeps ~40 KB of weights
+// in flight per CTA.
 template <int BM>
 struct Tile {
-  static constexpr int kBN = 128;
+  static constexpr int kBN = BM == kMoeBlockSmall ? 64 : 128;
   static constexpr int kBK = BM == kMoeBlockSmall ? 64 : 32;
-  static constexpr int kStages = BM == kMoeBlockSmall ? 4 : 3;
+  static constexpr int kStages = BM == kMoeBlockSmall ? 6 : 3;
   static constexpr int kLd = kBK + 8;  // padded rows: conflict-free fragment reads
   static constexpr int kWarpsM = BM == kMoeBlockSmall ? 1 : 2, kWarpsN = 4 / kWarpsM;
   static constexpr int kMt = BM / (16 * kWarpsM);  // m16 tiles per warp
@@ -77,9 +80,9 @@ struct Tile {
 };
 constexpr int kGemmThreads = 128;
 
-// One CTA computes a BM x 128 tile of one M-block against its expert's weights. kGateUp: the
-// 128 weight rows are 64 gate rows and the matching 64 up rows (each warp holds the gate and up
-// columns of the same outputs), output = SwiGLU, 64 columns. Otherwise: 128 output columns
+// One CTA computes a BM x BN tile of one M-block against its expert's weights. kGateUp: the
+// BN weight rows are BN/2 gate rows and the matching BN/2 up rows (each warp holds the gate and
+// up columns of the same outputs), output = SwiGLU, BN/2 columns. Otherwise: BN output columns
 // scaled by the pair's routing weight. K % 8 == 0; a partial last stage is zero-filled.
 template <int BM, bool kGateUp>
 __global__ void __launch_bounds__(kGemmThreads)
@@ -88,7 +91,7 @@ __global__ void __launch_bounds__(kGemmThreads)
                     int k_choices, int K, int N) {
   using T = Tile<BM>;
   constexpr int kBN = T::kBN, kBK = T::kBK, kStages = T::kStages, kLd = T::kLd;
-  constexpr int kMt = T::kMt, kNt = T::kNt, kHalf = kNt / 2;
+  constexpr int kMt = T::kMt, kNt = T::kNt, kHalf = kNt / 2, kGateRows = kBN / 2;
   const int e = block_expert[blockIdx.x];
   if (e < 0) return;
   extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -122,8 +125,8 @@ __global__ void __launch_bounds__(kGemmThreads)
     b_ch[i] = idx % T::kChunks;
     int col, wrow;
     if (kGateUp) {
-      col = n0 + (b_r[i] % 64);
-      wrow = b_r[i] < 64 ? col : N + col;
+      col = n0 + (b_r[i] % kGateRows);
+      wrow = b_r[i] < kGateRows ? col : N + col;
     } else {
       col = n0 + b_r[i];
       wrow = col;
@@ -180,7 +183,7 @@ __global__ void __launch_bounds__(kGemmThreads)
 #pragma unroll
       for (int nt = 0; nt < kNt; ++nt) {
         const int brow = kGateUp ? (nt < kHalf ? wn * kHalf * 8 + nt * 8
-                                               : 64 + wn * kHalf * 8 + (nt - kHalf) * 8)
+                                               : kGateRows + wn * kHalf * 8 + (nt - kHalf) * 8)
                                  : wn * kNt * 8 + nt * 8;
         const __nv_bfloat16* p = B + (brow + g) * kLd + ks * 16 + 2 * c;
         const uint32_t b0 = load_u32(p), b1 = load_u32(p + 8);
@@ -523,7 +526,9 @@ void moe_down(__nv_bfloat16* y, const __nv_bfloat16* act, const __nv_bfloat16* w
 void moe_combine(__nv_bfloat16* out, const __nv_bfloat16* y, const int32_t* pair_pos,
                  const __nv_bfloat16* shared, int tokens, int k, int hidden, cudaStream_t stream) {
   if (tokens == 0) return;
-  moe_combine_kernel<<<tokens, 128, 0, stream>>>(out, y, pair_pos, shared, k, hidden);
+  // One 16-byte vector per thread where the row allows (a decode step is one pass of loads).
+  const int threads = hidden % 8 == 0 ? std::clamp((hidden / 8 + 31) / 32 * 32, 128, 1024) : 128;
+  moe_combine_kernel<<<tokens, threads, 0, stream>>>(out, y, pair_pos, shared, k, hidden);
   ERNIE_CUDA_CHECK(cudaGetLastError());
 }
 

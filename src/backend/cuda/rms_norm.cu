@@ -6,13 +6,14 @@ namespace {
 
 constexpr int kThreads = 256;
 
+// Sum over the block (any multiple of 32 threads up to 1024).
 __device__ float block_sum(float v) {
-  __shared__ float warp_sums[kThreads / 32];
+  __shared__ float warp_sums[32];
   for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = blockDim.x / 32;
   if (lane == 0) warp_sums[warp] = v;
   __syncthreads();
-  v = lane < kThreads / 32 ? warp_sums[lane] : 0.0f;
+  v = lane < warps ? warp_sums[lane] : 0.0f;
   if (warp == 0) {
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
     if (lane == 0) warp_sums[0] = v;
@@ -47,6 +48,62 @@ __global__ void fused_add_rms_norm_kernel(__nv_bfloat16* out, __nv_bfloat16* res
   }
 }
 
+// The same for hidden % 8 == 0 and hidden / 8 <= kVec * blockDim.x: each thread keeps up to kVec
+// 16-byte vectors of the row in registers, so the row is read once and every load is 16 bytes.
+constexpr int kVec = 4;
+__global__ void fused_add_rms_norm_vec_kernel(__nv_bfloat16* out, __nv_bfloat16* residual,
+                                              const __nv_bfloat16* x, const __nv_bfloat16* weight,
+                                              int hidden, float eps) {
+  const size_t row = blockIdx.x;
+  const int vecs = hidden / 8;
+  uint4* r = reinterpret_cast<uint4*>(residual + row * hidden);
+  const uint4* xr = x ? reinterpret_cast<const uint4*>(x + row * hidden) : nullptr;
+  uint4 v[kVec];
+  float ss = 0.0f;
+#pragma unroll
+  for (int u = 0; u < kVec; ++u) {
+    const int i = threadIdx.x + u * blockDim.x;
+    if (i >= vecs) break;
+    v[u] = r[i];
+    __nv_bfloat162* s = reinterpret_cast<__nv_bfloat162*>(&v[u]);
+    if (xr) {
+      const uint4 d = xr[i];
+      const __nv_bfloat162* dh = reinterpret_cast<const __nv_bfloat162*>(&d);
+#pragma unroll
+      for (int q = 0; q < 4; ++q) {
+        const float2 a = __bfloat1622float2(s[q]), b = __bfloat1622float2(dh[q]);
+        s[q] = __floats2bfloat162_rn(a.x + b.x, a.y + b.y);
+      }
+      r[i] = v[u];
+    }
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {
+      const float2 f = __bfloat1622float2(s[q]);
+      ss += f.x * f.x + f.y * f.y;
+    }
+  }
+  const float inv = rsqrtf(block_sum(ss) / hidden + eps);
+  uint4* o = reinterpret_cast<uint4*>(out + row * hidden);
+  const uint4* wv = reinterpret_cast<const uint4*>(weight);
+#pragma unroll
+  for (int u = 0; u < kVec; ++u) {
+    const int i = threadIdx.x + u * blockDim.x;
+    if (i >= vecs) break;
+    const uint4 w = wv[i];
+    const __nv_bfloat162* s = reinterpret_cast<const __nv_bfloat162*>(&v[u]);
+    const __nv_bfloat162* wh = reinterpret_cast<const __nv_bfloat162*>(&w);
+    uint4 res;
+    __nv_bfloat162* rh = reinterpret_cast<__nv_bfloat162*>(&res);
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {
+      const float2 f = __bfloat1622float2(s[q]), g = __bfloat1622float2(wh[q]);
+      const float2 n = __bfloat1622float2(__floats2bfloat162_rn(f.x * inv, f.y * inv));
+      rh[q] = __floats2bfloat162_rn(n.x * g.x, n.y * g.y);
+    }
+    o[i] = res;
+  }
+}
+
 }  // namespace
 
 void fused_add_rms_norm(__nv_bfloat16* out, __nv_bfloat16* residual, const __nv_bfloat16* x,
@@ -54,7 +111,16 @@ void fused_add_rms_norm(__nv_bfloat16* out, __nv_bfloat16* residual, const __nv_
                         cudaStream_t stream) {
   if (rows == 0) return;
   require(rows > 0 && hidden > 0, "fused_add_rms_norm: bad shape");
-  fused_add_rms_norm_kernel<<<rows, kThreads, 0, stream>>>(out, residual, x, weight, hidden, eps);
+  const int vecs = hidden / 8;
+  if (hidden % 8 == 0 && vecs <= kVec * 1024) {
+    // Enough threads that each holds at most kVec vectors; whole warps.
+    const int per_thread = (vecs + 1023) / 1024;
+    const int threads = ((vecs + per_thread - 1) / per_thread + 31) / 32 * 32;
+    fused_add_rms_norm_vec_kernel<<<rows, threads, 0, stream>>>(out, residual, x, weight, hidden,
+                                                                eps);
+  } else {
+    fused_add_rms_norm_kernel<<<rows, kThreads, 0, stream>>>(out, residual, x, weight, hidden, eps);
+  }
   ERNIE_CUDA_CHECK(cudaGetLastError());
 }
 

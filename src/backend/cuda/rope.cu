@@ -4,42 +4,49 @@
 namespace ernie::cuda {
 namespace {
 
-// One block per token; threads stride over (head, pair) for q and k, then over v's elements.
-__global__ void rope_store_kv_kernel(__nv_bfloat16* qkv, __nv_bfloat16* k_cache,
-                                     __nv_bfloat16* v_cache, const int32_t* positions,
-                                     const int64_t* slots, int heads, int kv_heads, int head_dim,
-                                     double theta) {
-  const int t = blockIdx.x;
+constexpr int kRopeThreads = 256;
+constexpr int kMaxHalf = 256;  // head_dim up to 512
+
+// Work items, per token: one per rotated (head, pair) of q and k, then one per pair of v's
+// elements. Each thread takes one item of the flattened [tokens, items] range, so a decode step
+// spreads over several CTAs instead of looping inside one. The inverse frequencies come from a
+// shared table that the block's first head_dim / 2 threads compute.
+__global__ void __launch_bounds__(kRopeThreads)
+    rope_store_kv_kernel(__nv_bfloat16* qkv, __nv_bfloat16* k_cache, __nv_bfloat16* v_cache,
+                         const int32_t* positions, const int64_t* slots, int64_t total, int heads,
+                         int kv_heads, int head_dim, double theta) {
+  __shared__ float inv_freq[kMaxHalf];
   const int half = head_dim / 2;
-  const size_t row = static_cast<size_t>(heads + 2 * kv_heads) * head_dim;
-  __nv_bfloat16* q = qkv + t * row;
-  __nv_bfloat16* k = q + static_cast<size_t>(heads) * head_dim;
-  const __nv_bfloat16* v = k + static_cast<size_t>(kv_heads) * head_dim;
-  const float pos = static_cast<float>(positions[t]);
-  const int64_t slot = slots[t];
-  const size_t kv = static_cast<size_t>(kv_heads) * head_dim;
-  for (int idx = threadIdx.x; idx < (heads + kv_heads) * half; idx += blockDim.x) {
-    const int h = idx / half, j = idx % half;
+  if (threadIdx.x < half) {
     // Same recipe as the CPU reference: inv_freq in double rounded to f32, angle in f32.
-    const float inv_freq =
-        static_cast<float>(1.0 / pow(theta, static_cast<double>(2 * j) / head_dim));
-    float s, c;
-    sincosf(pos * inv_freq, &s, &c);
-    __nv_bfloat16* p = (h < heads ? q + static_cast<size_t>(h) * head_dim
-                                  : k + static_cast<size_t>(h - heads) * head_dim) +
-                       2 * j;
-    const float a = __bfloat162float(p[0]), b = __bfloat162float(p[1]);
-    const __nv_bfloat16 ra = __float2bfloat16(a * c - b * s), rb = __float2bfloat16(b * c + a * s);
-    p[0] = ra;
-    p[1] = rb;
-    if (h >= heads) {
-      __nv_bfloat16* dst = k_cache + slot * kv + static_cast<size_t>(h - heads) * head_dim + 2 * j;
-      dst[0] = ra;
-      dst[1] = rb;
-    }
+    inv_freq[threadIdx.x] =
+        static_cast<float>(1.0 / pow(theta, static_cast<double>(2 * threadIdx.x) / head_dim));
   }
-  for (int i = threadIdx.x; i < static_cast<int>(kv); i += blockDim.x)
-    v_cache[slot * kv + i] = v[i];
+  __syncthreads();
+  const int64_t item = static_cast<int64_t>(blockIdx.x) * kRopeThreads + threadIdx.x;
+  if (item >= total) return;
+  const int rotated = (heads + kv_heads) * half, kv = kv_heads * head_dim;
+  const int per_token = rotated + kv / 2;
+  const int64_t t = item / per_token;
+  const int i = static_cast<int>(item % per_token);
+  const size_t row = static_cast<size_t>(heads + 2 * kv_heads) * head_dim;
+  __nv_bfloat162* q = reinterpret_cast<__nv_bfloat162*>(qkv + t * row);
+  __nv_bfloat162* k = q + heads * half;
+  const int64_t slot = slots[t];
+  __nv_bfloat162* kc = reinterpret_cast<__nv_bfloat162*>(k_cache + slot * kv);
+  if (i >= rotated) {  // v: copied as is
+    const int j = i - rotated;
+    reinterpret_cast<__nv_bfloat162*>(v_cache + slot * kv)[j] = k[kv_heads * half + j];
+    return;
+  }
+  const int h = i / half, j = i % half;
+  float s, c;
+  sincosf(static_cast<float>(positions[t]) * inv_freq[j], &s, &c);
+  __nv_bfloat162* p = q + i;  // q then k, head-major: pair i of the rotated range
+  const float2 ab = __bfloat1622float2(*p);
+  const __nv_bfloat162 r = __floats2bfloat162_rn(ab.x * c - ab.y * s, ab.y * c + ab.x * s);
+  *p = r;
+  if (h >= heads) kc[i - heads * half] = r;
 }
 
 }  // namespace
@@ -48,10 +55,14 @@ void rope_store_kv(__nv_bfloat16* qkv, __nv_bfloat16* k_cache, __nv_bfloat16* v_
                    const int32_t* positions, const int64_t* slots, int tokens, int heads,
                    int kv_heads, int head_dim, double theta, cudaStream_t stream) {
   if (tokens == 0) return;
-  require(tokens > 0 && heads > 0 && kv_heads > 0 && head_dim > 0 && head_dim % 2 == 0,
+  require(tokens > 0 && heads > 0 && kv_heads > 0 && head_dim > 0 && head_dim % 2 == 0 &&
+              head_dim / 2 <= kMaxHalf,
           "rope_store_kv: bad shape");
-  rope_store_kv_kernel<<<tokens, 128, 0, stream>>>(qkv, k_cache, v_cache, positions, slots, heads,
-                                                   kv_heads, head_dim, theta);
+  const int64_t total =
+      static_cast<int64_t>(tokens) * ((heads + kv_heads) * head_dim / 2 + kv_heads * head_dim / 2);
+  const auto blocks = static_cast<unsigned>((total + kRopeThreads - 1) / kRopeThreads);
+  rope_store_kv_kernel<<<blocks, kRopeThreads, 0, stream>>>(
+      qkv, k_cache, v_cache, positions, slots, total, heads, kv_heads, head_dim, theta);
   ERNIE_CUDA_CHECK(cudaGetLastError());
 }
 
