@@ -94,6 +94,7 @@ TEST(MoeLayout, CapacityHoldsAnyRouting) {
   // tokens the mma.sync tiles, prefill chunks the wgmma tiles.
   EXPECT_EQ(moe_block_m(16 * 6, 64), kMoeBlockSmall);
   EXPECT_EQ(moe_block_m(128 * 6, 64), kMoeBlockSmall);
+  EXPECT_EQ(moe_block_m(256 * 6, 64), kMoeBlockSmall);
   EXPECT_EQ(moe_block_m(512 * 6, 64), kMoeBlockLarge);
   EXPECT_EQ(moe_block_m(8192 * 6, 64), kMoeBlockWgmma);
 }

@@ -176,11 +176,19 @@ class CudaBackend final : public Backend {
     for (auto& e : upload_done_) {
       check_cuda(cudaEventCreateWithFlags(&e, cudaEventDisableTiming), "cudaEventCreate");
     }
-    check_cublas(cublasCreate(&blas_), "cublasCreate");
-    check_cublas(cublasSetStream(blas_, stream_), "cublasSetStream");
+    check_cuda(cudaStreamCreateWithFlags(&side_stream_, cudaStreamNonBlocking), "cudaStreamCreate");
+    for (cudaEvent_t* e : {&fork_, &join_}) {
+      check_cuda(cudaEventCreateWithFlags(e, cudaEventDisableTiming), "cudaEventCreate");
+    }
+    // One cuBLAS handle (and workspace) per stream: GEMMs on the two may run at once.
     constexpr size_t kWorkspace = 32u << 20;
-    check_cuda(cudaMalloc(&blas_workspace_, kWorkspace), "cudaMalloc (cuBLAS workspace)");
-    check_cublas(cublasSetWorkspace(blas_, blas_workspace_, kWorkspace), "cublasSetWorkspace");
+    for (int i = 0; i < 2; ++i) {
+      check_cublas(cublasCreate(&blas_[i]), "cublasCreate");
+      check_cublas(cublasSetStream(blas_[i], i == 0 ? stream_ : side_stream_), "cublasSetStream");
+      check_cuda(cudaMalloc(&blas_workspace_[i], kWorkspace), "cudaMalloc (cuBLAS workspace)");
+      check_cublas(cublasSetWorkspace(blas_[i], blas_workspace_[i], kWorkspace),
+                   "cublasSetWorkspace");
+    }
     for (auto& s : staging_) {
       check_cuda(cudaHostAlloc(reinterpret_cast<void**>(&s), kStagingBytes, cudaHostAllocDefault),
                  "cudaHostAlloc (weight staging)");
@@ -194,9 +202,15 @@ class CudaBackend final : public Backend {
     for (auto e : events_) cudaEventDestroy(e);
     for (void* p : allocations_) cudaFree(p);
     if (kv_) cudaFree(kv_);
-    cudaFree(blas_workspace_);
+    cudaStreamSynchronize(side_stream_);
+    for (int i = 0; i < 2; ++i) {
+      cublasDestroy(blas_[i]);
+      cudaFree(blas_workspace_[i]);
+    }
     for (auto* s : staging_) cudaFreeHost(s);
-    cublasDestroy(blas_);
+    cudaEventDestroy(fork_);
+    cudaEventDestroy(join_);
+    cudaStreamDestroy(side_stream_);
     for (auto& e : upload_done_) cudaEventDestroy(e);
     cudaEventDestroy(meta_done_);
     cudaStreamDestroy(stream_);
@@ -431,7 +445,10 @@ class CudaBackend final : public Backend {
                              eps, stream_);
   }
 
-  void linear(Tensor out, const Tensor& x, const Tensor& w) override {
+  void linear(Tensor out, const Tensor& x, const Tensor& w) override { gemm(blas_[0], out, x, w); }
+
+  // out = x w^T on the stream of `handle`.
+  void gemm(cublasHandle_t handle, Tensor out, const Tensor& x, const Tensor& w) {
     check(x.dim(1) == w.dim(1) && out.dim(0) == x.dim(0) && out.dim(1) == w.dim(0),
           "linear shape mismatch");
     require(x.dtype == DType::kBF16 && w.dtype == DType::kBF16,
@@ -441,8 +458,8 @@ class CudaBackend final : public Backend {
     if (m == 0) return;
     const float alpha = 1.0f, beta = 0.0f;
     // Row-major out[m, n] = x[m, k] w[n, k]^T is column-major out^T = w^T x.
-    check_cublas(cublasGemmEx(blas_, CUBLAS_OP_T, CUBLAS_OP_N, n, m, k, &alpha, w.data, CUDA_R_16BF,
-                              k, x.data, CUDA_R_16BF, k, &beta, out.data,
+    check_cublas(cublasGemmEx(handle, CUBLAS_OP_T, CUBLAS_OP_N, n, m, k, &alpha, w.data,
+                              CUDA_R_16BF, k, x.data, CUDA_R_16BF, k, &beta, out.data,
                               out.dtype == DType::kF32 ? CUDA_R_32F : CUDA_R_16BF, n,
                               CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
                  "cublasGemmEx");
@@ -492,6 +509,17 @@ class CudaBackend final : public Backend {
                    static_cast<int>(gate_up.dim(1) / 2), stream_);
   }
 
+  // The shared experts of an MoE layer: s = down(silu(gate) * up) of x.
+  void shared_experts(Tensor s, const Tensor& x, const MoeWeights& w, int lane) {
+    const int64_t tokens = x.dim(0), si = w.shared_down.dim(1);
+    Tensor gu = scratch({tokens, 2 * si}, DType::kBF16);
+    Tensor a = scratch({tokens, si}, DType::kBF16);
+    gemm(blas_[lane], gu, x, w.shared_gate_up);
+    cuda::silu_mul(bf(a), bf(gu), static_cast<int>(tokens), static_cast<int>(si),
+                   lane == 0 ? stream_ : side_stream_);
+    gemm(blas_[lane], s, a, w.shared_down);
+  }
+
   void moe(Tensor out, const Tensor& x, const MoeWeights& w) override {
     const int tokens = static_cast<int>(x.dim(0)), hidden = static_cast<int>(x.dim(1));
     const int experts = static_cast<int>(w.router.dim(0)), k = w.top_k;
@@ -501,12 +529,26 @@ class CudaBackend final : public Backend {
     if (tokens == 0) return;
     const auto scratch_mark = arena_.mark();
     const int pairs = tokens * k;
+    const int block_m = cuda::moe_block_m(pairs, experts);
+    // Decode-sized batches run the shared experts on the side stream, beside the router and the
+    // routed experts: at a few tokens every kernel there is latency-bound, and the two chains
+    // overlap. Prefill keeps one stream (its expert GEMM is persistent over every SM), and so
+    // does the stage profile (each stage is timed on its own).
+    const bool has_shared = !w.shared_gate_up.empty();
+    const bool overlap = has_shared && block_m != cuda::kMoeBlockWgmma && !profiling_;
+    Tensor shared_out;
+    if (has_shared) shared_out = scratch({tokens, hidden}, DType::kBF16);
+    if (overlap) {
+      check_cuda(cudaEventRecord(fork_, stream_), "cudaEventRecord");
+      check_cuda(cudaStreamWaitEvent(side_stream_, fork_), "cudaStreamWaitEvent");
+      shared_experts(shared_out, x, w, 1);
+      check_cuda(cudaEventRecord(join_, side_stream_), "cudaEventRecord");
+    }
     auto* ids = static_cast<int32_t*>(arena_.alloc(pairs * sizeof(int32_t)));
     auto* weights = static_cast<float*>(arena_.alloc(pairs * sizeof(float)));
     void* route_scratch = arena_.alloc(cuda::route_scratch_bytes(tokens, hidden, experts));
     cuda::route_topk(ids, weights, bf(x), w.router.as<float>(), w.router_bias.as<float>(), tokens,
                      hidden, experts, k, w.norm_min, route_scratch, stream_);
-    const int block_m = cuda::moe_block_m(pairs, experts);
     const int64_t cap = cuda::moe_capacity(pairs, experts, block_m);
     auto* sorted = static_cast<int32_t*>(arena_.alloc(cap * sizeof(int32_t)));
     auto* block_expert = static_cast<int32_t*>(arena_.alloc(cap / block_m * sizeof(int32_t)));
@@ -521,19 +563,14 @@ class CudaBackend final : public Backend {
                       hidden, inter, experts, x_sorted, stream_);
     cuda::moe_down(y, act, bf(w.experts_down), weights, sorted, block_expert, cap, block_m, hidden,
                    inter, experts, stream_);
-    __nv_bfloat16* shared = nullptr;
-    if (!w.shared_gate_up.empty()) {
+    if (overlap) {
+      check_cuda(cudaStreamWaitEvent(stream_, join_), "cudaStreamWaitEvent");
+    } else if (has_shared) {
       mark(Stage::kMoeShared);
-      const int64_t si = w.shared_down.dim(1);
-      Tensor gu = scratch({tokens, 2 * si}, DType::kBF16);
-      Tensor a = scratch({tokens, si}, DType::kBF16);
-      Tensor s = scratch({tokens, hidden}, DType::kBF16);
-      linear(gu, x, w.shared_gate_up);
-      silu_mul(a, gu);
-      linear(s, a, w.shared_down);
-      shared = bf(s);
+      shared_experts(shared_out, x, w, 0);
     }
     mark(Stage::kMoeCombine);
+    __nv_bfloat16* shared = has_shared ? bf(shared_out) : nullptr;
     cuda::moe_combine(bf(out), y, pair_pos, shared, tokens, k, hidden, stream_);
     arena_.rewind(scratch_mark);
   }
@@ -755,8 +792,10 @@ class CudaBackend final : public Backend {
   int device_;
   int sms_ = 0;
   cudaStream_t stream_ = nullptr;
-  cublasHandle_t blas_ = nullptr;
-  void* blas_workspace_ = nullptr;
+  cudaStream_t side_stream_ = nullptr;  // the shared experts of decode steps (see moe)
+  cudaEvent_t fork_ = nullptr, join_ = nullptr;
+  cublasHandle_t blas_[2] = {nullptr, nullptr};  // on stream_ and on side_stream_
+  void* blas_workspace_[2] = {nullptr, nullptr};
   cudaEvent_t meta_done_ = nullptr;
   cudaEvent_t upload_done_[2] = {nullptr, nullptr};
   char* staging_[2] = {nullptr, nullptr};

@@ -16,12 +16,13 @@
 
 namespace ernie::cuda {
 
-// Rows per M-block of the sorted layout: 16 when the average expert gets few rows (decode), so
-// the tiles stream weights with little padding; 64 (mma.sync tiles) for mid-sized batches; 128
-// (wgmma tiles fed by TMA, sm_90a) for prefill-sized batches.
+// Rows per M-block of the sorted layout: 16 while the average expert gets up to 32 rows
+// (decode: the tiles stream weights, and an expert's second M-block finds them in L2); 64
+// (mma.sync tiles) for mid-sized batches; 128 (wgmma tiles fed by TMA, sm_90a) for
+// prefill-sized batches.
 constexpr int kMoeBlockSmall = 16, kMoeBlockLarge = 64, kMoeBlockWgmma = 128;
 inline int moe_block_m(int64_t pairs, int experts) {
-  if (pairs <= 16LL * experts) return kMoeBlockSmall;
+  if (pairs <= 32LL * experts) return kMoeBlockSmall;
   return pairs <= 64LL * experts ? kMoeBlockLarge : kMoeBlockWgmma;
 }
 
