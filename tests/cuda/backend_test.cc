@@ -243,9 +243,9 @@ TEST_F(CudaBackendTest, MoeMatchesCpu) {
   struct Case {
     int tokens, hidden, experts, k, inter, shared_inter;
   };
-  // Each of the three M-block sizes (moe_block_m): 16-row tiles for few pairs per expert, 64-row
-  // mma.sync tiles for a few hundred tokens, 128-row wgmma tiles beyond (also with reductions
-  // and widths that leave partial tiles: hidden 160, intermediate 96); the 21B shape both ways.
+  // Both M-block sizes (moe_block_m): 16-row tiles for up to 32 pairs per expert, 128-row wgmma
+  // tiles beyond (also with reductions and widths that leave partial tiles: hidden 160,
+  // intermediate 96); the 21B shape both ways.
   for (const Case& c :
        {Case{1, 256, 64, 6, 128, 256}, Case{37, 128, 16, 4, 64, 128}, Case{300, 160, 24, 8, 96, 0},
         Case{700, 256, 64, 6, 64, 128}, Case{5, 2560, 64, 6, 1536, 3072},

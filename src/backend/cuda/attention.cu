@@ -4,6 +4,7 @@
 #include "backend/cuda/attention.cuh"
 #include "backend/cuda/cuda_check.h"
 #include "backend/cuda/hopper.cuh"
+#include "backend/cuda/launch.cuh"
 #include "backend/cuda/mma.cuh"
 
 namespace ernie::cuda {
@@ -11,6 +12,8 @@ namespace {
 
 constexpr int kKeysPerTile = 64;
 constexpr int kPrefillRowWarps = kAttentionPrefillRows / 16;  // mma.sync path: a warp per 16 rows
+constexpr int kDecodeBuffers =
+    3;  // K/V tiles of the decode kernel: 109 KB at d128, two CTAs per SM
 constexpr float kLog2e = 1.4426950408889634f;
 
 // Row of the paged cache that holds key j of a sequence (shift and mask for power-of-two block
@@ -83,16 +86,18 @@ __device__ __forceinline__ void softmax_step(float (&s)[NT][4], float (&o)[ND][4
 // mma.sync kernel. RW warps split the query rows (16 each), KW warps split each 64-key tile.
 // Prefill tiles the wgmma kernel does not take use RW = kPrefillRowWarps (64 query rows per
 // CTA); decode uses KW = 4 (16 rows, keys split four ways and merged through shared memory at
-// the end). K/V tiles are double-buffered: the next tile streams in while this one is used.
-template <int D, int RW, int KW>
+// the end). K/V tiles go through NB buffers: NB - 1 tiles stream in while one is used (decode
+// reads nothing else, and its rate follows the bytes in flight).
+template <int D, int RW, int KW, int NB>
 __global__ void __launch_bounds__(32 * RW * KW) paged_attention_kernel(const PagedAttentionArgs a) {
-  static_assert((RW == 1 || KW == 1) && D % 16 == 0);
+  pdl_begin();
+  static_assert((RW == 1 || KW == 1) && D % 16 == 0 && NB >= 2);
   constexpr int kThreads = 32 * RW * KW;
   constexpr int BM = 16 * RW, BN = kKeysPerTile, NK = BN / KW, NT = NK / 8, LD = D + 8;
   constexpr int kChunks = D / 8;  // 16-byte chunks per row
   extern __shared__ __align__(16) unsigned char smem_raw[];
   __nv_bfloat16* sq = reinterpret_cast<__nv_bfloat16*>(smem_raw);  // [BM][LD]
-  __nv_bfloat16* skv = sq + BM * LD;                               // [2 buffers][K, V][BN][LD]
+  __nv_bfloat16* skv = sq + BM * LD;                               // [NB buffers][K, V][BN][LD]
   auto k_tile = [&](int buf) { return skv + (2 * buf) * BN * LD; };
   auto v_tile = [&](int buf) { return skv + (2 * buf + 1) * BN * LD; };
 
@@ -151,10 +156,11 @@ __global__ void __launch_bounds__(32 * RW * KW) paged_attention_kernel(const Pag
       cp_async_16(sv + key * LD + ch * 8, a.v_cache + off, valid);
     }
   };
-  if (k_begin < k_end) load_kv(0, k_begin);
-  cp_async_commit();  // the query rows and the first key tile
-
-  cp_async_wait<0>();
+  for (int b = 0; b < NB - 1; ++b) {  // the first NB - 1 key tiles, one group each
+    if (k_begin + b * BN < k_end) load_kv(b, k_begin + b * BN);
+    cp_async_commit();
+  }
+  cp_async_wait<NB - 1>();  // the query rows have landed
   __syncthreads();
   uint32_t qf[D / 16][4];
 #pragma unroll
@@ -171,12 +177,13 @@ __global__ void __launch_bounds__(32 * RW * KW) paged_attention_kernel(const Pag
   // ldmatrix row addresses: lane l gives row l % 8 of matrix l / 8.
   const int lrow = lane % 8, lmat = lane / 8;
   int buf = 0;
-  for (int kt = k_begin; kt < k_end; kt += BN, buf ^= 1) {
-    __syncthreads();  // everyone is done with the other buffer (the previous tile)
-    if (kt + BN < k_end) load_kv(buf ^ 1, kt + BN);
+  for (int kt = k_begin; kt < k_end; kt += BN, buf = buf + 1 == NB ? 0 : buf + 1) {
+    cp_async_wait<NB - 2>();  // this tile has landed (for this thread's copies) ...
+    __syncthreads();          // ... for all, and everyone is done with the previous tile
+    // The tile NB - 1 ahead goes into the previous tile's buffer.
+    const int ahead = kt + (NB - 1) * BN;
+    if (ahead < k_end) load_kv(buf == 0 ? NB - 1 : buf - 1, ahead);
     cp_async_commit();
-    cp_async_wait<1>();  // this tile has landed
-    __syncthreads();
     const __nv_bfloat16* sk = k_tile(buf);
     const __nv_bfloat16* sv = v_tile(buf);
 
@@ -513,6 +520,7 @@ void launch_prefill_wgmma(const PagedAttentionArgs& a, cudaStream_t stream) {
 __global__ void combine_splits_kernel(__nv_bfloat16* out, const float* partial_o,
                                       const float* partial_lse, int tokens, int heads, int d,
                                       int splits) {
+  pdl_begin();
   const size_t th = blockIdx.x;
   const size_t plane = static_cast<size_t>(tokens) * heads;
   float mx = -INFINITY;
@@ -528,30 +536,30 @@ __global__ void combine_splits_kernel(__nv_bfloat16* out, const float* partial_o
   out[th * d + threadIdx.x] = __float2bfloat16(sum > 0.0f ? acc / sum : 0.0f);
 }
 
-template <int D, int RW, int KW>
+template <int D, int RW, int KW, int NB>
 void launch(const PagedAttentionArgs& a, cudaStream_t stream) {
   constexpr int BM = 16 * RW, LD = D + 8, kThreads = 32 * RW * KW;
-  const size_t smem = static_cast<size_t>(BM + 4 * kKeysPerTile) * LD * sizeof(__nv_bfloat16);
+  const size_t smem = static_cast<size_t>(BM + 2 * NB * kKeysPerTile) * LD * sizeof(__nv_bfloat16);
   static bool configured = false;  // set once per instantiation (host, single engine thread)
   if (!configured) {
-    ERNIE_CUDA_CHECK(cudaFuncSetAttribute(paged_attention_kernel<D, RW, KW>,
+    ERNIE_CUDA_CHECK(cudaFuncSetAttribute(paged_attention_kernel<D, RW, KW, NB>,
                                           cudaFuncAttributeMaxDynamicSharedMemorySize,
                                           static_cast<int>(smem)));
     configured = true;
   }
   const dim3 grid(a.num_tiles, a.kv_heads, a.splits);
-  paged_attention_kernel<D, RW, KW><<<grid, kThreads, smem, stream>>>(a);
+  launch_pdl(paged_attention_kernel<D, RW, KW, NB>, grid, kThreads, smem, stream, a);
   ERNIE_CUDA_CHECK(cudaGetLastError());
 }
 
 template <int D>
 void launch_d(const PagedAttentionArgs& a, cudaStream_t stream) {
   if (a.decode_shape) {
-    launch<D, 1, 4>(a, stream);
+    launch<D, 1, 4, kDecodeBuffers>(a, stream);
   } else if (D == kWgD) {
     launch_prefill_wgmma(a, stream);
   } else {
-    launch<D, kPrefillRowWarps, 1>(a, stream);
+    launch<D, kPrefillRowWarps, 1, 2>(a, stream);
   }
 }
 
@@ -579,13 +587,14 @@ AttentionPlan plan_attention(const std::vector<int32_t>& query_start,
     }
     max_ctx = std::max(max_ctx, context_lens[s]);
   }
-  // Split the key range when the tiles alone leave the GPU mostly idle: aim for about two
-  // CTAs per multiprocessor, at least 256 keys per split. With fixed_splits (graphs) the count
-  // depends on the tile count only and the keys per split follow the longest context.
+  // Split the key range when the tiles alone leave the GPU mostly idle: up to two CTAs per
+  // multiprocessor (what fits beside the decode kernel's buffers, so one wave), at least 256
+  // keys per split. With fixed_splits (graphs) the count depends on the tile count only and
+  // the keys per split follow the longest context.
   const int64_t ctas = static_cast<int64_t>(p.tile_seq.size()) * kv_heads;
   int splits = 1;
   if (ctas > 0 && ctas < sms && (fixed_splits || max_ctx > 512)) {
-    const int want = static_cast<int>((2 * sms + ctas - 1) / ctas);
+    const int want = static_cast<int>(std::max<int64_t>(1, 2 * sms / ctas));
     splits = std::min(want, 64);
     if (!fixed_splits) splits = std::max(1, std::min(splits, (max_ctx + 255) / 256));
   }
@@ -622,8 +631,8 @@ void paged_attention(const PagedAttentionArgs& args, cudaStream_t stream) {
       throw Error(cat("paged attention supports head_dim 32, 48, 64 and 128, not ", a.head_dim));
   }
   if (a.splits > 1) {
-    combine_splits_kernel<<<a.tokens * a.heads, a.head_dim, 0, stream>>>(
-        a.out, a.partial_o, a.partial_lse, a.tokens, a.heads, a.head_dim, a.splits);
+    launch_pdl(combine_splits_kernel, a.tokens * a.heads, a.head_dim, 0, stream, a.out, a.partial_o,
+               a.partial_lse, a.tokens, a.heads, a.head_dim, a.splits);
     ERNIE_CUDA_CHECK(cudaGetLastError());
   }
 }

@@ -1,6 +1,7 @@
 #include <algorithm>
 
 #include "backend/cuda/cuda_check.h"
+#include "backend/cuda/launch.cuh"
 #include "backend/cuda/memory_ops.cuh"
 
 namespace ernie::cuda {
@@ -8,6 +9,7 @@ namespace {
 
 __global__ void gather_rows_kernel(uint32_t* out, const uint32_t* src, const int32_t* indices,
                                    int64_t words) {
+  pdl_begin();
   const int64_t r = blockIdx.x;
   const uint32_t* s = src + indices[r] * words;
   uint32_t* o = out + r * words;
@@ -60,8 +62,8 @@ void gather_rows(void* out, const void* src, const int32_t* indices, int n, int6
                  cudaStream_t stream) {
   if (n == 0) return;
   require(row_bytes % 4 == 0, "gather_rows: rows must be a multiple of 4 bytes");
-  gather_rows_kernel<<<n, 256, 0, stream>>>(
-      static_cast<uint32_t*>(out), static_cast<const uint32_t*>(src), indices, row_bytes / 4);
+  launch_pdl(gather_rows_kernel, n, 256, 0, stream, static_cast<uint32_t*>(out),
+             static_cast<const uint32_t*>(src), indices, row_bytes / 4);
   ERNIE_CUDA_CHECK(cudaGetLastError());
 }
 

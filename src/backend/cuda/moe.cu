@@ -2,6 +2,7 @@
 
 #include "backend/cuda/cuda_check.h"
 #include "backend/cuda/hopper.cuh"
+#include "backend/cuda/launch.cuh"
 #include "backend/cuda/mma.cuh"
 #include "backend/cuda/moe.cuh"
 
@@ -13,6 +14,7 @@ constexpr int kAlignThreads = 1024;
 __global__ void moe_align_kernel(int32_t* sorted_pairs, int32_t* block_expert, int32_t* pair_pos,
                                  const int32_t* ids, int pairs, int experts, int block_m,
                                  int num_blocks) {
+  pdl_begin();
   __shared__ int counts[1024];
   __shared__ int offsets[1025];
   for (int e = threadIdx.x; e < experts; e += kAlignThreads) counts[e] = 0;
@@ -58,20 +60,20 @@ __global__ void moe_align_kernel(int32_t* sorted_pairs, int32_t* block_expert, i
   }
 }
 
-// Tile shapes of the grouped GEMM. Every CTA has 4 warps.
-// Large (mid-size batches): 64 rows x 128 weight rows, warps 2 x 2 (32 x 64 each), 32 of the
-// reduction per stage, 3 stages. Small (decode): 16 rows x 64 weight rows, warps 1 x 4
-// (16 x 16 each), 64 per stage, 6 stages (69 KB: three CTAs per SM). A decode step streams
-// weights and nothing else, and its rate is set by the bytes in flight: narrow tiles give
-// twice the CTAs when few experts are touched, and the deep pipeline keeps ~40 KB of weights
-// in flight per CTA.
+// Tile of the decode GEMM (16-row M-blocks): 16 rows x 64 weight rows per CTA of 4 warps
+// (16 x 16 each), 64 of the reduction per stage, 6 stages (69 KB: three CTAs per SM). A decode
+// step streams weights and nothing else, and its rate is set by the bytes in flight: narrow
+// tiles give many CTAs when few experts are touched, and the deep pipeline keeps ~40 KB of
+// weights in flight per CTA. (64-row mma.sync tiles for mid-sized batches measured slower than
+// the wgmma kernel at 512 tokens: 1.01 vs 0.67 ms for the 21B layer.)
 template <int BM>
 struct Tile {
-  static constexpr int kBN = BM == kMoeBlockSmall ? 64 : 128;
-  static constexpr int kBK = BM == kMoeBlockSmall ? 64 : 32;
-  static constexpr int kStages = BM == kMoeBlockSmall ? 6 : 3;
+  static_assert(BM == kMoeBlockSmall);
+  static constexpr int kBN = 64;
+  static constexpr int kBK = 64;
+  static constexpr int kStages = 6;
   static constexpr int kLd = kBK + 8;  // padded rows: conflict-free fragment reads
-  static constexpr int kWarpsM = BM == kMoeBlockSmall ? 1 : 2, kWarpsN = 4 / kWarpsM;
+  static constexpr int kWarpsM = 1, kWarpsN = 4;
   static constexpr int kMt = BM / (16 * kWarpsM);  // m16 tiles per warp
   static constexpr int kNt = kBN / (8 * kWarpsN);  // n8 tiles per warp
   static constexpr int kChunks = kBK / 8;          // 16-byte chunks per row and stage
@@ -89,6 +91,7 @@ __global__ void __launch_bounds__(kGemmThreads)
     moe_gemm_kernel(__nv_bfloat16* out, const __nv_bfloat16* a_src, const __nv_bfloat16* w,
                     const float* route_w, const int32_t* sorted_pairs, const int32_t* block_expert,
                     int k_choices, int K, int N) {
+  pdl_begin();
   using T = Tile<BM>;
   constexpr int kBN = T::kBN, kBK = T::kBK, kStages = T::kStages, kLd = T::kLd;
   constexpr int kMt = T::kMt, kNt = T::kNt, kHalf = kNt / 2, kGateRows = kBN / 2;
@@ -243,8 +246,8 @@ void launch_gemm_tile(__nv_bfloat16* out, const __nv_bfloat16* a, const __nv_bfl
   }
   constexpr int cols = kGateUp ? Tile<BM>::kBN / 2 : Tile<BM>::kBN;
   const dim3 grid(static_cast<unsigned>(capacity / BM), (N + cols - 1) / cols);
-  moe_gemm_kernel<BM, kGateUp><<<grid, kGemmThreads, smem, stream>>>(
-      out, a, w, route_w, sorted_pairs, block_expert, k, K, N);
+  launch_pdl(moe_gemm_kernel<BM, kGateUp>, grid, kGemmThreads, smem, stream, out, a, w, route_w,
+             sorted_pairs, block_expert, k, K, N);
   ERNIE_CUDA_CHECK(cudaGetLastError());
 }
 
@@ -255,14 +258,9 @@ void launch_gemm(__nv_bfloat16* out, const __nv_bfloat16* a, const __nv_bfloat16
   require_parts(K % 8 == 0, "MoE GEMM: the reduction size ", K, " must be a multiple of 8");
   require_parts(capacity % block_m == 0, "MoE GEMM: capacity ", capacity,
                 " is not a multiple of the block size ", block_m);
-  if (block_m == kMoeBlockSmall) {
-    launch_gemm_tile<kMoeBlockSmall, kGateUp>(out, a, w, route_w, sorted_pairs, block_expert,
-                                              capacity, k, K, N, stream);
-  } else {
-    require_parts(block_m == kMoeBlockLarge, "MoE GEMM: unknown block size ", block_m);
-    launch_gemm_tile<kMoeBlockLarge, kGateUp>(out, a, w, route_w, sorted_pairs, block_expert,
-                                              capacity, k, K, N, stream);
-  }
+  require_parts(block_m == kMoeBlockSmall, "MoE GEMM: unknown block size ", block_m);
+  launch_gemm_tile<kMoeBlockSmall, kGateUp>(out, a, w, route_w, sorted_pairs, block_expert,
+                                            capacity, k, K, N, stream);
 }
 
 // ---- Prefill: wgmma grouped GEMM (128-row M-blocks) ----
@@ -436,6 +434,7 @@ void launch_wgmma(__nv_bfloat16* out, const CUtensorMap& a_map, const CUtensorMa
 __global__ void moe_combine_kernel(__nv_bfloat16* out, const __nv_bfloat16* y,
                                    const int32_t* pair_pos, const __nv_bfloat16* shared, int k,
                                    int hidden) {
+  pdl_begin();
   const size_t t = blockIdx.x;
   if (hidden % 8 == 0) {  // 16-byte loads: eight columns per thread, summed in the same order
     for (int i = threadIdx.x * 8; i < hidden; i += blockDim.x * 8) {
@@ -477,9 +476,8 @@ void moe_align(int32_t* sorted_pairs, int32_t* block_expert, int32_t* pair_pos, 
   if (pairs == 0) return;
   require(experts > 0 && experts <= 1024, "moe_align: at most 1024 experts");
   const int64_t capacity = moe_capacity(pairs, experts, block_m);
-  moe_align_kernel<<<1, kAlignThreads, 0, stream>>>(sorted_pairs, block_expert, pair_pos, ids,
-                                                    pairs, experts, block_m,
-                                                    static_cast<int>(capacity / block_m));
+  launch_pdl(moe_align_kernel, 1, kAlignThreads, 0, stream, sorted_pairs, block_expert, pair_pos,
+             ids, pairs, experts, block_m, static_cast<int>(capacity / block_m));
   ERNIE_CUDA_CHECK(cudaGetLastError());
 }
 
@@ -528,7 +526,7 @@ void moe_combine(__nv_bfloat16* out, const __nv_bfloat16* y, const int32_t* pair
   if (tokens == 0) return;
   // One 16-byte vector per thread where the row allows (a decode step is one pass of loads).
   const int threads = hidden % 8 == 0 ? std::clamp((hidden / 8 + 31) / 32 * 32, 128, 1024) : 128;
-  moe_combine_kernel<<<tokens, threads, 0, stream>>>(out, y, pair_pos, shared, k, hidden);
+  launch_pdl(moe_combine_kernel, tokens, threads, 0, stream, out, y, pair_pos, shared, k, hidden);
   ERNIE_CUDA_CHECK(cudaGetLastError());
 }
 

@@ -17,13 +17,12 @@
 namespace ernie::cuda {
 
 // Rows per M-block of the sorted layout: 16 while the average expert gets up to 32 rows
-// (decode: the tiles stream weights, and an expert's second M-block finds them in L2); 64
-// (mma.sync tiles) for mid-sized batches; 128 (wgmma tiles fed by TMA, sm_90a) for
-// prefill-sized batches.
-constexpr int kMoeBlockSmall = 16, kMoeBlockLarge = 64, kMoeBlockWgmma = 128;
+// (decode: the tiles stream weights, and an expert's second M-block finds them in L2), else 128
+// (wgmma tiles fed by TMA, sm_90a).
+constexpr int kMoeBlockSmall = 16, kMoeBlockWgmma = 128;
 inline int moe_block_m(int64_t pairs, int experts) {
   if (pairs <= 32LL * experts) return kMoeBlockSmall;
-  return pairs <= 64LL * experts ? kMoeBlockLarge : kMoeBlockWgmma;
+  return kMoeBlockWgmma;
 }
 
 // Rows of the sorted/padded layout for `pairs` = tokens * k pairs over `experts` experts.

@@ -1,4 +1,5 @@
 #include "backend/cuda/cuda_check.h"
+#include "backend/cuda/launch.cuh"
 #include "backend/cuda/rms_norm.cuh"
 
 namespace ernie::cuda {
@@ -27,6 +28,7 @@ __device__ float block_sum(float v) {
 __global__ void fused_add_rms_norm_kernel(__nv_bfloat16* out, __nv_bfloat16* residual,
                                           const __nv_bfloat16* x, const __nv_bfloat16* weight,
                                           int hidden, float eps) {
+  pdl_begin();
   const size_t row = blockIdx.x;
   __nv_bfloat16* r = residual + row * hidden;
   const __nv_bfloat16* xr = x ? x + row * hidden : nullptr;
@@ -54,6 +56,7 @@ constexpr int kVec = 4;
 __global__ void fused_add_rms_norm_vec_kernel(__nv_bfloat16* out, __nv_bfloat16* residual,
                                               const __nv_bfloat16* x, const __nv_bfloat16* weight,
                                               int hidden, float eps) {
+  pdl_begin();
   const size_t row = blockIdx.x;
   const int vecs = hidden / 8;
   uint4* r = reinterpret_cast<uint4*>(residual + row * hidden);
@@ -116,10 +119,11 @@ void fused_add_rms_norm(__nv_bfloat16* out, __nv_bfloat16* residual, const __nv_
     // Enough threads that each holds at most kVec vectors; whole warps.
     const int per_thread = (vecs + 1023) / 1024;
     const int threads = ((vecs + per_thread - 1) / per_thread + 31) / 32 * 32;
-    fused_add_rms_norm_vec_kernel<<<rows, threads, 0, stream>>>(out, residual, x, weight, hidden,
-                                                                eps);
+    launch_pdl(fused_add_rms_norm_vec_kernel, rows, threads, 0, stream, out, residual, x, weight,
+               hidden, eps);
   } else {
-    fused_add_rms_norm_kernel<<<rows, kThreads, 0, stream>>>(out, residual, x, weight, hidden, eps);
+    launch_pdl(fused_add_rms_norm_kernel, rows, kThreads, 0, stream, out, residual, x, weight,
+               hidden, eps);
   }
   ERNIE_CUDA_CHECK(cudaGetLastError());
 }

@@ -1,4 +1,5 @@
 #include "backend/cuda/cuda_check.h"
+#include "backend/cuda/launch.cuh"
 #include "backend/cuda/rope.cuh"
 
 namespace ernie::cuda {
@@ -15,6 +16,7 @@ __global__ void __launch_bounds__(kRopeThreads)
     rope_store_kv_kernel(__nv_bfloat16* qkv, __nv_bfloat16* k_cache, __nv_bfloat16* v_cache,
                          const int32_t* positions, const int64_t* slots, int64_t total, int heads,
                          int kv_heads, int head_dim, double theta) {
+  pdl_begin();
   __shared__ float inv_freq[kMaxHalf];
   const int half = head_dim / 2;
   if (threadIdx.x < half) {
@@ -61,8 +63,8 @@ void rope_store_kv(__nv_bfloat16* qkv, __nv_bfloat16* k_cache, __nv_bfloat16* v_
   const int64_t total =
       static_cast<int64_t>(tokens) * ((heads + kv_heads) * head_dim / 2 + kv_heads * head_dim / 2);
   const auto blocks = static_cast<unsigned>((total + kRopeThreads - 1) / kRopeThreads);
-  rope_store_kv_kernel<<<blocks, kRopeThreads, 0, stream>>>(
-      qkv, k_cache, v_cache, positions, slots, total, heads, kv_heads, head_dim, theta);
+  launch_pdl(rope_store_kv_kernel, blocks, kRopeThreads, 0, stream, qkv, k_cache, v_cache,
+             positions, slots, total, heads, kv_heads, head_dim, theta);
   ERNIE_CUDA_CHECK(cudaGetLastError());
 }
 

@@ -1,6 +1,7 @@
 #include <algorithm>
 
 #include "backend/cuda/cuda_check.h"
+#include "backend/cuda/launch.cuh"
 #include "backend/cuda/mma.cuh"
 #include "backend/cuda/router.cuh"
 
@@ -49,6 +50,7 @@ __device__ __forceinline__ void split_pair(float2 w, uint32_t& hi, uint32_t& mid
 __global__ void __launch_bounds__(kThreads)
     router_logits_kernel(float* partial, const __nv_bfloat16* x, const float* w, int tokens,
                          int hidden, int experts, int tiles_per_split) {
+  pdl_begin();
   __shared__ __align__(16) __nv_bfloat16 xs[kStages][kBM][kXLd];
   __shared__ __align__(16) float ws[kStages][kBN][kWLd];
   const int m0 = blockIdx.x * kBM, n0 = blockIdx.y * kBN, split = blockIdx.z;
@@ -124,6 +126,7 @@ constexpr int kTopkWarps = 4;
 __global__ void __launch_bounds__(kTopkWarps * 32)
     router_topk_kernel(int32_t* ids, float* weights, const float* partial, const float* bias,
                        int tokens, int experts, int splits, int k, float norm_min) {
+  pdl_begin();
   extern __shared__ float smem[];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int t = blockIdx.x * kTopkWarps + warp;
@@ -200,12 +203,12 @@ void route_topk(int32_t* ids, float* weights, const __nv_bfloat16* x, const floa
   const Split s = plan_split(tokens, hidden, experts);
   auto* partial = static_cast<float*>(scratch);
   const dim3 grid(s.m_tiles, s.n_tiles, s.splits);
-  router_logits_kernel<<<grid, kThreads, 0, stream>>>(partial, x, router, tokens, hidden, experts,
-                                                      s.tiles_per_split);
+  launch_pdl(router_logits_kernel, grid, kThreads, 0, stream, partial, x, router, tokens, hidden,
+             experts, s.tiles_per_split);
   ERNIE_CUDA_CHECK(cudaGetLastError());
   const size_t smem = static_cast<size_t>(kTopkWarps) * 2 * experts * sizeof(float);
-  router_topk_kernel<<<(tokens + kTopkWarps - 1) / kTopkWarps, kTopkWarps * 32, smem, stream>>>(
-      ids, weights, partial, bias, tokens, experts, s.splits, k, norm_min);
+  launch_pdl(router_topk_kernel, (tokens + kTopkWarps - 1) / kTopkWarps, kTopkWarps * 32, smem,
+             stream, ids, weights, partial, bias, tokens, experts, s.splits, k, norm_min);
   ERNIE_CUDA_CHECK(cudaGetLastError());
 }
 

@@ -1,0 +1,39 @@
+// Programmatic dependent launch (sm_90): a kernel launched with launch_pdl may start while the
+// kernel before it on the stream is still finishing; it calls pdl_begin() first, which lets the
+// kernel after it launch early in turn and then waits until the previous kernel has finished
+// and its writes are visible. Across a decode step's few hundred small kernels this hides most
+// of each launch's latency (the graph records the programmatic edges).
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <utility>
+
+#include "backend/cuda/cuda_check.h"
+
+namespace ernie::cuda {
+
+// First statement of every kernel launched with launch_pdl: nothing before it may read what
+// an earlier kernel wrote.
+__device__ __forceinline__ void pdl_begin() {
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+}
+
+template <typename... Params, typename... Args>
+void launch_pdl(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
+                Args&&... args) {
+  cudaLaunchConfig_t cfg{};
+  cfg.gridDim = grid;
+  cfg.blockDim = block;
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = stream;
+  cudaLaunchAttribute attr{};
+  attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr.val.programmaticStreamSerializationAllowed = 1;
+  cfg.attrs = &attr;
+  cfg.numAttrs = 1;
+  ERNIE_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, std::forward<Args>(args)...));
+}
+
+}  // namespace ernie::cuda
