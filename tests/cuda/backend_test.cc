@@ -440,18 +440,27 @@ TEST_F(CudaBackendTest, ModelLogitsMatchCpu) {
   const auto got = dev.model->forward(st);
   ASSERT_EQ(got.size(), want.size());
   // A token whose expert choice sits on a near-tie may route differently in bf16 (transformers
-  // in bf16 does too): that row then differs a lot. Most rows must be close, all together too.
-  EXPECT_LT(compare(got, want, "model logits").l2_rel, 0.04);
+  // in bf16 does too): that row then differs a lot, and the later tokens of its sequence, which
+  // attend to its keys, a little. At most a tenth of the rows may be far; the others must be
+  // close one by one and all together.
+  compare(got, want, "model logits (all rows)");
   int far = 0;
+  std::vector<float> close_got, close_want;
   for (size_t r = 0; r < st.logits_indices.size(); ++r) {
     const std::vector<float> g(got.begin() + r * c.vocab_size,
                                got.begin() + (r + 1) * c.vocab_size);
     const std::vector<float> w(want.begin() + r * c.vocab_size,
                                want.begin() + (r + 1) * c.vocab_size);
     const std::string what = cat("logits of row ", r);
-    far += compare(g, w, what.c_str()).l2_rel > 0.05;
+    if (compare(g, w, what.c_str()).l2_rel > 0.05) {
+      ++far;
+    } else {
+      close_got.insert(close_got.end(), g.begin(), g.end());
+      close_want.insert(close_want.end(), w.begin(), w.end());
+    }
   }
   EXPECT_LE(far, static_cast<int>(st.logits_indices.size()) / 10);
+  EXPECT_LT(compare(close_got, close_want, "model logits (rows within 0.05)").l2_rel, 0.03);
   // Greedy choices agree wherever the reference's margin is clear, but for rows whose
   // routing flipped (at most the far rows above).
   const int64_t v = c.vocab_size;
