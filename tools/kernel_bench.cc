@@ -5,8 +5,7 @@
 // (dummy weights, CUDA graphs as the server runs them) beside the roofline floor of the step.
 // Usage: ernie_kernel_bench [iterations] [ops|steps|all] [case,...]: a case list ("1",
 // "16x8500": sequences, or sequences x context) keeps only those decode steps (handy under a
-// profiler). Inputs are random (unit
-// normal); the buffers it makes are kept until it exits.
+// profiler). Inputs are random (unit normal); the buffers it makes are kept until it exits.
 #include <cuda_profiler_api.h>
 #include <cuda_runtime.h>
 
@@ -173,7 +172,9 @@ int run_steps(int iters, const std::vector<std::string>& only) {
              std::find(only.begin(), only.end(), b) == only.end();
     });
   }
-  if (cases.empty()) return 0;
+  require(!cases.empty(),
+          "no decode step case matches the list (cases: 1x1000, 16x1000, "
+          "16x8500, 64x1500, 256x1000)");
   auto be = backend::make_cuda_backend(0);
   const model::ModelConfig cfg = model::parse_config(model::preset_config("21b-a3b"));
   model::Ernie45 m(cfg, model::dummy_weights(cfg, *be), *be);

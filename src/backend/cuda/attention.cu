@@ -12,8 +12,8 @@ namespace {
 
 constexpr int kKeysPerTile = 64;
 constexpr int kPrefillRowWarps = kAttentionPrefillRows / 16;  // mma.sync path: a warp per 16 rows
-constexpr int kDecodeBuffers =
-    3;  // K/V tiles of the decode kernel: 109 KB at d128, two CTAs per SM
+// K/V tile buffers of the decode kernel: 109 KB at head_dim 128, two CTAs per SM.
+constexpr int kDecodeBuffers = 3;
 constexpr float kLog2e = 1.4426950408889634f;
 
 // Row of the paged cache that holds key j of a sequence (shift and mask for power-of-two block
