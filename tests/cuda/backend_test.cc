@@ -243,13 +243,13 @@ TEST_F(CudaBackendTest, MoeMatchesCpu) {
   struct Case {
     int tokens, hidden, experts, k, inter, shared_inter;
   };
-  // Both M-block sizes (moe_block_m): 16-row tiles for up to 32 pairs per expert, 128-row wgmma
-  // tiles beyond (also with reductions and widths that leave partial tiles: hidden 160,
-  // intermediate 96); the 21B shape both ways.
-  for (const Case& c :
-       {Case{1, 256, 64, 6, 128, 256}, Case{37, 128, 16, 4, 64, 128}, Case{300, 160, 24, 8, 96, 0},
-        Case{700, 256, 64, 6, 64, 128}, Case{5, 2560, 64, 6, 1536, 3072},
-        Case{400, 256, 64, 6, 128, 0}, Case{900, 2560, 64, 6, 1536, 0}}) {
+  // Every M-block size (moe_block_m): 16-row tiles for up to 8 pairs per expert, 32-row up to
+  // 32, 128-row wgmma tiles beyond (also with reductions and widths that leave partial tiles:
+  // hidden 160, intermediate 96); the 21B shape all three ways.
+  for (const Case& c : {Case{1, 256, 64, 6, 128, 256}, Case{37, 128, 16, 4, 64, 128},
+                        Case{300, 160, 24, 8, 96, 0}, Case{700, 256, 64, 6, 64, 128},
+                        Case{5, 2560, 64, 6, 1536, 3072}, Case{400, 256, 64, 6, 128, 0},
+                        Case{900, 2560, 64, 6, 1536, 0}, Case{200, 2560, 64, 6, 1536, 3072}}) {
     SCOPED_TRACE(::testing::Message() << c.tokens << " tokens, hidden " << c.hidden << ", "
                                       << c.experts << " experts top-" << c.k << ", inter "
                                       << c.inter << ", shared " << c.shared_inter);

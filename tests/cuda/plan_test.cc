@@ -71,7 +71,7 @@ TEST(AttentionPlan, TilesCoverRowsAndSplitsCoverKeys) {
 
 TEST(MoeLayout, CapacityHoldsAnyRouting) {
   Rng rng(17);
-  for (int block_m : {kMoeBlockSmall, kMoeBlockWgmma}) {
+  for (int block_m : {kMoeBlockSmall, kMoeBlockMid, kMoeBlockWgmma}) {
     for (int64_t pairs : {1, 6, 96, 1000, 49152}) {
       for (int experts : {8, 64, 160}) {
         const int64_t cap = moe_capacity(pairs, experts, block_m);
@@ -90,11 +90,12 @@ TEST(MoeLayout, CapacityHoldsAnyRouting) {
       }
     }
   }
-  // Decode batches of the 21B model (64 experts, top-6) up to ~340 sequences take the small
-  // blocks, larger batches and prefill chunks the wgmma tiles.
+  // Decode batches of the 21B model (64 experts, top-6) up to ~85 sequences take the 16-row
+  // blocks, up to ~340 the 32-row blocks, larger batches and prefill chunks the wgmma tiles.
   EXPECT_EQ(moe_block_m(16 * 6, 64), kMoeBlockSmall);
-  EXPECT_EQ(moe_block_m(128 * 6, 64), kMoeBlockSmall);
-  EXPECT_EQ(moe_block_m(256 * 6, 64), kMoeBlockSmall);
+  EXPECT_EQ(moe_block_m(64 * 6, 64), kMoeBlockSmall);
+  EXPECT_EQ(moe_block_m(128 * 6, 64), kMoeBlockMid);
+  EXPECT_EQ(moe_block_m(256 * 6, 64), kMoeBlockMid);
   EXPECT_EQ(moe_block_m(512 * 6, 64), kMoeBlockWgmma);
   EXPECT_EQ(moe_block_m(8192 * 6, 64), kMoeBlockWgmma);
 }

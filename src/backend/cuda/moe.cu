@@ -60,18 +60,20 @@ __global__ void moe_align_kernel(int32_t* sorted_pairs, int32_t* block_expert, i
   }
 }
 
-// Tile of the decode GEMM (16-row M-blocks): 16 rows x 64 weight rows per CTA of 4 warps
-// (16 x 16 each), 64 of the reduction per stage, 6 stages (69 KB: three CTAs per SM). A decode
-// step streams weights and nothing else, and its rate is set by the bytes in flight: narrow
-// tiles give many CTAs when few experts are touched, and the deep pipeline keeps ~40 KB of
-// weights in flight per CTA. (64-row mma.sync tiles for mid-sized batches measured slower than
-// the wgmma kernel at 512 tokens: 1.01 vs 0.67 ms for the 21B layer.)
+// Tiles of the decode GEMM: BM (16 or 32) rows x 64 weight rows per CTA of 4 warps (BM x 16
+// each), 64 of the reduction per stage, 6 stages for 16 rows and 5 for 32 (69 KB either way:
+// three CTAs per SM). A decode step streams weights and nothing else, and its rate is set by
+// the bytes in flight: narrow tiles give many CTAs when few experts are touched, and the deep
+// pipeline keeps ~40 KB of weights in flight per CTA. Each M-block reads its expert's weights
+// again (from L2 when they are still there), so 32-row blocks take over once experts get more
+// than 8 rows on average. (64-row mma.sync tiles for mid-sized batches measured slower than the
+// wgmma kernel at 512 tokens: 1.01 vs 0.67 ms for the 21B layer.)
 template <int BM>
 struct Tile {
-  static_assert(BM == kMoeBlockSmall);
+  static_assert(BM == kMoeBlockSmall || BM == kMoeBlockMid);
   static constexpr int kBN = 64;
   static constexpr int kBK = 64;
-  static constexpr int kStages = 6;
+  static constexpr int kStages = BM == kMoeBlockSmall ? 6 : 5;
   static constexpr int kLd = kBK + 8;  // padded rows: conflict-free fragment reads
   static constexpr int kWarpsM = 1, kWarpsN = 4;
   static constexpr int kMt = BM / (16 * kWarpsM);  // m16 tiles per warp
@@ -258,9 +260,14 @@ void launch_gemm(__nv_bfloat16* out, const __nv_bfloat16* a, const __nv_bfloat16
   require_parts(K % 8 == 0, "MoE GEMM: the reduction size ", K, " must be a multiple of 8");
   require_parts(capacity % block_m == 0, "MoE GEMM: capacity ", capacity,
                 " is not a multiple of the block size ", block_m);
-  require_parts(block_m == kMoeBlockSmall, "MoE GEMM: unknown block size ", block_m);
-  launch_gemm_tile<kMoeBlockSmall, kGateUp>(out, a, w, route_w, sorted_pairs, block_expert,
+  if (block_m == kMoeBlockSmall) {
+    launch_gemm_tile<kMoeBlockSmall, kGateUp>(out, a, w, route_w, sorted_pairs, block_expert,
+                                              capacity, k, K, N, stream);
+  } else {
+    require_parts(block_m == kMoeBlockMid, "MoE GEMM: unknown block size ", block_m);
+    launch_gemm_tile<kMoeBlockMid, kGateUp>(out, a, w, route_w, sorted_pairs, block_expert,
                                             capacity, k, K, N, stream);
+  }
 }
 
 // ---- Prefill: wgmma grouped GEMM (128-row M-blocks) ----

@@ -16,12 +16,13 @@
 
 namespace ernie::cuda {
 
-// Rows per M-block of the sorted layout: 16 while the average expert gets up to 32 rows
-// (decode: the tiles stream weights, and an expert's second M-block finds them in L2), else 128
-// (wgmma tiles fed by TMA, sm_90a).
-constexpr int kMoeBlockSmall = 16, kMoeBlockWgmma = 128;
+// Rows per M-block of the sorted layout: 16 while the average expert gets up to 8 rows, 32 up
+// to 32 rows (decode: mma.sync tiles that stream weights), else 128 (wgmma tiles fed by TMA,
+// sm_90a).
+constexpr int kMoeBlockSmall = 16, kMoeBlockMid = 32, kMoeBlockWgmma = 128;
 inline int moe_block_m(int64_t pairs, int experts) {
-  if (pairs <= 32LL * experts) return kMoeBlockSmall;
+  if (pairs <= 8LL * experts) return kMoeBlockSmall;
+  if (pairs <= 32LL * experts) return kMoeBlockMid;
   return kMoeBlockWgmma;
 }
 
