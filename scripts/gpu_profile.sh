@@ -1,17 +1,30 @@
 #!/usr/bin/env bash
 # On the GPU machine, after a build (scripts/gpu_check.sh): where one decode step of the 21B
-# model spends its time, kernel by kernel. Runs `ernie_kernel_bench 3 steps BATCHES` under
-# Nsight Compute (only the profiler range around one graph replay; no cache flush, clocks left
-# alone) and prints each kernel's time summed by name, largest first, with the sum of the
-# isolated kernel times (the step's measured time minus that sum is launch and scheduling
-# gaps). One profile per case. Usage: scripts/gpu_profile.sh [RESULT_DIR] [CASES, default 1]
-# where CASES is e.g. "1x1000,16x8500" (sequences x context, as ernie_kernel_bench lists them).
+# model spends its time, kernel by kernel. Runs `ernie_kernel_bench 3 steps CASE` under Nsight
+# Compute (only the profiler range around one graph replay; no cache flush, clocks left alone)
+# and prints each kernel's time summed by name, largest first. Each kernel is timed in
+# isolation, so the sum exceeds the step's graph time (small kernels read 1.4-2x their share):
+# use it to rank kernels. One profile per case.
+#   scripts/gpu_profile.sh [RESULT_DIR] [CASES, default 1x1000]
+# CASES is e.g. "1x1000,16x8500" (sequences x context, as ernie_kernel_bench lists them).
+# With ERNIE_NCU_KERNEL=REGEX it instead profiles the first launch of the matching kernel in
+# `ernie_kernel_bench 1 ops` with every Nsight Compute section (throughput, warp stall
+# reasons, memory) into RESULT_DIR/ncu_kernel.txt, e.g.
+#   ERNIE_NCU_KERNEL=prefill_attention_wgmma scripts/gpu_profile.sh DIR
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=$(realpath -m "${1:-gpu-results}")
 cases=${2:-1x1000}
 mkdir -p "$out"
 ncu=$(command -v ncu || echo /usr/local/cuda/bin/ncu)
+if [ -n "${ERNIE_NCU_KERNEL:-}" ]; then
+  "$ncu" --set full --kernel-name "regex:$ERNIE_NCU_KERNEL" --launch-count 1 \
+    build-gpu/ernie_kernel_bench 1 ops > "$out/ncu_kernel.txt" 2>&1
+  rc=$?
+  grep -E "^  [A-Za-z]|Duration|Throughput|Stall|Warp Cycles|Issued|Registers|Occupancy" \
+    "$out/ncu_kernel.txt" | head -80
+  exit $rc
+fi
 rc=0
 for c in ${cases//,/ }; do
   csv="$out/ncu_step_$c.csv"
