@@ -1,4 +1,6 @@
 #include <algorithm>
+#include <cstdlib>
+#include <string>
 #include <unordered_map>
 
 #include "backend/cuda/attention.cuh"
@@ -469,6 +471,233 @@ __global__ void __launch_bounds__(128)
   }
 }
 
+// Prefill tiles for head_dim 128 when K/V can come by TMA (power-of-two blocks of 8-64): a
+// producer warpgroup and NC consumer warpgroups per 64-row query tile. One producer thread
+// streams the tile's 64-key K/V tiles by TMA through a kFaStages-deep ring (a full and an empty
+// mbarrier per stage); consumer warpgroup c takes key tiles c, c + NC, ..., each keeping its own
+// online softmax over the same 64 query rows with S and PV on wgmma as in
+// prefill_attention_wgmma_kernel, and hands the stage back once its wgmmas are done. At the end
+// the consumers merge their (max, sum, O) through shared memory. Nothing in the key loop waits
+// on the whole CTA, the ring keeps up to kFaStages tiles in flight, and NC warpgroups share the
+// tensor cores of one SM.
+constexpr int kFaStages = 6;
+constexpr size_t kFaSmem = 1024 + (2 + 4 * kFaStages) * kWgHalf;  // Q + ring of (K, V)
+
+template <int NC>
+__global__ void __launch_bounds__(128 * (NC + 1), 1)
+    prefill_attention_fa_kernel(const PagedAttentionArgs a,
+                                const __grid_constant__ CUtensorMap k_map,
+                                const __grid_constant__ CUtensorMap v_map) {
+  constexpr int D = kWgD, BN = kKeysPerTile, kChunks = D / 8;
+  constexpr int kConsumerThreads = 128 * NC;
+  extern __shared__ unsigned char smem_raw[];
+  unsigned char* smem = reinterpret_cast<unsigned char*>(
+      (reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t{1023});
+  unsigned char* sq = smem;  // [2 halves][64 rows][128 bytes], swizzled
+  unsigned char* ring = smem + 2 * kWgHalf;
+  auto k_tile = [&](int st) { return ring + 4 * st * kWgHalf; };
+  auto v_tile = [&](int st) { return ring + (4 * st + 2) * kWgHalf; };
+  auto swz = [](int r, int ch) {
+    return (ch / 8) * kWgHalf + r * 128 + (((ch % 8) ^ (r % 8)) << 4);
+  };
+  __shared__ __align__(8) uint64_t full[kFaStages], empty[kFaStages];
+
+  // Tiles in reverse: a sequence's last query rows see the most keys, so they start first and
+  // the short tiles fill in behind them.
+  const int tile = gridDim.x - 1 - blockIdx.x, kvh = blockIdx.y, split = blockIdx.z;
+  const int seq = a.tile_seq[tile], row0 = a.tile_row0[tile];
+  const int group = a.heads / a.kv_heads;
+  const int q0 = a.query_start[seq], rows = (a.query_start[seq + 1] - q0) * group;
+  const int last_row = min(row0 + kWgRows, rows) - 1;
+  const int kv_end = min(a.context_lens[seq], a.positions[q0 + last_row / group] + 1);
+  const int split_keys = a.dims[0];
+  const int k_begin = split * split_keys;
+  const int k_end = a.splits == 1 ? kv_end : min(kv_end, k_begin + split_keys);
+  const int n_tiles = k_begin < k_end ? (k_end - k_begin + BN - 1) / BN : 0;
+  const int32_t* table = a.block_tables + static_cast<size_t>(seq) * a.dims[1];
+
+  // Rows of a tile past the sequence's last block are never loaded: every ring buffer starts
+  // finite (masked rows get probability 0, and 0 * NaN would not be 0).
+  for (int i = threadIdx.x; i < 4 * kFaStages * kWgHalf / 16; i += blockDim.x) {
+    reinterpret_cast<uint4*>(ring)[i] = make_uint4(0, 0, 0, 0);
+  }
+  if (threadIdx.x == 0) {
+    for (int st = 0; st < kFaStages; ++st) {
+      mbar_init(&full[st], 1);
+      mbar_init(&empty[st], 4);  // one arrival per warp of the consuming warpgroup
+    }
+    mbar_init_fence();
+  }
+  fence_proxy_async();
+  __syncthreads();  // the last CTA-wide barrier: the producer leaves early
+
+  if (threadIdx.x < 128) {  // ---- producer warpgroup: one thread issues every load ----
+    if (threadIdx.x == 0) {
+      const int bs = a.block_size;
+      for (int t = 0; t < n_tiles; ++t) {
+        const int st = t % kFaStages;
+        mbar_wait(&empty[st], ((t / kFaStages) & 1) ^ 1);  // the first round passes at once
+        const int kt = k_begin + t * BN;
+        const int first = kt / bs, last = (min(kt + BN, k_end) - 1) / bs;
+        mbar_arrive_expect_tx(&full[st], (last - first + 1) * bs * 128 * 4);
+        for (int b = first; b <= last; ++b) {
+          const int slot0 = table[b] * bs, row = b * bs - kt;
+          for (int half = 0; half < 2; ++half) {
+            tma_load_3d(k_tile(st) + half * kWgHalf + row * 128, &k_map, &full[st], half * 64, kvh,
+                        slot0);
+            tma_load_3d(v_tile(st) + half * kWgHalf + row * 128, &v_map, &full[st], half * 64, kvh,
+                        slot0);
+          }
+        }
+      }
+    }
+    return;
+  }
+
+  // ---- consumer warpgroups ----
+  const int ct = threadIdx.x - 128, cons = ct / 128;
+  const int warp = (ct % 128) / 32, lane = ct % 32, g = lane / 4, c = lane % 4;
+  const size_t row_stride = static_cast<size_t>(a.heads + 2 * a.kv_heads) * D;
+  for (int i = ct; i < kWgRows * kChunks; i += kConsumerThreads) {
+    const int r = i / kChunks, ch = i % kChunks, row = row0 + r;
+    const bool valid = row < rows;
+    const __nv_bfloat16* src = a.qkv;
+    if (valid) {
+      src = a.qkv + static_cast<size_t>(q0 + row / group) * row_stride +
+            static_cast<size_t>(kvh * group + row % group) * D + ch * 8;
+    }
+    cp_async_16(sq + swz(r, ch), src, valid);
+  }
+  cp_async_commit();
+  cp_async_wait<0>();
+  fence_proxy_async();  // the query rows are read by wgmma (the async proxy)
+  named_barrier_sync(1, kConsumerThreads);
+
+  int pos[2];
+  for (int i = 0; i < 2; ++i) {
+    const int row = row0 + warp * 16 + g + 8 * i;
+    pos[i] = row < rows ? a.positions[q0 + row / group] : -1;
+  }
+  int min_pos = min(pos[0], pos[1]);
+  for (int o = 16; o > 0; o >>= 1) min_pos = min(min_pos, __shfl_xor_sync(0xffffffffu, min_pos, o));
+  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
+  float o[D / 8][4];  // the wgmma m64n128 accumulator: 16 column tiles of 4
+#pragma unroll
+  for (int nd = 0; nd < D / 8; ++nd) o[nd][0] = o[nd][1] = o[nd][2] = o[nd][3] = 0.0f;
+  const float scale_log2 = a.scale * kLog2e;
+
+  for (int t = cons; t < n_tiles; t += NC) {
+    const int st = t % kFaStages, kt = k_begin + t * BN;
+    mbar_wait(&full[st], (t / kFaStages) & 1);
+    const unsigned char* sk = k_tile(st);
+    const unsigned char* sv = v_tile(st);
+    float s[BN / 8][4];  // the wgmma m64n64 accumulator: 8 column tiles of 4
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+      const int off = (kk / 4) * kWgHalf + (kk % 4) * 32;
+      wgmma_m64n64k16(reinterpret_cast<float(&)[32]>(s), wgmma_desc_sw128(sq + off),
+                      wgmma_desc_sw128(sk + off), kk > 0);
+    }
+    wgmma_commit();
+    wgmma_wait<0>();
+    softmax_step(s, o, m, l, kt, k_end, pos, min_pos, scale_log2);
+    uint32_t pa[BN / 16][4];
+#pragma unroll
+    for (int ks = 0; ks < BN / 16; ++ks) {
+#pragma unroll
+      for (int r = 0; r < 4; ++r) {
+        const float* q = s[2 * ks + r / 2] + 2 * (r % 2);
+        pa[ks][r] = pack_bf16(q[0], q[1]);
+      }
+    }
+    wgmma_fence();
+#pragma unroll
+    for (int ks = 0; ks < BN / 16; ++ks) {
+      wgmma_m64n128k16_rs(reinterpret_cast<float(&)[64]>(o), pa[ks],
+                          wgmma_desc_sw128_mn(sv + ks * 2048, kWgHalf));
+    }
+    wgmma_commit();
+    wgmma_wait<0>();
+    if (lane == 0) mbar_arrive(&empty[st]);  // this warp no longer reads the stage
+  }
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    l[i] += __shfl_xor_sync(0xffffffffu, l[i], 1);
+    l[i] += __shfl_xor_sync(0xffffffffu, l[i], 2);
+  }
+
+  // Merge: consumers 1.. leave (m, l, O) in the ring (every load has been consumed once all
+  // consumers pass the barrier), consumer 0 combines them with its own and writes the rows.
+  named_barrier_sync(1, kConsumerThreads);
+  float* mo = reinterpret_cast<float*>(ring);              // [NC - 1][64 rows][D]
+  float* mml = mo + static_cast<size_t>(NC - 1) * 64 * D;  // [NC - 1][64 rows][2]
+  if (cons > 0) {
+    float* po = mo + static_cast<size_t>(cons - 1) * 64 * D;
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      const int r = warp * 16 + g + 8 * i;
+#pragma unroll
+      for (int nd = 0; nd < D / 8; ++nd) {
+        po[r * D + nd * 8 + 2 * c] = o[nd][2 * i];
+        po[r * D + nd * 8 + 2 * c + 1] = o[nd][2 * i + 1];
+      }
+      if (c == 0) {
+        mml[((cons - 1) * 64 + r) * 2] = m[i];
+        mml[((cons - 1) * 64 + r) * 2 + 1] = l[i];
+      }
+    }
+  }
+  named_barrier_sync(1, kConsumerThreads);
+  if (cons > 0) return;
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    const int r = warp * 16 + g + 8 * i;
+    float mx = m[i];
+    for (int p = 0; p < NC - 1; ++p) mx = fmaxf(mx, mml[(p * 64 + r) * 2]);
+    const float base = mx == -INFINITY ? 0.0f : mx;
+    const float own = fast_exp2(m[i] - base);
+    float f[NC - 1 > 0 ? NC - 1 : 1];
+    float lsum = l[i] * own;
+    for (int p = 0; p < NC - 1; ++p) {
+      f[p] = fast_exp2(mml[(p * 64 + r) * 2] - base);
+      lsum += mml[(p * 64 + r) * 2 + 1] * f[p];
+    }
+#pragma unroll
+    for (int nd = 0; nd < D / 8; ++nd) {
+#pragma unroll
+      for (int j = 0; j < 2; ++j) {
+        float v = o[nd][2 * i + j] * own;
+        for (int p = 0; p < NC - 1; ++p) v += mo[(p * 64 + r) * D + nd * 8 + 2 * c + j] * f[p];
+        o[nd][2 * i + j] = v;
+      }
+    }
+    m[i] = mx;
+    l[i] = lsum;
+  }
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    const int row = row0 + warp * 16 + g + 8 * i;
+    if (row >= rows) continue;
+    const size_t t = q0 + row / group, h = kvh * group + row % group;
+    const float inv = l[i] > 0.0f ? 1.0f / l[i] : 0.0f;
+#pragma unroll
+    for (int nd = 0; nd < D / 8; ++nd) {
+      const int d = nd * 8 + 2 * c;
+      const float v0 = o[nd][2 * i] * inv, v1 = o[nd][2 * i + 1] * inv;
+      if (a.splits == 1) {
+        *reinterpret_cast<__nv_bfloat162*>(a.out + (t * a.heads + h) * D + d) =
+            __floats2bfloat162_rn(v0, v1);
+      } else {
+        const size_t idx = (static_cast<size_t>(split) * a.tokens + t) * a.heads + h;
+        a.partial_o[idx * D + d] = v0;
+        a.partial_o[idx * D + d + 1] = v1;
+        if (d == 0) a.partial_lse[idx] = l[i] > 0.0f ? m[i] + log2f(l[i]) : -INFINITY;
+      }
+    }
+  }
+}
+
 // Tensor maps over one layer's K or V cache [slots, kv_heads, 128] with 64 x 1 x block_size
 // boxes, kept per cache address and shape (encoding one costs host time every step otherwise).
 const CUtensorMap& cache_map(const __nv_bfloat16* cache, const PagedAttentionArgs& a) {
@@ -506,7 +735,29 @@ void launch_prefill_wgmma(const PagedAttentionArgs& a, cudaStream_t stream) {
     configured[tma] = true;
   }
   const dim3 grid(a.num_tiles, a.kv_heads, a.splits);
-  if (tma) {
+  // Experiment switch while the producer/consumer kernel is measured against the one-warpgroup
+  // kernel: ERNIE_PREFILL_ATTN=wg (one warpgroup), fa2 / fa3 (2 or 3 consumer warpgroups).
+  static const std::string variant = [] {
+    const char* v = std::getenv("ERNIE_PREFILL_ATTN");
+    return std::string(v ? v : "fa2");
+  }();
+  if (tma && variant != "wg") {
+    auto launch_fa = [&](auto kernel, int consumers) {
+      static bool fa_configured[4] = {};
+      if (!fa_configured[consumers]) {
+        ERNIE_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                              static_cast<int>(kFaSmem)));
+        fa_configured[consumers] = true;
+      }
+      kernel<<<grid, 128 * (consumers + 1), kFaSmem, stream>>>(a, cache_map(a.k_cache, a),
+                                                               cache_map(a.v_cache, a));
+    };
+    if (variant == "fa3") {
+      launch_fa(prefill_attention_fa_kernel<3>, 3);
+    } else {
+      launch_fa(prefill_attention_fa_kernel<2>, 2);
+    }
+  } else if (tma) {
     prefill_attention_wgmma_kernel<true>
         <<<grid, 128, kWgAttnSmem, stream>>>(a, cache_map(a.k_cache, a), cache_map(a.v_cache, a));
   } else {
