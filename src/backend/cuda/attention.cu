@@ -90,18 +90,44 @@ __device__ __forceinline__ void softmax_step(float (&s)[NT][4], float (&o)[ND][4
 // CTA); decode uses KW = 4 (16 rows, keys split four ways and merged through shared memory at
 // the end). K/V tiles go through NB buffers: NB - 1 tiles stream in while one is used (decode
 // reads nothing else, and its rate follows the bytes in flight).
-template <int D, int RW, int KW, int NB>
-__global__ void __launch_bounds__(32 * RW * KW) paged_attention_kernel(const PagedAttentionArgs a) {
+// kTma (head_dim 128, power-of-two cache blocks of 8-64): thread 0 brings each K/V tile by TMA,
+// one box per cache block and 64-column half, into the 128-byte swizzled layout, and an
+// mbarrier per buffer signals it; fragments are read through the swizzle. Otherwise every
+// thread copies 16-byte chunks (cp.async) into rows padded to D + 8.
+template <int D, int RW, int KW, int NB, bool kTma>
+__global__ void __launch_bounds__(32 * RW * KW)
+    paged_attention_kernel(const PagedAttentionArgs a, const __grid_constant__ CUtensorMap k_map,
+                           const __grid_constant__ CUtensorMap v_map) {
   pdl_begin();
   static_assert((RW == 1 || KW == 1) && D % 16 == 0 && NB >= 2);
+  static_assert(!kTma || D == 128);
   constexpr int kThreads = 32 * RW * KW;
   constexpr int BM = 16 * RW, BN = kKeysPerTile, NK = BN / KW, NT = NK / 8, LD = D + 8;
-  constexpr int kChunks = D / 8;  // 16-byte chunks per row
+  constexpr int kChunks = D / 8;         // 16-byte chunks per row
+  constexpr int kHalf = BN * 128;        // kTma: bytes of one 64-column half of a tile
+  constexpr int kTileBytes = 2 * kHalf;  // kTma: one K or V tile
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  __nv_bfloat16* sq = reinterpret_cast<__nv_bfloat16*>(smem_raw);  // [BM][LD]
-  __nv_bfloat16* skv = sq + BM * LD;                               // [NB buffers][K, V][BN][LD]
+  // kTma: [NB buffers][K, V][2 halves][BN rows][128 bytes] at a 1024-byte boundary, then Q;
+  // otherwise Q, then [NB buffers][K, V][BN][LD].
+  unsigned char* ring = reinterpret_cast<unsigned char*>(
+      kTma ? (reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t{1023}
+           : reinterpret_cast<uintptr_t>(smem_raw) + BM * LD * sizeof(__nv_bfloat16));
+  __nv_bfloat16* sq = kTma ? reinterpret_cast<__nv_bfloat16*>(ring + 2 * NB * kTileBytes)
+                           : reinterpret_cast<__nv_bfloat16*>(smem_raw);  // [BM][LD]
+  __nv_bfloat16* skv = reinterpret_cast<__nv_bfloat16*>(ring);
   auto k_tile = [&](int buf) { return skv + (2 * buf) * BN * LD; };
   auto v_tile = [&](int buf) { return skv + (2 * buf + 1) * BN * LD; };
+  // Address of 16-byte chunk `ch` of key row `r` in buffer `buf` (K, or V with is_v).
+  auto kv_chunk = [&](int buf, bool is_v, int r, int ch) -> const __nv_bfloat16* {
+    if constexpr (kTma) {
+      return reinterpret_cast<const __nv_bfloat16*>(ring + (2 * buf + is_v) * kTileBytes +
+                                                    (ch / 8) * kHalf + r * 128 +
+                                                    (((ch % 8) ^ (r % 8)) << 4));
+    } else {
+      return (is_v ? v_tile(buf) : k_tile(buf)) + r * LD + ch * 8;
+    }
+  };
+  __shared__ __align__(8) uint64_t full[kTma ? NB : 1];
 
   const int tile = blockIdx.x, kvh = blockIdx.y, split = blockIdx.z;
   const int seq = a.tile_seq[tile], row0 = a.tile_row0[tile];
@@ -142,8 +168,37 @@ __global__ void __launch_bounds__(32 * RW * KW) paged_attention_kernel(const Pag
   for (int nd = 0; nd < D / 8; ++nd) o[nd][0] = o[nd][1] = o[nd][2] = o[nd][3] = 0.0f;
 
   const int32_t* table = a.block_tables + static_cast<size_t>(seq) * a.dims[1];
+  if constexpr (kTma) {
+    // Rows of a tile past the sequence's last block are never loaded: they must hold finite
+    // values (masked to probability 0) before any tile arrives.
+    for (int i = threadIdx.x; i < 2 * NB * kTileBytes / 16; i += kThreads) {
+      reinterpret_cast<uint4*>(ring)[i] = make_uint4(0, 0, 0, 0);
+    }
+    if (threadIdx.x == 0) {
+      for (int b = 0; b < NB; ++b) mbar_init(&full[b], 1);
+      mbar_init_fence();
+    }
+    fence_proxy_async();
+    __syncthreads();
+  }
   // Keys [kt, kt + BN) into buffer `buf`; rows past the range are zero (never NaN * 0).
   auto load_kv = [&](int buf, int kt) {
+    if constexpr (kTma) {
+      if (threadIdx.x != 0) return;
+      const int bs = a.block_size;
+      const int first = kt / bs, last = (min(kt + BN, k_end) - 1) / bs;
+      mbar_arrive_expect_tx(&full[buf], (last - first + 1) * bs * 128 * 4);
+      unsigned char* sk = ring + 2 * buf * kTileBytes;
+      for (int b = first; b <= last; ++b) {
+        const int slot0 = table[b] * bs, row = b * bs - kt;
+        for (int half = 0; half < 2; ++half) {
+          tma_load_3d(sk + half * kHalf + row * 128, &k_map, &full[buf], half * 64, kvh, slot0);
+          tma_load_3d(sk + kTileBytes + half * kHalf + row * 128, &v_map, &full[buf], half * 64,
+                      kvh, slot0);
+        }
+      }
+      return;
+    }
     __nv_bfloat16* sk = k_tile(buf);
     __nv_bfloat16* sv = v_tile(buf);
     for (int i = threadIdx.x; i < BN * kChunks; i += kThreads) {
@@ -179,15 +234,14 @@ __global__ void __launch_bounds__(32 * RW * KW) paged_attention_kernel(const Pag
   // ldmatrix row addresses: lane l gives row l % 8 of matrix l / 8.
   const int lrow = lane % 8, lmat = lane / 8;
   int buf = 0;
-  for (int kt = k_begin; kt < k_end; kt += BN, buf = buf + 1 == NB ? 0 : buf + 1) {
+  for (int kt = k_begin, it = 0; kt < k_end; kt += BN, buf = buf + 1 == NB ? 0 : buf + 1, ++it) {
     cp_async_wait<NB - 2>();  // this tile has landed (for this thread's copies) ...
     __syncthreads();          // ... for all, and everyone is done with the previous tile
     // The tile NB - 1 ahead goes into the previous tile's buffer.
     const int ahead = kt + (NB - 1) * BN;
     if (ahead < k_end) load_kv(buf == 0 ? NB - 1 : buf - 1, ahead);
     cp_async_commit();
-    const __nv_bfloat16* sk = k_tile(buf);
-    const __nv_bfloat16* sv = v_tile(buf);
+    if constexpr (kTma) mbar_wait(&full[buf], (it / NB) & 1);
 
     float s[NT][4];
 #pragma unroll
@@ -198,7 +252,7 @@ __global__ void __launch_bounds__(32 * RW * KW) paged_attention_kernel(const Pag
       for (int nt = 0; nt < NT; nt += 2) {
         // Matrices: keys nt*8.. at d kk*16 and kk*16+8, then keys (nt+1)*8.. likewise.
         uint32_t b[4];
-        ldmatrix_x4(b, sk + (kb + (nt + lmat / 2) * 8 + lrow) * LD + kk * 16 + (lmat % 2) * 8);
+        ldmatrix_x4(b, kv_chunk(buf, false, kb + (nt + lmat / 2) * 8 + lrow, kk * 2 + lmat % 2));
         mma_16816(s[nt], qf[kk], b[0], b[1]);
         mma_16816(s[nt + 1], qf[kk], b[2], b[3]);
       }
@@ -215,7 +269,7 @@ __global__ void __launch_bounds__(32 * RW * KW) paged_attention_kernel(const Pag
         // Transposed matrices: keys ks*16.. and ks*16+8.. at d nd*8, then at d (nd+1)*8.
         uint32_t b[4];
         ldmatrix_x4_trans(b,
-                          sv + (kb + ks * 16 + (lmat % 2) * 8 + lrow) * LD + (nd + lmat / 2) * 8);
+                          kv_chunk(buf, true, kb + ks * 16 + (lmat % 2) * 8 + lrow, nd + lmat / 2));
         mma_16816(o[nd], pa, b[0], b[1]);
         mma_16816(o[nd + 1], pa, b[2], b[3]);
       }
@@ -725,8 +779,13 @@ const CUtensorMap& cache_map(const __nv_bfloat16* cache, const PagedAttentionArg
   return it->second;
 }
 
+// K/V tiles can come by TMA: one box per cache block (power-of-two blocks of 8-64 keys).
+bool tma_loads(const PagedAttentionArgs& a) {
+  return a.cache_slots > 0 && a.block_shift >= 3 && a.block_size <= kKeysPerTile;
+}
+
 void launch_prefill_wgmma(const PagedAttentionArgs& a, cudaStream_t stream) {
-  const bool tma = a.cache_slots > 0 && a.block_shift >= 3 && a.block_size <= kKeysPerTile;
+  const bool tma = tma_loads(a);
   static bool configured[2] = {false, false};
   if (!configured[tma]) {
     ERNIE_CUDA_CHECK(cudaFuncSetAttribute(
@@ -787,25 +846,36 @@ __global__ void combine_splits_kernel(__nv_bfloat16* out, const float* partial_o
   out[th * d + threadIdx.x] = __float2bfloat16(sum > 0.0f ? acc / sum : 0.0f);
 }
 
-template <int D, int RW, int KW, int NB>
+template <int D, int RW, int KW, int NB, bool kTma = false>
 void launch(const PagedAttentionArgs& a, cudaStream_t stream) {
   constexpr int BM = 16 * RW, LD = D + 8, kThreads = 32 * RW * KW;
-  const size_t smem = static_cast<size_t>(BM + 2 * NB * kKeysPerTile) * LD * sizeof(__nv_bfloat16);
+  const size_t q_bytes = static_cast<size_t>(BM) * LD * sizeof(__nv_bfloat16);
+  const size_t smem =
+      kTma ? 1024 + 2 * NB * 2 * kKeysPerTile * 128 + q_bytes
+           : q_bytes + static_cast<size_t>(2 * NB * kKeysPerTile) * LD * sizeof(__nv_bfloat16);
+  auto* kernel = paged_attention_kernel<D, RW, KW, NB, kTma>;
   static bool configured = false;  // set once per instantiation (host, single engine thread)
   if (!configured) {
-    ERNIE_CUDA_CHECK(cudaFuncSetAttribute(paged_attention_kernel<D, RW, KW, NB>,
-                                          cudaFuncAttributeMaxDynamicSharedMemorySize,
+    ERNIE_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                           static_cast<int>(smem)));
     configured = true;
   }
   const dim3 grid(a.num_tiles, a.kv_heads, a.splits);
-  launch_pdl(paged_attention_kernel<D, RW, KW, NB>, grid, kThreads, smem, stream, a);
+  if constexpr (kTma) {
+    launch_pdl(kernel, grid, kThreads, smem, stream, a, cache_map(a.k_cache, a),
+               cache_map(a.v_cache, a));
+  } else {
+    const CUtensorMap unused{};
+    launch_pdl(kernel, grid, kThreads, smem, stream, a, unused, unused);
+  }
   ERNIE_CUDA_CHECK(cudaGetLastError());
 }
 
 template <int D>
 void launch_d(const PagedAttentionArgs& a, cudaStream_t stream) {
-  if (a.decode_shape) {
+  if (a.decode_shape && D == kWgD && tma_loads(a)) {
+    launch<kWgD, 1, 4, kDecodeBuffers, true>(a, stream);
+  } else if (a.decode_shape) {
     launch<D, 1, 4, kDecodeBuffers>(a, stream);
   } else if (D == kWgD) {
     launch_prefill_wgmma(a, stream);
