@@ -122,12 +122,16 @@ struct Tail {
   RouteLayout layout;
 };
 
+// The fused tail runs in one CTA (4 warps, a token per warp at a time), so it pays only while
+// the tokens are few: beyond this the separate top-k and align kernels spread the work.
+constexpr int kFusedRouteTokens = 8;
+
 // CTAs of the current fused launch that have written their partial sums; the last one resets it.
 __device__ unsigned int g_route_arrivals = 0;
 
-// partial[split][token][expert] = sum over this split's reduction range of x * W. kFused (one
-// M-tile): the last CTA to finish also does the top-k and the layout, so a decode step routes
-// in one launch.
+// partial[split][token][expert] = sum over this split's reduction range of x * W. kFused (at
+// most kFusedRouteTokens tokens): the last CTA to finish also does the top-k and the layout,
+// so a small decode step routes in one launch.
 template <bool kFused>
 __global__ void __launch_bounds__(kThreads)
     router_logits_kernel(float* partial, const __nv_bfloat16* x, const float* w, int tokens,
@@ -255,7 +259,7 @@ bool route_topk(int32_t* ids, float* weights, const __nv_bfloat16* x, const floa
   auto* partial = static_cast<float*>(scratch);
   const dim3 grid(s.m_tiles, s.n_tiles, s.splits);
   Tail tail{ids, weights, bias, k, norm_min, {}};
-  if (layout != nullptr && s.m_tiles == 1) {
+  if (layout != nullptr && tokens <= kFusedRouteTokens) {
     tail.layout = *layout;
     const size_t smem = (static_cast<size_t>(kThreads / 32) * 2 * experts) * sizeof(float) +
                         (2 * static_cast<size_t>(experts) + 1) * sizeof(int);

@@ -32,7 +32,7 @@ struct RouteLayout {
 // x [tokens, hidden] bf16; router [experts, hidden] f32; bias [experts] f32; scratch of
 // route_scratch_bytes(). Writes ids [tokens, k] (descending biased score, lower id first on
 // ties) and weights [tokens, k]. hidden % 32 == 0, experts <= 1024, k <= experts. With a
-// layout and at most 64 tokens it also lays the pairs out as moe_align does, in the same
+// layout and at most 8 tokens it also lays the pairs out as moe_align does, in the same
 // launch, and returns true; otherwise the caller runs moe_align.
 bool route_topk(int32_t* ids, float* weights, const __nv_bfloat16* x, const float* router,
                 const float* bias, int tokens, int hidden, int experts, int k, float norm_min,
