@@ -185,7 +185,7 @@ TEST(CudaKernels, RouterMatchesCpuReference) {
   }
 }
 
-// Up to 64 tokens the router kernel can also lay the pairs out (moe_align's job) in the same
+// Up to 8 tokens the router kernel can also lay the pairs out (moe_align's job) in the same
 // launch: the ids and weights must be exactly those of the separate kernels, the layout must
 // hold every pair once in its expert's blocks, and back-to-back launches must each finish
 // (the last CTA resets the arrival count).
@@ -196,8 +196,8 @@ TEST(CudaKernels, RouterLayoutMatchesSeparateAlign) {
     int tokens, hidden, experts, k, block_m;
   };
   for (const Shape& s :
-       {Shape{1, 2560, 64, 6, kMoeBlockSmall}, Shape{16, 2560, 64, 6, kMoeBlockSmall},
-        Shape{64, 2560, 64, 6, kMoeBlockMid}, Shape{40, 128, 24, 8, kMoeBlockSmall},
+       {Shape{1, 2560, 64, 6, kMoeBlockSmall}, Shape{8, 2560, 64, 6, kMoeBlockSmall},
+        Shape{3, 2560, 64, 6, kMoeBlockMid}, Shape{5, 128, 24, 8, kMoeBlockSmall},
         Shape{7, 512, 160, 8, kMoeBlockMid}}) {
     SCOPED_TRACE(::testing::Message()
                  << s.tokens << "x" << s.hidden << ", " << s.experts << " experts top-" << s.k);
