@@ -873,7 +873,12 @@ void launch(const PagedAttentionArgs& a, cudaStream_t stream) {
 
 template <int D>
 void launch_d(const PagedAttentionArgs& a, cudaStream_t stream) {
-  if (a.decode_shape && D == kWgD && tma_loads(a)) {
+  // Experiment switch (gpu-next branch only): ERNIE_DECODE_TMA=0 keeps the cp.async loads.
+  static const bool decode_tma = [] {
+    const char* v = std::getenv("ERNIE_DECODE_TMA");
+    return v == nullptr || std::string(v) != "0";
+  }();
+  if (a.decode_shape && D == kWgD && decode_tma && tma_loads(a)) {
     launch<kWgD, 1, 4, kDecodeBuffers, true>(a, stream);
   } else if (a.decode_shape) {
     launch<D, 1, 4, kDecodeBuffers>(a, stream);
