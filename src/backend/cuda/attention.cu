@@ -28,6 +28,27 @@ __device__ __forceinline__ int64_t key_slot(const int32_t* table, int j, int blo
   return static_cast<int64_t>(table[j / block_size]) * block_size + j % block_size;
 }
 
+// What one CTA covers: query tile `tile` (bm rows of its sequence, starting at row0; a row is
+// (token - q0) * group + head) and the keys [k_begin, k_end) of split `split` that those rows
+// may see.
+struct TileSpan {
+  int seq, row0, group, q0, rows, k_begin, k_end;
+};
+__device__ __forceinline__ TileSpan tile_span(const PagedAttentionArgs& a, int tile, int split,
+                                              int bm) {
+  TileSpan t;
+  t.seq = a.tile_seq[tile];
+  t.row0 = a.tile_row0[tile];
+  t.group = a.heads / a.kv_heads;
+  t.q0 = a.query_start[t.seq];
+  t.rows = (a.query_start[t.seq + 1] - t.q0) * t.group;
+  const int last_row = min(t.row0 + bm, t.rows) - 1;
+  const int kv_end = min(a.context_lens[t.seq], a.positions[t.q0 + last_row / t.group] + 1);
+  t.k_begin = split * a.dims[0];
+  t.k_end = a.splits == 1 ? kv_end : min(kv_end, t.k_begin + a.dims[0]);
+  return t;
+}
+
 // 2^x on the special function unit (2^-inf = 0).
 __device__ __forceinline__ float fast_exp2(float x) {
   float y;
@@ -130,14 +151,7 @@ __global__ void __launch_bounds__(32 * RW * KW)
   __shared__ __align__(8) uint64_t full[kTma ? NB : 1];
 
   const int tile = blockIdx.x, kvh = blockIdx.y, split = blockIdx.z;
-  const int seq = a.tile_seq[tile], row0 = a.tile_row0[tile];
-  const int group = a.heads / a.kv_heads;
-  const int q0 = a.query_start[seq], rows = (a.query_start[seq + 1] - q0) * group;
-  const int last_row = min(row0 + BM, rows) - 1;
-  const int kv_end = min(a.context_lens[seq], a.positions[q0 + last_row / group] + 1);
-  const int split_keys = a.dims[0];
-  const int k_begin = split * split_keys;
-  const int k_end = a.splits == 1 ? kv_end : min(kv_end, k_begin + split_keys);
+  const auto [seq, row0, group, q0, rows, k_begin, k_end] = tile_span(a, tile, split, BM);
   const size_t row_stride = static_cast<size_t>(a.heads + 2 * a.kv_heads) * D;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, c = lane % 4;
   const int wr = warp / KW, wk = warp % KW;
@@ -371,14 +385,7 @@ __global__ void __launch_bounds__(128)
   };
 
   const int tile = blockIdx.x, kvh = blockIdx.y, split = blockIdx.z;
-  const int seq = a.tile_seq[tile], row0 = a.tile_row0[tile];
-  const int group = a.heads / a.kv_heads;
-  const int q0 = a.query_start[seq], rows = (a.query_start[seq + 1] - q0) * group;
-  const int last_row = min(row0 + kWgRows, rows) - 1;
-  const int kv_end = min(a.context_lens[seq], a.positions[q0 + last_row / group] + 1);
-  const int split_keys = a.dims[0];
-  const int k_begin = split * split_keys;
-  const int k_end = a.splits == 1 ? kv_end : min(kv_end, k_begin + split_keys);
+  const auto [seq, row0, group, q0, rows, k_begin, k_end] = tile_span(a, tile, split, kWgRows);
   const size_t row_stride = static_cast<size_t>(a.heads + 2 * a.kv_heads) * D;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, c = lane % 4;
 
@@ -559,14 +566,7 @@ __global__ void __launch_bounds__(128 * (NC + 1), 1)
   // Tiles in reverse: a sequence's last query rows see the most keys, so they start first and
   // the short tiles fill in behind them.
   const int tile = gridDim.x - 1 - blockIdx.x, kvh = blockIdx.y, split = blockIdx.z;
-  const int seq = a.tile_seq[tile], row0 = a.tile_row0[tile];
-  const int group = a.heads / a.kv_heads;
-  const int q0 = a.query_start[seq], rows = (a.query_start[seq + 1] - q0) * group;
-  const int last_row = min(row0 + kWgRows, rows) - 1;
-  const int kv_end = min(a.context_lens[seq], a.positions[q0 + last_row / group] + 1);
-  const int split_keys = a.dims[0];
-  const int k_begin = split * split_keys;
-  const int k_end = a.splits == 1 ? kv_end : min(kv_end, k_begin + split_keys);
+  const auto [seq, row0, group, q0, rows, k_begin, k_end] = tile_span(a, tile, split, kWgRows);
   const int n_tiles = k_begin < k_end ? (k_end - k_begin + BN - 1) / BN : 0;
   const int32_t* table = a.block_tables + static_cast<size_t>(seq) * a.dims[1];
 
