@@ -590,7 +590,8 @@ __global__ void __launch_bounds__(128 * (NC + 1), 1)
       const int bs = a.block_size;
       for (int t = 0; t < n_tiles; ++t) {
         const int st = t % kFaStages;
-        mbar_wait(&empty[st], ((t / kFaStages) & 1) ^ 1);  // the first round passes at once
+        // The first round of the ring is free; later, wait for the consumer of round - 1.
+        if (t >= kFaStages) mbar_wait(&empty[st], ((t / kFaStages) - 1) & 1);
         const int kt = k_begin + t * BN;
         const int first = kt / bs, last = (min(kt + BN, k_end) - 1) / bs;
         mbar_arrive_expect_tx(&full[st], (last - first + 1) * bs * 128 * 4);
