@@ -26,7 +26,7 @@ rc=0
 for config in "$@"; do
   settings=()
   [ "$config" = - ] || IFS=, read -ra settings <<< "$config"
-  log="$out/$(echo "$config" | tr -c 'A-Za-z0-9_=.-' '_')"
+  log="$out/$(echo "$config" | tr -c 'A-Za-z0-9_.-' '_')"
   if [ "$filter" != none ]; then
     env "${settings[@]}" timeout 400 build-gpu/tests/ernie_cuda_tests --gtest_filter="$filter" \
       > "$log.tests.log" 2>&1
