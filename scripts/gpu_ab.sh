@@ -3,7 +3,7 @@
 # configuration of environment switches, so that one build compares a new kernel path with the
 # one it would replace. Usage: scripts/gpu_ab.sh DIR CONFIG...; a CONFIG is a comma-separated
 # list of NAME=VALUE settings ("-" for none), e.g.
-#   AB_FILTER='*Attention*' AB_BENCH=ops scripts/gpu_ab.sh out ERNIE_PREFILL_ATTN=wg ERNIE_PREFILL_ATTN=fa3
+#   AB_FILTER='*Attention*' AB_BENCH=ops scripts/gpu_ab.sh out - ERNIE_NEW_PATH=0
 # AB_FILTER is the gtest filter (default every test; "none" skips the tests), AB_BENCH the
 # kernel bench section (ops, steps, all; "none" skips it), AB_PICK a regex for the bench lines
 # to print (default every timing line). Logs go under DIR, one pair of files per config.

@@ -1,6 +1,5 @@
 #include <algorithm>
 #include <cstdlib>
-#include <string>
 #include <unordered_map>
 
 #include "backend/cuda/attention.cuh"
@@ -56,53 +55,93 @@ __device__ __forceinline__ float fast_exp2(float x) {
   return y;
 }
 
+// Largest tile maximum above the running one (log2 units) that leaves the running maximum where
+// it is: probabilities then reach at most 2^kRescaleSlack (exact in bf16 and f32 alike), and
+// the output and sum are rescaled only when some row of the warp outgrows it.
+constexpr float kRescaleSlack = 8.0f;
+
+// Maximum and sum of n values as trees (short dependency chains instead of one of length n).
+template <int N>
+__device__ __forceinline__ float tree_max(const float* v) {
+  if constexpr (N == 1) {
+    return v[0];
+  } else {
+    return fmaxf(tree_max<N / 2>(v), tree_max<N - N / 2>(v + N / 2));
+  }
+}
+template <int N>
+__device__ __forceinline__ float tree_sum(const float* v) {
+  if constexpr (N == 1) {
+    return v[0];
+  } else {
+    return tree_sum<N / 2>(v) + tree_sum<N - N / 2>(v + N / 2);
+  }
+}
+
 // One online-softmax step of a warp over its NT x 8 key columns of a tile, in the m16n8
 // accumulator layout (rows g and g + 8, columns 2 (lane % 4), +1 of each 8-column tile). Keys
 // from key0 on that are past k_end or after a row's position are masked (tests skipped when
-// every row sees every key: min_pos is the smallest position among the warp's rows); the
-// scores are scaled to log2 units, the running max m and sum l and the output o are updated,
-// and s is left holding the probabilities.
+// every row sees every key: min_pos is the smallest position among the warp's rows). The
+// running maximum m (log2 units, scores times scale_log2) moves only past kRescaleSlack, the
+// sum l and the output o are updated, and s is left holding the probabilities 2^(s scale - m).
 template <int NT, int ND>
 __device__ __forceinline__ void softmax_step(float (&s)[NT][4], float (&o)[ND][4], float (&m)[2],
                                              float (&l)[2], int key0, int k_end,
                                              const int (&pos)[2], int min_pos, float scale_log2) {
   const int c = threadIdx.x % 4;
   const int last_key = key0 + NT * 8 - 1;
-  const bool full = last_key < k_end && last_key <= min_pos;
-  float mx[2] = {m[0], m[1]};
+  if (last_key >= k_end || last_key > min_pos) {
 #pragma unroll
-  for (int nt = 0; nt < NT; ++nt) {
+    for (int nt = 0; nt < NT; ++nt) {
 #pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      const int i = e / 2, j = key0 + nt * 8 + 2 * c + (e & 1);
-      const float v = (full || (j < k_end && j <= pos[i])) ? s[nt][e] * scale_log2 : -INFINITY;
-      s[nt][e] = v;
-      mx[i] = fmaxf(mx[i], v);
+      for (int e = 0; e < 4; ++e) {
+        const int j = key0 + nt * 8 + 2 * c + (e & 1);
+        if (j >= k_end || j > pos[e / 2]) s[nt][e] = -INFINITY;
+      }
     }
   }
-  float base[2];
+  float mx[2];
 #pragma unroll
   for (int i = 0; i < 2; ++i) {
+    float v[2 * NT];
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+      v[2 * nt] = s[nt][2 * i];
+      v[2 * nt + 1] = s[nt][2 * i + 1];
+    }
+    mx[i] = tree_max<2 * NT>(v);
     mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 1));
     mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 2));
-    base[i] = mx[i] == -INFINITY ? 0.0f : mx[i];
-    const float rescale = fast_exp2(m[i] - base[i]);  // 0 while nothing was visible
-    m[i] = mx[i];
-    l[i] *= rescale;
+    mx[i] *= scale_log2;  // scale_log2 > 0: the maximum of the scaled scores (or -inf)
+  }
+  const bool grow = mx[0] > m[0] + kRescaleSlack || mx[1] > m[1] + kRescaleSlack;
+  if (__any_sync(0xffffffffu, grow)) {
 #pragma unroll
-    for (int nd = 0; nd < ND; ++nd) {
-      o[nd][2 * i] *= rescale;
-      o[nd][2 * i + 1] *= rescale;
+    for (int i = 0; i < 2; ++i) {
+      const float next = fmaxf(m[i], mx[i]);
+      const float rescale = fast_exp2(m[i] - (next == -INFINITY ? 0.0f : next));  // 0 from -inf
+      m[i] = next;
+      l[i] *= rescale;
+#pragma unroll
+      for (int nd = 0; nd < ND; ++nd) {
+        o[nd][2 * i] *= rescale;
+        o[nd][2 * i + 1] *= rescale;
+      }
     }
   }
 #pragma unroll
-  for (int nt = 0; nt < NT; ++nt) {
+  for (int i = 0; i < 2; ++i) {
+    const float base = m[i] == -INFINITY ? 0.0f : m[i];
+    float p[2 * NT];
 #pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      const float p = fast_exp2(s[nt][e] - base[e / 2]);
-      l[e / 2] += p;
-      s[nt][e] = p;
+    for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        p[2 * nt + e] = fast_exp2(fmaf(s[nt][2 * i + e], scale_log2, -base));
+        s[nt][2 * i + e] = p[2 * nt + e];
+      }
     }
+    l[i] += tree_sum<2 * NT>(p);
   }
 }
 
@@ -356,22 +395,16 @@ __global__ void __launch_bounds__(32 * RW * KW)
 }
 
 // Prefill tiles for head_dim 128 on wgmma (sm_90a): one warpgroup per 64 query rows. Q and
-// double-buffered 64-key K/V tiles land in the 128-byte swizzled layout (two 64-column halves
-// of 64 rows x 128 bytes each): Q by cp.async, K/V by TMA where the cache blocks allow it (see
-// kTma) and by cp.async with the swizzle computed otherwise; S = Q K^T is a wgmma with both
-// operands in shared memory, the softmax runs on S in registers exactly as in the mma.sync
-// kernel (the accumulator of each warp has the m16n8 layout), and O += P V takes P from
+// double-buffered 64-key K/V tiles land by cp.async in the 128-byte swizzled layout (two
+// 64-column halves of 64 rows x 128 bytes each, the swizzle computed); S = Q K^T is a wgmma
+// with both operands in shared memory, the softmax runs on S in registers exactly as in the
+// mma.sync kernel (the accumulator of each warp has the m16n8 layout), and O += P V takes P from
 // registers and V as an N-major operand.
 constexpr int kWgD = 128, kWgRows = 64, kWgHalf = 64 * 128;  // bytes of a 64-row half tile
 constexpr size_t kWgAttnSmem = 1024 + 5 * 2 * kWgHalf;       // Q + 2 x (K, V)
 
-// With kTma, K/V tiles come by TMA, one box per cache block and 64-column half (block sizes
-// 8, 16, 32, 64); thread 0 issues them and an mbarrier per buffer signals their arrival.
-template <bool kTma>
-__global__ void __launch_bounds__(128)
-    prefill_attention_wgmma_kernel(const PagedAttentionArgs a,
-                                   const __grid_constant__ CUtensorMap k_map,
-                                   const __grid_constant__ CUtensorMap v_map) {
+// This kernel takes the cache layouts that TMA cannot (block sizes other than 8, 16, 32, 64).
+__global__ void __launch_bounds__(128) prefill_attention_wgmma_kernel(const PagedAttentionArgs a) {
   constexpr int D = kWgD, BN = kKeysPerTile, kChunks = D / 8;
   extern __shared__ unsigned char smem_raw[];
   unsigned char* smem = reinterpret_cast<unsigned char*>(
@@ -400,48 +433,19 @@ __global__ void __launch_bounds__(128)
     cp_async_16(sq + swz(r, ch), src, valid);
   }
   const int32_t* table = a.block_tables + static_cast<size_t>(seq) * a.dims[1];
-  __shared__ __align__(8) uint64_t full[2];
-  if constexpr (kTma) {
-    // Rows of a tile past the sequence's last block are never loaded: they must hold finite
-    // values (masked to probability 0) before any tile arrives.
-    for (int i = threadIdx.x; i < 8 * kWgHalf / 16; i += 128) {
-      reinterpret_cast<uint4*>(k_tile(0))[i] = make_uint4(0, 0, 0, 0);
-    }
-    if (threadIdx.x == 0) {
-      mbar_init(&full[0], 1);
-      mbar_init(&full[1], 1);
-      mbar_init_fence();
-    }
-    fence_proxy_async();
-    __syncthreads();
-  }
   auto load_kv = [&](int buf, int kt) {
     unsigned char* sk = k_tile(buf);
     unsigned char* sv = v_tile(buf);
-    if constexpr (kTma) {
-      if (threadIdx.x != 0) return;
-      const int bs = a.block_size;
-      const int first = kt / bs, last = (min(kt + BN, k_end) - 1) / bs;
-      mbar_arrive_expect_tx(&full[buf], (last - first + 1) * bs * 128 * 4);
-      for (int b = first; b <= last; ++b) {
-        const int slot0 = table[b] * bs, row = b * bs - kt;
-        for (int half = 0; half < 2; ++half) {
-          tma_load_3d(sk + half * kWgHalf + row * 128, &k_map, &full[buf], half * 64, kvh, slot0);
-          tma_load_3d(sv + half * kWgHalf + row * 128, &v_map, &full[buf], half * 64, kvh, slot0);
-        }
+    for (int i = threadIdx.x; i < BN * kChunks; i += 128) {
+      const int key = i / kChunks, ch = i % kChunks, j = kt + key;
+      const bool valid = j < k_end;  // rows past the range are zero (never NaN * 0)
+      size_t off = 0;
+      if (valid) {
+        const int64_t slot = key_slot(table, j, a.block_size, a.block_shift);
+        off = (static_cast<size_t>(slot) * a.kv_heads + kvh) * D + ch * 8;
       }
-    } else {
-      for (int i = threadIdx.x; i < BN * kChunks; i += 128) {
-        const int key = i / kChunks, ch = i % kChunks, j = kt + key;
-        const bool valid = j < k_end;  // rows past the range are zero (never NaN * 0)
-        size_t off = 0;
-        if (valid) {
-          const int64_t slot = key_slot(table, j, a.block_size, a.block_shift);
-          off = (static_cast<size_t>(slot) * a.kv_heads + kvh) * D + ch * 8;
-        }
-        cp_async_16(sk + swz(key, ch), a.k_cache + off, valid);
-        cp_async_16(sv + swz(key, ch), a.v_cache + off, valid);
-      }
+      cp_async_16(sk + swz(key, ch), a.k_cache + off, valid);
+      cp_async_16(sv + swz(key, ch), a.v_cache + off, valid);
     }
   };
   if (k_begin < k_end) load_kv(0, k_begin);
@@ -468,7 +472,6 @@ __global__ void __launch_bounds__(128)
     cp_async_wait<1>();  // this tile (and the query rows) have landed
     fence_proxy_async();
     __syncthreads();
-    if constexpr (kTma) mbar_wait(&full[buf], (t / 2) & 1);
     const unsigned char* sk = k_tile(buf);
     const unsigned char* sv = v_tile(buf);
 
@@ -533,23 +536,22 @@ __global__ void __launch_bounds__(128)
 }
 
 // Prefill tiles for head_dim 128 when K/V can come by TMA (power-of-two blocks of 8-64): a
-// producer warpgroup and NC consumer warpgroups per 64-row query tile. One producer thread
-// streams the tile's 64-key K/V tiles by TMA through a kFaStages-deep ring (a full and an empty
-// mbarrier per stage); consumer warpgroup c takes key tiles c, c + NC, ..., each keeping its own
-// online softmax over the same 64 query rows with S and PV on wgmma as in
+// producer warpgroup and NC = kFaConsumers consumer warpgroups per 64-row query tile. One producer
+// thread streams the tile's 64-key K/V tiles by TMA through a kFaStages-deep ring (a full and an
+// empty mbarrier per stage); consumer warpgroup c takes key tiles c, c + NC, ..., each keeping its
+// own online softmax over the same 64 query rows with S and PV on wgmma as in
 // prefill_attention_wgmma_kernel, and hands the stage back once its wgmmas are done. At the end
 // the consumers merge their (max, sum, O) through shared memory. Nothing in the key loop waits
 // on the whole CTA, the ring keeps up to kFaStages tiles in flight, and NC warpgroups share the
 // tensor cores of one SM.
-constexpr int kFaStages = 6;
+constexpr int kFaStages = 6, kFaConsumers = 2;  // 3 consumers measured slower (register spill)
 constexpr size_t kFaSmem = 1024 + (2 + 4 * kFaStages) * kWgHalf;  // Q + ring of (K, V)
 
-template <int NC>
-__global__ void __launch_bounds__(128 * (NC + 1), 1)
+__global__ void __launch_bounds__(128 * (kFaConsumers + 1), 1)
     prefill_attention_fa_kernel(const PagedAttentionArgs a,
                                 const __grid_constant__ CUtensorMap k_map,
                                 const __grid_constant__ CUtensorMap v_map) {
-  constexpr int D = kWgD, BN = kKeysPerTile, kChunks = D / 8;
+  constexpr int D = kWgD, BN = kKeysPerTile, kChunks = D / 8, NC = kFaConsumers;
   constexpr int kConsumerThreads = 128 * NC;
   extern __shared__ unsigned char smem_raw[];
   unsigned char* smem = reinterpret_cast<unsigned char*>(
@@ -786,43 +788,26 @@ bool tma_loads(const PagedAttentionArgs& a) {
 }
 
 void launch_prefill_wgmma(const PagedAttentionArgs& a, cudaStream_t stream) {
-  const bool tma = tma_loads(a);
-  static bool configured[2] = {false, false};
-  if (!configured[tma]) {
-    ERNIE_CUDA_CHECK(cudaFuncSetAttribute(
-        tma ? prefill_attention_wgmma_kernel<true> : prefill_attention_wgmma_kernel<false>,
-        cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(kWgAttnSmem)));
-    configured[tma] = true;
-  }
   const dim3 grid(a.num_tiles, a.kv_heads, a.splits);
-  // Experiment switch while the producer/consumer kernel is measured against the one-warpgroup
-  // kernel: ERNIE_PREFILL_ATTN=wg (one warpgroup), fa2 / fa3 (2 or 3 consumer warpgroups).
-  static const std::string variant = [] {
-    const char* v = std::getenv("ERNIE_PREFILL_ATTN");
-    return std::string(v ? v : "fa2");
-  }();
-  if (tma && variant != "wg") {
-    auto launch_fa = [&](auto kernel, int consumers) {
-      static bool fa_configured[4] = {};
-      if (!fa_configured[consumers]) {
-        ERNIE_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                              static_cast<int>(kFaSmem)));
-        fa_configured[consumers] = true;
-      }
-      kernel<<<grid, 128 * (consumers + 1), kFaSmem, stream>>>(a, cache_map(a.k_cache, a),
-                                                               cache_map(a.v_cache, a));
-    };
-    if (variant == "fa3") {
-      launch_fa(prefill_attention_fa_kernel<3>, 3);
-    } else {
-      launch_fa(prefill_attention_fa_kernel<2>, 2);
+  if (tma_loads(a)) {
+    static bool configured = false;
+    if (!configured) {
+      ERNIE_CUDA_CHECK(cudaFuncSetAttribute(prefill_attention_fa_kernel,
+                                            cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                            static_cast<int>(kFaSmem)));
+      configured = true;
     }
-  } else if (tma) {
-    prefill_attention_wgmma_kernel<true>
-        <<<grid, 128, kWgAttnSmem, stream>>>(a, cache_map(a.k_cache, a), cache_map(a.v_cache, a));
+    prefill_attention_fa_kernel<<<grid, 128 * (kFaConsumers + 1), kFaSmem, stream>>>(
+        a, cache_map(a.k_cache, a), cache_map(a.v_cache, a));
   } else {
-    const CUtensorMap unused{};
-    prefill_attention_wgmma_kernel<false><<<grid, 128, kWgAttnSmem, stream>>>(a, unused, unused);
+    static bool configured = false;
+    if (!configured) {
+      ERNIE_CUDA_CHECK(cudaFuncSetAttribute(prefill_attention_wgmma_kernel,
+                                            cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                            static_cast<int>(kWgAttnSmem)));
+      configured = true;
+    }
+    prefill_attention_wgmma_kernel<<<grid, 128, kWgAttnSmem, stream>>>(a);
   }
   ERNIE_CUDA_CHECK(cudaGetLastError());
 }
@@ -874,12 +859,7 @@ void launch(const PagedAttentionArgs& a, cudaStream_t stream) {
 
 template <int D>
 void launch_d(const PagedAttentionArgs& a, cudaStream_t stream) {
-  // Experiment switch (gpu-next branch only): ERNIE_DECODE_TMA=0 keeps the cp.async loads.
-  static const bool decode_tma = [] {
-    const char* v = std::getenv("ERNIE_DECODE_TMA");
-    return v == nullptr || std::string(v) != "0";
-  }();
-  if (a.decode_shape && D == kWgD && decode_tma && tma_loads(a)) {
+  if (a.decode_shape && D == kWgD && tma_loads(a)) {
     launch<kWgD, 1, 4, kDecodeBuffers, true>(a, stream);
   } else if (a.decode_shape) {
     launch<D, 1, 4, kDecodeBuffers>(a, stream);

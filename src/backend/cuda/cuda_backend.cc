@@ -556,14 +556,9 @@ class CudaBackend final : public Backend {
     // Few tokens: the router kernel lays the pairs out too (one launch instead of three).
     const cuda::RouteLayout layout{sorted, block_expert, pair_pos, block_m,
                                    static_cast<int>(cap / block_m)};
-    // Experiment switch (gpu-next branch only): ERNIE_FUSED_ROUTE=0 keeps three launches.
-    static const bool fused_route = [] {
-      const char* v = std::getenv("ERNIE_FUSED_ROUTE");
-      return v == nullptr || std::string(v) != "0";
-    }();
     if (!cuda::route_topk(ids, weights, bf(x), w.router.as<float>(), w.router_bias.as<float>(),
                           tokens, hidden, experts, k, w.norm_min, route_scratch, stream_,
-                          fused_route ? &layout : nullptr)) {
+                          &layout)) {
       cuda::moe_align(sorted, block_expert, pair_pos, ids, pairs, experts, block_m, stream_);
     }
     mark(Stage::kMoeExperts);
