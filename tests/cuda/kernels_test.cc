@@ -12,6 +12,7 @@
 #include "backend/cpu/ops.h"
 #include "backend/cuda/activation.cuh"
 #include "backend/cuda/device.h"
+#include "backend/cuda/moe.cuh"
 #include "backend/cuda/rope.cuh"
 #include "backend/cuda/router.cuh"
 #include "common/dtype.h"
@@ -181,6 +182,76 @@ TEST(CudaKernels, RouterMatchesCpuReference) {
       }
     }
     EXPECT_LE(near_ties, 2);
+  }
+}
+
+// Up to 8 tokens the router kernel can also lay the pairs out (moe_align's job) in the same
+// launch: the ids and weights must be exactly those of the separate kernels, the layout must
+// hold every pair once in its expert's blocks, and back-to-back launches must each finish
+// (the last CTA resets the arrival count).
+TEST(CudaKernels, RouterLayoutMatchesSeparateAlign) {
+  if (device_count() == 0) GTEST_SKIP() << "no CUDA device";
+  Rng rng(std::random_device{}());
+  struct Shape {
+    int tokens, hidden, experts, k, block_m;
+  };
+  for (const Shape& s :
+       {Shape{1, 2560, 64, 6, kMoeBlockSmall}, Shape{8, 2560, 64, 6, kMoeBlockSmall},
+        Shape{3, 2560, 64, 6, kMoeBlockMid}, Shape{5, 128, 24, 8, kMoeBlockSmall},
+        Shape{7, 512, 160, 8, kMoeBlockMid}}) {
+    SCOPED_TRACE(::testing::Message()
+                 << s.tokens << "x" << s.hidden << ", " << s.experts << " experts top-" << s.k);
+    const int pairs = s.tokens * s.k;
+    const int64_t cap = moe_capacity(pairs, s.experts, s.block_m);
+    const int blocks = static_cast<int>(cap / s.block_m);
+    const auto x = random_bf16(rng, static_cast<size_t>(s.tokens) * s.hidden, 1.0);
+    std::vector<float> w(static_cast<size_t>(s.experts) * s.hidden), bias(s.experts);
+    for (auto& v : w) v = static_cast<float>(2.0 / std::sqrt(s.hidden) * rng.normal());
+    for (auto& v : bias) v = static_cast<float>(rng.uniform(-1.0, 1.0) / s.experts);
+    DeviceBuffer<uint16_t> d_x(x.size());
+    DeviceBuffer<float> d_w(w.size()), d_b(bias.size()), d_wts(pairs);
+    DeviceBuffer<int32_t> d_ids(pairs), d_sorted(cap), d_block(blocks), d_pos(pairs);
+    DeviceBuffer<float> d_scratch(route_scratch_bytes(s.tokens, s.hidden, s.experts) / 4);
+    d_x.upload(x);
+    d_w.upload(w);
+    d_b.upload(bias);
+    d_ids.poison();
+    d_wts.poison();
+    d_block.poison();
+    EXPECT_FALSE(route_topk(d_ids.p, d_wts.p, bf(d_x.p), d_w.p, d_b.p, s.tokens, s.hidden,
+                            s.experts, s.k, 1e-12f, d_scratch.p, nullptr));
+    moe_align(d_sorted.p, d_block.p, d_pos.p, d_ids.p, pairs, s.experts, s.block_m, nullptr);
+    ERNIE_CUDA_CHECK(cudaDeviceSynchronize());
+    const auto ids = d_ids.download();
+    const auto wts = d_wts.download();
+    const auto block_expert = d_block.download();
+    const RouteLayout layout{d_sorted.p, d_block.p, d_pos.p, s.block_m, blocks};
+    for (int run = 0; run < 3; ++run) {
+      d_ids.poison();
+      d_wts.poison();
+      d_sorted.poison();
+      d_block.poison();
+      d_pos.poison();
+      EXPECT_TRUE(route_topk(d_ids.p, d_wts.p, bf(d_x.p), d_w.p, d_b.p, s.tokens, s.hidden,
+                             s.experts, s.k, 1e-12f, d_scratch.p, nullptr, &layout));
+      ERNIE_CUDA_CHECK(cudaDeviceSynchronize());
+      const auto f_ids = d_ids.download();
+      const auto f_wts = d_wts.download();
+      ASSERT_EQ(f_ids, ids) << "run " << run;
+      for (int i = 0; i < pairs; ++i) ASSERT_EQ(f_wts[i], wts[i]) << "run " << run << " pair " << i;
+      ASSERT_EQ(d_block.download(), block_expert) << "run " << run;
+      const auto sorted = d_sorted.download();
+      const auto pos = d_pos.download();
+      int filled = 0;
+      for (int32_t v : sorted) filled += v >= 0;
+      EXPECT_EQ(filled, pairs);
+      for (int i = 0; i < pairs; ++i) {
+        ASSERT_GE(pos[i], 0);
+        ASSERT_LT(pos[i], cap);
+        ASSERT_EQ(sorted[pos[i]], i);
+        ASSERT_EQ(block_expert[pos[i] / s.block_m], ids[i]);
+      }
+    }
   }
 }
 

@@ -1,4 +1,5 @@
 #include <algorithm>
+#include <cstdlib>
 #include <unordered_map>
 
 #include "backend/cuda/attention.cuh"
@@ -26,6 +27,27 @@ __device__ __forceinline__ int64_t key_slot(const int32_t* table, int j, int blo
   return static_cast<int64_t>(table[j / block_size]) * block_size + j % block_size;
 }
 
+// What one CTA covers: query tile `tile` (bm rows of its sequence, starting at row0; a row is
+// (token - q0) * group + head) and the keys [k_begin, k_end) of split `split` that those rows
+// may see.
+struct TileSpan {
+  int seq, row0, group, q0, rows, k_begin, k_end;
+};
+__device__ __forceinline__ TileSpan tile_span(const PagedAttentionArgs& a, int tile, int split,
+                                              int bm) {
+  TileSpan t;
+  t.seq = a.tile_seq[tile];
+  t.row0 = a.tile_row0[tile];
+  t.group = a.heads / a.kv_heads;
+  t.q0 = a.query_start[t.seq];
+  t.rows = (a.query_start[t.seq + 1] - t.q0) * t.group;
+  const int last_row = min(t.row0 + bm, t.rows) - 1;
+  const int kv_end = min(a.context_lens[t.seq], a.positions[t.q0 + last_row / t.group] + 1);
+  t.k_begin = split * a.dims[0];
+  t.k_end = a.splits == 1 ? kv_end : min(kv_end, t.k_begin + a.dims[0]);
+  return t;
+}
+
 // 2^x on the special function unit (2^-inf = 0).
 __device__ __forceinline__ float fast_exp2(float x) {
   float y;
@@ -33,53 +55,93 @@ __device__ __forceinline__ float fast_exp2(float x) {
   return y;
 }
 
+// Largest tile maximum above the running one (log2 units) that leaves the running maximum where
+// it is: probabilities then reach at most 2^kRescaleSlack (exact in bf16 and f32 alike), and
+// the output and sum are rescaled only when some row of the warp outgrows it.
+constexpr float kRescaleSlack = 8.0f;
+
+// Maximum and sum of n values as trees (short dependency chains instead of one of length n).
+template <int N>
+__device__ __forceinline__ float tree_max(const float* v) {
+  if constexpr (N == 1) {
+    return v[0];
+  } else {
+    return fmaxf(tree_max<N / 2>(v), tree_max<N - N / 2>(v + N / 2));
+  }
+}
+template <int N>
+__device__ __forceinline__ float tree_sum(const float* v) {
+  if constexpr (N == 1) {
+    return v[0];
+  } else {
+    return tree_sum<N / 2>(v) + tree_sum<N - N / 2>(v + N / 2);
+  }
+}
+
 // One online-softmax step of a warp over its NT x 8 key columns of a tile, in the m16n8
 // accumulator layout (rows g and g + 8, columns 2 (lane % 4), +1 of each 8-column tile). Keys
 // from key0 on that are past k_end or after a row's position are masked (tests skipped when
-// every row sees every key: min_pos is the smallest position among the warp's rows); the
-// scores are scaled to log2 units, the running max m and sum l and the output o are updated,
-// and s is left holding the probabilities.
+// every row sees every key: min_pos is the smallest position among the warp's rows). The
+// running maximum m (log2 units, scores times scale_log2) moves only past kRescaleSlack, the
+// sum l and the output o are updated, and s is left holding the probabilities 2^(s scale - m).
 template <int NT, int ND>
 __device__ __forceinline__ void softmax_step(float (&s)[NT][4], float (&o)[ND][4], float (&m)[2],
                                              float (&l)[2], int key0, int k_end,
                                              const int (&pos)[2], int min_pos, float scale_log2) {
   const int c = threadIdx.x % 4;
   const int last_key = key0 + NT * 8 - 1;
-  const bool full = last_key < k_end && last_key <= min_pos;
-  float mx[2] = {m[0], m[1]};
+  if (last_key >= k_end || last_key > min_pos) {
 #pragma unroll
-  for (int nt = 0; nt < NT; ++nt) {
+    for (int nt = 0; nt < NT; ++nt) {
 #pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      const int i = e / 2, j = key0 + nt * 8 + 2 * c + (e & 1);
-      const float v = (full || (j < k_end && j <= pos[i])) ? s[nt][e] * scale_log2 : -INFINITY;
-      s[nt][e] = v;
-      mx[i] = fmaxf(mx[i], v);
+      for (int e = 0; e < 4; ++e) {
+        const int j = key0 + nt * 8 + 2 * c + (e & 1);
+        if (j >= k_end || j > pos[e / 2]) s[nt][e] = -INFINITY;
+      }
     }
   }
-  float base[2];
+  float mx[2];
 #pragma unroll
   for (int i = 0; i < 2; ++i) {
+    float v[2 * NT];
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+      v[2 * nt] = s[nt][2 * i];
+      v[2 * nt + 1] = s[nt][2 * i + 1];
+    }
+    mx[i] = tree_max<2 * NT>(v);
     mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 1));
     mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 2));
-    base[i] = mx[i] == -INFINITY ? 0.0f : mx[i];
-    const float rescale = fast_exp2(m[i] - base[i]);  // 0 while nothing was visible
-    m[i] = mx[i];
-    l[i] *= rescale;
+    mx[i] *= scale_log2;  // scale_log2 > 0: the maximum of the scaled scores (or -inf)
+  }
+  const bool grow = mx[0] > m[0] + kRescaleSlack || mx[1] > m[1] + kRescaleSlack;
+  if (__any_sync(0xffffffffu, grow)) {
 #pragma unroll
-    for (int nd = 0; nd < ND; ++nd) {
-      o[nd][2 * i] *= rescale;
-      o[nd][2 * i + 1] *= rescale;
+    for (int i = 0; i < 2; ++i) {
+      const float next = fmaxf(m[i], mx[i]);
+      const float rescale = fast_exp2(m[i] - (next == -INFINITY ? 0.0f : next));  // 0 from -inf
+      m[i] = next;
+      l[i] *= rescale;
+#pragma unroll
+      for (int nd = 0; nd < ND; ++nd) {
+        o[nd][2 * i] *= rescale;
+        o[nd][2 * i + 1] *= rescale;
+      }
     }
   }
 #pragma unroll
-  for (int nt = 0; nt < NT; ++nt) {
+  for (int i = 0; i < 2; ++i) {
+    const float base = m[i] == -INFINITY ? 0.0f : m[i];
+    float p[2 * NT];
 #pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      const float p = fast_exp2(s[nt][e] - base[e / 2]);
-      l[e / 2] += p;
-      s[nt][e] = p;
+    for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        p[2 * nt + e] = fast_exp2(fmaf(s[nt][2 * i + e], scale_log2, -base));
+        s[nt][2 * i + e] = p[2 * nt + e];
+      }
     }
+    l[i] += tree_sum<2 * NT>(p);
   }
 }
 
@@ -88,28 +150,47 @@ __device__ __forceinline__ void softmax_step(float (&s)[NT][4], float (&o)[ND][4
 // CTA); decode uses KW = 4 (16 rows, keys split four ways and merged through shared memory at
 // the end). K/V tiles go through NB buffers: NB - 1 tiles stream in while one is used (decode
 // reads nothing else, and its rate follows the bytes in flight).
-template <int D, int RW, int KW, int NB>
-__global__ void __launch_bounds__(32 * RW * KW) paged_attention_kernel(const PagedAttentionArgs a) {
+// kTma (head_dim 128, power-of-two cache blocks of 8-64): thread 0 brings each K/V tile by TMA,
+// one box per cache block and 64-column half, into the 128-byte swizzled layout, and an
+// mbarrier per buffer signals it; fragments are read through the swizzle. Otherwise every
+// thread copies 16-byte chunks (cp.async) into rows padded to D + 8.
+template <int D, int RW, int KW, int NB, bool kTma>
+__global__ void __launch_bounds__(32 * RW * KW)
+    paged_attention_kernel(const PagedAttentionArgs a, const __grid_constant__ CUtensorMap k_map,
+                           const __grid_constant__ CUtensorMap v_map) {
   pdl_begin();
   static_assert((RW == 1 || KW == 1) && D % 16 == 0 && NB >= 2);
+  static_assert(!kTma || D == 128);
   constexpr int kThreads = 32 * RW * KW;
   constexpr int BM = 16 * RW, BN = kKeysPerTile, NK = BN / KW, NT = NK / 8, LD = D + 8;
-  constexpr int kChunks = D / 8;  // 16-byte chunks per row
+  constexpr int kChunks = D / 8;         // 16-byte chunks per row
+  constexpr int kHalf = BN * 128;        // kTma: bytes of one 64-column half of a tile
+  constexpr int kTileBytes = 2 * kHalf;  // kTma: one K or V tile
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  __nv_bfloat16* sq = reinterpret_cast<__nv_bfloat16*>(smem_raw);  // [BM][LD]
-  __nv_bfloat16* skv = sq + BM * LD;                               // [NB buffers][K, V][BN][LD]
+  // kTma: [NB buffers][K, V][2 halves][BN rows][128 bytes] at a 1024-byte boundary, then Q;
+  // otherwise Q, then [NB buffers][K, V][BN][LD].
+  unsigned char* ring = reinterpret_cast<unsigned char*>(
+      kTma ? (reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t{1023}
+           : reinterpret_cast<uintptr_t>(smem_raw) + BM * LD * sizeof(__nv_bfloat16));
+  __nv_bfloat16* sq = kTma ? reinterpret_cast<__nv_bfloat16*>(ring + 2 * NB * kTileBytes)
+                           : reinterpret_cast<__nv_bfloat16*>(smem_raw);  // [BM][LD]
+  __nv_bfloat16* skv = reinterpret_cast<__nv_bfloat16*>(ring);
   auto k_tile = [&](int buf) { return skv + (2 * buf) * BN * LD; };
   auto v_tile = [&](int buf) { return skv + (2 * buf + 1) * BN * LD; };
+  // Address of 16-byte chunk `ch` of key row `r` in buffer `buf` (K, or V with is_v).
+  auto kv_chunk = [&](int buf, bool is_v, int r, int ch) -> const __nv_bfloat16* {
+    if constexpr (kTma) {
+      return reinterpret_cast<const __nv_bfloat16*>(ring + (2 * buf + is_v) * kTileBytes +
+                                                    (ch / 8) * kHalf + r * 128 +
+                                                    (((ch % 8) ^ (r % 8)) << 4));
+    } else {
+      return (is_v ? v_tile(buf) : k_tile(buf)) + r * LD + ch * 8;
+    }
+  };
+  __shared__ __align__(8) uint64_t full[kTma ? NB : 1];
 
   const int tile = blockIdx.x, kvh = blockIdx.y, split = blockIdx.z;
-  const int seq = a.tile_seq[tile], row0 = a.tile_row0[tile];
-  const int group = a.heads / a.kv_heads;
-  const int q0 = a.query_start[seq], rows = (a.query_start[seq + 1] - q0) * group;
-  const int last_row = min(row0 + BM, rows) - 1;
-  const int kv_end = min(a.context_lens[seq], a.positions[q0 + last_row / group] + 1);
-  const int split_keys = a.dims[0];
-  const int k_begin = split * split_keys;
-  const int k_end = a.splits == 1 ? kv_end : min(kv_end, k_begin + split_keys);
+  const auto [seq, row0, group, q0, rows, k_begin, k_end] = tile_span(a, tile, split, BM);
   const size_t row_stride = static_cast<size_t>(a.heads + 2 * a.kv_heads) * D;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, c = lane % 4;
   const int wr = warp / KW, wk = warp % KW;
@@ -140,8 +221,37 @@ __global__ void __launch_bounds__(32 * RW * KW) paged_attention_kernel(const Pag
   for (int nd = 0; nd < D / 8; ++nd) o[nd][0] = o[nd][1] = o[nd][2] = o[nd][3] = 0.0f;
 
   const int32_t* table = a.block_tables + static_cast<size_t>(seq) * a.dims[1];
+  if constexpr (kTma) {
+    // Rows of a tile past the sequence's last block are never loaded: they must hold finite
+    // values (masked to probability 0) before any tile arrives.
+    for (int i = threadIdx.x; i < 2 * NB * kTileBytes / 16; i += kThreads) {
+      reinterpret_cast<uint4*>(ring)[i] = make_uint4(0, 0, 0, 0);
+    }
+    if (threadIdx.x == 0) {
+      for (int b = 0; b < NB; ++b) mbar_init(&full[b], 1);
+      mbar_init_fence();
+    }
+    fence_proxy_async();
+    __syncthreads();
+  }
   // Keys [kt, kt + BN) into buffer `buf`; rows past the range are zero (never NaN * 0).
   auto load_kv = [&](int buf, int kt) {
+    if constexpr (kTma) {
+      if (threadIdx.x != 0) return;
+      const int bs = a.block_size;
+      const int first = kt / bs, last = (min(kt + BN, k_end) - 1) / bs;
+      mbar_arrive_expect_tx(&full[buf], (last - first + 1) * bs * 128 * 4);
+      unsigned char* sk = ring + 2 * buf * kTileBytes;
+      for (int b = first; b <= last; ++b) {
+        const int slot0 = table[b] * bs, row = b * bs - kt;
+        for (int half = 0; half < 2; ++half) {
+          tma_load_3d(sk + half * kHalf + row * 128, &k_map, &full[buf], half * 64, kvh, slot0);
+          tma_load_3d(sk + kTileBytes + half * kHalf + row * 128, &v_map, &full[buf], half * 64,
+                      kvh, slot0);
+        }
+      }
+      return;
+    }
     __nv_bfloat16* sk = k_tile(buf);
     __nv_bfloat16* sv = v_tile(buf);
     for (int i = threadIdx.x; i < BN * kChunks; i += kThreads) {
@@ -177,15 +287,14 @@ __global__ void __launch_bounds__(32 * RW * KW) paged_attention_kernel(const Pag
   // ldmatrix row addresses: lane l gives row l % 8 of matrix l / 8.
   const int lrow = lane % 8, lmat = lane / 8;
   int buf = 0;
-  for (int kt = k_begin; kt < k_end; kt += BN, buf = buf + 1 == NB ? 0 : buf + 1) {
+  for (int kt = k_begin, it = 0; kt < k_end; kt += BN, buf = buf + 1 == NB ? 0 : buf + 1, ++it) {
     cp_async_wait<NB - 2>();  // this tile has landed (for this thread's copies) ...
     __syncthreads();          // ... for all, and everyone is done with the previous tile
     // The tile NB - 1 ahead goes into the previous tile's buffer.
     const int ahead = kt + (NB - 1) * BN;
     if (ahead < k_end) load_kv(buf == 0 ? NB - 1 : buf - 1, ahead);
     cp_async_commit();
-    const __nv_bfloat16* sk = k_tile(buf);
-    const __nv_bfloat16* sv = v_tile(buf);
+    if constexpr (kTma) mbar_wait(&full[buf], (it / NB) & 1);
 
     float s[NT][4];
 #pragma unroll
@@ -196,7 +305,7 @@ __global__ void __launch_bounds__(32 * RW * KW) paged_attention_kernel(const Pag
       for (int nt = 0; nt < NT; nt += 2) {
         // Matrices: keys nt*8.. at d kk*16 and kk*16+8, then keys (nt+1)*8.. likewise.
         uint32_t b[4];
-        ldmatrix_x4(b, sk + (kb + (nt + lmat / 2) * 8 + lrow) * LD + kk * 16 + (lmat % 2) * 8);
+        ldmatrix_x4(b, kv_chunk(buf, false, kb + (nt + lmat / 2) * 8 + lrow, kk * 2 + lmat % 2));
         mma_16816(s[nt], qf[kk], b[0], b[1]);
         mma_16816(s[nt + 1], qf[kk], b[2], b[3]);
       }
@@ -213,7 +322,7 @@ __global__ void __launch_bounds__(32 * RW * KW) paged_attention_kernel(const Pag
         // Transposed matrices: keys ks*16.. and ks*16+8.. at d nd*8, then at d (nd+1)*8.
         uint32_t b[4];
         ldmatrix_x4_trans(b,
-                          sv + (kb + ks * 16 + (lmat % 2) * 8 + lrow) * LD + (nd + lmat / 2) * 8);
+                          kv_chunk(buf, true, kb + ks * 16 + (lmat % 2) * 8 + lrow, nd + lmat / 2));
         mma_16816(o[nd], pa, b[0], b[1]);
         mma_16816(o[nd + 1], pa, b[2], b[3]);
       }
@@ -286,22 +395,16 @@ __global__ void __launch_bounds__(32 * RW * KW) paged_attention_kernel(const Pag
 }
 
 // Prefill tiles for head_dim 128 on wgmma (sm_90a): one warpgroup per 64 query rows. Q and
-// double-buffered 64-key K/V tiles land in the 128-byte swizzled layout (two 64-column halves
-// of 64 rows x 128 bytes each): Q by cp.async, K/V by TMA where the cache blocks allow it (see
-// kTma) and by cp.async with the swizzle computed otherwise; S = Q K^T is a wgmma with both
-// operands in shared memory, the softmax runs on S in registers exactly as in the mma.sync
-// kernel (the accumulator of each warp has the m16n8 layout), and O += P V takes P from
+// double-buffered 64-key K/V tiles land by cp.async in the 128-byte swizzled layout (two
+// 64-column halves of 64 rows x 128 bytes each, the swizzle computed); S = Q K^T is a wgmma
+// with both operands in shared memory, the softmax runs on S in registers exactly as in the
+// mma.sync kernel (the accumulator of each warp has the m16n8 layout), and O += P V takes P from
 // registers and V as an N-major operand.
 constexpr int kWgD = 128, kWgRows = 64, kWgHalf = 64 * 128;  // bytes of a 64-row half tile
 constexpr size_t kWgAttnSmem = 1024 + 5 * 2 * kWgHalf;       // Q + 2 x (K, V)
 
-// With kTma, K/V tiles come by TMA, one box per cache block and 64-column half (block sizes
-// 8, 16, 32, 64); thread 0 issues them and an mbarrier per buffer signals their arrival.
-template <bool kTma>
-__global__ void __launch_bounds__(128)
-    prefill_attention_wgmma_kernel(const PagedAttentionArgs a,
-                                   const __grid_constant__ CUtensorMap k_map,
-                                   const __grid_constant__ CUtensorMap v_map) {
+// This kernel takes the cache layouts that TMA cannot (block sizes other than 8, 16, 32, 64).
+__global__ void __launch_bounds__(128) prefill_attention_wgmma_kernel(const PagedAttentionArgs a) {
   constexpr int D = kWgD, BN = kKeysPerTile, kChunks = D / 8;
   extern __shared__ unsigned char smem_raw[];
   unsigned char* smem = reinterpret_cast<unsigned char*>(
@@ -315,14 +418,7 @@ __global__ void __launch_bounds__(128)
   };
 
   const int tile = blockIdx.x, kvh = blockIdx.y, split = blockIdx.z;
-  const int seq = a.tile_seq[tile], row0 = a.tile_row0[tile];
-  const int group = a.heads / a.kv_heads;
-  const int q0 = a.query_start[seq], rows = (a.query_start[seq + 1] - q0) * group;
-  const int last_row = min(row0 + kWgRows, rows) - 1;
-  const int kv_end = min(a.context_lens[seq], a.positions[q0 + last_row / group] + 1);
-  const int split_keys = a.dims[0];
-  const int k_begin = split * split_keys;
-  const int k_end = a.splits == 1 ? kv_end : min(kv_end, k_begin + split_keys);
+  const auto [seq, row0, group, q0, rows, k_begin, k_end] = tile_span(a, tile, split, kWgRows);
   const size_t row_stride = static_cast<size_t>(a.heads + 2 * a.kv_heads) * D;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, c = lane % 4;
 
@@ -337,48 +433,19 @@ __global__ void __launch_bounds__(128)
     cp_async_16(sq + swz(r, ch), src, valid);
   }
   const int32_t* table = a.block_tables + static_cast<size_t>(seq) * a.dims[1];
-  __shared__ __align__(8) uint64_t full[2];
-  if constexpr (kTma) {
-    // Rows of a tile past the sequence's last block are never loaded: they must hold finite
-    // values (masked to probability 0) before any tile arrives.
-    for (int i = threadIdx.x; i < 8 * kWgHalf / 16; i += 128) {
-      reinterpret_cast<uint4*>(k_tile(0))[i] = make_uint4(0, 0, 0, 0);
-    }
-    if (threadIdx.x == 0) {
-      mbar_init(&full[0], 1);
-      mbar_init(&full[1], 1);
-      mbar_init_fence();
-    }
-    fence_proxy_async();
-    __syncthreads();
-  }
   auto load_kv = [&](int buf, int kt) {
     unsigned char* sk = k_tile(buf);
     unsigned char* sv = v_tile(buf);
-    if constexpr (kTma) {
-      if (threadIdx.x != 0) return;
-      const int bs = a.block_size;
-      const int first = kt / bs, last = (min(kt + BN, k_end) - 1) / bs;
-      mbar_arrive_expect_tx(&full[buf], (last - first + 1) * bs * 128 * 4);
-      for (int b = first; b <= last; ++b) {
-        const int slot0 = table[b] * bs, row = b * bs - kt;
-        for (int half = 0; half < 2; ++half) {
-          tma_load_3d(sk + half * kWgHalf + row * 128, &k_map, &full[buf], half * 64, kvh, slot0);
-          tma_load_3d(sv + half * kWgHalf + row * 128, &v_map, &full[buf], half * 64, kvh, slot0);
-        }
+    for (int i = threadIdx.x; i < BN * kChunks; i += 128) {
+      const int key = i / kChunks, ch = i % kChunks, j = kt + key;
+      const bool valid = j < k_end;  // rows past the range are zero (never NaN * 0)
+      size_t off = 0;
+      if (valid) {
+        const int64_t slot = key_slot(table, j, a.block_size, a.block_shift);
+        off = (static_cast<size_t>(slot) * a.kv_heads + kvh) * D + ch * 8;
       }
-    } else {
-      for (int i = threadIdx.x; i < BN * kChunks; i += 128) {
-        const int key = i / kChunks, ch = i % kChunks, j = kt + key;
-        const bool valid = j < k_end;  // rows past the range are zero (never NaN * 0)
-        size_t off = 0;
-        if (valid) {
-          const int64_t slot = key_slot(table, j, a.block_size, a.block_shift);
-          off = (static_cast<size_t>(slot) * a.kv_heads + kvh) * D + ch * 8;
-        }
-        cp_async_16(sk + swz(key, ch), a.k_cache + off, valid);
-        cp_async_16(sv + swz(key, ch), a.v_cache + off, valid);
-      }
+      cp_async_16(sk + swz(key, ch), a.k_cache + off, valid);
+      cp_async_16(sv + swz(key, ch), a.v_cache + off, valid);
     }
   };
   if (k_begin < k_end) load_kv(0, k_begin);
@@ -405,7 +472,6 @@ __global__ void __launch_bounds__(128)
     cp_async_wait<1>();  // this tile (and the query rows) have landed
     fence_proxy_async();
     __syncthreads();
-    if constexpr (kTma) mbar_wait(&full[buf], (t / 2) & 1);
     const unsigned char* sk = k_tile(buf);
     const unsigned char* sv = v_tile(buf);
 
@@ -469,6 +535,226 @@ __global__ void __launch_bounds__(128)
   }
 }
 
+// Prefill tiles for head_dim 128 when K/V can come by TMA (power-of-two blocks of 8-64): a
+// producer warpgroup and NC = kFaConsumers consumer warpgroups per 64-row query tile. One producer
+// thread streams the tile's 64-key K/V tiles by TMA through a kFaStages-deep ring (a full and an
+// empty mbarrier per stage); consumer warpgroup c takes key tiles c, c + NC, ..., each keeping its
+// own online softmax over the same 64 query rows with S and PV on wgmma as in
+// prefill_attention_wgmma_kernel, and hands the stage back once its wgmmas are done. At the end
+// the consumers merge their (max, sum, O) through shared memory. Nothing in the key loop waits
+// on the whole CTA, the ring keeps up to kFaStages tiles in flight, and NC warpgroups share the
+// tensor cores of one SM.
+constexpr int kFaStages = 6, kFaConsumers = 2;  // 3 consumers measured slower (register spill)
+constexpr size_t kFaSmem = 1024 + (2 + 4 * kFaStages) * kWgHalf;  // Q + ring of (K, V)
+
+__global__ void __launch_bounds__(128 * (kFaConsumers + 1), 1)
+    prefill_attention_fa_kernel(const PagedAttentionArgs a,
+                                const __grid_constant__ CUtensorMap k_map,
+                                const __grid_constant__ CUtensorMap v_map) {
+  constexpr int D = kWgD, BN = kKeysPerTile, kChunks = D / 8, NC = kFaConsumers;
+  constexpr int kConsumerThreads = 128 * NC;
+  extern __shared__ unsigned char smem_raw[];
+  unsigned char* smem = reinterpret_cast<unsigned char*>(
+      (reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t{1023});
+  unsigned char* sq = smem;  // [2 halves][64 rows][128 bytes], swizzled
+  unsigned char* ring = smem + 2 * kWgHalf;
+  auto k_tile = [&](int st) { return ring + 4 * st * kWgHalf; };
+  auto v_tile = [&](int st) { return ring + (4 * st + 2) * kWgHalf; };
+  auto swz = [](int r, int ch) {
+    return (ch / 8) * kWgHalf + r * 128 + (((ch % 8) ^ (r % 8)) << 4);
+  };
+  __shared__ __align__(8) uint64_t full[kFaStages], empty[kFaStages];
+
+  // Tiles in reverse: a sequence's last query rows see the most keys, so they start first and
+  // the short tiles fill in behind them.
+  const int tile = gridDim.x - 1 - blockIdx.x, kvh = blockIdx.y, split = blockIdx.z;
+  const auto [seq, row0, group, q0, rows, k_begin, k_end] = tile_span(a, tile, split, kWgRows);
+  const int n_tiles = k_begin < k_end ? (k_end - k_begin + BN - 1) / BN : 0;
+  const int32_t* table = a.block_tables + static_cast<size_t>(seq) * a.dims[1];
+
+  // Rows of a tile past the sequence's last block are never loaded: every ring buffer starts
+  // finite (masked rows get probability 0, and 0 * NaN would not be 0).
+  for (int i = threadIdx.x; i < 4 * kFaStages * kWgHalf / 16; i += blockDim.x) {
+    reinterpret_cast<uint4*>(ring)[i] = make_uint4(0, 0, 0, 0);
+  }
+  if (threadIdx.x == 0) {
+    for (int st = 0; st < kFaStages; ++st) {
+      mbar_init(&full[st], 1);
+      mbar_init(&empty[st], 4);  // one arrival per warp of the consuming warpgroup
+    }
+    mbar_init_fence();
+  }
+  fence_proxy_async();
+  __syncthreads();  // the last CTA-wide barrier: the producer leaves early
+
+  if (threadIdx.x < 128) {  // ---- producer warpgroup: one thread issues every load ----
+    if (threadIdx.x == 0) {
+      const int bs = a.block_size;
+      for (int t = 0; t < n_tiles; ++t) {
+        const int st = t % kFaStages;
+        // The first round of the ring is free; later, wait for the consumer of round - 1.
+        if (t >= kFaStages) mbar_wait(&empty[st], ((t / kFaStages) - 1) & 1);
+        const int kt = k_begin + t * BN;
+        const int first = kt / bs, last = (min(kt + BN, k_end) - 1) / bs;
+        mbar_arrive_expect_tx(&full[st], (last - first + 1) * bs * 128 * 4);
+        for (int b = first; b <= last; ++b) {
+          const int slot0 = table[b] * bs, row = b * bs - kt;
+          for (int half = 0; half < 2; ++half) {
+            tma_load_3d(k_tile(st) + half * kWgHalf + row * 128, &k_map, &full[st], half * 64, kvh,
+                        slot0);
+            tma_load_3d(v_tile(st) + half * kWgHalf + row * 128, &v_map, &full[st], half * 64, kvh,
+                        slot0);
+          }
+        }
+      }
+    }
+    return;
+  }
+
+  // ---- consumer warpgroups ----
+  const int ct = threadIdx.x - 128, cons = ct / 128;
+  const int warp = (ct % 128) / 32, lane = ct % 32, g = lane / 4, c = lane % 4;
+  const size_t row_stride = static_cast<size_t>(a.heads + 2 * a.kv_heads) * D;
+  for (int i = ct; i < kWgRows * kChunks; i += kConsumerThreads) {
+    const int r = i / kChunks, ch = i % kChunks, row = row0 + r;
+    const bool valid = row < rows;
+    const __nv_bfloat16* src = a.qkv;
+    if (valid) {
+      src = a.qkv + static_cast<size_t>(q0 + row / group) * row_stride +
+            static_cast<size_t>(kvh * group + row % group) * D + ch * 8;
+    }
+    cp_async_16(sq + swz(r, ch), src, valid);
+  }
+  cp_async_commit();
+  cp_async_wait<0>();
+  fence_proxy_async();  // the query rows are read by wgmma (the async proxy)
+  named_barrier_sync(1, kConsumerThreads);
+
+  int pos[2];
+  for (int i = 0; i < 2; ++i) {
+    const int row = row0 + warp * 16 + g + 8 * i;
+    pos[i] = row < rows ? a.positions[q0 + row / group] : -1;
+  }
+  int min_pos = min(pos[0], pos[1]);
+  for (int o = 16; o > 0; o >>= 1) min_pos = min(min_pos, __shfl_xor_sync(0xffffffffu, min_pos, o));
+  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
+  float o[D / 8][4];  // the wgmma m64n128 accumulator: 16 column tiles of 4
+#pragma unroll
+  for (int nd = 0; nd < D / 8; ++nd) o[nd][0] = o[nd][1] = o[nd][2] = o[nd][3] = 0.0f;
+  const float scale_log2 = a.scale * kLog2e;
+
+  for (int t = cons; t < n_tiles; t += NC) {
+    const int st = t % kFaStages, kt = k_begin + t * BN;
+    mbar_wait(&full[st], (t / kFaStages) & 1);
+    const unsigned char* sk = k_tile(st);
+    const unsigned char* sv = v_tile(st);
+    float s[BN / 8][4];  // the wgmma m64n64 accumulator: 8 column tiles of 4
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+      const int off = (kk / 4) * kWgHalf + (kk % 4) * 32;
+      wgmma_m64n64k16(reinterpret_cast<float(&)[32]>(s), wgmma_desc_sw128(sq + off),
+                      wgmma_desc_sw128(sk + off), kk > 0);
+    }
+    wgmma_commit();
+    wgmma_wait<0>();
+    softmax_step(s, o, m, l, kt, k_end, pos, min_pos, scale_log2);
+    uint32_t pa[BN / 16][4];
+#pragma unroll
+    for (int ks = 0; ks < BN / 16; ++ks) {
+#pragma unroll
+      for (int r = 0; r < 4; ++r) {
+        const float* q = s[2 * ks + r / 2] + 2 * (r % 2);
+        pa[ks][r] = pack_bf16(q[0], q[1]);
+      }
+    }
+    wgmma_fence();
+#pragma unroll
+    for (int ks = 0; ks < BN / 16; ++ks) {
+      wgmma_m64n128k16_rs(reinterpret_cast<float(&)[64]>(o), pa[ks],
+                          wgmma_desc_sw128_mn(sv + ks * 2048, kWgHalf));
+    }
+    wgmma_commit();
+    wgmma_wait<0>();
+    if (lane == 0) mbar_arrive(&empty[st]);  // this warp no longer reads the stage
+  }
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    l[i] += __shfl_xor_sync(0xffffffffu, l[i], 1);
+    l[i] += __shfl_xor_sync(0xffffffffu, l[i], 2);
+  }
+
+  // Merge: consumers 1.. leave (m, l, O) in the ring (every load has been consumed once all
+  // consumers pass the barrier), consumer 0 combines them with its own and writes the rows.
+  named_barrier_sync(1, kConsumerThreads);
+  float* mo = reinterpret_cast<float*>(ring);              // [NC - 1][64 rows][D]
+  float* mml = mo + static_cast<size_t>(NC - 1) * 64 * D;  // [NC - 1][64 rows][2]
+  if (cons > 0) {
+    float* po = mo + static_cast<size_t>(cons - 1) * 64 * D;
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      const int r = warp * 16 + g + 8 * i;
+#pragma unroll
+      for (int nd = 0; nd < D / 8; ++nd) {
+        po[r * D + nd * 8 + 2 * c] = o[nd][2 * i];
+        po[r * D + nd * 8 + 2 * c + 1] = o[nd][2 * i + 1];
+      }
+      if (c == 0) {
+        mml[((cons - 1) * 64 + r) * 2] = m[i];
+        mml[((cons - 1) * 64 + r) * 2 + 1] = l[i];
+      }
+    }
+  }
+  named_barrier_sync(1, kConsumerThreads);
+  if (cons > 0) return;
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    const int r = warp * 16 + g + 8 * i;
+    float mx = m[i];
+    for (int p = 0; p < NC - 1; ++p) mx = fmaxf(mx, mml[(p * 64 + r) * 2]);
+    const float base = mx == -INFINITY ? 0.0f : mx;
+    const float own = fast_exp2(m[i] - base);
+    float f[NC - 1 > 0 ? NC - 1 : 1];
+    float lsum = l[i] * own;
+    for (int p = 0; p < NC - 1; ++p) {
+      f[p] = fast_exp2(mml[(p * 64 + r) * 2] - base);
+      lsum += mml[(p * 64 + r) * 2 + 1] * f[p];
+    }
+#pragma unroll
+    for (int nd = 0; nd < D / 8; ++nd) {
+#pragma unroll
+      for (int j = 0; j < 2; ++j) {
+        float v = o[nd][2 * i + j] * own;
+        for (int p = 0; p < NC - 1; ++p) v += mo[(p * 64 + r) * D + nd * 8 + 2 * c + j] * f[p];
+        o[nd][2 * i + j] = v;
+      }
+    }
+    m[i] = mx;
+    l[i] = lsum;
+  }
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    const int row = row0 + warp * 16 + g + 8 * i;
+    if (row >= rows) continue;
+    const size_t t = q0 + row / group, h = kvh * group + row % group;
+    const float inv = l[i] > 0.0f ? 1.0f / l[i] : 0.0f;
+#pragma unroll
+    for (int nd = 0; nd < D / 8; ++nd) {
+      const int d = nd * 8 + 2 * c;
+      const float v0 = o[nd][2 * i] * inv, v1 = o[nd][2 * i + 1] * inv;
+      if (a.splits == 1) {
+        *reinterpret_cast<__nv_bfloat162*>(a.out + (t * a.heads + h) * D + d) =
+            __floats2bfloat162_rn(v0, v1);
+      } else {
+        const size_t idx = (static_cast<size_t>(split) * a.tokens + t) * a.heads + h;
+        a.partial_o[idx * D + d] = v0;
+        a.partial_o[idx * D + d + 1] = v1;
+        if (d == 0) a.partial_lse[idx] = l[i] > 0.0f ? m[i] + log2f(l[i]) : -INFINITY;
+      }
+    }
+  }
+}
+
 // Tensor maps over one layer's K or V cache [slots, kv_heads, 128] with 64 x 1 x block_size
 // boxes, kept per cache address and shape (encoding one costs host time every step otherwise).
 const CUtensorMap& cache_map(const __nv_bfloat16* cache, const PagedAttentionArgs& a) {
@@ -496,22 +782,32 @@ const CUtensorMap& cache_map(const __nv_bfloat16* cache, const PagedAttentionArg
   return it->second;
 }
 
+// K/V tiles can come by TMA: one box per cache block (power-of-two blocks of 8-64 keys).
+bool tma_loads(const PagedAttentionArgs& a) {
+  return a.cache_slots > 0 && a.block_shift >= 3 && a.block_size <= kKeysPerTile;
+}
+
 void launch_prefill_wgmma(const PagedAttentionArgs& a, cudaStream_t stream) {
-  const bool tma = a.cache_slots > 0 && a.block_shift >= 3 && a.block_size <= kKeysPerTile;
-  static bool configured[2] = {false, false};
-  if (!configured[tma]) {
-    ERNIE_CUDA_CHECK(cudaFuncSetAttribute(
-        tma ? prefill_attention_wgmma_kernel<true> : prefill_attention_wgmma_kernel<false>,
-        cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(kWgAttnSmem)));
-    configured[tma] = true;
-  }
   const dim3 grid(a.num_tiles, a.kv_heads, a.splits);
-  if (tma) {
-    prefill_attention_wgmma_kernel<true>
-        <<<grid, 128, kWgAttnSmem, stream>>>(a, cache_map(a.k_cache, a), cache_map(a.v_cache, a));
+  if (tma_loads(a)) {
+    static bool configured = false;
+    if (!configured) {
+      ERNIE_CUDA_CHECK(cudaFuncSetAttribute(prefill_attention_fa_kernel,
+                                            cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                            static_cast<int>(kFaSmem)));
+      configured = true;
+    }
+    prefill_attention_fa_kernel<<<grid, 128 * (kFaConsumers + 1), kFaSmem, stream>>>(
+        a, cache_map(a.k_cache, a), cache_map(a.v_cache, a));
   } else {
-    const CUtensorMap unused{};
-    prefill_attention_wgmma_kernel<false><<<grid, 128, kWgAttnSmem, stream>>>(a, unused, unused);
+    static bool configured = false;
+    if (!configured) {
+      ERNIE_CUDA_CHECK(cudaFuncSetAttribute(prefill_attention_wgmma_kernel,
+                                            cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                            static_cast<int>(kWgAttnSmem)));
+      configured = true;
+    }
+    prefill_attention_wgmma_kernel<<<grid, 128, kWgAttnSmem, stream>>>(a);
   }
   ERNIE_CUDA_CHECK(cudaGetLastError());
 }
@@ -536,25 +832,36 @@ __global__ void combine_splits_kernel(__nv_bfloat16* out, const float* partial_o
   out[th * d + threadIdx.x] = __float2bfloat16(sum > 0.0f ? acc / sum : 0.0f);
 }
 
-template <int D, int RW, int KW, int NB>
+template <int D, int RW, int KW, int NB, bool kTma = false>
 void launch(const PagedAttentionArgs& a, cudaStream_t stream) {
   constexpr int BM = 16 * RW, LD = D + 8, kThreads = 32 * RW * KW;
-  const size_t smem = static_cast<size_t>(BM + 2 * NB * kKeysPerTile) * LD * sizeof(__nv_bfloat16);
+  const size_t q_bytes = static_cast<size_t>(BM) * LD * sizeof(__nv_bfloat16);
+  const size_t smem =
+      kTma ? 1024 + 2 * NB * 2 * kKeysPerTile * 128 + q_bytes
+           : q_bytes + static_cast<size_t>(2 * NB * kKeysPerTile) * LD * sizeof(__nv_bfloat16);
+  auto* kernel = paged_attention_kernel<D, RW, KW, NB, kTma>;
   static bool configured = false;  // set once per instantiation (host, single engine thread)
   if (!configured) {
-    ERNIE_CUDA_CHECK(cudaFuncSetAttribute(paged_attention_kernel<D, RW, KW, NB>,
-                                          cudaFuncAttributeMaxDynamicSharedMemorySize,
+    ERNIE_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                           static_cast<int>(smem)));
     configured = true;
   }
   const dim3 grid(a.num_tiles, a.kv_heads, a.splits);
-  launch_pdl(paged_attention_kernel<D, RW, KW, NB>, grid, kThreads, smem, stream, a);
+  if constexpr (kTma) {
+    launch_pdl(kernel, grid, kThreads, smem, stream, a, cache_map(a.k_cache, a),
+               cache_map(a.v_cache, a));
+  } else {
+    const CUtensorMap unused{};
+    launch_pdl(kernel, grid, kThreads, smem, stream, a, unused, unused);
+  }
   ERNIE_CUDA_CHECK(cudaGetLastError());
 }
 
 template <int D>
 void launch_d(const PagedAttentionArgs& a, cudaStream_t stream) {
-  if (a.decode_shape) {
+  if (a.decode_shape && D == kWgD && tma_loads(a)) {
+    launch<kWgD, 1, 4, kDecodeBuffers, true>(a, stream);
+  } else if (a.decode_shape) {
     launch<D, 1, 4, kDecodeBuffers>(a, stream);
   } else if (D == kWgD) {
     launch_prefill_wgmma(a, stream);

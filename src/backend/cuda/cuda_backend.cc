@@ -5,10 +5,12 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <cstring>
 #include <functional>
 #include <limits>
 #include <map>
+#include <string>
 #include <unordered_map>
 
 #include "backend/cuda/activation.cuh"
@@ -547,13 +549,18 @@ class CudaBackend final : public Backend {
     auto* ids = static_cast<int32_t*>(arena_.alloc(pairs * sizeof(int32_t)));
     auto* weights = static_cast<float*>(arena_.alloc(pairs * sizeof(float)));
     void* route_scratch = arena_.alloc(cuda::route_scratch_bytes(tokens, hidden, experts));
-    cuda::route_topk(ids, weights, bf(x), w.router.as<float>(), w.router_bias.as<float>(), tokens,
-                     hidden, experts, k, w.norm_min, route_scratch, stream_);
     const int64_t cap = cuda::moe_capacity(pairs, experts, block_m);
     auto* sorted = static_cast<int32_t*>(arena_.alloc(cap * sizeof(int32_t)));
     auto* block_expert = static_cast<int32_t*>(arena_.alloc(cap / block_m * sizeof(int32_t)));
     auto* pair_pos = static_cast<int32_t*>(arena_.alloc(pairs * sizeof(int32_t)));
-    cuda::moe_align(sorted, block_expert, pair_pos, ids, pairs, experts, block_m, stream_);
+    // Few tokens: the router kernel lays the pairs out too (one launch instead of three).
+    const cuda::RouteLayout layout{sorted, block_expert, pair_pos, block_m,
+                                   static_cast<int>(cap / block_m)};
+    if (!cuda::route_topk(ids, weights, bf(x), w.router.as<float>(), w.router_bias.as<float>(),
+                          tokens, hidden, experts, k, w.norm_min, route_scratch, stream_,
+                          &layout)) {
+      cuda::moe_align(sorted, block_expert, pair_pos, ids, pairs, experts, block_m, stream_);
+    }
     mark(Stage::kMoeExperts);
     auto* act = static_cast<__nv_bfloat16*>(arena_.alloc(cap * inter * sizeof(__nv_bfloat16)));
     auto* y = static_cast<__nv_bfloat16*>(arena_.alloc(cap * hidden * sizeof(__nv_bfloat16)));

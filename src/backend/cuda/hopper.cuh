@@ -207,6 +207,12 @@ __device__ __forceinline__ uint64_t wgmma_desc_sw128_mn(const void* p, uint32_t 
 
 // Orders this thread's ordinary shared-memory writes (cp.async included) before later reads by
 // the tensor cores or TMA (the async proxy); put a barrier after it.
+// Barrier `id` (1-15; 0 is __syncthreads) over the first `threads` threads that reach it: a
+// subset of the CTA (e.g. the consumer warpgroups) synchronises without the others.
+__device__ __forceinline__ void named_barrier_sync(int id, int threads) {
+  asm volatile("bar.sync %0, %1;" ::"r"(id), "r"(threads) : "memory");
+}
+
 __device__ __forceinline__ void fence_proxy_async() {
   asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
 }

@@ -1,5 +1,6 @@
 #include <algorithm>
 
+#include "backend/cuda/align.cuh"
 #include "backend/cuda/cuda_check.h"
 #include "backend/cuda/hopper.cuh"
 #include "backend/cuda/launch.cuh"
@@ -17,47 +18,8 @@ __global__ void moe_align_kernel(int32_t* sorted_pairs, int32_t* block_expert, i
   pdl_begin();
   __shared__ int counts[1024];
   __shared__ int offsets[1025];
-  for (int e = threadIdx.x; e < experts; e += kAlignThreads) counts[e] = 0;
-  __syncthreads();
-  for (int i = threadIdx.x; i < pairs; i += kAlignThreads) atomicAdd(&counts[ids[i]], 1);
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    int off = 0;
-    for (int e = 0; e < experts; ++e) {
-      offsets[e] = off;
-      off += (counts[e] + block_m - 1) / block_m * block_m;
-    }
-    offsets[experts] = off;
-  }
-  __syncthreads();
-  const int used = offsets[experts];
-  for (int b = threadIdx.x; b < num_blocks; b += kAlignThreads) {
-    const int row = b * block_m;
-    int e = -1;
-    if (row < used) {  // the expert whose segment holds this row (binary search)
-      int lo = 0, hi = experts - 1;
-      while (lo < hi) {
-        const int mid = (lo + hi + 1) / 2;
-        if (offsets[mid] <= row)
-          lo = mid;
-        else
-          hi = mid - 1;
-      }
-      e = lo;
-    }
-    block_expert[b] = e;
-  }
-  for (int r = threadIdx.x; r < num_blocks * block_m; r += kAlignThreads) sorted_pairs[r] = -1;
-  __syncthreads();
-  for (int e = threadIdx.x; e < experts; e += kAlignThreads) counts[e] = 0;
-  __syncthreads();
-  // The order inside an expert's segment does not matter: every row is computed on its own.
-  for (int i = threadIdx.x; i < pairs; i += kAlignThreads) {
-    const int e = ids[i];
-    const int pos = offsets[e] + atomicAdd(&counts[e], 1);
-    sorted_pairs[pos] = i;
-    pair_pos[i] = pos;
-  }
+  align_pairs(sorted_pairs, block_expert, pair_pos, ids, pairs, experts, block_m, num_blocks,
+              counts, offsets);
 }
 
 // Tiles of the decode GEMM: BM (16 or 32) rows x 64 weight rows per CTA of 4 warps (BM x 16

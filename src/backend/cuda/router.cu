@@ -1,5 +1,6 @@
 #include <algorithm>
 
+#include "backend/cuda/align.cuh"
 #include "backend/cuda/cuda_check.h"
 #include "backend/cuda/launch.cuh"
 #include "backend/cuda/mma.cuh"
@@ -46,10 +47,95 @@ __device__ __forceinline__ void split_pair(float2 w, uint32_t& hi, uint32_t& mid
   lo = *reinterpret_cast<const uint32_t*>(&l);
 }
 
-// partial[split][token][expert] = sum over this split's reduction range of x * W.
+constexpr int kTopkWarps = 4;
+
+// Token t by one warp: logits = the split partials summed in order, softmax, then k rounds of a
+// warp-wide argmax over the biased scores (the lower id wins a tie). p: 2 * experts floats of
+// shared memory for this warp. Partials are read through L2 (another CTA may have written them).
+__device__ void topk_token(int t, int32_t* ids, float* weights, const float* partial,
+                           const float* bias, int tokens, int experts, int splits, int k,
+                           float norm_min, float* p) {
+  const int lane = threadIdx.x % 32;
+  float* scores = p + experts;
+  float mx = -INFINITY;
+  for (int e = lane; e < experts; e += 32) {
+    float v = 0.0f;
+    for (int s = 0; s < splits; ++s) {
+      v += __ldcg(partial + (static_cast<size_t>(s) * tokens + t) * experts + e);
+    }
+    p[e] = v;
+    mx = fmaxf(mx, v);
+  }
+  for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+  float sum = 0.0f;
+  for (int e = lane; e < experts; e += 32) {
+    p[e] = expf(p[e] - mx);
+    sum += p[e];
+  }
+  for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
+  for (int e = lane; e < experts; e += 32) {
+    p[e] /= sum;
+    scores[e] = p[e] + bias[e];
+  }
+  __syncwarp();
+  float total = 0.0f;
+  for (int r = 0; r < k; ++r) {
+    float best = -INFINITY;
+    int best_id = experts;
+    for (int e = lane; e < experts; e += 32) {
+      if (scores[e] > best) {  // ascending e: a later equal score never replaces
+        best = scores[e];
+        best_id = e;
+      }
+    }
+    for (int o = 16; o > 0; o >>= 1) {
+      const float ob = __shfl_xor_sync(0xffffffffu, best, o);
+      const int oi = __shfl_xor_sync(0xffffffffu, best_id, o);
+      if (ob > best || (ob == best && oi < best_id)) {
+        best = ob;
+        best_id = oi;
+      }
+    }
+    if (best_id >= experts) best_id = 0;  // only NaN logits leave nothing above -inf
+    total += p[best_id];
+    if (lane == 0) {
+      ids[static_cast<size_t>(t) * k + r] = best_id;
+      weights[static_cast<size_t>(t) * k + r] = p[best_id];
+    }
+    if (best_id % 32 == lane) scores[best_id] = -INFINITY;
+    __syncwarp();
+  }
+  const float denom = fmaxf(total, norm_min);
+  __syncwarp();
+  for (int r = lane; r < k; r += 32) weights[static_cast<size_t>(t) * k + r] /= denom;
+  __syncwarp();
+}
+
+// What the last CTA of a fused launch finishes with: the top-k of every token, then the MoE
+// layout of the pairs (RouteLayout).
+struct Tail {
+  int32_t* ids;
+  float* weights;
+  const float* bias;
+  int k;
+  float norm_min;
+  RouteLayout layout;
+};
+
+// The fused tail runs in one CTA (4 warps, a token per warp at a time), so it pays only while
+// the tokens are few: beyond this the separate top-k and align kernels spread the work.
+constexpr int kFusedRouteTokens = 8;
+
+// CTAs of the current fused launch that have written their partial sums; the last one resets it.
+__device__ unsigned int g_route_arrivals = 0;
+
+// partial[split][token][expert] = sum over this split's reduction range of x * W. kFused (at
+// most kFusedRouteTokens tokens): the last CTA to finish also does the top-k and the layout,
+// so a small decode step routes in one launch.
+template <bool kFused>
 __global__ void __launch_bounds__(kThreads)
     router_logits_kernel(float* partial, const __nv_bfloat16* x, const float* w, int tokens,
-                         int hidden, int experts, int tiles_per_split) {
+                         int hidden, int experts, int tiles_per_split, const Tail tail) {
   pdl_begin();
   __shared__ __align__(16) __nv_bfloat16 xs[kStages][kBM][kXLd];
   __shared__ __align__(16) float ws[kStages][kBN][kWLd];
@@ -117,72 +203,41 @@ __global__ void __launch_bounds__(kThreads)
       if (t < tokens && e < experts) out[static_cast<size_t>(t) * experts + e] = acc[nt][j];
     }
   }
+  if constexpr (kFused) {
+    __shared__ bool last;
+    __threadfence();  // this CTA's partial sums are visible before it is counted
+    __syncthreads();
+    if (tid == 0) {
+      const unsigned int ctas = gridDim.x * gridDim.y * gridDim.z;
+      last = atomicAdd(&g_route_arrivals, 1u) == ctas - 1;
+    }
+    __syncthreads();
+    if (!last) return;
+    __threadfence();
+    extern __shared__ float tail_smem[];  // [warps][2 * experts] floats, then the align scratch
+    for (int t = warp; t < tokens; t += kThreads / 32) {
+      topk_token(t, tail.ids, tail.weights, partial, tail.bias, tokens, experts, gridDim.z, tail.k,
+                 tail.norm_min, tail_smem + static_cast<size_t>(warp) * 2 * experts);
+    }
+    __syncthreads();  // every token's ids are written
+    int* counts = reinterpret_cast<int*>(tail_smem + (kThreads / 32) * 2 * experts);
+    const RouteLayout& L = tail.layout;
+    align_pairs(L.sorted_pairs, L.block_expert, L.pair_pos, tail.ids, tokens * tail.k, experts,
+                L.block_m, L.num_blocks, counts, counts + experts);
+    if (tid == 0) g_route_arrivals = 0;
+  }
 }
 
-constexpr int kTopkWarps = 4;
-
-// One warp per token: logits = the split partials summed in order, softmax, then k rounds of a
-// warp-wide argmax over the biased scores (the lower id wins a tie).
 __global__ void __launch_bounds__(kTopkWarps * 32)
     router_topk_kernel(int32_t* ids, float* weights, const float* partial, const float* bias,
                        int tokens, int experts, int splits, int k, float norm_min) {
   pdl_begin();
   extern __shared__ float smem[];
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int warp = threadIdx.x / 32;
   const int t = blockIdx.x * kTopkWarps + warp;
   if (t >= tokens) return;
-  float* p = smem + static_cast<size_t>(warp) * 2 * experts;  // [experts]
-  float* scores = p + experts;                                // [experts]
-  float mx = -INFINITY;
-  for (int e = lane; e < experts; e += 32) {
-    float v = 0.0f;
-    for (int s = 0; s < splits; ++s) {
-      v += partial[(static_cast<size_t>(s) * tokens + t) * experts + e];
-    }
-    p[e] = v;
-    mx = fmaxf(mx, v);
-  }
-  for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
-  float sum = 0.0f;
-  for (int e = lane; e < experts; e += 32) {
-    p[e] = expf(p[e] - mx);
-    sum += p[e];
-  }
-  for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
-  for (int e = lane; e < experts; e += 32) {
-    p[e] /= sum;
-    scores[e] = p[e] + bias[e];
-  }
-  __syncwarp();
-  float total = 0.0f;
-  for (int r = 0; r < k; ++r) {
-    float best = -INFINITY;
-    int best_id = experts;
-    for (int e = lane; e < experts; e += 32) {
-      if (scores[e] > best) {  // ascending e: a later equal score never replaces
-        best = scores[e];
-        best_id = e;
-      }
-    }
-    for (int o = 16; o > 0; o >>= 1) {
-      const float ob = __shfl_xor_sync(0xffffffffu, best, o);
-      const int oi = __shfl_xor_sync(0xffffffffu, best_id, o);
-      if (ob > best || (ob == best && oi < best_id)) {
-        best = ob;
-        best_id = oi;
-      }
-    }
-    if (best_id >= experts) best_id = 0;  // only NaN logits leave nothing above -inf
-    total += p[best_id];
-    if (lane == 0) {
-      ids[static_cast<size_t>(t) * k + r] = best_id;
-      weights[static_cast<size_t>(t) * k + r] = p[best_id];
-    }
-    if (best_id % 32 == lane) scores[best_id] = -INFINITY;
-    __syncwarp();
-  }
-  const float denom = fmaxf(total, norm_min);
-  for (int r = lane; r < k; r += 32) weights[static_cast<size_t>(t) * k + r] /= denom;
+  topk_token(t, ids, weights, partial, bias, tokens, experts, splits, k, norm_min,
+             smem + static_cast<size_t>(warp) * 2 * experts);
 }
 
 }  // namespace
@@ -193,23 +248,41 @@ size_t route_scratch_bytes(int tokens, int hidden, int experts) {
   return static_cast<size_t>(s.splits) * tokens * experts * sizeof(float);
 }
 
-void route_topk(int32_t* ids, float* weights, const __nv_bfloat16* x, const float* router,
+bool route_topk(int32_t* ids, float* weights, const __nv_bfloat16* x, const float* router,
                 const float* bias, int tokens, int hidden, int experts, int k, float norm_min,
-                void* scratch, cudaStream_t stream) {
-  if (tokens == 0) return;
+                void* scratch, cudaStream_t stream, const RouteLayout* layout) {
+  if (tokens == 0) return false;
   require(tokens > 0 && hidden > 0 && hidden % kBK == 0 && experts > 0 && experts <= 1024 &&
               k > 0 && k <= experts,
           "route_topk: bad shape");
   const Split s = plan_split(tokens, hidden, experts);
   auto* partial = static_cast<float*>(scratch);
   const dim3 grid(s.m_tiles, s.n_tiles, s.splits);
-  launch_pdl(router_logits_kernel, grid, kThreads, 0, stream, partial, x, router, tokens, hidden,
-             experts, s.tiles_per_split);
+  Tail tail{ids, weights, bias, k, norm_min, {}};
+  if (layout != nullptr && tokens <= kFusedRouteTokens) {
+    tail.layout = *layout;
+    const size_t smem = (static_cast<size_t>(kThreads / 32) * 2 * experts) * sizeof(float) +
+                        (2 * static_cast<size_t>(experts) + 1) * sizeof(int);
+    static bool configured = false;
+    if (!configured) {
+      ERNIE_CUDA_CHECK(cudaFuncSetAttribute(
+          router_logits_kernel<true>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+          static_cast<int>((kThreads / 32) * 2 * 1024 * 4 + (2 * 1024 + 1) * 4)));
+      configured = true;
+    }
+    launch_pdl(router_logits_kernel<true>, grid, kThreads, smem, stream, partial, x, router, tokens,
+               hidden, experts, s.tiles_per_split, tail);
+    ERNIE_CUDA_CHECK(cudaGetLastError());
+    return true;
+  }
+  launch_pdl(router_logits_kernel<false>, grid, kThreads, 0, stream, partial, x, router, tokens,
+             hidden, experts, s.tiles_per_split, tail);
   ERNIE_CUDA_CHECK(cudaGetLastError());
   const size_t smem = static_cast<size_t>(kTopkWarps) * 2 * experts * sizeof(float);
   launch_pdl(router_topk_kernel, (tokens + kTopkWarps - 1) / kTopkWarps, kTopkWarps * 32, smem,
              stream, ids, weights, partial, bias, tokens, experts, s.splits, k, norm_min);
   ERNIE_CUDA_CHECK(cudaGetLastError());
+  return false;
 }
 
 }  // namespace ernie::cuda

@@ -21,11 +21,21 @@ namespace ernie::cuda {
 // Bytes of device scratch route_topk needs for this shape.
 size_t route_scratch_bytes(int tokens, int hidden, int experts);
 
+// moe_align's outputs (see moe.cuh), for route_topk to write as well.
+struct RouteLayout {
+  int32_t* sorted_pairs = nullptr;  // [num_blocks * block_m]
+  int32_t* block_expert = nullptr;  // [num_blocks]
+  int32_t* pair_pos = nullptr;      // [tokens * k]
+  int block_m = 0, num_blocks = 0;
+};
+
 // x [tokens, hidden] bf16; router [experts, hidden] f32; bias [experts] f32; scratch of
 // route_scratch_bytes(). Writes ids [tokens, k] (descending biased score, lower id first on
-// ties) and weights [tokens, k]. hidden % 32 == 0, experts <= 1024, k <= experts.
-void route_topk(int32_t* ids, float* weights, const __nv_bfloat16* x, const float* router,
+// ties) and weights [tokens, k]. hidden % 32 == 0, experts <= 1024, k <= experts. With a
+// layout and at most 8 tokens it also lays the pairs out as moe_align does, in the same
+// launch, and returns true; otherwise the caller runs moe_align.
+bool route_topk(int32_t* ids, float* weights, const __nv_bfloat16* x, const float* router,
                 const float* bias, int tokens, int hidden, int experts, int k, float norm_min,
-                void* scratch, cudaStream_t stream);
+                void* scratch, cudaStream_t stream, const RouteLayout* layout = nullptr);
 
 }  // namespace ernie::cuda

@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# On the GPU machine: build the CUDA tests and the kernel bench, then run both under each given
+# configuration of environment switches, so that one build compares a new kernel path with the
+# one it would replace. Usage: scripts/gpu_ab.sh DIR CONFIG...; a CONFIG is a comma-separated
+# list of NAME=VALUE settings ("-" for none), e.g.
+#   AB_FILTER='*Attention*' AB_BENCH=ops scripts/gpu_ab.sh out - ERNIE_NEW_PATH=0
+# AB_FILTER is the gtest filter (default every test; "none" skips the tests), AB_BENCH the
+# kernel bench section (ops, steps, all; "none" skips it), AB_PICK a regex for the bench lines
+# to print (default every timing line). Logs go under DIR, one pair of files per config.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out=$(realpath -m "${1:-ab-results}")
+shift || true
+mkdir -p "$out"
+if [ ! -f build-gpu/build.ninja ]; then
+  cmake -S . -B build-gpu -G Ninja -DCMAKE_BUILD_TYPE=Release > "$out/configure.log" 2>&1 ||
+    { tail -30 "$out/configure.log"; exit 1; }
+fi
+cmake --build build-gpu -j "$(nproc)" --target ernie_cuda_tests ernie_kernel_bench \
+  > "$out/build.log" 2>&1 || { tail -50 "$out/build.log"; exit 1; }
+echo "built (${SECONDS}s)"
+filter=${AB_FILTER:-*}
+section=${AB_BENCH:-all}
+pick=${AB_PICK:-.}
+rc=0
+for config in "$@"; do
+  settings=()
+  [ "$config" = - ] || IFS=, read -ra settings <<< "$config"
+  log="$out/$(echo "$config" | tr -c 'A-Za-z0-9_.-' '_')"
+  if [ "$filter" != none ]; then
+    env "${settings[@]}" timeout 400 build-gpu/tests/ernie_cuda_tests --gtest_filter="$filter" \
+      > "$log.tests.log" 2>&1
+    t=$?
+    [ $t = 0 ] || rc=1
+    echo "== $config: tests rc=$t, $(grep -cE '^\[       OK' "$log.tests.log") passed;" \
+      "failed: $(grep -E '^\[  FAILED  \] [A-Za-z]' "$log.tests.log" | sort -u | tr '\n' ' ')" \
+      "(${SECONDS}s)"
+  fi
+  if [ "$section" != none ]; then
+    echo "== $config: kernel bench $section"
+    env "${settings[@]}" timeout 300 build-gpu/ernie_kernel_bench 20 "$section" \
+      > "$log.bench.txt" 2>&1 || rc=1
+    grep -E "$pick" "$log.bench.txt"
+    echo "(${SECONDS}s)"
+  fi
+done
+exit $rc
