@@ -1,6 +1,7 @@
 // Host-side planning for the CUDA kernels (runs without a GPU): the attention tile plan covers
-// every query row once, key splits cover every key, a graph plan depends only on the batch
-// shape; the MoE layout has room for any routing.
+// every query row once (paired prefill tiles: each sequence's tiles padded to an even count),
+// key splits cover every key, a graph plan depends only on the batch shape; the MoE layout has
+// room for any routing.
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -20,6 +21,7 @@ TEST(AttentionPlan, TilesCoverRowsAndSplitsCoverKeys) {
     const int heads = kv * group, sms = 132;
     const int seqs = 1 + static_cast<int>(rng.below(300));
     const bool decode = rng.below(2) == 0, fixed = decode && rng.below(2) == 0;
+    const bool pair = rng.below(2) == 0;
     std::vector<int32_t> qs = {0}, ctx;
     int max_ctx = 0;
     for (int s = 0; s < seqs; ++s) {
@@ -29,20 +31,26 @@ TEST(AttentionPlan, TilesCoverRowsAndSplitsCoverKeys) {
       ctx.push_back(c);
       max_ctx = std::max(max_ctx, c);
     }
-    SCOPED_TRACE(::testing::Message() << seqs << " seqs, " << heads << "/" << kv << " heads, "
-                                      << (fixed ? "fixed" : "eager") << " trial " << trial);
-    const AttentionPlan p = plan_attention(qs, ctx, heads, kv, sms, fixed);
+    SCOPED_TRACE(::testing::Message()
+                 << seqs << " seqs, " << heads << "/" << kv << " heads, "
+                 << (fixed ? "fixed" : "eager") << (pair ? ", paired" : "") << " trial " << trial);
+    const AttentionPlan p = plan_attention(qs, ctx, heads, kv, sms, fixed, pair);
     bool small = true;
     for (int s = 0; s < seqs; ++s) small &= (qs[s + 1] - qs[s]) * group <= 16;
     EXPECT_EQ(p.decode_shape, small);
+    EXPECT_EQ(p.paired, pair && !small);
     const int bm = p.decode_shape ? kAttentionDecodeRows : kAttentionPrefillRows;
-    // Tiles: for each sequence, rows 0, bm, 2 bm, ... in order, nothing else.
+    // Tiles: for each sequence, rows 0, bm, 2 bm, ... in order (paired: one more past the rows
+    // when the count is odd), nothing else.
     size_t t = 0;
     for (int s = 0; s < seqs; ++s) {
-      for (int r = 0; r < (qs[s + 1] - qs[s]) * group; r += bm, ++t) {
+      const int rows = (qs[s + 1] - qs[s]) * group;
+      int n = (rows + bm - 1) / bm;
+      if (p.paired) n += n % 2;
+      for (int i = 0; i < n; ++i, ++t) {
         ASSERT_LT(t, p.tile_seq.size());
         ASSERT_EQ(p.tile_seq[t], s);
-        ASSERT_EQ(p.tile_row0[t], r);
+        ASSERT_EQ(p.tile_row0[t], i * bm);
       }
     }
     EXPECT_EQ(t, p.tile_seq.size());
@@ -51,8 +59,8 @@ TEST(AttentionPlan, TilesCoverRowsAndSplitsCoverKeys) {
     EXPECT_EQ(p.split_keys % 64, 0);
     if (p.splits > 1) {
       EXPECT_GE(static_cast<int64_t>(p.splits) * p.split_keys, max_ctx);
-      // Only when the tiles leave the GPU idle.
-      EXPECT_LT(static_cast<int64_t>(p.tile_seq.size()) * kv, sms);
+      // Only when the tiles (CTAs) leave the GPU idle.
+      EXPECT_LT(static_cast<int64_t>(p.tile_seq.size()) / (p.paired ? 2 : 1) * kv, sms);
       if (!fixed) {
         EXPECT_LT(static_cast<int64_t>(p.splits - 1) * p.split_keys, max_ctx);
       }

@@ -1,5 +1,4 @@
 #include <algorithm>
-#include <cstdlib>
 #include <unordered_map>
 
 #include "backend/cuda/attention.cuh"
@@ -79,15 +78,17 @@ __device__ __forceinline__ float tree_sum(const float* v) {
 }
 
 // One online-softmax step of a warp over its NT x 8 key columns of a tile, in the m16n8
-// accumulator layout (rows g and g + 8, columns 2 (lane % 4), +1 of each 8-column tile). Keys
-// from key0 on that are past k_end or after a row's position are masked (tests skipped when
-// every row sees every key: min_pos is the smallest position among the warp's rows). The
-// running maximum m (log2 units, scores times scale_log2) moves only past kRescaleSlack, the
-// sum l and the output o are updated, and s is left holding the probabilities 2^(s scale - m).
-template <int NT, int ND>
-__device__ __forceinline__ void softmax_step(float (&s)[NT][4], float (&o)[ND][4], float (&m)[2],
-                                             float (&l)[2], int key0, int k_end,
-                                             const int (&pos)[2], int min_pos, float scale_log2) {
+// accumulator layout (rows g and g + 8, columns 2 (lane % 4), +1 of each 8-column tile), leaving
+// the output alone. Keys from key0 on that are past k_end or after a row's position are masked
+// (tests skipped when every row sees every key: min_pos is the smallest position among the
+// warp's rows). The running maximum m (log2 units, scores times scale_log2) moves only past
+// kRescaleSlack; when it moves for some row of the warp, l is rescaled, rescale[] holds the
+// factors for the output and the result is true (the same for the whole warp). s is left
+// holding the probabilities 2^(s scale - m), and l their running sum.
+template <int NT>
+__device__ __forceinline__ bool softmax_probs(float (&s)[NT][4], float (&m)[2], float (&l)[2],
+                                              float (&rescale)[2], int key0, int k_end,
+                                              const int (&pos)[2], int min_pos, float scale_log2) {
   const int c = threadIdx.x % 4;
   const int last_key = key0 + NT * 8 - 1;
   if (last_key >= k_end || last_key > min_pos) {
@@ -115,18 +116,14 @@ __device__ __forceinline__ void softmax_step(float (&s)[NT][4], float (&o)[ND][4
     mx[i] *= scale_log2;  // scale_log2 > 0: the maximum of the scaled scores (or -inf)
   }
   const bool grow = mx[0] > m[0] + kRescaleSlack || mx[1] > m[1] + kRescaleSlack;
-  if (__any_sync(0xffffffffu, grow)) {
+  const bool moved = __any_sync(0xffffffffu, grow);
+  if (moved) {
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
       const float next = fmaxf(m[i], mx[i]);
-      const float rescale = fast_exp2(m[i] - (next == -INFINITY ? 0.0f : next));  // 0 from -inf
+      rescale[i] = fast_exp2(m[i] - (next == -INFINITY ? 0.0f : next));  // 0 from -inf
       m[i] = next;
-      l[i] *= rescale;
-#pragma unroll
-      for (int nd = 0; nd < ND; ++nd) {
-        o[nd][2 * i] *= rescale;
-        o[nd][2 * i + 1] *= rescale;
-      }
+      l[i] *= rescale[i];
     }
   }
 #pragma unroll
@@ -142,6 +139,28 @@ __device__ __forceinline__ void softmax_step(float (&s)[NT][4], float (&o)[ND][4
       }
     }
     l[i] += tree_sum<2 * NT>(p);
+  }
+  return moved;
+}
+
+// Output rows g and g + 8 of the m16n8 layout times rescale[0] and rescale[1].
+template <int ND>
+__device__ __forceinline__ void rescale_rows(float (&o)[ND][4], const float (&rescale)[2]) {
+#pragma unroll
+  for (int nd = 0; nd < ND; ++nd) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) o[nd][e] *= rescale[e / 2];
+  }
+}
+
+// softmax_probs, then the output rescaled where the maximum moved.
+template <int NT, int ND>
+__device__ __forceinline__ void softmax_step(float (&s)[NT][4], float (&o)[ND][4], float (&m)[2],
+                                             float (&l)[2], int key0, int k_end,
+                                             const int (&pos)[2], int min_pos, float scale_log2) {
+  float rescale[2];
+  if (softmax_probs(s, m, l, rescale, key0, k_end, pos, min_pos, scale_log2)) {
+    rescale_rows(o, rescale);
   }
 }
 
@@ -535,17 +554,16 @@ __global__ void __launch_bounds__(128) prefill_attention_wgmma_kernel(const Page
   }
 }
 
-// Prefill tiles for head_dim 128 when K/V can come by TMA (power-of-two blocks of 8-64): a
-// producer warpgroup and NC = kFaConsumers consumer warpgroups per 64-row query tile. One producer
-// thread streams the tile's 64-key K/V tiles by TMA through a kFaStages-deep ring (a full and an
-// empty mbarrier per stage); consumer warpgroup c takes key tiles c, c + NC, ..., each keeping its
-// own online softmax over the same 64 query rows with S and PV on wgmma as in
-// prefill_attention_wgmma_kernel, and hands the stage back once its wgmmas are done. At the end
-// the consumers merge their (max, sum, O) through shared memory. Nothing in the key loop waits
-// on the whole CTA, the ring keeps up to kFaStages tiles in flight, and NC warpgroups share the
-// tensor cores of one SM.
-constexpr int kFaStages = 6, kFaConsumers = 2;  // 3 consumers measured slower (register spill)
-constexpr size_t kFaSmem = 1024 + (2 + 4 * kFaStages) * kWgHalf;  // Q + ring of (K, V)
+// Prefill tiles for head_dim 128 when K/V can come by TMA (power-of-two blocks of 8-64), planned
+// in pairs (AttentionPlan::paired): one CTA takes 128 query rows, a consumer warpgroup per 64,
+// and a producer warpgroup. One producer thread streams the key range's 64-key K/V tiles by TMA
+// through a kFaStages-deep ring (a full and an empty mbarrier per stage); both consumers run
+// every tile through S = Q K^T and P V on wgmma as in prefill_attention_wgmma_kernel, each with
+// its own online softmax, and hand the stage back once done. Every K/V byte that reaches the SM
+// serves 128 rows (the L2 traffic of 64-row tiles bound the kernel), nothing in the key loop
+// waits on the whole CTA, and two warpgroups share the tensor cores of one SM.
+constexpr int kFaStages = 5, kFaConsumers = 2;
+constexpr size_t kFaSmem = 1024 + (2 * kFaConsumers + 4 * kFaStages) * kWgHalf;  // Q, K/V ring
 
 __global__ void __launch_bounds__(128 * (kFaConsumers + 1), 1)
     prefill_attention_fa_kernel(const PagedAttentionArgs a,
@@ -556,8 +574,8 @@ __global__ void __launch_bounds__(128 * (kFaConsumers + 1), 1)
   extern __shared__ unsigned char smem_raw[];
   unsigned char* smem = reinterpret_cast<unsigned char*>(
       (reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t{1023});
-  unsigned char* sq = smem;  // [2 halves][64 rows][128 bytes], swizzled
-  unsigned char* ring = smem + 2 * kWgHalf;
+  unsigned char* sq = smem;  // per consumer: [2 halves][64 rows][128 bytes], swizzled
+  unsigned char* ring = smem + 2 * NC * kWgHalf;
   auto k_tile = [&](int st) { return ring + 4 * st * kWgHalf; };
   auto v_tile = [&](int st) { return ring + (4 * st + 2) * kWgHalf; };
   auto swz = [](int r, int ch) {
@@ -565,22 +583,26 @@ __global__ void __launch_bounds__(128 * (kFaConsumers + 1), 1)
   };
   __shared__ __align__(8) uint64_t full[kFaStages], empty[kFaStages];
 
-  // Tiles in reverse: a sequence's last query rows see the most keys, so they start first and
+  // Pairs in reverse: a sequence's last query rows see the most keys, so they start first and
   // the short tiles fill in behind them.
-  const int tile = gridDim.x - 1 - blockIdx.x, kvh = blockIdx.y, split = blockIdx.z;
-  const auto [seq, row0, group, q0, rows, k_begin, k_end] = tile_span(a, tile, split, kWgRows);
+  const int pair = gridDim.x - 1 - blockIdx.x, kvh = blockIdx.y, split = blockIdx.z;
+  const auto [seq, row0, group, q0, rows, k_begin, k_end] =
+      tile_span(a, 2 * pair, split, NC * kWgRows);
   const int n_tiles = k_begin < k_end ? (k_end - k_begin + BN - 1) / BN : 0;
   const int32_t* table = a.block_tables + static_cast<size_t>(seq) * a.dims[1];
 
-  // Rows of a tile past the sequence's last block are never loaded: every ring buffer starts
-  // finite (masked rows get probability 0, and 0 * NaN would not be 0).
-  for (int i = threadIdx.x; i < 4 * kFaStages * kWgHalf / 16; i += blockDim.x) {
-    reinterpret_cast<uint4*>(ring)[i] = make_uint4(0, 0, 0, 0);
+  // Rows of the last tile past the sequence's last cache block are never loaded. In a stage
+  // used before they hold an earlier tile (finite: masked keys get probability 0 and 0 * V
+  // stays 0); in a fresh stage they could hold anything, so its V rows start at zero.
+  if (n_tiles > 0 && n_tiles <= kFaStages) {
+    for (int i = threadIdx.x; i < 2 * kWgHalf / 16; i += blockDim.x) {
+      reinterpret_cast<uint4*>(v_tile(n_tiles - 1))[i] = make_uint4(0, 0, 0, 0);
+    }
   }
   if (threadIdx.x == 0) {
     for (int st = 0; st < kFaStages; ++st) {
       mbar_init(&full[st], 1);
-      mbar_init(&empty[st], 4);  // one arrival per warp of the consuming warpgroup
+      mbar_init(&empty[st], 4 * NC);  // one arrival per consumer warp
     }
     mbar_init_fence();
   }
@@ -592,7 +614,7 @@ __global__ void __launch_bounds__(128 * (kFaConsumers + 1), 1)
       const int bs = a.block_size;
       for (int t = 0; t < n_tiles; ++t) {
         const int st = t % kFaStages;
-        // The first round of the ring is free; later, wait for the consumer of round - 1.
+        // The first round of the ring is free; later, wait for the consumers of round - 1.
         if (t >= kFaStages) mbar_wait(&empty[st], ((t / kFaStages) - 1) & 1);
         const int kt = k_begin + t * BN;
         const int first = kt / bs, last = (min(kt + BN, k_end) - 1) / bs;
@@ -611,28 +633,30 @@ __global__ void __launch_bounds__(128 * (kFaConsumers + 1), 1)
     return;
   }
 
-  // ---- consumer warpgroups ----
+  // ---- consumer warpgroups: consumer `cons` owns rows row0 + 64 cons .. + 63 ----
   const int ct = threadIdx.x - 128, cons = ct / 128;
   const int warp = (ct % 128) / 32, lane = ct % 32, g = lane / 4, c = lane % 4;
+  const int my_row0 = row0 + cons * kWgRows;
+  unsigned char* my_q = sq + cons * 2 * kWgHalf;
   const size_t row_stride = static_cast<size_t>(a.heads + 2 * a.kv_heads) * D;
-  for (int i = ct; i < kWgRows * kChunks; i += kConsumerThreads) {
-    const int r = i / kChunks, ch = i % kChunks, row = row0 + r;
+  for (int i = ct % 128; i < kWgRows * kChunks; i += 128) {
+    const int r = i / kChunks, ch = i % kChunks, row = my_row0 + r;
     const bool valid = row < rows;
     const __nv_bfloat16* src = a.qkv;
     if (valid) {
       src = a.qkv + static_cast<size_t>(q0 + row / group) * row_stride +
             static_cast<size_t>(kvh * group + row % group) * D + ch * 8;
     }
-    cp_async_16(sq + swz(r, ch), src, valid);
+    cp_async_16(my_q + swz(r, ch), src, valid);
   }
   cp_async_commit();
   cp_async_wait<0>();
   fence_proxy_async();  // the query rows are read by wgmma (the async proxy)
-  named_barrier_sync(1, kConsumerThreads);
+  named_barrier_sync(1 + cons, 128);
 
   int pos[2];
   for (int i = 0; i < 2; ++i) {
-    const int row = row0 + warp * 16 + g + 8 * i;
+    const int row = my_row0 + warp * 16 + g + 8 * i;
     pos[i] = row < rows ? a.positions[q0 + row / group] : -1;
   }
   int min_pos = min(pos[0], pos[1]);
@@ -643,23 +667,52 @@ __global__ void __launch_bounds__(128 * (kFaConsumers + 1), 1)
   for (int nd = 0; nd < D / 8; ++nd) o[nd][0] = o[nd][1] = o[nd][2] = o[nd][3] = 0.0f;
   const float scale_log2 = a.scale * kLog2e;
 
-  for (int t = cons; t < n_tiles; t += NC) {
+  // Each tile's P V overlaps the next tile's S = Q K^T and softmax: the S wgmma and the previous
+  // tile's P V go out together, the softmax starts once S lands, and the output is rescaled
+  // (rarely) and P replaced only after P V completes. A stage goes back to the producer once
+  // its P V is done.
+  uint32_t pa[BN / 16][4];  // the previous tile's probabilities, the A fragments of P V
+  int pending = -1;         // ring stage of the tile whose P V is in flight
+  auto issue_pv = [&](int st) {
+#pragma unroll
+    for (int ks = 0; ks < BN / 16; ++ks) {
+      // Keys 16 ks.. (two 8-key groups of 1024 bytes), d 0..63 and (8 KB further) 64..127.
+      wgmma_m64n128k16_rs(reinterpret_cast<float(&)[64]>(o), pa[ks],
+                          wgmma_desc_sw128_mn(v_tile(st) + ks * 2048, kWgHalf));
+    }
+    wgmma_commit();
+  };
+  auto retire_pv = [&] {  // after the wait that completes the pending P V
+    fence_regs(reinterpret_cast<float(&)[D / 2]>(o));
+    fence_regs(reinterpret_cast<uint32_t(&)[BN / 4]>(pa));
+    if (lane == 0) mbar_arrive(&empty[pending]);  // this warp no longer reads the stage
+  };
+  for (int t = 0; t < n_tiles; ++t) {
     const int st = t % kFaStages, kt = k_begin + t * BN;
     mbar_wait(&full[st], (t / kFaStages) & 1);
-    const unsigned char* sk = k_tile(st);
-    const unsigned char* sv = v_tile(st);
     float s[BN / 8][4];  // the wgmma m64n64 accumulator: 8 column tiles of 4
     wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < D / 16; ++kk) {
       const int off = (kk / 4) * kWgHalf + (kk % 4) * 32;
-      wgmma_m64n64k16(reinterpret_cast<float(&)[32]>(s), wgmma_desc_sw128(sq + off),
-                      wgmma_desc_sw128(sk + off), kk > 0);
+      wgmma_m64n64k16(reinterpret_cast<float(&)[32]>(s), wgmma_desc_sw128(my_q + off),
+                      wgmma_desc_sw128(k_tile(st) + off), kk > 0);
     }
     wgmma_commit();
-    wgmma_wait<0>();
-    softmax_step(s, o, m, l, kt, k_end, pos, min_pos, scale_log2);
-    uint32_t pa[BN / 16][4];
+    if (pending >= 0) {
+      issue_pv(pending);
+      wgmma_wait<1>();  // S has landed; P V may still run
+    } else {
+      wgmma_wait<0>();
+    }
+    fence_regs(reinterpret_cast<float(&)[BN / 2]>(s));
+    float rescale[2];
+    const bool moved = softmax_probs(s, m, l, rescale, kt, k_end, pos, min_pos, scale_log2);
+    if (pending >= 0) {
+      wgmma_wait<0>();
+      retire_pv();
+    }
+    if (moved) rescale_rows(o, rescale);
 #pragma unroll
     for (int ks = 0; ks < BN / 16; ++ks) {
 #pragma unroll
@@ -668,73 +721,22 @@ __global__ void __launch_bounds__(128 * (kFaConsumers + 1), 1)
         pa[ks][r] = pack_bf16(q[0], q[1]);
       }
     }
+    pending = st;
+  }
+  if (pending >= 0) {
     wgmma_fence();
-#pragma unroll
-    for (int ks = 0; ks < BN / 16; ++ks) {
-      wgmma_m64n128k16_rs(reinterpret_cast<float(&)[64]>(o), pa[ks],
-                          wgmma_desc_sw128_mn(sv + ks * 2048, kWgHalf));
-    }
-    wgmma_commit();
+    issue_pv(pending);
     wgmma_wait<0>();
-    if (lane == 0) mbar_arrive(&empty[st]);  // this warp no longer reads the stage
+    retire_pv();
   }
 #pragma unroll
   for (int i = 0; i < 2; ++i) {
     l[i] += __shfl_xor_sync(0xffffffffu, l[i], 1);
     l[i] += __shfl_xor_sync(0xffffffffu, l[i], 2);
   }
-
-  // Merge: consumers 1.. leave (m, l, O) in the ring (every load has been consumed once all
-  // consumers pass the barrier), consumer 0 combines them with its own and writes the rows.
-  named_barrier_sync(1, kConsumerThreads);
-  float* mo = reinterpret_cast<float*>(ring);              // [NC - 1][64 rows][D]
-  float* mml = mo + static_cast<size_t>(NC - 1) * 64 * D;  // [NC - 1][64 rows][2]
-  if (cons > 0) {
-    float* po = mo + static_cast<size_t>(cons - 1) * 64 * D;
-#pragma unroll
-    for (int i = 0; i < 2; ++i) {
-      const int r = warp * 16 + g + 8 * i;
-#pragma unroll
-      for (int nd = 0; nd < D / 8; ++nd) {
-        po[r * D + nd * 8 + 2 * c] = o[nd][2 * i];
-        po[r * D + nd * 8 + 2 * c + 1] = o[nd][2 * i + 1];
-      }
-      if (c == 0) {
-        mml[((cons - 1) * 64 + r) * 2] = m[i];
-        mml[((cons - 1) * 64 + r) * 2 + 1] = l[i];
-      }
-    }
-  }
-  named_barrier_sync(1, kConsumerThreads);
-  if (cons > 0) return;
 #pragma unroll
   for (int i = 0; i < 2; ++i) {
-    const int r = warp * 16 + g + 8 * i;
-    float mx = m[i];
-    for (int p = 0; p < NC - 1; ++p) mx = fmaxf(mx, mml[(p * 64 + r) * 2]);
-    const float base = mx == -INFINITY ? 0.0f : mx;
-    const float own = fast_exp2(m[i] - base);
-    float f[NC - 1 > 0 ? NC - 1 : 1];
-    float lsum = l[i] * own;
-    for (int p = 0; p < NC - 1; ++p) {
-      f[p] = fast_exp2(mml[(p * 64 + r) * 2] - base);
-      lsum += mml[(p * 64 + r) * 2 + 1] * f[p];
-    }
-#pragma unroll
-    for (int nd = 0; nd < D / 8; ++nd) {
-#pragma unroll
-      for (int j = 0; j < 2; ++j) {
-        float v = o[nd][2 * i + j] * own;
-        for (int p = 0; p < NC - 1; ++p) v += mo[(p * 64 + r) * D + nd * 8 + 2 * c + j] * f[p];
-        o[nd][2 * i + j] = v;
-      }
-    }
-    m[i] = mx;
-    l[i] = lsum;
-  }
-#pragma unroll
-  for (int i = 0; i < 2; ++i) {
-    const int row = row0 + warp * 16 + g + 8 * i;
+    const int row = my_row0 + warp * 16 + g + 8 * i;
     if (row >= rows) continue;
     const size_t t = q0 + row / group, h = kvh * group + row % group;
     const float inv = l[i] > 0.0f ? 1.0f / l[i] : 0.0f;
@@ -788,8 +790,8 @@ bool tma_loads(const PagedAttentionArgs& a) {
 }
 
 void launch_prefill_wgmma(const PagedAttentionArgs& a, cudaStream_t stream) {
-  const dim3 grid(a.num_tiles, a.kv_heads, a.splits);
-  if (tma_loads(a)) {
+  if (a.paired) {
+    require(tma_loads(a) && a.num_tiles % 2 == 0, "paged_attention: bad paired plan");
     static bool configured = false;
     if (!configured) {
       ERNIE_CUDA_CHECK(cudaFuncSetAttribute(prefill_attention_fa_kernel,
@@ -797,6 +799,7 @@ void launch_prefill_wgmma(const PagedAttentionArgs& a, cudaStream_t stream) {
                                             static_cast<int>(kFaSmem)));
       configured = true;
     }
+    const dim3 grid(a.num_tiles / 2, a.kv_heads, a.splits);
     prefill_attention_fa_kernel<<<grid, 128 * (kFaConsumers + 1), kFaSmem, stream>>>(
         a, cache_map(a.k_cache, a), cache_map(a.v_cache, a));
   } else {
@@ -807,6 +810,7 @@ void launch_prefill_wgmma(const PagedAttentionArgs& a, cudaStream_t stream) {
                                             static_cast<int>(kWgAttnSmem)));
       configured = true;
     }
+    const dim3 grid(a.num_tiles, a.kv_heads, a.splits);
     prefill_attention_wgmma_kernel<<<grid, 128, kWgAttnSmem, stream>>>(a);
   }
   ERNIE_CUDA_CHECK(cudaGetLastError());
@@ -872,9 +876,14 @@ void launch_d(const PagedAttentionArgs& a, cudaStream_t stream) {
 
 }  // namespace
 
+bool prefill_tiles_paired(int head_dim, int block_size) {
+  return head_dim == kWgD && block_size >= 8 && block_size <= kKeysPerTile &&
+         (block_size & (block_size - 1)) == 0;
+}
+
 AttentionPlan plan_attention(const std::vector<int32_t>& query_start,
                              const std::vector<int32_t>& context_lens, int heads, int kv_heads,
-                             int sms, bool fixed_splits) {
+                             int sms, bool fixed_splits, bool pair_prefill) {
   AttentionPlan p;
   const int group = heads / kv_heads;
   const int seqs = static_cast<int>(context_lens.size());
@@ -885,12 +894,16 @@ AttentionPlan plan_attention(const std::vector<int32_t>& query_start,
     }
   }
   const int bm = p.decode_shape ? kAttentionDecodeRows : kAttentionPrefillRows;
+  p.paired = pair_prefill && !p.decode_shape;
+  const int step = p.paired ? 2 * bm : bm;
   int max_ctx = 0;
   for (int s = 0; s < seqs; ++s) {
     const int rows = (query_start[s + 1] - query_start[s]) * group;
-    for (int r = 0; r < rows; r += bm) {
-      p.tile_seq.push_back(s);
-      p.tile_row0.push_back(r);
+    for (int r = 0; r < rows; r += step) {
+      for (int t = 0; t < step / bm; ++t) {
+        p.tile_seq.push_back(s);
+        p.tile_row0.push_back(r + t * bm);
+      }
     }
     max_ctx = std::max(max_ctx, context_lens[s]);
   }
@@ -898,7 +911,7 @@ AttentionPlan plan_attention(const std::vector<int32_t>& query_start,
   // multiprocessor (what fits beside the decode kernel's buffers, so one wave), at least 256
   // keys per split. With fixed_splits (graphs) the count depends on the tile count only and
   // the keys per split follow the longest context.
-  const int64_t ctas = static_cast<int64_t>(p.tile_seq.size()) * kv_heads;
+  const int64_t ctas = static_cast<int64_t>(p.tile_seq.size()) / (p.paired ? 2 : 1) * kv_heads;
   int splits = 1;
   if (ctas > 0 && ctas < sms && (fixed_splits || max_ctx > 512)) {
     const int want = static_cast<int>(std::max<int64_t>(1, 2 * sms / ctas));

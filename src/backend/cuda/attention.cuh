@@ -24,14 +24,21 @@ struct AttentionPlan {
   int splits = 1;                  // key-range splits per tile
   int split_keys = 0;              // keys per split (multiple of 64; all keys when splits == 1)
   bool decode_shape = false;       // every sequence has <= 16 query rows: 16-row tiles
+  bool paired = false;             // prefill tiles in pairs of one sequence (see plan_attention)
 };
 
 // query_start [S+1], context_lens [S] as in the step; `sms` = multiprocessor count.
 // fixed_splits: the split count depends only on the number of tiles (a graph replays it for
 // any context lengths; only split_keys changes, and it is read from device memory).
+// pair_prefill (see prefill_tiles_paired): a prefill-shaped step gives every sequence an even
+// number of tiles (the last one may hold no rows), and tiles 2i and 2i + 1 go to one CTA.
 AttentionPlan plan_attention(const std::vector<int32_t>& query_start,
                              const std::vector<int32_t>& context_lens, int heads, int kv_heads,
-                             int sms, bool fixed_splits = false);
+                             int sms, bool fixed_splits = false, bool pair_prefill = false);
+
+// Whether prefill tiles of this head size and cache block size run two to a CTA (the TMA kernel
+// for head_dim 128 and power-of-two blocks of 8-64 keys): plan them with pair_prefill.
+bool prefill_tiles_paired(int head_dim, int block_size);
 
 struct PagedAttentionArgs {
   const __nv_bfloat16* qkv = nullptr;      // [T, (H + 2 KV) * D]; q already rotated
@@ -53,6 +60,7 @@ struct PagedAttentionArgs {
   int64_t cache_slots = 0;  // rows of k_cache / v_cache (lets prefill tiles load by TMA)
   int splits = 1;
   bool decode_shape = false;
+  bool paired = false;  // AttentionPlan::paired
   float scale = 1.0f;
 };
 

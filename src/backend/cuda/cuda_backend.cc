@@ -495,6 +495,7 @@ class CudaBackend final : public Backend {
     a.cache_slots = (num_blocks_ + 1) * block_size_;
     a.splits = plan_.splits;
     a.decode_shape = plan_.decode_shape;
+    a.paired = plan_.paired;
     a.scale = attn_.scale;
     const auto scratch_mark = arena_.mark();
     if (a.splits > 1) {
@@ -748,7 +749,8 @@ class CudaBackend final : public Backend {
     step_ = &step;
     arena_.reset(stream_);
     plan_ = cuda::plan_attention(step.query_start, step.context_lens, attn_.num_heads,
-                                 attn_.num_kv_heads, sms_, fixed);
+                                 attn_.num_kv_heads, sms_, fixed,
+                                 cuda::prefill_tiles_paired(attn_.head_dim, block_size_));
     const int32_t dims[2] = {plan_.split_keys, step.max_blocks_per_seq};
     Packer pk;
     const size_t o_tokens = pk.add(step.token_ids), o_pos = pk.add(step.positions),

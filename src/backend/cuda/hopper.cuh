@@ -205,16 +205,30 @@ __device__ __forceinline__ uint64_t wgmma_desc_sw128_mn(const void* p, uint32_t 
          (uint64_t{1024 >> 4} << 32) | (uint64_t{1} << 62);
 }
 
-// Orders this thread's ordinary shared-memory writes (cp.async included) before later reads by
-// the tensor cores or TMA (the async proxy); put a barrier after it.
 // Barrier `id` (1-15; 0 is __syncthreads) over the first `threads` threads that reach it: a
 // subset of the CTA (e.g. the consumer warpgroups) synchronises without the others.
 __device__ __forceinline__ void named_barrier_sync(int id, int threads) {
   asm volatile("bar.sync %0, %1;" ::"r"(id), "r"(threads) : "memory");
 }
 
+// Orders this thread's ordinary shared-memory writes (cp.async included) before later reads by
+// the tensor cores or TMA (the async proxy); put a barrier after it.
 __device__ __forceinline__ void fence_proxy_async() {
   asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+}
+
+// Registers that an in-flight wgmma reads or writes (accumulators, A fragments) are opaque to
+// the compiler: after the wait that completes it, pin them here so that no use moves above the
+// wait and no register is reused before it.
+template <int N>
+__device__ __forceinline__ void fence_regs(float (&r)[N]) {
+#pragma unroll
+  for (int i = 0; i < N; ++i) asm volatile("" : "+f"(r[i])::"memory");
+}
+template <int N>
+__device__ __forceinline__ void fence_regs(uint32_t (&r)[N]) {
+#pragma unroll
+  for (int i = 0; i < N; ++i) asm volatile("" : "+r"(r[i])::"memory");
 }
 
 }  // namespace ernie::cuda
