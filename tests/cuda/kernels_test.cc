@@ -59,6 +59,68 @@ TEST(CudaKernels, SiluMulMatchesCpuReference) {
   }
 }
 
+// The MoE layout from random routings, one CTA (few pairs) and spread over many (a prefill
+// chunk): each expert's segment starts where the counts before it, rounded up to whole blocks,
+// end; every pair sits once in its expert's segment and pair_pos finds it; every other row is
+// padding (-1); block_expert names the expert of each used block and -1 after.
+TEST(CudaKernels, MoeAlignLaysOutEveryPair) {
+  if (device_count() == 0) GTEST_SKIP() << "no CUDA device";
+  Rng rng(std::random_device{}());
+  for (int pairs : {7, 3000, 8192, 8193, 49152, 70001}) {
+    for (int experts : {64, 160}) {
+      for (int block_m : {kMoeBlockSmall, kMoeBlockWgmma}) {
+        SCOPED_TRACE(::testing::Message()
+                     << pairs << " pairs, " << experts << " experts, block " << block_m);
+        std::vector<int32_t> ids(pairs);
+        // Skewed routings too: a quarter of the experts get most pairs, some get none.
+        const bool skew = rng.below(2) == 0;
+        for (auto& id : ids) {
+          id = static_cast<int32_t>(skew && rng.below(4) != 0 ? rng.below(experts / 4)
+                                                              : rng.below(experts));
+        }
+        const int64_t cap = moe_capacity(pairs, experts, block_m);
+        const int blocks = static_cast<int>(cap / block_m);
+        DeviceBuffer<int32_t> d_ids(pairs), d_sorted(cap), d_block(blocks), d_pos(pairs);
+        DeviceBuffer<int32_t> d_scratch(moe_align_scratch_bytes(pairs, experts) / 4 + 1);
+        d_ids.upload(ids);
+        // Not -1 (padding's value): every row must be written.
+        for (auto* buf : {&d_sorted, &d_block, &d_pos, &d_scratch}) {
+          ERNIE_CUDA_CHECK(cudaMemset(buf->p, 0x55, buf->n * sizeof(int32_t)));
+        }
+        moe_align(d_sorted.p, d_block.p, d_pos.p, d_ids.p, pairs, experts, block_m, d_scratch.p,
+                  nullptr);
+        ERNIE_CUDA_CHECK(cudaDeviceSynchronize());
+        const auto sorted = d_sorted.download();
+        const auto block_expert = d_block.download();
+        const auto pos = d_pos.download();
+        std::vector<int64_t> count(experts, 0), start(experts + 1, 0);
+        for (int32_t id : ids) ++count[id];
+        for (int e = 0; e < experts; ++e) {
+          start[e + 1] = start[e] + (count[e] + block_m - 1) / block_m * block_m;
+        }
+        for (int b = 0; b < blocks; ++b) {
+          int want = -1;
+          for (int e = 0; e < experts; ++e) {
+            if (b * block_m >= start[e] && b * block_m < start[e + 1]) want = e;
+          }
+          ASSERT_EQ(block_expert[b], want) << "block " << b;
+        }
+        std::vector<int> seen(cap, 0);
+        for (int i = 0; i < pairs; ++i) {
+          const int e = ids[i];
+          ASSERT_GE(pos[i], start[e]) << "pair " << i;
+          ASSERT_LT(pos[i], start[e] + count[e]) << "pair " << i;
+          ASSERT_EQ(sorted[pos[i]], i);
+          ++seen[pos[i]];
+        }
+        for (int64_t r = 0; r < cap; ++r) {
+          if (seen[r] == 0) ASSERT_EQ(sorted[r], -1) << "row " << r;
+        }
+      }
+    }
+  }
+}
+
 TEST(CudaKernels, RopeStoreKvMatchesCpuReference) {
   if (device_count() == 0) GTEST_SKIP() << "no CUDA device";
   Rng rng(std::random_device{}());
@@ -220,7 +282,9 @@ TEST(CudaKernels, RouterLayoutMatchesSeparateAlign) {
     d_block.poison();
     EXPECT_FALSE(route_topk(d_ids.p, d_wts.p, bf(d_x.p), d_w.p, d_b.p, s.tokens, s.hidden,
                             s.experts, s.k, 1e-12f, d_scratch.p, nullptr));
-    moe_align(d_sorted.p, d_block.p, d_pos.p, d_ids.p, pairs, s.experts, s.block_m, nullptr);
+    ASSERT_EQ(moe_align_scratch_bytes(pairs, s.experts), 0u);
+    moe_align(d_sorted.p, d_block.p, d_pos.p, d_ids.p, pairs, s.experts, s.block_m, nullptr,
+              nullptr);
     ERNIE_CUDA_CHECK(cudaDeviceSynchronize());
     const auto ids = d_ids.download();
     const auto wts = d_wts.download();

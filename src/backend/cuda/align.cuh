@@ -6,32 +6,26 @@
 
 namespace ernie::cuda {
 
-// ids [pairs] (expert of each pair). Writes sorted_pairs [num_blocks * block_m] (-1 for
-// padding), block_expert [num_blocks] (-1 past the last used block) and pair_pos [pairs].
-// counts [experts] and offsets [experts + 1] are shared-memory scratch. Every thread of the CTA
-// calls it.
-__device__ inline void align_pairs(int32_t* sorted_pairs, int32_t* block_expert, int32_t* pair_pos,
-                                   const int32_t* ids, int pairs, int experts, int block_m,
-                                   int num_blocks, int* counts, int* offsets) {
-  const int tid = threadIdx.x, step = blockDim.x;
-  for (int e = tid; e < experts; e += step) counts[e] = 0;
-  __syncthreads();
-  for (int i = tid; i < pairs; i += step) atomicAdd(&counts[ids[i]], 1);
-  __syncthreads();
-  if (tid == 0) {
-    int off = 0;
-    for (int e = 0; e < experts; ++e) {
-      offsets[e] = off;
-      off += (counts[e] + block_m - 1) / block_m * block_m;
-    }
-    offsets[experts] = off;
+// offsets[e] = start of expert e's segment, each segment `totals[e]` rounded up to whole
+// blocks; offsets[experts] = rows used. One thread.
+__device__ inline void pad_segments(int* offsets, const int* totals, int experts, int block_m) {
+  int off = 0;
+  for (int e = 0; e < experts; ++e) {
+    offsets[e] = off;
+    off += (totals[e] + block_m - 1) / block_m * block_m;
   }
-  __syncthreads();
+  offsets[experts] = off;
+}
+
+// block_expert[b] = the expert whose segment holds block b (-1 past the used rows), by binary
+// search over offsets [experts + 1]. Every thread of the CTA calls it.
+__device__ inline void expert_of_blocks(int32_t* block_expert, const int* offsets, int experts,
+                                        int block_m, int num_blocks) {
   const int used = offsets[experts];
-  for (int b = tid; b < num_blocks; b += step) {
+  for (int b = threadIdx.x; b < num_blocks; b += blockDim.x) {
     const int row = b * block_m;
     int e = -1;
-    if (row < used) {  // the expert whose segment holds this row (binary search)
+    if (row < used) {
       int lo = 0, hi = experts - 1;
       while (lo < hi) {
         const int mid = (lo + hi + 1) / 2;
@@ -44,6 +38,23 @@ __device__ inline void align_pairs(int32_t* sorted_pairs, int32_t* block_expert,
     }
     block_expert[b] = e;
   }
+}
+
+// ids [pairs] (expert of each pair). Writes sorted_pairs [num_blocks * block_m] (-1 for
+// padding), block_expert [num_blocks] (-1 past the last used block) and pair_pos [pairs].
+// counts [experts] and offsets [experts + 1] are shared-memory scratch. Every thread of the CTA
+// calls it.
+__device__ inline void align_pairs(int32_t* sorted_pairs, int32_t* block_expert, int32_t* pair_pos,
+                                   const int32_t* ids, int pairs, int experts, int block_m,
+                                   int num_blocks, int* counts, int* offsets) {
+  const int tid = threadIdx.x, step = blockDim.x;
+  for (int e = tid; e < experts; e += step) counts[e] = 0;
+  __syncthreads();
+  for (int i = tid; i < pairs; i += step) atomicAdd(&counts[ids[i]], 1);
+  __syncthreads();
+  if (tid == 0) pad_segments(offsets, counts, experts, block_m);
+  __syncthreads();
+  expert_of_blocks(block_expert, offsets, experts, block_m, num_blocks);
   for (int r = tid; r < num_blocks * block_m; r += step) sorted_pairs[r] = -1;
   __syncthreads();
   for (int e = tid; e < experts; e += step) counts[e] = 0;

@@ -560,7 +560,9 @@ class CudaBackend final : public Backend {
     if (!cuda::route_topk(ids, weights, bf(x), w.router.as<float>(), w.router_bias.as<float>(),
                           tokens, hidden, experts, k, w.norm_min, route_scratch, stream_,
                           &layout)) {
-      cuda::moe_align(sorted, block_expert, pair_pos, ids, pairs, experts, block_m, stream_);
+      void* align_scratch = arena_.alloc(cuda::moe_align_scratch_bytes(pairs, experts));
+      cuda::moe_align(sorted, block_expert, pair_pos, ids, pairs, experts, block_m, align_scratch,
+                      stream_);
     }
     mark(Stage::kMoeExperts);
     auto* act = static_cast<__nv_bfloat16*>(arena_.alloc(cap * inter * sizeof(__nv_bfloat16)));

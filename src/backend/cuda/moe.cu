@@ -22,36 +22,110 @@ __global__ void moe_align_kernel(int32_t* sorted_pairs, int32_t* block_expert, i
               counts, offsets);
 }
 
-// Tiles of the decode GEMM: BM (16 or 32) rows x 64 weight rows per CTA of 4 warps (BM x 16
-// each), 64 of the reduction per stage, 6 stages for 16 rows and 5 for 32 (69 KB either way:
-// three CTAs per SM). A decode step streams weights and nothing else, and its rate is set by
-// the bytes in flight: narrow tiles give many CTAs when few experts are touched, and the deep
-// pipeline keeps ~40 KB of weights in flight per CTA. Each M-block reads its expert's weights
-// again (from L2 when they are still there), so 32-row blocks take over once experts get more
-// than 8 rows on average. (64-row mma.sync tiles for mid-sized batches measured slower than the
-// wgmma kernel at 512 tokens: 1.01 vs 0.67 ms for the 21B layer.)
+// Many pairs (a prefill chunk): the align over many CTAs in three launches, chunks of
+// kAlignChunk pairs per CTA. One CTA on shared atomics took 83 us for the 49152 pairs of an
+// 8192-token step. Device scratch: the per-chunk counts [chunks][experts], then the segment
+// starts [experts + 1].
+constexpr int kAlignSpreadPairs = 8192, kAlignChunk = 2048, kAlignSpreadThreads = 256;
+
+int align_chunks(int pairs) {
+  return (pairs + kAlignChunk - 1) / kAlignChunk;
+}
+
+// Chunk b's pairs counted per expert into counts[b][e]; the CTAs also fill sorted_pairs with -1.
+__global__ void moe_align_count_kernel(int32_t* counts, int32_t* sorted_pairs, int64_t capacity,
+                                       const int32_t* ids, int pairs, int experts) {
+  pdl_begin();
+  __shared__ int hist[1024];
+  for (int e = threadIdx.x; e < experts; e += blockDim.x) hist[e] = 0;
+  __syncthreads();
+  const int lo = blockIdx.x * kAlignChunk, hi = min(pairs, lo + kAlignChunk);
+  for (int i = lo + threadIdx.x; i < hi; i += blockDim.x) atomicAdd(&hist[ids[i]], 1);
+  __syncthreads();
+  for (int e = threadIdx.x; e < experts; e += blockDim.x) {
+    counts[static_cast<size_t>(blockIdx.x) * experts + e] = hist[e];
+  }
+  for (int64_t r = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; r < capacity;
+       r += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    sorted_pairs[r] = -1;
+  }
+}
+
+// One CTA: counts[b][e] becomes chunk b's first row inside expert e's segment, segments [experts
+// + 1] the padded segment starts, and block_expert is written.
+__global__ void moe_align_offsets_kernel(int32_t* counts, int32_t* segments, int32_t* block_expert,
+                                         int chunks, int experts, int block_m, int num_blocks) {
+  pdl_begin();
+  __shared__ int totals[1024];
+  __shared__ int offsets[1025];
+  for (int e = threadIdx.x; e < experts; e += blockDim.x) {
+    int run = 0;
+    for (int b = 0; b < chunks; ++b) {
+      const int n = counts[static_cast<size_t>(b) * experts + e];
+      counts[static_cast<size_t>(b) * experts + e] = run;
+      run += n;
+    }
+    totals[e] = run;
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) pad_segments(offsets, totals, experts, block_m);
+  __syncthreads();
+  for (int e = threadIdx.x; e <= experts; e += blockDim.x) segments[e] = offsets[e];
+  expert_of_blocks(block_expert, offsets, experts, block_m, num_blocks);
+}
+
+// Chunk b's pairs placed after the rows of the chunks before it in each expert's segment.
+__global__ void moe_align_place_kernel(int32_t* sorted_pairs, int32_t* pair_pos,
+                                       const int32_t* starts, const int32_t* segments,
+                                       const int32_t* ids, int pairs, int experts) {
+  pdl_begin();
+  __shared__ int next[1024];
+  for (int e = threadIdx.x; e < experts; e += blockDim.x) {
+    next[e] = segments[e] + starts[static_cast<size_t>(blockIdx.x) * experts + e];
+  }
+  __syncthreads();
+  const int lo = blockIdx.x * kAlignChunk, hi = min(pairs, lo + kAlignChunk);
+  for (int i = lo + threadIdx.x; i < hi; i += blockDim.x) {
+    const int pos = atomicAdd(&next[ids[i]], 1);
+    sorted_pairs[pos] = i;
+    pair_pos[i] = pos;
+  }
+}
+
+// Tiles of the decode GEMM: BM (16 or 32) rows x BN weight rows per CTA, a warp per BM x 16,
+// 64 of the reduction per stage. A decode step streams weights and nothing else, and its rate
+// is set by the bytes in flight and by how evenly they spread over the SMs:
+// - 16-row blocks (up to 8 pairs per expert): 32 weight rows per CTA (two warps), 6 stages
+//   (41 KB: five CTAs per SM), twice the CTAs of 64-row tiles (a one-token step touches only 6
+//   experts: 576 CTAs instead of 288 for 132 SMs). Measured against 64-row tiles: the routed
+//   GEMMs of one token 0.066 -> 0.063 ms, the layer at 16 and 64 tokens ~1% faster.
+// - 32-row blocks (8-32 pairs per expert): 64 weight rows (four warps), 5 stages (69 KB: three
+//   CTAs per SM). Each M-block reads its expert's weights again (from L2 when they are still
+//   there), so 32-row blocks take over once experts get more than 8 rows on average.
+// (64-row mma.sync tiles for mid-sized batches measured slower than the wgmma kernel at 512
+// tokens: 1.01 vs 0.67 ms for the 21B layer.)
 template <int BM>
 struct Tile {
   static_assert(BM == kMoeBlockSmall || BM == kMoeBlockMid);
-  static constexpr int kBN = 64;
+  static constexpr int kBN = BM == kMoeBlockSmall ? 32 : 64;
   static constexpr int kBK = 64;
   static constexpr int kStages = BM == kMoeBlockSmall ? 6 : 5;
   static constexpr int kLd = kBK + 8;  // padded rows: conflict-free fragment reads
-  static constexpr int kWarpsM = 1, kWarpsN = 4;
+  static constexpr int kWarpsM = 1, kWarpsN = kBN / 16;
+  static constexpr int kThreads = 32 * kWarpsM * kWarpsN;
   static constexpr int kMt = BM / (16 * kWarpsM);  // m16 tiles per warp
-  static constexpr int kNt = kBN / (8 * kWarpsN);  // n8 tiles per warp
+  static constexpr int kNt = kBN / (8 * kWarpsN);  // n8 tiles per warp (a gate and an up one)
   static constexpr int kChunks = kBK / 8;          // 16-byte chunks per row and stage
-  static constexpr int kALoads = BM * kChunks / 128, kBLoads = kBN * kChunks / 128;
+  static constexpr int kALoads = BM * kChunks / kThreads, kBLoads = kBN * kChunks / kThreads;
   static constexpr size_t kSmem = static_cast<size_t>(kStages) * (BM + kBN) * kLd * 2;
 };
-constexpr int kGemmThreads = 128;
 
 // One CTA computes a BM x BN tile of one M-block against its expert's weights. kGateUp: the
 // BN weight rows are BN/2 gate rows and the matching BN/2 up rows (each warp holds the gate and
 // up columns of the same outputs), output = SwiGLU, BN/2 columns. Otherwise: BN output columns
 // scaled by the pair's routing weight. K % 8 == 0; a partial last stage is zero-filled.
 template <int BM, bool kGateUp>
-__global__ void __launch_bounds__(kGemmThreads)
+__global__ void __launch_bounds__(Tile<BM>::kThreads)
     moe_gemm_kernel(__nv_bfloat16* out, const __nv_bfloat16* a_src, const __nv_bfloat16* w,
                     const float* route_w, const int32_t* sorted_pairs, const int32_t* block_expert,
                     int k_choices, int K, int N) {
@@ -74,7 +148,7 @@ __global__ void __launch_bounds__(kGemmThreads)
   int a_r[T::kALoads], a_ch[T::kALoads];
 #pragma unroll
   for (int i = 0; i < T::kALoads; ++i) {
-    const int idx = tid + i * kGemmThreads;
+    const int idx = tid + i * T::kThreads;
     a_r[i] = idx / T::kChunks;
     a_ch[i] = idx % T::kChunks;
     const int pair = sorted_pairs[m0 + a_r[i]];
@@ -87,7 +161,7 @@ __global__ void __launch_bounds__(kGemmThreads)
   const __nv_bfloat16* we = w + static_cast<size_t>(e) * w_rows * K;
 #pragma unroll
   for (int i = 0; i < T::kBLoads; ++i) {
-    const int idx = tid + i * kGemmThreads;
+    const int idx = tid + i * T::kThreads;
     b_r[i] = idx / T::kChunks;
     b_ch[i] = idx % T::kChunks;
     int col, wrow;
@@ -210,8 +284,8 @@ void launch_gemm_tile(__nv_bfloat16* out, const __nv_bfloat16* a, const __nv_bfl
   }
   constexpr int cols = kGateUp ? Tile<BM>::kBN / 2 : Tile<BM>::kBN;
   const dim3 grid(static_cast<unsigned>(capacity / BM), (N + cols - 1) / cols);
-  launch_pdl(moe_gemm_kernel<BM, kGateUp>, grid, kGemmThreads, smem, stream, out, a, w, route_w,
-             sorted_pairs, block_expert, k, K, N);
+  launch_pdl(moe_gemm_kernel<BM, kGateUp>, grid, Tile<BM>::kThreads, smem, stream, out, a, w,
+             route_w, sorted_pairs, block_expert, k, K, N);
   ERNIE_CUDA_CHECK(cudaGetLastError());
 }
 
@@ -440,13 +514,33 @@ __global__ void moe_combine_kernel(__nv_bfloat16* out, const __nv_bfloat16* y,
 
 }  // namespace
 
+size_t moe_align_scratch_bytes(int pairs, int experts) {
+  if (pairs <= kAlignSpreadPairs) return 0;
+  return (static_cast<size_t>(align_chunks(pairs)) * experts + experts + 1) * sizeof(int32_t);
+}
+
 void moe_align(int32_t* sorted_pairs, int32_t* block_expert, int32_t* pair_pos, const int32_t* ids,
-               int pairs, int experts, int block_m, cudaStream_t stream) {
+               int pairs, int experts, int block_m, void* scratch, cudaStream_t stream) {
   if (pairs == 0) return;
   require(experts > 0 && experts <= 1024, "moe_align: at most 1024 experts");
   const int64_t capacity = moe_capacity(pairs, experts, block_m);
-  launch_pdl(moe_align_kernel, 1, kAlignThreads, 0, stream, sorted_pairs, block_expert, pair_pos,
-             ids, pairs, experts, block_m, static_cast<int>(capacity / block_m));
+  const int num_blocks = static_cast<int>(capacity / block_m);
+  if (pairs <= kAlignSpreadPairs) {
+    launch_pdl(moe_align_kernel, 1, kAlignThreads, 0, stream, sorted_pairs, block_expert, pair_pos,
+               ids, pairs, experts, block_m, num_blocks);
+    ERNIE_CUDA_CHECK(cudaGetLastError());
+    return;
+  }
+  require(scratch != nullptr, "moe_align: many pairs need scratch (moe_align_scratch_bytes)");
+  const int chunks = align_chunks(pairs);
+  auto* counts = static_cast<int32_t*>(scratch);
+  int32_t* segments = counts + static_cast<size_t>(chunks) * experts;
+  launch_pdl(moe_align_count_kernel, chunks, kAlignSpreadThreads, 0, stream, counts, sorted_pairs,
+             capacity, ids, pairs, experts);
+  launch_pdl(moe_align_offsets_kernel, 1, kAlignThreads, 0, stream, counts, segments, block_expert,
+             chunks, experts, block_m, num_blocks);
+  launch_pdl(moe_align_place_kernel, chunks, kAlignSpreadThreads, 0, stream, sorted_pairs, pair_pos,
+             counts, segments, ids, pairs, experts);
   ERNIE_CUDA_CHECK(cudaGetLastError());
 }
 

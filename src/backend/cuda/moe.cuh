@@ -34,9 +34,11 @@ inline int64_t moe_capacity(int64_t pairs, int experts, int block_m) {
 
 // ids [pairs] (expert of each pair, pair = token * k + choice). Writes sorted_pairs [capacity]
 // (-1 for padding), block_expert [capacity / block_m] (-1 past the last used block) and
-// pair_pos [pairs] (row of each pair in the sorted layout). experts <= 1024.
+// pair_pos [pairs] (row of each pair in the sorted layout). experts <= 1024. scratch: device
+// memory of moe_align_scratch_bytes (null when that is 0: few pairs take one CTA).
+size_t moe_align_scratch_bytes(int pairs, int experts);
 void moe_align(int32_t* sorted_pairs, int32_t* block_expert, int32_t* pair_pos, const int32_t* ids,
-               int pairs, int experts, int block_m, cudaStream_t stream);
+               int pairs, int experts, int block_m, void* scratch, cudaStream_t stream);
 
 // act [capacity, inter] = silu(x_g W_gate^T) * (x_g W_up^T) per sorted row, x_g = x[pair / k];
 // w_gate_up [E, 2 * inter, hidden] (gate rows then up rows). hidden % 8 == 0. With the wgmma
