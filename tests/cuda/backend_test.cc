@@ -545,7 +545,25 @@ TEST_F(CudaBackendTest, GraphReplayMatchesEager) {
     if (s < 4) {
       EXPECT_EQ(err.l2_rel, 0.0) << what;
     } else {
-      EXPECT_LT(err.l2_rel, 0.1) << what;  // measured 0.007-0.05 (routing near-ties)
+      // Measured 0.005-0.05 over the step; once one row of five had a near-tie expert choice
+      // flip (that row alone far off, 0.127 over the step). At most one far row per step, the
+      // others within 0.05 together, and the step within 0.2 (the padding bug gave 0.4).
+      const size_t vocab = g.size() / seqs;
+      std::vector<float> close_g, close_e;
+      int far = 0;
+      for (size_t q = 0; q < seqs; ++q) {
+        const std::vector<float> rg(g.begin() + q * vocab, g.begin() + (q + 1) * vocab);
+        const std::vector<float> re(e.begin() + q * vocab, e.begin() + (q + 1) * vocab);
+        if (compare(rg, re, cat(what, ", row ", q).c_str()).l2_rel > 0.05) {
+          ++far;
+          continue;
+        }
+        close_g.insert(close_g.end(), rg.begin(), rg.end());
+        close_e.insert(close_e.end(), re.begin(), re.end());
+      }
+      EXPECT_LE(far, 1) << what;
+      EXPECT_LT(compare(close_g, close_e, cat(what, ", close rows").c_str()).l2_rel, 0.05) << what;
+      EXPECT_LT(err.l2_rel, 0.2) << what;
     }
     at = to;
   }

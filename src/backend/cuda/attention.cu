@@ -241,10 +241,15 @@ __global__ void __launch_bounds__(32 * RW * KW)
 
   const int32_t* table = a.block_tables + static_cast<size_t>(seq) * a.dims[1];
   if constexpr (kTma) {
-    // Rows of a tile past the sequence's last block are never loaded: they must hold finite
-    // values (masked to probability 0) before any tile arrives.
-    for (int i = threadIdx.x; i < 2 * NB * kTileBytes / 16; i += kThreads) {
-      reinterpret_cast<uint4*>(ring)[i] = make_uint4(0, 0, 0, 0);
+    // Rows of the last tile past the sequence's last cache block are never loaded. A buffer
+    // used before holds an earlier tile there (finite: those keys get probability 0, and 0 * V
+    // stays 0); a fresh one could hold anything, so its V rows start at zero.
+    const int n_tiles = k_begin < k_end ? (k_end - k_begin + BN - 1) / BN : 0;
+    if (n_tiles > 0 && n_tiles <= NB) {
+      uint4* v_last = reinterpret_cast<uint4*>(ring + (2 * (n_tiles - 1) + 1) * kTileBytes);
+      for (int i = threadIdx.x; i < kTileBytes / 16; i += kThreads) {
+        v_last[i] = make_uint4(0, 0, 0, 0);
+      }
     }
     if (threadIdx.x == 0) {
       for (int b = 0; b < NB; ++b) mbar_init(&full[b], 1);
