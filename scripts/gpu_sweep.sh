@@ -3,7 +3,8 @@
 # docs/performance.md. Starts `ernie serve` on the 21B config with dummy weights, runs
 # `ernie bench serve` at request rate inf for each workload (input/output lengths) and prompt
 # count, and prints a markdown row per run: output tok/s, mean TTFT, mean TPOT, the TPOT floor
-# of a decode step at that batch and mean context (`ernie roofline`), and TPOT / floor.
+# of a decode step at that batch and mean context (`ernie roofline`), and TPOT / floor. The
+# batch is the prompt count, capped by max-num-seqs and by the sequences the KV cache holds.
 #   scripts/gpu_sweep.sh [RESULT_DIR] ["IN/OUT:N1,N2,..." ...]
 # Default runs: 1000/1000 at 1, 16, 64, 256 prompts. Extra serve flags: ERNIE_SERVE_ARGS;
 # ERNIE (binary, default build-gpu/ernie) and ERNIE_SWEEP_PRESET (default 21b-a3b) for trying
@@ -28,6 +29,10 @@ for _ in $(seq 600); do
   sleep 1
 done
 max_seqs=256
+# The floor's batch: the prompts, at most max_seqs, and at most the sequences of in + out tokens
+# that the KV cache holds (the server's startup line "KV cache: N blocks of B tokens (T tokens)").
+kv_tokens=$(sed -n 's/.*KV cache: [0-9]* blocks of [0-9]* tokens (\([0-9]*\) tokens).*/\1/p' \
+  "$out/sweep_serve.log" | head -1)
 echo "| in/out | prompts | output tok/s | mean TTFT ms | mean TPOT ms | floor TPOT ms | TPOT / floor |"
 echo "|---|---|---|---|---|---|---|"
 for run in "${runs[@]}"; do
@@ -40,6 +45,10 @@ for run in "${runs[@]}"; do
       --request-rate inf --ignore-eos --disable-tqdm --save-result --result-dir "$out" \
       --result-filename "$name" > "$out/${name%.json}.txt" 2>&1 || { echo "| $io | $n | failed |"; continue; }
     batch=$(( n < max_seqs ? n : max_seqs ))
+    if [ -n "$kv_tokens" ]; then
+      fit=$(( kv_tokens / (in + outlen) ))
+      [ "$fit" -ge 1 ] && [ "$fit" -lt "$batch" ] && batch=$fit
+    fi
     floor=$($ernie roofline --model "$model" --batch "$batch" --context $(( in + outlen / 2 )))
     python3 - "$out/$name" "$floor" "$io" "$n" <<'PY'
 import json, sys
