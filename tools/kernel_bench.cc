@@ -57,18 +57,19 @@ void report(const char* what, double sec, double bytes, double flops) {
               bytes / sec / 1e12, flops / sec / 1e12, floor_s * 1e3, sec / floor_s);
 }
 
-// One sequence per entry of `contexts`, each with `fresh` new tokens at the end.
-StepInput make_step(const std::vector<int>& contexts, int fresh, int block) {
+// One sequence per entry of `contexts`, sequence i with fresh[i] new tokens at the end.
+StepInput make_step(const std::vector<int>& contexts, const std::vector<int>& fresh, int block) {
   StepInput s;
   int width = 1;
   for (int c : contexts) width = std::max(width, (c + block - 1) / block);
   s.max_blocks_per_seq = width;
   s.query_start = {0};
   int next_block = 0;
-  for (int c : contexts) {
+  for (size_t i = 0; i < contexts.size(); ++i) {
+    const int c = contexts[i];
     const int first = next_block;
     const int seq = s.num_seqs();
-    for (int p = c - fresh; p < c; ++p) {
+    for (int p = c - fresh[i]; p < c; ++p) {
       // Distinct tokens per sequence, so that a decode batch routes like real text does
       // (identical tokens would all pick the same experts).
       s.token_ids.push_back(1000 + (seq * 7919 + p * 31) % 90000);
@@ -83,6 +84,11 @@ StepInput make_step(const std::vector<int>& contexts, int fresh, int block) {
     next_block += (c + block - 1) / block;
   }
   return s;
+}
+
+// The same with `fresh` new tokens in every sequence.
+StepInput make_step(const std::vector<int>& contexts, int fresh, int block) {
+  return make_step(contexts, std::vector<int>(contexts.size(), fresh), block);
 }
 
 int run_ops(int iters) {
@@ -129,13 +135,15 @@ int run_ops(int iters) {
   struct Case {
     const char* name;
     int seqs, context, fresh;
+    int decodes = 0;  // of the seqs, the first `decodes` add one token (a mixed step)
   };
   for (const Case& c : {Case{"decode attention, 1 x 1000", 1, 1000, 1},
                         Case{"decode attention, 16 x 8500", 16, 8500, 1},
                         Case{"decode attention, 64 x 1500", 64, 1500, 1},
                         Case{"decode attention, 256 x 1500", 256, 1500, 1},
                         Case{"prefill attention, 1 x 8000", 1, 8000, 8000},
-                        Case{"prefill chunk 2048 after 6000", 1, 8048, 2048}}) {
+                        Case{"prefill chunk 2048 after 6000", 1, 8048, 2048},
+                        Case{"mixed: 8000 prefill + 15 decodes at 8000", 16, 8000, 8000, 15}}) {
     const std::vector<int> contexts(c.seqs, c.context);
     const int64_t blocks = static_cast<int64_t>(c.seqs) * ((c.context + block - 1) / block);
     be->allocate_kv_cache(1, blocks, block);
@@ -143,7 +151,9 @@ int run_ops(int iters) {
     const StepInput fill = make_step(contexts, c.context, block);
     be->begin_step(fill);
     be->rope_store_kv(be->random_weight({fill.num_tokens(), row}, DType::kBF16, {}, 9), 0);
-    const StepInput st = make_step(contexts, c.fresh, block);
+    std::vector<int> fresh(c.seqs, c.fresh);
+    std::fill(fresh.begin(), fresh.begin() + c.decodes, 1);
+    const StepInput st = make_step(contexts, fresh, block);
     be->begin_step(st);
     Tensor qkv = be->random_weight({st.num_tokens(), row}, DType::kBF16, {}, 10);
     Tensor out = be->scratch({st.num_tokens(), heads * d}, DType::kBF16);
