@@ -38,6 +38,29 @@ auto bf(uint16_t* p) {
   return reinterpret_cast<__nv_bfloat16*>(p);
 }
 
+// A random routing problem for `tokens` tokens: x (bf16), f32 router weights and correction
+// bias on the host and uploaded, and the router's device scratch.
+struct RouterInputs {
+  RouterInputs(Rng& rng, int tokens, int hidden, int experts)
+      : x(random_bf16(rng, static_cast<size_t>(tokens) * hidden, 1.0)),
+        w(static_cast<size_t>(experts) * hidden),
+        bias(experts),
+        d_x(x.size()),
+        d_w(w.size()),
+        d_b(bias.size()),
+        d_scratch(route_scratch_bytes(tokens, hidden, experts) / 4) {
+    for (auto& v : w) v = static_cast<float>(2.0 / std::sqrt(hidden) * rng.normal());
+    for (auto& v : bias) v = static_cast<float>(rng.uniform(-1.0, 1.0) / experts);
+    d_x.upload(x);
+    d_w.upload(w);
+    d_b.upload(bias);
+  }
+  std::vector<uint16_t> x;
+  std::vector<float> w, bias;
+  DeviceBuffer<uint16_t> d_x;
+  DeviceBuffer<float> d_w, d_b, d_scratch;
+};
+
 TEST(CudaKernels, SiluMulMatchesCpuReference) {
   if (device_count() == 0) GTEST_SKIP() << "no CUDA device";
   Rng rng(std::random_device{}());
@@ -114,7 +137,9 @@ TEST(CudaKernels, MoeAlignLaysOutEveryPair) {
           ++seen[pos[i]];
         }
         for (int64_t r = 0; r < cap; ++r) {
-          if (seen[r] == 0) ASSERT_EQ(sorted[r], -1) << "row " << r;
+          if (seen[r] == 0) {
+            ASSERT_EQ(sorted[r], -1) << "row " << r;
+          }
         }
       }
     }
@@ -198,21 +223,16 @@ TEST(CudaKernels, RouterMatchesCpuReference) {
         Shape{1, 2560, 64, 6}, Shape{2000, 2560, 64, 6}, Shape{70, 512, 160, 8}}) {
     SCOPED_TRACE(::testing::Message()
                  << s.tokens << "x" << s.hidden << ", " << s.experts << " experts top-" << s.k);
-    const auto x = random_bf16(rng, static_cast<size_t>(s.tokens) * s.hidden, 1.0);
-    std::vector<float> w(static_cast<size_t>(s.experts) * s.hidden), bias(s.experts);
-    for (auto& v : w) v = static_cast<float>(2.0 / std::sqrt(s.hidden) * rng.normal());
-    for (auto& v : bias) v = static_cast<float>(rng.uniform(-1.0, 1.0) / s.experts);
-    DeviceBuffer<uint16_t> d_x(x.size());
-    DeviceBuffer<float> d_w(w.size()), d_b(bias.size()), d_wts(static_cast<size_t>(s.tokens) * s.k);
+    RouterInputs in(rng, s.tokens, s.hidden, s.experts);
+    const auto& x = in.x;
+    const auto& w = in.w;
+    const auto& bias = in.bias;
+    DeviceBuffer<float> d_wts(static_cast<size_t>(s.tokens) * s.k);
     DeviceBuffer<int32_t> d_ids(static_cast<size_t>(s.tokens) * s.k);
-    DeviceBuffer<float> d_scratch(route_scratch_bytes(s.tokens, s.hidden, s.experts) / 4);
-    d_x.upload(x);
-    d_w.upload(w);
-    d_b.upload(bias);
     d_ids.poison();
     d_wts.poison();
-    route_topk(d_ids.p, d_wts.p, bf(d_x.p), d_w.p, d_b.p, s.tokens, s.hidden, s.experts, s.k,
-               1e-12f, d_scratch.p, nullptr);
+    route_topk(d_ids.p, d_wts.p, bf(in.d_x.p), in.d_w.p, in.d_b.p, s.tokens, s.hidden, s.experts,
+               s.k, 1e-12f, in.d_scratch.p, nullptr);
     ERNIE_CUDA_CHECK(cudaDeviceSynchronize());
     const auto ids = d_ids.download();
     const auto wts = d_wts.download();
@@ -266,22 +286,14 @@ TEST(CudaKernels, RouterLayoutMatchesSeparateAlign) {
     const int pairs = s.tokens * s.k;
     const int64_t cap = moe_capacity(pairs, s.experts, s.block_m);
     const int blocks = static_cast<int>(cap / s.block_m);
-    const auto x = random_bf16(rng, static_cast<size_t>(s.tokens) * s.hidden, 1.0);
-    std::vector<float> w(static_cast<size_t>(s.experts) * s.hidden), bias(s.experts);
-    for (auto& v : w) v = static_cast<float>(2.0 / std::sqrt(s.hidden) * rng.normal());
-    for (auto& v : bias) v = static_cast<float>(rng.uniform(-1.0, 1.0) / s.experts);
-    DeviceBuffer<uint16_t> d_x(x.size());
-    DeviceBuffer<float> d_w(w.size()), d_b(bias.size()), d_wts(pairs);
+    RouterInputs in(rng, s.tokens, s.hidden, s.experts);
+    DeviceBuffer<float> d_wts(pairs);
     DeviceBuffer<int32_t> d_ids(pairs), d_sorted(cap), d_block(blocks), d_pos(pairs);
-    DeviceBuffer<float> d_scratch(route_scratch_bytes(s.tokens, s.hidden, s.experts) / 4);
-    d_x.upload(x);
-    d_w.upload(w);
-    d_b.upload(bias);
     d_ids.poison();
     d_wts.poison();
     d_block.poison();
-    EXPECT_FALSE(route_topk(d_ids.p, d_wts.p, bf(d_x.p), d_w.p, d_b.p, s.tokens, s.hidden,
-                            s.experts, s.k, 1e-12f, d_scratch.p, nullptr));
+    EXPECT_FALSE(route_topk(d_ids.p, d_wts.p, bf(in.d_x.p), in.d_w.p, in.d_b.p, s.tokens, s.hidden,
+                            s.experts, s.k, 1e-12f, in.d_scratch.p, nullptr));
     ASSERT_EQ(moe_align_scratch_bytes(pairs, s.experts), 0u);
     moe_align(d_sorted.p, d_block.p, d_pos.p, d_ids.p, pairs, s.experts, s.block_m, nullptr,
               nullptr);
@@ -296,8 +308,8 @@ TEST(CudaKernels, RouterLayoutMatchesSeparateAlign) {
       d_sorted.poison();
       d_block.poison();
       d_pos.poison();
-      EXPECT_TRUE(route_topk(d_ids.p, d_wts.p, bf(d_x.p), d_w.p, d_b.p, s.tokens, s.hidden,
-                             s.experts, s.k, 1e-12f, d_scratch.p, nullptr, &layout));
+      EXPECT_TRUE(route_topk(d_ids.p, d_wts.p, bf(in.d_x.p), in.d_w.p, in.d_b.p, s.tokens, s.hidden,
+                             s.experts, s.k, 1e-12f, in.d_scratch.p, nullptr, &layout));
       ERNIE_CUDA_CHECK(cudaDeviceSynchronize());
       const auto f_ids = d_ids.download();
       const auto f_wts = d_wts.download();
