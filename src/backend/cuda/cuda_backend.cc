@@ -567,10 +567,8 @@ class CudaBackend final : public Backend {
     mark(Stage::kMoeExperts);
     auto* act = static_cast<__nv_bfloat16*>(arena_.alloc(cap * inter * sizeof(__nv_bfloat16)));
     auto* y = static_cast<__nv_bfloat16*>(arena_.alloc(cap * hidden * sizeof(__nv_bfloat16)));
-    // The wgmma path gathers x into sorted order first; y is not written before the down GEMM.
-    auto* x_sorted = block_m == cuda::kMoeBlockWgmma ? y : nullptr;
     cuda::moe_gate_up(act, bf(x), bf(w.experts_gate_up), sorted, block_expert, cap, block_m, k,
-                      hidden, inter, experts, x_sorted, stream_);
+                      hidden, inter, experts, stream_);
     cuda::moe_down(y, act, bf(w.experts_down), weights, sorted, block_expert, cap, block_m, hidden,
                    inter, experts, stream_);
     if (overlap) {

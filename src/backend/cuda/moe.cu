@@ -309,26 +309,96 @@ void launch_gemm(__nv_bfloat16* out, const __nv_bfloat16* a, const __nv_bfloat16
 // ---- Prefill: wgmma grouped GEMM (128-row M-blocks) ----
 //
 // Persistent CTAs (one per SM) walk the 128 x 256 output tiles (N tile fastest, so the CTAs
-// running together share A rows and an expert's weights in L2). A producer warpgroup (one
-// thread) streams 64-wide K slices of A (two 64-row boxes) and of the expert's weights (four
-// 64-row boxes) with TMA into a kWgStages-deep ring, running ahead into the next tile while the
-// consumers store the last one; two consumer warpgroups each multiply their 64 A rows by the 256
-// weight rows with wgmma m64n256k16, keeping one K slice of wgmma in flight, and release each
-// slot once its wgmma has completed. (256-wide tiles read a quarter fewer operand bytes from L2
-// per FLOP than 128-wide ones.) Both operands come through tensor maps over contiguous
-// matrices: for gate/up, A is x gathered into sorted order first.
+// running together share A rows and an expert's weights in L2). A producer warpgroup streams
+// 64-wide K slices of A (two 64-row boxes) and of the expert's weights (four 64-row boxes) into
+// a kWgStages-deep ring, running ahead into the next tile while the consumers store the last
+// one; two consumer warpgroups each multiply their 64 A rows by the 256 weight rows with wgmma
+// m64n256k16, keeping one K slice of wgmma in flight, and release each slot once its wgmma has
+// completed. (256-wide tiles read a quarter fewer operand bytes from L2 per FLOP than 128-wide
+// ones.) The weights come by TMA (one producer thread); A by TMA too for down (the
+// activations are in sorted order already), and for gate/up gathered from x by the whole
+// producer warpgroup (gather_producer), where a separate gather kernel used to write x in
+// sorted order first (151 us for an 8192-token step).
 constexpr int kWgBM = kMoeBlockWgmma, kWgBK = 64, kWgStages = 4;
 constexpr int kWgBN = 256;                 // weight rows per tile
 constexpr int kWgBox = 64 * kWgBK * 2;     // bytes of one 64-row box
 constexpr int kWgStageBytes = 6 * kWgBox;  // A: 2 boxes, B: 4 boxes
 constexpr size_t kWgSmem = static_cast<size_t>(kWgStages) * kWgStageBytes + 1024 + 256;
 
+// The gate/up producer warpgroup: A rows come straight from x (row sorted_pairs[r] / k) by
+// cp.async into the 128-byte swizzled layout TMA would give, no gathered copy of x in memory;
+// thread 0 also brings the weight boxes by TMA. Each warp copies 4 rows x 128 bytes per
+// instruction, 8 rows per thread and stage. A thread's copies of a stage are announced
+// kGatherLag stages later (waited for, then fenced for the tensor cores' proxy), so the
+// copies of several stages are in flight at once.
+constexpr int kGatherLag = 2;
+static_assert(kGatherLag < kWgStages);
+
+__device__ __forceinline__ void gather_producer(unsigned char* smem, uint64_t* full,
+                                                uint64_t* empty, const CUtensorMap& b_map,
+                                                const __nv_bfloat16* x, const int32_t* sorted_pairs,
+                                                const int32_t* block_expert, int m_blocks,
+                                                int n_tiles, int k_choices, int K, int N) {
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, ch = lane % 8;
+  const int k_tiles = (K + kWgBK - 1) / kWgBK;
+  const int tiles = m_blocks * n_tiles;
+  int it = 0;  // K slices issued so far, over all tiles: slot it % stages, round it / stages
+  for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
+    const int mb = tile / n_tiles, n0 = (tile % n_tiles) * (kWgBN / 2);
+    const int e = block_expert[mb];
+    if (e < 0) continue;
+    const int m0 = mb * kWgBM;
+    const __nv_bfloat16* src[8];  // this thread's rows of the tile (null: padding, zero-filled)
+    int dst[8];                   // their byte offsets in a stage (swizzle of 16-byte chunk ch)
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      const int r = warp * 32 + i * 4 + lane / 8;
+      const int pair = sorted_pairs[m0 + r];
+      src[i] = pair >= 0 ? x + static_cast<size_t>(pair / k_choices) * K : nullptr;
+      dst[i] = (r / 64) * kWgBox + (r % 64) * 128 + ((ch ^ (r % 8)) << 4);
+    }
+    // Weight rows: gate rows n0..n0+127 and up rows N + n0.. of the expert's [2N, K] block.
+    const int r0 = e * 2 * N + n0;
+    const int rows[4] = {r0, r0 + 64, r0 + N, r0 + N + 64};
+    for (int kt = 0; kt < k_tiles; ++kt, ++it) {
+      const int s = it % kWgStages;
+      if (it >= kWgStages) mbar_wait(&empty[s], ((it / kWgStages) - 1) & 1);
+      unsigned char* st = smem + s * kWgStageBytes;
+      const int k0 = kt * kWgBK;
+      if (tid == 0) {
+        mbar_arrive_expect_tx(&full[s], 4 * kWgBox);
+        for (int b = 0; b < 4; ++b) {
+          tma_load_2d(st + (2 + b) * kWgBox, &b_map, &full[s], k0, rows[b]);
+        }
+      }
+      const int kk = k0 + ch * 8;
+#pragma unroll
+      for (int i = 0; i < 8; ++i) {
+        const bool ok = src[i] != nullptr && kk < K;
+        cp_async_16(st + dst[i], ok ? src[i] + kk : x, ok);
+      }
+      cp_async_commit();
+      if (it >= kGatherLag) {
+        cp_async_wait<kGatherLag>();  // this thread's copies of slice it - lag have landed
+        fence_proxy_async();
+        mbar_arrive(&full[(it - kGatherLag) % kWgStages]);
+      }
+    }
+  }
+  cp_async_wait<0>();
+  fence_proxy_async();
+  for (int j = it < kGatherLag ? 0 : it - kGatherLag; j < it; ++j) {
+    mbar_arrive(&full[j % kWgStages]);
+  }
+}
+
 template <bool kGateUp>
 __global__ void __launch_bounds__(384, 1)
     moe_gemm_wgmma_kernel(const __grid_constant__ CUtensorMap a_map,
                           const __grid_constant__ CUtensorMap b_map, __nv_bfloat16* out,
                           const float* route_w, const int32_t* sorted_pairs,
-                          const int32_t* block_expert, int m_blocks, int n_tiles, int K, int N) {
+                          const int32_t* block_expert, int m_blocks, int n_tiles, int K, int N,
+                          const __nv_bfloat16* x, int k_choices) {
   extern __shared__ unsigned char smem_raw[];
   // 128B-swizzled tiles need 1024-byte alignment.
   unsigned char* smem = reinterpret_cast<unsigned char*>(
@@ -338,7 +408,8 @@ __global__ void __launch_bounds__(384, 1)
   const int tid = threadIdx.x, wg = tid / 128;
   if (tid == 0) {
     for (int s = 0; s < kWgStages; ++s) {
-      mbar_init(&full[s], 1);
+      // gate/up: thread 0's TMA arrival plus one per producer thread for its gathered A rows.
+      mbar_init(&full[s], kGateUp ? 1 + 128 : 1);
       mbar_init(&empty[s], 8);  // one arrival per consumer warp
     }
     mbar_init_fence();
@@ -347,19 +418,20 @@ __global__ void __launch_bounds__(384, 1)
   const int k_tiles = (K + kWgBK - 1) / kWgBK;
   const int tiles = m_blocks * n_tiles;
 
-  if (wg == 0) {  // producer
+  if (wg == 0) {              // producer
+    if constexpr (kGateUp) {  // A gathered from x by every thread of the warpgroup
+      gather_producer(smem, full, empty, b_map, x, sorted_pairs, block_expert, m_blocks, n_tiles,
+                      k_choices, K, N);
+      return;
+    }
     if (tid != 0) return;
     int it = 0;  // K slices issued so far, over all tiles: slot it % stages, round it / stages
     for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
-      const int mb = tile / n_tiles, n0 = (tile % n_tiles) * (kGateUp ? kWgBN / 2 : kWgBN);
+      const int mb = tile / n_tiles, n0 = (tile % n_tiles) * kWgBN;
       const int e = block_expert[mb];
       if (e < 0) continue;
       const int m0 = mb * kWgBM;
-      // Weight rows of this tile: gate rows n0..n0+127 and up rows N + n0.. of the expert's
-      // [2N, K] block, or rows n0..n0+255 of its [N, K] down block; one box per 64 rows.
-      const int r0 = kGateUp ? e * 2 * N + n0 : e * N + n0;
-      const int rows[4] = {r0, r0 + 64, kGateUp ? r0 + N : r0 + 128,
-                           kGateUp ? r0 + N + 64 : r0 + 192};
+      const int r0 = e * N + n0;  // weight rows n0..n0+255 of the expert's [N, K] down block
       for (int kt = 0; kt < k_tiles; ++kt, ++it) {
         const int s = it % kWgStages;
         if (it >= kWgStages) mbar_wait(&empty[s], ((it / kWgStages) - 1) & 1);
@@ -369,7 +441,7 @@ __global__ void __launch_bounds__(384, 1)
         tma_load_2d(st, &a_map, &full[s], k0, m0);
         tma_load_2d(st + kWgBox, &a_map, &full[s], k0, m0 + 64);
         for (int b = 0; b < 4; ++b) {
-          tma_load_2d(st + (2 + b) * kWgBox, &b_map, &full[s], k0, rows[b]);
+          tma_load_2d(st + (2 + b) * kWgBox, &b_map, &full[s], k0, r0 + 64 * b);
         }
       }
     }
@@ -437,22 +509,12 @@ __global__ void __launch_bounds__(384, 1)
   }
 }
 
-// xg[r] = x[sorted_pairs[r] / k] for the used rows (padding rows are left as they are: each
-// output row of the GEMM depends on its own A row only, and padding rows are never stored).
-__global__ void moe_gather_kernel(__nv_bfloat16* xg, const __nv_bfloat16* x,
-                                  const int32_t* sorted_pairs, int k, int hidden) {
-  const int r = blockIdx.x;
-  const int pair = sorted_pairs[r];
-  if (pair < 0) return;
-  const uint4* src = reinterpret_cast<const uint4*>(x + static_cast<size_t>(pair / k) * hidden);
-  uint4* dst = reinterpret_cast<uint4*>(xg + static_cast<size_t>(r) * hidden);
-  for (int i = threadIdx.x; i < hidden / 8; i += blockDim.x) dst[i] = src[i];
-}
-
+// gate/up (kGateUp): A gathered from x by the kernel (a_map unused); down: A by a_map.
 template <bool kGateUp>
 void launch_wgmma(__nv_bfloat16* out, const CUtensorMap& a_map, const CUtensorMap& b_map,
                   const float* route_w, const int32_t* sorted_pairs, const int32_t* block_expert,
-                  int64_t capacity, int K, int N, cudaStream_t stream) {
+                  int64_t capacity, int K, int N, const __nv_bfloat16* x, int k_choices,
+                  cudaStream_t stream) {
   static bool configured = false;
   if (!configured) {
     ERNIE_CUDA_CHECK(cudaFuncSetAttribute(moe_gemm_wgmma_kernel<kGateUp>,
@@ -469,8 +531,9 @@ void launch_wgmma(__nv_bfloat16* out, const CUtensorMap& a_map, const CUtensorMa
   const int cols = kGateUp ? kWgBN / 2 : kWgBN;
   const int m_blocks = static_cast<int>(capacity / kWgBM), n_tiles = (N + cols - 1) / cols;
   const int grid = std::min(m_blocks * n_tiles, sms);
-  moe_gemm_wgmma_kernel<kGateUp><<<grid, 384, kWgSmem, stream>>>(
-      a_map, b_map, out, route_w, sorted_pairs, block_expert, m_blocks, n_tiles, K, N);
+  moe_gemm_wgmma_kernel<kGateUp>
+      <<<grid, 384, kWgSmem, stream>>>(a_map, b_map, out, route_w, sorted_pairs, block_expert,
+                                       m_blocks, n_tiles, K, N, x, k_choices);
   ERNIE_CUDA_CHECK(cudaGetLastError());
 }
 
@@ -546,21 +609,15 @@ void moe_align(int32_t* sorted_pairs, int32_t* block_expert, int32_t* pair_pos, 
 
 void moe_gate_up(__nv_bfloat16* act, const __nv_bfloat16* x, const __nv_bfloat16* w_gate_up,
                  const int32_t* sorted_pairs, const int32_t* block_expert, int64_t capacity,
-                 int block_m, int k, int hidden, int inter, int experts, __nv_bfloat16* x_sorted,
-                 cudaStream_t stream) {
+                 int block_m, int k, int hidden, int inter, int experts, cudaStream_t stream) {
   if (capacity == 0) return;
   if (block_m == kMoeBlockWgmma) {
-    require_parts(hidden % 8 == 0 && inter % 8 == 0 && x_sorted != nullptr,
-                  "MoE wgmma GEMM: hidden ", hidden, " and intermediate ", inter,
-                  " must be multiples of 8, with a gather buffer");
-    moe_gather_kernel<<<static_cast<unsigned>(capacity), 128, 0, stream>>>(x_sorted, x,
-                                                                           sorted_pairs, k, hidden);
-    ERNIE_CUDA_CHECK(cudaGetLastError());
-    const CUtensorMap a = tensor_map_bf16_sw128(x_sorted, capacity, hidden, 64);
+    require_parts(hidden % 8 == 0 && inter % 8 == 0, "MoE wgmma GEMM: hidden ", hidden,
+                  " and intermediate ", inter, " must be multiples of 8");
     const CUtensorMap b =
         tensor_map_bf16_sw128(w_gate_up, static_cast<int64_t>(experts) * 2 * inter, hidden, 64);
-    launch_wgmma<true>(act, a, b, nullptr, sorted_pairs, block_expert, capacity, hidden, inter,
-                       stream);
+    launch_wgmma<true>(act, CUtensorMap{}, b, nullptr, sorted_pairs, block_expert, capacity, hidden,
+                       inter, x, k, stream);
     return;
   }
   launch_gemm<true>(act, x, w_gate_up, nullptr, sorted_pairs, block_expert, capacity, block_m, k,
@@ -577,7 +634,7 @@ void moe_down(__nv_bfloat16* y, const __nv_bfloat16* act, const __nv_bfloat16* w
     const CUtensorMap b =
         tensor_map_bf16_sw128(w_down, static_cast<int64_t>(experts) * hidden, inter, 64);
     launch_wgmma<false>(y, a, b, weights, sorted_pairs, block_expert, capacity, inter, hidden,
-                        stream);
+                        nullptr, 1, stream);
     return;
   }
   launch_gemm<false>(y, act, w_down, weights, sorted_pairs, block_expert, capacity, block_m, 1,
