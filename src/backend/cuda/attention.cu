@@ -561,28 +561,34 @@ __global__ void __launch_bounds__(128) prefill_attention_wgmma_kernel(const Page
 
 // Prefill tiles for head_dim 128 when K/V can come by TMA (power-of-two blocks of 8-64), planned
 // in pairs (AttentionPlan::paired): one CTA takes 128 query rows, a consumer warpgroup per 64,
-// and a producer warpgroup. One producer thread streams the key range's 64-key K/V tiles by TMA
-// through a kFaStages-deep ring (a full and an empty mbarrier per stage); both consumers run
+// and a producer warpgroup. One producer thread streams the key range's 128-key K/V tiles by
+// TMA through a kFaStages-deep ring (a full and an empty mbarrier per stage); both consumers run
 // every tile through S = Q K^T and P V on wgmma as in prefill_attention_wgmma_kernel, each with
 // its own online softmax, and hand the stage back once done. Every K/V byte that reaches the SM
 // serves 128 rows (the L2 traffic of 64-row tiles bound the kernel), nothing in the key loop
-// waits on the whole CTA, and two warpgroups share the tensor cores of one SM.
-constexpr int kFaStages = 5, kFaConsumers = 2;
-constexpr size_t kFaSmem = 1024 + (2 * kFaConsumers + 4 * kFaStages) * kWgHalf;  // Q, K/V ring
+// waits on the whole CTA, and two warpgroups share the tensor cores of one SM. 128-key tiles
+// (64-key ones measured 0.867 ms for 1 x 8000) halve the softmax's fixed work and the
+// handshakes per key.
+constexpr int kFaKeys = 128, kFaStages = 3, kFaConsumers = 2;
+constexpr int kFaHalf = kFaKeys * 128;  // bytes of one 64-column half of a K or V tile
+constexpr size_t kFaSmem = 1024 + 2 * kFaConsumers * kWgHalf + 4 * kFaStages * kFaHalf;
+// Registers per thread after reallocation: 128 x 40 + 256 x 232 <= 64K. A consumer holds O and
+// S (64 floats each) and P (32 registers) of a 128-key tile: without the reallocation ptxas
+// spills (128 bytes at 166 registers), with it none.
+constexpr int kFaProducerRegs = 40, kFaConsumerRegs = 232;
 
 __global__ void __launch_bounds__(128 * (kFaConsumers + 1), 1)
     prefill_attention_fa_kernel(const PagedAttentionArgs a,
                                 const __grid_constant__ CUtensorMap k_map,
                                 const __grid_constant__ CUtensorMap v_map) {
-  constexpr int D = kWgD, BN = kKeysPerTile, kChunks = D / 8, NC = kFaConsumers;
-  constexpr int kConsumerThreads = 128 * NC;
+  constexpr int D = kWgD, BN = kFaKeys, kChunks = D / 8, NC = kFaConsumers;
   extern __shared__ unsigned char smem_raw[];
   unsigned char* smem = reinterpret_cast<unsigned char*>(
       (reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t{1023});
   unsigned char* sq = smem;  // per consumer: [2 halves][64 rows][128 bytes], swizzled
-  unsigned char* ring = smem + 2 * NC * kWgHalf;
-  auto k_tile = [&](int st) { return ring + 4 * st * kWgHalf; };
-  auto v_tile = [&](int st) { return ring + (4 * st + 2) * kWgHalf; };
+  unsigned char* ring = smem + 2 * NC * kWgHalf;  // per stage: K, V as [2 halves][BN rows][128 B]
+  auto k_tile = [&](int st) { return ring + 4 * st * kFaHalf; };
+  auto v_tile = [&](int st) { return ring + (4 * st + 2) * kFaHalf; };
   auto swz = [](int r, int ch) {
     return (ch / 8) * kWgHalf + r * 128 + (((ch % 8) ^ (r % 8)) << 4);
   };
@@ -600,7 +606,7 @@ __global__ void __launch_bounds__(128 * (kFaConsumers + 1), 1)
   // used before they hold an earlier tile (finite: masked keys get probability 0 and 0 * V
   // stays 0); in a fresh stage they could hold anything, so its V rows start at zero.
   if (n_tiles > 0 && n_tiles <= kFaStages) {
-    for (int i = threadIdx.x; i < 2 * kWgHalf / 16; i += blockDim.x) {
+    for (int i = threadIdx.x; i < 2 * kFaHalf / 16; i += blockDim.x) {
       reinterpret_cast<uint4*>(v_tile(n_tiles - 1))[i] = make_uint4(0, 0, 0, 0);
     }
   }
@@ -615,6 +621,7 @@ __global__ void __launch_bounds__(128 * (kFaConsumers + 1), 1)
   __syncthreads();  // the last CTA-wide barrier: the producer leaves early
 
   if (threadIdx.x < 128) {  // ---- producer warpgroup: one thread issues every load ----
+    setmaxnreg_dec<kFaProducerRegs>();
     if (threadIdx.x == 0) {
       const int bs = a.block_size;
       for (int t = 0; t < n_tiles; ++t) {
@@ -627,9 +634,9 @@ __global__ void __launch_bounds__(128 * (kFaConsumers + 1), 1)
         for (int b = first; b <= last; ++b) {
           const int slot0 = table[b] * bs, row = b * bs - kt;
           for (int half = 0; half < 2; ++half) {
-            tma_load_3d(k_tile(st) + half * kWgHalf + row * 128, &k_map, &full[st], half * 64, kvh,
+            tma_load_3d(k_tile(st) + half * kFaHalf + row * 128, &k_map, &full[st], half * 64, kvh,
                         slot0);
-            tma_load_3d(v_tile(st) + half * kWgHalf + row * 128, &v_map, &full[st], half * 64, kvh,
+            tma_load_3d(v_tile(st) + half * kFaHalf + row * 128, &v_map, &full[st], half * 64, kvh,
                         slot0);
           }
         }
@@ -639,6 +646,7 @@ __global__ void __launch_bounds__(128 * (kFaConsumers + 1), 1)
   }
 
   // ---- consumer warpgroups: consumer `cons` owns rows row0 + 64 cons .. + 63 ----
+  setmaxnreg_inc<kFaConsumerRegs>();
   const int ct = threadIdx.x - 128, cons = ct / 128;
   const int warp = (ct % 128) / 32, lane = ct % 32, g = lane / 4, c = lane % 4;
   const int my_row0 = row0 + cons * kWgRows;
@@ -681,9 +689,9 @@ __global__ void __launch_bounds__(128 * (kFaConsumers + 1), 1)
   auto issue_pv = [&](int st) {
 #pragma unroll
     for (int ks = 0; ks < BN / 16; ++ks) {
-      // Keys 16 ks.. (two 8-key groups of 1024 bytes), d 0..63 and (8 KB further) 64..127.
+      // Keys 16 ks.. (two 8-key groups of 1024 bytes), d 0..63 and (kFaHalf further) 64..127.
       wgmma_m64n128k16_rs(reinterpret_cast<float(&)[64]>(o), pa[ks],
-                          wgmma_desc_sw128_mn(v_tile(st) + ks * 2048, kWgHalf));
+                          wgmma_desc_sw128_mn(v_tile(st) + ks * 2048, kFaHalf));
     }
     wgmma_commit();
   };
@@ -695,13 +703,14 @@ __global__ void __launch_bounds__(128 * (kFaConsumers + 1), 1)
   for (int t = 0; t < n_tiles; ++t) {
     const int st = t % kFaStages, kt = k_begin + t * BN;
     mbar_wait(&full[st], (t / kFaStages) & 1);
-    float s[BN / 8][4];  // the wgmma m64n64 accumulator: 8 column tiles of 4
+    float s[BN / 8][4];  // the wgmma m64n128 accumulator: 16 column tiles of 4
     wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < D / 16; ++kk) {
-      const int off = (kk / 4) * kWgHalf + (kk % 4) * 32;
-      wgmma_m64n64k16(reinterpret_cast<float(&)[32]>(s), wgmma_desc_sw128(my_q + off),
-                      wgmma_desc_sw128(k_tile(st) + off), kk > 0);
+      const int col = (kk % 4) * 32;  // 16 of d within a 64-column half
+      wgmma_m64n128k16(reinterpret_cast<float(&)[64]>(s),
+                       wgmma_desc_sw128(my_q + (kk / 4) * kWgHalf + col),
+                       wgmma_desc_sw128(k_tile(st) + (kk / 4) * kFaHalf + col), kk > 0);
     }
     wgmma_commit();
     if (pending >= 0) {

@@ -205,6 +205,18 @@ __device__ __forceinline__ uint64_t wgmma_desc_sw128_mn(const void* p, uint32_t 
          (uint64_t{1024 >> 4} << 32) | (uint64_t{1} << 62);
 }
 
+// Register reallocation between warpgroups (sm_90a): every warp of a warpgroup executes it; a
+// producer warpgroup gives registers back (dec) so that consumer warpgroups can take them (inc).
+// ptxas allocates the code after an inc within the new count.
+template <int N>
+__device__ __forceinline__ void setmaxnreg_dec() {
+  asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(N));
+}
+template <int N>
+__device__ __forceinline__ void setmaxnreg_inc() {
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(N));
+}
+
 // Barrier `id` (1-15; 0 is __syncthreads) over the first `threads` threads that reach it: a
 // subset of the CTA (e.g. the consumer warpgroups) synchronises without the others.
 __device__ __forceinline__ void named_barrier_sync(int id, int threads) {
