@@ -418,6 +418,43 @@ __global__ void __launch_bounds__(32 * RW * KW)
   }
 }
 
+// The end of a wgmma attention tile: each warp's 16 rows (first row `row`; rows g and g + 8 of
+// the m16n8 layout) normalised and stored as bf16, or as f32 partials with their log-sum-exp
+// when the keys are split. l holds each thread's partial sums (reduced over the quad here).
+template <int ND>
+__device__ __forceinline__ void store_rows(const PagedAttentionArgs& a, const float (&o)[ND][4],
+                                           const float (&m)[2], float (&l)[2], int row, int rows,
+                                           int q0, int group, int kvh, int split) {
+  constexpr int D = ND * 8;
+  const int g = (threadIdx.x % 32) / 4, c = threadIdx.x % 4;
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    l[i] += __shfl_xor_sync(0xffffffffu, l[i], 1);
+    l[i] += __shfl_xor_sync(0xffffffffu, l[i], 2);
+  }
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    const int r = row + g + 8 * i;
+    if (r >= rows) continue;
+    const size_t t = q0 + r / group, h = kvh * group + r % group;
+    const float inv = l[i] > 0.0f ? 1.0f / l[i] : 0.0f;
+#pragma unroll
+    for (int nd = 0; nd < ND; ++nd) {
+      const int d = nd * 8 + 2 * c;
+      const float v0 = o[nd][2 * i] * inv, v1 = o[nd][2 * i + 1] * inv;
+      if (a.splits == 1) {
+        *reinterpret_cast<__nv_bfloat162*>(a.out + (t * a.heads + h) * D + d) =
+            __floats2bfloat162_rn(v0, v1);
+      } else {
+        const size_t idx = (static_cast<size_t>(split) * a.tokens + t) * a.heads + h;
+        a.partial_o[idx * D + d] = v0;
+        a.partial_o[idx * D + d + 1] = v1;
+        if (d == 0) a.partial_lse[idx] = l[i] > 0.0f ? m[i] + log2f(l[i]) : -INFINITY;
+      }
+    }
+  }
+}
+
 // Prefill tiles for head_dim 128 on wgmma (sm_90a): one warpgroup per 64 query rows. Q and
 // double-buffered 64-key K/V tiles land by cp.async in the 128-byte swizzled layout (two
 // 64-column halves of 64 rows x 128 bytes each, the swizzle computed); S = Q K^T is a wgmma
@@ -444,7 +481,7 @@ __global__ void __launch_bounds__(128) prefill_attention_wgmma_kernel(const Page
   const int tile = blockIdx.x, kvh = blockIdx.y, split = blockIdx.z;
   const auto [seq, row0, group, q0, rows, k_begin, k_end] = tile_span(a, tile, split, kWgRows);
   const size_t row_stride = static_cast<size_t>(a.heads + 2 * a.kv_heads) * D;
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, c = lane % 4;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4;
 
   for (int i = threadIdx.x; i < kWgRows * kChunks; i += 128) {
     const int r = i / kChunks, ch = i % kChunks, row = row0 + r;
@@ -531,32 +568,7 @@ __global__ void __launch_bounds__(128) prefill_attention_wgmma_kernel(const Page
     wgmma_wait<0>();
   }
   cp_async_wait<0>();
-#pragma unroll
-  for (int i = 0; i < 2; ++i) {
-    l[i] += __shfl_xor_sync(0xffffffffu, l[i], 1);
-    l[i] += __shfl_xor_sync(0xffffffffu, l[i], 2);
-  }
-#pragma unroll
-  for (int i = 0; i < 2; ++i) {
-    const int row = row0 + warp * 16 + g + 8 * i;
-    if (row >= rows) continue;
-    const size_t t = q0 + row / group, h = kvh * group + row % group;
-    const float inv = l[i] > 0.0f ? 1.0f / l[i] : 0.0f;
-#pragma unroll
-    for (int nd = 0; nd < D / 8; ++nd) {
-      const int d = nd * 8 + 2 * c;
-      const float v0 = o[nd][2 * i] * inv, v1 = o[nd][2 * i + 1] * inv;
-      if (a.splits == 1) {
-        *reinterpret_cast<__nv_bfloat162*>(a.out + (t * a.heads + h) * D + d) =
-            __floats2bfloat162_rn(v0, v1);
-      } else {
-        const size_t idx = (static_cast<size_t>(split) * a.tokens + t) * a.heads + h;
-        a.partial_o[idx * D + d] = v0;
-        a.partial_o[idx * D + d + 1] = v1;
-        if (d == 0) a.partial_lse[idx] = l[i] > 0.0f ? m[i] + log2f(l[i]) : -INFINITY;
-      }
-    }
-  }
+  store_rows(a, o, m, l, row0 + warp * 16, rows, q0, group, kvh, split);
 }
 
 // Prefill tiles for head_dim 128 when K/V can come by TMA (power-of-two blocks of 8-64), planned
@@ -648,7 +660,7 @@ __global__ void __launch_bounds__(128 * (kFaConsumers + 1), 1)
   // ---- consumer warpgroups: consumer `cons` owns rows row0 + 64 cons .. + 63 ----
   setmaxnreg_inc<kFaConsumerRegs>();
   const int ct = threadIdx.x - 128, cons = ct / 128;
-  const int warp = (ct % 128) / 32, lane = ct % 32, g = lane / 4, c = lane % 4;
+  const int warp = (ct % 128) / 32, lane = ct % 32, g = lane / 4;
   const int my_row0 = row0 + cons * kWgRows;
   unsigned char* my_q = sq + cons * 2 * kWgHalf;
   const size_t row_stride = static_cast<size_t>(a.heads + 2 * a.kv_heads) * D;
@@ -743,32 +755,7 @@ __global__ void __launch_bounds__(128 * (kFaConsumers + 1), 1)
     wgmma_wait<0>();
     retire_pv();
   }
-#pragma unroll
-  for (int i = 0; i < 2; ++i) {
-    l[i] += __shfl_xor_sync(0xffffffffu, l[i], 1);
-    l[i] += __shfl_xor_sync(0xffffffffu, l[i], 2);
-  }
-#pragma unroll
-  for (int i = 0; i < 2; ++i) {
-    const int row = my_row0 + warp * 16 + g + 8 * i;
-    if (row >= rows) continue;
-    const size_t t = q0 + row / group, h = kvh * group + row % group;
-    const float inv = l[i] > 0.0f ? 1.0f / l[i] : 0.0f;
-#pragma unroll
-    for (int nd = 0; nd < D / 8; ++nd) {
-      const int d = nd * 8 + 2 * c;
-      const float v0 = o[nd][2 * i] * inv, v1 = o[nd][2 * i + 1] * inv;
-      if (a.splits == 1) {
-        *reinterpret_cast<__nv_bfloat162*>(a.out + (t * a.heads + h) * D + d) =
-            __floats2bfloat162_rn(v0, v1);
-      } else {
-        const size_t idx = (static_cast<size_t>(split) * a.tokens + t) * a.heads + h;
-        a.partial_o[idx * D + d] = v0;
-        a.partial_o[idx * D + d + 1] = v1;
-        if (d == 0) a.partial_lse[idx] = l[i] > 0.0f ? m[i] + log2f(l[i]) : -INFINITY;
-      }
-    }
-  }
+  store_rows(a, o, m, l, my_row0 + warp * 16, rows, q0, group, kvh, split);
 }
 
 // Tensor maps over one layer's K or V cache [slots, kv_heads, 128] with 64 x 1 x block_size
