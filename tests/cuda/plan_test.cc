@@ -5,7 +5,10 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <limits>
 #include <random>
+#include <utility>
+#include <vector>
 
 #include "backend/cuda/attention.cuh"
 #include "backend/cuda/moe.cuh"
@@ -40,20 +43,40 @@ TEST(AttentionPlan, TilesCoverRowsAndSplitsCoverKeys) {
     EXPECT_EQ(p.decode_shape, small);
     EXPECT_EQ(p.paired, pair && !small);
     const int bm = p.decode_shape ? kAttentionDecodeRows : kAttentionPrefillRows;
-    // Tiles: for each sequence, rows 0, bm, 2 bm, ... in order (paired: one more past the rows
-    // when the count is odd), nothing else.
-    size_t t = 0;
+    // Tiles: for each sequence, rows 0, bm, 2 bm, ... (paired: one more past the rows when the
+    // count is odd), nothing else. Graph plans list them in that order; the others list the
+    // CTAs (a tile, or a pair of tiles 2 bm i, 2 bm i + bm of one sequence) by the keys they
+    // read, most first.
+    std::vector<std::pair<int32_t, int32_t>> want, got;
     for (int s = 0; s < seqs; ++s) {
       const int rows = (qs[s + 1] - qs[s]) * group;
       int n = (rows + bm - 1) / bm;
       if (p.paired) n += n % 2;
-      for (int i = 0; i < n; ++i, ++t) {
-        ASSERT_LT(t, p.tile_seq.size());
-        ASSERT_EQ(p.tile_seq[t], s);
-        ASSERT_EQ(p.tile_row0[t], i * bm);
-      }
+      for (int i = 0; i < n; ++i) want.emplace_back(s, i * bm);
     }
-    EXPECT_EQ(t, p.tile_seq.size());
+    ASSERT_EQ(p.tile_seq.size(), p.tile_row0.size());
+    for (size_t t = 0; t < p.tile_seq.size(); ++t) got.emplace_back(p.tile_seq[t], p.tile_row0[t]);
+    if (fixed) {
+      ASSERT_EQ(got, want);
+    } else {
+      const int unit = p.paired ? 2 : 1;
+      ASSERT_EQ(got.size() % unit, 0u);
+      int prev_keys = std::numeric_limits<int>::max();
+      for (size_t t = 0; t < got.size(); t += unit) {
+        const auto [s, r] = got[t];
+        if (p.paired) {
+          ASSERT_EQ(r % (2 * bm), 0);
+          ASSERT_EQ(got[t + 1], std::make_pair(s, r + bm));
+        }
+        const int q = qs[s + 1] - qs[s];
+        const int last_row = std::min(r + unit * bm, q * group) - 1;
+        const int keys = ctx[s] - q + last_row / group + 1;
+        ASSERT_LE(keys, prev_keys) << "CTA " << t / unit;
+        prev_keys = keys;
+      }
+      std::sort(got.begin(), got.end());
+      ASSERT_EQ(got, want);
+    }
     ASSERT_GE(p.splits, 1);
     EXPECT_LE(p.splits, 64);
     EXPECT_EQ(p.split_keys % 64, 0);

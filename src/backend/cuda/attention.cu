@@ -606,9 +606,8 @@ __global__ void __launch_bounds__(128 * (kFaConsumers + 1), 1)
   };
   __shared__ __align__(8) uint64_t full[kFaStages], empty[kFaStages];
 
-  // Pairs in reverse: a sequence's last query rows see the most keys, so they start first and
-  // the short tiles fill in behind them.
-  const int pair = gridDim.x - 1 - blockIdx.x, kvh = blockIdx.y, split = blockIdx.z;
+  // The plan lists the pairs longest first (plan_attention).
+  const int pair = blockIdx.x, kvh = blockIdx.y, split = blockIdx.z;
   const auto [seq, row0, group, q0, rows, k_begin, k_end] =
       tile_span(a, 2 * pair, split, NC * kWgRows);
   const int n_tiles = k_begin < k_end ? (k_end - k_begin + BN - 1) / BN : 0;
@@ -662,6 +661,16 @@ __global__ void __launch_bounds__(128 * (kFaConsumers + 1), 1)
   const int ct = threadIdx.x - 128, cons = ct / 128;
   const int warp = (ct % 128) / 32, lane = ct % 32, g = lane / 4;
   const int my_row0 = row0 + cons * kWgRows;
+  if (my_row0 >= rows) {
+    // The pair's second tile lies past the sequence's rows (a short prompt, a decode in a mixed
+    // step): nothing to compute, but every stage still needs this warpgroup's release.
+    for (int t = 0; t < n_tiles; ++t) {
+      const int st = t % kFaStages;
+      mbar_wait(&full[st], (t / kFaStages) & 1);
+      if (lane == 0) mbar_arrive(&empty[st]);
+    }
+    return;
+  }
   unsigned char* my_q = sq + cons * 2 * kWgHalf;
   const size_t row_stride = static_cast<size_t>(a.heads + 2 * a.kv_heads) * D;
   for (int i = ct % 128; i < kWgRows * kChunks; i += 128) {
@@ -907,6 +916,31 @@ AttentionPlan plan_attention(const std::vector<int32_t>& query_start,
       }
     }
     max_ctx = std::max(max_ctx, context_lens[s]);
+  }
+  if (!fixed_splits) {
+    // CTAs longest first (most keys to read; a pair is one CTA), so that the long ones (the last
+    // query rows of a prompt, decodes over long contexts in a mixed step) do not start last and
+    // leave the tail of the launch to a few SMs. Graph plans keep their order: it may depend on
+    // the batch shape only.
+    const int unit = step / bm;
+    std::vector<std::pair<int, int>> order;  // (keys, first tile) per CTA
+    for (size_t t = 0; t < p.tile_seq.size(); t += unit) {
+      const int s = p.tile_seq[t];
+      const int q = query_start[s + 1] - query_start[s], rows = q * group;
+      const int last_row = std::min(p.tile_row0[t] + step, rows) - 1;
+      order.emplace_back(context_lens[s] - q + last_row / group + 1, static_cast<int>(t));
+    }
+    std::stable_sort(order.begin(), order.end(),
+                     [](const auto& x, const auto& y) { return x.first > y.first; });
+    std::vector<int32_t> seq, row0;
+    for (const auto& [keys, t] : order) {
+      for (int i = 0; i < unit; ++i) {
+        seq.push_back(p.tile_seq[t + i]);
+        row0.push_back(p.tile_row0[t + i]);
+      }
+    }
+    p.tile_seq = std::move(seq);
+    p.tile_row0 = std::move(row0);
   }
   // Split the key range when the tiles alone leave the GPU mostly idle: up to two CTAs per
   // multiprocessor (what fits beside the decode kernel's buffers, so one wave), at least 256

@@ -32,6 +32,7 @@ struct AttentionPlan {
 // any context lengths; only split_keys changes, and it is read from device memory).
 // pair_prefill (see prefill_tiles_paired): a prefill-shaped step gives every sequence an even
 // number of tiles (the last one may hold no rows), and tiles 2i and 2i + 1 go to one CTA.
+// Without fixed_splits the CTAs (tiles, or pairs) are listed by the keys they read, most first.
 AttentionPlan plan_attention(const std::vector<int32_t>& query_start,
                              const std::vector<int32_t>& context_lens, int heads, int kv_heads,
                              int sms, bool fixed_splits = false, bool pair_prefill = false);
