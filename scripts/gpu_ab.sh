@@ -6,7 +6,8 @@
 #   AB_FILTER='*Attention*' AB_BENCH=ops scripts/gpu_ab.sh out - ERNIE_NEW_PATH=0
 # AB_FILTER is the gtest filter (default every test; "none" skips the tests), AB_BENCH the
 # kernel bench section (ops, steps, all; "none" skips it), AB_PICK a regex for the bench lines
-# to print (default every timing line). Logs go under DIR, one pair of files per config.
+# to print (default every timing line), AB_TIMEOUT the seconds the tests may take (default 400).
+# Logs go under DIR, one pair of files per config.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=$(realpath -m "${1:-ab-results}")
@@ -28,7 +29,7 @@ for config in "$@"; do
   [ "$config" = - ] || IFS=, read -ra settings <<< "$config"
   log="$out/$(echo "$config" | tr -c 'A-Za-z0-9_.-' '_')"
   if [ "$filter" != none ]; then
-    env "${settings[@]}" timeout 400 build-gpu/tests/ernie_cuda_tests --gtest_filter="$filter" \
+    env "${settings[@]}" timeout "${AB_TIMEOUT:-400}" build-gpu/tests/ernie_cuda_tests --gtest_filter="$filter" \
       > "$log.tests.log" 2>&1
     t=$?
     [ $t = 0 ] || rc=1
