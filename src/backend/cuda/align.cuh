@@ -7,14 +7,23 @@
 namespace ernie::cuda {
 
 // offsets[e] = start of expert e's segment, each segment `totals[e]` rounded up to whole
-// blocks; offsets[experts] = rows used. One thread.
+// blocks; offsets[experts] = rows used. Every lane of one warp calls it (a prefix sum over 32
+// experts at a time, carried across the rounds).
 __device__ inline void pad_segments(int* offsets, const int* totals, int experts, int block_m) {
-  int off = 0;
-  for (int e = 0; e < experts; ++e) {
-    offsets[e] = off;
-    off += (totals[e] + block_m - 1) / block_m * block_m;
+  const int lane = threadIdx.x % 32;
+  int carry = 0;
+  for (int base = 0; base < experts; base += 32) {
+    const int e = base + lane;
+    const int padded = e < experts ? (totals[e] + block_m - 1) / block_m * block_m : 0;
+    int incl = padded;  // inclusive prefix sum over the warp
+    for (int o = 1; o < 32; o <<= 1) {
+      const int v = __shfl_up_sync(0xffffffffu, incl, o);
+      if (lane >= o) incl += v;
+    }
+    if (e < experts) offsets[e] = carry + incl - padded;
+    carry += __shfl_sync(0xffffffffu, incl, 31);
   }
-  offsets[experts] = off;
+  if (lane == 0) offsets[experts] = carry;
 }
 
 // block_expert[b] = the expert whose segment holds block b (-1 past the used rows), by binary
@@ -52,7 +61,7 @@ __device__ inline void align_pairs(int32_t* sorted_pairs, int32_t* block_expert,
   __syncthreads();
   for (int i = tid; i < pairs; i += step) atomicAdd(&counts[ids[i]], 1);
   __syncthreads();
-  if (tid == 0) pad_segments(offsets, counts, experts, block_m);
+  if (tid < 32) pad_segments(offsets, counts, experts, block_m);
   __syncthreads();
   expert_of_blocks(block_expert, offsets, experts, block_m, num_blocks);
   for (int r = tid; r < num_blocks * block_m; r += step) sorted_pairs[r] = -1;

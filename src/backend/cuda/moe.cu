@@ -68,7 +68,7 @@ __global__ void moe_align_offsets_kernel(int32_t* counts, int32_t* segments, int
     totals[e] = run;
   }
   __syncthreads();
-  if (threadIdx.x == 0) pad_segments(offsets, totals, experts, block_m);
+  if (threadIdx.x < 32) pad_segments(offsets, totals, experts, block_m);
   __syncthreads();
   for (int e = threadIdx.x; e <= experts; e += blockDim.x) segments[e] = offsets[e];
   expert_of_blocks(block_expert, offsets, experts, block_m, num_blocks);

@@ -58,11 +58,21 @@ __device__ void topk_token(int t, int32_t* ids, float* weights, const float* par
   const int lane = threadIdx.x % 32;
   float* scores = p + experts;
   float mx = -INFINITY;
+  const size_t split_stride = static_cast<size_t>(tokens) * experts;
   for (int e = lane; e < experts; e += 32) {
+    // The splits in order, their loads issued eight at a time (one L2 round trip per eight
+    // rather than per split; the sum is the same).
+    const float* src = partial + static_cast<size_t>(t) * experts + e;
     float v = 0.0f;
-    for (int s = 0; s < splits; ++s) {
-      v += __ldcg(partial + (static_cast<size_t>(s) * tokens + t) * experts + e);
+    int s = 0;
+    for (; s + 8 <= splits; s += 8) {
+      float part[8];
+#pragma unroll
+      for (int j = 0; j < 8; ++j) part[j] = __ldcg(src + (s + j) * split_stride);
+#pragma unroll
+      for (int j = 0; j < 8; ++j) v += part[j];
     }
+    for (; s < splits; ++s) v += __ldcg(src + s * split_stride);
     p[e] = v;
     mx = fmaxf(mx, v);
   }
