@@ -93,13 +93,15 @@ __global__ void moe_align_place_kernel(int32_t* sorted_pairs, int32_t* pair_pos,
 }
 
 // Tiles of the decode GEMM: BM (16 or 32) rows x BN weight rows per CTA, a warp per BM x 16,
-// 64 of the reduction per stage. A decode step streams weights and nothing else, and its rate
-// is set by the bytes in flight and by how evenly they spread over the SMs:
-// - 16-row blocks (up to 8 pairs per expert): 32 weight rows per CTA (two warps), 6 stages
-//   (41 KB: five CTAs per SM), twice the CTAs of 64-row tiles (a one-token step touches only 6
+// 128 of the reduction per stage. A decode step streams weights and nothing else, and its rate
+// is set by the bytes in flight, by how evenly they spread over the SMs, and by how long a run
+// of each weight row one stage reads (256 bytes: against 128, the steps of 16-256 sequences
+// took 1.5-2% less, one token the same):
+// - 16-row blocks (up to 8 pairs per expert): 32 weight rows per CTA (two warps), 5 stages
+//   (65 KB: three CTAs per SM), twice the CTAs of 64-row tiles (a one-token step touches only 6
 //   experts: 576 CTAs instead of 288 for 132 SMs). Measured against 64-row tiles: the routed
 //   GEMMs of one token 0.066 -> 0.063 ms, the layer at 16 and 64 tokens ~1% faster.
-// - 32-row blocks (8-32 pairs per expert): 64 weight rows (four warps), 5 stages (69 KB: three
+// - 32-row blocks (8-32 pairs per expert): 64 weight rows (four warps), 4 stages (104 KB: two
 //   CTAs per SM). Each M-block reads its expert's weights again (from L2 when they are still
 //   there), so 32-row blocks take over once experts get more than 8 rows on average.
 // (64-row mma.sync tiles for mid-sized batches measured slower than the wgmma kernel at 512
@@ -108,8 +110,8 @@ template <int BM>
 struct Tile {
   static_assert(BM == kMoeBlockSmall || BM == kMoeBlockMid);
   static constexpr int kBN = BM == kMoeBlockSmall ? 32 : 64;
-  static constexpr int kBK = 64;
-  static constexpr int kStages = BM == kMoeBlockSmall ? 6 : 5;
+  static constexpr int kBK = 128;
+  static constexpr int kStages = BM == kMoeBlockSmall ? 5 : 4;
   static constexpr int kLd = kBK + 8;  // padded rows: conflict-free fragment reads
   static constexpr int kWarpsM = 1, kWarpsN = kBN / 16;
   static constexpr int kThreads = 32 * kWarpsM * kWarpsN;
