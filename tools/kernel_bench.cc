@@ -3,9 +3,11 @@
 // its bytes or FLOPs imply on the device: MoE experts (decode and prefill batches), decode
 // attention over long contexts, prefill attention; then whole decode steps of the 21B model
 // (dummy weights, CUDA graphs as the server runs them) beside the roofline floor of the step.
-// Usage: ernie_kernel_bench [iterations] [ops|steps|all] [case,...]: a case list ("1",
+// Usage: ernie_kernel_bench [iterations] [ops|steps|timeline|all] [case,...]: a case list ("1",
 // "16x8500": sequences, or sequences x context) keeps only those decode steps (handy under a
-// profiler). Inputs are random (unit normal); the buffers it makes are kept until it exits.
+// profiler). `timeline` times the steps, then records one more of each through CUPTI (builds
+// with CUPTI only) and prints where its time went kernel by kernel, gaps included. Inputs are
+// random (unit normal); the buffers it makes are kept until it exits.
 #include <cuda_profiler_api.h>
 #include <cuda_runtime.h>
 
@@ -21,6 +23,9 @@
 #include "backend/cuda/cuda_backend.h"
 #include "backend/cuda/device.h"
 #include "common/check.h"
+#ifdef ERNIE_HAVE_CUPTI
+#include "kernel_trace.h"
+#endif
 #include "model/config.h"
 #include "model/ernie45.h"
 #include "model/roofline.h"
@@ -170,7 +175,7 @@ int run_ops(int iters) {
 // Whole decode steps of the 21B model: `seqs` sequences of `context` tokens each, one new
 // token per sequence, replayed from the CUDA graph the server would use (step input upload
 // included, sampling not). The floor is the step's bytes (model::step_cost) at peak bandwidth.
-int run_steps(int iters, const std::vector<std::string>& only) {
+int run_steps(int iters, const std::vector<std::string>& only, bool timeline) {
   struct Case {
     int seqs, context;
   };
@@ -217,6 +222,16 @@ int run_steps(int iters, const std::vector<std::string>& only) {
     char what[64];
     std::snprintf(what, sizeof what, "decode step, %d x %d", c.seqs, c.context);
     report(what, sec, bytes, flops);
+    if (timeline) {
+#ifdef ERNIE_HAVE_CUPTI
+      trace::start();
+      m.forward_logits(st);
+      const std::vector<trace::KernelSpan> spans = trace::stop();
+      trace::print_summary(spans, 30);
+      std::printf("  one layer's kernels (from the 150th):\n");
+      trace::print_window(spans, 150, 16);
+#endif
+    }
   }
   return 0;
 }
@@ -233,15 +248,19 @@ int main(int argc, char** argv) {
       std::stringstream list(argv[3]);
       for (std::string item; std::getline(list, item, ',');) only.push_back(item);
     }
-    ernie::require(
-        iters > 0 && (what == "all" || what == "ops" || what == "steps"),
-        "usage: ernie_kernel_bench [iterations > 0] [ops|steps|all] [SEQS[xCONTEXT],...]");
+    ernie::require(iters > 0 && (what == "all" || what == "ops" || what == "steps" ||
+                                 what == "timeline"),
+                   "usage: ernie_kernel_bench [iterations > 0] [ops|steps|timeline|all] "
+                   "[SEQS[xCONTEXT],...]");
+#ifndef ERNIE_HAVE_CUPTI
+    ernie::require(what != "timeline", "timeline needs CUPTI, which this build did not find");
+#endif
     ernie::require(ernie::cuda::device_count() > 0, "no CUDA device");
     std::printf("%s\n", ernie::cuda::describe_device(0).c_str());
     std::printf("%-44s %12s  %10s  %15s  %14s  %s\n", "op", "time", "bytes/s", "FLOP/s", "floor",
                 "ratio");
-    if (what != "steps" && ernie::run_ops(iters) != 0) return 1;
-    if (what != "ops") return ernie::run_steps(iters, only);
+    if ((what == "all" || what == "ops") && ernie::run_ops(iters) != 0) return 1;
+    if (what != "ops") return ernie::run_steps(iters, only, what == "timeline");
     return 0;
   } catch (const std::exception& e) {
     std::fprintf(stderr, "error: %s\n", e.what());
