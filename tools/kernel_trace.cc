@@ -66,7 +66,7 @@ void CUPTIAPI on_complete(CUcontext, uint32_t, uint8_t* buffer, size_t, size_t v
       continue;
     }
     const auto* k = reinterpret_cast<const CUpti_ActivityKernel10*>(record);
-    g_spans.push_back({short_name(k->name), k->start, k->end, k->streamId});
+    g_spans.push_back({short_name(k->name), k->start, k->end});
   }
   std::free(buffer);
 }
@@ -119,34 +119,36 @@ void print_summary(const std::vector<KernelSpan>& spans, int top) {
               "in %d gaps (largest %.1f us)\n",
               spans.size(), span_us, covered / 1e3, idle / 1e3, gaps, largest_gap / 1e3);
   // Kernels launched early (programmatic dependent launch) wait inside for the one before, so
-  // their own durations overlap. What a kernel adds to its stream is the time from the end of
-  // the stream's previous kernel to its own end: summed over a stream, that is the stream's
-  // span. Rows are per stream and kernel name.
+  // their own durations overlap. What a kernel adds to the step is the time from the end of the
+  // kernel that ended before it to its own end: summed over the kernels, that is the whole
+  // span. (A kernel on a side stream that ends last takes the share of the main-stream kernel
+  // it ran beside; graph nodes carry no meaningful stream to separate them by.)
   struct Sum {
     int calls = 0;
     double run = 0, adds = 0;
   };
-  std::map<std::pair<uint32_t, std::string>, Sum> by_name;
-  std::map<uint32_t, uint64_t> last_end;  // per stream
-  for (const KernelSpan& s : spans) {  // by start: within a stream, also by end
-    auto [it, fresh] = last_end.emplace(s.stream, s.start_ns);
-    Sum& e = by_name[{s.stream, s.name}];
+  std::map<std::string, Sum> by_name;
+  std::vector<const KernelSpan*> by_end;
+  for (const KernelSpan& s : spans) by_end.push_back(&s);
+  std::sort(by_end.begin(), by_end.end(),
+            [](const KernelSpan* a, const KernelSpan* b) { return a->end_ns < b->end_ns; });
+  uint64_t last_end = t0;
+  for (const KernelSpan* s : by_end) {
+    Sum& e = by_name[s->name];
     ++e.calls;
-    e.run += (s.end_ns - s.start_ns) / 1e3;
-    e.adds += (s.end_ns - std::min(s.end_ns, it->second)) / 1e3;
-    it->second = std::max(it->second, s.end_ns);
+    e.run += (s->end_ns - s->start_ns) / 1e3;
+    e.adds += (s->end_ns - last_end) / 1e3;
+    last_end = s->end_ns;
   }
-  std::vector<std::pair<std::pair<uint32_t, std::string>, Sum>> rows(by_name.begin(),
-                                                                     by_name.end());
+  std::vector<std::pair<std::string, Sum>> rows(by_name.begin(), by_name.end());
   std::sort(rows.begin(), rows.end(),
             [](const auto& a, const auto& b) { return a.second.adds > b.second.adds; });
-  std::printf("  %10s %6s %6s %6s %10s %10s  kernel\n", "adds us", "share", "stream", "calls",
-              "adds/call", "runs/call");
+  std::printf("  %10s %6s %6s %10s %10s  kernel\n", "adds us", "share", "calls", "adds/call",
+              "runs/call");
   for (int i = 0; i < static_cast<int>(rows.size()) && i < top; ++i) {
-    const auto& [key, e] = rows[i];
-    std::printf("  %10.1f %5.1f%% %6u %6d %10.2f %10.2f  %s\n", e.adds, 100.0 * e.adds / span_us,
-                key.first, e.calls, e.adds / e.calls, e.run / e.calls,
-                key.second.substr(0, 90).c_str());
+    const auto& [name, e] = rows[i];
+    std::printf("  %10.1f %5.1f%% %6d %10.2f %10.2f  %s\n", e.adds, 100.0 * e.adds / span_us,
+                e.calls, e.adds / e.calls, e.run / e.calls, name.substr(0, 90).c_str());
   }
 }
 
@@ -155,9 +157,8 @@ void print_window(const std::vector<KernelSpan>& spans, size_t first, size_t cou
   const uint64_t t0 = spans[first].start_ns;
   for (size_t i = first; i < spans.size() && i < first + count; ++i) {
     const KernelSpan& s = spans[i];
-    std::printf("  %8.2f %8.2f %7.2f  stream %u  %s\n", (s.start_ns - t0) / 1e3,
-                (s.end_ns - t0) / 1e3, (s.end_ns - s.start_ns) / 1e3, s.stream,
-                s.name.substr(0, 90).c_str());
+    std::printf("  %8.2f %8.2f %7.2f  %s\n", (s.start_ns - t0) / 1e3, (s.end_ns - t0) / 1e3,
+                (s.end_ns - s.start_ns) / 1e3, s.name.substr(0, 90).c_str());
   }
 }
 
