@@ -221,6 +221,10 @@ TEST_F(CudaBackendTest, AttentionMatchesCpu) {
       {"chunked prefill over cached context", cfg(20, 4, 128), 16, {{200, 37}, {5, 64}, {0, 9}}},
       {"decode, long contexts (key splits)", cfg(20, 4, 128), 16, {{3000, 1}, {1500, 1}}},
       {"decode, many sequences", cfg(20, 4, 128), 16, std::vector<SeqSpec>(150, SeqSpec{300, 1})},
+      // Decode with key splits on the cp.async kernel (its last split of a tile merges them),
+      // tiles with different numbers of splits that hold keys.
+      {"decode d64, key splits", cfg(16, 2, 64), 32, {{1000, 1}, {77, 1}, {2500, 1}}},
+      {"decode d48 block 5, key splits", cfg(4, 4, 48), 5, {{700, 1}, {1300, 1}, {2, 1}}},
       {"mixed decode and prefill", cfg(20, 4, 128), 16, {{2000, 1}, {64, 40}, {0, 70}, {700, 1}}},
       {"300B shape", cfg(64, 8, 128), 16, {{0, 33}, {900, 1}}},
       {"MHA d48 block 5", cfg(4, 4, 48), 5, {{0, 23}, {40, 3}, {100, 1}}},

@@ -826,24 +826,55 @@ void launch_prefill_wgmma(const PagedAttentionArgs& a, cudaStream_t stream) {
   ERNIE_CUDA_CHECK(cudaGetLastError());
 }
 
-// One CTA per (token, head), one thread per output element.
+// One CTA per (token, head), one thread per output element. Only the splits that start at or
+// before the token's position can hold its keys; the first warp turns their log-sum-exps into
+// weights, then each thread sums its element over them, eight loads in flight at a time.
+constexpr int kMaxSplits = 64;
 __global__ void combine_splits_kernel(__nv_bfloat16* out, const float* partial_o,
-                                      const float* partial_lse, int tokens, int heads, int d,
+                                      const float* partial_lse, const int32_t* positions,
+                                      const int32_t* dims, int tokens, int heads, int d,
                                       int splits) {
   pdl_begin();
+  __shared__ float weight[kMaxSplits];
   const size_t th = blockIdx.x;
   const size_t plane = static_cast<size_t>(tokens) * heads;
-  float mx = -INFINITY;
-  for (int s = 0; s < splits; ++s) mx = fmaxf(mx, partial_lse[s * plane + th]);
-  float sum = 0.0f, acc = 0.0f;
-  for (int s = 0; s < splits; ++s) {
-    const float lse = partial_lse[s * plane + th];
-    if (lse == -INFINITY) continue;
-    const float w = fast_exp2(lse - mx);
-    sum += w;
-    acc += w * partial_o[(s * plane + th) * d + threadIdx.x];
+  const int active = min(splits, positions[th / heads] / dims[0] + 1);
+  if (threadIdx.x < 32) {
+    const int lane = threadIdx.x;
+    float lse[kMaxSplits / 32], mx = -INFINITY;
+#pragma unroll
+    for (int i = 0; i < kMaxSplits / 32; ++i) {
+      const int s = lane + 32 * i;
+      lse[i] = s < active ? partial_lse[s * plane + th] : -INFINITY;
+      mx = fmaxf(mx, lse[i]);
+    }
+    for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+    float sum = 0.0f;
+#pragma unroll
+    for (int i = 0; i < kMaxSplits / 32; ++i) {
+      lse[i] = lse[i] == -INFINITY ? 0.0f : fast_exp2(lse[i] - mx);
+      sum += lse[i];
+    }
+    for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
+    const float inv = sum > 0.0f ? 1.0f / sum : 0.0f;
+#pragma unroll
+    for (int i = 0; i < kMaxSplits / 32; ++i) {
+      if (lane + 32 * i < active) weight[lane + 32 * i] = lse[i] * inv;
+    }
   }
-  out[th * d + threadIdx.x] = __float2bfloat16(sum > 0.0f ? acc / sum : 0.0f);
+  __syncthreads();
+  const float* src = partial_o + th * d + threadIdx.x;
+  float acc = 0.0f;
+  int s = 0;
+  for (; s + 8 <= active; s += 8) {
+    float v[8];
+#pragma unroll
+    for (int j = 0; j < 8; ++j) v[j] = src[(s + j) * plane * d];
+#pragma unroll
+    for (int j = 0; j < 8; ++j) acc += weight[s + j] * v[j];
+  }
+  for (; s < active; ++s) acc += weight[s] * src[s * plane * d];
+  out[th * d + threadIdx.x] = __float2bfloat16(acc);
 }
 
 template <int D, int RW, int KW, int NB, bool kTma = false>
@@ -950,7 +981,7 @@ AttentionPlan plan_attention(const std::vector<int32_t>& query_start,
   int splits = 1;
   if (ctas > 0 && ctas < sms && (fixed_splits || max_ctx > 512)) {
     const int want = static_cast<int>(std::max<int64_t>(1, 2 * sms / ctas));
-    splits = std::min(want, 64);
+    splits = std::min(want, kMaxSplits);
     if (!fixed_splits) splits = std::max(1, std::min(splits, (max_ctx + 255) / 256));
   }
   p.split_keys = std::max(kKeysPerTile, ((max_ctx + splits - 1) / splits + kKeysPerTile - 1) /
@@ -986,8 +1017,9 @@ void paged_attention(const PagedAttentionArgs& args, cudaStream_t stream) {
       throw Error(cat("paged attention supports head_dim 32, 48, 64 and 128, not ", a.head_dim));
   }
   if (a.splits > 1) {
+    require(a.splits <= kMaxSplits, "paged_attention: more key splits than the combine takes");
     launch_pdl(combine_splits_kernel, a.tokens * a.heads, a.head_dim, 0, stream, a.out, a.partial_o,
-               a.partial_lse, a.tokens, a.heads, a.head_dim, a.splits);
+               a.partial_lse, a.positions, a.dims, a.tokens, a.heads, a.head_dim, a.splits);
     ERNIE_CUDA_CHECK(cudaGetLastError());
   }
 }
