@@ -5,28 +5,20 @@
 // time: per kernel name its calls and summed time, and the time with no kernel running.
 #pragma once
 
-#include <cstdint>
-#include <string>
+#include <cstddef>
 #include <vector>
 
-namespace ernie::trace {
+#include "kernel_timeline.h"
 
-struct KernelSpan {
-  std::string name;  // demangled, without the parameter list
-  uint64_t start_ns = 0, end_ns = 0;
-};
+namespace ernie::trace {
 
 // Starts recording kernel activity (one recording at a time per process).
 void start();
 // Waits for the device, stops recording and returns the kernels seen since start(), by start.
 std::vector<KernelSpan> stop();
 
-// Prints the timeline summary: the span from the first kernel's start to the last one's end,
-// the time covered by at least one kernel, the idle gaps (count, sum, largest), then per
-// kernel name (`top` rows, most first) what it adds to the span: the time from the end of the
-// kernel that ended before it to its own end, summed over its calls (kernels that start early
-// and wait for the one before, as programmatic dependent launch does, overlap: their own run
-// times add up to more than the span), beside its mean run time.
+// Prints summarize(spans): the span, the time some kernel ran, the idle gaps, then the `top`
+// kernel names by what they add to the span, beside their mean run time.
 void print_summary(const std::vector<KernelSpan>& spans, int top);
 
 // Prints `count` kernels from the `first` (by start): start, end and run time in us from the
