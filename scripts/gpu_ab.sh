@@ -29,8 +29,8 @@ for config in "$@"; do
   [ "$config" = - ] || IFS=, read -ra settings <<< "$config"
   log="$out/$(echo "$config" | tr -c 'A-Za-z0-9_.-' '_')"
   if [ "$filter" != none ]; then
-    env "${settings[@]}" timeout "${AB_TIMEOUT:-400}" build-gpu/tests/ernie_cuda_tests --gtest_filter="$filter" \
-      > "$log.tests.log" 2>&1
+    env "${settings[@]}" timeout "${AB_TIMEOUT:-400}" build-gpu/tests/ernie_cuda_tests \
+      --gtest_filter="$filter" > "$log.tests.log" 2>&1
     t=$?
     [ $t = 0 ] || rc=1
     echo "== $config: tests rc=$t, $(grep -cE '^\[       OK' "$log.tests.log") passed;" \
