@@ -721,10 +721,10 @@ __global__ void __launch_bounds__(128 * (kFaConsumers + 1), 1)
     fence_regs(reinterpret_cast<uint32_t(&)[BN / 4]>(pa));
     if (lane == 0) mbar_arrive(&empty[pending]);  // this warp no longer reads the stage
   };
-  for (int t = 0; t < n_tiles; ++t) {
-    const int st = t % kFaStages, kt = k_begin + t * BN;
+  // S = Q K^T of tile t into s (issued and committed; the caller waits).
+  auto issue_s = [&](float (&s)[BN / 8][4], int t) {
+    const int st = t % kFaStages;
     mbar_wait(&full[st], (t / kFaStages) & 1);
-    float s[BN / 8][4];  // the wgmma m64n128 accumulator: 16 column tiles of 4
     wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < D / 16; ++kk) {
@@ -734,20 +734,9 @@ __global__ void __launch_bounds__(128 * (kFaConsumers + 1), 1)
                        wgmma_desc_sw128(k_tile(st) + (kk / 4) * kFaHalf + col), kk > 0);
     }
     wgmma_commit();
-    if (pending >= 0) {
-      issue_pv(pending);
-      wgmma_wait<1>();  // S has landed; P V may still run
-    } else {
-      wgmma_wait<0>();
-    }
-    fence_regs(reinterpret_cast<float(&)[BN / 2]>(s));
-    float rescale[2];
-    const bool moved = softmax_probs(s, m, l, rescale, kt, k_end, pos, min_pos, scale_log2);
-    if (pending >= 0) {
-      wgmma_wait<0>();
-      retire_pv();
-    }
-    if (moved) rescale_rows(o, rescale);
+  };
+  // Tile t's probabilities from its landed S into pa (the A operand of its P V).
+  auto pack_p = [&](float (&s)[BN / 8][4]) {
 #pragma unroll
     for (int ks = 0; ks < BN / 16; ++ks) {
 #pragma unroll
@@ -756,6 +745,33 @@ __global__ void __launch_bounds__(128 * (kFaConsumers + 1), 1)
         pa[ks][r] = pack_bf16(q[0], q[1]);
       }
     }
+  };
+  // The first tile has no P V before it; every later one issues its S together with the
+  // previous tile's P V, with no branch between the wgmmas (a wgmma issued on one side of a
+  // branch makes ptxas serialise them all).
+  if (n_tiles > 0) {
+    float s[BN / 8][4];  // the wgmma m64n128 accumulator: 16 column tiles of 4
+    issue_s(s, 0);
+    wgmma_wait<0>();
+    fence_regs(reinterpret_cast<float(&)[BN / 2]>(s));
+    float rescale[2];
+    softmax_probs(s, m, l, rescale, k_begin, k_end, pos, min_pos, scale_log2);  // o is still 0
+    pack_p(s);
+    pending = 0;
+  }
+  for (int t = 1; t < n_tiles; ++t) {
+    const int st = t % kFaStages, kt = k_begin + t * BN;
+    float s[BN / 8][4];
+    issue_s(s, t);
+    issue_pv(pending);
+    wgmma_wait<1>();  // S has landed; P V may still run
+    fence_regs(reinterpret_cast<float(&)[BN / 2]>(s));
+    float rescale[2];
+    const bool moved = softmax_probs(s, m, l, rescale, kt, k_end, pos, min_pos, scale_log2);
+    wgmma_wait<0>();
+    retire_pv();
+    if (moved) rescale_rows(o, rescale);
+    pack_p(s);
     pending = st;
   }
   if (pending >= 0) {
