@@ -330,12 +330,10 @@ constexpr size_t kWgSmem = static_cast<size_t>(kWgStages) * kWgStageBytes + 1024
 // The gate/up producer warpgroup: A rows come straight from x (row sorted_pairs[r] / k) by
 // cp.async into the 128-byte swizzled layout TMA would give, no gathered copy of x in memory;
 // thread 0 also brings the weight boxes by TMA. Each warp copies 4 rows x 128 bytes per
-// instruction, 8 rows per thread and stage. A thread's copies of a stage are announced
-// kGatherLag stages later (waited for, then fenced for the tensor cores' proxy), so the
-// copies of several stages are in flight at once.
-constexpr int kGatherLag = 2;
-static_assert(kGatherLag < kWgStages);
-
+// instruction, 8 rows per thread and stage. Each thread's copies of a stage arrive on its full
+// barrier when they land (cp.async.mbarrier.arrive), so the producer never waits for its own
+// copies and keeps every free stage in flight; the consumers fence for the tensor cores' proxy
+// after the barrier.
 __device__ __forceinline__ void gather_producer(unsigned char* smem, uint64_t* full,
                                                 uint64_t* empty, const CUtensorMap& b_map,
                                                 const __nv_bfloat16* x, const int32_t* sorted_pairs,
@@ -379,19 +377,10 @@ __device__ __forceinline__ void gather_producer(unsigned char* smem, uint64_t* f
         const bool ok = src[i] != nullptr && kk < K;
         cp_async_16(st + dst[i], ok ? src[i] + kk : x, ok);
       }
-      cp_async_commit();
-      if (it >= kGatherLag) {
-        cp_async_wait<kGatherLag>();  // this thread's copies of slice it - lag have landed
-        fence_proxy_async();
-        mbar_arrive(&full[(it - kGatherLag) % kWgStages]);
-      }
+      cp_async_mbar_arrive(&full[s]);
     }
   }
-  cp_async_wait<0>();
-  fence_proxy_async();
-  for (int j = it < kGatherLag ? 0 : it - kGatherLag; j < it; ++j) {
-    mbar_arrive(&full[j % kWgStages]);
-  }
+  cp_async_wait<0>();  // nothing of this thread's still in flight when the CTA ends
 }
 
 template <bool kGateUp>
@@ -463,6 +452,8 @@ __global__ void __launch_bounds__(384, 1)
     for (int kt = 0; kt < k_tiles; ++kt, ++it) {
       const int s = it % kWgStages;
       mbar_wait(&full[s], (it / kWgStages) & 1);
+      // gate/up: the gathered A rows were written by cp.async (the generic proxy).
+      if constexpr (kGateUp) fence_proxy_async();
       const unsigned char* st = smem + s * kWgStageBytes;
       wgmma_fence();
 #pragma unroll
