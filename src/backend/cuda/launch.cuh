@@ -20,6 +20,15 @@ __device__ __forceinline__ void pdl_begin() {
   asm volatile("griddepcontrol.wait;" ::: "memory");
 }
 
+// pdl_begin for a kernel whose dependents read, before their own wait, what the kernels before
+// this one wrote: the next kernel may launch only once this one has passed its wait (so every
+// kernel before this one has finished). Its dependents then read such data through L2
+// (__ldcg) and only after their launch, and wait as usual for what this kernel writes.
+__device__ __forceinline__ void pdl_begin_ordered() {
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+}
+
 template <typename... Params, typename... Args>
 void launch_pdl(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
                 Args&&... args) {

@@ -131,11 +131,18 @@ __global__ void __launch_bounds__(Tile<BM>::kThreads)
     moe_gemm_kernel(__nv_bfloat16* out, const __nv_bfloat16* a_src, const __nv_bfloat16* w,
                     const float* route_w, const int32_t* sorted_pairs, const int32_t* block_expert,
                     int k_choices, int K, int N) {
-  pdl_begin();
+  // gate/up launches down only once the routing is complete (pdl_begin_ordered), so down can
+  // read the layout and start streaming its weights while gate/up is still running; it waits
+  // for gate/up's output before its first activation load.
+  if constexpr (kGateUp) {
+    pdl_begin_ordered();
+  } else {
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+  }
   using T = Tile<BM>;
   constexpr int kBN = T::kBN, kBK = T::kBK, kStages = T::kStages, kLd = T::kLd;
   constexpr int kMt = T::kMt, kNt = T::kNt, kHalf = kNt / 2, kGateRows = kBN / 2;
-  const int e = block_expert[blockIdx.x];
+  const int e = __ldcg(block_expert + blockIdx.x);
   if (e < 0) return;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   __nv_bfloat16* sa = reinterpret_cast<__nv_bfloat16*>(smem_raw);  // [stages][BM][LD]
@@ -153,7 +160,7 @@ __global__ void __launch_bounds__(Tile<BM>::kThreads)
     const int idx = tid + i * T::kThreads;
     a_r[i] = idx / T::kChunks;
     a_ch[i] = idx % T::kChunks;
-    const int pair = sorted_pairs[m0 + a_r[i]];
+    const int pair = __ldcg(sorted_pairs + m0 + a_r[i]);
     const int64_t src_row = kGateUp ? pair / k_choices : m0 + a_r[i];
     a_row[i] = pair >= 0 ? a_src + src_row * K : nullptr;
   }
@@ -176,7 +183,7 @@ __global__ void __launch_bounds__(Tile<BM>::kThreads)
     }
     b_row[i] = col < N ? we + static_cast<size_t>(wrow) * K : nullptr;
   }
-  auto load_stage = [&](int stage, int kt) {
+  auto load_a = [&](int stage, int kt) {
     const int k0 = kt * kBK;
 #pragma unroll
     for (int i = 0; i < T::kALoads; ++i) {
@@ -184,6 +191,9 @@ __global__ void __launch_bounds__(Tile<BM>::kThreads)
       const bool ok = a_row[i] != nullptr && kk < K;
       cp_async_16(sa + (stage * BM + a_r[i]) * kLd + a_ch[i] * 8, ok ? a_row[i] + kk : a_src, ok);
     }
+  };
+  auto load_b = [&](int stage, int kt) {
+    const int k0 = kt * kBK;
 #pragma unroll
     for (int i = 0; i < T::kBLoads; ++i) {
       const int kk = k0 + b_ch[i] * 8;
@@ -200,15 +210,24 @@ __global__ void __launch_bounds__(Tile<BM>::kThreads)
       acc[mt][nt][0] = acc[mt][nt][1] = acc[mt][nt][2] = acc[mt][nt][3] = 0.0f;
 
   const int kTiles = (K + kBK - 1) / kBK;
+  // The first stages' weights, then (down: once gate/up's output is complete) their
+  // activations, a commit group per stage (the first group also holds every early weight load).
   for (int s = 0; s < kStages - 1; ++s) {
-    if (s < kTiles) load_stage(s, s);
+    if (s < kTiles) load_b(s, s);
+  }
+  if constexpr (!kGateUp) asm volatile("griddepcontrol.wait;" ::: "memory");
+  for (int s = 0; s < kStages - 1; ++s) {
+    if (s < kTiles) load_a(s, s);
     cp_async_commit();
   }
   for (int kt = 0; kt < kTiles; ++kt) {
     cp_async_wait<kStages - 2>();
     __syncthreads();
     const int next = kt + kStages - 1;
-    if (next < kTiles) load_stage(next % kStages, next);
+    if (next < kTiles) {
+      load_a(next % kStages, next);
+      load_b(next % kStages, next);
+    }
     cp_async_commit();
     const __nv_bfloat16* A = sa + (kt % kStages) * BM * kLd;
     const __nv_bfloat16* B = sb + (kt % kStages) * kBN * kLd;
