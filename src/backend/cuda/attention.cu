@@ -464,6 +464,31 @@ __device__ __forceinline__ void store_rows(const PagedAttentionArgs& a, const fl
 constexpr int kWgD = 128, kWgRows = 64, kWgHalf = 64 * 128;  // bytes of a 64-row half tile
 constexpr size_t kWgAttnSmem = 1024 + 5 * 2 * kWgHalf;       // Q + 2 x (K, V)
 
+// Byte offset of 16-byte chunk `ch` (of 16) of row `r` in a swizzled 64-row tile.
+__device__ __forceinline__ int swz64(int r, int ch) {
+  return (ch / 8) * kWgHalf + r * 128 + (((ch % 8) ^ (r % 8)) << 4);
+}
+
+// The 64 query rows from row0 of a tile into `dst` (swizzled, rows past `rows` zero) by
+// cp.async, the 128 threads of one warpgroup (thread: this thread's index in it); the caller
+// commits and waits.
+__device__ __forceinline__ void load_q_rows(unsigned char* dst, const PagedAttentionArgs& a,
+                                            int row0, int rows, int q0, int group, int kvh,
+                                            int thread) {
+  constexpr int kChunks = kWgD / 8;
+  const size_t row_stride = static_cast<size_t>(a.heads + 2 * a.kv_heads) * kWgD;
+  for (int i = thread; i < kWgRows * kChunks; i += 128) {
+    const int r = i / kChunks, ch = i % kChunks, row = row0 + r;
+    const bool valid = row < rows;
+    const __nv_bfloat16* src = a.qkv;
+    if (valid) {
+      src = a.qkv + static_cast<size_t>(q0 + row / group) * row_stride +
+            static_cast<size_t>(kvh * group + row % group) * kWgD + ch * 8;
+    }
+    cp_async_16(dst + swz64(r, ch), src, valid);
+  }
+}
+
 // This kernel takes the cache layouts that TMA cannot (block sizes other than 8, 16, 32, 64).
 __global__ void __launch_bounds__(128) prefill_attention_wgmma_kernel(const PagedAttentionArgs a) {
   constexpr int D = kWgD, BN = kKeysPerTile, kChunks = D / 8;
@@ -473,26 +498,12 @@ __global__ void __launch_bounds__(128) prefill_attention_wgmma_kernel(const Page
   unsigned char* sq = smem;  // [2 halves][64 rows][128 bytes], swizzled
   auto k_tile = [&](int buf) { return smem + (1 + 2 * buf) * 2 * kWgHalf; };
   auto v_tile = [&](int buf) { return smem + (2 + 2 * buf) * 2 * kWgHalf; };
-  // Byte offset of 16-byte chunk `ch` (of 16) of row `r` in a swizzled 64-row tile.
-  auto swz = [](int r, int ch) {
-    return (ch / 8) * kWgHalf + r * 128 + (((ch % 8) ^ (r % 8)) << 4);
-  };
 
   const int tile = blockIdx.x, kvh = blockIdx.y, split = blockIdx.z;
   const auto [seq, row0, group, q0, rows, k_begin, k_end] = tile_span(a, tile, split, kWgRows);
-  const size_t row_stride = static_cast<size_t>(a.heads + 2 * a.kv_heads) * D;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4;
 
-  for (int i = threadIdx.x; i < kWgRows * kChunks; i += 128) {
-    const int r = i / kChunks, ch = i % kChunks, row = row0 + r;
-    const bool valid = row < rows;
-    const __nv_bfloat16* src = a.qkv;
-    if (valid) {
-      src = a.qkv + static_cast<size_t>(q0 + row / group) * row_stride +
-            static_cast<size_t>(kvh * group + row % group) * D + ch * 8;
-    }
-    cp_async_16(sq + swz(r, ch), src, valid);
-  }
+  load_q_rows(sq, a, row0, rows, q0, group, kvh, threadIdx.x);
   const int32_t* table = a.block_tables + static_cast<size_t>(seq) * a.dims[1];
   auto load_kv = [&](int buf, int kt) {
     unsigned char* sk = k_tile(buf);
@@ -505,8 +516,8 @@ __global__ void __launch_bounds__(128) prefill_attention_wgmma_kernel(const Page
         const int64_t slot = key_slot(table, j, a.block_size, a.block_shift);
         off = (static_cast<size_t>(slot) * a.kv_heads + kvh) * D + ch * 8;
       }
-      cp_async_16(sk + swz(key, ch), a.k_cache + off, valid);
-      cp_async_16(sv + swz(key, ch), a.v_cache + off, valid);
+      cp_async_16(sk + swz64(key, ch), a.k_cache + off, valid);
+      cp_async_16(sv + swz64(key, ch), a.v_cache + off, valid);
     }
   };
   if (k_begin < k_end) load_kv(0, k_begin);
@@ -593,7 +604,7 @@ __global__ void __launch_bounds__(128 * (kFaConsumers + 1), 1)
     prefill_attention_fa_kernel(const PagedAttentionArgs a,
                                 const __grid_constant__ CUtensorMap k_map,
                                 const __grid_constant__ CUtensorMap v_map) {
-  constexpr int D = kWgD, BN = kFaKeys, kChunks = D / 8, NC = kFaConsumers;
+  constexpr int D = kWgD, BN = kFaKeys, NC = kFaConsumers;
   extern __shared__ unsigned char smem_raw[];
   unsigned char* smem = reinterpret_cast<unsigned char*>(
       (reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t{1023});
@@ -601,9 +612,6 @@ __global__ void __launch_bounds__(128 * (kFaConsumers + 1), 1)
   unsigned char* ring = smem + 2 * NC * kWgHalf;  // per stage: K, V as [2 halves][BN rows][128 B]
   auto k_tile = [&](int st) { return ring + 4 * st * kFaHalf; };
   auto v_tile = [&](int st) { return ring + (4 * st + 2) * kFaHalf; };
-  auto swz = [](int r, int ch) {
-    return (ch / 8) * kWgHalf + r * 128 + (((ch % 8) ^ (r % 8)) << 4);
-  };
   __shared__ __align__(8) uint64_t full[kFaStages], empty[kFaStages];
 
   // The plan lists the pairs longest first (plan_attention).
@@ -672,17 +680,7 @@ __global__ void __launch_bounds__(128 * (kFaConsumers + 1), 1)
     return;
   }
   unsigned char* my_q = sq + cons * 2 * kWgHalf;
-  const size_t row_stride = static_cast<size_t>(a.heads + 2 * a.kv_heads) * D;
-  for (int i = ct % 128; i < kWgRows * kChunks; i += 128) {
-    const int r = i / kChunks, ch = i % kChunks, row = my_row0 + r;
-    const bool valid = row < rows;
-    const __nv_bfloat16* src = a.qkv;
-    if (valid) {
-      src = a.qkv + static_cast<size_t>(q0 + row / group) * row_stride +
-            static_cast<size_t>(kvh * group + row % group) * D + ch * 8;
-    }
-    cp_async_16(my_q + swz(r, ch), src, valid);
-  }
+  load_q_rows(my_q, a, my_row0, rows, q0, group, kvh, ct % 128);
   cp_async_commit();
   cp_async_wait<0>();
   fence_proxy_async();  // the query rows are read by wgmma (the async proxy)
@@ -722,7 +720,7 @@ __global__ void __launch_bounds__(128 * (kFaConsumers + 1), 1)
     if (lane == 0) mbar_arrive(&empty[pending]);  // this warp no longer reads the stage
   };
   // S = Q K^T of tile t into s (issued and committed; the caller waits).
-  auto issue_s = [&](float (&s)[BN / 8][4], int t) {
+  auto issue_s = [&](float(&s)[BN / 8][4], int t) {
     const int st = t % kFaStages;
     mbar_wait(&full[st], (t / kFaStages) & 1);
     wgmma_fence();
@@ -736,7 +734,7 @@ __global__ void __launch_bounds__(128 * (kFaConsumers + 1), 1)
     wgmma_commit();
   };
   // Tile t's probabilities from its landed S into pa (the A operand of its P V).
-  auto pack_p = [&](float (&s)[BN / 8][4]) {
+  auto pack_p = [&](float(&s)[BN / 8][4]) {
 #pragma unroll
     for (int ks = 0; ks < BN / 16; ++ks) {
 #pragma unroll
