@@ -146,7 +146,8 @@ template <bool kFused>
 __global__ void __launch_bounds__(kThreads)
     router_logits_kernel(float* partial, const __nv_bfloat16* x, const float* w, int tokens,
                          int hidden, int experts, int tiles_per_split, const Tail tail) {
-  pdl_begin();
+  // The router's weights are fixed: the first stages' weights load before the wait for x.
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
   __shared__ __align__(16) __nv_bfloat16 xs[kStages][kBM][kXLd];
   __shared__ __align__(16) float ws[kStages][kBN][kWLd];
   const int m0 = blockIdx.x * kBM, n0 = blockIdx.y * kBN, split = blockIdx.z;
@@ -154,7 +155,7 @@ __global__ void __launch_bounds__(kThreads)
   const int kt_end = min(hidden / kBK, kt0 + tiles_per_split);
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, c = lane % 4;
 
-  auto load_stage = [&](int stage, int kt) {
+  auto load_x = [&](int stage, int kt) {
     const int k0 = kt * kBK;
     for (int i = tid; i < kBM * (kBK / 8); i += kThreads) {  // 8 bf16 per chunk
       const int r = i / (kBK / 8), ch = i % (kBK / 8);
@@ -162,6 +163,9 @@ __global__ void __launch_bounds__(kThreads)
       cp_async_16(&xs[stage][r][ch * 8],
                   ok ? x + static_cast<size_t>(m0 + r) * hidden + k0 + ch * 8 : x, ok);
     }
+  };
+  auto load_w = [&](int stage, int kt) {
+    const int k0 = kt * kBK;
     for (int i = tid; i < kBN * (kBK / 4); i += kThreads) {  // 4 floats per chunk
       const int r = i / (kBK / 4), ch = i % (kBK / 4);
       const bool ok = n0 + r < experts;
@@ -172,14 +176,22 @@ __global__ void __launch_bounds__(kThreads)
 
   float acc[kBN / 8][4] = {};
   const int n = kt_end - kt0;
+  // A commit group per stage; the first also holds the weights loaded before the wait.
   for (int s = 0; s < kStages - 1; ++s) {
-    if (s < n) load_stage(s, kt0 + s);
+    if (s < n) load_w(s, kt0 + s);
+  }
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+  for (int s = 0; s < kStages - 1; ++s) {
+    if (s < n) load_x(s, kt0 + s);
     cp_async_commit();
   }
   for (int i = 0; i < n; ++i) {
     cp_async_wait<kStages - 2>();
     __syncthreads();
-    if (i + kStages - 1 < n) load_stage((i + kStages - 1) % kStages, kt0 + i + kStages - 1);
+    if (i + kStages - 1 < n) {
+      load_x((i + kStages - 1) % kStages, kt0 + i + kStages - 1);
+      load_w((i + kStages - 1) % kStages, kt0 + i + kStages - 1);
+    }
     cp_async_commit();
     const int st = i % kStages;
 #pragma unroll
