@@ -177,7 +177,13 @@ template <int D, int RW, int KW, int NB, bool kTma>
 __global__ void __launch_bounds__(32 * RW * KW)
     paged_attention_kernel(const PagedAttentionArgs a, const __grid_constant__ CUtensorMap k_map,
                            const __grid_constant__ CUtensorMap v_map) {
-  pdl_begin();
+  // kTma: the key tiles that earlier steps wrote load before the wait for the kernel before
+  // (rope, which writes this step's keys and rotates the queries); see below.
+  if constexpr (kTma) {
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+  } else {
+    pdl_begin();
+  }
   static_assert((RW == 1 || KW == 1) && D % 16 == 0 && NB >= 2);
   static_assert(!kTma || D == 128);
   constexpr int kThreads = 32 * RW * KW;
@@ -214,17 +220,20 @@ __global__ void __launch_bounds__(32 * RW * KW)
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, c = lane % 4;
   const int wr = warp / KW, wk = warp % KW;
 
-  for (int i = threadIdx.x; i < BM * kChunks; i += kThreads) {
-    const int r = i / kChunks, ch = i % kChunks, row = row0 + r;
-    const bool valid = row < rows;
-    const __nv_bfloat16* src = a.qkv;
-    if (valid) {
-      src = a.qkv + static_cast<size_t>(q0 + row / group) * row_stride +
-            static_cast<size_t>(kvh * group + row % group) * D + ch * 8;
+  auto load_q = [&] {
+    for (int i = threadIdx.x; i < BM * kChunks; i += kThreads) {
+      const int r = i / kChunks, ch = i % kChunks, row = row0 + r;
+      const bool valid = row < rows;
+      const __nv_bfloat16* src = a.qkv;
+      if (valid) {
+        src = a.qkv + static_cast<size_t>(q0 + row / group) * row_stride +
+              static_cast<size_t>(kvh * group + row % group) * D + ch * 8;
+      }
+      cp_async_16(sq + r * LD + ch * 8, src, valid);
     }
-    cp_async_16(sq + r * LD + ch * 8, src, valid);
-  }
-  cp_async_commit();
+    cp_async_commit();
+  };
+  if constexpr (!kTma) load_q();
 
   int pos[2];
   for (int i = 0; i < 2; ++i) {
@@ -290,8 +299,21 @@ __global__ void __launch_bounds__(32 * RW * KW)
       cp_async_16(sv + key * LD + ch * 8, a.v_cache + off, valid);
     }
   };
+  // kTma: keys before the position of the tile's first query token were written by earlier
+  // steps, so whole tiles of them load at once; the rest (and the queries) after the wait.
+  const int first_new = a.positions[q0];
+  auto early = [&](int kt) { return kTma && kt + BN <= first_new; };
+  if constexpr (kTma) {
+    for (int b = 0; b < NB - 1; ++b) {
+      const int kt = k_begin + b * BN;
+      if (kt < k_end && early(kt)) load_kv(b, kt);
+    }
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+    load_q();
+  }
   for (int b = 0; b < NB - 1; ++b) {  // the first NB - 1 key tiles, one group each
-    if (k_begin + b * BN < k_end) load_kv(b, k_begin + b * BN);
+    const int kt = k_begin + b * BN;
+    if (kt < k_end && !early(kt)) load_kv(b, kt);
     cp_async_commit();
   }
   cp_async_wait<NB - 1>();  // the query rows have landed
