@@ -136,6 +136,10 @@ struct Tail {
 // the tokens are few: beyond this the separate top-k and align kernels spread the work.
 constexpr int kFusedRouteTokens = 8;
 
+// Up to this many tokens the logits kernel lets the kernels after it launch only when its
+// partial sums are stored (see router_logits_kernel).
+constexpr int kLateLaunchTokens = 64;
+
 // CTAs of the current fused launch that have written their partial sums; the last one resets it.
 __device__ unsigned int g_route_arrivals = 0;
 
@@ -145,9 +149,10 @@ __device__ unsigned int g_route_arrivals = 0;
 template <bool kFused>
 __global__ void __launch_bounds__(kThreads)
     router_logits_kernel(float* partial, const __nv_bfloat16* x, const float* w, int tokens,
-                         int hidden, int experts, int tiles_per_split, const Tail tail) {
+                         int hidden, int experts, int tiles_per_split, const Tail tail,
+                         bool early_trigger) {
+  if (early_trigger) asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
   // The router's weights are fixed: the first stages' weights load before the wait for x.
-  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
   __shared__ __align__(16) __nv_bfloat16 xs[kStages][kBM][kXLd];
   __shared__ __align__(16) float ws[kStages][kBN][kWLd];
   const int m0 = blockIdx.x * kBM, n0 = blockIdx.y * kBN, split = blockIdx.z;
@@ -225,6 +230,11 @@ __global__ void __launch_bounds__(kThreads)
       if (t < tokens && e < experts) out[static_cast<size_t>(t) * experts + e] = acc[nt][j];
     }
   }
+  // The kernels after this one (top-k, or the routed expert GEMM after a fused launch) launch
+  // only now: launched early, the routed GEMM's CTAs would sit on every SM waiting, and the
+  // shared experts' GEMM (side stream, free to run while the router is latency-bound) could
+  // not start until they finish.
+  if (!early_trigger) asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
   if constexpr (kFused) {
     __shared__ bool last;
     __threadfence();  // this CTA's partial sums are visible before it is counted
@@ -281,6 +291,9 @@ bool route_topk(int32_t* ids, float* weights, const __nv_bfloat16* x, const floa
   auto* partial = static_cast<float*>(scratch);
   const dim3 grid(s.m_tiles, s.n_tiles, s.splits);
   Tail tail{ids, weights, bias, k, norm_min, {}};
+  // Up to 64 tokens the routed GEMMs launch only once the logits are in (steps 1 x 1000 3.62 ->
+  // 3.50 ms, 16 and 64 tokens no slower); at 256 the early launch is 0.2 ms faster per step.
+  const bool early = tokens > kLateLaunchTokens;
   if (layout != nullptr && tokens <= kFusedRouteTokens) {
     tail.layout = *layout;
     const size_t smem = (static_cast<size_t>(kThreads / 32) * 2 * experts) * sizeof(float) +
@@ -293,12 +306,12 @@ bool route_topk(int32_t* ids, float* weights, const __nv_bfloat16* x, const floa
       configured = true;
     }
     launch_pdl(router_logits_kernel<true>, grid, kThreads, smem, stream, partial, x, router, tokens,
-               hidden, experts, s.tiles_per_split, tail);
+               hidden, experts, s.tiles_per_split, tail, early);
     ERNIE_CUDA_CHECK(cudaGetLastError());
     return true;
   }
   launch_pdl(router_logits_kernel<false>, grid, kThreads, 0, stream, partial, x, router, tokens,
-             hidden, experts, s.tiles_per_split, tail);
+             hidden, experts, s.tiles_per_split, tail, early);
   ERNIE_CUDA_CHECK(cudaGetLastError());
   const size_t smem = static_cast<size_t>(kTopkWarps) * 2 * experts * sizeof(float);
   launch_pdl(router_topk_kernel, (tokens + kTopkWarps - 1) / kTopkWarps, kTopkWarps * 32, smem,
