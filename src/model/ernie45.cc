@@ -227,11 +227,11 @@ int Ernie45::enable_graphs(int max_batch, int max_blocks_per_seq) {
   graph_sizes_.clear();
   graph_logits_.clear();
   if (max_batch <= 0) return 0;
+  // 1, 2, 4, then multiples of 8, up to the first size that holds max_batch.
   std::vector<int> sizes;
-  for (int s : {1, 2, 4}) {
-    if (s < max_batch) sizes.push_back(s);
+  for (int s = 1; sizes.empty() || sizes.back() < max_batch; s = s < 8 ? 2 * s : s + 8) {
+    sizes.push_back(s);
   }
-  for (int s = 8; s < max_batch + 8; s += 8) sizes.push_back(s);
   if (!be_.enable_graphs(sizes.back(), max_blocks_per_seq)) return 0;
   graph_max_blocks_ = max_blocks_per_seq;
   graph_sizes_ = sizes;

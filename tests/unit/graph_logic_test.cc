@@ -190,6 +190,14 @@ TEST_F(GraphLogicTest, DecodeStepsArePaddedToGraphSizesAndExact) {
     EXPECT_TRUE(spy->graph_steps.empty());
     for (int q = 0; q < 3; ++q) ++lens[q];
   }
+  // A small batch limit records only the sizes up to it: one sequence runs unpadded.
+  spy->captures.clear();
+  EXPECT_EQ(graphed.model->enable_graphs(1, width), 1);
+  EXPECT_EQ(spy->captures, (std::map<int, int>{{1, 1}}));
+  spy->captures.clear();
+  EXPECT_EQ(graphed.model->enable_graphs(3, width), 3);
+  EXPECT_EQ(spy->captures, (std::map<int, int>{{1, 1}, {2, 1}, {4, 1}}));
+  spy->graph_steps.clear();
   EXPECT_EQ(graphed.model->enable_graphs(0, width), 0);
   {
     std::vector<int> from(lens.begin(), lens.begin() + 2), to = from;
