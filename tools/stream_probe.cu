@@ -1,0 +1,232 @@
+// ernie_stream_probe [iterations]: how fast a decode GEMM can stream its weights on this GPU.
+// A decode step's expert GEMMs are weight streams: each CTA reads R weight rows of K = 2560
+// bf16, 128 of the reduction per pipeline stage. This reads a [rows, K] matrix tile by tile
+// the same way, with no math (each stage is only touched), through several copy mechanisms and
+// grid shapes, and prints the bandwidth each reaches, beside plain 16-byte loads:
+//   cp.async   16-byte cp.async per thread, a commit group per stage (the decode GEMM today)
+//   tma        two 2-D TMA boxes (64 columns x R rows, 128-byte swizzle) per stage
+//   bulk       one contiguous 1-D bulk copy per stage (as if the weights were stored tiled)
+// each either one CTA per tile or persistent (one wave of CTAs, the stages of all of a CTA's
+// tiles in one pipeline). Every CTA asks for the decode GEMM's 65 KB of shared memory so that
+// as many are resident per SM. Tile counts: a one-token step's gate/up (6 experts x 3072 rows)
+// and a 16-token step's (~51 experts).
+#include <cuda.h>
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdio>
+#include <cstdlib>
+#include <exception>
+
+#include "backend/cuda/cuda_check.h"
+#include "backend/cuda/hopper.cuh"
+#include "backend/cuda/mma.cuh"
+
+namespace ernie::cuda {
+namespace {
+
+constexpr int kK = 2560, kBK = 128, kLd = kBK + 8;
+constexpr int kStagesPerTile = kK / kBK;
+constexpr size_t kSmem = 65 * 1024;
+
+enum class Copy { kCpAsync, kTma, kBulk };
+
+// The stages this CTA streams: its tiles blockIdx.x, + gridDim.x, ... each kStagesPerTile long.
+__device__ __forceinline__ int ctas_stages(int tiles) {
+  const int mine = (tiles - static_cast<int>(blockIdx.x) + gridDim.x - 1) / gridDim.x;
+  return mine * kStagesPerTile;
+}
+__device__ __forceinline__ int64_t stage_tile(int j) {
+  return blockIdx.x + static_cast<int64_t>(j / kStagesPerTile) * gridDim.x;
+}
+
+template <int R, int S, Copy kCopy>
+__global__ void __launch_bounds__(2 * R)
+    stream_kernel(const __nv_bfloat16* w, int64_t row0, int tiles,
+                  const __grid_constant__ CUtensorMap map, unsigned* sink) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  // 1024-byte aligned stages (the 128-byte swizzle of TMA boxes needs it); kSmem has the room.
+  unsigned char* smem = smem_raw + ((1024 - (smem_u32(smem_raw) & 1023)) & 1023);
+  __shared__ uint64_t full[S];
+  const int tid = threadIdx.x;
+  const int n = ctas_stages(tiles);
+  constexpr int kStageBytes = kCopy == Copy::kCpAsync ? R * kLd * 2 : R * kBK * 2;
+  auto stage_ptr = [&](int j) { return smem + (j % S) * kStageBytes; };
+  if (kCopy != Copy::kCpAsync && tid == 0) {
+    for (int s = 0; s < S; ++s) mbar_init(&full[s], 1);
+    mbar_init_fence();
+  }
+  __syncthreads();
+  auto issue = [&](int j) {
+    const int64_t tile = stage_tile(j);
+    const int kt = j % kStagesPerTile;
+    if constexpr (kCopy == Copy::kCpAsync) {
+      const __nv_bfloat16* base = w + (row0 + tile * R) * kK + kt * kBK;
+      auto* dst = reinterpret_cast<__nv_bfloat16*>(stage_ptr(j));
+      for (int i = tid; i < R * (kBK / 8); i += 2 * R) {
+        const int r = i / (kBK / 8), ch = i % (kBK / 8);
+        cp_async_16(dst + r * kLd + ch * 8, base + static_cast<int64_t>(r) * kK + ch * 8, true);
+      }
+    } else if (tid == 0) {
+      uint64_t* bar = &full[j % S];
+      mbar_arrive_expect_tx(bar, R * kBK * 2);
+      if constexpr (kCopy == Copy::kTma) {
+        const int row = static_cast<int>(row0 + tile * R);
+        tma_load_2d(stage_ptr(j), &map, bar, kt * kBK, row);
+        tma_load_2d(stage_ptr(j) + R * 128, &map, bar, kt * kBK + 64, row);
+      } else {
+        // Tiled layout: stage (tile, kt) is R x 128 contiguous elements.
+        const __nv_bfloat16* src = w + row0 * kK + (tile * kStagesPerTile + kt) * (R * kBK);
+        asm volatile(
+            "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, "
+            "[%3];\n" ::"r"(smem_u32(stage_ptr(j))),
+            "l"(src), "r"(R * kBK * 2), "r"(smem_u32(bar))
+            : "memory");
+      }
+    }
+  };
+  unsigned acc = 0;
+  for (int s = 0; s < S - 1; ++s) {
+    if (s < n) issue(s);
+    if constexpr (kCopy == Copy::kCpAsync) cp_async_commit();
+  }
+  for (int j = 0; j < n; ++j) {
+    if constexpr (kCopy == Copy::kCpAsync) {
+      cp_async_wait<S - 2>();
+      __syncthreads();
+    }
+    // The slot refilled now was last read in iteration j - 1 (a barrier since).
+    if (j + S - 1 < n) issue(j + S - 1);
+    if constexpr (kCopy == Copy::kCpAsync) {
+      cp_async_commit();
+    } else {
+      mbar_wait(&full[j % S], (j / S) & 1);
+    }
+    const unsigned* p = reinterpret_cast<const unsigned*>(stage_ptr(j));
+    acc ^= p[tid] + p[tid + 2 * R];
+    if constexpr (kCopy != Copy::kCpAsync) __syncthreads();
+  }
+  if (acc == 0x9e3779b9u) sink[0] = acc;  // keeps the reads
+}
+
+// Plain 16-byte loads over the same bytes, grid-stride, four in flight per thread.
+__global__ void __launch_bounds__(256) ldg_kernel(const uint4* w, int64_t n, unsigned* sink) {
+  unsigned acc = 0;
+  const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  for (; i + 3 * step < n; i += 4 * step) {
+    uint4 v[4];
+#pragma unroll
+    for (int u = 0; u < 4; ++u) v[u] = __ldcs(w + i + u * step);
+#pragma unroll
+    for (int u = 0; u < 4; ++u) acc ^= v[u].x + v[u].y + v[u].z + v[u].w;
+  }
+  for (; i < n; i += step) acc ^= __ldcs(w + i).x;
+  if (acc == 0x9e3779b9u) sink[0] = acc;
+}
+
+struct Bench {
+  __nv_bfloat16* buf = nullptr;
+  int64_t rows = 0;  // of K elements
+  unsigned* sink = nullptr;
+  CUtensorMap map32{}, map64{};
+  int iters = 20;
+  cudaEvent_t t0{}, t1{};
+
+  // Seconds per run of `launch(row0)`, each run at another place in the buffer (no L2 reuse).
+  template <class F>
+  double time(int64_t run_rows, F&& launch) {
+    const int64_t places = std::max<int64_t>(1, rows / run_rows - 1);
+    launch(0);
+    ERNIE_CUDA_CHECK(cudaDeviceSynchronize());
+    ERNIE_CUDA_CHECK(cudaEventRecord(t0));
+    for (int i = 0; i < iters; ++i) launch(((i + 1) % places) * run_rows);
+    ERNIE_CUDA_CHECK(cudaEventRecord(t1));
+    ERNIE_CUDA_CHECK(cudaEventSynchronize(t1));
+    float ms = 0;
+    ERNIE_CUDA_CHECK(cudaEventElapsedTime(&ms, t0, t1));
+    return ms * 1e-3 / iters;
+  }
+};
+
+template <int R, int S, Copy kCopy>
+void run_case(Bench& b, const char* copy_name, int tiles, bool persistent) {
+  auto kernel = stream_kernel<R, S, kCopy>;
+  ERNIE_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        static_cast<int>(kSmem)));
+  int per_sm = 0, sms = 0, device = 0;
+  ERNIE_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, 2 * R, kSmem));
+  ERNIE_CUDA_CHECK(cudaGetDevice(&device));
+  ERNIE_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  const int grid = persistent ? std::min(tiles, per_sm * sms) : tiles;
+  const CUtensorMap& map = R == 32 ? b.map32 : b.map64;
+  const int64_t run_rows = static_cast<int64_t>(tiles) * R;
+  const double sec = b.time(run_rows, [&](int64_t row0) {
+    kernel<<<grid, 2 * R, kSmem>>>(b.buf, row0, tiles, map, b.sink);
+  });
+  ERNIE_CUDA_CHECK(cudaGetLastError());
+  const double bytes = static_cast<double>(run_rows) * kK * 2;
+  std::printf("%-9s R=%-2d S=%d %-10s tiles %5d grid %5d (%d/SM)  %8.1f us  %5.2f TB/s\n",
+              copy_name, R, S, persistent ? "persistent" : "per-tile", tiles, grid, per_sm,
+              sec * 1e6, bytes / sec * 1e-12);
+}
+
+void run_ldg(Bench& b, int64_t bytes) {
+  int sms = 0, device = 0;
+  ERNIE_CUDA_CHECK(cudaGetDevice(&device));
+  ERNIE_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  const int64_t run_rows = bytes / (kK * 2);
+  const double sec = b.time(run_rows, [&](int64_t row0) {
+    ldg_kernel<<<sms * 8, 256>>>(reinterpret_cast<const uint4*>(b.buf + row0 * kK), bytes / 16,
+                                 b.sink);
+  });
+  ERNIE_CUDA_CHECK(cudaGetLastError());
+  std::printf("%-9s %-37s %8.1f us  %5.2f TB/s\n", "ldg", "16-byte loads, 8 CTAs/SM x 256",
+              sec * 1e6, static_cast<double>(bytes) / sec * 1e-12);
+}
+
+int run(int iters) {
+  Bench b;
+  b.iters = iters;
+  const size_t bytes = size_t{6} << 30;
+  b.rows = static_cast<int64_t>(bytes / (kK * 2));
+  ERNIE_CUDA_CHECK(cudaMalloc(&b.buf, bytes));
+  ERNIE_CUDA_CHECK(cudaMemset(b.buf, 0x3c, bytes));
+  ERNIE_CUDA_CHECK(cudaMalloc(&b.sink, sizeof(unsigned)));
+  ERNIE_CUDA_CHECK(cudaEventCreate(&b.t0));
+  ERNIE_CUDA_CHECK(cudaEventCreate(&b.t1));
+  b.map32 = tensor_map_bf16_sw128(b.buf, b.rows, kK, 32);
+  b.map64 = tensor_map_bf16_sw128(b.buf, b.rows, kK, 64);
+  // One token: 6 experts x 3072 gate/up rows; 16 tokens: ~51 experts.
+  for (const int rows : {6 * 3072, 51 * 3072}) {
+    std::printf("-- %d weight rows x %d (%.1f MB)\n", rows, kK, rows * kK * 2e-6);
+    run_ldg(b, static_cast<int64_t>(rows) * kK * 2);
+    for (const bool persistent : {false, true}) {
+      run_case<32, 5, Copy::kCpAsync>(b, "cp.async", rows / 32, persistent);
+      run_case<64, 3, Copy::kCpAsync>(b, "cp.async", rows / 64, persistent);
+      run_case<32, 5, Copy::kTma>(b, "tma", rows / 32, persistent);
+      run_case<32, 7, Copy::kTma>(b, "tma", rows / 32, persistent);
+      run_case<64, 3, Copy::kTma>(b, "tma", rows / 64, persistent);
+      run_case<64, 4, Copy::kTma>(b, "tma", rows / 64, persistent);
+      run_case<32, 5, Copy::kBulk>(b, "bulk", rows / 32, persistent);
+      run_case<64, 3, Copy::kBulk>(b, "bulk", rows / 64, persistent);
+    }
+  }
+  cudaFree(b.buf);
+  cudaFree(b.sink);
+  return 0;
+}
+
+}  // namespace
+}  // namespace ernie::cuda
+
+int main(int argc, char** argv) {
+  const int iters = argc > 1 ? std::max(1, std::atoi(argv[1])) : 20;
+  try {
+    return ernie::cuda::run(iters);
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "error: %s\n", e.what());
+    return 1;
+  }
+}
