@@ -117,25 +117,34 @@ struct Tile {
   static constexpr int kBN = BM == kMoeBlockSmall && !kWide ? 32 : 64;
   static constexpr int kBK = 128;
   static constexpr int kStages = kWide ? 3 : BM == kMoeBlockSmall ? 5 : 4;
-  static constexpr int kLd = kBK + 8;  // padded rows: conflict-free fragment reads
+  static constexpr int kLd = kBK + 8;  // padded activation rows: conflict-free fragment reads
   static constexpr int kWarpsM = 1, kWarpsN = kBN / 16;
   static constexpr int kThreads = 32 * kWarpsM * kWarpsN;
   static constexpr int kMt = BM / (16 * kWarpsM);  // m16 tiles per warp
   static constexpr int kNt = kBN / (8 * kWarpsN);  // n8 tiles per warp (a gate and an up one)
   static constexpr int kChunks = kBK / 8;          // 16-byte chunks per row and stage
-  static constexpr int kALoads = BM * kChunks / kThreads, kBLoads = kBN * kChunks / kThreads;
-  static constexpr size_t kSmem = static_cast<size_t>(kStages) * (BM + kBN) * kLd * 2;
+  static constexpr int kALoads = BM * kChunks / kThreads;
+  // Weight rows per TMA box (gate/up: the gate rows and the up rows are two boxes).
+  static constexpr int kBoxRows(bool gate_up) { return gate_up ? kBN / 2 : kBN; }
+  // A stage's weights: two 64-column halves of kBN rows x 128 bytes, 128-byte swizzled.
+  static constexpr int kBStage = kBN * kBK * 2;
+  static constexpr int kAStage = BM * kLd * 2;
+  static constexpr size_t kSmem = static_cast<size_t>(kStages) * (kBStage + kAStage) + 1024;
 };
 
 // One CTA computes a BM x BN tile of one M-block against its expert's weights. kGateUp: the
 // BN weight rows are BN/2 gate rows and the matching BN/2 up rows (each warp holds the gate and
 // up columns of the same outputs), output = SwiGLU, BN/2 columns. Otherwise: BN output columns
-// scaled by the pair's routing weight. K % 8 == 0; a partial last stage is zero-filled.
+// scaled by the pair's routing weight. The weights come by TMA (thread 0 issues each stage's
+// boxes, which complete on the stage's barrier); the activation rows, gathered by pair, by
+// cp.async. K % 8 == 0; a partial last stage is zero-filled. w_map: the weights as rows of K
+// ([E * 2N, K] or [E * N, K]), box kBoxRows x 64.
 template <int BM, bool kWide, bool kGateUp>
 __global__ void __launch_bounds__(Tile<BM, kWide>::kThreads)
-    moe_gemm_kernel(__nv_bfloat16* out, const __nv_bfloat16* a_src, const __nv_bfloat16* w,
-                    const float* route_w, const int32_t* sorted_pairs, const int32_t* block_expert,
-                    int k_choices, int K, int N) {
+    moe_gemm_kernel(__nv_bfloat16* out, const __nv_bfloat16* a_src,
+                    const __grid_constant__ CUtensorMap w_map, const float* route_w,
+                    const int32_t* sorted_pairs, const int32_t* block_expert, int k_choices, int K,
+                    int N) {
   // gate/up launches down only once the routing is complete (pdl_begin_ordered), so down can
   // read the layout and start streaming its weights while gate/up is still running; it waits
   // for gate/up's output before its first activation load.
@@ -147,17 +156,26 @@ __global__ void __launch_bounds__(Tile<BM, kWide>::kThreads)
   using T = Tile<BM, kWide>;
   constexpr int kBN = T::kBN, kBK = T::kBK, kStages = T::kStages, kLd = T::kLd;
   constexpr int kMt = T::kMt, kNt = T::kNt, kHalf = kNt / 2, kGateRows = kBN / 2;
+  constexpr int kBoxRows = T::kBoxRows(kGateUp);
   const int e = __ldcg(block_expert + blockIdx.x);
   if (e < 0) return;
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  __nv_bfloat16* sa = reinterpret_cast<__nv_bfloat16*>(smem_raw);  // [stages][BM][LD]
-  __nv_bfloat16* sb = sa + kStages * BM * kLd;                     // [stages][BN][LD]
+  __shared__ uint64_t full[kStages];  // a stage's weights have landed
+  // [stages][2 halves][BN rows][128 bytes] (1024-byte aligned for the swizzle), then the
+  // activations [stages][BM][LD].
+  unsigned char* sb = smem_raw + ((1024 - (smem_u32(smem_raw) & 1023)) & 1023);
+  __nv_bfloat16* sa = reinterpret_cast<__nv_bfloat16*>(sb + kStages * T::kBStage);
   const int m0 = blockIdx.x * BM;
   const int n0 = blockIdx.y * (kGateUp ? kBN / 2 : kBN);  // first output column
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, c = lane % 4;
   const int wm = warp / T::kWarpsN, wn = warp % T::kWarpsN;
+  if (tid == 0) {
+    for (int s = 0; s < kStages; ++s) mbar_init(&full[s], 1);
+    mbar_init_fence();
+  }
+  __syncthreads();
 
-  // Per-thread source rows of the loads (fixed over K).
+  // Per-thread source rows of the activation loads (fixed over K).
   const __nv_bfloat16* a_row[T::kALoads];
   int a_r[T::kALoads], a_ch[T::kALoads];
 #pragma unroll
@@ -169,25 +187,8 @@ __global__ void __launch_bounds__(Tile<BM, kWide>::kThreads)
     const int64_t src_row = kGateUp ? pair / k_choices : m0 + a_r[i];
     a_row[i] = pair >= 0 ? a_src + src_row * K : nullptr;
   }
-  const __nv_bfloat16* b_row[T::kBLoads];
-  int b_r[T::kBLoads], b_ch[T::kBLoads];
-  const size_t w_rows = kGateUp ? 2 * static_cast<size_t>(N) : N;
-  const __nv_bfloat16* we = w + static_cast<size_t>(e) * w_rows * K;
-#pragma unroll
-  for (int i = 0; i < T::kBLoads; ++i) {
-    const int idx = tid + i * T::kThreads;
-    b_r[i] = idx / T::kChunks;
-    b_ch[i] = idx % T::kChunks;
-    int col, wrow;
-    if (kGateUp) {
-      col = n0 + (b_r[i] % kGateRows);
-      wrow = b_r[i] < kGateRows ? col : N + col;
-    } else {
-      col = n0 + b_r[i];
-      wrow = col;
-    }
-    b_row[i] = col < N ? we + static_cast<size_t>(wrow) * K : nullptr;
-  }
+  // First weight row of the tile (gate/up: the gate rows; the up rows are N further).
+  const int w_row0 = e * (kGateUp ? 2 * N : N) + n0;
   auto load_a = [&](int stage, int kt) {
     const int k0 = kt * kBK;
 #pragma unroll
@@ -198,12 +199,17 @@ __global__ void __launch_bounds__(Tile<BM, kWide>::kThreads)
     }
   };
   auto load_b = [&](int stage, int kt) {
-    const int k0 = kt * kBK;
+    if (tid != 0) return;
+    uint64_t* bar = &full[stage];
+    mbar_arrive_expect_tx(bar, T::kBStage);
+    unsigned char* dst = sb + stage * T::kBStage;
 #pragma unroll
-    for (int i = 0; i < T::kBLoads; ++i) {
-      const int kk = k0 + b_ch[i] * 8;
-      const bool ok = b_row[i] != nullptr && kk < K;
-      cp_async_16(sb + (stage * kBN + b_r[i]) * kLd + b_ch[i] * 8, ok ? b_row[i] + kk : w, ok);
+    for (int h = 0; h < 2; ++h) {
+      const int k0 = kt * kBK + h * 64;
+      tma_load_2d(dst + h * kBN * 128, &w_map, bar, k0, w_row0);
+      if constexpr (kGateUp) {
+        tma_load_2d(dst + h * kBN * 128 + kBoxRows * 128, &w_map, bar, k0, w_row0 + N);
+      }
     }
   };
 
@@ -216,7 +222,7 @@ __global__ void __launch_bounds__(Tile<BM, kWide>::kThreads)
 
   const int kTiles = (K + kBK - 1) / kBK;
   // The first stages' weights, then (down: once gate/up's output is complete) their
-  // activations, a commit group per stage (the first group also holds every early weight load).
+  // activations, a commit group per stage.
   for (int s = 0; s < kStages - 1; ++s) {
     if (s < kTiles) load_b(s, s);
   }
@@ -227,6 +233,9 @@ __global__ void __launch_bounds__(Tile<BM, kWide>::kThreads)
   }
   for (int kt = 0; kt < kTiles; ++kt) {
     cp_async_wait<kStages - 2>();
+    mbar_wait(&full[kt % kStages], (kt / kStages) & 1);
+    // Everyone's activation copies have landed, and everyone is done with the stage the loads
+    // below refill (read in the previous iteration).
     __syncthreads();
     const int next = kt + kStages - 1;
     if (next < kTiles) {
@@ -235,7 +244,7 @@ __global__ void __launch_bounds__(Tile<BM, kWide>::kThreads)
     }
     cp_async_commit();
     const __nv_bfloat16* A = sa + (kt % kStages) * BM * kLd;
-    const __nv_bfloat16* B = sb + (kt % kStages) * kBN * kLd;
+    const unsigned char* B = sb + (kt % kStages) * T::kBStage;
 #pragma unroll
     for (int ks = 0; ks < kBK / 16; ++ks) {
       uint32_t af[kMt][4];
@@ -247,13 +256,18 @@ __global__ void __launch_bounds__(Tile<BM, kWide>::kThreads)
         af[mt][2] = load_u32(p + 8);
         af[mt][3] = load_u32(p + 8 * kLd + 8);
       }
+      // Columns ks * 16 .. + 15 are 16-byte chunks 2 (ks % 4) and + 1 of the half ks / 4; row
+      // r's chunk j sits at chunk j ^ (r % 8) (r % 8 == g: tiles start at multiples of 8).
+      const unsigned char* half = B + (ks / 4) * kBN * 128 + 4 * c;
+      const int chunk = 2 * (ks % 4);
 #pragma unroll
       for (int nt = 0; nt < kNt; ++nt) {
         const int brow = kGateUp ? (nt < kHalf ? wn * kHalf * 8 + nt * 8
                                                : kGateRows + wn * kHalf * 8 + (nt - kHalf) * 8)
                                  : wn * kNt * 8 + nt * 8;
-        const __nv_bfloat16* p = B + (brow + g) * kLd + ks * 16 + 2 * c;
-        const uint32_t b0 = load_u32(p), b1 = load_u32(p + 8);
+        const unsigned char* row = half + (brow + g) * 128;
+        const uint32_t b0 = *reinterpret_cast<const uint32_t*>(row + ((chunk ^ g) << 4));
+        const uint32_t b1 = *reinterpret_cast<const uint32_t*>(row + (((chunk + 1) ^ g) << 4));
 #pragma unroll
         for (int mt = 0; mt < kMt; ++mt) mma_16816(acc[mt][nt], af[mt], b0, b1);
       }
@@ -299,7 +313,7 @@ template <int BM, bool kWide, bool kGateUp>
 void launch_gemm_tile(__nv_bfloat16* out, const __nv_bfloat16* a, const __nv_bfloat16* w,
                       const float* route_w, const int32_t* sorted_pairs,
                       const int32_t* block_expert, int64_t capacity, int k, int K, int N,
-                      cudaStream_t stream) {
+                      int experts, cudaStream_t stream) {
   using T = Tile<BM, kWide>;
   static bool configured = false;
   if (!configured) {
@@ -310,8 +324,10 @@ void launch_gemm_tile(__nv_bfloat16* out, const __nv_bfloat16* a, const __nv_bfl
   }
   constexpr int cols = kGateUp ? T::kBN / 2 : T::kBN;
   const dim3 grid(static_cast<unsigned>(capacity / BM), (N + cols - 1) / cols);
-  launch_pdl(moe_gemm_kernel<BM, kWide, kGateUp>, grid, T::kThreads, T::kSmem, stream, out, a, w,
-             route_w, sorted_pairs, block_expert, k, K, N);
+  const int64_t w_rows = static_cast<int64_t>(experts) * (kGateUp ? 2 * N : N);
+  const CUtensorMap w_map = tensor_map_bf16_sw128(w, w_rows, K, T::kBoxRows(kGateUp));
+  launch_pdl(moe_gemm_kernel<BM, kWide, kGateUp>, grid, T::kThreads, T::kSmem, stream, out, a,
+             w_map, route_w, sorted_pairs, block_expert, k, K, N);
   ERNIE_CUDA_CHECK(cudaGetLastError());
 }
 
@@ -338,22 +354,23 @@ bool wide_tiles_fit(int64_t capacity, int N) {
 template <bool kGateUp>
 void launch_gemm(__nv_bfloat16* out, const __nv_bfloat16* a, const __nv_bfloat16* w,
                  const float* route_w, const int32_t* sorted_pairs, const int32_t* block_expert,
-                 int64_t capacity, int block_m, int k, int K, int N, cudaStream_t stream) {
+                 int64_t capacity, int block_m, int k, int K, int N, int experts,
+                 cudaStream_t stream) {
   require_parts(K % 8 == 0, "MoE GEMM: the reduction size ", K, " must be a multiple of 8");
   require_parts(capacity % block_m == 0, "MoE GEMM: capacity ", capacity,
                 " is not a multiple of the block size ", block_m);
   if (block_m == kMoeBlockSmall) {
     if (wide_tiles_fit<kGateUp>(capacity, N)) {
-      launch_gemm_tile<kMoeBlockSmall, true, kGateUp>(out, a, w, route_w, sorted_pairs,
-                                                      block_expert, capacity, k, K, N, stream);
+      launch_gemm_tile<kMoeBlockSmall, true, kGateUp>(
+          out, a, w, route_w, sorted_pairs, block_expert, capacity, k, K, N, experts, stream);
     } else {
-      launch_gemm_tile<kMoeBlockSmall, false, kGateUp>(out, a, w, route_w, sorted_pairs,
-                                                       block_expert, capacity, k, K, N, stream);
+      launch_gemm_tile<kMoeBlockSmall, false, kGateUp>(
+          out, a, w, route_w, sorted_pairs, block_expert, capacity, k, K, N, experts, stream);
     }
   } else {
     require_parts(block_m == kMoeBlockMid, "MoE GEMM: unknown block size ", block_m);
     launch_gemm_tile<kMoeBlockMid, false, kGateUp>(out, a, w, route_w, sorted_pairs, block_expert,
-                                                   capacity, k, K, N, stream);
+                                                   capacity, k, K, N, experts, stream);
   }
 }
 
@@ -663,7 +680,7 @@ void moe_gate_up(__nv_bfloat16* act, const __nv_bfloat16* x, const __nv_bfloat16
     return;
   }
   launch_gemm<true>(act, x, w_gate_up, nullptr, sorted_pairs, block_expert, capacity, block_m, k,
-                    hidden, inter, stream);
+                    hidden, inter, experts, stream);
 }
 
 void moe_down(__nv_bfloat16* y, const __nv_bfloat16* act, const __nv_bfloat16* w_down,
@@ -680,7 +697,7 @@ void moe_down(__nv_bfloat16* y, const __nv_bfloat16* act, const __nv_bfloat16* w
     return;
   }
   launch_gemm<false>(y, act, w_down, weights, sorted_pairs, block_expert, capacity, block_m, 1,
-                     inter, hidden, stream);
+                     inter, hidden, experts, stream);
 }
 
 void moe_combine(__nv_bfloat16* out, const __nv_bfloat16* y, const int32_t* pair_pos,
