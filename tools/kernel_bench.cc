@@ -40,8 +40,10 @@ using backend::RandomInit;
 using backend::StepInput;
 using backend::Tensor;
 
-constexpr double kPeakBytes = 3.1e12;  // measured streaming read on the H100
-constexpr double kPeakFlops = 790e12;  // bf16 dense GEMM on the H100
+// Streaming read bandwidth, measured on this device at start (cuda::measure_read_bandwidth);
+// the bf16 dense GEMM rate measured on an H100 (an H200's is the same).
+double peak_bytes = 3.1e12;
+constexpr double kPeakFlops = 790e12;
 
 // Mean seconds per call of `fn` over `iters` calls after two warm-ups (the device is
 // synchronised around the timed loop only).
@@ -57,7 +59,7 @@ double time_it(int iters, F&& fn) {
 }
 
 void report(const char* what, double sec, double bytes, double flops) {
-  const double floor_s = std::max(bytes / kPeakBytes, flops / kPeakFlops);
+  const double floor_s = std::max(bytes / peak_bytes, flops / kPeakFlops);
   std::printf("%-44s %9.3f ms  %6.2f TB/s  %7.1f TFLOP/s  floor %8.3f ms  x%.2f\n", what, sec * 1e3,
               bytes / sec / 1e12, flops / sec / 1e12, floor_s * 1e3, sec / floor_s);
 }
@@ -257,6 +259,9 @@ int main(int argc, char** argv) {
 #endif
     ernie::require(ernie::cuda::device_count() > 0, "no CUDA device");
     std::printf("%s\n", ernie::cuda::describe_device(0).c_str());
+    ernie::peak_bytes = ernie::cuda::measure_read_bandwidth();
+    std::printf("floors at %.2f TB/s (streaming read measured now) and %.0f TFLOP/s\n",
+                ernie::peak_bytes * 1e-12, ernie::kPeakFlops * 1e-12);
     std::printf("%-44s %12s  %10s  %15s  %14s  %s\n", "op", "time", "bytes/s", "FLOP/s", "floor",
                 "ratio");
     if ((what == "all" || what == "ops") && ernie::run_ops(iters) != 0) return 1;
