@@ -8,7 +8,8 @@
 #   scripts/gpu_sweep.sh [RESULT_DIR] ["IN/OUT:N1,N2,..." ...]
 # Default runs: 1000/1000 at 1, 16, 64, 256 prompts. Extra serve flags: ERNIE_SERVE_ARGS;
 # ERNIE (binary, default build-gpu/ernie) and ERNIE_SWEEP_PRESET (default 21b-a3b) for trying
-# the script elsewhere.
+# the script elsewhere. ERNIE_BANDWIDTH: the floor's bytes/s (default 3.1e12, an H100's; the
+# "floors at" line of ernie_kernel_bench gives this machine's).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=$(realpath -m "${1:-gpu-results}")
@@ -49,7 +50,8 @@ for run in "${runs[@]}"; do
       fit=$(( kv_tokens / (in + outlen) ))
       [ "$fit" -ge 1 ] && [ "$fit" -lt "$batch" ] && batch=$fit
     fi
-    floor=$($ernie roofline --model "$model" --batch "$batch" --context $(( in + outlen / 2 )))
+    floor=$($ernie roofline --model "$model" --batch "$batch" --context $(( in + outlen / 2 )) \
+      --bandwidth "${ERNIE_BANDWIDTH:-3.1e12}")
     python3 - "$out/$name" "$floor" "$io" "$n" <<'PY'
 import json, sys
 r = json.load(open(sys.argv[1]))
