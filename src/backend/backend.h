@@ -87,6 +87,9 @@ struct MoeWeights {
   Tensor shared_down;      // [hidden, I_s]
   int top_k = 0;
   float norm_min = 1e-12f;
+  // Set by Backend::prepare_moe: the expert tensors are in the form the backend's moe() reads
+  // (their shapes stay the logical ones above).
+  bool experts_prepared = false;
 };
 
 // How to sample one row of logits (one sequence). Pointers stay valid for the call.
@@ -184,6 +187,10 @@ class Backend {
                                uint64_t seed) = 0;
   // Bytes held by weights so far.
   virtual int64_t weight_bytes() const = 0;
+  // Puts a MoE block's expert tensors (loaded or drawn by this backend) into the form its moe()
+  // reads, once, before the first moe() with them. The CPU backend reads them as they are; the
+  // CUDA backend re-lays them out for its kernels (cuda/expert_layout.h).
+  virtual void prepare_moe(MoeWeights& w) { w.experts_prepared = true; }
 
   virtual void configure_attention(const AttentionConfig& cfg) = 0;
   // Allocates the paged KV cache (replacing any earlier one): per layer, K and V of

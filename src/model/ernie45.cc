@@ -109,6 +109,7 @@ ModelWeights load_weights(const ModelConfig& c, const Checkpoint& ck, backend::B
       }
       m.experts_gate_up = be.load_weight(gu.with_shape({e, 2 * ie, h}));
       m.experts_down = be.load_weight(down.with_shape({e, h, ie}));
+      be.prepare_moe(m);
       if (c.moe_num_shared_experts > 0) {
         const int64_t si = c.shared_intermediate_size();
         Concat sgu;
@@ -163,6 +164,7 @@ ModelWeights dummy_weights(const ModelConfig& c, backend::Backend& be, uint64_t 
       m.router_bias = make(p + "mlp.moe_statics.e_score_correction_bias", {1, e}, {e}, DType::kF32);
       m.experts_gate_up = make(p + "mlp.experts.0.gate_proj.weight", {ie, h}, {e, 2 * ie, h});
       m.experts_down = make(p + "mlp.experts.0.down_proj.weight", {h, ie}, {e, h, ie});
+      be.prepare_moe(m);
       if (c.moe_num_shared_experts > 0) {
         const int64_t si = c.shared_intermediate_size();
         m.shared_gate_up = make(p + "mlp.shared_experts.gate_proj.weight", {si, h}, {2 * si, h});

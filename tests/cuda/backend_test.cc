@@ -277,6 +277,7 @@ TEST_F(CudaBackendTest, MoeMatchesCpu) {
       w.router_bias = be.load_weight(bias.host());
       w.experts_gate_up = be.load_weight(gate_up.host());
       w.experts_down = be.load_weight(down.host());
+      be.prepare_moe(w);
       if (c.shared_inter > 0) {
         w.shared_gate_up = be.load_weight(sgu.host());
         w.shared_down = be.load_weight(sdown.host());

@@ -12,6 +12,7 @@
 #include "backend/cpu/ops.h"
 #include "backend/cuda/activation.cuh"
 #include "backend/cuda/device.h"
+#include "backend/cuda/expert_layout.h"
 #include "backend/cuda/moe.cuh"
 #include "backend/cuda/rope.cuh"
 #include "backend/cuda/router.cuh"
@@ -78,6 +79,30 @@ TEST(CudaKernels, SiluMulMatchesCpuReference) {
       ASSERT_FALSE(std::isnan(out[i])) << i;
       ASSERT_NEAR(out[i], ref[i], 1e-2 * std::abs(ref[i]) + 1e-3)
           << rows << "x" << inter << " at " << i;
+    }
+  }
+}
+
+// The device tiling of expert weights puts every element where tiled_offset says and zeros in
+// the padding columns (K not a multiple of 128 included).
+TEST(CudaKernels, TileExpertWeightsMatchesLayout) {
+  if (device_count() == 0) GTEST_SKIP() << "no CUDA device";
+  Rng rng(std::random_device{}());
+  for (auto [rows, k] : {std::pair<int64_t, int64_t>{32, 160}, {64, 96}, {48, 2560}, {16, 8}}) {
+    const auto src = random_bf16(rng, static_cast<size_t>(rows * k), 1.0);
+    const int64_t kp = tiled_cols(k);
+    DeviceBuffer<uint16_t> d_src(src.size()), d_dst(static_cast<size_t>(rows * kp));
+    d_src.upload(src);
+    d_dst.poison();
+    tile_expert_weights(bf(d_dst.p), bf(d_src.p), rows, k, nullptr);
+    ERNIE_CUDA_CHECK(cudaDeviceSynchronize());
+    const auto dst = d_dst.download();
+    for (int64_t r = 0; r < rows; ++r) {
+      for (int64_t c = 0; c < kp; ++c) {
+        const uint16_t want = c < k ? src[static_cast<size_t>(r * k + c)] : uint16_t{0};
+        ASSERT_EQ(dst[static_cast<size_t>(tiled_offset(r, c, kp))], want)
+            << rows << " x " << k << " at (" << r << ", " << c << ")";
+      }
     }
   }
 }

@@ -1,7 +1,7 @@
 // Host-side planning for the CUDA kernels (runs without a GPU): the attention tile plan covers
 // every query row once (paired prefill tiles: each sequence's tiles padded to an even count),
 // key splits cover every key, a graph plan depends only on the batch shape; the MoE layout has
-// room for any routing.
+// room for any routing; the tiled expert weight layout is what the MoE kernels' copies assume.
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "backend/cuda/attention.cuh"
+#include "backend/cuda/expert_layout.h"
 #include "backend/cuda/moe.cuh"
 #include "common/rng.h"
 
@@ -131,6 +132,78 @@ TEST(MoeLayout, CapacityHoldsAnyRouting) {
   EXPECT_EQ(moe_block_m(256 * 6, 64), kMoeBlockMid);
   EXPECT_EQ(moe_block_m(512 * 6, 64), kMoeBlockWgmma);
   EXPECT_EQ(moe_block_m(8192 * 6, 64), kMoeBlockWgmma);
+}
+
+// Every (row, col) of a tiled matrix has its own element, the padding columns included, and
+// nothing lies outside rows x tiled_cols(K).
+TEST(ExpertLayout, EveryElementHasOnePlace) {
+  for (const int64_t k : {8, 96, 104, 128, 160, 1536, 2560}) {
+    const int64_t rows = 48, kp = tiled_cols(k);
+    ASSERT_EQ(kp % 128, 0);
+    ASSERT_GE(kp, k);
+    ASSERT_LT(kp - k, 128);
+    std::vector<int> hits(static_cast<size_t>(rows * kp), 0);
+    for (int64_t r = 0; r < rows; ++r) {
+      for (int64_t c = 0; c < kp; ++c) {
+        const int64_t o = tiled_offset(r, c, kp);
+        ASSERT_GE(o, 0);
+        ASSERT_LT(o, rows * kp);
+        ++hits[static_cast<size_t>(o)];
+      }
+    }
+    EXPECT_EQ(std::count(hits.begin(), hits.end(), 1), rows * kp) << "K " << k;
+  }
+}
+
+// What a decode stage copies: 128 columns (stage kt) of a 16-row group are the 2048 elements
+// from group * 16 * kp + kt * 2048 on, and land in shared memory as two 64-column chunks of 16
+// rows x 128 bytes with the 16-byte pieces of row r at p ^ (r % 8), which is where the decode
+// kernel reads them.
+TEST(ExpertLayout, DecodeStageIsOneContiguousCopy) {
+  for (const int64_t k : {160, 1536, 2560}) {
+    const int64_t kp = tiled_cols(k);
+    for (int64_t group = 0; group < 3; ++group) {
+      for (int64_t kt = 0; kt < kp / 128; ++kt) {
+        const int64_t base = group * 16 * kp + kt * 2048;
+        for (int64_t r = 0; r < 16; ++r) {
+          for (int64_t c = 0; c < 128; ++c) {
+            const int64_t at = tiled_offset(group * 16 + r, kt * 128 + c, kp) - base;
+            const int64_t chunk = c / 64, piece = (c % 64) / 8;
+            ASSERT_EQ(at, chunk * 1024 + r * 64 + ((piece ^ (r % 8)) * 8) + c % 8)
+                << "K " << k << " group " << group << " stage " << kt << " (" << r << ", " << c
+                << ")";
+          }
+        }
+      }
+    }
+  }
+}
+
+// What a prefill box copies: the 4-D tensor map (column, row in group, chunk, group) over the
+// packed layout with a box of 64 columns x 16 rows x 1 chunk x G groups puts element (row, col)
+// of chunk col / 64 at box position ((group - group0) * 16 + row % 16) * 64 + column, where
+// "column" is the element's place inside its 64-column row of the layout. That must be the
+// position TMA's 128-byte swizzle gives row R = row - 16 group0 of a row-major box, which the
+// wgmma descriptors read.
+TEST(ExpertLayout, PrefillBoxIsASwizzledTile) {
+  const int64_t k = 2560, kp = tiled_cols(k), chunks = kp / 64;
+  for (const int64_t group0 : {0, 4, 9}) {
+    for (int64_t chunk = 0; chunk < chunks; chunk += 7) {
+      for (int64_t row = group0 * 16; row < group0 * 16 + 64; ++row) {
+        for (int64_t c = 0; c < 64; ++c) {
+          const int64_t o = tiled_offset(row, chunk * 64 + c, kp);
+          // The packed 4-D coordinates of offset o.
+          const int64_t col_in = o % 64, r_in = (o / 64) % 16, ch = (o / 1024) % chunks,
+                        grp = o / (1024 * chunks);
+          ASSERT_EQ(ch, chunk);
+          const int64_t box_pos = ((grp - group0) * 16 + r_in) * 64 + col_in;
+          const int64_t R = row - group0 * 16;
+          ASSERT_EQ(box_pos, R * 64 + (((c / 8) ^ (R % 8)) * 8) + c % 8)
+              << "group0 " << group0 << " chunk " << chunk << " row " << row << " col " << c;
+        }
+      }
+    }
+  }
 }
 
 }  // namespace

@@ -17,6 +17,7 @@
 #include "backend/cuda/attention.cuh"
 #include "backend/cuda/cuda_check.h"
 #include "backend/cuda/device.h"
+#include "backend/cuda/expert_layout.h"
 #include "backend/cuda/memory_ops.cuh"
 #include "backend/cuda/moe.cuh"
 #include "backend/cuda/rms_norm.cuh"
@@ -277,6 +278,24 @@ class CudaBackend final : public Backend {
 
   int64_t weight_bytes() const override { return weight_bytes_; }
 
+  // The routed experts' tensors go into the tiled layout of expert_layout.h (a new allocation
+  // each; the row-major one is freed), which the MoE kernels read.
+  void prepare_moe(MoeWeights& w) override {
+    require(!w.experts_prepared, "prepare_moe: these MoE weights are prepared already");
+    require(w.experts_gate_up.dtype == DType::kBF16 && w.experts_down.dtype == DType::kBF16,
+            "the CUDA backend's routed experts are bf16");
+    const int64_t experts = w.experts_gate_up.dim(0), hidden = w.experts_down.dim(1),
+                  inter = w.experts_down.dim(2);
+    require(inter % cuda::kTiledGroupRows == 0 && hidden % cuda::kTiledGroupRows == 0,
+            cat("the CUDA MoE kernels need the hidden size (", hidden,
+                ") and the experts' intermediate size (", inter, ") to be multiples of ",
+                cuda::kTiledGroupRows));
+    activate();
+    w.experts_gate_up = tiled_copy(w.experts_gate_up, experts * 2 * inter, hidden);
+    w.experts_down = tiled_copy(w.experts_down, experts * hidden, inter);
+    w.experts_prepared = true;
+  }
+
   // ---- KV cache ----
   void configure_attention(const AttentionConfig& cfg) override {
     require(cfg.num_heads > 0 && cfg.num_kv_heads > 0 && cfg.num_heads % cfg.num_kv_heads == 0 &&
@@ -529,6 +548,7 @@ class CudaBackend final : public Backend {
     const int inter = static_cast<int>(w.experts_down.dim(2));
     require(w.router.dtype == DType::kF32 && w.router_bias.dtype == DType::kF32,
             "the MoE router weights and correction bias must be f32");
+    require(w.experts_prepared, "MoE weights must go through Backend::prepare_moe before moe()");
     if (tokens == 0) return;
     const auto scratch_mark = arena_.mark();
     const int pairs = tokens * k;
@@ -780,6 +800,24 @@ class CudaBackend final : public Backend {
     d_tile_seq_ = reinterpret_cast<int32_t*>(dev + o_tseq);
     d_tile_row0_ = reinterpret_cast<int32_t*>(dev + o_trow);
     d_dims_ = reinterpret_cast<int32_t*>(dev + o_dims);
+  }
+
+  // A copy of weight t, viewed as [rows, k], in the tiled expert layout; t's memory is freed.
+  Tensor tiled_copy(const Tensor& t, int64_t rows, int64_t k) {
+    const size_t bytes = static_cast<size_t>(rows * cuda::tiled_cols(k)) * 2;
+    void* dst = allocate_weight(bytes);
+    cuda::tile_expert_weights(static_cast<__nv_bfloat16*>(dst), bf(t), rows, k, stream_);
+    check_cuda(cudaStreamSynchronize(stream_), "cudaStreamSynchronize");
+    free_weight(t.data, static_cast<size_t>(rows * k) * 2);
+    return Tensor{dst, t.dtype, t.shape};
+  }
+
+  void free_weight(void* p, size_t bytes) {
+    const auto it = std::find(allocations_.begin(), allocations_.end(), p);
+    require(it != allocations_.end(), "free_weight: not a weight of this backend");
+    allocations_.erase(it);
+    check_cuda(cudaFree(p), "cudaFree (weight)");
+    weight_bytes_ -= static_cast<int64_t>(bytes);
   }
 
   void* allocate_weight(size_t bytes) {

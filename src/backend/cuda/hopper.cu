@@ -1,6 +1,7 @@
 #include <cudaTypedefs.h>
 
 #include "backend/cuda/cuda_check.h"
+#include "backend/cuda/expert_layout.h"
 #include "backend/cuda/hopper.cuh"
 #include "common/check.h"
 
@@ -37,6 +38,30 @@ CUtensorMap tensor_map_bf16_sw128(const void* base, int64_t rows, int64_t cols, 
       CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
   require_parts(r == CUDA_SUCCESS, "cuTensorMapEncodeTiled failed (error ", static_cast<int>(r),
                 ") for a ", rows, " x ", cols, " matrix");
+  return map;
+}
+
+CUtensorMap tensor_map_bf16_tiled(const void* base, int64_t rows, int64_t kp, int box_groups) {
+  require_parts(rows > 0 && rows % kTiledGroupRows == 0 && kp > 0 && kp % 128 == 0 &&
+                    reinterpret_cast<uintptr_t>(base) % 16 == 0 && box_groups > 0 &&
+                    box_groups * kTiledGroupRows <= 256,
+                "tensor map: bad tiled matrix ", rows, " x ", kp, " (box groups ", box_groups, ")");
+  CUtensorMap map;
+  const cuuint64_t dims[4] = {kTiledChunkCols, kTiledGroupRows,
+                              static_cast<cuuint64_t>(kp / kTiledChunkCols),
+                              static_cast<cuuint64_t>(rows / kTiledGroupRows)};
+  // Bytes between neighbours along dims 1..3: a row of a chunk, a chunk, a group.
+  const cuuint64_t strides[3] = {kTiledChunkCols * 2, kTiledGroupRows * kTiledChunkCols * 2,
+                                 static_cast<cuuint64_t>(kTiledGroupRows * kp * 2)};
+  const cuuint32_t box[4] = {kTiledChunkCols, kTiledGroupRows, 1,
+                             static_cast<cuuint32_t>(box_groups)};
+  const cuuint32_t element_strides[4] = {1, 1, 1, 1};
+  const CUresult r = encode_tiled()(
+      &map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 4, const_cast<void*>(base), dims, strides, box,
+      element_strides, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_NONE,
+      CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  require_parts(r == CUDA_SUCCESS, "cuTensorMapEncodeTiled failed (error ", static_cast<int>(r),
+                ") for a tiled ", rows, " x ", kp, " matrix");
   return map;
 }
 

@@ -18,6 +18,12 @@ namespace ernie::cuda {
 // base) whose TMA box is box_rows x 64 columns (128 bytes) with the 128-byte swizzle. Reads
 // outside the matrix fill zeros.
 CUtensorMap tensor_map_bf16_sw128(const void* base, int64_t rows, int64_t cols, int box_rows);
+// Host: a tensor map over a matrix [rows, kp] stored in the tiled expert layout
+// (expert_layout.h; rows % 16 == 0, kp % 128 == 0) whose box is 16 * box_groups rows x 64
+// columns of one chunk: coordinates (0, 0, chunk, row / 16). The layout is swizzled already,
+// so the map applies none, and the box lands as a 128-byte swizzled tile of 16 * box_groups
+// rows. Groups past the matrix fill zeros.
+CUtensorMap tensor_map_bf16_tiled(const void* base, int64_t rows, int64_t kp, int box_groups);
 // Host: the same over a packed 3-D bf16 array (dims[0] innermost, dims[0] % 8 == 0) with box
 // box[0] x box[1] x box[2] (box[0] * 2 bytes <= 128).
 CUtensorMap tensor_map_bf16_sw128_3d(const void* base, const int64_t dims[3], const int box[3]);
@@ -79,6 +85,26 @@ __device__ __forceinline__ void tma_load_3d(void* dst, const CUtensorMap* map, u
       "cp.async.bulk.tensor.3d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, "
       "{%3, %4, %5}], [%2];\n" ::"r"(smem_u32(dst)),
       "l"(reinterpret_cast<uint64_t>(map)), "r"(smem_u32(bar)), "r"(c0), "r"(c1), "r"(c2)
+      : "memory");
+}
+
+__device__ __forceinline__ void tma_load_4d(void* dst, const CUtensorMap* map, uint64_t* bar,
+                                            int c0, int c1, int c2, int c3) {
+  asm volatile(
+      "cp.async.bulk.tensor.4d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, "
+      "{%3, %4, %5, %6}], [%2];\n" ::"r"(smem_u32(dst)),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(smem_u32(bar)), "r"(c0), "r"(c1), "r"(c2), "r"(c3)
+      : "memory");
+}
+
+// One contiguous copy of `bytes` (a multiple of 16, both addresses 16-byte aligned) from global
+// into shared memory by the copy engine, completing on `bar`.
+__device__ __forceinline__ void bulk_load(void* dst, const void* src, uint32_t bytes,
+                                          uint64_t* bar) {
+  asm volatile(
+      "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::
+          "r"(smem_u32(dst)),
+      "l"(src), "r"(bytes), "r"(smem_u32(bar))
       : "memory");
 }
 

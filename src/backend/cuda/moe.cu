@@ -2,6 +2,7 @@
 
 #include "backend/cuda/align.cuh"
 #include "backend/cuda/cuda_check.h"
+#include "backend/cuda/expert_layout.h"
 #include "backend/cuda/hopper.cuh"
 #include "backend/cuda/launch.cuh"
 #include "backend/cuda/mma.cuh"
@@ -124,9 +125,10 @@ struct Tile {
   static constexpr int kNt = kBN / (8 * kWarpsN);  // n8 tiles per warp (a gate and an up one)
   static constexpr int kChunks = kBK / 8;          // 16-byte chunks per row and stage
   static constexpr int kALoads = BM * kChunks / kThreads;
-  // Weight rows per TMA box (gate/up: the gate rows and the up rows are two boxes).
-  static constexpr int kBoxRows(bool gate_up) { return gate_up ? kBN / 2 : kBN; }
-  // A stage's weights: two 64-column halves of kBN rows x 128 bytes, 128-byte swizzled.
+  // A stage's weights: kBN / 16 groups of the tiled layout, each two 64-column chunks of 16 rows
+  // x 128 bytes (4 KB, one bulk copy), swizzled as stored.
+  static constexpr int kGroups = kBN / kTiledGroupRows;
+  static constexpr int kGroupStage = kTiledGroupRows * kBK * 2;
   static constexpr int kBStage = kBN * kBK * 2;
   static constexpr int kAStage = BM * kLd * 2;
   static constexpr size_t kSmem = static_cast<size_t>(kStages) * (kBStage + kAStage) + 1024;
@@ -135,16 +137,15 @@ struct Tile {
 // One CTA computes a BM x BN tile of one M-block against its expert's weights. kGateUp: the
 // BN weight rows are BN/2 gate rows and the matching BN/2 up rows (each warp holds the gate and
 // up columns of the same outputs), output = SwiGLU, BN/2 columns. Otherwise: BN output columns
-// scaled by the pair's routing weight. The weights come by TMA (thread 0 issues each stage's
-// boxes, which complete on the stage's barrier); the activation rows, gathered by pair, by
-// cp.async. K % 8 == 0; a partial last stage is zero-filled. w_map: the weights as rows of K
-// ([E * 2N, K] or [E * N, K]), box kBoxRows x 64.
+// scaled by the pair's routing weight. The weights come by bulk copies (thread 0 issues a
+// stage's groups, which complete on the stage's barrier); the activation rows, gathered by pair,
+// by cp.async. K % 8 == 0; a partial last stage is zero-filled (the activations) or zero-padded
+// (the weights). w: the weights in the tiled layout ([E * 2N, K] or [E * N, K], N % 16 == 0).
 template <int BM, bool kWide, bool kGateUp>
-__global__ void __launch_bounds__(Tile<BM, kWide>::kThreads)
-    moe_gemm_kernel(__nv_bfloat16* out, const __nv_bfloat16* a_src,
-                    const __grid_constant__ CUtensorMap w_map, const float* route_w,
-                    const int32_t* sorted_pairs, const int32_t* block_expert, int k_choices, int K,
-                    int N) {
+__global__ void __launch_bounds__(Tile<BM, kWide>::kThreads, 1)
+    moe_gemm_kernel(__nv_bfloat16* out, const __nv_bfloat16* a_src, const __nv_bfloat16* w,
+                    const float* route_w, const int32_t* sorted_pairs, const int32_t* block_expert,
+                    int k_choices, int K, int N) {
   // gate/up launches down only once the routing is complete (pdl_begin_ordered), so down can
   // read the layout and start streaming its weights while gate/up is still running; it waits
   // for gate/up's output before its first activation load.
@@ -156,13 +157,13 @@ __global__ void __launch_bounds__(Tile<BM, kWide>::kThreads)
   using T = Tile<BM, kWide>;
   constexpr int kBN = T::kBN, kBK = T::kBK, kStages = T::kStages, kLd = T::kLd;
   constexpr int kMt = T::kMt, kNt = T::kNt, kHalf = kNt / 2, kGateRows = kBN / 2;
-  constexpr int kBoxRows = T::kBoxRows(kGateUp);
+  constexpr int kGroups = T::kGroups;
   const int e = __ldcg(block_expert + blockIdx.x);
   if (e < 0) return;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   __shared__ uint64_t full[kStages];  // a stage's weights have landed
-  // [stages][2 halves][BN rows][128 bytes] (1024-byte aligned for the swizzle), then the
-  // activations [stages][BM][LD].
+  // [stages][BN / 16 groups][2 chunks][16 rows][128 bytes] (1024-byte aligned for the
+  // swizzle), then the activations [stages][BM][LD].
   unsigned char* sb = smem_raw + ((1024 - (smem_u32(smem_raw) & 1023)) & 1023);
   __nv_bfloat16* sa = reinterpret_cast<__nv_bfloat16*>(sb + kStages * T::kBStage);
   const int m0 = blockIdx.x * BM;
@@ -187,8 +188,6 @@ __global__ void __launch_bounds__(Tile<BM, kWide>::kThreads)
     const int64_t src_row = kGateUp ? pair / k_choices : m0 + a_r[i];
     a_row[i] = pair >= 0 ? a_src + src_row * K : nullptr;
   }
-  // First weight row of the tile (gate/up: the gate rows; the up rows are N further).
-  const int w_row0 = e * (kGateUp ? 2 * N : N) + n0;
   auto load_a = [&](int stage, int kt) {
     const int k0 = kt * kBK;
 #pragma unroll
@@ -198,17 +197,25 @@ __global__ void __launch_bounds__(Tile<BM, kWide>::kThreads)
       cp_async_16(sa + (stage * BM + a_r[i]) * kLd + a_ch[i] * 8, ok ? a_row[i] + kk : a_src, ok);
     }
   };
+  // A stage of the tile's weight groups (gate/up: the gate rows' groups, then the up rows'), 16
+  // rows each in the tiled layout; groups past the expert's N rows stay unread (their output
+  // columns are not stored). Thread 0 issues the copies (computing the addresses there keeps
+  // the other threads' registers free).
   auto load_b = [&](int stage, int kt) {
     if (tid != 0) return;
+    constexpr int kPart = kGateUp ? kGroups / 2 : kGroups;  // groups per gate or up part
+    const int64_t kp = tiled_cols(K);
+    const __nv_bfloat16* src = w + (static_cast<int64_t>(e) * (kGateUp ? 2 * N : N) + n0) * kp +
+                               kt * kTiledGroupRows * kBK;
+    const int part_groups = min(kPart, (N - n0) / kTiledGroupRows);  // N % 16 == 0
     uint64_t* bar = &full[stage];
-    mbar_arrive_expect_tx(bar, T::kBStage);
+    mbar_arrive_expect_tx(bar, (kGroups / kPart) * part_groups * T::kGroupStage);
     unsigned char* dst = sb + stage * T::kBStage;
 #pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const int k0 = kt * kBK + h * 64;
-      tma_load_2d(dst + h * kBN * 128, &w_map, bar, k0, w_row0);
-      if constexpr (kGateUp) {
-        tma_load_2d(dst + h * kBN * 128 + kBoxRows * 128, &w_map, bar, k0, w_row0 + N);
+    for (int j = 0; j < kGroups; ++j) {
+      if (j % kPart < part_groups) {
+        const int64_t row = (j >= kPart ? N : 0) + (j % kPart) * kTiledGroupRows;
+        bulk_load(dst + j * T::kGroupStage, src + row * kp, T::kGroupStage, bar);
       }
     }
   };
@@ -256,18 +263,19 @@ __global__ void __launch_bounds__(Tile<BM, kWide>::kThreads)
         af[mt][2] = load_u32(p + 8);
         af[mt][3] = load_u32(p + 8 * kLd + 8);
       }
-      // Columns ks * 16 .. + 15 are 16-byte chunks 2 (ks % 4) and + 1 of the half ks / 4; row
-      // r's chunk j sits at chunk j ^ (r % 8) (r % 8 == g: tiles start at multiples of 8).
-      const unsigned char* half = B + (ks / 4) * kBN * 128 + 4 * c;
-      const int chunk = 2 * (ks % 4);
+      // Columns ks * 16 .. + 15 are 16-byte pieces 2 (ks % 4) and + 1 of the 64-column chunk
+      // ks / 4; row r's piece j sits at j ^ (r % 8) (r % 8 == g: tiles start at multiples of 8).
+      const unsigned char* chunk_base = B + (ks / 4) * (kTiledGroupRows * 128) + 4 * c;
+      const int piece = 2 * (ks % 4);
 #pragma unroll
       for (int nt = 0; nt < kNt; ++nt) {
         const int brow = kGateUp ? (nt < kHalf ? wn * kHalf * 8 + nt * 8
                                                : kGateRows + wn * kHalf * 8 + (nt - kHalf) * 8)
                                  : wn * kNt * 8 + nt * 8;
-        const unsigned char* row = half + (brow + g) * 128;
-        const uint32_t b0 = *reinterpret_cast<const uint32_t*>(row + ((chunk ^ g) << 4));
-        const uint32_t b1 = *reinterpret_cast<const uint32_t*>(row + (((chunk + 1) ^ g) << 4));
+        const unsigned char* row = chunk_base + (brow / kTiledGroupRows) * T::kGroupStage +
+                                   (brow % kTiledGroupRows + g) * 128;
+        const uint32_t b0 = *reinterpret_cast<const uint32_t*>(row + ((piece ^ g) << 4));
+        const uint32_t b1 = *reinterpret_cast<const uint32_t*>(row + (((piece + 1) ^ g) << 4));
 #pragma unroll
         for (int mt = 0; mt < kMt; ++mt) mma_16816(acc[mt][nt], af[mt], b0, b1);
       }
@@ -313,7 +321,7 @@ template <int BM, bool kWide, bool kGateUp>
 void launch_gemm_tile(__nv_bfloat16* out, const __nv_bfloat16* a, const __nv_bfloat16* w,
                       const float* route_w, const int32_t* sorted_pairs,
                       const int32_t* block_expert, int64_t capacity, int k, int K, int N,
-                      int experts, cudaStream_t stream) {
+                      cudaStream_t stream) {
   using T = Tile<BM, kWide>;
   static bool configured = false;
   if (!configured) {
@@ -324,10 +332,8 @@ void launch_gemm_tile(__nv_bfloat16* out, const __nv_bfloat16* a, const __nv_bfl
   }
   constexpr int cols = kGateUp ? T::kBN / 2 : T::kBN;
   const dim3 grid(static_cast<unsigned>(capacity / BM), (N + cols - 1) / cols);
-  const int64_t w_rows = static_cast<int64_t>(experts) * (kGateUp ? 2 * N : N);
-  const CUtensorMap w_map = tensor_map_bf16_sw128(w, w_rows, K, T::kBoxRows(kGateUp));
-  launch_pdl(moe_gemm_kernel<BM, kWide, kGateUp>, grid, T::kThreads, T::kSmem, stream, out, a,
-             w_map, route_w, sorted_pairs, block_expert, k, K, N);
+  launch_pdl(moe_gemm_kernel<BM, kWide, kGateUp>, grid, T::kThreads, T::kSmem, stream, out, a, w,
+             route_w, sorted_pairs, block_expert, k, K, N);
   ERNIE_CUDA_CHECK(cudaGetLastError());
 }
 
@@ -354,23 +360,24 @@ bool wide_tiles_fit(int64_t capacity, int N) {
 template <bool kGateUp>
 void launch_gemm(__nv_bfloat16* out, const __nv_bfloat16* a, const __nv_bfloat16* w,
                  const float* route_w, const int32_t* sorted_pairs, const int32_t* block_expert,
-                 int64_t capacity, int block_m, int k, int K, int N, int experts,
-                 cudaStream_t stream) {
+                 int64_t capacity, int block_m, int k, int K, int N, cudaStream_t stream) {
   require_parts(K % 8 == 0, "MoE GEMM: the reduction size ", K, " must be a multiple of 8");
+  require_parts(N % kTiledGroupRows == 0, "MoE GEMM: the output size ", N,
+                " must be a multiple of ", kTiledGroupRows);
   require_parts(capacity % block_m == 0, "MoE GEMM: capacity ", capacity,
                 " is not a multiple of the block size ", block_m);
   if (block_m == kMoeBlockSmall) {
     if (wide_tiles_fit<kGateUp>(capacity, N)) {
-      launch_gemm_tile<kMoeBlockSmall, true, kGateUp>(
-          out, a, w, route_w, sorted_pairs, block_expert, capacity, k, K, N, experts, stream);
+      launch_gemm_tile<kMoeBlockSmall, true, kGateUp>(out, a, w, route_w, sorted_pairs,
+                                                      block_expert, capacity, k, K, N, stream);
     } else {
-      launch_gemm_tile<kMoeBlockSmall, false, kGateUp>(
-          out, a, w, route_w, sorted_pairs, block_expert, capacity, k, K, N, experts, stream);
+      launch_gemm_tile<kMoeBlockSmall, false, kGateUp>(out, a, w, route_w, sorted_pairs,
+                                                       block_expert, capacity, k, K, N, stream);
     }
   } else {
     require_parts(block_m == kMoeBlockMid, "MoE GEMM: unknown block size ", block_m);
     launch_gemm_tile<kMoeBlockMid, false, kGateUp>(out, a, w, route_w, sorted_pairs, block_expert,
-                                                   capacity, k, K, N, experts, stream);
+                                                   capacity, k, K, N, stream);
   }
 }
 
@@ -423,7 +430,8 @@ __device__ __forceinline__ void gather_producer(unsigned char* smem, uint64_t* f
       src[i] = pair >= 0 ? x + static_cast<size_t>(pair / k_choices) * K : nullptr;
       dst[i] = (r / 64) * kWgBox + (r % 64) * 128 + ((ch ^ (r % 8)) << 4);
     }
-    // Weight rows: gate rows n0..n0+127 and up rows N + n0.. of the expert's [2N, K] block.
+    // Weight rows: gate rows n0..n0+127 and up rows N + n0.. of the expert's [2N, K] block
+    // (64-row boxes of the tiled layout: all start at a group, as N % 16 == 0).
     const int r0 = e * 2 * N + n0;
     const int rows[4] = {r0, r0 + 64, r0 + N, r0 + N + 64};
     for (int kt = 0; kt < k_tiles; ++kt, ++it) {
@@ -434,7 +442,7 @@ __device__ __forceinline__ void gather_producer(unsigned char* smem, uint64_t* f
       if (tid == 0) {
         mbar_arrive_expect_tx(&full[s], 4 * kWgBox);
         for (int b = 0; b < 4; ++b) {
-          tma_load_2d(st + (2 + b) * kWgBox, &b_map, &full[s], k0, rows[b]);
+          tma_load_4d(st + (2 + b) * kWgBox, &b_map, &full[s], 0, 0, kt, rows[b] / kTiledGroupRows);
         }
       }
       const int kk = k0 + ch * 8;
@@ -498,7 +506,8 @@ __global__ void __launch_bounds__(384, 1)
         tma_load_2d(st, &a_map, &full[s], k0, m0);
         tma_load_2d(st + kWgBox, &a_map, &full[s], k0, m0 + 64);
         for (int b = 0; b < 4; ++b) {
-          tma_load_2d(st + (2 + b) * kWgBox, &b_map, &full[s], k0, r0 + 64 * b);
+          tma_load_4d(st + (2 + b) * kWgBox, &b_map, &full[s], 0, 0, kt,
+                      (r0 + 64 * b) / kTiledGroupRows);
         }
       }
     }
@@ -634,7 +643,39 @@ __global__ void moe_combine_kernel(__nv_bfloat16* out, const __nv_bfloat16* y,
   }
 }
 
+// One thread per 16-byte piece of the tiled matrix: piece q of row r in chunk `chunk` of group
+// `group` holds columns chunk * 64 + 8 (q ^ (r % 8)) .. + 7 of row 16 group + r (zeros past K).
+__global__ void tile_expert_weights_kernel(__nv_bfloat16* dst, const __nv_bfloat16* src,
+                                           int64_t rows, int64_t K, int64_t kp) {
+  const int64_t pieces = rows * kp / 8;
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < pieces;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t q = i % 8, r = (i / 8) % kTiledGroupRows;
+    const int64_t chunk = (i / (8 * kTiledGroupRows)) % (kp / kTiledChunkCols);
+    const int64_t group = i / (8 * kTiledGroupRows * (kp / kTiledChunkCols));
+    const int64_t row = group * kTiledGroupRows + r;
+    const int64_t col = chunk * kTiledChunkCols + 8 * (q ^ (r % 8));
+    uint4 v = make_uint4(0, 0, 0, 0);
+    if (col < K) v = *reinterpret_cast<const uint4*>(src + row * K + col);
+    *reinterpret_cast<uint4*>(dst + 8 * i) = v;
+  }
+}
+
 }  // namespace
+
+void tile_expert_weights(__nv_bfloat16* dst, const __nv_bfloat16* src, int64_t rows, int64_t K,
+                         cudaStream_t stream) {
+  require_parts(rows % kTiledGroupRows == 0 && K % 8 == 0 && K > 0, "tile_expert_weights: a ", rows,
+                " x ", K, " matrix (rows must be a multiple of ", kTiledGroupRows,
+                ", columns of 8)");
+  const int64_t pieces = rows * tiled_cols(K) / 8;
+  if (pieces == 0) return;
+  const int threads = 256;
+  const int64_t blocks = std::min<int64_t>((pieces + threads - 1) / threads, 1 << 20);
+  tile_expert_weights_kernel<<<static_cast<unsigned>(blocks), threads, 0, stream>>>(
+      dst, src, rows, K, tiled_cols(K));
+  ERNIE_CUDA_CHECK(cudaGetLastError());
+}
 
 size_t moe_align_scratch_bytes(int pairs, int experts) {
   if (pairs <= kAlignSpreadPairs) return 0;
@@ -674,13 +715,14 @@ void moe_gate_up(__nv_bfloat16* act, const __nv_bfloat16* x, const __nv_bfloat16
     require_parts(hidden % 8 == 0 && inter % 8 == 0, "MoE wgmma GEMM: hidden ", hidden,
                   " and intermediate ", inter, " must be multiples of 8");
     const CUtensorMap b =
-        tensor_map_bf16_sw128(w_gate_up, static_cast<int64_t>(experts) * 2 * inter, hidden, 64);
+        tensor_map_bf16_tiled(w_gate_up, static_cast<int64_t>(experts) * 2 * inter,
+                              tiled_cols(hidden), 64 / kTiledGroupRows);
     launch_wgmma<true>(act, CUtensorMap{}, b, nullptr, sorted_pairs, block_expert, capacity, hidden,
                        inter, x, k, stream);
     return;
   }
   launch_gemm<true>(act, x, w_gate_up, nullptr, sorted_pairs, block_expert, capacity, block_m, k,
-                    hidden, inter, experts, stream);
+                    hidden, inter, stream);
 }
 
 void moe_down(__nv_bfloat16* y, const __nv_bfloat16* act, const __nv_bfloat16* w_down,
@@ -690,14 +732,14 @@ void moe_down(__nv_bfloat16* y, const __nv_bfloat16* act, const __nv_bfloat16* w
   if (capacity == 0) return;
   if (block_m == kMoeBlockWgmma) {
     const CUtensorMap a = tensor_map_bf16_sw128(act, capacity, inter, 64);
-    const CUtensorMap b =
-        tensor_map_bf16_sw128(w_down, static_cast<int64_t>(experts) * hidden, inter, 64);
+    const CUtensorMap b = tensor_map_bf16_tiled(w_down, static_cast<int64_t>(experts) * hidden,
+                                                tiled_cols(inter), 64 / kTiledGroupRows);
     launch_wgmma<false>(y, a, b, weights, sorted_pairs, block_expert, capacity, inter, hidden,
                         nullptr, 1, stream);
     return;
   }
   launch_gemm<false>(y, act, w_down, weights, sorted_pairs, block_expert, capacity, block_m, 1,
-                     inter, hidden, experts, stream);
+                     inter, hidden, stream);
 }
 
 void moe_combine(__nv_bfloat16* out, const __nv_bfloat16* y, const int32_t* pair_pos,

@@ -45,15 +45,20 @@ size_t moe_align_scratch_bytes(int pairs, int experts);
 void moe_align(int32_t* sorted_pairs, int32_t* block_expert, int32_t* pair_pos, const int32_t* ids,
                int pairs, int experts, int block_m, void* scratch, cudaStream_t stream);
 
+// dst = src [rows, K] (row-major) in the tiled expert layout of expert_layout.h, rows x
+// tiled_cols(K) elements (the padding columns zero). rows % 16 == 0, K % 8 == 0.
+void tile_expert_weights(__nv_bfloat16* dst, const __nv_bfloat16* src, int64_t rows, int64_t K,
+                         cudaStream_t stream);
+
 // act [capacity, inter] = silu(x_g W_gate^T) * (x_g W_up^T) per sorted row, x_g = x[pair / k]
-// (gathered by the GEMM's loads); w_gate_up [E, 2 * inter, hidden] (gate rows then up rows).
-// hidden % 8 == 0.
+// (gathered by the GEMM's loads); w_gate_up [E * 2 * inter, hidden] in the tiled layout (each
+// expert's gate rows then its up rows). hidden % 8 == 0, inter % 16 == 0.
 void moe_gate_up(__nv_bfloat16* act, const __nv_bfloat16* x, const __nv_bfloat16* w_gate_up,
                  const int32_t* sorted_pairs, const int32_t* block_expert, int64_t capacity,
                  int block_m, int k, int hidden, int inter, int experts, cudaStream_t stream);
 
-// y [capacity, hidden] = weight[pair] * act W_down^T per sorted row; w_down [E, hidden, inter].
-// inter % 8 == 0.
+// y [capacity, hidden] = weight[pair] * act W_down^T per sorted row; w_down [E * hidden, inter]
+// in the tiled layout. inter % 8 == 0, hidden % 16 == 0.
 void moe_down(__nv_bfloat16* y, const __nv_bfloat16* act, const __nv_bfloat16* w_down,
               const float* weights, const int32_t* sorted_pairs, const int32_t* block_expert,
               int64_t capacity, int block_m, int hidden, int inter, int experts,
