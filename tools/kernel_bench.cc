@@ -113,7 +113,7 @@ int run_ops(int iters) {
   w.shared_gate_up = be->random_weight({2 * si, h}, DType::kBF16, {false, 0, 0.02}, 5);
   w.shared_down = be->random_weight({h, si}, DType::kBF16, {false, 0, 0.018}, 6);
   w.top_k = static_cast<int>(k);
-  for (int64_t tokens : {1, 16, 64, 256, 512, 1024, 8192}) {
+  for (int64_t tokens : {1, 16, 64, 128, 256, 512, 1024, 8192}) {
     Tensor x = be->random_weight({tokens, h}, DType::kBF16, {false, 0, 1}, 7);
     Tensor out = be->random_weight({tokens, h}, DType::kBF16, {false, 0, 1}, 8);
     const double sec = time_it(iters, [&] { be->moe(out, x, w); });

@@ -95,9 +95,11 @@ __global__ void moe_align_place_kernel(int32_t* sorted_pairs, int32_t* pair_pos,
 
 // Tiles of the decode GEMM: BM (16 or 32) rows x BN weight rows per CTA, a warp per BM x 16,
 // 128 of the reduction per stage. A decode step streams weights and nothing else, and its rate
-// is set by the bytes in flight, by how evenly they spread over the SMs, and by how long a run
-// of each weight row one stage reads (256 bytes: against 128, the steps of 16-256 sequences
-// took 1.5-2% less, one token the same):
+// is set by the bytes in flight, by how evenly they spread over the SMs, and by how long a
+// contiguous run one copy reads: 256 bytes of each weight row per stage took 1.5-2% less than
+// 128 (H100, cp.async); 2-D TMA boxes of those runs took 2-8% less than cp.async, and one 4 KB
+// bulk copy per 16-row group of the tiled layout another 2-3% less at 16-64 sequences (H200;
+// the 32-row tiles of a 256-sequence step did not move):
 // - 16-row blocks (up to 8 pairs per expert): 32 weight rows per CTA (two warps), 5 stages
 //   (65 KB: three CTAs per SM), twice the CTAs of 64-row tiles (a one-token step touches only 6
 //   experts: 576 CTAs instead of 288 for 132 SMs). Measured against 64-row tiles: the routed
