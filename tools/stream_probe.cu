@@ -2,10 +2,11 @@
 // A decode step's expert GEMMs are weight streams: each CTA reads R weight rows of K = 2560
 // bf16, 128 of the reduction per pipeline stage. This reads a [rows, K] matrix tile by tile
 // the same way, with no math (each stage is only touched), through several copy mechanisms and
-// grid shapes, and prints the bandwidth each reaches, beside plain 16-byte loads:
-//   cp.async   16-byte cp.async per thread, a commit group per stage (the decode GEMM today)
+// grid shapes, and prints the bandwidth each reaches, beside plain 16-byte loads of as many
+// bytes (cuda::measure_read_bandwidth):
+//   cp.async   16-byte cp.async per thread, a commit group per stage (the decode GEMM once)
 //   tma        two 2-D TMA boxes (64 columns x R rows, 128-byte swizzle) per stage
-//   bulk       one contiguous 1-D bulk copy per stage (as if the weights were stored tiled)
+//   bulk       one contiguous 1-D bulk copy per stage (weights stored tiled, as they are now)
 // each either one CTA per tile or persistent (one wave of CTAs, the stages of all of a CTA's
 // tiles in one pipeline). Every CTA asks for the decode GEMM's 65 KB of shared memory so that
 // as many are resident per SM. Tile counts: a one-token step's gate/up (6 experts x 3072 rows)
@@ -20,6 +21,7 @@
 #include <exception>
 
 #include "backend/cuda/cuda_check.h"
+#include "backend/cuda/device.h"
 #include "backend/cuda/hopper.cuh"
 #include "backend/cuda/mma.cuh"
 
@@ -110,22 +112,6 @@ __global__ void __launch_bounds__(2 * R)
   if (acc == 0x9e3779b9u) sink[0] = acc;  // keeps the reads
 }
 
-// Plain 16-byte loads over the same bytes, grid-stride, four in flight per thread.
-__global__ void __launch_bounds__(256) ldg_kernel(const uint4* w, int64_t n, unsigned* sink) {
-  unsigned acc = 0;
-  const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
-  for (; i + 3 * step < n; i += 4 * step) {
-    uint4 v[4];
-#pragma unroll
-    for (int u = 0; u < 4; ++u) v[u] = __ldcs(w + i + u * step);
-#pragma unroll
-    for (int u = 0; u < 4; ++u) acc ^= v[u].x + v[u].y + v[u].z + v[u].w;
-  }
-  for (; i < n; i += step) acc ^= __ldcs(w + i).x;
-  if (acc == 0x9e3779b9u) sink[0] = acc;
-}
-
 struct Bench {
   __nv_bfloat16* buf = nullptr;
   int64_t rows = 0;  // of K elements
@@ -172,18 +158,11 @@ void run_case(Bench& b, const char* copy_name, int tiles, bool persistent) {
               sec * 1e6, bytes / sec * 1e-12);
 }
 
-void run_ldg(Bench& b, int64_t bytes) {
-  int sms = 0, device = 0;
-  ERNIE_CUDA_CHECK(cudaGetDevice(&device));
-  ERNIE_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-  const int64_t run_rows = bytes / (kK * 2);
-  const double sec = b.time(run_rows, [&](int64_t row0) {
-    ldg_kernel<<<sms * 8, 256>>>(reinterpret_cast<const uint4*>(b.buf + row0 * kK), bytes / 16,
-                                 b.sink);
-  });
-  ERNIE_CUDA_CHECK(cudaGetLastError());
+// Plain 16-byte loads over the same number of bytes (cuda::measure_read_bandwidth).
+void run_ldg(int iters, int64_t bytes) {
+  const double rate = measure_read_bandwidth(bytes, iters);
   std::printf("%-9s %-37s %8.1f us  %5.2f TB/s\n", "ldg", "16-byte loads, 8 CTAs/SM x 256",
-              sec * 1e6, static_cast<double>(bytes) / sec * 1e-12);
+              static_cast<double>(bytes) / rate * 1e6, rate * 1e-12);
 }
 
 int run(int iters) {
@@ -201,7 +180,7 @@ int run(int iters) {
   // One token: 6 experts x 3072 gate/up rows; 16 tokens: ~51 experts.
   for (const int rows : {6 * 3072, 51 * 3072}) {
     std::printf("-- %d weight rows x %d (%.1f MB)\n", rows, kK, rows * kK * 2e-6);
-    run_ldg(b, static_cast<int64_t>(rows) * kK * 2);
+    run_ldg(iters, static_cast<int64_t>(rows) * kK * 2);
     for (const bool persistent : {false, true}) {
       run_case<32, 5, Copy::kCpAsync>(b, "cp.async", rows / 32, persistent);
       run_case<64, 3, Copy::kCpAsync>(b, "cp.async", rows / 64, persistent);
