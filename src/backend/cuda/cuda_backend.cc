@@ -284,8 +284,11 @@ class CudaBackend final : public Backend {
     require(!w.experts_prepared, "prepare_moe: these MoE weights are prepared already");
     require(w.experts_gate_up.dtype == DType::kBF16 && w.experts_down.dtype == DType::kBF16,
             "the CUDA backend's routed experts are bf16");
-    const int64_t experts = w.experts_gate_up.dim(0), hidden = w.experts_down.dim(1),
-                  inter = w.experts_down.dim(2);
+    const Shape &gu = w.experts_gate_up.shape, &dn = w.experts_down.shape;
+    require(
+        gu.size() == 3 && dn.size() == 3 && gu[0] == dn[0] && gu[1] == 2 * dn[2] && gu[2] == dn[1],
+        "MoE expert weights must be gate/up [E, 2I, H] and down [E, H, I]");
+    const int64_t experts = gu[0], hidden = dn[1], inter = dn[2];
     require(inter % cuda::kTiledGroupRows == 0 && hidden % cuda::kTiledGroupRows == 0,
             cat("the CUDA MoE kernels need the hidden size (", hidden,
                 ") and the experts' intermediate size (", inter, ") to be multiples of ",
