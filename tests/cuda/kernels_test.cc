@@ -241,11 +241,12 @@ TEST(CudaKernels, RouterMatchesCpuReference) {
   struct Shape {
     int tokens, hidden, experts, k;
   };
-  // Few tokens split the reduction over CTAs, many do not; 24 and 160 experts leave partial
-  // expert tiles.
-  for (const Shape& s :
-       {Shape{300, 2560, 64, 6}, Shape{17, 8192, 64, 8}, Shape{40, 128, 24, 8}, Shape{3, 96, 16, 1},
-        Shape{1, 2560, 64, 6}, Shape{2000, 2560, 64, 6}, Shape{70, 512, 160, 8}}) {
+  // Up to 8 tokens a CTA per expert (8192 columns: more than its threads load before the
+  // wait; 1024 experts: the most allowed); more split the reduction over CTAs on the tensor
+  // cores (17 tokens), many do not; 24 and 160 experts leave partial expert tiles.
+  for (const Shape& s : {Shape{300, 2560, 64, 6}, Shape{17, 8192, 64, 8}, Shape{40, 128, 24, 8},
+                         Shape{3, 96, 16, 1}, Shape{1, 2560, 64, 6}, Shape{2000, 2560, 64, 6},
+                         Shape{70, 512, 160, 8}, Shape{8, 8192, 64, 8}, Shape{5, 2560, 1024, 8}}) {
     SCOPED_TRACE(::testing::Message()
                  << s.tokens << "x" << s.hidden << ", " << s.experts << " experts top-" << s.k);
     RouterInputs in(rng, s.tokens, s.hidden, s.experts);
@@ -305,7 +306,7 @@ TEST(CudaKernels, RouterLayoutMatchesSeparateAlign) {
   for (const Shape& s :
        {Shape{1, 2560, 64, 6, kMoeBlockSmall}, Shape{8, 2560, 64, 6, kMoeBlockSmall},
         Shape{3, 2560, 64, 6, kMoeBlockMid}, Shape{5, 128, 24, 8, kMoeBlockSmall},
-        Shape{7, 512, 160, 8, kMoeBlockMid}}) {
+        Shape{7, 512, 160, 8, kMoeBlockMid}, Shape{2, 8192, 1024, 8, kMoeBlockSmall}}) {
     SCOPED_TRACE(::testing::Message()
                  << s.tokens << "x" << s.hidden << ", " << s.experts << " experts top-" << s.k);
     const int pairs = s.tokens * s.k;

@@ -1,4 +1,6 @@
 #include <algorithm>
+#include <cstdlib>
+#include <string_view>
 
 #include "backend/cuda/align.cuh"
 #include "backend/cuda/cuda_check.h"
@@ -260,6 +262,90 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+// Few tokens (at most kFusedRouteTokens), with ERNIE_ROUTER_SMALL=1 (an A/B switch until this
+// path has run on a GPU: route_topk): logits[token][expert] by one CTA per expert, f32
+// weights times the bf16 activations in f32 FMAs (each thread a fixed set of 4-column groups, a
+// fixed reduction tree after), no split partials. The router's weights are fixed, so each
+// thread's first kSmallPrefetch groups load before the wait for x: at one token the whole row
+// of a 2560-wide router. kFused: the last CTA to finish also does the top-k and the layout.
+constexpr int kSmallThreads = 128, kSmallPrefetch = 8;
+
+template <bool kFused>
+__global__ void __launch_bounds__(kSmallThreads)
+    router_small_kernel(float* logits, const __nv_bfloat16* x, const float* w, int tokens,
+                        int hidden, int experts, const Tail tail) {
+  const int e = blockIdx.x, tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  const int groups = hidden / 4;
+  const float4* wrow = reinterpret_cast<const float4*>(w + static_cast<size_t>(e) * hidden);
+  float4 wp[kSmallPrefetch];
+#pragma unroll
+  for (int i = 0; i < kSmallPrefetch; ++i) {
+    const int q = tid + i * kSmallThreads;
+    wp[i] = q < groups ? __ldg(wrow + q) : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+  }
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+  float acc[kFusedRouteTokens] = {};
+  auto fma_group = [&](const float4 wv, int q) {
+#pragma unroll
+    for (int t = 0; t < kFusedRouteTokens; ++t) {
+      if (t < tokens) {
+        const uint2 xv =
+            *reinterpret_cast<const uint2*>(x + static_cast<size_t>(t) * hidden + 4 * q);
+        const float2 a = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&xv.x));
+        const float2 b = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&xv.y));
+        acc[t] = fmaf(wv.x, a.x, acc[t]);
+        acc[t] = fmaf(wv.y, a.y, acc[t]);
+        acc[t] = fmaf(wv.z, b.x, acc[t]);
+        acc[t] = fmaf(wv.w, b.y, acc[t]);
+      }
+    }
+  };
+#pragma unroll
+  for (int i = 0; i < kSmallPrefetch; ++i) {
+    const int q = tid + i * kSmallThreads;
+    if (q < groups) fma_group(wp[i], q);
+  }
+  for (int q = tid + kSmallPrefetch * kSmallThreads; q < groups; q += kSmallThreads) {
+    fma_group(__ldg(wrow + q), q);
+  }
+  __shared__ float red[kSmallThreads / 32][kFusedRouteTokens];
+#pragma unroll
+  for (int t = 0; t < kFusedRouteTokens; ++t) {
+    float v = acc[t];
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    if (lane == 0) red[warp][t] = v;
+  }
+  __syncthreads();
+  if (tid < tokens) {
+    float v = 0.0f;
+#pragma unroll
+    for (int i = 0; i < kSmallThreads / 32; ++i) v += red[i][tid];
+    logits[static_cast<size_t>(tid) * experts + e] = v;
+  }
+  // The kernels after this one launch only now (see router_logits_kernel).
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+  if constexpr (kFused) {
+    __shared__ bool last;
+    __threadfence();  // this CTA's logits are visible before it is counted
+    __syncthreads();
+    if (tid == 0) last = atomicAdd(&g_route_arrivals, 1u) == gridDim.x - 1;
+    __syncthreads();
+    if (!last) return;
+    __threadfence();
+    extern __shared__ float tail_smem[];  // [warps][2 * experts] floats, then the align scratch
+    for (int t = warp; t < tokens; t += kSmallThreads / 32) {
+      topk_token(t, tail.ids, tail.weights, logits, tail.bias, tokens, experts, 1, tail.k,
+                 tail.norm_min, tail_smem + static_cast<size_t>(warp) * 2 * experts);
+    }
+    __syncthreads();  // every token's ids are written
+    int* counts = reinterpret_cast<int*>(tail_smem + (kSmallThreads / 32) * 2 * experts);
+    const RouteLayout& L = tail.layout;
+    align_pairs(L.sorted_pairs, L.block_expert, L.pair_pos, tail.ids, tokens * tail.k, experts,
+                L.block_m, L.num_blocks, counts, counts + experts);
+    if (tid == 0) g_route_arrivals = 0;
+  }
+}
+
 __global__ void __launch_bounds__(kTopkWarps * 32)
     router_topk_kernel(int32_t* ids, float* weights, const float* partial, const float* bias,
                        int tokens, int experts, int splits, int k, float norm_min) {
@@ -287,6 +373,43 @@ bool route_topk(int32_t* ids, float* weights, const __nv_bfloat16* x, const floa
   require(tokens > 0 && hidden > 0 && hidden % kBK == 0 && experts > 0 && experts <= 1024 &&
               k > 0 && k <= experts,
           "route_topk: bad shape");
+  // Up to 8 tokens, ERNIE_ROUTER_SMALL=1 takes router_small_kernel (one CTA per expert, f32
+  // FMAs, the weights loaded before the wait) for the logits, in both modes (fused or not), so
+  // the fused results still equal the separate ones. Written to cut the one-token router's
+  // 17-18 us (H200: the tensor-core logits alone 9.5 us); compiled, not yet run on a GPU, so
+  // off by default: scripts/gpu_ab.sh DIR - ERNIE_ROUTER_SMALL=1 tests and times both.
+  static const bool small_path = [] {
+    const char* v = std::getenv("ERNIE_ROUTER_SMALL");
+    return v != nullptr && std::string_view(v) == "1";
+  }();
+  if (small_path && tokens <= kFusedRouteTokens) {
+    auto* logits = static_cast<float*>(scratch);  // tokens x experts <= the scratch's floats
+    Tail tail{ids, weights, bias, k, norm_min, {}};
+    if (layout != nullptr) {
+      tail.layout = *layout;
+      const size_t smem = (static_cast<size_t>(kSmallThreads / 32) * 2 * experts) * sizeof(float) +
+                          (2 * static_cast<size_t>(experts) + 1) * sizeof(int);
+      static bool configured = false;
+      if (!configured) {
+        ERNIE_CUDA_CHECK(cudaFuncSetAttribute(
+            router_small_kernel<true>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+            static_cast<int>((kSmallThreads / 32) * 2 * 1024 * 4 + (2 * 1024 + 1) * 4)));
+        configured = true;
+      }
+      launch_pdl(router_small_kernel<true>, experts, kSmallThreads, smem, stream, logits, x, router,
+                 tokens, hidden, experts, tail);
+      ERNIE_CUDA_CHECK(cudaGetLastError());
+      return true;
+    }
+    launch_pdl(router_small_kernel<false>, experts, kSmallThreads, 0, stream, logits, x, router,
+               tokens, hidden, experts, tail);
+    ERNIE_CUDA_CHECK(cudaGetLastError());
+    const size_t smem = static_cast<size_t>(kTopkWarps) * 2 * experts * sizeof(float);
+    launch_pdl(router_topk_kernel, (tokens + kTopkWarps - 1) / kTopkWarps, kTopkWarps * 32, smem,
+               stream, ids, weights, logits, bias, tokens, experts, 1, k, norm_min);
+    ERNIE_CUDA_CHECK(cudaGetLastError());
+    return false;
+  }
   const Split s = plan_split(tokens, hidden, experts);
   auto* partial = static_cast<float*>(scratch);
   const dim3 grid(s.m_tiles, s.n_tiles, s.splits);
