@@ -50,6 +50,16 @@ TEST(Jinja, ErrorsNameTheLine) {
   EXPECT_NE(error_of("{{ [1].append(2) }}").find("immutable"), std::string::npos);
 }
 
+// A \u escape takes exactly four hex digits (Python refuses fewer); anything else is a
+// TemplateError, never another exception (a corrupted template once threw std::stoul's).
+TEST(Jinja, UnicodeEscapesNeedFourHexDigits) {
+  EXPECT_EQ(render("{{ '\\u00e9\\u4E2D!' }}"), "\u00e9\u4e2d!");
+  for (const char* bad : {"{{ '\\uzz00' }}", "{{ '\\u12' }}", "{{ '\\u12g4' }}", "{{ '\\u' }}",
+                          "{{ \"\\u-123\" }}"}) {
+    EXPECT_NE(error_of(bad).find("bad \\u escape"), std::string::npos) << bad;
+  }
+}
+
 TEST(Jinja, HostileTemplatesFailCleanly) {
   EXPECT_FALSE(
       error_of("{{ " + std::string(5000, '(') + "1" + std::string(5000, ')') + " }}").empty());

@@ -263,8 +263,17 @@ std::vector<Token> tokenize(const std::string& s, int line) {
             v.push_back('"');
             break;
           case 'u': {
-            if (j + 4 >= s.size()) fail(line, "bad \\u escape");
-            const unsigned cp = std::stoul(s.substr(j + 1, 4), nullptr, 16);
+            // Exactly four hex digits, as Python requires ("truncated \\uXXXX escape").
+            unsigned cp = 0;
+            for (size_t d = j + 1; d <= j + 4; ++d) {
+              const char h = d < s.size() ? s[d] : '\0';
+              const int val = h >= '0' && h <= '9'   ? h - '0'
+                              : h >= 'a' && h <= 'f' ? h - 'a' + 10
+                              : h >= 'A' && h <= 'F' ? h - 'A' + 10
+                                                     : -1;
+              if (val < 0) fail(line, "bad \\u escape");
+              cp = cp * 16 + static_cast<unsigned>(val);
+            }
             j += 4;
             if (cp < 0x80) {
               v.push_back(static_cast<char>(cp));
