@@ -24,6 +24,7 @@
 #include "backend/cuda/rope.cuh"
 #include "backend/cuda/router.cuh"
 #include "backend/cuda/sampler.cuh"
+#include "backend/cuda/skinny_gemm.cuh"
 #include "common/check.h"
 #include "common/log.h"
 
@@ -469,10 +470,21 @@ class CudaBackend final : public Backend {
                              eps, stream_);
   }
 
-  void linear(Tensor out, const Tensor& x, const Tensor& w) override { gemm(blas_[0], out, x, w); }
+  void linear(Tensor out, const Tensor& x, const Tensor& w) override { gemm(0, out, x, w); }
 
-  // out = x w^T on the stream of `handle`.
-  void gemm(cublasHandle_t handle, Tensor out, const Tensor& x, const Tensor& w) {
+  // Whether a linear layer of m tokens and reduction k takes cuda::skinny_gemm (weights loaded
+  // before the wait for x) rather than cuBLAS. An A/B switch until it has run on a GPU:
+  // ERNIE_SKINNY=1.
+  static bool use_skinny(int m, int k) {
+    static const bool on = [] {
+      const char* v = std::getenv("ERNIE_SKINNY");
+      return v != nullptr && std::string(v) == "1";
+    }();
+    return on && cuda::skinny_gemm_fits(m, k);
+  }
+
+  // out = x w^T on stream `lane` (0: stream_, 1: side_stream_).
+  void gemm(int lane, Tensor out, const Tensor& x, const Tensor& w) {
     check(x.dim(1) == w.dim(1) && out.dim(0) == x.dim(0) && out.dim(1) == w.dim(0),
           "linear shape mismatch");
     require(x.dtype == DType::kBF16 && w.dtype == DType::kBF16,
@@ -480,6 +492,12 @@ class CudaBackend final : public Backend {
     const int m = static_cast<int>(x.dim(0)), n = static_cast<int>(w.dim(0)),
               k = static_cast<int>(x.dim(1));
     if (m == 0) return;
+    if (use_skinny(m, k)) {
+      cuda::skinny_gemm(out.data, out.dtype == DType::kF32, bf(x), bf(w), m, n, k, false,
+                        lane_stream(lane));
+      return;
+    }
+    cublasHandle_t handle = blas_[lane];
     const float alpha = 1.0f, beta = 0.0f;
     // Row-major out[m, n] = x[m, k] w[n, k]^T is column-major out^T = w^T x.
     check_cublas(cublasGemmEx(handle, CUBLAS_OP_T, CUBLAS_OP_N, n, m, k, &alpha, w.data,
@@ -538,12 +556,19 @@ class CudaBackend final : public Backend {
   void shared_experts(Tensor s, const Tensor& x, const MoeWeights& w, int lane) {
     const int64_t tokens = x.dim(0), si = w.shared_down.dim(1);
     Tensor gu = scratch({tokens, 2 * si}, DType::kBF16);
+    gemm(lane, gu, x, w.shared_gate_up);
+    if (use_skinny(static_cast<int>(tokens), static_cast<int>(si))) {  // SwiGLU in its loads
+      cuda::skinny_gemm(s.data, false, bf(gu), bf(w.shared_down), static_cast<int>(tokens),
+                        static_cast<int>(s.dim(1)), static_cast<int>(si), true, lane_stream(lane));
+      return;
+    }
     Tensor a = scratch({tokens, si}, DType::kBF16);
-    gemm(blas_[lane], gu, x, w.shared_gate_up);
     cuda::silu_mul(bf(a), bf(gu), static_cast<int>(tokens), static_cast<int>(si),
-                   lane == 0 ? stream_ : side_stream_);
-    gemm(blas_[lane], s, a, w.shared_down);
+                   lane_stream(lane));
+    gemm(lane, s, a, w.shared_down);
   }
+
+  cudaStream_t lane_stream(int lane) const { return lane == 0 ? stream_ : side_stream_; }
 
   void moe(Tensor out, const Tensor& x, const MoeWeights& w) override {
     const int tokens = static_cast<int>(x.dim(0)), hidden = static_cast<int>(x.dim(1));

@@ -1,4 +1,6 @@
 #include <algorithm>
+#include <cstdlib>
+#include <string_view>
 
 #include "backend/cuda/align.cuh"
 #include "backend/cuda/cuda_check.h"
@@ -113,13 +115,16 @@ __global__ void moe_align_place_kernel(int32_t* sorted_pairs, int32_t* pair_pos,
 //   grids that then fit in one wave: a one-token step's 6 experts are 288 CTAs of gate/up
 //   rather than 576 (1.45 waves of 32-row tiles, where the second wave streams slower). Step
 //   1 x 1000 3.563 -> 3.52 ms, the one-token MoE layer 0.094 -> 0.091 ms.
+// - kWide with 32-row blocks (an A/B switch, ERNIE_MOE_MID_WIDE=1, not yet run on a GPU): 128
+//   weight rows per CTA (eight warps), 4 stages (163 KB: one CTA per SM), so each M-block's
+//   activations are read from L2 half as often (at 256 tokens the 64-row tiles read 0.5 bytes of
+//   activations per byte of weights).
 template <int BM, bool kWide = false>
 struct Tile {
   static_assert(BM == kMoeBlockSmall || BM == kMoeBlockMid);
-  static_assert(!kWide || BM == kMoeBlockSmall);
-  static constexpr int kBN = BM == kMoeBlockSmall && !kWide ? 32 : 64;
+  static constexpr int kBN = BM == kMoeBlockSmall ? (kWide ? 64 : 32) : (kWide ? 128 : 64);
   static constexpr int kBK = 128;
-  static constexpr int kStages = kWide ? 3 : BM == kMoeBlockSmall ? 5 : 4;
+  static constexpr int kStages = BM == kMoeBlockSmall ? (kWide ? 3 : 5) : 4;
   static constexpr int kLd = kBK + 8;  // padded activation rows: conflict-free fragment reads
   static constexpr int kWarpsM = 1, kWarpsN = kBN / 16;
   static constexpr int kThreads = 32 * kWarpsM * kWarpsN;
@@ -378,8 +383,17 @@ void launch_gemm(__nv_bfloat16* out, const __nv_bfloat16* a, const __nv_bfloat16
     }
   } else {
     require_parts(block_m == kMoeBlockMid, "MoE GEMM: unknown block size ", block_m);
-    launch_gemm_tile<kMoeBlockMid, false, kGateUp>(out, a, w, route_w, sorted_pairs, block_expert,
-                                                   capacity, k, K, N, stream);
+    static const bool wide = [] {
+      const char* v = std::getenv("ERNIE_MOE_MID_WIDE");
+      return v != nullptr && std::string_view(v) == "1";
+    }();
+    if (wide) {
+      launch_gemm_tile<kMoeBlockMid, true, kGateUp>(out, a, w, route_w, sorted_pairs,
+                                                    block_expert, capacity, k, K, N, stream);
+    } else {
+      launch_gemm_tile<kMoeBlockMid, false, kGateUp>(out, a, w, route_w, sorted_pairs,
+                                                     block_expert, capacity, k, K, N, stream);
+    }
   }
 }
 

@@ -1,0 +1,166 @@
+#include "backend/cuda/cuda_check.h"
+#include "backend/cuda/launch.cuh"
+#include "backend/cuda/skinny_gemm.cuh"
+
+namespace ernie::cuda {
+namespace {
+
+constexpr int kSkinnyWarps = 4;      // weight rows per CTA
+constexpr int kSkinnyPrefetch = 12;  // 16-byte pieces per lane loaded before the wait
+
+__device__ __forceinline__ uint4 load_stream(const uint4* p) {
+  uint4 v;
+  asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "l"(p));
+  return v;
+}
+
+__device__ __forceinline__ float2 bf2(uint32_t v) {
+  return __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&v));
+}
+
+__device__ __forceinline__ void store(float* p, float v) { *p = v; }
+__device__ __forceinline__ void store(__nv_bfloat16* p, float v) { *p = __float2bfloat16(v); }
+
+// M: rows of x the kernel is built for (m <= M). xs: the input in shared memory, [m][k / 8]
+// pieces of 8, staged by the whole CTA after the wait.
+template <int M, bool kSilu, typename OutT>
+__global__ void __launch_bounds__(kSkinnyWarps * 32)
+    skinny_gemm_kernel(OutT* out, const __nv_bfloat16* x, const __nv_bfloat16* w, int m, int n,
+                       int k) {
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+  extern __shared__ uint4 xs[];
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int row = blockIdx.x * kSkinnyWarps + warp;
+  const int pieces = k / 8;
+  const uint4* wrow = reinterpret_cast<const uint4*>(w + static_cast<size_t>(row < n ? row : 0) * k);
+  uint4 pre[kSkinnyPrefetch];
+#pragma unroll
+  for (int i = 0; i < kSkinnyPrefetch; ++i) {
+    const int q = lane + 32 * i;
+    pre[i] = row < n && q < pieces ? load_stream(wrow + q) : make_uint4(0, 0, 0, 0);
+  }
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+  for (int i = threadIdx.x; i < m * pieces; i += blockDim.x) {
+    const int t = i / pieces, q = i % pieces;
+    if constexpr (kSilu) {
+      const uint4 g = reinterpret_cast<const uint4*>(x + static_cast<size_t>(t) * 2 * k)[q];
+      const uint4 u = reinterpret_cast<const uint4*>(x + static_cast<size_t>(t) * 2 * k + k)[q];
+      const uint32_t gv[4] = {g.x, g.y, g.z, g.w}, uv[4] = {u.x, u.y, u.z, u.w};
+      uint32_t r[4];
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const float2 a = bf2(gv[j]), b = bf2(uv[j]);
+        const __nv_bfloat162 h = __floats2bfloat162_rn(a.x / (1.0f + __expf(-a.x)) * b.x,
+                                                       a.y / (1.0f + __expf(-a.y)) * b.y);
+        r[j] = *reinterpret_cast<const uint32_t*>(&h);
+      }
+      xs[i] = make_uint4(r[0], r[1], r[2], r[3]);
+    } else {
+      xs[i] = reinterpret_cast<const uint4*>(x + static_cast<size_t>(t) * k)[q];
+    }
+  }
+  __syncthreads();
+  if (row >= n) return;
+  float acc[M] = {};
+  auto dot = [&](const uint4 wv, int q) {
+    const float2 w0 = bf2(wv.x), w1 = bf2(wv.y), w2 = bf2(wv.z), w3 = bf2(wv.w);
+#pragma unroll
+    for (int t = 0; t < M; ++t) {
+      if (t < m) {
+        const uint4 xv = xs[t * pieces + q];
+        const float2 x0 = bf2(xv.x), x1 = bf2(xv.y), x2 = bf2(xv.z), x3 = bf2(xv.w);
+        float s = acc[t];
+        s = fmaf(w0.x, x0.x, s);
+        s = fmaf(w0.y, x0.y, s);
+        s = fmaf(w1.x, x1.x, s);
+        s = fmaf(w1.y, x1.y, s);
+        s = fmaf(w2.x, x2.x, s);
+        s = fmaf(w2.y, x2.y, s);
+        s = fmaf(w3.x, x3.x, s);
+        s = fmaf(w3.y, x3.y, s);
+        acc[t] = s;
+      }
+    }
+  };
+#pragma unroll
+  for (int i = 0; i < kSkinnyPrefetch; ++i) {
+    const int q = lane + 32 * i;
+    if (q < pieces) dot(pre[i], q);
+  }
+  // Rows wider than the prefetch: the rest in batches of the same size, each batch's loads
+  // issued together.
+  for (int base = 32 * kSkinnyPrefetch; base < pieces; base += 32 * kSkinnyPrefetch) {
+#pragma unroll
+    for (int i = 0; i < kSkinnyPrefetch; ++i) {
+      const int q = base + lane + 32 * i;
+      pre[i] = q < pieces ? load_stream(wrow + q) : make_uint4(0, 0, 0, 0);
+    }
+#pragma unroll
+    for (int i = 0; i < kSkinnyPrefetch; ++i) {
+      const int q = base + lane + 32 * i;
+      if (q < pieces) dot(pre[i], q);
+    }
+  }
+#pragma unroll
+  for (int t = 0; t < M; ++t) {
+    float v = acc[t];
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    if (lane == t && t < m) store(out + static_cast<size_t>(t) * n + row, v);
+  }
+}
+
+template <int M, bool kSilu, typename OutT>
+void launch(OutT* out, const __nv_bfloat16* x, const __nv_bfloat16* w, int m, int n, int k,
+            cudaStream_t stream) {
+  const size_t smem = static_cast<size_t>(m) * k * sizeof(__nv_bfloat16);
+  static bool configured = false;
+  if (!configured) {  // up to kSkinnyMaxRows rows of 8192 bf16 without the attribute, more with
+    ERNIE_CUDA_CHECK(cudaFuncSetAttribute(skinny_gemm_kernel<M, kSilu, OutT>,
+                                          cudaFuncAttributeMaxDynamicSharedMemorySize, 200 * 1024));
+    configured = true;
+  }
+  const int grid = (n + kSkinnyWarps - 1) / kSkinnyWarps;
+  launch_pdl(skinny_gemm_kernel<M, kSilu, OutT>, grid, kSkinnyWarps * 32, smem, stream, out, x, w,
+             m, n, k);
+  ERNIE_CUDA_CHECK(cudaGetLastError());
+}
+
+template <bool kSilu, typename OutT>
+void dispatch(OutT* out, const __nv_bfloat16* x, const __nv_bfloat16* w, int m, int n, int k,
+              cudaStream_t stream) {
+  static_assert(kSkinnyMaxRows == 4);
+  if (m == 1) {
+    launch<1, kSilu>(out, x, w, m, n, k, stream);
+  } else if (m == 2) {
+    launch<2, kSilu>(out, x, w, m, n, k, stream);
+  } else {
+    launch<4, kSilu>(out, x, w, m, n, k, stream);
+  }
+}
+
+}  // namespace
+
+bool skinny_gemm_fits(int m, int k) {
+  // The staged input takes m * k * 2 bytes of shared memory (at most 200 KB).
+  return m >= 1 && m <= kSkinnyMaxRows && k > 0 && k % 8 == 0 &&
+         static_cast<size_t>(m) * k * 2 <= 200 * 1024;
+}
+
+void skinny_gemm(void* out, bool out_f32, const __nv_bfloat16* x, const __nv_bfloat16* w, int m,
+                 int n, int k, bool silu_x, cudaStream_t stream) {
+  if (n == 0) return;
+  require_parts(skinny_gemm_fits(m, k) && n > 0, "skinny_gemm: ", m, " x ", k,
+                " input (at most ", kSkinnyMaxRows, " rows, k a positive multiple of 8)");
+  if (out_f32) {
+    auto* o = static_cast<float*>(out);
+    silu_x ? dispatch<true>(o, x, w, m, n, k, stream) : dispatch<false>(o, x, w, m, n, k, stream);
+  } else {
+    auto* o = static_cast<__nv_bfloat16*>(out);
+    silu_x ? dispatch<true>(o, x, w, m, n, k, stream) : dispatch<false>(o, x, w, m, n, k, stream);
+  }
+}
+
+}  // namespace ernie::cuda
