@@ -1,3 +1,5 @@
+#include <cstdint>
+
 #include "backend/cuda/cuda_check.h"
 #include "backend/cuda/launch.cuh"
 #include "backend/cuda/skinny_gemm.cuh"
