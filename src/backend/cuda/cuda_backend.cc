@@ -473,14 +473,15 @@ class CudaBackend final : public Backend {
   void linear(Tensor out, const Tensor& x, const Tensor& w) override { gemm(0, out, x, w); }
 
   // Whether a linear layer of m tokens and reduction k takes cuda::skinny_gemm (weights loaded
-  // before the wait for x) rather than cuBLAS. An A/B switch until it has run on a GPU:
-  // ERNIE_SKINNY=1.
-  static bool use_skinny(int m, int k) {
-    static const bool on = [] {
+  // before the wait for x) rather than cuBLAS. An A/B switch until it wins on a GPU:
+  // ERNIE_SKINNY=1 for the linear layers on the main stream (qkv, o, dense MLP, lm_head), 2 for
+  // the shared experts too.
+  static bool use_skinny(int m, int k, int lane) {
+    static const int level = [] {
       const char* v = std::getenv("ERNIE_SKINNY");
-      return v != nullptr && std::string(v) == "1";
+      return v == nullptr ? 0 : std::atoi(v);
     }();
-    return on && cuda::skinny_gemm_fits(m, k);
+    return level >= (lane == 0 ? 1 : 2) && cuda::skinny_gemm_fits(m, k);
   }
 
   // out = x w^T on stream `lane` (0: stream_, 1: side_stream_).
@@ -492,7 +493,7 @@ class CudaBackend final : public Backend {
     const int m = static_cast<int>(x.dim(0)), n = static_cast<int>(w.dim(0)),
               k = static_cast<int>(x.dim(1));
     if (m == 0) return;
-    if (use_skinny(m, k)) {
+    if (use_skinny(m, k, lane)) {
       cuda::skinny_gemm(out.data, out.dtype == DType::kF32, bf(x), bf(w), m, n, k, false,
                         lane_stream(lane));
       return;
@@ -557,7 +558,7 @@ class CudaBackend final : public Backend {
     const int64_t tokens = x.dim(0), si = w.shared_down.dim(1);
     Tensor gu = scratch({tokens, 2 * si}, DType::kBF16);
     gemm(lane, gu, x, w.shared_gate_up);
-    if (use_skinny(static_cast<int>(tokens), static_cast<int>(si))) {  // SwiGLU in its loads
+    if (use_skinny(static_cast<int>(tokens), static_cast<int>(si), 1)) {  // SwiGLU in its loads
       cuda::skinny_gemm(s.data, false, bf(gu), bf(w.shared_down), static_cast<int>(tokens),
                         static_cast<int>(s.dim(1)), static_cast<int>(si), true, lane_stream(lane));
       return;

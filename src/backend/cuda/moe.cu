@@ -115,16 +115,13 @@ __global__ void moe_align_place_kernel(int32_t* sorted_pairs, int32_t* pair_pos,
 //   grids that then fit in one wave: a one-token step's 6 experts are 288 CTAs of gate/up
 //   rather than 576 (1.45 waves of 32-row tiles, where the second wave streams slower). Step
 //   1 x 1000 3.563 -> 3.52 ms, the one-token MoE layer 0.094 -> 0.091 ms.
-// - kWide with 32-row blocks (an A/B switch, ERNIE_MOE_MID_WIDE=1, not yet run on a GPU): 128
-//   weight rows per CTA (eight warps), 4 stages (163 KB: one CTA per SM), so each M-block's
-//   activations are read from L2 half as often (at 256 tokens the 64-row tiles read 0.5 bytes of
-//   activations per byte of weights).
 template <int BM, bool kWide = false>
 struct Tile {
   static_assert(BM == kMoeBlockSmall || BM == kMoeBlockMid);
-  static constexpr int kBN = BM == kMoeBlockSmall ? (kWide ? 64 : 32) : (kWide ? 128 : 64);
+  static_assert(!kWide || BM == kMoeBlockSmall);
+  static constexpr int kBN = BM == kMoeBlockSmall && !kWide ? 32 : 64;
   static constexpr int kBK = 128;
-  static constexpr int kStages = BM == kMoeBlockSmall ? (kWide ? 3 : 5) : 4;
+  static constexpr int kStages = kWide ? 3 : BM == kMoeBlockSmall ? 5 : 4;
   static constexpr int kLd = kBK + 8;  // padded activation rows: conflict-free fragment reads
   static constexpr int kWarpsM = 1, kWarpsN = kBN / 16;
   static constexpr int kThreads = 32 * kWarpsM * kWarpsN;
@@ -141,18 +138,23 @@ struct Tile {
   static constexpr size_t kSmem = static_cast<size_t>(kStages) * (kBStage + kAStage) + 1024;
 };
 
-// One CTA computes a BM x BN tile of one M-block against its expert's weights. kGateUp: the
-// BN weight rows are BN/2 gate rows and the matching BN/2 up rows (each warp holds the gate and
-// up columns of the same outputs), output = SwiGLU, BN/2 columns. Otherwise: BN output columns
-// scaled by the pair's routing weight. The weights come by bulk copies (thread 0 issues a
-// stage's groups, which complete on the stage's barrier); the activation rows, gathered by pair,
-// by cp.async. K % 8 == 0; a partial last stage is zero-filled (the activations) or zero-padded
-// (the weights). w: the weights in the tiled layout ([E * 2N, K] or [E * N, K], N % 16 == 0).
+// Each CTA computes BM x BN tiles of the used M-blocks against their experts' weights: tile t
+// is M-block t % used, column tile t / used (used: the M-blocks holding pairs, a prefix of the
+// layout), and a CTA takes tiles blockIdx.x, + gridDim.x, ... One tile per CTA (a grid of every
+// tile the capacity allows, the extra CTAs leaving at once), or a persistent grid of resident
+// CTAs whose stage ring runs on from one tile into the next, so a CTA's next tile is already
+// loading while it finishes the last (no pipeline fill per tile). kGateUp: the BN weight rows are
+// BN/2 gate rows and the matching BN/2 up rows (each warp holds the gate and up columns of the
+// same outputs), output = SwiGLU, BN/2 columns. Otherwise: BN output columns scaled by the
+// pair's routing weight. The weights come by bulk copies (thread 0 issues a stage's groups, which
+// complete on the stage's barrier); the activation rows, gathered by pair, by cp.async. K % 8 ==
+// 0; a partial last stage is zero-filled (the activations) or zero-padded (the weights). w: the
+// weights in the tiled layout ([E * 2N, K] or [E * N, K], N % 16 == 0).
 template <int BM, bool kWide, bool kGateUp>
 __global__ void __launch_bounds__(Tile<BM, kWide>::kThreads, 1)
     moe_gemm_kernel(__nv_bfloat16* out, const __nv_bfloat16* a_src, const __nv_bfloat16* w,
                     const float* route_w, const int32_t* sorted_pairs, const int32_t* block_expert,
-                    int k_choices, int K, int N) {
+                    int m_blocks, int k_choices, int K, int N) {
   // gate/up launches down only once the routing is complete (pdl_begin_ordered), so down can
   // read the layout and start streaming its weights while gate/up is still running; it waits
   // for gate/up's output before its first activation load.
@@ -165,17 +167,26 @@ __global__ void __launch_bounds__(Tile<BM, kWide>::kThreads, 1)
   constexpr int kBN = T::kBN, kBK = T::kBK, kStages = T::kStages, kLd = T::kLd;
   constexpr int kMt = T::kMt, kNt = T::kNt, kHalf = kNt / 2, kGateRows = kBN / 2;
   constexpr int kGroups = T::kGroups;
-  const int e = __ldcg(block_expert + blockIdx.x);
-  if (e < 0) return;
+  constexpr int kCols = kGateUp ? kBN / 2 : kBN;  // output columns per tile
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, c = lane % 4;
+  // The used M-blocks: block_expert is -1 past the last one.
+  int used = 0;
+  for (int b0 = 0; b0 < m_blocks; b0 += T::kThreads) {
+    const int b = b0 + tid;
+    used += __syncthreads_count(b < m_blocks && __ldcg(block_expert + b) >= 0);
+  }
+  const int tiles = used * ((N + kCols - 1) / kCols);
+  if (static_cast<int>(blockIdx.x) >= tiles) return;
+  const int my_tiles = (tiles - 1 - static_cast<int>(blockIdx.x)) / static_cast<int>(gridDim.x) + 1;
+  const int kTiles = (K + kBK - 1) / kBK;
+  const int stages_total = my_tiles * kTiles;
+
   extern __shared__ __align__(16) unsigned char smem_raw[];
   __shared__ uint64_t full[kStages];  // a stage's weights have landed
   // [stages][BN / 16 groups][2 chunks][16 rows][128 bytes] (1024-byte aligned for the
   // swizzle), then the activations [stages][BM][LD].
   unsigned char* sb = smem_raw + ((1024 - (smem_u32(smem_raw) & 1023)) & 1023);
   __nv_bfloat16* sa = reinterpret_cast<__nv_bfloat16*>(sb + kStages * T::kBStage);
-  const int m0 = blockIdx.x * BM;
-  const int n0 = blockIdx.y * (kGateUp ? kBN / 2 : kBN);  // first output column
-  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, c = lane % 4;
   const int wm = warp / T::kWarpsN, wn = warp % T::kWarpsN;
   if (tid == 0) {
     for (int s = 0; s < kStages; ++s) mbar_init(&full[s], 1);
@@ -183,38 +194,54 @@ __global__ void __launch_bounds__(Tile<BM, kWide>::kThreads, 1)
   }
   __syncthreads();
 
-  // Per-thread source rows of the activation loads (fixed over K).
-  const __nv_bfloat16* a_row[T::kALoads];
+  // What the loads of one tile need: its expert, first output column, and this thread's
+  // activation source rows (fixed over K).
   int a_r[T::kALoads], a_ch[T::kALoads];
 #pragma unroll
   for (int i = 0; i < T::kALoads; ++i) {
     const int idx = tid + i * T::kThreads;
     a_r[i] = idx / T::kChunks;
     a_ch[i] = idx % T::kChunks;
-    const int pair = __ldcg(sorted_pairs + m0 + a_r[i]);
-    const int64_t src_row = kGateUp ? pair / k_choices : m0 + a_r[i];
-    a_row[i] = pair >= 0 ? a_src + src_row * K : nullptr;
   }
-  auto load_a = [&](int stage, int kt) {
+  struct LoadTile {
+    int e, n0;
+    const __nv_bfloat16* a_row[T::kALoads];
+  };
+  auto load_tile = [&](int t) {
+    LoadTile L;
+    const int mb = t % used, m0 = mb * BM;
+    L.e = __ldcg(block_expert + mb);
+    L.n0 = (t / used) * kCols;
+#pragma unroll
+    for (int i = 0; i < T::kALoads; ++i) {
+      const int pair = __ldcg(sorted_pairs + m0 + a_r[i]);
+      const int64_t src_row = kGateUp ? pair / k_choices : m0 + a_r[i];
+      L.a_row[i] = pair >= 0 ? a_src + src_row * K : nullptr;
+    }
+    return L;
+  };
+  auto load_a = [&](int stage, const LoadTile& L, int kt) {
     const int k0 = kt * kBK;
 #pragma unroll
     for (int i = 0; i < T::kALoads; ++i) {
       const int kk = k0 + a_ch[i] * 8;
-      const bool ok = a_row[i] != nullptr && kk < K;
-      cp_async_16(sa + (stage * BM + a_r[i]) * kLd + a_ch[i] * 8, ok ? a_row[i] + kk : a_src, ok);
+      const bool ok = L.a_row[i] != nullptr && kk < K;
+      cp_async_16(sa + (stage * BM + a_r[i]) * kLd + a_ch[i] * 8, ok ? L.a_row[i] + kk : a_src,
+                  ok);
     }
   };
   // A stage of the tile's weight groups (gate/up: the gate rows' groups, then the up rows'), 16
   // rows each in the tiled layout; groups past the expert's N rows stay unread (their output
   // columns are not stored). Thread 0 issues the copies (computing the addresses there keeps
   // the other threads' registers free).
-  auto load_b = [&](int stage, int kt) {
+  auto load_b = [&](int stage, const LoadTile& L, int kt) {
     if (tid != 0) return;
     constexpr int kPart = kGateUp ? kGroups / 2 : kGroups;  // groups per gate or up part
     const int64_t kp = tiled_cols(K);
-    const __nv_bfloat16* src = w + (static_cast<int64_t>(e) * (kGateUp ? 2 * N : N) + n0) * kp +
+    const __nv_bfloat16* src = w +
+                               (static_cast<int64_t>(L.e) * (kGateUp ? 2 * N : N) + L.n0) * kp +
                                kt * kTiledGroupRows * kBK;
-    const int part_groups = min(kPart, (N - n0) / kTiledGroupRows);  // N % 16 == 0
+    const int part_groups = min(kPart, (N - L.n0) / kTiledGroupRows);  // N % 16 == 0
     uint64_t* bar = &full[stage];
     mbar_arrive_expect_tx(bar, (kGroups / kPart) * part_groups * T::kGroupStage);
     unsigned char* dst = sb + stage * T::kBStage;
@@ -228,37 +255,54 @@ __global__ void __launch_bounds__(Tile<BM, kWide>::kThreads, 1)
   };
 
   float acc[kMt][kNt][4];
+  auto clear = [&] {
 #pragma unroll
-  for (int mt = 0; mt < kMt; ++mt)
+    for (int mt = 0; mt < kMt; ++mt)
 #pragma unroll
-    for (int nt = 0; nt < kNt; ++nt)
-      acc[mt][nt][0] = acc[mt][nt][1] = acc[mt][nt][2] = acc[mt][nt][3] = 0.0f;
+      for (int nt = 0; nt < kNt; ++nt)
+        acc[mt][nt][0] = acc[mt][nt][1] = acc[mt][nt][2] = acc[mt][nt][3] = 0.0f;
+  };
+  clear();
 
-  const int kTiles = (K + kBK - 1) / kBK;
-  // The first stages' weights, then (down: once gate/up's output is complete) their
-  // activations, a commit group per stage.
-  for (int s = 0; s < kStages - 1; ++s) {
-    if (s < kTiles) load_b(s, s);
-  }
+  // The loader runs kStages - 1 stages ahead of the math, possibly into the CTA's next tile.
+  int ld_tile = blockIdx.x, ld_kt = 0;
+  LoadTile ld = load_tile(ld_tile);
+  auto advance_loader = [&] {
+    if (++ld_kt == kTiles) {
+      ld_kt = 0;
+      ld_tile += gridDim.x;
+      if (ld_tile < tiles) ld = load_tile(ld_tile);
+    }
+  };
+  // The first stages' weights (those of the first tile), then (down: once gate/up's output is
+  // complete) their activations, a commit group per stage.
+  const int pre_b = min(kStages - 1, kTiles);
+  for (int s = 0; s < pre_b; ++s) load_b(s, ld, s);
   if constexpr (!kGateUp) asm volatile("griddepcontrol.wait;" ::: "memory");
   for (int s = 0; s < kStages - 1; ++s) {
-    if (s < kTiles) load_a(s, s);
+    if (s < stages_total) {
+      load_a(s, ld, ld_kt);
+      if (s >= pre_b) load_b(s, ld, ld_kt);
+      advance_loader();
+    }
     cp_async_commit();
   }
-  for (int kt = 0; kt < kTiles; ++kt) {
+  int cp_tile = blockIdx.x, cp_kt = 0;
+  for (int it = 0; it < stages_total; ++it) {
     cp_async_wait<kStages - 2>();
-    mbar_wait(&full[kt % kStages], (kt / kStages) & 1);
+    mbar_wait(&full[it % kStages], (it / kStages) & 1);
     // Everyone's activation copies have landed, and everyone is done with the stage the loads
     // below refill (read in the previous iteration).
     __syncthreads();
-    const int next = kt + kStages - 1;
-    if (next < kTiles) {
-      load_a(next % kStages, next);
-      load_b(next % kStages, next);
+    if (it + kStages - 1 < stages_total) {
+      const int slot = (it + kStages - 1) % kStages;
+      load_a(slot, ld, ld_kt);
+      load_b(slot, ld, ld_kt);
+      advance_loader();
     }
     cp_async_commit();
-    const __nv_bfloat16* A = sa + (kt % kStages) * BM * kLd;
-    const unsigned char* B = sb + (kt % kStages) * T::kBStage;
+    const __nv_bfloat16* A = sa + (it % kStages) * BM * kLd;
+    const unsigned char* B = sb + (it % kStages) * T::kBStage;
 #pragma unroll
     for (int ks = 0; ks < kBK / 16; ++ks) {
       uint32_t af[kMt][4];
@@ -287,41 +331,81 @@ __global__ void __launch_bounds__(Tile<BM, kWide>::kThreads, 1)
         for (int mt = 0; mt < kMt; ++mt) mma_16816(acc[mt][nt], af[mt], b0, b1);
       }
     }
-  }
-  cp_async_wait<0>();
-
+    if (++cp_kt < kTiles) continue;
+    // The tile is complete: its outputs, then the next tile from zero.
+    const int m0 = (cp_tile % used) * BM, n0 = (cp_tile / used) * kCols;
 #pragma unroll
-  for (int mt = 0; mt < kMt; ++mt) {
+    for (int mt = 0; mt < kMt; ++mt) {
 #pragma unroll
-    for (int half = 0; half < 2; ++half) {
-      const int r = wm * kMt * 16 + mt * 16 + g + 8 * half;
-      const int pair = sorted_pairs[m0 + r];
-      if (pair < 0) continue;
-      __nv_bfloat16* orow = out + static_cast<size_t>(m0 + r) * N;
-      if (kGateUp) {
+      for (int half = 0; half < 2; ++half) {
+        const int r = wm * kMt * 16 + mt * 16 + g + 8 * half;
+        const int pair = __ldcg(sorted_pairs + m0 + r);
+        if (pair < 0) continue;
+        __nv_bfloat16* orow = out + static_cast<size_t>(m0 + r) * N;
+        if (kGateUp) {
 #pragma unroll
-        for (int nt = 0; nt < kHalf; ++nt) {
+          for (int nt = 0; nt < kHalf; ++nt) {
 #pragma unroll
-          for (int j = 0; j < 2; ++j) {
-            const int col = n0 + wn * kHalf * 8 + nt * 8 + 2 * c + j;
-            if (col >= N) continue;
-            const float gv = acc[mt][nt][2 * half + j], uv = acc[mt][nt + kHalf][2 * half + j];
-            orow[col] = __float2bfloat16(gv / (1.0f + __expf(-gv)) * uv);
+            for (int j = 0; j < 2; ++j) {
+              const int col = n0 + wn * kHalf * 8 + nt * 8 + 2 * c + j;
+              if (col >= N) continue;
+              const float gv = acc[mt][nt][2 * half + j], uv = acc[mt][nt + kHalf][2 * half + j];
+              orow[col] = __float2bfloat16(gv / (1.0f + __expf(-gv)) * uv);
+            }
           }
-        }
-      } else {
-        const float rw = route_w[pair];
+        } else {
+          const float rw = route_w[pair];
 #pragma unroll
-        for (int nt = 0; nt < kNt; ++nt) {
+          for (int nt = 0; nt < kNt; ++nt) {
 #pragma unroll
-          for (int j = 0; j < 2; ++j) {
-            const int col = n0 + wn * kNt * 8 + nt * 8 + 2 * c + j;
-            if (col < N) orow[col] = __float2bfloat16(acc[mt][nt][2 * half + j] * rw);
+            for (int j = 0; j < 2; ++j) {
+              const int col = n0 + wn * kNt * 8 + nt * 8 + 2 * c + j;
+              if (col < N) orow[col] = __float2bfloat16(acc[mt][nt][2 * half + j] * rw);
+            }
           }
         }
       }
     }
+    clear();
+    cp_kt = 0;
+    cp_tile += gridDim.x;
   }
+  cp_async_wait<0>();
+}
+
+// CTAs of moe_gemm_kernel<BM, kWide, kGateUp> resident on the whole GPU at once (one wave).
+template <int BM, bool kWide, bool kGateUp>
+int resident_ctas() {
+  static const int slots = [] {
+    using T = Tile<BM, kWide>;
+    int device = 0, sms = 0, per_sm = 0;
+    ERNIE_CUDA_CHECK(cudaGetDevice(&device));
+    ERNIE_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+    ERNIE_CUDA_CHECK(cudaFuncSetAttribute(moe_gemm_kernel<BM, kWide, kGateUp>,
+                                          cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                          static_cast<int>(T::kSmem)));
+    ERNIE_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
+        &per_sm, moe_gemm_kernel<BM, kWide, kGateUp>, T::kThreads, T::kSmem));
+    return sms * std::max(per_sm, 1);
+  }();
+  return slots;
+}
+
+// Tiles of a decode GEMM over `capacity` rows of the layout (every M-block counted).
+template <int BM, bool kWide, bool kGateUp>
+int64_t capacity_tiles(int64_t capacity, int N) {
+  constexpr int cols = kGateUp ? Tile<BM, kWide>::kBN / 2 : Tile<BM, kWide>::kBN;
+  return capacity / BM * ((N + cols - 1) / cols);
+}
+
+// ERNIE_MOE_PERSISTENT=1 (an A/B switch until it has run on a GPU): the decode GEMMs on one
+// wave of resident CTAs that walk the tiles, instead of a CTA per tile.
+bool persistent_tiles() {
+  static const bool on = [] {
+    const char* v = std::getenv("ERNIE_MOE_PERSISTENT");
+    return v != nullptr && std::string_view(v) == "1";
+  }();
+  return on;
 }
 
 template <int BM, bool kWide, bool kGateUp>
@@ -330,38 +414,14 @@ void launch_gemm_tile(__nv_bfloat16* out, const __nv_bfloat16* a, const __nv_bfl
                       const int32_t* block_expert, int64_t capacity, int k, int K, int N,
                       cudaStream_t stream) {
   using T = Tile<BM, kWide>;
-  static bool configured = false;
-  if (!configured) {
-    ERNIE_CUDA_CHECK(cudaFuncSetAttribute(moe_gemm_kernel<BM, kWide, kGateUp>,
-                                          cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                          static_cast<int>(T::kSmem)));
-    configured = true;
-  }
-  constexpr int cols = kGateUp ? T::kBN / 2 : T::kBN;
-  const dim3 grid(static_cast<unsigned>(capacity / BM), (N + cols - 1) / cols);
-  launch_pdl(moe_gemm_kernel<BM, kWide, kGateUp>, grid, T::kThreads, T::kSmem, stream, out, a, w,
-             route_w, sorted_pairs, block_expert, k, K, N);
+  const int64_t tiles = capacity_tiles<BM, kWide, kGateUp>(capacity, N);
+  const int slots = resident_ctas<BM, kWide, kGateUp>();  // also sets the kernel's attribute
+  const int64_t grid = persistent_tiles() ? std::min<int64_t>(tiles, slots) : tiles;
+  require_parts(grid < (int64_t{1} << 31), "MoE GEMM: ", tiles, " tiles");
+  launch_pdl(moe_gemm_kernel<BM, kWide, kGateUp>, static_cast<unsigned>(grid), T::kThreads,
+             T::kSmem, stream, out, a, w, route_w, sorted_pairs, block_expert,
+             static_cast<int>(capacity / BM), k, K, N);
   ERNIE_CUDA_CHECK(cudaGetLastError());
-}
-
-// Whether the wide 16-row tiles cover this GEMM in one wave (CTAs resident at once).
-template <bool kGateUp>
-bool wide_tiles_fit(int64_t capacity, int N) {
-  static const int slots = [] {
-    int device = 0, sms = 0, per_sm = 0;
-    ERNIE_CUDA_CHECK(cudaGetDevice(&device));
-    ERNIE_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-    using T = Tile<kMoeBlockSmall, true>;
-    ERNIE_CUDA_CHECK(cudaFuncSetAttribute(moe_gemm_kernel<kMoeBlockSmall, true, kGateUp>,
-                                          cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                          static_cast<int>(T::kSmem)));
-    ERNIE_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
-        &per_sm, moe_gemm_kernel<kMoeBlockSmall, true, kGateUp>, T::kThreads, T::kSmem));
-    return sms * per_sm;
-  }();
-  constexpr int cols =
-      kGateUp ? Tile<kMoeBlockSmall, true>::kBN / 2 : Tile<kMoeBlockSmall, true>::kBN;
-  return capacity / kMoeBlockSmall * ((N + cols - 1) / cols) <= slots;
 }
 
 template <bool kGateUp>
@@ -374,7 +434,9 @@ void launch_gemm(__nv_bfloat16* out, const __nv_bfloat16* a, const __nv_bfloat16
   require_parts(capacity % block_m == 0, "MoE GEMM: capacity ", capacity,
                 " is not a multiple of the block size ", block_m);
   if (block_m == kMoeBlockSmall) {
-    if (wide_tiles_fit<kGateUp>(capacity, N)) {
+    // The wide 16-row tiles when they cover this GEMM in one wave.
+    if (capacity_tiles<kMoeBlockSmall, true, kGateUp>(capacity, N) <=
+        resident_ctas<kMoeBlockSmall, true, kGateUp>()) {
       launch_gemm_tile<kMoeBlockSmall, true, kGateUp>(out, a, w, route_w, sorted_pairs,
                                                       block_expert, capacity, k, K, N, stream);
     } else {
@@ -383,17 +445,8 @@ void launch_gemm(__nv_bfloat16* out, const __nv_bfloat16* a, const __nv_bfloat16
     }
   } else {
     require_parts(block_m == kMoeBlockMid, "MoE GEMM: unknown block size ", block_m);
-    static const bool wide = [] {
-      const char* v = std::getenv("ERNIE_MOE_MID_WIDE");
-      return v != nullptr && std::string_view(v) == "1";
-    }();
-    if (wide) {
-      launch_gemm_tile<kMoeBlockMid, true, kGateUp>(out, a, w, route_w, sorted_pairs,
-                                                    block_expert, capacity, k, K, N, stream);
-    } else {
-      launch_gemm_tile<kMoeBlockMid, false, kGateUp>(out, a, w, route_w, sorted_pairs,
-                                                     block_expert, capacity, k, K, N, stream);
-    }
+    launch_gemm_tile<kMoeBlockMid, false, kGateUp>(out, a, w, route_w, sorted_pairs, block_expert,
+                                                   capacity, k, K, N, stream);
   }
 }
 

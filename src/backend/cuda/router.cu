@@ -1,6 +1,4 @@
 #include <algorithm>
-#include <cstdlib>
-#include <string_view>
 
 #include "backend/cuda/align.cuh"
 #include "backend/cuda/cuda_check.h"
@@ -123,8 +121,8 @@ __device__ void topk_token(int t, int32_t* ids, float* weights, const float* par
   __syncwarp();
 }
 
-// What the last CTA of a fused launch finishes with: the top-k of every token, then the MoE
-// layout of the pairs (RouteLayout).
+// What the last CTA of a fused launch (router_small_kernel<true>) finishes with: the top-k of
+// every token, then the MoE layout of the pairs (RouteLayout).
 struct Tail {
   int32_t* ids;
   float* weights;
@@ -134,25 +132,23 @@ struct Tail {
   RouteLayout layout;
 };
 
-// The fused tail runs in one CTA (4 warps, a token per warp at a time), so it pays only while
-// the tokens are few: beyond this the separate top-k and align kernels spread the work.
+// Up to this many tokens router_small_kernel computes the logits, and with a layout its last CTA
+// does the top-k and the layout too. The fused tail runs in one CTA (4 warps, a token per warp
+// at a time), so it pays only while the tokens are few: beyond this the tensor-core logits
+// kernel and the separate top-k and align kernels spread the work.
 constexpr int kFusedRouteTokens = 8;
 
 // Up to this many tokens the logits kernel lets the kernels after it launch only when its
 // partial sums are stored (see router_logits_kernel).
 constexpr int kLateLaunchTokens = 64;
 
-// CTAs of the current fused launch that have written their partial sums; the last one resets it.
+// CTAs of the current fused launch that have written their logits; the last one resets it.
 __device__ unsigned int g_route_arrivals = 0;
 
-// partial[split][token][expert] = sum over this split's reduction range of x * W. kFused (at
-// most kFusedRouteTokens tokens): the last CTA to finish also does the top-k and the layout,
-// so a small decode step routes in one launch.
-template <bool kFused>
+// partial[split][token][expert] = sum over this split's reduction range of x * W.
 __global__ void __launch_bounds__(kThreads)
     router_logits_kernel(float* partial, const __nv_bfloat16* x, const float* w, int tokens,
-                         int hidden, int experts, int tiles_per_split, const Tail tail,
-                         bool early_trigger) {
+                         int hidden, int experts, int tiles_per_split, bool early_trigger) {
   if (early_trigger) asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
   // The router's weights are fixed: the first stages' weights load before the wait for x.
   __shared__ __align__(16) __nv_bfloat16 xs[kStages][kBM][kXLd];
@@ -232,42 +228,20 @@ __global__ void __launch_bounds__(kThreads)
       if (t < tokens && e < experts) out[static_cast<size_t>(t) * experts + e] = acc[nt][j];
     }
   }
-  // The kernels after this one (top-k, or the routed expert GEMM after a fused launch) launch
-  // only now: launched early, the routed GEMM's CTAs would sit on every SM waiting, and the
-  // shared experts' GEMM (side stream, free to run while the router is latency-bound) could
-  // not start until they finish.
+  // The kernels after this one launch only now: launched early, the routed GEMM's CTAs would
+  // sit on every SM waiting, and the shared experts' GEMM (side stream, free to run while the
+  // router is latency-bound) could not start until they finish.
   if (!early_trigger) asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
-  if constexpr (kFused) {
-    __shared__ bool last;
-    __threadfence();  // this CTA's partial sums are visible before it is counted
-    __syncthreads();
-    if (tid == 0) {
-      const unsigned int ctas = gridDim.x * gridDim.y * gridDim.z;
-      last = atomicAdd(&g_route_arrivals, 1u) == ctas - 1;
-    }
-    __syncthreads();
-    if (!last) return;
-    __threadfence();
-    extern __shared__ float tail_smem[];  // [warps][2 * experts] floats, then the align scratch
-    for (int t = warp; t < tokens; t += kThreads / 32) {
-      topk_token(t, tail.ids, tail.weights, partial, tail.bias, tokens, experts, gridDim.z, tail.k,
-                 tail.norm_min, tail_smem + static_cast<size_t>(warp) * 2 * experts);
-    }
-    __syncthreads();  // every token's ids are written
-    int* counts = reinterpret_cast<int*>(tail_smem + (kThreads / 32) * 2 * experts);
-    const RouteLayout& L = tail.layout;
-    align_pairs(L.sorted_pairs, L.block_expert, L.pair_pos, tail.ids, tokens * tail.k, experts,
-                L.block_m, L.num_blocks, counts, counts + experts);
-    if (tid == 0) g_route_arrivals = 0;
-  }
 }
 
-// Few tokens (at most kFusedRouteTokens), with ERNIE_ROUTER_SMALL=1 (an A/B switch until this
-// path has run on a GPU: route_topk): logits[token][expert] by one CTA per expert, f32
+// Few tokens (at most kFusedRouteTokens): logits[token][expert] by one CTA per expert, f32
 // weights times the bf16 activations in f32 FMAs (each thread a fixed set of 4-column groups, a
 // fixed reduction tree after), no split partials. The router's weights are fixed, so each
 // thread's first kSmallPrefetch groups load before the wait for x: at one token the whole row
-// of a 2560-wide router. kFused: the last CTA to finish also does the top-k and the layout.
+// of a 2560-wide router. kFused: the last CTA to finish also does the top-k and the layout, so
+// a small decode step routes in one launch. (It replaced tensor-core logits split over 20 CTAs
+// with the same fused tail: step 1 x 1000 2.695 -> 2.630 ms on an H200, the router's span in
+// a layer 16.7 -> 13.3 us.)
 constexpr int kSmallThreads = 128, kSmallPrefetch = 8;
 
 template <bool kFused>
@@ -362,6 +336,7 @@ __global__ void __launch_bounds__(kTopkWarps * 32)
 
 size_t route_scratch_bytes(int tokens, int hidden, int experts) {
   if (tokens <= 0) return 0;
+  if (tokens <= kFusedRouteTokens) return static_cast<size_t>(tokens) * experts * sizeof(float);
   const Split s = plan_split(tokens, hidden, experts);
   return static_cast<size_t>(s.splits) * tokens * experts * sizeof(float);
 }
@@ -373,16 +348,9 @@ bool route_topk(int32_t* ids, float* weights, const __nv_bfloat16* x, const floa
   require(tokens > 0 && hidden > 0 && hidden % kBK == 0 && experts > 0 && experts <= 1024 &&
               k > 0 && k <= experts,
           "route_topk: bad shape");
-  // Up to 8 tokens, ERNIE_ROUTER_SMALL=1 takes router_small_kernel (one CTA per expert, f32
-  // FMAs, the weights loaded before the wait) for the logits, in both modes (fused or not), so
-  // the fused results still equal the separate ones. Written to cut the one-token router's
-  // 17-18 us (H200: the tensor-core logits alone 9.5 us); compiled, not yet run on a GPU, so
-  // off by default: scripts/gpu_ab.sh DIR - ERNIE_ROUTER_SMALL=1 tests and times both.
-  static const bool small_path = [] {
-    const char* v = std::getenv("ERNIE_ROUTER_SMALL");
-    return v != nullptr && std::string_view(v) == "1";
-  }();
-  if (small_path && tokens <= kFusedRouteTokens) {
+  // Up to 8 tokens router_small_kernel takes the logits in both modes (fused or not), so the
+  // fused results equal the separate ones.
+  if (tokens <= kFusedRouteTokens) {
     auto* logits = static_cast<float*>(scratch);  // tokens x experts <= the scratch's floats
     Tail tail{ids, weights, bias, k, norm_min, {}};
     if (layout != nullptr) {
@@ -413,28 +381,11 @@ bool route_topk(int32_t* ids, float* weights, const __nv_bfloat16* x, const floa
   const Split s = plan_split(tokens, hidden, experts);
   auto* partial = static_cast<float*>(scratch);
   const dim3 grid(s.m_tiles, s.n_tiles, s.splits);
-  Tail tail{ids, weights, bias, k, norm_min, {}};
   // Up to 64 tokens the routed GEMMs launch only once the logits are in (steps 1 x 1000 3.62 ->
   // 3.50 ms, 16 and 64 tokens no slower); at 256 the early launch is 0.2 ms faster per step.
   const bool early = tokens > kLateLaunchTokens;
-  if (layout != nullptr && tokens <= kFusedRouteTokens) {
-    tail.layout = *layout;
-    const size_t smem = (static_cast<size_t>(kThreads / 32) * 2 * experts) * sizeof(float) +
-                        (2 * static_cast<size_t>(experts) + 1) * sizeof(int);
-    static bool configured = false;
-    if (!configured) {
-      ERNIE_CUDA_CHECK(cudaFuncSetAttribute(
-          router_logits_kernel<true>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-          static_cast<int>((kThreads / 32) * 2 * 1024 * 4 + (2 * 1024 + 1) * 4)));
-      configured = true;
-    }
-    launch_pdl(router_logits_kernel<true>, grid, kThreads, smem, stream, partial, x, router, tokens,
-               hidden, experts, s.tiles_per_split, tail, early);
-    ERNIE_CUDA_CHECK(cudaGetLastError());
-    return true;
-  }
-  launch_pdl(router_logits_kernel<false>, grid, kThreads, 0, stream, partial, x, router, tokens,
-             hidden, experts, s.tiles_per_split, tail, early);
+  launch_pdl(router_logits_kernel, grid, kThreads, 0, stream, partial, x, router, tokens, hidden,
+             experts, s.tiles_per_split, early);
   ERNIE_CUDA_CHECK(cudaGetLastError());
   const size_t smem = static_cast<size_t>(kTopkWarps) * 2 * experts * sizeof(float);
   launch_pdl(router_topk_kernel, (tokens + kTopkWarps - 1) / kTopkWarps, kTopkWarps * 32, smem,

@@ -2,13 +2,12 @@
 // experts = top-k of p + correction bias (selection only), weights = the unbiased p of the
 // chosen experts divided by max(sum, norm_min).
 //
-// With ERNIE_ROUTER_SMALL=1 (an A/B switch: not yet run on a GPU) and up to 8 tokens (a decode
-// step of few sequences, where the router is pure latency) the logits are f32 FMAs of the f32
-// weights and the bf16 activations, one CTA per expert, each weight row loaded before the
-// kernel waits for x. Otherwise the logits run on the tensor cores: each f32 weight is
-// split into three bf16 terms (hi = bf16(w), mid = bf16(w - hi), lo = bf16(w - hi - mid),
-// together all 24 significant bits) and each is multiplied with the bf16 activations with f32
-// accumulation. Either way the result differs from an f32 GEMM by summation order only. The
+// Up to 8 tokens (a decode step of few sequences, where the router is pure latency) the logits
+// are f32 FMAs of the f32 weights and the bf16 activations, one CTA per expert, each weight row
+// loaded before the kernel waits for x. Otherwise the logits run on the tensor cores: each f32
+// weight is split into three bf16 terms (hi = bf16(w), mid = bf16(w - hi), lo = bf16(w - hi -
+// mid), together all 24 significant bits) and each is multiplied with the bf16 activations with
+// f32 accumulation. Either way the result differs from an f32 GEMM by summation order only. The
 // tensor-core path splits the reduction over more CTAs for few tokens; the partial sums are
 // added in a fixed order by the top-k kernel, so results do not depend on scheduling.
 #pragma once

@@ -44,23 +44,44 @@ __global__ void __launch_bounds__(kSkinnyWarps * 32)
     pre[i] = row < n && q < pieces ? load_stream(wrow + q) : make_uint4(0, 0, 0, 0);
   }
   asm volatile("griddepcontrol.wait;" ::: "memory");
-  for (int i = threadIdx.x; i < m * pieces; i += blockDim.x) {
-    const int t = i / pieces, q = i % pieces;
-    if constexpr (kSilu) {
-      const uint4 g = reinterpret_cast<const uint4*>(x + static_cast<size_t>(t) * 2 * k)[q];
-      const uint4 u = reinterpret_cast<const uint4*>(x + static_cast<size_t>(t) * 2 * k + k)[q];
-      const uint32_t gv[4] = {g.x, g.y, g.z, g.w}, uv[4] = {u.x, u.y, u.z, u.w};
-      uint32_t r[4];
+  // The input into shared memory, kStageBatch pieces per thread loaded before any is stored (one
+  // L2 round trip per batch, not per piece).
+  constexpr int kStageBatch = 4;
+  const int total = m * pieces;
+  for (int base = 0; base < total; base += kStageBatch * blockDim.x) {
+    uint4 v[kStageBatch], u[kStageBatch];
 #pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        const float2 a = bf2(gv[j]), b = bf2(uv[j]);
-        const __nv_bfloat162 h = __floats2bfloat162_rn(a.x / (1.0f + __expf(-a.x)) * b.x,
-                                                       a.y / (1.0f + __expf(-a.y)) * b.y);
-        r[j] = *reinterpret_cast<const uint32_t*>(&h);
+    for (int j = 0; j < kStageBatch; ++j) {
+      const int i = base + j * blockDim.x + threadIdx.x;
+      if (i < total) {
+        const int t = i / pieces, q = i % pieces;
+        if constexpr (kSilu) {
+          v[j] = reinterpret_cast<const uint4*>(x + static_cast<size_t>(t) * 2 * k)[q];
+          u[j] = reinterpret_cast<const uint4*>(x + static_cast<size_t>(t) * 2 * k + k)[q];
+        } else {
+          v[j] = reinterpret_cast<const uint4*>(x + static_cast<size_t>(t) * k)[q];
+        }
       }
-      xs[i] = make_uint4(r[0], r[1], r[2], r[3]);
-    } else {
-      xs[i] = reinterpret_cast<const uint4*>(x + static_cast<size_t>(t) * k)[q];
+    }
+#pragma unroll
+    for (int j = 0; j < kStageBatch; ++j) {
+      const int i = base + j * blockDim.x + threadIdx.x;
+      if (i >= total) continue;
+      if constexpr (kSilu) {
+        const uint32_t gv[4] = {v[j].x, v[j].y, v[j].z, v[j].w};
+        const uint32_t uv[4] = {u[j].x, u[j].y, u[j].z, u[j].w};
+        uint32_t r[4];
+#pragma unroll
+        for (int q = 0; q < 4; ++q) {
+          const float2 a = bf2(gv[q]), b = bf2(uv[q]);
+          const __nv_bfloat162 h = __floats2bfloat162_rn(a.x / (1.0f + __expf(-a.x)) * b.x,
+                                                         a.y / (1.0f + __expf(-a.y)) * b.y);
+          r[q] = *reinterpret_cast<const uint32_t*>(&h);
+        }
+        xs[i] = make_uint4(r[0], r[1], r[2], r[3]);
+      } else {
+        xs[i] = v[j];
+      }
     }
   }
   __syncthreads();
