@@ -314,11 +314,13 @@ TEST(CudaKernels, RouterMatchesCpuReference) {
     int tokens, hidden, experts, k;
   };
   // Up to 8 tokens a CTA per expert (8192 columns: more than its threads load before the
-  // wait; 1024 experts: the most allowed); more split the reduction over CTAs on the tensor
-  // cores (17 tokens), many do not; 24 and 160 experts leave partial expert tiles.
+  // wait; 1024 experts: the most allowed), up to 32 with ERNIE_ROUTER_SMALL_MAX; more split the
+  // reduction over CTAs on the tensor cores (17 tokens), many do not; 24 and 160 experts leave
+  // partial expert tiles.
   for (const Shape& s : {Shape{300, 2560, 64, 6}, Shape{17, 8192, 64, 8}, Shape{40, 128, 24, 8},
                          Shape{3, 96, 16, 1}, Shape{1, 2560, 64, 6}, Shape{2000, 2560, 64, 6},
-                         Shape{70, 512, 160, 8}, Shape{8, 8192, 64, 8}, Shape{5, 2560, 1024, 8}}) {
+                         Shape{70, 512, 160, 8}, Shape{8, 8192, 64, 8}, Shape{5, 2560, 1024, 8},
+                         Shape{32, 2560, 64, 6}, Shape{12, 2560, 64, 6}}) {
     SCOPED_TRACE(::testing::Message()
                  << s.tokens << "x" << s.hidden << ", " << s.experts << " experts top-" << s.k);
     RouterInputs in(rng, s.tokens, s.hidden, s.experts);

@@ -226,8 +226,7 @@ __global__ void __launch_bounds__(Tile<BM, kWide>::kThreads, 1)
     for (int i = 0; i < T::kALoads; ++i) {
       const int kk = k0 + a_ch[i] * 8;
       const bool ok = L.a_row[i] != nullptr && kk < K;
-      cp_async_16(sa + (stage * BM + a_r[i]) * kLd + a_ch[i] * 8, ok ? L.a_row[i] + kk : a_src,
-                  ok);
+      cp_async_16(sa + (stage * BM + a_r[i]) * kLd + a_ch[i] * 8, ok ? L.a_row[i] + kk : a_src, ok);
     }
   };
   // A stage of the tile's weight groups (gate/up: the gate rows' groups, then the up rows'), 16
@@ -238,8 +237,7 @@ __global__ void __launch_bounds__(Tile<BM, kWide>::kThreads, 1)
     if (tid != 0) return;
     constexpr int kPart = kGateUp ? kGroups / 2 : kGroups;  // groups per gate or up part
     const int64_t kp = tiled_cols(K);
-    const __nv_bfloat16* src = w +
-                               (static_cast<int64_t>(L.e) * (kGateUp ? 2 * N : N) + L.n0) * kp +
+    const __nv_bfloat16* src = w + (static_cast<int64_t>(L.e) * (kGateUp ? 2 * N : N) + L.n0) * kp +
                                kt * kTiledGroupRows * kBK;
     const int part_groups = min(kPart, (N - L.n0) / kTiledGroupRows);  // N % 16 == 0
     uint64_t* bar = &full[stage];

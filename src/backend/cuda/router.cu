@@ -1,4 +1,5 @@
 #include <algorithm>
+#include <cstdlib>
 
 #include "backend/cuda/align.cuh"
 #include "backend/cuda/cuda_check.h"
@@ -244,7 +245,20 @@ __global__ void __launch_bounds__(kThreads)
 // a layer 16.7 -> 13.3 us.)
 constexpr int kSmallThreads = 128, kSmallPrefetch = 8;
 
-template <bool kFused>
+// Beyond kFusedRouteTokens and up to small_logits_tokens() tokens the same kernel computes the
+// logits (no split partials to sum) and the top-k and align kernels follow. An A/B switch until
+// measured: ERNIE_ROUTER_SMALL_MAX=16 or 32 (default 8).
+constexpr int kSmallLogitsMax = 32;
+int small_logits_tokens() {
+  static const int n = [] {
+    const char* v = std::getenv("ERNIE_ROUTER_SMALL_MAX");
+    const int want = v == nullptr ? kFusedRouteTokens : std::atoi(v);
+    return std::clamp(want, kFusedRouteTokens, kSmallLogitsMax);
+  }();
+  return n;
+}
+
+template <bool kFused, int kMaxTokens>
 __global__ void __launch_bounds__(kSmallThreads)
     router_small_kernel(float* logits, const __nv_bfloat16* x, const float* w, int tokens,
                         int hidden, int experts, const Tail tail) {
@@ -258,10 +272,12 @@ __global__ void __launch_bounds__(kSmallThreads)
     wp[i] = q < groups ? __ldg(wrow + q) : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
   }
   asm volatile("griddepcontrol.wait;" ::: "memory");
-  float acc[kFusedRouteTokens] = {};
+  static_assert(!kFused || kMaxTokens <= kFusedRouteTokens);
+  static_assert(kMaxTokens <= kSmallThreads);
+  float acc[kMaxTokens] = {};
   auto fma_group = [&](const float4 wv, int q) {
 #pragma unroll
-    for (int t = 0; t < kFusedRouteTokens; ++t) {
+    for (int t = 0; t < kMaxTokens; ++t) {
       if (t < tokens) {
         const uint2 xv =
             *reinterpret_cast<const uint2*>(x + static_cast<size_t>(t) * hidden + 4 * q);
@@ -282,9 +298,9 @@ __global__ void __launch_bounds__(kSmallThreads)
   for (int q = tid + kSmallPrefetch * kSmallThreads; q < groups; q += kSmallThreads) {
     fma_group(__ldg(wrow + q), q);
   }
-  __shared__ float red[kSmallThreads / 32][kFusedRouteTokens];
+  __shared__ float red[kSmallThreads / 32][kMaxTokens];
 #pragma unroll
-  for (int t = 0; t < kFusedRouteTokens; ++t) {
+  for (int t = 0; t < kMaxTokens; ++t) {
     float v = acc[t];
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
     if (lane == 0) red[warp][t] = v;
@@ -337,6 +353,7 @@ __global__ void __launch_bounds__(kTopkWarps * 32)
 size_t route_scratch_bytes(int tokens, int hidden, int experts) {
   if (tokens <= 0) return 0;
   if (tokens <= kFusedRouteTokens) return static_cast<size_t>(tokens) * experts * sizeof(float);
+  // (Beyond that the split partials take at least the small-batch logits' bytes.)
   const Split s = plan_split(tokens, hidden, experts);
   return static_cast<size_t>(s.splits) * tokens * experts * sizeof(float);
 }
@@ -348,29 +365,33 @@ bool route_topk(int32_t* ids, float* weights, const __nv_bfloat16* x, const floa
   require(tokens > 0 && hidden > 0 && hidden % kBK == 0 && experts > 0 && experts <= 1024 &&
               k > 0 && k <= experts,
           "route_topk: bad shape");
-  // Up to 8 tokens router_small_kernel takes the logits in both modes (fused or not), so the
-  // fused results equal the separate ones.
-  if (tokens <= kFusedRouteTokens) {
+  // Up to 8 tokens (or small_logits_tokens()) router_small_kernel takes the logits, in both
+  // modes (fused or not), so the fused results equal the separate ones.
+  if (tokens <= small_logits_tokens()) {
     auto* logits = static_cast<float*>(scratch);  // tokens x experts <= the scratch's floats
     Tail tail{ids, weights, bias, k, norm_min, {}};
-    if (layout != nullptr) {
+    if (layout != nullptr && tokens <= kFusedRouteTokens) {
       tail.layout = *layout;
       const size_t smem = (static_cast<size_t>(kSmallThreads / 32) * 2 * experts) * sizeof(float) +
                           (2 * static_cast<size_t>(experts) + 1) * sizeof(int);
       static bool configured = false;
       if (!configured) {
         ERNIE_CUDA_CHECK(cudaFuncSetAttribute(
-            router_small_kernel<true>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+            router_small_kernel<true, kFusedRouteTokens>,
+            cudaFuncAttributeMaxDynamicSharedMemorySize,
             static_cast<int>((kSmallThreads / 32) * 2 * 1024 * 4 + (2 * 1024 + 1) * 4)));
         configured = true;
       }
-      launch_pdl(router_small_kernel<true>, experts, kSmallThreads, smem, stream, logits, x, router,
-                 tokens, hidden, experts, tail);
+      launch_pdl(router_small_kernel<true, kFusedRouteTokens>, experts, kSmallThreads, smem, stream,
+                 logits, x, router, tokens, hidden, experts, tail);
       ERNIE_CUDA_CHECK(cudaGetLastError());
       return true;
     }
-    launch_pdl(router_small_kernel<false>, experts, kSmallThreads, 0, stream, logits, x, router,
-               tokens, hidden, experts, tail);
+    auto* kernel = tokens <= kFusedRouteTokens ? router_small_kernel<false, kFusedRouteTokens>
+                   : tokens <= 16              ? router_small_kernel<false, 16>
+                                               : router_small_kernel<false, kSmallLogitsMax>;
+    launch_pdl(kernel, experts, kSmallThreads, 0, stream, logits, x, router, tokens, hidden,
+               experts, tail);
     ERNIE_CUDA_CHECK(cudaGetLastError());
     const size_t smem = static_cast<size_t>(kTopkWarps) * 2 * experts * sizeof(float);
     launch_pdl(router_topk_kernel, (tokens + kTopkWarps - 1) / kTopkWarps, kTopkWarps * 32, smem,

@@ -22,8 +22,12 @@ __device__ __forceinline__ float2 bf2(uint32_t v) {
   return __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&v));
 }
 
-__device__ __forceinline__ void store(float* p, float v) { *p = v; }
-__device__ __forceinline__ void store(__nv_bfloat16* p, float v) { *p = __float2bfloat16(v); }
+__device__ __forceinline__ void store(float* p, float v) {
+  *p = v;
+}
+__device__ __forceinline__ void store(__nv_bfloat16* p, float v) {
+  *p = __float2bfloat16(v);
+}
 
 // M: rows of x the kernel is built for (m <= M). xs: the input in shared memory, [m][k / 8]
 // pieces of 8, staged by the whole CTA after the wait.
@@ -36,7 +40,8 @@ __global__ void __launch_bounds__(kSkinnyWarps * 32)
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int row = blockIdx.x * kSkinnyWarps + warp;
   const int pieces = k / 8;
-  const uint4* wrow = reinterpret_cast<const uint4*>(w + static_cast<size_t>(row < n ? row : 0) * k);
+  const uint4* wrow =
+      reinterpret_cast<const uint4*>(w + static_cast<size_t>(row < n ? row : 0) * k);
   uint4 pre[kSkinnyPrefetch];
 #pragma unroll
   for (int i = 0; i < kSkinnyPrefetch; ++i) {
@@ -175,8 +180,8 @@ bool skinny_gemm_fits(int m, int k) {
 void skinny_gemm(void* out, bool out_f32, const __nv_bfloat16* x, const __nv_bfloat16* w, int m,
                  int n, int k, bool silu_x, cudaStream_t stream) {
   if (n == 0) return;
-  require_parts(skinny_gemm_fits(m, k) && n > 0, "skinny_gemm: ", m, " x ", k,
-                " input (at most ", kSkinnyMaxRows, " rows, k a positive multiple of 8)");
+  require_parts(skinny_gemm_fits(m, k) && n > 0, "skinny_gemm: ", m, " x ", k, " input (at most ",
+                kSkinnyMaxRows, " rows, k a positive multiple of 8)");
   if (out_f32) {
     auto* o = static_cast<float*>(out);
     silu_x ? dispatch<true>(o, x, w, m, n, k, stream) : dispatch<false>(o, x, w, m, n, k, stream);
