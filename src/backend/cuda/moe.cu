@@ -154,7 +154,7 @@ template <int BM, bool kWide, bool kGateUp>
 __global__ void __launch_bounds__(Tile<BM, kWide>::kThreads, 1)
     moe_gemm_kernel(__nv_bfloat16* out, const __nv_bfloat16* a_src, const __nv_bfloat16* w,
                     const float* route_w, const int32_t* sorted_pairs, const int32_t* block_expert,
-                    int m_blocks, int k_choices, int K, int N) {
+                    int m_blocks, bool walk, int k_choices, int K, int N) {
   // gate/up launches down only once the routing is complete (pdl_begin_ordered), so down can
   // read the layout and start streaming its weights while gate/up is still running; it waits
   // for gate/up's output before its first activation load.
@@ -169,11 +169,19 @@ __global__ void __launch_bounds__(Tile<BM, kWide>::kThreads, 1)
   constexpr int kGroups = T::kGroups;
   constexpr int kCols = kGateUp ? kBN / 2 : kBN;  // output columns per tile
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, c = lane % 4;
-  // The used M-blocks: block_expert is -1 past the last one.
-  int used = 0;
-  for (int b0 = 0; b0 < m_blocks; b0 += T::kThreads) {
-    const int b = b0 + tid;
-    used += __syncthreads_count(b < m_blocks && __ldcg(block_expert + b) >= 0);
+  // One tile per CTA (the grid covers every M-block the capacity allows): an unused block's
+  // CTAs leave at once. walk: the used M-blocks are counted first (block_expert is -1 past the
+  // last one), and the CTAs walk only theirs.
+  int used = m_blocks, first_e = -1;
+  if (walk) {
+    used = 0;
+    for (int b0 = 0; b0 < m_blocks; b0 += T::kThreads) {
+      const int b = b0 + tid;
+      used += __syncthreads_count(b < m_blocks && __ldcg(block_expert + b) >= 0);
+    }
+  } else {
+    first_e = __ldcg(block_expert + blockIdx.x % m_blocks);
+    if (first_e < 0) return;
   }
   const int tiles = used * ((N + kCols - 1) / kCols);
   if (static_cast<int>(blockIdx.x) >= tiles) return;
@@ -203,20 +211,34 @@ __global__ void __launch_bounds__(Tile<BM, kWide>::kThreads, 1)
     a_r[i] = idx / T::kChunks;
     a_ch[i] = idx % T::kChunks;
   }
+  // What the loads of one tile need: its expert, rows and first output column, and the pair of
+  // each of this thread's activation rows. A walking CTA reads the next tile's while it still
+  // loads the current one, and turns them into row addresses when it gets there.
+  struct TileInfo {
+    int e, m0, n0;
+    int pair[T::kALoads];
+  };
+  auto fetch_tile = [&](int t, int e) {
+    TileInfo I;
+    I.m0 = (t % used) * BM;
+    I.e = e;
+    I.n0 = (t / used) * kCols;
+#pragma unroll
+    for (int i = 0; i < T::kALoads; ++i) I.pair[i] = __ldcg(sorted_pairs + I.m0 + a_r[i]);
+    return I;
+  };
   struct LoadTile {
     int e, n0;
     const __nv_bfloat16* a_row[T::kALoads];
   };
-  auto load_tile = [&](int t) {
+  auto load_tile = [&](const TileInfo& I) {
     LoadTile L;
-    const int mb = t % used, m0 = mb * BM;
-    L.e = __ldcg(block_expert + mb);
-    L.n0 = (t / used) * kCols;
+    L.e = I.e;
+    L.n0 = I.n0;
 #pragma unroll
     for (int i = 0; i < T::kALoads; ++i) {
-      const int pair = __ldcg(sorted_pairs + m0 + a_r[i]);
-      const int64_t src_row = kGateUp ? pair / k_choices : m0 + a_r[i];
-      L.a_row[i] = pair >= 0 ? a_src + src_row * K : nullptr;
+      const int64_t src_row = kGateUp ? I.pair[i] / k_choices : I.m0 + a_r[i];
+      L.a_row[i] = I.pair[i] >= 0 ? a_src + src_row * K : nullptr;
     }
     return L;
   };
@@ -264,12 +286,21 @@ __global__ void __launch_bounds__(Tile<BM, kWide>::kThreads, 1)
 
   // The loader runs kStages - 1 stages ahead of the math, possibly into the CTA's next tile.
   int ld_tile = blockIdx.x, ld_kt = 0;
-  LoadTile ld = load_tile(ld_tile);
+  auto expert_of = [&](int t) { return __ldcg(block_expert + t % used); };
+  LoadTile ld = load_tile(fetch_tile(ld_tile, walk ? expert_of(ld_tile) : first_e));
+  TileInfo next{};
+  if (ld_tile + static_cast<int>(gridDim.x) < tiles) {
+    next = fetch_tile(ld_tile + gridDim.x, expert_of(ld_tile + gridDim.x));
+  }
   auto advance_loader = [&] {
     if (++ld_kt == kTiles) {
       ld_kt = 0;
       ld_tile += gridDim.x;
-      if (ld_tile < tiles) ld = load_tile(ld_tile);
+      if (ld_tile < tiles) {
+        ld = load_tile(next);
+        const int after = ld_tile + gridDim.x;
+        if (after < tiles) next = fetch_tile(after, expert_of(after));
+      }
     }
   };
   // The first stages' weights (those of the first tile), then (down: once gate/up's output is
@@ -414,11 +445,12 @@ void launch_gemm_tile(__nv_bfloat16* out, const __nv_bfloat16* a, const __nv_bfl
   using T = Tile<BM, kWide>;
   const int64_t tiles = capacity_tiles<BM, kWide, kGateUp>(capacity, N);
   const int slots = resident_ctas<BM, kWide, kGateUp>();  // also sets the kernel's attribute
-  const int64_t grid = persistent_tiles() ? std::min<int64_t>(tiles, slots) : tiles;
+  const bool walk = persistent_tiles() && tiles > slots;
+  const int64_t grid = walk ? slots : tiles;
   require_parts(grid < (int64_t{1} << 31), "MoE GEMM: ", tiles, " tiles");
   launch_pdl(moe_gemm_kernel<BM, kWide, kGateUp>, static_cast<unsigned>(grid), T::kThreads,
              T::kSmem, stream, out, a, w, route_w, sorted_pairs, block_expert,
-             static_cast<int>(capacity / BM), k, K, N);
+             static_cast<int>(capacity / BM), walk, k, K, N);
   ERNIE_CUDA_CHECK(cudaGetLastError());
 }
 

@@ -3,6 +3,7 @@
 
 #include "backend/cuda/align.cuh"
 #include "backend/cuda/cuda_check.h"
+#include "backend/cuda/hopper.cuh"
 #include "backend/cuda/launch.cuh"
 #include "backend/cuda/mma.cuh"
 #include "backend/cuda/router.cuh"
@@ -237,13 +238,14 @@ __global__ void __launch_bounds__(kThreads)
 
 // Few tokens (at most kFusedRouteTokens): logits[token][expert] by one CTA per expert, f32
 // weights times the bf16 activations in f32 FMAs (each thread a fixed set of 4-column groups, a
-// fixed reduction tree after), no split partials. The router's weights are fixed, so each
-// thread's first kSmallPrefetch groups load before the wait for x: at one token the whole row
-// of a 2560-wide router. kFused: the last CTA to finish also does the top-k and the layout, so
-// a small decode step routes in one launch. (It replaced tensor-core logits split over 20 CTAs
-// with the same fused tail: step 1 x 1000 2.695 -> 2.630 ms on an H200, the router's span in
-// a layer 16.7 -> 13.3 us.)
-constexpr int kSmallThreads = 128, kSmallPrefetch = 8;
+// fixed reduction tree after), no split partials. The router's weights are fixed, so the
+// expert's row comes into shared memory by one bulk copy issued before the wait for x. kFused:
+// the last CTA to finish also does the top-k and the layout, so a small decode step routes in
+// one launch. (It replaced tensor-core logits split over 20 CTAs with the same fused tail: step
+// 1 x 1000 2.695 -> 2.630 ms on an H200, the router's span in a layer 16.7 -> 13.3 us, with
+// the row still loaded after the wait.)
+constexpr int kSmallThreads = 128;
+constexpr size_t kSmallMaxSmem = 200 * 1024;  // a weight row and the fused tail's scratch
 
 // Beyond kFusedRouteTokens and up to small_logits_tokens() tokens the same kernel computes the
 // logits (no split partials to sum) and the top-k and align kernels follow. An A/B switch until
@@ -264,14 +266,22 @@ __global__ void __launch_bounds__(kSmallThreads)
                         int hidden, int experts, const Tail tail) {
   const int e = blockIdx.x, tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int groups = hidden / 4;
-  const float4* wrow = reinterpret_cast<const float4*>(w + static_cast<size_t>(e) * hidden);
-  float4 wp[kSmallPrefetch];
-#pragma unroll
-  for (int i = 0; i < kSmallPrefetch; ++i) {
-    const int q = tid + i * kSmallThreads;
-    wp[i] = q < groups ? __ldg(wrow + q) : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+  // Dynamic shared memory: the expert's weight row (hidden floats), then (kFused) the tail's
+  // scratch. The row comes by one bulk copy issued before the wait: plain loads placed before
+  // griddepcontrol.wait in the source are scheduled after it by the compiler, a bulk copy is not.
+  extern __shared__ __align__(16) float dyn_smem[];
+  __shared__ __align__(8) uint64_t w_full;
+  if (tid == 0) {
+    mbar_init(&w_full, 1);
+    mbar_init_fence();
+    mbar_arrive_expect_tx(&w_full, static_cast<uint32_t>(hidden) * 4);
+    bulk_load(dyn_smem, w + static_cast<size_t>(e) * hidden, static_cast<uint32_t>(hidden) * 4,
+              &w_full);
   }
   asm volatile("griddepcontrol.wait;" ::: "memory");
+  __syncthreads();  // the barrier's initialisation is visible
+  mbar_wait(&w_full, 0);
+  const float4* wrow = reinterpret_cast<const float4*>(dyn_smem);
   static_assert(!kFused || kMaxTokens <= kFusedRouteTokens);
   static_assert(kMaxTokens <= kSmallThreads);
   float acc[kMaxTokens] = {};
@@ -290,14 +300,7 @@ __global__ void __launch_bounds__(kSmallThreads)
       }
     }
   };
-#pragma unroll
-  for (int i = 0; i < kSmallPrefetch; ++i) {
-    const int q = tid + i * kSmallThreads;
-    if (q < groups) fma_group(wp[i], q);
-  }
-  for (int q = tid + kSmallPrefetch * kSmallThreads; q < groups; q += kSmallThreads) {
-    fma_group(__ldg(wrow + q), q);
-  }
+  for (int q = tid; q < groups; q += kSmallThreads) fma_group(wrow[q], q);
   __shared__ float red[kSmallThreads / 32][kMaxTokens];
 #pragma unroll
   for (int t = 0; t < kMaxTokens; ++t) {
@@ -322,7 +325,7 @@ __global__ void __launch_bounds__(kSmallThreads)
     __syncthreads();
     if (!last) return;
     __threadfence();
-    extern __shared__ float tail_smem[];  // [warps][2 * experts] floats, then the align scratch
+    float* tail_smem = dyn_smem + hidden;  // [warps][2 * experts] floats, then align scratch
     for (int t = warp; t < tokens; t += kSmallThreads / 32) {
       topk_token(t, tail.ids, tail.weights, logits, tail.bias, tokens, experts, 1, tail.k,
                  tail.norm_min, tail_smem + static_cast<size_t>(warp) * 2 * experts);
@@ -370,29 +373,33 @@ bool route_topk(int32_t* ids, float* weights, const __nv_bfloat16* x, const floa
   if (tokens <= small_logits_tokens()) {
     auto* logits = static_cast<float*>(scratch);  // tokens x experts <= the scratch's floats
     Tail tail{ids, weights, bias, k, norm_min, {}};
-    if (layout != nullptr && tokens <= kFusedRouteTokens) {
-      tail.layout = *layout;
-      const size_t smem = (static_cast<size_t>(kSmallThreads / 32) * 2 * experts) * sizeof(float) +
-                          (2 * static_cast<size_t>(experts) + 1) * sizeof(int);
-      static bool configured = false;
-      if (!configured) {
-        ERNIE_CUDA_CHECK(cudaFuncSetAttribute(
-            router_small_kernel<true, kFusedRouteTokens>,
-            cudaFuncAttributeMaxDynamicSharedMemorySize,
-            static_cast<int>((kSmallThreads / 32) * 2 * 1024 * 4 + (2 * 1024 + 1) * 4)));
-        configured = true;
+    // Shared memory: the weight row, then (fused) the tail's scratch.
+    const size_t row_bytes = static_cast<size_t>(hidden) * sizeof(float);
+    const size_t tail_bytes =
+        static_cast<size_t>(kSmallThreads / 32) * 2 * experts * sizeof(float) +
+        (2 * static_cast<size_t>(experts) + 1) * sizeof(int);
+    require_parts(row_bytes + tail_bytes <= kSmallMaxSmem, "route_topk: a hidden size of ", hidden,
+                  " is more than the small-batch router holds");
+    const bool fused = layout != nullptr && tokens <= kFusedRouteTokens;
+    auto* kernel = fused                         ? router_small_kernel<true, kFusedRouteTokens>
+                   : tokens <= kFusedRouteTokens ? router_small_kernel<false, kFusedRouteTokens>
+                   : tokens <= 16                ? router_small_kernel<false, 16>
+                                                 : router_small_kernel<false, kSmallLogitsMax>;
+    static bool configured = false;
+    if (!configured) {
+      for (auto* f : {router_small_kernel<true, kFusedRouteTokens>,
+                      router_small_kernel<false, kFusedRouteTokens>, router_small_kernel<false, 16>,
+                      router_small_kernel<false, kSmallLogitsMax>}) {
+        ERNIE_CUDA_CHECK(cudaFuncSetAttribute(f, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                              static_cast<int>(kSmallMaxSmem)));
       }
-      launch_pdl(router_small_kernel<true, kFusedRouteTokens>, experts, kSmallThreads, smem, stream,
-                 logits, x, router, tokens, hidden, experts, tail);
-      ERNIE_CUDA_CHECK(cudaGetLastError());
-      return true;
+      configured = true;
     }
-    auto* kernel = tokens <= kFusedRouteTokens ? router_small_kernel<false, kFusedRouteTokens>
-                   : tokens <= 16              ? router_small_kernel<false, 16>
-                                               : router_small_kernel<false, kSmallLogitsMax>;
-    launch_pdl(kernel, experts, kSmallThreads, 0, stream, logits, x, router, tokens, hidden,
-               experts, tail);
+    if (fused) tail.layout = *layout;
+    launch_pdl(kernel, experts, kSmallThreads, row_bytes + (fused ? tail_bytes : 0), stream, logits,
+               x, router, tokens, hidden, experts, tail);
     ERNIE_CUDA_CHECK(cudaGetLastError());
+    if (fused) return true;
     const size_t smem = static_cast<size_t>(kTopkWarps) * 2 * experts * sizeof(float);
     launch_pdl(router_topk_kernel, (tokens + kTopkWarps - 1) / kTopkWarps, kTopkWarps * 32, smem,
                stream, ids, weights, logits, bias, tokens, experts, 1, k, norm_min);

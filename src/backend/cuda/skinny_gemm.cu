@@ -1,21 +1,19 @@
 #include <cstdint>
 
 #include "backend/cuda/cuda_check.h"
+#include "backend/cuda/hopper.cuh"
 #include "backend/cuda/launch.cuh"
 #include "backend/cuda/skinny_gemm.cuh"
 
 namespace ernie::cuda {
 namespace {
 
-constexpr int kSkinnyWarps = 4;      // weight rows per CTA
-constexpr int kSkinnyPrefetch = 12;  // 16-byte pieces per lane loaded before the wait
+constexpr int kSkinnyWarps = 4;  // weight rows per CTA
+constexpr size_t kSkinnyMaxSmem = 200 * 1024;
 
-__device__ __forceinline__ uint4 load_stream(const uint4* p) {
-  uint4 v;
-  asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
-               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-               : "l"(p));
-  return v;
+// Shared memory of a CTA: its weight rows and the input.
+size_t skinny_smem_bytes(int m, int k) {
+  return static_cast<size_t>(kSkinnyWarps + m) * k * sizeof(__nv_bfloat16);
 }
 
 __device__ __forceinline__ float2 bf2(uint32_t v) {
@@ -29,28 +27,31 @@ __device__ __forceinline__ void store(__nv_bfloat16* p, float v) {
   *p = __float2bfloat16(v);
 }
 
-// M: rows of x the kernel is built for (m <= M). xs: the input in shared memory, [m][k / 8]
-// pieces of 8, staged by the whole CTA after the wait.
+// M: rows of x the kernel is built for (m <= M). Shared memory: the CTA's kSkinnyWarps weight
+// rows ([rows][k / 8] pieces of 8), brought by one bulk copy issued before the wait (plain loads
+// placed there in the source are scheduled after the wait by the compiler; a bulk copy is
+// not), then the input [m][k / 8], staged by the whole CTA after the wait.
 template <int M, bool kSilu, typename OutT>
 __global__ void __launch_bounds__(kSkinnyWarps * 32)
     skinny_gemm_kernel(OutT* out, const __nv_bfloat16* x, const __nv_bfloat16* w, int m, int n,
                        int k) {
   asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
-  extern __shared__ uint4 xs[];
+  extern __shared__ __align__(16) uint4 smem[];
+  __shared__ __align__(8) uint64_t w_full;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int row = blockIdx.x * kSkinnyWarps + warp;
+  const int row0 = blockIdx.x * kSkinnyWarps, row = row0 + warp;
   const int pieces = k / 8;
-  const uint4* wrow =
-      reinterpret_cast<const uint4*>(w + static_cast<size_t>(row < n ? row : 0) * k);
-  uint4 pre[kSkinnyPrefetch];
-#pragma unroll
-  for (int i = 0; i < kSkinnyPrefetch; ++i) {
-    const int q = lane + 32 * i;
-    pre[i] = row < n && q < pieces ? load_stream(wrow + q) : make_uint4(0, 0, 0, 0);
+  if (threadIdx.x == 0) {
+    const uint32_t bytes = static_cast<uint32_t>(min(kSkinnyWarps, n - row0)) * k * 2;
+    mbar_init(&w_full, 1);
+    mbar_init_fence();
+    mbar_arrive_expect_tx(&w_full, bytes);
+    bulk_load(smem, w + static_cast<size_t>(row0) * k, bytes, &w_full);
   }
   asm volatile("griddepcontrol.wait;" ::: "memory");
-  // The input into shared memory, kStageBatch pieces per thread loaded before any is stored (one
-  // L2 round trip per batch, not per piece).
+  uint4* xs = smem + kSkinnyWarps * pieces;
+  // The input, kStageBatch pieces per thread loaded before any is stored (one L2 round trip per
+  // batch, not per piece).
   constexpr int kStageBatch = 4;
   const int total = m * pieces;
   for (int base = 0; base < total; base += kStageBatch * blockDim.x) {
@@ -89,10 +90,13 @@ __global__ void __launch_bounds__(kSkinnyWarps * 32)
       }
     }
   }
-  __syncthreads();
+  __syncthreads();  // the input is staged, and the barrier's initialisation is visible
+  mbar_wait(&w_full, 0);
   if (row >= n) return;
+  const uint4* wrow = smem + warp * pieces;
   float acc[M] = {};
-  auto dot = [&](const uint4 wv, int q) {
+  for (int q = lane; q < pieces; q += 32) {
+    const uint4 wv = wrow[q];
     const float2 w0 = bf2(wv.x), w1 = bf2(wv.y), w2 = bf2(wv.z), w3 = bf2(wv.w);
 #pragma unroll
     for (int t = 0; t < M; ++t) {
@@ -111,25 +115,6 @@ __global__ void __launch_bounds__(kSkinnyWarps * 32)
         acc[t] = s;
       }
     }
-  };
-#pragma unroll
-  for (int i = 0; i < kSkinnyPrefetch; ++i) {
-    const int q = lane + 32 * i;
-    if (q < pieces) dot(pre[i], q);
-  }
-  // Rows wider than the prefetch: the rest in batches of the same size, each batch's loads
-  // issued together.
-  for (int base = 32 * kSkinnyPrefetch; base < pieces; base += 32 * kSkinnyPrefetch) {
-#pragma unroll
-    for (int i = 0; i < kSkinnyPrefetch; ++i) {
-      const int q = base + lane + 32 * i;
-      pre[i] = q < pieces ? load_stream(wrow + q) : make_uint4(0, 0, 0, 0);
-    }
-#pragma unroll
-    for (int i = 0; i < kSkinnyPrefetch; ++i) {
-      const int q = base + lane + 32 * i;
-      if (q < pieces) dot(pre[i], q);
-    }
   }
 #pragma unroll
   for (int t = 0; t < M; ++t) {
@@ -143,11 +128,12 @@ __global__ void __launch_bounds__(kSkinnyWarps * 32)
 template <int M, bool kSilu, typename OutT>
 void launch(OutT* out, const __nv_bfloat16* x, const __nv_bfloat16* w, int m, int n, int k,
             cudaStream_t stream) {
-  const size_t smem = static_cast<size_t>(m) * k * sizeof(__nv_bfloat16);
+  const size_t smem = skinny_smem_bytes(m, k);
   static bool configured = false;
-  if (!configured) {  // up to kSkinnyMaxRows rows of 8192 bf16 without the attribute, more with
+  if (!configured) {
     ERNIE_CUDA_CHECK(cudaFuncSetAttribute(skinny_gemm_kernel<M, kSilu, OutT>,
-                                          cudaFuncAttributeMaxDynamicSharedMemorySize, 200 * 1024));
+                                          cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                          static_cast<int>(kSkinnyMaxSmem)));
     configured = true;
   }
   const int grid = (n + kSkinnyWarps - 1) / kSkinnyWarps;
@@ -172,9 +158,8 @@ void dispatch(OutT* out, const __nv_bfloat16* x, const __nv_bfloat16* w, int m, 
 }  // namespace
 
 bool skinny_gemm_fits(int m, int k) {
-  // The staged input takes m * k * 2 bytes of shared memory (at most 200 KB).
   return m >= 1 && m <= kSkinnyMaxRows && k > 0 && k % 8 == 0 &&
-         static_cast<size_t>(m) * k * 2 <= 200 * 1024;
+         skinny_smem_bytes(m, k) <= kSkinnyMaxSmem;
 }
 
 void skinny_gemm(void* out, bool out_f32, const __nv_bfloat16* x, const __nv_bfloat16* w, int m,
