@@ -16,7 +16,16 @@ namespace {
 constexpr int kBM = 64, kBN = 32, kBK = 32, kStages = 3;
 constexpr int kXLd = kBK + 8, kWLd = kBK + 8;
 constexpr int kThreads = 128;
-constexpr int kMinTilesPerSplit = 4;
+// Reduction tiles per split at least: 4 (at most 20 splits of a 2560-wide router), or
+// ERNIE_ROUTER_SPLIT_TILES (an A/B switch until measured: fewer partial sums for the top-k
+// kernel to add against fewer CTAs for the logits).
+int min_tiles_per_split() {
+  static const int n = [] {
+    const char* v = std::getenv("ERNIE_ROUTER_SPLIT_TILES");
+    return v == nullptr ? 4 : std::max(1, std::atoi(v));
+  }();
+  return n;
+}
 constexpr int kTargetCtas = 264;  // two per SM on the H100
 
 struct Split {
@@ -29,7 +38,7 @@ Split plan_split(int tokens, int hidden, int experts) {
   s.n_tiles = (experts + kBN - 1) / kBN;
   s.k_tiles = hidden / kBK;
   const int want = std::max(1, kTargetCtas / (s.m_tiles * s.n_tiles));
-  s.splits = std::max(1, std::min(want, s.k_tiles / kMinTilesPerSplit));
+  s.splits = std::max(1, std::min(want, s.k_tiles / min_tiles_per_split()));
   s.tiles_per_split = (s.k_tiles + s.splits - 1) / s.splits;
   s.splits = (s.k_tiles + s.tiles_per_split - 1) / s.tiles_per_split;
   return s;
