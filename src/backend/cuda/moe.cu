@@ -138,14 +138,14 @@ struct Tile {
   static constexpr size_t kSmem = static_cast<size_t>(kStages) * (kBStage + kAStage) + 1024;
 };
 
-// Each CTA computes BM x BN tiles of the used M-blocks against their experts' weights: tile t
-// is M-block t % used, column tile t / used (used: the M-blocks holding pairs, a prefix of the
-// layout), and a CTA takes tiles blockIdx.x, + gridDim.x, ... One tile per CTA (a grid of every
-// tile the capacity allows, the extra CTAs leaving at once), or a persistent grid of resident
-// CTAs whose stage ring runs on from one tile into the next, so a CTA's next tile is already
-// loading while it finishes the last (no pipeline fill per tile). kGateUp: the BN weight rows are
-// BN/2 gate rows and the matching BN/2 up rows (each warp holds the gate and up columns of the
-// same outputs), output = SwiGLU, BN/2 columns. Otherwise: BN output columns scaled by the
+// Each CTA computes BM x BN tiles of M-blocks against their experts' weights: tile t is M-block
+// t % used, column tile t / used, and a CTA takes tiles blockIdx.x, + gridDim.x, ... Either one
+// tile per CTA (used = m_blocks, every M-block the capacity allows; an unused block's CTAs leave
+// at once), or (walk) a persistent grid of resident CTAs over the used M-blocks only (a prefix
+// of the layout), whose stage ring runs on from one tile into the next, so a CTA's next tile is
+// already loading while it finishes the last (no pipeline fill per tile). kGateUp: the BN weight
+// rows are BN/2 gate rows and the matching BN/2 up rows (each warp holds the gate and up columns of
+// the same outputs), output = SwiGLU, BN/2 columns. Otherwise: BN output columns scaled by the
 // pair's routing weight. The weights come by bulk copies (thread 0 issues a stage's groups, which
 // complete on the stage's barrier); the activation rows, gathered by pair, by cp.async. K % 8 ==
 // 0; a partial last stage is zero-filled (the activations) or zero-padded (the weights). w: the
@@ -202,8 +202,7 @@ __global__ void __launch_bounds__(Tile<BM, kWide>::kThreads, 1)
   }
   __syncthreads();
 
-  // What the loads of one tile need: its expert, first output column, and this thread's
-  // activation source rows (fixed over K).
+  // This thread's activation rows of a tile and 16-byte chunks within them (fixed).
   int a_r[T::kALoads], a_ch[T::kALoads];
 #pragma unroll
   for (int i = 0; i < T::kALoads; ++i) {
