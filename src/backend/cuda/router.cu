@@ -1,5 +1,6 @@
 #include <algorithm>
 #include <cstdlib>
+#include <string_view>
 
 #include "backend/cuda/align.cuh"
 #include "backend/cuda/cuda_check.h"
@@ -253,8 +254,9 @@ __global__ void __launch_bounds__(kThreads)
 // one launch. (It replaced tensor-core logits split over 20 CTAs with the same fused tail: step
 // 1 x 1000 2.695 -> 2.630 ms on an H200, the router's span in a layer 16.7 -> 13.3 us, with
 // the row still loaded after the wait.)
-constexpr int kSmallThreads = 128;
+constexpr int kSmallThreads = 128, kSmallPrefetch = 8;
 constexpr size_t kSmallMaxSmem = 200 * 1024;  // a weight row and the fused tail's scratch
+using SmallKernel = void (*)(float*, const __nv_bfloat16*, const float*, int, int, int, Tail);
 
 // Beyond kFusedRouteTokens and up to small_logits_tokens() tokens the same kernel computes the
 // logits (no split partials to sum) and the top-k and align kernels follow. An A/B switch until
@@ -269,28 +271,39 @@ int small_logits_tokens() {
   return n;
 }
 
-template <bool kFused, int kMaxTokens>
+template <bool kFused, int kMaxTokens, bool kBulk>
 __global__ void __launch_bounds__(kSmallThreads)
     router_small_kernel(float* logits, const __nv_bfloat16* x, const float* w, int tokens,
                         int hidden, int experts, const Tail tail) {
   const int e = blockIdx.x, tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int groups = hidden / 4;
-  // Dynamic shared memory: the expert's weight row (hidden floats), then (kFused) the tail's
-  // scratch. The row comes by one bulk copy issued before the wait: plain loads placed before
-  // griddepcontrol.wait in the source are scheduled after it by the compiler, a bulk copy is not.
+  // Dynamic shared memory: (kBulk) the expert's weight row (hidden floats), then (kFused) the
+  // tail's scratch. kBulk: the row comes by one bulk copy issued before the wait. Otherwise each
+  // thread's first kSmallPrefetch groups are loaded into registers where the source puts them
+  // before the wait, but the compiler schedules such plain loads after it (seen in the SASS).
   extern __shared__ __align__(16) float dyn_smem[];
   __shared__ __align__(8) uint64_t w_full;
-  if (tid == 0) {
-    mbar_init(&w_full, 1);
-    mbar_init_fence();
-    mbar_arrive_expect_tx(&w_full, static_cast<uint32_t>(hidden) * 4);
-    bulk_load(dyn_smem, w + static_cast<size_t>(e) * hidden, static_cast<uint32_t>(hidden) * 4,
-              &w_full);
+  const float4* wrow = reinterpret_cast<const float4*>(w + static_cast<size_t>(e) * hidden);
+  float4 wp[kSmallPrefetch];
+  if constexpr (kBulk) {
+    if (tid == 0) {
+      mbar_init(&w_full, 1);
+      mbar_init_fence();
+      mbar_arrive_expect_tx(&w_full, static_cast<uint32_t>(hidden) * 4);
+      bulk_load(dyn_smem, wrow, static_cast<uint32_t>(hidden) * 4, &w_full);
+    }
+  } else {
+#pragma unroll
+    for (int i = 0; i < kSmallPrefetch; ++i) {
+      const int q = tid + i * kSmallThreads;
+      wp[i] = q < groups ? __ldg(wrow + q) : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    }
   }
   asm volatile("griddepcontrol.wait;" ::: "memory");
-  __syncthreads();  // the barrier's initialisation is visible
-  mbar_wait(&w_full, 0);
-  const float4* wrow = reinterpret_cast<const float4*>(dyn_smem);
+  if constexpr (kBulk) {
+    __syncthreads();  // the barrier's initialisation is visible
+    mbar_wait(&w_full, 0);
+  }
   static_assert(!kFused || kMaxTokens <= kFusedRouteTokens);
   static_assert(kMaxTokens <= kSmallThreads);
   float acc[kMaxTokens] = {};
@@ -309,7 +322,19 @@ __global__ void __launch_bounds__(kSmallThreads)
       }
     }
   };
-  for (int q = tid; q < groups; q += kSmallThreads) fma_group(wrow[q], q);
+  if constexpr (kBulk) {
+    const float4* srow = reinterpret_cast<const float4*>(dyn_smem);
+    for (int q = tid; q < groups; q += kSmallThreads) fma_group(srow[q], q);
+  } else {
+#pragma unroll
+    for (int i = 0; i < kSmallPrefetch; ++i) {
+      const int q = tid + i * kSmallThreads;
+      if (q < groups) fma_group(wp[i], q);
+    }
+    for (int q = tid + kSmallPrefetch * kSmallThreads; q < groups; q += kSmallThreads) {
+      fma_group(__ldg(wrow + q), q);
+    }
+  }
   __shared__ float red[kSmallThreads / 32][kMaxTokens];
 #pragma unroll
   for (int t = 0; t < kMaxTokens; ++t) {
@@ -334,7 +359,8 @@ __global__ void __launch_bounds__(kSmallThreads)
     __syncthreads();
     if (!last) return;
     __threadfence();
-    float* tail_smem = dyn_smem + hidden;  // [warps][2 * experts] floats, then align scratch
+    // [warps][2 * experts] floats, then the align scratch.
+    float* tail_smem = dyn_smem + (kBulk ? hidden : 0);
     for (int t = warp; t < tokens; t += kSmallThreads / 32) {
       topk_token(t, tail.ids, tail.weights, logits, tail.bias, tokens, experts, 1, tail.k,
                  tail.norm_min, tail_smem + static_cast<size_t>(warp) * 2 * experts);
@@ -360,6 +386,36 @@ __global__ void __launch_bounds__(kTopkWarps * 32)
              smem + static_cast<size_t>(warp) * 2 * experts);
 }
 
+// ERNIE_ROUTER_BULK=1 (an A/B switch until it has run on a GPU): the small-batch router brings
+// its weight row by a bulk copy before the wait.
+bool small_router_bulk() {
+  static const bool on = [] {
+    const char* v = std::getenv("ERNIE_ROUTER_BULK");
+    return v != nullptr && std::string_view(v) == "1";
+  }();
+  return on;
+}
+
+// The small-batch router kernel for this launch (its shared-memory limit set once).
+template <bool kBulk>
+SmallKernel small_router_kernel(bool fused, int tokens) {
+  static const bool configured = [] {
+    for (SmallKernel f : {router_small_kernel<true, kFusedRouteTokens, kBulk>,
+                          router_small_kernel<false, kFusedRouteTokens, kBulk>,
+                          router_small_kernel<false, 16, kBulk>,
+                          router_small_kernel<false, kSmallLogitsMax, kBulk>}) {
+      ERNIE_CUDA_CHECK(cudaFuncSetAttribute(f, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                            static_cast<int>(kSmallMaxSmem)));
+    }
+    return true;
+  }();
+  (void)configured;
+  if (fused) return router_small_kernel<true, kFusedRouteTokens, kBulk>;
+  if (tokens <= kFusedRouteTokens) return router_small_kernel<false, kFusedRouteTokens, kBulk>;
+  if (tokens <= 16) return router_small_kernel<false, 16, kBulk>;
+  return router_small_kernel<false, kSmallLogitsMax, kBulk>;
+}
+
 }  // namespace
 
 size_t route_scratch_bytes(int tokens, int hidden, int experts) {
@@ -382,28 +438,17 @@ bool route_topk(int32_t* ids, float* weights, const __nv_bfloat16* x, const floa
   if (tokens <= small_logits_tokens()) {
     auto* logits = static_cast<float*>(scratch);  // tokens x experts <= the scratch's floats
     Tail tail{ids, weights, bias, k, norm_min, {}};
-    // Shared memory: the weight row, then (fused) the tail's scratch.
-    const size_t row_bytes = static_cast<size_t>(hidden) * sizeof(float);
+    // Shared memory: (bulk) the weight row, then (fused) the tail's scratch.
+    const bool bulk = small_router_bulk();
+    const size_t row_bytes = bulk ? static_cast<size_t>(hidden) * sizeof(float) : 0;
     const size_t tail_bytes =
         static_cast<size_t>(kSmallThreads / 32) * 2 * experts * sizeof(float) +
         (2 * static_cast<size_t>(experts) + 1) * sizeof(int);
     require_parts(row_bytes + tail_bytes <= kSmallMaxSmem, "route_topk: a hidden size of ", hidden,
                   " is more than the small-batch router holds");
     const bool fused = layout != nullptr && tokens <= kFusedRouteTokens;
-    auto* kernel = fused                         ? router_small_kernel<true, kFusedRouteTokens>
-                   : tokens <= kFusedRouteTokens ? router_small_kernel<false, kFusedRouteTokens>
-                   : tokens <= 16                ? router_small_kernel<false, 16>
-                                                 : router_small_kernel<false, kSmallLogitsMax>;
-    static bool configured = false;
-    if (!configured) {
-      for (auto* f : {router_small_kernel<true, kFusedRouteTokens>,
-                      router_small_kernel<false, kFusedRouteTokens>, router_small_kernel<false, 16>,
-                      router_small_kernel<false, kSmallLogitsMax>}) {
-        ERNIE_CUDA_CHECK(cudaFuncSetAttribute(f, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                              static_cast<int>(kSmallMaxSmem)));
-      }
-      configured = true;
-    }
+    auto* kernel =
+        bulk ? small_router_kernel<true>(fused, tokens) : small_router_kernel<false>(fused, tokens);
     if (fused) tail.layout = *layout;
     launch_pdl(kernel, experts, kSmallThreads, row_bytes + (fused ? tail_bytes : 0), stream, logits,
                x, router, tokens, hidden, experts, tail);
