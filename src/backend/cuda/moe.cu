@@ -1,6 +1,4 @@
 #include <algorithm>
-#include <cstdlib>
-#include <string_view>
 
 #include "backend/cuda/align.cuh"
 #include "backend/cuda/cuda_check.h"
@@ -137,119 +135,6 @@ struct Tile {
   static constexpr int kAStage = BM * kLd * 2;
   static constexpr size_t kSmem = static_cast<size_t>(kStages) * (kBStage + kAStage) + 1024;
 };
-
-// The pieces of the walking decode GEMM (moe_gemm_walk_kernel; moe_gemm_kernel below has the
-// same code inline, as it was measured, until the A/B between the two settles). kGateUp: a tile's
-// BN weight rows are BN/2 gate rows and the matching BN/2 up rows (each warp holds the gate and
-// up columns of the same outputs), output = SwiGLU, BN/2 columns. Otherwise: BN output columns
-// scaled by the pair's routing weight. The weights come by bulk copies (thread 0 issues a
-// stage's groups, which complete on the stage's barrier); the activation rows, gathered by pair,
-// by cp.async. K % 8 == 0; a partial last stage is zero-filled (the activations) or zero-padded
-// (the weights). w: the weights in the tiled layout ([E * 2N, K] or [E * N, K], N % 16 == 0).
-
-// A stage of a tile's weight groups (gate/up: the gate rows' groups, then the up rows'), 16 rows
-// each in the tiled layout, into `dst`, completing on `bar`; groups past the expert's N rows stay
-// unread (their output columns are not stored). Thread 0 only (computing the addresses there
-// keeps the other threads' registers free).
-template <int BM, bool kWide, bool kGateUp>
-__device__ __forceinline__ void load_weight_stage(unsigned char* dst, uint64_t* bar,
-                                                  const __nv_bfloat16* w, int e, int n0, int N,
-                                                  int K, int kt) {
-  using T = Tile<BM, kWide>;
-  constexpr int kGroups = T::kGroups;
-  constexpr int kPart = kGateUp ? kGroups / 2 : kGroups;  // groups per gate or up part
-  const int64_t kp = tiled_cols(K);
-  const __nv_bfloat16* src = w + (static_cast<int64_t>(e) * (kGateUp ? 2 * N : N) + n0) * kp +
-                             kt * kTiledGroupRows * T::kBK;
-  const int part_groups = min(kPart, (N - n0) / kTiledGroupRows);  // N % 16 == 0
-  mbar_arrive_expect_tx(bar, (kGroups / kPart) * part_groups * T::kGroupStage);
-#pragma unroll
-  for (int j = 0; j < kGroups; ++j) {
-    if (j % kPart < part_groups) {
-      const int64_t row = (j >= kPart ? N : 0) + (j % kPart) * kTiledGroupRows;
-      bulk_load(dst + j * T::kGroupStage, src + row * kp, T::kGroupStage, bar);
-    }
-  }
-}
-
-// acc += one stage: the activations A [BM][LD] times the weight groups B (swizzled as stored).
-template <int BM, bool kWide, bool kGateUp>
-__device__ __forceinline__ void mma_stage(
-    float (&acc)[Tile<BM, kWide>::kMt][Tile<BM, kWide>::kNt][4], const __nv_bfloat16* A,
-    const unsigned char* B, int wm, int wn, int g, int c) {
-  using T = Tile<BM, kWide>;
-  constexpr int kMt = T::kMt, kNt = T::kNt, kHalf = kNt / 2, kGateRows = T::kBN / 2, kLd = T::kLd;
-#pragma unroll
-  for (int ks = 0; ks < T::kBK / 16; ++ks) {
-    uint32_t af[kMt][4];
-#pragma unroll
-    for (int mt = 0; mt < kMt; ++mt) {
-      const __nv_bfloat16* p = A + (wm * kMt * 16 + mt * 16 + g) * kLd + ks * 16 + 2 * c;
-      af[mt][0] = load_u32(p);
-      af[mt][1] = load_u32(p + 8 * kLd);
-      af[mt][2] = load_u32(p + 8);
-      af[mt][3] = load_u32(p + 8 * kLd + 8);
-    }
-    // Columns ks * 16 .. + 15 are 16-byte pieces 2 (ks % 4) and + 1 of the 64-column chunk
-    // ks / 4; row r's piece j sits at j ^ (r % 8) (r % 8 == g: tiles start at multiples of 8).
-    const unsigned char* chunk_base = B + (ks / 4) * (kTiledGroupRows * 128) + 4 * c;
-    const int piece = 2 * (ks % 4);
-#pragma unroll
-    for (int nt = 0; nt < kNt; ++nt) {
-      const int brow = kGateUp ? (nt < kHalf ? wn * kHalf * 8 + nt * 8
-                                             : kGateRows + wn * kHalf * 8 + (nt - kHalf) * 8)
-                               : wn * kNt * 8 + nt * 8;
-      const unsigned char* row = chunk_base + (brow / kTiledGroupRows) * T::kGroupStage +
-                                 (brow % kTiledGroupRows + g) * 128;
-      const uint32_t b0 = *reinterpret_cast<const uint32_t*>(row + ((piece ^ g) << 4));
-      const uint32_t b1 = *reinterpret_cast<const uint32_t*>(row + (((piece + 1) ^ g) << 4));
-#pragma unroll
-      for (int mt = 0; mt < kMt; ++mt) mma_16816(acc[mt][nt], af[mt], b0, b1);
-    }
-  }
-}
-
-// A finished tile's outputs: rows m0.. (padding rows skipped), columns from n0.
-template <int BM, bool kWide, bool kGateUp>
-__device__ __forceinline__ void store_tile(
-    __nv_bfloat16* out, const float (&acc)[Tile<BM, kWide>::kMt][Tile<BM, kWide>::kNt][4],
-    const float* route_w, const int32_t* sorted_pairs, int m0, int n0, int N, int wm, int wn, int g,
-    int c) {
-  using T = Tile<BM, kWide>;
-  constexpr int kMt = T::kMt, kNt = T::kNt, kHalf = kNt / 2;
-#pragma unroll
-  for (int mt = 0; mt < kMt; ++mt) {
-#pragma unroll
-    for (int half = 0; half < 2; ++half) {
-      const int r = wm * kMt * 16 + mt * 16 + g + 8 * half;
-      const int pair = sorted_pairs[m0 + r];
-      if (pair < 0) continue;
-      __nv_bfloat16* orow = out + static_cast<size_t>(m0 + r) * N;
-      if (kGateUp) {
-#pragma unroll
-        for (int nt = 0; nt < kHalf; ++nt) {
-#pragma unroll
-          for (int j = 0; j < 2; ++j) {
-            const int col = n0 + wn * kHalf * 8 + nt * 8 + 2 * c + j;
-            if (col >= N) continue;
-            const float gv = acc[mt][nt][2 * half + j], uv = acc[mt][nt + kHalf][2 * half + j];
-            orow[col] = __float2bfloat16(gv / (1.0f + __expf(-gv)) * uv);
-          }
-        }
-      } else {
-        const float rw = route_w[pair];
-#pragma unroll
-        for (int nt = 0; nt < kNt; ++nt) {
-#pragma unroll
-          for (int j = 0; j < 2; ++j) {
-            const int col = n0 + wn * kNt * 8 + nt * 8 + 2 * c + j;
-            if (col < N) orow[col] = __float2bfloat16(acc[mt][nt][2 * half + j] * rw);
-          }
-        }
-      }
-    }
-  }
-}
 
 // One CTA computes a BM x BN tile of one M-block against its expert's weights. kGateUp: the
 // BN weight rows are BN/2 gate rows and the matching BN/2 up rows (each warp holds the gate and
@@ -434,215 +319,44 @@ __global__ void __launch_bounds__(Tile<BM, kWide>::kThreads, 1)
   }
 }
 
-// The same tiles on one wave of resident CTAs (ERNIE_MOE_PERSISTENT=1, an A/B switch: its first
-// version ran 1.5-2.5% faster than a CTA per tile of that version at 16-256 tokens; this one is
-// not yet run on a GPU). The used M-blocks (a prefix of the layout: block_expert is -1 past the
-// last one) are counted first; tile t is M-block t % used, column tile t / used, and a CTA takes
-// tiles blockIdx.x, + gridDim.x, ... Its stage ring runs on from one tile into the next, so the
-// next tile is already loading while it finishes the last (no pipeline fill per tile), and it
-// reads the next tile's rows one tile ahead.
-template <int BM, bool kWide, bool kGateUp>
-__global__ void __launch_bounds__(Tile<BM, kWide>::kThreads, 1)
-    moe_gemm_walk_kernel(__nv_bfloat16* out, const __nv_bfloat16* a_src, const __nv_bfloat16* w,
-                         const float* route_w, const int32_t* sorted_pairs,
-                         const int32_t* block_expert, int m_blocks, int k_choices, int K, int N) {
-  if constexpr (kGateUp) {
-    pdl_begin_ordered();
-  } else {
-    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
-  }
-  using T = Tile<BM, kWide>;
-  constexpr int kBK = T::kBK, kStages = T::kStages, kLd = T::kLd;
-  constexpr int kMt = T::kMt, kNt = T::kNt;
-  constexpr int kCols = kGateUp ? T::kBN / 2 : T::kBN;  // output columns per tile
-  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, c = lane % 4;
-  int used = 0;
-  for (int b0 = 0; b0 < m_blocks; b0 += T::kThreads) {
-    const int b = b0 + tid;
-    used += __syncthreads_count(b < m_blocks && __ldcg(block_expert + b) >= 0);
-  }
-  const int tiles = used * ((N + kCols - 1) / kCols);
-  const int first = blockIdx.x, stride = gridDim.x;
-  if (first >= tiles) return;
-  const int kTiles = (K + kBK - 1) / kBK;
-  const int stages_total = ((tiles - 1 - first) / stride + 1) * kTiles;
-
-  extern __shared__ __align__(16) unsigned char smem_raw[];
-  __shared__ uint64_t full[kStages];  // a stage's weights have landed
-  unsigned char* sb = smem_raw + ((1024 - (smem_u32(smem_raw) & 1023)) & 1023);
-  __nv_bfloat16* sa = reinterpret_cast<__nv_bfloat16*>(sb + kStages * T::kBStage);
-  const int wm = warp / T::kWarpsN, wn = warp % T::kWarpsN;
-  if (tid == 0) {
-    for (int s = 0; s < kStages; ++s) mbar_init(&full[s], 1);
-    mbar_init_fence();
-  }
-  __syncthreads();
-
-  // This thread's activation rows of a tile and 16-byte chunks within them (fixed).
-  int a_r[T::kALoads], a_ch[T::kALoads];
-#pragma unroll
-  for (int i = 0; i < T::kALoads; ++i) {
-    const int idx = tid + i * T::kThreads;
-    a_r[i] = idx / T::kChunks;
-    a_ch[i] = idx % T::kChunks;
-  }
-  // A tile as read from the layout (its expert, rows, first column, the pair of each of this
-  // thread's rows), and as the loads use it (row addresses).
-  struct TileInfo {
-    int e, m0, n0;
-    int pair[T::kALoads];
-  };
-  auto fetch_tile = [&](int t) {
-    TileInfo I;
-    I.m0 = (t % used) * BM;
-    I.e = __ldcg(block_expert + t % used);
-    I.n0 = (t / used) * kCols;
-#pragma unroll
-    for (int i = 0; i < T::kALoads; ++i) I.pair[i] = __ldcg(sorted_pairs + I.m0 + a_r[i]);
-    return I;
-  };
-  struct LoadTile {
-    int e, n0;
-    const __nv_bfloat16* a_row[T::kALoads];
-  };
-  auto load_tile = [&](const TileInfo& I) {
-    LoadTile L{I.e, I.n0, {}};
-#pragma unroll
-    for (int i = 0; i < T::kALoads; ++i) {
-      const int64_t src_row = kGateUp ? I.pair[i] / k_choices : I.m0 + a_r[i];
-      L.a_row[i] = I.pair[i] >= 0 ? a_src + src_row * K : nullptr;
-    }
-    return L;
-  };
-  auto load_a = [&](int stage, const LoadTile& L, int kt) {
-    const int k0 = kt * kBK;
-#pragma unroll
-    for (int i = 0; i < T::kALoads; ++i) {
-      const int kk = k0 + a_ch[i] * 8;
-      const bool ok = L.a_row[i] != nullptr && kk < K;
-      cp_async_16(sa + (stage * BM + a_r[i]) * kLd + a_ch[i] * 8, ok ? L.a_row[i] + kk : a_src, ok);
-    }
-  };
-  auto load_b = [&](int stage, const LoadTile& L, int kt) {
-    if (tid != 0) return;
-    load_weight_stage<BM, kWide, kGateUp>(sb + stage * T::kBStage, &full[stage], w, L.e, L.n0, N, K,
-                                          kt);
-  };
-
-  float acc[kMt][kNt][4];
-  auto clear = [&] {
-#pragma unroll
-    for (int mt = 0; mt < kMt; ++mt)
-#pragma unroll
-      for (int nt = 0; nt < kNt; ++nt)
-        acc[mt][nt][0] = acc[mt][nt][1] = acc[mt][nt][2] = acc[mt][nt][3] = 0.0f;
-  };
-  clear();
-
-  // The loader runs kStages - 1 stages ahead of the math, possibly into the CTA's next tile.
-  int ld_tile = first, ld_kt = 0;
-  LoadTile ld = load_tile(fetch_tile(ld_tile));
-  TileInfo next{};
-  if (ld_tile + stride < tiles) next = fetch_tile(ld_tile + stride);
-  auto advance_loader = [&] {
-    if (++ld_kt < kTiles) return;
-    ld_kt = 0;
-    ld_tile += stride;
-    if (ld_tile >= tiles) return;
-    ld = load_tile(next);
-    if (ld_tile + stride < tiles) next = fetch_tile(ld_tile + stride);
-  };
-  // The first stages' weights (of the first tile), then (down: once gate/up's output is
-  // complete) their activations, a commit group per stage.
-  const int pre_b = min(kStages - 1, kTiles);
-  for (int s = 0; s < pre_b; ++s) load_b(s, ld, s);
-  if constexpr (!kGateUp) asm volatile("griddepcontrol.wait;" ::: "memory");
-  for (int s = 0; s < kStages - 1; ++s) {
-    if (s < stages_total) {
-      load_a(s, ld, ld_kt);
-      if (s >= pre_b) load_b(s, ld, ld_kt);
-      advance_loader();
-    }
-    cp_async_commit();
-  }
-  int cp_tile = first, cp_kt = 0;
-  for (int it = 0; it < stages_total; ++it) {
-    cp_async_wait<kStages - 2>();
-    mbar_wait(&full[it % kStages], (it / kStages) & 1);
-    // Everyone's activation copies have landed, and everyone is done with the stage the loads
-    // below refill (read in the previous iteration).
-    __syncthreads();
-    if (it + kStages - 1 < stages_total) {
-      const int slot = (it + kStages - 1) % kStages;
-      load_a(slot, ld, ld_kt);
-      load_b(slot, ld, ld_kt);
-      advance_loader();
-    }
-    cp_async_commit();
-    mma_stage<BM, kWide, kGateUp>(acc, sa + (it % kStages) * BM * kLd,
-                                  sb + (it % kStages) * T::kBStage, wm, wn, g, c);
-    if (++cp_kt < kTiles) continue;
-    store_tile<BM, kWide, kGateUp>(out, acc, route_w, sorted_pairs, (cp_tile % used) * BM,
-                                   (cp_tile / used) * kCols, N, wm, wn, g, c);
-    clear();
-    cp_kt = 0;
-    cp_tile += stride;
-  }
-  cp_async_wait<0>();
-}
-
-// CTAs of `kernel` (a decode tile GEMM) resident on the whole GPU at once (one wave); sets its
-// shared-memory limit.
-template <int BM, bool kWide, typename Kernel>
-int resident_ctas(Kernel kernel) {
-  using T = Tile<BM, kWide>;
-  int device = 0, sms = 0, per_sm = 0;
-  ERNIE_CUDA_CHECK(cudaGetDevice(&device));
-  ERNIE_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-  ERNIE_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                        static_cast<int>(T::kSmem)));
-  ERNIE_CUDA_CHECK(
-      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, T::kThreads, T::kSmem));
-  return sms * std::max(per_sm, 1);
-}
-
-// Tiles of a decode GEMM over `capacity` rows of the layout (every M-block counted).
-template <int BM, bool kWide, bool kGateUp>
-int64_t capacity_tiles(int64_t capacity, int N) {
-  constexpr int cols = kGateUp ? Tile<BM, kWide>::kBN / 2 : Tile<BM, kWide>::kBN;
-  return capacity / BM * ((N + cols - 1) / cols);
-}
-
-// ERNIE_MOE_PERSISTENT=1: the decode GEMMs on walking CTAs (moe_gemm_walk_kernel) when they
-// have more tiles than one wave.
-bool walk_tiles() {
-  static const bool on = [] {
-    const char* v = std::getenv("ERNIE_MOE_PERSISTENT");
-    return v != nullptr && std::string_view(v) == "1";
-  }();
-  return on;
-}
-
 template <int BM, bool kWide, bool kGateUp>
 void launch_gemm_tile(__nv_bfloat16* out, const __nv_bfloat16* a, const __nv_bfloat16* w,
                       const float* route_w, const int32_t* sorted_pairs,
                       const int32_t* block_expert, int64_t capacity, int k, int K, int N,
                       cudaStream_t stream) {
   using T = Tile<BM, kWide>;
-  static const int slots = resident_ctas<BM, kWide>(moe_gemm_kernel<BM, kWide, kGateUp>);
-  static const int walk_slots = resident_ctas<BM, kWide>(moe_gemm_walk_kernel<BM, kWide, kGateUp>);
-  const int64_t tiles = capacity_tiles<BM, kWide, kGateUp>(capacity, N);
-  if (walk_tiles() && tiles > slots) {
-    launch_pdl(moe_gemm_walk_kernel<BM, kWide, kGateUp>, walk_slots, T::kThreads, T::kSmem, stream,
-               out, a, w, route_w, sorted_pairs, block_expert, static_cast<int>(capacity / BM), k,
-               K, N);
-  } else {
-    constexpr int cols = kGateUp ? T::kBN / 2 : T::kBN;
-    const dim3 grid(static_cast<unsigned>(capacity / BM), (N + cols - 1) / cols);
-    launch_pdl(moe_gemm_kernel<BM, kWide, kGateUp>, grid, T::kThreads, T::kSmem, stream, out, a, w,
-               route_w, sorted_pairs, block_expert, k, K, N);
+  static bool configured = false;
+  if (!configured) {
+    ERNIE_CUDA_CHECK(cudaFuncSetAttribute(moe_gemm_kernel<BM, kWide, kGateUp>,
+                                          cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                          static_cast<int>(T::kSmem)));
+    configured = true;
   }
+  constexpr int cols = kGateUp ? T::kBN / 2 : T::kBN;
+  const dim3 grid(static_cast<unsigned>(capacity / BM), (N + cols - 1) / cols);
+  launch_pdl(moe_gemm_kernel<BM, kWide, kGateUp>, grid, T::kThreads, T::kSmem, stream, out, a, w,
+             route_w, sorted_pairs, block_expert, k, K, N);
   ERNIE_CUDA_CHECK(cudaGetLastError());
+}
+
+// Whether the wide 16-row tiles cover this GEMM in one wave (CTAs resident at once).
+template <bool kGateUp>
+bool wide_tiles_fit(int64_t capacity, int N) {
+  static const int slots = [] {
+    int device = 0, sms = 0, per_sm = 0;
+    ERNIE_CUDA_CHECK(cudaGetDevice(&device));
+    ERNIE_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+    using T = Tile<kMoeBlockSmall, true>;
+    ERNIE_CUDA_CHECK(cudaFuncSetAttribute(moe_gemm_kernel<kMoeBlockSmall, true, kGateUp>,
+                                          cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                          static_cast<int>(T::kSmem)));
+    ERNIE_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
+        &per_sm, moe_gemm_kernel<kMoeBlockSmall, true, kGateUp>, T::kThreads, T::kSmem));
+    return sms * per_sm;
+  }();
+  constexpr int cols =
+      kGateUp ? Tile<kMoeBlockSmall, true>::kBN / 2 : Tile<kMoeBlockSmall, true>::kBN;
+  return capacity / kMoeBlockSmall * ((N + cols - 1) / cols) <= slots;
 }
 
 template <bool kGateUp>
@@ -655,10 +369,7 @@ void launch_gemm(__nv_bfloat16* out, const __nv_bfloat16* a, const __nv_bfloat16
   require_parts(capacity % block_m == 0, "MoE GEMM: capacity ", capacity,
                 " is not a multiple of the block size ", block_m);
   if (block_m == kMoeBlockSmall) {
-    // The wide 16-row tiles when they cover this GEMM in one wave.
-    static const int wide_slots =
-        resident_ctas<kMoeBlockSmall, true>(moe_gemm_kernel<kMoeBlockSmall, true, kGateUp>);
-    if (capacity_tiles<kMoeBlockSmall, true, kGateUp>(capacity, N) <= wide_slots) {
+    if (wide_tiles_fit<kGateUp>(capacity, N)) {
       launch_gemm_tile<kMoeBlockSmall, true, kGateUp>(out, a, w, route_w, sorted_pairs,
                                                       block_expert, capacity, k, K, N, stream);
     } else {

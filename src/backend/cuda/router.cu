@@ -1,6 +1,4 @@
 #include <algorithm>
-#include <cstdlib>
-#include <string_view>
 
 #include "backend/cuda/align.cuh"
 #include "backend/cuda/cuda_check.h"
@@ -17,15 +15,11 @@ namespace {
 constexpr int kBM = 64, kBN = 32, kBK = 32, kStages = 3;
 constexpr int kXLd = kBK + 8, kWLd = kBK + 8;
 constexpr int kThreads = 128;
-// Reduction tiles per split at least: 4 (at most 20 splits of a 2560-wide router), or
-// ERNIE_ROUTER_SPLIT_TILES (an A/B switch until measured: fewer partial sums for the top-k
-// kernel to add against fewer CTAs for the logits).
-int min_tiles_per_split() {
-  static const int n = [] {
-    const char* v = std::getenv("ERNIE_ROUTER_SPLIT_TILES");
-    return v == nullptr ? 4 : std::max(1, std::atoi(v));
-  }();
-  return n;
+// Reduction tiles per split at least: 8 up to 64 tokens (at most 10 splits of a 2560-wide
+// router: fewer partial sums for the top-k kernel to add; H200, against 4: steps 16 x 1000 and
+// 16 x 8500 -1.2 to -1.4%, 64 x 1500 -0.2%), 4 beyond (256 x 1000 was 0.7% slower with 8).
+int min_tiles_per_split(int tokens) {
+  return tokens <= 64 ? 8 : 4;
 }
 constexpr int kTargetCtas = 264;  // two per SM on the H100
 
@@ -39,7 +33,7 @@ Split plan_split(int tokens, int hidden, int experts) {
   s.n_tiles = (experts + kBN - 1) / kBN;
   s.k_tiles = hidden / kBK;
   const int want = std::max(1, kTargetCtas / (s.m_tiles * s.n_tiles));
-  s.splits = std::max(1, std::min(want, s.k_tiles / min_tiles_per_split()));
+  s.splits = std::max(1, std::min(want, s.k_tiles / min_tiles_per_split(tokens)));
   s.tiles_per_split = (s.k_tiles + s.splits - 1) / s.splits;
   s.splits = (s.k_tiles + s.tiles_per_split - 1) / s.tiles_per_split;
   return s;
@@ -249,67 +243,42 @@ __global__ void __launch_bounds__(kThreads)
 // Few tokens (at most kFusedRouteTokens): logits[token][expert] by one CTA per expert, f32
 // weights times the bf16 activations in f32 FMAs (each thread a fixed set of 4-column groups, a
 // fixed reduction tree after), no split partials. The router's weights are fixed, so the
-// expert's row comes into shared memory by one bulk copy issued before the wait for x. kFused:
-// the last CTA to finish also does the top-k and the layout, so a small decode step routes in
-// one launch. (It replaced tensor-core logits split over 20 CTAs with the same fused tail: step
-// 1 x 1000 2.695 -> 2.630 ms on an H200, the router's span in a layer 16.7 -> 13.3 us, with
-// the row still loaded after the wait.)
-constexpr int kSmallThreads = 128, kSmallPrefetch = 8;
+// expert's row comes into shared memory by one bulk copy issued before the wait for x (plain
+// loads placed there in the source are scheduled after the wait by the compiler: seen in the
+// SASS). kFused: the last CTA to finish also does the top-k and the layout, so a small decode
+// step routes in one launch. (It replaced tensor-core logits split over 20 CTAs with the same
+// fused tail: step 1 x 1000 2.695 -> 2.630 ms on an H200, the router's span in a layer 16.7 ->
+// 13.3 us; the bulk copy another 0.3%. Taking 9-32 tokens too, followed by the top-k and align
+// kernels, made 16 x 1000 1.6% slower.)
+constexpr int kSmallThreads = 128;
 constexpr size_t kSmallMaxSmem = 200 * 1024;  // a weight row and the fused tail's scratch
-using SmallKernel = void (*)(float*, const __nv_bfloat16*, const float*, int, int, int, Tail);
 
-// Beyond kFusedRouteTokens and up to small_logits_tokens() tokens the same kernel computes the
-// logits (no split partials to sum) and the top-k and align kernels follow. An A/B switch until
-// measured: ERNIE_ROUTER_SMALL_MAX=16 or 32 (default 8).
-constexpr int kSmallLogitsMax = 32;
-int small_logits_tokens() {
-  static const int n = [] {
-    const char* v = std::getenv("ERNIE_ROUTER_SMALL_MAX");
-    const int want = v == nullptr ? kFusedRouteTokens : std::atoi(v);
-    return std::clamp(want, kFusedRouteTokens, kSmallLogitsMax);
-  }();
-  return n;
-}
-
-template <bool kFused, int kMaxTokens, bool kBulk>
+template <bool kFused>
 __global__ void __launch_bounds__(kSmallThreads)
     router_small_kernel(float* logits, const __nv_bfloat16* x, const float* w, int tokens,
                         int hidden, int experts, const Tail tail) {
   const int e = blockIdx.x, tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int groups = hidden / 4;
-  // Dynamic shared memory: (kBulk) the expert's weight row (hidden floats), then (kFused) the
-  // tail's scratch. kBulk: the row comes by one bulk copy issued before the wait. Otherwise each
-  // thread's first kSmallPrefetch groups are loaded into registers where the source puts them
-  // before the wait, but the compiler schedules such plain loads after it (seen in the SASS).
+  // Dynamic shared memory: the expert's weight row (hidden floats), then (kFused) the tail's
+  // scratch.
   extern __shared__ __align__(16) float dyn_smem[];
   __shared__ __align__(8) uint64_t w_full;
-  const float4* wrow = reinterpret_cast<const float4*>(w + static_cast<size_t>(e) * hidden);
-  float4 wp[kSmallPrefetch];
-  if constexpr (kBulk) {
-    if (tid == 0) {
-      mbar_init(&w_full, 1);
-      mbar_init_fence();
-      mbar_arrive_expect_tx(&w_full, static_cast<uint32_t>(hidden) * 4);
-      bulk_load(dyn_smem, wrow, static_cast<uint32_t>(hidden) * 4, &w_full);
-    }
-  } else {
-#pragma unroll
-    for (int i = 0; i < kSmallPrefetch; ++i) {
-      const int q = tid + i * kSmallThreads;
-      wp[i] = q < groups ? __ldg(wrow + q) : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-    }
+  if (tid == 0) {
+    mbar_init(&w_full, 1);
+    mbar_init_fence();
+    mbar_arrive_expect_tx(&w_full, static_cast<uint32_t>(hidden) * 4);
+    bulk_load(dyn_smem, w + static_cast<size_t>(e) * hidden, static_cast<uint32_t>(hidden) * 4,
+              &w_full);
   }
   asm volatile("griddepcontrol.wait;" ::: "memory");
-  if constexpr (kBulk) {
-    __syncthreads();  // the barrier's initialisation is visible
-    mbar_wait(&w_full, 0);
-  }
-  static_assert(!kFused || kMaxTokens <= kFusedRouteTokens);
-  static_assert(kMaxTokens <= kSmallThreads);
-  float acc[kMaxTokens] = {};
-  auto fma_group = [&](const float4 wv, int q) {
+  __syncthreads();  // the barrier's initialisation is visible
+  mbar_wait(&w_full, 0);
+  float acc[kFusedRouteTokens] = {};
+  const float4* wrow = reinterpret_cast<const float4*>(dyn_smem);
+  for (int q = tid; q < groups; q += kSmallThreads) {
+    const float4 wv = wrow[q];
 #pragma unroll
-    for (int t = 0; t < kMaxTokens; ++t) {
+    for (int t = 0; t < kFusedRouteTokens; ++t) {
       if (t < tokens) {
         const uint2 xv =
             *reinterpret_cast<const uint2*>(x + static_cast<size_t>(t) * hidden + 4 * q);
@@ -321,23 +290,10 @@ __global__ void __launch_bounds__(kSmallThreads)
         acc[t] = fmaf(wv.w, b.y, acc[t]);
       }
     }
-  };
-  if constexpr (kBulk) {
-    const float4* srow = reinterpret_cast<const float4*>(dyn_smem);
-    for (int q = tid; q < groups; q += kSmallThreads) fma_group(srow[q], q);
-  } else {
-#pragma unroll
-    for (int i = 0; i < kSmallPrefetch; ++i) {
-      const int q = tid + i * kSmallThreads;
-      if (q < groups) fma_group(wp[i], q);
-    }
-    for (int q = tid + kSmallPrefetch * kSmallThreads; q < groups; q += kSmallThreads) {
-      fma_group(__ldg(wrow + q), q);
-    }
   }
-  __shared__ float red[kSmallThreads / 32][kMaxTokens];
+  __shared__ float red[kSmallThreads / 32][kFusedRouteTokens];
 #pragma unroll
-  for (int t = 0; t < kMaxTokens; ++t) {
+  for (int t = 0; t < kFusedRouteTokens; ++t) {
     float v = acc[t];
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
     if (lane == 0) red[warp][t] = v;
@@ -359,8 +315,7 @@ __global__ void __launch_bounds__(kSmallThreads)
     __syncthreads();
     if (!last) return;
     __threadfence();
-    // [warps][2 * experts] floats, then the align scratch.
-    float* tail_smem = dyn_smem + (kBulk ? hidden : 0);
+    float* tail_smem = dyn_smem + hidden;  // [warps][2 * experts] floats, then align scratch
     for (int t = warp; t < tokens; t += kSmallThreads / 32) {
       topk_token(t, tail.ids, tail.weights, logits, tail.bias, tokens, experts, 1, tail.k,
                  tail.norm_min, tail_smem + static_cast<size_t>(warp) * 2 * experts);
@@ -386,42 +341,11 @@ __global__ void __launch_bounds__(kTopkWarps * 32)
              smem + static_cast<size_t>(warp) * 2 * experts);
 }
 
-// ERNIE_ROUTER_BULK=1 (an A/B switch until it has run on a GPU): the small-batch router brings
-// its weight row by a bulk copy before the wait.
-bool small_router_bulk() {
-  static const bool on = [] {
-    const char* v = std::getenv("ERNIE_ROUTER_BULK");
-    return v != nullptr && std::string_view(v) == "1";
-  }();
-  return on;
-}
-
-// The small-batch router kernel for this launch (its shared-memory limit set once).
-template <bool kBulk>
-SmallKernel small_router_kernel(bool fused, int tokens) {
-  static const bool configured = [] {
-    for (SmallKernel f : {router_small_kernel<true, kFusedRouteTokens, kBulk>,
-                          router_small_kernel<false, kFusedRouteTokens, kBulk>,
-                          router_small_kernel<false, 16, kBulk>,
-                          router_small_kernel<false, kSmallLogitsMax, kBulk>}) {
-      ERNIE_CUDA_CHECK(cudaFuncSetAttribute(f, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                            static_cast<int>(kSmallMaxSmem)));
-    }
-    return true;
-  }();
-  (void)configured;
-  if (fused) return router_small_kernel<true, kFusedRouteTokens, kBulk>;
-  if (tokens <= kFusedRouteTokens) return router_small_kernel<false, kFusedRouteTokens, kBulk>;
-  if (tokens <= 16) return router_small_kernel<false, 16, kBulk>;
-  return router_small_kernel<false, kSmallLogitsMax, kBulk>;
-}
-
 }  // namespace
 
 size_t route_scratch_bytes(int tokens, int hidden, int experts) {
   if (tokens <= 0) return 0;
   if (tokens <= kFusedRouteTokens) return static_cast<size_t>(tokens) * experts * sizeof(float);
-  // (Beyond that the split partials take at least the small-batch logits' bytes.)
   const Split s = plan_split(tokens, hidden, experts);
   return static_cast<size_t>(s.splits) * tokens * experts * sizeof(float);
 }
@@ -433,27 +357,36 @@ bool route_topk(int32_t* ids, float* weights, const __nv_bfloat16* x, const floa
   require(tokens > 0 && hidden > 0 && hidden % kBK == 0 && experts > 0 && experts <= 1024 &&
               k > 0 && k <= experts,
           "route_topk: bad shape");
-  // Up to 8 tokens (or small_logits_tokens()) router_small_kernel takes the logits, in both
-  // modes (fused or not), so the fused results equal the separate ones.
-  if (tokens <= small_logits_tokens()) {
+  // Up to 8 tokens router_small_kernel takes the logits in both modes (fused or not), so the
+  // fused results equal the separate ones.
+  if (tokens <= kFusedRouteTokens) {
     auto* logits = static_cast<float*>(scratch);  // tokens x experts <= the scratch's floats
     Tail tail{ids, weights, bias, k, norm_min, {}};
-    // Shared memory: (bulk) the weight row, then (fused) the tail's scratch.
-    const bool bulk = small_router_bulk();
-    const size_t row_bytes = bulk ? static_cast<size_t>(hidden) * sizeof(float) : 0;
+    // Shared memory: the weight row, then (fused) the tail's scratch.
+    const size_t row_bytes = static_cast<size_t>(hidden) * sizeof(float);
     const size_t tail_bytes =
         static_cast<size_t>(kSmallThreads / 32) * 2 * experts * sizeof(float) +
         (2 * static_cast<size_t>(experts) + 1) * sizeof(int);
     require_parts(row_bytes + tail_bytes <= kSmallMaxSmem, "route_topk: a hidden size of ", hidden,
                   " is more than the small-batch router holds");
-    const bool fused = layout != nullptr && tokens <= kFusedRouteTokens;
-    auto* kernel =
-        bulk ? small_router_kernel<true>(fused, tokens) : small_router_kernel<false>(fused, tokens);
-    if (fused) tail.layout = *layout;
-    launch_pdl(kernel, experts, kSmallThreads, row_bytes + (fused ? tail_bytes : 0), stream, logits,
-               x, router, tokens, hidden, experts, tail);
+    static const bool configured = [] {
+      for (auto* f : {router_small_kernel<true>, router_small_kernel<false>}) {
+        ERNIE_CUDA_CHECK(cudaFuncSetAttribute(f, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                              static_cast<int>(kSmallMaxSmem)));
+      }
+      return true;
+    }();
+    (void)configured;
+    if (layout != nullptr) {
+      tail.layout = *layout;
+      launch_pdl(router_small_kernel<true>, experts, kSmallThreads, row_bytes + tail_bytes, stream,
+                 logits, x, router, tokens, hidden, experts, tail);
+      ERNIE_CUDA_CHECK(cudaGetLastError());
+      return true;
+    }
+    launch_pdl(router_small_kernel<false>, experts, kSmallThreads, row_bytes, stream, logits, x,
+               router, tokens, hidden, experts, tail);
     ERNIE_CUDA_CHECK(cudaGetLastError());
-    if (fused) return true;
     const size_t smem = static_cast<size_t>(kTopkWarps) * 2 * experts * sizeof(float);
     launch_pdl(router_topk_kernel, (tokens + kTopkWarps - 1) / kTopkWarps, kTopkWarps * 32, smem,
                stream, ids, weights, logits, bias, tokens, experts, 1, k, norm_min);

@@ -31,7 +31,7 @@ __device__ __forceinline__ void store(__nv_bfloat16* p, float v) {
 // rows ([rows][k / 8] pieces of 8), brought by one bulk copy issued before the wait (plain loads
 // placed there in the source are scheduled after the wait by the compiler; a bulk copy is
 // not), then the input [m][k / 8], staged by the whole CTA after the wait.
-template <int M, bool kSilu, typename OutT>
+template <int M, typename OutT>
 __global__ void __launch_bounds__(kSkinnyWarps * 32)
     skinny_gemm_kernel(OutT* out, const __nv_bfloat16* x, const __nv_bfloat16* w, int m, int n,
                        int k) {
@@ -54,40 +54,18 @@ __global__ void __launch_bounds__(kSkinnyWarps * 32)
   // batch, not per piece).
   constexpr int kStageBatch = 4;
   const int total = m * pieces;
+  const uint4* xv = reinterpret_cast<const uint4*>(x);
   for (int base = 0; base < total; base += kStageBatch * blockDim.x) {
-    uint4 v[kStageBatch], u[kStageBatch];
+    uint4 v[kStageBatch];
 #pragma unroll
     for (int j = 0; j < kStageBatch; ++j) {
       const int i = base + j * blockDim.x + threadIdx.x;
-      if (i < total) {
-        const int t = i / pieces, q = i % pieces;
-        if constexpr (kSilu) {
-          v[j] = reinterpret_cast<const uint4*>(x + static_cast<size_t>(t) * 2 * k)[q];
-          u[j] = reinterpret_cast<const uint4*>(x + static_cast<size_t>(t) * 2 * k + k)[q];
-        } else {
-          v[j] = reinterpret_cast<const uint4*>(x + static_cast<size_t>(t) * k)[q];
-        }
-      }
+      if (i < total) v[j] = xv[i];
     }
 #pragma unroll
     for (int j = 0; j < kStageBatch; ++j) {
       const int i = base + j * blockDim.x + threadIdx.x;
-      if (i >= total) continue;
-      if constexpr (kSilu) {
-        const uint32_t gv[4] = {v[j].x, v[j].y, v[j].z, v[j].w};
-        const uint32_t uv[4] = {u[j].x, u[j].y, u[j].z, u[j].w};
-        uint32_t r[4];
-#pragma unroll
-        for (int q = 0; q < 4; ++q) {
-          const float2 a = bf2(gv[q]), b = bf2(uv[q]);
-          const __nv_bfloat162 h = __floats2bfloat162_rn(a.x / (1.0f + __expf(-a.x)) * b.x,
-                                                         a.y / (1.0f + __expf(-a.y)) * b.y);
-          r[q] = *reinterpret_cast<const uint32_t*>(&h);
-        }
-        xs[i] = make_uint4(r[0], r[1], r[2], r[3]);
-      } else {
-        xs[i] = v[j];
-      }
+      if (i < total) xs[i] = v[j];
     }
   }
   __syncthreads();  // the input is staged, and the barrier's initialisation is visible
@@ -125,33 +103,33 @@ __global__ void __launch_bounds__(kSkinnyWarps * 32)
   }
 }
 
-template <int M, bool kSilu, typename OutT>
+template <int M, typename OutT>
 void launch(OutT* out, const __nv_bfloat16* x, const __nv_bfloat16* w, int m, int n, int k,
             cudaStream_t stream) {
   const size_t smem = skinny_smem_bytes(m, k);
   static bool configured = false;
   if (!configured) {
-    ERNIE_CUDA_CHECK(cudaFuncSetAttribute(skinny_gemm_kernel<M, kSilu, OutT>,
+    ERNIE_CUDA_CHECK(cudaFuncSetAttribute(skinny_gemm_kernel<M, OutT>,
                                           cudaFuncAttributeMaxDynamicSharedMemorySize,
                                           static_cast<int>(kSkinnyMaxSmem)));
     configured = true;
   }
   const int grid = (n + kSkinnyWarps - 1) / kSkinnyWarps;
-  launch_pdl(skinny_gemm_kernel<M, kSilu, OutT>, grid, kSkinnyWarps * 32, smem, stream, out, x, w,
-             m, n, k);
+  launch_pdl(skinny_gemm_kernel<M, OutT>, grid, kSkinnyWarps * 32, smem, stream, out, x, w, m, n,
+             k);
   ERNIE_CUDA_CHECK(cudaGetLastError());
 }
 
-template <bool kSilu, typename OutT>
+template <typename OutT>
 void dispatch(OutT* out, const __nv_bfloat16* x, const __nv_bfloat16* w, int m, int n, int k,
               cudaStream_t stream) {
   static_assert(kSkinnyMaxRows == 4);
   if (m == 1) {
-    launch<1, kSilu>(out, x, w, m, n, k, stream);
+    launch<1>(out, x, w, m, n, k, stream);
   } else if (m == 2) {
-    launch<2, kSilu>(out, x, w, m, n, k, stream);
+    launch<2>(out, x, w, m, n, k, stream);
   } else {
-    launch<4, kSilu>(out, x, w, m, n, k, stream);
+    launch<4>(out, x, w, m, n, k, stream);
   }
 }
 
@@ -163,16 +141,16 @@ bool skinny_gemm_fits(int m, int k) {
 }
 
 void skinny_gemm(void* out, bool out_f32, const __nv_bfloat16* x, const __nv_bfloat16* w, int m,
-                 int n, int k, bool silu_x, cudaStream_t stream) {
+                 int n, int k, cudaStream_t stream) {
   if (n == 0) return;
   require_parts(skinny_gemm_fits(m, k) && n > 0, "skinny_gemm: ", m, " x ", k, " input (at most ",
                 kSkinnyMaxRows, " rows, k a positive multiple of 8)");
   if (out_f32) {
     auto* o = static_cast<float*>(out);
-    silu_x ? dispatch<true>(o, x, w, m, n, k, stream) : dispatch<false>(o, x, w, m, n, k, stream);
+    dispatch(o, x, w, m, n, k, stream);
   } else {
     auto* o = static_cast<__nv_bfloat16*>(out);
-    silu_x ? dispatch<true>(o, x, w, m, n, k, stream) : dispatch<false>(o, x, w, m, n, k, stream);
+    dispatch(o, x, w, m, n, k, stream);
   }
 }
 

@@ -18,10 +18,8 @@ constexpr int kSkinnyMaxRows = 4;
 bool skinny_gemm_fits(int m, int k);
 
 // out [m, n] (f32 when out_f32, else bf16) = x w^T; x [m, k], w [n, k] row-major, 16-byte
-// aligned. silu_x: x is [m, 2k] (gate columns, then up columns) and the input is
-// silu(gate) * up rounded to bf16, as silu_mul would write it (a shared expert's down projection
-// without the separate SwiGLU kernel).
+// aligned.
 void skinny_gemm(void* out, bool out_f32, const __nv_bfloat16* x, const __nv_bfloat16* w, int m,
-                 int n, int k, bool silu_x, cudaStream_t stream);
+                 int n, int k, cudaStream_t stream);
 
 }  // namespace ernie::cuda
