@@ -54,18 +54,21 @@ __global__ void __launch_bounds__(kSkinnyWarps * 32)
   // batch, not per piece).
   constexpr int kStageBatch = 4;
   const int total = m * pieces;
-  const uint4* xv = reinterpret_cast<const uint4*>(x);
   for (int base = 0; base < total; base += kStageBatch * blockDim.x) {
     uint4 v[kStageBatch];
 #pragma unroll
     for (int j = 0; j < kStageBatch; ++j) {
       const int i = base + j * blockDim.x + threadIdx.x;
-      if (i < total) v[j] = xv[i];
+      if (i < total) {
+        const int t = i / pieces, q = i % pieces;
+        v[j] = reinterpret_cast<const uint4*>(x + static_cast<size_t>(t) * k)[q];
+      }
     }
 #pragma unroll
     for (int j = 0; j < kStageBatch; ++j) {
       const int i = base + j * blockDim.x + threadIdx.x;
-      if (i < total) xs[i] = v[j];
+      if (i >= total) continue;
+      xs[i] = v[j];
     }
   }
   __syncthreads();  // the input is staged, and the barrier's initialisation is visible
