@@ -470,36 +470,39 @@ class CudaBackend final : public Backend {
                              eps, stream_);
   }
 
-  void linear(Tensor out, const Tensor& x, const Tensor& w) override { gemm(0, out, x, w); }
-
-  // Whether a linear layer of m tokens and reduction k on the main stream (qkv, o, dense MLP,
-  // lm_head) takes cuda::skinny_gemm (weights by a bulk copy before the wait for x) rather than
-  // cuBLAS: H200, step 1 x 1000 2.634 -> 2.590 ms. The shared experts on the side stream stay on
-  // cuBLAS (with them the step took 2.717: at full bandwidth beside the router they slow it).
-  // ERNIE_SKINNY=0 turns it off (for A/B runs).
-  static bool use_skinny(int m, int k, int lane) {
-    static const bool on = [] {
+  // Up to 4 tokens the main stream's linear layers (qkv, o, dense MLP, lm_head) take
+  // cuda::skinny_gemm (weights by a bulk copy before the wait for x) rather than cuBLAS: H200,
+  // step 1 x 1000 2.634 -> 2.590 ms. The shared experts (gemm below) stay on cuBLAS: through it,
+  // at full bandwidth beside the router, they slowed the step to 2.717. ERNIE_SKINNY=0 turns it
+  // off (for A/B runs).
+  void linear(Tensor out, const Tensor& x, const Tensor& w) override {
+    static const bool skinny = [] {
       const char* v = std::getenv("ERNIE_SKINNY");
       return v == nullptr || std::string(v) != "0";
     }();
-    return on && lane == 0 && cuda::skinny_gemm_fits(m, k);
+    const int m = static_cast<int>(x.dim(0)), k = static_cast<int>(x.dim(1));
+    if (skinny && m > 0 && cuda::skinny_gemm_fits(m, k)) {
+      check_linear(out, x, w);
+      cuda::skinny_gemm(out.data, out.dtype == DType::kF32, bf(x), bf(w), m,
+                        static_cast<int>(w.dim(0)), k, stream_);
+      return;
+    }
+    gemm(blas_[0], out, x, w);
   }
 
-  // out = x w^T on stream `lane` (0: stream_, 1: side_stream_).
-  void gemm(int lane, Tensor out, const Tensor& x, const Tensor& w) {
+  static void check_linear(const Tensor& out, const Tensor& x, const Tensor& w) {
     check(x.dim(1) == w.dim(1) && out.dim(0) == x.dim(0) && out.dim(1) == w.dim(0),
           "linear shape mismatch");
     require(x.dtype == DType::kBF16 && w.dtype == DType::kBF16,
             "the CUDA linear takes bf16 inputs and weights");
+  }
+
+  // out = x w^T on the stream of `handle`.
+  void gemm(cublasHandle_t handle, Tensor out, const Tensor& x, const Tensor& w) {
+    check_linear(out, x, w);
     const int m = static_cast<int>(x.dim(0)), n = static_cast<int>(w.dim(0)),
               k = static_cast<int>(x.dim(1));
     if (m == 0) return;
-    if (use_skinny(m, k, lane)) {
-      cuda::skinny_gemm(out.data, out.dtype == DType::kF32, bf(x), bf(w), m, n, k,
-                        lane_stream(lane));
-      return;
-    }
-    cublasHandle_t handle = blas_[lane];
     const float alpha = 1.0f, beta = 0.0f;
     // Row-major out[m, n] = x[m, k] w[n, k]^T is column-major out^T = w^T x.
     check_cublas(cublasGemmEx(handle, CUBLAS_OP_T, CUBLAS_OP_N, n, m, k, &alpha, w.data,
@@ -559,13 +562,11 @@ class CudaBackend final : public Backend {
     const int64_t tokens = x.dim(0), si = w.shared_down.dim(1);
     Tensor gu = scratch({tokens, 2 * si}, DType::kBF16);
     Tensor a = scratch({tokens, si}, DType::kBF16);
-    gemm(lane, gu, x, w.shared_gate_up);
+    gemm(blas_[lane], gu, x, w.shared_gate_up);
     cuda::silu_mul(bf(a), bf(gu), static_cast<int>(tokens), static_cast<int>(si),
-                   lane_stream(lane));
-    gemm(lane, s, a, w.shared_down);
+                   lane == 0 ? stream_ : side_stream_);
+    gemm(blas_[lane], s, a, w.shared_down);
   }
-
-  cudaStream_t lane_stream(int lane) const { return lane == 0 ? stream_ : side_stream_; }
 
   void moe(Tensor out, const Tensor& x, const MoeWeights& w) override {
     const int tokens = static_cast<int>(x.dim(0)), hidden = static_cast<int>(x.dim(1));
