@@ -109,9 +109,9 @@ int run_ops(int iters) {
   w.router_bias = be->random_weight({e}, DType::kF32, RandomInit{true, -0.015, 0.015}, 2);
   w.experts_gate_up = be->random_weight({e, 2 * ie, h}, DType::kBF16, {false, 0, 0.02}, 3);
   w.experts_down = be->random_weight({e, h, ie}, DType::kBF16, {false, 0, 0.025}, 4);
-  be->prepare_moe(w);
   w.shared_gate_up = be->random_weight({2 * si, h}, DType::kBF16, {false, 0, 0.02}, 5);
   w.shared_down = be->random_weight({h, si}, DType::kBF16, {false, 0, 0.018}, 6);
+  be->prepare_moe(w);
   w.top_k = static_cast<int>(k);
   for (int64_t tokens : {1, 16, 64, 128, 256, 512, 1024, 8192}) {
     Tensor x = be->random_weight({tokens, h}, DType::kBF16, {false, 0, 1}, 7);

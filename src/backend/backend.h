@@ -90,6 +90,9 @@ struct MoeWeights {
   // Set by Backend::prepare_moe: the expert tensors are in the form the backend's moe() reads
   // (their shapes stay the logical ones above).
   bool experts_prepared = false;
+  // Set by Backend::prepare_moe where the backend also keeps the shared experts as this many
+  // extra routed-expert-sized experts in its prepared expert tensors (0: it does not).
+  int shared_folded = 0;
 };
 
 // How to sample one row of logits (one sequence). Pointers stay valid for the call.
@@ -188,8 +191,9 @@ class Backend {
   // Bytes held by weights so far.
   virtual int64_t weight_bytes() const = 0;
   // Puts a MoE block's expert tensors (loaded or drawn by this backend) into the form its moe()
-  // reads, once, before the first moe() with them. The CPU backend reads them as they are; the
-  // CUDA backend re-lays them out for its kernels (cuda/expert_layout.h).
+  // reads, once, after every tensor of `w` is set and before the first moe() with them. The
+  // CPU backend reads them as they are; the CUDA backend re-lays them out for its kernels
+  // (cuda/expert_layout.h) and appends the shared experts to them (MoeWeights::shared_folded).
   virtual void prepare_moe(MoeWeights& w) { w.experts_prepared = true; }
 
   virtual void configure_attention(const AttentionConfig& cfg) = 0;
@@ -258,6 +262,13 @@ class Backend {
   // qkv [T, (H + 2 KV) * d]: rotates q and k in place (interleaved pairs), stores k and v into
   // layer's cache at the step's slots.
   virtual void rope_store_kv(Tensor qkv, int layer) = 0;
+  // linear(qkv, x, w) then rope_store_kv(qkv, layer) (stage kRopeKv marked between): one call,
+  // so that a backend may do both in one pass.
+  virtual void qkv_rope_store_kv(Tensor qkv, const Tensor& x, const Tensor& w, int layer) {
+    linear(qkv, x, w);
+    mark(Stage::kRopeKv);
+    rope_store_kv(qkv, layer);
+  }
   // out [T, H * d]: causal attention of q (inside qkv) over each sequence's cached keys.
   virtual void attention(Tensor out, const Tensor& qkv, int layer) = 0;
   // out [M, I] = silu(gate_up[:, :I]) * gate_up[:, I:]

@@ -109,7 +109,6 @@ ModelWeights load_weights(const ModelConfig& c, const Checkpoint& ck, backend::B
       }
       m.experts_gate_up = be.load_weight(gu.with_shape({e, 2 * ie, h}));
       m.experts_down = be.load_weight(down.with_shape({e, h, ie}));
-      be.prepare_moe(m);
       if (c.moe_num_shared_experts > 0) {
         const int64_t si = c.shared_intermediate_size();
         Concat sgu;
@@ -119,6 +118,7 @@ ModelWeights load_weights(const ModelConfig& c, const Checkpoint& ck, backend::B
         m.shared_down =
             be.load_weight(host(ck.get(p + "mlp.shared_experts.down_proj.weight", {h, si})));
       }
+      be.prepare_moe(m);
       m.top_k = static_cast<int>(c.moe_k);
       m.norm_min = static_cast<float>(c.moe_norm_min);
     }
@@ -164,12 +164,12 @@ ModelWeights dummy_weights(const ModelConfig& c, backend::Backend& be, uint64_t 
       m.router_bias = make(p + "mlp.moe_statics.e_score_correction_bias", {1, e}, {e}, DType::kF32);
       m.experts_gate_up = make(p + "mlp.experts.0.gate_proj.weight", {ie, h}, {e, 2 * ie, h});
       m.experts_down = make(p + "mlp.experts.0.down_proj.weight", {h, ie}, {e, h, ie});
-      be.prepare_moe(m);
       if (c.moe_num_shared_experts > 0) {
         const int64_t si = c.shared_intermediate_size();
         m.shared_gate_up = make(p + "mlp.shared_experts.gate_proj.weight", {si, h}, {2 * si, h});
         m.shared_down = make(p + "mlp.shared_experts.down_proj.weight", {h, si}, {h, si});
       }
+      be.prepare_moe(m);
       m.top_k = static_cast<int>(c.moe_k);
       m.norm_min = static_cast<float>(c.moe_norm_min);
     }
@@ -302,9 +302,7 @@ Tensor Ernie45::run_layers(const backend::StepInput& step) {
       be_.add_rms_norm(x, residual, delta, L.input_norm, eps);
     }
     be_.mark(Stage::kQkvProj);
-    be_.linear(qkv, x, L.qkv);
-    be_.mark(Stage::kRopeKv);
-    be_.rope_store_kv(qkv, static_cast<int>(i));
+    be_.qkv_rope_store_kv(qkv, x, L.qkv, static_cast<int>(i));
     be_.mark(Stage::kAttention);
     be_.attention(attn, qkv, static_cast<int>(i));
     be_.mark(Stage::kOProj);

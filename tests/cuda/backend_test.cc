@@ -8,9 +8,11 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <limits>
 #include <numeric>
 #include <random>
+#include <string>
 
 #include "../unit/test_util.h"
 #include "backend/backend.h"
@@ -249,11 +251,15 @@ TEST_F(CudaBackendTest, MoeMatchesCpu) {
   };
   // Every M-block size (moe_block_m): 16-row tiles for up to 8 pairs per expert, 32-row up to
   // 32, 128-row wgmma tiles beyond (also with reductions and widths that leave partial tiles:
-  // hidden 160, intermediate 96); the 21B shape all three ways.
+  // hidden 160, intermediate 96); the 21B shape all three ways. Up to 8 tokens, shared experts
+  // of a whole number of routed experts' sizes run folded into the routed GEMMs (1, 5 and 8
+  // tokens; 8: three folded experts); 160 over 96 cannot (side stream), nor can 37, 200 and 700
+  // tokens (side stream, side stream, one stream with the wgmma GEMM).
   for (const Case& c : {Case{1, 256, 64, 6, 128, 256}, Case{37, 128, 16, 4, 64, 128},
                         Case{300, 160, 24, 8, 96, 0}, Case{700, 256, 64, 6, 64, 128},
                         Case{5, 2560, 64, 6, 1536, 3072}, Case{400, 256, 64, 6, 128, 0},
-                        Case{900, 2560, 64, 6, 1536, 0}, Case{200, 2560, 64, 6, 1536, 3072}}) {
+                        Case{900, 2560, 64, 6, 1536, 0}, Case{200, 2560, 64, 6, 1536, 3072},
+                        Case{3, 256, 16, 4, 96, 160}, Case{8, 128, 16, 4, 64, 192}}) {
     SCOPED_TRACE(::testing::Message() << c.tokens << " tokens, hidden " << c.hidden << ", "
                                       << c.experts << " experts top-" << c.k << ", inter "
                                       << c.inter << ", shared " << c.shared_inter);
@@ -277,15 +283,19 @@ TEST_F(CudaBackendTest, MoeMatchesCpu) {
       w.router_bias = be.load_weight(bias.host());
       w.experts_gate_up = be.load_weight(gate_up.host());
       w.experts_down = be.load_weight(down.host());
-      be.prepare_moe(w);
       if (c.shared_inter > 0) {
         w.shared_gate_up = be.load_weight(sgu.host());
         w.shared_down = be.load_weight(sdown.host());
       }
+      be.prepare_moe(w);
       w.top_k = c.k;
       return w;
     };
     const MoeWeights cw = weights(*cpu), gw = weights(*gpu);
+    const char* fold_env = std::getenv("ERNIE_FOLD_SHARED");  // "0": an A/B run without folds
+    const bool folds = (fold_env == nullptr || std::string(fold_env) != "0") &&
+                       c.shared_inter > 0 && c.shared_inter % c.inter == 0;
+    EXPECT_EQ(gw.shared_folded, folds ? c.shared_inter / c.inter : 0);
     std::vector<float> c_out(static_cast<size_t>(c.tokens) * c.hidden);
     cpu->moe(Tensor{c_out.data(), DType::kF32, {c.tokens, c.hidden}}, cpu->load_weight(x.host()),
              cw);

@@ -297,6 +297,93 @@ TEST(CudaKernels, RopeStoreKvMatchesCpuReference) {
   }
 }
 
+// The qkv projection with rope_store_kv in its epilogue gives what the two kernels give one
+// after the other: the projection (bf16), q and k rotated, k and v in the cache at the step's
+// slots, every other slot untouched. (Equal up to one bf16 rounding step: the rotation may be
+// contracted into FMAs differently in the two kernels.)
+TEST(CudaKernels, SkinnyGemmRopeMatchesSeparateKernels) {
+  if (device_count() == 0) GTEST_SKIP() << "no CUDA device";
+  Rng rng(std::random_device{}());
+  struct Shape {
+    int tokens, heads, kv_heads, head_dim, k;
+  };
+  for (const Shape& s : {Shape{1, 20, 4, 128, 2560}, Shape{3, 4, 2, 48, 264},
+                         Shape{4, 2, 1, 32, 520}, Shape{2, 64, 8, 128, 1024}}) {
+    SCOPED_TRACE(::testing::Message() << s.tokens << " tokens, " << s.heads << "/" << s.kv_heads
+                                      << " heads, d " << s.head_dim << ", k " << s.k);
+    const int row = (s.heads + 2 * s.kv_heads) * s.head_dim, kv = s.kv_heads * s.head_dim;
+    const int num_slots = 3 * s.tokens + 5;
+    const auto x = random_bf16(rng, static_cast<size_t>(s.tokens) * s.k, 1.0);
+    const auto w = random_bf16(rng, static_cast<size_t>(row) * s.k, 1.0 / std::sqrt(s.k));
+    std::vector<int32_t> positions(s.tokens);
+    for (auto& p : positions) p = static_cast<int32_t>(rng.below(20000));
+    std::vector<int64_t> slots(num_slots);
+    std::iota(slots.begin(), slots.end(), 0);
+    std::shuffle(slots.begin(), slots.end(), std::mt19937(static_cast<unsigned>(rng.next())));
+    slots.resize(s.tokens);
+    DeviceBuffer<uint16_t> d_x(x.size()), d_w(w.size());
+    DeviceBuffer<int32_t> d_pos(positions.size());
+    DeviceBuffer<int64_t> d_slots(slots.size());
+    d_x.upload(x);
+    d_w.upload(w);
+    d_pos.upload(positions);
+    d_slots.upload(slots);
+    const size_t qkv_elems = static_cast<size_t>(s.tokens) * row;
+    const size_t cache_elems = static_cast<size_t>(num_slots) * kv;
+    // Separate kernels.
+    DeviceBuffer<uint16_t> a_qkv(qkv_elems), a_k(cache_elems), a_v(cache_elems);
+    a_qkv.poison();
+    a_k.poison();
+    a_v.poison();
+    skinny_gemm(a_qkv.p, false, bf(d_x.p), bf(d_w.p), s.tokens, row, s.k, nullptr);
+    rope_store_kv(bf(a_qkv.p), bf(a_k.p), bf(a_v.p), d_pos.p, d_slots.p, s.tokens, s.heads,
+                  s.kv_heads, s.head_dim, 500000.0, nullptr);
+    // Fused.
+    DeviceBuffer<uint16_t> b_qkv(qkv_elems), b_k(cache_elems), b_v(cache_elems);
+    b_qkv.poison();
+    b_k.poison();
+    b_v.poison();
+    std::vector<float> inv_freq(s.head_dim / 2);
+    for (int j = 0; j < s.head_dim / 2; ++j) {
+      inv_freq[j] = static_cast<float>(1.0 / std::pow(500000.0, 2.0 * j / s.head_dim));
+    }
+    DeviceBuffer<float> d_inv(inv_freq.size());
+    d_inv.upload(inv_freq);
+    SkinnyRope rope;
+    rope.inv_freq = d_inv.p;
+    rope.k_cache = bf(b_k.p);
+    rope.v_cache = bf(b_v.p);
+    rope.positions = d_pos.p;
+    rope.slots = d_slots.p;
+    rope.heads = s.heads;
+    rope.kv_heads = s.kv_heads;
+    rope.head_dim = s.head_dim;
+    ASSERT_TRUE(skinny_rope_fits(s.tokens, s.k, rope));
+    skinny_gemm_rope(bf(b_qkv.p), bf(d_x.p), bf(d_w.p), s.tokens, s.k, rope, nullptr);
+    ERNIE_CUDA_CHECK(cudaDeviceSynchronize());
+    int exact = 0, total = 0;
+    auto compare = [&](const std::vector<uint16_t>& want, const std::vector<uint16_t>& got,
+                       const char* what) {
+      for (size_t i = 0; i < want.size(); ++i) {
+        ++total;
+        if (want[i] == got[i]) {
+          ++exact;
+          continue;
+        }
+        // Poison (0xffff, a NaN) must match exactly; values may differ by one rounding step.
+        ASSERT_NE(want[i], 0xffff) << what << " element " << i << " written by the fused kernel";
+        ASSERT_NE(got[i], 0xffff) << what << " element " << i << " not written";
+        const float a = bf16_to_float(want[i]), b = bf16_to_float(got[i]);
+        ASSERT_LE(std::abs(a - b), std::abs(a) / 128.0f + 1e-30f) << what << " element " << i;
+      }
+    };
+    compare(a_qkv.download(), b_qkv.download(), "qkv");
+    compare(a_k.download(), b_k.download(), "k cache");
+    compare(a_v.download(), b_v.download(), "v cache");
+    EXPECT_GE(exact, total * 0.98) << exact << " of " << total << " bit-identical";
+  }
+}
+
 TEST(CudaKernels, RouterMatchesCpuReference) {
   if (device_count() == 0) GTEST_SKIP() << "no CUDA device";
   Rng rng(std::random_device{}());

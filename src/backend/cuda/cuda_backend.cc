@@ -5,6 +5,7 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdlib>
 #include <cstring>
 #include <functional>
@@ -12,6 +13,7 @@
 #include <map>
 #include <string>
 #include <unordered_map>
+#include <vector>
 
 #include "backend/cuda/activation.cuh"
 #include "backend/cuda/attention.cuh"
@@ -161,6 +163,12 @@ class Packer {
   std::vector<char> bytes_;
 };
 
+// An A/B switch read from the environment: on unless set to "0".
+bool switch_on(const char* name) {
+  const char* v = std::getenv(name);
+  return v == nullptr || std::string(v) != "0";
+}
+
 class CudaBackend final : public Backend {
  public:
   explicit CudaBackend(int device) : device_(device) {
@@ -295,8 +303,46 @@ class CudaBackend final : public Backend {
                 ") and the experts' intermediate size (", inter, ") to be multiples of ",
                 cuda::kTiledGroupRows));
     activate();
-    w.experts_gate_up = tiled_copy(w.experts_gate_up, experts * 2 * inter, hidden);
-    w.experts_down = tiled_copy(w.experts_down, experts * hidden, inter);
+    // Shared experts of a whole number of routed experts' sizes are kept also as that many
+    // more experts in the tiled tensors (cuda::SharedFold): small decode steps run them inside
+    // the routed GEMMs. The originals stay for larger batches and prefill.
+    // ERNIE_FOLD_SHARED=0 turns it off (for A/B runs).
+    static const bool fold_enabled = switch_on("ERNIE_FOLD_SHARED");
+    int64_t fold = 0, si = 0;
+    if (fold_enabled && !w.shared_gate_up.empty()) {
+      require(w.shared_gate_up.dtype == DType::kBF16 && w.shared_down.dtype == DType::kBF16 &&
+                  w.shared_gate_up.shape.size() == 2 && w.shared_down.shape.size() == 2 &&
+                  w.shared_gate_up.dim(1) == hidden && w.shared_down.dim(0) == hidden &&
+                  w.shared_gate_up.dim(0) == 2 * w.shared_down.dim(1),
+              "MoE shared experts must be bf16 gate/up [2 I_s, H] and down [H, I_s]");
+      si = w.shared_down.dim(1);
+      if (si % inter == 0) fold = si / inter;
+    }
+    const int64_t gu_rows = 2 * inter, kp_h = cuda::tiled_cols(hidden);
+    const int64_t kp_i = cuda::tiled_cols(inter);
+    auto* gate_up = static_cast<__nv_bfloat16*>(
+        allocate_weight(static_cast<size_t>((experts + fold) * gu_rows * kp_h) * 2));
+    auto* down = static_cast<__nv_bfloat16*>(
+        allocate_weight(static_cast<size_t>((experts + fold) * hidden * kp_i) * 2));
+    cuda::tile_expert_weights(gate_up, bf(w.experts_gate_up), experts * gu_rows, hidden, stream_);
+    cuda::tile_expert_weights(down, bf(w.experts_down), experts * hidden, inter, stream_);
+    for (int64_t s = 0; s < fold; ++s) {
+      // Folded expert s: rows s I .. (s + 1) I of the shared gate, the same of its up, and
+      // columns s I .. (s + 1) I of its down.
+      __nv_bfloat16* gu_dst = gate_up + (experts + s) * gu_rows * kp_h;
+      const __nv_bfloat16* sgu = bf(w.shared_gate_up);
+      cuda::tile_expert_weights(gu_dst, sgu + s * inter * hidden, inter, hidden, stream_);
+      cuda::tile_expert_weights(gu_dst + inter * kp_h, sgu + (si + s * inter) * hidden, inter,
+                                hidden, stream_);
+      cuda::tile_expert_weights(down + (experts + s) * hidden * kp_i,
+                                bf(w.shared_down) + s * inter, hidden, inter, stream_, si);
+    }
+    check_cuda(cudaStreamSynchronize(stream_), "cudaStreamSynchronize");
+    free_weight(w.experts_gate_up.data, static_cast<size_t>(experts * gu_rows * hidden) * 2);
+    free_weight(w.experts_down.data, static_cast<size_t>(experts * hidden * inter) * 2);
+    w.experts_gate_up.data = gate_up;
+    w.experts_down.data = down;
+    w.shared_folded = static_cast<int>(fold);
     w.experts_prepared = true;
   }
 
@@ -309,6 +355,19 @@ class CudaBackend final : public Backend {
         cfg.head_dim == 32 || cfg.head_dim == 48 || cfg.head_dim == 64 || cfg.head_dim == 128,
         cat("the CUDA attention kernels support head_dim 32, 48, 64 and 128, not ", cfg.head_dim));
     attn_ = cfg;
+    // Rope's inverse frequencies for the qkv projection's fused epilogue, by the recipe of
+    // rope_store_kv and the CPU reference (double, rounded to f32).
+    activate();
+    const int half = cfg.head_dim / 2;
+    std::vector<float> inv(half);
+    for (int j = 0; j < half; ++j) {
+      inv[j] = static_cast<float>(1.0 / std::pow(cfg.rope_theta, 2.0 * j / cfg.head_dim));
+    }
+    if (d_inv_freq_ != nullptr) free_weight(d_inv_freq_, inv_freq_bytes_);
+    inv_freq_bytes_ = inv.size() * sizeof(float);
+    d_inv_freq_ = static_cast<float*>(allocate_weight(inv_freq_bytes_));
+    check_cuda(cudaMemcpy(d_inv_freq_, inv.data(), inv_freq_bytes_, cudaMemcpyHostToDevice),
+               "cudaMemcpy (rope frequencies)");
   }
 
   void allocate_kv_cache(int num_layers, int64_t num_blocks, int block_size) override {
@@ -476,10 +535,7 @@ class CudaBackend final : public Backend {
   // at full bandwidth beside the router, they slowed the step to 2.717. ERNIE_SKINNY=0 turns it
   // off (for A/B runs).
   void linear(Tensor out, const Tensor& x, const Tensor& w) override {
-    static const bool skinny = [] {
-      const char* v = std::getenv("ERNIE_SKINNY");
-      return v == nullptr || std::string(v) != "0";
-    }();
+    static const bool skinny = switch_on("ERNIE_SKINNY");
     const int m = static_cast<int>(x.dim(0)), k = static_cast<int>(x.dim(1));
     if (skinny && m > 0 && cuda::skinny_gemm_fits(m, k)) {
       check_linear(out, x, w);
@@ -516,6 +572,26 @@ class CudaBackend final : public Backend {
     cuda::rope_store_kv(bf(qkv), k_cache(layer), v_cache(layer), d_positions_, d_slots_,
                         step_->num_tokens(), attn_.num_heads, attn_.num_kv_heads, attn_.head_dim,
                         attn_.rope_theta, stream_);
+  }
+
+  // Where linear() takes the skinny GEMM, its epilogue does rope_store_kv's work too: one
+  // kernel fewer per layer (H200: step 1 x 1000 FIXME). The stage profile keeps them apart.
+  // ERNIE_FUSED_ROPE=0 turns it off (for A/B runs).
+  void qkv_rope_store_kv(Tensor qkv, const Tensor& x, const Tensor& w, int layer) override {
+    static const bool fused = switch_on("ERNIE_SKINNY") && switch_on("ERNIE_FUSED_ROPE");
+    const int m = static_cast<int>(x.dim(0)), k = static_cast<int>(x.dim(1));
+    const cuda::SkinnyRope rope{k_cache(layer), v_cache(layer),     d_positions_,
+                                d_slots_,       d_inv_freq_,        attn_.num_heads,
+                                attn_.num_kv_heads, attn_.head_dim};
+    if (fused && !profiling_ && m > 0 && m == step_->num_tokens() &&
+        qkv.dtype == DType::kBF16 && cuda::skinny_rope_fits(m, k, rope)) {
+      check_linear(qkv, x, w);
+      require(qkv.dim(1) == (attn_.num_heads + 2 * attn_.num_kv_heads) * attn_.head_dim,
+              "qkv_rope_store_kv: qkv's width does not match the attention configuration");
+      cuda::skinny_gemm_rope(bf(qkv), bf(x), bf(w), m, k, rope, stream_);
+      return;
+    }
+    Backend::qkv_rope_store_kv(qkv, x, w, layer);
   }
 
   void attention(Tensor out, const Tensor& qkv, int layer) override {
@@ -579,14 +655,24 @@ class CudaBackend final : public Backend {
     const auto scratch_mark = arena_.mark();
     const int pairs = tokens * k;
     const int block_m = cuda::moe_block_m(pairs, experts);
-    // Decode-sized batches run the shared experts on the side stream, beside the router and the
+    // Up to kFoldTokens tokens the shared experts run inside the routed GEMMs where
+    // prepare_moe folded them (their gate/up blocks start while the router runs): H200, step
+    // 1 x 1000 2.566 -> 2.473 ms; at 16 tokens and more that was 2-8% slower than the side
+    // stream. Other decode-sized batches run them on the side stream, beside the router and the
     // routed experts: at a few tokens every kernel there is latency-bound, and the two chains
-    // overlap. Prefill keeps one stream (its expert GEMM is persistent over every SM), and so
-    // does the stage profile (each stage is timed on its own).
+    // overlap. Prefill keeps one stream and cuBLAS for them (its expert GEMM is persistent over
+    // every SM), and so does the stage profile (each stage is timed on its own).
+    constexpr int kFoldTokens = 8;
     const bool has_shared = !w.shared_gate_up.empty();
-    const bool overlap = has_shared && block_m != cuda::kMoeBlockWgmma && !profiling_;
+    cuda::SharedFold fold;
+    if (w.shared_folded > 0 && tokens <= kFoldTokens && block_m != cuda::kMoeBlockWgmma &&
+        !profiling_) {
+      fold = cuda::SharedFold{w.shared_folded, tokens, tokens <= cuda::kRouteOrderedTokens};
+    }
+    const bool unfolded_shared = has_shared && fold.experts == 0;
+    const bool overlap = unfolded_shared && block_m != cuda::kMoeBlockWgmma && !profiling_;
     Tensor shared_out;
-    if (has_shared) shared_out = scratch({tokens, hidden}, DType::kBF16);
+    if (unfolded_shared) shared_out = scratch({tokens, hidden}, DType::kBF16);
     if (overlap) {
       check_cuda(cudaEventRecord(fork_, stream_), "cudaEventRecord");
       check_cuda(cudaStreamWaitEvent(side_stream_, fork_), "cudaStreamWaitEvent");
@@ -605,27 +691,32 @@ class CudaBackend final : public Backend {
                                    static_cast<int>(cap / block_m)};
     if (!cuda::route_topk(ids, weights, bf(x), w.router.as<float>(), w.router_bias.as<float>(),
                           tokens, hidden, experts, k, w.norm_min, route_scratch, stream_,
-                          &layout)) {
+                          &layout, fold.early)) {
       void* align_scratch = arena_.alloc(cuda::moe_align_scratch_bytes(pairs, experts));
       cuda::moe_align(sorted, block_expert, pair_pos, ids, pairs, experts, block_m, align_scratch,
                       stream_);
     }
     mark(Stage::kMoeExperts);
-    auto* act = static_cast<__nv_bfloat16*>(arena_.alloc(cap * inter * sizeof(__nv_bfloat16)));
-    auto* y = static_cast<__nv_bfloat16*>(arena_.alloc(cap * hidden * sizeof(__nv_bfloat16)));
+    // Rows of the GEMMs' outputs: the folded experts' first, then the routed layout's.
+    const int64_t fold_rows = cuda::moe_shared_rows(fold, block_m), rows = fold_rows + cap;
+    if (fold_rows > 0) {
+      fold.down_out = static_cast<float*>(arena_.alloc(fold_rows * hidden * sizeof(float)));
+    }
+    auto* act = static_cast<__nv_bfloat16*>(arena_.alloc(rows * inter * sizeof(__nv_bfloat16)));
+    auto* y = static_cast<__nv_bfloat16*>(arena_.alloc(rows * hidden * sizeof(__nv_bfloat16)));
     cuda::moe_gate_up(act, bf(x), bf(w.experts_gate_up), sorted, block_expert, cap, block_m, k,
-                      hidden, inter, experts, stream_);
+                      hidden, inter, experts, stream_, fold);
     cuda::moe_down(y, act, bf(w.experts_down), weights, sorted, block_expert, cap, block_m, hidden,
-                   inter, experts, stream_);
+                   inter, experts, stream_, fold);
     if (overlap) {
       check_cuda(cudaStreamWaitEvent(stream_, join_), "cudaStreamWaitEvent");
-    } else if (has_shared) {
+    } else if (unfolded_shared) {
       mark(Stage::kMoeShared);
       shared_experts(shared_out, x, w, 0);
     }
     mark(Stage::kMoeCombine);
-    __nv_bfloat16* shared = has_shared ? bf(shared_out) : nullptr;
-    cuda::moe_combine(bf(out), y, pair_pos, shared, tokens, k, hidden, stream_);
+    __nv_bfloat16* shared = unfolded_shared ? bf(shared_out) : nullptr;
+    cuda::moe_combine(bf(out), y, pair_pos, shared, tokens, k, hidden, stream_, fold, block_m);
     arena_.rewind(scratch_mark);
   }
 
@@ -828,16 +919,6 @@ class CudaBackend final : public Backend {
     d_dims_ = reinterpret_cast<int32_t*>(dev + o_dims);
   }
 
-  // A copy of weight t, viewed as [rows, k], in the tiled expert layout; t's memory is freed.
-  Tensor tiled_copy(const Tensor& t, int64_t rows, int64_t k) {
-    const size_t bytes = static_cast<size_t>(rows * cuda::tiled_cols(k)) * 2;
-    void* dst = allocate_weight(bytes);
-    cuda::tile_expert_weights(static_cast<__nv_bfloat16*>(dst), bf(t), rows, k, stream_);
-    check_cuda(cudaStreamSynchronize(stream_), "cudaStreamSynchronize");
-    free_weight(t.data, static_cast<size_t>(rows * k) * 2);
-    return Tensor{dst, t.dtype, t.shape};
-  }
-
   void free_weight(void* p, size_t bytes) {
     const auto it = std::find(allocations_.begin(), allocations_.end(), p);
     require(it != allocations_.end(), "free_weight: not a weight of this backend");
@@ -900,6 +981,8 @@ class CudaBackend final : public Backend {
   PinnedBuffer meta_host_, result_host_;
   const StepInput* step_ = nullptr;
   cuda::AttentionPlan plan_;
+  float* d_inv_freq_ = nullptr;  // [head_dim / 2] (configure_attention)
+  size_t inv_freq_bytes_ = 0;
   int32_t *d_tokens_ = nullptr, *d_positions_ = nullptr, *d_query_start_ = nullptr,
           *d_context_lens_ = nullptr, *d_block_tables_ = nullptr, *d_logits_indices_ = nullptr,
           *d_tile_seq_ = nullptr, *d_tile_row0_ = nullptr, *d_dims_ = nullptr;

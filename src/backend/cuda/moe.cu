@@ -136,6 +136,32 @@ struct Tile {
   static constexpr size_t kSmem = static_cast<size_t>(kStages) * (kBStage + kAStage) + 1024;
 };
 
+// The folded shared experts (SharedFold) as the decode GEMM kernel sees them: P experts of the
+// routed experts' size, blocks_per_expert M-blocks each (rows of both GEMMs' outputs numbered
+// over the grid: expert s's row of token t is s * blocks_per_expert * BM + t); down writes
+// them unrounded (f32) to down_out, for moe_combine to add up and round as the unfolded
+// shared experts' GEMM would.
+struct FoldArgs {
+  int blocks = 0;  // their M-blocks, first in the grid
+  int blocks_per_expert = 1;
+  int first_expert = 0;  // id of the first one in the tiled weights
+  int tokens = 0;
+  bool early = false;        // their gate/up blocks do not wait for the kernel before
+  float* down_out = nullptr;  // [blocks * BM, N]
+};
+
+FoldArgs fold_args(const SharedFold& f, int block_m, int experts) {
+  FoldArgs a;
+  if (f.experts == 0) return a;
+  a.blocks_per_expert = (f.tokens + block_m - 1) / block_m;
+  a.blocks = f.experts * a.blocks_per_expert;
+  a.first_expert = experts;
+  a.tokens = f.tokens;
+  a.early = f.early;
+  a.down_out = f.down_out;
+  return a;
+}
+
 // One CTA computes a BM x BN tile of one M-block against its expert's weights. kGateUp: the
 // BN weight rows are BN/2 gate rows and the matching BN/2 up rows (each warp holds the gate and
 // up columns of the same outputs), output = SwiGLU, BN/2 columns. Otherwise: BN output columns
@@ -147,28 +173,44 @@ template <int BM, bool kWide, bool kGateUp>
 __global__ void __launch_bounds__(Tile<BM, kWide>::kThreads, 1)
     moe_gemm_kernel(__nv_bfloat16* out, const __nv_bfloat16* a_src, const __nv_bfloat16* w,
                     const float* route_w, const int32_t* sorted_pairs, const int32_t* block_expert,
-                    int k_choices, int K, int N) {
-  // gate/up launches down only once the routing is complete (pdl_begin_ordered), so down can
-  // read the layout and start streaming its weights while gate/up is still running; it waits
-  // for gate/up's output before its first activation load.
+                    int k_choices, int K, int N, const FoldArgs fold) {
+  // Blocks below fold.blocks are the folded shared experts' (FoldArgs), laid out by position;
+  // the routed blocks follow, block b of the routed layout at blockIdx.x = fold.blocks + b. Rows
+  // of `out` (and of down's activations) are numbered over the whole grid.
+  const bool folded = static_cast<int>(blockIdx.x) < fold.blocks;
+  const int rb = blockIdx.x - fold.blocks;  // routed block
+  // gate/up's routed blocks let down launch only once they have waited for the routing (as
+  // pdl_begin_ordered), so down can read the layout and start streaming its weights while
+  // gate/up is still running; it waits
+  // for gate/up's output before its first activation load. gate/up's folded blocks read only x
+  // and write rows nobody reads before this kernel ends: with fold.early (x complete before the
+  // kernels before this one let it launch) they do not wait for the router.
   if constexpr (kGateUp) {
-    pdl_begin_ordered();
-  } else {
-    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+    if (!folded || !fold.early) asm volatile("griddepcontrol.wait;" ::: "memory");
   }
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
   using T = Tile<BM, kWide>;
   constexpr int kBN = T::kBN, kBK = T::kBK, kStages = T::kStages, kLd = T::kLd;
   constexpr int kMt = T::kMt, kNt = T::kNt, kHalf = kNt / 2, kGateRows = kBN / 2;
   constexpr int kGroups = T::kGroups;
-  const int e = __ldcg(block_expert + blockIdx.x);
+  const int e = folded ? fold.first_expert + blockIdx.x / fold.blocks_per_expert
+                       : __ldcg(block_expert + rb);
   if (e < 0) return;
+  // The pair of row r of this block (-1: padding); a folded block's row is a token, its weight 1.
+  auto pair_of = [&](int r) {
+    if (folded) {
+      const int t = (blockIdx.x % fold.blocks_per_expert) * BM + r;
+      return t < fold.tokens ? t : -1;
+    }
+    return __ldcg(sorted_pairs + rb * BM + r);
+  };
   extern __shared__ __align__(16) unsigned char smem_raw[];
   __shared__ uint64_t full[kStages];  // a stage's weights have landed
   // [stages][BN / 16 groups][2 chunks][16 rows][128 bytes] (1024-byte aligned for the
   // swizzle), then the activations [stages][BM][LD].
   unsigned char* sb = smem_raw + ((1024 - (smem_u32(smem_raw) & 1023)) & 1023);
   __nv_bfloat16* sa = reinterpret_cast<__nv_bfloat16*>(sb + kStages * T::kBStage);
-  const int m0 = blockIdx.x * BM;
+  const int m0 = blockIdx.x * BM;  // first row of out (and of down's activations)
   const int n0 = blockIdx.y * (kGateUp ? kBN / 2 : kBN);  // first output column
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, c = lane % 4;
   const int wm = warp / T::kWarpsN, wn = warp % T::kWarpsN;
@@ -186,8 +228,8 @@ __global__ void __launch_bounds__(Tile<BM, kWide>::kThreads, 1)
     const int idx = tid + i * T::kThreads;
     a_r[i] = idx / T::kChunks;
     a_ch[i] = idx % T::kChunks;
-    const int pair = __ldcg(sorted_pairs + m0 + a_r[i]);
-    const int64_t src_row = kGateUp ? pair / k_choices : m0 + a_r[i];
+    const int pair = pair_of(a_r[i]);
+    const int64_t src_row = kGateUp ? (folded ? pair : pair / k_choices) : m0 + a_r[i];
     a_row[i] = pair >= 0 ? a_src + src_row * K : nullptr;
   }
   auto load_a = [&](int stage, int kt) {
@@ -290,7 +332,7 @@ __global__ void __launch_bounds__(Tile<BM, kWide>::kThreads, 1)
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
       const int r = wm * kMt * 16 + mt * 16 + g + 8 * half;
-      const int pair = sorted_pairs[m0 + r];
+      const int pair = pair_of(r);
       if (pair < 0) continue;
       __nv_bfloat16* orow = out + static_cast<size_t>(m0 + r) * N;
       if (kGateUp) {
@@ -300,8 +342,22 @@ __global__ void __launch_bounds__(Tile<BM, kWide>::kThreads, 1)
           for (int j = 0; j < 2; ++j) {
             const int col = n0 + wn * kHalf * 8 + nt * 8 + 2 * c + j;
             if (col >= N) continue;
-            const float gv = acc[mt][nt][2 * half + j], uv = acc[mt][nt + kHalf][2 * half + j];
+            float gv = acc[mt][nt][2 * half + j], uv = acc[mt][nt + kHalf][2 * half + j];
+            if (folded) {  // rounded as an unfolded gate/up GEMM's output would be
+              gv = __bfloat162float(__float2bfloat16(gv));
+              uv = __bfloat162float(__float2bfloat16(uv));
+            }
             orow[col] = __float2bfloat16(gv / (1.0f + __expf(-gv)) * uv);
+          }
+        }
+      } else if (folded) {  // unrounded, unweighted
+        float* frow = fold.down_out + static_cast<size_t>(m0 + r) * N;
+#pragma unroll
+        for (int nt = 0; nt < kNt; ++nt) {
+#pragma unroll
+          for (int j = 0; j < 2; ++j) {
+            const int col = n0 + wn * kNt * 8 + nt * 8 + 2 * c + j;
+            if (col < N) frow[col] = acc[mt][nt][2 * half + j];
           }
         }
       } else {
@@ -323,7 +379,7 @@ template <int BM, bool kWide, bool kGateUp>
 void launch_gemm_tile(__nv_bfloat16* out, const __nv_bfloat16* a, const __nv_bfloat16* w,
                       const float* route_w, const int32_t* sorted_pairs,
                       const int32_t* block_expert, int64_t capacity, int k, int K, int N,
-                      cudaStream_t stream) {
+                      const FoldArgs& fold, cudaStream_t stream) {
   using T = Tile<BM, kWide>;
   static bool configured = false;
   if (!configured) {
@@ -333,15 +389,16 @@ void launch_gemm_tile(__nv_bfloat16* out, const __nv_bfloat16* a, const __nv_bfl
     configured = true;
   }
   constexpr int cols = kGateUp ? T::kBN / 2 : T::kBN;
-  const dim3 grid(static_cast<unsigned>(capacity / BM), (N + cols - 1) / cols);
+  const dim3 grid(static_cast<unsigned>(fold.blocks + capacity / BM), (N + cols - 1) / cols);
   launch_pdl(moe_gemm_kernel<BM, kWide, kGateUp>, grid, T::kThreads, T::kSmem, stream, out, a, w,
-             route_w, sorted_pairs, block_expert, k, K, N);
+             route_w, sorted_pairs, block_expert, k, K, N, fold);
   ERNIE_CUDA_CHECK(cudaGetLastError());
 }
 
-// Whether the wide 16-row tiles cover this GEMM in one wave (CTAs resident at once).
+// Whether the wide 16-row tiles cover this GEMM (`blocks` M-blocks) in one wave (CTAs resident
+// at once).
 template <bool kGateUp>
-bool wide_tiles_fit(int64_t capacity, int N) {
+bool wide_tiles_fit(int64_t blocks, int N) {
   static const int slots = [] {
     int device = 0, sms = 0, per_sm = 0;
     ERNIE_CUDA_CHECK(cudaGetDevice(&device));
@@ -356,30 +413,33 @@ bool wide_tiles_fit(int64_t capacity, int N) {
   }();
   constexpr int cols =
       kGateUp ? Tile<kMoeBlockSmall, true>::kBN / 2 : Tile<kMoeBlockSmall, true>::kBN;
-  return capacity / kMoeBlockSmall * ((N + cols - 1) / cols) <= slots;
+  return blocks * ((N + cols - 1) / cols) <= slots;
 }
 
 template <bool kGateUp>
 void launch_gemm(__nv_bfloat16* out, const __nv_bfloat16* a, const __nv_bfloat16* w,
                  const float* route_w, const int32_t* sorted_pairs, const int32_t* block_expert,
-                 int64_t capacity, int block_m, int k, int K, int N, cudaStream_t stream) {
+                 int64_t capacity, int block_m, int k, int K, int N, const FoldArgs& fold,
+                 cudaStream_t stream) {
   require_parts(K % 8 == 0, "MoE GEMM: the reduction size ", K, " must be a multiple of 8");
   require_parts(N % kTiledGroupRows == 0, "MoE GEMM: the output size ", N,
                 " must be a multiple of ", kTiledGroupRows);
   require_parts(capacity % block_m == 0, "MoE GEMM: capacity ", capacity,
                 " is not a multiple of the block size ", block_m);
   if (block_m == kMoeBlockSmall) {
-    if (wide_tiles_fit<kGateUp>(capacity, N)) {
+    if (wide_tiles_fit<kGateUp>(fold.blocks + capacity / kMoeBlockSmall, N)) {
       launch_gemm_tile<kMoeBlockSmall, true, kGateUp>(out, a, w, route_w, sorted_pairs,
-                                                      block_expert, capacity, k, K, N, stream);
+                                                      block_expert, capacity, k, K, N, fold,
+                                                      stream);
     } else {
       launch_gemm_tile<kMoeBlockSmall, false, kGateUp>(out, a, w, route_w, sorted_pairs,
-                                                       block_expert, capacity, k, K, N, stream);
+                                                       block_expert, capacity, k, K, N, fold,
+                                                       stream);
     }
   } else {
     require_parts(block_m == kMoeBlockMid, "MoE GEMM: unknown block size ", block_m);
     launch_gemm_tile<kMoeBlockMid, false, kGateUp>(out, a, w, route_w, sorted_pairs, block_expert,
-                                                   capacity, k, K, N, stream);
+                                                   capacity, k, K, N, fold, stream);
   }
 }
 
@@ -607,11 +667,21 @@ void launch_wgmma(__nv_bfloat16* out, const CUtensorMap& a_map, const CUtensorMa
   ERNIE_CUDA_CHECK(cudaGetLastError());
 }
 
+// routed_row0: the row of y where the routed layout starts. folded: the folded shared experts'
+// count, expert s's f32 row of token t at s * fold_stride + t of fold_out; their sum, rounded
+// to bf16, is the shared experts' output.
 __global__ void moe_combine_kernel(__nv_bfloat16* out, const __nv_bfloat16* y,
                                    const int32_t* pair_pos, const __nv_bfloat16* shared, int k,
-                                   int hidden) {
+                                   int hidden, int64_t routed_row0, const float* fold_out,
+                                   int folded, int64_t fold_stride) {
   pdl_begin();
   const size_t t = blockIdx.x;
+  const __nv_bfloat16* routed = y + routed_row0 * hidden;
+  auto fold_sum = [&](int i) {
+    float v = 0.0f;
+    for (int s = 0; s < folded; ++s) v += fold_out[(s * fold_stride + t) * hidden + i];
+    return __bfloat162float(__float2bfloat16(v));
+  };
   if (hidden % 8 == 0) {  // 16-byte loads: eight columns per thread, summed in the same order
     for (int i = threadIdx.x * 8; i < hidden; i += blockDim.x * 8) {
       float acc[8] = {};
@@ -625,7 +695,13 @@ __global__ void moe_combine_kernel(__nv_bfloat16* out, const __nv_bfloat16* y,
           acc[2 * q + 1] += f.y;
         }
       };
-      for (int j = 0; j < k; ++j) add(y + static_cast<size_t>(pair_pos[t * k + j]) * hidden + i);
+      for (int j = 0; j < k; ++j) {
+        add(routed + static_cast<size_t>(pair_pos[t * k + j]) * hidden + i);
+      }
+      if (folded > 0) {
+#pragma unroll
+        for (int q = 0; q < 8; ++q) acc[q] += fold_sum(i + q);
+      }
       if (shared) add(shared + t * hidden + i);
       uint4 o;
       __nv_bfloat162* oh = reinterpret_cast<__nv_bfloat162*>(&o);
@@ -638,8 +714,9 @@ __global__ void moe_combine_kernel(__nv_bfloat16* out, const __nv_bfloat16* y,
   for (int i = threadIdx.x; i < hidden; i += blockDim.x) {
     float acc = 0.0f;
     for (int j = 0; j < k; ++j) {
-      acc += __bfloat162float(y[static_cast<size_t>(pair_pos[t * k + j]) * hidden + i]);
+      acc += __bfloat162float(routed[static_cast<size_t>(pair_pos[t * k + j]) * hidden + i]);
     }
+    if (folded > 0) acc += fold_sum(i);
     if (shared) acc += __bfloat162float(shared[t * hidden + i]);
     out[t * hidden + i] = __float2bfloat16(acc);
   }
@@ -648,7 +725,7 @@ __global__ void moe_combine_kernel(__nv_bfloat16* out, const __nv_bfloat16* y,
 // One thread per 16-byte piece of the tiled matrix: piece q of row r in chunk `chunk` of group
 // `group` holds columns chunk * 64 + 8 (q ^ (r % 8)) .. + 7 of row 16 group + r (zeros past K).
 __global__ void tile_expert_weights_kernel(__nv_bfloat16* dst, const __nv_bfloat16* src,
-                                           int64_t rows, int64_t K, int64_t kp) {
+                                           int64_t rows, int64_t K, int64_t kp, int64_t ld) {
   const int64_t pieces = rows * kp / 8;
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < pieces;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
@@ -658,7 +735,7 @@ __global__ void tile_expert_weights_kernel(__nv_bfloat16* dst, const __nv_bfloat
     const int64_t row = group * kTiledGroupRows + r;
     const int64_t col = chunk * kTiledChunkCols + 8 * (q ^ (r % 8));
     uint4 v = make_uint4(0, 0, 0, 0);
-    if (col < K) v = *reinterpret_cast<const uint4*>(src + row * K + col);
+    if (col < K) v = *reinterpret_cast<const uint4*>(src + row * ld + col);
     *reinterpret_cast<uint4*>(dst + 8 * i) = v;
   }
 }
@@ -666,16 +743,17 @@ __global__ void tile_expert_weights_kernel(__nv_bfloat16* dst, const __nv_bfloat
 }  // namespace
 
 void tile_expert_weights(__nv_bfloat16* dst, const __nv_bfloat16* src, int64_t rows, int64_t K,
-                         cudaStream_t stream) {
-  require_parts(rows % kTiledGroupRows == 0 && K % 8 == 0 && K > 0, "tile_expert_weights: a ", rows,
-                " x ", K, " matrix (rows must be a multiple of ", kTiledGroupRows,
-                ", columns of 8)");
+                         cudaStream_t stream, int64_t ld) {
+  if (ld == 0) ld = K;
+  require_parts(rows % kTiledGroupRows == 0 && K % 8 == 0 && K > 0 && ld >= K && ld % 8 == 0,
+                "tile_expert_weights: a ", rows, " x ", K, " matrix of row stride ", ld,
+                " (rows must be a multiple of ", kTiledGroupRows, ", columns and stride of 8)");
   const int64_t pieces = rows * tiled_cols(K) / 8;
   if (pieces == 0) return;
   const int threads = 256;
   const int64_t blocks = std::min<int64_t>((pieces + threads - 1) / threads, 1 << 20);
   tile_expert_weights_kernel<<<static_cast<unsigned>(blocks), threads, 0, stream>>>(
-      dst, src, rows, K, tiled_cols(K));
+      dst, src, rows, K, tiled_cols(K), ld);
   ERNIE_CUDA_CHECK(cudaGetLastError());
 }
 
@@ -711,9 +789,11 @@ void moe_align(int32_t* sorted_pairs, int32_t* block_expert, int32_t* pair_pos, 
 
 void moe_gate_up(__nv_bfloat16* act, const __nv_bfloat16* x, const __nv_bfloat16* w_gate_up,
                  const int32_t* sorted_pairs, const int32_t* block_expert, int64_t capacity,
-                 int block_m, int k, int hidden, int inter, int experts, cudaStream_t stream) {
+                 int block_m, int k, int hidden, int inter, int experts, cudaStream_t stream,
+                 const SharedFold& fold) {
   if (capacity == 0) return;
   if (block_m == kMoeBlockWgmma) {
+    require(fold.experts == 0, "MoE wgmma GEMM: shared experts cannot be folded");
     require_parts(hidden % 8 == 0 && inter % 8 == 0, "MoE wgmma GEMM: hidden ", hidden,
                   " and intermediate ", inter, " must be multiples of 8");
     const CUtensorMap b =
@@ -724,15 +804,16 @@ void moe_gate_up(__nv_bfloat16* act, const __nv_bfloat16* x, const __nv_bfloat16
     return;
   }
   launch_gemm<true>(act, x, w_gate_up, nullptr, sorted_pairs, block_expert, capacity, block_m, k,
-                    hidden, inter, stream);
+                    hidden, inter, fold_args(fold, block_m, experts), stream);
 }
 
 void moe_down(__nv_bfloat16* y, const __nv_bfloat16* act, const __nv_bfloat16* w_down,
               const float* weights, const int32_t* sorted_pairs, const int32_t* block_expert,
               int64_t capacity, int block_m, int hidden, int inter, int experts,
-              cudaStream_t stream) {
+              cudaStream_t stream, const SharedFold& fold) {
   if (capacity == 0) return;
   if (block_m == kMoeBlockWgmma) {
+    require(fold.experts == 0, "MoE wgmma GEMM: shared experts cannot be folded");
     const CUtensorMap a = tensor_map_bf16_sw128(act, capacity, inter, 64);
     const CUtensorMap b = tensor_map_bf16_tiled(w_down, static_cast<int64_t>(experts) * hidden,
                                                 tiled_cols(inter), 64 / kTiledGroupRows);
@@ -741,15 +822,21 @@ void moe_down(__nv_bfloat16* y, const __nv_bfloat16* act, const __nv_bfloat16* w
     return;
   }
   launch_gemm<false>(y, act, w_down, weights, sorted_pairs, block_expert, capacity, block_m, 1,
-                     inter, hidden, stream);
+                     inter, hidden, fold_args(fold, block_m, experts), stream);
 }
 
 void moe_combine(__nv_bfloat16* out, const __nv_bfloat16* y, const int32_t* pair_pos,
-                 const __nv_bfloat16* shared, int tokens, int k, int hidden, cudaStream_t stream) {
+                 const __nv_bfloat16* shared, int tokens, int k, int hidden, cudaStream_t stream,
+                 const SharedFold& fold, int block_m) {
   if (tokens == 0) return;
+  require(fold.experts == 0 || (block_m > 0 && fold.tokens == tokens),
+          "moe_combine: a fold needs its block size and the step's tokens");
+  const int64_t routed_row0 = moe_shared_rows(fold, block_m);
+  const int64_t fold_stride = fold.experts > 0 ? routed_row0 / fold.experts : 0;
   // One 16-byte vector per thread where the row allows (a decode step is one pass of loads).
   const int threads = hidden % 8 == 0 ? std::clamp((hidden / 8 + 31) / 32 * 32, 128, 1024) : 128;
-  launch_pdl(moe_combine_kernel, tokens, threads, 0, stream, out, y, pair_pos, shared, k, hidden);
+  launch_pdl(moe_combine_kernel, tokens, threads, 0, stream, out, y, pair_pos, shared, k, hidden,
+             routed_row0, fold.down_out, fold.experts, fold_stride);
   ERNIE_CUDA_CHECK(cudaGetLastError());
 }
 

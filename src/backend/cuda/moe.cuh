@@ -45,27 +45,56 @@ size_t moe_align_scratch_bytes(int pairs, int experts);
 void moe_align(int32_t* sorted_pairs, int32_t* block_expert, int32_t* pair_pos, const int32_t* ids,
                int pairs, int experts, int block_m, void* scratch, cudaStream_t stream);
 
-// dst = src [rows, K] (row-major) in the tiled expert layout of expert_layout.h, rows x
-// tiled_cols(K) elements (the padding columns zero). rows % 16 == 0, K % 8 == 0.
+// dst = src [rows, K] (row-major, ld elements from one row to the next; 0: K) in the tiled
+// expert layout of expert_layout.h, rows x tiled_cols(K) elements (the padding columns zero).
+// rows % 16 == 0, K % 8 == 0, ld % 8 == 0.
 void tile_expert_weights(__nv_bfloat16* dst, const __nv_bfloat16* src, int64_t rows, int64_t K,
-                         cudaStream_t stream);
+                         cudaStream_t stream, int64_t ld = 0);
+
+// Shared experts folded into the decode GEMMs (16- and 32-row blocks; not the wgmma path): a
+// shared expert of intermediate size I_s = P * I_e is P extra experts (ids E .. E + P - 1 of
+// the tiled weights, gate/up and down) that every token takes. Their M-blocks come first in
+// the grids, laid out by position (token t is row t of each one's blocks), so they need nothing
+// from the router: with `early`, the gate/up kernel's folded CTAs start without waiting for the
+// kernel before (the router's), which is right only if the kernels before gate/up let it launch
+// once x is complete (route_topk's launch order). The values are those of the unfolded GEMMs up
+// to summation order: gate and up are rounded to bf16 before SwiGLU, down writes its P partial
+// sums in f32 (down_out, moe_shared_rows(...) x hidden floats), and moe_combine adds them up
+// and rounds once. act and y hold moe_shared_rows(...) rows before the routed layout's (y's
+// unused).
+struct SharedFold {
+  int experts = 0;  // P (0: nothing folded)
+  int tokens = 0;
+  bool early = false;
+  float* down_out = nullptr;
+};
+inline int64_t moe_shared_rows(const SharedFold& f, int block_m) {
+  return static_cast<int64_t>(f.experts) * ((f.tokens + block_m - 1) / block_m) * block_m;
+}
 
 // act [capacity, inter] = silu(x_g W_gate^T) * (x_g W_up^T) per sorted row, x_g = x[pair / k]
 // (gathered by the GEMM's loads); w_gate_up [E * 2 * inter, hidden] in the tiled layout (each
-// expert's gate rows then its up rows). hidden % 8 == 0, inter % 16 == 0.
+// expert's gate rows then its up rows). hidden % 8 == 0, inter % 16 == 0. With a fold (decode
+// block sizes only), act has moe_shared_rows(fold, block_m) rows of the folded experts first,
+// then the capacity rows of the routed layout.
 void moe_gate_up(__nv_bfloat16* act, const __nv_bfloat16* x, const __nv_bfloat16* w_gate_up,
                  const int32_t* sorted_pairs, const int32_t* block_expert, int64_t capacity,
-                 int block_m, int k, int hidden, int inter, int experts, cudaStream_t stream);
+                 int block_m, int k, int hidden, int inter, int experts, cudaStream_t stream,
+                 const SharedFold& fold = {});
 
 // y [capacity, hidden] = weight[pair] * act W_down^T per sorted row; w_down [E * hidden, inter]
-// in the tiled layout. inter % 8 == 0, hidden % 16 == 0.
+// in the tiled layout. inter % 8 == 0, hidden % 16 == 0. With a fold, act as moe_gate_up wrote
+// it, y with moe_shared_rows(fold, block_m) rows first (unused), and fold.down_out written.
 void moe_down(__nv_bfloat16* y, const __nv_bfloat16* act, const __nv_bfloat16* w_down,
               const float* weights, const int32_t* sorted_pairs, const int32_t* block_expert,
               int64_t capacity, int block_m, int hidden, int inter, int experts,
-              cudaStream_t stream);
+              cudaStream_t stream, const SharedFold& fold = {});
 
 // out [tokens, hidden] = sum over the token's k rows of y (+ shared [tokens, hidden] if given).
+// With a fold, the routed rows are at y + moe_shared_rows(fold, block_m) rows, and the shared
+// experts' output (fold.down_out summed, rounded to bf16) is added after them.
 void moe_combine(__nv_bfloat16* out, const __nv_bfloat16* y, const int32_t* pair_pos,
-                 const __nv_bfloat16* shared, int tokens, int k, int hidden, cudaStream_t stream);
+                 const __nv_bfloat16* shared, int tokens, int k, int hidden, cudaStream_t stream,
+                 const SharedFold& fold = {}, int block_m = 0);
 
 }  // namespace ernie::cuda

@@ -144,9 +144,8 @@ struct Tail {
 // kernel and the separate top-k and align kernels spread the work.
 constexpr int kFusedRouteTokens = 8;
 
-// Up to this many tokens the logits kernel lets the kernels after it launch only when its
-// partial sums are stored (see router_logits_kernel).
-constexpr int kLateLaunchTokens = 64;
+// When the logits kernels let the kernels after them launch (route_topk's launch order).
+enum Trigger : int { kAtStart, kAfterWait, kAtEnd };
 
 // CTAs of the current fused launch that have written their logits; the last one resets it.
 __device__ unsigned int g_route_arrivals = 0;
@@ -154,8 +153,8 @@ __device__ unsigned int g_route_arrivals = 0;
 // partial[split][token][expert] = sum over this split's reduction range of x * W.
 __global__ void __launch_bounds__(kThreads)
     router_logits_kernel(float* partial, const __nv_bfloat16* x, const float* w, int tokens,
-                         int hidden, int experts, int tiles_per_split, bool early_trigger) {
-  if (early_trigger) asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+                         int hidden, int experts, int tiles_per_split, Trigger trigger) {
+  if (trigger == kAtStart) asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
   // The router's weights are fixed: the first stages' weights load before the wait for x.
   __shared__ __align__(16) __nv_bfloat16 xs[kStages][kBM][kXLd];
   __shared__ __align__(16) float ws[kStages][kBN][kWLd];
@@ -190,6 +189,7 @@ __global__ void __launch_bounds__(kThreads)
     if (s < n) load_w(s, kt0 + s);
   }
   asm volatile("griddepcontrol.wait;" ::: "memory");
+  if (trigger == kAfterWait) asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
   for (int s = 0; s < kStages - 1; ++s) {
     if (s < n) load_x(s, kt0 + s);
     cp_async_commit();
@@ -234,10 +234,11 @@ __global__ void __launch_bounds__(kThreads)
       if (t < tokens && e < experts) out[static_cast<size_t>(t) * experts + e] = acc[nt][j];
     }
   }
-  // The kernels after this one launch only now: launched early, the routed GEMM's CTAs would
-  // sit on every SM waiting, and the shared experts' GEMM (side stream, free to run while the
-  // router is latency-bound) could not start until they finish.
-  if (!early_trigger) asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+  // kAtEnd: the kernels after this one launch only now: launched early, the routed GEMM's CTAs
+  // would sit on every SM waiting, and the shared experts' GEMM (side stream, free to run while
+  // the router is latency-bound) could not start until they finish. (kAfterWait: the routed
+  // GEMM holds the shared experts' blocks itself, which need only x.)
+  if (trigger == kAtEnd) asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
 }
 
 // Few tokens (at most kFusedRouteTokens): logits[token][expert] by one CTA per expert, f32
@@ -256,7 +257,7 @@ constexpr size_t kSmallMaxSmem = 200 * 1024;  // a weight row and the fused tail
 template <bool kFused>
 __global__ void __launch_bounds__(kSmallThreads)
     router_small_kernel(float* logits, const __nv_bfloat16* x, const float* w, int tokens,
-                        int hidden, int experts, const Tail tail) {
+                        int hidden, int experts, const Tail tail, Trigger trigger) {
   const int e = blockIdx.x, tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int groups = hidden / 4;
   // Dynamic shared memory: the expert's weight row (hidden floats), then (kFused) the tail's
@@ -271,6 +272,7 @@ __global__ void __launch_bounds__(kSmallThreads)
               &w_full);
   }
   asm volatile("griddepcontrol.wait;" ::: "memory");
+  if (trigger == kAfterWait) asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
   __syncthreads();  // the barrier's initialisation is visible
   mbar_wait(&w_full, 0);
   float acc[kFusedRouteTokens] = {};
@@ -305,8 +307,8 @@ __global__ void __launch_bounds__(kSmallThreads)
     for (int i = 0; i < kSmallThreads / 32; ++i) v += red[i][tid];
     logits[static_cast<size_t>(tid) * experts + e] = v;
   }
-  // The kernels after this one launch only now (see router_logits_kernel).
-  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+  // By default the kernels after this one launch only now (see router_logits_kernel).
+  if (trigger == kAtEnd) asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
   if constexpr (kFused) {
     __shared__ bool last;
     __threadfence();  // this CTA's logits are visible before it is counted
@@ -352,8 +354,15 @@ size_t route_scratch_bytes(int tokens, int hidden, int experts) {
 
 bool route_topk(int32_t* ids, float* weights, const __nv_bfloat16* x, const float* router,
                 const float* bias, int tokens, int hidden, int experts, int k, float norm_min,
-                void* scratch, cudaStream_t stream, const RouteLayout* layout) {
+                void* scratch, cudaStream_t stream, const RouteLayout* layout,
+                bool early_dependents) {
   if (tokens == 0) return false;
+  // Up to 64 tokens the routed GEMMs launch only once the logits are in (steps 1 x 1000 3.62 ->
+  // 3.50 ms, 16 and 64 tokens no slower), or once x is (early_dependents); at 256 the early
+  // launch is 0.2 ms faster per step.
+  const Trigger trigger = tokens > kRouteOrderedTokens ? kAtStart
+                          : early_dependents          ? kAfterWait
+                                                      : kAtEnd;
   require(tokens > 0 && hidden > 0 && hidden % kBK == 0 && experts > 0 && experts <= 1024 &&
               k > 0 && k <= experts,
           "route_topk: bad shape");
@@ -380,12 +389,12 @@ bool route_topk(int32_t* ids, float* weights, const __nv_bfloat16* x, const floa
     if (layout != nullptr) {
       tail.layout = *layout;
       launch_pdl(router_small_kernel<true>, experts, kSmallThreads, row_bytes + tail_bytes, stream,
-                 logits, x, router, tokens, hidden, experts, tail);
+                 logits, x, router, tokens, hidden, experts, tail, trigger);
       ERNIE_CUDA_CHECK(cudaGetLastError());
       return true;
     }
     launch_pdl(router_small_kernel<false>, experts, kSmallThreads, row_bytes, stream, logits, x,
-               router, tokens, hidden, experts, tail);
+               router, tokens, hidden, experts, tail, trigger);
     ERNIE_CUDA_CHECK(cudaGetLastError());
     const size_t smem = static_cast<size_t>(kTopkWarps) * 2 * experts * sizeof(float);
     launch_pdl(router_topk_kernel, (tokens + kTopkWarps - 1) / kTopkWarps, kTopkWarps * 32, smem,
@@ -396,11 +405,8 @@ bool route_topk(int32_t* ids, float* weights, const __nv_bfloat16* x, const floa
   const Split s = plan_split(tokens, hidden, experts);
   auto* partial = static_cast<float*>(scratch);
   const dim3 grid(s.m_tiles, s.n_tiles, s.splits);
-  // Up to 64 tokens the routed GEMMs launch only once the logits are in (steps 1 x 1000 3.62 ->
-  // 3.50 ms, 16 and 64 tokens no slower); at 256 the early launch is 0.2 ms faster per step.
-  const bool early = tokens > kLateLaunchTokens;
   launch_pdl(router_logits_kernel, grid, kThreads, 0, stream, partial, x, router, tokens, hidden,
-             experts, s.tiles_per_split, early);
+             experts, s.tiles_per_split, trigger);
   ERNIE_CUDA_CHECK(cudaGetLastError());
   const size_t smem = static_cast<size_t>(kTopkWarps) * 2 * experts * sizeof(float);
   launch_pdl(router_topk_kernel, (tokens + kTopkWarps - 1) / kTopkWarps, kTopkWarps * 32, smem,

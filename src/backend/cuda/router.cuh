@@ -36,8 +36,16 @@ struct RouteLayout {
 // ties) and weights [tokens, k]. hidden % 32 == 0, experts <= 1024, k <= experts. With a
 // layout and at most 8 tokens it also lays the pairs out as moe_align does, in the same
 // launch, and returns true; otherwise the caller runs moe_align.
+//
+// Launch order (programmatic dependent launch): up to kRouteOrderedTokens tokens the router's
+// kernels let the kernels after them launch only once they have waited for x (so whatever
+// launches after route_topk, and after moe_align, which lets its dependents launch at once, may
+// read x before its own wait); by default once the logits are stored, with early_dependents
+// right after the wait. Beyond it they launch at once (they then wait as usual).
+constexpr int kRouteOrderedTokens = 64;
 bool route_topk(int32_t* ids, float* weights, const __nv_bfloat16* x, const float* router,
                 const float* bias, int tokens, int hidden, int experts, int k, float norm_min,
-                void* scratch, cudaStream_t stream, const RouteLayout* layout = nullptr);
+                void* scratch, cudaStream_t stream, const RouteLayout* layout = nullptr,
+                bool early_dependents = false);
 
 }  // namespace ernie::cuda

@@ -31,10 +31,13 @@ __device__ __forceinline__ void store(__nv_bfloat16* p, float v) {
 // rows ([rows][k / 8] pieces of 8), brought by one bulk copy issued before the wait (plain loads
 // placed there in the source are scheduled after the wait by the compiler; a bulk copy is
 // not), then the input [m][k / 8], staged by the whole CTA after the wait.
-template <int M, typename OutT>
+// kRope (bf16 out only): out is a qkv projection; the epilogue rotates q and k as
+// rope_store_kv does (the pair of columns 2i, 2i + 1 is two warps of one CTA: rows start at a
+// multiple of kSkinnyWarps) and stores k and v into the cache too.
+template <int M, typename OutT, bool kRope = false>
 __global__ void __launch_bounds__(kSkinnyWarps * 32)
     skinny_gemm_kernel(OutT* out, const __nv_bfloat16* x, const __nv_bfloat16* w, int m, int n,
-                       int k) {
+                       int k, const SkinnyRope rope) {
   asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
   extern __shared__ __align__(16) uint4 smem[];
   __shared__ __align__(8) uint64_t w_full;
@@ -73,66 +76,100 @@ __global__ void __launch_bounds__(kSkinnyWarps * 32)
   }
   __syncthreads();  // the input is staged, and the barrier's initialisation is visible
   mbar_wait(&w_full, 0);
-  if (row >= n) return;
-  const uint4* wrow = smem + warp * pieces;
   float acc[M] = {};
-  for (int q = lane; q < pieces; q += 32) {
-    const uint4 wv = wrow[q];
-    const float2 w0 = bf2(wv.x), w1 = bf2(wv.y), w2 = bf2(wv.z), w3 = bf2(wv.w);
+  if (row < n) {
+    const uint4* wrow = smem + warp * pieces;
+    for (int q = lane; q < pieces; q += 32) {
+      const uint4 wv = wrow[q];
+      const float2 w0 = bf2(wv.x), w1 = bf2(wv.y), w2 = bf2(wv.z), w3 = bf2(wv.w);
 #pragma unroll
-    for (int t = 0; t < M; ++t) {
-      if (t < m) {
-        const uint4 xv = xs[t * pieces + q];
-        const float2 x0 = bf2(xv.x), x1 = bf2(xv.y), x2 = bf2(xv.z), x3 = bf2(xv.w);
-        float s = acc[t];
-        s = fmaf(w0.x, x0.x, s);
-        s = fmaf(w0.y, x0.y, s);
-        s = fmaf(w1.x, x1.x, s);
-        s = fmaf(w1.y, x1.y, s);
-        s = fmaf(w2.x, x2.x, s);
-        s = fmaf(w2.y, x2.y, s);
-        s = fmaf(w3.x, x3.x, s);
-        s = fmaf(w3.y, x3.y, s);
-        acc[t] = s;
+      for (int t = 0; t < M; ++t) {
+        if (t < m) {
+          const uint4 xv = xs[t * pieces + q];
+          const float2 x0 = bf2(xv.x), x1 = bf2(xv.y), x2 = bf2(xv.z), x3 = bf2(xv.w);
+          float s = acc[t];
+          s = fmaf(w0.x, x0.x, s);
+          s = fmaf(w0.y, x0.y, s);
+          s = fmaf(w1.x, x1.x, s);
+          s = fmaf(w1.y, x1.y, s);
+          s = fmaf(w2.x, x2.x, s);
+          s = fmaf(w2.y, x2.y, s);
+          s = fmaf(w3.x, x3.x, s);
+          s = fmaf(w3.y, x3.y, s);
+          acc[t] = s;
+        }
       }
     }
   }
+  if constexpr (!kRope) {
+    if (row >= n) return;
 #pragma unroll
-  for (int t = 0; t < M; ++t) {
-    float v = acc[t];
+    for (int t = 0; t < M; ++t) {
+      float v = acc[t];
 #pragma unroll
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-    if (lane == t && t < m) store(out + static_cast<size_t>(t) * n + row, v);
+      for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+      if (lane == t && t < m) store(out + static_cast<size_t>(t) * n + row, v);
+    }
+  } else {
+    // Each output as the bf16 the unfused path would have stored, then rotated like
+    // rope_store_kv (the same f32 arithmetic).
+    __shared__ float vals[kSkinnyWarps][M];
+#pragma unroll
+    for (int t = 0; t < M; ++t) {
+      float v = acc[t];
+#pragma unroll
+      for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+      if (lane == t) vals[warp][t] = __bfloat162float(__float2bfloat16(v));
+    }
+    __syncthreads();
+    if (row >= n || lane >= m) return;
+    const int t = lane, half = rope.head_dim / 2;
+    const int q_cols = rope.heads * rope.head_dim, kv = rope.kv_heads * rope.head_dim;
+    float v = vals[warp][t];
+    if (row < q_cols + kv) {
+      const float a = vals[warp & ~1][t], b = vals[warp | 1][t];
+      float sn, cs;
+      sincosf(static_cast<float>(rope.positions[t]) * rope.inv_freq[(row / 2) % half], &sn, &cs);
+      v = row % 2 == 0 ? a * cs - b * sn : b * cs + a * sn;
+    }
+    const __nv_bfloat16 r = __float2bfloat16(v);
+    out[static_cast<size_t>(t) * n + row] = r;
+    const int64_t slot = rope.slots[t];
+    if (row >= q_cols + kv) {
+      rope.v_cache[slot * kv + (row - q_cols - kv)] = r;
+    } else if (row >= q_cols) {
+      rope.k_cache[slot * kv + (row - q_cols)] = r;
+    }
   }
 }
 
-template <int M, typename OutT>
+template <int M, typename OutT, bool kRope>
 void launch(OutT* out, const __nv_bfloat16* x, const __nv_bfloat16* w, int m, int n, int k,
-            cudaStream_t stream) {
+            const SkinnyRope& rope, cudaStream_t stream) {
   const size_t smem = skinny_smem_bytes(m, k);
   static bool configured = false;
   if (!configured) {
-    ERNIE_CUDA_CHECK(cudaFuncSetAttribute(skinny_gemm_kernel<M, OutT>,
+    ERNIE_CUDA_CHECK(cudaFuncSetAttribute(skinny_gemm_kernel<M, OutT, kRope>,
                                           cudaFuncAttributeMaxDynamicSharedMemorySize,
                                           static_cast<int>(kSkinnyMaxSmem)));
     configured = true;
   }
   const int grid = (n + kSkinnyWarps - 1) / kSkinnyWarps;
-  launch_pdl(skinny_gemm_kernel<M, OutT>, grid, kSkinnyWarps * 32, smem, stream, out, x, w, m, n,
-             k);
+  launch_pdl(skinny_gemm_kernel<M, OutT, kRope>, grid, kSkinnyWarps * 32, smem, stream, out, x, w,
+             m, n, k, rope);
   ERNIE_CUDA_CHECK(cudaGetLastError());
 }
 
-template <typename OutT>
+template <typename OutT, bool kRope = false>
 void dispatch(OutT* out, const __nv_bfloat16* x, const __nv_bfloat16* w, int m, int n, int k,
-              cudaStream_t stream) {
+              const SkinnyRope& rope, cudaStream_t stream) {
   static_assert(kSkinnyMaxRows == 4);
   if (m == 1) {
-    launch<1>(out, x, w, m, n, k, stream);
+    launch<1, OutT, kRope>(out, x, w, m, n, k, rope, stream);
   } else if (m == 2) {
-    launch<2>(out, x, w, m, n, k, stream);
+    launch<2, OutT, kRope>(out, x, w, m, n, k, rope, stream);
   } else {
-    launch<4>(out, x, w, m, n, k, stream);
+    launch<4, OutT, kRope>(out, x, w, m, n, k, rope, stream);
   }
 }
 
@@ -150,11 +187,24 @@ void skinny_gemm(void* out, bool out_f32, const __nv_bfloat16* x, const __nv_bfl
                 kSkinnyMaxRows, " rows, k a positive multiple of 8)");
   if (out_f32) {
     auto* o = static_cast<float*>(out);
-    dispatch(o, x, w, m, n, k, stream);
+    dispatch(o, x, w, m, n, k, SkinnyRope{}, stream);
   } else {
     auto* o = static_cast<__nv_bfloat16*>(out);
-    dispatch(o, x, w, m, n, k, stream);
+    dispatch(o, x, w, m, n, k, SkinnyRope{}, stream);
   }
+}
+
+bool skinny_rope_fits(int m, int k, const SkinnyRope& rope) {
+  return skinny_gemm_fits(m, k) && rope.heads > 0 && rope.kv_heads > 0 && rope.head_dim > 0 &&
+         rope.head_dim % 2 == 0 && rope.inv_freq != nullptr;
+}
+
+void skinny_gemm_rope(__nv_bfloat16* qkv, const __nv_bfloat16* x, const __nv_bfloat16* w, int m,
+                      int k, const SkinnyRope& rope, cudaStream_t stream) {
+  require_parts(skinny_rope_fits(m, k, rope), "skinny_gemm_rope: ", m, " x ", k,
+                " input, head_dim ", rope.head_dim);
+  const int n = (rope.heads + 2 * rope.kv_heads) * rope.head_dim;
+  dispatch<__nv_bfloat16, true>(qkv, x, w, m, n, k, rope, stream);
 }
 
 }  // namespace ernie::cuda

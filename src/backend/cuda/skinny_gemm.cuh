@@ -9,6 +9,8 @@
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
+#include <cstdint>
+
 namespace ernie::cuda {
 
 constexpr int kSkinnyMaxRows = 4;
@@ -21,5 +23,24 @@ bool skinny_gemm_fits(int m, int k);
 // aligned.
 void skinny_gemm(void* out, bool out_f32, const __nv_bfloat16* x, const __nv_bfloat16* w, int m,
                  int n, int k, cudaStream_t stream);
+
+// What skinny_gemm_rope needs to do rope_store_kv's work in its epilogue (rope.cuh has the
+// meaning of each field; inv_freq [head_dim / 2]: 1 / theta^(2j / head_dim), computed in double
+// and rounded to f32, as rope_store_kv computes them).
+struct SkinnyRope {
+  __nv_bfloat16* k_cache = nullptr;
+  __nv_bfloat16* v_cache = nullptr;
+  const int32_t* positions = nullptr;
+  const int64_t* slots = nullptr;
+  const float* inv_freq = nullptr;
+  int heads = 0, kv_heads = 0, head_dim = 0;
+};
+
+bool skinny_rope_fits(int m, int k, const SkinnyRope& rope);
+
+// qkv [m, (heads + 2 kv_heads) head_dim] = x w^T (bf16), then what rope_store_kv does to it,
+// in one kernel: the same values as skinny_gemm followed by rope_store_kv.
+void skinny_gemm_rope(__nv_bfloat16* qkv, const __nv_bfloat16* x, const __nv_bfloat16* w, int m,
+                      int k, const SkinnyRope& rope, cudaStream_t stream);
 
 }  // namespace ernie::cuda
