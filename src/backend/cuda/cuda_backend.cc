@@ -334,8 +334,8 @@ class CudaBackend final : public Backend {
       cuda::tile_expert_weights(gu_dst, sgu + s * inter * hidden, inter, hidden, stream_);
       cuda::tile_expert_weights(gu_dst + inter * kp_h, sgu + (si + s * inter) * hidden, inter,
                                 hidden, stream_);
-      cuda::tile_expert_weights(down + (experts + s) * hidden * kp_i,
-                                bf(w.shared_down) + s * inter, hidden, inter, stream_, si);
+      cuda::tile_expert_weights(down + (experts + s) * hidden * kp_i, bf(w.shared_down) + s * inter,
+                                hidden, inter, stream_, si);
     }
     check_cuda(cudaStreamSynchronize(stream_), "cudaStreamSynchronize");
     free_weight(w.experts_gate_up.data, static_cast<size_t>(experts * gu_rows * hidden) * 2);
@@ -575,16 +575,17 @@ class CudaBackend final : public Backend {
   }
 
   // Where linear() takes the skinny GEMM, its epilogue does rope_store_kv's work too: one
-  // kernel fewer per layer (H200: step 1 x 1000 FIXME). The stage profile keeps them apart.
+  // kernel fewer per layer (H200: step 1 x 1000 2.649 -> 2.607 ms). The stage profile keeps
+  // them apart.
   // ERNIE_FUSED_ROPE=0 turns it off (for A/B runs).
   void qkv_rope_store_kv(Tensor qkv, const Tensor& x, const Tensor& w, int layer) override {
     static const bool fused = switch_on("ERNIE_SKINNY") && switch_on("ERNIE_FUSED_ROPE");
     const int m = static_cast<int>(x.dim(0)), k = static_cast<int>(x.dim(1));
-    const cuda::SkinnyRope rope{k_cache(layer), v_cache(layer),     d_positions_,
-                                d_slots_,       d_inv_freq_,        attn_.num_heads,
+    const cuda::SkinnyRope rope{k_cache(layer),     v_cache(layer), d_positions_,
+                                d_slots_,           d_inv_freq_,    attn_.num_heads,
                                 attn_.num_kv_heads, attn_.head_dim};
-    if (fused && !profiling_ && m > 0 && m == step_->num_tokens() &&
-        qkv.dtype == DType::kBF16 && cuda::skinny_rope_fits(m, k, rope)) {
+    if (fused && !profiling_ && m > 0 && m == step_->num_tokens() && qkv.dtype == DType::kBF16 &&
+        cuda::skinny_rope_fits(m, k, rope)) {
       check_linear(qkv, x, w);
       require(qkv.dim(1) == (attn_.num_heads + 2 * attn_.num_kv_heads) * attn_.head_dim,
               "qkv_rope_store_kv: qkv's width does not match the attention configuration");
@@ -657,11 +658,11 @@ class CudaBackend final : public Backend {
     const int block_m = cuda::moe_block_m(pairs, experts);
     // Up to kFoldTokens tokens the shared experts run inside the routed GEMMs where
     // prepare_moe folded them (their gate/up blocks start while the router runs): H200, step
-    // 1 x 1000 2.566 -> 2.473 ms; at 16 tokens and more that was 2-8% slower than the side
-    // stream. Other decode-sized batches run them on the side stream, beside the router and the
-    // routed experts: at a few tokens every kernel there is latency-bound, and the two chains
-    // overlap. Prefill keeps one stream and cuBLAS for them (its expert GEMM is persistent over
-    // every SM), and so does the stage profile (each stage is timed on its own).
+    // 1 x 1000 2.540 -> 2.503 ms; folded at 16-256 tokens too, steps were 2-8% slower than with
+    // the side stream. Other decode-sized batches run them on the side stream, beside the
+    // router and the routed experts: at a few tokens every kernel there is latency-bound, and
+    // the two chains overlap. Prefill keeps one stream and cuBLAS for them (its expert GEMM is
+    // persistent over every SM), and so does the stage profile (each stage is timed on its own).
     constexpr int kFoldTokens = 8;
     const bool has_shared = !w.shared_gate_up.empty();
     cuda::SharedFold fold;
@@ -690,8 +691,8 @@ class CudaBackend final : public Backend {
     const cuda::RouteLayout layout{sorted, block_expert, pair_pos, block_m,
                                    static_cast<int>(cap / block_m)};
     if (!cuda::route_topk(ids, weights, bf(x), w.router.as<float>(), w.router_bias.as<float>(),
-                          tokens, hidden, experts, k, w.norm_min, route_scratch, stream_,
-                          &layout, fold.early)) {
+                          tokens, hidden, experts, k, w.norm_min, route_scratch, stream_, &layout,
+                          fold.early)) {
       void* align_scratch = arena_.alloc(cuda::moe_align_scratch_bytes(pairs, experts));
       cuda::moe_align(sorted, block_expert, pair_pos, ids, pairs, experts, block_m, align_scratch,
                       stream_);

@@ -146,7 +146,7 @@ struct FoldArgs {
   int blocks_per_expert = 1;
   int first_expert = 0;  // id of the first one in the tiled weights
   int tokens = 0;
-  bool early = false;        // their gate/up blocks do not wait for the kernel before
+  bool early = false;         // their gate/up blocks do not wait for the kernel before
   float* down_out = nullptr;  // [blocks * BM, N]
 };
 
@@ -193,8 +193,8 @@ __global__ void __launch_bounds__(Tile<BM, kWide>::kThreads, 1)
   constexpr int kBN = T::kBN, kBK = T::kBK, kStages = T::kStages, kLd = T::kLd;
   constexpr int kMt = T::kMt, kNt = T::kNt, kHalf = kNt / 2, kGateRows = kBN / 2;
   constexpr int kGroups = T::kGroups;
-  const int e = folded ? fold.first_expert + blockIdx.x / fold.blocks_per_expert
-                       : __ldcg(block_expert + rb);
+  const int e =
+      folded ? fold.first_expert + blockIdx.x / fold.blocks_per_expert : __ldcg(block_expert + rb);
   if (e < 0) return;
   // The pair of row r of this block (-1: padding); a folded block's row is a token, its weight 1.
   auto pair_of = [&](int r) {
@@ -428,13 +428,11 @@ void launch_gemm(__nv_bfloat16* out, const __nv_bfloat16* a, const __nv_bfloat16
                 " is not a multiple of the block size ", block_m);
   if (block_m == kMoeBlockSmall) {
     if (wide_tiles_fit<kGateUp>(fold.blocks + capacity / kMoeBlockSmall, N)) {
-      launch_gemm_tile<kMoeBlockSmall, true, kGateUp>(out, a, w, route_w, sorted_pairs,
-                                                      block_expert, capacity, k, K, N, fold,
-                                                      stream);
+      launch_gemm_tile<kMoeBlockSmall, true, kGateUp>(
+          out, a, w, route_w, sorted_pairs, block_expert, capacity, k, K, N, fold, stream);
     } else {
-      launch_gemm_tile<kMoeBlockSmall, false, kGateUp>(out, a, w, route_w, sorted_pairs,
-                                                       block_expert, capacity, k, K, N, fold,
-                                                       stream);
+      launch_gemm_tile<kMoeBlockSmall, false, kGateUp>(
+          out, a, w, route_w, sorted_pairs, block_expert, capacity, k, K, N, fold, stream);
     }
   } else {
     require_parts(block_m == kMoeBlockMid, "MoE GEMM: unknown block size ", block_m);

@@ -361,8 +361,8 @@ bool route_topk(int32_t* ids, float* weights, const __nv_bfloat16* x, const floa
   // 3.50 ms, 16 and 64 tokens no slower), or once x is (early_dependents); at 256 the early
   // launch is 0.2 ms faster per step.
   const Trigger trigger = tokens > kRouteOrderedTokens ? kAtStart
-                          : early_dependents          ? kAfterWait
-                                                      : kAtEnd;
+                          : early_dependents           ? kAfterWait
+                                                       : kAtEnd;
   require(tokens > 0 && hidden > 0 && hidden % kBK == 0 && experts > 0 && experts <= 1024 &&
               k > 0 && k <= experts,
           "route_topk: bad shape");
