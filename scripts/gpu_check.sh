@@ -5,7 +5,10 @@
 # 16 x 8000/1000 at 10 requests/s; ERNIE_SERVE_ARGS adds serve flags). Logs go under
 # ${1:-gpu-results}; the result block is
 # printed last. ERNIE_GPU_BENCH=0 skips the benchmark; ERNIE_GPU_TESTS=0 skips the tests;
-# ERNIE_KERNEL_BENCH=1 adds per-op timings against their floors (ernie_kernel_bench).
+# ERNIE_KERNEL_BENCH=1 adds per-op timings against their floors (ernie_kernel_bench);
+# ERNIE_GPU_BENCH_MORE=1 adds the issue's other two targets against the same server after the
+# seed benchmark (one prompt of 1000/1000, then 256 prompts of 1000/1000 at rate inf; not each
+# the first benchmark after a start).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=$(realpath -m "${1:-gpu-results}")
@@ -69,8 +72,17 @@ if [ "${ERNIE_GPU_BENCH:-1}" != 0 ]; then
     $ernie bench serve --model "$model" --host 127.0.0.1 --port 8200 --dataset-name random \
       --random-input-len 8000 --random-output-len 1000 --request-rate 10 --num-prompts 16 \
       --ignore-eos --disable-tqdm > "$out/bench.txt" 2>&1 || rc=1
+    if [ "${ERNIE_GPU_BENCH_MORE:-0}" != 0 ]; then
+      for run in "1 1" "256 inf"; do
+        set -- $run
+        $ernie bench serve --model "$model" --host 127.0.0.1 --port 8200 --dataset-name random \
+          --random-input-len 1000 --random-output-len 1000 --request-rate "$2" --num-prompts "$1" \
+          --ignore-eos --disable-tqdm > "$out/bench_$1.txt" 2>&1 || rc=1
+      done
+    fi
     kill -INT $server; wait $server
     cat "$out/bench.txt"
+    for f in "$out"/bench_*.txt; do [ -f "$f" ] && { echo "== $f"; cat "$f"; }; done
   else
     echo "server did not start:"; tail -30 "$out/serve.log"; kill $server 2>/dev/null; rc=1
   fi
