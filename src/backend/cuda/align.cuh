@@ -59,8 +59,7 @@ __device__ inline void align_pairs(int32_t* sorted_pairs, int32_t* block_expert,
   const int tid = threadIdx.x, step = blockDim.x;
   for (int e = tid; e < experts; e += step) counts[e] = 0;
   __syncthreads();
-  // ids through L2: other CTAs of the caller may have written them (the router's top-k).
-  for (int i = tid; i < pairs; i += step) atomicAdd(&counts[__ldcg(ids + i)], 1);
+  for (int i = tid; i < pairs; i += step) atomicAdd(&counts[ids[i]], 1);
   __syncthreads();
   if (tid < 32) pad_segments(offsets, counts, experts, block_m);
   __syncthreads();
@@ -71,7 +70,7 @@ __device__ inline void align_pairs(int32_t* sorted_pairs, int32_t* block_expert,
   __syncthreads();
   // The order inside an expert's segment does not matter: every row is computed on its own.
   for (int i = tid; i < pairs; i += step) {
-    const int e = __ldcg(ids + i);
+    const int e = ids[i];
     const int pos = offsets[e] + atomicAdd(&counts[e], 1);
     sorted_pairs[pos] = i;
     pair_pos[i] = pos;

@@ -1,6 +1,4 @@
 #include <algorithm>
-#include <cstdlib>
-#include <string>
 
 #include "backend/cuda/align.cuh"
 #include "backend/cuda/cuda_check.h"
@@ -14,13 +12,7 @@ namespace {
 
 // Logits tile: 64 tokens (4 warps x 16) x 32 experts (4 n-tiles of 8), 32 of the reduction per
 // stage. Weight rows are padded to 40 floats so a half-warp's float2 reads hit distinct banks.
-constexpr int kBM = 64, kBN = 32, kBK = 32;
-// Pipeline stages of the logits kernel: 3; with ERNIE_ROUTER_WHOLE_SPLIT=1, kWholeSplit when a
-// split's reduction tiles all fit (up to kWholeSplit - 1 of them, 90 KB): then every weight tile
-// loads before the wait for x and every x tile right after it, so the split waits for memory once
-// rather than once per tile (the router's weights come from DRAM, in a decode step while the
-// shared experts' GEMM streams beside it).
-constexpr int kPipelined = 3, kWholeSplit = 9;
+constexpr int kBM = 64, kBN = 32, kBK = 32, kStages = 3;
 constexpr int kXLd = kBK + 8, kWLd = kBK + 8;
 constexpr int kThreads = 128;
 // Reduction tiles per split at least: 8 up to 64 tokens (at most 10 splits of a 2560-wide
@@ -158,23 +150,14 @@ enum Trigger : int { kAtStart, kAfterWait, kAtEnd };
 // CTAs of the current fused launch that have written their logits; the last one resets it.
 __device__ unsigned int g_route_arrivals = 0;
 
-constexpr size_t logits_smem_bytes(int stages) {
-  return static_cast<size_t>(stages) * (kBM * kXLd * sizeof(__nv_bfloat16) + kBN * kWLd * 4);
-}
-
 // partial[split][token][expert] = sum over this split's reduction range of x * W.
-template <int kStages>
 __global__ void __launch_bounds__(kThreads)
     router_logits_kernel(float* partial, const __nv_bfloat16* x, const float* w, int tokens,
                          int hidden, int experts, int tiles_per_split, Trigger trigger) {
   if (trigger == kAtStart) asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
   // The router's weights are fixed: the first stages' weights load before the wait for x.
-  // Dynamic shared memory: x tiles [kStages][kBM][kXLd] (bf16), then weight tiles
-  // [kStages][kBN][kWLd] (f32).
-  extern __shared__ __align__(16) unsigned char logits_smem[];
-  auto xs = reinterpret_cast<__nv_bfloat16(*)[kBM][kXLd]>(logits_smem);
-  auto ws = reinterpret_cast<float(*)[kBN][kWLd]>(logits_smem +
-                                                  static_cast<size_t>(kStages) * kBM * kXLd * 2);
+  __shared__ __align__(16) __nv_bfloat16 xs[kStages][kBM][kXLd];
+  __shared__ __align__(16) float ws[kStages][kBN][kWLd];
   const int m0 = blockIdx.x * kBM, n0 = blockIdx.y * kBN, split = blockIdx.z;
   const int kt0 = split * tiles_per_split;
   const int kt_end = min(hidden / kBK, kt0 + tiles_per_split);
@@ -348,55 +331,16 @@ __global__ void __launch_bounds__(kSmallThreads)
   }
 }
 
-// CTAs of the current top-k launch that have written their tokens' choices (layout mode: up to
-// kRouteLayoutTokens tokens the last CTA lays the pairs out, one launch fewer than moe_align);
-// the last one resets it.
-__device__ unsigned int g_topk_arrivals = 0;
-
-// A token per warp; with layout.sorted_pairs set, the last CTA to finish lays every pair out as
-// moe_align does.
 __global__ void __launch_bounds__(kTopkWarps * 32)
     router_topk_kernel(int32_t* ids, float* weights, const float* partial, const float* bias,
-                       int tokens, int experts, int splits, int k, float norm_min,
-                       const RouteLayout layout) {
+                       int tokens, int experts, int splits, int k, float norm_min) {
   pdl_begin();
   extern __shared__ float smem[];
   const int warp = threadIdx.x / 32;
   const int t = blockIdx.x * kTopkWarps + warp;
-  if (t < tokens) {
-    topk_token(t, ids, weights, partial, bias, tokens, experts, splits, k, norm_min,
-               smem + static_cast<size_t>(warp) * 2 * experts);
-  }
-  if (layout.sorted_pairs == nullptr) return;
-  __shared__ bool last;
-  __threadfence();  // this CTA's choices are visible before it is counted
-  __syncthreads();
-  if (threadIdx.x == 0) last = atomicAdd(&g_topk_arrivals, 1u) == gridDim.x - 1;
-  __syncthreads();
-  if (!last) return;
-  __threadfence();
-  int* counts = reinterpret_cast<int*>(smem);  // 2 experts + 1 ints (the warps' scratch is done)
-  align_pairs(layout.sorted_pairs, layout.block_expert, layout.pair_pos, ids, tokens * k, experts,
-              layout.block_m, layout.num_blocks, counts, counts + experts);
-  if (threadIdx.x == 0) g_topk_arrivals = 0;
-}
-
-// Off by default, on with =1 (A/B switches; H200, one machine, 16 x 1000: 9.58-9.59 ms with
-// either alone, 9.68 with both, against 9.46-9.47 on other machines before either; they wait
-// for a same-machine comparison with neither). ERNIE_TOPK_LAYOUT=1: the top-k kernel lays the
-// pairs out up to kRouteLayoutTokens tokens. ERNIE_ROUTER_WHOLE_SPLIT=1: the logits kernel
-// loads whole splits at once (kWholeSplit).
-bool switch_set(const char* name) {
-  const char* v = std::getenv(name);
-  return v != nullptr && std::string(v) == "1";
-}
-bool topk_layout_enabled() {
-  static const bool on = switch_set("ERNIE_TOPK_LAYOUT");
-  return on;
-}
-bool whole_split_enabled() {
-  static const bool on = switch_set("ERNIE_ROUTER_WHOLE_SPLIT");
-  return on;
+  if (t >= tokens) return;
+  topk_token(t, ids, weights, partial, bias, tokens, experts, splits, k, norm_min,
+             smem + static_cast<size_t>(warp) * 2 * experts);
 }
 
 }  // namespace
@@ -454,35 +398,21 @@ bool route_topk(int32_t* ids, float* weights, const __nv_bfloat16* x, const floa
     ERNIE_CUDA_CHECK(cudaGetLastError());
     const size_t smem = static_cast<size_t>(kTopkWarps) * 2 * experts * sizeof(float);
     launch_pdl(router_topk_kernel, (tokens + kTopkWarps - 1) / kTopkWarps, kTopkWarps * 32, smem,
-               stream, ids, weights, logits, bias, tokens, experts, 1, k, norm_min, RouteLayout{});
+               stream, ids, weights, logits, bias, tokens, experts, 1, k, norm_min);
     ERNIE_CUDA_CHECK(cudaGetLastError());
     return false;
   }
   const Split s = plan_split(tokens, hidden, experts);
   auto* partial = static_cast<float*>(scratch);
   const dim3 grid(s.m_tiles, s.n_tiles, s.splits);
-  static const bool configured = [] {
-    ERNIE_CUDA_CHECK(cudaFuncSetAttribute(router_logits_kernel<kWholeSplit>,
-                                          cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                          static_cast<int>(logits_smem_bytes(kWholeSplit))));
-    return true;
-  }();
-  (void)configured;
-  if (s.tiles_per_split < kWholeSplit && whole_split_enabled()) {
-    launch_pdl(router_logits_kernel<kWholeSplit>, grid, kThreads, logits_smem_bytes(kWholeSplit),
-               stream, partial, x, router, tokens, hidden, experts, s.tiles_per_split, trigger);
-  } else {
-    launch_pdl(router_logits_kernel<kPipelined>, grid, kThreads, logits_smem_bytes(kPipelined),
-               stream, partial, x, router, tokens, hidden, experts, s.tiles_per_split, trigger);
-  }
+  launch_pdl(router_logits_kernel, grid, kThreads, 0, stream, partial, x, router, tokens, hidden,
+             experts, s.tiles_per_split, trigger);
   ERNIE_CUDA_CHECK(cudaGetLastError());
   const size_t smem = static_cast<size_t>(kTopkWarps) * 2 * experts * sizeof(float);
-  const bool lay_out = layout != nullptr && tokens <= kRouteLayoutTokens && topk_layout_enabled();
   launch_pdl(router_topk_kernel, (tokens + kTopkWarps - 1) / kTopkWarps, kTopkWarps * 32, smem,
-             stream, ids, weights, partial, bias, tokens, experts, s.splits, k, norm_min,
-             lay_out ? *layout : RouteLayout{});
+             stream, ids, weights, partial, bias, tokens, experts, s.splits, k, norm_min);
   ERNIE_CUDA_CHECK(cudaGetLastError());
-  return lay_out;
+  return false;
 }
 
 }  // namespace ernie::cuda

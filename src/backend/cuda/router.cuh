@@ -34,9 +34,8 @@ struct RouteLayout {
 // x [tokens, hidden] bf16; router [experts, hidden] f32; bias [experts] f32; scratch of
 // route_scratch_bytes(). Writes ids [tokens, k] (descending biased score, lower id first on
 // ties) and weights [tokens, k]. hidden % 32 == 0, experts <= 1024, k <= experts. With a
-// layout it also lays the pairs out as moe_align does and returns true: up to 8 tokens in the
-// one launch that routes them, and with ERNIE_TOPK_LAYOUT=1 up to kRouteLayoutTokens in the
-// top-k kernel's last CTA; otherwise the caller runs moe_align.
+// layout and at most 8 tokens it also lays the pairs out as moe_align does, in the same
+// launch, and returns true; otherwise the caller runs moe_align.
 //
 // Launch order (programmatic dependent launch): up to kRouteOrderedTokens tokens the router's
 // kernels let the kernels after them launch only once they have waited for x (so whatever
@@ -44,7 +43,6 @@ struct RouteLayout {
 // read x before its own wait); by default once the logits are stored, with early_dependents
 // right after the wait. Beyond it they launch at once (they then wait as usual).
 constexpr int kRouteOrderedTokens = 64;
-constexpr int kRouteLayoutTokens = 64;
 bool route_topk(int32_t* ids, float* weights, const __nv_bfloat16* x, const float* router,
                 const float* bias, int tokens, int hidden, int experts, int k, float norm_min,
                 void* scratch, cudaStream_t stream, const RouteLayout* layout = nullptr,
