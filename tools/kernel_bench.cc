@@ -239,6 +239,30 @@ int run_steps(int iters, const std::vector<std::string>& only, bool timeline) {
   return 0;
 }
 
+// Sampling a step's rows of the 21B vocabulary (Backend::sample: host packing, upload, kernels,
+// the ids back), with an OpenAI request's defaults (temperature 1) and greedy. The floor is one
+// read of the logits.
+int run_sampling(int iters) {
+  auto be = backend::make_cuda_backend(0);
+  const int64_t vocab = 103424;
+  for (int rows : {1, 16, 256}) {
+    Tensor logits = be->random_weight({rows, vocab}, DType::kF32, RandomInit{false, 0, 3}, 11);
+    for (bool greedy : {false, true}) {
+      std::vector<backend::SamplingRow> params(rows);
+      for (int r = 0; r < rows; ++r) {
+        params[r].temperature = greedy ? 0.0f : 1.0f;
+        params[r].seed = static_cast<uint64_t>(r);
+        params[r].position = r;
+      }
+      const double sec = time_it(iters, [&] { be->sample(logits, params); });
+      char what[64];
+      std::snprintf(what, sizeof what, "sampling, %d rows%s", rows, greedy ? ", greedy" : "");
+      report(what, sec, static_cast<double>(rows) * vocab * 4, 0);
+    }
+  }
+  return 0;
+}
+
 }  // namespace
 }  // namespace ernie
 
@@ -252,8 +276,9 @@ int main(int argc, char** argv) {
       for (std::string item; std::getline(list, item, ',');) only.push_back(item);
     }
     ernie::require(
-        iters > 0 && (what == "all" || what == "ops" || what == "steps" || what == "timeline"),
-        "usage: ernie_kernel_bench [iterations > 0] [ops|steps|timeline|all] "
+        iters > 0 && (what == "all" || what == "ops" || what == "steps" || what == "timeline" ||
+                      what == "sampling"),
+        "usage: ernie_kernel_bench [iterations > 0] [ops|steps|timeline|sampling|all] "
         "[SEQS[xCONTEXT],...]");
 #ifndef ERNIE_HAVE_CUPTI
     ernie::require(what != "timeline", "timeline needs CUPTI, which this build did not find");
@@ -266,7 +291,10 @@ int main(int argc, char** argv) {
     std::printf("%-44s %12s  %10s  %15s  %14s  %s\n", "op", "time", "bytes/s", "FLOP/s", "floor",
                 "ratio");
     if ((what == "all" || what == "ops") && ernie::run_ops(iters) != 0) return 1;
-    if (what != "ops") return ernie::run_steps(iters, only, what == "timeline");
+    if ((what == "all" || what == "sampling") && ernie::run_sampling(iters) != 0) return 1;
+    if (what != "ops" && what != "sampling") {
+      return ernie::run_steps(iters, only, what == "timeline");
+    }
     return 0;
   } catch (const std::exception& e) {
     std::fprintf(stderr, "error: %s\n", e.what());

@@ -392,6 +392,82 @@ TEST_F(CudaBackendTest, SamplingMatchesCpu) {
   }
 }
 
+// A few rows without top-k, top-p or logprobs take the split sampler (each row over many
+// CTAs): the same tokens as the CPU reference, for greedy rows with penalties, plain and min-p
+// temperature rows, biased rows with bans, and top-k at the vocabulary (off); then many draws
+// of one distribution keyed by position, 32 rows a call.
+TEST_F(CudaBackendTest, SplitSamplingMatchesCpu) {
+  for (int vocab : {1000, 4096, 103424}) {
+    for (int rows : {1, 5, 32}) {
+      SCOPED_TRACE(::testing::Message() << "vocab " << vocab << ", " << rows << " rows");
+      HostData logits = random_f32(rng, {rows, vocab}, 0, 1);
+      for (auto& v : logits.f32) v = static_cast<float>(3.0 * rng.normal());
+      std::vector<std::vector<int32_t>> prompts(rows), outputs(rows);
+      std::vector<std::vector<std::pair<int32_t, float>>> biases(rows);
+      std::vector<SamplingRow> params(rows);
+      for (int r = 0; r < rows; ++r) {
+        SamplingRow& p = params[r];
+        const int kind = (r + rows) % 5;
+        p.temperature = kind == 0 ? 0.0f : static_cast<float>(rng.uniform(0.3, 1.5));
+        if (kind == 2) p.min_p = static_cast<float>(rng.uniform(0.01, 0.3));
+        if (kind == 4) p.top_k = vocab;
+        if (kind == 0 || kind == 4) {
+          p.repetition_penalty = static_cast<float>(rng.uniform(0.8, 1.6));
+          p.frequency_penalty = static_cast<float>(rng.uniform(-1, 1));
+          p.presence_penalty = static_cast<float>(rng.uniform(-1, 1));
+          for (int i = 0; i < 300; ++i)
+            prompts[r].push_back(static_cast<int32_t>(rng.below(vocab)));
+          for (int i = 0; i < 50; ++i) outputs[r].push_back(static_cast<int32_t>(rng.below(200)));
+          p.prompt_tokens = &prompts[r];
+          p.output_tokens = &outputs[r];
+        }
+        if (kind == 3) {
+          for (int i = 0; i < 5; ++i) {
+            biases[r].push_back(
+                {static_cast<int32_t>(rng.below(vocab)), static_cast<float>(rng.uniform(-5, 8))});
+          }
+          biases[r].push_back({biases[r][0].first, 1.5f});  // the same id twice: in order
+          p.logit_bias = &biases[r];
+          for (int i = 0; i < 20; ++i) p.banned.push_back(static_cast<int32_t>(rng.below(vocab)));
+        }
+        p.seed = rng.next();
+        p.position = static_cast<int64_t>(rng.below(1000));
+      }
+      const auto ref = cpu->sample(cpu->load_weight(logits.host()), params);
+      const auto got = gpu->sample(gpu->load_weight(logits.host()), params);
+      ASSERT_EQ(got.size(), ref.size());
+      for (int r = 0; r < rows; ++r) EXPECT_EQ(got[r].id, ref[r].id) << "row " << r;
+    }
+  }
+  const int vocab = 1000, rows = 32;
+  HostData one = random_f32(rng, {1, vocab}, 0, 1);
+  for (auto& v : one.f32) v = static_cast<float>(1.5 * rng.normal());
+  HostData logits{{}, {}, {rows, vocab}, DType::kF32};
+  for (int r = 0; r < rows; ++r)
+    logits.f32.insert(logits.f32.end(), one.f32.begin(), one.f32.end());
+  const Tensor d_logits = gpu->load_weight(logits.host());
+  int same = 0, total = 0, distinct = 0;
+  std::vector<int> seen(vocab, 0);
+  for (int call = 0; call < 64; ++call) {
+    std::vector<SamplingRow> params(rows);
+    for (int r = 0; r < rows; ++r) {
+      params[r].temperature = 0.8f;
+      params[r].seed = 12345;
+      params[r].position = call * rows + r;
+    }
+    const auto got = gpu->sample(d_logits, params);
+    for (int r = 0; r < rows; ++r) {
+      const int32_t want =
+          cpu::sample_row({one.f32.data(), static_cast<size_t>(vocab)}, params[r]).id;
+      same += got[r].id == want;
+      distinct += seen[want]++ == 0;
+      ++total;
+    }
+  }
+  EXPECT_EQ(same, total);
+  EXPECT_GT(distinct, 10);  // the draws really vary
+}
+
 // Many draws from one distribution (top-k + top-p + temperature), keyed by position: the same
 // token as the CPU reference for every position.
 TEST_F(CudaBackendTest, ManyDrawsMatchCpuDrawForDraw) {

@@ -668,7 +668,10 @@ class CudaBackend final : public Backend {
     cuda::SharedFold fold;
     if (w.shared_folded > 0 && tokens <= kFoldTokens && block_m != cuda::kMoeBlockWgmma &&
         !profiling_) {
-      fold = cuda::SharedFold{w.shared_folded, tokens, tokens <= cuda::kRouteOrderedTokens};
+      // ERNIE_FOLD_EARLY=0: the folded blocks wait for the router like the routed ones (A/B).
+      static const bool early = switch_on("ERNIE_FOLD_EARLY");
+      fold =
+          cuda::SharedFold{w.shared_folded, tokens, early && tokens <= cuda::kRouteOrderedTokens};
     }
     const bool unfolded_shared = has_shared && fold.experts == 0;
     const bool overlap = unfolded_shared && block_m != cuda::kMoeBlockWgmma && !profiling_;
@@ -822,9 +825,23 @@ class CudaBackend final : public Backend {
         reinterpret_cast<float*>(d_out + 3 * n * sizeof(int32_t) + top * sizeof(int32_t));
     out.max_top = std::max(max_top, 1);
     auto* work = static_cast<float*>(arena_.alloc(static_cast<size_t>(n) * vocab * sizeof(float)));
-    cuda::sample_rows(logits.as<float>(), work, n, vocab,
-                      reinterpret_cast<cuda::DeviceSamplingRow*>(dev + o_params), tab, out,
-                      stream_);
+    // A few rows without top-k, top-p or logprobs (an OpenAI request's defaults): each row over
+    // many CTAs (cuda::sample_rows_split) rather than one. ERNIE_SPLIT_SAMPLER=0 turns it off.
+    static const bool split_enabled = switch_on("ERNIE_SPLIT_SAMPLER");
+    constexpr int kSplitRows = 32;
+    bool split = split_enabled && n <= kSplitRows;
+    for (int r = 0; r < n && split; ++r) {
+      const SamplingRow& s = rows[r];
+      split = (s.top_k <= 0 || s.top_k >= vocab) && s.top_p >= 1.0f && s.num_logprobs < 0;
+    }
+    const auto* d_params = reinterpret_cast<cuda::DeviceSamplingRow*>(dev + o_params);
+    if (split) {
+      void* scratch = arena_.alloc(cuda::sample_split_scratch_bytes(n));
+      cuda::sample_rows_split(logits.as<float>(), work, n, vocab, d_params, tab, out, scratch,
+                              stream_);
+    } else {
+      cuda::sample_rows(logits.as<float>(), work, n, vocab, d_params, tab, out, stream_);
+    }
     char* h_out = result_host_.get(out_bytes);
     check_cuda(cudaMemcpyAsync(h_out, d_out, out_bytes, cudaMemcpyDeviceToHost, stream_),
                "cudaMemcpyAsync (samples)");

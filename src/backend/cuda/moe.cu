@@ -696,9 +696,23 @@ __global__ void moe_combine_kernel(__nv_bfloat16* out, const __nv_bfloat16* y,
       for (int j = 0; j < k; ++j) {
         add(routed + static_cast<size_t>(pair_pos[t * k + j]) * hidden + i);
       }
-      if (folded > 0) {
+      if (folded > 0) {  // the folded experts' f32 partials, two 16-byte loads per expert
+        float sh[8] = {};
+        for (int s = 0; s < folded; ++s) {
+          const float4* src =
+              reinterpret_cast<const float4*>(fold_out + (s * fold_stride + t) * hidden + i);
+          const float4 a = src[0], b = src[1];
+          sh[0] += a.x;
+          sh[1] += a.y;
+          sh[2] += a.z;
+          sh[3] += a.w;
+          sh[4] += b.x;
+          sh[5] += b.y;
+          sh[6] += b.z;
+          sh[7] += b.w;
+        }
 #pragma unroll
-        for (int q = 0; q < 8; ++q) acc[q] += fold_sum(i + q);
+        for (int q = 0; q < 8; ++q) acc[q] += __bfloat162float(__float2bfloat16(sh[q]));
       }
       if (shared) add(shared + t * hidden + i);
       uint4 o;

@@ -58,9 +58,10 @@ constexpr int kTopkWarps = 4;
 // Token t by one warp: logits = the split partials summed in order, softmax, then k rounds of a
 // warp-wide argmax over the biased scores (the lower id wins a tie). p: 2 * experts floats of
 // shared memory for this warp. Partials are read through L2 (another CTA may have written them).
+// ids_copy (optional, e.g. shared memory): the ids written there too.
 __device__ void topk_token(int t, int32_t* ids, float* weights, const float* partial,
                            const float* bias, int tokens, int experts, int splits, int k,
-                           float norm_min, float* p) {
+                           float norm_min, float* p, int32_t* ids_copy = nullptr) {
   const int lane = threadIdx.x % 32;
   float* scores = p + experts;
   float mx = -INFINITY;
@@ -116,6 +117,7 @@ __device__ void topk_token(int t, int32_t* ids, float* weights, const float* par
     total += p[best_id];
     if (lane == 0) {
       ids[static_cast<size_t>(t) * k + r] = best_id;
+      if (ids_copy != nullptr) ids_copy[static_cast<size_t>(t) * k + r] = best_id;
       weights[static_cast<size_t>(t) * k + r] = p[best_id];
     }
     if (best_id % 32 == lane) scores[best_id] = -INFINITY;
@@ -271,6 +273,14 @@ __global__ void __launch_bounds__(kSmallThreads)
     bulk_load(dyn_smem, w + static_cast<size_t>(e) * hidden, static_cast<uint32_t>(hidden) * 4,
               &w_full);
   }
+  // kFused: the correction bias too (whichever CTA ends up doing the tail), by cp.async, which
+  // stays before the wait (see above): the tail does not wait on memory for it.
+  float* tail_smem = dyn_smem + hidden;  // [warps][2 * experts] floats, then the bias, ids, counts
+  float* bias_s = tail_smem + (kSmallThreads / 32) * 2 * experts;
+  if constexpr (kFused) {
+    for (int i = tid; i < experts; i += kSmallThreads) cp_async_4(bias_s + i, tail.bias + i);
+    cp_async_commit();
+  }
   asm volatile("griddepcontrol.wait;" ::: "memory");
   if (trigger == kAfterWait) asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
   __syncthreads();  // the barrier's initialisation is visible
@@ -317,15 +327,18 @@ __global__ void __launch_bounds__(kSmallThreads)
     __syncthreads();
     if (!last) return;
     __threadfence();
-    float* tail_smem = dyn_smem + hidden;  // [warps][2 * experts] floats, then align scratch
+    cp_async_wait<0>();
+    __syncthreads();  // the bias has landed for every thread
+    // The ids also into shared memory, for the layout to read without a trip to L2.
+    auto* ids_s = reinterpret_cast<int32_t*>(bias_s + experts);
     for (int t = warp; t < tokens; t += kSmallThreads / 32) {
-      topk_token(t, tail.ids, tail.weights, logits, tail.bias, tokens, experts, 1, tail.k,
-                 tail.norm_min, tail_smem + static_cast<size_t>(warp) * 2 * experts);
+      topk_token(t, tail.ids, tail.weights, logits, bias_s, tokens, experts, 1, tail.k,
+                 tail.norm_min, tail_smem + static_cast<size_t>(warp) * 2 * experts, ids_s);
     }
     __syncthreads();  // every token's ids are written
-    int* counts = reinterpret_cast<int*>(tail_smem + (kSmallThreads / 32) * 2 * experts);
+    int* counts = ids_s + tokens * tail.k;
     const RouteLayout& L = tail.layout;
-    align_pairs(L.sorted_pairs, L.block_expert, L.pair_pos, tail.ids, tokens * tail.k, experts,
+    align_pairs(L.sorted_pairs, L.block_expert, L.pair_pos, ids_s, tokens * tail.k, experts,
                 L.block_m, L.num_blocks, counts, counts + experts);
     if (tid == 0) g_route_arrivals = 0;
   }
@@ -373,9 +386,10 @@ bool route_topk(int32_t* ids, float* weights, const __nv_bfloat16* x, const floa
     Tail tail{ids, weights, bias, k, norm_min, {}};
     // Shared memory: the weight row, then (fused) the tail's scratch.
     const size_t row_bytes = static_cast<size_t>(hidden) * sizeof(float);
+    // The tail: the warps' scratch, the bias, the ids, the layout's counts and offsets.
     const size_t tail_bytes =
-        static_cast<size_t>(kSmallThreads / 32) * 2 * experts * sizeof(float) +
-        (2 * static_cast<size_t>(experts) + 1) * sizeof(int);
+        (static_cast<size_t>(kSmallThreads / 32) * 2 + 1) * experts * sizeof(float) +
+        (static_cast<size_t>(tokens) * k + 2 * static_cast<size_t>(experts) + 1) * sizeof(int);
     require_parts(row_bytes + tail_bytes <= kSmallMaxSmem, "route_topk: a hidden size of ", hidden,
                   " is more than the small-batch router holds");
     static const bool configured = [] {

@@ -2,6 +2,7 @@
 #include <climits>
 
 #include "backend/cuda/cuda_check.h"
+#include "backend/cuda/launch.cuh"
 #include "backend/cuda/sampler.cuh"
 #include "common/rng.h"
 
@@ -329,7 +330,236 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+// ---- The split path: a few rows, each over kSplitChunks CTAs ----
+//
+// For rows without top-k, top-p or logprobs (the defaults of an OpenAI request), where one CTA
+// per row leaves the GPU idle and spends most of its time on the double-precision
+// probabilities: three kernels, each a row's vocabulary in kSplitChunks contiguous chunks.
+// prep: the edited logits (bias, penalties, bans, in that order, each chunk applying the
+// entries in its range) and each chunk's argmax; probs: the row's max from the chunks', then
+// q = exp((v - max) / T) (min_p applied) and each chunk's sum in double; draw: the draw keyed
+// by (seed, position) as on the CPU, located first among the chunks' sums, then inside the
+// chunk. The same arithmetic as sample_kernel per element; only the order of the double sums
+// differs (a draw changes only if it falls within ~1e-16 of a token's edge).
+constexpr int kSplitChunks = 64, kSplitThreads = 256;
+
+struct SplitScratch {
+  ArgMax* am;    // [rows][kSplitChunks]
+  double* mass;  // [rows][kSplitChunks]
+};
+
+__device__ __forceinline__ void chunk_range(int vocab, int c, int& lo, int& hi) {
+  const int len = (vocab + kSplitChunks - 1) / kSplitChunks;
+  lo = min(vocab, c * len);
+  hi = min(vocab, lo + len);
+}
+
+// A CTA-wide argmax for kSplitThreads threads.
+__device__ ArgMax split_argmax(ArgMax v, ArgMax* warps) {
+  auto warp_reduce = [](ArgMax x) {
+    for (int o = 16; o > 0; o >>= 1) {
+      const ArgMax y{__shfl_xor_sync(0xffffffffu, x.v, o), __shfl_xor_sync(0xffffffffu, x.i, o)};
+      if (better(y, x)) x = y;
+    }
+    return x;
+  };
+  v = warp_reduce(v);
+  if (threadIdx.x % 32 == 0) warps[threadIdx.x / 32] = v;
+  __syncthreads();
+  ArgMax r =
+      threadIdx.x % 32 < kSplitThreads / 32 ? warps[threadIdx.x % 32] : ArgMax{-INFINITY, INT_MAX};
+  r = warp_reduce(r);
+  __syncthreads();
+  return r;
+}
+
+__device__ double split_sum(double v, double* warps) {
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  if (threadIdx.x % 32 == 0) warps[threadIdx.x / 32] = v;
+  __syncthreads();
+  double r = threadIdx.x % 32 < kSplitThreads / 32 ? warps[threadIdx.x % 32] : 0.0;
+  for (int o = 16; o > 0; o >>= 1) r += __shfl_xor_sync(0xffffffffu, r, o);
+  __syncthreads();
+  return r;
+}
+
+__global__ void __launch_bounds__(kSplitThreads)
+    sample_split_prep_kernel(const float* logits, float* work, int vocab,
+                             const DeviceSamplingRow* params, SamplingTables tab,
+                             SplitScratch scratch) {
+  __shared__ ArgMax warps[kSplitThreads / 32];
+  const int c = blockIdx.x, row = blockIdx.y;
+  const DeviceSamplingRow p = params[row];
+  const float* raw = logits + static_cast<size_t>(row) * vocab;
+  float* x = work + static_cast<size_t>(row) * vocab;
+  int lo, hi;
+  chunk_range(vocab, c, lo, hi);
+  for (int i = lo + threadIdx.x; i < hi; i += kSplitThreads) x[i] = raw[i];
+  __syncthreads();
+  if (threadIdx.x == 0) {  // in order: an id may be biased more than once
+    for (int b = p.bias_begin; b < p.bias_end; ++b) {
+      const int id = tab.bias_ids[b];
+      if (id >= lo && id < hi) x[id] += tab.bias_values[b];
+    }
+  }
+  __syncthreads();
+  for (int e = p.pen_begin + threadIdx.x; e < p.pen_end; e += kSplitThreads) {
+    const int id = tab.pen_ids[e], count = tab.pen_counts[e];
+    if (id < lo || id >= hi) continue;
+    float v = x[id];
+    if (p.repetition_penalty != 1.0f)
+      v = v > 0 ? v / p.repetition_penalty : v * p.repetition_penalty;
+    if (count > 0) v -= p.frequency_penalty * static_cast<float>(count) + p.presence_penalty;
+    x[id] = v;
+  }
+  __syncthreads();
+  for (int b = p.ban_begin + threadIdx.x; b < p.ban_end; b += kSplitThreads) {
+    const int id = tab.ban_ids[b];
+    if (id >= lo && id < hi) x[id] = -INFINITY;
+  }
+  __syncthreads();
+  ArgMax best{-INFINITY, INT_MAX};
+  for (int i = lo + threadIdx.x; i < hi; i += kSplitThreads) {
+    const ArgMax v{x[i], i};
+    if (better(v, best)) best = v;
+  }
+  best = split_argmax(best, warps);
+  if (threadIdx.x == 0) scratch.am[row * kSplitChunks + c] = best;
+}
+
+// The row's argmax from its chunks' (every thread gets it).
+__device__ ArgMax row_argmax(const SplitScratch& scratch, int row, ArgMax* warps) {
+  ArgMax v{-INFINITY, INT_MAX};
+  for (int c = threadIdx.x; c < kSplitChunks; c += kSplitThreads) {
+    if (better(scratch.am[row * kSplitChunks + c], v)) v = scratch.am[row * kSplitChunks + c];
+  }
+  return split_argmax(v, warps);
+}
+
+__global__ void __launch_bounds__(kSplitThreads)
+    sample_split_probs_kernel(float* work, int vocab, const DeviceSamplingRow* params,
+                              SplitScratch scratch) {
+  pdl_begin();
+  __shared__ ArgMax warps[kSplitThreads / 32];
+  __shared__ double dwarps[kSplitThreads / 32];
+  const int c = blockIdx.x, row = blockIdx.y;
+  const DeviceSamplingRow p = params[row];
+  if (p.temperature < 1e-5f) return;  // greedy: the argmax is the token
+  const float mx = row_argmax(scratch, row, warps).v;
+  float* x = work + static_cast<size_t>(row) * vocab;
+  int lo, hi;
+  chunk_range(vocab, c, lo, hi);
+  double part = 0.0;
+  for (int i = lo + threadIdx.x; i < hi; i += kSplitThreads) {
+    const float v = x[i];
+    double q = v == -INFINITY ? 0.0 : exp((static_cast<double>(v) - mx) / p.temperature);
+    if (p.min_p > 0.0f && q < static_cast<double>(p.min_p)) q = 0.0;
+    const float qf = static_cast<float>(q);
+    x[i] = qf;
+    part += qf;
+  }
+  part = split_sum(part, dwarps);
+  if (threadIdx.x == 0) scratch.mass[row * kSplitChunks + c] = part;
+}
+
+// One CTA per row.
+__global__ void __launch_bounds__(kSplitThreads)
+    sample_split_draw_kernel(const float* work, int vocab, const DeviceSamplingRow* params,
+                             SplitScratch scratch, SamplingOutput out) {
+  pdl_begin();
+  __shared__ ArgMax warps[kSplitThreads / 32];
+  __shared__ double before_chunk[kSplitChunks + 1];
+  __shared__ double dw[kSplitThreads / 32];
+  __shared__ int found;
+  const int row = blockIdx.x;
+  const DeviceSamplingRow p = params[row];
+  const ArgMax top = row_argmax(scratch, row, warps);
+  if (p.temperature < 1e-5f) {
+    if (threadIdx.x == 0) out.ids[row] = top.i;
+    return;
+  }
+  if (threadIdx.x == 0) {  // the chunks' masses in order (kSplitChunks of them)
+    double acc = 0.0;
+    for (int c = 0; c < kSplitChunks; ++c) {
+      before_chunk[c] = acc;
+      acc += scratch.mass[row * kSplitChunks + c];
+    }
+    before_chunk[kSplitChunks] = acc;
+    found = -1;
+  }
+  __syncthreads();
+  const double total = before_chunk[kSplitChunks];
+  Rng rng(p.seed ^ (0x9e3779b97f4a7c15ull * static_cast<uint64_t>(p.position + 1)));
+  const double u = rng.uniform() * total;
+  const float* x = work + static_cast<size_t>(row) * vocab;
+  // The chunk holding u, then the element: each thread a contiguous piece of the chunk.
+  int chunk = -1;
+  for (int c = 0; c < kSplitChunks; ++c) {
+    if (total > 0.0 && before_chunk[c] <= u && u < before_chunk[c + 1]) chunk = c;
+  }
+  if (chunk >= 0) {
+    int lo, hi;
+    chunk_range(vocab, chunk, lo, hi);
+    const int per = (hi - lo + kSplitThreads - 1) / kSplitThreads;
+    const int a = min(hi, lo + static_cast<int>(threadIdx.x) * per), b = min(hi, a + per);
+    double part = 0.0;
+    for (int i = a; i < b; ++i) part += x[i];
+    // Exclusive scan of the pieces in thread order.
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+    double incl = part;
+    for (int o = 1; o < 32; o <<= 1) {
+      const double y = __shfl_up_sync(0xffffffffu, incl, o);
+      if (lane >= o) incl += y;
+    }
+    if (lane == 31) dw[warp] = incl;
+    __syncthreads();
+    double before = before_chunk[chunk] + incl - part;
+    for (int w = 0; w < warp; ++w) before += dw[w];
+    if (before <= u && u < before + part) {
+      double acc = before;
+      for (int i = a; i < b; ++i) {
+        if (x[i] <= 0.0f) continue;
+        acc += x[i];
+        if (acc > u) {
+          found = i;
+          break;
+        }
+      }
+    }
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) {
+    int chosen = found;
+    if (chosen < 0 && total > 0.0) {  // rounding left u past the end: the last kept token
+      for (int i = vocab - 1; i >= 0 && chosen < 0; --i) {
+        if (x[i] > 0.0f) chosen = i;
+      }
+    }
+    out.ids[row] = chosen >= 0 ? chosen : top.i;
+  }
+}
+
 }  // namespace
+
+size_t sample_split_scratch_bytes(int rows) {
+  return static_cast<size_t>(rows) * kSplitChunks * (sizeof(ArgMax) + sizeof(double));
+}
+
+void sample_rows_split(const float* logits, float* work, int rows, int vocab,
+                       const DeviceSamplingRow* params, const SamplingTables& tables,
+                       const SamplingOutput& out, void* scratch, cudaStream_t stream) {
+  if (rows == 0) return;
+  require(vocab > 0, "sample_rows_split: empty vocabulary");
+  SplitScratch s;
+  s.mass = static_cast<double*>(scratch);
+  s.am = reinterpret_cast<ArgMax*>(s.mass + static_cast<size_t>(rows) * kSplitChunks);
+  const dim3 grid(kSplitChunks, rows);
+  sample_split_prep_kernel<<<grid, kSplitThreads, 0, stream>>>(logits, work, vocab, params, tables,
+                                                               s);
+  launch_pdl(sample_split_probs_kernel, grid, kSplitThreads, 0, stream, work, vocab, params, s);
+  launch_pdl(sample_split_draw_kernel, rows, kSplitThreads, 0, stream, work, vocab, params, s, out);
+  ERNIE_CUDA_CHECK(cudaGetLastError());
+}
 
 void sample_rows(const float* logits, float* work, int rows, int vocab,
                  const DeviceSamplingRow* params, const SamplingTables& tables,

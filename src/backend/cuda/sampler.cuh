@@ -1,6 +1,6 @@
-// Sampling on the device: one CTA per row of logits applies the engine's sampling parameters
-// exactly as the CPU reference (backend/cpu/sampler.cc) does and returns only the chosen id and
-// the requested logprobs.
+// Sampling on the device: one CTA per row of logits (or, for a few plain rows, many) applies the
+// engine's sampling parameters exactly as the CPU reference (backend/cpu/sampler.cc) does and
+// returns only the chosen id and the requested logprobs.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -47,5 +47,14 @@ struct SamplingOutput {
 void sample_rows(const float* logits, float* work, int rows, int vocab,
                  const DeviceSamplingRow* params, const SamplingTables& tables,
                  const SamplingOutput& out, cudaStream_t stream);
+
+// The same for rows without top-k, top-p or logprobs (top_k <= 0 or >= vocab, top_p >= 1,
+// num_logprobs < 0; only out.ids is written), each row spread over many CTAs: for a few rows,
+// where sample_rows would run one CTA per row. scratch: sample_split_scratch_bytes(rows) of
+// device memory, 8-byte aligned.
+size_t sample_split_scratch_bytes(int rows);
+void sample_rows_split(const float* logits, float* work, int rows, int vocab,
+                       const DeviceSamplingRow* params, const SamplingTables& tables,
+                       const SamplingOutput& out, void* scratch, cudaStream_t stream);
 
 }  // namespace ernie::cuda
