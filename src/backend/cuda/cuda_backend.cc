@@ -826,7 +826,9 @@ class CudaBackend final : public Backend {
     out.max_top = std::max(max_top, 1);
     auto* work = static_cast<float*>(arena_.alloc(static_cast<size_t>(n) * vocab * sizeof(float)));
     // A few rows without top-k, top-p or logprobs (an OpenAI request's defaults): each row over
-    // many CTAs (cuda::sample_rows_split) rather than one. ERNIE_SPLIT_SAMPLER=0 turns it off.
+    // many CTAs (cuda::sample_rows_split) rather than one (H200, `ernie_kernel_bench 20
+    // sampling`: 1 row 0.110 -> 0.036 ms, 16 rows 0.127 -> 0.049). ERNIE_SPLIT_SAMPLER=0 turns
+    // it off.
     static const bool split_enabled = switch_on("ERNIE_SPLIT_SAMPLER");
     constexpr int kSplitRows = 32;
     bool split = split_enabled && n <= kSplitRows;

@@ -274,7 +274,9 @@ __global__ void __launch_bounds__(kSmallThreads)
               &w_full);
   }
   // kFused: the correction bias too (whichever CTA ends up doing the tail), by cp.async, which
-  // stays before the wait (see above): the tail does not wait on memory for it.
+  // stays before the wait (see above): the tail does not wait on memory for it (a DRAM trip
+  // while the folded shared experts stream beside it). With the ids kept in shared memory for
+  // the layout and the combine's 16-byte loads: H200, step 1 x 1000 2.493 -> 2.390 ms.
   float* tail_smem = dyn_smem + hidden;  // [warps][2 * experts] floats, then the bias, ids, counts
   float* bias_s = tail_smem + (kSmallThreads / 32) * 2 * experts;
   if constexpr (kFused) {
