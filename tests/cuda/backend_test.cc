@@ -397,8 +397,10 @@ TEST_F(CudaBackendTest, SamplingMatchesCpu) {
 // temperature rows, biased rows with bans, and top-k at the vocabulary (off); then many draws
 // of one distribution keyed by position, 32 rows a call.
 TEST_F(CudaBackendTest, SplitSamplingMatchesCpu) {
+  // (256 rows take the split sampler only with ERNIE_SPLIT_SAMPLER_ROWS=256; they must match
+  // either way.)
   for (int vocab : {1000, 4096, 103424}) {
-    for (int rows : {1, 5, 32}) {
+    for (int rows : {1, 5, 32, 256}) {
       SCOPED_TRACE(::testing::Message() << "vocab " << vocab << ", " << rows << " rows");
       HostData logits = random_f32(rng, {rows, vocab}, 0, 1);
       for (auto& v : logits.f32) v = static_cast<float>(3.0 * rng.normal());

@@ -828,10 +828,14 @@ class CudaBackend final : public Backend {
     // A few rows without top-k, top-p or logprobs (an OpenAI request's defaults): each row over
     // many CTAs (cuda::sample_rows_split) rather than one (H200, `ernie_kernel_bench 20
     // sampling`: 1 row 0.110 -> 0.036 ms, 16 rows 0.127 -> 0.049). ERNIE_SPLIT_SAMPLER=0 turns
-    // it off.
+    // it off; ERNIE_SPLIT_SAMPLER_ROWS=N moves the 32-row limit (for A/B runs: at 256 rows one
+    // CTA per row already fills the GPU, 0.36 ms).
     static const bool split_enabled = switch_on("ERNIE_SPLIT_SAMPLER");
-    constexpr int kSplitRows = 32;
-    bool split = split_enabled && n <= kSplitRows;
+    static const int split_rows = [] {
+      const char* v = std::getenv("ERNIE_SPLIT_SAMPLER_ROWS");
+      return v != nullptr ? std::max(0, std::atoi(v)) : 32;
+    }();
+    bool split = split_enabled && n <= split_rows;
     for (int r = 0; r < n && split; ++r) {
       const SamplingRow& s = rows[r];
       split = (s.top_k <= 0 || s.top_k >= vocab) && s.top_p >= 1.0f && s.num_logprobs < 0;

@@ -20,14 +20,11 @@ __device__ __forceinline__ void pdl_begin() {
   asm volatile("griddepcontrol.wait;" ::: "memory");
 }
 
-// pdl_begin for a kernel whose dependents read, before their own wait, what the kernels before
-// this one wrote: the next kernel may launch only once this one has passed its wait (so every
-// kernel before this one has finished). Its dependents then read such data through L2
-// (__ldcg) and only after their launch, and wait as usual for what this kernel writes.
-__device__ __forceinline__ void pdl_begin_ordered() {
-  asm volatile("griddepcontrol.wait;" ::: "memory");
-  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
-}
+// Ordered launch: a kernel whose dependents read, before their own wait, what the kernels
+// before it wrote waits first and lets its dependents launch after (griddepcontrol.wait, then
+// launch_dependents): they launch only once every kernel before it has finished, read such data
+// through L2 (__ldcg), and wait as usual for what it writes itself. The MoE gate/up GEMM and the
+// router's kernels for few tokens do this (moe.cu, router.cuh).
 
 template <typename... Params, typename... Args>
 void launch_pdl(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream,

@@ -179,12 +179,12 @@ __global__ void __launch_bounds__(Tile<BM, kWide>::kThreads, 1)
   // of `out` (and of down's activations) are numbered over the whole grid.
   const bool folded = static_cast<int>(blockIdx.x) < fold.blocks;
   const int rb = blockIdx.x - fold.blocks;  // routed block
-  // gate/up's routed blocks let down launch only once they have waited for the routing (as
-  // pdl_begin_ordered), so down can read the layout and start streaming its weights while
-  // gate/up is still running; it waits
-  // for gate/up's output before its first activation load. gate/up's folded blocks read only x
-  // and write rows nobody reads before this kernel ends: with fold.early (x complete before the
-  // kernels before this one let it launch) they do not wait for the router.
+  // gate/up's routed blocks let down launch only once they have waited for the routing (an
+  // ordered launch, launch.cuh), so down can read the layout and start streaming its weights while
+  // gate/up is still running; down waits for gate/up's output before its first activation
+  // load. gate/up's folded blocks read only x and write rows nobody reads before this kernel
+  // ends: with fold.early (x complete before the kernels before this one let it launch) they
+  // do not wait for the router.
   if constexpr (kGateUp) {
     if (!folded || !fold.early) asm volatile("griddepcontrol.wait;" ::: "memory");
   }
