@@ -323,14 +323,15 @@ __global__ void __launch_bounds__(kSmallThreads)
   if (trigger == kAtEnd) asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
   if constexpr (kFused) {
     __shared__ bool last;
-    __threadfence();  // this CTA's logits are visible before it is counted
+    // The bias copy has landed (long since; no CTA may end with a copy into its shared memory
+    // in flight), and this CTA's logits are visible before it is counted.
+    cp_async_wait<0>();
+    __threadfence();
     __syncthreads();
     if (tid == 0) last = atomicAdd(&g_route_arrivals, 1u) == gridDim.x - 1;
-    __syncthreads();
+    __syncthreads();  // also: every thread's bias copy is visible to all
     if (!last) return;
     __threadfence();
-    cp_async_wait<0>();
-    __syncthreads();  // the bias has landed for every thread
     // The ids also into shared memory, for the layout to read without a trip to L2.
     auto* ids_s = reinterpret_cast<int32_t*>(bias_s + experts);
     for (int t = warp; t < tokens; t += kSmallThreads / 32) {
