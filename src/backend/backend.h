@@ -275,6 +275,14 @@ class Backend {
   virtual void silu_mul(Tensor out, const Tensor& gate_up) = 0;
   // out [T, hidden] = routed experts (+ shared experts) of x [T, hidden]
   virtual void moe(Tensor out, const Tensor& x, const MoeWeights& w) = 0;
+  // moe(out, x, w), then add_rms_norm(normed, residual, out, norm_weight, eps) (the next
+  // layer's input norm): one call, so that a backend may end the MoE block with the norm.
+  virtual void moe_add_rms_norm(Tensor normed, Tensor residual, Tensor out, const Tensor& x,
+                                const MoeWeights& w, const Tensor& norm_weight, float eps) {
+    moe(out, x, w);
+    mark(Stage::kNorm);
+    add_rms_norm(normed, residual, out, norm_weight, eps);
+  }
   // out [R, cols] = x[step.logits_indices]
   virtual void gather_logit_rows(Tensor out, const Tensor& x) = 0;
   // Copies an f32 tensor to the host.

@@ -293,14 +293,18 @@ Tensor Ernie45::run_layers(const backend::StepInput& step) {
   using backend::Stage;
   be_.mark(Stage::kEmbedding);
   be_.embedding(residual, w_.embed);
+  bool x_normed = false;  // x already holds this layer's normalised input (moe_add_rms_norm)
   for (size_t i = 0; i < w_.layers.size(); ++i) {
     const LayerWeights& L = w_.layers[i];
-    be_.mark(Stage::kNorm);
-    if (i == 0) {
-      be_.rms_norm(x, residual, L.input_norm, eps);
-    } else {
-      be_.add_rms_norm(x, residual, delta, L.input_norm, eps);
+    if (!x_normed) {
+      be_.mark(Stage::kNorm);
+      if (i == 0) {
+        be_.rms_norm(x, residual, L.input_norm, eps);
+      } else {
+        be_.add_rms_norm(x, residual, delta, L.input_norm, eps);
+      }
     }
+    x_normed = false;
     be_.mark(Stage::kQkvProj);
     be_.qkv_rope_store_kv(qkv, x, L.qkv, static_cast<int>(i));
     be_.mark(Stage::kAttention);
@@ -310,8 +314,13 @@ Tensor Ernie45::run_layers(const backend::StepInput& step) {
     be_.mark(Stage::kNorm);
     be_.add_rms_norm(x, residual, delta, L.post_norm, eps);
     if (L.is_moe) {
-      be_.mark(Stage::kMoeRouter);  // the backend marks the expert, shared and combine parts
-      be_.moe(delta, x, L.moe);
+      be_.mark(Stage::kMoeRouter);     // the backend marks the expert, shared and combine parts
+      if (i + 1 < w_.layers.size()) {  // the next layer's input norm with the combine
+        be_.moe_add_rms_norm(x, residual, delta, x, L.moe, w_.layers[i + 1].input_norm, eps);
+        x_normed = true;
+      } else {
+        be_.moe(delta, x, L.moe);
+      }
     } else {
       be_.mark(Stage::kDenseMlp);
       const int64_t inter = L.down.dim(1);

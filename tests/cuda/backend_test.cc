@@ -337,6 +337,55 @@ TEST_F(CudaBackendTest, MoeMatchesCpu) {
   }
 }
 
+// With ERNIE_FUSED_MOE_NORM=1 the MoE block ends with the next layer's residual add and norm in
+// its combine kernel: the MoE output, the residual and the normalised rows must be bit for bit
+// those of moe() followed by add_rms_norm(), the norm's output written over the MoE's input as
+// the model does (folded shared experts, side-stream ones, and the wgmma path).
+TEST_F(CudaBackendTest, MoeNormFusedMatchesSeparate) {
+  const char* env = std::getenv("ERNIE_FUSED_MOE_NORM");
+  if (env == nullptr || std::string(env) != "1") {
+    GTEST_SKIP() << "the fused path is off (ERNIE_FUSED_MOE_NORM=1 turns it on)";
+  }
+  struct Case {
+    int tokens, hidden, experts, k, inter, shared_inter;
+  };
+  for (const Case& c : {Case{1, 2560, 64, 6, 1536, 3072}, Case{5, 256, 64, 6, 128, 256},
+                        Case{37, 128, 16, 4, 64, 128}, Case{700, 256, 64, 6, 64, 128}}) {
+    SCOPED_TRACE(::testing::Message() << c.tokens << " tokens, hidden " << c.hidden);
+    const double h = c.hidden;
+    MoeWeights w;
+    w.router = gpu->load_weight(random_f32(rng, {c.experts, c.hidden}, -0.05, 0.05).host());
+    w.router_bias = gpu->load_weight(random_f32(rng, {c.experts}, -0.01, 0.01).host());
+    w.experts_gate_up = gpu->load_weight(
+        random_bf16(rng, {c.experts, 2 * c.inter, c.hidden}, 1 / std::sqrt(h)).host());
+    w.experts_down = gpu->load_weight(
+        random_bf16(rng, {c.experts, c.hidden, c.inter}, 1 / std::sqrt(double(c.inter))).host());
+    w.shared_gate_up =
+        gpu->load_weight(random_bf16(rng, {2 * c.shared_inter, c.hidden}, 1 / std::sqrt(h)).host());
+    w.shared_down = gpu->load_weight(
+        random_bf16(rng, {c.hidden, c.shared_inter}, 1 / std::sqrt(double(c.shared_inter))).host());
+    gpu->prepare_moe(w);
+    w.top_k = c.k;
+    const HostData x = random_bf16(rng, {c.tokens, c.hidden}, 1.0);
+    const HostData residual = random_bf16(rng, {c.tokens, c.hidden}, 1.0);
+    const HostData norm_w = random_bf16(rng, {c.hidden}, 1.0);
+    const Tensor nw = gpu->load_weight(norm_w.host());
+    // Separate: moe, then add_rms_norm into a fresh tensor.
+    Tensor x_a = gpu->load_weight(x.host()), res_a = gpu->load_weight(residual.host());
+    Tensor out_a = gpu->load_weight(x.host()), normed_a = gpu->load_weight(x.host());
+    gpu->moe(out_a, x_a, w);
+    gpu->add_rms_norm(normed_a, res_a, out_a, nw, 1e-5f);
+    // Fused, the normalised rows over the input, as the model calls it.
+    Tensor x_b = gpu->load_weight(x.host()), res_b = gpu->load_weight(residual.host());
+    Tensor out_b = gpu->load_weight(residual.host());
+    gpu->moe_add_rms_norm(x_b, res_b, out_b, x_b, w, nw, 1e-5f);
+    ERNIE_CUDA_CHECK(cudaDeviceSynchronize());
+    EXPECT_EQ(gpu_values(out_b), gpu_values(out_a)) << "MoE output";
+    EXPECT_EQ(gpu_values(res_b), gpu_values(res_a)) << "residual";
+    EXPECT_EQ(gpu_values(x_b), gpu_values(normed_a)) << "normalised rows";
+  }
+}
+
 TEST_F(CudaBackendTest, SamplingMatchesCpu) {
   for (int vocab : {4096, 103424}) {
     SCOPED_TRACE(::testing::Message() << "vocab " << vocab);

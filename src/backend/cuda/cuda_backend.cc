@@ -645,7 +645,26 @@ class CudaBackend final : public Backend {
     gemm(blas_[lane], s, a, w.shared_down);
   }
 
-  void moe(Tensor out, const Tensor& x, const MoeWeights& w) override {
+  void moe(Tensor out, const Tensor& x, const MoeWeights& w) override { run_moe(out, x, w, {}); }
+
+  // The combine ends with the next layer's input norm (one kernel fewer per MoE layer), not in
+  // the stage profile. Off by default until measured: ERNIE_FUSED_MOE_NORM=1 turns it on.
+  void moe_add_rms_norm(Tensor normed, Tensor residual, Tensor out, const Tensor& x,
+                        const MoeWeights& w, const Tensor& norm_weight, float eps) override {
+    static const bool fused = [] {
+      const char* v = std::getenv("ERNIE_FUSED_MOE_NORM");
+      return v != nullptr && std::string(v) == "1";
+    }();
+    const int hidden = static_cast<int>(x.dim(1));
+    if (!fused || profiling_ || !cuda::moe_combine_norm_fits(hidden) ||
+        norm_weight.dtype != DType::kBF16) {
+      Backend::moe_add_rms_norm(normed, residual, out, x, w, norm_weight, eps);
+      return;
+    }
+    run_moe(out, x, w, cuda::CombineNorm{bf(normed), bf(residual), bf(norm_weight), eps});
+  }
+
+  void run_moe(Tensor out, const Tensor& x, const MoeWeights& w, const cuda::CombineNorm& norm) {
     const int tokens = static_cast<int>(x.dim(0)), hidden = static_cast<int>(x.dim(1));
     const int experts = static_cast<int>(w.router.dim(0)), k = w.top_k;
     const int inter = static_cast<int>(w.experts_down.dim(2));
@@ -720,7 +739,8 @@ class CudaBackend final : public Backend {
     }
     mark(Stage::kMoeCombine);
     __nv_bfloat16* shared = unfolded_shared ? bf(shared_out) : nullptr;
-    cuda::moe_combine(bf(out), y, pair_pos, shared, tokens, k, hidden, stream_, fold, block_m);
+    cuda::moe_combine(bf(out), y, pair_pos, shared, tokens, k, hidden, stream_, fold, block_m,
+                      norm);
     arena_.rewind(scratch_mark);
   }
 

@@ -7,6 +7,7 @@
 #include "backend/cuda/launch.cuh"
 #include "backend/cuda/mma.cuh"
 #include "backend/cuda/moe.cuh"
+#include "backend/cuda/norm_parts.cuh"
 
 namespace ernie::cuda {
 namespace {
@@ -734,6 +735,66 @@ __global__ void moe_combine_kernel(__nv_bfloat16* out, const __nv_bfloat16* y,
   }
 }
 
+// moe_combine_kernel's sum for one token and one 16-byte vector per thread (the host checks
+// that one covers the row), then the next layer's residual add and RMSNorm of the row, computed
+// as fused_add_rms_norm_vec_kernel computes them (norm_parts.cuh). Reached only with
+// ERNIE_FUSED_MOE_NORM=1 (cuda_backend.cc) until it has been measured.
+__global__ void moe_combine_norm_kernel(__nv_bfloat16* out, const __nv_bfloat16* y,
+                                        const int32_t* pair_pos, const __nv_bfloat16* shared, int k,
+                                        int hidden, int64_t routed_row0, const float* fold_out,
+                                        int folded, int64_t fold_stride, const CombineNorm norm) {
+  pdl_begin();
+  const size_t t = blockIdx.x;
+  const int i = threadIdx.x * 8;
+  const bool active = i < hidden;
+  uint4 r{};
+  float ss = 0.0f;
+  if (active) {
+    const __nv_bfloat16* routed = y + routed_row0 * hidden;
+    float acc[8] = {};
+    auto add = [&](const __nv_bfloat16* src) {
+      const uint4 v = *reinterpret_cast<const uint4*>(src);
+      const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&v);
+#pragma unroll
+      for (int q = 0; q < 4; ++q) {
+        const float2 f = __bfloat1622float2(h[q]);
+        acc[2 * q] += f.x;
+        acc[2 * q + 1] += f.y;
+      }
+    };
+    for (int j = 0; j < k; ++j) add(routed + static_cast<size_t>(pair_pos[t * k + j]) * hidden + i);
+    if (folded > 0) {
+      float sh[8] = {};
+      for (int s = 0; s < folded; ++s) {
+        const float4* src =
+            reinterpret_cast<const float4*>(fold_out + (s * fold_stride + t) * hidden + i);
+        const float4 a = src[0], b = src[1];
+        const float v[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
+#pragma unroll
+        for (int q = 0; q < 8; ++q) sh[q] += v[q];
+      }
+#pragma unroll
+      for (int q = 0; q < 8; ++q) acc[q] += __bfloat162float(__float2bfloat16(sh[q]));
+    }
+    if (shared) add(shared + t * hidden + i);
+    uint4 o;
+    __nv_bfloat162* oh = reinterpret_cast<__nv_bfloat162*>(&o);
+#pragma unroll
+    for (int q = 0; q < 4; ++q) oh[q] = __floats2bfloat162_rn(acc[2 * q], acc[2 * q + 1]);
+    reinterpret_cast<uint4*>(out + t * hidden)[threadIdx.x] = o;
+    uint4* res = reinterpret_cast<uint4*>(norm.residual + t * hidden);
+    r = res[threadIdx.x];
+    add_vec8(r, o);
+    res[threadIdx.x] = r;
+    ss = squares_vec8(r, ss);
+  }
+  const float inv = rsqrtf(norm_block_sum(ss) / hidden + norm.eps);
+  if (active) {
+    reinterpret_cast<uint4*>(norm.normed + t * hidden)[threadIdx.x] =
+        norm_vec8(r, inv, reinterpret_cast<const uint4*>(norm.weight)[threadIdx.x]);
+  }
+}
+
 // One thread per 16-byte piece of the tiled matrix: piece q of row r in chunk `chunk` of group
 // `group` holds columns chunk * 64 + 8 (q ^ (r % 8)) .. + 7 of row 16 group + r (zeros past K).
 __global__ void tile_expert_weights_kernel(__nv_bfloat16* dst, const __nv_bfloat16* src,
@@ -839,16 +900,23 @@ void moe_down(__nv_bfloat16* y, const __nv_bfloat16* act, const __nv_bfloat16* w
 
 void moe_combine(__nv_bfloat16* out, const __nv_bfloat16* y, const int32_t* pair_pos,
                  const __nv_bfloat16* shared, int tokens, int k, int hidden, cudaStream_t stream,
-                 const SharedFold& fold, int block_m) {
+                 const SharedFold& fold, int block_m, const CombineNorm& norm) {
   if (tokens == 0) return;
   require(fold.experts == 0 || (block_m > 0 && fold.tokens == tokens),
           "moe_combine: a fold needs its block size and the step's tokens");
+  require(norm.normed == nullptr || moe_combine_norm_fits(hidden),
+          "moe_combine: the norm needs hidden % 8 == 0 and hidden <= 8192");
   const int64_t routed_row0 = moe_shared_rows(fold, block_m);
   const int64_t fold_stride = fold.experts > 0 ? routed_row0 / fold.experts : 0;
   // One 16-byte vector per thread where the row allows (a decode step is one pass of loads).
   const int threads = hidden % 8 == 0 ? std::clamp((hidden / 8 + 31) / 32 * 32, 128, 1024) : 128;
-  launch_pdl(moe_combine_kernel, tokens, threads, 0, stream, out, y, pair_pos, shared, k, hidden,
-             routed_row0, fold.down_out, fold.experts, fold_stride);
+  if (norm.normed != nullptr) {
+    launch_pdl(moe_combine_norm_kernel, tokens, threads, 0, stream, out, y, pair_pos, shared, k,
+               hidden, routed_row0, fold.down_out, fold.experts, fold_stride, norm);
+  } else {
+    launch_pdl(moe_combine_kernel, tokens, threads, 0, stream, out, y, pair_pos, shared, k, hidden,
+               routed_row0, fold.down_out, fold.experts, fold_stride);
+  }
   ERNIE_CUDA_CHECK(cudaGetLastError());
 }
 

@@ -90,11 +90,25 @@ void moe_down(__nv_bfloat16* y, const __nv_bfloat16* act, const __nv_bfloat16* w
               int64_t capacity, int block_m, int hidden, int inter, int experts,
               cudaStream_t stream, const SharedFold& fold = {});
 
+// The next layer's residual add and input norm, done by moe_combine when `normed` is set:
+// residual += out; normed = rms_norm(residual) * weight, bit for bit as fused_add_rms_norm.
+// normed may be the MoE's input x (every reader of x is done by then).
+struct CombineNorm {
+  __nv_bfloat16* normed = nullptr;
+  __nv_bfloat16* residual = nullptr;
+  const __nv_bfloat16* weight = nullptr;
+  float eps = 0.0f;
+};
+inline bool moe_combine_norm_fits(int hidden) {
+  return hidden > 0 && hidden % 8 == 0 && hidden / 8 <= 1024;
+}
+
 // out [tokens, hidden] = sum over the token's k rows of y (+ shared [tokens, hidden] if given).
 // With a fold, the routed rows are at y + moe_shared_rows(fold, block_m) rows, and the shared
-// experts' output (fold.down_out summed, rounded to bf16) is added after them.
+// experts' output (fold.down_out summed, rounded to bf16) is added after them. With
+// norm.normed (moe_combine_norm_fits), then the norm of CombineNorm.
 void moe_combine(__nv_bfloat16* out, const __nv_bfloat16* y, const int32_t* pair_pos,
                  const __nv_bfloat16* shared, int tokens, int k, int hidden, cudaStream_t stream,
-                 const SharedFold& fold = {}, int block_m = 0);
+                 const SharedFold& fold = {}, int block_m = 0, const CombineNorm& norm = {});
 
 }  // namespace ernie::cuda
