@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
+#include <cstring>
 #include <limits>
 #include <numeric>
 #include <random>
@@ -380,9 +381,18 @@ TEST_F(CudaBackendTest, MoeNormFusedMatchesSeparate) {
     Tensor out_b = gpu->load_weight(residual.host());
     gpu->moe_add_rms_norm(x_b, res_b, out_b, x_b, w, nw, 1e-5f);
     ERNIE_CUDA_CHECK(cudaDeviceSynchronize());
-    EXPECT_EQ(gpu_values(out_b), gpu_values(out_a)) << "MoE output";
-    EXPECT_EQ(gpu_values(res_b), gpu_values(res_a)) << "residual";
-    EXPECT_EQ(gpu_values(x_b), gpu_values(normed_a)) << "normalised rows";
+    auto expect_same = [](const std::vector<float>& got, const std::vector<float>& want,
+                          const char* what) {
+      ASSERT_EQ(got.size(), want.size()) << what;
+      size_t differ = 0, first = got.size();
+      for (size_t i = 0; i < got.size(); ++i) {
+        if (std::memcmp(&got[i], &want[i], sizeof(float)) != 0 && differ++ == 0) first = i;
+      }
+      EXPECT_EQ(differ, 0u) << what << ": " << differ << " elements differ, the first at " << first;
+    };
+    expect_same(gpu_values(out_b), gpu_values(out_a), "MoE output");
+    expect_same(gpu_values(res_b), gpu_values(res_a), "residual");
+    expect_same(gpu_values(x_b), gpu_values(normed_a), "normalised rows");
   }
 }
 
