@@ -275,11 +275,10 @@ int main(int argc, char** argv) {
       std::stringstream list(argv[3]);
       for (std::string item; std::getline(list, item, ',');) only.push_back(item);
     }
-    ernie::require(
-        iters > 0 && (what == "all" || what == "ops" || what == "steps" || what == "timeline" ||
-                      what == "sampling"),
-        "usage: ernie_kernel_bench [iterations > 0] [ops|steps|timeline|sampling|all] "
-        "[SEQS[xCONTEXT],...]");
+    ernie::require(iters > 0 && (what == "all" || what == "ops" || what == "steps" ||
+                                 what == "timeline" || what == "sampling"),
+                   "usage: ernie_kernel_bench [iterations > 0] [ops|steps|timeline|sampling|all] "
+                   "[SEQS[xCONTEXT],...]");
 #ifndef ERNIE_HAVE_CUPTI
     ernie::require(what != "timeline", "timeline needs CUPTI, which this build did not find");
 #endif
