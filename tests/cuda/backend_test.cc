@@ -65,6 +65,29 @@ Tensor poisoned_gpu(Backend& gpu, Shape shape) {
   return gpu.load_weight(HostTensor{nan.data(), DType::kBF16, shape});
 }
 
+// Random repetition, frequency and presence penalties over 300 prompt and 50 output tokens.
+void add_random_penalties(Rng& rng, SamplingRow& p, int vocab, std::vector<int32_t>& prompt,
+                          std::vector<int32_t>& output) {
+  p.repetition_penalty = static_cast<float>(rng.uniform(0.8, 1.6));
+  p.frequency_penalty = static_cast<float>(rng.uniform(-1, 1));
+  p.presence_penalty = static_cast<float>(rng.uniform(-1, 1));
+  for (int i = 0; i < 300; ++i) prompt.push_back(static_cast<int32_t>(rng.below(vocab)));
+  for (int i = 0; i < 50; ++i) output.push_back(static_cast<int32_t>(rng.below(200)));
+  p.prompt_tokens = &prompt;
+  p.output_tokens = &output;
+}
+
+// Five random logit biases (into `bias`, which the row then points at) and 20 banned ids.
+void add_random_bias_and_bans(Rng& rng, SamplingRow& p, int vocab,
+                              std::vector<std::pair<int32_t, float>>& bias) {
+  for (int i = 0; i < 5; ++i) {
+    bias.push_back(
+        {static_cast<int32_t>(rng.below(vocab)), static_cast<float>(rng.uniform(-5, 8))});
+  }
+  p.logit_bias = &bias;
+  for (int i = 0; i < 20; ++i) p.banned.push_back(static_cast<int32_t>(rng.below(vocab)));
+}
+
 std::vector<float> gpu_values(const Tensor& t) {
   std::vector<float> out(t.numel());
   if (t.dtype == DType::kF32) {
@@ -412,23 +435,8 @@ TEST_F(CudaBackendTest, SamplingMatchesCpu) {
       if (kind == 1 || kind == 7) p.top_k = 1 + static_cast<int>(rng.below(100));
       if (kind == 2 || kind == 7) p.top_p = static_cast<float>(rng.uniform(0.05, 0.99));
       if (kind == 3) p.min_p = static_cast<float>(rng.uniform(0.01, 0.3));
-      if (kind == 4 || kind == 0) {
-        p.repetition_penalty = static_cast<float>(rng.uniform(0.8, 1.6));
-        p.frequency_penalty = static_cast<float>(rng.uniform(-1, 1));
-        p.presence_penalty = static_cast<float>(rng.uniform(-1, 1));
-        for (int i = 0; i < 300; ++i) prompts[r].push_back(static_cast<int32_t>(rng.below(vocab)));
-        for (int i = 0; i < 50; ++i) outputs[r].push_back(static_cast<int32_t>(rng.below(200)));
-        p.prompt_tokens = &prompts[r];
-        p.output_tokens = &outputs[r];
-      }
-      if (kind == 5) {
-        for (int i = 0; i < 5; ++i) {
-          biases[r].push_back(
-              {static_cast<int32_t>(rng.below(vocab)), static_cast<float>(rng.uniform(-5, 8))});
-        }
-        p.logit_bias = &biases[r];
-        for (int i = 0; i < 20; ++i) p.banned.push_back(static_cast<int32_t>(rng.below(vocab)));
-      }
+      if (kind == 4 || kind == 0) add_random_penalties(rng, p, vocab, prompts[r], outputs[r]);
+      if (kind == 5) add_random_bias_and_bans(rng, p, vocab, biases[r]);
       p.seed = rng.next();
       p.position = static_cast<int64_t>(rng.below(1000));
       p.num_logprobs = r % 3 == 0 ? static_cast<int>(rng.below(21)) : -1;
@@ -472,24 +480,10 @@ TEST_F(CudaBackendTest, SplitSamplingMatchesCpu) {
         p.temperature = kind == 0 ? 0.0f : static_cast<float>(rng.uniform(0.3, 1.5));
         if (kind == 2) p.min_p = static_cast<float>(rng.uniform(0.01, 0.3));
         if (kind == 4) p.top_k = vocab;
-        if (kind == 0 || kind == 4) {
-          p.repetition_penalty = static_cast<float>(rng.uniform(0.8, 1.6));
-          p.frequency_penalty = static_cast<float>(rng.uniform(-1, 1));
-          p.presence_penalty = static_cast<float>(rng.uniform(-1, 1));
-          for (int i = 0; i < 300; ++i)
-            prompts[r].push_back(static_cast<int32_t>(rng.below(vocab)));
-          for (int i = 0; i < 50; ++i) outputs[r].push_back(static_cast<int32_t>(rng.below(200)));
-          p.prompt_tokens = &prompts[r];
-          p.output_tokens = &outputs[r];
-        }
+        if (kind == 0 || kind == 4) add_random_penalties(rng, p, vocab, prompts[r], outputs[r]);
         if (kind == 3) {
-          for (int i = 0; i < 5; ++i) {
-            biases[r].push_back(
-                {static_cast<int32_t>(rng.below(vocab)), static_cast<float>(rng.uniform(-5, 8))});
-          }
+          add_random_bias_and_bans(rng, p, vocab, biases[r]);
           biases[r].push_back({biases[r][0].first, 1.5f});  // the same id twice: in order
-          p.logit_bias = &biases[r];
-          for (int i = 0; i < 20; ++i) p.banned.push_back(static_cast<int32_t>(rng.below(vocab)));
         }
         p.seed = rng.next();
         p.position = static_cast<int64_t>(rng.below(1000));

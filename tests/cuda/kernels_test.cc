@@ -233,6 +233,15 @@ TEST(CudaKernels, MoeAlignLaysOutEveryPair) {
   }
 }
 
+// `tokens` distinct cache slots out of num_slots, in random order.
+std::vector<int64_t> random_slots(Rng& rng, int num_slots, int tokens) {
+  std::vector<int64_t> slots(num_slots);
+  std::iota(slots.begin(), slots.end(), 0);
+  std::shuffle(slots.begin(), slots.end(), std::mt19937(static_cast<unsigned>(rng.next())));
+  slots.resize(tokens);
+  return slots;
+}
+
 TEST(CudaKernels, RopeStoreKvMatchesCpuReference) {
   if (device_count() == 0) GTEST_SKIP() << "no CUDA device";
   Rng rng(std::random_device{}());
@@ -248,10 +257,7 @@ TEST(CudaKernels, RopeStoreKvMatchesCpuReference) {
     const auto qkv = random_bf16(rng, static_cast<size_t>(s.tokens) * row, 1.0);
     std::vector<int32_t> positions(s.tokens);
     for (auto& p : positions) p = static_cast<int32_t>(rng.below(20000));
-    std::vector<int64_t> slots(num_slots);
-    std::iota(slots.begin(), slots.end(), 0);
-    std::shuffle(slots.begin(), slots.end(), std::mt19937(static_cast<unsigned>(rng.next())));
-    slots.resize(s.tokens);
+    const std::vector<int64_t> slots = random_slots(rng, num_slots, s.tokens);
     DeviceBuffer<uint16_t> d_qkv(qkv.size()), d_k(static_cast<size_t>(num_slots) * kv),
         d_v(static_cast<size_t>(num_slots) * kv);
     DeviceBuffer<int32_t> d_pos(positions.size());
@@ -317,10 +323,7 @@ TEST(CudaKernels, SkinnyGemmRopeMatchesSeparateKernels) {
     const auto w = random_bf16(rng, static_cast<size_t>(row) * s.k, 1.0 / std::sqrt(s.k));
     std::vector<int32_t> positions(s.tokens);
     for (auto& p : positions) p = static_cast<int32_t>(rng.below(20000));
-    std::vector<int64_t> slots(num_slots);
-    std::iota(slots.begin(), slots.end(), 0);
-    std::shuffle(slots.begin(), slots.end(), std::mt19937(static_cast<unsigned>(rng.next())));
-    slots.resize(s.tokens);
+    const std::vector<int64_t> slots = random_slots(rng, num_slots, s.tokens);
     DeviceBuffer<uint16_t> d_x(x.size()), d_w(w.size());
     DeviceBuffer<int32_t> d_pos(positions.size());
     DeviceBuffer<int64_t> d_slots(slots.size());

@@ -169,6 +169,12 @@ bool switch_on(const char* name) {
   return v == nullptr || std::string(v) != "0";
 }
 
+// An A/B switch that is off unless set to "1".
+bool switch_set(const char* name) {
+  const char* v = std::getenv(name);
+  return v != nullptr && std::string(v) == "1";
+}
+
 class CudaBackend final : public Backend {
  public:
   explicit CudaBackend(int device) : device_(device) {
@@ -651,10 +657,7 @@ class CudaBackend final : public Backend {
   // the stage profile. Off by default until measured: ERNIE_FUSED_MOE_NORM=1 turns it on.
   void moe_add_rms_norm(Tensor normed, Tensor residual, Tensor out, const Tensor& x,
                         const MoeWeights& w, const Tensor& norm_weight, float eps) override {
-    static const bool fused = [] {
-      const char* v = std::getenv("ERNIE_FUSED_MOE_NORM");
-      return v != nullptr && std::string(v) == "1";
-    }();
+    static const bool fused = switch_set("ERNIE_FUSED_MOE_NORM");
     const int hidden = static_cast<int>(x.dim(1));
     if (!fused || profiling_ || !cuda::moe_combine_norm_fits(hidden) ||
         norm_weight.dtype != DType::kBF16) {

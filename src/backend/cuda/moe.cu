@@ -666,121 +666,95 @@ void launch_wgmma(__nv_bfloat16* out, const CUtensorMap& a_map, const CUtensorMa
   ERNIE_CUDA_CHECK(cudaGetLastError());
 }
 
-// routed_row0: the row of y where the routed layout starts. folded: the folded shared experts'
-// count, expert s's f32 row of token t at s * fold_stride + t of fold_out; their sum, rounded
-// to bf16, is the shared experts' output.
-__global__ void moe_combine_kernel(__nv_bfloat16* out, const __nv_bfloat16* y,
-                                   const int32_t* pair_pos, const __nv_bfloat16* shared, int k,
-                                   int hidden, int64_t routed_row0, const float* fold_out,
-                                   int folded, int64_t fold_stride) {
+// What the combine sums for a token: routed: y's routed rows (the routed layout's first row),
+// the token's k rows of them by pair_pos; folded: the folded shared experts' count, expert s's
+// f32 row of token t at s * fold_stride + t of fold_out (their sum, rounded to bf16, is the
+// shared experts' output); shared: the unfolded shared experts' output, or null.
+struct CombineSrc {
+  const __nv_bfloat16* routed;
+  const int32_t* pair_pos;
+  const __nv_bfloat16* shared;
+  const float* fold_out;
+  int64_t fold_stride;
+  int k, hidden, folded;
+};
+
+// Columns i .. i + 7 of token t's sum (hidden % 8 == 0): f32, in a fixed order, rounded once.
+__device__ inline uint4 combine_vec8(const CombineSrc& c, size_t t, int i) {
+  float acc[8] = {};
+  auto add = [&](const __nv_bfloat16* src) {
+    const uint4 v = *reinterpret_cast<const uint4*>(src);
+    const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&v);
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {
+      const float2 f = __bfloat1622float2(h[q]);
+      acc[2 * q] += f.x;
+      acc[2 * q + 1] += f.y;
+    }
+  };
+  for (int j = 0; j < c.k; ++j) {
+    add(c.routed + static_cast<size_t>(c.pair_pos[t * c.k + j]) * c.hidden + i);
+  }
+  if (c.folded > 0) {  // the folded experts' f32 partials, two 16-byte loads per expert
+    float sh[8] = {};
+    for (int s = 0; s < c.folded; ++s) {
+      const float4* src =
+          reinterpret_cast<const float4*>(c.fold_out + (s * c.fold_stride + t) * c.hidden + i);
+      const float4 a = src[0], b = src[1];
+      const float v[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
+#pragma unroll
+      for (int q = 0; q < 8; ++q) sh[q] += v[q];
+    }
+#pragma unroll
+    for (int q = 0; q < 8; ++q) acc[q] += __bfloat162float(__float2bfloat16(sh[q]));
+  }
+  if (c.shared) add(c.shared + t * c.hidden + i);
+  uint4 o;
+  __nv_bfloat162* oh = reinterpret_cast<__nv_bfloat162*>(&o);
+#pragma unroll
+  for (int q = 0; q < 4; ++q) oh[q] = __floats2bfloat162_rn(acc[2 * q], acc[2 * q + 1]);
+  return o;
+}
+
+__global__ void moe_combine_kernel(__nv_bfloat16* out, const CombineSrc c) {
   pdl_begin();
   const size_t t = blockIdx.x;
-  const __nv_bfloat16* routed = y + routed_row0 * hidden;
-  auto fold_sum = [&](int i) {
-    float v = 0.0f;
-    for (int s = 0; s < folded; ++s) v += fold_out[(s * fold_stride + t) * hidden + i];
-    return __bfloat162float(__float2bfloat16(v));
-  };
-  if (hidden % 8 == 0) {  // 16-byte loads: eight columns per thread, summed in the same order
+  const int hidden = c.hidden;
+  if (hidden % 8 == 0) {  // 16-byte loads: eight columns per thread
     for (int i = threadIdx.x * 8; i < hidden; i += blockDim.x * 8) {
-      float acc[8] = {};
-      auto add = [&](const __nv_bfloat16* src) {
-        const uint4 v = *reinterpret_cast<const uint4*>(src);
-        const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&v);
-#pragma unroll
-        for (int q = 0; q < 4; ++q) {
-          const float2 f = __bfloat1622float2(h[q]);
-          acc[2 * q] += f.x;
-          acc[2 * q + 1] += f.y;
-        }
-      };
-      for (int j = 0; j < k; ++j) {
-        add(routed + static_cast<size_t>(pair_pos[t * k + j]) * hidden + i);
-      }
-      if (folded > 0) {  // the folded experts' f32 partials, two 16-byte loads per expert
-        float sh[8] = {};
-        for (int s = 0; s < folded; ++s) {
-          const float4* src =
-              reinterpret_cast<const float4*>(fold_out + (s * fold_stride + t) * hidden + i);
-          const float4 a = src[0], b = src[1];
-          sh[0] += a.x;
-          sh[1] += a.y;
-          sh[2] += a.z;
-          sh[3] += a.w;
-          sh[4] += b.x;
-          sh[5] += b.y;
-          sh[6] += b.z;
-          sh[7] += b.w;
-        }
-#pragma unroll
-        for (int q = 0; q < 8; ++q) acc[q] += __bfloat162float(__float2bfloat16(sh[q]));
-      }
-      if (shared) add(shared + t * hidden + i);
-      uint4 o;
-      __nv_bfloat162* oh = reinterpret_cast<__nv_bfloat162*>(&o);
-#pragma unroll
-      for (int q = 0; q < 4; ++q) oh[q] = __floats2bfloat162_rn(acc[2 * q], acc[2 * q + 1]);
-      *reinterpret_cast<uint4*>(out + t * hidden + i) = o;
+      *reinterpret_cast<uint4*>(out + t * hidden + i) = combine_vec8(c, t, i);
     }
     return;
   }
   for (int i = threadIdx.x; i < hidden; i += blockDim.x) {
     float acc = 0.0f;
-    for (int j = 0; j < k; ++j) {
-      acc += __bfloat162float(routed[static_cast<size_t>(pair_pos[t * k + j]) * hidden + i]);
+    for (int j = 0; j < c.k; ++j) {
+      acc += __bfloat162float(c.routed[static_cast<size_t>(c.pair_pos[t * c.k + j]) * hidden + i]);
     }
-    if (folded > 0) acc += fold_sum(i);
-    if (shared) acc += __bfloat162float(shared[t * hidden + i]);
+    if (c.folded > 0) {
+      float v = 0.0f;
+      for (int s = 0; s < c.folded; ++s) v += c.fold_out[(s * c.fold_stride + t) * hidden + i];
+      acc += __bfloat162float(__float2bfloat16(v));
+    }
+    if (c.shared) acc += __bfloat162float(c.shared[t * hidden + i]);
     out[t * hidden + i] = __float2bfloat16(acc);
   }
 }
 
-// moe_combine_kernel's sum for one token and one 16-byte vector per thread (the host checks
-// that one covers the row), then the next layer's residual add and RMSNorm of the row, computed
-// as fused_add_rms_norm_vec_kernel computes them (norm_parts.cuh). Reached only with
+// moe_combine_kernel with one 16-byte vector per thread (the host checks that one covers the
+// row), then the next layer's residual add and RMSNorm of the row, computed as
+// fused_add_rms_norm_vec_kernel computes them (norm_parts.cuh). Reached only with
 // ERNIE_FUSED_MOE_NORM=1 (cuda_backend.cc) until it has been measured.
-__global__ void moe_combine_norm_kernel(__nv_bfloat16* out, const __nv_bfloat16* y,
-                                        const int32_t* pair_pos, const __nv_bfloat16* shared, int k,
-                                        int hidden, int64_t routed_row0, const float* fold_out,
-                                        int folded, int64_t fold_stride, const CombineNorm norm) {
+__global__ void moe_combine_norm_kernel(__nv_bfloat16* out, const CombineSrc c,
+                                        const CombineNorm norm) {
   pdl_begin();
   const size_t t = blockIdx.x;
-  const int i = threadIdx.x * 8;
-  const bool active = i < hidden;
+  const int hidden = c.hidden;
+  const bool active = static_cast<int>(threadIdx.x) * 8 < hidden;
   uint4 r{};
   float ss = 0.0f;
   if (active) {
-    const __nv_bfloat16* routed = y + routed_row0 * hidden;
-    float acc[8] = {};
-    auto add = [&](const __nv_bfloat16* src) {
-      const uint4 v = *reinterpret_cast<const uint4*>(src);
-      const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&v);
-#pragma unroll
-      for (int q = 0; q < 4; ++q) {
-        const float2 f = __bfloat1622float2(h[q]);
-        acc[2 * q] += f.x;
-        acc[2 * q + 1] += f.y;
-      }
-    };
-    for (int j = 0; j < k; ++j) add(routed + static_cast<size_t>(pair_pos[t * k + j]) * hidden + i);
-    if (folded > 0) {
-      float sh[8] = {};
-      for (int s = 0; s < folded; ++s) {
-        const float4* src =
-            reinterpret_cast<const float4*>(fold_out + (s * fold_stride + t) * hidden + i);
-        const float4 a = src[0], b = src[1];
-        const float v[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
-#pragma unroll
-        for (int q = 0; q < 8; ++q) sh[q] += v[q];
-      }
-#pragma unroll
-      for (int q = 0; q < 8; ++q) acc[q] += __bfloat162float(__float2bfloat16(sh[q]));
-    }
-    if (shared) add(shared + t * hidden + i);
-    uint4 o;
-    __nv_bfloat162* oh = reinterpret_cast<__nv_bfloat162*>(&o);
-#pragma unroll
-    for (int q = 0; q < 4; ++q) oh[q] = __floats2bfloat162_rn(acc[2 * q], acc[2 * q + 1]);
+    const uint4 o = combine_vec8(c, t, threadIdx.x * 8);
     reinterpret_cast<uint4*>(out + t * hidden)[threadIdx.x] = o;
     uint4* res = reinterpret_cast<uint4*>(norm.residual + t * hidden);
     r = res[threadIdx.x];
@@ -910,12 +884,18 @@ void moe_combine(__nv_bfloat16* out, const __nv_bfloat16* y, const int32_t* pair
   const int64_t fold_stride = fold.experts > 0 ? routed_row0 / fold.experts : 0;
   // One 16-byte vector per thread where the row allows (a decode step is one pass of loads).
   const int threads = hidden % 8 == 0 ? std::clamp((hidden / 8 + 31) / 32 * 32, 128, 1024) : 128;
+  const CombineSrc c{y + routed_row0 * hidden,
+                     pair_pos,
+                     shared,
+                     fold.down_out,
+                     fold_stride,
+                     k,
+                     hidden,
+                     fold.experts};
   if (norm.normed != nullptr) {
-    launch_pdl(moe_combine_norm_kernel, tokens, threads, 0, stream, out, y, pair_pos, shared, k,
-               hidden, routed_row0, fold.down_out, fold.experts, fold_stride, norm);
+    launch_pdl(moe_combine_norm_kernel, tokens, threads, 0, stream, out, c, norm);
   } else {
-    launch_pdl(moe_combine_kernel, tokens, threads, 0, stream, out, y, pair_pos, shared, k, hidden,
-               routed_row0, fold.down_out, fold.experts, fold_stride);
+    launch_pdl(moe_combine_kernel, tokens, threads, 0, stream, out, c);
   }
   ERNIE_CUDA_CHECK(cudaGetLastError());
 }

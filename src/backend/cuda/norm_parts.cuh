@@ -1,7 +1,6 @@
-// Pieces of the fused residual add + RMSNorm for the MoE combine that ends with the next
-// layer's norm (moe.cu): the arithmetic of rms_norm.cu's fused_add_rms_norm_vec_kernel, in the
-// same order, so that both give the same bits (CudaBackendTest.MoeNormFusedMatchesSeparate).
-// Device code only.
+// Pieces of the fused residual add + RMSNorm: the norm kernels (rms_norm.cu) and the MoE
+// combine that ends with the next layer's norm (moe.cu) both use them, so they compute the same
+// bits (CudaBackendTest.MoeNormFusedMatchesSeparate). Device code only.
 #pragma once
 
 #include <cuda_bf16.h>

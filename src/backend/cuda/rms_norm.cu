@@ -1,27 +1,12 @@
 #include "backend/cuda/cuda_check.h"
 #include "backend/cuda/launch.cuh"
+#include "backend/cuda/norm_parts.cuh"
 #include "backend/cuda/rms_norm.cuh"
 
 namespace ernie::cuda {
 namespace {
 
 constexpr int kThreads = 256;
-
-// Sum over the block (any multiple of 32 threads up to 1024).
-__device__ float block_sum(float v) {
-  __shared__ float warp_sums[32];
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = blockDim.x / 32;
-  if (lane == 0) warp_sums[warp] = v;
-  __syncthreads();
-  v = lane < warps ? warp_sums[lane] : 0.0f;
-  if (warp == 0) {
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-    if (lane == 0) warp_sums[0] = v;
-  }
-  __syncthreads();
-  return warp_sums[0];
-}
 
 // Mirrors the reference: the residual sum is rounded to bf16 (it is stored), the norm is
 // computed in f32 from the stored values, cast to bf16, then multiplied by the weight.
@@ -42,7 +27,7 @@ __global__ void fused_add_rms_norm_kernel(__nv_bfloat16* out, __nv_bfloat16* res
     const float f = __bfloat162float(s);
     ss += f * f;
   }
-  const float inv = rsqrtf(block_sum(ss) / hidden + eps);
+  const float inv = rsqrtf(norm_block_sum(ss) / hidden + eps);
   __nv_bfloat16* o = out + row * hidden;
   for (int i = threadIdx.x; i < hidden; i += kThreads) {
     const __nv_bfloat16 n = __float2bfloat16(__bfloat162float(r[i]) * inv);
@@ -68,42 +53,20 @@ __global__ void fused_add_rms_norm_vec_kernel(__nv_bfloat16* out, __nv_bfloat16*
     const int i = threadIdx.x + u * blockDim.x;
     if (i >= vecs) break;
     v[u] = r[i];
-    __nv_bfloat162* s = reinterpret_cast<__nv_bfloat162*>(&v[u]);
     if (xr) {
-      const uint4 d = xr[i];
-      const __nv_bfloat162* dh = reinterpret_cast<const __nv_bfloat162*>(&d);
-#pragma unroll
-      for (int q = 0; q < 4; ++q) {
-        const float2 a = __bfloat1622float2(s[q]), b = __bfloat1622float2(dh[q]);
-        s[q] = __floats2bfloat162_rn(a.x + b.x, a.y + b.y);
-      }
+      add_vec8(v[u], xr[i]);
       r[i] = v[u];
     }
-#pragma unroll
-    for (int q = 0; q < 4; ++q) {
-      const float2 f = __bfloat1622float2(s[q]);
-      ss += f.x * f.x + f.y * f.y;
-    }
+    ss = squares_vec8(v[u], ss);
   }
-  const float inv = rsqrtf(block_sum(ss) / hidden + eps);
+  const float inv = rsqrtf(norm_block_sum(ss) / hidden + eps);
   uint4* o = reinterpret_cast<uint4*>(out + row * hidden);
   const uint4* wv = reinterpret_cast<const uint4*>(weight);
 #pragma unroll
   for (int u = 0; u < kVec; ++u) {
     const int i = threadIdx.x + u * blockDim.x;
     if (i >= vecs) break;
-    const uint4 w = wv[i];
-    const __nv_bfloat162* s = reinterpret_cast<const __nv_bfloat162*>(&v[u]);
-    const __nv_bfloat162* wh = reinterpret_cast<const __nv_bfloat162*>(&w);
-    uint4 res;
-    __nv_bfloat162* rh = reinterpret_cast<__nv_bfloat162*>(&res);
-#pragma unroll
-    for (int q = 0; q < 4; ++q) {
-      const float2 f = __bfloat1622float2(s[q]), g = __bfloat1622float2(wh[q]);
-      const float2 n = __bfloat1622float2(__floats2bfloat162_rn(f.x * inv, f.y * inv));
-      rh[q] = __floats2bfloat162_rn(n.x * g.x, n.y * g.y);
-    }
-    o[i] = res;
+    o[i] = norm_vec8(v[u], inv, wv[i]);
   }
 }
 

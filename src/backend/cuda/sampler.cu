@@ -197,6 +197,37 @@ __device__ int count_for_mass(const float* q, int vocab, double target, Shared& 
   return count_above + m;
 }
 
+// x[lo, hi) = raw[lo, hi) with the row's edits whose ids fall there, in the CPU reference's
+// order: logit bias (in order: an id may be biased more than once), penalties, bans. Every
+// thread of the CTA calls it.
+__device__ void edited_logits(const float* raw, float* x, int lo, int hi,
+                              const DeviceSamplingRow& p, const SamplingTables& tab) {
+  for (int i = lo + threadIdx.x; i < hi; i += blockDim.x) x[i] = raw[i];
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    for (int b = p.bias_begin; b < p.bias_end; ++b) {
+      const int id = tab.bias_ids[b];
+      if (id >= lo && id < hi) x[id] += tab.bias_values[b];
+    }
+  }
+  __syncthreads();
+  for (int e = p.pen_begin + threadIdx.x; e < p.pen_end; e += blockDim.x) {
+    const int id = tab.pen_ids[e], count = tab.pen_counts[e];
+    if (id < lo || id >= hi) continue;
+    float v = x[id];
+    if (p.repetition_penalty != 1.0f)
+      v = v > 0 ? v / p.repetition_penalty : v * p.repetition_penalty;
+    if (count > 0) v -= p.frequency_penalty * static_cast<float>(count) + p.presence_penalty;
+    x[id] = v;
+  }
+  __syncthreads();
+  for (int b = p.ban_begin + threadIdx.x; b < p.ban_end; b += blockDim.x) {
+    const int id = tab.ban_ids[b];
+    if (id >= lo && id < hi) x[id] = -INFINITY;
+  }
+  __syncthreads();
+}
+
 __global__ void __launch_bounds__(kThreads)
     sample_kernel(const float* logits, float* work, int vocab, const DeviceSamplingRow* params,
                   SamplingTables tab, SamplingOutput out) {
@@ -206,30 +237,7 @@ __global__ void __launch_bounds__(kThreads)
   const float* raw = logits + static_cast<size_t>(row) * vocab;
   float* x = work + static_cast<size_t>(row) * vocab;
 
-  for (int i = threadIdx.x; i < vocab; i += kThreads) x[i] = raw[i];
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    for (int b = p.bias_begin; b < p.bias_end; ++b) {
-      const int id = tab.bias_ids[b];
-      if (id >= 0 && id < vocab) x[id] += tab.bias_values[b];
-    }
-  }
-  __syncthreads();
-  for (int e = p.pen_begin + threadIdx.x; e < p.pen_end; e += kThreads) {
-    const int id = tab.pen_ids[e], count = tab.pen_counts[e];
-    if (id < 0 || id >= vocab) continue;
-    float v = x[id];
-    if (p.repetition_penalty != 1.0f)
-      v = v > 0 ? v / p.repetition_penalty : v * p.repetition_penalty;
-    if (count > 0) v -= p.frequency_penalty * static_cast<float>(count) + p.presence_penalty;
-    x[id] = v;
-  }
-  __syncthreads();
-  for (int b = p.ban_begin + threadIdx.x; b < p.ban_end; b += kThreads) {
-    const int id = tab.ban_ids[b];
-    if (id >= 0 && id < vocab) x[id] = -INFINITY;
-  }
-  __syncthreads();
+  edited_logits(raw, x, 0, vocab, p, tab);
 
   ArgMax best{-INFINITY, INT_MAX};
   for (int i = threadIdx.x; i < vocab; i += kThreads) {
@@ -394,30 +402,7 @@ __global__ void __launch_bounds__(kSplitThreads)
   float* x = work + static_cast<size_t>(row) * vocab;
   int lo, hi;
   chunk_range(vocab, c, lo, hi);
-  for (int i = lo + threadIdx.x; i < hi; i += kSplitThreads) x[i] = raw[i];
-  __syncthreads();
-  if (threadIdx.x == 0) {  // in order: an id may be biased more than once
-    for (int b = p.bias_begin; b < p.bias_end; ++b) {
-      const int id = tab.bias_ids[b];
-      if (id >= lo && id < hi) x[id] += tab.bias_values[b];
-    }
-  }
-  __syncthreads();
-  for (int e = p.pen_begin + threadIdx.x; e < p.pen_end; e += kSplitThreads) {
-    const int id = tab.pen_ids[e], count = tab.pen_counts[e];
-    if (id < lo || id >= hi) continue;
-    float v = x[id];
-    if (p.repetition_penalty != 1.0f)
-      v = v > 0 ? v / p.repetition_penalty : v * p.repetition_penalty;
-    if (count > 0) v -= p.frequency_penalty * static_cast<float>(count) + p.presence_penalty;
-    x[id] = v;
-  }
-  __syncthreads();
-  for (int b = p.ban_begin + threadIdx.x; b < p.ban_end; b += kSplitThreads) {
-    const int id = tab.ban_ids[b];
-    if (id >= lo && id < hi) x[id] = -INFINITY;
-  }
-  __syncthreads();
+  edited_logits(raw, x, lo, hi, p, tab);
   ArgMax best{-INFINITY, INT_MAX};
   for (int i = lo + threadIdx.x; i < hi; i += kSplitThreads) {
     const ArgMax v{x[i], i};
