@@ -743,8 +743,8 @@ __global__ void moe_combine_kernel(__nv_bfloat16* out, const CombineSrc c) {
 
 // moe_combine_kernel with one 16-byte vector per thread (the host checks that one covers the
 // row), then the next layer's residual add and RMSNorm of the row, computed as
-// fused_add_rms_norm_vec_kernel computes them (norm_parts.cuh). Reached only with
-// ERNIE_FUSED_MOE_NORM=1 (cuda_backend.cc) until it has been measured.
+// fused_add_rms_norm_vec_kernel computes them (norm_parts.cuh); ERNIE_FUSED_MOE_NORM=0
+// (cuda_backend.cc) goes back to the two kernels.
 __global__ void moe_combine_norm_kernel(__nv_bfloat16* out, const CombineSrc c,
                                         const CombineNorm norm) {
   pdl_begin();
