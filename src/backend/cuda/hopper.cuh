@@ -108,6 +108,18 @@ __device__ __forceinline__ void bulk_load(void* dst, const void* src, uint32_t b
       : "memory");
 }
 
+// atomicAdd with acquire-release semantics at GPU scope: the writes ordered before it (this
+// thread's, and its CTA's through a barrier) are visible to whoever acquires the new value, and
+// it sees what the earlier arrivals released. Returns the old value.
+__device__ __forceinline__ unsigned int atomic_add_acq_rel_gpu(unsigned int* p, unsigned int v) {
+  unsigned int old;
+  asm volatile("atom.acq_rel.gpu.global.add.u32 %0, [%1], %2;\n"
+               : "=r"(old)
+               : "l"(p), "r"(v)
+               : "memory");
+  return old;
+}
+
 // ---- L2 residency hints (no effect on results) ----
 // A cache policy that keeps lines in L2 after those of normal priority have been evicted.
 __device__ __forceinline__ uint64_t l2_policy_evict_last() {

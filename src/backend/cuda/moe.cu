@@ -677,38 +677,100 @@ struct CombineSrc {
   const float* fold_out;
   int64_t fold_stride;
   int k, hidden, folded;
+  bool loads_first = false;  // combine_vec8's up-front loads (ERNIE_LATENCY_LOADS=1 until measured)
 };
 
-// Columns i .. i + 7 of token t's sum (hidden % 8 == 0): f32, in a fixed order, rounded once.
-__device__ inline uint4 combine_vec8(const CombineSrc& c, size_t t, int i) {
+// Adds the eight bf16 values of v to acc.
+__device__ inline void add_bf16x8(float (&acc)[8], const uint4& v) {
+  const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&v);
+#pragma unroll
+  for (int q = 0; q < 4; ++q) {
+    const float2 f = __bfloat1622float2(h[q]);
+    acc[2 * q] += f.x;
+    acc[2 * q + 1] += f.y;
+  }
+}
+
+// Up to these many routed and folded experts combine_vec8 issues every load of its vector
+// before the first sum, the routed rows at the token's pair positions read from shared memory
+// (load_pair_pos): the kernel makes one trip to L2 for the positions, then one for the rows.
+// Loops over them wait for each load in turn (the combine is latency-bound at a few tokens: at
+// one token it made nine trips, 5.7 us of a 78 us layer).
+constexpr int kCombineMaxK = 8, kCombineMaxFolded = 4;
+
+// Token t's pair positions into pos[kCombineMaxK] (shared memory), when combine_vec8 takes them
+// from there; every thread of the CTA calls it, and a barrier follows before combine_vec8.
+__device__ inline void load_pair_pos(int* pos, const CombineSrc& c, size_t t) {
+  if (c.loads_first && c.k <= kCombineMaxK && static_cast<int>(threadIdx.x) < c.k) {
+    pos[threadIdx.x] = c.pair_pos[t * c.k + threadIdx.x];
+  }
+}
+
+// Columns i .. i + 7 of token t's sum (hidden % 8 == 0): f32, in a fixed order (the routed rows
+// in choice order, the folded experts' sum rounded to bf16, the shared row), rounded once.
+// pos: load_pair_pos's positions.
+__device__ inline uint4 combine_vec8(const CombineSrc& c, size_t t, int i, const int* pos) {
   float acc[8] = {};
-  auto add = [&](const __nv_bfloat16* src) {
-    const uint4 v = *reinterpret_cast<const uint4*>(src);
-    const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&v);
+  uint4 shared = make_uint4(0, 0, 0, 0);
+  if (c.loads_first && c.k <= kCombineMaxK && c.folded <= kCombineMaxFolded) {
+    float4 fold[kCombineMaxFolded][2];
 #pragma unroll
-    for (int q = 0; q < 4; ++q) {
-      const float2 f = __bfloat1622float2(h[q]);
-      acc[2 * q] += f.x;
-      acc[2 * q + 1] += f.y;
+    for (int s = 0; s < kCombineMaxFolded; ++s) {
+      if (s < c.folded) {
+        const float4* src =
+            reinterpret_cast<const float4*>(c.fold_out + (s * c.fold_stride + t) * c.hidden + i);
+        fold[s][0] = src[0];
+        fold[s][1] = src[1];
+      }
     }
-  };
-  for (int j = 0; j < c.k; ++j) {
-    add(c.routed + static_cast<size_t>(c.pair_pos[t * c.k + j]) * c.hidden + i);
-  }
-  if (c.folded > 0) {  // the folded experts' f32 partials, two 16-byte loads per expert
-    float sh[8] = {};
-    for (int s = 0; s < c.folded; ++s) {
-      const float4* src =
-          reinterpret_cast<const float4*>(c.fold_out + (s * c.fold_stride + t) * c.hidden + i);
-      const float4 a = src[0], b = src[1];
-      const float v[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
+    if (c.shared) shared = *reinterpret_cast<const uint4*>(c.shared + t * c.hidden + i);
+    uint4 routed[kCombineMaxK];
 #pragma unroll
-      for (int q = 0; q < 8; ++q) sh[q] += v[q];
+    for (int j = 0; j < kCombineMaxK; ++j) {
+      if (j < c.k) {
+        routed[j] =
+            *reinterpret_cast<const uint4*>(c.routed + static_cast<size_t>(pos[j]) * c.hidden + i);
+      }
     }
 #pragma unroll
-    for (int q = 0; q < 8; ++q) acc[q] += __bfloat162float(__float2bfloat16(sh[q]));
+    for (int j = 0; j < kCombineMaxK; ++j) {
+      if (j < c.k) add_bf16x8(acc, routed[j]);
+    }
+    if (c.folded > 0) {
+      float sh[8] = {};
+#pragma unroll
+      for (int s = 0; s < kCombineMaxFolded; ++s) {
+        if (s < c.folded) {
+          const float v[8] = {fold[s][0].x, fold[s][0].y, fold[s][0].z, fold[s][0].w,
+                              fold[s][1].x, fold[s][1].y, fold[s][1].z, fold[s][1].w};
+#pragma unroll
+          for (int q = 0; q < 8; ++q) sh[q] += v[q];
+        }
+      }
+#pragma unroll
+      for (int q = 0; q < 8; ++q) acc[q] += __bfloat162float(__float2bfloat16(sh[q]));
+    }
+  } else {
+    for (int j = 0; j < c.k; ++j) {
+      add_bf16x8(acc, *reinterpret_cast<const uint4*>(
+                          c.routed + static_cast<size_t>(c.pair_pos[t * c.k + j]) * c.hidden + i));
+    }
+    if (c.folded > 0) {  // the folded experts' f32 partials, two 16-byte loads per expert
+      float sh[8] = {};
+      for (int s = 0; s < c.folded; ++s) {
+        const float4* src =
+            reinterpret_cast<const float4*>(c.fold_out + (s * c.fold_stride + t) * c.hidden + i);
+        const float4 a = src[0], b = src[1];
+        const float v[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
+#pragma unroll
+        for (int q = 0; q < 8; ++q) sh[q] += v[q];
+      }
+#pragma unroll
+      for (int q = 0; q < 8; ++q) acc[q] += __bfloat162float(__float2bfloat16(sh[q]));
+    }
+    if (c.shared) shared = *reinterpret_cast<const uint4*>(c.shared + t * c.hidden + i);
   }
-  if (c.shared) add(c.shared + t * c.hidden + i);
+  if (c.shared) add_bf16x8(acc, shared);
   uint4 o;
   __nv_bfloat162* oh = reinterpret_cast<__nv_bfloat162*>(&o);
 #pragma unroll
@@ -721,8 +783,11 @@ __global__ void moe_combine_kernel(__nv_bfloat16* out, const CombineSrc c) {
   const size_t t = blockIdx.x;
   const int hidden = c.hidden;
   if (hidden % 8 == 0) {  // 16-byte loads: eight columns per thread
+    __shared__ int pos[kCombineMaxK];
+    load_pair_pos(pos, c, t);
+    __syncthreads();
     for (int i = threadIdx.x * 8; i < hidden; i += blockDim.x * 8) {
-      *reinterpret_cast<uint4*>(out + t * hidden + i) = combine_vec8(c, t, i);
+      *reinterpret_cast<uint4*>(out + t * hidden + i) = combine_vec8(c, t, i, pos);
     }
     return;
   }
@@ -751,21 +816,27 @@ __global__ void moe_combine_norm_kernel(__nv_bfloat16* out, const CombineSrc c,
   const size_t t = blockIdx.x;
   const int hidden = c.hidden;
   const bool active = static_cast<int>(threadIdx.x) * 8 < hidden;
-  uint4 r{};
+  uint4 r{}, weight{};
   float ss = 0.0f;
+  // The residual and the norm's weights load with the pair positions.
+  uint4* res = reinterpret_cast<uint4*>(norm.residual + t * hidden);
   if (active) {
-    const uint4 o = combine_vec8(c, t, threadIdx.x * 8);
-    reinterpret_cast<uint4*>(out + t * hidden)[threadIdx.x] = o;
-    uint4* res = reinterpret_cast<uint4*>(norm.residual + t * hidden);
     r = res[threadIdx.x];
+    weight = reinterpret_cast<const uint4*>(norm.weight)[threadIdx.x];
+  }
+  __shared__ int pos[kCombineMaxK];
+  load_pair_pos(pos, c, t);
+  __syncthreads();
+  if (active) {
+    const uint4 o = combine_vec8(c, t, threadIdx.x * 8, pos);
+    reinterpret_cast<uint4*>(out + t * hidden)[threadIdx.x] = o;
     add_vec8(r, o);
     res[threadIdx.x] = r;
     ss = squares_vec8(r, ss);
   }
   const float inv = rsqrtf(norm_block_sum(ss) / hidden + norm.eps);
   if (active) {
-    reinterpret_cast<uint4*>(norm.normed + t * hidden)[threadIdx.x] =
-        norm_vec8(r, inv, reinterpret_cast<const uint4*>(norm.weight)[threadIdx.x]);
+    reinterpret_cast<uint4*>(norm.normed + t * hidden)[threadIdx.x] = norm_vec8(r, inv, weight);
   }
 }
 
@@ -884,6 +955,7 @@ void moe_combine(__nv_bfloat16* out, const __nv_bfloat16* y, const int32_t* pair
   const int64_t fold_stride = fold.experts > 0 ? routed_row0 / fold.experts : 0;
   // One 16-byte vector per thread where the row allows (a decode step is one pass of loads).
   const int threads = hidden % 8 == 0 ? std::clamp((hidden / 8 + 31) / 32 * 32, 128, 1024) : 128;
+  static const bool loads_first = new_path_enabled("ERNIE_LATENCY_LOADS");
   const CombineSrc c{y + routed_row0 * hidden,
                      pair_pos,
                      shared,
@@ -891,7 +963,8 @@ void moe_combine(__nv_bfloat16* out, const __nv_bfloat16* y, const int32_t* pair
                      fold_stride,
                      k,
                      hidden,
-                     fold.experts};
+                     fold.experts,
+                     loads_first};
   if (norm.normed != nullptr) {
     launch_pdl(moe_combine_norm_kernel, tokens, threads, 0, stream, out, c, norm);
   } else {

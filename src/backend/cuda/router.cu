@@ -259,15 +259,18 @@ constexpr size_t kSmallMaxSmem = 200 * 1024;  // a weight row and the fused tail
 template <bool kFused>
 __global__ void __launch_bounds__(kSmallThreads)
     router_small_kernel(float* logits, const __nv_bfloat16* x, const float* w, int tokens,
-                        int hidden, int experts, const Tail tail, Trigger trigger) {
+                        int hidden, int experts, const Tail tail, Trigger trigger, bool latency) {
   const int e = blockIdx.x, tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int groups = hidden / 4;
-  // Dynamic shared memory: the expert's weight row (hidden floats), then (kFused) the tail's
-  // scratch.
+  // Dynamic shared memory: the expert's weight row (hidden floats), the input (tokens x hidden
+  // bf16), then (kFused) the tail's scratch.
   extern __shared__ __align__(16) float dyn_smem[];
-  __shared__ __align__(8) uint64_t w_full;
+  __shared__ __align__(8) uint64_t w_full, x_full;
+  auto* xs = reinterpret_cast<__nv_bfloat16*>(dyn_smem + hidden);
+  const uint32_t x_bytes = static_cast<uint32_t>(tokens) * hidden * 2;
   if (tid == 0) {
     mbar_init(&w_full, 1);
+    mbar_init(&x_full, 1);
     mbar_init_fence();
     mbar_arrive_expect_tx(&w_full, static_cast<uint32_t>(hidden) * 4);
     bulk_load(dyn_smem, w + static_cast<size_t>(e) * hidden, static_cast<uint32_t>(hidden) * 4,
@@ -277,7 +280,8 @@ __global__ void __launch_bounds__(kSmallThreads)
   // stays before the wait (see above): the tail does not wait on memory for it (a DRAM trip
   // while the folded shared experts stream beside it). With the ids kept in shared memory for
   // the layout and the combine's 16-byte loads: H200, step 1 x 1000 2.493 -> 2.390 ms.
-  float* tail_smem = dyn_smem + hidden;  // [warps][2 * experts] floats, then the bias, ids, counts
+  // [warps][2 * experts] floats, then the bias, ids, counts
+  float* tail_smem = dyn_smem + hidden + x_bytes / 4;
   float* bias_s = tail_smem + (kSmallThreads / 32) * 2 * experts;
   if constexpr (kFused) {
     for (int i = tid; i < experts; i += kSmallThreads) cp_async_4(bias_s + i, tail.bias + i);
@@ -285,8 +289,16 @@ __global__ void __launch_bounds__(kSmallThreads)
   }
   asm volatile("griddepcontrol.wait;" ::: "memory");
   if (trigger == kAfterWait) asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
-  __syncthreads();  // the barrier's initialisation is visible
+  // latency: the input by one bulk copy too (a loop of loads from L2 waits for each: a trip
+  // per 128 groups of four columns, five at a hidden size of 2560).
+  if (latency && tid == 0) {
+    mbar_arrive_expect_tx(&x_full, x_bytes);
+    bulk_load(xs, x, x_bytes, &x_full);
+  }
+  __syncthreads();  // the barriers' initialisation is visible
   mbar_wait(&w_full, 0);
+  if (latency) mbar_wait(&x_full, 0);
+  const __nv_bfloat16* xin = latency ? xs : x;
   float acc[kFusedRouteTokens] = {};
   const float4* wrow = reinterpret_cast<const float4*>(dyn_smem);
   for (int q = tid; q < groups; q += kSmallThreads) {
@@ -295,7 +307,7 @@ __global__ void __launch_bounds__(kSmallThreads)
     for (int t = 0; t < kFusedRouteTokens; ++t) {
       if (t < tokens) {
         const uint2 xv =
-            *reinterpret_cast<const uint2*>(x + static_cast<size_t>(t) * hidden + 4 * q);
+            *reinterpret_cast<const uint2*>(xin + static_cast<size_t>(t) * hidden + 4 * q);
         const float2 a = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&xv.x));
         const float2 b = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&xv.y));
         acc[t] = fmaf(wv.x, a.x, acc[t]);
@@ -326,12 +338,17 @@ __global__ void __launch_bounds__(kSmallThreads)
     // The bias copy has landed (long since; no CTA may end with a copy into its shared memory
     // in flight), and this CTA's logits are visible before it is counted.
     cp_async_wait<0>();
-    __threadfence();
+    if (!latency) __threadfence();
     __syncthreads();
-    if (tid == 0) last = atomicAdd(&g_route_arrivals, 1u) == gridDim.x - 1;
+    if (tid == 0) {
+      // latency: the arrival itself releases the CTA's logits (ordered before it by the
+      // barrier) and acquires the other CTAs', instead of two sequentially consistent fences.
+      last = (latency ? atomic_add_acq_rel_gpu(&g_route_arrivals, 1u)
+                      : atomicAdd(&g_route_arrivals, 1u)) == gridDim.x - 1;
+    }
     __syncthreads();  // also: every thread's bias copy is visible to all
     if (!last) return;
-    __threadfence();
+    if (!latency) __threadfence();
     // The ids also into shared memory, for the layout to read without a trip to L2.
     auto* ids_s = reinterpret_cast<int32_t*>(bias_s + experts);
     for (int t = warp; t < tokens; t += kSmallThreads / 32) {
@@ -387,8 +404,9 @@ bool route_topk(int32_t* ids, float* weights, const __nv_bfloat16* x, const floa
   if (tokens <= kFusedRouteTokens) {
     auto* logits = static_cast<float*>(scratch);  // tokens x experts <= the scratch's floats
     Tail tail{ids, weights, bias, k, norm_min, {}};
-    // Shared memory: the weight row, then (fused) the tail's scratch.
-    const size_t row_bytes = static_cast<size_t>(hidden) * sizeof(float);
+    // Shared memory: the weight row and the input, then (fused) the tail's scratch.
+    const size_t row_bytes = static_cast<size_t>(hidden) * sizeof(float) +
+                             static_cast<size_t>(tokens) * hidden * sizeof(__nv_bfloat16);
     // The tail: the warps' scratch, the bias, the ids, the layout's counts and offsets.
     const size_t tail_bytes =
         (static_cast<size_t>(kSmallThreads / 32) * 2 + 1) * experts * sizeof(float) +
@@ -403,15 +421,18 @@ bool route_topk(int32_t* ids, float* weights, const __nv_bfloat16* x, const floa
       return true;
     }();
     (void)configured;
+    // ERNIE_LATENCY_LOADS=1 (off until measured): the input by bulk copy, the arrival count
+    // with acquire-release semantics.
+    static const bool latency = new_path_enabled("ERNIE_LATENCY_LOADS");
     if (layout != nullptr) {
       tail.layout = *layout;
       launch_pdl(router_small_kernel<true>, experts, kSmallThreads, row_bytes + tail_bytes, stream,
-                 logits, x, router, tokens, hidden, experts, tail, trigger);
+                 logits, x, router, tokens, hidden, experts, tail, trigger, latency);
       ERNIE_CUDA_CHECK(cudaGetLastError());
       return true;
     }
     launch_pdl(router_small_kernel<false>, experts, kSmallThreads, row_bytes, stream, logits, x,
-               router, tokens, hidden, experts, tail, trigger);
+               router, tokens, hidden, experts, tail, trigger, latency);
     ERNIE_CUDA_CHECK(cudaGetLastError());
     const size_t smem = static_cast<size_t>(kTopkWarps) * 2 * experts * sizeof(float);
     launch_pdl(router_topk_kernel, (tokens + kTopkWarps - 1) / kTopkWarps, kTopkWarps * 32, smem,
