@@ -975,14 +975,7 @@ void launch(const PagedAttentionArgs& a, cudaStream_t stream) {
 template <int D>
 void launch_d(const PagedAttentionArgs& a, cudaStream_t stream) {
   if (a.decode_shape && D == kWgD && tma_loads(a)) {
-    // ERNIE_DECODE_TWO_BUFFERS=1 (A/B, off until measured): two K/V buffers (70 KB of shared
-    // memory rather than 104), so that a CTA fits beside the qkv GEMM's and starts earlier.
-    static const bool two = new_path_enabled("ERNIE_DECODE_TWO_BUFFERS");
-    if (two) {
-      launch<kWgD, 1, 4, 2, true>(a, stream);
-    } else {
-      launch<kWgD, 1, 4, kDecodeBuffers, true>(a, stream);
-    }
+    launch<kWgD, 1, 4, kDecodeBuffers, true>(a, stream);
   } else if (a.decode_shape) {
     launch<D, 1, 4, kDecodeBuffers>(a, stream);
   } else if (D == kWgD) {
