@@ -271,9 +271,6 @@ class Backend {
   }
   // out [T, H * d]: causal attention of q (inside qkv) over each sequence's cached keys.
   virtual void attention(Tensor out, const Tensor& qkv, int layer) = 0;
-  // Called before attention() when an MoE block with these weights follows it: a backend may
-  // start bringing the block's fixed weights closer while the attention runs. A hint only.
-  virtual void prefetch_moe(const MoeWeights& /*w*/) {}
   // out [M, I] = silu(gate_up[:, :I]) * gate_up[:, I:]
   virtual void silu_mul(Tensor out, const Tensor& gate_up) = 0;
   // out [T, hidden] = routed experts (+ shared experts) of x [T, hidden]

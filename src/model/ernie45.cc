@@ -308,7 +308,6 @@ Tensor Ernie45::run_layers(const backend::StepInput& step) {
     be_.mark(Stage::kQkvProj);
     be_.qkv_rope_store_kv(qkv, x, L.qkv, static_cast<int>(i));
     be_.mark(Stage::kAttention);
-    if (L.is_moe) be_.prefetch_moe(L.moe);
     be_.attention(attn, qkv, static_cast<int>(i));
     be_.mark(Stage::kOProj);
     be_.linear(delta, attn, L.o);

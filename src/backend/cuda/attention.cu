@@ -164,39 +164,6 @@ __device__ __forceinline__ void softmax_step(float (&s)[NT][4], float (&o)[ND][4
   }
 }
 
-// This CTA's share of the step's L2 hints (L2Hint): each range cut into one slice per CTA, a
-// slice fetched by thread 0 in bulk pieces, released line by line by all threads.
-__device__ void issue_l2_hint(const L2Hint& h) {
-  const size_t ctas = static_cast<size_t>(gridDim.x) * gridDim.y * gridDim.z;
-  const size_t cta =
-      blockIdx.x + gridDim.x * (blockIdx.y + static_cast<size_t>(gridDim.y) * blockIdx.z);
-  constexpr size_t kLine = 128, kPiece = 64 * 1024;
-  auto slice = [&](size_t bytes, size_t& begin, size_t& end) {
-    const size_t per = ((bytes + ctas - 1) / ctas + kLine - 1) / kLine * kLine;
-    begin = min(bytes, cta * per);
-    end = min(bytes, begin + per);
-  };
-#pragma unroll
-  for (int r = 0; r < L2Hint::kRanges; ++r) {
-    size_t begin, end;
-    if (h.fetch_bytes[r] > 0 && threadIdx.x == 0) {
-      slice(h.fetch_bytes[r], begin, end);
-      const uint64_t policy = l2_policy_evict_last();
-      const char* base = static_cast<const char*>(h.fetch[r]);
-      for (size_t o = begin; o < end; o += kPiece) {
-        l2_prefetch_bulk(base + o, static_cast<uint32_t>(min(kPiece, end - o)), policy);
-      }
-    }
-    if (h.release_bytes[r] > 0) {
-      slice(h.release_bytes[r], begin, end);
-      const char* base = static_cast<const char*>(h.release[r]);
-      for (size_t o = begin + threadIdx.x * kLine; o < end; o += blockDim.x * kLine) {
-        l2_priority_normal(base + o);
-      }
-    }
-  }
-}
-
 // mma.sync kernel. RW warps split the query rows (16 each), KW warps split each 64-key tile.
 // Prefill tiles the wgmma kernel does not take use RW = kPrefillRowWarps (64 query rows per
 // CTA); decode uses KW = 4 (16 rows, keys split four ways and merged through shared memory at
@@ -344,7 +311,6 @@ __global__ void __launch_bounds__(32 * RW * KW)
     asm volatile("griddepcontrol.wait;" ::: "memory");
     load_q();
   }
-  issue_l2_hint(a.l2);
   for (int b = 0; b < NB - 1; ++b) {  // the first NB - 1 key tiles, one group each
     const int kt = k_begin + b * BN;
     if (kt < k_end && !early(kt)) load_kv(b, kt);

@@ -41,20 +41,6 @@ AttentionPlan plan_attention(const std::vector<int32_t>& query_start,
 // for head_dim 128 and power-of-two blocks of 8-64 keys): plan them with pair_prefill.
 bool prefill_tiles_paired(int head_dim, int block_size);
 
-// Fixed weights that the kernels after a decode step's attention read soon (an MoE layer's
-// shared experts): the attention CTAs, once the kernel before them has finished, ask L2 to
-// fetch `fetch` ranges with the evict-last priority (decode attention leaves the memory mostly
-// idle), and return the `release` ranges (those fetched for the layer before) to the normal
-// priority. Hints only: no result depends on them. Sizes are multiples of 128 bytes, starts
-// 128-byte aligned.
-struct L2Hint {
-  static constexpr int kRanges = 2;
-  const void* fetch[kRanges] = {};
-  size_t fetch_bytes[kRanges] = {};
-  const void* release[kRanges] = {};
-  size_t release_bytes[kRanges] = {};
-};
-
 struct PagedAttentionArgs {
   const __nv_bfloat16* qkv = nullptr;      // [T, (H + 2 KV) * D]; q already rotated
   __nv_bfloat16* out = nullptr;            // [T, H * D]
@@ -77,7 +63,6 @@ struct PagedAttentionArgs {
   bool decode_shape = false;
   bool paired = false;  // AttentionPlan::paired
   float scale = 1.0f;
-  L2Hint l2;  // decode-shaped steps only
 };
 
 // head_dim in {32, 48, 64, 128}.

@@ -424,10 +424,7 @@ class CudaBackend final : public Backend {
   }
 
   // ---- steps ----
-  void begin_step(const StepInput& step) override {
-    last_l2_ = {};
-    prepare_step(step, false);
-  }
+  void begin_step(const StepInput& step) override { prepare_step(step, false); }
 
   // ---- stage profile: an event at every mark, read back when the step is complete ----
   void enable_profile(bool on) override { profiling_ = on; }
@@ -461,7 +458,6 @@ class CudaBackend final : public Backend {
     require(graph_max_batch_ > 0, "enable_graphs must precede graph steps");
     require(step.num_seqs() <= graph_max_batch_ && step.max_blocks_per_seq <= graph_max_blocks_,
             "graph step larger than the graph limits");
-    last_l2_ = {};
     prepare_step(step, true);
   }
 
@@ -629,8 +625,6 @@ class CudaBackend final : public Backend {
     a.decode_shape = plan_.decode_shape;
     a.paired = plan_.paired;
     a.scale = attn_.scale;
-    a.l2 = a.decode_shape ? take_l2_hint(a.tokens) : cuda::L2Hint{};
-    next_moe_ = nullptr;
     const auto scratch_mark = arena_.mark();
     if (a.splits > 1) {
       const size_t rows = static_cast<size_t>(a.splits) * a.tokens * a.heads;
@@ -658,57 +652,6 @@ class CudaBackend final : public Backend {
   }
 
   void moe(Tensor out, const Tensor& x, const MoeWeights& w) override { run_moe(out, x, w, {}); }
-
-  // Whether run_moe runs the shared experts inside the routed GEMMs (see there).
-  static constexpr int kFoldTokens = 8;
-  bool folds_shared(const MoeWeights& w, int tokens, int block_m) const {
-    return w.shared_folded > 0 && tokens <= kFoldTokens && block_m != cuda::kMoeBlockWgmma &&
-           !profiling_;
-  }
-
-  // The next decode attention asks L2 for this MoE block's shared experts, as the MoE will read
-  // them (folded or not), and returns the ranges of the block before to the normal priority
-  // (cuda::L2Hint). Off by default until measured: ERNIE_L2_PREFETCH=N, bit 1 the shared
-  // gate/up, bit 2 their down, bit 4 the release.
-  void prefetch_moe(const MoeWeights& w) override { next_moe_ = &w; }
-
-  cuda::L2Hint take_l2_hint(int tokens) {
-    static const int mode = [] {
-      const char* v = std::getenv("ERNIE_L2_PREFETCH");
-      return v != nullptr ? std::atoi(v) : 0;
-    }();
-    cuda::L2Hint h;
-    const MoeWeights* w = next_moe_;
-    next_moe_ = nullptr;
-    if (mode == 0 || w == nullptr || w->shared_gate_up.empty() || profiling_) return h;
-    const int experts = static_cast<int>(w->router.dim(0));
-    const int64_t hidden = w->shared_down.dim(0);
-    if (folds_shared(*w, tokens, cuda::moe_block_m(tokens * w->top_k, experts))) {
-      // The folded experts: the tail of the tiled tensors (prepare_moe).
-      const int64_t inter = w->experts_down.dim(2);
-      const size_t gu = static_cast<size_t>(2 * inter * cuda::tiled_cols(hidden)) * 2;
-      const size_t dn = static_cast<size_t>(hidden * cuda::tiled_cols(inter)) * 2;
-      h.fetch[0] = static_cast<const char*>(w->experts_gate_up.data) + experts * gu;
-      h.fetch_bytes[0] = w->shared_folded * gu;
-      h.fetch[1] = static_cast<const char*>(w->experts_down.data) + experts * dn;
-      h.fetch_bytes[1] = w->shared_folded * dn;
-    } else {
-      h.fetch[0] = w->shared_gate_up.data;
-      h.fetch_bytes[0] = static_cast<size_t>(w->shared_gate_up.numel()) * 2;
-      h.fetch[1] = w->shared_down.data;
-      h.fetch_bytes[1] = static_cast<size_t>(w->shared_down.numel()) * 2;
-    }
-    for (int r = 0; r < cuda::L2Hint::kRanges; ++r) {
-      if (!(mode & (1 << r))) h.fetch_bytes[r] = 0;
-      h.fetch_bytes[r] = h.fetch_bytes[r] / 128 * 128;
-      if (mode & 4) {
-        h.release[r] = last_l2_.fetch[r];
-        h.release_bytes[r] = last_l2_.fetch_bytes[r];
-      }
-    }
-    last_l2_ = h;
-    return h;
-  }
 
   // The combine ends with the next layer's input norm (one kernel fewer per MoE layer), not in
   // the stage profile (H200, `ernie_kernel_bench 20 steps`: 1 x 1000 2.401 -> 2.369 ms, 16 x
@@ -743,9 +686,11 @@ class CudaBackend final : public Backend {
     // router and the routed experts: at a few tokens every kernel there is latency-bound, and
     // the two chains overlap. Prefill keeps one stream and cuBLAS for them (its expert GEMM is
     // persistent over every SM), and so does the stage profile (each stage is timed on its own).
+    constexpr int kFoldTokens = 8;
     const bool has_shared = !w.shared_gate_up.empty();
     cuda::SharedFold fold;
-    if (folds_shared(w, tokens, block_m)) {
+    if (w.shared_folded > 0 && tokens <= kFoldTokens && block_m != cuda::kMoeBlockWgmma &&
+        !profiling_) {
       // ERNIE_FOLD_EARLY=0: the folded blocks wait for the router like the routed ones (A/B).
       static const bool early = switch_on("ERNIE_FOLD_EARLY");
       fold =
@@ -1080,9 +1025,7 @@ class CudaBackend final : public Backend {
   PinnedBuffer meta_host_, result_host_;
   const StepInput* step_ = nullptr;
   cuda::AttentionPlan plan_;
-  const MoeWeights* next_moe_ = nullptr;  // prefetch_moe, for the next attention's L2 hint
-  cuda::L2Hint last_l2_;                  // the ranges the last hint fetched
-  float* d_inv_freq_ = nullptr;           // [head_dim / 2] (configure_attention)
+  float* d_inv_freq_ = nullptr;  // [head_dim / 2] (configure_attention)
   size_t inv_freq_bytes_ = 0;
   int32_t *d_tokens_ = nullptr, *d_positions_ = nullptr, *d_query_start_ = nullptr,
           *d_context_lens_ = nullptr, *d_block_tables_ = nullptr, *d_logits_indices_ = nullptr,

@@ -120,26 +120,6 @@ __device__ __forceinline__ unsigned int atomic_add_acq_rel_gpu(unsigned int* p, 
   return old;
 }
 
-// ---- L2 residency hints (no effect on results) ----
-// A cache policy that keeps lines in L2 after those of normal priority have been evicted.
-__device__ __forceinline__ uint64_t l2_policy_evict_last() {
-  uint64_t policy;
-  asm volatile("createpolicy.fractional.L2::evict_last.b64 %0, 1.0;\n" : "=l"(policy));
-  return policy;
-}
-// Asks L2 to fetch `bytes` (a multiple of 16, 16-byte aligned) from global memory under
-// `policy`; the thread goes on at once.
-__device__ __forceinline__ void l2_prefetch_bulk(const void* src, uint32_t bytes, uint64_t policy) {
-  asm volatile("cp.async.bulk.prefetch.L2.global.L2::cache_hint [%0], %1, %2;\n" ::"l"(src),
-               "r"(bytes), "l"(policy)
-               : "memory");
-}
-// Returns the 128-byte line at `p` (128-byte aligned) to the normal eviction priority, if L2
-// holds it.
-__device__ __forceinline__ void l2_priority_normal(const void* p) {
-  asm volatile("applypriority.global.L2::evict_normal [%0], 128;\n" ::"l"(p) : "memory");
-}
-
 // ---- wgmma ----
 // Descriptor of a 128B-swizzled K-major tile at `p` (1024-byte aligned, plus 32 bytes per
 // 16-wide k slice): stride 1024 bytes between 8-row groups, swizzle mode 1 (128B).
