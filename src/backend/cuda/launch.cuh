@@ -28,11 +28,16 @@ __device__ __forceinline__ void pdl_begin() {
 // through L2 (__ldcg), and wait as usual for what it writes itself. The MoE gate/up GEMM and the
 // router's kernels for few tokens do this (moe.cu, router.cuh).
 
-// An A/B switch of a kernel path that has not been measured yet: on only when the environment
-// sets it to "1" (read once by each caller, into a static).
+// A/B switches of kernel paths, read once by each caller (into a static). A path that has not
+// been measured yet is on only when the environment sets it to "1"; a measured one is on
+// unless it is set to "0".
 inline bool new_path_enabled(const char* name) {
   const char* v = std::getenv(name);
   return v != nullptr && std::strcmp(v, "1") == 0;
+}
+inline bool path_enabled(const char* name) {
+  const char* v = std::getenv(name);
+  return v == nullptr || std::strcmp(v, "0") != 0;
 }
 
 template <typename... Params, typename... Args>
