@@ -1,5 +1,4 @@
 #include <algorithm>
-#include <cstdlib>
 
 #include "backend/cuda/align.cuh"
 #include "backend/cuda/cuda_check.h"
@@ -254,20 +253,13 @@ __global__ void __launch_bounds__(kThreads)
 // fused tail: step 1 x 1000 2.695 -> 2.630 ms on an H200, the router's span in a layer 16.7 ->
 // 13.3 us; the bulk copy another 0.3%. Taking 9-32 tokens too, followed by the top-k and align
 // kernels, made 16 x 1000 1.6% slower.)
-// kMaxTokens: the tokens an instantiation takes (kFusedRouteTokens, or kWideRouteTokens with
-// four times the threads, a warp per token in the tail: ERNIE_SMALL_ROUTER_TOKENS, until
-// measured).
-constexpr int kWideRouteTokens = 32;
-constexpr size_t kSmallMaxSmem = 200 * 1024;  // a weight row, the input, the tail's scratch
-constexpr int small_threads(int max_tokens) {
-  return max_tokens <= kFusedRouteTokens ? 128 : 512;
-}
+constexpr int kSmallThreads = 128;
+constexpr size_t kSmallMaxSmem = 200 * 1024;  // a weight row and the fused tail's scratch
 
-template <bool kFused, int kMaxTokens>
-__global__ void __launch_bounds__(small_threads(kMaxTokens))
+template <bool kFused>
+__global__ void __launch_bounds__(kSmallThreads)
     router_small_kernel(float* logits, const __nv_bfloat16* x, const float* w, int tokens,
                         int hidden, int experts, const Tail tail, Trigger trigger, bool latency) {
-  constexpr int kSmallThreads = small_threads(kMaxTokens);
   const int e = blockIdx.x, tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int groups = hidden / 4;
   // Dynamic shared memory: the expert's weight row (hidden floats), the input (tokens x hidden
@@ -307,12 +299,12 @@ __global__ void __launch_bounds__(small_threads(kMaxTokens))
   mbar_wait(&w_full, 0);
   if (latency) mbar_wait(&x_full, 0);
   const __nv_bfloat16* xin = latency ? xs : x;
-  float acc[kMaxTokens] = {};
+  float acc[kFusedRouteTokens] = {};
   const float4* wrow = reinterpret_cast<const float4*>(dyn_smem);
   for (int q = tid; q < groups; q += kSmallThreads) {
     const float4 wv = wrow[q];
 #pragma unroll
-    for (int t = 0; t < kMaxTokens; ++t) {
+    for (int t = 0; t < kFusedRouteTokens; ++t) {
       if (t < tokens) {
         const uint2 xv =
             *reinterpret_cast<const uint2*>(xin + static_cast<size_t>(t) * hidden + 4 * q);
@@ -325,9 +317,9 @@ __global__ void __launch_bounds__(small_threads(kMaxTokens))
       }
     }
   }
-  __shared__ float red[kSmallThreads / 32][kMaxTokens];
+  __shared__ float red[kSmallThreads / 32][kFusedRouteTokens];
 #pragma unroll
-  for (int t = 0; t < kMaxTokens; ++t) {
+  for (int t = 0; t < kFusedRouteTokens; ++t) {
     float v = acc[t];
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
     if (lane == 0) red[warp][t] = v;
@@ -388,63 +380,9 @@ __global__ void __launch_bounds__(kTopkWarps * 32)
 
 size_t route_scratch_bytes(int tokens, int hidden, int experts) {
   if (tokens <= 0) return 0;
-  // The split partials, or (router_small_kernel) the logits: no more.
+  if (tokens <= kFusedRouteTokens) return static_cast<size_t>(tokens) * experts * sizeof(float);
   const Split s = plan_split(tokens, hidden, experts);
   return static_cast<size_t>(s.splits) * tokens * experts * sizeof(float);
-}
-
-namespace {
-
-// Shared memory of router_small_kernel: the weight row and the input, then (fused) the tail's
-// scratch (the warps' softmax rows, the bias, the ids, the layout's counts and offsets).
-size_t small_router_smem(int tokens, int hidden, int experts, int k, bool fused) {
-  const int warps =
-      small_threads(tokens <= kFusedRouteTokens ? kFusedRouteTokens : kWideRouteTokens) / 32;
-  const size_t row = static_cast<size_t>(hidden) * sizeof(float) +
-                     static_cast<size_t>(tokens) * hidden * sizeof(__nv_bfloat16);
-  const size_t tail =
-      (static_cast<size_t>(warps) * 2 + 1) * experts * sizeof(float) +
-      (static_cast<size_t>(tokens) * k + 2 * static_cast<size_t>(experts) + 1) * sizeof(int);
-  return row + (fused ? tail : 0);
-}
-
-// Up to how many tokens route_topk takes router_small_kernel: kFusedRouteTokens, or with
-// ERNIE_SMALL_ROUTER_TOKENS=N (N <= kWideRouteTokens) up to N when the shared memory holds them.
-int small_router_tokens() {
-  static const int limit = [] {
-    const char* v = std::getenv("ERNIE_SMALL_ROUTER_TOKENS");
-    const int n = v != nullptr ? std::atoi(v) : kFusedRouteTokens;
-    return std::clamp(n, kFusedRouteTokens, kWideRouteTokens);
-  }();
-  return limit;
-}
-
-template <int kMaxTokens>
-void launch_small_router(float* logits, const __nv_bfloat16* x, const float* router, int tokens,
-                         int hidden, int experts, const Tail& tail, Trigger trigger, bool fused,
-                         bool latency, cudaStream_t stream) {
-  static const bool configured = [] {
-    for (auto* f :
-         {router_small_kernel<true, kMaxTokens>, router_small_kernel<false, kMaxTokens>}) {
-      ERNIE_CUDA_CHECK(cudaFuncSetAttribute(f, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                            static_cast<int>(kSmallMaxSmem)));
-    }
-    return true;
-  }();
-  (void)configured;
-  const size_t smem = small_router_smem(tokens, hidden, experts, tail.k, fused);
-  launch_pdl(fused ? router_small_kernel<true, kMaxTokens> : router_small_kernel<false, kMaxTokens>,
-             experts, small_threads(kMaxTokens), smem, stream, logits, x, router, tokens, hidden,
-             experts, tail, trigger, latency);
-  ERNIE_CUDA_CHECK(cudaGetLastError());
-}
-
-}  // namespace
-
-bool route_topk_lays_out(int tokens, int hidden, int experts, int k) {
-  return tokens > 0 && (tokens <= kFusedRouteTokens ||
-                        (tokens <= small_router_tokens() &&
-                         small_router_smem(tokens, hidden, experts, k, true) <= kSmallMaxSmem));
 }
 
 bool route_topk(int32_t* ids, float* weights, const __nv_bfloat16* x, const float* router,
@@ -461,27 +399,42 @@ bool route_topk(int32_t* ids, float* weights, const __nv_bfloat16* x, const floa
   require(tokens > 0 && hidden > 0 && hidden % kBK == 0 && experts > 0 && experts <= 1024 &&
               k > 0 && k <= experts,
           "route_topk: bad shape");
-  // Up to 8 tokens (small_router_tokens) router_small_kernel takes the logits in both modes
-  // (fused or not), so the fused results equal the separate ones.
-  if (route_topk_lays_out(tokens, hidden, experts, k)) {
+  // Up to 8 tokens router_small_kernel takes the logits in both modes (fused or not), so the
+  // fused results equal the separate ones.
+  if (tokens <= kFusedRouteTokens) {
     auto* logits = static_cast<float*>(scratch);  // tokens x experts <= the scratch's floats
     Tail tail{ids, weights, bias, k, norm_min, {}};
-    require_parts(small_router_smem(tokens, hidden, experts, k, true) <= kSmallMaxSmem,
-                  "route_topk: a hidden size of ", hidden,
+    // Shared memory: the weight row and the input, then (fused) the tail's scratch.
+    const size_t row_bytes = static_cast<size_t>(hidden) * sizeof(float) +
+                             static_cast<size_t>(tokens) * hidden * sizeof(__nv_bfloat16);
+    // The tail: the warps' scratch, the bias, the ids, the layout's counts and offsets.
+    const size_t tail_bytes =
+        (static_cast<size_t>(kSmallThreads / 32) * 2 + 1) * experts * sizeof(float) +
+        (static_cast<size_t>(tokens) * k + 2 * static_cast<size_t>(experts) + 1) * sizeof(int);
+    require_parts(row_bytes + tail_bytes <= kSmallMaxSmem, "route_topk: a hidden size of ", hidden,
                   " is more than the small-batch router holds");
+    static const bool configured = [] {
+      for (auto* f : {router_small_kernel<true>, router_small_kernel<false>}) {
+        ERNIE_CUDA_CHECK(cudaFuncSetAttribute(f, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                              static_cast<int>(kSmallMaxSmem)));
+      }
+      return true;
+    }();
+    (void)configured;
     // The input by bulk copy, the arrival count with acquire-release semantics, and the MoE
     // combine's loads issued together (moe.cu): H200, step 1 x 1000 2.400 -> 2.351 ms, 16 x
     // 1000 9.420 -> 9.389. ERNIE_LATENCY_LOADS=0 turns them off.
     static const bool latency = path_enabled("ERNIE_LATENCY_LOADS");
-    if (layout != nullptr) tail.layout = *layout;
-    if (tokens <= kFusedRouteTokens) {
-      launch_small_router<kFusedRouteTokens>(logits, x, router, tokens, hidden, experts, tail,
-                                             trigger, layout != nullptr, latency, stream);
-    } else {
-      launch_small_router<kWideRouteTokens>(logits, x, router, tokens, hidden, experts, tail,
-                                            trigger, layout != nullptr, latency, stream);
+    if (layout != nullptr) {
+      tail.layout = *layout;
+      launch_pdl(router_small_kernel<true>, experts, kSmallThreads, row_bytes + tail_bytes, stream,
+                 logits, x, router, tokens, hidden, experts, tail, trigger, latency);
+      ERNIE_CUDA_CHECK(cudaGetLastError());
+      return true;
     }
-    if (layout != nullptr) return true;
+    launch_pdl(router_small_kernel<false>, experts, kSmallThreads, row_bytes, stream, logits, x,
+               router, tokens, hidden, experts, tail, trigger, latency);
+    ERNIE_CUDA_CHECK(cudaGetLastError());
     const size_t smem = static_cast<size_t>(kTopkWarps) * 2 * experts * sizeof(float);
     launch_pdl(router_topk_kernel, (tokens + kTopkWarps - 1) / kTopkWarps, kTopkWarps * 32, smem,
                stream, ids, weights, logits, bias, tokens, experts, 1, k, norm_min);

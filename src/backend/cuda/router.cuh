@@ -43,8 +43,6 @@ struct RouteLayout {
 // read x before its own wait); by default once the logits are stored, with early_dependents
 // right after the wait. Beyond it they launch at once (they then wait as usual).
 constexpr int kRouteOrderedTokens = 64;
-// Whether route_topk, given a layout, lays the pairs out itself for this shape (returns true).
-bool route_topk_lays_out(int tokens, int hidden, int experts, int k);
 bool route_topk(int32_t* ids, float* weights, const __nv_bfloat16* x, const float* router,
                 const float* bias, int tokens, int hidden, int experts, int k, float norm_min,
                 void* scratch, cudaStream_t stream, const RouteLayout* layout = nullptr,
