@@ -235,8 +235,6 @@ __global__ void __launch_bounds__(32 * RW * KW)
   };
   if constexpr (!kTma) load_q();
 
-  // (Loaded with the rows' positions, before the barrier below: see `early`.)
-  const int first_new = a.positions[q0];
   int pos[2];
   for (int i = 0; i < 2; ++i) {
     const int row = row0 + wr * 16 + g + 8 * i;
@@ -272,30 +270,11 @@ __global__ void __launch_bounds__(32 * RW * KW)
   // Keys [kt, kt + BN) into buffer `buf`; rows past the range are zero (never NaN * 0).
   auto load_kv = [&](int buf, int kt) {
     if constexpr (kTma) {
+      if (threadIdx.x != 0) return;
       const int bs = a.block_size;
       const int first = kt / bs, last = (min(kt + BN, k_end) - 1) / bs;
-      unsigned char* sk = ring + 2 * buf * kTileBytes;
-      if (a.batch_table) {
-        // Warp 0 reads the tile's block-table entries at once (lane i block first + i: at most
-        // BN / 8, the smallest TMA block), then lane 0 issues the copies: one trip to memory
-        // per tile, not one per block (a CTA's prologue is on a one-token step's critical path
-        // when the qkv GEMM's CTAs hold the shared memory it needs until they end).
-        if (threadIdx.x >= 32) return;
-        const int lane_slot = first + lane <= last ? table[first + lane] * bs : 0;
-        if (lane == 0) mbar_arrive_expect_tx(&full[buf], (last - first + 1) * bs * 128 * 4);
-        for (int b = first; b <= last; ++b) {
-          const int slot0 = __shfl_sync(0xffffffffu, lane_slot, b - first), row = b * bs - kt;
-          if (lane != 0) continue;
-          for (int half = 0; half < 2; ++half) {
-            tma_load_3d(sk + half * kHalf + row * 128, &k_map, &full[buf], half * 64, kvh, slot0);
-            tma_load_3d(sk + kTileBytes + half * kHalf + row * 128, &v_map, &full[buf], half * 64,
-                        kvh, slot0);
-          }
-        }
-        return;
-      }
-      if (threadIdx.x != 0) return;
       mbar_arrive_expect_tx(&full[buf], (last - first + 1) * bs * 128 * 4);
+      unsigned char* sk = ring + 2 * buf * kTileBytes;
       for (int b = first; b <= last; ++b) {
         const int slot0 = table[b] * bs, row = b * bs - kt;
         for (int half = 0; half < 2; ++half) {
@@ -322,6 +301,7 @@ __global__ void __launch_bounds__(32 * RW * KW)
   };
   // kTma: keys before the position of the tile's first query token were written by earlier
   // steps, so whole tiles of them load at once; the rest (and the queries) after the wait.
+  const int first_new = a.positions[q0];
   auto early = [&](int kt) { return kTma && kt + BN <= first_new; };
   if constexpr (kTma) {
     for (int b = 0; b < NB - 1; ++b) {
@@ -888,22 +868,13 @@ void launch_prefill_wgmma(const PagedAttentionArgs& a, cudaStream_t stream) {
 constexpr int kMaxSplits = 64;
 __global__ void combine_splits_kernel(__nv_bfloat16* out, const float* partial_o,
                                       const float* partial_lse, const int32_t* positions,
-                                      const int32_t* dims, int tokens, int heads, int d, int splits,
-                                      bool preload) {
+                                      const int32_t* dims, int tokens, int heads, int d,
+                                      int splits) {
   pdl_begin();
   __shared__ float weight[kMaxSplits];
   const size_t th = blockIdx.x;
   const size_t plane = static_cast<size_t>(tokens) * heads;
   const int active = min(splits, positions[th / heads] / dims[0] + 1);
-  const float* src = partial_o + th * d + threadIdx.x;
-  // preload: the first kPreload splits' elements load before the weights are known, in the same
-  // trip to L2 as the log-sum-exps (the sums below are unchanged).
-  constexpr int kPreload = 16;
-  float pre[kPreload];
-  if (preload) {
-#pragma unroll
-    for (int j = 0; j < kPreload; ++j) pre[j] = j < active ? src[j * plane * d] : 0.0f;
-  }
   if (threadIdx.x < 32) {
     const int lane = threadIdx.x;
     float lse[kMaxSplits / 32], mx = -INFINITY;
@@ -928,15 +899,9 @@ __global__ void combine_splits_kernel(__nv_bfloat16* out, const float* partial_o
     }
   }
   __syncthreads();
+  const float* src = partial_o + th * d + threadIdx.x;
   float acc = 0.0f;
   int s = 0;
-  if (preload) {
-#pragma unroll
-    for (int j = 0; j < kPreload; ++j) {
-      if (j < active) acc += weight[j] * pre[j];
-    }
-    s = min(active, kPreload);
-  }
   for (; s + 8 <= active; s += 8) {
     float v[8];
 #pragma unroll
@@ -1064,9 +1029,6 @@ AttentionPlan plan_attention(const std::vector<int32_t>& query_start,
 void paged_attention(const PagedAttentionArgs& args, cudaStream_t stream) {
   if (args.num_tiles == 0) return;
   PagedAttentionArgs a = args;
-  // ERNIE_ATTN_BATCHED_TABLE=1 (A/B, off until measured): see load_kv in the decode kernel.
-  static const bool batch_table = new_path_enabled("ERNIE_ATTN_BATCHED_TABLE");
-  a.batch_table = batch_table;
   a.block_shift = -1;
   for (int b = 0; b < 31; ++b) {
     if (a.block_size == 1 << b) a.block_shift = b;
@@ -1092,11 +1054,8 @@ void paged_attention(const PagedAttentionArgs& args, cudaStream_t stream) {
   }
   if (a.splits > 1) {
     require(a.splits <= kMaxSplits, "paged_attention: more key splits than the combine takes");
-    // ERNIE_SPLIT_COMBINE_PRELOAD=1 (A/B, off until measured): see combine_splits_kernel.
-    static const bool preload = new_path_enabled("ERNIE_SPLIT_COMBINE_PRELOAD");
     launch_pdl(combine_splits_kernel, a.tokens * a.heads, a.head_dim, 0, stream, a.out, a.partial_o,
-               a.partial_lse, a.positions, a.dims, a.tokens, a.heads, a.head_dim, a.splits,
-               preload);
+               a.partial_lse, a.positions, a.dims, a.tokens, a.heads, a.head_dim, a.splits);
     ERNIE_CUDA_CHECK(cudaGetLastError());
   }
 }

@@ -61,8 +61,7 @@ struct PagedAttentionArgs {
   int64_t cache_slots = 0;  // rows of k_cache / v_cache (lets prefill tiles load by TMA)
   int splits = 1;
   bool decode_shape = false;
-  bool paired = false;       // AttentionPlan::paired
-  bool batch_table = false;  // set by paged_attention
+  bool paired = false;  // AttentionPlan::paired
   float scale = 1.0f;
 };
 
