@@ -169,11 +169,6 @@ bool switch_on(const char* name) {
   return v == nullptr || std::string(v) != "0";
 }
 
-// An A/B switch that is off unless set to "1" (for new paths until a GPU run has measured them).
-[[maybe_unused]] bool switch_set(const char* name) {
-  const char* v = std::getenv(name);
-  return v != nullptr && std::string(v) == "1";
-}
 
 class CudaBackend final : public Backend {
  public:

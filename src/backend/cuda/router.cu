@@ -254,7 +254,7 @@ __global__ void __launch_bounds__(kThreads)
 // 13.3 us; the bulk copy another 0.3%. Taking 9-32 tokens too, followed by the top-k and align
 // kernels, made 16 x 1000 1.6% slower.)
 constexpr int kSmallThreads = 128;
-constexpr size_t kSmallMaxSmem = 200 * 1024;  // a weight row and the fused tail's scratch
+constexpr size_t kSmallMaxSmem = 200 * 1024;  // a weight row, the input, the tail's scratch
 
 template <bool kFused>
 __global__ void __launch_bounds__(kSmallThreads)
