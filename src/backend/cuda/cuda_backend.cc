@@ -169,6 +169,7 @@ bool switch_on(const char* name) {
   return v == nullptr || std::string(v) != "0";
 }
 
+
 class CudaBackend final : public Backend {
  public:
   explicit CudaBackend(int device) : device_(device) {
@@ -541,13 +542,6 @@ class CudaBackend final : public Backend {
       check_linear(out, x, w);
       cuda::skinny_gemm(out.data, out.dtype == DType::kF32, bf(x), bf(w), m,
                         static_cast<int>(w.dim(0)), k, stream_);
-      return;
-    }
-    const int n = static_cast<int>(w.dim(0));
-    if (skinny && m > 0 && out.dtype == DType::kBF16 && cuda::skinny_mma_enabled() &&
-        cuda::skinny_mma_fits(m, n, k)) {
-      check_linear(out, x, w);
-      cuda::skinny_mma(bf(out), bf(x), bf(w), m, n, k, stream_);
       return;
     }
     gemm(blas_[0], out, x, w);

@@ -3,7 +3,6 @@
 #include "backend/cuda/cuda_check.h"
 #include "backend/cuda/hopper.cuh"
 #include "backend/cuda/launch.cuh"
-#include "backend/cuda/mma.cuh"
 #include "backend/cuda/skinny_gemm.cuh"
 
 namespace ernie::cuda {
@@ -174,116 +173,6 @@ void dispatch(OutT* out, const __nv_bfloat16* x, const __nv_bfloat16* w, int m, 
   }
 }
 
-// ---- Tensor-core skinny GEMM (up to kSkinnyMmaMaxRows rows of x) ----
-// A CTA holds kMmaRows whole weight rows in shared memory (rows padded by 8 elements: the
-// fragment reads of eight rows fall in distinct banks), brought by bulk copies issued before
-// the wait, so a one-wave grid has every weight byte in flight while the kernel before it runs.
-// After the wait, x comes in chunks of kMmaChunk columns (cp.async, double-buffered, rows past m
-// zero-filled), and each warp multiplies its eight weight rows by all of x's rows on the tensor
-// cores (m16n8k16: x as A, the weight rows as B), f32 sums, bf16 out.
-constexpr int kMmaRows = 32, kMmaWarps = kMmaRows / 8;
-constexpr int kMmaChunk = 256, kMmaLd = kMmaChunk + 8;
-constexpr size_t kMmaMaxSmem = 220 * 1024;
-
-size_t skinny_mma_smem(int m, int k) {
-  const int mt = (m + 15) / 16;
-  return static_cast<size_t>(kMmaRows) * (k + 8) * sizeof(__nv_bfloat16) +
-         static_cast<size_t>(2) * mt * 16 * kMmaLd * sizeof(__nv_bfloat16);
-}
-
-template <int MT>
-__global__ void __launch_bounds__(kMmaWarps * 32, 1)
-    skinny_mma_kernel(__nv_bfloat16* out, const __nv_bfloat16* x, const __nv_bfloat16* w, int m,
-                      int n, int k) {
-  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
-  extern __shared__ __align__(16) unsigned char mma_smem[];
-  __shared__ __align__(8) uint64_t w_full;
-  const int ldw = k + 8;
-  auto* ws = reinterpret_cast<__nv_bfloat16*>(mma_smem);  // [kMmaRows][ldw]
-  __nv_bfloat16* xs = ws + kMmaRows * ldw;                // [2][MT * 16][kMmaLd]
-  const int row0 = blockIdx.x * kMmaRows, rows = min(kMmaRows, n - row0);
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, c = lane % 4;
-  if (threadIdx.x == 0) {
-    mbar_init(&w_full, 1);
-    mbar_init_fence();
-    mbar_arrive_expect_tx(&w_full, static_cast<uint32_t>(rows) * k * 2);
-    for (int r = 0; r < rows; ++r) {
-      bulk_load(ws + static_cast<size_t>(r) * ldw, w + static_cast<size_t>(row0 + r) * k,
-                static_cast<uint32_t>(k) * 2, &w_full);
-    }
-  }
-  asm volatile("griddepcontrol.wait;" ::: "memory");
-  constexpr int kRowsX = MT * 16, kPieces = kMmaChunk / 8;
-  auto load_x = [&](int buf, int chunk) {
-    const int k0 = chunk * kMmaChunk;
-    for (int i = threadIdx.x; i < kRowsX * kPieces; i += kMmaWarps * 32) {
-      const int r = i / kPieces, kk = k0 + (i % kPieces) * 8;
-      const bool ok = r < m && kk < k;
-      cp_async_16(xs + (buf * kRowsX + r) * kMmaLd + (i % kPieces) * 8,
-                  ok ? x + static_cast<size_t>(r) * k + kk : x, ok);
-    }
-    cp_async_commit();
-  };
-  const int chunks = (k + kMmaChunk - 1) / kMmaChunk;
-  load_x(0, 0);
-  float acc[MT][4] = {};
-  for (int chunk = 0; chunk < chunks; ++chunk) {
-    if (chunk + 1 < chunks) {
-      load_x((chunk + 1) & 1, chunk + 1);
-    } else {
-      cp_async_commit();
-    }
-    cp_async_wait<1>();
-    __syncthreads();  // this chunk has landed for all (and the barrier's initialisation is seen)
-    if (chunk == 0) mbar_wait(&w_full, 0);
-    const __nv_bfloat16* xb = xs + (chunk & 1) * kRowsX * kMmaLd;
-    const int k0 = chunk * kMmaChunk, kend = min(kMmaChunk, k - k0);  // k % 16 == 0
-    const __nv_bfloat16* wr = ws + static_cast<size_t>(warp * 8 + g) * ldw + k0 + 2 * c;
-    for (int ks = 0; ks < kend; ks += 16) {
-      const uint32_t b0 = load_u32(wr + ks), b1 = load_u32(wr + ks + 8);
-#pragma unroll
-      for (int mt = 0; mt < MT; ++mt) {
-        const __nv_bfloat16* xr = xb + (mt * 16 + g) * kMmaLd + ks + 2 * c;
-        const uint32_t a[4] = {load_u32(xr), load_u32(xr + 8 * kMmaLd), load_u32(xr + 8),
-                               load_u32(xr + 8 * kMmaLd + 8)};
-        mma_16816(acc[mt], a, b0, b1);
-      }
-    }
-    __syncthreads();  // everyone is done with this buffer before it is refilled
-  }
-  const int col = row0 + warp * 8 + 2 * c;
-#pragma unroll
-  for (int mt = 0; mt < MT; ++mt) {
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const int t = mt * 16 + g + 8 * h;
-      if (t >= m) continue;
-      __nv_bfloat16* o = out + static_cast<size_t>(t) * n + col;
-      if (col + 1 < n) {
-        *reinterpret_cast<__nv_bfloat162*>(o) =
-            __floats2bfloat162_rn(acc[mt][2 * h], acc[mt][2 * h + 1]);
-      } else if (col < n) {
-        *o = __float2bfloat16(acc[mt][2 * h]);
-      }
-    }
-  }
-}
-
-template <int MT>
-void launch_mma(__nv_bfloat16* out, const __nv_bfloat16* x, const __nv_bfloat16* w, int m, int n,
-                int k, cudaStream_t stream) {
-  static bool configured = false;
-  if (!configured) {
-    ERNIE_CUDA_CHECK(cudaFuncSetAttribute(skinny_mma_kernel<MT>,
-                                          cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                          static_cast<int>(kMmaMaxSmem)));
-    configured = true;
-  }
-  launch_pdl(skinny_mma_kernel<MT>, (n + kMmaRows - 1) / kMmaRows, kMmaWarps * 32,
-             skinny_mma_smem(m, k), stream, out, x, w, m, n, k);
-  ERNIE_CUDA_CHECK(cudaGetLastError());
-}
-
 }  // namespace
 
 bool skinny_gemm_fits(int m, int k) {
@@ -316,34 +205,6 @@ void skinny_gemm_rope(__nv_bfloat16* qkv, const __nv_bfloat16* x, const __nv_bfl
                 " input, head_dim ", rope.head_dim);
   const int n = (rope.heads + 2 * rope.kv_heads) * rope.head_dim;
   dispatch<__nv_bfloat16, true>(qkv, x, w, m, n, k, rope, stream);
-}
-
-bool skinny_mma_enabled() {
-  static const bool on = new_path_enabled("ERNIE_SKINNY_MMA");
-  return on;
-}
-
-bool skinny_mma_fits(int m, int n, int k) {
-  static const int sms = [] {
-    int device = 0, count = 0;
-    ERNIE_CUDA_CHECK(cudaGetDevice(&device));
-    ERNIE_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device));
-    return count;
-  }();
-  return m >= 1 && m <= kSkinnyMmaMaxRows && n > 0 && k > 0 && k % 16 == 0 &&
-         skinny_mma_smem(m, k) <= kMmaMaxSmem && (n + kMmaRows - 1) / kMmaRows <= sms;
-}
-
-void skinny_mma(__nv_bfloat16* out, const __nv_bfloat16* x, const __nv_bfloat16* w, int m, int n,
-                int k, cudaStream_t stream) {
-  require_parts(skinny_mma_fits(m, n, k), "skinny_mma: ", m, " x ", k, " input, ", n,
-                " outputs (at most ", kSkinnyMmaMaxRows,
-                " rows, k a multiple of 16 whose weight rows fit, one wave of CTAs)");
-  if (m <= 16) {
-    launch_mma<1>(out, x, w, m, n, k, stream);
-  } else {
-    launch_mma<2>(out, x, w, m, n, k, stream);
-  }
 }
 
 }  // namespace ernie::cuda

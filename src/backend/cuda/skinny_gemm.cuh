@@ -43,14 +43,4 @@ bool skinny_rope_fits(int m, int k, const SkinnyRope& rope);
 void skinny_gemm_rope(__nv_bfloat16* qkv, const __nv_bfloat16* x, const __nv_bfloat16* w, int m,
                       int k, const SkinnyRope& rope, cudaStream_t stream);
 
-// The same for up to kSkinnyMmaMaxRows rows of x on the tensor cores (bf16 out): each CTA's 32
-// weight rows whole in shared memory by bulk copies issued before the wait, the grid one wave
-// (ceil(n / 32) CTAs at most the multiprocessor count), k a multiple of 16 and small enough
-// (k <= ~3000). Off until measured: ERNIE_SKINNY_MMA=1 (skinny_mma_enabled).
-constexpr int kSkinnyMmaMaxRows = 32;
-bool skinny_mma_enabled();
-bool skinny_mma_fits(int m, int n, int k);
-void skinny_mma(__nv_bfloat16* out, const __nv_bfloat16* x, const __nv_bfloat16* w, int m, int n,
-                int k, cudaStream_t stream);
-
 }  // namespace ernie::cuda
