@@ -169,7 +169,6 @@ bool switch_on(const char* name) {
   return v == nullptr || std::string(v) != "0";
 }
 
-
 class CudaBackend final : public Backend {
  public:
   explicit CudaBackend(int device) : device_(device) {
