@@ -27,6 +27,7 @@
 #include "backend/cuda/router.cuh"
 #include "backend/cuda/sampler.cuh"
 #include "backend/cuda/skinny_gemm.cuh"
+#include "backend/cuda/switches.h"
 #include "common/check.h"
 #include "common/log.h"
 
@@ -162,12 +163,6 @@ class Packer {
  private:
   std::vector<char> bytes_;
 };
-
-// An A/B switch read from the environment: on unless set to "0".
-bool switch_on(const char* name) {
-  const char* v = std::getenv(name);
-  return v == nullptr || std::string(v) != "0";
-}
 
 class CudaBackend final : public Backend {
  public:
@@ -307,7 +302,7 @@ class CudaBackend final : public Backend {
     // more experts in the tiled tensors (cuda::SharedFold): small decode steps run them inside
     // the routed GEMMs. The originals stay for larger batches and prefill.
     // ERNIE_FOLD_SHARED=0 turns it off (for A/B runs).
-    static const bool fold_enabled = switch_on("ERNIE_FOLD_SHARED");
+    static const bool fold_enabled = cuda::path_enabled("ERNIE_FOLD_SHARED");
     int64_t fold = 0, si = 0;
     if (fold_enabled && !w.shared_gate_up.empty()) {
       require(w.shared_gate_up.dtype == DType::kBF16 && w.shared_down.dtype == DType::kBF16 &&
@@ -535,7 +530,7 @@ class CudaBackend final : public Backend {
   // at full bandwidth beside the router, they slowed the step to 2.717. ERNIE_SKINNY=0 turns it
   // off (for A/B runs).
   void linear(Tensor out, const Tensor& x, const Tensor& w) override {
-    static const bool skinny = switch_on("ERNIE_SKINNY");
+    static const bool skinny = cuda::path_enabled("ERNIE_SKINNY");
     const int m = static_cast<int>(x.dim(0)), k = static_cast<int>(x.dim(1));
     if (skinny && m > 0 && cuda::skinny_gemm_fits(m, k)) {
       check_linear(out, x, w);
@@ -579,7 +574,8 @@ class CudaBackend final : public Backend {
   // them apart.
   // ERNIE_FUSED_ROPE=0 turns it off (for A/B runs).
   void qkv_rope_store_kv(Tensor qkv, const Tensor& x, const Tensor& w, int layer) override {
-    static const bool fused = switch_on("ERNIE_SKINNY") && switch_on("ERNIE_FUSED_ROPE");
+    static const bool fused =
+        cuda::path_enabled("ERNIE_SKINNY") && cuda::path_enabled("ERNIE_FUSED_ROPE");
     const int m = static_cast<int>(x.dim(0)), k = static_cast<int>(x.dim(1));
     const cuda::SkinnyRope rope{k_cache(layer),     v_cache(layer), d_positions_,
                                 d_slots_,           d_inv_freq_,    attn_.num_heads,
@@ -652,7 +648,7 @@ class CudaBackend final : public Backend {
   // 1000 9.447 -> 9.415, 256 x 1000 18.32 -> 18.26). ERNIE_FUSED_MOE_NORM=0 turns it off.
   void moe_add_rms_norm(Tensor normed, Tensor residual, Tensor out, const Tensor& x,
                         const MoeWeights& w, const Tensor& norm_weight, float eps) override {
-    static const bool fused = switch_on("ERNIE_FUSED_MOE_NORM");
+    static const bool fused = cuda::path_enabled("ERNIE_FUSED_MOE_NORM");
     const int hidden = static_cast<int>(x.dim(1));
     if (!fused || profiling_ || !cuda::moe_combine_norm_fits(hidden) ||
         norm_weight.dtype != DType::kBF16) {
@@ -686,7 +682,7 @@ class CudaBackend final : public Backend {
     if (w.shared_folded > 0 && tokens <= kFoldTokens && block_m != cuda::kMoeBlockWgmma &&
         !profiling_) {
       // ERNIE_FOLD_EARLY=0: the folded blocks wait for the router like the routed ones (A/B).
-      static const bool early = switch_on("ERNIE_FOLD_EARLY");
+      static const bool early = cuda::path_enabled("ERNIE_FOLD_EARLY");
       fold =
           cuda::SharedFold{w.shared_folded, tokens, early && tokens <= cuda::kRouteOrderedTokens};
     }
@@ -847,7 +843,7 @@ class CudaBackend final : public Backend {
     // many CTAs (cuda::sample_rows_split) rather than one (H200, `ernie_kernel_bench 20
     // sampling`: 1 row 0.110 -> 0.036 ms, 16 rows 0.127 -> 0.049). ERNIE_SPLIT_SAMPLER=0 turns
     // it off. At 256 rows one CTA per row already fills the GPU: split, 0.375 -> 0.377 ms.
-    static const bool split_enabled = switch_on("ERNIE_SPLIT_SAMPLER");
+    static const bool split_enabled = cuda::path_enabled("ERNIE_SPLIT_SAMPLER");
     constexpr int kSplitRows = 32;
     bool split = split_enabled && n <= kSplitRows;
     for (int r = 0; r < n && split; ++r) {

@@ -7,8 +7,6 @@
 
 #include <cuda_runtime.h>
 
-#include <cstdlib>
-#include <cstring>
 #include <utility>
 
 #include "backend/cuda/cuda_check.h"
@@ -27,18 +25,6 @@ __device__ __forceinline__ void pdl_begin() {
 // launch_dependents): they launch only once every kernel before it has finished, read such data
 // through L2 (__ldcg), and wait as usual for what it writes itself. The MoE gate/up GEMM and the
 // router's kernels for few tokens do this (moe.cu, router.cuh).
-
-// A/B switches of kernel paths, read once by each caller (into a static). A path that has not
-// been measured yet is on only when the environment sets it to "1"; a measured one is on
-// unless it is set to "0".
-inline bool new_path_enabled(const char* name) {
-  const char* v = std::getenv(name);
-  return v != nullptr && std::strcmp(v, "1") == 0;
-}
-inline bool path_enabled(const char* name) {
-  const char* v = std::getenv(name);
-  return v == nullptr || std::strcmp(v, "0") != 0;
-}
 
 template <typename... Params, typename... Args>
 void launch_pdl(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream,

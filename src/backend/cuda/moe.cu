@@ -8,6 +8,7 @@
 #include "backend/cuda/mma.cuh"
 #include "backend/cuda/moe.cuh"
 #include "backend/cuda/norm_parts.cuh"
+#include "backend/cuda/switches.h"
 
 namespace ernie::cuda {
 namespace {
@@ -691,6 +692,19 @@ __device__ inline void add_bf16x8(float (&acc)[8], const uint4& v) {
   }
 }
 
+// sh += the eight floats of a and b.
+__device__ inline void add_f32x8(float (&sh)[8], const float4& a, const float4& b) {
+  const float v[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
+#pragma unroll
+  for (int q = 0; q < 8; ++q) sh[q] += v[q];
+}
+
+// acc += sh, each rounded to bf16 first (the folded experts' sum as the unfolded GEMM's output).
+__device__ inline void add_rounded(float (&acc)[8], const float (&sh)[8]) {
+#pragma unroll
+  for (int q = 0; q < 8; ++q) acc[q] += __bfloat162float(__float2bfloat16(sh[q]));
+}
+
 // Up to these many routed and folded experts combine_vec8 issues every load of its vector
 // before the first sum, the routed rows at the token's pair positions read from shared memory
 // (load_pair_pos): the kernel makes one trip to L2 for the positions, then one for the rows.
@@ -740,15 +754,9 @@ __device__ inline uint4 combine_vec8(const CombineSrc& c, size_t t, int i, const
       float sh[8] = {};
 #pragma unroll
       for (int s = 0; s < kCombineMaxFolded; ++s) {
-        if (s < c.folded) {
-          const float v[8] = {fold[s][0].x, fold[s][0].y, fold[s][0].z, fold[s][0].w,
-                              fold[s][1].x, fold[s][1].y, fold[s][1].z, fold[s][1].w};
-#pragma unroll
-          for (int q = 0; q < 8; ++q) sh[q] += v[q];
-        }
+        if (s < c.folded) add_f32x8(sh, fold[s][0], fold[s][1]);
       }
-#pragma unroll
-      for (int q = 0; q < 8; ++q) acc[q] += __bfloat162float(__float2bfloat16(sh[q]));
+      add_rounded(acc, sh);
     }
   } else {
     for (int j = 0; j < c.k; ++j) {
@@ -760,13 +768,9 @@ __device__ inline uint4 combine_vec8(const CombineSrc& c, size_t t, int i, const
       for (int s = 0; s < c.folded; ++s) {
         const float4* src =
             reinterpret_cast<const float4*>(c.fold_out + (s * c.fold_stride + t) * c.hidden + i);
-        const float4 a = src[0], b = src[1];
-        const float v[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
-#pragma unroll
-        for (int q = 0; q < 8; ++q) sh[q] += v[q];
+        add_f32x8(sh, src[0], src[1]);
       }
-#pragma unroll
-      for (int q = 0; q < 8; ++q) acc[q] += __bfloat162float(__float2bfloat16(sh[q]));
+      add_rounded(acc, sh);
     }
     if (c.shared) shared = *reinterpret_cast<const uint4*>(c.shared + t * c.hidden + i);
   }

@@ -6,6 +6,7 @@
 #include "backend/cuda/launch.cuh"
 #include "backend/cuda/mma.cuh"
 #include "backend/cuda/router.cuh"
+#include "backend/cuda/switches.h"
 
 namespace ernie::cuda {
 namespace {
