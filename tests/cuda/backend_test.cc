@@ -278,12 +278,15 @@ TEST_F(CudaBackendTest, MoeMatchesCpu) {
   // hidden 160, intermediate 96); the 21B shape all three ways. Up to 8 tokens, shared experts
   // of a whole number of routed experts' sizes run folded into the routed GEMMs (1, 5 and 8
   // tokens; 8: three folded experts); 160 over 96 cannot (side stream), nor can 37, 200 and 700
-  // tokens (side stream, side stream, one stream with the wgmma GEMM).
-  for (const Case& c : {Case{1, 256, 64, 6, 128, 256}, Case{37, 128, 16, 4, 64, 128},
-                        Case{300, 160, 24, 8, 96, 0}, Case{700, 256, 64, 6, 64, 128},
-                        Case{5, 2560, 64, 6, 1536, 3072}, Case{400, 256, 64, 6, 128, 0},
-                        Case{900, 2560, 64, 6, 1536, 0}, Case{200, 2560, 64, 6, 1536, 3072},
-                        Case{3, 256, 16, 4, 96, 160}, Case{8, 128, 16, 4, 64, 192}}) {
+  // tokens (side stream, side stream, one stream with the wgmma GEMM). 64 tokens over an
+  // intermediate size of 512: 16-row tiles, too many for one wave of the wide ones; 37 tokens
+  // over hidden 160 and intermediate 96: 32-row tiles with partial output and reduction tiles.
+  for (const Case& c :
+       {Case{1, 256, 64, 6, 128, 256}, Case{37, 128, 16, 4, 64, 128}, Case{300, 160, 24, 8, 96, 0},
+        Case{700, 256, 64, 6, 64, 128}, Case{5, 2560, 64, 6, 1536, 3072},
+        Case{400, 256, 64, 6, 128, 0}, Case{900, 2560, 64, 6, 1536, 0},
+        Case{200, 2560, 64, 6, 1536, 3072}, Case{3, 256, 16, 4, 96, 160},
+        Case{8, 128, 16, 4, 64, 192}, Case{64, 256, 64, 6, 512, 0}}) {
     SCOPED_TRACE(::testing::Message() << c.tokens << " tokens, hidden " << c.hidden << ", "
                                       << c.experts << " experts top-" << c.k << ", inter "
                                       << c.inter << ", shared " << c.shared_inter);

@@ -115,13 +115,18 @@ __global__ void moe_align_place_kernel(int32_t* sorted_pairs, int32_t* pair_pos,
 //   grids that then fit in one wave: a one-token step's 6 experts are 288 CTAs of gate/up
 //   rather than 576 (1.45 waves of 32-row tiles, where the second wave streams slower). Step
 //   1 x 1000 3.563 -> 3.52 ms, the one-token MoE layer 0.094 -> 0.091 ms.
-template <int BM, bool kWide = false>
+// - kLean (not measured yet: ERNIE_MOE_LEAN=1): one stage fewer (16-row: 4, 51 KB, four CTAs
+//   per SM; 32-row: 3, 75 KB, three CTAs per SM), the same bytes in flight per SM spread over
+//   more CTAs, so that one CTA's start and end (its first copies issued only after its expert
+//   id is read, no copies in flight while it stores) leave a smaller share of the SM idle.
+template <int BM, bool kWide = false, bool kLean = false>
 struct Tile {
   static_assert(BM == kMoeBlockSmall || BM == kMoeBlockMid);
   static_assert(!kWide || BM == kMoeBlockSmall);
+  static_assert(!kWide || !kLean);
   static constexpr int kBN = BM == kMoeBlockSmall && !kWide ? 32 : 64;
   static constexpr int kBK = 128;
-  static constexpr int kStages = kWide ? 3 : BM == kMoeBlockSmall ? 5 : 4;
+  static constexpr int kStages = (kWide ? 3 : BM == kMoeBlockSmall ? 5 : 4) - (kLean ? 1 : 0);
   static constexpr int kLd = kBK + 8;  // padded activation rows: conflict-free fragment reads
   static constexpr int kWarpsM = 1, kWarpsN = kBN / 16;
   static constexpr int kThreads = 32 * kWarpsM * kWarpsN;
@@ -171,11 +176,11 @@ FoldArgs fold_args(const SharedFold& f, int block_m, int experts) {
 // stage's groups, which complete on the stage's barrier); the activation rows, gathered by pair,
 // by cp.async. K % 8 == 0; a partial last stage is zero-filled (the activations) or zero-padded
 // (the weights). w: the weights in the tiled layout ([E * 2N, K] or [E * N, K], N % 16 == 0).
-template <int BM, bool kWide, bool kGateUp>
-__global__ void __launch_bounds__(Tile<BM, kWide>::kThreads, 1)
+template <int BM, bool kWide, bool kGateUp, bool kLean = false>
+__global__ void __launch_bounds__(Tile<BM, kWide, kLean>::kThreads, 1)
     moe_gemm_kernel(__nv_bfloat16* out, const __nv_bfloat16* a_src, const __nv_bfloat16* w,
                     const float* route_w, const int32_t* sorted_pairs, const int32_t* block_expert,
-                    int k_choices, int K, int N, const FoldArgs fold) {
+                    int k_choices, int K, int N, const FoldArgs fold, bool early_rows) {
   // Blocks below fold.blocks are the folded shared experts' (FoldArgs), laid out by position;
   // the routed blocks follow, block b of the routed layout at blockIdx.x = fold.blocks + b. Rows
   // of `out` (and of down's activations) are numbered over the whole grid.
@@ -191,7 +196,7 @@ __global__ void __launch_bounds__(Tile<BM, kWide>::kThreads, 1)
     if (!folded || !fold.early) asm volatile("griddepcontrol.wait;" ::: "memory");
   }
   asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
-  using T = Tile<BM, kWide>;
+  using T = Tile<BM, kWide, kLean>;
   constexpr int kBN = T::kBN, kBK = T::kBK, kStages = T::kStages, kLd = T::kLd;
   constexpr int kMt = T::kMt, kNt = T::kNt, kHalf = kNt / 2, kGateRows = kBN / 2;
   constexpr int kGroups = T::kGroups;
@@ -222,27 +227,6 @@ __global__ void __launch_bounds__(Tile<BM, kWide>::kThreads, 1)
   }
   __syncthreads();
 
-  // Per-thread source rows of the activation loads (fixed over K).
-  const __nv_bfloat16* a_row[T::kALoads];
-  int a_r[T::kALoads], a_ch[T::kALoads];
-#pragma unroll
-  for (int i = 0; i < T::kALoads; ++i) {
-    const int idx = tid + i * T::kThreads;
-    a_r[i] = idx / T::kChunks;
-    a_ch[i] = idx % T::kChunks;
-    const int pair = pair_of(a_r[i]);
-    const int64_t src_row = kGateUp ? (folded ? pair : pair / k_choices) : m0 + a_r[i];
-    a_row[i] = pair >= 0 ? a_src + src_row * K : nullptr;
-  }
-  auto load_a = [&](int stage, int kt) {
-    const int k0 = kt * kBK;
-#pragma unroll
-    for (int i = 0; i < T::kALoads; ++i) {
-      const int kk = k0 + a_ch[i] * 8;
-      const bool ok = a_row[i] != nullptr && kk < K;
-      cp_async_16(sa + (stage * BM + a_r[i]) * kLd + a_ch[i] * 8, ok ? a_row[i] + kk : a_src, ok);
-    }
-  };
   // A stage of the tile's weight groups (gate/up: the gate rows' groups, then the up rows'), 16
   // rows each in the tiled layout; groups past the expert's N rows stay unread (their output
   // columns are not stored). Thread 0 issues the copies (computing the addresses there keeps
@@ -266,6 +250,78 @@ __global__ void __launch_bounds__(Tile<BM, kWide>::kThreads, 1)
     }
   };
 
+  const int kTiles = (K + kBK - 1) / kBK;
+  // early_rows: the first stages' weights are on their way before anything else is read, and
+  // the pairs of the rows this thread loads and stores come in one batch of loads (one L2
+  // trip), down's routing weights in a second, all before the main loop. Otherwise each
+  // activation row's pair is a trip of its own before the first weight copy (four for 32-row
+  // blocks), and the epilogue reads its rows' pairs and weights again: two trips at the end of
+  // every CTA (a 256-token step's down GEMM runs 12 stages per CTA; Nsight Compute put ~20% of
+  // its warps' samples on these loads).
+  if (early_rows) {
+    for (int s = 0; s < kStages - 1; ++s) {
+      if (s < kTiles) load_b(s, s);
+    }
+  }
+  // Per-thread source rows of the activation loads (fixed over K).
+  const __nv_bfloat16* a_row[T::kALoads];
+  int a_r[T::kALoads], a_ch[T::kALoads], a_pair[T::kALoads];
+#pragma unroll
+  for (int i = 0; i < T::kALoads; ++i) {
+    const int idx = tid + i * T::kThreads;
+    a_r[i] = idx / T::kChunks;
+    a_ch[i] = idx % T::kChunks;
+  }
+  // The pairs of the rows this thread stores: r = wm * kMt * 16 + mt * 16 + g + 8 * half.
+  int ep_pair[kMt][2];
+  float ep_w[kMt][2];
+  auto ep_row = [&](int mt, int half) { return wm * kMt * 16 + mt * 16 + g + 8 * half; };
+  if (!early_rows) {
+#pragma unroll
+    for (int i = 0; i < T::kALoads; ++i) a_pair[i] = pair_of(a_r[i]);
+  } else if (folded) {
+#pragma unroll
+    for (int i = 0; i < T::kALoads; ++i) a_pair[i] = pair_of(a_r[i]);
+#pragma unroll
+    for (int mt = 0; mt < kMt; ++mt) {
+      ep_pair[mt][0] = pair_of(ep_row(mt, 0));
+      ep_pair[mt][1] = pair_of(ep_row(mt, 1));
+    }
+  } else {
+    const int32_t* block_pairs = sorted_pairs + rb * BM;
+#pragma unroll
+    for (int i = 0; i < T::kALoads; ++i) a_pair[i] = __ldcg(block_pairs + a_r[i]);
+#pragma unroll
+    for (int mt = 0; mt < kMt; ++mt) {
+      ep_pair[mt][0] = __ldcg(block_pairs + ep_row(mt, 0));
+      ep_pair[mt][1] = __ldcg(block_pairs + ep_row(mt, 1));
+    }
+    if constexpr (!kGateUp) {
+#pragma unroll
+      for (int mt = 0; mt < kMt; ++mt) {
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+          const int pair = ep_pair[mt][half];
+          ep_w[mt][half] = pair >= 0 ? route_w[pair] : 0.0f;
+        }
+      }
+    }
+  }
+#pragma unroll
+  for (int i = 0; i < T::kALoads; ++i) {
+    const int pair = a_pair[i];
+    const int64_t src_row = kGateUp ? (folded ? pair : pair / k_choices) : m0 + a_r[i];
+    a_row[i] = pair >= 0 ? a_src + src_row * K : nullptr;
+  }
+  auto load_a = [&](int stage, int kt) {
+    const int k0 = kt * kBK;
+#pragma unroll
+    for (int i = 0; i < T::kALoads; ++i) {
+      const int kk = k0 + a_ch[i] * 8;
+      const bool ok = a_row[i] != nullptr && kk < K;
+      cp_async_16(sa + (stage * BM + a_r[i]) * kLd + a_ch[i] * 8, ok ? a_row[i] + kk : a_src, ok);
+    }
+  };
   float acc[kMt][kNt][4];
 #pragma unroll
   for (int mt = 0; mt < kMt; ++mt)
@@ -273,11 +329,12 @@ __global__ void __launch_bounds__(Tile<BM, kWide>::kThreads, 1)
     for (int nt = 0; nt < kNt; ++nt)
       acc[mt][nt][0] = acc[mt][nt][1] = acc[mt][nt][2] = acc[mt][nt][3] = 0.0f;
 
-  const int kTiles = (K + kBK - 1) / kBK;
-  // The first stages' weights, then (down: once gate/up's output is complete) their
-  // activations, a commit group per stage.
-  for (int s = 0; s < kStages - 1; ++s) {
-    if (s < kTiles) load_b(s, s);
+  // The first stages' weights (early_rows: issued above), then (down: once gate/up's output is
+  // complete) their activations, a commit group per stage.
+  if (!early_rows) {
+    for (int s = 0; s < kStages - 1; ++s) {
+      if (s < kTiles) load_b(s, s);
+    }
   }
   if constexpr (!kGateUp) asm volatile("griddepcontrol.wait;" ::: "memory");
   for (int s = 0; s < kStages - 1; ++s) {
@@ -334,7 +391,7 @@ __global__ void __launch_bounds__(Tile<BM, kWide>::kThreads, 1)
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
       const int r = wm * kMt * 16 + mt * 16 + g + 8 * half;
-      const int pair = pair_of(r);
+      const int pair = early_rows ? ep_pair[mt][half] : pair_of(r);
       if (pair < 0) continue;
       __nv_bfloat16* orow = out + static_cast<size_t>(m0 + r) * N;
       if (kGateUp) {
@@ -363,7 +420,7 @@ __global__ void __launch_bounds__(Tile<BM, kWide>::kThreads, 1)
           }
         }
       } else {
-        const float rw = route_w[pair];
+        const float rw = early_rows ? ep_w[mt][half] : route_w[pair];
 #pragma unroll
         for (int nt = 0; nt < kNt; ++nt) {
 #pragma unroll
@@ -377,23 +434,26 @@ __global__ void __launch_bounds__(Tile<BM, kWide>::kThreads, 1)
   }
 }
 
-template <int BM, bool kWide, bool kGateUp>
+template <int BM, bool kWide, bool kGateUp, bool kLean = false>
 void launch_gemm_tile(__nv_bfloat16* out, const __nv_bfloat16* a, const __nv_bfloat16* w,
                       const float* route_w, const int32_t* sorted_pairs,
                       const int32_t* block_expert, int64_t capacity, int k, int K, int N,
                       const FoldArgs& fold, cudaStream_t stream) {
-  using T = Tile<BM, kWide>;
+  using T = Tile<BM, kWide, kLean>;
   static bool configured = false;
   if (!configured) {
-    ERNIE_CUDA_CHECK(cudaFuncSetAttribute(moe_gemm_kernel<BM, kWide, kGateUp>,
+    ERNIE_CUDA_CHECK(cudaFuncSetAttribute(moe_gemm_kernel<BM, kWide, kGateUp, kLean>,
                                           cudaFuncAttributeMaxDynamicSharedMemorySize,
                                           static_cast<int>(T::kSmem)));
     configured = true;
   }
   constexpr int cols = kGateUp ? T::kBN / 2 : T::kBN;
   const dim3 grid(static_cast<unsigned>(fold.blocks + capacity / BM), (N + cols - 1) / cols);
-  launch_pdl(moe_gemm_kernel<BM, kWide, kGateUp>, grid, T::kThreads, T::kSmem, stream, out, a, w,
-             route_w, sorted_pairs, block_expert, k, K, N, fold);
+  // ERNIE_MOE_EARLY_ROWS=0: the rows' pairs and weights read where they are used (see
+  // moe_gemm_kernel).
+  static const bool early_rows = path_enabled("ERNIE_MOE_EARLY_ROWS");
+  launch_pdl(moe_gemm_kernel<BM, kWide, kGateUp, kLean>, grid, T::kThreads, T::kSmem, stream, out,
+             a, w, route_w, sorted_pairs, block_expert, k, K, N, fold, early_rows);
   ERNIE_CUDA_CHECK(cudaGetLastError());
 }
 
@@ -428,9 +488,14 @@ void launch_gemm(__nv_bfloat16* out, const __nv_bfloat16* a, const __nv_bfloat16
                 " must be a multiple of ", kTiledGroupRows);
   require_parts(capacity % block_m == 0, "MoE GEMM: capacity ", capacity,
                 " is not a multiple of the block size ", block_m);
+  // Not measured yet: ERNIE_MOE_LEAN, bit 1 the 16-row tiles, bit 2 the 32-row ones (Tile).
+  static const int lean = switch_bits("ERNIE_MOE_LEAN");
   if (block_m == kMoeBlockSmall) {
     if (wide_tiles_fit<kGateUp>(fold.blocks + capacity / kMoeBlockSmall, N)) {
       launch_gemm_tile<kMoeBlockSmall, true, kGateUp>(
+          out, a, w, route_w, sorted_pairs, block_expert, capacity, k, K, N, fold, stream);
+    } else if (lean & 1) {
+      launch_gemm_tile<kMoeBlockSmall, false, kGateUp, true>(
           out, a, w, route_w, sorted_pairs, block_expert, capacity, k, K, N, fold, stream);
     } else {
       launch_gemm_tile<kMoeBlockSmall, false, kGateUp>(
@@ -438,8 +503,13 @@ void launch_gemm(__nv_bfloat16* out, const __nv_bfloat16* a, const __nv_bfloat16
     }
   } else {
     require_parts(block_m == kMoeBlockMid, "MoE GEMM: unknown block size ", block_m);
-    launch_gemm_tile<kMoeBlockMid, false, kGateUp>(out, a, w, route_w, sorted_pairs, block_expert,
-                                                   capacity, k, K, N, fold, stream);
+    if (lean & 2) {
+      launch_gemm_tile<kMoeBlockMid, false, kGateUp, true>(
+          out, a, w, route_w, sorted_pairs, block_expert, capacity, k, K, N, fold, stream);
+    } else {
+      launch_gemm_tile<kMoeBlockMid, false, kGateUp>(out, a, w, route_w, sorted_pairs, block_expert,
+                                                     capacity, k, K, N, fold, stream);
+    }
   }
 }
 

@@ -18,4 +18,11 @@ inline bool path_enabled(const char* name) {
   return v == nullptr || std::strcmp(v, "0") != 0;
 }
 
+// A switch over several paths not measured yet: the variable's value as a number (0 when unset
+// or not a number), each bit one path.
+inline int switch_bits(const char* name) {
+  const char* v = std::getenv(name);
+  return v == nullptr ? 0 : std::atoi(v);
+}
+
 }  // namespace ernie::cuda
