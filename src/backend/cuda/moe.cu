@@ -115,10 +115,14 @@ __global__ void moe_align_place_kernel(int32_t* sorted_pairs, int32_t* pair_pos,
 //   grids that then fit in one wave: a one-token step's 6 experts are 288 CTAs of gate/up
 //   rather than 576 (1.45 waves of 32-row tiles, where the second wave streams slower). Step
 //   1 x 1000 3.563 -> 3.52 ms, the one-token MoE layer 0.094 -> 0.091 ms.
-// - kLean (not measured yet: ERNIE_MOE_LEAN=1): one stage fewer (16-row: 4, 51 KB, four CTAs
-//   per SM; 32-row: 3, 75 KB, three CTAs per SM), the same bytes in flight per SM spread over
-//   more CTAs, so that one CTA's start and end (its first copies issued only after its expert
-//   id is read, no copies in flight while it stores) leave a smaller share of the SM idle.
+// - kLean (the default; ERNIE_MOE_LEAN=0 turns it off): one stage fewer (16-row: 4, 51 KB,
+//   four CTAs per SM; 32-row: 3, 75 KB, three CTAs per SM), the same bytes in flight per SM
+//   spread over more CTAs, so that one CTA's start and end (its first copies issued only after
+//   its expert id is read, no copies in flight while it stores) leave a smaller share of the SM
+//   idle. H200: the 256-token MoE layer 0.461 -> 0.444 ms (step 256 x 1000 -1 to -3%), 16 and
+//   64 tokens -0.4 to -0.6%. (A persistent form, its CTAs walking tiles with the stage ring
+//   running on from one tile into the next, was slower either way: tiles dealt round-robin,
+//   the 256-token layer 0.493 -> 0.524 ms; taken from a global counter, 0.460 -> 0.572.)
 template <int BM, bool kWide = false, bool kLean = false>
 struct Tile {
   static_assert(BM == kMoeBlockSmall || BM == kMoeBlockMid);
@@ -169,6 +173,125 @@ FoldArgs fold_args(const SharedFold& f, int block_m, int experts) {
   return a;
 }
 
+// A stage of a tile's weight groups (gate/up: the gate rows' groups, then the up rows'), 16
+// rows each in the tiled layout, by one bulk copy per group completing on `bar`; groups past
+// the expert's N rows stay unread (their output columns are not stored). One thread issues
+// the copies (computing the addresses there keeps the other threads' registers free).
+template <typename T, bool kGateUp>
+__device__ __forceinline__ void load_weight_stage(unsigned char* dst, uint64_t* bar,
+                                                  const __nv_bfloat16* w, int e, int n0, int kt,
+                                                  int K, int N) {
+  constexpr int kGroups = T::kGroups;
+  constexpr int kPart = kGateUp ? kGroups / 2 : kGroups;  // groups per gate or up part
+  const int64_t kp = tiled_cols(K);
+  const __nv_bfloat16* src = w + (static_cast<int64_t>(e) * (kGateUp ? 2 * N : N) + n0) * kp +
+                             kt * kTiledGroupRows * T::kBK;
+  const int part_groups = min(kPart, (N - n0) / kTiledGroupRows);  // N % 16 == 0
+  mbar_arrive_expect_tx(bar, (kGroups / kPart) * part_groups * T::kGroupStage);
+#pragma unroll
+  for (int j = 0; j < kGroups; ++j) {
+    if (j % kPart < part_groups) {
+      const int64_t row = (j >= kPart ? N : 0) + (j % kPart) * kTiledGroupRows;
+      bulk_load(dst + j * T::kGroupStage, src + row * kp, T::kGroupStage, bar);
+    }
+  }
+}
+
+// One stage of a tile's MMAs: acc += the stage's BM activation rows (A, rows kLd apart) times
+// its weight groups (B, as the tiled layout stores them).
+template <typename T, bool kGateUp>
+__device__ __forceinline__ void mma_stage(float (&acc)[T::kMt][T::kNt][4], const __nv_bfloat16* A,
+                                          const unsigned char* B, int wm, int wn, int g, int c) {
+  constexpr int kBK = T::kBK, kLd = T::kLd, kMt = T::kMt, kNt = T::kNt, kHalf = kNt / 2;
+  constexpr int kGateRows = T::kBN / 2;
+#pragma unroll
+  for (int ks = 0; ks < kBK / 16; ++ks) {
+    uint32_t af[kMt][4];
+#pragma unroll
+    for (int mt = 0; mt < kMt; ++mt) {
+      const __nv_bfloat16* p = A + (wm * kMt * 16 + mt * 16 + g) * kLd + ks * 16 + 2 * c;
+      af[mt][0] = load_u32(p);
+      af[mt][1] = load_u32(p + 8 * kLd);
+      af[mt][2] = load_u32(p + 8);
+      af[mt][3] = load_u32(p + 8 * kLd + 8);
+    }
+    // Columns ks * 16 .. + 15 are 16-byte pieces 2 (ks % 4) and + 1 of the 64-column chunk
+    // ks / 4; row r's piece j sits at j ^ (r % 8) (r % 8 == g: tiles start at multiples of 8).
+    const unsigned char* chunk_base = B + (ks / 4) * (kTiledGroupRows * 128) + 4 * c;
+    const int piece = 2 * (ks % 4);
+#pragma unroll
+    for (int nt = 0; nt < kNt; ++nt) {
+      const int brow = kGateUp ? (nt < kHalf ? wn * kHalf * 8 + nt * 8
+                                             : kGateRows + wn * kHalf * 8 + (nt - kHalf) * 8)
+                               : wn * kNt * 8 + nt * 8;
+      const unsigned char* row = chunk_base + (brow / kTiledGroupRows) * T::kGroupStage +
+                                 (brow % kTiledGroupRows + g) * 128;
+      const uint32_t b0 = *reinterpret_cast<const uint32_t*>(row + ((piece ^ g) << 4));
+      const uint32_t b1 = *reinterpret_cast<const uint32_t*>(row + (((piece + 1) ^ g) << 4));
+#pragma unroll
+      for (int mt = 0; mt < kMt; ++mt) mma_16816(acc[mt][nt], af[mt], b0, b1);
+    }
+  }
+}
+
+// A tile's output rows (this thread's: r = wm * kMt * 16 + mt * 16 + g + 8 * half): gate/up's
+// SwiGLU, down's rows scaled by their routing weights, or (a folded shared expert's down) its
+// unrounded f32 sums. pair_at(mt, half): the row's pair (-1: padding, not stored);
+// weight_at(mt, half, pair): down's routing weight of that pair.
+template <typename T, bool kGateUp, typename PairAt, typename WeightAt>
+__device__ __forceinline__ void store_rows(const float (&acc)[T::kMt][T::kNt][4],
+                                           __nv_bfloat16* out, const FoldArgs& fold, bool folded,
+                                           int m0, int n0, int N, PairAt pair_at,
+                                           WeightAt weight_at, int wm, int wn, int g, int c) {
+  constexpr int kMt = T::kMt, kNt = T::kNt, kHalf = kNt / 2;
+#pragma unroll
+  for (int mt = 0; mt < kMt; ++mt) {
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const int r = wm * kMt * 16 + mt * 16 + g + 8 * half;
+      const int pair = pair_at(mt, half);
+      if (pair < 0) continue;
+      __nv_bfloat16* orow = out + static_cast<size_t>(m0 + r) * N;
+      if (kGateUp) {
+#pragma unroll
+        for (int nt = 0; nt < kHalf; ++nt) {
+#pragma unroll
+          for (int j = 0; j < 2; ++j) {
+            const int col = n0 + wn * kHalf * 8 + nt * 8 + 2 * c + j;
+            if (col >= N) continue;
+            float gv = acc[mt][nt][2 * half + j], uv = acc[mt][nt + kHalf][2 * half + j];
+            if (folded) {  // rounded as an unfolded gate/up GEMM's output would be
+              gv = __bfloat162float(__float2bfloat16(gv));
+              uv = __bfloat162float(__float2bfloat16(uv));
+            }
+            orow[col] = __float2bfloat16(gv / (1.0f + __expf(-gv)) * uv);
+          }
+        }
+      } else if (folded) {  // unrounded, unweighted
+        float* frow = fold.down_out + static_cast<size_t>(m0 + r) * N;
+#pragma unroll
+        for (int nt = 0; nt < kNt; ++nt) {
+#pragma unroll
+          for (int j = 0; j < 2; ++j) {
+            const int col = n0 + wn * kNt * 8 + nt * 8 + 2 * c + j;
+            if (col < N) frow[col] = acc[mt][nt][2 * half + j];
+          }
+        }
+      } else {
+        const float rw = weight_at(mt, half, pair);
+#pragma unroll
+        for (int nt = 0; nt < kNt; ++nt) {
+#pragma unroll
+          for (int j = 0; j < 2; ++j) {
+            const int col = n0 + wn * kNt * 8 + nt * 8 + 2 * c + j;
+            if (col < N) orow[col] = __float2bfloat16(acc[mt][nt][2 * half + j] * rw);
+          }
+        }
+      }
+    }
+  }
+}
+
 // One CTA computes a BM x BN tile of one M-block against its expert's weights. kGateUp: the
 // BN weight rows are BN/2 gate rows and the matching BN/2 up rows (each warp holds the gate and
 // up columns of the same outputs), output = SwiGLU, BN/2 columns. Otherwise: BN output columns
@@ -198,8 +321,7 @@ __global__ void __launch_bounds__(Tile<BM, kWide, kLean>::kThreads, 1)
   asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
   using T = Tile<BM, kWide, kLean>;
   constexpr int kBN = T::kBN, kBK = T::kBK, kStages = T::kStages, kLd = T::kLd;
-  constexpr int kMt = T::kMt, kNt = T::kNt, kHalf = kNt / 2, kGateRows = kBN / 2;
-  constexpr int kGroups = T::kGroups;
+  constexpr int kMt = T::kMt, kNt = T::kNt;
   const int e =
       folded ? fold.first_expert + blockIdx.x / fold.blocks_per_expert : __ldcg(block_expert + rb);
   if (e < 0) return;
@@ -227,26 +349,9 @@ __global__ void __launch_bounds__(Tile<BM, kWide, kLean>::kThreads, 1)
   }
   __syncthreads();
 
-  // A stage of the tile's weight groups (gate/up: the gate rows' groups, then the up rows'), 16
-  // rows each in the tiled layout; groups past the expert's N rows stay unread (their output
-  // columns are not stored). Thread 0 issues the copies (computing the addresses there keeps
-  // the other threads' registers free).
   auto load_b = [&](int stage, int kt) {
-    if (tid != 0) return;
-    constexpr int kPart = kGateUp ? kGroups / 2 : kGroups;  // groups per gate or up part
-    const int64_t kp = tiled_cols(K);
-    const __nv_bfloat16* src = w + (static_cast<int64_t>(e) * (kGateUp ? 2 * N : N) + n0) * kp +
-                               kt * kTiledGroupRows * kBK;
-    const int part_groups = min(kPart, (N - n0) / kTiledGroupRows);  // N % 16 == 0
-    uint64_t* bar = &full[stage];
-    mbar_arrive_expect_tx(bar, (kGroups / kPart) * part_groups * T::kGroupStage);
-    unsigned char* dst = sb + stage * T::kBStage;
-#pragma unroll
-    for (int j = 0; j < kGroups; ++j) {
-      if (j % kPart < part_groups) {
-        const int64_t row = (j >= kPart ? N : 0) + (j % kPart) * kTiledGroupRows;
-        bulk_load(dst + j * T::kGroupStage, src + row * kp, T::kGroupStage, bar);
-      }
+    if (tid == 0) {
+      load_weight_stage<T, kGateUp>(sb + stage * T::kBStage, &full[stage], w, e, n0, kt, K, N);
     }
   };
 
@@ -274,7 +379,7 @@ __global__ void __launch_bounds__(Tile<BM, kWide, kLean>::kThreads, 1)
   }
   // The pairs of the rows this thread stores: r = wm * kMt * 16 + mt * 16 + g + 8 * half.
   int ep_pair[kMt][2];
-  float ep_w[kMt][2];
+  float ep_w[kMt][2] = {};
   auto ep_row = [&](int mt, int half) { return wm * kMt * 16 + mt * 16 + g + 8 * half; };
   if (!early_rows) {
 #pragma unroll
@@ -353,85 +458,18 @@ __global__ void __launch_bounds__(Tile<BM, kWide, kLean>::kThreads, 1)
       load_b(next % kStages, next);
     }
     cp_async_commit();
-    const __nv_bfloat16* A = sa + (kt % kStages) * BM * kLd;
-    const unsigned char* B = sb + (kt % kStages) * T::kBStage;
-#pragma unroll
-    for (int ks = 0; ks < kBK / 16; ++ks) {
-      uint32_t af[kMt][4];
-#pragma unroll
-      for (int mt = 0; mt < kMt; ++mt) {
-        const __nv_bfloat16* p = A + (wm * kMt * 16 + mt * 16 + g) * kLd + ks * 16 + 2 * c;
-        af[mt][0] = load_u32(p);
-        af[mt][1] = load_u32(p + 8 * kLd);
-        af[mt][2] = load_u32(p + 8);
-        af[mt][3] = load_u32(p + 8 * kLd + 8);
-      }
-      // Columns ks * 16 .. + 15 are 16-byte pieces 2 (ks % 4) and + 1 of the 64-column chunk
-      // ks / 4; row r's piece j sits at j ^ (r % 8) (r % 8 == g: tiles start at multiples of 8).
-      const unsigned char* chunk_base = B + (ks / 4) * (kTiledGroupRows * 128) + 4 * c;
-      const int piece = 2 * (ks % 4);
-#pragma unroll
-      for (int nt = 0; nt < kNt; ++nt) {
-        const int brow = kGateUp ? (nt < kHalf ? wn * kHalf * 8 + nt * 8
-                                               : kGateRows + wn * kHalf * 8 + (nt - kHalf) * 8)
-                                 : wn * kNt * 8 + nt * 8;
-        const unsigned char* row = chunk_base + (brow / kTiledGroupRows) * T::kGroupStage +
-                                   (brow % kTiledGroupRows + g) * 128;
-        const uint32_t b0 = *reinterpret_cast<const uint32_t*>(row + ((piece ^ g) << 4));
-        const uint32_t b1 = *reinterpret_cast<const uint32_t*>(row + (((piece + 1) ^ g) << 4));
-#pragma unroll
-        for (int mt = 0; mt < kMt; ++mt) mma_16816(acc[mt][nt], af[mt], b0, b1);
-      }
-    }
+    mma_stage<T, kGateUp>(acc, sa + (kt % kStages) * BM * kLd, sb + (kt % kStages) * T::kBStage, wm,
+                          wn, g, c);
   }
   cp_async_wait<0>();
 
-#pragma unroll
-  for (int mt = 0; mt < kMt; ++mt) {
-#pragma unroll
-    for (int half = 0; half < 2; ++half) {
-      const int r = wm * kMt * 16 + mt * 16 + g + 8 * half;
-      const int pair = early_rows ? ep_pair[mt][half] : pair_of(r);
-      if (pair < 0) continue;
-      __nv_bfloat16* orow = out + static_cast<size_t>(m0 + r) * N;
-      if (kGateUp) {
-#pragma unroll
-        for (int nt = 0; nt < kHalf; ++nt) {
-#pragma unroll
-          for (int j = 0; j < 2; ++j) {
-            const int col = n0 + wn * kHalf * 8 + nt * 8 + 2 * c + j;
-            if (col >= N) continue;
-            float gv = acc[mt][nt][2 * half + j], uv = acc[mt][nt + kHalf][2 * half + j];
-            if (folded) {  // rounded as an unfolded gate/up GEMM's output would be
-              gv = __bfloat162float(__float2bfloat16(gv));
-              uv = __bfloat162float(__float2bfloat16(uv));
-            }
-            orow[col] = __float2bfloat16(gv / (1.0f + __expf(-gv)) * uv);
-          }
-        }
-      } else if (folded) {  // unrounded, unweighted
-        float* frow = fold.down_out + static_cast<size_t>(m0 + r) * N;
-#pragma unroll
-        for (int nt = 0; nt < kNt; ++nt) {
-#pragma unroll
-          for (int j = 0; j < 2; ++j) {
-            const int col = n0 + wn * kNt * 8 + nt * 8 + 2 * c + j;
-            if (col < N) frow[col] = acc[mt][nt][2 * half + j];
-          }
-        }
-      } else {
-        const float rw = early_rows ? ep_w[mt][half] : route_w[pair];
-#pragma unroll
-        for (int nt = 0; nt < kNt; ++nt) {
-#pragma unroll
-          for (int j = 0; j < 2; ++j) {
-            const int col = n0 + wn * kNt * 8 + nt * 8 + 2 * c + j;
-            if (col < N) orow[col] = __float2bfloat16(acc[mt][nt][2 * half + j] * rw);
-          }
-        }
-      }
-    }
-  }
+  store_rows<T, kGateUp>(
+      acc, out, fold, folded, m0, n0, N,
+      [&](int mt, int half) {
+        return early_rows ? ep_pair[mt][half] : pair_of(wm * kMt * 16 + mt * 16 + g + 8 * half);
+      },
+      [&](int mt, int half, int pair) { return early_rows ? ep_w[mt][half] : route_w[pair]; }, wm,
+      wn, g, c);
 }
 
 template <int BM, bool kWide, bool kGateUp, bool kLean = false>
@@ -488,10 +526,15 @@ void launch_gemm(__nv_bfloat16* out, const __nv_bfloat16* a, const __nv_bfloat16
                 " must be a multiple of ", kTiledGroupRows);
   require_parts(capacity % block_m == 0, "MoE GEMM: capacity ", capacity,
                 " is not a multiple of the block size ", block_m);
-  // Not measured yet: ERNIE_MOE_LEAN, bit 1 the 16-row tiles, bit 2 the 32-row ones (Tile).
-  static const int lean = switch_bits("ERNIE_MOE_LEAN");
+  require_parts(block_m == kMoeBlockSmall || block_m == kMoeBlockMid,
+                "MoE GEMM: unknown block size ", block_m);
+  // ERNIE_MOE_LEAN: bit 1 the 16-row tiles' lean form, bit 2 the 32-row ones' (Tile); both by
+  // default, 0 turns both off.
+  static const int lean = switch_bits("ERNIE_MOE_LEAN", 3);
+  const bool wide = block_m == kMoeBlockSmall &&
+                    wide_tiles_fit<kGateUp>(fold.blocks + capacity / kMoeBlockSmall, N);
   if (block_m == kMoeBlockSmall) {
-    if (wide_tiles_fit<kGateUp>(fold.blocks + capacity / kMoeBlockSmall, N)) {
+    if (wide) {
       launch_gemm_tile<kMoeBlockSmall, true, kGateUp>(
           out, a, w, route_w, sorted_pairs, block_expert, capacity, k, K, N, fold, stream);
     } else if (lean & 1) {
@@ -502,7 +545,6 @@ void launch_gemm(__nv_bfloat16* out, const __nv_bfloat16* a, const __nv_bfloat16
           out, a, w, route_w, sorted_pairs, block_expert, capacity, k, K, N, fold, stream);
     }
   } else {
-    require_parts(block_m == kMoeBlockMid, "MoE GEMM: unknown block size ", block_m);
     if (lean & 2) {
       launch_gemm_tile<kMoeBlockMid, false, kGateUp, true>(
           out, a, w, route_w, sorted_pairs, block_expert, capacity, k, K, N, fold, stream);

@@ -18,11 +18,11 @@ inline bool path_enabled(const char* name) {
   return v == nullptr || std::strcmp(v, "0") != 0;
 }
 
-// A switch over several paths not measured yet: the variable's value as a number (0 when unset
-// or not a number), each bit one path.
-inline int switch_bits(const char* name) {
+// A switch over several paths, each bit one path: the variable's value as a number (0 when not
+// a number), `unset` when it is not set.
+inline int switch_bits(const char* name, int unset) {
   const char* v = std::getenv(name);
-  return v == nullptr ? 0 : std::atoi(v);
+  return v == nullptr ? unset : std::atoi(v);
 }
 
 }  // namespace ernie::cuda
