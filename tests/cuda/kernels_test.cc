@@ -303,6 +303,61 @@ TEST(CudaKernels, RopeStoreKvMatchesCpuReference) {
   }
 }
 
+// rope_store_kv_vec (16-byte pieces, the frequency table) gives rope_store_kv's bytes: the
+// rotated q and k, both caches (poisoned first: only the tokens' slots written).
+TEST(CudaKernels, RopeVecMatchesRopeKernel) {
+  if (device_count() == 0) GTEST_SKIP() << "no CUDA device";
+  Rng rng(std::random_device{}());
+  struct Shape {
+    int tokens, heads, kv_heads, head_dim;
+  };
+  const double theta = 500000.0;
+  for (const Shape& s : {Shape{1, 20, 4, 128}, Shape{16, 20, 4, 128}, Shape{37, 4, 2, 48},
+                         Shape{300, 64, 8, 128}, Shape{9, 2, 1, 32}, Shape{3, 8, 8, 64}}) {
+    SCOPED_TRACE(::testing::Message() << s.tokens << " tokens, " << s.heads << "/" << s.kv_heads
+                                      << " heads, d " << s.head_dim);
+    const int row = (s.heads + 2 * s.kv_heads) * s.head_dim, kv = s.kv_heads * s.head_dim;
+    const int num_slots = 2 * s.tokens + 3;
+    const auto qkv = random_bf16(rng, static_cast<size_t>(s.tokens) * row, 1.0);
+    std::vector<int32_t> positions(s.tokens);
+    for (auto& p : positions) p = static_cast<int32_t>(rng.below(130000));
+    const std::vector<int64_t> slots = random_slots(rng, num_slots, s.tokens);
+    std::vector<float> inv(s.head_dim / 2);  // configure_attention's recipe
+    for (int j = 0; j < s.head_dim / 2; ++j) {
+      inv[j] = static_cast<float>(1.0 / std::pow(theta, 2.0 * j / s.head_dim));
+    }
+    DeviceBuffer<int32_t> d_pos(positions.size());
+    DeviceBuffer<int64_t> d_slots(slots.size());
+    DeviceBuffer<float> d_inv(inv.size());
+    d_pos.upload(positions);
+    d_slots.upload(slots);
+    d_inv.upload(inv);
+    std::vector<uint16_t> out_qkv[2], out_k[2], out_v[2];
+    for (int vec = 0; vec < 2; ++vec) {
+      DeviceBuffer<uint16_t> d_qkv(qkv.size()), d_k(static_cast<size_t>(num_slots) * kv),
+          d_v(static_cast<size_t>(num_slots) * kv);
+      d_qkv.upload(qkv);
+      d_k.poison();
+      d_v.poison();
+      if (vec) {
+        rope_store_kv_vec(bf(d_qkv.p), bf(d_k.p), bf(d_v.p), d_pos.p, d_slots.p, d_inv.p, s.tokens,
+                          s.heads, s.kv_heads, s.head_dim, nullptr);
+      } else {
+        rope_store_kv(bf(d_qkv.p), bf(d_k.p), bf(d_v.p), d_pos.p, d_slots.p, s.tokens, s.heads,
+                      s.kv_heads, s.head_dim, theta, nullptr);
+      }
+      ERNIE_CUDA_CHECK(cudaDeviceSynchronize());
+      out_qkv[vec] = d_qkv.download();
+      out_k[vec] = d_k.download();
+      out_v[vec] = d_v.download();
+    }
+    ASSERT_NE(out_qkv[0], qkv);  // rotated at all
+    EXPECT_EQ(out_qkv[1], out_qkv[0]);
+    EXPECT_EQ(out_k[1], out_k[0]);
+    EXPECT_EQ(out_v[1], out_v[0]);
+  }
+}
+
 // The qkv projection with rope_store_kv in its epilogue gives what the two kernels give one
 // after the other: the projection (bf16), q and k rotated, k and v in the cache at the step's
 // slots, every other slot untouched. (Equal up to one bf16 rounding step: the rotation may be

@@ -564,6 +564,14 @@ class CudaBackend final : public Backend {
   }
 
   void rope_store_kv(Tensor qkv, int layer) override {
+    // Not measured yet: ERNIE_ROPE_VEC=1 (16-byte pieces, the frequency table).
+    static const bool vec = cuda::new_path_enabled("ERNIE_ROPE_VEC");
+    if (vec && step_->num_tokens() <= 65535 && attn_.head_dim % 8 == 0) {
+      cuda::rope_store_kv_vec(bf(qkv), k_cache(layer), v_cache(layer), d_positions_, d_slots_,
+                              d_inv_freq_, step_->num_tokens(), attn_.num_heads, attn_.num_kv_heads,
+                              attn_.head_dim, stream_);
+      return;
+    }
     cuda::rope_store_kv(bf(qkv), k_cache(layer), v_cache(layer), d_positions_, d_slots_,
                         step_->num_tokens(), attn_.num_heads, attn_.num_kv_heads, attn_.head_dim,
                         attn_.rope_theta, stream_);

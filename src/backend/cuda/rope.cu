@@ -51,6 +51,47 @@ __global__ void __launch_bounds__(kRopeThreads)
   if (h >= heads) kc[i - heads * half] = r;
 }
 
+// rope_store_kv_vec: 16-byte pieces (four pairs) per thread; grid.y = token, grid.x over the
+// token's pieces (q and k rotated, then v's copied). The inverse frequencies come from the
+// table (no per-CTA pow in double), the token's position and slot are read once per CTA, and
+// the index arithmetic is 32-bit (rope_store_kv divides a 64-bit item index by the pieces per
+// token in every thread). The same f32 angle and rotation per pair as rope_store_kv.
+constexpr int kRopeVecThreads = 64;
+
+__global__ void __launch_bounds__(kRopeVecThreads)
+    rope_store_kv_vec_kernel(__nv_bfloat16* qkv, __nv_bfloat16* k_cache, __nv_bfloat16* v_cache,
+                             const int32_t* positions, const int64_t* slots, const float* inv_freq,
+                             int heads, int kv_heads, int head_dim) {
+  pdl_begin();
+  const int t = blockIdx.y;
+  const int i = blockIdx.x * kRopeVecThreads + threadIdx.x;  // piece of 8 elements
+  const int per_head = head_dim / 8, rotated = (heads + kv_heads) * per_head;
+  if (i >= rotated + kv_heads * per_head) return;
+  const size_t row = static_cast<size_t>(heads + 2 * kv_heads) * head_dim;
+  const size_t kv = static_cast<size_t>(kv_heads) * head_dim;
+  uint4* src = reinterpret_cast<uint4*>(qkv + t * row) + i;
+  const int64_t slot = slots[t];
+  if (i >= rotated) {  // v: copied as is
+    reinterpret_cast<uint4*>(v_cache + slot * kv)[i - rotated] = *src;
+    return;
+  }
+  const float pos = static_cast<float>(positions[t]);
+  const float4 f = reinterpret_cast<const float4*>(inv_freq)[i % per_head];
+  const float freq[4] = {f.x, f.y, f.z, f.w};
+  uint4 v = *src;
+  __nv_bfloat162* p = reinterpret_cast<__nv_bfloat162*>(&v);
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    float sn, cs;
+    sincosf(pos * freq[j], &sn, &cs);
+    const float2 ab = __bfloat1622float2(p[j]);
+    p[j] = __floats2bfloat162_rn(ab.x * cs - ab.y * sn, ab.y * cs + ab.x * sn);
+  }
+  *src = v;
+  if (i >= heads * per_head)
+    reinterpret_cast<uint4*>(k_cache + slot * kv)[i - heads * per_head] = v;
+}
+
 }  // namespace
 
 void rope_store_kv(__nv_bfloat16* qkv, __nv_bfloat16* k_cache, __nv_bfloat16* v_cache,
@@ -65,6 +106,20 @@ void rope_store_kv(__nv_bfloat16* qkv, __nv_bfloat16* k_cache, __nv_bfloat16* v_
   const auto blocks = static_cast<unsigned>((total + kRopeThreads - 1) / kRopeThreads);
   launch_pdl(rope_store_kv_kernel, blocks, kRopeThreads, 0, stream, qkv, k_cache, v_cache,
              positions, slots, total, heads, kv_heads, head_dim, theta);
+  ERNIE_CUDA_CHECK(cudaGetLastError());
+}
+
+void rope_store_kv_vec(__nv_bfloat16* qkv, __nv_bfloat16* k_cache, __nv_bfloat16* v_cache,
+                       const int32_t* positions, const int64_t* slots, const float* inv_freq,
+                       int tokens, int heads, int kv_heads, int head_dim, cudaStream_t stream) {
+  if (tokens == 0) return;
+  require(tokens > 0 && tokens <= 65535 && heads > 0 && kv_heads > 0 && head_dim % 8 == 0 &&
+              inv_freq != nullptr,
+          "rope_store_kv_vec: bad shape");
+  const int pieces = (heads + 2 * kv_heads) * head_dim / 8;
+  const dim3 grid((pieces + kRopeVecThreads - 1) / kRopeVecThreads, tokens);
+  launch_pdl(rope_store_kv_vec_kernel, grid, kRopeVecThreads, 0, stream, qkv, k_cache, v_cache,
+             positions, slots, inv_freq, heads, kv_heads, head_dim);
   ERNIE_CUDA_CHECK(cudaGetLastError());
 }
 

@@ -15,4 +15,11 @@ void rope_store_kv(__nv_bfloat16* qkv, __nv_bfloat16* k_cache, __nv_bfloat16* v_
                    const int32_t* positions, const int64_t* slots, int tokens, int heads,
                    int kv_heads, int head_dim, double theta, cudaStream_t stream);
 
+// The same with 16-byte pieces per thread and the inverse frequencies from a table
+// (inv_freq [head_dim / 2]: theta^(-2j/head_dim) computed in double, rounded to f32, 16-byte
+// aligned): the same bits. head_dim % 8 == 0, tokens <= 65535.
+void rope_store_kv_vec(__nv_bfloat16* qkv, __nv_bfloat16* k_cache, __nv_bfloat16* v_cache,
+                       const int32_t* positions, const int64_t* slots, const float* inv_freq,
+                       int tokens, int heads, int kv_heads, int head_dim, cudaStream_t stream);
+
 }  // namespace ernie::cuda
