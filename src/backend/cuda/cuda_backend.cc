@@ -531,11 +531,20 @@ class CudaBackend final : public Backend {
   // off (for A/B runs).
   void linear(Tensor out, const Tensor& x, const Tensor& w) override {
     static const bool skinny = cuda::path_enabled("ERNIE_SKINNY");
+    // Not measured yet: ERNIE_SKINNY_MMA16=1 (skinny_mma for 5-16 rows, bf16 out, at most
+    // 4096 outputs: the qkv and o projections).
+    static const bool mma16 = cuda::new_path_enabled("ERNIE_SKINNY_MMA16");
     const int m = static_cast<int>(x.dim(0)), k = static_cast<int>(x.dim(1));
+    const int n = static_cast<int>(w.dim(0));
     if (skinny && m > 0 && cuda::skinny_gemm_fits(m, k)) {
       check_linear(out, x, w);
-      cuda::skinny_gemm(out.data, out.dtype == DType::kF32, bf(x), bf(w), m,
-                        static_cast<int>(w.dim(0)), k, stream_);
+      cuda::skinny_gemm(out.data, out.dtype == DType::kF32, bf(x), bf(w), m, n, k, stream_);
+      return;
+    }
+    if (mma16 && m > 0 && out.dtype == DType::kBF16 && n <= 4096 &&
+        cuda::skinny_mma_fits(m, n, k)) {
+      check_linear(out, x, w);
+      cuda::skinny_mma(bf(out), bf(x), bf(w), m, n, k, stream_);
       return;
     }
     gemm(blas_[0], out, x, w);
