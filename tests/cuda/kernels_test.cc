@@ -87,6 +87,27 @@ TEST(CudaKernels, SiluMulMatchesCpuReference) {
 // The few-token linear layer against a double-precision reference of the same bf16 inputs:
 // every row count it takes, rows wider than a warp's 256 columns and not a multiple of them,
 // output rows that leave a CTA partly idle (its bulk copy shorter), f32 and bf16 outputs.
+// got [m, n] = x [m, k] w [n, k]^T against a double reference: f32 sums (~1e-6 of the
+// magnitude), and a bf16 output (f32_out false) rounds by 2^-8 of the value.
+void expect_gemm_matches(const std::vector<float>& got, const std::vector<float>& x,
+                         const std::vector<float>& w, int m, int n, int k, bool f32_out) {
+  for (int t = 0; t < m; ++t) {
+    for (int r = 0; r < n; ++r) {
+      double ref = 0.0, mag = 0.0;
+      for (int i = 0; i < k; ++i) {
+        const double p = static_cast<double>(x[static_cast<size_t>(t) * k + i]) *
+                         w[static_cast<size_t>(r) * k + i];
+        ref += p;
+        mag += std::abs(p);
+      }
+      const double tol = 1e-5 * mag + (f32_out ? 0.0 : std::abs(ref) / 128.0) + 1e-6;
+      const float v = got[static_cast<size_t>(t) * n + r];
+      ASSERT_FALSE(std::isnan(v)) << "row " << t << " col " << r;
+      ASSERT_NEAR(v, ref, tol) << "row " << t << " col " << r;
+    }
+  }
+}
+
 TEST(CudaKernels, SkinnyGemmMatchesReference) {
   if (device_count() == 0) GTEST_SKIP() << "no CUDA device";
   Rng rng(std::random_device{}());
@@ -126,22 +147,7 @@ TEST(CudaKernels, SkinnyGemmMatchesReference) {
       ERNIE_CUDA_CHECK(cudaDeviceSynchronize());
       got = widen(d_out.download());
     }
-    for (int t = 0; t < c.m; ++t) {
-      for (int r = 0; r < c.n; ++r) {
-        double ref = 0.0, mag = 0.0;
-        for (int i = 0; i < c.k; ++i) {
-          const double p = static_cast<double>(in[static_cast<size_t>(t) * c.k + i]) *
-                           wf[static_cast<size_t>(r) * c.k + i];
-          ref += p;
-          mag += std::abs(p);
-        }
-        // f32 sums: ~1e-6 of the magnitude; a bf16 output rounds by 2^-8 of the value.
-        const double tol = 1e-5 * mag + (c.f32 ? 0.0 : std::abs(ref) / 128.0) + 1e-6;
-        const float v = got[static_cast<size_t>(t) * c.n + r];
-        ASSERT_FALSE(std::isnan(v)) << "row " << t << " col " << r;
-        ASSERT_NEAR(v, ref, tol) << "row " << t << " col " << r;
-      }
-    }
+    expect_gemm_matches(got, in, wf, c.m, c.n, c.k, c.f32);
   }
 }
 
@@ -171,22 +177,7 @@ TEST(CudaKernels, SkinnyMmaMatchesReference) {
     skinny_mma(bf(d_out.p), bf(d_x.p), bf(d_w.p), c.m, c.n, c.k, nullptr);
     ERNIE_CUDA_CHECK(cudaDeviceSynchronize());
     const auto got = widen(d_out.download());
-    const auto in = widen(x), wf = widen(w);
-    for (int t = 0; t < c.m; ++t) {
-      for (int r = 0; r < c.n; ++r) {
-        double ref = 0.0, mag = 0.0;
-        for (int i = 0; i < c.k; ++i) {
-          const double p = static_cast<double>(in[static_cast<size_t>(t) * c.k + i]) *
-                           wf[static_cast<size_t>(r) * c.k + i];
-          ref += p;
-          mag += std::abs(p);
-        }
-        const double tol = 1e-5 * mag + std::abs(ref) / 128.0 + 1e-6;  // f32 sums, bf16 out
-        const float v = got[static_cast<size_t>(t) * c.n + r];
-        ASSERT_FALSE(std::isnan(v)) << "row " << t << " col " << r;
-        ASSERT_NEAR(v, ref, tol) << "row " << t << " col " << r;
-      }
-    }
+    expect_gemm_matches(got, widen(x), widen(w), c.m, c.n, c.k, false);
   }
 }
 

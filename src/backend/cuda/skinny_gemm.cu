@@ -206,7 +206,7 @@ __global__ void __launch_bounds__(kMmaThreads)
   constexpr int kOwn = kMmaCols / kMmaSplit;  // columns each CTA of the cluster sums
   extern __shared__ __align__(16) unsigned char mma_smem[];
   __shared__ __align__(8) uint64_t w_full, x_full;
-  unsigned char* ws = mma_smem;                                    // [kMmaCols][ld]
+  unsigned char* ws = mma_smem;                                // [kMmaCols][ld]
   unsigned char* xs = ws + kMmaCols * ld;                      // [kMmaRows][ld]
   float* sums = reinterpret_cast<float*>(xs + kMmaRows * ld);  // [slice][row][kOwn]
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, c = lane % 4;
