@@ -15,7 +15,9 @@
 #   ERNIE_NCU_KERNEL=prefill_attention_fa ERNIE_NCU_SOURCE=1 scripts/gpu_profile.sh DIR
 # With ERNIE_NCU_OPS=1 it lists every launch of `ernie_kernel_bench 1 ops` (grid, block, time)
 # into RESULT_DIR/ncu_ops.csv: which kernels an op (an MoE layer at 8192 tokens, say) runs and
-# how long each takes alone.
+# how long each takes alone. With ERNIE_NCU_CASE=CASE (e.g. 1x1000) as well, the kernel is taken
+# from that decode step's graph replay instead (the graph's own launch configuration, e.g. the
+# decode attention's key splits, which the op bench plans differently).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=$(realpath -m "${1:-gpu-results}")
@@ -46,8 +48,12 @@ fi
 if [ -n "${ERNIE_NCU_KERNEL:-}" ]; then
   report=()
   [ "${ERNIE_NCU_SOURCE:-0}" != 0 ] && report=(--import-source yes -o "$out/ncu_kernel" -f)
+  target=(build-gpu/ernie_kernel_bench 1 ops)
+  if [ -n "${ERNIE_NCU_CASE:-}" ]; then
+    target=(--profile-from-start off build-gpu/ernie_kernel_bench 3 steps "$ERNIE_NCU_CASE")
+  fi
   "$ncu" --set full --kernel-name "regex:$ERNIE_NCU_KERNEL" --launch-skip "${ERNIE_NCU_SKIP:-0}" \
-    --launch-count 1 "${report[@]}" build-gpu/ernie_kernel_bench 1 ops > "$out/ncu_kernel.txt" 2>&1
+    --launch-count 1 "${report[@]}" "${target[@]}" > "$out/ncu_kernel.txt" 2>&1
   rc=$?
   if [ ${#report[@]} -gt 0 ] && [ $rc = 0 ]; then
     "$ncu" -i "$out/ncu_kernel.ncu-rep" >> "$out/ncu_kernel.txt" 2>&1
