@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
+#include <exception>
 #include <vector>
 
 #include "backend/backend.h"
@@ -116,9 +117,17 @@ int run(const char* tokenizer_dir) {
 }  // namespace ernie
 
 int main(int argc, char** argv) {
-  if (argc < 2) {
-    std::fprintf(stderr, "usage: ernie_engine_bench TOKENIZER_MODEL_DIR\n");
+  if (argc != 2 || argv[1][0] == '-') {
+    std::fprintf(stderr,
+                 "usage: ernie_engine_bench TOKENIZER_MODEL_DIR\n"
+                 "  (a model directory with a tokenizer, e.g. from `ernie make-model --preset "
+                 "tiny`)\n");
     return 2;
   }
-  return ernie::run(argv[1]);
+  try {
+    return ernie::run(argv[1]);
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "ernie_engine_bench: %s\n", e.what());
+    return 1;
+  }
 }
