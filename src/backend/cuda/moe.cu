@@ -465,9 +465,7 @@ __global__ void __launch_bounds__(Tile<BM, kWide, kLean>::kThreads, 1)
 
   store_rows<T, kGateUp>(
       acc, out, fold, folded, m0, n0, N,
-      [&](int mt, int half) {
-        return early_rows ? ep_pair[mt][half] : pair_of(wm * kMt * 16 + mt * 16 + g + 8 * half);
-      },
+      [&](int mt, int half) { return early_rows ? ep_pair[mt][half] : pair_of(ep_row(mt, half)); },
       [&](int mt, int half, int pair) { return early_rows ? ep_w[mt][half] : route_w[pair]; }, wm,
       wn, g, c);
 }

@@ -262,6 +262,28 @@ __global__ void __launch_bounds__(kThreads)
 constexpr int kSmallThreads = 128;
 constexpr size_t kSmallMaxSmem = 200 * 1024;  // a weight row, the input, the tail's scratch
 
+// The fused tail, by one whole CTA of kSmallThreads: the top-k of every token (a warp per
+// token, logits [tokens][experts] in global memory, or this CTA's shared memory with
+// kSharedLogits), the ids also into shared memory after the bias (for the layout to read
+// without a trip to L2), then the MoE layout. tail_smem: the warps' scratch [warps][2 *
+// experts]; bias_s: the bias, then room for the ids, counts and offsets.
+template <bool kSharedLogits>
+__device__ __forceinline__ void route_tail(const Tail& tail, const float* logits, float* tail_smem,
+                                           float* bias_s, int tokens, int experts) {
+  const int warp = threadIdx.x / 32;
+  auto* ids_s = reinterpret_cast<int32_t*>(bias_s + experts);
+  for (int t = warp; t < tokens; t += kSmallThreads / 32) {
+    topk_token<kSharedLogits>(t, tail.ids, tail.weights, logits, bias_s, tokens, experts, 1, tail.k,
+                              tail.norm_min, tail_smem + static_cast<size_t>(warp) * 2 * experts,
+                              ids_s);
+  }
+  __syncthreads();  // every token's ids are written
+  int* counts = ids_s + tokens * tail.k;
+  const RouteLayout& L = tail.layout;
+  align_pairs(L.sorted_pairs, L.block_expert, L.pair_pos, ids_s, tokens * tail.k, experts,
+              L.block_m, L.num_blocks, counts, counts + experts);
+}
+
 template <bool kFused>
 __global__ void __launch_bounds__(kSmallThreads)
     router_small_kernel(float* logits, const __nv_bfloat16* x, const float* w, int tokens,
@@ -355,17 +377,7 @@ __global__ void __launch_bounds__(kSmallThreads)
     __syncthreads();  // also: every thread's bias copy is visible to all
     if (!last) return;
     if (!latency) __threadfence();
-    // The ids also into shared memory, for the layout to read without a trip to L2.
-    auto* ids_s = reinterpret_cast<int32_t*>(bias_s + experts);
-    for (int t = warp; t < tokens; t += kSmallThreads / 32) {
-      topk_token(t, tail.ids, tail.weights, logits, bias_s, tokens, experts, 1, tail.k,
-                 tail.norm_min, tail_smem + static_cast<size_t>(warp) * 2 * experts, ids_s);
-    }
-    __syncthreads();  // every token's ids are written
-    int* counts = ids_s + tokens * tail.k;
-    const RouteLayout& L = tail.layout;
-    align_pairs(L.sorted_pairs, L.block_expert, L.pair_pos, ids_s, tokens * tail.k, experts,
-                L.block_m, L.num_blocks, counts, counts + experts);
+    route_tail<false>(tail, logits, tail_smem, bias_s, tokens, experts);
     if (tid == 0) g_route_arrivals = 0;
   }
 }
@@ -477,16 +489,7 @@ __global__ void __launch_bounds__(kSmallThreads)
   cluster.sync();      // every CTA's logits are in CTA 0's shared memory
   if (rank != 0) return;
   __syncthreads();  // every thread's bias copy is visible to all
-  auto* ids_s = reinterpret_cast<int32_t*>(bias_s + experts);
-  for (int t = warp; t < tokens; t += kSmallThreads / 32) {
-    topk_token<true>(t, tail.ids, tail.weights, logits_s, bias_s, tokens, experts, 1, tail.k,
-                     tail.norm_min, tail_smem + static_cast<size_t>(warp) * 2 * experts, ids_s);
-  }
-  __syncthreads();  // every token's ids are written
-  int* counts = ids_s + tokens * tail.k;
-  const RouteLayout& L = tail.layout;
-  align_pairs(L.sorted_pairs, L.block_expert, L.pair_pos, ids_s, tokens * tail.k, experts,
-              L.block_m, L.num_blocks, counts, counts + experts);
+  route_tail<true>(tail, logits_s, tail_smem, bias_s, tokens, experts);
 }
 
 __global__ void __launch_bounds__(kTopkWarps * 32)
