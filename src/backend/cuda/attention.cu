@@ -219,6 +219,9 @@ __global__ void __launch_bounds__(32 * RW * KW)
   const size_t row_stride = static_cast<size_t>(a.heads + 2 * a.kv_heads) * D;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, c = lane % 4;
   const int wr = warp / KW, wk = warp % KW;
+  // A split that starts past the position of every query of the tile holds none of their keys,
+  // and the combine never reads its partials (it takes the splits up to each token's position).
+  if (split > 0 && k_begin > a.positions[q0 + (min(row0 + BM, rows) - 1) / group]) return;
 
   auto load_q = [&] {
     for (int i = threadIdx.x; i < BM * kChunks; i += kThreads) {
@@ -380,22 +383,21 @@ __global__ void __launch_bounds__(32 * RW * KW)
     l[i] += __shfl_xor_sync(0xffffffffu, l[i], 2);
   }
 
-  // Writes one output element of local row r (un-normalised o, row max m in log2 units, sum l).
-  auto emit = [&](int r, int d, float ov, float mr, float lr) {
-    const int row = row0 + r;
-    if (row >= rows) return;
-    const size_t t = q0 + row / group, h = kvh * group + row % group;
-    const float val = lr > 0.0f ? ov / lr : 0.0f;
-    if (a.splits == 1) {
-      a.out[(t * a.heads + h) * D + d] = __float2bfloat16(val);
-    } else {
-      const size_t idx = (static_cast<size_t>(split) * a.tokens + t) * a.heads + h;
-      a.partial_o[idx * D + d] = val;
-      if (d == 0) a.partial_lse[idx] = lr > 0.0f ? mr + log2f(lr) : -INFINITY;
-    }
-  };
-
   if constexpr (KW == 1) {
+    // Writes one output element of local row r (un-normalised o, row max m in log2 units, sum l).
+    auto emit = [&](int r, int d, float ov, float mr, float lr) {
+      const int row = row0 + r;
+      if (row >= rows) return;
+      const size_t t = q0 + row / group, h = kvh * group + row % group;
+      const float val = lr > 0.0f ? ov / lr : 0.0f;
+      if (a.splits == 1) {
+        a.out[(t * a.heads + h) * D + d] = __float2bfloat16(val);
+      } else {
+        const size_t idx = (static_cast<size_t>(split) * a.tokens + t) * a.heads + h;
+        a.partial_o[idx * D + d] = val;
+        if (d == 0) a.partial_lse[idx] = lr > 0.0f ? mr + log2f(lr) : -INFINITY;
+      }
+    };
 #pragma unroll
     for (int nd = 0; nd < D / 8; ++nd) {
 #pragma unroll
@@ -405,37 +407,73 @@ __global__ void __launch_bounds__(32 * RW * KW)
       }
     }
   } else {
-    __syncthreads();                            // K/V tiles are free: reuse them for the merge
-    float* mo = reinterpret_cast<float*>(skv);  // [KW][16][D]
-    float* mm = mo + KW * 16 * D;               // [KW][16]
-    float* ml = mm + KW * 16;                   // [KW][16]
+    // Merge of the KW key quarters. Each warp's un-normalised rows go to shared memory (rows of
+    // D + 8 floats: a half warp's 8-byte stores then hit 32 distinct banks), one thread per row
+    // turns the warps' maxima and sums into weights, then only the tile's rows that exist (5 of
+    // 16 for one token of 20 heads over 4 KV heads) are summed, 16 bytes at a time.
+    constexpr int LO = D + 8;
+    static_assert((KW * 16 * LO + 2 * KW * 16 + 16) * sizeof(float) <=
+                  2 * NB * BN * (kTma ? 128 : LD) * sizeof(__nv_bfloat16));
+    __syncthreads();  // K/V tiles are free: reuse them for the merge
+    // Addressed from smem_raw so that the compiler keeps to shared-memory instructions.
+    float* mo = reinterpret_cast<float*>(smem_raw + (ring - smem_raw));  // [KW][16][LO]
+    float* mw = mo + KW * 16 * LO;  // [KW][16]: maxima (log2 units), then weights
+    float* ml = mw + KW * 16;       // [KW][16]: sums
+    float* lse = ml + KW * 16;      // [16]
 #pragma unroll
     for (int nd = 0; nd < D / 8; ++nd) {
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        mo[(wk * 16 + g + 8 * (e / 2)) * D + nd * 8 + 2 * c + (e & 1)] = o[nd][e];
+      for (int i = 0; i < 2; ++i) {
+        *reinterpret_cast<float2*>(mo + (wk * 16 + g + 8 * i) * LO + nd * 8 + 2 * c) =
+            make_float2(o[nd][2 * i], o[nd][2 * i + 1]);
       }
     }
     if (c == 0) {
       for (int i = 0; i < 2; ++i) {
-        mm[wk * 16 + g + 8 * i] = m[i];
+        mw[wk * 16 + g + 8 * i] = m[i];
         ml[wk * 16 + g + 8 * i] = l[i];
       }
     }
     __syncthreads();
-    for (int idx = threadIdx.x; idx < 16 * D; idx += kThreads) {
-      const int r = idx / D, d = idx % D;
-      float mr = -INFINITY;
-      for (int w = 0; w < KW; ++w) mr = fmaxf(mr, mm[w * 16 + r]);
-      float lr = 0.0f, ov = 0.0f;
+    if (threadIdx.x < 16) {
+      const int r = threadIdx.x;
+      float mr = -INFINITY, f[KW], lr = 0.0f;
+#pragma unroll
+      for (int w = 0; w < KW; ++w) mr = fmaxf(mr, mw[w * 16 + r]);
+#pragma unroll
       for (int w = 0; w < KW; ++w) {
-        const float mw = mm[w * 16 + r];
-        if (mw == -INFINITY) continue;
-        const float f = fast_exp2(mw - mr);
-        lr += ml[w * 16 + r] * f;
-        ov += mo[(w * 16 + r) * D + d] * f;
+        const float mx = mw[w * 16 + r];
+        f[w] = mx == -INFINITY ? 0.0f : fast_exp2(mx - mr);
+        lr += ml[w * 16 + r] * f[w];
       }
-      emit(r, d, ov, mr, lr);
+#pragma unroll
+      for (int w = 0; w < KW; ++w) mw[w * 16 + r] = lr > 0.0f ? f[w] / lr : 0.0f;
+      lse[r] = lr > 0.0f ? mr + log2f(lr) : -INFINITY;
+    }
+    __syncthreads();
+    const int valid = min(16, rows - row0);
+    for (int idx = threadIdx.x; idx < valid * (D / 4); idx += kThreads) {
+      const int r = idx / (D / 4), d = idx % (D / 4) * 4;
+      float4 acc = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+#pragma unroll
+      for (int w = 0; w < KW; ++w) {
+        const float f = mw[w * 16 + r];
+        const float4 v = *reinterpret_cast<const float4*>(mo + (w * 16 + r) * LO + d);
+        acc.x += f * v.x;
+        acc.y += f * v.y;
+        acc.z += f * v.z;
+        acc.w += f * v.w;
+      }
+      const int row = row0 + r;
+      const size_t t = q0 + row / group, h = kvh * group + row % group;
+      if (a.splits == 1) {
+        *reinterpret_cast<uint2*>(a.out + (t * a.heads + h) * D + d) =
+            make_uint2(pack_bf16(acc.x, acc.y), pack_bf16(acc.z, acc.w));
+      } else {
+        const size_t pi = (static_cast<size_t>(split) * a.tokens + t) * a.heads + h;
+        *reinterpret_cast<float4*>(a.partial_o + pi * D + d) = acc;
+        if (d == 0) a.partial_lse[pi] = lse[r];
+      }
     }
   }
 }
