@@ -54,34 +54,6 @@ __device__ __forceinline__ float fast_exp2(float x) {
   return y;
 }
 
-// Weights of the key splits [0, active) of one output row, from their log-sum-exps (log2 units;
-// split s's at lse[s * stride], read through L2): w[s] = 2^(lse_s - max) / sum, 0 for a split
-// without keys. One warp; lane is the thread's lane.
-constexpr int kMaxSplits = 64;
-__device__ __forceinline__ void split_weights(const float* lse, size_t stride, int active, float* w,
-                                              int lane) {
-  float e[kMaxSplits / 32], mx = -INFINITY;
-#pragma unroll
-  for (int i = 0; i < kMaxSplits / 32; ++i) {
-    const int s = lane + 32 * i;
-    e[i] = s < active ? __ldcg(lse + s * stride) : -INFINITY;
-    mx = fmaxf(mx, e[i]);
-  }
-  for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
-  float sum = 0.0f;
-#pragma unroll
-  for (int i = 0; i < kMaxSplits / 32; ++i) {
-    e[i] = e[i] == -INFINITY ? 0.0f : fast_exp2(e[i] - mx);
-    sum += e[i];
-  }
-  for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
-  const float inv = sum > 0.0f ? 1.0f / sum : 0.0f;
-#pragma unroll
-  for (int i = 0; i < kMaxSplits / 32; ++i) {
-    if (lane + 32 * i < active) w[lane + 32 * i] = e[i] * inv;
-  }
-}
-
 // Largest tile maximum above the running one (log2 units) that leaves the running maximum where
 // it is: probabilities then reach at most 2^kRescaleSlack (exact in bf16 and f32 alike), and
 // the output and sum are rescaled only when some row of the warp outgrows it.
@@ -249,8 +221,7 @@ __global__ void __launch_bounds__(32 * RW * KW)
   const int wr = warp / KW, wk = warp % KW;
   // A split that starts past the position of every query of the tile holds none of their keys,
   // and the combine never reads its partials (it takes the splits up to each token's position).
-  const int p_last = a.positions[q0 + (min(row0 + BM, rows) - 1) / group];
-  if (split > 0 && k_begin > p_last) return;
+  if (split > 0 && k_begin > a.positions[q0 + (min(row0 + BM, rows) - 1) / group]) return;
 
   auto load_q = [&] {
     for (int i = threadIdx.x; i < BM * kChunks; i += kThreads) {
@@ -502,52 +473,6 @@ __global__ void __launch_bounds__(32 * RW * KW)
         const size_t pi = (static_cast<size_t>(split) * a.tokens + t) * a.heads + h;
         *reinterpret_cast<float4*>(a.partial_o + pi * D + d) = acc;
         if (d == 0) a.partial_lse[pi] = lse[r];
-      }
-    }
-    if (a.splits > 1 && a.split_counts != nullptr) {
-      // The last of the tile's splits to finish combines them, instead of a combine kernel:
-      // every CTA's partials reach L2 before it counts itself in, and the last one reads them
-      // all back through L2. Splits 0 .. p_last / split_keys arrive (the others left at the
-      // start); the last resets the count for the next launch.
-      __shared__ int is_last;
-      __threadfence();
-      __syncthreads();
-      if (threadIdx.x == 0) {
-        int* count = a.split_counts + tile * a.kv_heads + kvh;
-        const int arrivals = min(a.splits, p_last / a.dims[0] + 1);
-        is_last = atomicAdd(count, 1) == arrivals - 1;
-        if (is_last) *count = 0;
-      }
-      __syncthreads();
-      if (!is_last) return;
-      __threadfence();
-      float* wt = mo;  // [16][kMaxSplits]: each row's split weights
-      int* active = reinterpret_cast<int*>(wt + 16 * kMaxSplits);  // [16]
-      const size_t plane = static_cast<size_t>(a.tokens) * a.heads;
-      for (int r = warp; r < valid; r += kThreads / 32) {
-        const int row = row0 + r;
-        const size_t t = q0 + row / group, h = kvh * group + row % group;
-        const int n = min(a.splits, a.positions[t] / a.dims[0] + 1);
-        split_weights(a.partial_lse + t * a.heads + h, plane, n, wt + r * kMaxSplits, lane);
-        if (lane == 0) active[r] = n;
-      }
-      __syncthreads();
-      for (int idx = threadIdx.x; idx < valid * (D / 4); idx += kThreads) {
-        const int r = idx / (D / 4), d = idx % (D / 4) * 4, row = row0 + r;
-        const size_t t = q0 + row / group, h = kvh * group + row % group;
-        const float* src = a.partial_o + (t * a.heads + h) * D + d;
-        float4 acc = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-#pragma unroll 8
-        for (int sp = 0; sp < active[r]; ++sp) {
-          const float f = wt[r * kMaxSplits + sp];
-          const float4 v = __ldcg(reinterpret_cast<const float4*>(src + sp * plane * D));
-          acc.x += f * v.x;
-          acc.y += f * v.y;
-          acc.z += f * v.z;
-          acc.w += f * v.w;
-        }
-        *reinterpret_cast<uint2*>(a.out + (t * a.heads + h) * D + d) =
-            make_uint2(pack_bf16(acc.x, acc.y), pack_bf16(acc.z, acc.w));
       }
     }
   }
@@ -978,6 +903,7 @@ void launch_prefill_wgmma(const PagedAttentionArgs& a, cudaStream_t stream) {
 // One CTA per (token, head), one thread per output element. Only the splits that start at or
 // before the token's position can hold its keys; the first warp turns their log-sum-exps into
 // weights, then each thread sums its element over them, eight loads in flight at a time.
+constexpr int kMaxSplits = 64;
 __global__ void combine_splits_kernel(__nv_bfloat16* out, const float* partial_o,
                                       const float* partial_lse, const int32_t* positions,
                                       const int32_t* dims, int tokens, int heads, int d,
@@ -987,7 +913,29 @@ __global__ void combine_splits_kernel(__nv_bfloat16* out, const float* partial_o
   const size_t th = blockIdx.x;
   const size_t plane = static_cast<size_t>(tokens) * heads;
   const int active = min(splits, positions[th / heads] / dims[0] + 1);
-  if (threadIdx.x < 32) split_weights(partial_lse + th, plane, active, weight, threadIdx.x);
+  if (threadIdx.x < 32) {
+    const int lane = threadIdx.x;
+    float lse[kMaxSplits / 32], mx = -INFINITY;
+#pragma unroll
+    for (int i = 0; i < kMaxSplits / 32; ++i) {
+      const int s = lane + 32 * i;
+      lse[i] = s < active ? partial_lse[s * plane + th] : -INFINITY;
+      mx = fmaxf(mx, lse[i]);
+    }
+    for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+    float sum = 0.0f;
+#pragma unroll
+    for (int i = 0; i < kMaxSplits / 32; ++i) {
+      lse[i] = lse[i] == -INFINITY ? 0.0f : fast_exp2(lse[i] - mx);
+      sum += lse[i];
+    }
+    for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
+    const float inv = sum > 0.0f ? 1.0f / sum : 0.0f;
+#pragma unroll
+    for (int i = 0; i < kMaxSplits / 32; ++i) {
+      if (lane + 32 * i < active) weight[lane + 32 * i] = lse[i] * inv;
+    }
+  }
   __syncthreads();
   const float* src = partial_o + th * d + threadIdx.x;
   float acc = 0.0f;
@@ -1126,12 +1074,6 @@ void paged_attention(const PagedAttentionArgs& args, cudaStream_t stream) {
   require(a.heads > 0 && a.kv_heads > 0 && a.heads % a.kv_heads == 0 && a.block_size > 0,
           "paged_attention: bad shape");
   require(a.splits == 1 || (a.partial_o && a.partial_lse), "paged_attention: splits need partials");
-  require(a.splits <= kMaxSplits, "paged_attention: more key splits than the combine takes");
-  const bool fused_combine = a.splits > 1 && a.split_counts != nullptr;
-  require(!fused_combine || (a.decode_shape && static_cast<int64_t>(a.num_tiles) * a.kv_heads <=
-                                                   a.split_count_capacity),
-          "paged_attention: split counters need the decode kernel and one per tile and KV head");
-  if (!fused_combine) a.split_counts = nullptr;
   switch (a.head_dim) {
     case 32:
       launch_d<32>(a, stream);
@@ -1148,7 +1090,8 @@ void paged_attention(const PagedAttentionArgs& args, cudaStream_t stream) {
     default:
       throw Error(cat("paged attention supports head_dim 32, 48, 64 and 128, not ", a.head_dim));
   }
-  if (a.splits > 1 && !fused_combine) {
+  if (a.splits > 1) {
+    require(a.splits <= kMaxSplits, "paged_attention: more key splits than the combine takes");
     launch_pdl(combine_splits_kernel, a.tokens * a.heads, a.head_dim, 0, stream, a.out, a.partial_o,
                a.partial_lse, a.positions, a.dims, a.tokens, a.heads, a.head_dim, a.splits);
     ERNIE_CUDA_CHECK(cudaGetLastError());

@@ -55,10 +55,6 @@ struct PagedAttentionArgs {
   const int32_t* tile_row0 = nullptr;      // [num_tiles]
   float* partial_o = nullptr;              // [splits, T, H, D] when splits > 1
   float* partial_lse = nullptr;            // [splits, T, H] when splits > 1
-  // Decode kernel with splits > 1: zeroed counters, one per (tile, KV head), that let the last
-  // split of each tile combine them (no combine kernel; back to zero at the end of a launch).
-  int* split_counts = nullptr;
-  int split_count_capacity = 0;
   int num_tiles = 0, tokens = 0, heads = 0, kv_heads = 0, head_dim = 0;
   int block_size = 0;
   int block_shift = -1;     // log2(block_size) when it is a power of two (set by paged_attention)

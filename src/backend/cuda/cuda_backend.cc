@@ -363,11 +363,6 @@ class CudaBackend final : public Backend {
     d_inv_freq_ = static_cast<float*>(allocate_weight(inv_freq_bytes_));
     check_cuda(cudaMemcpy(d_inv_freq_, inv.data(), inv_freq_bytes_, cudaMemcpyHostToDevice),
                "cudaMemcpy (rope frequencies)");
-    if (d_split_counts_ == nullptr) {  // decode attention's split counters, zero between launches
-      d_split_counts_ = static_cast<int*>(allocate_weight(kSplitCounters * sizeof(int)));
-      check_cuda(cudaMemset(d_split_counts_, 0, kSplitCounters * sizeof(int)),
-                 "cudaMemset (split counters)");
-    }
   }
 
   void allocate_kv_cache(int num_layers, int64_t num_blocks, int block_size) override {
@@ -644,14 +639,6 @@ class CudaBackend final : public Backend {
       const size_t rows = static_cast<size_t>(a.splits) * a.tokens * a.heads;
       a.partial_o = static_cast<float*>(arena_.alloc(rows * a.head_dim * sizeof(float)));
       a.partial_lse = static_cast<float*>(arena_.alloc(rows * sizeof(float)));
-      // Not measured yet: ERNIE_FUSED_COMBINE=1 (the decode kernel's last split of each tile
-      // combines the splits; no combine kernel).
-      static const bool fused_combine = cuda::new_path_enabled("ERNIE_FUSED_COMBINE");
-      if (fused_combine && a.decode_shape &&
-          static_cast<int64_t>(a.num_tiles) * a.kv_heads <= kSplitCounters) {
-        a.split_counts = d_split_counts_;
-        a.split_count_capacity = kSplitCounters;
-      }
     }
     cuda::paged_attention(a, stream_);
     arena_.rewind(scratch_mark);
@@ -1048,10 +1035,6 @@ class CudaBackend final : public Backend {
   const StepInput* step_ = nullptr;
   cuda::AttentionPlan plan_;
   float* d_inv_freq_ = nullptr;  // [head_dim / 2] (configure_attention)
-  // Decode attention splits the keys only when its CTAs leave multiprocessors idle: one counter
-  // per CTA of a wave is plenty.
-  static constexpr int kSplitCounters = 1024;
-  int* d_split_counts_ = nullptr;
   size_t inv_freq_bytes_ = 0;
   int32_t *d_tokens_ = nullptr, *d_positions_ = nullptr, *d_query_start_ = nullptr,
           *d_context_lens_ = nullptr, *d_block_tables_ = nullptr, *d_logits_indices_ = nullptr,
