@@ -25,7 +25,7 @@ TEST(AttentionPlan, TilesCoverRowsAndSplitsCoverKeys) {
     const int heads = kv * group, sms = 132;
     const int seqs = 1 + static_cast<int>(rng.below(300));
     const bool decode = rng.below(2) == 0, fixed = decode && rng.below(2) == 0;
-    const bool pair = rng.below(2) == 0, cluster = rng.below(2) == 0;
+    const bool pair = rng.below(2) == 0;
     std::vector<int32_t> qs = {0}, ctx;
     int max_ctx = 0;
     for (int s = 0; s < seqs; ++s) {
@@ -35,10 +35,10 @@ TEST(AttentionPlan, TilesCoverRowsAndSplitsCoverKeys) {
       ctx.push_back(c);
       max_ctx = std::max(max_ctx, c);
     }
-    SCOPED_TRACE(::testing::Message() << seqs << " seqs, " << heads << "/" << kv << " heads, "
-                                      << (fixed ? "fixed" : "eager") << (pair ? ", paired" : "")
-                                      << (cluster ? ", cluster" : "") << " trial " << trial);
-    const AttentionPlan p = plan_attention(qs, ctx, heads, kv, sms, fixed, pair, cluster);
+    SCOPED_TRACE(::testing::Message()
+                 << seqs << " seqs, " << heads << "/" << kv << " heads, "
+                 << (fixed ? "fixed" : "eager") << (pair ? ", paired" : "") << " trial " << trial);
+    const AttentionPlan p = plan_attention(qs, ctx, heads, kv, sms, fixed, pair);
     bool small = true;
     for (int s = 0; s < seqs; ++s) small &= (qs[s + 1] - qs[s]) * group <= 16;
     EXPECT_EQ(p.decode_shape, small);
@@ -79,8 +79,7 @@ TEST(AttentionPlan, TilesCoverRowsAndSplitsCoverKeys) {
       ASSERT_EQ(got, want);
     }
     ASSERT_GE(p.splits, 1);
-    EXPECT_LE(p.splits, p.cluster ? kAttentionClusterSplits : 64);
-    EXPECT_EQ(p.cluster, cluster && p.decode_shape && p.splits > 1);
+    EXPECT_LE(p.splits, 64);
     EXPECT_EQ(p.split_keys % 64, 0);
     if (p.splits > 1) {
       EXPECT_GE(static_cast<int64_t>(p.splits) * p.split_keys, max_ctx);
@@ -93,9 +92,8 @@ TEST(AttentionPlan, TilesCoverRowsAndSplitsCoverKeys) {
     if (fixed) {  // the same shape with other contexts keeps the split count
       std::vector<int32_t> other = ctx;
       for (auto& c : other) c = 1 + static_cast<int>(rng.below(30000));
-      const AttentionPlan o = plan_attention(qs, other, heads, kv, sms, true, pair, cluster);
+      const AttentionPlan o = plan_attention(qs, other, heads, kv, sms, true);
       EXPECT_EQ(o.splits, p.splits);
-      EXPECT_EQ(o.cluster, p.cluster);
       EXPECT_EQ(o.tile_seq, p.tile_seq);
       const int other_max = *std::max_element(other.begin(), other.end());
       EXPECT_GE(static_cast<int64_t>(o.splits) * o.split_keys, other_max);

@@ -1,5 +1,3 @@
-#include <cooperative_groups.h>
-
 #include <algorithm>
 #include <unordered_map>
 
@@ -223,9 +221,7 @@ __global__ void __launch_bounds__(32 * RW * KW)
   const int wr = warp / KW, wk = warp % KW;
   // A split that starts past the position of every query of the tile holds none of their keys,
   // and the combine never reads its partials (it takes the splits up to each token's position).
-  if (!a.cluster && split > 0 && k_begin > a.positions[q0 + (min(row0 + BM, rows) - 1) / group]) {
-    return;
-  }
+  if (split > 0 && k_begin > a.positions[q0 + (min(row0 + BM, rows) - 1) / group]) return;
 
   auto load_q = [&] {
     for (int i = threadIdx.x; i < BM * kChunks; i += kThreads) {
@@ -416,7 +412,7 @@ __global__ void __launch_bounds__(32 * RW * KW)
     // turns the warps' maxima and sums into weights, then only the tile's rows that exist (5 of
     // 16 for one token of 20 heads over 4 KV heads) are summed, 16 bytes at a time.
     constexpr int LO = D + 8;
-    static_assert((KW * 16 * LO + 2 * KW * 16 + 16 + 16 * D) * sizeof(float) <=
+    static_assert((KW * 16 * LO + 2 * KW * 16 + 16) * sizeof(float) <=
                   2 * NB * BN * (kTma ? 128 : LD) * sizeof(__nv_bfloat16));
     __syncthreads();  // K/V tiles are free: reuse them for the merge
     // Addressed from smem_raw so that the compiler keeps to shared-memory instructions.
@@ -456,8 +452,8 @@ __global__ void __launch_bounds__(32 * RW * KW)
     }
     __syncthreads();
     const int valid = min(16, rows - row0);
-    // Row r's 16-byte piece at column d, summed over the key quarters.
-    auto quarter_sum = [&](int r, int d) {
+    for (int idx = threadIdx.x; idx < valid * (D / 4); idx += kThreads) {
+      const int r = idx / (D / 4), d = idx % (D / 4) * 4;
       float4 acc = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
 #pragma unroll
       for (int w = 0; w < KW; ++w) {
@@ -468,67 +464,6 @@ __global__ void __launch_bounds__(32 * RW * KW)
         acc.z += f * v.z;
         acc.w += f * v.w;
       }
-      return acc;
-    };
-    if (a.cluster) {
-      // The tile's splits are one cluster (rank = split). Each CTA keeps its normalised rows and
-      // their log-sum-exps in shared memory; after a cluster barrier every CTA sums its share
-      // of the output pieces over all the splits' rows through distributed shared memory, and
-      // a second barrier keeps every CTA's shared memory alive until all have read it.
-      namespace cg = cooperative_groups;
-      const cg::cluster_group cl = cg::this_cluster();
-      const int ns = a.splits, rank = static_cast<int>(cl.block_rank());
-      float* po = lse + 16;  // [16][D]
-      float* cw = mw;        // [splits][16] split weights (over mw and ml, both read by now)
-      static_assert(kAttentionClusterSplits <= 2 * KW);
-      for (int idx = threadIdx.x; idx < valid * (D / 4); idx += kThreads) {
-        const int r = idx / (D / 4), d = idx % (D / 4) * 4;
-        *reinterpret_cast<float4*>(po + r * D + d) = quarter_sum(r, d);
-      }
-      cl.sync();
-      if (threadIdx.x < valid) {
-        const int r = threadIdx.x;
-        float e[kAttentionClusterSplits], mx = -INFINITY, sum = 0.0f;
-#pragma unroll
-        for (int sp = 0; sp < kAttentionClusterSplits; ++sp) {
-          e[sp] = sp < ns ? cl.map_shared_rank(lse, sp)[r] : -INFINITY;
-          mx = fmaxf(mx, e[sp]);
-        }
-#pragma unroll
-        for (int sp = 0; sp < kAttentionClusterSplits; ++sp) {
-          e[sp] = e[sp] == -INFINITY ? 0.0f : fast_exp2(e[sp] - mx);
-          sum += e[sp];
-        }
-        const float inv = sum > 0.0f ? 1.0f / sum : 0.0f;
-#pragma unroll
-        for (int sp = 0; sp < kAttentionClusterSplits; ++sp) {
-          if (sp < ns) cw[sp * 16 + r] = e[sp] * inv;
-        }
-      }
-      __syncthreads();
-      for (int idx = threadIdx.x * ns + rank; idx < valid * (D / 4); idx += kThreads * ns) {
-        const int r = idx / (D / 4), d = idx % (D / 4) * 4, row = row0 + r;
-        float4 acc = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-#pragma unroll
-        for (int sp = 0; sp < kAttentionClusterSplits; ++sp) {
-          if (sp >= ns) break;
-          const float f = cw[sp * 16 + r];
-          const float4 v = *reinterpret_cast<const float4*>(cl.map_shared_rank(po, sp) + r * D + d);
-          acc.x += f * v.x;
-          acc.y += f * v.y;
-          acc.z += f * v.z;
-          acc.w += f * v.w;
-        }
-        const size_t t = q0 + row / group, h = kvh * group + row % group;
-        *reinterpret_cast<uint2*>(a.out + (t * a.heads + h) * D + d) =
-            make_uint2(pack_bf16(acc.x, acc.y), pack_bf16(acc.z, acc.w));
-      }
-      cl.sync();
-      return;
-    }
-    for (int idx = threadIdx.x; idx < valid * (D / 4); idx += kThreads) {
-      const int r = idx / (D / 4), d = idx % (D / 4) * 4;
-      const float4 acc = quarter_sum(r, d);
       const int row = row0 + r;
       const size_t t = q0 + row / group, h = kvh * group + row % group;
       if (a.splits == 1) {
@@ -1031,15 +966,12 @@ void launch(const PagedAttentionArgs& a, cudaStream_t stream) {
     configured = true;
   }
   const dim3 grid(a.num_tiles, a.kv_heads, a.splits);
-  CUtensorMap k_map{}, v_map{};
   if constexpr (kTma) {
-    k_map = cache_map(a.k_cache, a);
-    v_map = cache_map(a.v_cache, a);
-  }
-  if (a.cluster) {
-    launch_pdl_cluster(kernel, grid, dim3(1, 1, a.splits), kThreads, smem, stream, a, k_map, v_map);
+    launch_pdl(kernel, grid, kThreads, smem, stream, a, cache_map(a.k_cache, a),
+               cache_map(a.v_cache, a));
   } else {
-    launch_pdl(kernel, grid, kThreads, smem, stream, a, k_map, v_map);
+    const CUtensorMap unused{};
+    launch_pdl(kernel, grid, kThreads, smem, stream, a, unused, unused);
   }
   ERNIE_CUDA_CHECK(cudaGetLastError());
 }
@@ -1066,7 +998,7 @@ bool prefill_tiles_paired(int head_dim, int block_size) {
 
 AttentionPlan plan_attention(const std::vector<int32_t>& query_start,
                              const std::vector<int32_t>& context_lens, int heads, int kv_heads,
-                             int sms, bool fixed_splits, bool pair_prefill, bool cluster_splits) {
+                             int sms, bool fixed_splits, bool pair_prefill) {
   AttentionPlan p;
   const int group = heads / kv_heads;
   const int seqs = static_cast<int>(context_lens.size());
@@ -1120,17 +1052,15 @@ AttentionPlan plan_attention(const std::vector<int32_t>& query_start,
   // keys per split. With fixed_splits (graphs) the count depends on the tile count only and
   // the keys per split follow the longest context.
   const int64_t ctas = static_cast<int64_t>(p.tile_seq.size()) / (p.paired ? 2 : 1) * kv_heads;
-  const bool cluster = cluster_splits && p.decode_shape;
   int splits = 1;
   if (ctas > 0 && ctas < sms && (fixed_splits || max_ctx > 512)) {
     const int want = static_cast<int>(std::max<int64_t>(1, 2 * sms / ctas));
-    splits = std::min(want, cluster ? kAttentionClusterSplits : kMaxSplits);
+    splits = std::min(want, kMaxSplits);
     if (!fixed_splits) splits = std::max(1, std::min(splits, (max_ctx + 255) / 256));
   }
   p.split_keys = std::max(kKeysPerTile, ((max_ctx + splits - 1) / splits + kKeysPerTile - 1) /
                                             kKeysPerTile * kKeysPerTile);
   p.splits = fixed_splits ? splits : std::max(1, (max_ctx + p.split_keys - 1) / p.split_keys);
-  p.cluster = cluster && p.splits > 1;
   return p;
 }
 
@@ -1143,10 +1073,7 @@ void paged_attention(const PagedAttentionArgs& args, cudaStream_t stream) {
   }
   require(a.heads > 0 && a.kv_heads > 0 && a.heads % a.kv_heads == 0 && a.block_size > 0,
           "paged_attention: bad shape");
-  require(a.splits == 1 || a.cluster || (a.partial_o && a.partial_lse),
-          "paged_attention: splits need partials");
-  require(!a.cluster || (a.decode_shape && a.splits <= kAttentionClusterSplits),
-          "paged_attention: cluster splits need the decode kernel and at most 8 splits");
+  require(a.splits == 1 || (a.partial_o && a.partial_lse), "paged_attention: splits need partials");
   switch (a.head_dim) {
     case 32:
       launch_d<32>(a, stream);
@@ -1163,7 +1090,7 @@ void paged_attention(const PagedAttentionArgs& args, cudaStream_t stream) {
     default:
       throw Error(cat("paged attention supports head_dim 32, 48, 64 and 128, not ", a.head_dim));
   }
-  if (a.splits > 1 && !a.cluster) {
+  if (a.splits > 1) {
     require(a.splits <= kMaxSplits, "paged_attention: more key splits than the combine takes");
     launch_pdl(combine_splits_kernel, a.tokens * a.heads, a.head_dim, 0, stream, a.out, a.partial_o,
                a.partial_lse, a.positions, a.dims, a.tokens, a.heads, a.head_dim, a.splits);

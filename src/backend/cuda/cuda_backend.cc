@@ -633,10 +633,9 @@ class CudaBackend final : public Backend {
     a.splits = plan_.splits;
     a.decode_shape = plan_.decode_shape;
     a.paired = plan_.paired;
-    a.cluster = plan_.cluster;
     a.scale = attn_.scale;
     const auto scratch_mark = arena_.mark();
-    if (a.splits > 1 && !a.cluster) {
+    if (a.splits > 1) {
       const size_t rows = static_cast<size_t>(a.splits) * a.tokens * a.heads;
       a.partial_o = static_cast<float*>(arena_.alloc(rows * a.head_dim * sizeof(float)));
       a.partial_lse = static_cast<float*>(arena_.alloc(rows * sizeof(float)));
@@ -939,12 +938,9 @@ class CudaBackend final : public Backend {
                   std::numeric_limits<int32_t>::max());
     step_ = &step;
     arena_.reset(stream_);
-    // Not measured yet: ERNIE_CLUSTER_ATTENTION=1 (decode key splits merged in a cluster
-    // through distributed shared memory: at most 8 splits, no partials, no combine kernel).
-    static const bool cluster = cuda::new_path_enabled("ERNIE_CLUSTER_ATTENTION");
     plan_ = cuda::plan_attention(step.query_start, step.context_lens, attn_.num_heads,
                                  attn_.num_kv_heads, sms_, fixed,
-                                 cuda::prefill_tiles_paired(attn_.head_dim, block_size_), cluster);
+                                 cuda::prefill_tiles_paired(attn_.head_dim, block_size_));
     const int32_t dims[2] = {plan_.split_keys, step.max_blocks_per_seq};
     Packer pk;
     const size_t o_tokens = pk.add(step.token_ids), o_pos = pk.add(step.positions),

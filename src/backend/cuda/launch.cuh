@@ -42,13 +42,12 @@ void launch_pdl(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, c
   ERNIE_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, std::forward<Args>(args)...));
 }
 
-// launch_pdl for a kernel run as clusters of `cluster` CTAs (each grid dimension a multiple of
-// the cluster's).
+// launch_pdl for a kernel run as clusters of `cluster` CTAs along x (grid % cluster == 0).
 template <typename... Params, typename... Args>
-void launch_pdl_cluster(void (*kernel)(Params...), dim3 grid, dim3 cluster, dim3 block, size_t smem,
-                        cudaStream_t stream, Args&&... args) {
+void launch_pdl_cluster(void (*kernel)(Params...), unsigned grid, unsigned cluster, dim3 block,
+                        size_t smem, cudaStream_t stream, Args&&... args) {
   cudaLaunchConfig_t cfg{};
-  cfg.gridDim = grid;
+  cfg.gridDim = dim3(grid);
   cfg.blockDim = block;
   cfg.dynamicSmemBytes = smem;
   cfg.stream = stream;
@@ -56,20 +55,12 @@ void launch_pdl_cluster(void (*kernel)(Params...), dim3 grid, dim3 cluster, dim3
   attrs[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
   attrs[0].val.programmaticStreamSerializationAllowed = 1;
   attrs[1].id = cudaLaunchAttributeClusterDimension;
-  attrs[1].val.clusterDim.x = cluster.x;
-  attrs[1].val.clusterDim.y = cluster.y;
-  attrs[1].val.clusterDim.z = cluster.z;
+  attrs[1].val.clusterDim.x = cluster;
+  attrs[1].val.clusterDim.y = 1;
+  attrs[1].val.clusterDim.z = 1;
   cfg.attrs = attrs;
   cfg.numAttrs = 2;
   ERNIE_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, std::forward<Args>(args)...));
-}
-
-// A one-dimensional grid in clusters of `cluster` CTAs (grid % cluster == 0).
-template <typename... Params, typename... Args>
-void launch_pdl_cluster(void (*kernel)(Params...), unsigned grid, unsigned cluster, dim3 block,
-                        size_t smem, cudaStream_t stream, Args&&... args) {
-  launch_pdl_cluster(kernel, dim3(grid), dim3(cluster), block, smem, stream,
-                     std::forward<Args>(args)...);
 }
 
 }  // namespace ernie::cuda
