@@ -1,5 +1,3 @@
-#include <cooperative_groups.h>
-
 #include <algorithm>
 
 #include "backend/cuda/align.cuh"
@@ -61,13 +59,10 @@ constexpr int kTopkWarps = 4;
 // Token t by one warp: logits = the split partials summed in order, softmax, then k rounds of a
 // warp-wide argmax over the biased scores (the lower id wins a tie). p: 2 * experts floats of
 // shared memory for this warp. Partials are read through L2 (another CTA may have written them).
-// ids_copy (optional, e.g. shared memory): the ids written there too. kSharedPartial: the
-// partials are in this CTA's shared memory instead (plain loads).
-template <bool kSharedPartial = false>
+// ids_copy (optional, e.g. shared memory): the ids written there too.
 __device__ void topk_token(int t, int32_t* ids, float* weights, const float* partial,
                            const float* bias, int tokens, int experts, int splits, int k,
                            float norm_min, float* p, int32_t* ids_copy = nullptr) {
-  auto load = [](const float* q) { return kSharedPartial ? *q : __ldcg(q); };
   const int lane = threadIdx.x % 32;
   float* scores = p + experts;
   float mx = -INFINITY;
@@ -81,11 +76,11 @@ __device__ void topk_token(int t, int32_t* ids, float* weights, const float* par
     for (; s + 8 <= splits; s += 8) {
       float part[8];
 #pragma unroll
-      for (int j = 0; j < 8; ++j) part[j] = load(src + (s + j) * split_stride);
+      for (int j = 0; j < 8; ++j) part[j] = __ldcg(src + (s + j) * split_stride);
 #pragma unroll
       for (int j = 0; j < 8; ++j) v += part[j];
     }
-    for (; s < splits; ++s) v += load(src + s * split_stride);
+    for (; s < splits; ++s) v += __ldcg(src + s * split_stride);
     p[e] = v;
     mx = fmaxf(mx, v);
   }
@@ -263,19 +258,17 @@ constexpr int kSmallThreads = 128;
 constexpr size_t kSmallMaxSmem = 200 * 1024;  // a weight row, the input, the tail's scratch
 
 // The fused tail, by one whole CTA of kSmallThreads: the top-k of every token (a warp per
-// token, logits [tokens][experts] in global memory, or this CTA's shared memory with
-// kSharedLogits), the ids also into shared memory after the bias (for the layout to read
-// without a trip to L2), then the MoE layout. tail_smem: the warps' scratch [warps][2 *
-// experts]; bias_s: the bias, then room for the ids, counts and offsets.
-template <bool kSharedLogits>
+// token, logits [tokens][experts] in global memory), the ids also into shared memory after the
+// bias (for the layout to read without a trip to L2), then the MoE layout. tail_smem: the
+// warps' scratch [warps][2 * experts]; bias_s: the bias, then room for the ids, counts and
+// offsets.
 __device__ __forceinline__ void route_tail(const Tail& tail, const float* logits, float* tail_smem,
                                            float* bias_s, int tokens, int experts) {
   const int warp = threadIdx.x / 32;
   auto* ids_s = reinterpret_cast<int32_t*>(bias_s + experts);
   for (int t = warp; t < tokens; t += kSmallThreads / 32) {
-    topk_token<kSharedLogits>(t, tail.ids, tail.weights, logits, bias_s, tokens, experts, 1, tail.k,
-                              tail.norm_min, tail_smem + static_cast<size_t>(warp) * 2 * experts,
-                              ids_s);
+    topk_token(t, tail.ids, tail.weights, logits, bias_s, tokens, experts, 1, tail.k, tail.norm_min,
+               tail_smem + static_cast<size_t>(warp) * 2 * experts, ids_s);
   }
   __syncthreads();  // every token's ids are written
   int* counts = ids_s + tokens * tail.k;
@@ -377,119 +370,9 @@ __global__ void __launch_bounds__(kSmallThreads)
     __syncthreads();  // also: every thread's bias copy is visible to all
     if (!last) return;
     if (!latency) __threadfence();
-    route_tail<false>(tail, logits, tail_smem, bias_s, tokens, experts);
+    route_tail(tail, logits, tail_smem, bias_s, tokens, experts);
     if (tid == 0) g_route_arrivals = 0;
   }
-}
-
-// Cluster form of the fused small router (not measured yet: ERNIE_CLUSTER_ROUTER=1): one
-// cluster of kRouteCluster CTAs, each holding experts / kRouteCluster router rows (bulk copies
-// issued before the wait), writes its logits straight into CTA 0's shared memory (distributed
-// shared memory); after one cluster barrier CTA 0 does the top-k and the layout. No logits
-// round trip through L2 and no arrival atomic (router_small_kernel's tail: the last of 64 CTAs
-// found by a global atomic, then every logit read back from L2). Each logit is summed as
-// router_small_kernel sums it (each thread the same 4-column groups in the same order, the same
-// reduction tree), so the two give the same bits.
-constexpr int kRouteCluster = 8;
-constexpr int kClusterMaxPer = 8;  // router rows per CTA
-
-__global__ void __launch_bounds__(kSmallThreads)
-    router_cluster_kernel(const __nv_bfloat16* x, const float* w, int tokens, int hidden,
-                          int experts, const Tail tail, Trigger trigger) {
-  namespace cg = cooperative_groups;
-  const cg::cluster_group cluster = cg::this_cluster();
-  const int rank = static_cast<int>(cluster.block_rank());
-  const int per = experts / kRouteCluster, e0 = rank * per;
-  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
-  const int groups = hidden / 4;
-  // Dynamic shared memory: this CTA's router rows [per][hidden], the input [tokens][hidden]
-  // bf16, the logits [tokens][experts] (CTA 0's are the ones written), then the tail's scratch.
-  extern __shared__ __align__(16) float dyn_smem[];
-  __shared__ __align__(8) uint64_t w_full, x_full;
-  float* w_s = dyn_smem;
-  auto* xs = reinterpret_cast<__nv_bfloat16*>(w_s + static_cast<size_t>(per) * hidden);
-  const uint32_t x_bytes = static_cast<uint32_t>(tokens) * hidden * 2;
-  float* logits_s = w_s + static_cast<size_t>(per) * hidden + x_bytes / 4;
-  float* tail_smem = logits_s + static_cast<size_t>(tokens) * experts;
-  float* bias_s = tail_smem + (kSmallThreads / 32) * 2 * experts;
-  if (tid == 0) {
-    mbar_init(&w_full, 1);
-    mbar_init(&x_full, 1);
-    mbar_init_fence();
-    const uint32_t row_bytes = static_cast<uint32_t>(hidden) * 4;
-    mbar_arrive_expect_tx(&w_full, per * row_bytes);
-    for (int j = 0; j < per; ++j) {
-      bulk_load(w_s + static_cast<size_t>(j) * hidden, w + static_cast<size_t>(e0 + j) * hidden,
-                row_bytes, &w_full);
-    }
-  }
-  if (rank == 0) {
-    for (int i = tid; i < experts; i += kSmallThreads) cp_async_4(bias_s + i, tail.bias + i);
-  }
-  cp_async_commit();
-  asm volatile("griddepcontrol.wait;" ::: "memory");
-  if (trigger == kAfterWait) asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
-  if (tid == 0) {
-    mbar_arrive_expect_tx(&x_full, x_bytes);
-    bulk_load(xs, x, x_bytes, &x_full);
-  }
-  __syncthreads();  // the barriers' initialisation is visible
-  mbar_wait(&w_full, 0);
-  mbar_wait(&x_full, 0);
-  float acc[kClusterMaxPer][kFusedRouteTokens] = {};
-  for (int q = tid; q < groups; q += kSmallThreads) {
-    float2 a[kFusedRouteTokens], b[kFusedRouteTokens];
-#pragma unroll
-    for (int t = 0; t < kFusedRouteTokens; ++t) {
-      if (t < tokens) {
-        const uint2 xv =
-            *reinterpret_cast<const uint2*>(xs + static_cast<size_t>(t) * hidden + 4 * q);
-        a[t] = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&xv.x));
-        b[t] = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&xv.y));
-      }
-    }
-#pragma unroll
-    for (int j = 0; j < kClusterMaxPer; ++j) {
-      if (j < per) {
-        const float4 wv = reinterpret_cast<const float4*>(w_s + static_cast<size_t>(j) * hidden)[q];
-#pragma unroll
-        for (int t = 0; t < kFusedRouteTokens; ++t) {
-          if (t < tokens) {
-            acc[j][t] = fmaf(wv.x, a[t].x, acc[j][t]);
-            acc[j][t] = fmaf(wv.y, a[t].y, acc[j][t]);
-            acc[j][t] = fmaf(wv.z, b[t].x, acc[j][t]);
-            acc[j][t] = fmaf(wv.w, b[t].y, acc[j][t]);
-          }
-        }
-      }
-    }
-  }
-  __shared__ float red[kSmallThreads / 32][kClusterMaxPer][kFusedRouteTokens];
-#pragma unroll
-  for (int j = 0; j < kClusterMaxPer; ++j) {
-#pragma unroll
-    for (int t = 0; t < kFusedRouteTokens; ++t) {
-      if (j < per && t < tokens) {
-        float v = acc[j][t];
-        for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-        if (lane == 0) red[warp][j][t] = v;
-      }
-    }
-  }
-  __syncthreads();
-  if (tid < per * tokens) {
-    const int j = tid / tokens, t = tid % tokens;
-    float v = 0.0f;
-#pragma unroll
-    for (int i = 0; i < kSmallThreads / 32; ++i) v += red[i][j][t];
-    cluster.map_shared_rank(logits_s, 0)[static_cast<size_t>(t) * experts + e0 + j] = v;
-  }
-  if (trigger == kAtEnd) asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
-  cp_async_wait<0>();  // the bias (CTA 0)
-  cluster.sync();      // every CTA's logits are in CTA 0's shared memory
-  if (rank != 0) return;
-  __syncthreads();  // every thread's bias copy is visible to all
-  route_tail<true>(tail, logits_s, tail_smem, bias_s, tokens, experts);
 }
 
 __global__ void __launch_bounds__(kTopkWarps * 32)
@@ -553,27 +436,6 @@ bool route_topk(int32_t* ids, float* weights, const __nv_bfloat16* x, const floa
     // combine's loads issued together (moe.cu): H200, step 1 x 1000 2.400 -> 2.351 ms, 16 x
     // 1000 9.420 -> 9.389. ERNIE_LATENCY_LOADS=0 turns them off.
     static const bool latency = path_enabled("ERNIE_LATENCY_LOADS");
-    // Not measured yet: ERNIE_CLUSTER_ROUTER=1 (router_cluster_kernel), where its rows fit.
-    static const bool cluster = new_path_enabled("ERNIE_CLUSTER_ROUTER");
-    const int per = experts / kRouteCluster;
-    const size_t cluster_bytes = static_cast<size_t>(per) * hidden * sizeof(float) +
-                                 static_cast<size_t>(tokens) * hidden * sizeof(__nv_bfloat16) +
-                                 static_cast<size_t>(tokens) * experts * sizeof(float) + tail_bytes;
-    if (layout != nullptr && cluster && experts % kRouteCluster == 0 && per <= kClusterMaxPer &&
-        cluster_bytes <= kSmallMaxSmem) {
-      static const bool cluster_configured = [] {
-        ERNIE_CUDA_CHECK(cudaFuncSetAttribute(router_cluster_kernel,
-                                              cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                              static_cast<int>(kSmallMaxSmem)));
-        return true;
-      }();
-      (void)cluster_configured;
-      tail.layout = *layout;
-      launch_pdl_cluster(router_cluster_kernel, kRouteCluster, kRouteCluster, kSmallThreads,
-                         cluster_bytes, stream, x, router, tokens, hidden, experts, tail, trigger);
-      ERNIE_CUDA_CHECK(cudaGetLastError());
-      return true;
-    }
     if (layout != nullptr) {
       tail.layout = *layout;
       launch_pdl(router_small_kernel<true>, experts, kSmallThreads, row_bytes + tail_bytes, stream,
