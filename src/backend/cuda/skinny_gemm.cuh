@@ -24,9 +24,10 @@ bool skinny_gemm_fits(int m, int k);
 void skinny_gemm(void* out, bool out_f32, const __nv_bfloat16* x, const __nv_bfloat16* w, int m,
                  int n, int k, cudaStream_t stream);
 
-// Up to 16 rows on the tensor cores (not measured yet; cuda_backend takes it for 5-16 rows with
-// ERNIE_SKINNY_MMA16=1): out [m, n] bf16 = x w^T, f32 sums. Fits when m <= 16, n % 32 == 0,
-// k % 128 == 0 and a CTA's slices fit its shared memory; x and w 16-byte aligned.
+// Up to 16 rows on the tensor cores (cuda_backend takes it for 5-16 rows with
+// ERNIE_SKINNY_MMA16=1, off by default: mixed in steps, see there): out [m, n] bf16 = x w^T, f32
+// sums. Fits when m <= 16, n % 32 == 0, k % 128 == 0 and a CTA's slices fit its shared memory; x
+// and w 16-byte aligned.
 bool skinny_mma_fits(int m, int n, int k);
 void skinny_mma(__nv_bfloat16* out, const __nv_bfloat16* x, const __nv_bfloat16* w, int m, int n,
                 int k, cudaStream_t stream);
