@@ -142,21 +142,28 @@ int run_ops(int iters) {
   }
 
   // ---- attention (one layer) ----
-  backend::AttentionConfig ac{heads, kv_heads, d, 500000.0, 0.08838834764831845f};
-  be->configure_attention(ac);
-  const int64_t row = (heads + 2 * kv_heads) * d;
+  // The "1 KV head" cases read the same bytes with the same CTAs as the 4-head case above them
+  // (4x the sequences, a quarter of the heads each): a cache block of one head is then 4 KB in
+  // one piece instead of 16 rows of 256 bytes 1 KB apart, which tells how much the cache layout
+  // costs decode attention.
   struct Case {
     const char* name;
     int seqs, context, fresh;
-    int decodes = 0;  // of the seqs, the first `decodes` add one token (a mixed step)
+    int decodes = 0;   // of the seqs, the first `decodes` add one token (a mixed step)
+    int kv_heads = 4;  // query heads: 5 per KV head
   };
   for (const Case& c : {Case{"decode attention, 1 x 1000", 1, 1000, 1},
                         Case{"decode attention, 16 x 8500", 16, 8500, 1},
+                        Case{"decode attention, 64 x 8500, 1 KV head", 64, 8500, 1, 0, 1},
                         Case{"decode attention, 64 x 1500", 64, 1500, 1},
                         Case{"decode attention, 256 x 1500", 256, 1500, 1},
+                        Case{"decode attention, 1024 x 1500, 1 KV head", 1024, 1500, 1, 0, 1},
                         Case{"prefill attention, 1 x 8000", 1, 8000, 8000},
                         Case{"prefill chunk 2048 after 6000", 1, 8048, 2048},
                         Case{"mixed: 8000 prefill + 15 decodes at 8000", 16, 8000, 8000, 15}}) {
+    const int kvh = c.kv_heads, qh = heads / kv_heads * kvh;
+    be->configure_attention({qh, kvh, d, 500000.0, 0.08838834764831845f});
+    const int64_t row = (qh + 2 * kvh) * d;
     const std::vector<int> contexts(c.seqs, c.context);
     const int64_t blocks = static_cast<int64_t>(c.seqs) * ((c.context + block - 1) / block);
     be->allocate_kv_cache(1, blocks, block);
@@ -169,13 +176,13 @@ int run_ops(int iters) {
     const StepInput st = make_step(contexts, fresh, block);
     be->begin_step(st);
     Tensor qkv = be->random_weight({st.num_tokens(), row}, DType::kBF16, {}, 10);
-    Tensor out = be->scratch({st.num_tokens(), heads * d}, DType::kBF16);
+    Tensor out = be->scratch({st.num_tokens(), qh * d}, DType::kBF16);
     be->rope_store_kv(qkv, 0);
     const double sec = time_it(iters, [&] { be->attention(out, qkv, 0); });
     double visible = 0;
     for (int32_t p : st.positions) visible += p + 1.0;
-    const double bytes = static_cast<double>(c.seqs) * c.context * 2 * kv_heads * d * 2;
-    report(c.name, sec, bytes, 4 * visible * heads * d);
+    const double bytes = static_cast<double>(c.seqs) * c.context * 2 * kvh * d * 2;
+    report(c.name, sec, bytes, 4 * visible * qh * d);
   }
   return 0;
 }
