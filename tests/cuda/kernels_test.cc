@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <numeric>
 #include <random>
 
@@ -178,6 +179,21 @@ TEST(CudaKernels, SkinnyMmaMatchesReference) {
     ERNIE_CUDA_CHECK(cudaDeviceSynchronize());
     const auto got = widen(d_out.download());
     expect_gemm_matches(got, widen(x), widen(w), c.m, c.n, c.k, false);
+  }
+}
+
+// How many output columns of skinny_mma one wave holds: whole clusters, at least one, and no
+// more for a longer reduction (each CTA's slices grow with k).
+TEST(CudaKernels, SkinnyMmaColumnsPerWave) {
+  if (device_count() == 0) GTEST_SKIP() << "no CUDA device";
+  int prev = std::numeric_limits<int>::max();
+  for (int k : {128, 1024, 2560, 8192}) {
+    SCOPED_TRACE(k);
+    const int cols = skinny_mma_columns_per_wave(k);
+    EXPECT_GE(cols, 32);
+    EXPECT_EQ(cols % 32, 0);
+    EXPECT_LE(cols, prev);
+    prev = cols;
   }
 }
 

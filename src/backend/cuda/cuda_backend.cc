@@ -531,10 +531,11 @@ class CudaBackend final : public Backend {
   // off (for A/B runs).
   void linear(Tensor out, const Tensor& x, const Tensor& w) override {
     static const bool skinny = cuda::path_enabled("ERNIE_SKINNY");
-    // ERNIE_SKINNY_MMA16=1 (off: mixed): skinny_mma for 5-16 rows, bf16 out, at most 4096
-    // outputs (the qkv and o projections). H200, steps 16 x 1000 9.006 -> 9.071 ms, 16 x 8500
-    // 10.859 -> 10.791; per layer o 7.1 -> 6.1 us, but qkv 7.7 -> 10.7 (its 896 CTAs of 33.5 KB
-    // fit six to a multiprocessor: two waves).
+    // ERNIE_SKINNY_MMA16=1 (off): skinny_mma for 5-16 rows, bf16 out, where its grid is one
+    // wave (the o projection of the 21B model, not qkv). Taking both qkv and o, H200: steps 16 x
+    // 1000 9.006 -> 9.071 ms, 16 x 8500 10.859 -> 10.791; per layer o 7.1 -> 6.1 us, but qkv 7.7
+    // -> 10.7 (its 896 CTAs of 33.5 KB fit six to a multiprocessor: two waves). The one-wave
+    // rule is not measured yet.
     static const bool mma16 = cuda::new_path_enabled("ERNIE_SKINNY_MMA16");
     const int m = static_cast<int>(x.dim(0)), k = static_cast<int>(x.dim(1));
     const int n = static_cast<int>(w.dim(0));
@@ -543,13 +544,22 @@ class CudaBackend final : public Backend {
       cuda::skinny_gemm(out.data, out.dtype == DType::kF32, bf(x), bf(w), m, n, k, stream_);
       return;
     }
-    if (mma16 && m > 0 && out.dtype == DType::kBF16 && n <= 4096 &&
-        cuda::skinny_mma_fits(m, n, k)) {
+    if (mma16 && m > 0 && out.dtype == DType::kBF16 && cuda::skinny_mma_fits(m, n, k) &&
+        n <= mma_columns_per_wave(k)) {
       check_linear(out, x, w);
       cuda::skinny_mma(bf(out), bf(x), bf(w), m, n, k, stream_);
       return;
     }
     gemm(blas_[0], out, x, w);
+  }
+
+  // cuda::skinny_mma_columns_per_wave, once per reduction size.
+  int mma_columns_per_wave(int k) {
+    auto it = mma_columns_.find(k);
+    if (it == mma_columns_.end()) {
+      it = mma_columns_.emplace(k, cuda::skinny_mma_columns_per_wave(k)).first;
+    }
+    return it->second;
   }
 
   static void check_linear(const Tensor& out, const Tensor& x, const Tensor& w) {
@@ -1036,7 +1046,8 @@ class CudaBackend final : public Backend {
   PinnedBuffer meta_host_, result_host_;
   const StepInput* step_ = nullptr;
   cuda::AttentionPlan plan_;
-  float* d_inv_freq_ = nullptr;  // [head_dim / 2] (configure_attention)
+  float* d_inv_freq_ = nullptr;               // [head_dim / 2] (configure_attention)
+  std::unordered_map<int, int> mma_columns_;  // mma_columns_per_wave's answers by k
   size_t inv_freq_bytes_ = 0;
   int32_t *d_tokens_ = nullptr, *d_positions_ = nullptr, *d_query_start_ = nullptr,
           *d_context_lens_ = nullptr, *d_block_tables_ = nullptr, *d_logits_indices_ = nullptr,

@@ -308,11 +308,8 @@ bool skinny_mma_fits(int m, int n, int k) {
          k % (16 * kMmaSplit) == 0 && skinny_mma_smem_bytes(k) <= kSkinnyMaxSmem;
 }
 
-void skinny_mma(__nv_bfloat16* out, const __nv_bfloat16* x, const __nv_bfloat16* w, int m, int n,
-                int k, cudaStream_t stream) {
-  require_parts(skinny_mma_fits(m, n, k), "skinny_mma: ", m, " x ", k, " input, ", n,
-                " outputs (at most ", kMmaRows, " rows, n % ", kMmaCols, " == 0, k % ",
-                16 * kMmaSplit, " == 0)");
+namespace {
+void configure_skinny_mma() {
   static const bool configured = [] {
     ERNIE_CUDA_CHECK(cudaFuncSetAttribute(skinny_mma_kernel,
                                           cudaFuncAttributeMaxDynamicSharedMemorySize,
@@ -320,6 +317,34 @@ void skinny_mma(__nv_bfloat16* out, const __nv_bfloat16* x, const __nv_bfloat16*
     return true;
   }();
   (void)configured;
+}
+}  // namespace
+
+int skinny_mma_columns_per_wave(int k) {
+  require(k > 0 && k % (16 * kMmaSplit) == 0, "skinny_mma_columns_per_wave: bad reduction size");
+  configure_skinny_mma();
+  cudaLaunchConfig_t cfg{};
+  cfg.gridDim = dim3(kMmaSplit);
+  cfg.blockDim = dim3(kMmaThreads);
+  cfg.dynamicSmemBytes = skinny_mma_smem_bytes(k);
+  cudaLaunchAttribute attr{};
+  attr.id = cudaLaunchAttributeClusterDimension;
+  attr.val.clusterDim.x = kMmaSplit;
+  attr.val.clusterDim.y = 1;
+  attr.val.clusterDim.z = 1;
+  cfg.attrs = &attr;
+  cfg.numAttrs = 1;
+  int clusters = 0;
+  ERNIE_CUDA_CHECK(cudaOccupancyMaxActiveClusters(&clusters, skinny_mma_kernel, &cfg));
+  return clusters * kMmaCols;
+}
+
+void skinny_mma(__nv_bfloat16* out, const __nv_bfloat16* x, const __nv_bfloat16* w, int m, int n,
+                int k, cudaStream_t stream) {
+  require_parts(skinny_mma_fits(m, n, k), "skinny_mma: ", m, " x ", k, " input, ", n,
+                " outputs (at most ", kMmaRows, " rows, n % ", kMmaCols, " == 0, k % ",
+                16 * kMmaSplit, " == 0)");
+  configure_skinny_mma();
   launch_pdl_cluster(skinny_mma_kernel, static_cast<unsigned>(n / kMmaCols * kMmaSplit), kMmaSplit,
                      kMmaThreads, skinny_mma_smem_bytes(k), stream, out, x, w, m, n, k);
   ERNIE_CUDA_CHECK(cudaGetLastError());

@@ -29,6 +29,9 @@ void skinny_gemm(void* out, bool out_f32, const __nv_bfloat16* x, const __nv_bfl
 // sums. Fits when m <= 16, n % 32 == 0, k % 128 == 0 and a CTA's slices fit its shared memory; x
 // and w 16-byte aligned.
 bool skinny_mma_fits(int m, int n, int k);
+// Output columns whose clusters can all be resident at once on this device, for a reduction of
+// k (a multiple of 128): a grid of more columns runs in more than one wave.
+int skinny_mma_columns_per_wave(int k);
 void skinny_mma(__nv_bfloat16* out, const __nv_bfloat16* x, const __nv_bfloat16* w, int m, int n,
                 int k, cudaStream_t stream);
 
