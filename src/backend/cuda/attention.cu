@@ -6,6 +6,7 @@
 #include "backend/cuda/hopper.cuh"
 #include "backend/cuda/launch.cuh"
 #include "backend/cuda/mma.cuh"
+#include "backend/cuda/switches.h"
 
 namespace ernie::cuda {
 namespace {
@@ -904,15 +905,31 @@ void launch_prefill_wgmma(const PagedAttentionArgs& a, cudaStream_t stream) {
 // before the token's position can hold its keys; the first warp turns their log-sum-exps into
 // weights, then each thread sums its element over them, eight loads in flight at a time.
 constexpr int kMaxSplits = 64;
+// early_meta (not measured yet: ERNIE_COMBINE_EARLY_META=1): the token's position and the
+// split size (step inputs, which no kernel writes) come by cp.async before the wait, so the
+// wait is followed by two L2 trips (log-sum-exps, then partials) instead of three.
 __global__ void combine_splits_kernel(__nv_bfloat16* out, const float* partial_o,
                                       const float* partial_lse, const int32_t* positions,
-                                      const int32_t* dims, int tokens, int heads, int d,
-                                      int splits) {
-  pdl_begin();
+                                      const int32_t* dims, int tokens, int heads, int d, int splits,
+                                      bool early_meta) {
   __shared__ float weight[kMaxSplits];
+  __shared__ int32_t meta[2];  // early_meta: the position, the split size
   const size_t th = blockIdx.x;
   const size_t plane = static_cast<size_t>(tokens) * heads;
-  const int active = min(splits, positions[th / heads] / dims[0] + 1);
+  int active;
+  if (early_meta) {
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+    if (threadIdx.x == 0) cp_async_4(&meta[0], positions + th / heads);
+    if (threadIdx.x == 1) cp_async_4(&meta[1], dims);
+    cp_async_commit();
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+    cp_async_wait<0>();
+    __syncthreads();
+    active = min(splits, meta[0] / meta[1] + 1);
+  } else {
+    pdl_begin();
+    active = min(splits, positions[th / heads] / dims[0] + 1);
+  }
   if (threadIdx.x < 32) {
     const int lane = threadIdx.x;
     float lse[kMaxSplits / 32], mx = -INFINITY;
@@ -1092,8 +1109,10 @@ void paged_attention(const PagedAttentionArgs& args, cudaStream_t stream) {
   }
   if (a.splits > 1) {
     require(a.splits <= kMaxSplits, "paged_attention: more key splits than the combine takes");
+    static const bool early_meta = new_path_enabled("ERNIE_COMBINE_EARLY_META");
     launch_pdl(combine_splits_kernel, a.tokens * a.heads, a.head_dim, 0, stream, a.out, a.partial_o,
-               a.partial_lse, a.positions, a.dims, a.tokens, a.heads, a.head_dim, a.splits);
+               a.partial_lse, a.positions, a.dims, a.tokens, a.heads, a.head_dim, a.splits,
+               early_meta);
     ERNIE_CUDA_CHECK(cudaGetLastError());
   }
 }
