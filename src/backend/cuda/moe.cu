@@ -923,10 +923,26 @@ __global__ void moe_combine_kernel(__nv_bfloat16* out, const CombineSrc c) {
 // moe_combine_kernel with one 16-byte vector per thread (the host checks that one covers the
 // row), then the next layer's residual add and RMSNorm of the row, computed as
 // fused_add_rms_norm_vec_kernel computes them (norm_parts.cuh); ERNIE_FUSED_MOE_NORM=0
-// (cuda_backend.cc) goes back to the two kernels.
+// (cuda_backend.cc) goes back to the two kernels. kEarlyPos (not measured yet,
+// ERNIE_COMBINE_EARLY_POS=1; decode tiles with loads_first and k <= kCombineMaxK): the pair
+// positions come by cp.async before the wait, so every load after it (routed rows, residual,
+// weights) is one trip instead of two. The router's layout is complete by then: the routed
+// gate/up blocks let down launch only after waiting for the router, and down lets this kernel
+// launch only after that.
+template <bool kEarlyPos>
 __global__ void moe_combine_norm_kernel(__nv_bfloat16* out, const CombineSrc c,
                                         const CombineNorm norm) {
-  pdl_begin();
+  __shared__ int pos[kCombineMaxK];
+  if constexpr (kEarlyPos) {
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+    if (static_cast<int>(threadIdx.x) < c.k) {
+      cp_async_4(pos + threadIdx.x, c.pair_pos + blockIdx.x * c.k + threadIdx.x);
+    }
+    cp_async_commit();
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+  } else {
+    pdl_begin();
+  }
   const size_t t = blockIdx.x;
   const int hidden = c.hidden;
   const bool active = static_cast<int>(threadIdx.x) * 8 < hidden;
@@ -938,8 +954,11 @@ __global__ void moe_combine_norm_kernel(__nv_bfloat16* out, const CombineSrc c,
     r = res[threadIdx.x];
     weight = reinterpret_cast<const uint4*>(norm.weight)[threadIdx.x];
   }
-  __shared__ int pos[kCombineMaxK];
-  load_pair_pos(pos, c, t);
+  if constexpr (kEarlyPos) {
+    cp_async_wait<0>();
+  } else {
+    load_pair_pos(pos, c, t);
+  }
   __syncthreads();
   if (active) {
     const uint4 o = combine_vec8(c, t, threadIdx.x * 8, pos);
@@ -1080,7 +1099,12 @@ void moe_combine(__nv_bfloat16* out, const __nv_bfloat16* y, const int32_t* pair
                      fold.experts,
                      loads_first};
   if (norm.normed != nullptr) {
-    launch_pdl(moe_combine_norm_kernel, tokens, threads, 0, stream, out, c, norm);
+    static const bool early_pos = new_path_enabled("ERNIE_COMBINE_EARLY_POS");
+    if (early_pos && loads_first && k <= kCombineMaxK && block_m > 0 && block_m != kMoeBlockWgmma) {
+      launch_pdl(moe_combine_norm_kernel<true>, tokens, threads, 0, stream, out, c, norm);
+    } else {
+      launch_pdl(moe_combine_norm_kernel<false>, tokens, threads, 0, stream, out, c, norm);
+    }
   } else {
     launch_pdl(moe_combine_kernel, tokens, threads, 0, stream, out, c);
   }
