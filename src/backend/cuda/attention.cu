@@ -905,19 +905,20 @@ void launch_prefill_wgmma(const PagedAttentionArgs& a, cudaStream_t stream) {
 // before the token's position can hold its keys; the first warp turns their log-sum-exps into
 // weights, then each thread sums its element over them, eight loads in flight at a time.
 constexpr int kMaxSplits = 64;
-// early_meta (not measured yet: ERNIE_COMBINE_EARLY_META=1): the token's position and the
+// kEarlyMeta (not measured yet: ERNIE_COMBINE_EARLY_META=1): the token's position and the
 // split size (step inputs, which no kernel writes) come by cp.async before the wait, so the
 // wait is followed by two L2 trips (log-sum-exps, then partials) instead of three.
+template <bool kEarlyMeta>
 __global__ void combine_splits_kernel(__nv_bfloat16* out, const float* partial_o,
                                       const float* partial_lse, const int32_t* positions,
-                                      const int32_t* dims, int tokens, int heads, int d, int splits,
-                                      bool early_meta) {
+                                      const int32_t* dims, int tokens, int heads, int d,
+                                      int splits) {
   __shared__ float weight[kMaxSplits];
-  __shared__ int32_t meta[2];  // early_meta: the position, the split size
   const size_t th = blockIdx.x;
   const size_t plane = static_cast<size_t>(tokens) * heads;
   int active;
-  if (early_meta) {
+  if constexpr (kEarlyMeta) {
+    __shared__ int32_t meta[2];  // the position, the split size
     asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
     if (threadIdx.x == 0) cp_async_4(&meta[0], positions + th / heads);
     if (threadIdx.x == 1) cp_async_4(&meta[1], dims);
@@ -1110,9 +1111,9 @@ void paged_attention(const PagedAttentionArgs& args, cudaStream_t stream) {
   if (a.splits > 1) {
     require(a.splits <= kMaxSplits, "paged_attention: more key splits than the combine takes");
     static const bool early_meta = new_path_enabled("ERNIE_COMBINE_EARLY_META");
-    launch_pdl(combine_splits_kernel, a.tokens * a.heads, a.head_dim, 0, stream, a.out, a.partial_o,
-               a.partial_lse, a.positions, a.dims, a.tokens, a.heads, a.head_dim, a.splits,
-               early_meta);
+    launch_pdl(early_meta ? combine_splits_kernel<true> : combine_splits_kernel<false>,
+               a.tokens * a.heads, a.head_dim, 0, stream, a.out, a.partial_o, a.partial_lse,
+               a.positions, a.dims, a.tokens, a.heads, a.head_dim, a.splits);
     ERNIE_CUDA_CHECK(cudaGetLastError());
   }
 }
