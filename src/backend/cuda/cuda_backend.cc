@@ -1046,9 +1046,9 @@ class CudaBackend final : public Backend {
   PinnedBuffer meta_host_, result_host_;
   const StepInput* step_ = nullptr;
   cuda::AttentionPlan plan_;
-  float* d_inv_freq_ = nullptr;               // [head_dim / 2] (configure_attention)
-  std::unordered_map<int, int> mma_columns_;  // mma_columns_per_wave's answers by k
+  float* d_inv_freq_ = nullptr;  // [head_dim / 2] (configure_attention)
   size_t inv_freq_bytes_ = 0;
+  std::unordered_map<int, int> mma_columns_;  // mma_columns_per_wave's answers by k
   int32_t *d_tokens_ = nullptr, *d_positions_ = nullptr, *d_query_start_ = nullptr,
           *d_context_lens_ = nullptr, *d_block_tables_ = nullptr, *d_logits_indices_ = nullptr,
           *d_tile_seq_ = nullptr, *d_tile_row0_ = nullptr, *d_dims_ = nullptr;
