@@ -247,6 +247,12 @@ TEST_F(CudaBackendTest, AttentionMatchesCpu) {
       {"chunked prefill over cached context", cfg(20, 4, 128), 16, {{200, 37}, {5, 64}, {0, 9}}},
       {"decode, long contexts (key splits)", cfg(20, 4, 128), 16, {{3000, 1}, {1500, 1}}},
       {"decode, many sequences", cfg(20, 4, 128), 16, std::vector<SeqSpec>(150, SeqSpec{300, 1})},
+      // The TMA decode kernel over every cache block size it takes (8-64 keys: one to eight
+      // blocks a 64-key tile), contexts of many tiles a split and partial last tiles.
+      {"decode d128, block 8", cfg(20, 4, 128), 8, {{2000, 1}, {333, 1}, {64, 1}}},
+      {"decode d128, block 32", cfg(20, 4, 128), 32, {{1800, 1}, {129, 1}, {31, 1}}},
+      {"decode d128, block 64", cfg(20, 4, 128), 64, {{2500, 1}, {63, 1}, {700, 1}}},
+      {"decode 300B shape", cfg(64, 8, 128), 16, {{5000, 1}, {1000, 1}, {17, 1}}},
       // Decode with key splits on the cp.async kernel (its last split of a tile merges them),
       // tiles with different numbers of splits that hold keys.
       {"decode d64, key splits", cfg(16, 2, 64), 32, {{1000, 1}, {77, 1}, {2500, 1}}},

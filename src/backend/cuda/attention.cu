@@ -174,7 +174,14 @@ __device__ __forceinline__ void softmax_step(float (&s)[NT][4], float (&o)[ND][4
 // one box per cache block and 64-column half, into the 128-byte swizzled layout, and an
 // mbarrier per buffer signals it; fragments are read through the swizzle. Otherwise every
 // thread copies 16-byte chunks (cp.async) into rows padded to D + 8.
-template <int D, int RW, int KW, int NB, bool kTma>
+// kSpread (kTma decode, not measured yet: ERNIE_ATTN_SPREAD=1): in the key loop each warp's
+// first lane issues the boxes of its own cache blocks (block b of a tile: warp b % KW), from
+// table entries it read one tile earlier, and thread 0 declares a tile's bytes as soon as its
+// buffer's previous tile has landed. Otherwise thread 0 alone reads the table and issues every
+// box of the tile after the loop's barrier (16 boxes at 16-key blocks), and Nsight Compute on
+// the 16 x 8500 step put 41% of the warp samples at that barrier: the other warps waiting for
+// thread 0's issue, longer than the tile's math.
+template <int D, int RW, int KW, int NB, bool kTma, bool kSpread = false>
 __global__ void __launch_bounds__(32 * RW * KW)
     paged_attention_kernel(const PagedAttentionArgs a, const __grid_constant__ CUtensorMap k_map,
                            const __grid_constant__ CUtensorMap v_map) {
@@ -187,6 +194,7 @@ __global__ void __launch_bounds__(32 * RW * KW)
   }
   static_assert((RW == 1 || KW == 1) && D % 16 == 0 && NB >= 2);
   static_assert(!kTma || D == 128);
+  static_assert(!kSpread || (kTma && RW == 1));
   constexpr int kThreads = 32 * RW * KW;
   constexpr int BM = 16 * RW, BN = kKeysPerTile, NK = BN / KW, NT = NK / 8, LD = D + 8;
   constexpr int kChunks = D / 8;         // 16-byte chunks per row
@@ -303,6 +311,44 @@ __global__ void __launch_bounds__(32 * RW * KW)
       cp_async_16(sv + key * LD + ch * 8, a.v_cache + off, valid);
     }
   };
+  // kSpread: the boxes of cache blocks first + warp + KW j of the tile at kt, from the table
+  // entries ent[j] that lane 0 read (fetch) a tile before; thread 0 declared the tile's bytes.
+  // At most 8 blocks a tile (blocks of >= 8 keys), so two per warp.
+  static_assert(!kSpread || BN / 8 <= 2 * KW);
+  int ent[2] = {0, 0};
+  auto block_range = [&](int kt, int& first, int& last) {
+    first = kt >> a.block_shift;
+    last = (min(kt + BN, k_end) - 1) >> a.block_shift;
+  };
+  auto fetch = [&](int kt) {
+    if (lane != 0 || kt >= k_end) return;
+    int first, last;
+    block_range(kt, first, last);
+#pragma unroll
+    for (int j = 0; j < 2; ++j) ent[j] = table[min(first + warp + KW * j, last)];
+  };
+  auto expect = [&](int buf, int kt) {
+    int first, last;
+    block_range(kt, first, last);
+    mbar_arrive_expect_tx(&full[buf], (last - first + 1) * a.block_size * 128 * 4);
+  };
+  auto issue = [&](int buf, int kt) {
+    if (lane != 0) return;
+    int first, last;
+    block_range(kt, first, last);
+    unsigned char* sk = ring + 2 * buf * kTileBytes;
+#pragma unroll
+    for (int j = 0; j < 2; ++j) {
+      const int b = first + warp + KW * j;
+      if (b > last) break;
+      const int slot0 = ent[j] << a.block_shift, row = (b << a.block_shift) - kt;
+      for (int half = 0; half < 2; ++half) {
+        tma_load_3d(sk + half * kHalf + row * 128, &k_map, &full[buf], half * 64, kvh, slot0);
+        tma_load_3d(sk + kTileBytes + half * kHalf + row * 128, &v_map, &full[buf], half * 64, kvh,
+                    slot0);
+      }
+    }
+  };
   // kTma: keys before the position of the tile's first query token were written by earlier
   // steps, so whole tiles of them load at once; the rest (and the queries) after the wait.
   const int first_new = a.positions[q0];
@@ -319,6 +365,12 @@ __global__ void __launch_bounds__(32 * RW * KW)
     const int kt = k_begin + b * BN;
     if (kt < k_end && !early(kt)) load_kv(b, kt);
     cp_async_commit();
+  }
+  if constexpr (kSpread) {
+    // The first tile of the loop's issue: its entries, and its bytes on its (unused) buffer.
+    const int kt = k_begin + (NB - 1) * BN;
+    fetch(kt);
+    if (threadIdx.x == 0 && kt < k_end) expect(NB - 1, kt);
   }
   cp_async_wait<NB - 1>();  // the query rows have landed
   __syncthreads();
@@ -342,9 +394,20 @@ __global__ void __launch_bounds__(32 * RW * KW)
     __syncthreads();          // ... for all, and everyone is done with the previous tile
     // The tile NB - 1 ahead goes into the previous tile's buffer.
     const int ahead = kt + (NB - 1) * BN;
-    if (ahead < k_end) load_kv(buf == 0 ? NB - 1 : buf - 1, ahead);
+    if constexpr (kSpread) {
+      if (ahead < k_end) {
+        issue(buf == 0 ? NB - 1 : buf - 1, ahead);
+        fetch(ahead + BN);
+      }
+    } else {
+      if (ahead < k_end) load_kv(buf == 0 ? NB - 1 : buf - 1, ahead);
+    }
     cp_async_commit();
     if constexpr (kTma) mbar_wait(&full[buf], (it / NB) & 1);
+    if constexpr (kSpread) {
+      // This buffer's next tile (issued after the next barrier, once every warp is done here).
+      if (threadIdx.x == 0 && ahead + BN < k_end) expect(buf, ahead + BN);
+    }
 
     float s[NT][4];
 #pragma unroll
@@ -969,14 +1032,14 @@ __global__ void combine_splits_kernel(__nv_bfloat16* out, const float* partial_o
   out[th * d + threadIdx.x] = __float2bfloat16(acc);
 }
 
-template <int D, int RW, int KW, int NB, bool kTma = false>
+template <int D, int RW, int KW, int NB, bool kTma = false, bool kSpread = false>
 void launch(const PagedAttentionArgs& a, cudaStream_t stream) {
   constexpr int BM = 16 * RW, LD = D + 8, kThreads = 32 * RW * KW;
   const size_t q_bytes = static_cast<size_t>(BM) * LD * sizeof(__nv_bfloat16);
   const size_t smem =
       kTma ? 1024 + 2 * NB * 2 * kKeysPerTile * 128 + q_bytes
            : q_bytes + static_cast<size_t>(2 * NB * kKeysPerTile) * LD * sizeof(__nv_bfloat16);
-  auto* kernel = paged_attention_kernel<D, RW, KW, NB, kTma>;
+  auto* kernel = paged_attention_kernel<D, RW, KW, NB, kTma, kSpread>;
   static bool configured = false;  // set once per instantiation (host, single engine thread)
   if (!configured) {
     ERNIE_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
@@ -996,7 +1059,10 @@ void launch(const PagedAttentionArgs& a, cudaStream_t stream) {
 
 template <int D>
 void launch_d(const PagedAttentionArgs& a, cudaStream_t stream) {
-  if (a.decode_shape && D == kWgD && tma_loads(a)) {
+  static const bool spread = new_path_enabled("ERNIE_ATTN_SPREAD");
+  if (a.decode_shape && D == kWgD && tma_loads(a) && spread) {
+    launch<kWgD, 1, 4, kDecodeBuffers, true, true>(a, stream);
+  } else if (a.decode_shape && D == kWgD && tma_loads(a)) {
     launch<kWgD, 1, 4, kDecodeBuffers, true>(a, stream);
   } else if (a.decode_shape) {
     launch<D, 1, 4, kDecodeBuffers>(a, stream);
