@@ -534,8 +534,9 @@ class CudaBackend final : public Backend {
     // ERNIE_SKINNY_MMA16=1 (off): skinny_mma for 5-16 rows, bf16 out, where its grid is one
     // wave (the o projection of the 21B model, not qkv). Taking both qkv and o, H200: steps 16 x
     // 1000 9.006 -> 9.071 ms, 16 x 8500 10.859 -> 10.791; per layer o 7.1 -> 6.1 us, but qkv 7.7
-    // -> 10.7 (its 896 CTAs of 33.5 KB fit six to a multiprocessor: two waves). The one-wave
-    // rule is not measured yet.
+    // -> 10.7 (its 896 CTAs of 33.5 KB fit six to a multiprocessor: two waves). With the
+    // one-wave rule (o only), another H200: 16 x 1000 8.850 -> 8.892, 16 x 8500 10.716 ->
+    // 10.698, 1 x 1000 and 64-256 sequences unchanged: no gain, so it stays off.
     static const bool mma16 = cuda::new_path_enabled("ERNIE_SKINNY_MMA16");
     const int m = static_cast<int>(x.dim(0)), k = static_cast<int>(x.dim(1));
     const int n = static_cast<int>(w.dim(0));
