@@ -174,18 +174,17 @@ __device__ __forceinline__ void softmax_step(float (&s)[NT][4], float (&o)[ND][4
 // one box per cache block and 64-column half, into the 128-byte swizzled layout, and an
 // mbarrier per buffer signals it; fragments are read through the swizzle. Otherwise every
 // thread copies 16-byte chunks (cp.async) into rows padded to D + 8.
-// kSpread (kTma decode, not measured yet: ERNIE_ATTN_SPREAD=1): in the key loop each warp's
-// first lane issues the boxes of its own cache blocks (block b of a tile: warp b % KW), from
-// table entries it read one tile earlier, and thread 0 declares a tile's bytes as soon as its
-// buffer's previous tile has landed. Otherwise thread 0 alone reads the table and issues every
-// box of the tile after the loop's barrier (16 boxes at 16-key blocks), and Nsight Compute on
-// the 16 x 8500 step put 41% of the warp samples at that barrier: the other warps waiting for
-// thread 0's issue, longer than the tile's math.
-// kIssue: 0 thread 0 issues; 1 the issue spread as above (kSpread); 2 (ERNIE_ATTN_SPREAD=2, not
-// measured yet) spread, and the keys of the tile NB ahead go out as soon as every warp has its
-// scores (a second barrier a tile), its values after the tile's P V as before: a buffer's K
-// half streams in during the softmax and P V of the tile before it.
-template <int D, int RW, int KW, int NB, bool kTma, int kIssue = 0>
+// kSpread (kTma decode; the default, ERNIE_ATTN_SPREAD=0 turns it off): in the key loop each
+// warp's first lane issues the boxes of its own cache blocks (block b of a tile: warp b % KW),
+// from table entries it read one tile earlier, and thread 0 declares a tile's bytes as soon as
+// its buffer's previous tile has landed. Without it thread 0 alone reads the table and issues
+// every box of the tile after the loop's barrier (16 boxes at 16-key blocks), and Nsight Compute
+// on the 16 x 8500 step put 41% of the warp samples at that barrier, the other warps waiting for
+// thread 0's issue. Measured (H200): decode attention 16 x 8500 -1.3%, 64 x 1500 -5%, 256 x 1500
+// -2%; steps 16 x 8500 -0.6%, 1 x 1000 +0.3% (its splits hold one tile). Sending a buffer's keys
+// out as soon as every warp had its scores (a second barrier a tile) was slower (+3% at 16 x
+// 8500): dropped.
+template <int D, int RW, int KW, int NB, bool kTma, bool kSpread = false>
 __global__ void __launch_bounds__(32 * RW * KW)
     paged_attention_kernel(const PagedAttentionArgs a, const __grid_constant__ CUtensorMap k_map,
                            const __grid_constant__ CUtensorMap v_map) {
@@ -198,7 +197,6 @@ __global__ void __launch_bounds__(32 * RW * KW)
   }
   static_assert((RW == 1 || KW == 1) && D % 16 == 0 && NB >= 2);
   static_assert(!kTma || D == 128);
-  constexpr bool kSpread = kIssue > 0, kKeysEarly = kIssue == 2;
   static_assert(!kSpread || (kTma && RW == 1));
   constexpr int kThreads = 32 * RW * KW;
   constexpr int BM = 16 * RW, BN = kKeysPerTile, NK = BN / KW, NT = NK / 8, LD = D + 8;
@@ -321,7 +319,6 @@ __global__ void __launch_bounds__(32 * RW * KW)
   // At most 8 blocks a tile (blocks of >= 8 keys), so two per warp.
   static_assert(!kSpread || BN / 8 <= 2 * KW);
   int ent[2] = {0, 0};
-  int ent_v[2] = {0, 0};  // kKeysEarly: the entries of the tile whose values go out next
   auto block_range = [&](int kt, int& first, int& last) {
     first = kt >> a.block_shift;
     last = (min(kt + BN, k_end) - 1) >> a.block_shift;
@@ -338,8 +335,7 @@ __global__ void __launch_bounds__(32 * RW * KW)
     block_range(kt, first, last);
     mbar_arrive_expect_tx(&full[buf], (last - first + 1) * a.block_size * 128 * 4);
   };
-  // parts: 1 the keys, 2 the values, 3 both; e: the tile's entries.
-  auto issue = [&](int buf, int kt, int parts, const int(&e)[2]) {
+  auto issue = [&](int buf, int kt) {
     if (lane != 0) return;
     int first, last;
     block_range(kt, first, last);
@@ -348,15 +344,11 @@ __global__ void __launch_bounds__(32 * RW * KW)
     for (int j = 0; j < 2; ++j) {
       const int b = first + warp + KW * j;
       if (b > last) break;
-      const int slot0 = e[j] << a.block_shift, row = (b << a.block_shift) - kt;
+      const int slot0 = ent[j] << a.block_shift, row = (b << a.block_shift) - kt;
       for (int half = 0; half < 2; ++half) {
-        if (parts & 1) {
-          tma_load_3d(sk + half * kHalf + row * 128, &k_map, &full[buf], half * 64, kvh, slot0);
-        }
-        if (parts & 2) {
-          tma_load_3d(sk + kTileBytes + half * kHalf + row * 128, &v_map, &full[buf], half * 64,
-                      kvh, slot0);
-        }
+        tma_load_3d(sk + half * kHalf + row * 128, &k_map, &full[buf], half * 64, kvh, slot0);
+        tma_load_3d(sk + kTileBytes + half * kHalf + row * 128, &v_map, &full[buf], half * 64, kvh,
+                    slot0);
       }
     }
   };
@@ -382,11 +374,6 @@ __global__ void __launch_bounds__(32 * RW * KW)
     const int kt = k_begin + (NB - 1) * BN;
     fetch(kt);
     if (threadIdx.x == 0 && kt < k_end) expect(NB - 1, kt);
-    if constexpr (kKeysEarly) {  // and the entries of the tile after it
-      ent_v[0] = ent[0];
-      ent_v[1] = ent[1];
-      fetch(kt + BN);
-    }
   }
   cp_async_wait<NB - 1>();  // the query rows have landed
   __syncthreads();
@@ -411,12 +398,8 @@ __global__ void __launch_bounds__(32 * RW * KW)
     // The tile NB - 1 ahead goes into the previous tile's buffer.
     const int ahead = kt + (NB - 1) * BN;
     if constexpr (kSpread) {
-      if constexpr (kKeysEarly) {
-        // The values of the tile NB - 1 ahead (its keys went out after the last tile's scores;
-        // the first time, both).
-        if (ahead < k_end) issue(buf == 0 ? NB - 1 : buf - 1, ahead, it == 0 ? 3 : 2, ent_v);
-      } else if (ahead < k_end) {
-        issue(buf == 0 ? NB - 1 : buf - 1, ahead, 3, ent);
+      if (ahead < k_end) {
+        issue(buf == 0 ? NB - 1 : buf - 1, ahead);
         fetch(ahead + BN);
       }
     } else {
@@ -441,18 +424,6 @@ __global__ void __launch_bounds__(32 * RW * KW)
         ldmatrix_x4(b, kv_chunk(buf, false, kb + (nt + lmat / 2) * 8 + lrow, kk * 2 + lmat % 2));
         mma_16816(s[nt], qf[kk], b[0], b[1]);
         mma_16816(s[nt + 1], qf[kk], b[2], b[3]);
-      }
-    }
-    if constexpr (kKeysEarly) {
-      // Every warp has read this buffer's keys: the keys of the tile NB ahead go in (thread 0
-      // declared its bytes above), then the entries of the tile after that.
-      __syncthreads();
-      const int next = kt + NB * BN;
-      if (next < k_end) {
-        issue(buf, next, 1, ent);
-        ent_v[0] = ent[0];
-        ent_v[1] = ent[1];
-        fetch(next + BN);
       }
     }
     softmax_step(s, o, m, l, kt + kb, k_end, pos, min_pos, scale_log2);
@@ -1065,14 +1036,14 @@ __global__ void combine_splits_kernel(__nv_bfloat16* out, const float* partial_o
   out[th * d + threadIdx.x] = __float2bfloat16(acc);
 }
 
-template <int D, int RW, int KW, int NB, bool kTma = false, int kIssue = 0>
+template <int D, int RW, int KW, int NB, bool kTma = false, bool kSpread = false>
 void launch(const PagedAttentionArgs& a, cudaStream_t stream) {
   constexpr int BM = 16 * RW, LD = D + 8, kThreads = 32 * RW * KW;
   const size_t q_bytes = static_cast<size_t>(BM) * LD * sizeof(__nv_bfloat16);
   const size_t smem =
       kTma ? 1024 + 2 * NB * 2 * kKeysPerTile * 128 + q_bytes
            : q_bytes + static_cast<size_t>(2 * NB * kKeysPerTile) * LD * sizeof(__nv_bfloat16);
-  auto* kernel = paged_attention_kernel<D, RW, KW, NB, kTma, kIssue>;
+  auto* kernel = paged_attention_kernel<D, RW, KW, NB, kTma, kSpread>;
   static bool configured = false;  // set once per instantiation (host, single engine thread)
   if (!configured) {
     ERNIE_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
@@ -1092,11 +1063,9 @@ void launch(const PagedAttentionArgs& a, cudaStream_t stream) {
 
 template <int D>
 void launch_d(const PagedAttentionArgs& a, cudaStream_t stream) {
-  static const int spread = switch_bits("ERNIE_ATTN_SPREAD", 0);
-  if (a.decode_shape && D == kWgD && tma_loads(a) && spread == 1) {
-    launch<kWgD, 1, 4, kDecodeBuffers, true, 1>(a, stream);
-  } else if (a.decode_shape && D == kWgD && tma_loads(a) && spread == 2) {
-    launch<kWgD, 1, 4, kDecodeBuffers, true, 2>(a, stream);
+  static const bool spread = path_enabled("ERNIE_ATTN_SPREAD");
+  if (a.decode_shape && D == kWgD && tma_loads(a) && spread) {
+    launch<kWgD, 1, 4, kDecodeBuffers, true, true>(a, stream);
   } else if (a.decode_shape && D == kWgD && tma_loads(a)) {
     launch<kWgD, 1, 4, kDecodeBuffers, true>(a, stream);
   } else if (a.decode_shape) {
