@@ -184,8 +184,14 @@ __device__ __forceinline__ void softmax_step(float (&s)[NT][4], float (&o)[ND][4
 // -2%; steps 16 x 8500 -0.6%, 1 x 1000 +0.3% (its splits hold one tile). Sending a buffer's keys
 // out as soon as every warp had its scores (a second barrier a tile) was slower (+3% at 16 x
 // 8500): dropped.
-template <int D, int RW, int KW, int NB, bool kTma, bool kSpread = false>
-__global__ void __launch_bounds__(32 * RW * KW)
+// kIssue: 0 thread 0 issues, 1 kSpread (above), 2 kWs (not measured yet: ERNIE_ATTN_SPREAD=2;
+// TMA decode): a fifth warp only streams tiles, keys and values into their own barriers, and
+// the four others take them without a CTA barrier in the key loop, each giving a buffer's keys
+// back as soon as it has its scores and its values once it has P V; a buffer's next keys then
+// stream in during the softmax and P V of the tile before (more bytes in flight for the same
+// shared memory), and nothing on the consumers' path waits on a block-table load.
+template <int D, int RW, int KW, int NB, bool kTma, int kIssue = 0>
+__global__ void __launch_bounds__(32 * RW * KW + (kIssue == 2 ? 32 : 0))
     paged_attention_kernel(const PagedAttentionArgs a, const __grid_constant__ CUtensorMap k_map,
                            const __grid_constant__ CUtensorMap v_map) {
   // kTma: the key tiles that earlier steps wrote load before the wait for the kernel before
@@ -197,8 +203,10 @@ __global__ void __launch_bounds__(32 * RW * KW)
   }
   static_assert((RW == 1 || KW == 1) && D % 16 == 0 && NB >= 2);
   static_assert(!kTma || D == 128);
-  static_assert(!kSpread || (kTma && RW == 1));
-  constexpr int kThreads = 32 * RW * KW;
+  constexpr bool kSpread = kIssue == 1, kWs = kIssue == 2;
+  static_assert(kIssue == 0 || (kTma && RW == 1 && KW > 1));
+  constexpr int kConsumers = 32 * RW * KW;  // the warps that do the math
+  constexpr int kThreads = kConsumers + (kWs ? 32 : 0);
   constexpr int BM = 16 * RW, BN = kKeysPerTile, NK = BN / KW, NT = NK / 8, LD = D + 8;
   constexpr int kChunks = D / 8;         // 16-byte chunks per row
   constexpr int kHalf = BN * 128;        // kTma: bytes of one 64-column half of a tile
@@ -225,6 +233,10 @@ __global__ void __launch_bounds__(32 * RW * KW)
     }
   };
   __shared__ __align__(8) uint64_t full[kTma ? NB : 1];
+  // kWs: full[] signals a buffer's keys, full_v[] its values; empty_k[] and empty_v[] count the
+  // consumer warps that are done with them.
+  __shared__ __align__(8) uint64_t full_v[kWs ? NB : 1], empty_k[kWs ? NB : 1],
+      empty_v[kWs ? NB : 1];
 
   const int tile = blockIdx.x, kvh = blockIdx.y, split = blockIdx.z;
   const auto [seq, row0, group, q0, rows, k_begin, k_end] = tile_span(a, tile, split, BM);
@@ -236,7 +248,7 @@ __global__ void __launch_bounds__(32 * RW * KW)
   if (split > 0 && k_begin > a.positions[q0 + (min(row0 + BM, rows) - 1) / group]) return;
 
   auto load_q = [&] {
-    for (int i = threadIdx.x; i < BM * kChunks; i += kThreads) {
+    for (int i = threadIdx.x; i < BM * kChunks; i += kConsumers) {
       const int r = i / kChunks, ch = i % kChunks, row = row0 + r;
       const bool valid = row < rows;
       const __nv_bfloat16* src = a.qkv;
@@ -277,6 +289,13 @@ __global__ void __launch_bounds__(32 * RW * KW)
     }
     if (threadIdx.x == 0) {
       for (int b = 0; b < NB; ++b) mbar_init(&full[b], 1);
+      if constexpr (kWs) {
+        for (int b = 0; b < NB; ++b) {
+          mbar_init(&full_v[b], 1);
+          mbar_init(&empty_k[b], KW);
+          mbar_init(&empty_v[b], KW);
+        }
+      }
       mbar_init_fence();
     }
     fence_proxy_async();
@@ -356,63 +375,23 @@ __global__ void __launch_bounds__(32 * RW * KW)
   // steps, so whole tiles of them load at once; the rest (and the queries) after the wait.
   const int first_new = a.positions[q0];
   auto early = [&](int kt) { return kTma && kt + BN <= first_new; };
-  if constexpr (kTma) {
-    for (int b = 0; b < NB - 1; ++b) {
-      const int kt = k_begin + b * BN;
-      if (kt < k_end && early(kt)) load_kv(b, kt);
-    }
-    asm volatile("griddepcontrol.wait;" ::: "memory");
-    load_q();
-  }
-  for (int b = 0; b < NB - 1; ++b) {  // the first NB - 1 key tiles, one group each
-    const int kt = k_begin + b * BN;
-    if (kt < k_end && !early(kt)) load_kv(b, kt);
-    cp_async_commit();
-  }
-  if constexpr (kSpread) {
-    // The first tile of the loop's issue: its entries, and its bytes on its (unused) buffer.
-    const int kt = k_begin + (NB - 1) * BN;
-    fetch(kt);
-    if (threadIdx.x == 0 && kt < k_end) expect(NB - 1, kt);
-  }
-  cp_async_wait<NB - 1>();  // the query rows have landed
-  __syncthreads();
   uint32_t qf[D / 16][4];
+  auto load_qf = [&] {
 #pragma unroll
-  for (int kk = 0; kk < D / 16; ++kk) {
-    const __nv_bfloat16* p = sq + (wr * 16 + g) * LD + kk * 16 + 2 * c;
-    qf[kk][0] = load_u32(p);
-    qf[kk][1] = load_u32(p + 8 * LD);
-    qf[kk][2] = load_u32(p + 8);
-    qf[kk][3] = load_u32(p + 8 * LD + 8);
-  }
-
+    for (int kk = 0; kk < D / 16; ++kk) {
+      const __nv_bfloat16* p = sq + (wr * 16 + g) * LD + kk * 16 + 2 * c;
+      qf[kk][0] = load_u32(p);
+      qf[kk][1] = load_u32(p + 8 * LD);
+      qf[kk][2] = load_u32(p + 8);
+      qf[kk][3] = load_u32(p + 8 * LD + 8);
+    }
+  };
   const float scale_log2 = a.scale * kLog2e;
   const int kb = wk * NK;
   // ldmatrix row addresses: lane l gives row l % 8 of matrix l / 8.
   const int lrow = lane % 8, lmat = lane / 8;
-  int buf = 0;
-  for (int kt = k_begin, it = 0; kt < k_end; kt += BN, buf = buf + 1 == NB ? 0 : buf + 1, ++it) {
-    cp_async_wait<NB - 2>();  // this tile has landed (for this thread's copies) ...
-    __syncthreads();          // ... for all, and everyone is done with the previous tile
-    // The tile NB - 1 ahead goes into the previous tile's buffer.
-    const int ahead = kt + (NB - 1) * BN;
-    if constexpr (kSpread) {
-      if (ahead < k_end) {
-        issue(buf == 0 ? NB - 1 : buf - 1, ahead);
-        fetch(ahead + BN);
-      }
-    } else {
-      if (ahead < k_end) load_kv(buf == 0 ? NB - 1 : buf - 1, ahead);
-    }
-    cp_async_commit();
-    if constexpr (kTma) mbar_wait(&full[buf], (it / NB) & 1);
-    if constexpr (kSpread) {
-      // This buffer's next tile (issued after the next barrier, once every warp is done here).
-      if (threadIdx.x == 0 && ahead + BN < k_end) expect(buf, ahead + BN);
-    }
-
-    float s[NT][4];
+  // A tile's math: the warp's scores of its NK keys (S = Q K^T), then O += P V.
+  auto tile_scores = [&](int buf, float(&s)[NT][4]) {
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt) s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.0f;
 #pragma unroll
@@ -426,7 +405,8 @@ __global__ void __launch_bounds__(32 * RW * KW)
         mma_16816(s[nt + 1], qf[kk], b[2], b[3]);
       }
     }
-    softmax_step(s, o, m, l, kt + kb, k_end, pos, min_pos, scale_log2);
+  };
+  auto tile_values = [&](int buf, const float(&s)[NT][4]) {
 #pragma unroll
     for (int ks = 0; ks < NK / 16; ++ks) {
       const uint32_t pa[4] = {pack_bf16(s[2 * ks][0], s[2 * ks][1]),
@@ -442,6 +422,127 @@ __global__ void __launch_bounds__(32 * RW * KW)
         mma_16816(o[nd], pa, b[0], b[1]);
         mma_16816(o[nd + 1], pa, b[2], b[3]);
       }
+    }
+  };
+  if constexpr (kWs) {
+    if (warp == KW) {
+      // The producer: lane 0 streams every tile of the range, keys into full[] and values into
+      // full_v[] of buffer i % NB once the consumers have released that buffer's previous keys
+      // (empty_k) or values (empty_v). A tile's block-table entries are read while the tile
+      // before it waits for its buffer.
+      if (lane == 0) {
+        int ent_cur[8], ent_next[8];
+        auto read_entries = [&](int kt, int(&e)[8]) {
+          if (kt >= k_end) return;
+          const int first = kt >> a.block_shift, last = (min(kt + BN, k_end) - 1) >> a.block_shift;
+#pragma unroll
+          for (int j = 0; j < 8; ++j) e[j] = table[min(first + j, last)];
+        };
+        auto send = [&](int kt, bool values, int buf, const int(&e)[8]) {
+          const int first = kt >> a.block_shift, last = (min(kt + BN, k_end) - 1) >> a.block_shift;
+          uint64_t* bar = values ? &full_v[buf] : &full[buf];
+          mbar_arrive_expect_tx(bar, (last - first + 1) * a.block_size * 128 * 2);
+          unsigned char* dst = ring + (2 * buf + values) * kTileBytes;
+#pragma unroll
+          for (int j = 0; j < 8; ++j) {
+            if (first + j > last) break;
+            const int slot0 = e[j] << a.block_shift, row = ((first + j) << a.block_shift) - kt;
+            for (int half = 0; half < 2; ++half) {
+              tma_load_3d(dst + half * kHalf + row * 128, values ? &v_map : &k_map, bar, half * 64,
+                          kvh, slot0);
+            }
+          }
+        };
+        bool waited = false;
+        read_entries(k_begin, ent_next);
+        for (int kt = k_begin, i = 0; kt < k_end; kt += BN, ++i) {
+          const int b = i % NB;
+          const uint32_t parity = ((i / NB) & 1) ^ 1;  // the phase that freed the buffer
+#pragma unroll
+          for (int j = 0; j < 8; ++j) ent_cur[j] = ent_next[j];
+          if (!waited && !early(kt)) {
+            asm volatile("griddepcontrol.wait;" ::: "memory");
+            waited = true;
+          }
+          if (i >= NB) mbar_wait(&empty_k[b], parity);
+          send(kt, false, b, ent_cur);
+          read_entries(kt + BN, ent_next);
+          if (i >= NB) mbar_wait(&empty_v[b], parity);
+          send(kt, true, b, ent_cur);
+        }
+      }
+      asm volatile("griddepcontrol.wait;" ::: "memory");  // before the merge's stores
+    } else {
+      // The consumers: no CTA barrier in the key loop; each warp gives a buffer's keys back
+      // once it has its scores, and its values once it has P V.
+      asm volatile("griddepcontrol.wait;" ::: "memory");
+      load_q();
+      cp_async_wait<0>();
+      named_barrier_sync(1, kConsumers);
+      load_qf();
+      int buf = 0;
+      for (int kt = k_begin, it = 0; kt < k_end;
+           kt += BN, buf = buf + 1 == NB ? 0 : buf + 1, ++it) {
+        const uint32_t parity = (it / NB) & 1;
+        float s[NT][4];
+        mbar_wait(&full[buf], parity);
+        tile_scores(buf, s);
+        __syncwarp();
+        if (lane == 0) mbar_arrive(&empty_k[buf]);
+        softmax_step(s, o, m, l, kt + kb, k_end, pos, min_pos, scale_log2);
+        mbar_wait(&full_v[buf], parity);
+        tile_values(buf, s);
+        __syncwarp();
+        if (lane == 0) mbar_arrive(&empty_v[buf]);
+      }
+    }
+  } else {
+    if constexpr (kTma) {
+      for (int b = 0; b < NB - 1; ++b) {
+        const int kt = k_begin + b * BN;
+        if (kt < k_end && early(kt)) load_kv(b, kt);
+      }
+      asm volatile("griddepcontrol.wait;" ::: "memory");
+      load_q();
+    }
+    for (int b = 0; b < NB - 1; ++b) {  // the first NB - 1 key tiles, one group each
+      const int kt = k_begin + b * BN;
+      if (kt < k_end && !early(kt)) load_kv(b, kt);
+      cp_async_commit();
+    }
+    if constexpr (kSpread) {
+      // The first tile of the loop's issue: its entries, and its bytes on its (unused) buffer.
+      const int kt = k_begin + (NB - 1) * BN;
+      fetch(kt);
+      if (threadIdx.x == 0 && kt < k_end) expect(NB - 1, kt);
+    }
+    cp_async_wait<NB - 1>();  // the query rows have landed
+    __syncthreads();
+    load_qf();
+    int buf = 0;
+    for (int kt = k_begin, it = 0; kt < k_end; kt += BN, buf = buf + 1 == NB ? 0 : buf + 1, ++it) {
+      cp_async_wait<NB - 2>();  // this tile has landed (for this thread's copies) ...
+      __syncthreads();          // ... for all, and everyone is done with the previous tile
+      // The tile NB - 1 ahead goes into the previous tile's buffer.
+      const int ahead = kt + (NB - 1) * BN;
+      if constexpr (kSpread) {
+        if (ahead < k_end) {
+          issue(buf == 0 ? NB - 1 : buf - 1, ahead);
+          fetch(ahead + BN);
+        }
+      } else {
+        if (ahead < k_end) load_kv(buf == 0 ? NB - 1 : buf - 1, ahead);
+      }
+      cp_async_commit();
+      if constexpr (kTma) mbar_wait(&full[buf], (it / NB) & 1);
+      if constexpr (kSpread) {
+        // This buffer's next tile (issued after the next barrier, once every warp is done here).
+        if (threadIdx.x == 0 && ahead + BN < k_end) expect(buf, ahead + BN);
+      }
+      float s[NT][4];
+      tile_scores(buf, s);
+      softmax_step(s, o, m, l, kt + kb, k_end, pos, min_pos, scale_log2);
+      tile_values(buf, s);
     }
   }
 #pragma unroll
@@ -484,18 +585,21 @@ __global__ void __launch_bounds__(32 * RW * KW)
     __syncthreads();  // K/V tiles are free: reuse them for the merge
     // Addressed from smem_raw so that the compiler keeps to shared-memory instructions.
     float* mo = reinterpret_cast<float*>(smem_raw + (ring - smem_raw));  // [KW][16][LO]
-    float* mw = mo + KW * 16 * LO;  // [KW][16]: maxima (log2 units), then weights
-    float* ml = mw + KW * 16;       // [KW][16]: sums
-    float* lse = ml + KW * 16;      // [16]
+    float* mw = mo + KW * 16 * LO;            // [KW][16]: maxima (log2 units), then weights
+    float* ml = mw + KW * 16;                 // [KW][16]: sums
+    float* lse = ml + KW * 16;                // [16]
+    const bool consumer = !kWs || warp < KW;  // kWs: the producer warp holds no rows
 #pragma unroll
     for (int nd = 0; nd < D / 8; ++nd) {
 #pragma unroll
       for (int i = 0; i < 2; ++i) {
-        *reinterpret_cast<float2*>(mo + (wk * 16 + g + 8 * i) * LO + nd * 8 + 2 * c) =
-            make_float2(o[nd][2 * i], o[nd][2 * i + 1]);
+        if (consumer) {
+          *reinterpret_cast<float2*>(mo + (wk * 16 + g + 8 * i) * LO + nd * 8 + 2 * c) =
+              make_float2(o[nd][2 * i], o[nd][2 * i + 1]);
+        }
       }
     }
-    if (c == 0) {
+    if (consumer && c == 0) {
       for (int i = 0; i < 2; ++i) {
         mw[wk * 16 + g + 8 * i] = m[i];
         ml[wk * 16 + g + 8 * i] = l[i];
@@ -1036,14 +1140,14 @@ __global__ void combine_splits_kernel(__nv_bfloat16* out, const float* partial_o
   out[th * d + threadIdx.x] = __float2bfloat16(acc);
 }
 
-template <int D, int RW, int KW, int NB, bool kTma = false, bool kSpread = false>
+template <int D, int RW, int KW, int NB, bool kTma = false, int kIssue = 0>
 void launch(const PagedAttentionArgs& a, cudaStream_t stream) {
-  constexpr int BM = 16 * RW, LD = D + 8, kThreads = 32 * RW * KW;
+  constexpr int BM = 16 * RW, LD = D + 8, kThreads = 32 * RW * KW + (kIssue == 2 ? 32 : 0);
   const size_t q_bytes = static_cast<size_t>(BM) * LD * sizeof(__nv_bfloat16);
   const size_t smem =
       kTma ? 1024 + 2 * NB * 2 * kKeysPerTile * 128 + q_bytes
            : q_bytes + static_cast<size_t>(2 * NB * kKeysPerTile) * LD * sizeof(__nv_bfloat16);
-  auto* kernel = paged_attention_kernel<D, RW, KW, NB, kTma, kSpread>;
+  auto* kernel = paged_attention_kernel<D, RW, KW, NB, kTma, kIssue>;
   static bool configured = false;  // set once per instantiation (host, single engine thread)
   if (!configured) {
     ERNIE_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
@@ -1063,9 +1167,12 @@ void launch(const PagedAttentionArgs& a, cudaStream_t stream) {
 
 template <int D>
 void launch_d(const PagedAttentionArgs& a, cudaStream_t stream) {
-  static const bool spread = path_enabled("ERNIE_ATTN_SPREAD");
-  if (a.decode_shape && D == kWgD && tma_loads(a) && spread) {
-    launch<kWgD, 1, 4, kDecodeBuffers, true, true>(a, stream);
+  // ERNIE_ATTN_SPREAD: 1 (unset) the spread issue, 0 thread 0's, 2 the producer warp.
+  static const int issue = switch_bits("ERNIE_ATTN_SPREAD", 1);
+  if (a.decode_shape && D == kWgD && tma_loads(a) && issue == 2) {
+    launch<kWgD, 1, 4, kDecodeBuffers, true, 2>(a, stream);
+  } else if (a.decode_shape && D == kWgD && tma_loads(a) && issue != 0) {
+    launch<kWgD, 1, 4, kDecodeBuffers, true, 1>(a, stream);
   } else if (a.decode_shape && D == kWgD && tma_loads(a)) {
     launch<kWgD, 1, 4, kDecodeBuffers, true>(a, stream);
   } else if (a.decode_shape) {
