@@ -426,50 +426,53 @@ __global__ void __launch_bounds__(32 * RW * KW + (kIssue == 2 ? 32 : 0))
   };
   if constexpr (kWs) {
     if (warp == KW) {
-      // The producer: lane 0 streams every tile of the range, keys into full[] and values into
+      // The producer warp streams every tile of the range, keys into full[] and values into
       // full_v[] of buffer i % NB once the consumers have released that buffer's previous keys
-      // (empty_k) or values (empty_v). A tile's block-table entries are read while the tile
-      // before it waits for its buffer.
-      if (lane == 0) {
-        int ent_cur[8], ent_next[8];
-        auto read_entries = [&](int kt, int(&e)[8]) {
-          if (kt >= k_end) return;
-          const int first = kt >> a.block_shift, last = (min(kt + BN, k_end) - 1) >> a.block_shift;
+      // (empty_k) or values (empty_v); lane 0 issues. The block-table entries come 32 blocks at
+      // a time, one per lane, a chunk ahead (a tile's blocks never straddle two chunks: a chunk
+      // is 4-32 whole tiles).
+      const int first_block = k_begin >> a.block_shift;
+      const int last_block = (k_end - 1) >> a.block_shift;
+      auto load_chunk = [&](int chunk) {
+        const int b = first_block + 32 * chunk + lane;
+        return k_begin < k_end && b <= last_block ? table[b] : 0;
+      };
+      int cur = load_chunk(0), next = load_chunk(1), chunk = 0;
+      auto send = [&](int kt, bool values, int buf) {
+        const int first = kt >> a.block_shift, last = (min(kt + BN, k_end) - 1) >> a.block_shift;
+        uint64_t* bar = values ? &full_v[buf] : &full[buf];
+        if (lane == 0) mbar_arrive_expect_tx(bar, (last - first + 1) * a.block_size * 128 * 2);
+        unsigned char* dst = ring + (2 * buf + values) * kTileBytes;
 #pragma unroll
-          for (int j = 0; j < 8; ++j) e[j] = table[min(first + j, last)];
-        };
-        auto send = [&](int kt, bool values, int buf, const int(&e)[8]) {
-          const int first = kt >> a.block_shift, last = (min(kt + BN, k_end) - 1) >> a.block_shift;
-          uint64_t* bar = values ? &full_v[buf] : &full[buf];
-          mbar_arrive_expect_tx(bar, (last - first + 1) * a.block_size * 128 * 2);
-          unsigned char* dst = ring + (2 * buf + values) * kTileBytes;
-#pragma unroll
-          for (int j = 0; j < 8; ++j) {
-            if (first + j > last) break;
-            const int slot0 = e[j] << a.block_shift, row = ((first + j) << a.block_shift) - kt;
+        for (int j = 0; j < BN / 8; ++j) {
+          if (first + j > last) break;
+          const int entry = __shfl_sync(0xffffffffu, cur, first + j - first_block - 32 * chunk);
+          const int slot0 = entry << a.block_shift, row = ((first + j) << a.block_shift) - kt;
+          if (lane == 0) {
             for (int half = 0; half < 2; ++half) {
               tma_load_3d(dst + half * kHalf + row * 128, values ? &v_map : &k_map, bar, half * 64,
                           kvh, slot0);
             }
           }
-        };
-        bool waited = false;
-        read_entries(k_begin, ent_next);
-        for (int kt = k_begin, i = 0; kt < k_end; kt += BN, ++i) {
-          const int b = i % NB;
-          const uint32_t parity = ((i / NB) & 1) ^ 1;  // the phase that freed the buffer
-#pragma unroll
-          for (int j = 0; j < 8; ++j) ent_cur[j] = ent_next[j];
-          if (!waited && !early(kt)) {
-            asm volatile("griddepcontrol.wait;" ::: "memory");
-            waited = true;
-          }
-          if (i >= NB) mbar_wait(&empty_k[b], parity);
-          send(kt, false, b, ent_cur);
-          read_entries(kt + BN, ent_next);
-          if (i >= NB) mbar_wait(&empty_v[b], parity);
-          send(kt, true, b, ent_cur);
         }
+      };
+      bool waited = false;
+      for (int kt = k_begin, i = 0; kt < k_end; kt += BN, ++i) {
+        const int b = i % NB;
+        const uint32_t parity = ((i / NB) & 1) ^ 1;  // the phase that freed the buffer
+        if ((kt >> a.block_shift) - first_block >= 32 * (chunk + 1)) {
+          cur = next;
+          ++chunk;
+          next = load_chunk(chunk + 1);
+        }
+        if (!waited && !early(kt)) {
+          asm volatile("griddepcontrol.wait;" ::: "memory");
+          waited = true;
+        }
+        if (i >= NB) mbar_wait(&empty_k[b], parity);
+        send(kt, false, b);
+        if (i >= NB) mbar_wait(&empty_v[b], parity);
+        send(kt, true, b);
       }
       asm volatile("griddepcontrol.wait;" ::: "memory");  // before the merge's stores
     } else {
