@@ -174,7 +174,7 @@ __device__ __forceinline__ void softmax_step(float (&s)[NT][4], float (&o)[ND][4
 // one box per cache block and 64-column half, into the 128-byte swizzled layout, and an
 // mbarrier per buffer signals it; fragments are read through the swizzle. Otherwise every
 // thread copies 16-byte chunks (cp.async) into rows padded to D + 8.
-// kSpread (kTma decode; the default, ERNIE_ATTN_SPREAD=0 turns it off): in the key loop each
+// kSpread (kTma decode; the default for grids of more than one wave): in the key loop each
 // warp's first lane issues the boxes of its own cache blocks (block b of a tile: warp b % KW),
 // from table entries it read one tile earlier, and thread 0 declares a tile's bytes as soon as
 // its buffer's previous tile has landed. Without it thread 0 alone reads the table and issues
@@ -184,12 +184,12 @@ __device__ __forceinline__ void softmax_step(float (&s)[NT][4], float (&o)[ND][4
 // -2%; steps 16 x 8500 -0.6%, 1 x 1000 +0.3% (its splits hold one tile). Sending a buffer's keys
 // out as soon as every warp had its scores (a second barrier a tile) was slower (+3% at 16 x
 // 8500): dropped.
-// kIssue: 0 thread 0 issues, 1 kSpread (above), 2 kWs (not measured yet: ERNIE_ATTN_SPREAD=2;
-// TMA decode): a fifth warp only streams tiles, keys and values into their own barriers, and
-// the four others take them without a CTA barrier in the key loop, each giving a buffer's keys
-// back as soon as it has its scores and its values once it has P V; a buffer's next keys then
-// stream in during the softmax and P V of the tile before (more bytes in flight for the same
-// shared memory), and nothing on the consumers' path waits on a block-table load.
+// kIssue: 0 thread 0 issues, 1 kSpread (above), 2 kWs (TMA decode; the default for grids of
+// one wave, see launch_d): a fifth warp only streams tiles, keys and values into their own
+// barriers, and the four others take them without a CTA barrier in the key loop, each giving a
+// buffer's keys back as soon as it has its scores and its values once it has P V; a buffer's
+// next keys then stream in during the softmax and P V of the tile before (more bytes in flight
+// for the same shared memory), and nothing on the consumers' path waits on a block-table load.
 template <int D, int RW, int KW, int NB, bool kTma, int kIssue = 0>
 __global__ void __launch_bounds__(32 * RW * KW + (kIssue == 2 ? 32 : 0))
     paged_attention_kernel(const PagedAttentionArgs a, const __grid_constant__ CUtensorMap k_map,
@@ -1143,13 +1143,19 @@ __global__ void combine_splits_kernel(__nv_bfloat16* out, const float* partial_o
   out[th * d + threadIdx.x] = __float2bfloat16(acc);
 }
 
+// Dynamic shared memory of paged_attention_kernel<D, RW, ., NB, kTma>.
+template <int D, int RW, int NB, bool kTma>
+constexpr size_t attention_smem() {
+  constexpr size_t q_bytes = static_cast<size_t>(16 * RW) * (D + 8) * sizeof(__nv_bfloat16);
+  return kTma ? 1024 + 2 * NB * 2 * kKeysPerTile * 128 + q_bytes
+              : q_bytes +
+                    static_cast<size_t>(2 * NB * kKeysPerTile) * (D + 8) * sizeof(__nv_bfloat16);
+}
+
 template <int D, int RW, int KW, int NB, bool kTma = false, int kIssue = 0>
 void launch(const PagedAttentionArgs& a, cudaStream_t stream) {
-  constexpr int BM = 16 * RW, LD = D + 8, kThreads = 32 * RW * KW + (kIssue == 2 ? 32 : 0);
-  const size_t q_bytes = static_cast<size_t>(BM) * LD * sizeof(__nv_bfloat16);
-  const size_t smem =
-      kTma ? 1024 + 2 * NB * 2 * kKeysPerTile * 128 + q_bytes
-           : q_bytes + static_cast<size_t>(2 * NB * kKeysPerTile) * LD * sizeof(__nv_bfloat16);
+  constexpr int kThreads = 32 * RW * KW + (kIssue == 2 ? 32 : 0);
+  constexpr size_t smem = attention_smem<D, RW, NB, kTma>();
   auto* kernel = paged_attention_kernel<D, RW, KW, NB, kTma, kIssue>;
   static bool configured = false;  // set once per instantiation (host, single engine thread)
   if (!configured) {
@@ -1168,11 +1174,34 @@ void launch(const PagedAttentionArgs& a, cudaStream_t stream) {
   ERNIE_CUDA_CHECK(cudaGetLastError());
 }
 
+// CTAs of the TMA decode kernel with its producer warp that are resident at once.
+int producer_decode_slots() {
+  static const int slots = [] {
+    auto* kernel = paged_attention_kernel<kWgD, 1, 4, kDecodeBuffers, true, 2>;
+    constexpr size_t smem = attention_smem<kWgD, 1, kDecodeBuffers, true>();
+    int device = 0, sms = 0, per_sm = 0;
+    ERNIE_CUDA_CHECK(cudaGetDevice(&device));
+    ERNIE_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+    ERNIE_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                          static_cast<int>(smem)));
+    ERNIE_CUDA_CHECK(
+        cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, 4 * 32 + 32, smem));
+    return sms * per_sm;
+  }();
+  return slots;
+}
+
 template <int D>
 void launch_d(const PagedAttentionArgs& a, cudaStream_t stream) {
-  // ERNIE_ATTN_SPREAD: 1 (unset) the spread issue, 0 thread 0's, 2 the producer warp.
-  static const int issue = switch_bits("ERNIE_ATTN_SPREAD", 1);
-  if (a.decode_shape && D == kWgD && tma_loads(a) && issue == 2) {
+  // ERNIE_ATTN_SPREAD: 0 thread 0 issues, 1 the spread issue, 2 the producer warp; unset: the
+  // producer warp where the grid is one wave, else the spread issue. Measured (H200, decode
+  // attention): the producer warp 16 x 8500 0.076 -> 0.072 ms, 64 x 1500 0.052 -> 0.049, one
+  // token 0.011 -> 0.009, but 256 x 1500 (four waves) 0.193 -> 0.197.
+  static const int issue = switch_bits("ERNIE_ATTN_SPREAD", -1);
+  const bool producer =
+      issue == 2 || (issue == -1 && static_cast<int64_t>(a.num_tiles) * a.kv_heads * a.splits <=
+                                        producer_decode_slots());
+  if (a.decode_shape && D == kWgD && tma_loads(a) && producer) {
     launch<kWgD, 1, 4, kDecodeBuffers, true, 2>(a, stream);
   } else if (a.decode_shape && D == kWgD && tma_loads(a) && issue != 0) {
     launch<kWgD, 1, 4, kDecodeBuffers, true, 1>(a, stream);
