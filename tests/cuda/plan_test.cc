@@ -35,10 +35,11 @@ TEST(AttentionPlan, TilesCoverRowsAndSplitsCoverKeys) {
       ctx.push_back(c);
       max_ctx = std::max(max_ctx, c);
     }
-    SCOPED_TRACE(::testing::Message()
-                 << seqs << " seqs, " << heads << "/" << kv << " heads, "
-                 << (fixed ? "fixed" : "eager") << (pair ? ", paired" : "") << " trial " << trial);
-    const AttentionPlan p = plan_attention(qs, ctx, heads, kv, sms, fixed, pair);
+    const int min_keys = rng.below(2) ? 64 : static_cast<int>(1 + rng.below(1000));
+    SCOPED_TRACE(::testing::Message() << seqs << " seqs, " << heads << "/" << kv << " heads, "
+                                      << (fixed ? "fixed" : "eager") << (pair ? ", paired" : "")
+                                      << ", splits of >= " << min_keys << " keys, trial " << trial);
+    const AttentionPlan p = plan_attention(qs, ctx, heads, kv, sms, fixed, pair, min_keys);
     bool small = true;
     for (int s = 0; s < seqs; ++s) small &= (qs[s + 1] - qs[s]) * group <= 16;
     EXPECT_EQ(p.decode_shape, small);
@@ -81,6 +82,7 @@ TEST(AttentionPlan, TilesCoverRowsAndSplitsCoverKeys) {
     ASSERT_GE(p.splits, 1);
     EXPECT_LE(p.splits, 64);
     EXPECT_EQ(p.split_keys % 64, 0);
+    EXPECT_GE(p.split_keys, min_keys);
     if (p.splits > 1) {
       EXPECT_GE(static_cast<int64_t>(p.splits) * p.split_keys, max_ctx);
       // Only when the tiles (CTAs) leave the GPU idle.
@@ -92,7 +94,7 @@ TEST(AttentionPlan, TilesCoverRowsAndSplitsCoverKeys) {
     if (fixed) {  // the same shape with other contexts keeps the split count
       std::vector<int32_t> other = ctx;
       for (auto& c : other) c = 1 + static_cast<int>(rng.below(30000));
-      const AttentionPlan o = plan_attention(qs, other, heads, kv, sms, true);
+      const AttentionPlan o = plan_attention(qs, other, heads, kv, sms, true, false, min_keys);
       EXPECT_EQ(o.splits, p.splits);
       EXPECT_EQ(o.tile_seq, p.tile_seq);
       const int other_max = *std::max_element(other.begin(), other.end());

@@ -1225,7 +1225,7 @@ bool prefill_tiles_paired(int head_dim, int block_size) {
 
 AttentionPlan plan_attention(const std::vector<int32_t>& query_start,
                              const std::vector<int32_t>& context_lens, int heads, int kv_heads,
-                             int sms, bool fixed_splits, bool pair_prefill) {
+                             int sms, bool fixed_splits, bool pair_prefill, int min_split_keys) {
   AttentionPlan p;
   const int group = heads / kv_heads;
   const int seqs = static_cast<int>(context_lens.size());
@@ -1285,8 +1285,10 @@ AttentionPlan plan_attention(const std::vector<int32_t>& query_start,
     splits = std::min(want, kMaxSplits);
     if (!fixed_splits) splits = std::max(1, std::min(splits, (max_ctx + 255) / 256));
   }
-  p.split_keys = std::max(kKeysPerTile, ((max_ctx + splits - 1) / splits + kKeysPerTile - 1) /
-                                            kKeysPerTile * kKeysPerTile);
+  const int min_keys =
+      std::max(kKeysPerTile, (min_split_keys + kKeysPerTile - 1) / kKeysPerTile * kKeysPerTile);
+  p.split_keys = std::max(
+      min_keys, ((max_ctx + splits - 1) / splits + kKeysPerTile - 1) / kKeysPerTile * kKeysPerTile);
   p.splits = fixed_splits ? splits : std::max(1, (max_ctx + p.split_keys - 1) / p.split_keys);
   return p;
 }

@@ -33,9 +33,12 @@ struct AttentionPlan {
 // pair_prefill (see prefill_tiles_paired): a prefill-shaped step gives every sequence an even
 // number of tiles (the last one may hold no rows), and tiles 2i and 2i + 1 go to one CTA.
 // Without fixed_splits the CTAs (tiles, or pairs) are listed by the keys they read, most first.
+// min_split_keys (rounded up to whole 64-key tiles): the fewest keys a split takes; a graph plan
+// keeps its split count, so fewer of its splits then hold keys (the others leave at once).
 AttentionPlan plan_attention(const std::vector<int32_t>& query_start,
                              const std::vector<int32_t>& context_lens, int heads, int kv_heads,
-                             int sms, bool fixed_splits = false, bool pair_prefill = false);
+                             int sms, bool fixed_splits = false, bool pair_prefill = false,
+                             int min_split_keys = 64);
 
 // Whether prefill tiles of this head size and cache block size run two to a CTA (the TMA kernel
 // for head_dim 128 and power-of-two blocks of 8-64 keys): plan them with pair_prefill.

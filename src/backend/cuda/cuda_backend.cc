@@ -951,9 +951,12 @@ class CudaBackend final : public Backend {
                   std::numeric_limits<int32_t>::max());
     step_ = &step;
     arena_.reset(stream_);
-    plan_ = cuda::plan_attention(step.query_start, step.context_lens, attn_.num_heads,
-                                 attn_.num_kv_heads, sms_, fixed,
-                                 cuda::prefill_tiles_paired(attn_.head_dim, block_size_));
+    // ERNIE_ATTN_SPLIT_KEYS=N (A/B runs; default 64, one tile): the fewest keys a split takes,
+    // so that short contexts run fewer, longer splits in the graphs' fixed split counts.
+    static const int min_split_keys = cuda::switch_bits("ERNIE_ATTN_SPLIT_KEYS", 64);
+    plan_ = cuda::plan_attention(
+        step.query_start, step.context_lens, attn_.num_heads, attn_.num_kv_heads, sms_, fixed,
+        cuda::prefill_tiles_paired(attn_.head_dim, block_size_), min_split_keys);
     const int32_t dims[2] = {plan_.split_keys, step.max_blocks_per_seq};
     Packer pk;
     const size_t o_tokens = pk.add(step.token_ids), o_pos = pk.add(step.positions),
