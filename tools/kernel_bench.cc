@@ -92,8 +92,7 @@ StepInput make_step(const std::vector<int>& contexts, const std::vector<int>& fr
       // (identical tokens would all pick the same experts).
       s.token_ids.push_back(1000 + (seq * 7919 + p * 31) % 90000);
       s.positions.push_back(p);
-      s.slot_mapping.push_back(static_cast<int64_t>(order[first + p / block]) * block +
-                               p % block);
+      s.slot_mapping.push_back(static_cast<int64_t>(order[first + p / block]) * block + p % block);
     }
     s.query_start.push_back(s.num_tokens());
     s.context_lens.push_back(c);
