@@ -1198,15 +1198,16 @@ void launch_d(const PagedAttentionArgs& a, cudaStream_t stream) {
   // attention): the producer warp 16 x 8500 0.076 -> 0.072 ms, 64 x 1500 0.052 -> 0.049, one
   // token 0.011 -> 0.009, but 256 x 1500 (four waves) 0.193 -> 0.197.
   static const int issue = switch_bits("ERNIE_ATTN_SPREAD", -1);
-  const bool producer =
-      issue == 2 || (issue == -1 && static_cast<int64_t>(a.num_tiles) * a.kv_heads * a.splits <=
-                                        producer_decode_slots());
-  if (a.decode_shape && D == kWgD && tma_loads(a) && producer) {
-    launch<kWgD, 1, 4, kDecodeBuffers, true, 2>(a, stream);
-  } else if (a.decode_shape && D == kWgD && tma_loads(a) && issue != 0) {
-    launch<kWgD, 1, 4, kDecodeBuffers, true, 1>(a, stream);
-  } else if (a.decode_shape && D == kWgD && tma_loads(a)) {
-    launch<kWgD, 1, 4, kDecodeBuffers, true>(a, stream);
+  if (a.decode_shape && D == kWgD && tma_loads(a)) {
+    const bool one_wave =
+        static_cast<int64_t>(a.num_tiles) * a.kv_heads * a.splits <= producer_decode_slots();
+    if (issue == 2 || (issue == -1 && one_wave)) {
+      launch<kWgD, 1, 4, kDecodeBuffers, true, 2>(a, stream);
+    } else if (issue != 0) {
+      launch<kWgD, 1, 4, kDecodeBuffers, true, 1>(a, stream);
+    } else {
+      launch<kWgD, 1, 4, kDecodeBuffers, true>(a, stream);
+    }
   } else if (a.decode_shape) {
     launch<D, 1, 4, kDecodeBuffers>(a, stream);
   } else if (D == kWgD) {
