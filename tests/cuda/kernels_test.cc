@@ -494,6 +494,125 @@ TEST(CudaKernels, SkinnyGemmRopeMatchesSeparateKernels) {
   }
 }
 
+// The whole-row tensor-core skinny GEMM (5-16 rows, 16 or 32 weight rows per CTA) against a
+// double reference, output poisoned: row counts from 1 to 16, the 21B qkv and o projections,
+// reductions of one and two load batches per warp (256 to 4096), and the CTAs-per-wave
+// count it is chosen by.
+TEST(CudaKernels, SkinnyTcMatchesReference) {
+  if (device_count() == 0) GTEST_SKIP() << "no CUDA device";
+  Rng rng(std::random_device{}());
+  EXPECT_FALSE(skinny_tc_fits(17, 64, 2560, 16));
+  EXPECT_FALSE(skinny_tc_fits(8, 48, 2560, 32));  // n % 32
+  EXPECT_FALSE(skinny_tc_fits(8, 64, 2000, 16));  // k % 256
+  EXPECT_FALSE(skinny_tc_fits(8, 64, 4096, 32));  // 32 rows of 8 KB do not fit
+  EXPECT_FALSE(skinny_tc_fits(8, 64, 2560, 24));  // 16 or 32 rows per CTA only
+  EXPECT_GE(skinny_tc_ctas_per_wave(2560, 16), skinny_tc_ctas_per_wave(2560, 32));
+  EXPECT_GT(skinny_tc_ctas_per_wave(2560, 32), 0);
+  EXPECT_EQ(skinny_tc_ctas_per_wave(8192, 32), 0);
+  struct Case {
+    int m, n, k, rows;
+  };
+  for (const Case& c :
+       {Case{16, 3584, 2560, 32}, Case{9, 2560, 2560, 16}, Case{5, 32, 256, 32},
+        Case{16, 48, 4096, 16}, Case{1, 64, 1024, 16}, Case{12, 4096, 512, 32},
+        Case{7, 160, 3072, 32}, Case{13, 2560, 2560, 32}, Case{16, 3584, 2560, 16}}) {
+    SCOPED_TRACE(::testing::Message()
+                 << c.m << " x " << c.k << " -> " << c.n << ", " << c.rows << " per CTA");
+    ASSERT_TRUE(skinny_tc_fits(c.m, c.n, c.k, c.rows));
+    const auto x = random_bf16(rng, static_cast<size_t>(c.m) * c.k, 1.0);
+    const auto w = random_bf16(rng, static_cast<size_t>(c.n) * c.k, 1.0 / std::sqrt(c.k));
+    DeviceBuffer<uint16_t> d_x(x.size()), d_w(w.size()), d_out(static_cast<size_t>(c.m) * c.n);
+    d_x.upload(x);
+    d_w.upload(w);
+    d_out.poison();
+    skinny_tc(bf(d_out.p), bf(d_x.p), bf(d_w.p), c.m, c.n, c.k, c.rows, nullptr);
+    ERNIE_CUDA_CHECK(cudaDeviceSynchronize());
+    const auto got = widen(d_out.download());
+    expect_gemm_matches(got, widen(x), widen(w), c.m, c.n, c.k, false);
+  }
+}
+
+// skinny_tc_rope against skinny_tc followed by rope_store_kv: the same qkv, keys and values
+// (up to one bf16 rounding step where the rotation's FMAs contract differently), at every
+// token's slot, every other slot untouched (poisoned).
+TEST(CudaKernels, SkinnyTcRopeMatchesSeparateKernels) {
+  if (device_count() == 0) GTEST_SKIP() << "no CUDA device";
+  Rng rng(std::random_device{}());
+  struct Shape {
+    int tokens, heads, kv_heads, head_dim, k, rows;
+  };
+  for (const Shape& s : {Shape{16, 20, 4, 128, 2560, 32}, Shape{5, 20, 4, 128, 2560, 16},
+                         Shape{11, 4, 2, 48, 512, 16}, Shape{8, 64, 8, 128, 1024, 32}}) {
+    SCOPED_TRACE(::testing::Message()
+                 << s.tokens << " tokens, " << s.heads << "/" << s.kv_heads << " heads, d "
+                 << s.head_dim << ", k " << s.k << ", " << s.rows << " per CTA");
+    const int row = (s.heads + 2 * s.kv_heads) * s.head_dim, kv = s.kv_heads * s.head_dim;
+    const int num_slots = 3 * s.tokens + 5;
+    const auto x = random_bf16(rng, static_cast<size_t>(s.tokens) * s.k, 1.0);
+    const auto w = random_bf16(rng, static_cast<size_t>(row) * s.k, 1.0 / std::sqrt(s.k));
+    std::vector<int32_t> positions(s.tokens);
+    for (auto& p : positions) p = static_cast<int32_t>(rng.below(20000));
+    const std::vector<int64_t> slots = random_slots(rng, num_slots, s.tokens);
+    DeviceBuffer<uint16_t> d_x(x.size()), d_w(w.size());
+    DeviceBuffer<int32_t> d_pos(positions.size());
+    DeviceBuffer<int64_t> d_slots(slots.size());
+    d_x.upload(x);
+    d_w.upload(w);
+    d_pos.upload(positions);
+    d_slots.upload(slots);
+    const size_t qkv_elems = static_cast<size_t>(s.tokens) * row;
+    const size_t cache_elems = static_cast<size_t>(num_slots) * kv;
+    DeviceBuffer<uint16_t> a_qkv(qkv_elems), a_k(cache_elems), a_v(cache_elems);
+    a_qkv.poison();
+    a_k.poison();
+    a_v.poison();
+    skinny_tc(bf(a_qkv.p), bf(d_x.p), bf(d_w.p), s.tokens, row, s.k, s.rows, nullptr);
+    rope_store_kv(bf(a_qkv.p), bf(a_k.p), bf(a_v.p), d_pos.p, d_slots.p, s.tokens, s.heads,
+                  s.kv_heads, s.head_dim, 500000.0, nullptr);
+    DeviceBuffer<uint16_t> b_qkv(qkv_elems), b_k(cache_elems), b_v(cache_elems);
+    b_qkv.poison();
+    b_k.poison();
+    b_v.poison();
+    std::vector<float> inv_freq(s.head_dim / 2);
+    for (int j = 0; j < s.head_dim / 2; ++j) {
+      inv_freq[j] = static_cast<float>(1.0 / std::pow(500000.0, 2.0 * j / s.head_dim));
+    }
+    DeviceBuffer<float> d_inv(inv_freq.size());
+    d_inv.upload(inv_freq);
+    SkinnyRope rope;
+    rope.inv_freq = d_inv.p;
+    rope.k_cache = bf(b_k.p);
+    rope.v_cache = bf(b_v.p);
+    rope.positions = d_pos.p;
+    rope.slots = d_slots.p;
+    rope.heads = s.heads;
+    rope.kv_heads = s.kv_heads;
+    rope.head_dim = s.head_dim;
+    ASSERT_TRUE(skinny_tc_rope_fits(s.tokens, s.k, s.rows, rope));
+    skinny_tc_rope(bf(b_qkv.p), bf(d_x.p), bf(d_w.p), s.tokens, s.k, s.rows, rope, nullptr);
+    ERNIE_CUDA_CHECK(cudaDeviceSynchronize());
+    int exact = 0, total = 0;
+    auto compare = [&](const std::vector<uint16_t>& want, const std::vector<uint16_t>& got,
+                       const char* what) {
+      for (size_t i = 0; i < want.size(); ++i) {
+        ++total;
+        if (want[i] == got[i]) {
+          ++exact;
+          continue;
+        }
+        ASSERT_NE(want[i], 0xffff) << what << " element " << i << " written by the fused kernel";
+        ASSERT_NE(got[i], 0xffff) << what << " element " << i << " not written";
+        const float a = bf16_to_float(want[i]), b = bf16_to_float(got[i]);
+        ASSERT_LE(std::abs(a - b), std::abs(a) / 128.0f + 1e-30f) << what << " element " << i;
+      }
+    };
+    compare(a_qkv.download(), b_qkv.download(), "qkv");
+    compare(a_k.download(), b_k.download(), "k cache");
+    compare(a_v.download(), b_v.download(), "v cache");
+    EXPECT_GE(exact, total * 0.98) << exact << " of " << total << " bit-identical";
+  }
+}
+
 TEST(CudaKernels, RouterMatchesCpuReference) {
   if (device_count() == 0) GTEST_SKIP() << "no CUDA device";
   Rng rng(std::random_device{}());

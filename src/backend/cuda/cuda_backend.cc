@@ -545,6 +545,11 @@ class CudaBackend final : public Backend {
       cuda::skinny_gemm(out.data, out.dtype == DType::kF32, bf(x), bf(w), m, n, k, stream_);
       return;
     }
+    if (out.dtype == DType::kBF16 && use_skinny_tc(m, n, k)) {
+      check_linear(out, x, w);
+      cuda::skinny_tc(bf(out), bf(x), bf(w), m, n, k, skinny_tc_rows(), stream_);
+      return;
+    }
     if (mma16 && m > 0 && out.dtype == DType::kBF16 && cuda::skinny_mma_fits(m, n, k) &&
         n <= mma_columns_per_wave(k)) {
       check_linear(out, x, w);
@@ -552,6 +557,28 @@ class CudaBackend final : public Backend {
       return;
     }
     gemm(blas_[0], out, x, w);
+  }
+
+  // 5-16 rows of the main stream's bf16 linear layers (qkv with its rope epilogue, o) take
+  // cuda::skinny_tc, 32 weight rows per CTA, where its grid is one wave (the weights stream in
+  // before the wait for x only if every CTA is resident): H200, steps 16 x 1000 8.949 -> 8.829
+  // ms, 16 x 8500 10.733 -> 10.564 (qkv + rope 9.7 -> 4.6 us after the norm, o 7.3 -> 3.6 us
+  // after the split combine); 16 rows per CTA (twice the input read from L2) 8.982 and 10.629.
+  // ERNIE_SKINNY_TC=0 turns it off, =16 takes 16 rows per CTA.
+  static int skinny_tc_rows() {
+    static const int rows = cuda::switch_bits("ERNIE_SKINNY_TC", 32);
+    return rows == 16 || rows == 32 ? rows : 0;
+  }
+  bool use_skinny_tc(int m, int n, int k) {
+    const int rows = skinny_tc_rows();
+    if (rows == 0 || m <= cuda::kSkinnyMaxRows || !cuda::skinny_tc_fits(m, n, k, rows)) {
+      return false;
+    }
+    auto it = tc_ctas_.find(k);
+    if (it == tc_ctas_.end()) {
+      it = tc_ctas_.emplace(k, cuda::skinny_tc_ctas_per_wave(k, rows)).first;
+    }
+    return n / rows <= it->second;
   }
 
   // cuda::skinny_mma_columns_per_wave, once per reduction size.
@@ -612,12 +639,22 @@ class CudaBackend final : public Backend {
     const cuda::SkinnyRope rope{k_cache(layer),     v_cache(layer), d_positions_,
                                 d_slots_,           d_inv_freq_,    attn_.num_heads,
                                 attn_.num_kv_heads, attn_.head_dim};
-    if (fused && !profiling_ && m > 0 && m == step_->num_tokens() && qkv.dtype == DType::kBF16 &&
-        cuda::skinny_rope_fits(m, k, rope)) {
+    const bool usable =
+        fused && !profiling_ && m > 0 && m == step_->num_tokens() && qkv.dtype == DType::kBF16;
+    if (usable && cuda::skinny_rope_fits(m, k, rope)) {
       check_linear(qkv, x, w);
       require(qkv.dim(1) == (attn_.num_heads + 2 * attn_.num_kv_heads) * attn_.head_dim,
               "qkv_rope_store_kv: qkv's width does not match the attention configuration");
       cuda::skinny_gemm_rope(bf(qkv), bf(x), bf(w), m, k, rope, stream_);
+      return;
+    }
+    const int n = static_cast<int>(w.dim(0));
+    if (usable && use_skinny_tc(m, n, k) &&
+        cuda::skinny_tc_rope_fits(m, k, skinny_tc_rows(), rope)) {
+      check_linear(qkv, x, w);
+      require(qkv.dim(1) == (attn_.num_heads + 2 * attn_.num_kv_heads) * attn_.head_dim,
+              "qkv_rope_store_kv: qkv's width does not match the attention configuration");
+      cuda::skinny_tc_rope(bf(qkv), bf(x), bf(w), m, k, skinny_tc_rows(), rope, stream_);
       return;
     }
     Backend::qkv_rope_store_kv(qkv, x, w, layer);
@@ -951,9 +988,11 @@ class CudaBackend final : public Backend {
                   std::numeric_limits<int32_t>::max());
     step_ = &step;
     arena_.reset(stream_);
-    // ERNIE_ATTN_SPLIT_KEYS=N (A/B runs; default 64, one tile): the fewest keys a split takes,
-    // so that short contexts run fewer, longer splits in the graphs' fixed split counts.
-    static const int min_split_keys = cuda::switch_bits("ERNIE_ATTN_SPLIT_KEYS", 64);
+    // The fewest keys a decode split takes (ERNIE_ATTN_SPLIT_KEYS=N; rounded up to 64-key
+    // tiles): short contexts run fewer, longer splits in the graphs' fixed split counts, each
+    // split's fixed latency chain being its cost rather than its bytes (128 against 64: step
+    // 1 x 1000 -1.8%, 16 sequences and more unchanged; 512: +6.5%).
+    static const int min_split_keys = cuda::switch_bits("ERNIE_ATTN_SPLIT_KEYS", 128);
     plan_ = cuda::plan_attention(
         step.query_start, step.context_lens, attn_.num_heads, attn_.num_kv_heads, sms_, fixed,
         cuda::prefill_tiles_paired(attn_.head_dim, block_size_), min_split_keys);
@@ -1053,6 +1092,7 @@ class CudaBackend final : public Backend {
   float* d_inv_freq_ = nullptr;  // [head_dim / 2] (configure_attention)
   size_t inv_freq_bytes_ = 0;
   std::unordered_map<int, int> mma_columns_;  // mma_columns_per_wave's answers by k
+  std::unordered_map<int, int> tc_ctas_;      // skinny_tc_ctas_per_wave's answers by k
   int32_t *d_tokens_ = nullptr, *d_positions_ = nullptr, *d_query_start_ = nullptr,
           *d_context_lens_ = nullptr, *d_block_tables_ = nullptr, *d_logits_indices_ = nullptr,
           *d_tile_seq_ = nullptr, *d_tile_row0_ = nullptr, *d_dims_ = nullptr;

@@ -1,5 +1,6 @@
 #include <cooperative_groups.h>
 
+#include <algorithm>
 #include <cstdint>
 
 #include "backend/cuda/cuda_check.h"
@@ -269,6 +270,159 @@ __global__ void __launch_bounds__(kMmaThreads)
   }
 }
 
+// ---- 5-16 rows on the tensor cores, whole weight rows per CTA (skinny_tc) ----
+// A CTA owns R weight rows over the whole reduction, so no partial sums leave it and no cluster
+// is needed: its rows come into shared memory by bulk copies issued before the wait (a grid of
+// one wave is resident beside the kernel before it and streams the weights while that kernel
+// runs), and only the input (16 x k, from L2) and the math remain after it. kTcWarps warps split
+// the reduction; each takes its input fragments straight from global memory, all of them in one
+// batch of 16-byte loads (one L2 round trip, not one per k step), and the warps' 16 x R partial
+// sums are added in warp order through shared memory (deterministic). Within each 32-wide
+// chunk of the reduction, thread (g, c) of a warp holds columns 8c .. 8c + 7 of input rows g and
+// g + 8 and of weight row g: the first four are the k-values an m16n8k16 step gives that thread,
+// the last four the next step's (the same permutation of k on both operands, so the sum is the
+// product's). Weight rows are 64 bytes longer than their data in shared memory, so the eight
+// lanes of a quarter-warp read 16-byte pieces from eight different bank groups.
+constexpr int kTcWarps = 8, kTcThreads = 32 * kTcWarps, kTcBatch = 10;
+
+__host__ __device__ inline int skinny_tc_ld(int k) {
+  return k * 2 + 64;
+}
+size_t skinny_tc_smem_bytes(int rows_per_cta, int k) {
+  // The partial sums [warps][16][R] floats reuse the weights' space once the math is done.
+  return std::max(static_cast<size_t>(rows_per_cta) * skinny_tc_ld(k),
+                  static_cast<size_t>(kTcWarps) * kMmaRows * rows_per_cta * sizeof(float));
+}
+
+template <int R, bool kRope>
+__global__ void __launch_bounds__(kTcThreads)
+    skinny_tc_kernel(__nv_bfloat16* out, const __nv_bfloat16* x, const __nv_bfloat16* w, int m,
+                     int n, int k, const SkinnyRope rope) {
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+  constexpr int NT = R / 8;
+  extern __shared__ __align__(16) unsigned char tc_smem[];
+  __shared__ __align__(8) uint64_t w_full;
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, c = lane % 4;
+  const int n0 = blockIdx.x * R, ld = skinny_tc_ld(k);
+  const uint32_t row_bytes = static_cast<uint32_t>(k) * 2;
+  if (tid == 0) {
+    mbar_init(&w_full, 1);
+    mbar_init_fence();
+    mbar_arrive_expect_tx(&w_full, R * row_bytes);
+    for (int r = 0; r < R; ++r) {
+      bulk_load(tc_smem + r * ld, w + static_cast<size_t>(n0 + r) * k, row_bytes, &w_full);
+    }
+  }
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+  // Rows past m read row m - 1: their sums are never stored, and rows do not mix.
+  const int kw = k / kTcWarps, chunks = kw / 32, kbase = warp * kw + 8 * c;
+  const uint4* x_lo =
+      reinterpret_cast<const uint4*>(x + static_cast<size_t>(min(g, m - 1)) * k + kbase);
+  const uint4* x_hi =
+      reinterpret_cast<const uint4*>(x + static_cast<size_t>(min(g + 8, m - 1)) * k + kbase);
+  float acc[NT][4] = {};
+  __syncthreads();  // the barrier's initialisation is visible
+  for (int base = 0; base < chunks; base += kTcBatch) {
+    // Every load of the batch first, unconditionally (indices clamped), then the math.
+    uint4 lo[kTcBatch], hi[kTcBatch];
+#pragma unroll
+    for (int j = 0; j < kTcBatch; ++j) {
+      const int ch = min(base + j, chunks - 1);
+      lo[j] = x_lo[ch * 4];  // 32 columns = 4 uint4
+      hi[j] = x_hi[ch * 4];
+    }
+    if (base == 0) mbar_wait(&w_full, 0);
+#pragma unroll
+    for (int j = 0; j < kTcBatch; ++j) {
+      if (base + j >= chunks) break;
+      const int col = (warp * kw + 32 * (base + j) + 8 * c) * 2;  // byte offset in a row
+      const uint32_t a0[4] = {lo[j].x, hi[j].x, lo[j].y, hi[j].y};
+      const uint32_t a1[4] = {lo[j].z, hi[j].z, lo[j].w, hi[j].w};
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) {
+        const uint4 b = *reinterpret_cast<const uint4*>(tc_smem + (nt * 8 + g) * ld + col);
+        mma_16816(acc[nt], a0, b.x, b.y);
+        mma_16816(acc[nt], a1, b.z, b.w);
+      }
+    }
+  }
+  __syncthreads();  // every warp is done with the weights: their space takes the partial sums
+  float* part = reinterpret_cast<float*>(tc_smem);  // [warp][16 rows][R]
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt) {
+    const int col = nt * 8 + 2 * c;
+    *reinterpret_cast<float2*>(part + (warp * kMmaRows + g) * R + col) =
+        make_float2(acc[nt][0], acc[nt][1]);
+    *reinterpret_cast<float2*>(part + (warp * kMmaRows + g + 8) * R + col) =
+        make_float2(acc[nt][2], acc[nt][3]);
+  }
+  __syncthreads();
+  // A pair of adjacent columns (2i, 2i + 1) of one row per thread and trip.
+  for (int i = tid; i < kMmaRows * R / 2; i += kTcThreads) {
+    const int t = i / (R / 2), col = 2 * (i % (R / 2));
+    if (t >= m) continue;
+    float s0 = 0.0f, s1 = 0.0f;
+#pragma unroll
+    for (int wi = 0; wi < kTcWarps; ++wi) {
+      const float2 v = *reinterpret_cast<const float2*>(part + (wi * kMmaRows + t) * R + col);
+      s0 += v.x;
+      s1 += v.y;
+    }
+    const int row = n0 + col;  // output column (the weight row)
+    if constexpr (!kRope) {
+      *reinterpret_cast<__nv_bfloat162*>(out + static_cast<size_t>(t) * n + row) =
+          __floats2bfloat162_rn(s0, s1);
+    } else {
+      // As the bf16 the unfused path stores, then rotated like rope_store_kv (the same f32
+      // arithmetic as skinny_gemm_kernel's epilogue).
+      const float a = __bfloat162float(__float2bfloat16(s0));
+      const float b = __bfloat162float(__float2bfloat16(s1));
+      const int half = rope.head_dim / 2;
+      const int q_cols = rope.heads * rope.head_dim, kv = rope.kv_heads * rope.head_dim;
+      float v0 = a, v1 = b;
+      if (row < q_cols + kv) {
+        float sn, cs;
+        sincosf(static_cast<float>(rope.positions[t]) * rope.inv_freq[(row / 2) % half], &sn, &cs);
+        v0 = a * cs - b * sn;
+        v1 = b * cs + a * sn;
+      }
+      const __nv_bfloat162 r = __floats2bfloat162_rn(v0, v1);
+      *reinterpret_cast<__nv_bfloat162*>(out + static_cast<size_t>(t) * n + row) = r;
+      const int64_t slot = rope.slots[t];
+      if (row >= q_cols + kv) {
+        *reinterpret_cast<__nv_bfloat162*>(rope.v_cache + slot * kv + (row - q_cols - kv)) = r;
+      } else if (row >= q_cols) {
+        *reinterpret_cast<__nv_bfloat162*>(rope.k_cache + slot * kv + (row - q_cols)) = r;
+      }
+    }
+  }
+}
+
+template <int R, bool kRope>
+void launch_tc(__nv_bfloat16* out, const __nv_bfloat16* x, const __nv_bfloat16* w, int m, int n,
+               int k, const SkinnyRope& rope, cudaStream_t stream) {
+  static const bool configured = [] {
+    ERNIE_CUDA_CHECK(cudaFuncSetAttribute(skinny_tc_kernel<R, kRope>,
+                                          cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                          static_cast<int>(kSkinnyMaxSmem)));
+    return true;
+  }();
+  (void)configured;
+  launch_pdl(skinny_tc_kernel<R, kRope>, static_cast<unsigned>(n / R), kTcThreads,
+             skinny_tc_smem_bytes(R, k), stream, out, x, w, m, n, k, rope);
+  ERNIE_CUDA_CHECK(cudaGetLastError());
+}
+
+template <bool kRope>
+void dispatch_tc(__nv_bfloat16* out, const __nv_bfloat16* x, const __nv_bfloat16* w, int m, int n,
+                 int k, int rows_per_cta, const SkinnyRope& rope, cudaStream_t stream) {
+  if (rows_per_cta == 16) {
+    launch_tc<16, kRope>(out, x, w, m, n, k, rope, stream);
+  } else {
+    launch_tc<32, kRope>(out, x, w, m, n, k, rope, stream);
+  }
+}
+
 }  // namespace
 
 bool skinny_gemm_fits(int m, int k) {
@@ -348,6 +502,50 @@ void skinny_mma(__nv_bfloat16* out, const __nv_bfloat16* x, const __nv_bfloat16*
   launch_pdl_cluster(skinny_mma_kernel, static_cast<unsigned>(n / kMmaCols * kMmaSplit), kMmaSplit,
                      kMmaThreads, skinny_mma_smem_bytes(k), stream, out, x, w, m, n, k);
   ERNIE_CUDA_CHECK(cudaGetLastError());
+}
+
+bool skinny_tc_fits(int m, int n, int k, int rows_per_cta) {
+  return m >= 1 && m <= kMmaRows && (rows_per_cta == 16 || rows_per_cta == 32) && n > 0 &&
+         n % rows_per_cta == 0 && k > 0 && k % (32 * kTcWarps) == 0 &&
+         skinny_tc_smem_bytes(rows_per_cta, k) <= kSkinnyMaxSmem;
+}
+
+int skinny_tc_ctas_per_wave(int k, int rows_per_cta) {
+  require(k > 0 && k % (32 * kTcWarps) == 0 && (rows_per_cta == 16 || rows_per_cta == 32),
+          "skinny_tc_ctas_per_wave: bad shape");
+  const size_t smem = skinny_tc_smem_bytes(rows_per_cta, k);
+  if (smem > kSkinnyMaxSmem) return 0;
+  auto* kernel = rows_per_cta == 16 ? skinny_tc_kernel<16, false> : skinny_tc_kernel<32, false>;
+  ERNIE_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        static_cast<int>(kSkinnyMaxSmem)));
+  int per_sm = 0, sms = 0, device = 0;
+  ERNIE_CUDA_CHECK(
+      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kTcThreads, smem));
+  ERNIE_CUDA_CHECK(cudaGetDevice(&device));
+  ERNIE_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  return per_sm * sms;
+}
+
+void skinny_tc(__nv_bfloat16* out, const __nv_bfloat16* x, const __nv_bfloat16* w, int m, int n,
+               int k, int rows_per_cta, cudaStream_t stream) {
+  require_parts(skinny_tc_fits(m, n, k, rows_per_cta), "skinny_tc: ", m, " x ", k, " input, ", n,
+                " outputs, ", rows_per_cta, " per CTA (at most ", kMmaRows, " rows, n % ",
+                rows_per_cta, " == 0, k % ", 32 * kTcWarps, " == 0)");
+  dispatch_tc<false>(out, x, w, m, n, k, rows_per_cta, SkinnyRope{}, stream);
+}
+
+bool skinny_tc_rope_fits(int m, int k, int rows_per_cta, const SkinnyRope& rope) {
+  const int n = (rope.heads + 2 * rope.kv_heads) * rope.head_dim;
+  return rope.heads > 0 && rope.kv_heads > 0 && rope.head_dim > 0 && rope.head_dim % 2 == 0 &&
+         rope.inv_freq != nullptr && skinny_tc_fits(m, n, k, rows_per_cta);
+}
+
+void skinny_tc_rope(__nv_bfloat16* qkv, const __nv_bfloat16* x, const __nv_bfloat16* w, int m,
+                    int k, int rows_per_cta, const SkinnyRope& rope, cudaStream_t stream) {
+  require_parts(skinny_tc_rope_fits(m, k, rows_per_cta, rope), "skinny_tc_rope: ", m, " x ", k,
+                " input, head_dim ", rope.head_dim, ", ", rows_per_cta, " per CTA");
+  const int n = (rope.heads + 2 * rope.kv_heads) * rope.head_dim;
+  dispatch_tc<true>(qkv, x, w, m, n, k, rows_per_cta, rope, stream);
 }
 
 }  // namespace ernie::cuda

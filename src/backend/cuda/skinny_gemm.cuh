@@ -54,4 +54,20 @@ bool skinny_rope_fits(int m, int k, const SkinnyRope& rope);
 void skinny_gemm_rope(__nv_bfloat16* qkv, const __nv_bfloat16* x, const __nv_bfloat16* w, int m,
                       int k, const SkinnyRope& rope, cudaStream_t stream);
 
+// 5-16 rows on the tensor cores without clusters (cuda_backend takes it for qkv, with rope,
+// and o where the grid is one wave): a CTA owns rows_per_cta (16 or 32)
+// whole weight rows, brought into shared memory before the wait for x. out [m, n] bf16 = x w^T,
+// f32 sums. Fits when m <= 16, n % rows_per_cta == 0, k % 256 == 0 and a CTA's rows fit one
+// multiprocessor's shared memory; x, w and out 16-byte aligned, n even.
+bool skinny_tc_fits(int m, int n, int k, int rows_per_cta);
+// CTAs resident at once on this device for a reduction of k (0 when a CTA does not fit): a grid
+// of n / rows_per_cta CTAs up to this runs in one wave.
+int skinny_tc_ctas_per_wave(int k, int rows_per_cta);
+void skinny_tc(__nv_bfloat16* out, const __nv_bfloat16* x, const __nv_bfloat16* w, int m, int n,
+               int k, int rows_per_cta, cudaStream_t stream);
+// skinny_tc for a qkv projection followed by rope_store_kv's work, as skinny_gemm_rope.
+bool skinny_tc_rope_fits(int m, int k, int rows_per_cta, const SkinnyRope& rope);
+void skinny_tc_rope(__nv_bfloat16* qkv, const __nv_bfloat16* x, const __nv_bfloat16* w, int m,
+                    int k, int rows_per_cta, const SkinnyRope& rope, cudaStream_t stream);
+
 }  // namespace ernie::cuda
