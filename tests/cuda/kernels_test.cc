@@ -152,51 +152,6 @@ TEST(CudaKernels, SkinnyGemmMatchesReference) {
   }
 }
 
-// The tensor-core skinny GEMM (5-16 rows; clusters of eight CTAs over the reduction) against a
-// double reference, output poisoned: every row count up to 16, widths of one cluster and of
-// the 21B qkv and o projections.
-TEST(CudaKernels, SkinnyMmaMatchesReference) {
-  if (device_count() == 0) GTEST_SKIP() << "no CUDA device";
-  Rng rng(std::random_device{}());
-  EXPECT_FALSE(skinny_mma_fits(17, 64, 2560));
-  EXPECT_FALSE(skinny_mma_fits(8, 48, 2560));  // n % 32
-  EXPECT_FALSE(skinny_mma_fits(8, 64, 2000));  // k % 128
-  struct Case {
-    int m, n, k;
-  };
-  for (const Case& c :
-       {Case{5, 32, 128}, Case{16, 3584, 2560}, Case{9, 2560, 2560}, Case{1, 64, 1024},
-        Case{16, 96, 3072}, Case{12, 4096, 512}, Case{7, 160, 8192}}) {
-    SCOPED_TRACE(::testing::Message() << c.m << " x " << c.k << " -> " << c.n);
-    ASSERT_TRUE(skinny_mma_fits(c.m, c.n, c.k));
-    const auto x = random_bf16(rng, static_cast<size_t>(c.m) * c.k, 1.0);
-    const auto w = random_bf16(rng, static_cast<size_t>(c.n) * c.k, 1.0 / std::sqrt(c.k));
-    DeviceBuffer<uint16_t> d_x(x.size()), d_w(w.size()), d_out(static_cast<size_t>(c.m) * c.n);
-    d_x.upload(x);
-    d_w.upload(w);
-    d_out.poison();
-    skinny_mma(bf(d_out.p), bf(d_x.p), bf(d_w.p), c.m, c.n, c.k, nullptr);
-    ERNIE_CUDA_CHECK(cudaDeviceSynchronize());
-    const auto got = widen(d_out.download());
-    expect_gemm_matches(got, widen(x), widen(w), c.m, c.n, c.k, false);
-  }
-}
-
-// How many output columns of skinny_mma one wave holds: whole clusters, at least one, and no
-// more for a longer reduction (each CTA's slices grow with k).
-TEST(CudaKernels, SkinnyMmaColumnsPerWave) {
-  if (device_count() == 0) GTEST_SKIP() << "no CUDA device";
-  int prev = std::numeric_limits<int>::max();
-  for (int k : {128, 1024, 2560, 8192}) {
-    SCOPED_TRACE(k);
-    const int cols = skinny_mma_columns_per_wave(k);
-    EXPECT_GE(cols, 32);
-    EXPECT_EQ(cols % 32, 0);
-    EXPECT_LE(cols, prev);
-    prev = cols;
-  }
-}
-
 // The device tiling of expert weights puts every element where tiled_offset says and zeros in
 // the padding columns (K not a multiple of 128 included).
 TEST(CudaKernels, TileExpertWeightsMatchesLayout) {

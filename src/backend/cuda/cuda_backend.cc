@@ -528,16 +528,9 @@ class CudaBackend final : public Backend {
   // cuda::skinny_gemm (weights by a bulk copy before the wait for x) rather than cuBLAS: H200,
   // step 1 x 1000 2.634 -> 2.590 ms. The shared experts (gemm below) stay on cuBLAS: through it,
   // at full bandwidth beside the router, they slowed the step to 2.717. ERNIE_SKINNY=0 turns it
-  // off (for A/B runs).
+  // off (for A/B runs). 5-16 tokens take cuda::skinny_tc where its grid is one wave (below).
   void linear(Tensor out, const Tensor& x, const Tensor& w) override {
     static const bool skinny = cuda::path_enabled("ERNIE_SKINNY");
-    // ERNIE_SKINNY_MMA16=1 (off): skinny_mma for 5-16 rows, bf16 out, where its grid is one
-    // wave (the o projection of the 21B model, not qkv). Taking both qkv and o, H200: steps 16 x
-    // 1000 9.006 -> 9.071 ms, 16 x 8500 10.859 -> 10.791; per layer o 7.1 -> 6.1 us, but qkv 7.7
-    // -> 10.7 (its 896 CTAs of 33.5 KB fit six to a multiprocessor: two waves). With the
-    // one-wave rule (o only), another H200: 16 x 1000 8.850 -> 8.892, 16 x 8500 10.716 ->
-    // 10.698, 1 x 1000 and 64-256 sequences unchanged: no gain, so it stays off.
-    static const bool mma16 = cuda::new_path_enabled("ERNIE_SKINNY_MMA16");
     const int m = static_cast<int>(x.dim(0)), k = static_cast<int>(x.dim(1));
     const int n = static_cast<int>(w.dim(0));
     if (skinny && m > 0 && cuda::skinny_gemm_fits(m, k)) {
@@ -550,12 +543,6 @@ class CudaBackend final : public Backend {
       cuda::skinny_tc(bf(out), bf(x), bf(w), m, n, k, skinny_tc_rows(), stream_);
       return;
     }
-    if (mma16 && m > 0 && out.dtype == DType::kBF16 && cuda::skinny_mma_fits(m, n, k) &&
-        n <= mma_columns_per_wave(k)) {
-      check_linear(out, x, w);
-      cuda::skinny_mma(bf(out), bf(x), bf(w), m, n, k, stream_);
-      return;
-    }
     gemm(blas_[0], out, x, w);
   }
 
@@ -564,7 +551,8 @@ class CudaBackend final : public Backend {
   // before the wait for x only if every CTA is resident): H200, steps 16 x 1000 8.949 -> 8.829
   // ms, 16 x 8500 10.733 -> 10.564 (qkv + rope 9.7 -> 4.6 us after the norm, o 7.3 -> 3.6 us
   // after the split combine); 16 rows per CTA (twice the input read from L2) 8.982 and 10.629.
-  // ERNIE_SKINNY_TC=0 turns it off, =16 takes 16 rows per CTA.
+  // ERNIE_SKINNY_TC=0 turns it off, =16 takes 16 rows per CTA. (It replaced skinny_mma,
+  // clusters of eight CTAs over the reduction: o 7.1 -> 6.1 us, qkv in two waves, no gain.)
   static int skinny_tc_rows() {
     static const int rows = cuda::switch_bits("ERNIE_SKINNY_TC", 32);
     return rows == 16 || rows == 32 ? rows : 0;
@@ -579,15 +567,6 @@ class CudaBackend final : public Backend {
       it = tc_ctas_.emplace(k, cuda::skinny_tc_ctas_per_wave(k, rows)).first;
     }
     return n / rows <= it->second;
-  }
-
-  // cuda::skinny_mma_columns_per_wave, once per reduction size.
-  int mma_columns_per_wave(int k) {
-    auto it = mma_columns_.find(k);
-    if (it == mma_columns_.end()) {
-      it = mma_columns_.emplace(k, cuda::skinny_mma_columns_per_wave(k)).first;
-    }
-    return it->second;
   }
 
   static void check_linear(const Tensor& out, const Tensor& x, const Tensor& w) {
@@ -1091,8 +1070,7 @@ class CudaBackend final : public Backend {
   cuda::AttentionPlan plan_;
   float* d_inv_freq_ = nullptr;  // [head_dim / 2] (configure_attention)
   size_t inv_freq_bytes_ = 0;
-  std::unordered_map<int, int> mma_columns_;  // mma_columns_per_wave's answers by k
-  std::unordered_map<int, int> tc_ctas_;      // skinny_tc_ctas_per_wave's answers by k
+  std::unordered_map<int, int> tc_ctas_;  // skinny_tc_ctas_per_wave's answers by k
   int32_t *d_tokens_ = nullptr, *d_positions_ = nullptr, *d_query_start_ = nullptr,
           *d_context_lens_ = nullptr, *d_block_tables_ = nullptr, *d_logits_indices_ = nullptr,
           *d_tile_seq_ = nullptr, *d_tile_row0_ = nullptr, *d_dims_ = nullptr;

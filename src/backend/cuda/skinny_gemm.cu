@@ -1,5 +1,3 @@
-#include <cooperative_groups.h>
-
 #include <algorithm>
 #include <cstdint>
 
@@ -177,98 +175,7 @@ void dispatch(OutT* out, const __nv_bfloat16* x, const __nv_bfloat16* w, int m, 
   }
 }
 
-// ---- 5-16 rows on the tensor cores (skinny_mma) ----
-// A cluster of kMmaSplit CTAs computes kMmaCols output columns of every row: CTA r of the
-// cluster multiplies reduction slice r (k / kMmaSplit wide) of the input and of the cluster's
-// weight rows, each of its four warps one m16n8 tile (8 weight rows) over the whole slice. The
-// weight slice comes by bulk copies issued before the wait (the whole grid of small CTAs is
-// resident beside the kernel before it, as the one-row kernel's is), the input slice after it.
-// The slices' partial sums meet through distributed shared memory: CTA r collects every
-// slice's sums for its own 4 columns and adds them in slice order (deterministic), so no
-// partials go through L2 and no arrival counter is needed. Rows are padded by 16 bytes in
-// shared memory, so a warp's fragment reads hit 32 different banks.
-constexpr int kMmaRows = 16, kMmaCols = 32, kMmaSplit = 8, kMmaThreads = 128;
-
-size_t skinny_mma_smem_bytes(int k) {
-  const size_t ld = static_cast<size_t>(k / kMmaSplit) * 2 + 16;
-  return (kMmaCols + kMmaRows) * ld + kMmaSplit * kMmaRows * (kMmaCols / kMmaSplit) * 4;
-}
-
-__global__ void __launch_bounds__(kMmaThreads)
-    skinny_mma_kernel(__nv_bfloat16* out, const __nv_bfloat16* x, const __nv_bfloat16* w, int m,
-                      int n, int k) {
-  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
-  namespace cg = cooperative_groups;
-  const cg::cluster_group cluster = cg::this_cluster();
-  const int rank = static_cast<int>(cluster.block_rank());  // the reduction slice
-  const int n0 = static_cast<int>(blockIdx.x / kMmaSplit) * kMmaCols;
-  const int ks = k / kMmaSplit, k0 = rank * ks;
-  const int ld = ks * 2 + 16;                 // bytes from one shared-memory row to the next
-  constexpr int kOwn = kMmaCols / kMmaSplit;  // columns each CTA of the cluster sums
-  extern __shared__ __align__(16) unsigned char mma_smem[];
-  __shared__ __align__(8) uint64_t w_full, x_full;
-  unsigned char* ws = mma_smem;                                // [kMmaCols][ld]
-  unsigned char* xs = ws + kMmaCols * ld;                      // [kMmaRows][ld]
-  float* sums = reinterpret_cast<float*>(xs + kMmaRows * ld);  // [slice][row][kOwn]
-  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, c = lane % 4;
-  const uint32_t slice_bytes = static_cast<uint32_t>(ks) * 2;
-  if (tid == 0) {
-    mbar_init(&w_full, 1);
-    mbar_init(&x_full, 1);
-    mbar_init_fence();
-    mbar_arrive_expect_tx(&w_full, kMmaCols * slice_bytes);
-    for (int r = 0; r < kMmaCols; ++r) {
-      bulk_load(ws + r * ld, w + static_cast<size_t>(n0 + r) * k + k0, slice_bytes, &w_full);
-    }
-  }
-  // Input rows past m are zero (their sums are never stored, but stay finite).
-  for (int i = tid; i < (kMmaRows - m) * ld / 16; i += kMmaThreads) {
-    reinterpret_cast<uint4*>(xs + m * ld)[i] = make_uint4(0, 0, 0, 0);
-  }
-  asm volatile("griddepcontrol.wait;" ::: "memory");
-  if (tid == 0) {
-    mbar_arrive_expect_tx(&x_full, m * slice_bytes);
-    for (int r = 0; r < m; ++r) {
-      bulk_load(xs + r * ld, x + static_cast<size_t>(r) * k + k0, slice_bytes, &x_full);
-    }
-  }
-  __syncthreads();  // the barriers' initialisation and the zero rows are visible
-  mbar_wait(&w_full, 0);
-  mbar_wait(&x_full, 0);
-  float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-  const unsigned char* a_lo = xs + g * ld + 4 * c;
-  const unsigned char* a_hi = a_lo + 8 * ld;
-  const unsigned char* b_row = ws + (warp * 8 + g) * ld + 4 * c;
-  for (int kk = 0; kk < ks; kk += 16) {
-    const int off = kk * 2;
-    uint32_t a[4];
-    a[0] = *reinterpret_cast<const uint32_t*>(a_lo + off);
-    a[1] = *reinterpret_cast<const uint32_t*>(a_hi + off);
-    a[2] = *reinterpret_cast<const uint32_t*>(a_lo + off + 16);
-    a[3] = *reinterpret_cast<const uint32_t*>(a_hi + off + 16);
-    const uint32_t b0 = *reinterpret_cast<const uint32_t*>(b_row + off);
-    const uint32_t b1 = *reinterpret_cast<const uint32_t*>(b_row + off + 16);
-    mma_16816(acc, a, b0, b1);
-  }
-  // acc[2 * i + j]: row g + 8 i, column warp * 8 + 2 c + j of the cluster's; that column is
-  // summed by CTA (its column) / kOwn.
-  float* owner = cluster.map_shared_rank(sums, (warp * 8 + 2 * c) / kOwn);
-#pragma unroll
-  for (int i = 0; i < 2; ++i) {
-#pragma unroll
-    for (int j = 0; j < 2; ++j) {
-      owner[(rank * kMmaRows + g + 8 * i) * kOwn + (2 * c + j) % kOwn] = acc[2 * i + j];
-    }
-  }
-  cluster.sync();  // every slice's sums are with their owners
-  if (tid < m * kOwn) {
-    const int row = tid / kOwn, col = tid % kOwn;
-    float v = 0.0f;
-#pragma unroll
-    for (int sl = 0; sl < kMmaSplit; ++sl) v += sums[(sl * kMmaRows + row) * kOwn + col];
-    out[static_cast<size_t>(row) * n + n0 + rank * kOwn + col] = __float2bfloat16(v);
-  }
-}
+constexpr int kMmaRows = 16;  // input rows of an m16n8k16 tile: the most skinny_tc takes
 
 // ---- 5-16 rows on the tensor cores, whole weight rows per CTA (skinny_tc) ----
 // A CTA owns R weight rows over the whole reduction, so no partial sums leave it and no cluster
@@ -455,53 +362,6 @@ void skinny_gemm_rope(__nv_bfloat16* qkv, const __nv_bfloat16* x, const __nv_bfl
                 " input, head_dim ", rope.head_dim);
   const int n = (rope.heads + 2 * rope.kv_heads) * rope.head_dim;
   dispatch<__nv_bfloat16, true>(qkv, x, w, m, n, k, rope, stream);
-}
-
-bool skinny_mma_fits(int m, int n, int k) {
-  return m >= 1 && m <= kMmaRows && n > 0 && n % kMmaCols == 0 && k > 0 &&
-         k % (16 * kMmaSplit) == 0 && skinny_mma_smem_bytes(k) <= kSkinnyMaxSmem;
-}
-
-namespace {
-void configure_skinny_mma() {
-  static const bool configured = [] {
-    ERNIE_CUDA_CHECK(cudaFuncSetAttribute(skinny_mma_kernel,
-                                          cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                          static_cast<int>(kSkinnyMaxSmem)));
-    return true;
-  }();
-  (void)configured;
-}
-}  // namespace
-
-int skinny_mma_columns_per_wave(int k) {
-  require(k > 0 && k % (16 * kMmaSplit) == 0, "skinny_mma_columns_per_wave: bad reduction size");
-  configure_skinny_mma();
-  cudaLaunchConfig_t cfg{};
-  cfg.gridDim = dim3(kMmaSplit);
-  cfg.blockDim = dim3(kMmaThreads);
-  cfg.dynamicSmemBytes = skinny_mma_smem_bytes(k);
-  cudaLaunchAttribute attr{};
-  attr.id = cudaLaunchAttributeClusterDimension;
-  attr.val.clusterDim.x = kMmaSplit;
-  attr.val.clusterDim.y = 1;
-  attr.val.clusterDim.z = 1;
-  cfg.attrs = &attr;
-  cfg.numAttrs = 1;
-  int clusters = 0;
-  ERNIE_CUDA_CHECK(cudaOccupancyMaxActiveClusters(&clusters, skinny_mma_kernel, &cfg));
-  return clusters * kMmaCols;
-}
-
-void skinny_mma(__nv_bfloat16* out, const __nv_bfloat16* x, const __nv_bfloat16* w, int m, int n,
-                int k, cudaStream_t stream) {
-  require_parts(skinny_mma_fits(m, n, k), "skinny_mma: ", m, " x ", k, " input, ", n,
-                " outputs (at most ", kMmaRows, " rows, n % ", kMmaCols, " == 0, k % ",
-                16 * kMmaSplit, " == 0)");
-  configure_skinny_mma();
-  launch_pdl_cluster(skinny_mma_kernel, static_cast<unsigned>(n / kMmaCols * kMmaSplit), kMmaSplit,
-                     kMmaThreads, skinny_mma_smem_bytes(k), stream, out, x, w, m, n, k);
-  ERNIE_CUDA_CHECK(cudaGetLastError());
 }
 
 bool skinny_tc_fits(int m, int n, int k, int rows_per_cta) {

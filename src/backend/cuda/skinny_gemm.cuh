@@ -24,17 +24,6 @@ bool skinny_gemm_fits(int m, int k);
 void skinny_gemm(void* out, bool out_f32, const __nv_bfloat16* x, const __nv_bfloat16* w, int m,
                  int n, int k, cudaStream_t stream);
 
-// Up to 16 rows on the tensor cores (cuda_backend takes it for 5-16 rows with
-// ERNIE_SKINNY_MMA16=1, off by default: mixed in steps, see there): out [m, n] bf16 = x w^T, f32
-// sums. Fits when m <= 16, n % 32 == 0, k % 128 == 0 and a CTA's slices fit its shared memory; x
-// and w 16-byte aligned.
-bool skinny_mma_fits(int m, int n, int k);
-// Output columns whose clusters can all be resident at once on this device, for a reduction of
-// k (a multiple of 128): a grid of more columns runs in more than one wave.
-int skinny_mma_columns_per_wave(int k);
-void skinny_mma(__nv_bfloat16* out, const __nv_bfloat16* x, const __nv_bfloat16* w, int m, int n,
-                int k, cudaStream_t stream);
-
 // What skinny_gemm_rope needs to do rope_store_kv's work in its epilogue (rope.cuh has the
 // meaning of each field; inv_freq [head_dim / 2]: 1 / theta^(2j / head_dim), computed in double
 // and rounded to f32, as rope_store_kv computes them).
