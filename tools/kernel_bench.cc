@@ -12,6 +12,7 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <charconv>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
@@ -19,6 +20,7 @@
 #include <random>
 #include <sstream>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "backend/backend.h"
@@ -207,15 +209,34 @@ int run_steps(int iters, const std::vector<std::string>& only, bool timeline) {
   };
   std::vector<Case> cases = {{1, 1000}, {16, 1000}, {16, 8500}, {64, 1500}, {256, 1000}};
   if (!only.empty()) {
-    std::erase_if(cases, [&](const Case& c) {
-      const std::string a = std::to_string(c.seqs), b = a + "x" + std::to_string(c.context);
-      return std::find(only.begin(), only.end(), a) == only.end() &&
-             std::find(only.begin(), only.end(), b) == only.end();
-    });
+    // "SEQSxCTX" is that step (any sizes); a plain count keeps the default cases of that many
+    // sequences.
+    std::vector<Case> picked;
+    auto number = [](std::string_view text) {
+      int v = 0;
+      const auto [end, ec] = std::from_chars(text.data(), text.data() + text.size(), v);
+      return ec == std::errc() && end == text.data() + text.size() && v > 0 ? v : 0;
+    };
+    for (const std::string& item : only) {
+      const size_t x = item.find('x');
+      if (x != std::string::npos) {
+        const int seqs = number(std::string_view(item).substr(0, x));
+        const int context = number(std::string_view(item).substr(x + 1));
+        require_parts(seqs > 0 && context > 0, "bad decode step case '", item,
+                      "' (SEQSxCTX, both positive)");
+        picked.push_back({seqs, context});
+        continue;
+      }
+      const int seqs = number(item);
+      for (const Case& c : cases) {
+        if (c.seqs == seqs) picked.push_back(c);
+      }
+    }
+    cases = std::move(picked);
   }
   require(!cases.empty(),
-          "no decode step case matches the list (cases: 1x1000, 16x1000, "
-          "16x8500, 64x1500, 256x1000)");
+          "no decode step case matches the list (SEQSxCTX, or a count of sequences among the "
+          "defaults: 1x1000, 16x1000, 16x8500, 64x1500, 256x1000)");
   auto be = backend::make_cuda_backend(0);
   const model::ModelConfig cfg = model::parse_config(model::preset_config("21b-a3b"));
   model::Ernie45 m(cfg, model::dummy_weights(cfg, *be), *be);

@@ -449,14 +449,14 @@ TEST(CudaKernels, SkinnyGemmRopeMatchesSeparateKernels) {
   }
 }
 
-// The whole-row tensor-core skinny GEMM (5-16 rows, 16 or 32 weight rows per CTA) against a
-// double reference, output poisoned: row counts from 1 to 16, the 21B qkv and o projections,
-// reductions of one and two load batches per warp (256 to 4096), and the CTAs-per-wave
-// count it is chosen by.
+// The whole-row tensor-core skinny GEMM (up to 32 rows, 16 or 32 weight rows per CTA) against
+// a double reference, output poisoned: row counts from 1 to 32 (one and two m16 tiles), the
+// 21B qkv and o projections, reductions of one to three load batches per warp (256 to 4096),
+// and the CTAs-per-wave count it is chosen by.
 TEST(CudaKernels, SkinnyTcMatchesReference) {
   if (device_count() == 0) GTEST_SKIP() << "no CUDA device";
   Rng rng(std::random_device{}());
-  EXPECT_FALSE(skinny_tc_fits(17, 64, 2560, 16));
+  EXPECT_FALSE(skinny_tc_fits(33, 64, 2560, 16));
   EXPECT_FALSE(skinny_tc_fits(8, 48, 2560, 32));  // n % 32
   EXPECT_FALSE(skinny_tc_fits(8, 64, 2000, 16));  // k % 256
   EXPECT_FALSE(skinny_tc_fits(8, 64, 4096, 32));  // 32 rows of 8 KB do not fit
@@ -470,7 +470,8 @@ TEST(CudaKernels, SkinnyTcMatchesReference) {
   for (const Case& c :
        {Case{16, 3584, 2560, 32}, Case{9, 2560, 2560, 16}, Case{5, 32, 256, 32},
         Case{16, 48, 4096, 16}, Case{1, 64, 1024, 16}, Case{12, 4096, 512, 32},
-        Case{7, 160, 3072, 32}, Case{13, 2560, 2560, 32}, Case{16, 3584, 2560, 16}}) {
+        Case{7, 160, 3072, 32}, Case{13, 2560, 2560, 32}, Case{16, 3584, 2560, 16},
+        Case{32, 3584, 2560, 32}, Case{17, 2560, 2560, 16}, Case{24, 96, 3072, 32}}) {
     SCOPED_TRACE(::testing::Message()
                  << c.m << " x " << c.k << " -> " << c.n << ", " << c.rows << " per CTA");
     ASSERT_TRUE(skinny_tc_fits(c.m, c.n, c.k, c.rows));
@@ -497,7 +498,8 @@ TEST(CudaKernels, SkinnyTcRopeMatchesSeparateKernels) {
     int tokens, heads, kv_heads, head_dim, k, rows;
   };
   for (const Shape& s : {Shape{16, 20, 4, 128, 2560, 32}, Shape{5, 20, 4, 128, 2560, 16},
-                         Shape{11, 4, 2, 48, 512, 16}, Shape{8, 64, 8, 128, 1024, 32}}) {
+                         Shape{11, 4, 2, 48, 512, 16}, Shape{8, 64, 8, 128, 1024, 32},
+                         Shape{32, 20, 4, 128, 2560, 32}, Shape{21, 20, 4, 128, 2560, 16}}) {
     SCOPED_TRACE(::testing::Message()
                  << s.tokens << " tokens, " << s.heads << "/" << s.kv_heads << " heads, d "
                  << s.head_dim << ", k " << s.k << ", " << s.rows << " per CTA");

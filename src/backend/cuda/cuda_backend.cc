@@ -558,8 +558,12 @@ class CudaBackend final : public Backend {
     return rows == 16 || rows == 32 ? rows : 0;
   }
   bool use_skinny_tc(int m, int n, int k) {
+    // ERNIE_SKINNY_TC_MAX=32 (A/B runs; default 16): up to 32 tokens (two m16 tiles).
+    static const int max_m =
+        std::min(cuda::switch_bits("ERNIE_SKINNY_TC_MAX", 16), cuda::kSkinnyTcMaxRows);
     const int rows = skinny_tc_rows();
-    if (rows == 0 || m <= cuda::kSkinnyMaxRows || !cuda::skinny_tc_fits(m, n, k, rows)) {
+    if (rows == 0 || m <= cuda::kSkinnyMaxRows || m > max_m ||
+        !cuda::skinny_tc_fits(m, n, k, rows)) {
       return false;
     }
     auto it = tc_ctas_.find(k);

@@ -175,38 +175,44 @@ void dispatch(OutT* out, const __nv_bfloat16* x, const __nv_bfloat16* w, int m, 
   }
 }
 
-constexpr int kMmaRows = 16;  // input rows of an m16n8k16 tile: the most skinny_tc takes
+constexpr int kMmaRows = 16;  // input rows of an m16n8k16 tile
 
-// ---- 5-16 rows on the tensor cores, whole weight rows per CTA (skinny_tc) ----
+// ---- 5-32 rows on the tensor cores, whole weight rows per CTA (skinny_tc) ----
 // A CTA owns R weight rows over the whole reduction, so no partial sums leave it and no cluster
 // is needed: its rows come into shared memory by bulk copies issued before the wait (a grid of
 // one wave is resident beside the kernel before it and streams the weights while that kernel
-// runs), and only the input (16 x k, from L2) and the math remain after it. kTcWarps warps split
-// the reduction; each takes its input fragments straight from global memory, all of them in one
-// batch of 16-byte loads (one L2 round trip, not one per k step), and the warps' 16 x R partial
-// sums are added in warp order through shared memory (deterministic). Within each 32-wide
+// runs), and only the input (16 MT x k, from L2: MT m16 tiles) and the math remain after it.
+// kTcWarps warps split the reduction; each takes its input fragments straight from global
+// memory, in batches of 16-byte loads (one L2 round trip per batch, not per k step: one batch
+// at k = 2560 and one m16 tile), and the warps' 16 MT x R partial sums are added in warp order
+// through shared memory (deterministic). Within each 32-wide
 // chunk of the reduction, thread (g, c) of a warp holds columns 8c .. 8c + 7 of input rows g and
 // g + 8 and of weight row g: the first four are the k-values an m16n8k16 step gives that thread,
 // the last four the next step's (the same permutation of k on both operands, so the sum is the
 // product's). Weight rows are 64 bytes longer than their data in shared memory, so the eight
 // lanes of a quarter-warp read 16-byte pieces from eight different bank groups.
-constexpr int kTcWarps = 8, kTcThreads = 32 * kTcWarps, kTcBatch = 10;
+constexpr int kTcWarps = 8, kTcThreads = 32 * kTcWarps, kTcMaxTiles = 2;
+// 32-wide chunks of the reduction whose input a warp loads at once (80 registers of input).
+constexpr int tc_batch(int tiles) {
+  return 10 / tiles;
+}
 
 __host__ __device__ inline int skinny_tc_ld(int k) {
   return k * 2 + 64;
 }
 size_t skinny_tc_smem_bytes(int rows_per_cta, int k) {
-  // The partial sums [warps][16][R] floats reuse the weights' space once the math is done.
-  return std::max(static_cast<size_t>(rows_per_cta) * skinny_tc_ld(k),
-                  static_cast<size_t>(kTcWarps) * kMmaRows * rows_per_cta * sizeof(float));
+  // The partial sums [warps][16 MT][R] floats reuse the weights' space once the math is done.
+  return std::max(
+      static_cast<size_t>(rows_per_cta) * skinny_tc_ld(k),
+      static_cast<size_t>(kTcWarps) * kMmaRows * kTcMaxTiles * rows_per_cta * sizeof(float));
 }
 
-template <int R, bool kRope>
+template <int R, int MT, bool kRope>
 __global__ void __launch_bounds__(kTcThreads)
     skinny_tc_kernel(__nv_bfloat16* out, const __nv_bfloat16* x, const __nv_bfloat16* w, int m,
                      int n, int k, const SkinnyRope rope) {
   asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
-  constexpr int NT = R / 8;
+  constexpr int NT = R / 8, BM = kMmaRows * MT, kBatch = tc_batch(MT);
   extern __shared__ __align__(16) unsigned char tc_smem[];
   __shared__ __align__(8) uint64_t w_full;
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, c = lane % 4;
@@ -223,55 +229,69 @@ __global__ void __launch_bounds__(kTcThreads)
   asm volatile("griddepcontrol.wait;" ::: "memory");
   // Rows past m read row m - 1: their sums are never stored, and rows do not mix.
   const int kw = k / kTcWarps, chunks = kw / 32, kbase = warp * kw + 8 * c;
-  const uint4* x_lo =
-      reinterpret_cast<const uint4*>(x + static_cast<size_t>(min(g, m - 1)) * k + kbase);
-  const uint4* x_hi =
-      reinterpret_cast<const uint4*>(x + static_cast<size_t>(min(g + 8, m - 1)) * k + kbase);
-  float acc[NT][4] = {};
-  __syncthreads();  // the barrier's initialisation is visible
-  for (int base = 0; base < chunks; base += kTcBatch) {
-    // Every load of the batch first, unconditionally (indices clamped), then the math.
-    uint4 lo[kTcBatch], hi[kTcBatch];
+  const uint4* x_lo[MT];
+  const uint4* x_hi[MT];
 #pragma unroll
-    for (int j = 0; j < kTcBatch; ++j) {
+  for (int mt = 0; mt < MT; ++mt) {
+    const int r = kMmaRows * mt + g;
+    x_lo[mt] = reinterpret_cast<const uint4*>(x + static_cast<size_t>(min(r, m - 1)) * k + kbase);
+    x_hi[mt] =
+        reinterpret_cast<const uint4*>(x + static_cast<size_t>(min(r + 8, m - 1)) * k + kbase);
+  }
+  float acc[MT][NT][4] = {};
+  __syncthreads();  // the barrier's initialisation is visible
+  for (int base = 0; base < chunks; base += kBatch) {
+    // Every load of the batch first, unconditionally (indices clamped), then the math.
+    uint4 lo[MT][kBatch], hi[MT][kBatch];
+#pragma unroll
+    for (int j = 0; j < kBatch; ++j) {
       const int ch = min(base + j, chunks - 1);
-      lo[j] = x_lo[ch * 4];  // 32 columns = 4 uint4
-      hi[j] = x_hi[ch * 4];
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) {
+        lo[mt][j] = x_lo[mt][ch * 4];  // 32 columns = 4 uint4
+        hi[mt][j] = x_hi[mt][ch * 4];
+      }
     }
     if (base == 0) mbar_wait(&w_full, 0);
 #pragma unroll
-    for (int j = 0; j < kTcBatch; ++j) {
+    for (int j = 0; j < kBatch; ++j) {
       if (base + j >= chunks) break;
       const int col = (warp * kw + 32 * (base + j) + 8 * c) * 2;  // byte offset in a row
-      const uint32_t a0[4] = {lo[j].x, hi[j].x, lo[j].y, hi[j].y};
-      const uint32_t a1[4] = {lo[j].z, hi[j].z, lo[j].w, hi[j].w};
 #pragma unroll
       for (int nt = 0; nt < NT; ++nt) {
         const uint4 b = *reinterpret_cast<const uint4*>(tc_smem + (nt * 8 + g) * ld + col);
-        mma_16816(acc[nt], a0, b.x, b.y);
-        mma_16816(acc[nt], a1, b.z, b.w);
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+          const uint32_t a0[4] = {lo[mt][j].x, hi[mt][j].x, lo[mt][j].y, hi[mt][j].y};
+          const uint32_t a1[4] = {lo[mt][j].z, hi[mt][j].z, lo[mt][j].w, hi[mt][j].w};
+          mma_16816(acc[mt][nt], a0, b.x, b.y);
+          mma_16816(acc[mt][nt], a1, b.z, b.w);
+        }
       }
     }
   }
   __syncthreads();  // every warp is done with the weights: their space takes the partial sums
-  float* part = reinterpret_cast<float*>(tc_smem);  // [warp][16 rows][R]
+  float* part = reinterpret_cast<float*>(tc_smem);  // [warp][BM rows][R]
 #pragma unroll
-  for (int nt = 0; nt < NT; ++nt) {
-    const int col = nt * 8 + 2 * c;
-    *reinterpret_cast<float2*>(part + (warp * kMmaRows + g) * R + col) =
-        make_float2(acc[nt][0], acc[nt][1]);
-    *reinterpret_cast<float2*>(part + (warp * kMmaRows + g + 8) * R + col) =
-        make_float2(acc[nt][2], acc[nt][3]);
+  for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+      const int col = nt * 8 + 2 * c, r = kMmaRows * mt + g;
+      *reinterpret_cast<float2*>(part + (warp * BM + r) * R + col) =
+          make_float2(acc[mt][nt][0], acc[mt][nt][1]);
+      *reinterpret_cast<float2*>(part + (warp * BM + r + 8) * R + col) =
+          make_float2(acc[mt][nt][2], acc[mt][nt][3]);
+    }
   }
   __syncthreads();
   // A pair of adjacent columns (2i, 2i + 1) of one row per thread and trip.
-  for (int i = tid; i < kMmaRows * R / 2; i += kTcThreads) {
+  for (int i = tid; i < BM * R / 2; i += kTcThreads) {
     const int t = i / (R / 2), col = 2 * (i % (R / 2));
     if (t >= m) continue;
     float s0 = 0.0f, s1 = 0.0f;
 #pragma unroll
     for (int wi = 0; wi < kTcWarps; ++wi) {
-      const float2 v = *reinterpret_cast<const float2*>(part + (wi * kMmaRows + t) * R + col);
+      const float2 v = *reinterpret_cast<const float2*>(part + (wi * BM + t) * R + col);
       s0 += v.x;
       s1 += v.y;
     }
@@ -305,17 +325,17 @@ __global__ void __launch_bounds__(kTcThreads)
   }
 }
 
-template <int R, bool kRope>
+template <int R, int MT, bool kRope>
 void launch_tc(__nv_bfloat16* out, const __nv_bfloat16* x, const __nv_bfloat16* w, int m, int n,
                int k, const SkinnyRope& rope, cudaStream_t stream) {
   static const bool configured = [] {
-    ERNIE_CUDA_CHECK(cudaFuncSetAttribute(skinny_tc_kernel<R, kRope>,
+    ERNIE_CUDA_CHECK(cudaFuncSetAttribute(skinny_tc_kernel<R, MT, kRope>,
                                           cudaFuncAttributeMaxDynamicSharedMemorySize,
                                           static_cast<int>(kSkinnyMaxSmem)));
     return true;
   }();
   (void)configured;
-  launch_pdl(skinny_tc_kernel<R, kRope>, static_cast<unsigned>(n / R), kTcThreads,
+  launch_pdl(skinny_tc_kernel<R, MT, kRope>, static_cast<unsigned>(n / R), kTcThreads,
              skinny_tc_smem_bytes(R, k), stream, out, x, w, m, n, k, rope);
   ERNIE_CUDA_CHECK(cudaGetLastError());
 }
@@ -323,10 +343,17 @@ void launch_tc(__nv_bfloat16* out, const __nv_bfloat16* x, const __nv_bfloat16* 
 template <bool kRope>
 void dispatch_tc(__nv_bfloat16* out, const __nv_bfloat16* x, const __nv_bfloat16* w, int m, int n,
                  int k, int rows_per_cta, const SkinnyRope& rope, cudaStream_t stream) {
+  static_assert(kTcMaxTiles == 2);
   if (rows_per_cta == 16) {
-    launch_tc<16, kRope>(out, x, w, m, n, k, rope, stream);
+    if (m <= kMmaRows) {
+      launch_tc<16, 1, kRope>(out, x, w, m, n, k, rope, stream);
+    } else {
+      launch_tc<16, 2, kRope>(out, x, w, m, n, k, rope, stream);
+    }
+  } else if (m <= kMmaRows) {
+    launch_tc<32, 1, kRope>(out, x, w, m, n, k, rope, stream);
   } else {
-    launch_tc<32, kRope>(out, x, w, m, n, k, rope, stream);
+    launch_tc<32, 2, kRope>(out, x, w, m, n, k, rope, stream);
   }
 }
 
@@ -365,7 +392,7 @@ void skinny_gemm_rope(__nv_bfloat16* qkv, const __nv_bfloat16* x, const __nv_bfl
 }
 
 bool skinny_tc_fits(int m, int n, int k, int rows_per_cta) {
-  return m >= 1 && m <= kMmaRows && (rows_per_cta == 16 || rows_per_cta == 32) && n > 0 &&
+  return m >= 1 && m <= kSkinnyTcMaxRows && (rows_per_cta == 16 || rows_per_cta == 32) && n > 0 &&
          n % rows_per_cta == 0 && k > 0 && k % (32 * kTcWarps) == 0 &&
          skinny_tc_smem_bytes(rows_per_cta, k) <= kSkinnyMaxSmem;
 }
@@ -375,7 +402,8 @@ int skinny_tc_ctas_per_wave(int k, int rows_per_cta) {
           "skinny_tc_ctas_per_wave: bad shape");
   const size_t smem = skinny_tc_smem_bytes(rows_per_cta, k);
   if (smem > kSkinnyMaxSmem) return 0;
-  auto* kernel = rows_per_cta == 16 ? skinny_tc_kernel<16, false> : skinny_tc_kernel<32, false>;
+  auto* kernel =
+      rows_per_cta == 16 ? skinny_tc_kernel<16, 2, false> : skinny_tc_kernel<32, 2, false>;
   ERNIE_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                         static_cast<int>(kSkinnyMaxSmem)));
   int per_sm = 0, sms = 0, device = 0;
@@ -389,7 +417,7 @@ int skinny_tc_ctas_per_wave(int k, int rows_per_cta) {
 void skinny_tc(__nv_bfloat16* out, const __nv_bfloat16* x, const __nv_bfloat16* w, int m, int n,
                int k, int rows_per_cta, cudaStream_t stream) {
   require_parts(skinny_tc_fits(m, n, k, rows_per_cta), "skinny_tc: ", m, " x ", k, " input, ", n,
-                " outputs, ", rows_per_cta, " per CTA (at most ", kMmaRows, " rows, n % ",
+                " outputs, ", rows_per_cta, " per CTA (at most ", kSkinnyTcMaxRows, " rows, n % ",
                 rows_per_cta, " == 0, k % ", 32 * kTcWarps, " == 0)");
   dispatch_tc<false>(out, x, w, m, n, k, rows_per_cta, SkinnyRope{}, stream);
 }
