@@ -489,7 +489,8 @@ TEST(CudaKernels, SkinnyTcMatchesReference) {
 }
 
 // skinny_tc_rope against skinny_tc followed by rope_store_kv: the same qkv, keys and values
-// (up to one bf16 rounding step where the rotation's FMAs contract differently), at every
+// (up to one bf16 rounding step, or 1e-6 near zero, where the rotation's FMAs contract
+// differently), at every
 // token's slot, every other slot untouched (poisoned).
 TEST(CudaKernels, SkinnyTcRopeMatchesSeparateKernels) {
   if (device_count() == 0) GTEST_SKIP() << "no CUDA device";
@@ -560,7 +561,9 @@ TEST(CudaKernels, SkinnyTcRopeMatchesSeparateKernels) {
         ASSERT_NE(want[i], 0xffff) << what << " element " << i << " written by the fused kernel";
         ASSERT_NE(got[i], 0xffff) << what << " element " << i << " not written";
         const float a = bf16_to_float(want[i]), b = bf16_to_float(got[i]);
-        ASSERT_LE(std::abs(a - b), std::abs(a) / 128.0f + 1e-30f) << what << " element " << i;
+        // The rotation's operands are O(1): where its result nearly cancels, the two kernels'
+        // FMA contractions differ by up to a few 1e-8 absolute.
+        ASSERT_LE(std::abs(a - b), std::abs(a) / 128.0f + 1e-6f) << what << " element " << i;
       }
     };
     compare(a_qkv.download(), b_qkv.download(), "qkv");
