@@ -3,11 +3,11 @@
 // its bytes or FLOPs imply on the device: MoE experts (decode and prefill batches), decode
 // attention over long contexts, prefill attention; then whole decode steps of the 21B model
 // (dummy weights, CUDA graphs as the server runs them) beside the roofline floor of the step.
-// Usage: ernie_kernel_bench [iterations] [ops|steps|timeline|all] [case,...]: a case list ("1",
-// "16x8500": sequences, or sequences x context) keeps only those decode steps (handy under a
-// profiler). `timeline` times the steps, then records one more of each through CUPTI (builds
-// with CUPTI only) and prints where its time went kernel by kernel, gaps included. Inputs are
-// random (unit normal); the buffers it makes are kept until it exits.
+// Usage: ernie_kernel_bench [iterations] [ops|steps|timeline|all] [case,...]: a case list runs
+// only those decode steps ("32x4000": any sequences x context; "16": the default cases of 16
+// sequences; handy under a profiler). `timeline` times the steps, then records one more of each
+// through CUPTI (builds with CUPTI only) and prints where its time went kernel by kernel, gaps
+// included. Inputs are random (unit normal); the buffers it makes are kept until it exits.
 #include <cuda_profiler_api.h>
 #include <cuda_runtime.h>
 

@@ -185,12 +185,12 @@ constexpr int kMmaRows = 16;  // input rows of an m16n8k16 tile
 // kTcWarps warps split the reduction; each takes its input fragments straight from global
 // memory, in batches of 16-byte loads (one L2 round trip per batch, not per k step: one batch
 // at k = 2560 and one m16 tile), and the warps' 16 MT x R partial sums are added in warp order
-// through shared memory (deterministic). Within each 32-wide
-// chunk of the reduction, thread (g, c) of a warp holds columns 8c .. 8c + 7 of input rows g and
-// g + 8 and of weight row g: the first four are the k-values an m16n8k16 step gives that thread,
-// the last four the next step's (the same permutation of k on both operands, so the sum is the
-// product's). Weight rows are 64 bytes longer than their data in shared memory, so the eight
-// lanes of a quarter-warp read 16-byte pieces from eight different bank groups.
+// through shared memory (deterministic). Within each 32-wide chunk of the reduction, thread
+// (g, c) of a warp holds columns 8c .. 8c + 7 of input rows g and g + 8 and of weight row g: the
+// first four are the k-values an m16n8k16 step gives that thread, the last four the next step's
+// (the same permutation of k on both operands, so the sum is the product's). Weight rows are 64
+// bytes longer than their data in shared memory, so the eight lanes of a quarter-warp read
+// 16-byte pieces from eight different bank groups.
 constexpr int kTcWarps = 8, kTcThreads = 32 * kTcWarps, kTcMaxTiles = 2;
 // 32-wide chunks of the reduction whose input a warp loads at once (80 registers of input).
 constexpr int tc_batch(int tiles) {

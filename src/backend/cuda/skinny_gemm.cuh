@@ -46,10 +46,9 @@ void skinny_gemm_rope(__nv_bfloat16* qkv, const __nv_bfloat16* x, const __nv_bfl
 
 // Up to 32 rows on the tensor cores (cuda_backend takes it for 5-16 rows, up to 32 under
 // ERNIE_SKINNY_TC_MAX=32, for qkv with rope and o where the grid is one wave): a CTA owns
-// rows_per_cta (16 or 32)
-// whole weight rows, brought into shared memory before the wait for x. out [m, n] bf16 = x w^T,
-// f32 sums. Fits when m <= kSkinnyTcMaxRows, n % rows_per_cta == 0, k % 256 == 0 and a CTA's rows
-// fit one multiprocessor's shared memory; x, w and out 16-byte aligned, n even.
+// rows_per_cta (16 or 32) whole weight rows, brought into shared memory before the wait for x.
+// out [m, n] bf16 = x w^T, f32 sums. Fits when m <= kSkinnyTcMaxRows, n % rows_per_cta == 0,
+// k % 256 == 0 and a CTA's rows fit its 200 KB of shared memory; x, w and out 16-byte aligned.
 bool skinny_tc_fits(int m, int n, int k, int rows_per_cta);
 // CTAs resident at once on this device for a reduction of k (0 when a CTA does not fit): a grid
 // of n / rows_per_cta CTAs up to this runs in one wave.
