@@ -553,22 +553,28 @@ class CudaBackend final : public Backend {
   // after the split combine); 16 rows per CTA (twice the input read from L2) 8.982 and 10.629.
   // ERNIE_SKINNY_TC=0 turns it off, =16 takes 16 rows per CTA. (It replaced skinny_mma,
   // clusters of eight CTAs over the reduction: o 7.1 -> 6.1 us, qkv in two waves, no gain.)
-  static int skinny_tc_rows() {
+  // ERNIE_SKINNY_TC_QKV=16 or 32 (A/B runs; unset: as the others): the qkv projection's rows
+  // per CTA alone. With 32, its 162 KB CTAs leave no room for the attention CTAs after it to
+  // start and load their early key tiles while it runs; 16 (83 KB) would.
+  static int skinny_tc_rows(bool qkv = false) {
     static const int rows = cuda::switch_bits("ERNIE_SKINNY_TC", 32);
-    return rows == 16 || rows == 32 ? rows : 0;
+    static const int qkv_rows = cuda::switch_bits("ERNIE_SKINNY_TC_QKV", rows);
+    const int r = qkv && rows != 0 ? qkv_rows : rows;
+    return r == 16 || r == 32 ? r : 0;
   }
-  bool use_skinny_tc(int m, int n, int k) {
+  bool use_skinny_tc(int m, int n, int k, bool qkv = false) {
     // ERNIE_SKINNY_TC_MAX=32 (A/B runs; default 16): up to 32 tokens (two m16 tiles).
     static const int max_m =
         std::min(cuda::switch_bits("ERNIE_SKINNY_TC_MAX", 16), cuda::kSkinnyTcMaxRows);
-    const int rows = skinny_tc_rows();
+    const int rows = skinny_tc_rows(qkv);
     if (rows == 0 || m <= cuda::kSkinnyMaxRows || m > max_m ||
         !cuda::skinny_tc_fits(m, n, k, rows)) {
       return false;
     }
-    auto it = tc_ctas_.find(k);
+    const int key = k * 64 + rows;  // k and the rows per CTA
+    auto it = tc_ctas_.find(key);
     if (it == tc_ctas_.end()) {
-      it = tc_ctas_.emplace(k, cuda::skinny_tc_ctas_per_wave(k, rows)).first;
+      it = tc_ctas_.emplace(key, cuda::skinny_tc_ctas_per_wave(k, rows)).first;
     }
     return n / rows <= it->second;
   }
@@ -632,12 +638,12 @@ class CudaBackend final : public Backend {
       return;
     }
     const int n = static_cast<int>(w.dim(0));
-    if (usable && use_skinny_tc(m, n, k) &&
-        cuda::skinny_tc_rope_fits(m, k, skinny_tc_rows(), rope)) {
+    if (usable && use_skinny_tc(m, n, k, true) &&
+        cuda::skinny_tc_rope_fits(m, k, skinny_tc_rows(true), rope)) {
       check_linear(qkv, x, w);
       require(qkv.dim(1) == (attn_.num_heads + 2 * attn_.num_kv_heads) * attn_.head_dim,
               "qkv_rope_store_kv: qkv's width does not match the attention configuration");
-      cuda::skinny_tc_rope(bf(qkv), bf(x), bf(w), m, k, skinny_tc_rows(), rope, stream_);
+      cuda::skinny_tc_rope(bf(qkv), bf(x), bf(w), m, k, skinny_tc_rows(true), rope, stream_);
       return;
     }
     Backend::qkv_rope_store_kv(qkv, x, w, layer);
@@ -1074,7 +1080,7 @@ class CudaBackend final : public Backend {
   cuda::AttentionPlan plan_;
   float* d_inv_freq_ = nullptr;  // [head_dim / 2] (configure_attention)
   size_t inv_freq_bytes_ = 0;
-  std::unordered_map<int, int> tc_ctas_;  // skinny_tc_ctas_per_wave's answers by k
+  std::unordered_map<int, int> tc_ctas_;  // skinny_tc_ctas_per_wave's answers by (k, rows)
   int32_t *d_tokens_ = nullptr, *d_positions_ = nullptr, *d_query_start_ = nullptr,
           *d_context_lens_ = nullptr, *d_block_tables_ = nullptr, *d_logits_indices_ = nullptr,
           *d_tile_seq_ = nullptr, *d_tile_row0_ = nullptr, *d_dims_ = nullptr;
