@@ -365,87 +365,106 @@ TEST(CudaKernels, RopeVecMatchesRopeKernel) {
   }
 }
 
+struct RopeShape {
+  int tokens, heads, kv_heads, head_dim, k;
+};
+
+// A qkv projection with rope done two ways on the same random inputs: `unfused(qkv, x, w, n)`
+// writes the projection, which rope_store_kv then rotates and stores; `fused(qkv, x, w, rope)`
+// does all of it in one kernel. The qkv and both caches must match (poisoned beforehand: the
+// step's slots written, every other slot untouched) up to one bf16 rounding step or `floor`
+// absolute (the rotation may be contracted into FMAs differently in the two kernels), and 98%
+// of the elements bit for bit.
+template <typename Unfused, typename Fused>
+void expect_fused_rope_matches(Rng& rng, const RopeShape& s, float floor, Unfused unfused,
+                               Fused fused) {
+  SCOPED_TRACE(::testing::Message() << s.tokens << " tokens, " << s.heads << "/" << s.kv_heads
+                                    << " heads, d " << s.head_dim << ", k " << s.k);
+  const int row = (s.heads + 2 * s.kv_heads) * s.head_dim, kv = s.kv_heads * s.head_dim;
+  const int num_slots = 3 * s.tokens + 5;
+  const auto x = random_bf16(rng, static_cast<size_t>(s.tokens) * s.k, 1.0);
+  const auto w = random_bf16(rng, static_cast<size_t>(row) * s.k, 1.0 / std::sqrt(s.k));
+  std::vector<int32_t> positions(s.tokens);
+  for (auto& p : positions) p = static_cast<int32_t>(rng.below(20000));
+  const std::vector<int64_t> slots = random_slots(rng, num_slots, s.tokens);
+  DeviceBuffer<uint16_t> d_x(x.size()), d_w(w.size());
+  DeviceBuffer<int32_t> d_pos(positions.size());
+  DeviceBuffer<int64_t> d_slots(slots.size());
+  d_x.upload(x);
+  d_w.upload(w);
+  d_pos.upload(positions);
+  d_slots.upload(slots);
+  const size_t qkv_elems = static_cast<size_t>(s.tokens) * row;
+  const size_t cache_elems = static_cast<size_t>(num_slots) * kv;
+  // Separate kernels.
+  DeviceBuffer<uint16_t> a_qkv(qkv_elems), a_k(cache_elems), a_v(cache_elems);
+  a_qkv.poison();
+  a_k.poison();
+  a_v.poison();
+  unfused(bf(a_qkv.p), bf(d_x.p), bf(d_w.p), row);
+  rope_store_kv(bf(a_qkv.p), bf(a_k.p), bf(a_v.p), d_pos.p, d_slots.p, s.tokens, s.heads,
+                s.kv_heads, s.head_dim, 500000.0, nullptr);
+  // Fused.
+  DeviceBuffer<uint16_t> b_qkv(qkv_elems), b_k(cache_elems), b_v(cache_elems);
+  b_qkv.poison();
+  b_k.poison();
+  b_v.poison();
+  std::vector<float> inv_freq(s.head_dim / 2);
+  for (int j = 0; j < s.head_dim / 2; ++j) {
+    inv_freq[j] = static_cast<float>(1.0 / std::pow(500000.0, 2.0 * j / s.head_dim));
+  }
+  DeviceBuffer<float> d_inv(inv_freq.size());
+  d_inv.upload(inv_freq);
+  SkinnyRope rope;
+  rope.inv_freq = d_inv.p;
+  rope.k_cache = bf(b_k.p);
+  rope.v_cache = bf(b_v.p);
+  rope.positions = d_pos.p;
+  rope.slots = d_slots.p;
+  rope.heads = s.heads;
+  rope.kv_heads = s.kv_heads;
+  rope.head_dim = s.head_dim;
+  fused(bf(b_qkv.p), bf(d_x.p), bf(d_w.p), rope);
+  ERNIE_CUDA_CHECK(cudaDeviceSynchronize());
+  int exact = 0, total = 0;
+  auto compare = [&](const std::vector<uint16_t>& want, const std::vector<uint16_t>& got,
+                     const char* what) {
+    for (size_t i = 0; i < want.size(); ++i) {
+      ++total;
+      if (want[i] == got[i]) {
+        ++exact;
+        continue;
+      }
+      // Poison (0xffff, a NaN) must match exactly; values may differ by one rounding step.
+      ASSERT_NE(want[i], 0xffff) << what << " element " << i << " written by the fused kernel";
+      ASSERT_NE(got[i], 0xffff) << what << " element " << i << " not written";
+      const float a = bf16_to_float(want[i]), b = bf16_to_float(got[i]);
+      ASSERT_LE(std::abs(a - b), std::abs(a) / 128.0f + floor) << what << " element " << i;
+    }
+  };
+  compare(a_qkv.download(), b_qkv.download(), "qkv");
+  compare(a_k.download(), b_k.download(), "k cache");
+  compare(a_v.download(), b_v.download(), "v cache");
+  EXPECT_GE(exact, total * 0.98) << exact << " of " << total << " bit-identical";
+}
+
 // The qkv projection with rope_store_kv in its epilogue gives what the two kernels give one
-// after the other: the projection (bf16), q and k rotated, k and v in the cache at the step's
-// slots, every other slot untouched. (Equal up to one bf16 rounding step: the rotation may be
-// contracted into FMAs differently in the two kernels.)
+// after the other.
 TEST(CudaKernels, SkinnyGemmRopeMatchesSeparateKernels) {
   if (device_count() == 0) GTEST_SKIP() << "no CUDA device";
   Rng rng(std::random_device{}());
-  struct Shape {
-    int tokens, heads, kv_heads, head_dim, k;
-  };
-  for (const Shape& s : {Shape{1, 20, 4, 128, 2560}, Shape{3, 4, 2, 48, 264},
-                         Shape{4, 2, 1, 32, 520}, Shape{2, 64, 8, 128, 1024}}) {
-    SCOPED_TRACE(::testing::Message() << s.tokens << " tokens, " << s.heads << "/" << s.kv_heads
-                                      << " heads, d " << s.head_dim << ", k " << s.k);
-    const int row = (s.heads + 2 * s.kv_heads) * s.head_dim, kv = s.kv_heads * s.head_dim;
-    const int num_slots = 3 * s.tokens + 5;
-    const auto x = random_bf16(rng, static_cast<size_t>(s.tokens) * s.k, 1.0);
-    const auto w = random_bf16(rng, static_cast<size_t>(row) * s.k, 1.0 / std::sqrt(s.k));
-    std::vector<int32_t> positions(s.tokens);
-    for (auto& p : positions) p = static_cast<int32_t>(rng.below(20000));
-    const std::vector<int64_t> slots = random_slots(rng, num_slots, s.tokens);
-    DeviceBuffer<uint16_t> d_x(x.size()), d_w(w.size());
-    DeviceBuffer<int32_t> d_pos(positions.size());
-    DeviceBuffer<int64_t> d_slots(slots.size());
-    d_x.upload(x);
-    d_w.upload(w);
-    d_pos.upload(positions);
-    d_slots.upload(slots);
-    const size_t qkv_elems = static_cast<size_t>(s.tokens) * row;
-    const size_t cache_elems = static_cast<size_t>(num_slots) * kv;
-    // Separate kernels.
-    DeviceBuffer<uint16_t> a_qkv(qkv_elems), a_k(cache_elems), a_v(cache_elems);
-    a_qkv.poison();
-    a_k.poison();
-    a_v.poison();
-    skinny_gemm(a_qkv.p, false, bf(d_x.p), bf(d_w.p), s.tokens, row, s.k, nullptr);
-    rope_store_kv(bf(a_qkv.p), bf(a_k.p), bf(a_v.p), d_pos.p, d_slots.p, s.tokens, s.heads,
-                  s.kv_heads, s.head_dim, 500000.0, nullptr);
-    // Fused.
-    DeviceBuffer<uint16_t> b_qkv(qkv_elems), b_k(cache_elems), b_v(cache_elems);
-    b_qkv.poison();
-    b_k.poison();
-    b_v.poison();
-    std::vector<float> inv_freq(s.head_dim / 2);
-    for (int j = 0; j < s.head_dim / 2; ++j) {
-      inv_freq[j] = static_cast<float>(1.0 / std::pow(500000.0, 2.0 * j / s.head_dim));
-    }
-    DeviceBuffer<float> d_inv(inv_freq.size());
-    d_inv.upload(inv_freq);
-    SkinnyRope rope;
-    rope.inv_freq = d_inv.p;
-    rope.k_cache = bf(b_k.p);
-    rope.v_cache = bf(b_v.p);
-    rope.positions = d_pos.p;
-    rope.slots = d_slots.p;
-    rope.heads = s.heads;
-    rope.kv_heads = s.kv_heads;
-    rope.head_dim = s.head_dim;
-    ASSERT_TRUE(skinny_rope_fits(s.tokens, s.k, rope));
-    skinny_gemm_rope(bf(b_qkv.p), bf(d_x.p), bf(d_w.p), s.tokens, s.k, rope, nullptr);
-    ERNIE_CUDA_CHECK(cudaDeviceSynchronize());
-    int exact = 0, total = 0;
-    auto compare = [&](const std::vector<uint16_t>& want, const std::vector<uint16_t>& got,
-                       const char* what) {
-      for (size_t i = 0; i < want.size(); ++i) {
-        ++total;
-        if (want[i] == got[i]) {
-          ++exact;
-          continue;
-        }
-        // Poison (0xffff, a NaN) must match exactly; values may differ by one rounding step.
-        ASSERT_NE(want[i], 0xffff) << what << " element " << i << " written by the fused kernel";
-        ASSERT_NE(got[i], 0xffff) << what << " element " << i << " not written";
-        const float a = bf16_to_float(want[i]), b = bf16_to_float(got[i]);
-        ASSERT_LE(std::abs(a - b), std::abs(a) / 128.0f + 1e-30f) << what << " element " << i;
-      }
-    };
-    compare(a_qkv.download(), b_qkv.download(), "qkv");
-    compare(a_k.download(), b_k.download(), "k cache");
-    compare(a_v.download(), b_v.download(), "v cache");
-    EXPECT_GE(exact, total * 0.98) << exact << " of " << total << " bit-identical";
+  for (const RopeShape& s : {RopeShape{1, 20, 4, 128, 2560}, RopeShape{3, 4, 2, 48, 264},
+                             RopeShape{4, 2, 1, 32, 520}, RopeShape{2, 64, 8, 128, 1024}}) {
+    ASSERT_NO_FATAL_FAILURE(expect_fused_rope_matches(
+        rng, s, 1e-30f,
+        [&](__nv_bfloat16* qkv, const __nv_bfloat16* x, const __nv_bfloat16* w, int n) {
+          skinny_gemm(qkv, false, x, w, s.tokens, n, s.k, nullptr);
+        },
+        [&](__nv_bfloat16* qkv, const __nv_bfloat16* x, const __nv_bfloat16* w,
+            const SkinnyRope& rope) {
+          ASSERT_TRUE(skinny_rope_fits(s.tokens, s.k, rope));
+          skinny_gemm_rope(qkv, x, w, s.tokens, s.k, rope, nullptr);
+        }));
   }
 }
 
@@ -488,88 +507,31 @@ TEST(CudaKernels, SkinnyTcMatchesReference) {
   }
 }
 
-// skinny_tc_rope against skinny_tc followed by rope_store_kv: the same qkv, keys and values
-// (up to one bf16 rounding step, or 1e-6 near zero, where the rotation's FMAs contract
-// differently), at every
-// token's slot, every other slot untouched (poisoned).
+// skinny_tc_rope against skinny_tc followed by rope_store_kv (the rotation's operands are
+// O(1): where its result nearly cancels, the two kernels' FMA contractions differ by up to a
+// few 1e-8 absolute, hence the 1e-6 floor).
 TEST(CudaKernels, SkinnyTcRopeMatchesSeparateKernels) {
   if (device_count() == 0) GTEST_SKIP() << "no CUDA device";
   Rng rng(std::random_device{}());
-  struct Shape {
-    int tokens, heads, kv_heads, head_dim, k, rows;
+  struct Case {
+    RopeShape shape;
+    int rows;  // per CTA
   };
-  for (const Shape& s : {Shape{16, 20, 4, 128, 2560, 32}, Shape{5, 20, 4, 128, 2560, 16},
-                         Shape{11, 4, 2, 48, 512, 16}, Shape{8, 64, 8, 128, 1024, 32},
-                         Shape{32, 20, 4, 128, 2560, 32}, Shape{21, 20, 4, 128, 2560, 16}}) {
-    SCOPED_TRACE(::testing::Message()
-                 << s.tokens << " tokens, " << s.heads << "/" << s.kv_heads << " heads, d "
-                 << s.head_dim << ", k " << s.k << ", " << s.rows << " per CTA");
-    const int row = (s.heads + 2 * s.kv_heads) * s.head_dim, kv = s.kv_heads * s.head_dim;
-    const int num_slots = 3 * s.tokens + 5;
-    const auto x = random_bf16(rng, static_cast<size_t>(s.tokens) * s.k, 1.0);
-    const auto w = random_bf16(rng, static_cast<size_t>(row) * s.k, 1.0 / std::sqrt(s.k));
-    std::vector<int32_t> positions(s.tokens);
-    for (auto& p : positions) p = static_cast<int32_t>(rng.below(20000));
-    const std::vector<int64_t> slots = random_slots(rng, num_slots, s.tokens);
-    DeviceBuffer<uint16_t> d_x(x.size()), d_w(w.size());
-    DeviceBuffer<int32_t> d_pos(positions.size());
-    DeviceBuffer<int64_t> d_slots(slots.size());
-    d_x.upload(x);
-    d_w.upload(w);
-    d_pos.upload(positions);
-    d_slots.upload(slots);
-    const size_t qkv_elems = static_cast<size_t>(s.tokens) * row;
-    const size_t cache_elems = static_cast<size_t>(num_slots) * kv;
-    DeviceBuffer<uint16_t> a_qkv(qkv_elems), a_k(cache_elems), a_v(cache_elems);
-    a_qkv.poison();
-    a_k.poison();
-    a_v.poison();
-    skinny_tc(bf(a_qkv.p), bf(d_x.p), bf(d_w.p), s.tokens, row, s.k, s.rows, nullptr);
-    rope_store_kv(bf(a_qkv.p), bf(a_k.p), bf(a_v.p), d_pos.p, d_slots.p, s.tokens, s.heads,
-                  s.kv_heads, s.head_dim, 500000.0, nullptr);
-    DeviceBuffer<uint16_t> b_qkv(qkv_elems), b_k(cache_elems), b_v(cache_elems);
-    b_qkv.poison();
-    b_k.poison();
-    b_v.poison();
-    std::vector<float> inv_freq(s.head_dim / 2);
-    for (int j = 0; j < s.head_dim / 2; ++j) {
-      inv_freq[j] = static_cast<float>(1.0 / std::pow(500000.0, 2.0 * j / s.head_dim));
-    }
-    DeviceBuffer<float> d_inv(inv_freq.size());
-    d_inv.upload(inv_freq);
-    SkinnyRope rope;
-    rope.inv_freq = d_inv.p;
-    rope.k_cache = bf(b_k.p);
-    rope.v_cache = bf(b_v.p);
-    rope.positions = d_pos.p;
-    rope.slots = d_slots.p;
-    rope.heads = s.heads;
-    rope.kv_heads = s.kv_heads;
-    rope.head_dim = s.head_dim;
-    ASSERT_TRUE(skinny_tc_rope_fits(s.tokens, s.k, s.rows, rope));
-    skinny_tc_rope(bf(b_qkv.p), bf(d_x.p), bf(d_w.p), s.tokens, s.k, s.rows, rope, nullptr);
-    ERNIE_CUDA_CHECK(cudaDeviceSynchronize());
-    int exact = 0, total = 0;
-    auto compare = [&](const std::vector<uint16_t>& want, const std::vector<uint16_t>& got,
-                       const char* what) {
-      for (size_t i = 0; i < want.size(); ++i) {
-        ++total;
-        if (want[i] == got[i]) {
-          ++exact;
-          continue;
-        }
-        ASSERT_NE(want[i], 0xffff) << what << " element " << i << " written by the fused kernel";
-        ASSERT_NE(got[i], 0xffff) << what << " element " << i << " not written";
-        const float a = bf16_to_float(want[i]), b = bf16_to_float(got[i]);
-        // The rotation's operands are O(1): where its result nearly cancels, the two kernels'
-        // FMA contractions differ by up to a few 1e-8 absolute.
-        ASSERT_LE(std::abs(a - b), std::abs(a) / 128.0f + 1e-6f) << what << " element " << i;
-      }
-    };
-    compare(a_qkv.download(), b_qkv.download(), "qkv");
-    compare(a_k.download(), b_k.download(), "k cache");
-    compare(a_v.download(), b_v.download(), "v cache");
-    EXPECT_GE(exact, total * 0.98) << exact << " of " << total << " bit-identical";
+  for (const Case& c : {Case{{16, 20, 4, 128, 2560}, 32}, Case{{5, 20, 4, 128, 2560}, 16},
+                        Case{{11, 4, 2, 48, 512}, 16}, Case{{8, 64, 8, 128, 1024}, 32},
+                        Case{{32, 20, 4, 128, 2560}, 32}, Case{{21, 20, 4, 128, 2560}, 16}}) {
+    SCOPED_TRACE(::testing::Message() << c.rows << " weight rows per CTA");
+    const RopeShape& s = c.shape;
+    ASSERT_NO_FATAL_FAILURE(expect_fused_rope_matches(
+        rng, s, 1e-6f,
+        [&](__nv_bfloat16* qkv, const __nv_bfloat16* x, const __nv_bfloat16* w, int n) {
+          skinny_tc(qkv, x, w, s.tokens, n, s.k, c.rows, nullptr);
+        },
+        [&](__nv_bfloat16* qkv, const __nv_bfloat16* x, const __nv_bfloat16* w,
+            const SkinnyRope& rope) {
+          ASSERT_TRUE(skinny_tc_rope_fits(s.tokens, s.k, c.rows, rope));
+          skinny_tc_rope(qkv, x, w, s.tokens, s.k, c.rows, rope, nullptr);
+        }));
   }
 }
 

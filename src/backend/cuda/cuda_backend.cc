@@ -628,22 +628,19 @@ class CudaBackend final : public Backend {
     const cuda::SkinnyRope rope{k_cache(layer),     v_cache(layer), d_positions_,
                                 d_slots_,           d_inv_freq_,    attn_.num_heads,
                                 attn_.num_kv_heads, attn_.head_dim};
-    const bool usable =
-        fused && !profiling_ && m > 0 && m == step_->num_tokens() && qkv.dtype == DType::kBF16;
-    if (usable && cuda::skinny_rope_fits(m, k, rope)) {
+    const int n = static_cast<int>(w.dim(0)), tc_rows = skinny_tc_rows(true);
+    const bool skinny = cuda::skinny_rope_fits(m, k, rope);
+    if (fused && !profiling_ && m > 0 && m == step_->num_tokens() && qkv.dtype == DType::kBF16 &&
+        (skinny ||
+         (use_skinny_tc(m, n, k, true) && cuda::skinny_tc_rope_fits(m, k, tc_rows, rope)))) {
       check_linear(qkv, x, w);
       require(qkv.dim(1) == (attn_.num_heads + 2 * attn_.num_kv_heads) * attn_.head_dim,
               "qkv_rope_store_kv: qkv's width does not match the attention configuration");
-      cuda::skinny_gemm_rope(bf(qkv), bf(x), bf(w), m, k, rope, stream_);
-      return;
-    }
-    const int n = static_cast<int>(w.dim(0));
-    if (usable && use_skinny_tc(m, n, k, true) &&
-        cuda::skinny_tc_rope_fits(m, k, skinny_tc_rows(true), rope)) {
-      check_linear(qkv, x, w);
-      require(qkv.dim(1) == (attn_.num_heads + 2 * attn_.num_kv_heads) * attn_.head_dim,
-              "qkv_rope_store_kv: qkv's width does not match the attention configuration");
-      cuda::skinny_tc_rope(bf(qkv), bf(x), bf(w), m, k, skinny_tc_rows(true), rope, stream_);
+      if (skinny) {
+        cuda::skinny_gemm_rope(bf(qkv), bf(x), bf(w), m, k, rope, stream_);
+      } else {
+        cuda::skinny_tc_rope(bf(qkv), bf(x), bf(w), m, k, tc_rows, rope, stream_);
+      }
       return;
     }
     Backend::qkv_rope_store_kv(qkv, x, w, layer);
