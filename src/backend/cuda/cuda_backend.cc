@@ -183,7 +183,18 @@ class CudaBackend final : public Backend {
     for (auto& e : upload_done_) {
       check_cuda(cudaEventCreateWithFlags(&e, cudaEventDisableTiming), "cudaEventCreate");
     }
-    check_cuda(cudaStreamCreateWithFlags(&side_stream_, cudaStreamNonBlocking), "cudaStreamCreate");
+    // ERNIE_SIDE_PRIORITY=1 (A/B runs, not yet measured): the side stream (the shared experts
+    // beside the routed ones) at the device's highest priority, and the step graphs run their
+    // nodes at the priorities captured. At 256 tokens the shared experts' SwiGLU and down wait
+    // behind the routed GEMMs' queued CTAs (the down ends ~15 us after the routed down); with
+    // priority they take the first multiprocessors freed.
+    int low_priority = 0, high_priority = 0;
+    if (side_priority()) {
+      check_cuda(cudaDeviceGetStreamPriorityRange(&low_priority, &high_priority),
+                 "cudaDeviceGetStreamPriorityRange");
+    }
+    check_cuda(cudaStreamCreateWithPriority(&side_stream_, cudaStreamNonBlocking, high_priority),
+               "cudaStreamCreate");
     for (cudaEvent_t* e : {&fork_, &join_}) {
       check_cuda(cudaEventCreateWithFlags(e, cudaEventDisableTiming), "cudaEventCreate");
     }
@@ -484,7 +495,9 @@ class CudaBackend final : public Backend {
     cudaGraph_t graph = nullptr;
     check_cuda(cudaStreamEndCapture(stream_, &graph), "cudaStreamEndCapture");
     cudaGraphExec_t exec = nullptr;
-    const cudaError_t err = cudaGraphInstantiate(&exec, graph, 0);
+    if (side_priority()) log_node_priorities(graph);
+    const cudaError_t err = cudaGraphInstantiate(
+        &exec, graph, side_priority() ? cudaGraphInstantiateFlagUseNodePriority : 0);
     cudaGraphDestroy(graph);
     check_cuda(err, "cudaGraphInstantiate");
     auto& slot = graphs_[key];
@@ -492,6 +505,38 @@ class CudaBackend final : public Backend {
     slot = Graph{exec, arena_.mark(), arena_.generation()};
     arena_.rewind(start);  // the caller replays it to run the step
     return true;
+  }
+
+  static bool side_priority() {
+    static const bool on = cuda::new_path_enabled("ERNIE_SIDE_PRIORITY");
+    return on;
+  }
+
+  // Once: how many of a captured graph's kernel nodes carry a priority other than the default
+  // (whether capture recorded the side stream's).
+  static void log_node_priorities(cudaGraph_t graph) {
+    static bool logged = false;
+    if (logged) return;
+    logged = true;
+    size_t count = 0;
+    check_cuda(cudaGraphGetNodes(graph, nullptr, &count), "cudaGraphGetNodes");
+    std::vector<cudaGraphNode_t> nodes(count);
+    check_cuda(cudaGraphGetNodes(graph, nodes.data(), &count), "cudaGraphGetNodes");
+    int kernels = 0, prioritized = 0;
+    for (cudaGraphNode_t node : nodes) {
+      cudaGraphNodeType type{};
+      check_cuda(cudaGraphNodeGetType(node, &type), "cudaGraphNodeGetType");
+      if (type != cudaGraphNodeTypeKernel) continue;
+      ++kernels;
+      cudaLaunchAttributeValue value{};
+      if (cudaGraphKernelNodeGetAttribute(node, cudaLaunchAttributePriority, &value) ==
+              cudaSuccess &&
+          value.priority != 0) {
+        ++prioritized;
+      }
+    }
+    log::info("step graph: ", prioritized, " of ", kernels,
+              " kernel nodes carry a stream priority");
   }
 
   Tensor scratch(const Shape& shape, DType dtype) override {
@@ -553,20 +598,15 @@ class CudaBackend final : public Backend {
   // after the split combine); 16 rows per CTA (twice the input read from L2) 8.982 and 10.629.
   // ERNIE_SKINNY_TC=0 turns it off, =16 takes 16 rows per CTA. (It replaced skinny_mma,
   // clusters of eight CTAs over the reduction: o 7.1 -> 6.1 us, qkv in two waves, no gain.)
-  // ERNIE_SKINNY_TC_QKV=16 or 32 (A/B runs; unset: as the others): the qkv projection's rows
-  // per CTA alone. With 32, its 162 KB CTAs leave no room for the attention CTAs after it to
-  // start and load their early key tiles while it runs; 16 (83 KB) would.
-  static int skinny_tc_rows(bool qkv = false) {
+  static int skinny_tc_rows() {
     static const int rows = cuda::switch_bits("ERNIE_SKINNY_TC", 32);
-    static const int qkv_rows = cuda::switch_bits("ERNIE_SKINNY_TC_QKV", rows);
-    const int r = qkv && rows != 0 ? qkv_rows : rows;
-    return r == 16 || r == 32 ? r : 0;
+    return rows == 16 || rows == 32 ? rows : 0;
   }
-  bool use_skinny_tc(int m, int n, int k, bool qkv = false) {
+  bool use_skinny_tc(int m, int n, int k) {
     // ERNIE_SKINNY_TC_MAX=32 (A/B runs; default 16): up to 32 tokens (two m16 tiles).
     static const int max_m =
         std::min(cuda::switch_bits("ERNIE_SKINNY_TC_MAX", 16), cuda::kSkinnyTcMaxRows);
-    const int rows = skinny_tc_rows(qkv);
+    const int rows = skinny_tc_rows();
     if (rows == 0 || m <= cuda::kSkinnyMaxRows || m > max_m ||
         !cuda::skinny_tc_fits(m, n, k, rows)) {
       return false;
@@ -628,11 +668,10 @@ class CudaBackend final : public Backend {
     const cuda::SkinnyRope rope{k_cache(layer),     v_cache(layer), d_positions_,
                                 d_slots_,           d_inv_freq_,    attn_.num_heads,
                                 attn_.num_kv_heads, attn_.head_dim};
-    const int n = static_cast<int>(w.dim(0)), tc_rows = skinny_tc_rows(true);
+    const int n = static_cast<int>(w.dim(0)), tc_rows = skinny_tc_rows();
     const bool skinny = cuda::skinny_rope_fits(m, k, rope);
     if (fused && !profiling_ && m > 0 && m == step_->num_tokens() && qkv.dtype == DType::kBF16 &&
-        (skinny ||
-         (use_skinny_tc(m, n, k, true) && cuda::skinny_tc_rope_fits(m, k, tc_rows, rope)))) {
+        (skinny || (use_skinny_tc(m, n, k) && cuda::skinny_tc_rope_fits(m, k, tc_rows, rope)))) {
       check_linear(qkv, x, w);
       require(qkv.dim(1) == (attn_.num_heads + 2 * attn_.num_kv_heads) * attn_.head_dim,
               "qkv_rope_store_kv: qkv's width does not match the attention configuration");
