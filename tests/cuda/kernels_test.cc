@@ -5,10 +5,14 @@
 #include <cuda_bf16.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
+#include <cstdio>
+#include <cstdlib>
 #include <limits>
 #include <numeric>
 #include <random>
+#include <thread>
 
 #include "backend/cpu/ops.h"
 #include "backend/cuda/activation.cuh"
@@ -238,6 +242,147 @@ TEST(CudaKernels, MoeAlignLaysOutEveryPair) {
       }
     }
   }
+}
+
+// Waits for `stream` for at most `seconds`; a GPU that has not finished by then is hung (a
+// deadlock in the kernels under test), so the test binary stops rather than block forever.
+void finish_or_abort(cudaStream_t stream, double seconds) {
+  const auto until = std::chrono::steady_clock::now() + std::chrono::duration<double>(seconds);
+  while (cudaStreamQuery(stream) == cudaErrorNotReady) {
+    if (std::chrono::steady_clock::now() > until) {
+      ADD_FAILURE() << "the GPU has not finished after " << seconds << " s (deadlock?)";
+      std::fflush(stdout);
+      std::_Exit(1);
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  }
+  ERNIE_CUDA_CHECK(cudaStreamSynchronize(stream));
+}
+
+// One routing of `tokens` tokens through the 32-row expert GEMMs, with and without readiness
+// counters (MoeBlockReadyMatchesGridWait).
+void expect_block_ready_matches(Rng& rng, cudaStream_t stream, int hidden, int inter, int experts,
+                                int k, int tokens, const DeviceBuffer<uint16_t>& d_gu,
+                                const DeviceBuffer<uint16_t>& d_down) {
+  constexpr int block_m = kMoeBlockMid;
+  const int pairs = tokens * k;
+  const bool skew = rng.below(2) == 0;
+  SCOPED_TRACE(::testing::Message() << tokens << " tokens, " << hidden << "/" << inter << ", "
+                                    << experts << " experts top-" << k << (skew ? ", skewed" : ""));
+  std::vector<int32_t> ids(pairs);
+  for (int t = 0; t < tokens; ++t) {
+    // k distinct experts per token; skewed: most from the first quarter.
+    std::vector<int> pool(experts);
+    std::iota(pool.begin(), pool.end(), 0);
+    std::shuffle(pool.begin(), pool.end(), std::mt19937(static_cast<unsigned>(rng.next())));
+    if (skew) {
+      std::stable_partition(pool.begin(), pool.end(),
+                            [&](int e) { return e < experts / 4 && rng.below(4) != 0; });
+    }
+    for (int j = 0; j < k; ++j) ids[t * k + j] = pool[j];
+  }
+  std::vector<float> wts(pairs);
+  for (auto& w : wts) w = static_cast<float>(rng.uniform(0.05, 1.0));
+  const int64_t cap = moe_capacity(pairs, experts, block_m);
+  const int blocks = static_cast<int>(cap / block_m);
+  DeviceBuffer<uint16_t> d_x(static_cast<size_t>(tokens) * hidden);
+  d_x.upload(random_bf16(rng, d_x.n, 1.0));
+  DeviceBuffer<int32_t> d_ids(pairs), d_sorted(cap), d_block(blocks), d_pos(pairs);
+  DeviceBuffer<int32_t> d_scratch(moe_align_scratch_bytes(pairs, experts) / 4 + 1);
+  DeviceBuffer<int32_t> d_ready(blocks);
+  DeviceBuffer<float> d_wts(pairs);
+  DeviceBuffer<uint16_t> d_act(static_cast<size_t>(cap) * inter);
+  DeviceBuffer<uint16_t> d_y(static_cast<size_t>(cap) * hidden);
+  d_ids.upload(ids);
+  d_wts.upload(wts);
+  std::vector<uint16_t> act[2], y[2];
+  for (int with_ready = 0; with_ready < 2; ++with_ready) {
+    ERNIE_CUDA_CHECK(cudaMemsetAsync(d_ready.p, 0x7f, d_ready.n * sizeof(int32_t), stream));
+    ERNIE_CUDA_CHECK(cudaMemsetAsync(d_act.p, 0xff, d_act.n * sizeof(uint16_t), stream));
+    ERNIE_CUDA_CHECK(cudaMemsetAsync(d_y.p, 0xff, d_y.n * sizeof(uint16_t), stream));
+    int32_t* ready = with_ready ? d_ready.p : nullptr;
+    moe_align(d_sorted.p, d_block.p, d_pos.p, d_ids.p, pairs, experts, block_m, d_scratch.p, stream,
+              ready);
+    moe_gate_up(bf(d_act.p), bf(d_x.p), bf(d_gu.p), d_sorted.p, d_block.p, cap, block_m, k, hidden,
+                inter, experts, stream, SharedFold{}, ready);
+    moe_down(bf(d_y.p), bf(d_act.p), bf(d_down.p), d_wts.p, d_sorted.p, d_block.p, cap, block_m,
+             hidden, inter, experts, stream, SharedFold{}, ready);
+    finish_or_abort(stream, 20.0);
+    act[with_ready] = d_act.download();
+    y[with_ready] = d_y.download();
+  }
+  for (const auto* v : {act, y}) {
+    const auto diff = std::mismatch(v[1].begin(), v[1].end(), v[0].begin());
+    ASSERT_TRUE(diff.first == v[1].end())
+        << (v == act ? "act" : "y") << " differs at element " << (diff.first - v[1].begin());
+  }
+  // The outputs were computed: every pair's row of y holds finite values.
+  const auto pos = d_pos.download();
+  for (int i = 0; i < pairs; i += 7) {
+    for (int c = 0; c < hidden; c += 97) {
+      ASSERT_TRUE(std::isfinite(bf16_to_float(y[1][static_cast<size_t>(pos[i]) * hidden + c])))
+          << "pair " << i << " column " << c;
+    }
+  }
+  const auto block_expert = d_block.download();
+  const auto counters = d_ready.download();
+  int used = 0;
+  for (int b = 0; b < blocks; ++b) {
+    if (block_expert[b] < 0) {
+      ASSERT_EQ(counters[b], 0) << "padding block " << b;
+    } else {
+      ASSERT_GT(counters[b], 0) << "block " << b;
+      ASSERT_EQ(counters[b], counters[0]) << "block " << b;
+      ++used;
+    }
+  }
+  EXPECT_GT(used, 0);
+}
+
+// The 32-row expert GEMMs with per-M-block readiness counters (each down CTA waits for its own
+// M-block's gate/up tiles) compute bit for bit what they compute when down waits for the whole
+// gate/up grid, over random and skewed routings, one-CTA and spread layouts, and grids of many
+// waves; afterwards every used M-block's counter holds the same positive count (gate/up's
+// column tiles) and every padding block's is 0 (the align kernels cleared the poison).
+TEST(CudaKernels, MoeBlockReadyMatchesGridWait) {
+  if (device_count() == 0) GTEST_SKIP() << "no CUDA device";
+  Rng rng(std::random_device{}());
+  ASSERT_TRUE(moe_block_ready_fits(kMoeBlockMid, SharedFold{}));
+  cudaStream_t stream;
+  ERNIE_CUDA_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+  struct Shape {
+    int hidden, inter, experts, k;
+    std::vector<int> tokens;
+  };
+  for (const Shape& s : {Shape{2560, 1536, 64, 6, {3, 256, 1500}}, Shape{512, 160, 24, 8, {200}}}) {
+    // The model's expert shapes hold half a billion weights: a random pool of an odd length,
+    // repeated, keeps the draw quick.
+    const int64_t gu_rows = int64_t{s.experts} * 2 * s.inter;
+    const int64_t down_rows = int64_t{s.experts} * s.hidden;
+    const auto pool = random_bf16(rng, (1 << 20) + 1, 1.0);
+    auto pooled = [&](size_t n, double scale) {
+      std::vector<uint16_t> v(n);
+      const size_t shift = rng.below(pool.size());
+      for (size_t i = 0; i < n; ++i) {
+        v[i] = float_to_bf16(static_cast<float>(scale) *
+                             bf16_to_float(pool[(i + shift) % pool.size()]));
+      }
+      return v;
+    };
+    DeviceBuffer<uint16_t> d_gu_src(static_cast<size_t>(gu_rows * s.hidden));
+    DeviceBuffer<uint16_t> d_down_src(static_cast<size_t>(down_rows * s.inter));
+    DeviceBuffer<uint16_t> d_gu(static_cast<size_t>(gu_rows * tiled_cols(s.hidden)));
+    DeviceBuffer<uint16_t> d_down(static_cast<size_t>(down_rows * tiled_cols(s.inter)));
+    d_gu_src.upload(pooled(d_gu_src.n, 1.0 / std::sqrt(s.hidden)));
+    d_down_src.upload(pooled(d_down_src.n, 1.0 / std::sqrt(s.inter)));
+    tile_expert_weights(bf(d_gu.p), bf(d_gu_src.p), gu_rows, s.hidden, stream);
+    tile_expert_weights(bf(d_down.p), bf(d_down_src.p), down_rows, s.inter, stream);
+    for (int tokens : s.tokens) {
+      expect_block_ready_matches(rng, stream, s.hidden, s.inter, s.experts, s.k, tokens, d_gu,
+                                 d_down);
+    }
+  }
+  ERNIE_CUDA_CHECK(cudaStreamDestroy(stream));
 }
 
 // `tokens` distinct cache slots out of num_slots, in random order.

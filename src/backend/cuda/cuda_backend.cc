@@ -183,18 +183,7 @@ class CudaBackend final : public Backend {
     for (auto& e : upload_done_) {
       check_cuda(cudaEventCreateWithFlags(&e, cudaEventDisableTiming), "cudaEventCreate");
     }
-    // ERNIE_SIDE_PRIORITY=1 (A/B runs, not yet measured): the side stream (the shared experts
-    // beside the routed ones) at the device's highest priority, and the step graphs run their
-    // nodes at the priorities captured. At 256 tokens the shared experts' SwiGLU and down wait
-    // behind the routed GEMMs' queued CTAs (the down ends ~15 us after the routed down); with
-    // priority they take the first multiprocessors freed.
-    int low_priority = 0, high_priority = 0;
-    if (side_priority()) {
-      check_cuda(cudaDeviceGetStreamPriorityRange(&low_priority, &high_priority),
-                 "cudaDeviceGetStreamPriorityRange");
-    }
-    check_cuda(cudaStreamCreateWithPriority(&side_stream_, cudaStreamNonBlocking, high_priority),
-               "cudaStreamCreate");
+    check_cuda(cudaStreamCreateWithFlags(&side_stream_, cudaStreamNonBlocking), "cudaStreamCreate");
     for (cudaEvent_t* e : {&fork_, &join_}) {
       check_cuda(cudaEventCreateWithFlags(e, cudaEventDisableTiming), "cudaEventCreate");
     }
@@ -495,9 +484,7 @@ class CudaBackend final : public Backend {
     cudaGraph_t graph = nullptr;
     check_cuda(cudaStreamEndCapture(stream_, &graph), "cudaStreamEndCapture");
     cudaGraphExec_t exec = nullptr;
-    if (side_priority()) log_node_priorities(graph);
-    const cudaError_t err = cudaGraphInstantiate(
-        &exec, graph, side_priority() ? cudaGraphInstantiateFlagUseNodePriority : 0);
+    const cudaError_t err = cudaGraphInstantiate(&exec, graph, 0);
     cudaGraphDestroy(graph);
     check_cuda(err, "cudaGraphInstantiate");
     auto& slot = graphs_[key];
@@ -505,38 +492,6 @@ class CudaBackend final : public Backend {
     slot = Graph{exec, arena_.mark(), arena_.generation()};
     arena_.rewind(start);  // the caller replays it to run the step
     return true;
-  }
-
-  static bool side_priority() {
-    static const bool on = cuda::new_path_enabled("ERNIE_SIDE_PRIORITY");
-    return on;
-  }
-
-  // Once: how many of a captured graph's kernel nodes carry a priority other than the default
-  // (whether capture recorded the side stream's).
-  static void log_node_priorities(cudaGraph_t graph) {
-    static bool logged = false;
-    if (logged) return;
-    logged = true;
-    size_t count = 0;
-    check_cuda(cudaGraphGetNodes(graph, nullptr, &count), "cudaGraphGetNodes");
-    std::vector<cudaGraphNode_t> nodes(count);
-    check_cuda(cudaGraphGetNodes(graph, nodes.data(), &count), "cudaGraphGetNodes");
-    int kernels = 0, prioritized = 0;
-    for (cudaGraphNode_t node : nodes) {
-      cudaGraphNodeType type{};
-      check_cuda(cudaGraphNodeGetType(node, &type), "cudaGraphNodeGetType");
-      if (type != cudaGraphNodeTypeKernel) continue;
-      ++kernels;
-      cudaLaunchAttributeValue value{};
-      if (cudaGraphKernelNodeGetAttribute(node, cudaLaunchAttributePriority, &value) ==
-              cudaSuccess &&
-          value.priority != 0) {
-        ++prioritized;
-      }
-    }
-    log::info("step graph: ", prioritized, " of ", kernels,
-              " kernel nodes carry a stream priority");
   }
 
   Tensor scratch(const Shape& shape, DType dtype) override {
@@ -800,12 +755,23 @@ class CudaBackend final : public Backend {
     // Few tokens: the router kernel lays the pairs out too (one launch instead of three).
     const cuda::RouteLayout layout{sorted, block_expert, pair_pos, block_m,
                                    static_cast<int>(cap / block_m)};
-    if (!cuda::route_topk(ids, weights, bf(x), w.router.as<float>(), w.router_bias.as<float>(),
-                          tokens, hidden, experts, k, w.norm_min, route_scratch, stream_, &layout,
-                          fold.early)) {
+    // ERNIE_MOE_READY=1 (A/B runs, not yet measured): with 32-row blocks each down CTA waits
+    // only for its own M-block's gate/up tiles (cuda::moe_block_ready_fits), so the down CTAs
+    // that start during gate/up's last wave stream their weights at once instead of idling until
+    // the whole gate/up grid ends (~20 us of that wave at 256 tokens).
+    static const bool block_ready_on = cuda::new_path_enabled("ERNIE_MOE_READY");
+    int32_t* block_ready = nullptr;
+    if (block_ready_on && cuda::moe_block_ready_fits(block_m, fold)) {
+      block_ready = static_cast<int32_t*>(arena_.alloc(cap / block_m * sizeof(int32_t)));
+    }
+    if (cuda::route_topk(ids, weights, bf(x), w.router.as<float>(), w.router_bias.as<float>(),
+                         tokens, hidden, experts, k, w.norm_min, route_scratch, stream_, &layout,
+                         fold.early)) {
+      block_ready = nullptr;  // the router laid the pairs out (few tokens): no counters cleared
+    } else {
       void* align_scratch = arena_.alloc(cuda::moe_align_scratch_bytes(pairs, experts));
       cuda::moe_align(sorted, block_expert, pair_pos, ids, pairs, experts, block_m, align_scratch,
-                      stream_);
+                      stream_, block_ready);
     }
     mark(Stage::kMoeExperts);
     // Rows of the GEMMs' outputs: the folded experts' first, then the routed layout's.
@@ -816,9 +782,9 @@ class CudaBackend final : public Backend {
     auto* act = static_cast<__nv_bfloat16*>(arena_.alloc(rows * inter * sizeof(__nv_bfloat16)));
     auto* y = static_cast<__nv_bfloat16*>(arena_.alloc(rows * hidden * sizeof(__nv_bfloat16)));
     cuda::moe_gate_up(act, bf(x), bf(w.experts_gate_up), sorted, block_expert, cap, block_m, k,
-                      hidden, inter, experts, stream_, fold);
+                      hidden, inter, experts, stream_, fold, block_ready);
     cuda::moe_down(y, act, bf(w.experts_down), weights, sorted, block_expert, cap, block_m, hidden,
-                   inter, experts, stream_, fold);
+                   inter, experts, stream_, fold, block_ready);
     if (overlap) {
       check_cuda(cudaStreamWaitEvent(stream_, join_), "cudaStreamWaitEvent");
     } else if (unfolded_shared) {

@@ -120,6 +120,20 @@ __device__ __forceinline__ unsigned int atomic_add_acq_rel_gpu(unsigned int* p, 
   return old;
 }
 
+// A load with acquire semantics at GPU scope: what the releasing writer ordered before its
+// release is visible to this thread after it (and to its CTA after a barrier).
+__device__ __forceinline__ int ld_acquire_gpu(const int32_t* p) {
+  int v;
+  asm volatile("ld.acquire.gpu.global.b32 %0, [%1];\n" : "=r"(v) : "l"(p) : "memory");
+  return v;
+}
+
+// red.add with release semantics at GPU scope: this thread's writes, and its CTA's ordered before
+// it by a barrier, are visible to whoever acquires the sum.
+__device__ __forceinline__ void red_add_release_gpu(int32_t* p, int v) {
+  asm volatile("red.release.gpu.global.add.s32 [%0], %1;\n" ::"l"(p), "r"(v) : "memory");
+}
+
 // ---- wgmma ----
 // Descriptor of a 128B-swizzled K-major tile at `p` (1024-byte aligned, plus 32 bytes per
 // 16-wide k slice): stride 1024 bytes between 8-row groups, swizzle mode 1 (128B).

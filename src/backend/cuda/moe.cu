@@ -15,12 +15,20 @@ namespace {
 
 constexpr int kAlignThreads = 1024;
 
+// block_ready (null: none): the M-blocks' readiness counters of the GEMMs after it
+// (BlockReady), set to 0.
+__device__ __forceinline__ void clear_block_ready(int32_t* block_ready, int num_blocks) {
+  if (block_ready == nullptr) return;
+  for (int b = threadIdx.x; b < num_blocks; b += blockDim.x) block_ready[b] = 0;
+}
+
 __global__ void moe_align_kernel(int32_t* sorted_pairs, int32_t* block_expert, int32_t* pair_pos,
-                                 const int32_t* ids, int pairs, int experts, int block_m,
-                                 int num_blocks) {
+                                 int32_t* block_ready, const int32_t* ids, int pairs, int experts,
+                                 int block_m, int num_blocks) {
   pdl_begin();
   __shared__ int counts[1024];
   __shared__ int offsets[1025];
+  clear_block_ready(block_ready, num_blocks);
   align_pairs(sorted_pairs, block_expert, pair_pos, ids, pairs, experts, block_m, num_blocks,
               counts, offsets);
 }
@@ -57,8 +65,10 @@ __global__ void moe_align_count_kernel(int32_t* counts, int32_t* sorted_pairs, i
 // One CTA: counts[b][e] becomes chunk b's first row inside expert e's segment, segments [experts
 // + 1] the padded segment starts, and block_expert is written.
 __global__ void moe_align_offsets_kernel(int32_t* counts, int32_t* segments, int32_t* block_expert,
-                                         int chunks, int experts, int block_m, int num_blocks) {
+                                         int32_t* block_ready, int chunks, int experts, int block_m,
+                                         int num_blocks) {
   pdl_begin();
+  clear_block_ready(block_ready, num_blocks);
   __shared__ int totals[1024];
   __shared__ int offsets[1025];
   for (int e = threadIdx.x; e < experts; e += blockDim.x) {
@@ -172,6 +182,20 @@ FoldArgs fold_args(const SharedFold& f, int block_m, int experts) {
   a.down_out = f.down_out;
   return a;
 }
+
+// Readiness of the M-blocks between the 32-row gate/up and down GEMMs (null counters: none).
+// Each gate/up CTA adds 1 to its M-block's counter once its SwiGLU rows are stored; a down CTA
+// waits (thread 0 polls with acquire loads) until its M-block's counter reaches `target` (the
+// gate/up grid's column tiles) instead of waiting for the whole gate/up grid, so down CTAs that
+// take multiprocessors during gate/up's last wave start at once. Both grids then run M-block
+// major (blockIdx.x the column tile), so the M-blocks complete in order. The align kernel sets
+// the counters to 0; down launches only after every gate/up CTA has started (launch.cuh's
+// ordered launch), so no down CTA can hold a multiprocessor that a gate/up CTA it waits for
+// still needs.
+struct BlockReady {
+  int32_t* counters = nullptr;  // [M-blocks]
+  int target = 0;
+};
 
 // A stage of a tile's weight groups (gate/up: the gate rows' groups, then the up rows'), 16
 // rows each in the tiled layout, by one bulk copy per group completing on `bar`; groups past
@@ -303,12 +327,17 @@ template <int BM, bool kWide, bool kGateUp, bool kLean = false>
 __global__ void __launch_bounds__(Tile<BM, kWide, kLean>::kThreads, 1)
     moe_gemm_kernel(__nv_bfloat16* out, const __nv_bfloat16* a_src, const __nv_bfloat16* w,
                     const float* route_w, const int32_t* sorted_pairs, const int32_t* block_expert,
-                    int k_choices, int K, int N, const FoldArgs fold, bool early_rows) {
-  // Blocks below fold.blocks are the folded shared experts' (FoldArgs), laid out by position;
-  // the routed blocks follow, block b of the routed layout at blockIdx.x = fold.blocks + b. Rows
-  // of `out` (and of down's activations) are numbered over the whole grid.
-  const bool folded = static_cast<int>(blockIdx.x) < fold.blocks;
-  const int rb = blockIdx.x - fold.blocks;  // routed block
+                    int k_choices, int K, int N, const FoldArgs fold, bool early_rows,
+                    const BlockReady ready) {
+  // M-blocks below fold.blocks are the folded shared experts' (FoldArgs), laid out by position;
+  // the routed blocks follow, block b of the routed layout at M-block fold.blocks + b. Rows of
+  // `out` (and of down's activations) are numbered over the whole grid. The M-block is
+  // blockIdx.x, the column tile blockIdx.y; with readiness counters the other way round.
+  const bool block_major = ready.counters != nullptr;
+  const int mb = block_major ? blockIdx.y : blockIdx.x;
+  const int nb = block_major ? blockIdx.x : blockIdx.y;
+  const bool folded = mb < fold.blocks;
+  const int rb = mb - fold.blocks;  // routed block
   // gate/up's routed blocks let down launch only once they have waited for the routing (an
   // ordered launch, launch.cuh), so down can read the layout and start streaming its weights while
   // gate/up is still running; down waits for gate/up's output before its first activation
@@ -323,12 +352,12 @@ __global__ void __launch_bounds__(Tile<BM, kWide, kLean>::kThreads, 1)
   constexpr int kBN = T::kBN, kBK = T::kBK, kStages = T::kStages, kLd = T::kLd;
   constexpr int kMt = T::kMt, kNt = T::kNt;
   const int e =
-      folded ? fold.first_expert + blockIdx.x / fold.blocks_per_expert : __ldcg(block_expert + rb);
+      folded ? fold.first_expert + mb / fold.blocks_per_expert : __ldcg(block_expert + rb);
   if (e < 0) return;
   // The pair of row r of this block (-1: padding); a folded block's row is a token, its weight 1.
   auto pair_of = [&](int r) {
     if (folded) {
-      const int t = (blockIdx.x % fold.blocks_per_expert) * BM + r;
+      const int t = (mb % fold.blocks_per_expert) * BM + r;
       return t < fold.tokens ? t : -1;
     }
     return __ldcg(sorted_pairs + rb * BM + r);
@@ -339,8 +368,8 @@ __global__ void __launch_bounds__(Tile<BM, kWide, kLean>::kThreads, 1)
   // swizzle), then the activations [stages][BM][LD].
   unsigned char* sb = smem_raw + ((1024 - (smem_u32(smem_raw) & 1023)) & 1023);
   __nv_bfloat16* sa = reinterpret_cast<__nv_bfloat16*>(sb + kStages * T::kBStage);
-  const int m0 = blockIdx.x * BM;  // first row of out (and of down's activations)
-  const int n0 = blockIdx.y * (kGateUp ? kBN / 2 : kBN);  // first output column
+  const int m0 = mb * BM;                         // first row of out (and of down's activations)
+  const int n0 = nb * (kGateUp ? kBN / 2 : kBN);  // first output column
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, c = lane % 4;
   const int wm = warp / T::kWarpsN, wn = warp % T::kWarpsN;
   if (tid == 0) {
@@ -441,7 +470,16 @@ __global__ void __launch_bounds__(Tile<BM, kWide, kLean>::kThreads, 1)
       if (s < kTiles) load_b(s, s);
     }
   }
-  if constexpr (!kGateUp) asm volatile("griddepcontrol.wait;" ::: "memory");
+  if constexpr (!kGateUp) {
+    if (block_major) {
+      if (tid == 0) {
+        while (ld_acquire_gpu(ready.counters + mb) < ready.target) __nanosleep(64);
+      }
+      __syncthreads();  // the activation loads below come after thread 0's acquire
+    } else {
+      asm volatile("griddepcontrol.wait;" ::: "memory");
+    }
+  }
   for (int s = 0; s < kStages - 1; ++s) {
     if (s < kTiles) load_a(s, s);
     cp_async_commit();
@@ -468,13 +506,19 @@ __global__ void __launch_bounds__(Tile<BM, kWide, kLean>::kThreads, 1)
       [&](int mt, int half) { return early_rows ? ep_pair[mt][half] : pair_of(ep_row(mt, half)); },
       [&](int mt, int half, int pair) { return early_rows ? ep_w[mt][half] : route_w[pair]; }, wm,
       wn, g, c);
+  if constexpr (kGateUp) {
+    if (block_major) {
+      __syncthreads();  // every thread's rows stored
+      if (tid == 0) red_add_release_gpu(ready.counters + mb, 1);
+    }
+  }
 }
 
 template <int BM, bool kWide, bool kGateUp, bool kLean = false>
 void launch_gemm_tile(__nv_bfloat16* out, const __nv_bfloat16* a, const __nv_bfloat16* w,
                       const float* route_w, const int32_t* sorted_pairs,
                       const int32_t* block_expert, int64_t capacity, int k, int K, int N,
-                      const FoldArgs& fold, cudaStream_t stream) {
+                      const FoldArgs& fold, const BlockReady& ready, cudaStream_t stream) {
   using T = Tile<BM, kWide, kLean>;
   static bool configured = false;
   if (!configured) {
@@ -484,12 +528,14 @@ void launch_gemm_tile(__nv_bfloat16* out, const __nv_bfloat16* a, const __nv_bfl
     configured = true;
   }
   constexpr int cols = kGateUp ? T::kBN / 2 : T::kBN;
-  const dim3 grid(static_cast<unsigned>(fold.blocks + capacity / BM), (N + cols - 1) / cols);
+  const unsigned m_blocks = static_cast<unsigned>(fold.blocks + capacity / BM);
+  const unsigned n_tiles = (N + cols - 1) / cols;
+  const dim3 grid = ready.counters != nullptr ? dim3(n_tiles, m_blocks) : dim3(m_blocks, n_tiles);
   // ERNIE_MOE_EARLY_ROWS=0: the rows' pairs and weights read where they are used (see
   // moe_gemm_kernel).
   static const bool early_rows = path_enabled("ERNIE_MOE_EARLY_ROWS");
   launch_pdl(moe_gemm_kernel<BM, kWide, kGateUp, kLean>, grid, T::kThreads, T::kSmem, stream, out,
-             a, w, route_w, sorted_pairs, block_expert, k, K, N, fold, early_rows);
+             a, w, route_w, sorted_pairs, block_expert, k, K, N, fold, early_rows, ready);
   ERNIE_CUDA_CHECK(cudaGetLastError());
 }
 
@@ -518,7 +564,7 @@ template <bool kGateUp>
 void launch_gemm(__nv_bfloat16* out, const __nv_bfloat16* a, const __nv_bfloat16* w,
                  const float* route_w, const int32_t* sorted_pairs, const int32_t* block_expert,
                  int64_t capacity, int block_m, int k, int K, int N, const FoldArgs& fold,
-                 cudaStream_t stream) {
+                 int32_t* block_ready, cudaStream_t stream) {
   require_parts(K % 8 == 0, "MoE GEMM: the reduction size ", K, " must be a multiple of 8");
   require_parts(N % kTiledGroupRows == 0, "MoE GEMM: the output size ", N,
                 " must be a multiple of ", kTiledGroupRows);
@@ -529,26 +575,35 @@ void launch_gemm(__nv_bfloat16* out, const __nv_bfloat16* a, const __nv_bfloat16
   // ERNIE_MOE_LEAN: bit 1 the 16-row tiles' lean form, bit 2 the 32-row ones' (Tile); both by
   // default, 0 turns both off.
   static const int lean = switch_bits("ERNIE_MOE_LEAN", 3);
+  BlockReady ready;
+  if (block_ready != nullptr) {
+    require(block_m == kMoeBlockMid && fold.blocks == 0,
+            "MoE GEMM: readiness counters need 32-row blocks and no folded experts");
+    // down waits for every gate/up column tile of its M-block (gate/up's K is down's N).
+    constexpr int gate_up_cols = Tile<kMoeBlockMid>::kBN / 2;
+    static_assert(Tile<kMoeBlockMid>::kBN == Tile<kMoeBlockMid, false, true>::kBN);
+    ready = BlockReady{block_ready, kGateUp ? 0 : (K + gate_up_cols - 1) / gate_up_cols};
+  }
   const bool wide = block_m == kMoeBlockSmall &&
                     wide_tiles_fit<kGateUp>(fold.blocks + capacity / kMoeBlockSmall, N);
   if (block_m == kMoeBlockSmall) {
     if (wide) {
       launch_gemm_tile<kMoeBlockSmall, true, kGateUp>(
-          out, a, w, route_w, sorted_pairs, block_expert, capacity, k, K, N, fold, stream);
+          out, a, w, route_w, sorted_pairs, block_expert, capacity, k, K, N, fold, ready, stream);
     } else if (lean & 1) {
       launch_gemm_tile<kMoeBlockSmall, false, kGateUp, true>(
-          out, a, w, route_w, sorted_pairs, block_expert, capacity, k, K, N, fold, stream);
+          out, a, w, route_w, sorted_pairs, block_expert, capacity, k, K, N, fold, ready, stream);
     } else {
       launch_gemm_tile<kMoeBlockSmall, false, kGateUp>(
-          out, a, w, route_w, sorted_pairs, block_expert, capacity, k, K, N, fold, stream);
+          out, a, w, route_w, sorted_pairs, block_expert, capacity, k, K, N, fold, ready, stream);
     }
   } else {
     if (lean & 2) {
       launch_gemm_tile<kMoeBlockMid, false, kGateUp, true>(
-          out, a, w, route_w, sorted_pairs, block_expert, capacity, k, K, N, fold, stream);
+          out, a, w, route_w, sorted_pairs, block_expert, capacity, k, K, N, fold, ready, stream);
     } else {
       launch_gemm_tile<kMoeBlockMid, false, kGateUp>(out, a, w, route_w, sorted_pairs, block_expert,
-                                                     capacity, k, K, N, fold, stream);
+                                                     capacity, k, K, N, fold, ready, stream);
     }
   }
 }
@@ -1015,14 +1070,15 @@ size_t moe_align_scratch_bytes(int pairs, int experts) {
 }
 
 void moe_align(int32_t* sorted_pairs, int32_t* block_expert, int32_t* pair_pos, const int32_t* ids,
-               int pairs, int experts, int block_m, void* scratch, cudaStream_t stream) {
+               int pairs, int experts, int block_m, void* scratch, cudaStream_t stream,
+               int32_t* block_ready) {
   if (pairs == 0) return;
   require(experts > 0 && experts <= 1024, "moe_align: at most 1024 experts");
   const int64_t capacity = moe_capacity(pairs, experts, block_m);
   const int num_blocks = static_cast<int>(capacity / block_m);
   if (pairs <= kAlignSpreadPairs) {
     launch_pdl(moe_align_kernel, 1, kAlignThreads, 0, stream, sorted_pairs, block_expert, pair_pos,
-               ids, pairs, experts, block_m, num_blocks);
+               block_ready, ids, pairs, experts, block_m, num_blocks);
     ERNIE_CUDA_CHECK(cudaGetLastError());
     return;
   }
@@ -1033,7 +1089,7 @@ void moe_align(int32_t* sorted_pairs, int32_t* block_expert, int32_t* pair_pos, 
   launch_pdl(moe_align_count_kernel, chunks, kAlignSpreadThreads, 0, stream, counts, sorted_pairs,
              capacity, ids, pairs, experts);
   launch_pdl(moe_align_offsets_kernel, 1, kAlignThreads, 0, stream, counts, segments, block_expert,
-             chunks, experts, block_m, num_blocks);
+             block_ready, chunks, experts, block_m, num_blocks);
   launch_pdl(moe_align_place_kernel, chunks, kAlignSpreadThreads, 0, stream, sorted_pairs, pair_pos,
              counts, segments, ids, pairs, experts);
   ERNIE_CUDA_CHECK(cudaGetLastError());
@@ -1042,7 +1098,7 @@ void moe_align(int32_t* sorted_pairs, int32_t* block_expert, int32_t* pair_pos, 
 void moe_gate_up(__nv_bfloat16* act, const __nv_bfloat16* x, const __nv_bfloat16* w_gate_up,
                  const int32_t* sorted_pairs, const int32_t* block_expert, int64_t capacity,
                  int block_m, int k, int hidden, int inter, int experts, cudaStream_t stream,
-                 const SharedFold& fold) {
+                 const SharedFold& fold, int32_t* block_ready) {
   if (capacity == 0) return;
   if (block_m == kMoeBlockWgmma) {
     require(fold.experts == 0, "MoE wgmma GEMM: shared experts cannot be folded");
@@ -1056,13 +1112,13 @@ void moe_gate_up(__nv_bfloat16* act, const __nv_bfloat16* x, const __nv_bfloat16
     return;
   }
   launch_gemm<true>(act, x, w_gate_up, nullptr, sorted_pairs, block_expert, capacity, block_m, k,
-                    hidden, inter, fold_args(fold, block_m, experts), stream);
+                    hidden, inter, fold_args(fold, block_m, experts), block_ready, stream);
 }
 
 void moe_down(__nv_bfloat16* y, const __nv_bfloat16* act, const __nv_bfloat16* w_down,
               const float* weights, const int32_t* sorted_pairs, const int32_t* block_expert,
               int64_t capacity, int block_m, int hidden, int inter, int experts,
-              cudaStream_t stream, const SharedFold& fold) {
+              cudaStream_t stream, const SharedFold& fold, int32_t* block_ready) {
   if (capacity == 0) return;
   if (block_m == kMoeBlockWgmma) {
     require(fold.experts == 0, "MoE wgmma GEMM: shared experts cannot be folded");
@@ -1074,7 +1130,7 @@ void moe_down(__nv_bfloat16* y, const __nv_bfloat16* act, const __nv_bfloat16* w
     return;
   }
   launch_gemm<false>(y, act, w_down, weights, sorted_pairs, block_expert, capacity, block_m, 1,
-                     inter, hidden, fold_args(fold, block_m, experts), stream);
+                     inter, hidden, fold_args(fold, block_m, experts), block_ready, stream);
 }
 
 void moe_combine(__nv_bfloat16* out, const __nv_bfloat16* y, const int32_t* pair_pos,

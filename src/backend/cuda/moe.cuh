@@ -41,9 +41,11 @@ inline int64_t moe_capacity(int64_t pairs, int experts, int block_m) {
 // (-1 for padding), block_expert [capacity / block_m] (-1 past the last used block) and
 // pair_pos [pairs] (row of each pair in the sorted layout). experts <= 1024. scratch: device
 // memory of moe_align_scratch_bytes (null when that is 0: few pairs take one CTA).
+// block_ready (capacity / block_m counters, or null): set to 0 for moe_gate_up and moe_down.
 size_t moe_align_scratch_bytes(int pairs, int experts);
 void moe_align(int32_t* sorted_pairs, int32_t* block_expert, int32_t* pair_pos, const int32_t* ids,
-               int pairs, int experts, int block_m, void* scratch, cudaStream_t stream);
+               int pairs, int experts, int block_m, void* scratch, cudaStream_t stream,
+               int32_t* block_ready = nullptr);
 
 // dst = src [rows, K] (row-major, ld elements from one row to the next; 0: K) in the tiled
 // expert layout of expert_layout.h, rows x tiled_cols(K) elements (the padding columns zero).
@@ -80,7 +82,7 @@ inline int64_t moe_shared_rows(const SharedFold& f, int block_m) {
 void moe_gate_up(__nv_bfloat16* act, const __nv_bfloat16* x, const __nv_bfloat16* w_gate_up,
                  const int32_t* sorted_pairs, const int32_t* block_expert, int64_t capacity,
                  int block_m, int k, int hidden, int inter, int experts, cudaStream_t stream,
-                 const SharedFold& fold = {});
+                 const SharedFold& fold = {}, int32_t* block_ready = nullptr);
 
 // y [capacity, hidden] = weight[pair] * act W_down^T per sorted row; w_down [E * hidden, inter]
 // in the tiled layout. inter % 8 == 0, hidden % 16 == 0. With a fold, act as moe_gate_up wrote
@@ -88,7 +90,14 @@ void moe_gate_up(__nv_bfloat16* act, const __nv_bfloat16* x, const __nv_bfloat16
 void moe_down(__nv_bfloat16* y, const __nv_bfloat16* act, const __nv_bfloat16* w_down,
               const float* weights, const int32_t* sorted_pairs, const int32_t* block_expert,
               int64_t capacity, int block_m, int hidden, int inter, int experts,
-              cudaStream_t stream, const SharedFold& fold = {});
+              cudaStream_t stream, const SharedFold& fold = {}, int32_t* block_ready = nullptr);
+
+// block_ready for moe_gate_up and moe_down (32-row blocks, no fold; moe_align cleared it, and
+// the same counters go to both, gate/up launched right before down on one stream): each down
+// CTA waits for its own M-block's gate/up tiles rather than for the whole gate/up grid.
+inline bool moe_block_ready_fits(int block_m, const SharedFold& fold) {
+  return block_m == kMoeBlockMid && fold.experts == 0;
+}
 
 // The next layer's residual add and input norm, done by moe_combine when `normed` is set:
 // residual += out; normed = rms_norm(residual) * weight, bit for bit as fused_add_rms_norm.
