@@ -755,11 +755,12 @@ class CudaBackend final : public Backend {
     // Few tokens: the router kernel lays the pairs out too (one launch instead of three).
     const cuda::RouteLayout layout{sorted, block_expert, pair_pos, block_m,
                                    static_cast<int>(cap / block_m)};
-    // ERNIE_MOE_READY=1 (A/B runs, not yet measured): with 32-row blocks each down CTA waits
-    // only for its own M-block's gate/up tiles (cuda::moe_block_ready_fits), so the down CTAs
-    // that start during gate/up's last wave stream their weights at once instead of idling until
-    // the whole gate/up grid ends (~20 us of that wave at 256 tokens).
-    static const bool block_ready_on = cuda::new_path_enabled("ERNIE_MOE_READY");
+    // With 32-row blocks each down CTA waits only for its own M-block's gate/up tiles
+    // (cuda::moe_block_ready_fits), so the down CTAs that start during gate/up's last wave
+    // stream their weights at once instead of idling until the whole gate/up grid ends: 96 and
+    // 128 tokens -1.5% a step, 192 and 256 unchanged (docs/performance.md). ERNIE_MOE_READY=0
+    // turns it off.
+    static const bool block_ready_on = cuda::path_enabled("ERNIE_MOE_READY");
     int32_t* block_ready = nullptr;
     if (block_ready_on && cuda::moe_block_ready_fits(block_m, fold)) {
       block_ready = static_cast<int32_t*>(arena_.alloc(cap / block_m * sizeof(int32_t)));
