@@ -6,7 +6,8 @@
 #   AB_FILTER='*Attention*' AB_BENCH=ops scripts/gpu_ab.sh out - ERNIE_NEW_PATH=0
 # AB_FILTER is the gtest filter (default every test; "none" skips the tests), AB_BENCH the
 # kernel bench section (ops, steps, all; "none" skips it), AB_PICK a regex for the bench lines
-# to print (default every timing line), AB_TIMEOUT the seconds the tests may take (default 400).
+# to print (default every timing line), AB_CASES the bench's SEQSxCTX cases (default its own),
+# AB_TIMEOUT the seconds the tests may take (default 400).
 # Logs go under DIR, one pair of files per config.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -39,7 +40,7 @@ for config in "$@"; do
   fi
   if [ "$section" != none ]; then
     echo "== $config: kernel bench $section"
-    env "${settings[@]}" timeout 300 build-gpu/ernie_kernel_bench 20 "$section" \
+    env "${settings[@]}" timeout 300 build-gpu/ernie_kernel_bench 20 "$section" ${AB_CASES:-} \
       > "$log.bench.txt" 2>&1 || rc=1
     grep -E "$pick" "$log.bench.txt"
     echo "(${SECONDS}s)"

@@ -260,11 +260,59 @@ void finish_or_abort(cudaStream_t stream, double seconds) {
   ERNIE_CUDA_CHECK(cudaStreamSynchronize(stream));
 }
 
+// An MoE block's expert weights of a random draw, tiled as prepare_moe tiles them: gate/up [E *
+// 2 * inter, hidden] and down [E * hidden, inter]. The model's shapes hold half a billion
+// weights: a random pool of an odd length, repeated from a random shift, keeps the draw quick.
+struct TiledExperts {
+  TiledExperts(Rng& rng, cudaStream_t stream, int hidden, int inter, int experts)
+      : gu(static_cast<size_t>(int64_t{experts} * 2 * inter * tiled_cols(hidden))),
+        down(static_cast<size_t>(int64_t{experts} * hidden * tiled_cols(inter))) {
+    const int64_t gu_rows = int64_t{experts} * 2 * inter, down_rows = int64_t{experts} * hidden;
+    const auto pool = random_bf16(rng, (1 << 20) + 1, 1.0);
+    auto tile = [&](DeviceBuffer<uint16_t>& dst, int64_t rows, int cols) {
+      std::vector<uint16_t> v(static_cast<size_t>(rows * cols));
+      const size_t shift = rng.below(pool.size());
+      const float scale = static_cast<float>(1.0 / std::sqrt(cols));
+      for (size_t i = 0; i < v.size(); ++i) {
+        v[i] = float_to_bf16(scale * bf16_to_float(pool[(i + shift) % pool.size()]));
+      }
+      DeviceBuffer<uint16_t> src(v.size());
+      src.upload(v);
+      tile_expert_weights(bf(dst.p), bf(src.p), rows, cols, stream);
+      ERNIE_CUDA_CHECK(cudaStreamSynchronize(stream));
+    };
+    tile(gu, gu_rows, hidden);
+    tile(down, down_rows, inter);
+  }
+  DeviceBuffer<uint16_t> gu, down;
+};
+
+// Two runs' GEMM outputs (act [rows, inter], y [rows, hidden]) hold the same rows for every
+// pair, found through each run's pair_pos (the align may order an expert's pairs differently
+// from run to run), and those rows were computed (not left poisoned).
+void expect_same_rows_by_pair(const std::vector<uint16_t> (&act)[2],
+                              const std::vector<uint16_t> (&y)[2],
+                              const std::vector<int32_t> (&pos)[2], int pairs, int inter,
+                              int hidden) {
+  for (int i = 0; i < pairs; ++i) {
+    for (auto [v, width, name] : {std::tuple{act, inter, "act"}, std::tuple{y, hidden, "y"}}) {
+      const auto row = [&](int run) {
+        return v[run].begin() + static_cast<ptrdiff_t>(pos[run][i]) * width;
+      };
+      ASSERT_TRUE(std::equal(row(1), row(1) + width, row(0)))
+          << name << " of pair " << i << " differs (rows " << pos[1][i] << ", " << pos[0][i] << ")";
+      for (int c = 0; c < width; c += 97) {
+        ASSERT_TRUE(std::isfinite(bf16_to_float(row(1)[c])))
+            << name << " of pair " << i << " column " << c;
+      }
+    }
+  }
+}
+
 // One routing of `tokens` tokens through the 32-row expert GEMMs, with and without readiness
 // counters (MoeBlockReadyMatchesGridWait).
 void expect_block_ready_matches(Rng& rng, cudaStream_t stream, int hidden, int inter, int experts,
-                                int k, int tokens, const DeviceBuffer<uint16_t>& d_gu,
-                                const DeviceBuffer<uint16_t>& d_down) {
+                                int k, int tokens, const TiledExperts& w) {
   constexpr int block_m = kMoeBlockMid;
   const int pairs = tokens * k;
   const bool skew = rng.below(2) == 0;
@@ -307,29 +355,17 @@ void expect_block_ready_matches(Rng& rng, cudaStream_t stream, int hidden, int i
     int32_t* ready = with_ready ? d_ready.p : nullptr;
     moe_align(d_sorted.p, d_block.p, d_pos.p, d_ids.p, pairs, experts, block_m, d_scratch.p, stream,
               ready);
-    moe_gate_up(bf(d_act.p), bf(d_x.p), bf(d_gu.p), d_sorted.p, d_block.p, cap, block_m, k, hidden,
+    moe_gate_up(bf(d_act.p), bf(d_x.p), bf(w.gu.p), d_sorted.p, d_block.p, cap, block_m, k, hidden,
                 inter, experts, stream, SharedFold{}, ready);
-    moe_down(bf(d_y.p), bf(d_act.p), bf(d_down.p), d_wts.p, d_sorted.p, d_block.p, cap, block_m,
+    moe_down(bf(d_y.p), bf(d_act.p), bf(w.down.p), d_wts.p, d_sorted.p, d_block.p, cap, block_m,
              hidden, inter, experts, stream, SharedFold{}, ready);
     finish_or_abort(stream, 20.0);
     act[with_ready] = d_act.download();
     y[with_ready] = d_y.download();
     pos[with_ready] = d_pos.download();
   }
-  for (int i = 0; i < pairs; ++i) {
-    for (auto [v, width, name] : {std::tuple{act, inter, "act"}, std::tuple{y, hidden, "y"}}) {
-      const auto row = [&](int run) {
-        return v[run].begin() + static_cast<ptrdiff_t>(pos[run][i]) * width;
-      };
-      ASSERT_TRUE(std::equal(row(1), row(1) + width, row(0)))
-          << name << " of pair " << i << " differs (rows " << pos[1][i] << ", " << pos[0][i] << ")";
-      // Computed, not left poisoned.
-      for (int c = 0; c < width; c += 97) {
-        ASSERT_TRUE(std::isfinite(bf16_to_float(row(1)[c])))
-            << name << " of pair " << i << " column " << c;
-      }
-    }
-  }
+  expect_same_rows_by_pair(act, y, pos, pairs, inter, hidden);
+  if (::testing::Test::HasFatalFailure()) return;
   const auto block_expert = d_block.download();
   const auto counters = d_ready.download();
   int used = 0;
@@ -361,31 +397,79 @@ TEST(CudaKernels, MoeBlockReadyMatchesGridWait) {
     std::vector<int> tokens;
   };
   for (const Shape& s : {Shape{2560, 1536, 64, 6, {3, 256, 1500}}, Shape{512, 160, 24, 8, {200}}}) {
-    // The model's expert shapes hold half a billion weights: a random pool of an odd length,
-    // repeated, keeps the draw quick.
-    const int64_t gu_rows = int64_t{s.experts} * 2 * s.inter;
-    const int64_t down_rows = int64_t{s.experts} * s.hidden;
-    const auto pool = random_bf16(rng, (1 << 20) + 1, 1.0);
-    auto pooled = [&](size_t n, double scale) {
-      std::vector<uint16_t> v(n);
-      const size_t shift = rng.below(pool.size());
-      for (size_t i = 0; i < n; ++i) {
-        v[i] = float_to_bf16(static_cast<float>(scale) *
-                             bf16_to_float(pool[(i + shift) % pool.size()]));
-      }
-      return v;
-    };
-    DeviceBuffer<uint16_t> d_gu_src(static_cast<size_t>(gu_rows * s.hidden));
-    DeviceBuffer<uint16_t> d_down_src(static_cast<size_t>(down_rows * s.inter));
-    DeviceBuffer<uint16_t> d_gu(static_cast<size_t>(gu_rows * tiled_cols(s.hidden)));
-    DeviceBuffer<uint16_t> d_down(static_cast<size_t>(down_rows * tiled_cols(s.inter)));
-    d_gu_src.upload(pooled(d_gu_src.n, 1.0 / std::sqrt(s.hidden)));
-    d_down_src.upload(pooled(d_down_src.n, 1.0 / std::sqrt(s.inter)));
-    tile_expert_weights(bf(d_gu.p), bf(d_gu_src.p), gu_rows, s.hidden, stream);
-    tile_expert_weights(bf(d_down.p), bf(d_down_src.p), down_rows, s.inter, stream);
+    const TiledExperts w(rng, stream, s.hidden, s.inter, s.experts);
     for (int tokens : s.tokens) {
-      expect_block_ready_matches(rng, stream, s.hidden, s.inter, s.experts, s.k, tokens, d_gu,
-                                 d_down);
+      expect_block_ready_matches(rng, stream, s.hidden, s.inter, s.experts, s.k, tokens, w);
+    }
+  }
+  ERNIE_CUDA_CHECK(cudaStreamDestroy(stream));
+}
+
+// The fused router's hand-off to the routed gate/up GEMM (RouteHandoff): an L2 prefetch of the
+// chosen experts' first weight stages, and a layout flag the GEMM's routed CTAs poll instead of
+// waiting for the router's grid. Router, gate/up and down run back to back on one stream with
+// and without it, three times each way (the flag must be reset by each launch: it starts
+// poisoned to a non-zero value), the routed CTAs launched early or late (early_dependents);
+// every pair's rows must be bit for bit those without the hand-off, the flag 1 afterwards. A
+// prefetch budget far past the weights' size takes whole experts (its last range ends at the
+// buffer's end).
+TEST(CudaKernels, RouterHandoffMatchesGridWait) {
+  if (device_count() == 0) GTEST_SKIP() << "no CUDA device";
+  Rng rng(std::random_device{}());
+  cudaStream_t stream;
+  ERNIE_CUDA_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+  struct Shape {
+    int hidden, inter, experts, k;
+    std::vector<int> tokens;
+  };
+  for (const Shape& s : {Shape{2560, 1536, 64, 6, {1, 3, 8}}, Shape{512, 160, 24, 8, {1, 2, 7}}}) {
+    const TiledExperts w(rng, stream, s.hidden, s.inter, s.experts);
+    for (int tokens : s.tokens) {
+      for (int stages : {2, 1 << 20}) {
+        const bool early = rng.below(2) == 0;
+        SCOPED_TRACE(::testing::Message()
+                     << tokens << " tokens, " << s.hidden << "/" << s.inter << ", " << s.experts
+                     << " experts top-" << s.k << ", " << stages << " prefetch stages"
+                     << (early ? ", early dependents" : ""));
+        constexpr int block_m = kMoeBlockSmall;
+        const int pairs = tokens * s.k;
+        ASSERT_EQ(moe_block_m(pairs, s.experts), block_m);
+        const int64_t cap = moe_capacity(pairs, s.experts, block_m);
+        const int blocks = static_cast<int>(cap / block_m);
+        RouterInputs in(rng, tokens, s.hidden, s.experts);
+        DeviceBuffer<float> d_wts(pairs);
+        DeviceBuffer<int32_t> d_ids(pairs), d_sorted(cap), d_block(blocks), d_pos(pairs), d_flag(1);
+        DeviceBuffer<uint16_t> d_act(static_cast<size_t>(cap) * s.inter);
+        DeviceBuffer<uint16_t> d_y(static_cast<size_t>(cap) * s.hidden);
+        const RouteLayout layout{d_sorted.p, d_block.p, d_pos.p, block_m, blocks};
+        RouteHandoff handoff = moe_gate_up_prefetch(bf(w.gu.p), s.hidden, s.inter, s.k, stages);
+        handoff.ready = d_flag.p;
+        ERNIE_CUDA_CHECK(cudaMemset(d_flag.p, 0x7f, sizeof(int32_t)));
+        std::vector<uint16_t> act[2], y[2];
+        std::vector<int32_t> pos[2];
+        for (int run = 0; run < 6; ++run) {
+          const bool with = run % 2 == 1;
+          ERNIE_CUDA_CHECK(cudaMemsetAsync(d_act.p, 0xff, d_act.n * sizeof(uint16_t), stream));
+          ERNIE_CUDA_CHECK(cudaMemsetAsync(d_y.p, 0xff, d_y.n * sizeof(uint16_t), stream));
+          ASSERT_TRUE(route_topk(d_ids.p, d_wts.p, bf(in.d_x.p), in.d_w.p, in.d_b.p, tokens,
+                                 s.hidden, s.experts, s.k, 1e-12f, in.d_scratch.p, stream, &layout,
+                                 early, with ? handoff : RouteHandoff{}));
+          moe_gate_up(bf(d_act.p), bf(in.d_x.p), bf(w.gu.p), d_sorted.p, d_block.p, cap, block_m,
+                      s.k, s.hidden, s.inter, s.experts, stream, SharedFold{}, nullptr,
+                      with ? d_flag.p : nullptr);
+          moe_down(bf(d_y.p), bf(d_act.p), bf(w.down.p), d_wts.p, d_sorted.p, d_block.p, cap,
+                   block_m, s.hidden, s.inter, s.experts, stream);
+          finish_or_abort(stream, 20.0);
+          act[with] = d_act.download();
+          y[with] = d_y.download();
+          pos[with] = d_pos.download();
+          if (with) {
+            ASSERT_EQ(d_flag.download()[0], 1) << "run " << run;
+            expect_same_rows_by_pair(act, y, pos, pairs, s.inter, s.hidden);
+            if (::testing::Test::HasFatalFailure()) return;
+          }
+        }
+      }
     }
   }
   ERNIE_CUDA_CHECK(cudaStreamDestroy(stream));
