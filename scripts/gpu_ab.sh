@@ -8,7 +8,7 @@
 # kernel bench section (ops, steps, all; "none" skips it), AB_PICK a regex for the bench lines
 # to print (default every timing line), AB_CASES the bench's SEQSxCTX cases (default its own),
 # AB_TIMEOUT the seconds the tests may take (default 400).
-# Logs go under DIR, one pair of files per config.
+# Logs go under DIR, one pair of files per config, numbered in order.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=$(realpath -m "${1:-ab-results}")
@@ -25,10 +25,12 @@ filter=${AB_FILTER:-*}
 section=${AB_BENCH:-all}
 pick=${AB_PICK:-.}
 rc=0
+n=0
 for config in "$@"; do
   settings=()
   [ "$config" = - ] || IFS=, read -ra settings <<< "$config"
-  log="$out/$(echo "$config" | tr -c 'A-Za-z0-9_.-' '_')"
+  n=$((n + 1))  # the same config twice (before and after) keeps both logs
+  log="$out/$n-$(echo "$config" | tr -c 'A-Za-z0-9_.-' '_')"
   if [ "$filter" != none ]; then
     env "${settings[@]}" timeout "${AB_TIMEOUT:-400}" build-gpu/tests/ernie_cuda_tests \
       --gtest_filter="$filter" > "$log.tests.log" 2>&1

@@ -196,8 +196,6 @@ class CudaBackend final : public Backend {
       check_cublas(cublasSetWorkspace(blas_[i], blas_workspace_[i], kWorkspace),
                    "cublasSetWorkspace");
     }
-    check_cuda(cudaMalloc(&d_layout_ready_, sizeof(int32_t)), "cudaMalloc (router flag)");
-    check_cuda(cudaMemset(d_layout_ready_, 0, sizeof(int32_t)), "cudaMemset (router flag)");
     for (auto& s : staging_) {
       check_cuda(cudaHostAlloc(reinterpret_cast<void**>(&s), kStagingBytes, cudaHostAllocDefault),
                  "cudaHostAlloc (weight staging)");
@@ -217,7 +215,6 @@ class CudaBackend final : public Backend {
       cudaFree(blas_workspace_[i]);
     }
     for (auto* s : staging_) cudaFreeHost(s);
-    cudaFree(d_layout_ready_);
     cudaEventDestroy(fork_);
     cudaEventDestroy(join_);
     cudaStreamDestroy(side_stream_);
@@ -768,24 +765,10 @@ class CudaBackend final : public Backend {
     if (block_ready_on && cuda::moe_block_ready_fits(block_m, fold)) {
       block_ready = static_cast<int32_t*>(arena_.alloc(cap / block_m * sizeof(int32_t)));
     }
-    // Where the router lays the pairs out (few tokens) it can also hand the routed gate/up GEMM
-    // a prefetch of the chosen experts' first weight stages into L2 (ERNIE_ROUTE_PREFETCH: the
-    // 4 KB stages per 16-row group at one token; unset: none) and a flag its routed CTAs poll
-    // instead of waiting for the router's grid to end (ERNIE_ROUTE_FLAG=1). Both new.
-    static const int prefetch_stages = cuda::switch_bits("ERNIE_ROUTE_PREFETCH", 0);
-    static const bool route_flag = cuda::new_path_enabled("ERNIE_ROUTE_FLAG");
-    cuda::RouteHandoff handoff;
-    if (block_m == cuda::kMoeBlockSmall) {
-      handoff =
-          cuda::moe_gate_up_prefetch(bf(w.experts_gate_up), hidden, inter, k, prefetch_stages);
-      if (route_flag) handoff.ready = d_layout_ready_;
-    }
-    const int32_t* layout_ready = nullptr;
     if (cuda::route_topk(ids, weights, bf(x), w.router.as<float>(), w.router_bias.as<float>(),
                          tokens, hidden, experts, k, w.norm_min, route_scratch, stream_, &layout,
-                         fold.early, handoff)) {
+                         fold.early)) {
       block_ready = nullptr;  // the router laid the pairs out (few tokens): no counters cleared
-      layout_ready = handoff.ready;
     } else {
       void* align_scratch = arena_.alloc(cuda::moe_align_scratch_bytes(pairs, experts));
       cuda::moe_align(sorted, block_expert, pair_pos, ids, pairs, experts, block_m, align_scratch,
@@ -800,7 +783,7 @@ class CudaBackend final : public Backend {
     auto* act = static_cast<__nv_bfloat16*>(arena_.alloc(rows * inter * sizeof(__nv_bfloat16)));
     auto* y = static_cast<__nv_bfloat16*>(arena_.alloc(rows * hidden * sizeof(__nv_bfloat16)));
     cuda::moe_gate_up(act, bf(x), bf(w.experts_gate_up), sorted, block_expert, cap, block_m, k,
-                      hidden, inter, experts, stream_, fold, block_ready, layout_ready);
+                      hidden, inter, experts, stream_, fold, block_ready);
     cuda::moe_down(y, act, bf(w.experts_down), weights, sorted, block_expert, cap, block_m, hidden,
                    inter, experts, stream_, fold, block_ready);
     if (overlap) {
@@ -1105,7 +1088,6 @@ class CudaBackend final : public Backend {
           *d_context_lens_ = nullptr, *d_block_tables_ = nullptr, *d_logits_indices_ = nullptr,
           *d_tile_seq_ = nullptr, *d_tile_row0_ = nullptr, *d_dims_ = nullptr;
   int64_t* d_slots_ = nullptr;
-  int32_t* d_layout_ready_ = nullptr;  // the fused router's layout flag (RouteHandoff::ready)
 };
 
 }  // namespace

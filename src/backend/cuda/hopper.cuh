@@ -108,17 +108,6 @@ __device__ __forceinline__ void bulk_load(void* dst, const void* src, uint32_t b
       : "memory");
 }
 
-// Asks L2 to fetch `bytes` (a multiple of 16, the address 16-byte aligned) from global memory,
-// without waiting and without a destination: the copy engine's form of an L2 prefetch.
-__device__ __forceinline__ void bulk_prefetch_l2(const void* src, uint32_t bytes) {
-  asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;\n" ::"l"(src), "r"(bytes) : "memory");
-}
-
-// A store with release semantics at GPU scope (see red_add_release_gpu).
-__device__ __forceinline__ void st_release_gpu(int32_t* p, int v) {
-  asm volatile("st.release.gpu.global.b32 [%0], %1;\n" ::"l"(p), "r"(v) : "memory");
-}
-
 // atomicAdd with acquire-release semantics at GPU scope: the writes ordered before it (this
 // thread's, and its CTA's through a barrier) are visible to whoever acquires the new value, and
 // it sees what the earlier arrivals released. Returns the old value.

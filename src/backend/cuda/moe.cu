@@ -192,14 +192,9 @@ FoldArgs fold_args(const SharedFold& f, int block_m, int experts) {
 // the counters to 0; down launches only after every gate/up CTA has started (launch.cuh's
 // ordered launch), so no down CTA can hold a multiprocessor that a gate/up CTA it waits for
 // still needs.
-// layout_ready (gate/up only, few tokens): the fused router's flag (RouteHandoff::ready); the
-// routed CTAs poll it (thread 0, acquire loads) instead of waiting for the router's grid to end,
-// and wait for the grid only before they exit, so that this grid's end still implies the
-// router's for the kernels after it.
 struct BlockReady {
   int32_t* counters = nullptr;  // [M-blocks]
   int target = 0;
-  const int32_t* layout_ready = nullptr;
 };
 
 // A stage of a tile's weight groups (gate/up: the gate rows' groups, then the up rows'), 16
@@ -349,16 +344,8 @@ __global__ void __launch_bounds__(Tile<BM, kWide, kLean>::kThreads, 1)
   // load. gate/up's folded blocks read only x and write rows nobody reads before this kernel
   // ends: with fold.early (x complete before the kernels before this one let it launch) they
   // do not wait for the router.
-  const bool poll_layout = kGateUp && !folded && ready.layout_ready != nullptr;
   if constexpr (kGateUp) {
-    if (poll_layout) {
-      if (threadIdx.x == 0) {
-        while (ld_acquire_gpu(ready.layout_ready) == 0) __nanosleep(32);
-      }
-      __syncthreads();  // the layout reads below come after thread 0's acquire
-    } else if (!folded || !fold.early) {
-      asm volatile("griddepcontrol.wait;" ::: "memory");
-    }
+    if (!folded || !fold.early) asm volatile("griddepcontrol.wait;" ::: "memory");
   }
   asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
   using T = Tile<BM, kWide, kLean>;
@@ -366,10 +353,7 @@ __global__ void __launch_bounds__(Tile<BM, kWide, kLean>::kThreads, 1)
   constexpr int kMt = T::kMt, kNt = T::kNt;
   const int e =
       folded ? fold.first_expert + mb / fold.blocks_per_expert : __ldcg(block_expert + rb);
-  if (e < 0) {
-    if (poll_layout) asm volatile("griddepcontrol.wait;" ::: "memory");
-    return;
-  }
+  if (e < 0) return;
   // The pair of row r of this block (-1: padding); a folded block's row is a token, its weight 1.
   auto pair_of = [&](int r) {
     if (folded) {
@@ -527,7 +511,6 @@ __global__ void __launch_bounds__(Tile<BM, kWide, kLean>::kThreads, 1)
       __syncthreads();  // every thread's rows stored
       if (tid == 0) red_add_release_gpu(ready.counters + mb, 1);
     }
-    if (poll_layout) asm volatile("griddepcontrol.wait;" ::: "memory");
   }
 }
 
@@ -581,7 +564,7 @@ template <bool kGateUp>
 void launch_gemm(__nv_bfloat16* out, const __nv_bfloat16* a, const __nv_bfloat16* w,
                  const float* route_w, const int32_t* sorted_pairs, const int32_t* block_expert,
                  int64_t capacity, int block_m, int k, int K, int N, const FoldArgs& fold,
-                 int32_t* block_ready, const int32_t* layout_ready, cudaStream_t stream) {
+                 int32_t* block_ready, cudaStream_t stream) {
   require_parts(K % 8 == 0, "MoE GEMM: the reduction size ", K, " must be a multiple of 8");
   require_parts(N % kTiledGroupRows == 0, "MoE GEMM: the output size ", N,
                 " must be a multiple of ", kTiledGroupRows);
@@ -600,11 +583,6 @@ void launch_gemm(__nv_bfloat16* out, const __nv_bfloat16* a, const __nv_bfloat16
     constexpr int gate_up_cols = Tile<kMoeBlockMid>::kBN / 2;
     static_assert(Tile<kMoeBlockMid>::kBN == Tile<kMoeBlockMid, false, true>::kBN);
     ready = BlockReady{block_ready, kGateUp ? 0 : (K + gate_up_cols - 1) / gate_up_cols};
-  }
-  if (layout_ready != nullptr) {
-    require(kGateUp && block_m == kMoeBlockSmall,
-            "MoE GEMM: the router's layout flag is for gate/up's 16-row blocks");
-    ready.layout_ready = layout_ready;
   }
   const bool wide = block_m == kMoeBlockSmall &&
                     wide_tiles_fit<kGateUp>(fold.blocks + capacity / kMoeBlockSmall, N);
@@ -1120,7 +1098,7 @@ void moe_align(int32_t* sorted_pairs, int32_t* block_expert, int32_t* pair_pos, 
 void moe_gate_up(__nv_bfloat16* act, const __nv_bfloat16* x, const __nv_bfloat16* w_gate_up,
                  const int32_t* sorted_pairs, const int32_t* block_expert, int64_t capacity,
                  int block_m, int k, int hidden, int inter, int experts, cudaStream_t stream,
-                 const SharedFold& fold, int32_t* block_ready, const int32_t* layout_ready) {
+                 const SharedFold& fold, int32_t* block_ready) {
   if (capacity == 0) return;
   if (block_m == kMoeBlockWgmma) {
     require(fold.experts == 0, "MoE wgmma GEMM: shared experts cannot be folded");
@@ -1134,25 +1112,7 @@ void moe_gate_up(__nv_bfloat16* act, const __nv_bfloat16* x, const __nv_bfloat16
     return;
   }
   launch_gemm<true>(act, x, w_gate_up, nullptr, sorted_pairs, block_expert, capacity, block_m, k,
-                    hidden, inter, fold_args(fold, block_m, experts), block_ready, layout_ready,
-                    stream);
-}
-
-RouteHandoff moe_gate_up_prefetch(const __nv_bfloat16* w_gate_up, int hidden, int inter, int k,
-                                  int stages) {
-  using T = Tile<kMoeBlockSmall>;
-  static_assert(T::kGroupStage == Tile<kMoeBlockSmall, true>::kGroupStage &&
-                T::kGroupStage == Tile<kMoeBlockSmall, false, true>::kGroupStage);
-  RouteHandoff h;
-  if (stages <= 0) return h;
-  const int64_t kp = tiled_cols(hidden);
-  h.base = w_gate_up;
-  h.group_bytes = kTiledGroupRows * kp * static_cast<int64_t>(sizeof(__nv_bfloat16));
-  h.groups = 2 * inter / kTiledGroupRows;
-  h.expert_bytes = h.group_bytes * h.groups;
-  h.stage_bytes = T::kGroupStage;
-  h.budget = static_cast<int64_t>(stages) * h.stage_bytes * h.groups * k;
-  return h;
+                    hidden, inter, fold_args(fold, block_m, experts), block_ready, stream);
 }
 
 void moe_down(__nv_bfloat16* y, const __nv_bfloat16* act, const __nv_bfloat16* w_down,
@@ -1170,8 +1130,7 @@ void moe_down(__nv_bfloat16* y, const __nv_bfloat16* act, const __nv_bfloat16* w
     return;
   }
   launch_gemm<false>(y, act, w_down, weights, sorted_pairs, block_expert, capacity, block_m, 1,
-                     inter, hidden, fold_args(fold, block_m, experts), block_ready, nullptr,
-                     stream);
+                     inter, hidden, fold_args(fold, block_m, experts), block_ready, stream);
 }
 
 void moe_combine(__nv_bfloat16* out, const __nv_bfloat16* y, const int32_t* pair_pos,

@@ -15,8 +15,6 @@
 #include <algorithm>
 #include <cstdint>
 
-#include "backend/cuda/router.cuh"
-
 namespace ernie::cuda {
 
 // Rows per M-block of the sorted layout: 16 while the average expert gets up to 8 rows, 32 up
@@ -80,21 +78,11 @@ inline int64_t moe_shared_rows(const SharedFold& f, int block_m) {
 // (gathered by the GEMM's loads); w_gate_up [E * 2 * inter, hidden] in the tiled layout (each
 // expert's gate rows then its up rows). hidden % 8 == 0, inter % 16 == 0. With a fold (decode
 // block sizes only), act has moe_shared_rows(fold, block_m) rows of the folded experts first,
-// then the capacity rows of the routed layout. layout_ready (16-row blocks, the router's
-// layout written in the launch right before: RouteHandoff::ready): the routed CTAs poll it
-// instead of waiting for that launch to end.
+// then the capacity rows of the routed layout.
 void moe_gate_up(__nv_bfloat16* act, const __nv_bfloat16* x, const __nv_bfloat16* w_gate_up,
                  const int32_t* sorted_pairs, const int32_t* block_expert, int64_t capacity,
                  int block_m, int k, int hidden, int inter, int experts, cudaStream_t stream,
-                 const SharedFold& fold = {}, int32_t* block_ready = nullptr,
-                 const int32_t* layout_ready = nullptr);
-
-// The RouteHandoff prefetch for moe_gate_up's 16-row tiles: `stages` of each 16-row group's
-// 128-column k-tiles (4 KB each, the first stages every CTA loads) for one token's k experts;
-// route_topk shares these bytes among a step's distinct experts. w_gate_up as moe_gate_up takes
-// it (tiled).
-RouteHandoff moe_gate_up_prefetch(const __nv_bfloat16* w_gate_up, int hidden, int inter, int k,
-                                  int stages);
+                 const SharedFold& fold = {}, int32_t* block_ready = nullptr);
 
 // y [capacity, hidden] = weight[pair] * act W_down^T per sorted row; w_down [E * hidden, inter]
 // in the tiled layout. inter % 8 == 0, hidden % 16 == 0. With a fold, act as moe_gate_up wrote

@@ -139,7 +139,6 @@ struct Tail {
   int k;
   float norm_min;
   RouteLayout layout;
-  RouteHandoff handoff;
 };
 
 // Up to this many tokens router_small_kernel computes the logits, and with a layout its last CTA
@@ -258,35 +257,6 @@ __global__ void __launch_bounds__(kThreads)
 constexpr int kSmallThreads = 128;
 constexpr size_t kSmallMaxSmem = 200 * 1024;  // a weight row, the input, the tail's scratch
 
-// RouteHandoff's L2 prefetch, by one whole CTA: the distinct experts of ids [pairs] listed in
-// scratch (2 * experts + 1 ints: a count per expert, then the list), then their groups' first
-// bytes asked of L2, a group per thread at a time. Leaves scratch to be overwritten.
-__device__ __forceinline__ void prefetch_experts(const RouteHandoff& h, const int32_t* ids,
-                                                 int pairs, int experts, int* scratch) {
-  __shared__ int distinct;
-  int* counts = scratch;
-  int* list = scratch + experts;
-  for (int e = threadIdx.x; e < experts; e += blockDim.x) counts[e] = 0;
-  if (threadIdx.x == 0) distinct = 0;
-  __syncthreads();
-  for (int i = threadIdx.x; i < pairs; i += blockDim.x) {
-    if (atomicAdd(&counts[ids[i]], 1) == 0) list[atomicAdd(&distinct, 1)] = ids[i];
-  }
-  __syncthreads();
-  const int n = distinct;
-  const int64_t per_group = h.budget / (static_cast<int64_t>(n) * h.groups);
-  const uint32_t bytes = static_cast<uint32_t>(
-      min(h.group_bytes, per_group / h.stage_bytes * static_cast<int64_t>(h.stage_bytes)));
-  if (bytes > 0) {
-    const auto* base = static_cast<const unsigned char*>(h.base);
-    for (int i = threadIdx.x; i < n * h.groups; i += blockDim.x) {
-      const int e = list[i / h.groups], g = i % h.groups;
-      bulk_prefetch_l2(base + e * h.expert_bytes + g * h.group_bytes, bytes);
-    }
-  }
-  __syncthreads();  // scratch is free again
-}
-
 // The fused tail, by one whole CTA of kSmallThreads: the top-k of every token (a warp per
 // token, logits [tokens][experts] in global memory), the ids also into shared memory after the
 // bias (for the layout to read without a trip to L2), then the MoE layout. tail_smem: the
@@ -302,16 +272,9 @@ __device__ __forceinline__ void route_tail(const Tail& tail, const float* logits
   }
   __syncthreads();  // every token's ids are written
   int* counts = ids_s + tokens * tail.k;
-  const int pairs = tokens * tail.k;
-  const RouteHandoff& h = tail.handoff;
-  if (h.base != nullptr) prefetch_experts(h, ids_s, pairs, experts, counts);
   const RouteLayout& L = tail.layout;
-  align_pairs(L.sorted_pairs, L.block_expert, L.pair_pos, ids_s, pairs, experts, L.block_m,
-              L.num_blocks, counts, counts + experts);
-  if (h.ready != nullptr) {
-    __syncthreads();  // the whole layout is written
-    if (threadIdx.x == 0) st_release_gpu(h.ready, 1);
-  }
+  align_pairs(L.sorted_pairs, L.block_expert, L.pair_pos, ids_s, tokens * tail.k, experts,
+              L.block_m, L.num_blocks, counts, counts + experts);
 }
 
 template <bool kFused>
@@ -346,15 +309,6 @@ __global__ void __launch_bounds__(kSmallThreads)
     cp_async_commit();
   }
   asm volatile("griddepcontrol.wait;" ::: "memory");
-  if constexpr (kFused) {
-    // The layout flag back to 0 before anything after this launch can read it (every reader of
-    // the last value has ended: the kernels before this one have). The last CTA sets it only
-    // after this CTA's arrival, which the store is ordered before.
-    if (tail.handoff.ready != nullptr && e == 0 && tid == 0) {
-      *tail.handoff.ready = 0;
-      __threadfence();
-    }
-  }
   if (trigger == kAfterWait) asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
   // latency: the input by one bulk copy too (a loop of loads from L2 waits for each: a trip
   // per 128 groups of four columns, five at a hidden size of 2560).
@@ -445,7 +399,7 @@ size_t route_scratch_bytes(int tokens, int hidden, int experts) {
 bool route_topk(int32_t* ids, float* weights, const __nv_bfloat16* x, const float* router,
                 const float* bias, int tokens, int hidden, int experts, int k, float norm_min,
                 void* scratch, cudaStream_t stream, const RouteLayout* layout,
-                bool early_dependents, const RouteHandoff& handoff) {
+                bool early_dependents) {
   if (tokens == 0) return false;
   // Up to 64 tokens the routed GEMMs launch only once the logits are in (steps 1 x 1000 3.62 ->
   // 3.50 ms, 16 and 64 tokens no slower), or once x is (early_dependents); at 256 the early
@@ -460,7 +414,7 @@ bool route_topk(int32_t* ids, float* weights, const __nv_bfloat16* x, const floa
   // fused results equal the separate ones.
   if (tokens <= kFusedRouteTokens) {
     auto* logits = static_cast<float*>(scratch);  // tokens x experts <= the scratch's floats
-    Tail tail{ids, weights, bias, k, norm_min, {}, {}};
+    Tail tail{ids, weights, bias, k, norm_min, {}};
     // Shared memory: the weight row and the input, then (fused) the tail's scratch.
     const size_t row_bytes = static_cast<size_t>(hidden) * sizeof(float) +
                              static_cast<size_t>(tokens) * hidden * sizeof(__nv_bfloat16);
@@ -484,10 +438,6 @@ bool route_topk(int32_t* ids, float* weights, const __nv_bfloat16* x, const floa
     static const bool latency = path_enabled("ERNIE_LATENCY_LOADS");
     if (layout != nullptr) {
       tail.layout = *layout;
-      tail.handoff = handoff;
-      require(handoff.base == nullptr || (handoff.groups > 0 && handoff.stage_bytes % 16 == 0 &&
-                                          handoff.stage_bytes > 0 && handoff.group_bytes % 16 == 0),
-              "route_topk: bad prefetch shape");
       launch_pdl(router_small_kernel<true>, experts, kSmallThreads, row_bytes + tail_bytes, stream,
                  logits, x, router, tokens, hidden, experts, tail, trigger, latency);
       ERNIE_CUDA_CHECK(cudaGetLastError());

@@ -31,25 +31,6 @@ struct RouteLayout {
   int block_m = 0, num_blocks = 0;
 };
 
-// What the fused router (at most 8 tokens, with a layout) can do for the routed gate/up GEMM
-// that follows it; unset fields do nothing.
-struct RouteHandoff {
-  // An L2 prefetch of each chosen expert's first weight bytes, issued as soon as the top-k is
-  // known (before the layout, long before the GEMM's CTAs read their expert ids): group g of
-  // expert e starts at base + e * expert_bytes + g * group_bytes, and `budget` bytes in all
-  // are shared evenly by the step's distinct experts, each group getting whole `stage_bytes`
-  // (at most group_bytes). The GEMM's first stages then come from L2 while DRAM would
-  // otherwise sit idle (moe.cuh, moe_gate_up_prefetch).
-  const void* base = nullptr;
-  int64_t expert_bytes = 0, group_bytes = 0, budget = 0;
-  int groups = 0;
-  uint32_t stage_bytes = 0;
-  // Set to 1 (a release at GPU scope) once the layout is written, back to 0 by the next fused
-  // launch after its wait: the GEMM's routed CTAs can poll it instead of waiting for the
-  // router's grid to end (moe_gate_up's layout_ready).
-  int32_t* ready = nullptr;
-};
-
 // x [tokens, hidden] bf16; router [experts, hidden] f32; bias [experts] f32; scratch of
 // route_scratch_bytes(). Writes ids [tokens, k] (descending biased score, lower id first on
 // ties) and weights [tokens, k]. hidden % 32 == 0, experts <= 1024, k <= experts. With a
@@ -61,11 +42,10 @@ struct RouteHandoff {
 // launches after route_topk, and after moe_align, which lets its dependents launch at once, may
 // read x before its own wait); by default once the logits are stored, with early_dependents
 // right after the wait. Beyond it they launch at once (they then wait as usual).
-// handoff: used only where the router lays the pairs out (returns true).
 constexpr int kRouteOrderedTokens = 64;
 bool route_topk(int32_t* ids, float* weights, const __nv_bfloat16* x, const float* router,
                 const float* bias, int tokens, int hidden, int experts, int k, float norm_min,
                 void* scratch, cudaStream_t stream, const RouteLayout* layout = nullptr,
-                bool early_dependents = false, const RouteHandoff& handoff = {});
+                bool early_dependents = false);
 
 }  // namespace ernie::cuda
