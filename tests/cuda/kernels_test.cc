@@ -762,23 +762,37 @@ TEST(CudaKernels, RouterMatchesCpuReference) {
 // Up to 8 tokens the router kernel can also lay the pairs out (moe_align's job) in the same
 // launch: the ids and weights must be exactly those of the separate kernels, the layout must
 // hold every pair once in its expert's blocks, and back-to-back launches must each finish
-// (the last CTA resets the arrival count).
+// (the last CTA resets the arrival count). Tied shapes give experts in pairs the same router
+// row and bias, so equal scores must be ordered by id as the separate top-k orders them (the
+// fused tail may rank instead of taking rounds of argmax: ERNIE_RANKED_TAIL).
 TEST(CudaKernels, RouterLayoutMatchesSeparateAlign) {
   if (device_count() == 0) GTEST_SKIP() << "no CUDA device";
   Rng rng(std::random_device{}());
   struct Shape {
     int tokens, hidden, experts, k, block_m;
+    bool tied = false;
   };
   for (const Shape& s :
        {Shape{1, 2560, 64, 6, kMoeBlockSmall}, Shape{8, 2560, 64, 6, kMoeBlockSmall},
         Shape{3, 2560, 64, 6, kMoeBlockMid}, Shape{5, 128, 24, 8, kMoeBlockSmall},
-        Shape{7, 512, 160, 8, kMoeBlockMid}, Shape{2, 8192, 1024, 8, kMoeBlockSmall}}) {
-    SCOPED_TRACE(::testing::Message()
-                 << s.tokens << "x" << s.hidden << ", " << s.experts << " experts top-" << s.k);
+        Shape{7, 512, 160, 8, kMoeBlockMid}, Shape{2, 8192, 1024, 8, kMoeBlockSmall},
+        Shape{1, 2560, 64, 6, kMoeBlockSmall, true}, Shape{8, 256, 64, 8, kMoeBlockSmall, true},
+        Shape{4, 128, 256, 8, kMoeBlockSmall}}) {
+    SCOPED_TRACE(::testing::Message() << s.tokens << "x" << s.hidden << ", " << s.experts
+                                      << " experts top-" << s.k << (s.tied ? ", tied" : ""));
     const int pairs = s.tokens * s.k;
     const int64_t cap = moe_capacity(pairs, s.experts, s.block_m);
     const int blocks = static_cast<int>(cap / s.block_m);
     RouterInputs in(rng, s.tokens, s.hidden, s.experts);
+    if (s.tied) {
+      for (int e = 1; e < s.experts; e += 2) {
+        std::copy_n(in.w.begin() + static_cast<ptrdiff_t>(e - 1) * s.hidden, s.hidden,
+                    in.w.begin() + static_cast<ptrdiff_t>(e) * s.hidden);
+        in.bias[e] = in.bias[e - 1];
+      }
+      in.d_w.upload(in.w);
+      in.d_b.upload(in.bias);
+    }
     DeviceBuffer<float> d_wts(pairs);
     DeviceBuffer<int32_t> d_ids(pairs), d_sorted(cap), d_block(blocks), d_pos(pairs);
     d_ids.poison();

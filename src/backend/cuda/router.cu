@@ -56,13 +56,11 @@ __device__ __forceinline__ void split_pair(float2 w, uint32_t& hi, uint32_t& mid
 
 constexpr int kTopkWarps = 4;
 
-// Token t by one warp: logits = the split partials summed in order, softmax, then k rounds of a
-// warp-wide argmax over the biased scores (the lower id wins a tie). p: 2 * experts floats of
-// shared memory for this warp. Partials are read through L2 (another CTA may have written them).
-// ids_copy (optional, e.g. shared memory): the ids written there too.
-__device__ void topk_token(int t, int32_t* ids, float* weights, const float* partial,
-                           const float* bias, int tokens, int experts, int splits, int k,
-                           float norm_min, float* p, int32_t* ids_copy = nullptr) {
+// Token t's probabilities by one warp: logits = the split partials summed in order, then
+// softmax into p [experts] and the biased scores into p + experts (shared memory of this warp).
+// Partials are read through L2 (another CTA may have written them).
+__device__ __forceinline__ void token_softmax(int t, const float* partial, const float* bias,
+                                              int tokens, int experts, int splits, float* p) {
   const int lane = threadIdx.x % 32;
   float* scores = p + experts;
   float mx = -INFINITY;
@@ -96,6 +94,17 @@ __device__ void topk_token(int t, int32_t* ids, float* weights, const float* par
     scores[e] = p[e] + bias[e];
   }
   __syncwarp();
+}
+
+// Token t by one warp: token_softmax, then k rounds of a warp-wide argmax over the biased scores
+// (the lower id wins a tie). p: 2 * experts floats of shared memory for this warp. ids_copy
+// (optional, e.g. shared memory): the ids written there too.
+__device__ void topk_token(int t, int32_t* ids, float* weights, const float* partial,
+                           const float* bias, int tokens, int experts, int splits, int k,
+                           float norm_min, float* p, int32_t* ids_copy = nullptr) {
+  token_softmax(t, partial, bias, tokens, experts, splits, p);
+  const int lane = threadIdx.x % 32;
+  float* scores = p + experts;
   float total = 0.0f;
   for (int r = 0; r < k; ++r) {
     float best = -INFINITY;
@@ -130,6 +139,46 @@ __device__ void topk_token(int t, int32_t* ids, float* weights, const float* par
   __syncwarp();
 }
 
+// topk_token's result (ids, weights, ids_copy, bit for bit) by ranks instead of k rounds of
+// argmax: each lane ranks its experts against every score (the number that beat it: higher,
+// or equal with a lower id) and the k best write themselves into ids_copy (required, shared
+// memory) at their rank; no shuffles in a chain, and the weights are stored once, without
+// reading them back. Scores that are not finite (NaN logits) take topk_token's rounds, whose
+// rules for them ranks do not follow. O(experts^2 / 32) per token: for few experts.
+__device__ void topk_token_ranked(int t, int32_t* ids, float* weights, const float* logits,
+                                  const float* bias, int tokens, int experts, int k,
+                                  float norm_min, float* p, int32_t* ids_copy) {
+  token_softmax(t, logits, bias, tokens, experts, 1, p);
+  const int lane = threadIdx.x % 32;
+  const float* scores = p + experts;
+  bool finite = true;
+  for (int e = lane; e < experts; e += 32) finite = finite && isfinite(scores[e]);
+  if (!__all_sync(0xffffffffu, finite)) {
+    topk_token(t, ids, weights, logits, bias, tokens, experts, 1, k, norm_min, p, ids_copy);
+    return;
+  }
+  int32_t* slot = ids_copy + static_cast<size_t>(t) * k;
+  for (int e = lane; e < experts; e += 32) {
+    const float se = scores[e];
+    int rank = 0;
+    for (int f = 0; f < experts; ++f) {
+      const float sf = scores[f];
+      rank += sf > se || (sf == se && f < e);
+    }
+    if (rank < k) slot[rank] = e;
+  }
+  __syncwarp();
+  float total = 0.0f;  // in rank order, as topk_token adds them
+  for (int r = 0; r < k; ++r) total += p[slot[r]];
+  const float denom = fmaxf(total, norm_min);
+  for (int r = lane; r < k; r += 32) {
+    const int e = slot[r];
+    ids[static_cast<size_t>(t) * k + r] = e;
+    weights[static_cast<size_t>(t) * k + r] = p[e] / denom;
+  }
+  __syncwarp();
+}
+
 // What the last CTA of a fused launch (router_small_kernel<true>) finishes with: the top-k of
 // every token, then the MoE layout of the pairs (RouteLayout).
 struct Tail {
@@ -139,6 +188,7 @@ struct Tail {
   int k;
   float norm_min;
   RouteLayout layout;
+  bool ranked = false;  // topk_token_ranked and align_pairs_few (few experts and pairs)
 };
 
 // Up to this many tokens router_small_kernel computes the logits, and with a layout its last CTA
@@ -266,15 +316,29 @@ __device__ __forceinline__ void route_tail(const Tail& tail, const float* logits
                                            float* bias_s, int tokens, int experts) {
   const int warp = threadIdx.x / 32;
   auto* ids_s = reinterpret_cast<int32_t*>(bias_s + experts);
+  int* counts = ids_s + tokens * tail.k;
+  if (tail.ranked) {  // align_pairs_few's counts, zeroed before the barrier below
+    for (int e = threadIdx.x; e < experts; e += kSmallThreads) counts[e] = 0;
+  }
   for (int t = warp; t < tokens; t += kSmallThreads / 32) {
-    topk_token(t, tail.ids, tail.weights, logits, bias_s, tokens, experts, 1, tail.k, tail.norm_min,
-               tail_smem + static_cast<size_t>(warp) * 2 * experts, ids_s);
+    float* p = tail_smem + static_cast<size_t>(warp) * 2 * experts;
+    if (tail.ranked) {
+      topk_token_ranked(t, tail.ids, tail.weights, logits, bias_s, tokens, experts, tail.k,
+                        tail.norm_min, p, ids_s);
+    } else {
+      topk_token(t, tail.ids, tail.weights, logits, bias_s, tokens, experts, 1, tail.k,
+                 tail.norm_min, p, ids_s);
+    }
   }
   __syncthreads();  // every token's ids are written
-  int* counts = ids_s + tokens * tail.k;
   const RouteLayout& L = tail.layout;
-  align_pairs(L.sorted_pairs, L.block_expert, L.pair_pos, ids_s, tokens * tail.k, experts,
-              L.block_m, L.num_blocks, counts, counts + experts);
+  if (tail.ranked) {
+    align_pairs_few(L.sorted_pairs, L.block_expert, L.pair_pos, ids_s, tokens * tail.k, experts,
+                    L.block_m, L.num_blocks, counts, counts + experts);
+  } else {
+    align_pairs(L.sorted_pairs, L.block_expert, L.pair_pos, ids_s, tokens * tail.k, experts,
+                L.block_m, L.num_blocks, counts, counts + experts);
+  }
 }
 
 template <bool kFused>
@@ -341,9 +405,12 @@ __global__ void __launch_bounds__(kSmallThreads)
   __shared__ float red[kSmallThreads / 32][kFusedRouteTokens];
 #pragma unroll
   for (int t = 0; t < kFusedRouteTokens; ++t) {
-    float v = acc[t];
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-    if (lane == 0) red[warp][t] = v;
+    // (ranked tail: only the tokens there are, not all eight reductions)
+    if (t < tokens || !tail.ranked) {
+      float v = acc[t];
+      for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+      if (lane == 0) red[warp][t] = v;
+    }
   }
   __syncthreads();
   if (tid < tokens) {
@@ -414,7 +481,7 @@ bool route_topk(int32_t* ids, float* weights, const __nv_bfloat16* x, const floa
   // fused results equal the separate ones.
   if (tokens <= kFusedRouteTokens) {
     auto* logits = static_cast<float*>(scratch);  // tokens x experts <= the scratch's floats
-    Tail tail{ids, weights, bias, k, norm_min, {}};
+    Tail tail{ids, weights, bias, k, norm_min, {}, false};
     // Shared memory: the weight row and the input, then (fused) the tail's scratch.
     const size_t row_bytes = static_cast<size_t>(hidden) * sizeof(float) +
                              static_cast<size_t>(tokens) * hidden * sizeof(__nv_bfloat16);
@@ -438,6 +505,10 @@ bool route_topk(int32_t* ids, float* weights, const __nv_bfloat16* x, const floa
     static const bool latency = path_enabled("ERNIE_LATENCY_LOADS");
     if (layout != nullptr) {
       tail.layout = *layout;
+      // The ranked top-k and the three-barrier layout (topk_token_ranked, align_pairs_few) for
+      // up to 256 experts and pairs: new, ERNIE_RANKED_TAIL=1.
+      static const bool ranked = new_path_enabled("ERNIE_RANKED_TAIL");
+      tail.ranked = ranked && experts <= 256 && tokens * k <= 256;
       launch_pdl(router_small_kernel<true>, experts, kSmallThreads, row_bytes + tail_bytes, stream,
                  logits, x, router, tokens, hidden, experts, tail, trigger, latency);
       ERNIE_CUDA_CHECK(cudaGetLastError());
