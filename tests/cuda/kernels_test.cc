@@ -5,6 +5,7 @@
 #include <cuda_bf16.h>
 
 #include <algorithm>
+#include <bit>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
@@ -764,22 +765,25 @@ TEST(CudaKernels, RouterMatchesCpuReference) {
 // hold every pair once in its expert's blocks, and back-to-back launches must each finish
 // (the last CTA resets the arrival count). Tied shapes give experts in pairs the same router
 // row and bias, so equal scores must be ordered by id as the separate top-k orders them (the
-// fused tail may rank instead of taking rounds of argmax: ERNIE_RANKED_TAIL).
+// fused tail stores them differently: ERNIE_LEAN_TAIL). A NaN input makes every score NaN: the
+// ids then repeat expert 0, and the one-token layout must hand over to the general one.
 TEST(CudaKernels, RouterLayoutMatchesSeparateAlign) {
   if (device_count() == 0) GTEST_SKIP() << "no CUDA device";
   Rng rng(std::random_device{}());
   struct Shape {
     int tokens, hidden, experts, k, block_m;
-    bool tied = false;
+    bool tied = false, nan = false;
   };
   for (const Shape& s :
        {Shape{1, 2560, 64, 6, kMoeBlockSmall}, Shape{8, 2560, 64, 6, kMoeBlockSmall},
         Shape{3, 2560, 64, 6, kMoeBlockMid}, Shape{5, 128, 24, 8, kMoeBlockSmall},
         Shape{7, 512, 160, 8, kMoeBlockMid}, Shape{2, 8192, 1024, 8, kMoeBlockSmall},
         Shape{1, 2560, 64, 6, kMoeBlockSmall, true}, Shape{8, 256, 64, 8, kMoeBlockSmall, true},
-        Shape{4, 128, 256, 8, kMoeBlockSmall}}) {
-    SCOPED_TRACE(::testing::Message() << s.tokens << "x" << s.hidden << ", " << s.experts
-                                      << " experts top-" << s.k << (s.tied ? ", tied" : ""));
+        Shape{4, 128, 256, 8, kMoeBlockSmall}, Shape{1, 512, 160, 8, kMoeBlockMid},
+        Shape{1, 256, 64, 6, kMoeBlockSmall, false, true}}) {
+    SCOPED_TRACE(::testing::Message()
+                 << s.tokens << "x" << s.hidden << ", " << s.experts << " experts top-" << s.k
+                 << (s.tied ? ", tied" : "") << (s.nan ? ", NaN input" : ""));
     const int pairs = s.tokens * s.k;
     const int64_t cap = moe_capacity(pairs, s.experts, s.block_m);
     const int blocks = static_cast<int>(cap / s.block_m);
@@ -792,6 +796,10 @@ TEST(CudaKernels, RouterLayoutMatchesSeparateAlign) {
       }
       in.d_w.upload(in.w);
       in.d_b.upload(in.bias);
+    }
+    if (s.nan) {
+      in.x[s.hidden / 2] = 0x7fc0;  // a bf16 quiet NaN
+      in.d_x.upload(in.x);
     }
     DeviceBuffer<float> d_wts(pairs);
     DeviceBuffer<int32_t> d_ids(pairs), d_sorted(cap), d_block(blocks), d_pos(pairs);
@@ -820,7 +828,10 @@ TEST(CudaKernels, RouterLayoutMatchesSeparateAlign) {
       const auto f_ids = d_ids.download();
       const auto f_wts = d_wts.download();
       ASSERT_EQ(f_ids, ids) << "run " << run;
-      for (int i = 0; i < pairs; ++i) ASSERT_EQ(f_wts[i], wts[i]) << "run " << run << " pair " << i;
+      for (int i = 0; i < pairs; ++i) {  // bit for bit (NaN included)
+        ASSERT_EQ(std::bit_cast<uint32_t>(f_wts[i]), std::bit_cast<uint32_t>(wts[i]))
+            << "run " << run << " pair " << i;
+      }
       ASSERT_EQ(d_block.download(), block_expert) << "run " << run;
       const auto sorted = d_sorted.download();
       const auto pos = d_pos.download();

@@ -77,40 +77,4 @@ __device__ inline void align_pairs(int32_t* sorted_pairs, int32_t* block_expert,
   }
 }
 
-// align_pairs for few pairs (the fused router's tail), with three barriers instead of five and
-// no search: counts [experts] must be zero and visible to the whole CTA on entry. Each expert
-// writes its own blocks' ids and its last block's padding rows, the blocks past the used rows
-// are written as padding, and each pair's row is its expert's segment start plus the number of
-// that expert's pairs before it (a fixed order, where align_pairs's atomics place them in any
-// order). O(pairs^2 / threads): meant for at most a few hundred pairs.
-__device__ inline void align_pairs_few(int32_t* sorted_pairs, int32_t* block_expert,
-                                       int32_t* pair_pos, const int32_t* ids, int pairs,
-                                       int experts, int block_m, int num_blocks, int* counts,
-                                       int* offsets) {
-  const int tid = threadIdx.x, step = blockDim.x;
-  for (int i = tid; i < pairs; i += step) atomicAdd(&counts[ids[i]], 1);
-  __syncthreads();
-  if (tid < 32) pad_segments(offsets, counts, experts, block_m);
-  __syncthreads();
-  for (int e = tid; e < experts; e += step) {
-    const int n = counts[e];
-    if (n == 0) continue;
-    const int first = offsets[e], end = offsets[e + 1];
-    for (int b = first / block_m; b < end / block_m; ++b) block_expert[b] = e;
-    for (int r = first + n; r < end; ++r) sorted_pairs[r] = -1;
-  }
-  for (int b = offsets[experts] / block_m + tid; b < num_blocks; b += step) {
-    block_expert[b] = -1;
-    for (int r = 0; r < block_m; ++r) sorted_pairs[b * block_m + r] = -1;
-  }
-  for (int i = tid; i < pairs; i += step) {
-    const int e = ids[i];
-    int before = 0;
-    for (int j = 0; j < i; ++j) before += ids[j] == e;
-    const int pos = offsets[e] + before;
-    sorted_pairs[pos] = i;
-    pair_pos[i] = pos;
-  }
-}
-
 }  // namespace ernie::cuda

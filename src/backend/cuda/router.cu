@@ -98,13 +98,20 @@ __device__ __forceinline__ void token_softmax(int t, const float* partial, const
 
 // Token t by one warp: token_softmax, then k rounds of a warp-wide argmax over the biased scores
 // (the lower id wins a tie). p: 2 * experts floats of shared memory for this warp. ids_copy
-// (optional, e.g. shared memory): the ids written there too.
+// (optional, e.g. shared memory): the ids written there too. lean (k <= 32): lane r keeps the
+// r-th pick and its probability in registers and stores its id and weight once at the end,
+// instead of lane 0 storing each pick and then every weight being read back from global memory
+// to be divided (the same values).
 __device__ void topk_token(int t, int32_t* ids, float* weights, const float* partial,
                            const float* bias, int tokens, int experts, int splits, int k,
-                           float norm_min, float* p, int32_t* ids_copy = nullptr) {
+                           float norm_min, float* p, int32_t* ids_copy = nullptr,
+                           bool lean = false) {
   token_softmax(t, partial, bias, tokens, experts, splits, p);
   const int lane = threadIdx.x % 32;
   float* scores = p + experts;
+  const bool once = lean && k <= 32;
+  int my_id = 0;
+  float my_p = 0.0f;
   float total = 0.0f;
   for (int r = 0; r < k; ++r) {
     float best = -INFINITY;
@@ -125,7 +132,13 @@ __device__ void topk_token(int t, int32_t* ids, float* weights, const float* par
     }
     if (best_id >= experts) best_id = 0;  // only NaN logits leave nothing above -inf
     total += p[best_id];
-    if (lane == 0) {
+    if (once) {
+      if (lane == r) {
+        my_id = best_id;
+        my_p = p[best_id];
+      }
+      if (lane == 0 && ids_copy != nullptr) ids_copy[static_cast<size_t>(t) * k + r] = best_id;
+    } else if (lane == 0) {
       ids[static_cast<size_t>(t) * k + r] = best_id;
       if (ids_copy != nullptr) ids_copy[static_cast<size_t>(t) * k + r] = best_id;
       weights[static_cast<size_t>(t) * k + r] = p[best_id];
@@ -134,49 +147,48 @@ __device__ void topk_token(int t, int32_t* ids, float* weights, const float* par
     __syncwarp();
   }
   const float denom = fmaxf(total, norm_min);
+  if (once) {
+    if (lane < k) {
+      ids[static_cast<size_t>(t) * k + lane] = my_id;
+      weights[static_cast<size_t>(t) * k + lane] = my_p / denom;
+    }
+    __syncwarp();
+    return;
+  }
   __syncwarp();
   for (int r = lane; r < k; r += 32) weights[static_cast<size_t>(t) * k + r] /= denom;
   __syncwarp();
 }
 
-// topk_token's result (ids, weights, ids_copy, bit for bit) by ranks instead of k rounds of
-// argmax: each lane ranks its experts against every score (the number that beat it: higher,
-// or equal with a lower id) and the k best write themselves into ids_copy (required, shared
-// memory) at their rank; no shuffles in a chain, and the weights are stored once, without
-// reading them back. Scores that are not finite (NaN logits) take topk_token's rounds, whose
-// rules for them ranks do not follow. O(experts^2 / 32) per token: for few experts.
-__device__ void topk_token_ranked(int t, int32_t* ids, float* weights, const float* logits,
-                                  const float* bias, int tokens, int experts, int k,
-                                  float norm_min, float* p, int32_t* ids_copy) {
-  token_softmax(t, logits, bias, tokens, experts, 1, p);
-  const int lane = threadIdx.x % 32;
-  const float* scores = p + experts;
-  bool finite = true;
-  for (int e = lane; e < experts; e += 32) finite = finite && isfinite(scores[e]);
-  if (!__all_sync(0xffffffffu, finite)) {
-    topk_token(t, ids, weights, logits, bias, tokens, experts, 1, k, norm_min, p, ids_copy);
-    return;
-  }
-  int32_t* slot = ids_copy + static_cast<size_t>(t) * k;
-  for (int e = lane; e < experts; e += 32) {
-    const float se = scores[e];
+// The MoE layout of one token's k pairs (align_pairs's result) with one barrier: the token's
+// experts are distinct, so each pair's block is its expert's rank among them, the block's first
+// row the pair and its other rows padding. ids (shared memory) [k]; pair_of_block: k ints of
+// shared scratch. Returns false, having written nothing, if two pairs share an expert (only NaN
+// logits do that), for align_pairs to lay them out. Every thread of the CTA calls it.
+__device__ __forceinline__ bool align_one_token(const RouteLayout& L, const int32_t* ids, int k,
+                                                int* pair_of_block) {
+  const int tid = threadIdx.x;
+  bool dup = false;
+  if (tid < k) {
+    const int e = ids[tid];
     int rank = 0;
-    for (int f = 0; f < experts; ++f) {
-      const float sf = scores[f];
-      rank += sf > se || (sf == se && f < e);
+    for (int j = 0; j < k; ++j) {
+      rank += ids[j] < e;
+      dup = dup || (j < tid && ids[j] == e);
     }
-    if (rank < k) slot[rank] = e;
+    pair_of_block[rank] = tid;
   }
-  __syncwarp();
-  float total = 0.0f;  // in rank order, as topk_token adds them
-  for (int r = 0; r < k; ++r) total += p[slot[r]];
-  const float denom = fmaxf(total, norm_min);
-  for (int r = lane; r < k; r += 32) {
-    const int e = slot[r];
-    ids[static_cast<size_t>(t) * k + r] = e;
-    weights[static_cast<size_t>(t) * k + r] = p[e] / denom;
+  if (__syncthreads_or(dup)) return false;
+  const int rows = L.num_blocks * L.block_m;
+  for (int r = tid; r < rows; r += blockDim.x) {
+    const int b = r / L.block_m;
+    L.sorted_pairs[r] = r % L.block_m == 0 && b < k ? pair_of_block[b] : -1;
   }
-  __syncwarp();
+  for (int b = tid; b < L.num_blocks; b += blockDim.x) {
+    L.block_expert[b] = b < k ? ids[pair_of_block[b]] : -1;
+  }
+  if (tid < k) L.pair_pos[pair_of_block[tid]] = tid * L.block_m;
+  return true;
 }
 
 // What the last CTA of a fused launch (router_small_kernel<true>) finishes with: the top-k of
@@ -188,7 +200,7 @@ struct Tail {
   int k;
   float norm_min;
   RouteLayout layout;
-  bool ranked = false;  // topk_token_ranked and align_pairs_few (few experts and pairs)
+  bool lean = false;  // topk_token's lean stores, align_one_token
 };
 
 // Up to this many tokens router_small_kernel computes the logits, and with a layout its last CTA
@@ -317,28 +329,19 @@ __device__ __forceinline__ void route_tail(const Tail& tail, const float* logits
   const int warp = threadIdx.x / 32;
   auto* ids_s = reinterpret_cast<int32_t*>(bias_s + experts);
   int* counts = ids_s + tokens * tail.k;
-  if (tail.ranked) {  // align_pairs_few's counts, zeroed before the barrier below
-    for (int e = threadIdx.x; e < experts; e += kSmallThreads) counts[e] = 0;
-  }
   for (int t = warp; t < tokens; t += kSmallThreads / 32) {
-    float* p = tail_smem + static_cast<size_t>(warp) * 2 * experts;
-    if (tail.ranked) {
-      topk_token_ranked(t, tail.ids, tail.weights, logits, bias_s, tokens, experts, tail.k,
-                        tail.norm_min, p, ids_s);
-    } else {
-      topk_token(t, tail.ids, tail.weights, logits, bias_s, tokens, experts, 1, tail.k,
-                 tail.norm_min, p, ids_s);
-    }
+    topk_token(t, tail.ids, tail.weights, logits, bias_s, tokens, experts, 1, tail.k, tail.norm_min,
+               tail_smem + static_cast<size_t>(warp) * 2 * experts, ids_s, tail.lean);
   }
   __syncthreads();  // every token's ids are written
   const RouteLayout& L = tail.layout;
-  if (tail.ranked) {
-    align_pairs_few(L.sorted_pairs, L.block_expert, L.pair_pos, ids_s, tokens * tail.k, experts,
-                    L.block_m, L.num_blocks, counts, counts + experts);
-  } else {
-    align_pairs(L.sorted_pairs, L.block_expert, L.pair_pos, ids_s, tokens * tail.k, experts,
-                L.block_m, L.num_blocks, counts, counts + experts);
+  // (counts holds 2 * experts + 1 ints, at least k)
+  if (tail.lean && tokens == 1 && tail.k <= kSmallThreads &&
+      align_one_token(L, ids_s, tail.k, counts)) {
+    return;
   }
+  align_pairs(L.sorted_pairs, L.block_expert, L.pair_pos, ids_s, tokens * tail.k, experts,
+              L.block_m, L.num_blocks, counts, counts + experts);
 }
 
 template <bool kFused>
@@ -405,8 +408,8 @@ __global__ void __launch_bounds__(kSmallThreads)
   __shared__ float red[kSmallThreads / 32][kFusedRouteTokens];
 #pragma unroll
   for (int t = 0; t < kFusedRouteTokens; ++t) {
-    // (ranked tail: only the tokens there are, not all eight reductions)
-    if (t < tokens || !tail.ranked) {
+    // (lean tail: only the tokens there are, not all eight reductions)
+    if (t < tokens || !tail.lean) {
       float v = acc[t];
       for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
       if (lane == 0) red[warp][t] = v;
@@ -505,10 +508,10 @@ bool route_topk(int32_t* ids, float* weights, const __nv_bfloat16* x, const floa
     static const bool latency = path_enabled("ERNIE_LATENCY_LOADS");
     if (layout != nullptr) {
       tail.layout = *layout;
-      // The ranked top-k and the three-barrier layout (topk_token_ranked, align_pairs_few) for
-      // up to 256 experts and pairs: new, ERNIE_RANKED_TAIL=1.
-      static const bool ranked = new_path_enabled("ERNIE_RANKED_TAIL");
-      tail.ranked = ranked && experts <= 256 && tokens * k <= 256;
+      // The lean tail (topk_token's lean stores, align_one_token, the logits reduced only for
+      // the tokens there are): new, ERNIE_LEAN_TAIL=1.
+      static const bool lean = new_path_enabled("ERNIE_LEAN_TAIL");
+      tail.lean = lean;
       launch_pdl(router_small_kernel<true>, experts, kSmallThreads, row_bytes + tail_bytes, stream,
                  logits, x, router, tokens, hidden, experts, tail, trigger, latency);
       ERNIE_CUDA_CHECK(cudaGetLastError());
