@@ -551,8 +551,16 @@ bool route_topk(int32_t* ids, float* weights, const __nv_bfloat16* x, const floa
       // topk_token's argmax by warp reductions in the fused tail: new, ERNIE_REDUX_TOPK=1.
       static const bool redux = new_path_enabled("ERNIE_REDUX_TOPK");
       tail.redux = redux;
-      launch_pdl(router_small_kernel<true>, experts, kSmallThreads, row_bytes + tail_bytes, stream,
-                 logits, x, router, tokens, hidden, experts, tail, trigger, latency);
+      // ERNIE_ROUTER_ALONE=1 (new): each CTA asks for kSmallMaxSmem of shared memory, so that no
+      // MoE GEMM CTA (50-62 KB) fits beside it: the folded shared experts' CTAs, launched once
+      // the router has waited for x, then run on the other multiprocessors, and the tail's CTA,
+      // whose instructions otherwise queue behind their warps', has its multiprocessor alone.
+      // The other router CTAs end right after their arrival and free theirs for the routed CTAs.
+      static const bool alone = new_path_enabled("ERNIE_ROUTER_ALONE");
+      const size_t smem =
+          alone ? std::max(row_bytes + tail_bytes, kSmallMaxSmem) : row_bytes + tail_bytes;
+      launch_pdl(router_small_kernel<true>, experts, kSmallThreads, smem, stream, logits, x, router,
+                 tokens, hidden, experts, tail, trigger, latency);
       ERNIE_CUDA_CHECK(cudaGetLastError());
       return true;
     }
