@@ -122,17 +122,18 @@ __device__ void topk_token(int t, int32_t* ids, float* weights, const float* par
   const int lane = threadIdx.x % 32;
   float* scores = p + experts;
   const bool once = lean && k <= 32;
-  if (redux) {  // non-finite scores (NaN logits) keep the shuffles, whose rules they follow
-    bool finite = true;
+  // Non-finite scores (NaN logits) keep the shuffles, whose rules they follow.
+  bool finite = true;
+  if (redux) {
     for (int e = lane; e < experts; e += 32) finite = finite && isfinite(scores[e]);
-    redux = __all_sync(0xffffffffu, finite);
   }
+  const bool use_redux = redux && __all_sync(0xffffffffu, finite);
   int my_id = 0;
   float my_p = 0.0f;
   float total = 0.0f;
   for (int r = 0; r < k; ++r) {
     int best_id = experts;
-    if (redux) {
+    if (use_redux) {
       // Picked experts hold -inf, below every finite score: with k <= experts a finite one is
       // left every round, so the maximum is always a score the shuffles would pick.
       int best_key = INT_MIN;
@@ -362,14 +363,13 @@ __device__ __forceinline__ void route_tail(const Tail& tail, const float* logits
                                            float* bias_s, int tokens, int experts) {
   const int warp = threadIdx.x / 32;
   auto* ids_s = reinterpret_cast<int32_t*>(bias_s + experts);
-  int* counts = ids_s + tokens * tail.k;
   for (int t = warp; t < tokens; t += kSmallThreads / 32) {
     topk_token(t, tail.ids, tail.weights, logits, bias_s, tokens, experts, 1, tail.k, tail.norm_min,
                tail_smem + static_cast<size_t>(warp) * 2 * experts, ids_s, tail.lean, tail.redux);
   }
-  __syncthreads();  // every token's ids are written
+  __syncthreads();                        // every token's ids are written
+  int* counts = ids_s + tokens * tail.k;  // 2 * experts + 1 ints, at least k
   const RouteLayout& L = tail.layout;
-  // (counts holds 2 * experts + 1 ints, at least k)
   if (tail.lean && tokens == 1 && tail.k <= kSmallThreads &&
       align_one_token(L, ids_s, tail.k, counts)) {
     return;
