@@ -1,18 +1,19 @@
 // Times the CUDA backend's heavy ops at the seed benchmark's shapes (21B: hidden 2560, 64
 // experts top-6, I 1536, 20/4 heads of 128) with random data, and prints each beside the floor
 // its bytes or FLOPs imply on the device: MoE experts (decode and prefill batches), decode
-// attention over long contexts, prefill attention; then whole decode steps of the 21B model
+// attention over long contexts, prefill attention; then whole steps of the 21B model
 // (dummy weights, CUDA graphs as the server runs them) beside the roofline floor of the step.
 // Usage: ernie_kernel_bench [iterations] [ops|steps|timeline|all] [case,...]: a case list runs
-// only those decode steps ("32x4000": any sequences x context; "16": the default cases of 16
-// sequences; handy under a profiler). `timeline` times the steps, then records one more of each
-// through CUPTI (builds with CUPTI only) and prints where its time went kernel by kernel, gaps
-// included. Inputs are random (unit normal); the buffers it makes are kept until it exits.
+// only those steps ("32x4000": any sequences x context; "16": the default cases of 16
+// sequences; "8x1000/1000+248x1000": eight 1000-token prompts prefilled beside 248 decodes, a
+// serving step with a prefill chunk; handy under a profiler). `timeline` times the steps, then
+// records one more of each through CUPTI (builds with CUPTI only) and prints where its time went
+// kernel by kernel, gaps included. Inputs are random (unit normal); the buffers it makes are kept
+// until it exits.
 #include <cuda_profiler_api.h>
 #include <cuda_runtime.h>
 
 #include <algorithm>
-#include <charconv>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
@@ -20,7 +21,6 @@
 #include <random>
 #include <sstream>
 #include <string>
-#include <string_view>
 #include <vector>
 
 #include "backend/backend.h"
@@ -34,6 +34,7 @@
 #include "model/ernie45.h"
 #include "model/roofline.h"
 #include "model/synthetic.h"
+#include "step_cases.h"
 
 namespace ernie {
 namespace {
@@ -200,61 +201,39 @@ int run_ops(int iters) {
   return 0;
 }
 
-// Whole decode steps of the 21B model: `seqs` sequences of `context` tokens each, one new
-// token per sequence, replayed from the CUDA graph the server would use (step input upload
-// included, sampling not). The floor is the step's bytes (model::step_cost) at peak bandwidth.
+// Whole steps of the 21B model (tools/step_cases.h): decode steps replayed from the CUDA graph
+// the server would use (step input upload included, sampling not); steps with prefill chunks
+// run eagerly, as the server runs them. The floor is the step's bytes or FLOPs
+// (model::step_cost) at the device's peak, whichever takes longer.
 int run_steps(int iters, const std::vector<std::string>& only, bool timeline) {
-  struct Case {
-    int seqs, context;
-  };
-  std::vector<Case> cases = {{1, 1000}, {16, 1000}, {16, 8500}, {64, 1500}, {256, 1000}};
-  if (!only.empty()) {
-    // "SEQSxCTX" is that step (any sizes); a plain count keeps the default cases of that many
-    // sequences.
-    std::vector<Case> picked;
-    auto number = [](std::string_view text) {
-      int v = 0;
-      const auto [end, ec] = std::from_chars(text.data(), text.data() + text.size(), v);
-      return ec == std::errc() && end == text.data() + text.size() && v > 0 ? v : 0;
-    };
-    for (const std::string& item : only) {
-      const size_t x = item.find('x');
-      if (x != std::string::npos) {
-        const int seqs = number(std::string_view(item).substr(0, x));
-        const int context = number(std::string_view(item).substr(x + 1));
-        require_parts(seqs > 0 && context > 0, "bad decode step case '", item,
-                      "' (SEQSxCTX, both positive)");
-        picked.push_back({seqs, context});
-        continue;
-      }
-      const int seqs = number(item);
-      for (const Case& c : cases) {
-        if (c.seqs == seqs) picked.push_back(c);
-      }
-    }
-    cases = std::move(picked);
-  }
-  require(!cases.empty(),
-          "no decode step case matches the list (SEQSxCTX, or a count of sequences among the "
-          "defaults: 1x1000, 16x1000, 16x8500, 64x1500, 256x1000)");
+  const std::vector<bench::StepCase> cases = bench::parse_step_cases(only);
   auto be = backend::make_cuda_backend(0);
   const model::ModelConfig cfg = model::parse_config(model::preset_config("21b-a3b"));
   model::Ernie45 m(cfg, model::dummy_weights(cfg, *be), *be);
   const int block = 16;
   int64_t blocks = 0;
-  int max_width = 1, max_batch = 1;
-  for (const Case& c : cases) {
-    const int width = (c.context + block - 1) / block;
-    blocks = std::max<int64_t>(blocks, static_cast<int64_t>(c.seqs) * width);
-    max_width = std::max(max_width, width);
-    max_batch = std::max(max_batch, c.seqs);
+  int max_width = 1, max_batch = 0;
+  for (const bench::StepCase& c : cases) {
+    int64_t case_blocks = 0;
+    for (const bench::StepGroup& g : c.groups) {
+      const int width = (g.context + block - 1) / block;
+      case_blocks += static_cast<int64_t>(g.seqs) * width;
+      max_width = std::max(max_width, width);
+    }
+    blocks = std::max(blocks, case_blocks);
+    if (c.decode_only()) max_batch = std::max(max_batch, c.sequences());
   }
   be->allocate_kv_cache(static_cast<int>(cfg.num_hidden_layers), blocks, block);
   const int graphs = m.enable_graphs(max_batch, max_width);
-  std::printf("decode steps: 21b-a3b dummy weights, %d graphs, %lld KV blocks of %d\n", graphs,
+  std::printf("steps: 21b-a3b dummy weights, %d graphs, %lld KV blocks of %d\n", graphs,
               static_cast<long long>(blocks), block);
-  for (const Case& c : cases) {
-    const StepInput st = make_step(std::vector<int>(c.seqs, c.context), 1, block);
+  for (const bench::StepCase& c : cases) {
+    std::vector<int> contexts, fresh;
+    for (const bench::StepGroup& g : c.groups) {
+      contexts.insert(contexts.end(), g.seqs, g.context);
+      fresh.insert(fresh.end(), g.seqs, g.fresh);
+    }
+    const StepInput st = make_step(contexts, fresh, block);
     const double sec = time_it(iters, [&] { m.forward_logits(st); });
     // One more step inside a profiler range (scripts/gpu_profile.sh collects only that one).
     cudaProfilerStart();
@@ -266,9 +245,7 @@ int run_steps(int iters, const std::vector<std::string>& only, bool timeline) {
       bytes += s.bytes;
       flops += s.flops;
     }
-    char what[64];
-    std::snprintf(what, sizeof what, "decode step, %d x %d", c.seqs, c.context);
-    report(what, sec, bytes, flops);
+    report(c.label().c_str(), sec, bytes, flops);
     if (timeline) {
 #ifdef ERNIE_HAVE_CUPTI
       trace::start();
@@ -322,7 +299,7 @@ int main(int argc, char** argv) {
     ernie::require(iters > 0 && (what == "all" || what == "ops" || what == "steps" ||
                                  what == "timeline" || what == "sampling"),
                    "usage: ernie_kernel_bench [iterations > 0] [ops|steps|timeline|sampling|all] "
-                   "[SEQS[xCONTEXT],...]");
+                   "[SEQS[xCONTEXT[/NEW]][+...],...]");
 #ifndef ERNIE_HAVE_CUPTI
     ernie::require(what != "timeline", "timeline needs CUPTI, which this build did not find");
 #endif
