@@ -684,6 +684,48 @@ __device__ __forceinline__ void gather_producer(unsigned char* smem, uint64_t* f
   cp_async_wait<0>();  // nothing of this thread's still in flight when the CTA ends
 }
 
+// Consumer warpgroup cw's 64 x 256 accumulators (wgmma m64n256 layout; the thread is lane
+// 4 g + c of the group's warp `warp`) into its rows of the M-block at row m0 of the sorted
+// layout: gate/up (the first 128 columns gate, the last 128 up) as
+// silu(gate) * up in output columns n0.. n0 + 127; down times each row's routing weight in
+// columns n0.. n0 + 255. Padding rows (no pair) are left alone, columns past N skipped.
+template <bool kGateUp>
+__device__ __forceinline__ void wgmma_store_tile(const float (&acc)[128], __nv_bfloat16* out,
+                                                 const float* route_w, const int32_t* sorted_pairs,
+                                                 int m0, int cw, int n0, int N, int warp, int g,
+                                                 int c) {
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    const int r = m0 + cw * 64 + warp * 16 + g + 8 * half;
+    const int pair = sorted_pairs[r];
+    if (pair < 0) continue;
+    __nv_bfloat16* orow = out + static_cast<size_t>(r) * N;
+    if (kGateUp) {
+#pragma unroll
+      for (int i = 0; i < 16; ++i) {
+        const int col = n0 + 8 * i + 2 * c;
+        if (col >= N) continue;
+        float v[2];
+#pragma unroll
+        for (int j = 0; j < 2; ++j) {
+          const float gv = acc[4 * i + 2 * half + j], uv = acc[4 * (i + 16) + 2 * half + j];
+          v[j] = gv / (1.0f + __expf(-gv)) * uv;
+        }
+        *reinterpret_cast<__nv_bfloat162*>(orow + col) = __floats2bfloat162_rn(v[0], v[1]);
+      }
+    } else {
+      const float rw = route_w[pair];
+#pragma unroll
+      for (int i = 0; i < 32; ++i) {
+        const int col = n0 + 8 * i + 2 * c;
+        if (col >= N) continue;
+        *reinterpret_cast<__nv_bfloat162*>(orow + col) =
+            __floats2bfloat162_rn(acc[4 * i + 2 * half] * rw, acc[4 * i + 2 * half + 1] * rw);
+      }
+    }
+  }
+}
+
 template <bool kGateUp>
 __global__ void __launch_bounds__(384, 1)
     moe_gemm_wgmma_kernel(const __grid_constant__ CUtensorMap a_map,
@@ -770,37 +812,152 @@ __global__ void __launch_bounds__(384, 1)
     }
     wgmma_wait<0>();
     if (lane == 0) mbar_arrive(&empty[(it - 1) % kWgStages]);
+    wgmma_store_tile<kGateUp>(acc, out, route_w, sorted_pairs, m0, cw, n0, N, warp, g, c);
+  }
+}
 
-#pragma unroll
-    for (int half = 0; half < 2; ++half) {
-      const int r = m0 + cw * 64 + warp * 16 + g + 8 * half;
-      const int pair = sorted_pairs[r];
-      if (pair < 0) continue;
-      __nv_bfloat16* orow = out + static_cast<size_t>(r) * N;
-      if (kGateUp) {
-#pragma unroll
-        for (int i = 0; i < 16; ++i) {
-          const int col = n0 + 8 * i + 2 * c;
-          if (col >= N) continue;
-          float v[2];
-#pragma unroll
-          for (int j = 0; j < 2; ++j) {
-            const float gv = acc[4 * i + 2 * half + j], uv = acc[4 * (i + 16) + 2 * half + j];
-            v[j] = gv / (1.0f + __expf(-gv)) * uv;
-          }
-          *reinterpret_cast<__nv_bfloat162*>(orow + col) = __floats2bfloat162_rn(v[0], v[1]);
-        }
-      } else {
-        const float rw = route_w[pair];
-#pragma unroll
-        for (int i = 0; i < 32; ++i) {
-          const int col = n0 + 8 * i + 2 * c;
-          if (col >= N) continue;
-          *reinterpret_cast<__nv_bfloat162*>(orow + col) =
-              __floats2bfloat162_rn(acc[4 * i + 2 * half] * rw, acc[4 * i + 2 * half + 1] * rw);
+// ---- gate/up with A and B in rings of their own (ERNIE_WG_SPLIT_RING=1, new) ----
+//
+// In moe_gemm_wgmma_kernel's gate/up a stage holds A (the gathered rows, 16 KB) and B (the
+// weights, 32 KB) together: of four stages the consumers hold two, so two K slices of the
+// gathered rows are in flight, and Nsight Compute put a third of the warp samples on the
+// consumers' wait for a full stage (with A by TMA from a gathered copy the GEMM was 0.12 ms
+// faster at 8192 tokens). Here A has six slots of its own and B four (224 KB in all): the
+// gathered rows, the operand whose L2 trips are slow, run four K slices ahead. Warps 0-2 of
+// the producer warpgroup gather A (quads of four rows dealt round-robin, the 16-byte chunks
+// swizzled as TMA would place them), lane 0 of warp 3 brings B by TMA on its own schedule; the
+// consumers wait for both slots and release both. The epilogue is the other kernel's.
+constexpr int kSplitAStages = 6, kSplitBStages = 4, kSplitGatherWarps = 3;
+constexpr int kSplitABytes = 2 * kWgBox, kSplitBBytes = 4 * kWgBox;
+constexpr int kSplitQuads = (kWgBM / 4 + kSplitGatherWarps - 1) / kSplitGatherWarps;  // per warp
+constexpr size_t kSplitSmem = static_cast<size_t>(kSplitAStages) * kSplitABytes +
+                              static_cast<size_t>(kSplitBStages) * kSplitBBytes + 1024 + 256;
+static_assert(kSplitSmem <= 227 * 1024, "the split rings must fit one CTA's shared memory");
+
+__global__ void __launch_bounds__(384, 1)
+    moe_gate_up_split_kernel(const __grid_constant__ CUtensorMap b_map, __nv_bfloat16* out,
+                             const int32_t* sorted_pairs, const int32_t* block_expert, int m_blocks,
+                             int n_tiles, int K, int N, const __nv_bfloat16* x, int k_choices) {
+  extern __shared__ unsigned char smem_raw[];
+  unsigned char* a_ring = reinterpret_cast<unsigned char*>(
+      (reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t{1023});
+  unsigned char* b_ring = a_ring + kSplitAStages * kSplitABytes;
+  uint64_t* full_a = reinterpret_cast<uint64_t*>(b_ring + kSplitBStages * kSplitBBytes);
+  uint64_t* empty_a = full_a + kSplitAStages;
+  uint64_t* full_b = empty_a + kSplitAStages;
+  uint64_t* empty_b = full_b + kSplitBStages;
+  const int tid = threadIdx.x, wg = tid / 128, warp = (tid % 128) / 32, lane = tid % 32;
+  if (tid == 0) {
+    for (int s = 0; s < kSplitAStages; ++s) {
+      mbar_init(&full_a[s], kSplitGatherWarps * 32);  // each gathering thread's copies
+      mbar_init(&empty_a[s], 8);                      // one arrival per consumer warp
+    }
+    for (int s = 0; s < kSplitBStages; ++s) {
+      mbar_init(&full_b[s], 1);
+      mbar_init(&empty_b[s], 8);
+    }
+    mbar_init_fence();
+  }
+  __syncthreads();
+  const int k_tiles = (K + kWgBK - 1) / kWgBK;
+  const int tiles = m_blocks * n_tiles;
+
+  if (wg == 0 && warp == kSplitGatherWarps) {  // B: the expert's gate and up rows by TMA
+    if (lane != 0) return;
+    int it = 0;  // K slices issued so far, over all tiles
+    for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
+      const int mb = tile / n_tiles, n0 = (tile % n_tiles) * (kWgBN / 2);
+      const int e = block_expert[mb];
+      if (e < 0) continue;
+      const int r0 = e * 2 * N + n0;
+      const int rows[4] = {r0, r0 + 64, r0 + N, r0 + N + 64};
+      for (int kt = 0; kt < k_tiles; ++kt, ++it) {
+        const int s = it % kSplitBStages;
+        if (it >= kSplitBStages) mbar_wait(&empty_b[s], ((it / kSplitBStages) - 1) & 1);
+        unsigned char* st = b_ring + s * kSplitBBytes;
+        mbar_arrive_expect_tx(&full_b[s], kSplitBBytes);
+        for (int b = 0; b < 4; ++b) {
+          tma_load_4d(st + b * kWgBox, &b_map, &full_b[s], 0, 0, kt, rows[b] / kTiledGroupRows);
         }
       }
     }
+    return;
+  }
+  if (wg == 0) {  // A: rows of x gathered by cp.async
+    const int ch = lane % 8;
+    int it = 0;
+    for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
+      const int mb = tile / n_tiles;
+      if (block_expert[mb] < 0) continue;
+      const int m0 = mb * kWgBM;
+      const __nv_bfloat16* src[kSplitQuads];  // null: padding (zero-filled)
+      int dst[kSplitQuads];                   // byte offset in a slot; -1: no such row
+#pragma unroll
+      for (int i = 0; i < kSplitQuads; ++i) {
+        const int quad = warp + kSplitGatherWarps * i;
+        const int r = quad * 4 + lane / 8;
+        src[i] = nullptr;
+        dst[i] = -1;
+        if (quad < kWgBM / 4) {
+          const int pair = sorted_pairs[m0 + r];
+          if (pair >= 0) src[i] = x + static_cast<size_t>(pair / k_choices) * K;
+          dst[i] = (r / 64) * kWgBox + (r % 64) * 128 + ((ch ^ (r % 8)) << 4);
+        }
+      }
+      for (int kt = 0; kt < k_tiles; ++kt, ++it) {
+        const int s = it % kSplitAStages;
+        if (it >= kSplitAStages) mbar_wait(&empty_a[s], ((it / kSplitAStages) - 1) & 1);
+        unsigned char* st = a_ring + s * kSplitABytes;
+        const int kk = kt * kWgBK + ch * 8;
+#pragma unroll
+        for (int i = 0; i < kSplitQuads; ++i) {
+          if (dst[i] < 0) continue;
+          const bool ok = src[i] != nullptr && kk < K;
+          cp_async_16(st + dst[i], ok ? src[i] + kk : x, ok);
+        }
+        cp_async_mbar_arrive(&full_a[s]);
+      }
+    }
+    cp_async_wait<0>();
+    return;
+  }
+
+  const int cw = wg - 1;  // this consumer's 64 rows of the M-block
+  const int g = lane / 4, c = lane % 4;
+  int it = 0;
+  for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
+    const int mb = tile / n_tiles, n0 = (tile % n_tiles) * (kWgBN / 2);
+    if (block_expert[mb] < 0) continue;
+    const int m0 = mb * kWgBM;
+    float acc[128];
+#pragma unroll
+    for (int i = 0; i < 128; ++i) acc[i] = 0.0f;
+    for (int kt = 0; kt < k_tiles; ++kt, ++it) {
+      const int sa = it % kSplitAStages, sb = it % kSplitBStages;
+      mbar_wait(&full_a[sa], (it / kSplitAStages) & 1);
+      mbar_wait(&full_b[sb], (it / kSplitBStages) & 1);
+      fence_proxy_async();  // the gathered rows were written by cp.async (the generic proxy)
+      const unsigned char* a = a_ring + sa * kSplitABytes + cw * kWgBox;
+      const unsigned char* b = b_ring + sb * kSplitBBytes;
+      wgmma_fence();
+#pragma unroll
+      for (int ks = 0; ks < kWgBK / 16; ++ks) {
+        wgmma_m64n256k16(acc, wgmma_desc_sw128(a + ks * 32), wgmma_desc_sw128(b + ks * 32));
+      }
+      wgmma_commit();
+      // The previous slice's group is complete once at most this one is pending.
+      wgmma_wait<1>();
+      if (kt > 0 && lane == 0) {
+        mbar_arrive(&empty_a[(it - 1) % kSplitAStages]);
+        mbar_arrive(&empty_b[(it - 1) % kSplitBStages]);
+      }
+    }
+    wgmma_wait<0>();
+    if (lane == 0) {
+      mbar_arrive(&empty_a[(it - 1) % kSplitAStages]);
+      mbar_arrive(&empty_b[(it - 1) % kSplitBStages]);
+    }
+    wgmma_store_tile<true>(acc, out, nullptr, sorted_pairs, m0, cw, n0, N, warp, g, c);
   }
 }
 
@@ -826,6 +983,23 @@ void launch_wgmma(__nv_bfloat16* out, const CUtensorMap& a_map, const CUtensorMa
   const int cols = kGateUp ? kWgBN / 2 : kWgBN;
   const int m_blocks = static_cast<int>(capacity / kWgBM), n_tiles = (N + cols - 1) / cols;
   const int grid = std::min(m_blocks * n_tiles, sms);
+  if constexpr (kGateUp) {
+    // A and B in rings of their own (see moe_gate_up_split_kernel): new, ERNIE_WG_SPLIT_RING=1.
+    static const bool split = new_path_enabled("ERNIE_WG_SPLIT_RING");
+    if (split) {
+      static const bool split_configured = [] {
+        ERNIE_CUDA_CHECK(cudaFuncSetAttribute(moe_gate_up_split_kernel,
+                                              cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                              static_cast<int>(kSplitSmem)));
+        return true;
+      }();
+      (void)split_configured;
+      moe_gate_up_split_kernel<<<grid, 384, kSplitSmem, stream>>>(
+          b_map, out, sorted_pairs, block_expert, m_blocks, n_tiles, K, N, x, k_choices);
+      ERNIE_CUDA_CHECK(cudaGetLastError());
+      return;
+    }
+  }
   moe_gemm_wgmma_kernel<kGateUp>
       <<<grid, 384, kWgSmem, stream>>>(a_map, b_map, out, route_w, sorted_pairs, block_expert,
                                        m_blocks, n_tiles, K, N, x, k_choices);
