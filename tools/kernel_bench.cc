@@ -252,8 +252,12 @@ int run_steps(int iters, const std::vector<std::string>& only, bool timeline) {
       m.forward_logits(st);
       const std::vector<trace::KernelSpan> spans = trace::stop();
       trace::print_summary(spans, 30);
-      std::printf("  one layer's kernels (from the 150th):\n");
-      trace::print_window(spans, 150, 16);
+      // A layer's worth from the middle of the step (decode steps: from the 150th, as before;
+      // eager steps launch more kernels a layer).
+      const size_t per_layer = spans.size() / static_cast<size_t>(cfg.num_hidden_layers);
+      const size_t first = c.decode_only() ? 150 : per_layer * (cfg.num_hidden_layers / 2);
+      std::printf("  one layer's kernels (from kernel %zu):\n", first);
+      trace::print_window(spans, first, std::max<size_t>(16, per_layer + 2));
 #endif
     }
   }
