@@ -64,6 +64,23 @@ struct RouterInputs {
     d_w.upload(w);
     d_b.upload(bias);
   }
+  // tied: experts 2i and 2i + 1 identical (weights and bias), so their scores tie; nan: one
+  // element of x a NaN (every score NaN). Uploaded again.
+  void vary(int hidden, int experts, bool tied, bool nan) {
+    if (tied) {
+      for (int e = 1; e < experts; e += 2) {
+        std::copy_n(w.begin() + static_cast<ptrdiff_t>(e - 1) * hidden, hidden,
+                    w.begin() + static_cast<ptrdiff_t>(e) * hidden);
+        bias[e] = bias[e - 1];
+      }
+      d_w.upload(w);
+      d_b.upload(bias);
+    }
+    if (nan) {
+      x[hidden / 2] = 0x7fc0;  // a bf16 quiet NaN
+      d_x.upload(x);
+    }
+  }
   std::vector<uint16_t> x;
   std::vector<float> w, bias;
   DeviceBuffer<uint16_t> d_x;
@@ -387,6 +404,125 @@ TEST(CudaKernels, MoeBlockReadyMatchesGridWait) {
     for (int tokens : s.tokens) {
       expect_block_ready_matches(rng, stream, s.hidden, s.inter, s.experts, s.k, tokens, d_gu,
                                  d_down);
+    }
+  }
+  ERNIE_CUDA_CHECK(cudaStreamDestroy(stream));
+}
+
+// Equal bits, or both NaN (a NaN input's outputs).
+bool same_value(uint16_t a, uint16_t b) {
+  return a == b || (std::isnan(bf16_to_float(a)) && std::isnan(bf16_to_float(b)));
+}
+
+// One token routed inside the decode GEMMs (RouteInGemm: route_logits, then every routed CTA
+// of gate/up and down picking the experts itself) computes what the fused router's top-k and
+// layout and the GEMMs reading them compute: the same ids and weights (bit for bit), the same
+// block experts, a layout holding every pair once, the same act and y rows pair by pair and the
+// same combined output. Shapes: the model's (wide tiles), a gate/up and down grid too large for
+// the wide tiles (the lean ones), tied experts, 16 picks, and a NaN input (every score NaN: an
+// expert picked more than once, its block holding several rows). Outputs start poisoned.
+TEST(CudaKernels, RouteInGemmMatchesFusedRouter) {
+  if (device_count() == 0) GTEST_SKIP() << "no CUDA device";
+  Rng rng(std::random_device{}());
+  cudaStream_t stream;
+  ERNIE_CUDA_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+  struct Shape {
+    int hidden, inter, experts, k;
+    bool tied = false, nan = false;
+  };
+  for (const Shape& s :
+       {Shape{2560, 1536, 64, 6}, Shape{2048, 1024, 32, 16}, Shape{256, 128, 64, 6, true},
+        Shape{512, 96, 160, 8}, Shape{128, 64, 256, 16}, Shape{256, 64, 64, 6, false, true}}) {
+    SCOPED_TRACE(::testing::Message()
+                 << s.hidden << "/" << s.inter << ", " << s.experts << " experts top-" << s.k
+                 << (s.tied ? ", tied" : "") << (s.nan ? ", NaN input" : ""));
+    ASSERT_TRUE(route_in_gemm_fits(1, s.experts, s.k));
+    constexpr int block_m = kMoeBlockSmall;
+    const int pairs = s.k;
+    const int64_t cap = moe_capacity(pairs, s.experts, block_m);
+    const int blocks = static_cast<int>(cap / block_m);
+    RouterInputs in(rng, 1, s.hidden, s.experts);
+    in.vary(s.hidden, s.experts, s.tied, s.nan);
+    const int64_t gu_rows = int64_t{s.experts} * 2 * s.inter;
+    const int64_t down_rows = int64_t{s.experts} * s.hidden;
+    DeviceBuffer<uint16_t> d_gu_src(static_cast<size_t>(gu_rows * s.hidden));
+    DeviceBuffer<uint16_t> d_down_src(static_cast<size_t>(down_rows * s.inter));
+    DeviceBuffer<uint16_t> d_gu(static_cast<size_t>(gu_rows * tiled_cols(s.hidden)));
+    DeviceBuffer<uint16_t> d_down(static_cast<size_t>(down_rows * tiled_cols(s.inter)));
+    d_gu_src.upload(random_bf16(rng, d_gu_src.n, 1.0 / std::sqrt(s.hidden)));
+    d_down_src.upload(random_bf16(rng, d_down_src.n, 1.0 / std::sqrt(s.inter)));
+    tile_expert_weights(bf(d_gu.p), bf(d_gu_src.p), gu_rows, s.hidden, stream);
+    tile_expert_weights(bf(d_down.p), bf(d_down_src.p), down_rows, s.inter, stream);
+    DeviceBuffer<int32_t> d_ids(pairs), d_sorted(cap), d_block(blocks), d_pos(pairs);
+    DeviceBuffer<float> d_wts(pairs);
+    DeviceBuffer<uint16_t> d_act(static_cast<size_t>(cap) * s.inter);
+    DeviceBuffer<uint16_t> d_y(static_cast<size_t>(cap) * s.hidden);
+    DeviceBuffer<uint16_t> d_out(static_cast<size_t>(s.hidden));
+    struct Result {
+      std::vector<int32_t> ids, sorted, block, pos;
+      std::vector<float> wts;
+      std::vector<uint16_t> act, y, out;
+    };
+    auto run = [&](bool in_gemm) {
+      for (auto* b : {&d_ids, &d_sorted, &d_block, &d_pos}) b->poison();
+      for (auto* b : {&d_act, &d_y, &d_out}) b->poison();
+      d_wts.poison();
+      RouteInGemm route;
+      if (in_gemm) {
+        route_logits(in.d_scratch.p, bf(in.d_x.p), in.d_w.p, 1, s.hidden, s.experts, stream, false);
+        route = RouteInGemm{in.d_scratch.p, in.d_b.p,   s.experts, s.k,     1e-12f, d_ids.p,
+                            d_wts.p,        d_sorted.p, d_block.p, d_pos.p, blocks};
+      } else {
+        const RouteLayout layout{d_sorted.p, d_block.p, d_pos.p, block_m, blocks};
+        EXPECT_TRUE(route_topk(d_ids.p, d_wts.p, bf(in.d_x.p), in.d_w.p, in.d_b.p, 1, s.hidden,
+                               s.experts, s.k, 1e-12f, in.d_scratch.p, stream, &layout));
+      }
+      moe_gate_up(bf(d_act.p), bf(in.d_x.p), bf(d_gu.p), d_sorted.p, d_block.p, cap, block_m, s.k,
+                  s.hidden, s.inter, s.experts, stream, SharedFold{}, nullptr, route);
+      moe_down(bf(d_y.p), bf(d_act.p), bf(d_down.p), d_wts.p, d_sorted.p, d_block.p, cap, block_m,
+               s.hidden, s.inter, s.experts, stream, SharedFold{}, nullptr, route);
+      moe_combine(bf(d_out.p), bf(d_y.p), d_pos.p, nullptr, 1, s.k, s.hidden, stream, SharedFold{},
+                  block_m, CombineNorm{}, in_gemm);
+      finish_or_abort(stream, 20.0);
+      return Result{d_ids.download(), d_sorted.download(), d_block.download(), d_pos.download(),
+                    d_wts.download(), d_act.download(),    d_y.download(),     d_out.download()};
+    };
+    const Result want = run(false);
+    for (int repeat = 0; repeat < 2; ++repeat) {
+      SCOPED_TRACE(::testing::Message() << "repeat " << repeat);
+      const Result got = run(true);
+      ASSERT_EQ(got.ids, want.ids);
+      for (int i = 0; i < pairs; ++i) {  // bit for bit (NaN included)
+        ASSERT_EQ(std::bit_cast<uint32_t>(got.wts[i]), std::bit_cast<uint32_t>(want.wts[i]))
+            << "pair " << i;
+      }
+      ASSERT_EQ(got.block, want.block);
+      int filled = 0;
+      for (int32_t v : got.sorted) filled += v >= 0;
+      EXPECT_EQ(filled, pairs);
+      for (int i = 0; i < pairs; ++i) {
+        ASSERT_GE(got.pos[i], 0);
+        ASSERT_LT(got.pos[i], cap);
+        ASSERT_EQ(got.sorted[got.pos[i]], i);
+        ASSERT_EQ(got.block[got.pos[i] / block_m], got.ids[i]);
+        for (auto [g, w, width, name] : {std::tuple{&got.act, &want.act, s.inter, "act"},
+                                         std::tuple{&got.y, &want.y, s.hidden, "y"}}) {
+          for (int c = 0; c < width; ++c) {
+            const uint16_t a = (*g)[static_cast<size_t>(got.pos[i]) * width + c];
+            const uint16_t b = (*w)[static_cast<size_t>(want.pos[i]) * width + c];
+            ASSERT_TRUE(same_value(a, b)) << name << " of pair " << i << " column " << c;
+            if (!s.nan) {
+              ASSERT_TRUE(std::isfinite(bf16_to_float(a))) << name << " column " << c;
+            }
+          }
+        }
+      }
+      for (int c = 0; c < s.hidden; ++c) {
+        ASSERT_TRUE(same_value(got.out[c], want.out[c])) << "output column " << c;
+        if (!s.nan) {
+          ASSERT_TRUE(std::isfinite(bf16_to_float(got.out[c]))) << "column " << c;
+        }
+      }
     }
   }
   ERNIE_CUDA_CHECK(cudaStreamDestroy(stream));
@@ -774,19 +910,7 @@ TEST(CudaKernels, RouterLayoutMatchesSeparateAlign) {
     const int64_t cap = moe_capacity(pairs, s.experts, s.block_m);
     const int blocks = static_cast<int>(cap / s.block_m);
     RouterInputs in(rng, s.tokens, s.hidden, s.experts);
-    if (s.tied) {
-      for (int e = 1; e < s.experts; e += 2) {
-        std::copy_n(in.w.begin() + static_cast<ptrdiff_t>(e - 1) * s.hidden, s.hidden,
-                    in.w.begin() + static_cast<ptrdiff_t>(e) * s.hidden);
-        in.bias[e] = in.bias[e - 1];
-      }
-      in.d_w.upload(in.w);
-      in.d_b.upload(in.bias);
-    }
-    if (s.nan) {
-      in.x[s.hidden / 2] = 0x7fc0;  // a bf16 quiet NaN
-      in.d_x.upload(in.x);
-    }
+    in.vary(s.hidden, s.experts, s.tied, s.nan);
     DeviceBuffer<float> d_wts(pairs);
     DeviceBuffer<int32_t> d_ids(pairs), d_sorted(cap), d_block(blocks), d_pos(pairs);
     d_ids.poison();

@@ -765,9 +765,30 @@ class CudaBackend final : public Backend {
     if (block_ready_on && cuda::moe_block_ready_fits(block_m, fold)) {
       block_ready = static_cast<int32_t*>(arena_.alloc(cap / block_m * sizeof(int32_t)));
     }
-    if (cuda::route_topk(ids, weights, bf(x), w.router.as<float>(), w.router_bias.as<float>(),
-                         tokens, hidden, experts, k, w.norm_min, route_scratch, stream_, &layout,
-                         fold.early)) {
+    // One token: the decode GEMMs may pick the experts themselves from the router's logits
+    // (cuda::RouteInGemm), so that neither the router's last CTA nor a layout stands between
+    // the logits and the routed weights' first copies. New: ERNIE_ROUTE_IN_GEMM=1.
+    static const bool route_in_gemm = cuda::new_path_enabled("ERNIE_ROUTE_IN_GEMM");
+    cuda::RouteInGemm route;
+    if (route_in_gemm && !profiling_ && cuda::route_in_gemm_fits(tokens, experts, k)) {
+      auto* logits = static_cast<float*>(route_scratch);
+      cuda::route_logits(logits, bf(x), w.router.as<float>(), tokens, hidden, experts, stream_,
+                         fold.early);
+      route = cuda::RouteInGemm{logits,
+                                w.router_bias.as<float>(),
+                                experts,
+                                k,
+                                w.norm_min,
+                                ids,
+                                weights,
+                                sorted,
+                                block_expert,
+                                pair_pos,
+                                static_cast<int>(cap / block_m)};
+      block_ready = nullptr;
+    } else if (cuda::route_topk(ids, weights, bf(x), w.router.as<float>(),
+                                w.router_bias.as<float>(), tokens, hidden, experts, k, w.norm_min,
+                                route_scratch, stream_, &layout, fold.early)) {
       block_ready = nullptr;  // the router laid the pairs out (few tokens): no counters cleared
     } else {
       void* align_scratch = arena_.alloc(cuda::moe_align_scratch_bytes(pairs, experts));
@@ -783,9 +804,9 @@ class CudaBackend final : public Backend {
     auto* act = static_cast<__nv_bfloat16*>(arena_.alloc(rows * inter * sizeof(__nv_bfloat16)));
     auto* y = static_cast<__nv_bfloat16*>(arena_.alloc(rows * hidden * sizeof(__nv_bfloat16)));
     cuda::moe_gate_up(act, bf(x), bf(w.experts_gate_up), sorted, block_expert, cap, block_m, k,
-                      hidden, inter, experts, stream_, fold, block_ready);
+                      hidden, inter, experts, stream_, fold, block_ready, route);
     cuda::moe_down(y, act, bf(w.experts_down), weights, sorted, block_expert, cap, block_m, hidden,
-                   inter, experts, stream_, fold, block_ready);
+                   inter, experts, stream_, fold, block_ready, route);
     if (overlap) {
       check_cuda(cudaStreamWaitEvent(stream_, join_), "cudaStreamWaitEvent");
     } else if (unfolded_shared) {
@@ -794,8 +815,8 @@ class CudaBackend final : public Backend {
     }
     mark(Stage::kMoeCombine);
     __nv_bfloat16* shared = unfolded_shared ? bf(shared_out) : nullptr;
-    cuda::moe_combine(bf(out), y, pair_pos, shared, tokens, k, hidden, stream_, fold, block_m,
-                      norm);
+    cuda::moe_combine(bf(out), y, pair_pos, shared, tokens, k, hidden, stream_, fold, block_m, norm,
+                      route.logits != nullptr);
     arena_.rewind(scratch_mark);
   }
 

@@ -74,6 +74,35 @@ inline int64_t moe_shared_rows(const SharedFold& f, int block_m) {
   return static_cast<int64_t>(f.experts) * ((f.tokens + block_m - 1) / block_m) * block_m;
 }
 
+// One token routed inside the decode GEMMs (ERNIE_ROUTE_IN_GEMM=1, new): instead of the
+// router's last CTA doing the top-k and the layout (route_topk) and the GEMMs then reading the
+// layout, every routed CTA of gate/up and down takes the token's logits (route_logits) and
+// picks the experts itself with the router's own top-k (topk.cuh: the same picks and weights),
+// its M-block being the rank of its expert among the picked ones (align_one_token's layout; an
+// expert picked twice, which only NaN logits do, holds both pairs in its block). Gate/up's
+// first routed CTA also writes ids, weights and the layout (sorted_pairs, block_expert,
+// pair_pos) for moe_combine, which must then read pair_pos only after its wait
+// (late_layout). 16-row blocks, k <= 16, experts <= kRouteInGemmMaxExperts; down's routed
+// CTAs pick before their wait (the logits are complete once gate/up's routed CTAs have waited,
+// which is when down may launch).
+constexpr int kRouteInGemmMaxExperts = 256;
+struct RouteInGemm {
+  const float* logits = nullptr;  // [experts] of the one token (null: off)
+  const float* bias = nullptr;    // [experts], the correction bias
+  int experts = 0, k = 0;
+  float norm_min = 0.0f;
+  int32_t* ids = nullptr;  // written by gate/up: [k], and the layout of moe_align
+  float* weights = nullptr;
+  int32_t* sorted_pairs = nullptr;
+  int32_t* block_expert = nullptr;
+  int32_t* pair_pos = nullptr;
+  int num_blocks = 0;
+};
+inline bool route_in_gemm_fits(int tokens, int experts, int k) {
+  return tokens == 1 && experts <= kRouteInGemmMaxExperts && k <= kMoeBlockSmall &&
+         moe_block_m(k, experts) == kMoeBlockSmall;
+}
+
 // act [capacity, inter] = silu(x_g W_gate^T) * (x_g W_up^T) per sorted row, x_g = x[pair / k]
 // (gathered by the GEMM's loads); w_gate_up [E * 2 * inter, hidden] in the tiled layout (each
 // expert's gate rows then its up rows). hidden % 8 == 0, inter % 16 == 0. With a fold (decode
@@ -82,7 +111,8 @@ inline int64_t moe_shared_rows(const SharedFold& f, int block_m) {
 void moe_gate_up(__nv_bfloat16* act, const __nv_bfloat16* x, const __nv_bfloat16* w_gate_up,
                  const int32_t* sorted_pairs, const int32_t* block_expert, int64_t capacity,
                  int block_m, int k, int hidden, int inter, int experts, cudaStream_t stream,
-                 const SharedFold& fold = {}, int32_t* block_ready = nullptr);
+                 const SharedFold& fold = {}, int32_t* block_ready = nullptr,
+                 const RouteInGemm& route = {});
 
 // y [capacity, hidden] = weight[pair] * act W_down^T per sorted row; w_down [E * hidden, inter]
 // in the tiled layout. inter % 8 == 0, hidden % 16 == 0. With a fold, act as moe_gate_up wrote
@@ -90,7 +120,8 @@ void moe_gate_up(__nv_bfloat16* act, const __nv_bfloat16* x, const __nv_bfloat16
 void moe_down(__nv_bfloat16* y, const __nv_bfloat16* act, const __nv_bfloat16* w_down,
               const float* weights, const int32_t* sorted_pairs, const int32_t* block_expert,
               int64_t capacity, int block_m, int hidden, int inter, int experts,
-              cudaStream_t stream, const SharedFold& fold = {}, int32_t* block_ready = nullptr);
+              cudaStream_t stream, const SharedFold& fold = {}, int32_t* block_ready = nullptr,
+              const RouteInGemm& route = {});
 
 // block_ready for moe_gate_up and moe_down (32-row blocks, no fold; moe_align cleared it, and
 // the same counters go to both, gate/up launched right before down on one stream): each down
@@ -115,9 +146,11 @@ inline bool moe_combine_norm_fits(int hidden) {
 // out [tokens, hidden] = sum over the token's k rows of y (+ shared [tokens, hidden] if given).
 // With a fold, the routed rows are at y + moe_shared_rows(fold, block_m) rows, and the shared
 // experts' output (fold.down_out summed, rounded to bf16) is added after them. With
-// norm.normed (moe_combine_norm_fits), then the norm of CombineNorm.
+// norm.normed (moe_combine_norm_fits), then the norm of CombineNorm. late_layout: pair_pos
+// is written by the kernels right before (RouteInGemm), so it is read only after the wait.
 void moe_combine(__nv_bfloat16* out, const __nv_bfloat16* y, const int32_t* pair_pos,
                  const __nv_bfloat16* shared, int tokens, int k, int hidden, cudaStream_t stream,
-                 const SharedFold& fold = {}, int block_m = 0, const CombineNorm& norm = {});
+                 const SharedFold& fold = {}, int block_m = 0, const CombineNorm& norm = {},
+                 bool late_layout = false);
 
 }  // namespace ernie::cuda

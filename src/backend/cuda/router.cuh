@@ -48,4 +48,10 @@ bool route_topk(int32_t* ids, float* weights, const __nv_bfloat16* x, const floa
                 void* scratch, cudaStream_t stream, const RouteLayout* layout = nullptr,
                 bool early_dependents = false);
 
+// Only the logits [tokens, experts] f32 (at most 8 tokens; logits needs tokens * experts
+// floats), with route_topk's launch order, for kernels that pick the experts themselves (the
+// decode MoE GEMMs routing one token: moe.cuh's RouteInGemm).
+void route_logits(float* logits, const __nv_bfloat16* x, const float* router, int tokens,
+                  int hidden, int experts, cudaStream_t stream, bool early_dependents);
+
 }  // namespace ernie::cuda
