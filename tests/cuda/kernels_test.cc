@@ -64,9 +64,10 @@ struct RouterInputs {
     d_w.upload(w);
     d_b.upload(bias);
   }
-  // tied: experts 2i and 2i + 1 identical (weights and bias), so their scores tie; nan: one
-  // element of x a NaN (every score NaN). Uploaded again.
-  void vary(int hidden, int experts, bool tied, bool nan) {
+  // tied: experts 2i and 2i + 1 identical (weights and bias), so their scores tie;
+  // nan_tokens: the first so many tokens with one element of x a NaN (every score of theirs
+  // NaN). Uploaded again.
+  void vary(int hidden, int experts, bool tied, int nan_tokens) {
     if (tied) {
       for (int e = 1; e < experts; e += 2) {
         std::copy_n(w.begin() + static_cast<ptrdiff_t>(e - 1) * hidden, hidden,
@@ -76,10 +77,8 @@ struct RouterInputs {
       d_w.upload(w);
       d_b.upload(bias);
     }
-    if (nan) {
-      x[hidden / 2] = 0x7fc0;  // a bf16 quiet NaN
-      d_x.upload(x);
-    }
+    for (int t = 0; t < nan_tokens; ++t) x[static_cast<size_t>(t) * hidden + hidden / 2] = 0x7fc0;
+    if (nan_tokens > 0) d_x.upload(x);  // 0x7fc0: a bf16 quiet NaN
   }
   std::vector<uint16_t> x;
   std::vector<float> w, bias;
@@ -414,35 +413,40 @@ bool same_value(uint16_t a, uint16_t b) {
   return a == b || (std::isnan(bf16_to_float(a)) && std::isnan(bf16_to_float(b)));
 }
 
-// One token routed inside the decode GEMMs (RouteInGemm: route_logits, then every routed CTA
-// of gate/up and down picking the experts itself) computes what the fused router's top-k and
-// layout and the GEMMs reading them compute: the same ids and weights (bit for bit), the same
-// block experts, a layout holding every pair once, the same act and y rows pair by pair and the
-// same combined output. Shapes: the model's (wide tiles), a gate/up and down grid too large for
-// the wide tiles (the lean ones), tied experts, 16 picks, and a NaN input (every score NaN: an
-// expert picked more than once, its block holding several rows). Outputs start poisoned.
+// A few tokens routed inside the decode GEMMs (RouteInGemm: route_logits, then every routed
+// CTA of gate/up and down picking the experts itself) compute what the fused router's top-k
+// and layout and the GEMMs reading them compute: the same ids and weights (bit for bit), the
+// same block experts, a layout holding every pair once, the same act and y rows pair by pair
+// and the same combined output. Shapes: the model's at 1, 2, 5 and 8 tokens (wide tiles), a
+// gate/up and down grid too large for the wide tiles (the lean ones), tied experts, 16 picks
+// over 64 experts, a NaN input in one token (an expert picked six times) and in all eight
+// (48 pairs of one expert: three blocks). Outputs start poisoned.
 TEST(CudaKernels, RouteInGemmMatchesFusedRouter) {
   if (device_count() == 0) GTEST_SKIP() << "no CUDA device";
   Rng rng(std::random_device{}());
   cudaStream_t stream;
   ERNIE_CUDA_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
   struct Shape {
-    int hidden, inter, experts, k;
-    bool tied = false, nan = false;
+    int tokens, hidden, inter, experts, k;
+    bool tied = false;
+    int nan_tokens = 0;
   };
   for (const Shape& s :
-       {Shape{2560, 1536, 64, 6}, Shape{2048, 1024, 32, 16}, Shape{256, 128, 64, 6, true},
-        Shape{512, 96, 160, 8}, Shape{128, 64, 256, 16}, Shape{256, 64, 64, 6, false, true}}) {
+       {Shape{1, 2560, 1536, 64, 6}, Shape{2, 2560, 1536, 64, 6}, Shape{5, 2560, 1536, 64, 6},
+        Shape{8, 2560, 1536, 64, 6}, Shape{1, 2048, 1024, 32, 16}, Shape{3, 256, 128, 64, 6, true},
+        Shape{4, 512, 96, 48, 8}, Shape{1, 128, 64, 64, 16}, Shape{1, 256, 64, 64, 6, false, 1},
+        Shape{8, 256, 64, 64, 6, false, 8}}) {
     SCOPED_TRACE(::testing::Message()
-                 << s.hidden << "/" << s.inter << ", " << s.experts << " experts top-" << s.k
-                 << (s.tied ? ", tied" : "") << (s.nan ? ", NaN input" : ""));
-    ASSERT_TRUE(route_in_gemm_fits(1, s.experts, s.k));
+                 << s.tokens << " x " << s.hidden << "/" << s.inter << ", " << s.experts
+                 << " experts top-" << s.k << (s.tied ? ", tied" : "") << ", " << s.nan_tokens
+                 << " NaN tokens");
+    ASSERT_TRUE(route_in_gemm_fits(s.tokens, s.experts, s.k));
     constexpr int block_m = kMoeBlockSmall;
-    const int pairs = s.k;
+    const int pairs = s.tokens * s.k;
     const int64_t cap = moe_capacity(pairs, s.experts, block_m);
     const int blocks = static_cast<int>(cap / block_m);
-    RouterInputs in(rng, 1, s.hidden, s.experts);
-    in.vary(s.hidden, s.experts, s.tied, s.nan);
+    RouterInputs in(rng, s.tokens, s.hidden, s.experts);
+    in.vary(s.hidden, s.experts, s.tied, s.nan_tokens);
     const int64_t gu_rows = int64_t{s.experts} * 2 * s.inter;
     const int64_t down_rows = int64_t{s.experts} * s.hidden;
     DeviceBuffer<uint16_t> d_gu_src(static_cast<size_t>(gu_rows * s.hidden));
@@ -457,7 +461,7 @@ TEST(CudaKernels, RouteInGemmMatchesFusedRouter) {
     DeviceBuffer<float> d_wts(pairs);
     DeviceBuffer<uint16_t> d_act(static_cast<size_t>(cap) * s.inter);
     DeviceBuffer<uint16_t> d_y(static_cast<size_t>(cap) * s.hidden);
-    DeviceBuffer<uint16_t> d_out(static_cast<size_t>(s.hidden));
+    DeviceBuffer<uint16_t> d_out(static_cast<size_t>(s.tokens) * s.hidden);
     struct Result {
       std::vector<int32_t> ids, sorted, block, pos;
       std::vector<float> wts;
@@ -469,20 +473,21 @@ TEST(CudaKernels, RouteInGemmMatchesFusedRouter) {
       d_wts.poison();
       RouteInGemm route;
       if (in_gemm) {
-        route_logits(in.d_scratch.p, bf(in.d_x.p), in.d_w.p, 1, s.hidden, s.experts, stream, false);
-        route = RouteInGemm{in.d_scratch.p, in.d_b.p,   s.experts, s.k,     1e-12f, d_ids.p,
-                            d_wts.p,        d_sorted.p, d_block.p, d_pos.p, blocks};
+        route_logits(in.d_scratch.p, bf(in.d_x.p), in.d_w.p, s.tokens, s.hidden, s.experts, stream,
+                     false);
+        route = RouteInGemm{in.d_scratch.p, in.d_b.p, s.tokens,   s.experts, s.k,     1e-12f,
+                            d_ids.p,        d_wts.p,  d_sorted.p, d_block.p, d_pos.p, blocks};
       } else {
         const RouteLayout layout{d_sorted.p, d_block.p, d_pos.p, block_m, blocks};
-        EXPECT_TRUE(route_topk(d_ids.p, d_wts.p, bf(in.d_x.p), in.d_w.p, in.d_b.p, 1, s.hidden,
-                               s.experts, s.k, 1e-12f, in.d_scratch.p, stream, &layout));
+        EXPECT_TRUE(route_topk(d_ids.p, d_wts.p, bf(in.d_x.p), in.d_w.p, in.d_b.p, s.tokens,
+                               s.hidden, s.experts, s.k, 1e-12f, in.d_scratch.p, stream, &layout));
       }
       moe_gate_up(bf(d_act.p), bf(in.d_x.p), bf(d_gu.p), d_sorted.p, d_block.p, cap, block_m, s.k,
                   s.hidden, s.inter, s.experts, stream, SharedFold{}, nullptr, route);
       moe_down(bf(d_y.p), bf(d_act.p), bf(d_down.p), d_wts.p, d_sorted.p, d_block.p, cap, block_m,
                s.hidden, s.inter, s.experts, stream, SharedFold{}, nullptr, route);
-      moe_combine(bf(d_out.p), bf(d_y.p), d_pos.p, nullptr, 1, s.k, s.hidden, stream, SharedFold{},
-                  block_m, CombineNorm{}, in_gemm);
+      moe_combine(bf(d_out.p), bf(d_y.p), d_pos.p, nullptr, s.tokens, s.k, s.hidden, stream,
+                  SharedFold{}, block_m, CombineNorm{}, in_gemm);
       finish_or_abort(stream, 20.0);
       return Result{d_ids.download(), d_sorted.download(), d_block.download(), d_pos.download(),
                     d_wts.download(), d_act.download(),    d_y.download(),     d_out.download()};
@@ -511,16 +516,16 @@ TEST(CudaKernels, RouteInGemmMatchesFusedRouter) {
             const uint16_t a = (*g)[static_cast<size_t>(got.pos[i]) * width + c];
             const uint16_t b = (*w)[static_cast<size_t>(want.pos[i]) * width + c];
             ASSERT_TRUE(same_value(a, b)) << name << " of pair " << i << " column " << c;
-            if (!s.nan) {
+            if (i / s.k >= s.nan_tokens) {
               ASSERT_TRUE(std::isfinite(bf16_to_float(a))) << name << " column " << c;
             }
           }
         }
       }
-      for (int c = 0; c < s.hidden; ++c) {
-        ASSERT_TRUE(same_value(got.out[c], want.out[c])) << "output column " << c;
-        if (!s.nan) {
-          ASSERT_TRUE(std::isfinite(bf16_to_float(got.out[c]))) << "column " << c;
+      for (int c = 0; c < s.tokens * s.hidden; ++c) {
+        ASSERT_TRUE(same_value(got.out[c], want.out[c])) << "output element " << c;
+        if (c / s.hidden >= s.nan_tokens) {
+          ASSERT_TRUE(std::isfinite(bf16_to_float(got.out[c]))) << "element " << c;
         }
       }
     }
@@ -910,7 +915,7 @@ TEST(CudaKernels, RouterLayoutMatchesSeparateAlign) {
     const int64_t cap = moe_capacity(pairs, s.experts, s.block_m);
     const int blocks = static_cast<int>(cap / s.block_m);
     RouterInputs in(rng, s.tokens, s.hidden, s.experts);
-    in.vary(s.hidden, s.experts, s.tied, s.nan);
+    in.vary(s.hidden, s.experts, s.tied, s.nan ? 1 : 0);
     DeviceBuffer<float> d_wts(pairs);
     DeviceBuffer<int32_t> d_ids(pairs), d_sorted(cap), d_block(blocks), d_pos(pairs);
     d_ids.poison();

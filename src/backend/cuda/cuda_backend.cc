@@ -765,7 +765,7 @@ class CudaBackend final : public Backend {
     if (block_ready_on && cuda::moe_block_ready_fits(block_m, fold)) {
       block_ready = static_cast<int32_t*>(arena_.alloc(cap / block_m * sizeof(int32_t)));
     }
-    // One token: the decode GEMMs may pick the experts themselves from the router's logits
+    // Up to 8 tokens the decode GEMMs may pick the experts themselves from the router's logits
     // (cuda::RouteInGemm), so that neither the router's last CTA nor a layout stands between
     // the logits and the routed weights' first copies. New: ERNIE_ROUTE_IN_GEMM=1.
     static const bool route_in_gemm = cuda::new_path_enabled("ERNIE_ROUTE_IN_GEMM");
@@ -774,17 +774,12 @@ class CudaBackend final : public Backend {
       auto* logits = static_cast<float*>(route_scratch);
       cuda::route_logits(logits, bf(x), w.router.as<float>(), tokens, hidden, experts, stream_,
                          fold.early);
-      route = cuda::RouteInGemm{logits,
-                                w.router_bias.as<float>(),
-                                experts,
-                                k,
-                                w.norm_min,
-                                ids,
-                                weights,
-                                sorted,
-                                block_expert,
-                                pair_pos,
-                                static_cast<int>(cap / block_m)};
+      route = cuda::RouteInGemm{logits,   w.router_bias.as<float>(),
+                                tokens,   experts,
+                                k,        w.norm_min,
+                                ids,      weights,
+                                sorted,   block_expert,
+                                pair_pos, static_cast<int>(cap / block_m)};
       block_ready = nullptr;
     } else if (cuda::route_topk(ids, weights, bf(x), w.router.as<float>(),
                                 w.router_bias.as<float>(), tokens, hidden, experts, k, w.norm_min,

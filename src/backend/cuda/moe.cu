@@ -317,15 +317,18 @@ __device__ __forceinline__ void store_rows(const float (&acc)[T::kMt][T::kNt][4]
   }
 }
 
-// RouteInGemm's shared memory (in the kernels that route only): the top-k's scratch, the
-// correction bias, the picks, this block's rows.
+// RouteInGemm's shared memory (in the kernels that route only): each warp's top-k scratch,
+// the correction bias, the picks with their rows in the layout, this block's rows. 4.4 KB: the
+// lean 16-row tiles still fit four CTAs per multiprocessor.
+constexpr int kRouteWarps = 4;  // the 16-row tiles' CTAs have 2 or 4 warps
 struct RouteSmem {
-  float p[2 * kRouteInGemmMaxExperts];
+  float p[kRouteWarps][2 * kRouteInGemmMaxExperts];
   float bias[kRouteInGemmMaxExperts];
-  int32_t ids[kMoeBlockSmall];
-  float weights[kMoeBlockSmall];
-  int32_t pos[kMoeBlockSmall];   // each pick's row in the layout
-  int32_t rows[kMoeBlockSmall];  // this block's rows: a pair or -1
+  int32_t ids[kRouteInGemmMaxPairs];
+  float weights[kRouteInGemmMaxPairs];
+  int32_t pos[kRouteInGemmMaxPairs];    // each pair's row in the layout
+  int32_t count[kRouteInGemmMaxPairs];  // at an expert's first pair its pairs, else 0
+  int32_t rows[kMoeBlockSmall];         // this block's rows: a pair or -1
   float row_weights[kMoeBlockSmall];
   int expert;
 };
@@ -343,16 +346,19 @@ __device__ __forceinline__ void route_prefetch_bias(const RouteInGemm& r) {
 }
 
 // Routed M-block rb of a RouteInGemm step, by the whole CTA (the logits must be complete and
-// visible): the token's top-k by warp 0, then this block's expert (-1: none) and rows in
-// route_smem(). write_layout: also ids, weights and the whole layout to global memory.
+// visible): each token's top-k by a warp, then moe_align's layout of the pairs (experts in
+// ascending order, each taking ceil(pairs / 16) blocks, its pairs in pair order) and this
+// block's expert (-1: none) and rows in route_smem(). write_layout: also ids, weights and the
+// whole layout to global memory.
 __device__ void route_block(const RouteInGemm& r, int rb, bool write_layout) {
   RouteSmem& s = route_smem();
-  const int tid = threadIdx.x;
+  const int tid = threadIdx.x, warp = tid / 32, warps = blockDim.x / 32;
+  const int pairs = r.tokens * r.k;
   cp_async_wait<0>();  // the bias (route_prefetch_bias)
   __syncthreads();
-  if (tid < 32) {
-    topk_token(0, s.ids, s.weights, r.logits, s.bias, 1, r.experts, 1, r.k, r.norm_min, s.p,
-               nullptr, true, true);
+  for (int t = warp; t < r.tokens; t += warps) {
+    topk_token(t, s.ids, s.weights, r.logits, s.bias, r.tokens, r.experts, 1, r.k, r.norm_min,
+               s.p[warp], nullptr, true, true);
   }
   if (tid < kMoeBlockSmall) {
     s.rows[tid] = -1;
@@ -360,38 +366,51 @@ __device__ void route_block(const RouteInGemm& r, int rb, bool write_layout) {
   }
   if (tid == 0) s.expert = -1;
   __syncthreads();
-  if (tid < r.k) {
-    // Pick tid's block: the rank of its expert among the distinct picked experts; its row: how
-    // many earlier picks took the same expert.
-    const int e = s.ids[tid];
-    int rank = 0, row = 0;
-    for (int j = 0; j < r.k; ++j) {
-      const int ej = s.ids[j];
-      bool first = true;  // j is its expert's first pick
-      for (int i = 0; i < j; ++i) first = first && s.ids[i] != ej;
-      rank += first && ej < e;
-      row += j < tid && ej == e;
+  for (int j = tid; j < pairs; j += blockDim.x) {
+    const int e = s.ids[j];
+    bool first = true;
+    int n = 0;
+    for (int i = 0; i < pairs; ++i) {
+      first = first && !(i < j && s.ids[i] == e);
+      n += s.ids[i] == e;
     }
-    s.pos[tid] = rank * kMoeBlockSmall + row;
-    if (rank == rb) {
-      s.rows[row] = tid;
-      s.row_weights[row] = s.weights[tid];
+    s.count[j] = first ? n : 0;
+  }
+  __syncthreads();
+  for (int j = tid; j < pairs; j += blockDim.x) {
+    // Pair j's block: the blocks of the experts below its own, then its rank among its
+    // expert's pairs.
+    const int e = s.ids[j];
+    int block = 0, rank = 0;
+    for (int i = 0; i < pairs; ++i) {
+      if (s.ids[i] < e) block += (s.count[i] + kMoeBlockSmall - 1) / kMoeBlockSmall;
+      rank += i < j && s.ids[i] == e;
+    }
+    block += rank / kMoeBlockSmall;
+    const int row = rank % kMoeBlockSmall;
+    s.pos[j] = block * kMoeBlockSmall + row;
+    if (block == rb) {
+      s.rows[row] = j;
+      s.row_weights[row] = s.weights[j];
       s.expert = e;
     }
     if (write_layout) {
-      r.ids[tid] = e;
-      r.weights[tid] = s.weights[tid];
-      r.pair_pos[tid] = s.pos[tid];
+      r.ids[j] = e;
+      r.weights[j] = s.weights[j];
+      r.pair_pos[j] = s.pos[j];
     }
   }
-  __syncthreads();
   if (write_layout) {
     for (int i = tid; i < r.num_blocks * kMoeBlockSmall; i += blockDim.x) {
-      int pair = -1;
-      for (int j = 0; j < r.k; ++j) pair = s.pos[j] == i ? j : pair;
-      r.sorted_pairs[i] = pair;
-      if (i % kMoeBlockSmall == 0)
-        r.block_expert[i / kMoeBlockSmall] = pair >= 0 ? s.ids[pair] : -1;
+      r.sorted_pairs[i] = -1;
+      if (i % kMoeBlockSmall == 0) r.block_expert[i / kMoeBlockSmall] = -1;
+    }
+  }
+  __syncthreads();  // also orders the -1s above before the entries below
+  if (write_layout) {
+    for (int j = tid; j < pairs; j += blockDim.x) {
+      r.sorted_pairs[s.pos[j]] = j;
+      if (s.pos[j] % kMoeBlockSmall == 0) r.block_expert[s.pos[j] / kMoeBlockSmall] = s.ids[j];
     }
   }
 }
@@ -421,7 +440,7 @@ __global__ void __launch_bounds__(Tile<BM, kWide, kLean>::kThreads, 1)
   const bool folded = mb < fold.blocks;
   const int rb = mb - fold.blocks;  // routed block
   if constexpr (kRoute) {
-    static_assert(BM == kMoeBlockSmall);
+    static_assert(BM == kMoeBlockSmall && Tile<BM, kWide, kLean>::kThreads <= 32 * kRouteWarps);
     if (!folded) route_prefetch_bias(route);
   }
   // gate/up's routed blocks let down launch only once they have waited for the routing (an

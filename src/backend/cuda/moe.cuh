@@ -74,24 +74,25 @@ inline int64_t moe_shared_rows(const SharedFold& f, int block_m) {
   return static_cast<int64_t>(f.experts) * ((f.tokens + block_m - 1) / block_m) * block_m;
 }
 
-// One token routed inside the decode GEMMs (ERNIE_ROUTE_IN_GEMM=1, new): instead of the
+// A few tokens routed inside the decode GEMMs (ERNIE_ROUTE_IN_GEMM=1, new): instead of the
 // router's last CTA doing the top-k and the layout (route_topk) and the GEMMs then reading the
-// layout, every routed CTA of gate/up and down takes the token's logits (route_logits) and
+// layout, every routed CTA of gate/up and down takes the tokens' logits (route_logits) and
 // picks the experts itself with the router's own top-k (topk.cuh: the same picks and weights),
-// its M-block being the rank of its expert among the picked ones (align_one_token's layout; an
-// expert picked twice, which only NaN logits do, holds both pairs in its block). Gate/up's
-// first routed CTA also writes ids, weights and the layout (sorted_pairs, block_expert,
-// pair_pos) for moe_combine, which must then read pair_pos only after its wait
-// (late_layout). 16-row blocks, k <= 16, experts <= kRouteInGemmMaxExperts; down's routed
-// CTAs pick before their wait (the logits are complete once gate/up's routed CTAs have waited,
-// which is when down may launch).
-constexpr int kRouteInGemmMaxExperts = 256;
+// then lays the pairs out as moe_align does (experts in ascending order, ceil(pairs / 16)
+// blocks each) and takes its M-block's expert and rows. Gate/up's first routed CTA also writes
+// ids, weights and the layout (sorted_pairs, block_expert, pair_pos) for moe_combine, which
+// must then read pair_pos only after its wait (late_layout). Down's routed CTAs pick before
+// their wait: the logits are complete once gate/up's routed CTAs have waited, which is when
+// down may launch. At most 8 tokens, k <= 16, experts <= kRouteInGemmMaxExperts, 16-row
+// blocks.
+constexpr int kRouteInGemmMaxExperts = 64;
+constexpr int kRouteInGemmMaxPairs = 8 * kMoeBlockSmall;
 struct RouteInGemm {
-  const float* logits = nullptr;  // [experts] of the one token (null: off)
+  const float* logits = nullptr;  // [tokens, experts] (null: off)
   const float* bias = nullptr;    // [experts], the correction bias
-  int experts = 0, k = 0;
+  int tokens = 0, experts = 0, k = 0;
   float norm_min = 0.0f;
-  int32_t* ids = nullptr;  // written by gate/up: [k], and the layout of moe_align
+  int32_t* ids = nullptr;  // written by gate/up: [tokens * k], and the layout of moe_align
   float* weights = nullptr;
   int32_t* sorted_pairs = nullptr;
   int32_t* block_expert = nullptr;
@@ -99,8 +100,9 @@ struct RouteInGemm {
   int num_blocks = 0;
 };
 inline bool route_in_gemm_fits(int tokens, int experts, int k) {
-  return tokens == 1 && experts <= kRouteInGemmMaxExperts && k <= kMoeBlockSmall &&
-         moe_block_m(k, experts) == kMoeBlockSmall;
+  return tokens >= 1 && tokens * k <= kRouteInGemmMaxPairs && tokens <= 8 &&
+         experts <= kRouteInGemmMaxExperts && k <= kMoeBlockSmall &&
+         moe_block_m(static_cast<int64_t>(tokens) * k, experts) == kMoeBlockSmall;
 }
 
 // act [capacity, inter] = silu(x_g W_gate^T) * (x_g W_up^T) per sorted row, x_g = x[pair / k]
