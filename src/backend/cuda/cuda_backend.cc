@@ -765,12 +765,15 @@ class CudaBackend final : public Backend {
     if (block_ready_on && cuda::moe_block_ready_fits(block_m, fold)) {
       block_ready = static_cast<int32_t*>(arena_.alloc(cap / block_m * sizeof(int32_t)));
     }
-    // Up to 8 tokens the decode GEMMs may pick the experts themselves from the router's logits
+    // The decode GEMMs may pick the experts themselves from the router's logits
     // (cuda::RouteInGemm), so that neither the router's last CTA nor a layout stands between
-    // the logits and the routed weights' first copies. New: ERNIE_ROUTE_IN_GEMM=1.
-    static const bool route_in_gemm = cuda::new_path_enabled("ERNIE_ROUTE_IN_GEMM");
+    // the logits and the routed weights' first copies. New: ERNIE_ROUTE_IN_GEMM=1 for one
+    // token (its GEMM grids are one wave, so every CTA's top-k runs at once), 2 for up to 8
+    // (grids of several waves, each CTA repeating every token's top-k before its first copy).
+    static const int route_in_gemm = cuda::switch_bits("ERNIE_ROUTE_IN_GEMM", 0);
+    const int route_tokens = route_in_gemm >= 2 ? 8 : route_in_gemm == 1 ? 1 : 0;
     cuda::RouteInGemm route;
-    if (route_in_gemm && !profiling_ && cuda::route_in_gemm_fits(tokens, experts, k)) {
+    if (tokens <= route_tokens && !profiling_ && cuda::route_in_gemm_fits(tokens, experts, k)) {
       auto* logits = static_cast<float*>(route_scratch);
       cuda::route_logits(logits, bf(x), w.router.as<float>(), tokens, hidden, experts, stream_,
                          fold.early);

@@ -74,7 +74,7 @@ inline int64_t moe_shared_rows(const SharedFold& f, int block_m) {
   return static_cast<int64_t>(f.experts) * ((f.tokens + block_m - 1) / block_m) * block_m;
 }
 
-// A few tokens routed inside the decode GEMMs (ERNIE_ROUTE_IN_GEMM=1, new): instead of the
+// A few tokens routed inside the decode GEMMs (ERNIE_ROUTE_IN_GEMM, new): instead of the
 // router's last CTA doing the top-k and the layout (route_topk) and the GEMMs then reading the
 // layout, every routed CTA of gate/up and down takes the tokens' logits (route_logits) and
 // picks the experts itself with the router's own top-k (topk.cuh: the same picks and weights),
