@@ -277,6 +277,35 @@ void finish_or_abort(cudaStream_t stream, double seconds) {
   ERNIE_CUDA_CHECK(cudaStreamSynchronize(stream));
 }
 
+// Random expert weights of one MoE layer in the tiled layout: gate/up [E * 2I, H], down
+// [E * H, I], scaled by 1/sqrt of the reduction. The model's shapes hold half a billion
+// weights: a random pool of an odd length, repeated from a random offset, keeps the draw quick.
+struct ExpertWeights {
+  ExpertWeights(Rng& rng, cudaStream_t stream, int hidden, int inter, int experts)
+      : gu(static_cast<size_t>(int64_t{experts} * 2 * inter * tiled_cols(hidden))),
+        down(static_cast<size_t>(int64_t{experts} * hidden * tiled_cols(inter))) {
+    const int64_t gu_rows = int64_t{experts} * 2 * inter, down_rows = int64_t{experts} * hidden;
+    const auto pool = random_bf16(rng, (1 << 20) + 1, 1.0);
+    auto pooled = [&](size_t n, double scale) {
+      std::vector<uint16_t> v(n);
+      const size_t shift = rng.below(pool.size());
+      for (size_t i = 0; i < n; ++i) {
+        v[i] = float_to_bf16(static_cast<float>(scale) *
+                             bf16_to_float(pool[(i + shift) % pool.size()]));
+      }
+      return v;
+    };
+    DeviceBuffer<uint16_t> gu_src(static_cast<size_t>(gu_rows * hidden));
+    DeviceBuffer<uint16_t> down_src(static_cast<size_t>(down_rows * inter));
+    gu_src.upload(pooled(gu_src.n, 1.0 / std::sqrt(hidden)));
+    down_src.upload(pooled(down_src.n, 1.0 / std::sqrt(inter)));
+    tile_expert_weights(bf(gu.p), bf(gu_src.p), gu_rows, hidden, stream);
+    tile_expert_weights(bf(down.p), bf(down_src.p), down_rows, inter, stream);
+    ERNIE_CUDA_CHECK(cudaStreamSynchronize(stream));  // before the sources are freed
+  }
+  DeviceBuffer<uint16_t> gu, down;
+};
+
 // One routing of `tokens` tokens through the 32-row expert GEMMs, with and without readiness
 // counters (MoeBlockReadyMatchesGridWait).
 void expect_block_ready_matches(Rng& rng, cudaStream_t stream, int hidden, int inter, int experts,
@@ -378,31 +407,10 @@ TEST(CudaKernels, MoeBlockReadyMatchesGridWait) {
     std::vector<int> tokens;
   };
   for (const Shape& s : {Shape{2560, 1536, 64, 6, {3, 256, 1500}}, Shape{512, 160, 24, 8, {200}}}) {
-    // The model's expert shapes hold half a billion weights: a random pool of an odd length,
-    // repeated, keeps the draw quick.
-    const int64_t gu_rows = int64_t{s.experts} * 2 * s.inter;
-    const int64_t down_rows = int64_t{s.experts} * s.hidden;
-    const auto pool = random_bf16(rng, (1 << 20) + 1, 1.0);
-    auto pooled = [&](size_t n, double scale) {
-      std::vector<uint16_t> v(n);
-      const size_t shift = rng.below(pool.size());
-      for (size_t i = 0; i < n; ++i) {
-        v[i] = float_to_bf16(static_cast<float>(scale) *
-                             bf16_to_float(pool[(i + shift) % pool.size()]));
-      }
-      return v;
-    };
-    DeviceBuffer<uint16_t> d_gu_src(static_cast<size_t>(gu_rows * s.hidden));
-    DeviceBuffer<uint16_t> d_down_src(static_cast<size_t>(down_rows * s.inter));
-    DeviceBuffer<uint16_t> d_gu(static_cast<size_t>(gu_rows * tiled_cols(s.hidden)));
-    DeviceBuffer<uint16_t> d_down(static_cast<size_t>(down_rows * tiled_cols(s.inter)));
-    d_gu_src.upload(pooled(d_gu_src.n, 1.0 / std::sqrt(s.hidden)));
-    d_down_src.upload(pooled(d_down_src.n, 1.0 / std::sqrt(s.inter)));
-    tile_expert_weights(bf(d_gu.p), bf(d_gu_src.p), gu_rows, s.hidden, stream);
-    tile_expert_weights(bf(d_down.p), bf(d_down_src.p), down_rows, s.inter, stream);
+    const ExpertWeights w(rng, stream, s.hidden, s.inter, s.experts);
     for (int tokens : s.tokens) {
-      expect_block_ready_matches(rng, stream, s.hidden, s.inter, s.experts, s.k, tokens, d_gu,
-                                 d_down);
+      expect_block_ready_matches(rng, stream, s.hidden, s.inter, s.experts, s.k, tokens, w.gu,
+                                 w.down);
     }
   }
   ERNIE_CUDA_CHECK(cudaStreamDestroy(stream));
@@ -447,16 +455,7 @@ TEST(CudaKernels, RouteInGemmMatchesFusedRouter) {
     const int blocks = static_cast<int>(cap / block_m);
     RouterInputs in(rng, s.tokens, s.hidden, s.experts);
     in.vary(s.hidden, s.experts, s.tied, s.nan_tokens);
-    const int64_t gu_rows = int64_t{s.experts} * 2 * s.inter;
-    const int64_t down_rows = int64_t{s.experts} * s.hidden;
-    DeviceBuffer<uint16_t> d_gu_src(static_cast<size_t>(gu_rows * s.hidden));
-    DeviceBuffer<uint16_t> d_down_src(static_cast<size_t>(down_rows * s.inter));
-    DeviceBuffer<uint16_t> d_gu(static_cast<size_t>(gu_rows * tiled_cols(s.hidden)));
-    DeviceBuffer<uint16_t> d_down(static_cast<size_t>(down_rows * tiled_cols(s.inter)));
-    d_gu_src.upload(random_bf16(rng, d_gu_src.n, 1.0 / std::sqrt(s.hidden)));
-    d_down_src.upload(random_bf16(rng, d_down_src.n, 1.0 / std::sqrt(s.inter)));
-    tile_expert_weights(bf(d_gu.p), bf(d_gu_src.p), gu_rows, s.hidden, stream);
-    tile_expert_weights(bf(d_down.p), bf(d_down_src.p), down_rows, s.inter, stream);
+    ExpertWeights ew(rng, stream, s.hidden, s.inter, s.experts);
     DeviceBuffer<int32_t> d_ids(pairs), d_sorted(cap), d_block(blocks), d_pos(pairs);
     DeviceBuffer<float> d_wts(pairs);
     DeviceBuffer<uint16_t> d_act(static_cast<size_t>(cap) * s.inter);
@@ -482,9 +481,9 @@ TEST(CudaKernels, RouteInGemmMatchesFusedRouter) {
         EXPECT_TRUE(route_topk(d_ids.p, d_wts.p, bf(in.d_x.p), in.d_w.p, in.d_b.p, s.tokens,
                                s.hidden, s.experts, s.k, 1e-12f, in.d_scratch.p, stream, &layout));
       }
-      moe_gate_up(bf(d_act.p), bf(in.d_x.p), bf(d_gu.p), d_sorted.p, d_block.p, cap, block_m, s.k,
+      moe_gate_up(bf(d_act.p), bf(in.d_x.p), bf(ew.gu.p), d_sorted.p, d_block.p, cap, block_m, s.k,
                   s.hidden, s.inter, s.experts, stream, SharedFold{}, nullptr, route);
-      moe_down(bf(d_y.p), bf(d_act.p), bf(d_down.p), d_wts.p, d_sorted.p, d_block.p, cap, block_m,
+      moe_down(bf(d_y.p), bf(d_act.p), bf(ew.down.p), d_wts.p, d_sorted.p, d_block.p, cap, block_m,
                s.hidden, s.inter, s.experts, stream, SharedFold{}, nullptr, route);
       moe_combine(bf(d_out.p), bf(d_y.p), d_pos.p, nullptr, s.tokens, s.k, s.hidden, stream,
                   SharedFold{}, block_m, CombineNorm{}, in_gemm);
