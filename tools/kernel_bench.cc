@@ -5,7 +5,7 @@
 // (dummy weights, CUDA graphs as the server runs them) beside the roofline floor of the step.
 // Usage: ernie_kernel_bench [iterations] [ops|steps|timeline|all] [case,...]: a case list runs
 // only those steps ("32x4000": any sequences x context; "16": the default cases of 16
-// sequences; "8x1000/1000+248x1000": eight 1000-token prompts prefilled beside 248 decodes, a
+// sequences; "8x1000/1000+192x1000": eight 1000-token prompts prefilled beside 192 decodes, a
 // serving step with a prefill chunk; handy under a profiler). `timeline` times the steps, then
 // records one more of each through CUPTI (builds with CUPTI only) and prints where its time went
 // kernel by kernel, gaps included. Inputs are random (unit normal); the buffers it makes are kept
