@@ -471,13 +471,13 @@ TEST(CudaKernels, RouteInGemmMatchesFusedRouter) {
       for (auto* b : {&d_act, &d_y, &d_out}) b->poison();
       d_wts.poison();
       RouteInGemm route;
+      const RouteLayout layout{d_sorted.p, d_block.p, d_pos.p, block_m, blocks};
       if (in_gemm) {
         route_logits(in.d_scratch.p, bf(in.d_x.p), in.d_w.p, s.tokens, s.hidden, s.experts, stream,
                      false);
-        route = RouteInGemm{in.d_scratch.p, in.d_b.p, s.tokens,   s.experts, s.k,     1e-12f,
-                            d_ids.p,        d_wts.p,  d_sorted.p, d_block.p, d_pos.p, blocks};
+        route = RouteInGemm{in.d_scratch.p, in.d_b.p, s.tokens, s.experts, s.k,
+                            1e-12f,         d_ids.p,  d_wts.p,  layout};
       } else {
-        const RouteLayout layout{d_sorted.p, d_block.p, d_pos.p, block_m, blocks};
         EXPECT_TRUE(route_topk(d_ids.p, d_wts.p, bf(in.d_x.p), in.d_w.p, in.d_b.p, s.tokens,
                                s.hidden, s.experts, s.k, 1e-12f, in.d_scratch.p, stream, &layout));
       }

@@ -777,12 +777,8 @@ class CudaBackend final : public Backend {
       auto* logits = static_cast<float*>(route_scratch);
       cuda::route_logits(logits, bf(x), w.router.as<float>(), tokens, hidden, experts, stream_,
                          fold.early);
-      route = cuda::RouteInGemm{logits,   w.router_bias.as<float>(),
-                                tokens,   experts,
-                                k,        w.norm_min,
-                                ids,      weights,
-                                sorted,   block_expert,
-                                pair_pos, static_cast<int>(cap / block_m)};
+      route = cuda::RouteInGemm{
+          logits, w.router_bias.as<float>(), tokens, experts, k, w.norm_min, ids, weights, layout};
       block_ready = nullptr;
     } else if (cuda::route_topk(ids, weights, bf(x), w.router.as<float>(),
                                 w.router_bias.as<float>(), tokens, hidden, experts, k, w.norm_min,

@@ -397,20 +397,22 @@ __device__ void route_block(const RouteInGemm& r, int rb, bool write_layout) {
     if (write_layout) {
       r.ids[j] = e;
       r.weights[j] = s.weights[j];
-      r.pair_pos[j] = s.pos[j];
+      r.layout.pair_pos[j] = s.pos[j];
     }
   }
   if (write_layout) {
-    for (int i = tid; i < r.num_blocks * kMoeBlockSmall; i += blockDim.x) {
-      r.sorted_pairs[i] = -1;
-      if (i % kMoeBlockSmall == 0) r.block_expert[i / kMoeBlockSmall] = -1;
+    for (int i = tid; i < r.layout.num_blocks * kMoeBlockSmall; i += blockDim.x) {
+      r.layout.sorted_pairs[i] = -1;
+      if (i % kMoeBlockSmall == 0) r.layout.block_expert[i / kMoeBlockSmall] = -1;
     }
   }
   __syncthreads();  // also orders the -1s above before the entries below
   if (write_layout) {
     for (int j = tid; j < pairs; j += blockDim.x) {
-      r.sorted_pairs[s.pos[j]] = j;
-      if (s.pos[j] % kMoeBlockSmall == 0) r.block_expert[s.pos[j] / kMoeBlockSmall] = s.ids[j];
+      r.layout.sorted_pairs[s.pos[j]] = j;
+      if (s.pos[j] % kMoeBlockSmall == 0) {
+        r.layout.block_expert[s.pos[j] / kMoeBlockSmall] = s.ids[j];
+      }
     }
   }
 }
@@ -778,6 +780,33 @@ constexpr int kWgBox = 64 * kWgBK * 2;     // bytes of one 64-row box
 constexpr int kWgStageBytes = 6 * kWgBox;  // A: 2 boxes, B: 4 boxes
 constexpr size_t kWgSmem = static_cast<size_t>(kWgStages) * kWgStageBytes + 1024 + 256;
 
+// Byte offset of row r's 16-byte chunk ch of a K slice in a stage's A boxes (64 rows of 128
+// bytes each), swizzled as a 128-byte-swizzle TMA box would place it.
+__device__ __forceinline__ int gathered_offset(int r, int ch) {
+  return (r / 64) * kWgBox + (r % 64) * 128 + ((ch ^ (r % 8)) << 4);
+}
+
+// A gate/up tile's weights in the wgmma GEMMs: gate rows n0..n0+127 and up rows N + n0.. of
+// expert e's [2N, K] block, as four 64-row boxes of the tiled layout (each starts at a group,
+// as N % 16 == 0).
+struct GateUpBoxes {
+  int rows[4];
+  __device__ __forceinline__ GateUpBoxes(int e, int n0, int N) {
+    const int r0 = e * 2 * N + n0;
+    rows[0] = r0;
+    rows[1] = r0 + 64;
+    rows[2] = r0 + N;
+    rows[3] = r0 + N + 64;
+  }
+  // K slice kt's four boxes, one after another from dst, completing on bar (one thread).
+  __device__ __forceinline__ void load(unsigned char* dst, const CUtensorMap* map, uint64_t* bar,
+                                       int kt) const {
+    for (int b = 0; b < 4; ++b) {
+      tma_load_4d(dst + b * kWgBox, map, bar, 0, 0, kt, rows[b] / kTiledGroupRows);
+    }
+  }
+};
+
 // The gate/up producer warpgroup: A rows come straight from x (row sorted_pairs[r] / k) by
 // cp.async into the 128-byte swizzled layout TMA would give, no gathered copy of x in memory;
 // thread 0 also brings the weight boxes by TMA. Each warp copies 4 rows x 128 bytes per
@@ -806,12 +835,9 @@ __device__ __forceinline__ void gather_producer(unsigned char* smem, uint64_t* f
       const int r = warp * 32 + i * 4 + lane / 8;
       const int pair = sorted_pairs[m0 + r];
       src[i] = pair >= 0 ? x + static_cast<size_t>(pair / k_choices) * K : nullptr;
-      dst[i] = (r / 64) * kWgBox + (r % 64) * 128 + ((ch ^ (r % 8)) << 4);
+      dst[i] = gathered_offset(r, ch);
     }
-    // Weight rows: gate rows n0..n0+127 and up rows N + n0.. of the expert's [2N, K] block
-    // (64-row boxes of the tiled layout: all start at a group, as N % 16 == 0).
-    const int r0 = e * 2 * N + n0;
-    const int rows[4] = {r0, r0 + 64, r0 + N, r0 + N + 64};
+    const GateUpBoxes boxes(e, n0, N);
     for (int kt = 0; kt < k_tiles; ++kt, ++it) {
       const int s = it % kWgStages;
       if (it >= kWgStages) mbar_wait(&empty[s], ((it / kWgStages) - 1) & 1);
@@ -819,9 +845,7 @@ __device__ __forceinline__ void gather_producer(unsigned char* smem, uint64_t* f
       const int k0 = kt * kWgBK;
       if (tid == 0) {
         mbar_arrive_expect_tx(&full[s], 4 * kWgBox);
-        for (int b = 0; b < 4; ++b) {
-          tma_load_4d(st + (2 + b) * kWgBox, &b_map, &full[s], 0, 0, kt, rows[b] / kTiledGroupRows);
-        }
+        boxes.load(st + 2 * kWgBox, &b_map, &full[s], kt);
       }
       const int kk = k0 + ch * 8;
 #pragma unroll
@@ -1020,16 +1044,12 @@ __global__ void __launch_bounds__(384, 1)
       const int mb = tile / n_tiles, n0 = (tile % n_tiles) * (kWgBN / 2);
       const int e = block_expert[mb];
       if (e < 0) continue;
-      const int r0 = e * 2 * N + n0;
-      const int rows[4] = {r0, r0 + 64, r0 + N, r0 + N + 64};
+      const GateUpBoxes boxes(e, n0, N);
       for (int kt = 0; kt < k_tiles; ++kt, ++it) {
         const int s = it % kSplitBStages;
         if (it >= kSplitBStages) mbar_wait(&empty_b[s], ((it / kSplitBStages) - 1) & 1);
-        unsigned char* st = b_ring + s * kSplitBBytes;
         mbar_arrive_expect_tx(&full_b[s], kSplitBBytes);
-        for (int b = 0; b < 4; ++b) {
-          tma_load_4d(st + b * kWgBox, &b_map, &full_b[s], 0, 0, kt, rows[b] / kTiledGroupRows);
-        }
+        boxes.load(b_ring + s * kSplitBBytes, &b_map, &full_b[s], kt);
       }
     }
     return;
@@ -1052,7 +1072,7 @@ __global__ void __launch_bounds__(384, 1)
         if (quad < kWgBM / 4) {
           const int pair = sorted_pairs[m0 + r];
           if (pair >= 0) src[i] = x + static_cast<size_t>(pair / k_choices) * K;
-          dst[i] = (r / 64) * kWgBox + (r % 64) * 128 + ((ch ^ (r % 8)) << 4);
+          dst[i] = gathered_offset(r, ch);
         }
       }
       for (int kt = 0; kt < k_tiles; ++kt, ++it) {
@@ -1473,7 +1493,8 @@ void moe_combine(__nv_bfloat16* out, const __nv_bfloat16* y, const int32_t* pair
   const int64_t fold_stride = fold.experts > 0 ? routed_row0 / fold.experts : 0;
   // One 16-byte vector per thread where the row allows (a decode step is one pass of loads).
   const int threads = hidden % 8 == 0 ? std::clamp((hidden / 8 + 31) / 32 * 32, 128, 1024) : 128;
-  static const bool loads_first = path_enabled("ERNIE_LATENCY_LOADS");  // see route_topk
+  static const bool loads_first =
+      path_enabled("ERNIE_LATENCY_LOADS");  // see router.cu, latency_loads
   const CombineSrc c{y + routed_row0 * hidden,
                      pair_pos,
                      shared,

@@ -15,6 +15,8 @@
 #include <algorithm>
 #include <cstdint>
 
+#include "backend/cuda/router.cuh"
+
 namespace ernie::cuda {
 
 // Rows per M-block of the sorted layout: 16 while the average expert gets up to 8 rows, 32 up
@@ -92,12 +94,9 @@ struct RouteInGemm {
   const float* bias = nullptr;    // [experts], the correction bias
   int tokens = 0, experts = 0, k = 0;
   float norm_min = 0.0f;
-  int32_t* ids = nullptr;  // written by gate/up: [tokens * k], and the layout of moe_align
+  int32_t* ids = nullptr;  // written by gate/up: [tokens * k], and the layout (16-row blocks)
   float* weights = nullptr;
-  int32_t* sorted_pairs = nullptr;
-  int32_t* block_expert = nullptr;
-  int32_t* pair_pos = nullptr;
-  int num_blocks = 0;
+  RouteLayout layout;
 };
 inline bool route_in_gemm_fits(int tokens, int experts, int k) {
   return tokens >= 1 && tokens * k <= kRouteInGemmMaxPairs && tokens <= 8 &&

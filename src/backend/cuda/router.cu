@@ -378,6 +378,20 @@ void configure_small_router() {
   (void)configured;
 }
 
+// router_small_kernel's shared memory before the tail's: the weight row and the input.
+size_t small_router_row_bytes(int tokens, int hidden) {
+  return static_cast<size_t>(hidden) * sizeof(float) +
+         static_cast<size_t>(tokens) * hidden * sizeof(__nv_bfloat16);
+}
+
+// The input by bulk copy, the arrival count with acquire-release semantics, and the MoE
+// combine's loads issued together (moe.cu): H200, step 1 x 1000 2.400 -> 2.351 ms, 16 x 1000
+// 9.420 -> 9.389. ERNIE_LATENCY_LOADS=0 turns them off.
+bool latency_loads() {
+  static const bool on = path_enabled("ERNIE_LATENCY_LOADS");
+  return on;
+}
+
 }  // namespace
 
 bool route_topk(int32_t* ids, float* weights, const __nv_bfloat16* x, const float* router,
@@ -400,8 +414,7 @@ bool route_topk(int32_t* ids, float* weights, const __nv_bfloat16* x, const floa
     auto* logits = static_cast<float*>(scratch);  // tokens x experts <= the scratch's floats
     Tail tail{ids, weights, bias, k, norm_min, {}, false, false};
     // Shared memory: the weight row and the input, then (fused) the tail's scratch.
-    const size_t row_bytes = static_cast<size_t>(hidden) * sizeof(float) +
-                             static_cast<size_t>(tokens) * hidden * sizeof(__nv_bfloat16);
+    const size_t row_bytes = small_router_row_bytes(tokens, hidden);
     // The tail: the warps' scratch, the bias, the ids, the layout's counts and offsets.
     const size_t tail_bytes =
         (static_cast<size_t>(kSmallThreads / 32) * 2 + 1) * experts * sizeof(float) +
@@ -409,10 +422,7 @@ bool route_topk(int32_t* ids, float* weights, const __nv_bfloat16* x, const floa
     require_parts(row_bytes + tail_bytes <= kSmallMaxSmem, "route_topk: a hidden size of ", hidden,
                   " is more than the small-batch router holds");
     configure_small_router();
-    // The input by bulk copy, the arrival count with acquire-release semantics, and the MoE
-    // combine's loads issued together (moe.cu): H200, step 1 x 1000 2.400 -> 2.351 ms, 16 x
-    // 1000 9.420 -> 9.389. ERNIE_LATENCY_LOADS=0 turns them off.
-    static const bool latency = path_enabled("ERNIE_LATENCY_LOADS");
+    const bool latency = latency_loads();
     if (layout != nullptr) {
       tail.layout = *layout;
       // The lean tail (topk_token's lean stores, align_one_token, the logits reduced only for
@@ -467,15 +477,13 @@ void route_logits(float* logits, const __nv_bfloat16* x, const float* router, in
   require(tokens > 0 && tokens <= kFusedRouteTokens && hidden > 0 && hidden % kBK == 0 &&
               experts > 0 && experts <= 1024,
           "route_logits: bad shape");
-  const size_t row_bytes = static_cast<size_t>(hidden) * sizeof(float) +
-                           static_cast<size_t>(tokens) * hidden * sizeof(__nv_bfloat16);
+  const size_t row_bytes = small_router_row_bytes(tokens, hidden);
   require_parts(row_bytes <= kSmallMaxSmem, "route_logits: a hidden size of ", hidden,
                 " is more than the small-batch router holds");
   configure_small_router();
-  static const bool latency = path_enabled("ERNIE_LATENCY_LOADS");  // as in route_topk
   launch_pdl(router_small_kernel<false>, experts, kSmallThreads, row_bytes, stream, logits, x,
              router, tokens, hidden, experts, Tail{}, early_dependents ? kAfterWait : kAtEnd,
-             latency);
+             latency_loads());
   ERNIE_CUDA_CHECK(cudaGetLastError());
 }
 
