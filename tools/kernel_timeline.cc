@@ -17,11 +17,16 @@ TimelineSummary summarize(std::vector<KernelSpan> spans) {
   });
   const uint64_t t0 = spans.front().start_ns;
   uint64_t reach = t0;
-  for (const KernelSpan& s : spans) {  // by start: sweep the union of the intervals
+  for (size_t i = 0; i < spans.size(); ++i) {  // by start: sweep the union of the intervals
+    const KernelSpan& s = spans[i];
     if (s.start_ns > reach) {
       const uint64_t gap = s.start_ns - reach;
       out.idle_ns += gap;
-      out.largest_gap_ns = std::max(out.largest_gap_ns, gap);
+      if (gap > out.largest_gap_ns) {
+        out.largest_gap_ns = gap;
+        out.after_largest_gap = s.name;
+        out.after_largest_gap_index = i;
+      }
       ++out.gaps;
     }
     if (s.end_ns > reach) {

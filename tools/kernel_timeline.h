@@ -31,6 +31,9 @@ struct TimelineSummary {
   uint64_t idle_ns = 0;     // no kernel running
   int gaps = 0;             // idle stretches
   uint64_t largest_gap_ns = 0;
+  // The kernel that ends the largest gap: its name and its place in start order (from 0).
+  std::string after_largest_gap;
+  size_t after_largest_gap_index = 0;
   std::vector<KernelRow> rows;  // most added first (ties by name)
 };
 

@@ -77,8 +77,9 @@ void print_summary(const std::vector<KernelSpan>& spans, int top) {
   const double span_us = t.span_ns / 1e3;
   std::printf(
       "  timeline: %zu kernels over %.1f us; some kernel running %.1f us, idle %.1f us "
-      "in %d gaps (largest %.1f us)\n",
-      spans.size(), span_us, t.covered_ns / 1e3, t.idle_ns / 1e3, t.gaps, t.largest_gap_ns / 1e3);
+      "in %d gaps (largest %.1f us, before kernel %zu, %s)\n",
+      spans.size(), span_us, t.covered_ns / 1e3, t.idle_ns / 1e3, t.gaps, t.largest_gap_ns / 1e3,
+      t.after_largest_gap_index, t.after_largest_gap.substr(0, 60).c_str());
   std::printf("  %10s %6s %6s %10s %10s  kernel\n", "adds us", "share", "calls", "adds/call",
               "runs/call");
   for (int i = 0; i < static_cast<int>(t.rows.size()) && i < top; ++i) {

@@ -93,6 +93,10 @@ struct MoeWeights {
   // Set by Backend::prepare_moe where the backend also keeps the shared experts as this many
   // extra routed-expert-sized experts in its prepared expert tensors (0: it does not).
   int shared_folded = 0;
+  // Set by Backend::prepare_moe where the backend also keeps the router's weights in another
+  // form for its own kernels (the CUDA backend: bf16 terms, cuda::split_router_terms); empty
+  // otherwise.
+  Tensor router_terms;
 };
 
 // How to sample one row of logits (one sequence). Pointers stay valid for the call.

@@ -2,6 +2,7 @@
 // outputs poisoned first, odd shapes.
 #include <gtest/gtest.h>
 
+#include <cublas_v2.h>
 #include <cuda_bf16.h>
 
 #include <algorithm>
@@ -416,122 +417,6 @@ TEST(CudaKernels, MoeBlockReadyMatchesGridWait) {
   ERNIE_CUDA_CHECK(cudaStreamDestroy(stream));
 }
 
-// Equal bits, or both NaN (a NaN input's outputs).
-bool same_value(uint16_t a, uint16_t b) {
-  return a == b || (std::isnan(bf16_to_float(a)) && std::isnan(bf16_to_float(b)));
-}
-
-// A few tokens routed inside the decode GEMMs (RouteInGemm: route_logits, then every routed
-// CTA of gate/up and down picking the experts itself) compute what the fused router's top-k
-// and layout and the GEMMs reading them compute: the same ids and weights (bit for bit), the
-// same block experts, a layout holding every pair once, the same act and y rows pair by pair
-// and the same combined output. Shapes: the model's at 1, 2, 5 and 8 tokens (wide tiles), a
-// gate/up and down grid too large for the wide tiles (the lean ones), tied experts, 16 picks
-// over 64 experts, a NaN input in one token (an expert picked six times) and in all eight
-// (48 pairs of one expert: three blocks). Outputs start poisoned.
-TEST(CudaKernels, RouteInGemmMatchesFusedRouter) {
-  if (device_count() == 0) GTEST_SKIP() << "no CUDA device";
-  Rng rng(std::random_device{}());
-  cudaStream_t stream;
-  ERNIE_CUDA_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
-  struct Shape {
-    int tokens, hidden, inter, experts, k;
-    bool tied = false;
-    int nan_tokens = 0;
-  };
-  for (const Shape& s :
-       {Shape{1, 2560, 1536, 64, 6}, Shape{2, 2560, 1536, 64, 6}, Shape{5, 2560, 1536, 64, 6},
-        Shape{8, 2560, 1536, 64, 6}, Shape{1, 2048, 1024, 32, 16}, Shape{3, 256, 128, 64, 6, true},
-        Shape{4, 512, 96, 48, 8}, Shape{1, 128, 64, 64, 16}, Shape{1, 256, 64, 64, 6, false, 1},
-        Shape{8, 256, 64, 64, 6, false, 8}}) {
-    SCOPED_TRACE(::testing::Message()
-                 << s.tokens << " x " << s.hidden << "/" << s.inter << ", " << s.experts
-                 << " experts top-" << s.k << (s.tied ? ", tied" : "") << ", " << s.nan_tokens
-                 << " NaN tokens");
-    ASSERT_TRUE(route_in_gemm_fits(s.tokens, s.experts, s.k));
-    constexpr int block_m = kMoeBlockSmall;
-    const int pairs = s.tokens * s.k;
-    const int64_t cap = moe_capacity(pairs, s.experts, block_m);
-    const int blocks = static_cast<int>(cap / block_m);
-    RouterInputs in(rng, s.tokens, s.hidden, s.experts);
-    in.vary(s.hidden, s.experts, s.tied, s.nan_tokens);
-    ExpertWeights ew(rng, stream, s.hidden, s.inter, s.experts);
-    DeviceBuffer<int32_t> d_ids(pairs), d_sorted(cap), d_block(blocks), d_pos(pairs);
-    DeviceBuffer<float> d_wts(pairs);
-    DeviceBuffer<uint16_t> d_act(static_cast<size_t>(cap) * s.inter);
-    DeviceBuffer<uint16_t> d_y(static_cast<size_t>(cap) * s.hidden);
-    DeviceBuffer<uint16_t> d_out(static_cast<size_t>(s.tokens) * s.hidden);
-    struct Result {
-      std::vector<int32_t> ids, sorted, block, pos;
-      std::vector<float> wts;
-      std::vector<uint16_t> act, y, out;
-    };
-    auto run = [&](bool in_gemm) {
-      for (auto* b : {&d_ids, &d_sorted, &d_block, &d_pos}) b->poison();
-      for (auto* b : {&d_act, &d_y, &d_out}) b->poison();
-      d_wts.poison();
-      RouteInGemm route;
-      const RouteLayout layout{d_sorted.p, d_block.p, d_pos.p, block_m, blocks};
-      if (in_gemm) {
-        route_logits(in.d_scratch.p, bf(in.d_x.p), in.d_w.p, s.tokens, s.hidden, s.experts, stream,
-                     false);
-        route = RouteInGemm{in.d_scratch.p, in.d_b.p, s.tokens, s.experts, s.k,
-                            1e-12f,         d_ids.p,  d_wts.p,  layout};
-      } else {
-        EXPECT_TRUE(route_topk(d_ids.p, d_wts.p, bf(in.d_x.p), in.d_w.p, in.d_b.p, s.tokens,
-                               s.hidden, s.experts, s.k, 1e-12f, in.d_scratch.p, stream, &layout));
-      }
-      moe_gate_up(bf(d_act.p), bf(in.d_x.p), bf(ew.gu.p), d_sorted.p, d_block.p, cap, block_m, s.k,
-                  s.hidden, s.inter, s.experts, stream, SharedFold{}, nullptr, route);
-      moe_down(bf(d_y.p), bf(d_act.p), bf(ew.down.p), d_wts.p, d_sorted.p, d_block.p, cap, block_m,
-               s.hidden, s.inter, s.experts, stream, SharedFold{}, nullptr, route);
-      moe_combine(bf(d_out.p), bf(d_y.p), d_pos.p, nullptr, s.tokens, s.k, s.hidden, stream,
-                  SharedFold{}, block_m, CombineNorm{}, in_gemm);
-      finish_or_abort(stream, 20.0);
-      return Result{d_ids.download(), d_sorted.download(), d_block.download(), d_pos.download(),
-                    d_wts.download(), d_act.download(),    d_y.download(),     d_out.download()};
-    };
-    const Result want = run(false);
-    for (int repeat = 0; repeat < 2; ++repeat) {
-      SCOPED_TRACE(::testing::Message() << "repeat " << repeat);
-      const Result got = run(true);
-      ASSERT_EQ(got.ids, want.ids);
-      for (int i = 0; i < pairs; ++i) {  // bit for bit (NaN included)
-        ASSERT_EQ(std::bit_cast<uint32_t>(got.wts[i]), std::bit_cast<uint32_t>(want.wts[i]))
-            << "pair " << i;
-      }
-      ASSERT_EQ(got.block, want.block);
-      int filled = 0;
-      for (int32_t v : got.sorted) filled += v >= 0;
-      EXPECT_EQ(filled, pairs);
-      for (int i = 0; i < pairs; ++i) {
-        ASSERT_GE(got.pos[i], 0);
-        ASSERT_LT(got.pos[i], cap);
-        ASSERT_EQ(got.sorted[got.pos[i]], i);
-        ASSERT_EQ(got.block[got.pos[i] / block_m], got.ids[i]);
-        for (auto [g, w, width, name] : {std::tuple{&got.act, &want.act, s.inter, "act"},
-                                         std::tuple{&got.y, &want.y, s.hidden, "y"}}) {
-          for (int c = 0; c < width; ++c) {
-            const uint16_t a = (*g)[static_cast<size_t>(got.pos[i]) * width + c];
-            const uint16_t b = (*w)[static_cast<size_t>(want.pos[i]) * width + c];
-            ASSERT_TRUE(same_value(a, b)) << name << " of pair " << i << " column " << c;
-            if (i / s.k >= s.nan_tokens) {
-              ASSERT_TRUE(std::isfinite(bf16_to_float(a))) << name << " column " << c;
-            }
-          }
-        }
-      }
-      for (int c = 0; c < s.tokens * s.hidden; ++c) {
-        ASSERT_TRUE(same_value(got.out[c], want.out[c])) << "output element " << c;
-        if (c / s.hidden >= s.nan_tokens) {
-          ASSERT_TRUE(std::isfinite(bf16_to_float(got.out[c]))) << "element " << c;
-        }
-      }
-    }
-  }
-  ERNIE_CUDA_CHECK(cudaStreamDestroy(stream));
-}
-
 // `tokens` distinct cache slots out of num_slots, in random order.
 std::vector<int64_t> random_slots(Rng& rng, int num_slots, int tokens) {
   std::vector<int64_t> slots(num_slots);
@@ -827,25 +712,59 @@ TEST(CudaKernels, SkinnyTcRopeMatchesSeparateKernels) {
   }
 }
 
+struct RouteShape {
+  int tokens, hidden, experts, k;
+};
+
+// ids and weights [tokens, k] against the CPU reference router (cpu::route_token on f32 logits):
+// the same experts in the same order and the same weights, except that a genuine near tie of
+// biased scores may order differently (at most two per shape).
+void expect_reference_routes(const RouterInputs& in, const RouteShape& s,
+                             const std::vector<int32_t>& ids, const std::vector<float>& wts) {
+  const auto xf = widen(in.x);
+  std::vector<float> logits(static_cast<size_t>(s.tokens) * s.experts);
+  backend::cpu::gemm_xwt(logits.data(), xf.data(), in.w.data(), s.tokens, s.experts, s.hidden);
+  int near_ties = 0;
+  for (int t = 0; t < s.tokens; ++t) {
+    std::vector<int32_t> ref_ids(s.k);
+    std::vector<float> ref_w(s.k);
+    const float* lg = logits.data() + static_cast<size_t>(t) * s.experts;
+    backend::cpu::route_token(lg, in.bias.data(), s.experts, s.k, 1e-12f, ref_ids.data(),
+                              ref_w.data());
+    for (int r = 0; r < s.k; ++r) {
+      const int32_t got = ids[static_cast<size_t>(t) * s.k + r];
+      ASSERT_GE(got, 0);
+      ASSERT_LT(got, s.experts);
+      if (got != ref_ids[r]) {
+        // Only a genuine near tie of biased scores may order differently.
+        double mx = *std::max_element(lg, lg + s.experts), z = 0;
+        for (int e = 0; e < s.experts; ++e) z += std::exp(double(lg[e]) - mx);
+        auto score = [&](int e) { return std::exp(double(lg[e]) - mx) / z + in.bias[e]; };
+        ASSERT_NEAR(score(got), score(ref_ids[r]), 1e-5) << "token " << t << " rank " << r;
+        ++near_ties;
+        continue;
+      }
+      ASSERT_NEAR(wts[static_cast<size_t>(t) * s.k + r], ref_w[r], 1e-5)
+          << "token " << t << " rank " << r;
+    }
+  }
+  EXPECT_LE(near_ties, 2);
+}
+
 TEST(CudaKernels, RouterMatchesCpuReference) {
   if (device_count() == 0) GTEST_SKIP() << "no CUDA device";
   Rng rng(std::random_device{}());
-  struct Shape {
-    int tokens, hidden, experts, k;
-  };
   // Up to 8 tokens a CTA per expert (8192 columns: a 32 KB weight row; 1024 experts: the most
   // allowed); more split the reduction over CTAs on the tensor cores (12, 17, 32 tokens: 10
   // splits or more), many do not; 24 and 160 experts leave partial expert tiles.
-  for (const Shape& s : {Shape{300, 2560, 64, 6}, Shape{17, 8192, 64, 8}, Shape{40, 128, 24, 8},
-                         Shape{3, 96, 16, 1}, Shape{1, 2560, 64, 6}, Shape{2000, 2560, 64, 6},
-                         Shape{70, 512, 160, 8}, Shape{8, 8192, 64, 8}, Shape{5, 2560, 1024, 8},
-                         Shape{32, 2560, 64, 6}, Shape{12, 2560, 64, 6}}) {
+  for (const RouteShape& s :
+       {RouteShape{300, 2560, 64, 6}, RouteShape{17, 8192, 64, 8}, RouteShape{40, 128, 24, 8},
+        RouteShape{3, 96, 16, 1}, RouteShape{1, 2560, 64, 6}, RouteShape{2000, 2560, 64, 6},
+        RouteShape{70, 512, 160, 8}, RouteShape{8, 8192, 64, 8}, RouteShape{5, 2560, 1024, 8},
+        RouteShape{32, 2560, 64, 6}, RouteShape{12, 2560, 64, 6}}) {
     SCOPED_TRACE(::testing::Message()
                  << s.tokens << "x" << s.hidden << ", " << s.experts << " experts top-" << s.k);
     RouterInputs in(rng, s.tokens, s.hidden, s.experts);
-    const auto& x = in.x;
-    const auto& w = in.w;
-    const auto& bias = in.bias;
     DeviceBuffer<float> d_wts(static_cast<size_t>(s.tokens) * s.k);
     DeviceBuffer<int32_t> d_ids(static_cast<size_t>(s.tokens) * s.k);
     d_ids.poison();
@@ -853,37 +772,58 @@ TEST(CudaKernels, RouterMatchesCpuReference) {
     route_topk(d_ids.p, d_wts.p, bf(in.d_x.p), in.d_w.p, in.d_b.p, s.tokens, s.hidden, s.experts,
                s.k, 1e-12f, in.d_scratch.p, nullptr);
     ERNIE_CUDA_CHECK(cudaDeviceSynchronize());
-    const auto ids = d_ids.download();
-    const auto wts = d_wts.download();
-    const auto xf = widen(x);
-    std::vector<float> logits(static_cast<size_t>(s.tokens) * s.experts);
-    backend::cpu::gemm_xwt(logits.data(), xf.data(), w.data(), s.tokens, s.experts, s.hidden);
-    int near_ties = 0;
-    for (int t = 0; t < s.tokens; ++t) {
-      std::vector<int32_t> ref_ids(s.k);
-      std::vector<float> ref_w(s.k);
-      const float* lg = logits.data() + static_cast<size_t>(t) * s.experts;
-      backend::cpu::route_token(lg, bias.data(), s.experts, s.k, 1e-12f, ref_ids.data(),
-                                ref_w.data());
-      for (int r = 0; r < s.k; ++r) {
-        const int32_t got = ids[static_cast<size_t>(t) * s.k + r];
-        ASSERT_GE(got, 0);
-        ASSERT_LT(got, s.experts);
-        if (got != ref_ids[r]) {
-          // Only a genuine near tie of biased scores may order differently.
-          double mx = *std::max_element(lg, lg + s.experts), z = 0;
-          for (int e = 0; e < s.experts; ++e) z += std::exp(double(lg[e]) - mx);
-          auto score = [&](int e) { return std::exp(double(lg[e]) - mx) / z + bias[e]; };
-          ASSERT_NEAR(score(got), score(ref_ids[r]), 1e-5) << "token " << t << " rank " << r;
-          ++near_ties;
-          continue;
-        }
-        ASSERT_NEAR(wts[static_cast<size_t>(t) * s.k + r], ref_w[r], 1e-5)
-            << "token " << t << " rank " << r;
-      }
-    }
-    EXPECT_LE(near_ties, 2);
+    expect_reference_routes(in, s, d_ids.download(), d_wts.download());
   }
+}
+
+// The router's weights as bf16 terms (split_router_terms: lo, mid, hi, adding up to each f32
+// weight exactly), their GEMM with x by cuBLAS as the CUDA backend runs it for many tokens, and
+// the top-k of the summed terms (route_topk_terms) route as the CPU reference does. Weights
+// include ones whose terms are subnormal or zero (tiny and exactly representable values).
+TEST(CudaKernels, RouterTermsMatchCpuReference) {
+  if (device_count() == 0) GTEST_SKIP() << "no CUDA device";
+  Rng rng(std::random_device{}());
+  cublasHandle_t handle;
+  ASSERT_EQ(cublasCreate(&handle), CUBLAS_STATUS_SUCCESS);
+  for (const RouteShape& s : {RouteShape{300, 2560, 64, 6}, RouteShape{8192, 2560, 64, 6},
+                              RouteShape{65, 512, 160, 8}, RouteShape{1000, 96, 24, 3}}) {
+    SCOPED_TRACE(::testing::Message()
+                 << s.tokens << "x" << s.hidden << ", " << s.experts << " experts top-" << s.k);
+    RouterInputs in(rng, s.tokens, s.hidden, s.experts);
+    for (size_t i = 0; i < in.w.size(); i += 97) in.w[i] = std::ldexp(in.w[i], -140);
+    for (size_t i = 5; i < in.w.size(); i += 101) in.w[i] = 0.375f;
+    in.d_w.upload(in.w);
+    const size_t count = in.w.size();
+    DeviceBuffer<uint16_t> d_terms(kRouterTerms * count);
+    d_terms.poison();
+    split_router_terms(bf(d_terms.p), in.d_w.p, static_cast<int64_t>(count), nullptr);
+    ERNIE_CUDA_CHECK(cudaDeviceSynchronize());
+    const auto terms = d_terms.download();
+    for (size_t i = 0; i < count; ++i) {  // lo + mid + hi, smallest first, is the weight
+      const double sum = static_cast<double>(bf16_to_float(terms[i])) +
+                         bf16_to_float(terms[count + i]) + bf16_to_float(terms[2 * count + i]);
+      ASSERT_EQ(sum, static_cast<double>(in.w[i])) << "weight " << i;
+      ASSERT_EQ(bf16_to_float(terms[2 * count + i]), bf16_to_float(float_to_bf16(in.w[i])))
+          << "weight " << i << ": hi is not its bf16 rounding";
+    }
+    const int cols = kRouterTerms * s.experts;
+    DeviceBuffer<float> d_partial(static_cast<size_t>(s.tokens) * cols);
+    d_partial.poison();
+    const float alpha = 1.0f, beta = 0.0f;
+    ASSERT_EQ(cublasGemmEx(handle, CUBLAS_OP_T, CUBLAS_OP_N, cols, s.tokens, s.hidden, &alpha,
+                           d_terms.p, CUDA_R_16BF, s.hidden, in.d_x.p, CUDA_R_16BF, s.hidden, &beta,
+                           d_partial.p, CUDA_R_32F, cols, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
+              CUBLAS_STATUS_SUCCESS);
+    DeviceBuffer<float> d_wts(static_cast<size_t>(s.tokens) * s.k);
+    DeviceBuffer<int32_t> d_ids(static_cast<size_t>(s.tokens) * s.k);
+    d_ids.poison();
+    d_wts.poison();
+    route_topk_terms(d_ids.p, d_wts.p, d_partial.p, in.d_b.p, s.tokens, s.experts, s.k, 1e-12f,
+                     nullptr);
+    ERNIE_CUDA_CHECK(cudaDeviceSynchronize());
+    expect_reference_routes(in, s, d_ids.download(), d_wts.download());
+  }
+  cublasDestroy(handle);
 }
 
 // Up to 8 tokens the router kernel can also lay the pairs out (moe_align's job) in the same

@@ -24,11 +24,24 @@ TEST(KernelTimeline, SerialChainWithAGap) {
   EXPECT_EQ(t.idle_ns, 2u);
   EXPECT_EQ(t.gaps, 1);
   EXPECT_EQ(t.largest_gap_ns, 2u);
+  EXPECT_EQ(t.after_largest_gap, "b");
+  EXPECT_EQ(t.after_largest_gap_index, 1u);
   ASSERT_EQ(t.rows.size(), 3u);
   EXPECT_EQ(row(t, "a")->adds_ns, 10u);
   EXPECT_EQ(row(t, "b")->adds_ns, 10u);  // the gap before it counts as its own
   EXPECT_EQ(row(t, "c")->adds_ns, 5u);
   EXPECT_EQ(t.rows.back().name, "c");  // least added last
+}
+
+TEST(KernelTimeline, NamesTheKernelAfterTheLargestGap) {
+  // gaps of 3 (before b), 6 (before x) and 1 (before e; d, empty, closes none).
+  const TimelineSummary t = summarize(
+      {{"e", 40, 41}, {"a", 0, 5}, {"b", 8, 20}, {"c", 15, 32}, {"d", 39, 39}, {"x", 38, 39}});
+  EXPECT_EQ(t.gaps, 3);
+  EXPECT_EQ(t.idle_ns, 3u + 6u + 1u);
+  EXPECT_EQ(t.largest_gap_ns, 6u);
+  EXPECT_EQ(t.after_largest_gap, "x");
+  EXPECT_EQ(t.after_largest_gap_index, 3u);
 }
 
 TEST(KernelTimeline, EarlyLaunchedKernelsAddOnlyTheirTail) {

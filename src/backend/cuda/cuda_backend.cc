@@ -546,6 +546,18 @@ class CudaBackend final : public Backend {
     gemm(blas_[0], out, x, w);
   }
 
+  // From how many tokens the router's logits are a cuBLAS GEMM with its weights' bf16 terms
+  // (cuda::route_topk_terms) instead of route_topk's own kernels (0: never). New:
+  // ERNIE_ROUTER_GEMM=N turns it on from N tokens, at least kRouteOrderedTokens + 1 (below, the
+  // kernels after the router rely on its launch order).
+  static int router_gemm_tokens() {
+    static const int tokens = [] {
+      const int n = cuda::switch_bits("ERNIE_ROUTER_GEMM", 0);
+      return n <= 0 ? 0 : std::max(n, cuda::kRouteOrderedTokens + 1);
+    }();
+    return tokens;
+  }
+
   // 5-16 rows of the main stream's bf16 linear layers (qkv with its rope epilogue, o) take
   // cuda::skinny_tc, 32 weight rows per CTA, where its grid is one wave (the weights stream in
   // before the wait for x only if every CTA is resident): H200, steps 16 x 1000 8.949 -> 8.829
@@ -747,7 +759,13 @@ class CudaBackend final : public Backend {
     }
     auto* ids = static_cast<int32_t*>(arena_.alloc(pairs * sizeof(int32_t)));
     auto* weights = static_cast<float*>(arena_.alloc(pairs * sizeof(float)));
-    void* route_scratch = arena_.alloc(cuda::route_scratch_bytes(tokens, hidden, experts));
+    // Many tokens: the router's logits as one cuBLAS GEMM of x with its weights' bf16 terms
+    // (prepare_moe made them), the partial sums added by the top-k kernel.
+    const bool by_terms = !w.router_terms.empty() && tokens >= router_gemm_tokens();
+    const int64_t term_cols = static_cast<int64_t>(cuda::kRouterTerms) * experts;
+    void* route_scratch =
+        arena_.alloc(by_terms ? static_cast<size_t>(tokens * term_cols) * sizeof(float)
+                              : cuda::route_scratch_bytes(tokens, hidden, experts));
     const int64_t cap = cuda::moe_capacity(pairs, experts, block_m);
     auto* sorted = static_cast<int32_t*>(arena_.alloc(cap * sizeof(int32_t)));
     auto* block_expert = static_cast<int32_t*>(arena_.alloc(cap / block_m * sizeof(int32_t)));
@@ -765,24 +783,15 @@ class CudaBackend final : public Backend {
     if (block_ready_on && cuda::moe_block_ready_fits(block_m, fold)) {
       block_ready = static_cast<int32_t*>(arena_.alloc(cap / block_m * sizeof(int32_t)));
     }
-    // The decode GEMMs may pick the experts themselves from the router's logits
-    // (cuda::RouteInGemm), so that neither the router's last CTA nor a layout stands between
-    // the logits and the routed weights' first copies. New: ERNIE_ROUTE_IN_GEMM=1 for one
-    // token (its GEMM grids are one wave, so every CTA's top-k runs at once), 2 for up to 8
-    // (grids of several waves, each CTA repeating every token's top-k before its first copy).
-    static const int route_in_gemm = cuda::switch_bits("ERNIE_ROUTE_IN_GEMM", 0);
-    const int route_tokens = route_in_gemm >= 2 ? 8 : route_in_gemm == 1 ? 1 : 0;
-    cuda::RouteInGemm route;
-    if (tokens <= route_tokens && !profiling_ && cuda::route_in_gemm_fits(tokens, experts, k)) {
-      auto* logits = static_cast<float*>(route_scratch);
-      cuda::route_logits(logits, bf(x), w.router.as<float>(), tokens, hidden, experts, stream_,
-                         fold.early);
-      route = cuda::RouteInGemm{
-          logits, w.router_bias.as<float>(), tokens, experts, k, w.norm_min, ids, weights, layout};
-      block_ready = nullptr;
-    } else if (cuda::route_topk(ids, weights, bf(x), w.router.as<float>(),
-                                w.router_bias.as<float>(), tokens, hidden, experts, k, w.norm_min,
-                                route_scratch, stream_, &layout, fold.early)) {
+    if (by_terms) {
+      const Tensor partial{route_scratch, DType::kF32, {tokens, term_cols}};
+      gemm(blas_[0], partial, x, w.router_terms);
+      cuda::route_topk_terms(ids, weights, partial.as<float>(), w.router_bias.as<float>(), tokens,
+                             experts, k, w.norm_min, stream_);
+    }
+    if (!by_terms && cuda::route_topk(ids, weights, bf(x), w.router.as<float>(),
+                                      w.router_bias.as<float>(), tokens, hidden, experts, k,
+                                      w.norm_min, route_scratch, stream_, &layout, fold.early)) {
       block_ready = nullptr;  // the router laid the pairs out (few tokens): no counters cleared
     } else {
       void* align_scratch = arena_.alloc(cuda::moe_align_scratch_bytes(pairs, experts));
@@ -798,9 +807,9 @@ class CudaBackend final : public Backend {
     auto* act = static_cast<__nv_bfloat16*>(arena_.alloc(rows * inter * sizeof(__nv_bfloat16)));
     auto* y = static_cast<__nv_bfloat16*>(arena_.alloc(rows * hidden * sizeof(__nv_bfloat16)));
     cuda::moe_gate_up(act, bf(x), bf(w.experts_gate_up), sorted, block_expert, cap, block_m, k,
-                      hidden, inter, experts, stream_, fold, block_ready, route);
+                      hidden, inter, experts, stream_, fold, block_ready);
     cuda::moe_down(y, act, bf(w.experts_down), weights, sorted, block_expert, cap, block_m, hidden,
-                   inter, experts, stream_, fold, block_ready, route);
+                   inter, experts, stream_, fold, block_ready);
     if (overlap) {
       check_cuda(cudaStreamWaitEvent(stream_, join_), "cudaStreamWaitEvent");
     } else if (unfolded_shared) {
@@ -809,8 +818,8 @@ class CudaBackend final : public Backend {
     }
     mark(Stage::kMoeCombine);
     __nv_bfloat16* shared = unfolded_shared ? bf(shared_out) : nullptr;
-    cuda::moe_combine(bf(out), y, pair_pos, shared, tokens, k, hidden, stream_, fold, block_m, norm,
-                      route.logits != nullptr);
+    cuda::moe_combine(bf(out), y, pair_pos, shared, tokens, k, hidden, stream_, fold, block_m,
+                      norm);
     arena_.rewind(scratch_mark);
   }
 

@@ -9,7 +9,6 @@
 #include "backend/cuda/moe.cuh"
 #include "backend/cuda/norm_parts.cuh"
 #include "backend/cuda/switches.h"
-#include "backend/cuda/topk.cuh"
 
 namespace ernie::cuda {
 namespace {
@@ -317,106 +316,6 @@ __device__ __forceinline__ void store_rows(const float (&acc)[T::kMt][T::kNt][4]
   }
 }
 
-// RouteInGemm's shared memory (in the kernels that route only): each warp's top-k scratch,
-// the correction bias, the picks with their rows in the layout, this block's rows. 4.4 KB: the
-// lean 16-row tiles still fit four CTAs per multiprocessor.
-constexpr int kRouteWarps = 4;  // the 16-row tiles' CTAs have 2 or 4 warps
-struct RouteSmem {
-  float p[kRouteWarps][2 * kRouteInGemmMaxExperts];
-  float bias[kRouteInGemmMaxExperts];
-  int32_t ids[kRouteInGemmMaxPairs];
-  float weights[kRouteInGemmMaxPairs];
-  int32_t pos[kRouteInGemmMaxPairs];    // each pair's row in the layout
-  int32_t count[kRouteInGemmMaxPairs];  // at an expert's first pair its pairs, else 0
-  int32_t rows[kMoeBlockSmall];         // this block's rows: a pair or -1
-  float row_weights[kMoeBlockSmall];
-  int expert;
-};
-__device__ __forceinline__ RouteSmem& route_smem() {
-  __shared__ RouteSmem s;
-  return s;
-}
-
-// The correction bias into shared memory (a fixed weight: before any wait), as the first
-// cp.async group of the thread.
-__device__ __forceinline__ void route_prefetch_bias(const RouteInGemm& r) {
-  RouteSmem& s = route_smem();
-  for (int i = threadIdx.x; i < r.experts; i += blockDim.x) cp_async_4(s.bias + i, r.bias + i);
-  cp_async_commit();
-}
-
-// Routed M-block rb of a RouteInGemm step, by the whole CTA (the logits must be complete and
-// visible): each token's top-k by a warp, then moe_align's layout of the pairs (experts in
-// ascending order, each taking ceil(pairs / 16) blocks, its pairs in pair order) and this
-// block's expert (-1: none) and rows in route_smem(). write_layout: also ids, weights and the
-// whole layout to global memory.
-__device__ void route_block(const RouteInGemm& r, int rb, bool write_layout) {
-  RouteSmem& s = route_smem();
-  const int tid = threadIdx.x, warp = tid / 32, warps = blockDim.x / 32;
-  const int pairs = r.tokens * r.k;
-  cp_async_wait<0>();  // the bias (route_prefetch_bias)
-  __syncthreads();
-  for (int t = warp; t < r.tokens; t += warps) {
-    topk_token(t, s.ids, s.weights, r.logits, s.bias, r.tokens, r.experts, 1, r.k, r.norm_min,
-               s.p[warp], nullptr, true, true);
-  }
-  if (tid < kMoeBlockSmall) {
-    s.rows[tid] = -1;
-    s.row_weights[tid] = 0.0f;
-  }
-  if (tid == 0) s.expert = -1;
-  __syncthreads();
-  for (int j = tid; j < pairs; j += blockDim.x) {
-    const int e = s.ids[j];
-    bool first = true;
-    int n = 0;
-    for (int i = 0; i < pairs; ++i) {
-      first = first && !(i < j && s.ids[i] == e);
-      n += s.ids[i] == e;
-    }
-    s.count[j] = first ? n : 0;
-  }
-  __syncthreads();
-  for (int j = tid; j < pairs; j += blockDim.x) {
-    // Pair j's block: the blocks of the experts below its own, then its rank among its
-    // expert's pairs.
-    const int e = s.ids[j];
-    int block = 0, rank = 0;
-    for (int i = 0; i < pairs; ++i) {
-      if (s.ids[i] < e) block += (s.count[i] + kMoeBlockSmall - 1) / kMoeBlockSmall;
-      rank += i < j && s.ids[i] == e;
-    }
-    block += rank / kMoeBlockSmall;
-    const int row = rank % kMoeBlockSmall;
-    s.pos[j] = block * kMoeBlockSmall + row;
-    if (block == rb) {
-      s.rows[row] = j;
-      s.row_weights[row] = s.weights[j];
-      s.expert = e;
-    }
-    if (write_layout) {
-      r.ids[j] = e;
-      r.weights[j] = s.weights[j];
-      r.layout.pair_pos[j] = s.pos[j];
-    }
-  }
-  if (write_layout) {
-    for (int i = tid; i < r.layout.num_blocks * kMoeBlockSmall; i += blockDim.x) {
-      r.layout.sorted_pairs[i] = -1;
-      if (i % kMoeBlockSmall == 0) r.layout.block_expert[i / kMoeBlockSmall] = -1;
-    }
-  }
-  __syncthreads();  // also orders the -1s above before the entries below
-  if (write_layout) {
-    for (int j = tid; j < pairs; j += blockDim.x) {
-      r.layout.sorted_pairs[s.pos[j]] = j;
-      if (s.pos[j] % kMoeBlockSmall == 0) {
-        r.layout.block_expert[s.pos[j] / kMoeBlockSmall] = s.ids[j];
-      }
-    }
-  }
-}
-
 // One CTA computes a BM x BN tile of one M-block against its expert's weights. kGateUp: the
 // BN weight rows are BN/2 gate rows and the matching BN/2 up rows (each warp holds the gate and
 // up columns of the same outputs), output = SwiGLU, BN/2 columns. Otherwise: BN output columns
@@ -424,14 +323,12 @@ __device__ void route_block(const RouteInGemm& r, int rb, bool write_layout) {
 // stage's groups, which complete on the stage's barrier); the activation rows, gathered by pair,
 // by cp.async. K % 8 == 0; a partial last stage is zero-filled (the activations) or zero-padded
 // (the weights). w: the weights in the tiled layout ([E * 2N, K] or [E * N, K], N % 16 == 0).
-// kRoute (16-row blocks): the routed blocks pick their expert and rows themselves
-// (RouteInGemm) instead of reading sorted_pairs, block_expert and route_w.
-template <int BM, bool kWide, bool kGateUp, bool kLean = false, bool kRoute = false>
+template <int BM, bool kWide, bool kGateUp, bool kLean = false>
 __global__ void __launch_bounds__(Tile<BM, kWide, kLean>::kThreads, 1)
     moe_gemm_kernel(__nv_bfloat16* out, const __nv_bfloat16* a_src, const __nv_bfloat16* w,
                     const float* route_w, const int32_t* sorted_pairs, const int32_t* block_expert,
                     int k_choices, int K, int N, const FoldArgs fold, bool early_rows,
-                    const BlockReady ready, const RouteInGemm route) {
+                    const BlockReady ready) {
   // M-blocks below fold.blocks are the folded shared experts' (FoldArgs), laid out by position;
   // the routed blocks follow, block b of the routed layout at M-block fold.blocks + b. Rows of
   // `out` (and of down's activations) are numbered over the whole grid. The M-block is
@@ -441,10 +338,6 @@ __global__ void __launch_bounds__(Tile<BM, kWide, kLean>::kThreads, 1)
   const int nb = block_major ? blockIdx.x : blockIdx.y;
   const bool folded = mb < fold.blocks;
   const int rb = mb - fold.blocks;  // routed block
-  if constexpr (kRoute) {
-    static_assert(BM == kMoeBlockSmall && Tile<BM, kWide, kLean>::kThreads <= 32 * kRouteWarps);
-    if (!folded) route_prefetch_bias(route);
-  }
   // gate/up's routed blocks let down launch only once they have waited for the routing (an
   // ordered launch, launch.cuh), so down can read the layout and start streaming its weights while
   // gate/up is still running; down waits for gate/up's output before its first activation
@@ -458,32 +351,8 @@ __global__ void __launch_bounds__(Tile<BM, kWide, kLean>::kThreads, 1)
   using T = Tile<BM, kWide, kLean>;
   constexpr int kBN = T::kBN, kBK = T::kBK, kStages = T::kStages, kLd = T::kLd;
   constexpr int kMt = T::kMt, kNt = T::kNt;
-  if constexpr (kRoute) {
-    if (!folded) route_block(route, rb, kGateUp && rb == 0 && nb == 0);
-  }
-  // The routed block's expert, and its row r's pair (-1: padding) and routing weight.
-  auto routed_expert = [&] {
-    if constexpr (kRoute) {
-      return route_smem().expert;
-    } else {
-      return __ldcg(block_expert + rb);
-    }
-  };
-  auto routed_pair = [&](int r) {
-    if constexpr (kRoute) {
-      return route_smem().rows[r];
-    } else {
-      return __ldcg(sorted_pairs + rb * BM + r);
-    }
-  };
-  auto routed_weight = [&](int r, int pair) {
-    if constexpr (kRoute) {
-      return route_smem().row_weights[r];
-    } else {
-      return route_w[pair];
-    }
-  };
-  const int e = folded ? fold.first_expert + mb / fold.blocks_per_expert : routed_expert();
+  const int e =
+      folded ? fold.first_expert + mb / fold.blocks_per_expert : __ldcg(block_expert + rb);
   if (e < 0) return;
   // The pair of row r of this block (-1: padding); a folded block's row is a token, its weight 1.
   auto pair_of = [&](int r) {
@@ -491,7 +360,7 @@ __global__ void __launch_bounds__(Tile<BM, kWide, kLean>::kThreads, 1)
       const int t = (mb % fold.blocks_per_expert) * BM + r;
       return t < fold.tokens ? t : -1;
     }
-    return routed_pair(r);
+    return __ldcg(sorted_pairs + rb * BM + r);
   };
   extern __shared__ __align__(16) unsigned char smem_raw[];
   __shared__ uint64_t full[kStages];  // a stage's weights have landed
@@ -553,12 +422,13 @@ __global__ void __launch_bounds__(Tile<BM, kWide, kLean>::kThreads, 1)
       ep_pair[mt][1] = pair_of(ep_row(mt, 1));
     }
   } else {
+    const int32_t* block_pairs = sorted_pairs + rb * BM;
 #pragma unroll
-    for (int i = 0; i < T::kALoads; ++i) a_pair[i] = routed_pair(a_r[i]);
+    for (int i = 0; i < T::kALoads; ++i) a_pair[i] = __ldcg(block_pairs + a_r[i]);
 #pragma unroll
     for (int mt = 0; mt < kMt; ++mt) {
-      ep_pair[mt][0] = routed_pair(ep_row(mt, 0));
-      ep_pair[mt][1] = routed_pair(ep_row(mt, 1));
+      ep_pair[mt][0] = __ldcg(block_pairs + ep_row(mt, 0));
+      ep_pair[mt][1] = __ldcg(block_pairs + ep_row(mt, 1));
     }
     if constexpr (!kGateUp) {
 #pragma unroll
@@ -566,7 +436,7 @@ __global__ void __launch_bounds__(Tile<BM, kWide, kLean>::kThreads, 1)
 #pragma unroll
         for (int half = 0; half < 2; ++half) {
           const int pair = ep_pair[mt][half];
-          ep_w[mt][half] = pair >= 0 ? routed_weight(ep_row(mt, half), pair) : 0.0f;
+          ep_w[mt][half] = pair >= 0 ? route_w[pair] : 0.0f;
         }
       }
     }
@@ -634,10 +504,8 @@ __global__ void __launch_bounds__(Tile<BM, kWide, kLean>::kThreads, 1)
   store_rows<T, kGateUp>(
       acc, out, fold, folded, m0, n0, N,
       [&](int mt, int half) { return early_rows ? ep_pair[mt][half] : pair_of(ep_row(mt, half)); },
-      [&](int mt, int half, int pair) {
-        return early_rows ? ep_w[mt][half] : routed_weight(ep_row(mt, half), pair);
-      },
-      wm, wn, g, c);
+      [&](int mt, int half, int pair) { return early_rows ? ep_w[mt][half] : route_w[pair]; }, wm,
+      wn, g, c);
   if constexpr (kGateUp) {
     if (block_major) {
       __syncthreads();  // every thread's rows stored
@@ -650,19 +518,13 @@ template <int BM, bool kWide, bool kGateUp, bool kLean = false>
 void launch_gemm_tile(__nv_bfloat16* out, const __nv_bfloat16* a, const __nv_bfloat16* w,
                       const float* route_w, const int32_t* sorted_pairs,
                       const int32_t* block_expert, int64_t capacity, int k, int K, int N,
-                      const FoldArgs& fold, const BlockReady& ready, cudaStream_t stream,
-                      const RouteInGemm& route) {
+                      const FoldArgs& fold, const BlockReady& ready, cudaStream_t stream) {
   using T = Tile<BM, kWide, kLean>;
   static bool configured = false;
   if (!configured) {
     ERNIE_CUDA_CHECK(cudaFuncSetAttribute(moe_gemm_kernel<BM, kWide, kGateUp, kLean>,
                                           cudaFuncAttributeMaxDynamicSharedMemorySize,
                                           static_cast<int>(T::kSmem)));
-    if constexpr (BM == kMoeBlockSmall) {
-      ERNIE_CUDA_CHECK(cudaFuncSetAttribute(moe_gemm_kernel<BM, kWide, kGateUp, kLean, true>,
-                                            cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                            static_cast<int>(T::kSmem)));
-    }
     configured = true;
   }
   constexpr int cols = kGateUp ? T::kBN / 2 : T::kBN;
@@ -672,19 +534,8 @@ void launch_gemm_tile(__nv_bfloat16* out, const __nv_bfloat16* a, const __nv_bfl
   // ERNIE_MOE_EARLY_ROWS=0: the rows' pairs and weights read where they are used (see
   // moe_gemm_kernel).
   static const bool early_rows = path_enabled("ERNIE_MOE_EARLY_ROWS");
-  if constexpr (BM == kMoeBlockSmall) {
-    if (route.logits != nullptr) {
-      require(ready.counters == nullptr, "MoE GEMM: routing in the GEMM takes no counters");
-      launch_pdl(moe_gemm_kernel<BM, kWide, kGateUp, kLean, true>, grid, T::kThreads, T::kSmem,
-                 stream, out, a, w, route_w, sorted_pairs, block_expert, k, K, N, fold, early_rows,
-                 ready, route);
-      ERNIE_CUDA_CHECK(cudaGetLastError());
-      return;
-    }
-  }
-  require(route.logits == nullptr, "MoE GEMM: routing in the GEMM needs 16-row blocks");
   launch_pdl(moe_gemm_kernel<BM, kWide, kGateUp, kLean>, grid, T::kThreads, T::kSmem, stream, out,
-             a, w, route_w, sorted_pairs, block_expert, k, K, N, fold, early_rows, ready, route);
+             a, w, route_w, sorted_pairs, block_expert, k, K, N, fold, early_rows, ready);
   ERNIE_CUDA_CHECK(cudaGetLastError());
 }
 
@@ -713,7 +564,7 @@ template <bool kGateUp>
 void launch_gemm(__nv_bfloat16* out, const __nv_bfloat16* a, const __nv_bfloat16* w,
                  const float* route_w, const int32_t* sorted_pairs, const int32_t* block_expert,
                  int64_t capacity, int block_m, int k, int K, int N, const FoldArgs& fold,
-                 int32_t* block_ready, cudaStream_t stream, const RouteInGemm& route) {
+                 int32_t* block_ready, cudaStream_t stream) {
   require_parts(K % 8 == 0, "MoE GEMM: the reduction size ", K, " must be a multiple of 8");
   require_parts(N % kTiledGroupRows == 0, "MoE GEMM: the output size ", N,
                 " must be a multiple of ", kTiledGroupRows);
@@ -737,26 +588,22 @@ void launch_gemm(__nv_bfloat16* out, const __nv_bfloat16* a, const __nv_bfloat16
                     wide_tiles_fit<kGateUp>(fold.blocks + capacity / kMoeBlockSmall, N);
   if (block_m == kMoeBlockSmall) {
     if (wide) {
-      launch_gemm_tile<kMoeBlockSmall, true, kGateUp>(out, a, w, route_w, sorted_pairs,
-                                                      block_expert, capacity, k, K, N, fold, ready,
-                                                      stream, route);
+      launch_gemm_tile<kMoeBlockSmall, true, kGateUp>(
+          out, a, w, route_w, sorted_pairs, block_expert, capacity, k, K, N, fold, ready, stream);
     } else if (lean & 1) {
-      launch_gemm_tile<kMoeBlockSmall, false, kGateUp, true>(out, a, w, route_w, sorted_pairs,
-                                                             block_expert, capacity, k, K, N, fold,
-                                                             ready, stream, route);
+      launch_gemm_tile<kMoeBlockSmall, false, kGateUp, true>(
+          out, a, w, route_w, sorted_pairs, block_expert, capacity, k, K, N, fold, ready, stream);
     } else {
-      launch_gemm_tile<kMoeBlockSmall, false, kGateUp>(out, a, w, route_w, sorted_pairs,
-                                                       block_expert, capacity, k, K, N, fold, ready,
-                                                       stream, route);
+      launch_gemm_tile<kMoeBlockSmall, false, kGateUp>(
+          out, a, w, route_w, sorted_pairs, block_expert, capacity, k, K, N, fold, ready, stream);
     }
   } else {
     if (lean & 2) {
-      launch_gemm_tile<kMoeBlockMid, false, kGateUp, true>(out, a, w, route_w, sorted_pairs,
-                                                           block_expert, capacity, k, K, N, fold,
-                                                           ready, stream, route);
+      launch_gemm_tile<kMoeBlockMid, false, kGateUp, true>(
+          out, a, w, route_w, sorted_pairs, block_expert, capacity, k, K, N, fold, ready, stream);
     } else {
       launch_gemm_tile<kMoeBlockMid, false, kGateUp>(out, a, w, route_w, sorted_pairs, block_expert,
-                                                     capacity, k, K, N, fold, ready, stream, route);
+                                                     capacity, k, K, N, fold, ready, stream);
     }
   }
 }
@@ -1443,10 +1290,9 @@ void moe_align(int32_t* sorted_pairs, int32_t* block_expert, int32_t* pair_pos, 
 void moe_gate_up(__nv_bfloat16* act, const __nv_bfloat16* x, const __nv_bfloat16* w_gate_up,
                  const int32_t* sorted_pairs, const int32_t* block_expert, int64_t capacity,
                  int block_m, int k, int hidden, int inter, int experts, cudaStream_t stream,
-                 const SharedFold& fold, int32_t* block_ready, const RouteInGemm& route) {
+                 const SharedFold& fold, int32_t* block_ready) {
   if (capacity == 0) return;
   if (block_m == kMoeBlockWgmma) {
-    require(route.logits == nullptr, "MoE wgmma GEMM: it does not route");
     require(fold.experts == 0, "MoE wgmma GEMM: shared experts cannot be folded");
     require_parts(hidden % 8 == 0 && inter % 8 == 0, "MoE wgmma GEMM: hidden ", hidden,
                   " and intermediate ", inter, " must be multiples of 8");
@@ -1458,17 +1304,15 @@ void moe_gate_up(__nv_bfloat16* act, const __nv_bfloat16* x, const __nv_bfloat16
     return;
   }
   launch_gemm<true>(act, x, w_gate_up, nullptr, sorted_pairs, block_expert, capacity, block_m, k,
-                    hidden, inter, fold_args(fold, block_m, experts), block_ready, stream, route);
+                    hidden, inter, fold_args(fold, block_m, experts), block_ready, stream);
 }
 
 void moe_down(__nv_bfloat16* y, const __nv_bfloat16* act, const __nv_bfloat16* w_down,
               const float* weights, const int32_t* sorted_pairs, const int32_t* block_expert,
               int64_t capacity, int block_m, int hidden, int inter, int experts,
-              cudaStream_t stream, const SharedFold& fold, int32_t* block_ready,
-              const RouteInGemm& route) {
+              cudaStream_t stream, const SharedFold& fold, int32_t* block_ready) {
   if (capacity == 0) return;
   if (block_m == kMoeBlockWgmma) {
-    require(route.logits == nullptr, "MoE wgmma GEMM: it does not route");
     require(fold.experts == 0, "MoE wgmma GEMM: shared experts cannot be folded");
     const CUtensorMap a = tensor_map_bf16_sw128(act, capacity, inter, 64);
     const CUtensorMap b = tensor_map_bf16_tiled(w_down, static_cast<int64_t>(experts) * hidden,
@@ -1478,12 +1322,12 @@ void moe_down(__nv_bfloat16* y, const __nv_bfloat16* act, const __nv_bfloat16* w
     return;
   }
   launch_gemm<false>(y, act, w_down, weights, sorted_pairs, block_expert, capacity, block_m, 1,
-                     inter, hidden, fold_args(fold, block_m, experts), block_ready, stream, route);
+                     inter, hidden, fold_args(fold, block_m, experts), block_ready, stream);
 }
 
 void moe_combine(__nv_bfloat16* out, const __nv_bfloat16* y, const int32_t* pair_pos,
                  const __nv_bfloat16* shared, int tokens, int k, int hidden, cudaStream_t stream,
-                 const SharedFold& fold, int block_m, const CombineNorm& norm, bool late_layout) {
+                 const SharedFold& fold, int block_m, const CombineNorm& norm) {
   if (tokens == 0) return;
   require(fold.experts == 0 || (block_m > 0 && fold.tokens == tokens),
           "moe_combine: a fold needs its block size and the step's tokens");
@@ -1493,8 +1337,7 @@ void moe_combine(__nv_bfloat16* out, const __nv_bfloat16* y, const int32_t* pair
   const int64_t fold_stride = fold.experts > 0 ? routed_row0 / fold.experts : 0;
   // One 16-byte vector per thread where the row allows (a decode step is one pass of loads).
   const int threads = hidden % 8 == 0 ? std::clamp((hidden / 8 + 31) / 32 * 32, 128, 1024) : 128;
-  static const bool loads_first =
-      path_enabled("ERNIE_LATENCY_LOADS");  // see router.cu, latency_loads
+  static const bool loads_first = path_enabled("ERNIE_LATENCY_LOADS");  // see route_topk
   const CombineSrc c{y + routed_row0 * hidden,
                      pair_pos,
                      shared,
@@ -1506,8 +1349,7 @@ void moe_combine(__nv_bfloat16* out, const __nv_bfloat16* y, const int32_t* pair
                      loads_first};
   if (norm.normed != nullptr) {
     static const bool early_pos = path_enabled("ERNIE_COMBINE_EARLY_POS");
-    if (early_pos && !late_layout && loads_first && k <= kCombineMaxK && block_m > 0 &&
-        block_m != kMoeBlockWgmma) {
+    if (early_pos && loads_first && k <= kCombineMaxK && block_m > 0 && block_m != kMoeBlockWgmma) {
       launch_pdl(moe_combine_norm_kernel<true>, tokens, threads, 0, stream, out, c, norm);
     } else {
       launch_pdl(moe_combine_norm_kernel<false>, tokens, threads, 0, stream, out, c, norm);

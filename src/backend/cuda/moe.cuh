@@ -15,8 +15,6 @@
 #include <algorithm>
 #include <cstdint>
 
-#include "backend/cuda/router.cuh"
-
 namespace ernie::cuda {
 
 // Rows per M-block of the sorted layout: 16 while the average expert gets up to 8 rows, 32 up
@@ -76,34 +74,6 @@ inline int64_t moe_shared_rows(const SharedFold& f, int block_m) {
   return static_cast<int64_t>(f.experts) * ((f.tokens + block_m - 1) / block_m) * block_m;
 }
 
-// A few tokens routed inside the decode GEMMs (ERNIE_ROUTE_IN_GEMM, new): instead of the
-// router's last CTA doing the top-k and the layout (route_topk) and the GEMMs then reading the
-// layout, every routed CTA of gate/up and down takes the tokens' logits (route_logits) and
-// picks the experts itself with the router's own top-k (topk.cuh: the same picks and weights),
-// then lays the pairs out as moe_align does (experts in ascending order, ceil(pairs / 16)
-// blocks each) and takes its M-block's expert and rows. Gate/up's first routed CTA also writes
-// ids, weights and the layout (sorted_pairs, block_expert, pair_pos) for moe_combine, which
-// must then read pair_pos only after its wait (late_layout). Down's routed CTAs pick before
-// their wait: the logits are complete once gate/up's routed CTAs have waited, which is when
-// down may launch. At most 8 tokens, k <= 16, experts <= kRouteInGemmMaxExperts, 16-row
-// blocks.
-constexpr int kRouteInGemmMaxExperts = 64;
-constexpr int kRouteInGemmMaxPairs = 8 * kMoeBlockSmall;
-struct RouteInGemm {
-  const float* logits = nullptr;  // [tokens, experts] (null: off)
-  const float* bias = nullptr;    // [experts], the correction bias
-  int tokens = 0, experts = 0, k = 0;
-  float norm_min = 0.0f;
-  int32_t* ids = nullptr;  // written by gate/up: [tokens * k], and the layout (16-row blocks)
-  float* weights = nullptr;
-  RouteLayout layout;
-};
-inline bool route_in_gemm_fits(int tokens, int experts, int k) {
-  return tokens >= 1 && tokens * k <= kRouteInGemmMaxPairs && tokens <= 8 &&
-         experts <= kRouteInGemmMaxExperts && k <= kMoeBlockSmall &&
-         moe_block_m(static_cast<int64_t>(tokens) * k, experts) == kMoeBlockSmall;
-}
-
 // act [capacity, inter] = silu(x_g W_gate^T) * (x_g W_up^T) per sorted row, x_g = x[pair / k]
 // (gathered by the GEMM's loads); w_gate_up [E * 2 * inter, hidden] in the tiled layout (each
 // expert's gate rows then its up rows). hidden % 8 == 0, inter % 16 == 0. With a fold (decode
@@ -112,8 +82,7 @@ inline bool route_in_gemm_fits(int tokens, int experts, int k) {
 void moe_gate_up(__nv_bfloat16* act, const __nv_bfloat16* x, const __nv_bfloat16* w_gate_up,
                  const int32_t* sorted_pairs, const int32_t* block_expert, int64_t capacity,
                  int block_m, int k, int hidden, int inter, int experts, cudaStream_t stream,
-                 const SharedFold& fold = {}, int32_t* block_ready = nullptr,
-                 const RouteInGemm& route = {});
+                 const SharedFold& fold = {}, int32_t* block_ready = nullptr);
 
 // y [capacity, hidden] = weight[pair] * act W_down^T per sorted row; w_down [E * hidden, inter]
 // in the tiled layout. inter % 8 == 0, hidden % 16 == 0. With a fold, act as moe_gate_up wrote
@@ -121,8 +90,7 @@ void moe_gate_up(__nv_bfloat16* act, const __nv_bfloat16* x, const __nv_bfloat16
 void moe_down(__nv_bfloat16* y, const __nv_bfloat16* act, const __nv_bfloat16* w_down,
               const float* weights, const int32_t* sorted_pairs, const int32_t* block_expert,
               int64_t capacity, int block_m, int hidden, int inter, int experts,
-              cudaStream_t stream, const SharedFold& fold = {}, int32_t* block_ready = nullptr,
-              const RouteInGemm& route = {});
+              cudaStream_t stream, const SharedFold& fold = {}, int32_t* block_ready = nullptr);
 
 // block_ready for moe_gate_up and moe_down (32-row blocks, no fold; moe_align cleared it, and
 // the same counters go to both, gate/up launched right before down on one stream): each down
@@ -147,11 +115,9 @@ inline bool moe_combine_norm_fits(int hidden) {
 // out [tokens, hidden] = sum over the token's k rows of y (+ shared [tokens, hidden] if given).
 // With a fold, the routed rows are at y + moe_shared_rows(fold, block_m) rows, and the shared
 // experts' output (fold.down_out summed, rounded to bf16) is added after them. With
-// norm.normed (moe_combine_norm_fits), then the norm of CombineNorm. late_layout: pair_pos
-// is written by the kernels right before (RouteInGemm), so it is read only after the wait.
+// norm.normed (moe_combine_norm_fits), then the norm of CombineNorm.
 void moe_combine(__nv_bfloat16* out, const __nv_bfloat16* y, const int32_t* pair_pos,
                  const __nv_bfloat16* shared, int tokens, int k, int hidden, cudaStream_t stream,
-                 const SharedFold& fold = {}, int block_m = 0, const CombineNorm& norm = {},
-                 bool late_layout = false);
+                 const SharedFold& fold = {}, int block_m = 0, const CombineNorm& norm = {});
 
 }  // namespace ernie::cuda

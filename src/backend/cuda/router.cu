@@ -228,8 +228,9 @@ __device__ __forceinline__ void route_tail(const Tail& tail, const float* logits
   const int warp = threadIdx.x / 32;
   auto* ids_s = reinterpret_cast<int32_t*>(bias_s + experts);
   for (int t = warp; t < tokens; t += kSmallThreads / 32) {
-    topk_token(t, tail.ids, tail.weights, logits, bias_s, tokens, experts, 1, tail.k, tail.norm_min,
-               tail_smem + static_cast<size_t>(warp) * 2 * experts, ids_s, tail.lean, tail.redux);
+    topk_token(t, tail.ids, tail.weights, Partials::split_major(logits, tokens, experts, 1), bias_s,
+               experts, tail.k, tail.norm_min, tail_smem + static_cast<size_t>(warp) * 2 * experts,
+               ids_s, tail.lean, tail.redux);
   }
   __syncthreads();                        // every token's ids are written
   int* counts = ids_s + tokens * tail.k;  // 2 * experts + 1 ints, at least k
@@ -344,18 +345,55 @@ __global__ void __launch_bounds__(kSmallThreads)
 }
 
 __global__ void __launch_bounds__(kTopkWarps * 32)
-    router_topk_kernel(int32_t* ids, float* weights, const float* partial, const float* bias,
-                       int tokens, int experts, int splits, int k, float norm_min) {
+    router_topk_kernel(int32_t* ids, float* weights, const Partials part, const float* bias,
+                       int tokens, int experts, int k, float norm_min) {
   pdl_begin();
   extern __shared__ float smem[];
   const int warp = threadIdx.x / 32;
   const int t = blockIdx.x * kTopkWarps + warp;
   if (t >= tokens) return;
-  topk_token(t, ids, weights, partial, bias, tokens, experts, splits, k, norm_min,
+  topk_token(t, ids, weights, part, bias, experts, k, norm_min,
              smem + static_cast<size_t>(warp) * 2 * experts);
 }
 
+// Pair i of the router's f32 weights split into its three bf16 terms, stored lo, mid, hi
+// (route_topk_terms adds them in that order, smallest first).
+__global__ void split_router_terms_kernel(__nv_bfloat162* terms, const float2* router,
+                                          int64_t pairs) {
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < pairs;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    uint32_t hi, mid, lo;
+    split_pair(router[i], hi, mid, lo);
+    terms[i] = *reinterpret_cast<const __nv_bfloat162*>(&lo);
+    terms[pairs + i] = *reinterpret_cast<const __nv_bfloat162*>(&mid);
+    terms[2 * pairs + i] = *reinterpret_cast<const __nv_bfloat162*>(&hi);
+  }
+}
+
 }  // namespace
+
+void split_router_terms(__nv_bfloat16* terms, const float* router, int64_t count,
+                        cudaStream_t stream) {
+  require(count % 2 == 0, "split_router_terms: an odd number of weights");
+  if (count == 0) return;
+  const int64_t pairs = count / 2;
+  const int blocks = static_cast<int>(std::min<int64_t>((pairs + 255) / 256, 4096));
+  split_router_terms_kernel<<<blocks, 256, 0, stream>>>(
+      reinterpret_cast<__nv_bfloat162*>(terms), reinterpret_cast<const float2*>(router), pairs);
+  ERNIE_CUDA_CHECK(cudaGetLastError());
+}
+
+void route_topk_terms(int32_t* ids, float* weights, const float* partial, const float* bias,
+                      int tokens, int experts, int k, float norm_min, cudaStream_t stream) {
+  require(tokens >= 0 && experts > 0 && experts <= 1024 && k > 0 && k <= experts,
+          "route_topk_terms: bad shape");
+  if (tokens == 0) return;
+  const size_t smem = static_cast<size_t>(kTopkWarps) * 2 * experts * sizeof(float);
+  launch_pdl(router_topk_kernel, (tokens + kTopkWarps - 1) / kTopkWarps, kTopkWarps * 32, smem,
+             stream, ids, weights, Partials::token_major(partial, experts, kRouterTerms), bias,
+             tokens, experts, k, norm_min);
+  ERNIE_CUDA_CHECK(cudaGetLastError());
+}
 
 size_t route_scratch_bytes(int tokens, int hidden, int experts) {
   if (tokens <= 0) return 0;
@@ -455,7 +493,8 @@ bool route_topk(int32_t* ids, float* weights, const __nv_bfloat16* x, const floa
     ERNIE_CUDA_CHECK(cudaGetLastError());
     const size_t smem = static_cast<size_t>(kTopkWarps) * 2 * experts * sizeof(float);
     launch_pdl(router_topk_kernel, (tokens + kTopkWarps - 1) / kTopkWarps, kTopkWarps * 32, smem,
-               stream, ids, weights, logits, bias, tokens, experts, 1, k, norm_min);
+               stream, ids, weights, Partials::split_major(logits, tokens, experts, 1), bias,
+               tokens, experts, k, norm_min);
     ERNIE_CUDA_CHECK(cudaGetLastError());
     return false;
   }
@@ -467,24 +506,10 @@ bool route_topk(int32_t* ids, float* weights, const __nv_bfloat16* x, const floa
   ERNIE_CUDA_CHECK(cudaGetLastError());
   const size_t smem = static_cast<size_t>(kTopkWarps) * 2 * experts * sizeof(float);
   launch_pdl(router_topk_kernel, (tokens + kTopkWarps - 1) / kTopkWarps, kTopkWarps * 32, smem,
-             stream, ids, weights, partial, bias, tokens, experts, s.splits, k, norm_min);
+             stream, ids, weights, Partials::split_major(partial, tokens, experts, s.splits), bias,
+             tokens, experts, k, norm_min);
   ERNIE_CUDA_CHECK(cudaGetLastError());
   return false;
-}
-
-void route_logits(float* logits, const __nv_bfloat16* x, const float* router, int tokens,
-                  int hidden, int experts, cudaStream_t stream, bool early_dependents) {
-  require(tokens > 0 && tokens <= kFusedRouteTokens && hidden > 0 && hidden % kBK == 0 &&
-              experts > 0 && experts <= 1024,
-          "route_logits: bad shape");
-  const size_t row_bytes = small_router_row_bytes(tokens, hidden);
-  require_parts(row_bytes <= kSmallMaxSmem, "route_logits: a hidden size of ", hidden,
-                " is more than the small-batch router holds");
-  configure_small_router();
-  launch_pdl(router_small_kernel<false>, experts, kSmallThreads, row_bytes, stream, logits, x,
-             router, tokens, hidden, experts, Tail{}, early_dependents ? kAfterWait : kAtEnd,
-             latency_loads());
-  ERNIE_CUDA_CHECK(cudaGetLastError());
 }
 
 }  // namespace ernie::cuda

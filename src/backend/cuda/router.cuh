@@ -48,10 +48,18 @@ bool route_topk(int32_t* ids, float* weights, const __nv_bfloat16* x, const floa
                 void* scratch, cudaStream_t stream, const RouteLayout* layout = nullptr,
                 bool early_dependents = false);
 
-// Only the logits [tokens, experts] f32 (at most 8 tokens; logits needs tokens * experts
-// floats), with route_topk's launch order, for kernels that pick the experts themselves (the
-// decode MoE GEMMs routing one token: moe.cuh's RouteInGemm).
-void route_logits(float* logits, const __nv_bfloat16* x, const float* router, int tokens,
-                  int hidden, int experts, cudaStream_t stream, bool early_dependents);
+// Many tokens: the logits as one bf16 GEMM instead (cuBLAS, by the caller) of x with the
+// router's weights split into kRouterTerms bf16 terms as the tensor-core path splits them (hi,
+// mid, lo above: together all 24 significant bits), stacked lo, mid, hi as [kRouterTerms *
+// experts, hidden] so that the top-k adds the smallest first. The result differs from an f32 GEMM
+// by summation order only.
+constexpr int kRouterTerms = 3;
+// terms [kRouterTerms, count] bf16 from router [count] f32 (count even).
+void split_router_terms(__nv_bfloat16* terms, const float* router, int64_t count,
+                        cudaStream_t stream);
+// The top-k from partial [tokens, kRouterTerms * experts] f32 = x terms^T: route_topk's ids and
+// weights (the caller lays the pairs out with moe_align).
+void route_topk_terms(int32_t* ids, float* weights, const float* partial, const float* bias,
+                      int tokens, int experts, int k, float norm_min, cudaStream_t stream);
 
 }  // namespace ernie::cuda

@@ -1,5 +1,4 @@
-// One token's top-k by one warp, as the router computes it (router.cu) and as the decode MoE
-// GEMMs compute it when they route a lone token themselves (moe.cu).
+// One token's top-k by one warp, as the router computes it (router.cu).
 #pragma once
 
 #include <cuda_runtime.h>
@@ -11,27 +10,45 @@
 namespace ernie::cuda {
 namespace {
 
-// Token t's probabilities by one warp: logits = the split partials summed in order, then
-// softmax into p [experts] and the biased scores into p + experts (shared memory of this warp).
-// Partials are read through L2 (another CTA may have written them).
-__device__ __forceinline__ void token_softmax(int t, const float* partial, const float* bias,
-                                              int tokens, int experts, int splits, float* p) {
+// Where a token's logits are: the sum, in split order, of `splits` partial sums, token t's
+// partial s of expert e at data[t * token_stride + s * split_stride + e].
+struct Partials {
+  const float* data;
+  size_t token_stride, split_stride;
+  int splits;
+  // [splits][tokens][experts] (the tensor-core logits kernel's split reduction).
+  static __host__ __device__ Partials split_major(const float* data, int tokens, int experts,
+                                                  int splits) {
+    return {data, static_cast<size_t>(experts), static_cast<size_t>(tokens) * experts, splits};
+  }
+  // [tokens][splits][experts] (one GEMM of x with the router's stacked bf16 terms).
+  static __host__ __device__ Partials token_major(const float* data, int experts, int splits) {
+    return {data, static_cast<size_t>(splits) * experts, static_cast<size_t>(experts), splits};
+  }
+};
+
+// Token t's probabilities by one warp: logits = the partials summed in order, then softmax into
+// p [experts] and the biased scores into p + experts (shared memory of this warp). Partials are
+// read through L2 (another CTA may have written them).
+__device__ __forceinline__ void token_softmax(int t, const Partials& part, const float* bias,
+                                              int experts, float* p) {
   const int lane = threadIdx.x % 32;
   float* scores = p + experts;
   float mx = -INFINITY;
-  const size_t split_stride = static_cast<size_t>(tokens) * experts;
+  const size_t split_stride = part.split_stride;
+  const int splits = part.splits;
   for (int e = lane; e < experts; e += 32) {
     // The splits in order, their loads issued eight at a time (one L2 round trip per eight
     // rather than per split; the sum is the same).
-    const float* src = partial + static_cast<size_t>(t) * experts + e;
+    const float* src = part.data + static_cast<size_t>(t) * part.token_stride + e;
     float v = 0.0f;
     int s = 0;
     for (; s + 8 <= splits; s += 8) {
-      float part[8];
+      float eight[8];
 #pragma unroll
-      for (int j = 0; j < 8; ++j) part[j] = __ldcg(src + (s + j) * split_stride);
+      for (int j = 0; j < 8; ++j) eight[j] = __ldcg(src + (s + j) * split_stride);
 #pragma unroll
-      for (int j = 0; j < 8; ++j) v += part[j];
+      for (int j = 0; j < 8; ++j) v += eight[j];
     }
     for (; s < splits; ++s) v += __ldcg(src + s * split_stride);
     p[e] = v;
@@ -68,11 +85,10 @@ __device__ __forceinline__ int order_key(float f) {
 // holding it) instead of five rounds of paired shuffles: the same picks in far fewer
 // instructions, which is what the fused tail's CTA pays for beside the GEMM CTAs sharing its
 // multiprocessor.
-__device__ void topk_token(int t, int32_t* ids, float* weights, const float* partial,
-                           const float* bias, int tokens, int experts, int splits, int k,
-                           float norm_min, float* p, int32_t* ids_copy = nullptr, bool lean = false,
-                           bool redux = false) {
-  token_softmax(t, partial, bias, tokens, experts, splits, p);
+__device__ void topk_token(int t, int32_t* ids, float* weights, const Partials& part,
+                           const float* bias, int experts, int k, float norm_min, float* p,
+                           int32_t* ids_copy = nullptr, bool lean = false, bool redux = false) {
+  token_softmax(t, part, bias, experts, p);
   const int lane = threadIdx.x % 32;
   float* scores = p + experts;
   const bool once = lean && k <= 32;
