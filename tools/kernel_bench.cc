@@ -249,9 +249,16 @@ int run_steps(int iters, const std::vector<std::string>& only, bool timeline) {
     if (timeline) {
 #ifdef ERNIE_HAVE_CUPTI
       trace::start();
+      const auto host0 = std::chrono::steady_clock::now();
       m.forward_logits(st);
+      const double host_ms =
+          std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - host0)
+              .count();
       const std::vector<trace::KernelSpan> spans = trace::stop();
       trace::print_summary(spans, 30);
+      // Whether the host keeps ahead: the launches' time against the kernels' span.
+      std::printf("  host: the step's launches took %.3f ms; its first kernels:\n", host_ms);
+      trace::print_window(spans, 0, 4);
       // A layer's worth from the middle of the step (decode steps: from the 150th, as before;
       // eager steps launch more kernels a layer).
       const size_t per_layer = spans.size() / static_cast<size_t>(cfg.num_hidden_layers);

@@ -332,6 +332,15 @@ class CudaBackend final : public Backend {
       cuda::tile_expert_weights(down + (experts + s) * hidden * kp_i, bf(w.shared_down) + s * inter,
                                 hidden, inter, stream_, si);
     }
+    // The router's weights also as bf16 terms, for the logits of many tokens (moe()).
+    if (router_gemm_tokens() > 0 && w.router.dtype == DType::kF32 && w.router.shape.size() == 2) {
+      const int64_t count = w.router.dim(0) * w.router.dim(1);
+      auto* terms = static_cast<__nv_bfloat16*>(
+          allocate_weight(static_cast<size_t>(cuda::kRouterTerms * count) * 2));
+      cuda::split_router_terms(terms, w.router.as<float>(), count, stream_);
+      w.router_terms =
+          Tensor{terms, DType::kBF16, {cuda::kRouterTerms * w.router.dim(0), w.router.dim(1)}};
+    }
     check_cuda(cudaStreamSynchronize(stream_), "cudaStreamSynchronize");
     free_weight(w.experts_gate_up.data, static_cast<size_t>(experts * gu_rows * hidden) * 2);
     free_weight(w.experts_down.data, static_cast<size_t>(experts * hidden * inter) * 2);
