@@ -11,6 +11,7 @@ namespace ernie::trace {
 struct KernelSpan {
   std::string name;  // as short_kernel_name gives it
   uint64_t start_ns = 0, end_ns = 0;
+  uint64_t launch_ns = 0;  // when the host's launch call began (0: not known, e.g. in a graph)
 };
 
 // Per kernel name: its calls, summed run time, and what it adds to the span: the time from

@@ -7,6 +7,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <mutex>
+#include <unordered_map>
 
 #include "common/check.h"
 
@@ -17,6 +18,8 @@ constexpr size_t kBufferBytes = 8 << 20;
 
 std::mutex g_mutex;
 std::vector<KernelSpan> g_spans;
+std::vector<uint32_t> g_correlation;                 // of g_spans' kernels
+std::unordered_map<uint32_t, uint64_t> g_launch_ns;  // runtime API call start by correlation id
 
 void check(CUptiResult r, const char* what) {
   if (r == CUPTI_SUCCESS) return;
@@ -35,12 +38,18 @@ void CUPTIAPI on_complete(CUcontext, uint32_t, uint8_t* buffer, size_t, size_t v
   CUpti_Activity* record = nullptr;
   std::lock_guard<std::mutex> lock(g_mutex);
   while (cuptiActivityGetNextRecord(buffer, valid, &record) == CUPTI_SUCCESS) {
+    if (record->kind == CUPTI_ACTIVITY_KIND_RUNTIME) {
+      const auto* a = reinterpret_cast<const CUpti_ActivityAPI*>(record);
+      g_launch_ns[a->correlationId] = a->start;
+      continue;
+    }
     if (record->kind != CUPTI_ACTIVITY_KIND_CONCURRENT_KERNEL &&
         record->kind != CUPTI_ACTIVITY_KIND_KERNEL) {
       continue;
     }
     const auto* k = reinterpret_cast<const CUpti_ActivityKernel10*>(record);
     g_spans.push_back({short_kernel_name(k->name), k->start, k->end});
+    g_correlation.push_back(k->correlationId);
   }
   std::free(buffer);
 }
@@ -51,18 +60,28 @@ void start() {
   {
     std::lock_guard<std::mutex> lock(g_mutex);
     g_spans.clear();
+    g_correlation.clear();
+    g_launch_ns.clear();
   }
   check(cuptiActivityRegisterCallbacks(on_request, on_complete), "register callbacks");
   check(cuptiActivityEnable(CUPTI_ACTIVITY_KIND_CONCURRENT_KERNEL), "enable kernel records");
+  check(cuptiActivityEnable(CUPTI_ACTIVITY_KIND_RUNTIME), "enable runtime API records");
 }
 
 std::vector<KernelSpan> stop() {
   cudaDeviceSynchronize();
   check(cuptiActivityFlushAll(CUPTI_ACTIVITY_FLAG_FLUSH_FORCED), "flush");
   check(cuptiActivityDisable(CUPTI_ACTIVITY_KIND_CONCURRENT_KERNEL), "disable kernel records");
+  check(cuptiActivityDisable(CUPTI_ACTIVITY_KIND_RUNTIME), "disable runtime API records");
   std::lock_guard<std::mutex> lock(g_mutex);
   std::vector<KernelSpan> out = std::move(g_spans);
+  for (size_t i = 0; i < out.size(); ++i) {
+    const auto it = g_launch_ns.find(g_correlation[i]);
+    if (it != g_launch_ns.end()) out[i].launch_ns = it->second;
+  }
   g_spans.clear();
+  g_correlation.clear();
+  g_launch_ns.clear();
   std::sort(out.begin(), out.end(),
             [](const KernelSpan& a, const KernelSpan& b) { return a.start_ns < b.start_ns; });
   return out;
@@ -93,10 +112,13 @@ void print_summary(const std::vector<KernelSpan>& spans, int top) {
 void print_window(const std::vector<KernelSpan>& spans, size_t first, size_t count) {
   if (first >= spans.size()) return;
   const uint64_t t0 = spans[first].start_ns;
+  auto us = [&](uint64_t t) { return (static_cast<double>(t) - static_cast<double>(t0)) / 1e3; };
   for (size_t i = first; i < spans.size() && i < first + count; ++i) {
     const KernelSpan& s = spans[i];
-    std::printf("  %8.2f %8.2f %7.2f  %s\n", (s.start_ns - t0) / 1e3, (s.end_ns - t0) / 1e3,
-                (s.end_ns - s.start_ns) / 1e3, s.name.substr(0, 90).c_str());
+    char launch[32] = "";
+    if (s.launch_ns != 0) std::snprintf(launch, sizeof launch, " (launched %.2f)", us(s.launch_ns));
+    std::printf("  %8.2f %8.2f %7.2f  %s%s\n", us(s.start_ns), us(s.end_ns),
+                (s.end_ns - s.start_ns) / 1e3, s.name.substr(0, 90).c_str(), launch);
   }
 }
 

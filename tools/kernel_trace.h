@@ -22,7 +22,8 @@ std::vector<KernelSpan> stop();
 void print_summary(const std::vector<KernelSpan>& spans, int top);
 
 // Prints `count` kernels from the `first` (by start): start, end and run time in us from the
-// first one's start, and name.
+// first one's start, name, and when the host began its launch (where known; CUPTI takes both
+// times from one clock).
 void print_window(const std::vector<KernelSpan>& spans, size_t first, size_t count);
 
 }  // namespace ernie::trace

@@ -556,12 +556,14 @@ class CudaBackend final : public Backend {
   }
 
   // From how many tokens the router's logits are a cuBLAS GEMM with its weights' bf16 terms
-  // (cuda::route_topk_terms) instead of route_topk's own kernels (0: never). New:
-  // ERNIE_ROUTER_GEMM=N turns it on from N tokens, at least kRouteOrderedTokens + 1 (below, the
-  // kernels after the router rely on its launch order).
+  // (cuda::route_topk_terms) instead of route_topk's own kernels (0: never): from
+  // kRouteOrderedTokens + 1 (below, the kernels after the router rely on its launch order).
+  // H200: the 8192-token router 215 -> 37 us (GEMM and top-k), mixed steps 8 x 1000 prefill +
+  // 192 decodes 113.92 -> 110.80 ms, 8000 + 15 decodes 125.64 -> 122.87, decode steps 128 x
+  // 1000 -1.3%, 256 x 1000 -1.0%. ERNIE_ROUTER_GEMM=0 turns it off, =N starts it at N tokens.
   static int router_gemm_tokens() {
     static const int tokens = [] {
-      const int n = cuda::switch_bits("ERNIE_ROUTER_GEMM", 0);
+      const int n = cuda::switch_bits("ERNIE_ROUTER_GEMM", cuda::kRouteOrderedTokens + 1);
       return n <= 0 ? 0 : std::max(n, cuda::kRouteOrderedTokens + 1);
     }();
     return tokens;
