@@ -288,14 +288,14 @@ TEST_F(CudaBackendTest, MoeMatchesCpu) {
   // intermediate size of 512: 16-row tiles, too many for one wave of the wide ones; 37 tokens
   // over hidden 160 and intermediate 96: 32-row tiles with partial output and reduction tiles;
   // 64 tokens over hidden 1024 and intermediate 640: 16-row tiles with at least five reduction
-  // tiles in both GEMMs.
+  // tiles in both GEMMs. Hidden 8192 (the 300B model's): the combine's widest rows.
   for (const Case& c :
        {Case{1, 256, 64, 6, 128, 256}, Case{37, 128, 16, 4, 64, 128}, Case{300, 160, 24, 8, 96, 0},
         Case{700, 256, 64, 6, 64, 128}, Case{5, 2560, 64, 6, 1536, 3072},
         Case{400, 256, 64, 6, 128, 0}, Case{900, 2560, 64, 6, 1536, 0},
         Case{200, 2560, 64, 6, 1536, 3072}, Case{3, 256, 16, 4, 96, 160},
         Case{8, 128, 16, 4, 64, 192}, Case{64, 256, 64, 6, 512, 0}, Case{37, 160, 16, 4, 96, 0},
-        Case{64, 1024, 64, 6, 640, 0}}) {
+        Case{64, 1024, 64, 6, 640, 0}, Case{40, 8192, 16, 8, 128, 0}}) {
     SCOPED_TRACE(::testing::Message() << c.tokens << " tokens, hidden " << c.hidden << ", "
                                       << c.experts << " experts top-" << c.k << ", inter "
                                       << c.inter << ", shared " << c.shared_inter);
@@ -385,8 +385,10 @@ TEST_F(CudaBackendTest, MoeNormFusedMatchesSeparate) {
   struct Case {
     int tokens, hidden, experts, k, inter, shared_inter;
   };
+  // 40 tokens of hidden 8192: a 1024-thread CTA a row.
   for (const Case& c : {Case{1, 2560, 64, 6, 1536, 3072}, Case{5, 256, 64, 6, 128, 256},
-                        Case{37, 128, 16, 4, 64, 128}, Case{700, 256, 64, 6, 64, 128}}) {
+                        Case{37, 128, 16, 4, 64, 128}, Case{700, 256, 64, 6, 64, 128},
+                        Case{40, 8192, 16, 8, 128, 256}}) {
     SCOPED_TRACE(::testing::Message() << c.tokens << " tokens, hidden " << c.hidden);
     const double h = c.hidden;
     MoeWeights w;

@@ -921,14 +921,16 @@ __device__ inline void load_pair_pos(int* pos, const CombineSrc& c, size_t t) {
 
 // Columns i .. i + 7 of token t's sum (hidden % 8 == 0): f32, in a fixed order (the routed rows
 // in choice order, the folded experts' sum rounded to bf16, the shared row), rounded once.
-// pos: load_pair_pos's positions.
+// pos: load_pair_pos's positions. kMaxFolded: the most folded experts the call may have (0:
+// none; their loads then take no registers).
+template <int kMaxFolded = kCombineMaxFolded>
 __device__ inline uint4 combine_vec8(const CombineSrc& c, size_t t, int i, const int* pos) {
   float acc[8] = {};
   uint4 shared = make_uint4(0, 0, 0, 0);
-  if (c.loads_first && c.k <= kCombineMaxK && c.folded <= kCombineMaxFolded) {
-    float4 fold[kCombineMaxFolded][2];
+  if (c.loads_first && c.k <= kCombineMaxK && c.folded <= kMaxFolded) {
+    float4 fold[kMaxFolded > 0 ? kMaxFolded : 1][2];
 #pragma unroll
-    for (int s = 0; s < kCombineMaxFolded; ++s) {
+    for (int s = 0; s < kMaxFolded; ++s) {
       if (s < c.folded) {
         const float4* src =
             reinterpret_cast<const float4*>(c.fold_out + (s * c.fold_stride + t) * c.hidden + i);
@@ -949,10 +951,10 @@ __device__ inline uint4 combine_vec8(const CombineSrc& c, size_t t, int i, const
     for (int j = 0; j < kCombineMaxK; ++j) {
       if (j < c.k) add_bf16x8(acc, routed[j]);
     }
-    if (c.folded > 0) {
+    if (kMaxFolded > 0 && c.folded > 0) {
       float sh[8] = {};
 #pragma unroll
-      for (int s = 0; s < kCombineMaxFolded; ++s) {
+      for (int s = 0; s < kMaxFolded; ++s) {
         if (s < c.folded) add_f32x8(sh, fold[s][0], fold[s][1]);
       }
       add_rounded(acc, sh);
@@ -962,7 +964,7 @@ __device__ inline uint4 combine_vec8(const CombineSrc& c, size_t t, int i, const
       add_bf16x8(acc, *reinterpret_cast<const uint4*>(
                           c.routed + static_cast<size_t>(c.pair_pos[t * c.k + j]) * c.hidden + i));
     }
-    if (c.folded > 0) {  // the folded experts' f32 partials, two 16-byte loads per expert
+    if (kMaxFolded > 0 && c.folded > 0) {  // the folded experts' f32 partials, 2 loads each
       float sh[8] = {};
       for (int s = 0; s < c.folded; ++s) {
         const float4* src =
@@ -981,7 +983,19 @@ __device__ inline uint4 combine_vec8(const CombineSrc& c, size_t t, int i, const
   return o;
 }
 
-__global__ void moe_combine_kernel(__nv_bfloat16* out, const CombineSrc c) {
+// The most threads a CTA of moe_combine_norm_kernel: without folded experts 1024 (a row of up
+// to 8192 columns, one 16-byte vector a thread; the bound keeps it at 64 registers, so that
+// such a CTA launches at all and three 320-thread CTAs share a multiprocessor); with them 512
+// (their loads take up to 128 registers; only decode steps of models with shared experts
+// fold). moe_combine_kernel loops over the row: at most kCombineThreads.
+constexpr int combine_max_threads(int max_folded) {
+  return max_folded == 0 ? 1024 : 512;
+}
+constexpr int kCombineThreads = 512;
+
+template <int kMaxFolded>
+__global__ void __launch_bounds__(kCombineThreads)
+    moe_combine_kernel(__nv_bfloat16* out, const CombineSrc c) {
   pdl_begin();
   const size_t t = blockIdx.x;
   const int hidden = c.hidden;
@@ -990,7 +1004,7 @@ __global__ void moe_combine_kernel(__nv_bfloat16* out, const CombineSrc c) {
     load_pair_pos(pos, c, t);
     __syncthreads();
     for (int i = threadIdx.x * 8; i < hidden; i += blockDim.x * 8) {
-      *reinterpret_cast<uint4*>(out + t * hidden + i) = combine_vec8(c, t, i, pos);
+      *reinterpret_cast<uint4*>(out + t * hidden + i) = combine_vec8<kMaxFolded>(c, t, i, pos);
     }
     return;
   }
@@ -999,7 +1013,7 @@ __global__ void moe_combine_kernel(__nv_bfloat16* out, const CombineSrc c) {
     for (int j = 0; j < c.k; ++j) {
       acc += __bfloat162float(c.routed[static_cast<size_t>(c.pair_pos[t * c.k + j]) * hidden + i]);
     }
-    if (c.folded > 0) {
+    if (kMaxFolded > 0 && c.folded > 0) {
       float v = 0.0f;
       for (int s = 0; s < c.folded; ++s) v += c.fold_out[(s * c.fold_stride + t) * hidden + i];
       acc += __bfloat162float(__float2bfloat16(v));
@@ -1019,9 +1033,9 @@ __global__ void moe_combine_kernel(__nv_bfloat16* out, const CombineSrc c) {
 // weights) is one trip instead of two. The router's layout is complete by then: the routed
 // gate/up blocks let down launch only after waiting for the router, and down lets this kernel
 // launch only after that.
-template <bool kEarlyPos>
-__global__ void moe_combine_norm_kernel(__nv_bfloat16* out, const CombineSrc c,
-                                        const CombineNorm norm) {
+template <bool kEarlyPos, int kMaxFolded>
+__global__ void __launch_bounds__(combine_max_threads(kMaxFolded))
+    moe_combine_norm_kernel(__nv_bfloat16* out, const CombineSrc c, const CombineNorm norm) {
   __shared__ int pos[kCombineMaxK];
   if constexpr (kEarlyPos) {
     asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
@@ -1051,7 +1065,7 @@ __global__ void moe_combine_norm_kernel(__nv_bfloat16* out, const CombineSrc c,
   }
   __syncthreads();
   if (active) {
-    const uint4 o = combine_vec8(c, t, threadIdx.x * 8, pos);
+    const uint4 o = combine_vec8<kMaxFolded>(c, t, threadIdx.x * 8, pos);
     reinterpret_cast<uint4*>(out + t * hidden)[threadIdx.x] = o;
     add_vec8(r, o);
     res[threadIdx.x] = r;
@@ -1189,15 +1203,26 @@ void moe_combine(__nv_bfloat16* out, const __nv_bfloat16* y, const int32_t* pair
                      hidden,
                      fold.experts,
                      loads_first};
+  // Without folded experts the kernels that leave out the fold's loads (new,
+  // ERNIE_COMBINE_NO_FOLD=1): 110 -> ? registers a thread, so that more than one 320-thread CTA
+  // fits a multiprocessor (Nsight Compute, 8192 tokens: one CTA per SM, DRAM at 43%).
+  static const bool no_fold = new_path_enabled("ERNIE_COMBINE_NO_FOLD");
+  const bool lean = no_fold && fold.experts == 0;
+  require_parts(norm.normed == nullptr || threads <= combine_max_threads(lean ? 0 : 1),
+                "moe_combine: a hidden size of ", hidden, " is more than the norm takes",
+                lean ? "" : " with folded experts or ERNIE_COMBINE_NO_FOLD=0");
   if (norm.normed != nullptr) {
     static const bool early_pos = path_enabled("ERNIE_COMBINE_EARLY_POS");
-    if (early_pos && loads_first && k <= kCombineMaxK && block_m > 0 && block_m != kMoeBlockWgmma) {
-      launch_pdl(moe_combine_norm_kernel<true>, tokens, threads, 0, stream, out, c, norm);
-    } else {
-      launch_pdl(moe_combine_norm_kernel<false>, tokens, threads, 0, stream, out, c, norm);
-    }
+    const bool early =
+        early_pos && loads_first && k <= kCombineMaxK && block_m > 0 && block_m != kMoeBlockWgmma;
+    auto* kernel = early ? (lean ? moe_combine_norm_kernel<true, 0>
+                                 : moe_combine_norm_kernel<true, kCombineMaxFolded>)
+                         : (lean ? moe_combine_norm_kernel<false, 0>
+                                 : moe_combine_norm_kernel<false, kCombineMaxFolded>);
+    launch_pdl(kernel, tokens, threads, 0, stream, out, c, norm);
   } else {
-    launch_pdl(moe_combine_kernel, tokens, threads, 0, stream, out, c);
+    launch_pdl(lean ? moe_combine_kernel<0> : moe_combine_kernel<kCombineMaxFolded>, tokens,
+               std::min(threads, kCombineThreads), 0, stream, out, c);
   }
   ERNIE_CUDA_CHECK(cudaGetLastError());
 }
