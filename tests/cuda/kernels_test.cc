@@ -489,15 +489,16 @@ TEST(CudaKernels, RopeStoreKvMatchesCpuReference) {
 
 // rope_store_kv_vec (16-byte pieces, the frequency table) gives rope_store_kv's bytes: the
 // rotated q and k, both caches (poisoned first: only the tokens' slots written).
-TEST(CudaKernels, RopeVecMatchesRopeKernel) {
+TEST(CudaKernels, RopeVecAndWideMatchRopeKernel) {
   if (device_count() == 0) GTEST_SKIP() << "no CUDA device";
   Rng rng(std::random_device{}());
   struct Shape {
     int tokens, heads, kv_heads, head_dim;
   };
   const double theta = 500000.0;
-  for (const Shape& s : {Shape{1, 20, 4, 128}, Shape{16, 20, 4, 128}, Shape{37, 4, 2, 48},
-                         Shape{300, 64, 8, 128}, Shape{9, 2, 1, 32}, Shape{3, 8, 8, 64}}) {
+  for (const Shape& s :
+       {Shape{1, 20, 4, 128}, Shape{16, 20, 4, 128}, Shape{37, 4, 2, 48}, Shape{300, 64, 8, 128},
+        Shape{9, 2, 1, 32}, Shape{3, 8, 8, 64}, Shape{2049, 20, 4, 128}}) {
     SCOPED_TRACE(::testing::Message() << s.tokens << " tokens, " << s.heads << "/" << s.kv_heads
                                       << " heads, d " << s.head_dim);
     const int row = (s.heads + 2 * s.kv_heads) * s.head_dim, kv = s.kv_heads * s.head_dim;
@@ -516,14 +517,18 @@ TEST(CudaKernels, RopeVecMatchesRopeKernel) {
     d_pos.upload(positions);
     d_slots.upload(slots);
     d_inv.upload(inv);
-    std::vector<uint16_t> out_qkv[2], out_k[2], out_v[2];
-    for (int vec = 0; vec < 2; ++vec) {
+    // 0: rope_store_kv, 1: rope_store_kv_vec, 2: rope_store_kv_wide.
+    std::vector<uint16_t> out_qkv[3], out_k[3], out_v[3];
+    for (int vec = 0; vec < 3; ++vec) {
       DeviceBuffer<uint16_t> d_qkv(qkv.size()), d_k(static_cast<size_t>(num_slots) * kv),
           d_v(static_cast<size_t>(num_slots) * kv);
       d_qkv.upload(qkv);
       d_k.poison();
       d_v.poison();
-      if (vec) {
+      if (vec == 2) {
+        rope_store_kv_wide(bf(d_qkv.p), bf(d_k.p), bf(d_v.p), d_pos.p, d_slots.p, d_inv.p, s.tokens,
+                           s.heads, s.kv_heads, s.head_dim, nullptr);
+      } else if (vec) {
         rope_store_kv_vec(bf(d_qkv.p), bf(d_k.p), bf(d_v.p), d_pos.p, d_slots.p, d_inv.p, s.tokens,
                           s.heads, s.kv_heads, s.head_dim, nullptr);
       } else {
@@ -536,9 +541,12 @@ TEST(CudaKernels, RopeVecMatchesRopeKernel) {
       out_v[vec] = d_v.download();
     }
     ASSERT_NE(out_qkv[0], qkv);  // rotated at all
-    EXPECT_EQ(out_qkv[1], out_qkv[0]);
-    EXPECT_EQ(out_k[1], out_k[0]);
-    EXPECT_EQ(out_v[1], out_v[0]);
+    for (int vec = 1; vec < 3; ++vec) {
+      SCOPED_TRACE(vec == 1 ? "vec" : "wide");
+      EXPECT_EQ(out_qkv[vec], out_qkv[0]);
+      EXPECT_EQ(out_k[vec], out_k[0]);
+      EXPECT_EQ(out_v[vec], out_v[0]);
+    }
   }
 }
 

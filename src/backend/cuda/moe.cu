@@ -748,13 +748,17 @@ __device__ __forceinline__ void wgmma_store_tile(const float (&acc)[128], __nv_b
   }
 }
 
+// skip_pad: a consumer whose 64 rows of the M-block are all padding (an expert's last block
+// holding 64 pairs or fewer: its pairs come first, so its row 64 tells) takes each K slice
+// without multiplying it (it still waits for the slot and releases it), leaving the tensor
+// cores to the other consumer, and down's producer does not load those rows of A.
 template <bool kGateUp>
 __global__ void __launch_bounds__(384, 1)
     moe_gemm_wgmma_kernel(const __grid_constant__ CUtensorMap a_map,
                           const __grid_constant__ CUtensorMap b_map, __nv_bfloat16* out,
                           const float* route_w, const int32_t* sorted_pairs,
                           const int32_t* block_expert, int m_blocks, int n_tiles, int K, int N,
-                          const __nv_bfloat16* x, int k_choices) {
+                          const __nv_bfloat16* x, int k_choices, bool skip_pad) {
   extern __shared__ unsigned char smem_raw[];
   // 128B-swizzled tiles need 1024-byte alignment.
   unsigned char* smem = reinterpret_cast<unsigned char*>(
@@ -788,14 +792,15 @@ __global__ void __launch_bounds__(384, 1)
       if (e < 0) continue;
       const int m0 = mb * kWgBM;
       const int r0 = e * N + n0;  // weight rows n0..n0+255 of the expert's [N, K] down block
+      const bool lower = !skip_pad || sorted_pairs[m0 + 64] >= 0;  // rows 64.. hold pairs
       for (int kt = 0; kt < k_tiles; ++kt, ++it) {
         const int s = it % kWgStages;
         if (it >= kWgStages) mbar_wait(&empty[s], ((it / kWgStages) - 1) & 1);
         unsigned char* st = smem + s * kWgStageBytes;
-        mbar_arrive_expect_tx(&full[s], kWgStageBytes);
+        mbar_arrive_expect_tx(&full[s], lower ? kWgStageBytes : kWgStageBytes - kWgBox);
         const int k0 = kt * kWgBK;
         tma_load_2d(st, &a_map, &full[s], k0, m0);
-        tma_load_2d(st + kWgBox, &a_map, &full[s], k0, m0 + 64);
+        if (lower) tma_load_2d(st + kWgBox, &a_map, &full[s], k0, m0 + 64);
         for (int b = 0; b < 4; ++b) {
           tma_load_4d(st + (2 + b) * kWgBox, &b_map, &full[s], 0, 0, kt,
                       (r0 + 64 * b) / kTiledGroupRows);
@@ -812,6 +817,15 @@ __global__ void __launch_bounds__(384, 1)
     const int mb = tile / n_tiles, n0 = (tile % n_tiles) * (kGateUp ? kWgBN / 2 : kWgBN);
     if (block_expert[mb] < 0) continue;
     const int m0 = mb * kWgBM;
+    if (skip_pad && sorted_pairs[m0 + cw * 64] < 0) {  // only padding in this consumer's rows
+      for (int kt = 0; kt < k_tiles; ++kt, ++it) {
+        const int s = it % kWgStages;
+        mbar_wait(&full[s], (it / kWgStages) & 1);
+        __syncwarp();
+        if (lane == 0) mbar_arrive(&empty[s]);
+      }
+      continue;
+    }
     float acc[128];
 #pragma unroll
     for (int i = 0; i < 128; ++i) acc[i] = 0.0f;
@@ -860,9 +874,12 @@ void launch_wgmma(__nv_bfloat16* out, const CUtensorMap& a_map, const CUtensorMa
   const int cols = kGateUp ? kWgBN / 2 : kWgBN;
   const int m_blocks = static_cast<int>(capacity / kWgBM), n_tiles = (N + cols - 1) / cols;
   const int grid = std::min(m_blocks * n_tiles, sms);
+  // New, ERNIE_WG_SKIP_PAD=1: a consumer with only padding rows does not multiply (see
+  // moe_gemm_wgmma_kernel).
+  static const bool skip_pad = new_path_enabled("ERNIE_WG_SKIP_PAD");
   moe_gemm_wgmma_kernel<kGateUp>
       <<<grid, 384, kWgSmem, stream>>>(a_map, b_map, out, route_w, sorted_pairs, block_expert,
-                                       m_blocks, n_tiles, K, N, x, k_choices);
+                                       m_blocks, n_tiles, K, N, x, k_choices, skip_pad);
   ERNIE_CUDA_CHECK(cudaGetLastError());
 }
 

@@ -22,4 +22,10 @@ void rope_store_kv_vec(__nv_bfloat16* qkv, __nv_bfloat16* k_cache, __nv_bfloat16
                        const int32_t* positions, const int64_t* slots, const float* inv_freq,
                        int tokens, int heads, int kv_heads, int head_dim, cudaStream_t stream);
 
+// The same again for many tokens: wider CTAs over the whole step's pieces, several per thread
+// with their loads issued together (the same bits as rope_store_kv_vec). head_dim % 8 == 0.
+void rope_store_kv_wide(__nv_bfloat16* qkv, __nv_bfloat16* k_cache, __nv_bfloat16* v_cache,
+                        const int32_t* positions, const int64_t* slots, const float* inv_freq,
+                        int tokens, int heads, int kv_heads, int head_dim, cudaStream_t stream);
+
 }  // namespace ernie::cuda
