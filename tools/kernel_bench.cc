@@ -166,15 +166,21 @@ int run_ops(int iters) {
     int decodes = 0;   // of the seqs, the first `decodes` add one token (a mixed step)
     int kv_heads = 4;  // query heads: 5 per KV head
   };
-  for (const Case& c : {Case{"decode attention, 1 x 1000", 1, 1000, 1},
-                        Case{"decode attention, 16 x 8500", 16, 8500, 1},
-                        Case{"decode attention, 64 x 8500, 1 KV head", 64, 8500, 1, 0, 1},
-                        Case{"decode attention, 64 x 1500", 64, 1500, 1},
-                        Case{"decode attention, 256 x 1500", 256, 1500, 1},
-                        Case{"decode attention, 1024 x 1500, 1 KV head", 1024, 1500, 1, 0, 1},
-                        Case{"prefill attention, 1 x 8000", 1, 8000, 8000},
-                        Case{"prefill chunk 2048 after 6000", 1, 8048, 2048},
-                        Case{"mixed: 8000 prefill + 15 decodes at 8000", 16, 8000, 8000, 15}}) {
+  const Case cases[] = {
+      Case{"decode attention, 1 x 1000", 1, 1000, 1},
+      Case{"decode attention, 16 x 8500", 16, 8500, 1},
+      Case{"decode attention, 64 x 8500, 1 KV head", 64, 8500, 1, 0, 1},
+      Case{"decode attention, 64 x 1500", 64, 1500, 1},
+      Case{"decode attention, 256 x 1500", 256, 1500, 1},
+      Case{"decode attention, 1024 x 1500, 1 KV head", 1024, 1500, 1, 0, 1},
+      Case{"prefill attention, 1 x 8000", 1, 8000, 8000},
+      Case{"prefill chunk 2048 after 6000", 1, 8048, 2048},
+      Case{"mixed: 8000 prefill + 15 decodes at 8000", 16, 8000, 8000, 15},
+      // The 256-prompt serving step's attention and its two parts alone.
+      Case{"prefill attention, 8 x 1000", 8, 1000, 1000},
+      Case{"decode attention, 192 x 1000", 192, 1000, 1},
+      Case{"mixed: 8 x 1000 prefill + 192 decodes at 1000", 200, 1000, 1000, 192}};
+  for (const Case& c : cases) {
     const int kvh = c.kv_heads, qh = heads / kv_heads * kvh;
     be->configure_attention({qh, kvh, d, 500000.0, 0.08838834764831845f});
     const int64_t row = (qh + 2 * kvh) * d;
