@@ -48,11 +48,11 @@ bool route_topk(int32_t* ids, float* weights, const __nv_bfloat16* x, const floa
                 void* scratch, cudaStream_t stream, const RouteLayout* layout = nullptr,
                 bool early_dependents = false);
 
-// Many tokens: the logits as one bf16 GEMM instead (cuBLAS, by the caller) of x with the
-// router's weights split into kRouterTerms bf16 terms as the tensor-core path splits them (hi,
-// mid, lo above: together all 24 significant bits), stacked lo, mid, hi as [kRouterTerms *
-// experts, hidden] so that the top-k adds the smallest first. The result differs from an f32 GEMM
-// by summation order only.
+// For many tokens the caller may instead compute the logits as one bf16 GEMM (cuBLAS) of x
+// with the router's weights split into kRouterTerms bf16 terms as the tensor-core path splits
+// them (hi, mid, lo above: together all 24 significant bits), stacked lo, mid, hi as
+// [kRouterTerms * experts, hidden] so that the top-k adds the smallest first. The result
+// differs from an f32 GEMM by summation order only.
 constexpr int kRouterTerms = 3;
 // terms [kRouterTerms, count] bf16 from router [count] f32 (count even).
 void split_router_terms(__nv_bfloat16* terms, const float* router, int64_t count,
