@@ -58,6 +58,23 @@ __global__ void __launch_bounds__(kRopeThreads)
 // table (no per-CTA pow in double), the token's position and slot are read once per CTA, and
 // the index arithmetic is 32-bit (rope_store_kv divides a 64-bit item index by the pieces per
 // token in every thread). The same f32 angle and rotation per pair as rope_store_kv.
+// Rotates the four pairs of a 16-byte piece of q or k at `position`, with the inverse
+// frequencies of the piece's place in its head (group `quad` of four in the table).
+__device__ __forceinline__ void rotate_piece(uint4& v, int32_t position, const float* inv_freq,
+                                             int quad) {
+  const float pos = static_cast<float>(position);
+  const float4 f = reinterpret_cast<const float4*>(inv_freq)[quad];
+  const float freq[4] = {f.x, f.y, f.z, f.w};
+  __nv_bfloat162* p = reinterpret_cast<__nv_bfloat162*>(&v);
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    float sn, cs;
+    sincosf(pos * freq[j], &sn, &cs);
+    const float2 ab = __bfloat1622float2(p[j]);
+    p[j] = __floats2bfloat162_rn(ab.x * cs - ab.y * sn, ab.y * cs + ab.x * sn);
+  }
+}
+
 constexpr int kRopeVecThreads = 64;
 
 __global__ void __launch_bounds__(kRopeVecThreads)
@@ -77,18 +94,8 @@ __global__ void __launch_bounds__(kRopeVecThreads)
     reinterpret_cast<uint4*>(v_cache + slot * kv)[i - rotated] = *src;
     return;
   }
-  const float pos = static_cast<float>(positions[t]);
-  const float4 f = reinterpret_cast<const float4*>(inv_freq)[i % per_head];
-  const float freq[4] = {f.x, f.y, f.z, f.w};
   uint4 v = *src;
-  __nv_bfloat162* p = reinterpret_cast<__nv_bfloat162*>(&v);
-#pragma unroll
-  for (int j = 0; j < 4; ++j) {
-    float sn, cs;
-    sincosf(pos * freq[j], &sn, &cs);
-    const float2 ab = __bfloat1622float2(p[j]);
-    p[j] = __floats2bfloat162_rn(ab.x * cs - ab.y * sn, ab.y * cs + ab.x * sn);
-  }
+  rotate_piece(v, positions[t], inv_freq, i % per_head);
   *src = v;
   if (i >= heads * per_head)
     reinterpret_cast<uint4*>(k_cache + slot * kv)[i - heads * per_head] = v;
@@ -138,17 +145,7 @@ __global__ void __launch_bounds__(kRopeWideThreads)
         reinterpret_cast<uint4*>(v_cache + slot[u] * kv)[i - rotated] = v[u];
         continue;
       }
-      const float fpos = static_cast<float>(pos[u]);
-      const float4 f = reinterpret_cast<const float4*>(inv_freq)[i % per_head];
-      const float freq[4] = {f.x, f.y, f.z, f.w};
-      __nv_bfloat162* p = reinterpret_cast<__nv_bfloat162*>(&v[u]);
-#pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        float sn, cs;
-        sincosf(fpos * freq[j], &sn, &cs);
-        const float2 ab = __bfloat1622float2(p[j]);
-        p[j] = __floats2bfloat162_rn(ab.x * cs - ab.y * sn, ab.y * cs + ab.x * sn);
-      }
+      rotate_piece(v[u], pos[u], inv_freq, i % per_head);
       reinterpret_cast<uint4*>(qkv + t[u] * row)[i] = v[u];
       if (i >= heads * per_head) {
         reinterpret_cast<uint4*>(k_cache + slot[u] * kv)[i - heads * per_head] = v[u];
