@@ -820,16 +820,19 @@ class CudaBackend final : public Backend {
     if (block_ready_on && cuda::moe_block_ready_fits(block_m, fold)) {
       block_ready = static_cast<int32_t*>(arena_.alloc(cap / block_m * sizeof(int32_t)));
     }
+    bool laid_out = false;  // the router laid the pairs out too (few tokens)
     if (by_terms) {
       const Tensor partial{route_scratch, DType::kF32, {tokens, term_cols}};
       gemm(blas_[0], partial, x, w.router_terms);
       cuda::route_topk_terms(ids, weights, partial.as<float>(), w.router_bias.as<float>(), tokens,
                              experts, k, w.norm_min, stream_);
+    } else {
+      laid_out = cuda::route_topk(ids, weights, bf(x), w.router.as<float>(),
+                                  w.router_bias.as<float>(), tokens, hidden, experts, k, w.norm_min,
+                                  route_scratch, stream_, &layout, fold.early);
     }
-    if (!by_terms && cuda::route_topk(ids, weights, bf(x), w.router.as<float>(),
-                                      w.router_bias.as<float>(), tokens, hidden, experts, k,
-                                      w.norm_min, route_scratch, stream_, &layout, fold.early)) {
-      block_ready = nullptr;  // the router laid the pairs out (few tokens): no counters cleared
+    if (laid_out) {
+      block_ready = nullptr;  // no counters cleared
     } else {
       void* align_scratch = arena_.alloc(cuda::moe_align_scratch_bytes(pairs, experts));
       cuda::moe_align(sorted, block_expert, pair_pos, ids, pairs, experts, block_m, align_scratch,
@@ -1047,15 +1050,13 @@ class CudaBackend final : public Backend {
     // 1 x 1000 -1.8%, 16 sequences and more unchanged; 512: +6.5%).
     static const int min_split_keys = cuda::switch_bits("ERNIE_ATTN_SPLIT_KEYS", 128);
     const bool paired = cuda::prefill_tiles_paired(attn_.head_dim, block_size_);
-    plan_ = cuda::plan_attention(step.query_start, step.context_lens, attn_.num_heads,
-                                 attn_.num_kv_heads, sms_, fixed, paired, min_split_keys);
     // New, ERNIE_ATTN_SPLIT_MIXED=1: an eager step's leading decodes (the scheduler puts the
     // running sequences first) go to the decode kernel in a launch of their own, after the
     // prefill kernel's launch over the other sequences, instead of a prefill tile pair each.
     static const bool split_mixed = cuda::new_path_enabled("ERNIE_ATTN_SPLIT_MIXED");
     decode_plan_ = {};
     decode_seqs_ = 0;
-    if (split_mixed && !fixed && !plan_.decode_shape) {
+    if (split_mixed && !fixed) {
       cuda::SplitAttentionPlan sp =
           cuda::plan_attention_split(step.query_start, step.context_lens, attn_.num_heads,
                                      attn_.num_kv_heads, sms_, paired, min_split_keys);
@@ -1064,6 +1065,10 @@ class CudaBackend final : public Backend {
         decode_plan_ = std::move(sp.decode);
         decode_seqs_ = sp.decode_seqs;
       }
+    }
+    if (decode_seqs_ == 0) {
+      plan_ = cuda::plan_attention(step.query_start, step.context_lens, attn_.num_heads,
+                                   attn_.num_kv_heads, sms_, fixed, paired, min_split_keys);
     }
     const int32_t dims[2] = {plan_.split_keys, step.max_blocks_per_seq};
     const int32_t decode_dims[2] = {decode_plan_.split_keys, step.max_blocks_per_seq};
