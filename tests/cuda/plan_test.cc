@@ -103,60 +103,6 @@ TEST(AttentionPlan, TilesCoverRowsAndSplitsCoverKeys) {
   }
 }
 
-// A mixed step's split: the decode plan is plan_attention over the longest prefix of
-// decode-shaped sequences, the rest plan is plan_attention over the sequences after it with
-// their tile_seq shifted to the step's numbering; no split without such a prefix or without
-// anything after it.
-TEST(AttentionPlan, SplitPlansTheDecodePrefixAndTheRestApart) {
-  Rng rng(std::random_device{}());
-  for (int trial = 0; trial < 300; ++trial) {
-    const int kv = 1 << rng.below(3), group = 1 + static_cast<int>(rng.below(8));
-    const int heads = kv * group, sms = 132;
-    const int decodes = static_cast<int>(rng.below(40)), others = static_cast<int>(rng.below(5));
-    std::vector<int32_t> qs = {0}, ctx;
-    auto add = [&](int q) {
-      qs.push_back(qs.back() + q);
-      ctx.push_back(q + static_cast<int>(rng.below(rng.below(2) ? 9000 : 300)));
-    };
-    const int max_small = std::max(1, kAttentionDecodeRows / group);
-    for (int s = 0; s < decodes; ++s) add(1 + static_cast<int>(rng.below(max_small)));
-    for (int s = 0; s < others; ++s) {  // the first of them too large for a decode tile
-      add(s == 0 ? max_small + 1 + static_cast<int>(rng.below(300))
-                 : 1 + static_cast<int>(rng.below(300)));
-    }
-    if (ctx.empty()) continue;
-    const bool pair = rng.below(2) == 0;
-    const int min_keys = rng.below(2) ? 64 : 128;
-    SCOPED_TRACE(::testing::Message() << decodes << " decodes, " << others << " others, group "
-                                      << group << ", trial " << trial);
-    const SplitAttentionPlan sp = plan_attention_split(qs, ctx, heads, kv, sms, pair, min_keys);
-    if (decodes == 0 || others == 0) {
-      EXPECT_EQ(sp.decode_seqs, 0);
-      continue;
-    }
-    ASSERT_EQ(sp.decode_seqs, decodes);
-    const AttentionPlan d =
-        plan_attention({qs.begin(), qs.begin() + decodes + 1}, {ctx.begin(), ctx.begin() + decodes},
-                       heads, kv, sms, false, pair, min_keys);
-    EXPECT_TRUE(sp.decode.decode_shape);
-    EXPECT_EQ(sp.decode.tile_seq, d.tile_seq);
-    EXPECT_EQ(sp.decode.tile_row0, d.tile_row0);
-    EXPECT_EQ(sp.decode.splits, d.splits);
-    EXPECT_EQ(sp.decode.split_keys, d.split_keys);
-    AttentionPlan r =
-        plan_attention({qs.begin() + decodes, qs.end()}, {ctx.begin() + decodes, ctx.end()}, heads,
-                       kv, sms, false, pair, min_keys);
-    for (int32_t& s : r.tile_seq) s += decodes;
-    EXPECT_FALSE(sp.rest.decode_shape);
-    EXPECT_EQ(sp.rest.tile_seq, r.tile_seq);
-    EXPECT_EQ(sp.rest.tile_row0, r.tile_row0);
-    EXPECT_EQ(sp.rest.splits, r.splits);
-    EXPECT_EQ(sp.rest.paired, r.paired);
-    for (int32_t s : sp.decode.tile_seq) ASSERT_LT(s, decodes);
-    for (int32_t s : sp.rest.tile_seq) ASSERT_GE(s, decodes);
-  }
-}
-
 TEST(MoeLayout, CapacityHoldsAnyRouting) {
   Rng rng(17);
   for (int block_m : {kMoeBlockSmall, kMoeBlockMid, kMoeBlockWgmma}) {

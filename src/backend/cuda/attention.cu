@@ -1294,27 +1294,6 @@ AttentionPlan plan_attention(const std::vector<int32_t>& query_start,
   return p;
 }
 
-SplitAttentionPlan plan_attention_split(const std::vector<int32_t>& query_start,
-                                        const std::vector<int32_t>& context_lens, int heads,
-                                        int kv_heads, int sms, bool pair_prefill,
-                                        int min_split_keys) {
-  SplitAttentionPlan p;
-  const int seqs = static_cast<int>(context_lens.size());
-  const int group = heads / kv_heads;
-  int d = 0;
-  while (d < seqs && (query_start[d + 1] - query_start[d]) * group <= kAttentionDecodeRows) ++d;
-  if (d == 0 || d == seqs) return p;
-  p.decode_seqs = d;
-  p.decode = plan_attention({query_start.begin(), query_start.begin() + d + 1},
-                            {context_lens.begin(), context_lens.begin() + d}, heads, kv_heads, sms,
-                            false, pair_prefill, min_split_keys);
-  p.rest = plan_attention({query_start.begin() + d, query_start.end()},
-                          {context_lens.begin() + d, context_lens.end()}, heads, kv_heads, sms,
-                          false, pair_prefill, min_split_keys);
-  for (int32_t& s : p.rest.tile_seq) s += d;
-  return p;
-}
-
 void paged_attention(const PagedAttentionArgs& args, cudaStream_t stream) {
   if (args.num_tiles == 0) return;
   PagedAttentionArgs a = args;

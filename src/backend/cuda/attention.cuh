@@ -40,20 +40,6 @@ AttentionPlan plan_attention(const std::vector<int32_t>& query_start,
                              int sms, bool fixed_splits = false, bool pair_prefill = false,
                              int min_split_keys = 64);
 
-// A mixed step split for two launches: its leading decode-shaped sequences (at most
-// kAttentionDecodeRows query rows each) planned alone, so that the decode kernel reads their
-// keys, and the sequences after them as plan_attention plans them (tile_seq numbering the
-// step's sequences). decode_seqs = 0 (nothing split) when the step has no such prefix or
-// nothing after it. Eager steps only (no fixed splits).
-struct SplitAttentionPlan {
-  int decode_seqs = 0;
-  AttentionPlan decode, rest;
-};
-SplitAttentionPlan plan_attention_split(const std::vector<int32_t>& query_start,
-                                        const std::vector<int32_t>& context_lens, int heads,
-                                        int kv_heads, int sms, bool pair_prefill,
-                                        int min_split_keys);
-
 // Whether prefill tiles of this head size and cache block size run two to a CTA (the TMA kernel
 // for head_dim 128 and power-of-two blocks of 8-64 keys): plan them with pair_prefill.
 bool prefill_tiles_paired(int head_dim, int block_size);

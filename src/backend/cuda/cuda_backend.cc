@@ -697,29 +697,12 @@ class CudaBackend final : public Backend {
     a.paired = plan_.paired;
     a.scale = attn_.scale;
     const auto scratch_mark = arena_.mark();
-    auto run = [&](cuda::PagedAttentionArgs& args) {
-      if (args.splits > 1) {
-        const size_t rows = static_cast<size_t>(args.splits) * args.tokens * args.heads;
-        args.partial_o = static_cast<float*>(arena_.alloc(rows * args.head_dim * sizeof(float)));
-        args.partial_lse = static_cast<float*>(arena_.alloc(rows * sizeof(float)));
-      }
-      cuda::paged_attention(args, stream_);
-    };
-    cuda::PagedAttentionArgs d = a;
-    run(a);
-    if (decode_seqs_ > 0) {
-      // The leading decodes, after the launch above: its split combine, when it has one, goes
-      // over every row of the step, these included, and these rows are written again here.
-      d.tile_seq = d_decode_tile_seq_;
-      d.tile_row0 = d_decode_tile_row0_;
-      d.num_tiles = static_cast<int>(decode_plan_.tile_seq.size());
-      d.tokens = step_->query_start[decode_seqs_];
-      d.dims = d_decode_dims_;
-      d.splits = decode_plan_.splits;
-      d.decode_shape = decode_plan_.decode_shape;
-      d.paired = decode_plan_.paired;
-      run(d);
+    if (a.splits > 1) {
+      const size_t rows = static_cast<size_t>(a.splits) * a.tokens * a.heads;
+      a.partial_o = static_cast<float*>(arena_.alloc(rows * a.head_dim * sizeof(float)));
+      a.partial_lse = static_cast<float*>(arena_.alloc(rows * sizeof(float)));
     }
+    cuda::paged_attention(a, stream_);
     arena_.rewind(scratch_mark);
   }
 
@@ -1049,37 +1032,16 @@ class CudaBackend final : public Backend {
     // split's fixed latency chain being its cost rather than its bytes (128 against 64: step
     // 1 x 1000 -1.8%, 16 sequences and more unchanged; 512: +6.5%).
     static const int min_split_keys = cuda::switch_bits("ERNIE_ATTN_SPLIT_KEYS", 128);
-    const bool paired = cuda::prefill_tiles_paired(attn_.head_dim, block_size_);
-    // New, ERNIE_ATTN_SPLIT_MIXED=1: an eager step's leading decodes (the scheduler puts the
-    // running sequences first) go to the decode kernel in a launch of their own, after the
-    // prefill kernel's launch over the other sequences, instead of a prefill tile pair each.
-    static const bool split_mixed = cuda::new_path_enabled("ERNIE_ATTN_SPLIT_MIXED");
-    decode_plan_ = {};
-    decode_seqs_ = 0;
-    if (split_mixed && !fixed) {
-      cuda::SplitAttentionPlan sp =
-          cuda::plan_attention_split(step.query_start, step.context_lens, attn_.num_heads,
-                                     attn_.num_kv_heads, sms_, paired, min_split_keys);
-      if (sp.decode_seqs > 0) {
-        plan_ = std::move(sp.rest);
-        decode_plan_ = std::move(sp.decode);
-        decode_seqs_ = sp.decode_seqs;
-      }
-    }
-    if (decode_seqs_ == 0) {
-      plan_ = cuda::plan_attention(step.query_start, step.context_lens, attn_.num_heads,
-                                   attn_.num_kv_heads, sms_, fixed, paired, min_split_keys);
-    }
+    plan_ = cuda::plan_attention(
+        step.query_start, step.context_lens, attn_.num_heads, attn_.num_kv_heads, sms_, fixed,
+        cuda::prefill_tiles_paired(attn_.head_dim, block_size_), min_split_keys);
     const int32_t dims[2] = {plan_.split_keys, step.max_blocks_per_seq};
-    const int32_t decode_dims[2] = {decode_plan_.split_keys, step.max_blocks_per_seq};
     Packer pk;
     const size_t o_tokens = pk.add(step.token_ids), o_pos = pk.add(step.positions),
                  o_qs = pk.add(step.query_start), o_ctx = pk.add(step.context_lens),
                  o_slots = pk.add(step.slot_mapping), o_logits = pk.add(step.logits_indices),
                  o_tseq = pk.add(plan_.tile_seq), o_trow = pk.add(plan_.tile_row0),
-                 o_dims = pk.add(dims, 2), o_dtseq = pk.add(decode_plan_.tile_seq),
-                 o_dtrow = pk.add(decode_plan_.tile_row0), o_ddims = pk.add(decode_dims, 2),
-                 o_tables = pk.add(step.block_tables);
+                 o_dims = pk.add(dims, 2), o_tables = pk.add(step.block_tables);
     const size_t region = pk.region(fixed ? o_tables + static_cast<size_t>(step.num_seqs()) *
                                                            graph_max_blocks_ * sizeof(int32_t)
                                           : 0);
@@ -1102,9 +1064,6 @@ class CudaBackend final : public Backend {
     d_tile_seq_ = reinterpret_cast<int32_t*>(dev + o_tseq);
     d_tile_row0_ = reinterpret_cast<int32_t*>(dev + o_trow);
     d_dims_ = reinterpret_cast<int32_t*>(dev + o_dims);
-    d_decode_tile_seq_ = reinterpret_cast<int32_t*>(dev + o_dtseq);
-    d_decode_tile_row0_ = reinterpret_cast<int32_t*>(dev + o_dtrow);
-    d_decode_dims_ = reinterpret_cast<int32_t*>(dev + o_ddims);
   }
 
   void free_weight(void* p, size_t bytes) {
@@ -1169,17 +1128,12 @@ class CudaBackend final : public Backend {
   PinnedBuffer meta_host_, result_host_;
   const StepInput* step_ = nullptr;
   cuda::AttentionPlan plan_;
-  // ERNIE_ATTN_SPLIT_MIXED: the step's first decode_seqs_ sequences, planned for the decode
-  // kernel (plan_ then covers the others).
-  cuda::AttentionPlan decode_plan_;
-  int decode_seqs_ = 0;
   float* d_inv_freq_ = nullptr;  // [head_dim / 2] (configure_attention)
   size_t inv_freq_bytes_ = 0;
   std::unordered_map<int, int> tc_ctas_;  // skinny_tc_ctas_per_wave's answers by (k, rows)
   int32_t *d_tokens_ = nullptr, *d_positions_ = nullptr, *d_query_start_ = nullptr,
           *d_context_lens_ = nullptr, *d_block_tables_ = nullptr, *d_logits_indices_ = nullptr,
-          *d_tile_seq_ = nullptr, *d_tile_row0_ = nullptr, *d_dims_ = nullptr,
-          *d_decode_tile_seq_ = nullptr, *d_decode_tile_row0_ = nullptr, *d_decode_dims_ = nullptr;
+          *d_tile_seq_ = nullptr, *d_tile_row0_ = nullptr, *d_dims_ = nullptr;
   int64_t* d_slots_ = nullptr;
 };
 

@@ -706,12 +706,37 @@ __device__ __forceinline__ void gather_producer(unsigned char* smem, uint64_t* f
   cp_async_wait<0>();  // nothing of this thread's still in flight when the CTA ends
 }
 
+// The quad transpose of the wide epilogue: lane c of a quad (lanes 4 g .. 4 g + 3, mask `quad`)
+// holds x[j], two adjacent bf16 outputs of its row in columns 8 (4 q + j) + 2 c, + 1 (j = 0..3);
+// returns the row's eight columns 8 (4 q + c) .. + 7, one pair from each lane of the quad, in
+// three exchanges (in exchange r lane c sends x[c ^ r] to lane c ^ r and gets its x[c]).
+__device__ __forceinline__ uint4 quad_transpose(const uint32_t (&x)[4], int c, unsigned quad) {
+  const auto pick = [](const uint32_t(&v)[4], int i) {
+    return (i & 2) ? ((i & 1) ? v[3] : v[2]) : ((i & 1) ? v[1] : v[0]);
+  };
+  uint32_t got[4];  // got[r]: lane c ^ r's pair of columns 8 (4 q + c) + 2 (c ^ r)
+  got[0] = pick(x, c);
+#pragma unroll
+  for (int r = 1; r < 4; ++r) got[r] = __shfl_xor_sync(quad, pick(x, c ^ r), r);
+  return make_uint4(pick(got, c), pick(got, c ^ 1), pick(got, c ^ 2), pick(got, c ^ 3));
+}
+
+// Two floats as the bits of a bf16 pair (round to nearest).
+__device__ __forceinline__ uint32_t bf16_pair_bits(float lo, float hi) {
+  const __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
+  uint32_t bits;
+  memcpy(&bits, &h, sizeof bits);
+  return bits;
+}
+
 // Consumer warpgroup cw's 64 x 256 accumulators (wgmma m64n256 layout; the thread is lane
 // 4 g + c of the group's warp `warp`) into its rows of the M-block at row m0 of the sorted
 // layout: gate/up (the first 128 columns gate, the last 128 up) as
 // silu(gate) * up in output columns n0.. n0 + 127; down times each row's routing weight in
 // columns n0.. n0 + 255. Padding rows (no pair) are left alone, columns past N skipped.
-template <bool kGateUp>
+// kWideStores: the quad's four lanes trade values (quad_transpose) so that each stores 16
+// bytes, eight adjacent columns, instead of four stores of 4 bytes (the same values).
+template <bool kGateUp, bool kWideStores>
 __device__ __forceinline__ void wgmma_store_tile(const float (&acc)[128], __nv_bfloat16* out,
                                                  const float* route_w, const int32_t* sorted_pairs,
                                                  int m0, int cw, int n0, int N, int warp, int g,
@@ -722,43 +747,52 @@ __device__ __forceinline__ void wgmma_store_tile(const float (&acc)[128], __nv_b
     const int pair = sorted_pairs[r];
     if (pair < 0) continue;
     __nv_bfloat16* orow = out + static_cast<size_t>(r) * N;
-    if (kGateUp) {
+    const float rw = kGateUp ? 1.0f : route_w[pair];
+    // Output columns n0 + 8 i + 2 c, + 1 (i < 16 for gate/up, 32 for down) as a bf16 pair.
+    const auto value = [&](int i) {
+      float v[2];
 #pragma unroll
-      for (int i = 0; i < 16; ++i) {
-        const int col = n0 + 8 * i + 2 * c;
-        if (col >= N) continue;
-        float v[2];
-#pragma unroll
-        for (int j = 0; j < 2; ++j) {
+      for (int j = 0; j < 2; ++j) {
+        if (kGateUp) {
           const float gv = acc[4 * i + 2 * half + j], uv = acc[4 * (i + 16) + 2 * half + j];
           v[j] = gv / (1.0f + __expf(-gv)) * uv;
+        } else {
+          v[j] = acc[4 * i + 2 * half + j] * rw;
         }
-        *reinterpret_cast<__nv_bfloat162*>(orow + col) = __floats2bfloat162_rn(v[0], v[1]);
+      }
+      return bf16_pair_bits(v[0], v[1]);
+    };
+    constexpr int kPairs = kGateUp ? 16 : 32;
+    if constexpr (kWideStores) {
+      // N % 16 == 0: a chunk of eight columns is wholly inside N or wholly past it.
+      const unsigned quad = 0xFu << (4 * g);
+#pragma unroll
+      for (int q = 0; q < kPairs / 4; ++q) {
+        uint32_t x[4];
+#pragma unroll
+        for (int j = 0; j < 4; ++j) x[j] = value(4 * q + j);
+        const uint4 chunk = quad_transpose(x, c, quad);
+        const int col = n0 + 8 * (4 * q + c);
+        if (col < N) *reinterpret_cast<uint4*>(orow + col) = chunk;
       }
     } else {
-      const float rw = route_w[pair];
 #pragma unroll
-      for (int i = 0; i < 32; ++i) {
+      for (int i = 0; i < kPairs; ++i) {
         const int col = n0 + 8 * i + 2 * c;
-        if (col >= N) continue;
-        *reinterpret_cast<__nv_bfloat162*>(orow + col) =
-            __floats2bfloat162_rn(acc[4 * i + 2 * half] * rw, acc[4 * i + 2 * half + 1] * rw);
+        if (col < N) *reinterpret_cast<uint32_t*>(orow + col) = value(i);
       }
     }
   }
 }
 
-// skip_pad: a consumer whose 64 rows of the M-block are all padding (an expert's last block
-// holding 64 pairs or fewer: its pairs come first, so its row 64 tells) takes each K slice
-// without multiplying it (it still waits for the slot and releases it), leaving the tensor
-// cores to the other consumer, and down's producer does not load those rows of A.
-template <bool kGateUp>
+// kWideStores: the epilogue's stores of 16 bytes (wgmma_store_tile).
+template <bool kGateUp, bool kWideStores>
 __global__ void __launch_bounds__(384, 1)
     moe_gemm_wgmma_kernel(const __grid_constant__ CUtensorMap a_map,
                           const __grid_constant__ CUtensorMap b_map, __nv_bfloat16* out,
                           const float* route_w, const int32_t* sorted_pairs,
                           const int32_t* block_expert, int m_blocks, int n_tiles, int K, int N,
-                          const __nv_bfloat16* x, int k_choices, bool skip_pad) {
+                          const __nv_bfloat16* x, int k_choices) {
   extern __shared__ unsigned char smem_raw[];
   // 128B-swizzled tiles need 1024-byte alignment.
   unsigned char* smem = reinterpret_cast<unsigned char*>(
@@ -792,15 +826,14 @@ __global__ void __launch_bounds__(384, 1)
       if (e < 0) continue;
       const int m0 = mb * kWgBM;
       const int r0 = e * N + n0;  // weight rows n0..n0+255 of the expert's [N, K] down block
-      const bool lower = !skip_pad || sorted_pairs[m0 + 64] >= 0;  // rows 64.. hold pairs
       for (int kt = 0; kt < k_tiles; ++kt, ++it) {
         const int s = it % kWgStages;
         if (it >= kWgStages) mbar_wait(&empty[s], ((it / kWgStages) - 1) & 1);
         unsigned char* st = smem + s * kWgStageBytes;
-        mbar_arrive_expect_tx(&full[s], lower ? kWgStageBytes : kWgStageBytes - kWgBox);
+        mbar_arrive_expect_tx(&full[s], kWgStageBytes);
         const int k0 = kt * kWgBK;
         tma_load_2d(st, &a_map, &full[s], k0, m0);
-        if (lower) tma_load_2d(st + kWgBox, &a_map, &full[s], k0, m0 + 64);
+        tma_load_2d(st + kWgBox, &a_map, &full[s], k0, m0 + 64);
         for (int b = 0; b < 4; ++b) {
           tma_load_4d(st + (2 + b) * kWgBox, &b_map, &full[s], 0, 0, kt,
                       (r0 + 64 * b) / kTiledGroupRows);
@@ -817,15 +850,6 @@ __global__ void __launch_bounds__(384, 1)
     const int mb = tile / n_tiles, n0 = (tile % n_tiles) * (kGateUp ? kWgBN / 2 : kWgBN);
     if (block_expert[mb] < 0) continue;
     const int m0 = mb * kWgBM;
-    if (skip_pad && sorted_pairs[m0 + cw * 64] < 0) {  // only padding in this consumer's rows
-      for (int kt = 0; kt < k_tiles; ++kt, ++it) {
-        const int s = it % kWgStages;
-        mbar_wait(&full[s], (it / kWgStages) & 1);
-        __syncwarp();
-        if (lane == 0) mbar_arrive(&empty[s]);
-      }
-      continue;
-    }
     float acc[128];
 #pragma unroll
     for (int i = 0; i < 128; ++i) acc[i] = 0.0f;
@@ -848,7 +872,8 @@ __global__ void __launch_bounds__(384, 1)
     }
     wgmma_wait<0>();
     if (lane == 0) mbar_arrive(&empty[(it - 1) % kWgStages]);
-    wgmma_store_tile<kGateUp>(acc, out, route_w, sorted_pairs, m0, cw, n0, N, warp, g, c);
+    wgmma_store_tile<kGateUp, kWideStores>(acc, out, route_w, sorted_pairs, m0, cw, n0, N, warp, g,
+                                           c);
   }
 }
 
@@ -858,10 +883,14 @@ void launch_wgmma(__nv_bfloat16* out, const CUtensorMap& a_map, const CUtensorMa
                   const float* route_w, const int32_t* sorted_pairs, const int32_t* block_expert,
                   int64_t capacity, int K, int N, const __nv_bfloat16* x, int k_choices,
                   cudaStream_t stream) {
+  // The epilogue stores 16 bytes a lane (wgmma_store_tile): H200, mixed 8192-token steps -1.8%
+  // (two A/B pairs). ERNIE_WG_WIDE_STORES=0 turns it off.
+  static const bool wide_stores = path_enabled("ERNIE_WG_WIDE_STORES");
+  const auto kernel =
+      wide_stores ? moe_gemm_wgmma_kernel<kGateUp, true> : moe_gemm_wgmma_kernel<kGateUp, false>;
   static bool configured = false;
   if (!configured) {
-    ERNIE_CUDA_CHECK(cudaFuncSetAttribute(moe_gemm_wgmma_kernel<kGateUp>,
-                                          cudaFuncAttributeMaxDynamicSharedMemorySize,
+    ERNIE_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                           static_cast<int>(kWgSmem)));
     configured = true;
   }
@@ -874,12 +903,8 @@ void launch_wgmma(__nv_bfloat16* out, const CUtensorMap& a_map, const CUtensorMa
   const int cols = kGateUp ? kWgBN / 2 : kWgBN;
   const int m_blocks = static_cast<int>(capacity / kWgBM), n_tiles = (N + cols - 1) / cols;
   const int grid = std::min(m_blocks * n_tiles, sms);
-  // New, ERNIE_WG_SKIP_PAD=1: a consumer with only padding rows does not multiply (see
-  // moe_gemm_wgmma_kernel).
-  static const bool skip_pad = new_path_enabled("ERNIE_WG_SKIP_PAD");
-  moe_gemm_wgmma_kernel<kGateUp>
-      <<<grid, 384, kWgSmem, stream>>>(a_map, b_map, out, route_w, sorted_pairs, block_expert,
-                                       m_blocks, n_tiles, K, N, x, k_choices, skip_pad);
+  kernel<<<grid, 384, kWgSmem, stream>>>(a_map, b_map, out, route_w, sorted_pairs, block_expert,
+                                         m_blocks, n_tiles, K, N, x, k_choices);
   ERNIE_CUDA_CHECK(cudaGetLastError());
 }
 
