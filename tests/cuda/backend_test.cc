@@ -258,8 +258,8 @@ TEST_F(CudaBackendTest, AttentionMatchesCpu) {
       {"decode d64, key splits", cfg(16, 2, 64), 32, {{1000, 1}, {77, 1}, {2500, 1}}},
       {"decode d48 block 5, key splits", cfg(4, 4, 48), 5, {{700, 1}, {1300, 1}, {2, 1}}},
       {"mixed decode and prefill", cfg(20, 4, 128), 16, {{2000, 1}, {64, 40}, {0, 70}, {700, 1}}},
-      // Leading decodes (key splits among them) before a prompt, and before a chunk whose own
-      // launch splits its keys (ERNIE_ATTN_SPLIT_MIXED: two launches).
+      // Leading decodes (key splits among them) before a prompt, and before a chunk with a
+      // long context (its keys split).
       {"decodes, then a prompt", cfg(20, 4, 128), 16, {{3000, 1}, {1500, 1}, {200, 1}, {0, 300}}},
       {"a decode, then a chunk after a long context", cfg(20, 4, 128), 16, {{2500, 1}, {4000, 20}}},
       {"300B shape", cfg(64, 8, 128), 16, {{0, 33}, {900, 1}}},
