@@ -284,15 +284,16 @@ TEST_F(CudaBackendTest, MoeMatchesCpu) {
     int tokens, hidden, experts, k, inter, shared_inter;
   };
   // Every M-block size (moe_block_m): 16-row tiles for up to 8 pairs per expert, 32-row up to
-  // 32, 128-row wgmma tiles beyond (also with reductions and widths that leave partial tiles:
-  // hidden 160, intermediate 96); the 21B shape all three ways. Up to 8 tokens, shared experts
-  // of a whole number of routed experts' sizes run folded into the routed GEMMs (1, 5 and 8
-  // tokens; 8: three folded experts); 160 over 96 cannot (side stream), nor can 37, 200 and 700
-  // tokens (side stream, side stream, one stream with the wgmma GEMM). 64 tokens over an
-  // intermediate size of 512: 16-row tiles, too many for one wave of the wide ones; 37 tokens
-  // over hidden 160 and intermediate 96: 32-row tiles with partial output and reduction tiles;
-  // 64 tokens over hidden 1024 and intermediate 640: 16-row tiles with at least five reduction
-  // tiles in both GEMMs. Hidden 8192 (the 300B model's): the combine's widest rows.
+  // 32 (ERNIE_MOE_SWAP_AB=2: 64, the 400-token case), 128-row wgmma tiles beyond (also with
+  // reductions and widths that leave partial tiles: hidden 160, intermediate 96); the 21B shape all
+  // three ways. Up to 8 tokens, shared experts of a whole number of routed experts' sizes run
+  // folded into the routed GEMMs (1, 5 and 8 tokens; 8: three folded experts); 160 over 96 cannot
+  // (side stream), nor can 37, 200 and 700 tokens (side stream, side stream, one stream with the
+  // wgmma GEMM). 64 tokens over an intermediate size of 512: 16-row tiles, too many for one wave of
+  // the wide ones; 37 tokens over hidden 160 and intermediate 96: 32-row tiles with partial output
+  // and reduction tiles; 64 tokens over hidden 1024 and intermediate 640: 16-row tiles with at
+  // least five reduction tiles in both GEMMs. Hidden 8192 (the 300B model's): the combine's widest
+  // rows.
   for (const Case& c :
        {Case{1, 256, 64, 6, 128, 256}, Case{37, 128, 16, 4, 64, 128}, Case{300, 160, 24, 8, 96, 0},
         Case{700, 256, 64, 6, 64, 128}, Case{5, 2560, 64, 6, 1536, 3072},

@@ -908,6 +908,218 @@ void launch_wgmma(__nv_bfloat16* out, const CUtensorMap& a_map, const CUtensorMa
   ERNIE_CUDA_CHECK(cudaGetLastError());
 }
 
+// ---- Mid batches, swapped: the weights as wgmma's M side (ERNIE_MOE_SWAP_AB=1, new) ----
+//
+// The 32-row blocks (9-32 pairs per expert) on wgmma with the roles swapped: a CTA's 128
+// weight rows (gate/up: 64 gate rows and the 64 up rows of the same outputs; down: 128 output
+// columns) are the M side, two m64 halves, and the block's 32 pair rows the N side
+// (m64n32k16), so a 24-pair block multiplies 32 rows, as the mma.sync tiles do, but on the
+// asynchronous tensor cores and with no fragment loads: the kernel has nothing to do but keep
+// the weights streaming. One warpgroup: thread 0 brings each K slice's two 64-row weight boxes
+// by TMA (the prefill kernel's 4-D map over the tiled layout), every thread two 16-byte pieces
+// of the slice's activation rows by cp.async into the same 128-byte swizzle (gathered from x
+// for gate/up), kSwStages slices in flight. Each thread then holds, for 8 of the block's rows,
+// gate and up (or down's two halves) of the same output columns: SwiGLU and the routing weight
+// stay in registers. Grid, launch order and readiness counters as moe_gemm_kernel's.
+constexpr int kSwBM = kMoeBlockMid;  // pair rows per block (wgmma N)
+constexpr int kSwRows = 128;         // weight rows per CTA
+constexpr int kSwStages = 4;
+constexpr int kSwABytes = kSwBM * 128;                 // a K slice of the block's rows
+constexpr int kSwStageBytes = 2 * kWgBox + kSwABytes;  // 20 KB, 1024-byte aligned parts
+constexpr size_t kSwSmem = static_cast<size_t>(kSwStages) * kSwStageBytes + 1024;
+static_assert(kSwABytes % 1024 == 0 && kSwBM % 8 == 0);
+
+template <bool kGateUp>
+__global__ void __launch_bounds__(128)
+    moe_gemm_swap_kernel(const __grid_constant__ CUtensorMap w_map, __nv_bfloat16* out,
+                         const __nv_bfloat16* a_src, const float* route_w,
+                         const int32_t* sorted_pairs, const int32_t* block_expert, int k_choices,
+                         int K, int N, const BlockReady ready) {
+  const bool block_major = ready.counters != nullptr;
+  const int mb = block_major ? blockIdx.y : blockIdx.x;
+  const int nb = block_major ? blockIdx.x : blockIdx.y;
+  // As moe_gemm_kernel: gate/up waits (its routing), then lets down launch; down reads the
+  // layout before its wait and waits for gate/up's rows before its first activation load.
+  if constexpr (kGateUp) asm volatile("griddepcontrol.wait;" ::: "memory");
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+  const int e = __ldcg(block_expert + mb);
+  if (e < 0) return;
+  extern __shared__ unsigned char smem_raw[];
+  unsigned char* smem = reinterpret_cast<unsigned char*>(
+      (reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t{1023});
+  __shared__ uint64_t full[kSwStages];  // a slice's weight boxes have landed
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, c = lane % 4;
+  const int m0 = mb * kSwBM;
+  const int n0 = nb * (kGateUp ? kSwRows / 2 : kSwRows);  // first output column
+  // The two boxes' first weight rows in the stacked [E * 2N, K] or [E * N, K] weights. Rows of a
+  // last partial tile past the expert's are read (or zero-filled past the tensor) and unused.
+  const int row0 = kGateUp ? e * 2 * N + n0 : e * N + n0;
+  const int row1 = kGateUp ? row0 + N : row0 + 64;
+  if (tid == 0) {
+    for (int s = 0; s < kSwStages; ++s) mbar_init(&full[s], 1);
+    mbar_init_fence();
+  }
+  // This thread's activation pieces of each slice: rows tid / 8 and tid / 8 + 16, piece tid % 8;
+  // and the pairs of the rows its accumulators hold: 8 i + 2 c + j.
+  const int ch = tid % 8;
+  const __nv_bfloat16* a_row[2];
+  int a_off[2];
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    const int r = tid / 8 + 16 * i;
+    const int pair = __ldcg(sorted_pairs + m0 + r);
+    const int64_t src = kGateUp ? pair / k_choices : m0 + r;
+    a_row[i] = pair >= 0 ? a_src + src * K : nullptr;
+    a_off[i] = gathered_offset(r, ch);
+  }
+  int ep_pair[kSwBM / 4];
+  float ep_w[kSwBM / 4];
+#pragma unroll
+  for (int q = 0; q < kSwBM / 4; ++q) {
+    ep_pair[q] = __ldcg(sorted_pairs + m0 + 8 * (q / 2) + 2 * c + q % 2);
+    ep_w[q] = !kGateUp && ep_pair[q] >= 0 ? route_w[ep_pair[q]] : 0.0f;
+  }
+  __syncthreads();  // the barriers' init
+
+  const int k_tiles = (K + kWgBK - 1) / kWgBK;
+  auto load_w = [&](int kt) {
+    if (tid == 0) {
+      unsigned char* st = smem + (kt % kSwStages) * kSwStageBytes;
+      uint64_t* bar = &full[kt % kSwStages];
+      mbar_arrive_expect_tx(bar, 2 * kWgBox);
+      tma_load_4d(st, &w_map, bar, 0, 0, kt, row0 / kTiledGroupRows);
+      tma_load_4d(st + kWgBox, &w_map, bar, 0, 0, kt, row1 / kTiledGroupRows);
+    }
+  };
+  auto load_a = [&](int kt) {
+    unsigned char* st = smem + (kt % kSwStages) * kSwStageBytes + 2 * kWgBox;
+    const int kk = kt * kWgBK + ch * 8;
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      const bool ok = a_row[i] != nullptr && kk < K;
+      cp_async_16(st + a_off[i], ok ? a_row[i] + kk : a_src, ok);
+    }
+  };
+  for (int s = 0; s < kSwStages - 1; ++s) {
+    if (s < k_tiles) load_w(s);
+  }
+  if constexpr (!kGateUp) {
+    if (block_major) {
+      if (tid == 0) {
+        while (ld_acquire_gpu(ready.counters + mb) < ready.target) __nanosleep(64);
+      }
+      __syncthreads();  // the activation loads below come after thread 0's acquire
+    } else {
+      asm volatile("griddepcontrol.wait;" ::: "memory");
+    }
+  }
+  for (int s = 0; s < kSwStages - 1; ++s) {
+    if (s < k_tiles) load_a(s);
+    cp_async_commit();
+  }
+  float acc0[16], acc1[16];  // box 0 (gate / columns n0..) and box 1 (up / columns n0 + 64..)
+#pragma unroll
+  for (int i = 0; i < 16; ++i) acc0[i] = acc1[i] = 0.0f;
+  for (int kt = 0; kt < k_tiles; ++kt) {
+    cp_async_wait<kSwStages - 2>();  // this thread's pieces of slice kt have landed
+    fence_proxy_async();             // for the tensor cores
+    // Everyone's pieces of slice kt are in, and everyone's wgmma of slice kt - 1 is complete
+    // (waited for below), so its stage may be refilled.
+    __syncthreads();
+    const int next = kt + kSwStages - 1;
+    if (next < k_tiles) {
+      load_w(next);
+      load_a(next);
+    }
+    cp_async_commit();
+    const unsigned char* st = smem + (kt % kSwStages) * kSwStageBytes;
+    mbar_wait(&full[kt % kSwStages], (kt / kSwStages) & 1);
+    wgmma_fence();
+#pragma unroll
+    for (int ks = 0; ks < kWgBK / 16; ++ks) {
+      const uint64_t b = wgmma_desc_sw128(st + 2 * kWgBox + ks * 32);
+      wgmma_m64n32k16(acc0, wgmma_desc_sw128(st + ks * 32), b);
+      wgmma_m64n32k16(acc1, wgmma_desc_sw128(st + kWgBox + ks * 32), b);
+    }
+    wgmma_commit();
+    wgmma_wait<0>();
+    fence_regs(acc0);
+    fence_regs(acc1);
+  }
+  cp_async_wait<0>();
+
+  // acc[4 i + 2 h + j]: weight row 16 warp + g + 8 h of its box, block row 8 i + 2 c + j.
+#pragma unroll
+  for (int i = 0; i < kSwBM / 8; ++i) {
+#pragma unroll
+    for (int j = 0; j < 2; ++j) {
+      const int q = 2 * i + j;
+      if (ep_pair[q] < 0) continue;
+      __nv_bfloat16* orow = out + static_cast<size_t>(m0 + 8 * i + 2 * c + j) * N;
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int col = n0 + 16 * warp + g + 8 * h;
+        const float v0 = acc0[4 * i + 2 * h + j], v1 = acc1[4 * i + 2 * h + j];
+        if (kGateUp) {
+          if (col < N) orow[col] = __float2bfloat16(v0 / (1.0f + __expf(-v0)) * v1);
+        } else {
+          if (col < N) orow[col] = __float2bfloat16(v0 * ep_w[q]);
+          if (col + 64 < N) orow[col + 64] = __float2bfloat16(v1 * ep_w[q]);
+        }
+      }
+    }
+  }
+  if constexpr (kGateUp) {
+    if (block_major) {
+      __syncthreads();  // every thread's rows stored
+      if (tid == 0) red_add_release_gpu(ready.counters + mb, 1);
+    }
+  }
+}
+
+// ERNIE_MOE_SWAP_AB (new, off): 1 or 2 run the 32-row blocks on moe_gemm_swap_kernel (gate/up
+// and down alike: down's readiness target counts gate/up's column tiles); 2 also takes 32-row
+// blocks up to 64 pairs an expert (moe_mid_max_pairs).
+int swap_ab_mode() {
+  static const int mode = switch_bits("ERNIE_MOE_SWAP_AB", 0);
+  return mode;
+}
+bool swap_ab_enabled() {
+  return swap_ab_mode() == 1 || swap_ab_mode() == 2;
+}
+
+// w_rows: the stacked weights' rows (experts * 2N for gate/up, experts * N for down).
+template <bool kGateUp>
+void launch_swap(__nv_bfloat16* out, const __nv_bfloat16* a, const __nv_bfloat16* w, int64_t w_rows,
+                 const float* route_w, const int32_t* sorted_pairs, const int32_t* block_expert,
+                 int64_t capacity, int k, int K, int N, int32_t* block_ready, cudaStream_t stream) {
+  require_parts(K % 8 == 0, "MoE GEMM: the reduction size ", K, " must be a multiple of 8");
+  require_parts(N % kTiledGroupRows == 0, "MoE GEMM: the output size ", N,
+                " must be a multiple of ", kTiledGroupRows);
+  require_parts(capacity % kSwBM == 0, "MoE GEMM: capacity ", capacity,
+                " is not a multiple of the block size ", kSwBM);
+  static bool configured = false;
+  if (!configured) {
+    ERNIE_CUDA_CHECK(cudaFuncSetAttribute(moe_gemm_swap_kernel<kGateUp>,
+                                          cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                          static_cast<int>(kSwSmem)));
+    configured = true;
+  }
+  constexpr int gate_up_cols = kSwRows / 2;
+  constexpr int cols = kGateUp ? gate_up_cols : kSwRows;
+  BlockReady ready;
+  if (block_ready != nullptr) {
+    ready = BlockReady{block_ready, kGateUp ? 0 : (K + gate_up_cols - 1) / gate_up_cols};
+  }
+  const CUtensorMap map = tensor_map_bf16_tiled(w, w_rows, tiled_cols(K), 64 / kTiledGroupRows);
+  const unsigned m_blocks = static_cast<unsigned>(capacity / kSwBM);
+  const unsigned n_tiles = (N + cols - 1) / cols;
+  const dim3 grid = ready.counters != nullptr ? dim3(n_tiles, m_blocks) : dim3(m_blocks, n_tiles);
+  launch_pdl(moe_gemm_swap_kernel<kGateUp>, grid, 128, kSwSmem, stream, map, out, a, route_w,
+             sorted_pairs, block_expert, k, K, N, ready);
+  ERNIE_CUDA_CHECK(cudaGetLastError());
+}
+
 // What the combine sums for a token: routed: y's routed rows (the routed layout's first row),
 // the token's k rows of them by pair_pos; folded: the folded shared experts' count, expert s's
 // f32 row of token t at s * fold_stride + t of fold_out (their sum, rounded to bf16, is the
@@ -1154,6 +1366,10 @@ void tile_expert_weights(__nv_bfloat16* dst, const __nv_bfloat16* src, int64_t r
   ERNIE_CUDA_CHECK(cudaGetLastError());
 }
 
+int moe_mid_max_pairs() {
+  return swap_ab_mode() == 2 ? 64 : 32;
+}
+
 size_t moe_align_scratch_bytes(int pairs, int experts) {
   if (pairs <= kAlignSpreadPairs) return 0;
   return (static_cast<size_t>(align_chunks(pairs)) * experts + experts + 1) * sizeof(int32_t);
@@ -1201,6 +1417,11 @@ void moe_gate_up(__nv_bfloat16* act, const __nv_bfloat16* x, const __nv_bfloat16
                        inter, x, k, stream);
     return;
   }
+  if (block_m == kSwBM && fold.experts == 0 && swap_ab_enabled()) {
+    launch_swap<true>(act, x, w_gate_up, static_cast<int64_t>(experts) * 2 * inter, nullptr,
+                      sorted_pairs, block_expert, capacity, k, hidden, inter, block_ready, stream);
+    return;
+  }
   launch_gemm<true>(act, x, w_gate_up, nullptr, sorted_pairs, block_expert, capacity, block_m, k,
                     hidden, inter, fold_args(fold, block_m, experts), block_ready, stream);
 }
@@ -1217,6 +1438,11 @@ void moe_down(__nv_bfloat16* y, const __nv_bfloat16* act, const __nv_bfloat16* w
                                                 tiled_cols(inter), 64 / kTiledGroupRows);
     launch_wgmma<false>(y, a, b, weights, sorted_pairs, block_expert, capacity, inter, hidden,
                         nullptr, 1, stream);
+    return;
+  }
+  if (block_m == kSwBM && fold.experts == 0 && swap_ab_enabled()) {
+    launch_swap<false>(y, act, w_down, static_cast<int64_t>(experts) * hidden, weights,
+                       sorted_pairs, block_expert, capacity, 1, inter, hidden, block_ready, stream);
     return;
   }
   launch_gemm<false>(y, act, w_down, weights, sorted_pairs, block_expert, capacity, block_m, 1,
