@@ -955,9 +955,24 @@ __global__ void __launch_bounds__(128)
   // last partial tile past the expert's are read (or zero-filled past the tensor) and unused.
   const int row0 = kGateUp ? e * 2 * N + n0 : e * N + n0;
   const int row1 = kGateUp ? row0 + N : row0 + 64;
+  const int k_tiles = (K + kWgBK - 1) / kWgBK;
+  auto load_w = [&](int kt) {
+    if (tid == 0) {
+      unsigned char* st = smem + (kt % kSwStages) * kSwStageBytes;
+      uint64_t* bar = &full[kt % kSwStages];
+      mbar_arrive_expect_tx(bar, 2 * kWgBox);
+      tma_load_4d(st, &w_map, bar, 0, 0, kt, row0 / kTiledGroupRows);
+      tma_load_4d(st + kWgBox, &w_map, bar, 0, 0, kt, row1 / kTiledGroupRows);
+    }
+  };
+  // The first slices' weights go out before anything else is read (thread 0 alone uses the
+  // barriers until the CTA barrier below).
   if (tid == 0) {
     for (int s = 0; s < kSwStages; ++s) mbar_init(&full[s], 1);
     mbar_init_fence();
+  }
+  for (int s = 0; s < kSwStages - 1; ++s) {
+    if (s < k_tiles) load_w(s);
   }
   // This thread's activation pieces of each slice: rows tid / 8 and tid / 8 + 16, piece tid % 8;
   // and the pairs of the rows its accumulators hold: 8 i + 2 c + j.
@@ -980,17 +995,6 @@ __global__ void __launch_bounds__(128)
     ep_w[q] = !kGateUp && ep_pair[q] >= 0 ? route_w[ep_pair[q]] : 0.0f;
   }
   __syncthreads();  // the barriers' init
-
-  const int k_tiles = (K + kWgBK - 1) / kWgBK;
-  auto load_w = [&](int kt) {
-    if (tid == 0) {
-      unsigned char* st = smem + (kt % kSwStages) * kSwStageBytes;
-      uint64_t* bar = &full[kt % kSwStages];
-      mbar_arrive_expect_tx(bar, 2 * kWgBox);
-      tma_load_4d(st, &w_map, bar, 0, 0, kt, row0 / kTiledGroupRows);
-      tma_load_4d(st + kWgBox, &w_map, bar, 0, 0, kt, row1 / kTiledGroupRows);
-    }
-  };
   auto load_a = [&](int kt) {
     unsigned char* st = smem + (kt % kSwStages) * kSwStageBytes + 2 * kWgBox;
     const int kk = kt * kWgBK + ch * 8;
@@ -1000,9 +1004,6 @@ __global__ void __launch_bounds__(128)
       cp_async_16(st + a_off[i], ok ? a_row[i] + kk : a_src, ok);
     }
   };
-  for (int s = 0; s < kSwStages - 1; ++s) {
-    if (s < k_tiles) load_w(s);
-  }
   if constexpr (!kGateUp) {
     if (block_major) {
       if (tid == 0) {
