@@ -197,6 +197,21 @@ struct BlockReady {
   int target = 0;
 };
 
+// Down's wait for its activation rows before its first load of them (every thread calls it,
+// tid its index in the CTA; block_major: ready has counters):
+// with readiness counters thread 0 waits until M-block mb's reaches the target and the CTA
+// passes a barrier after it; otherwise the wait for the kernel before (gate/up) to finish.
+__device__ __forceinline__ void wait_for_rows(BlockReady ready, bool block_major, int mb, int tid) {
+  if (block_major) {
+    if (tid == 0) {
+      while (ld_acquire_gpu(ready.counters + mb) < ready.target) __nanosleep(64);
+    }
+    __syncthreads();
+  } else {
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+  }
+}
+
 // A stage of a tile's weight groups (gate/up: the gate rows' groups, then the up rows'), 16
 // rows each in the tiled layout, by one bulk copy per group completing on `bar`; groups past
 // the expert's N rows stay unread (their output columns are not stored). One thread issues
@@ -470,16 +485,7 @@ __global__ void __launch_bounds__(Tile<BM, kWide, kLean>::kThreads, 1)
       if (s < kTiles) load_b(s, s);
     }
   }
-  if constexpr (!kGateUp) {
-    if (block_major) {
-      if (tid == 0) {
-        while (ld_acquire_gpu(ready.counters + mb) < ready.target) __nanosleep(64);
-      }
-      __syncthreads();  // the activation loads below come after thread 0's acquire
-    } else {
-      asm volatile("griddepcontrol.wait;" ::: "memory");
-    }
-  }
+  if constexpr (!kGateUp) wait_for_rows(ready, block_major, mb, tid);
   for (int s = 0; s < kStages - 1; ++s) {
     if (s < kTiles) load_a(s, s);
     cp_async_commit();
@@ -560,16 +566,21 @@ bool wide_tiles_fit(int64_t blocks, int N) {
   return blocks * ((N + cols - 1) / cols) <= slots;
 }
 
-template <bool kGateUp>
-void launch_gemm(__nv_bfloat16* out, const __nv_bfloat16* a, const __nv_bfloat16* w,
-                 const float* route_w, const int32_t* sorted_pairs, const int32_t* block_expert,
-                 int64_t capacity, int block_m, int k, int K, int N, const FoldArgs& fold,
-                 int32_t* block_ready, cudaStream_t stream) {
+// The shapes the decode GEMMs take (a K multiple of 8, whole 16-row weight groups, whole blocks).
+void require_gemm_shape(int K, int N, int64_t capacity, int block_m) {
   require_parts(K % 8 == 0, "MoE GEMM: the reduction size ", K, " must be a multiple of 8");
   require_parts(N % kTiledGroupRows == 0, "MoE GEMM: the output size ", N,
                 " must be a multiple of ", kTiledGroupRows);
   require_parts(capacity % block_m == 0, "MoE GEMM: capacity ", capacity,
                 " is not a multiple of the block size ", block_m);
+}
+
+template <bool kGateUp>
+void launch_gemm(__nv_bfloat16* out, const __nv_bfloat16* a, const __nv_bfloat16* w,
+                 const float* route_w, const int32_t* sorted_pairs, const int32_t* block_expert,
+                 int64_t capacity, int block_m, int k, int K, int N, const FoldArgs& fold,
+                 int32_t* block_ready, cudaStream_t stream) {
+  require_gemm_shape(K, N, capacity, block_m);
   require_parts(block_m == kMoeBlockSmall || block_m == kMoeBlockMid,
                 "MoE GEMM: unknown block size ", block_m);
   // ERNIE_MOE_LEAN: bit 1 the 16-row tiles' lean form, bit 2 the 32-row ones' (Tile); both by
@@ -1004,16 +1015,7 @@ __global__ void __launch_bounds__(128)
       cp_async_16(st + a_off[i], ok ? a_row[i] + kk : a_src, ok);
     }
   };
-  if constexpr (!kGateUp) {
-    if (block_major) {
-      if (tid == 0) {
-        while (ld_acquire_gpu(ready.counters + mb) < ready.target) __nanosleep(64);
-      }
-      __syncthreads();  // the activation loads below come after thread 0's acquire
-    } else {
-      asm volatile("griddepcontrol.wait;" ::: "memory");
-    }
-  }
+  if constexpr (!kGateUp) wait_for_rows(ready, block_major, mb, tid);
   for (int s = 0; s < kSwStages - 1; ++s) {
     if (s < k_tiles) load_a(s);
     cp_async_commit();
@@ -1094,11 +1096,7 @@ template <bool kGateUp>
 void launch_swap(__nv_bfloat16* out, const __nv_bfloat16* a, const __nv_bfloat16* w, int64_t w_rows,
                  const float* route_w, const int32_t* sorted_pairs, const int32_t* block_expert,
                  int64_t capacity, int k, int K, int N, int32_t* block_ready, cudaStream_t stream) {
-  require_parts(K % 8 == 0, "MoE GEMM: the reduction size ", K, " must be a multiple of 8");
-  require_parts(N % kTiledGroupRows == 0, "MoE GEMM: the output size ", N,
-                " must be a multiple of ", kTiledGroupRows);
-  require_parts(capacity % kSwBM == 0, "MoE GEMM: capacity ", capacity,
-                " is not a multiple of the block size ", kSwBM);
+  require_gemm_shape(K, N, capacity, kSwBM);
   static bool configured = false;
   if (!configured) {
     ERNIE_CUDA_CHECK(cudaFuncSetAttribute(moe_gemm_swap_kernel<kGateUp>,
