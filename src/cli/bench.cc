@@ -88,8 +88,8 @@ struct Job {
 
 class Runner {
  public:
-  Runner(const BenchArgs& a, const Url& u, std::string model_name)
-      : a_(a), u_(u), model_(std::move(model_name)) {}
+  Runner(const BenchArgs& a, const Url& u, std::string model_name, ojson extra)
+      : a_(a), u_(u), model_(std::move(model_name)), extra_(std::move(extra)) {}
 
   std::vector<bench::RequestOutput> run(const std::vector<bench::SampleRequest>& reqs,
                                         const std::vector<double>& send_at, bool progress,
@@ -125,6 +125,7 @@ class Runner {
     p["stream"] = true;
     p["stream_options"] = {{"include_usage", true}};
     if (a_.ignore_eos) p["ignore_eos"] = true;
+    for (const auto& [k, v] : extra_.items()) p[k] = v;
     return p.dump();
   }
 
@@ -261,6 +262,7 @@ class Runner {
   const BenchArgs& a_;
   Url u_;
   std::string model_;
+  ojson extra_;  // merged into every request body
   net::io_context ioc_{1};
   std::vector<bench::RequestOutput> outputs_;
   Clock::time_point start_, last_done_;
@@ -269,6 +271,26 @@ class Runner {
   size_t done_ = 0, total_ = 0;
   bool progress_ = true;
 };
+
+// What every request carries besides the prompt, as vllm bench serve sends it: the sampling
+// parameters given (temperature 0, greedy decoding, when none is), then --extra-body over them.
+ojson request_extras(const BenchArgs& a) {
+  ojson e = ojson::object();
+  if (a.top_p) e["top_p"] = *a.top_p;
+  if (a.top_k) e["top_k"] = *a.top_k;
+  if (a.min_p) e["min_p"] = *a.min_p;
+  e["temperature"] = a.temperature ? *a.temperature : 0.0;
+  if (a.frequency_penalty) e["frequency_penalty"] = *a.frequency_penalty;
+  if (a.presence_penalty) e["presence_penalty"] = *a.presence_penalty;
+  if (a.repetition_penalty) e["repetition_penalty"] = *a.repetition_penalty;
+  if (!a.extra_body.empty()) {
+    const ojson body = ojson::parse(a.extra_body, nullptr, false);
+    if (body.is_discarded() || !body.is_object())
+      throw Error(cat("--extra-body: '", a.extra_body, "' is not a JSON object"));
+    for (const auto& [k, v] : body.items()) e[k] = v;
+  }
+  return e;
+}
 
 std::vector<double> parse_list(const std::string& s) {
   std::vector<double> out;
@@ -315,8 +337,25 @@ CLI::App* add_bench(CLI::App& app, BenchArgs& a) {
       ->capture_default_str();
   c->add_option("--max-concurrency", a.max_concurrency, "Most requests in flight at once");
   c->add_flag("--ignore-eos", a.ignore_eos,
-              "Send ignore_eos so every request runs to its output length");
+              "Send ignore_eos so every request runs to its output length (always on with the "
+              "random dataset, as in vLLM)");
   c->add_option("--logprobs", a.logprobs, "logprobs sent with completions requests");
+  c->add_option("--top-p", a.top_p, "Top-p sent with every request")->group("Sampling parameters");
+  c->add_option("--top-k", a.top_k, "Top-k sent with every request")->group("Sampling parameters");
+  c->add_option("--min-p", a.min_p, "Min-p sent with every request")->group("Sampling parameters");
+  c->add_option("--temperature", a.temperature,
+                "Temperature sent with every request (default 0: greedy decoding)")
+      ->group("Sampling parameters");
+  c->add_option("--frequency-penalty", a.frequency_penalty,
+                "Frequency penalty sent with every request")
+      ->group("Sampling parameters");
+  c->add_option("--presence-penalty", a.presence_penalty, "Presence penalty sent with every request")
+      ->group("Sampling parameters");
+  c->add_option("--repetition-penalty", a.repetition_penalty,
+                "Repetition penalty sent with every request")
+      ->group("Sampling parameters");
+  c->add_option("--extra-body", a.extra_body,
+                "A JSON object merged into every request body (over the sampling parameters)");
   c->add_option("--percentile-metrics", a.percentile_metrics, "Comma-separated: ttft,tpot,itl,e2el")
       ->capture_default_str();
   c->add_option("--metric-percentiles", a.metric_percentiles, "Comma-separated percentiles")
@@ -346,6 +385,7 @@ int run_bench(const BenchArgs& a) {
   for (double p : percentiles) {
     if (!(p >= 0 && p <= 100)) throw Error(cat("--metric-percentiles: ", p, " is not in [0, 100]"));
   }
+  const ojson extra = request_extras(a);
   std::vector<std::string> metrics;
   {
     std::stringstream ss(a.percentile_metrics);
@@ -375,6 +415,8 @@ int run_bench(const BenchArgs& a) {
   }
   const Url u = parse_base(a);
   BenchArgs args = a;
+  // As vllm bench serve: the random dataset's requests run to their output length.
+  args.ignore_eos = args.ignore_eos || a.dataset_name == "random";
   if (args.endpoint.empty())
     args.endpoint = a.backend == "openai-chat" ? "/v1/chat/completions" : "/v1/completions";
 
@@ -471,7 +513,7 @@ int run_bench(const BenchArgs& a) {
 
   std::cout << "Starting initial single prompt test run..." << std::endl;
   {
-    Runner probe(args, u, name_sent);
+    Runner probe(args, u, name_sent, extra);
     double d = 0;
     bench::SampleRequest one = reqs[0];
     auto out = probe.run({one}, {0.0}, false, d);
@@ -484,7 +526,7 @@ int run_bench(const BenchArgs& a) {
   }
   if (a.num_warmups > 0) {
     std::cout << "Warming up with " << a.num_warmups << " requests..." << std::endl;
-    Runner warm(args, u, name_sent);
+    Runner warm(args, u, name_sent, extra);
     double d = 0;
     warm.run(std::vector<bench::SampleRequest>(a.num_warmups, reqs[0]),
              std::vector<double>(a.num_warmups, 0.0), false, d);
@@ -499,7 +541,7 @@ int run_bench(const BenchArgs& a) {
             << (a.max_concurrency ? std::to_string(*a.max_concurrency) : std::string("None"))
             << std::endl;
   const auto send_at = bench::arrival_times(a.num_prompts, a.request_rate, a.burstiness, a.seed);
-  Runner runner(args, u, name_sent);
+  Runner runner(args, u, name_sent, extra);
   double duration = 0;
   const auto outputs = runner.run(reqs, send_at, !a.disable_tqdm, duration);
   const auto m = bench::calculate_metrics(outputs, duration, percentiles, goodput);

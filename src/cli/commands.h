@@ -114,6 +114,11 @@ struct BenchArgs {
   std::optional<int> max_concurrency;
   bool ignore_eos = false;
   int logprobs = -1;
+  // Sampling parameters sent with every request (vLLM's: temperature 0, greedy, when not given).
+  std::optional<double> top_p, min_p, temperature, frequency_penalty, presence_penalty,
+      repetition_penalty;
+  std::optional<int> top_k;
+  std::string extra_body;  // a JSON object merged into every request, over the above
   std::string percentile_metrics = "ttft,tpot,itl";
   std::string metric_percentiles = "99";
   std::vector<std::string> goodput;

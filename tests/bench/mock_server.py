@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """A scripted OpenAI-compatible server for testing `ernie bench serve`: every streamed response
-waits TTFT, then sends `max_tokens` chunks ITL apart, then usage and [DONE]. Prints its port."""
+waits TTFT, then sends `max_tokens` chunks ITL apart, then usage and [DONE]. Prints its port.
+With a third argument, appends each request body it gets to that file, one JSON per line."""
 import asyncio
 import json
 import sys
@@ -8,6 +9,7 @@ import sys
 TTFT = float(sys.argv[1]) if len(sys.argv) > 1 else 0.2
 ITL = float(sys.argv[2]) if len(sys.argv) > 2 else 0.05
 PROMPT_TOKENS = 123
+BODIES = sys.argv[3] if len(sys.argv) > 3 else None
 
 
 async def handle(reader, writer):
@@ -26,6 +28,9 @@ async def handle(reader, writer):
                 writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(data) + data)
                 await writer.drain()
                 continue
+            if BODIES:
+                with open(BODIES, "a") as f:
+                    f.write(json.dumps(body) + "\n")
             chat = path.endswith("chat/completions")
             n = body.get("max_completion_tokens" if chat else "max_tokens", 1)
             writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n")

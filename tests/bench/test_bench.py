@@ -41,6 +41,22 @@ def mock():
     p.kill()
 
 
+@pytest.fixture
+def recording_mock():
+    """A fast mock that writes each request body it gets to a file: (port, path)."""
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "bodies.jsonl")
+        p = subprocess.Popen([sys.executable, os.path.join(HERE, "mock_server.py"), "0.01", "0.001", path],
+                             stdout=subprocess.PIPE, text=True)
+        port = int(p.stdout.readline())
+        yield port, path
+        p.kill()
+
+
+def bodies(path):
+    return [json.loads(line) for line in open(path)]
+
+
 def bench(port, *args, tokenizer=None):
     cmd = [ERNIE, "bench", "serve", "--port", str(port), "--disable-tqdm", *args]
     if tokenizer:
@@ -84,6 +100,41 @@ def test_metrics_equal_known_values(mock, model_dir):
     assert v["Benchmark duration (s):"] > 0.8
 
 
+def test_requests_carry_sampling_parameters(recording_mock, model_dir):
+    """As vllm bench serve: greedy (temperature 0) unless told, ignore_eos with the random
+    dataset, the sampling options as given, --extra-body merged over them."""
+    port, path = recording_mock
+    r = bench(port, "--random-input-len", "10", "--random-output-len", "2", "--num-prompts", "3", tokenizer=model_dir)
+    assert r.returncode == 0, r.stdout + r.stderr
+    sent = [b for b in bodies(path) if "prompt" in b]
+    assert len(sent) == 4  # the initial test run, then the three prompts
+    for b in sent:
+        assert b["temperature"] == 0.0 and b["ignore_eos"] is True and b["max_tokens"] == 2
+        assert b["repetition_penalty"] == 1.0 and b["stream"] is True
+        assert "top_p" not in b and "top_k" not in b and "min_p" not in b
+    open(path, "w").close()
+    r = bench(port, "--random-input-len", "10", "--random-output-len", "2", "--num-prompts", "2",
+              "--temperature", "0.7", "--top-p", "0.8", "--top-k", "20", "--min-p", "0.05",
+              "--frequency-penalty", "0.5", "--presence-penalty", "0.25", "--repetition-penalty", "1.1",
+              "--extra-body", '{"top_k": 5, "seed": 7}', tokenizer=model_dir)
+    assert r.returncode == 0, r.stdout + r.stderr
+    sent = [b for b in bodies(path) if "prompt" in b]
+    assert len(sent) == 3
+    for b in sent:
+        assert b["temperature"] == 0.7 and b["top_p"] == 0.8 and b["min_p"] == 0.05
+        assert b["top_k"] == 5 and b["seed"] == 7  # --extra-body wins
+        assert b["frequency_penalty"] == 0.5 and b["presence_penalty"] == 0.25
+        assert b["repetition_penalty"] == 1.1
+    open(path, "w").close()
+    r = bench(port, "--backend", "openai-chat", "--random-input-len", "10", "--random-output-len", "2",
+              "--num-prompts", "1", "--temperature", "1", tokenizer=model_dir)
+    assert r.returncode == 0, r.stdout + r.stderr
+    sent = [b for b in bodies(path) if "messages" in b]
+    assert len(sent) == 2
+    for b in sent:
+        assert b["temperature"] == 1.0 and b["max_completion_tokens"] == 2 and "repetition_penalty" not in b
+
+
 def test_against_ernie_serve(server):
     r = bench(server.port, "--model", "ernie-tiny", "--random-input-len", "60", "--random-output-len", "12",
               "--num-prompts", "10", "--ignore-eos", "--request-rate", "100", "--burstiness", "0.5",
@@ -101,7 +152,9 @@ def test_bad_arguments_are_refused(mock, model_dir):
     for args, want in [(["--dataset-name", "sharegpt"], "not supported"), (["--random-range-ratio", "1.5"], "range-ratio"),
                        (["--request-rate", "0"], "request-rate"), (["--goodput", "latency:5"], "goodput"),
                        (["--percentile-metrics", "ttft,xyz"], "xyz"), (["--metric-percentiles", "150"], "150"),
-                       (["--burstiness", "-1"], "burstiness"), (["--num-prompts", "0"], "num-prompts")]:
+                       (["--burstiness", "-1"], "burstiness"), (["--num-prompts", "0"], "num-prompts"),
+                       (["--extra-body", "[1, 2]"], "extra-body"), (["--extra-body", "{bad"], "extra-body"),
+                       (["--temperature", "warm"], "temperature")]:
         r = bench(mock, *args, tokenizer=model_dir)
         assert r.returncode != 0 and want in (r.stdout + r.stderr), (args, r.stdout, r.stderr)
     r = subprocess.run([ERNIE, "bench", "serve", "--port", "9", "--disable-tqdm"], capture_output=True, text=True, timeout=60)
