@@ -483,7 +483,8 @@ TEST_F(CudaBackendTest, SamplingMatchesCpu) {
 // temperature rows, biased rows with bans, and top-k at the vocabulary (off); then many draws
 // of one distribution keyed by position, 32 rows a call.
 TEST_F(CudaBackendTest, SplitSamplingMatchesCpu) {
-  // (256 rows take the one-CTA-per-row sampler: the same results are expected.)
+  // (256 rows: the lean split kernels, 4 chunks a row; with ERNIE_SAMPLER_LEAN=0 the
+  // one-CTA-per-row sampler: the same results are expected.)
   for (int vocab : {1000, 4096, 103424}) {
     for (int rows : {1, 5, 32, 256}) {
       SCOPED_TRACE(::testing::Message() << "vocab " << vocab << ", " << rows << " rows");

@@ -948,13 +948,17 @@ class CudaBackend final : public Backend {
         reinterpret_cast<float*>(d_out + 3 * n * sizeof(int32_t) + top * sizeof(int32_t));
     out.max_top = std::max(max_top, 1);
     auto* work = static_cast<float*>(arena_.alloc(static_cast<size_t>(n) * vocab * sizeof(float)));
-    // A few rows without top-k, top-p or logprobs (an OpenAI request's defaults): each row over
-    // many CTAs (cuda::sample_rows_split) rather than one (H200, `ernie_kernel_bench 20
-    // sampling`: 1 row 0.110 -> 0.036 ms, 16 rows 0.127 -> 0.049). ERNIE_SPLIT_SAMPLER=0 turns
-    // it off. At 256 rows one CTA per row already fills the GPU: split, 0.375 -> 0.377 ms.
+    // Rows without top-k, top-p or logprobs (an OpenAI request's defaults): each row over
+    // several CTAs (cuda::sample_rows_split), rows without edits read straight from the logits
+    // with no per-element stores (H200, `ernie_kernel_bench 20 sampling`: one CTA a row 0.110
+    // ms at 1 row, 0.127 at 16; the split kernels with a work buffer 0.036 and 0.049; lean at
+    // 256 rows 0.359 -> 0.267 with a temperature, 0.181 -> 0.068 greedy).
+    // ERNIE_SPLIT_SAMPLER=0 turns the split kernels off, ERNIE_SAMPLER_LEAN=0 the lean form
+    // (then 64 CTAs a row with the work buffer, up to kSplitRows rows).
     static const bool split_enabled = cuda::path_enabled("ERNIE_SPLIT_SAMPLER");
-    constexpr int kSplitRows = 32;
-    bool split = split_enabled && n <= kSplitRows;
+    static const bool lean = cuda::path_enabled("ERNIE_SAMPLER_LEAN");
+    constexpr int kSplitRows = 32, kLeanRows = 1024;
+    bool split = split_enabled && n <= (lean ? kLeanRows : kSplitRows);
     for (int r = 0; r < n && split; ++r) {
       const SamplingRow& s = rows[r];
       split = (s.top_k <= 0 || s.top_k >= vocab) && s.top_p >= 1.0f && s.num_logprobs < 0;
@@ -963,7 +967,7 @@ class CudaBackend final : public Backend {
     if (split) {
       void* scratch = arena_.alloc(cuda::sample_split_scratch_bytes(n));
       cuda::sample_rows_split(logits.as<float>(), work, n, vocab, d_params, tab, out, scratch,
-                              stream_);
+                              lean, stream_);
     } else {
       cuda::sample_rows(logits.as<float>(), work, n, vocab, d_params, tab, out, stream_);
     }

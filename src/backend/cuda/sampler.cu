@@ -1,3 +1,4 @@
+#include <algorithm>
 #include <cfloat>
 #include <climits>
 
@@ -338,28 +339,51 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// ---- The split path: a few rows, each over kSplitChunks CTAs ----
+// ---- The split path: rows spread over several CTAs each ----
 //
 // For rows without top-k, top-p or logprobs (the defaults of an OpenAI request), where one CTA
 // per row leaves the GPU idle and spends most of its time on the double-precision
-// probabilities: three kernels, each a row's vocabulary in kSplitChunks contiguous chunks.
-// prep: the edited logits (bias, penalties, bans, in that order, each chunk applying the
-// entries in its range) and each chunk's argmax; probs: the row's max from the chunks', then
-// q = exp((v - max) / T) (min_p applied) and each chunk's sum in double; draw: the draw keyed
-// by (seed, position) as on the CPU, located first among the chunks' sums, then inside the
-// chunk. The same arithmetic as sample_kernel per element; only the order of the double sums
-// differs (a draw changes only if it falls within ~1e-16 of a token's edge).
-constexpr int kSplitChunks = 64, kSplitThreads = 256;
+// probabilities: three kernels, each a row's vocabulary in `chunks` contiguous chunks
+// (kMaxSplitChunks at most). prep: the edited logits (bias, penalties, bans, in that order,
+// each chunk applying the entries in its range) and each chunk's argmax; probs: the row's max
+// from the chunks', then q = exp((v - max) / T) (min_p applied) and each chunk's sum in double;
+// draw: the draw keyed by (seed, position) as on the CPU, located first among the chunks' sums,
+// then inside the chunk. The same arithmetic as sample_kernel per element; only the order of
+// the double sums differs (a draw changes only if it falls within ~1e-16 of a token's edge).
+// Lean launches (`lean`) store nothing per element for rows without edits (they read the
+// logits themselves) and never store q: the draw recomputes it for its one chunk, so a plain
+// row costs two reads of its logits instead of two reads, two writes and two more reads.
+constexpr int kMaxSplitChunks = 64, kSplitThreads = 256;
 
 struct SplitScratch {
-  ArgMax* am;    // [rows][kSplitChunks]
-  double* mass;  // [rows][kSplitChunks]
+  ArgMax* am;    // [rows][chunks]
+  double* mass;  // [rows][chunks]
+  int chunks;
+  bool lean;
 };
 
-__device__ __forceinline__ void chunk_range(int vocab, int c, int& lo, int& hi) {
-  const int len = (vocab + kSplitChunks - 1) / kSplitChunks;
+__device__ __forceinline__ void chunk_range(int vocab, int chunks, int c, int& lo, int& hi) {
+  const int len = (vocab + chunks - 1) / chunks;
   lo = min(vocab, c * len);
   hi = min(vocab, lo + len);
+}
+
+__device__ __forceinline__ bool has_edits(const DeviceSamplingRow& p) {
+  return p.bias_end > p.bias_begin || p.pen_end > p.pen_begin || p.ban_end > p.ban_begin;
+}
+
+// The row's values after its edits: the logits themselves when a lean launch left them alone.
+__device__ __forceinline__ const float* edited_row(const float* logits, const float* work,
+                                                   int row, int vocab, const DeviceSamplingRow& p,
+                                                   bool lean) {
+  return (lean && !has_edits(p) ? logits : work) + static_cast<size_t>(row) * vocab;
+}
+
+// q of one element, as sample_kernel computes it.
+__device__ __forceinline__ float probability(float v, float mx, const DeviceSamplingRow& p) {
+  double q = v == -INFINITY ? 0.0 : exp((static_cast<double>(v) - mx) / p.temperature);
+  if (p.min_p > 0.0f && q < static_cast<double>(p.min_p)) q = 0.0;
+  return static_cast<float>(q);
 }
 
 // A CTA-wide argmax for kSplitThreads threads.
@@ -401,29 +425,30 @@ __global__ void __launch_bounds__(kSplitThreads)
   const float* raw = logits + static_cast<size_t>(row) * vocab;
   float* x = work + static_cast<size_t>(row) * vocab;
   int lo, hi;
-  chunk_range(vocab, c, lo, hi);
-  edited_logits(raw, x, lo, hi, p, tab);
+  chunk_range(vocab, scratch.chunks, c, lo, hi);
+  if (!scratch.lean || has_edits(p)) edited_logits(raw, x, lo, hi, p, tab);
+  const float* v = edited_row(logits, work, row, vocab, p, scratch.lean);
   ArgMax best{-INFINITY, INT_MAX};
   for (int i = lo + threadIdx.x; i < hi; i += kSplitThreads) {
-    const ArgMax v{x[i], i};
-    if (better(v, best)) best = v;
+    const ArgMax e{v[i], i};
+    if (better(e, best)) best = e;
   }
   best = split_argmax(best, warps);
-  if (threadIdx.x == 0) scratch.am[row * kSplitChunks + c] = best;
+  if (threadIdx.x == 0) scratch.am[row * scratch.chunks + c] = best;
 }
 
 // The row's argmax from its chunks' (every thread gets it).
 __device__ ArgMax row_argmax(const SplitScratch& scratch, int row, ArgMax* warps) {
   ArgMax v{-INFINITY, INT_MAX};
-  for (int c = threadIdx.x; c < kSplitChunks; c += kSplitThreads) {
-    if (better(scratch.am[row * kSplitChunks + c], v)) v = scratch.am[row * kSplitChunks + c];
+  for (int c = threadIdx.x; c < scratch.chunks; c += kSplitThreads) {
+    if (better(scratch.am[row * scratch.chunks + c], v)) v = scratch.am[row * scratch.chunks + c];
   }
   return split_argmax(v, warps);
 }
 
 __global__ void __launch_bounds__(kSplitThreads)
-    sample_split_probs_kernel(float* work, int vocab, const DeviceSamplingRow* params,
-                              SplitScratch scratch) {
+    sample_split_probs_kernel(const float* logits, float* work, int vocab,
+                              const DeviceSamplingRow* params, SplitScratch scratch) {
   pdl_begin();
   __shared__ ArgMax warps[kSplitThreads / 32];
   __shared__ double dwarps[kSplitThreads / 32];
@@ -431,64 +456,67 @@ __global__ void __launch_bounds__(kSplitThreads)
   const DeviceSamplingRow p = params[row];
   if (p.temperature < 1e-5f) return;  // greedy: the argmax is the token
   const float mx = row_argmax(scratch, row, warps).v;
+  const float* v = edited_row(logits, work, row, vocab, p, scratch.lean);
   float* x = work + static_cast<size_t>(row) * vocab;
   int lo, hi;
-  chunk_range(vocab, c, lo, hi);
+  chunk_range(vocab, scratch.chunks, c, lo, hi);
   double part = 0.0;
   for (int i = lo + threadIdx.x; i < hi; i += kSplitThreads) {
-    const float v = x[i];
-    double q = v == -INFINITY ? 0.0 : exp((static_cast<double>(v) - mx) / p.temperature);
-    if (p.min_p > 0.0f && q < static_cast<double>(p.min_p)) q = 0.0;
-    const float qf = static_cast<float>(q);
-    x[i] = qf;
+    const float qf = probability(v[i], mx, p);
+    if (!scratch.lean) x[i] = qf;
     part += qf;
   }
   part = split_sum(part, dwarps);
-  if (threadIdx.x == 0) scratch.mass[row * kSplitChunks + c] = part;
+  if (threadIdx.x == 0) scratch.mass[row * scratch.chunks + c] = part;
 }
 
 // One CTA per row.
 __global__ void __launch_bounds__(kSplitThreads)
-    sample_split_draw_kernel(const float* work, int vocab, const DeviceSamplingRow* params,
-                             SplitScratch scratch, SamplingOutput out) {
+    sample_split_draw_kernel(const float* logits, const float* work, int vocab,
+                             const DeviceSamplingRow* params, SplitScratch scratch,
+                             SamplingOutput out) {
   pdl_begin();
   __shared__ ArgMax warps[kSplitThreads / 32];
-  __shared__ double before_chunk[kSplitChunks + 1];
+  __shared__ double before_chunk[kMaxSplitChunks + 1];
   __shared__ double dw[kSplitThreads / 32];
   __shared__ int found;
-  const int row = blockIdx.x;
+  const int row = blockIdx.x, chunks = scratch.chunks;
   const DeviceSamplingRow p = params[row];
   const ArgMax top = row_argmax(scratch, row, warps);
   if (p.temperature < 1e-5f) {
     if (threadIdx.x == 0) out.ids[row] = top.i;
     return;
   }
-  if (threadIdx.x == 0) {  // the chunks' masses in order (kSplitChunks of them)
+  if (threadIdx.x == 0) {  // the chunks' masses in order
     double acc = 0.0;
-    for (int c = 0; c < kSplitChunks; ++c) {
+    for (int c = 0; c < chunks; ++c) {
       before_chunk[c] = acc;
-      acc += scratch.mass[row * kSplitChunks + c];
+      acc += scratch.mass[row * chunks + c];
     }
-    before_chunk[kSplitChunks] = acc;
+    before_chunk[chunks] = acc;
     found = -1;
   }
   __syncthreads();
-  const double total = before_chunk[kSplitChunks];
+  const double total = before_chunk[chunks];
   Rng rng(p.seed ^ (0x9e3779b97f4a7c15ull * static_cast<uint64_t>(p.position + 1)));
   const double u = rng.uniform() * total;
-  const float* x = work + static_cast<size_t>(row) * vocab;
+  // q of element i: stored by a full launch, recomputed from the edited row by a lean one.
+  const float* v = scratch.lean ? edited_row(logits, work, row, vocab, p, true)
+                                : work + static_cast<size_t>(row) * vocab;
+  const float mx = top.v;
+  auto q_at = [&](int i) { return scratch.lean ? probability(v[i], mx, p) : v[i]; };
   // The chunk holding u, then the element: each thread a contiguous piece of the chunk.
   int chunk = -1;
-  for (int c = 0; c < kSplitChunks; ++c) {
+  for (int c = 0; c < chunks; ++c) {
     if (total > 0.0 && before_chunk[c] <= u && u < before_chunk[c + 1]) chunk = c;
   }
   if (chunk >= 0) {
     int lo, hi;
-    chunk_range(vocab, chunk, lo, hi);
+    chunk_range(vocab, chunks, chunk, lo, hi);
     const int per = (hi - lo + kSplitThreads - 1) / kSplitThreads;
     const int a = min(hi, lo + static_cast<int>(threadIdx.x) * per), b = min(hi, a + per);
     double part = 0.0;
-    for (int i = a; i < b; ++i) part += x[i];
+    for (int i = a; i < b; ++i) part += q_at(i);
     // Exclusive scan of the pieces in thread order.
     const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
     double incl = part;
@@ -503,8 +531,9 @@ __global__ void __launch_bounds__(kSplitThreads)
     if (before <= u && u < before + part) {
       double acc = before;
       for (int i = a; i < b; ++i) {
-        if (x[i] <= 0.0f) continue;
-        acc += x[i];
+        const float q = q_at(i);
+        if (q <= 0.0f) continue;
+        acc += q;
         if (acc > u) {
           found = i;
           break;
@@ -517,7 +546,7 @@ __global__ void __launch_bounds__(kSplitThreads)
     int chosen = found;
     if (chosen < 0 && total > 0.0) {  // rounding left u past the end: the last kept token
       for (int i = vocab - 1; i >= 0 && chosen < 0; --i) {
-        if (x[i] > 0.0f) chosen = i;
+        if (q_at(i) > 0.0f) chosen = i;
       }
     }
     out.ids[row] = chosen >= 0 ? chosen : top.i;
@@ -527,22 +556,32 @@ __global__ void __launch_bounds__(kSplitThreads)
 }  // namespace
 
 size_t sample_split_scratch_bytes(int rows) {
-  return static_cast<size_t>(rows) * kSplitChunks * (sizeof(ArgMax) + sizeof(double));
+  return static_cast<size_t>(rows) * kMaxSplitChunks * (sizeof(ArgMax) + sizeof(double));
+}
+
+int sample_split_chunks(int rows, bool lean) {
+  if (!lean) return kMaxSplitChunks;
+  // About 1024 CTAs (a wave of 256-thread CTAs on a large GPU), at least 4 chunks a row.
+  return std::clamp(1024 / std::max(rows, 1), 4, kMaxSplitChunks);
 }
 
 void sample_rows_split(const float* logits, float* work, int rows, int vocab,
                        const DeviceSamplingRow* params, const SamplingTables& tables,
-                       const SamplingOutput& out, void* scratch, cudaStream_t stream) {
+                       const SamplingOutput& out, void* scratch, bool lean, cudaStream_t stream) {
   if (rows == 0) return;
   require(vocab > 0, "sample_rows_split: empty vocabulary");
   SplitScratch s;
+  s.chunks = sample_split_chunks(rows, lean);
+  s.lean = lean;
   s.mass = static_cast<double*>(scratch);
-  s.am = reinterpret_cast<ArgMax*>(s.mass + static_cast<size_t>(rows) * kSplitChunks);
-  const dim3 grid(kSplitChunks, rows);
+  s.am = reinterpret_cast<ArgMax*>(s.mass + static_cast<size_t>(rows) * s.chunks);
+  const dim3 grid(s.chunks, rows);
   sample_split_prep_kernel<<<grid, kSplitThreads, 0, stream>>>(logits, work, vocab, params, tables,
                                                                s);
-  launch_pdl(sample_split_probs_kernel, grid, kSplitThreads, 0, stream, work, vocab, params, s);
-  launch_pdl(sample_split_draw_kernel, rows, kSplitThreads, 0, stream, work, vocab, params, s, out);
+  launch_pdl(sample_split_probs_kernel, grid, kSplitThreads, 0, stream, logits, work, vocab,
+             params, s);
+  launch_pdl(sample_split_draw_kernel, rows, kSplitThreads, 0, stream, logits,
+             static_cast<const float*>(work), vocab, params, s, out);
   ERNIE_CUDA_CHECK(cudaGetLastError());
 }
 

@@ -51,10 +51,14 @@ void sample_rows(const float* logits, float* work, int rows, int vocab,
 // The same for rows without top-k, top-p or logprobs (top_k <= 0 or >= vocab, top_p >= 1,
 // num_logprobs < 0; only out.ids is written), each row spread over many CTAs: for a few rows,
 // where sample_rows would run one CTA per row. scratch: sample_split_scratch_bytes(rows) of
-// device memory, 8-byte aligned.
+// device memory, 8-byte aligned. `lean`: rows without edits are read from the logits and no
+// probability is stored (work is written only for rows with bias, penalties or bans), each
+// row over sample_split_chunks(rows, true) CTAs; otherwise 64 CTAs a row, every row's edited
+// logits and probabilities stored in work.
 size_t sample_split_scratch_bytes(int rows);
+int sample_split_chunks(int rows, bool lean);
 void sample_rows_split(const float* logits, float* work, int rows, int vocab,
                        const DeviceSamplingRow* params, const SamplingTables& tables,
-                       const SamplingOutput& out, void* scratch, cudaStream_t stream);
+                       const SamplingOutput& out, void* scratch, bool lean, cudaStream_t stream);
 
 }  // namespace ernie::cuda
