@@ -349,7 +349,8 @@ CLI::App* add_bench(CLI::App& app, BenchArgs& a) {
   c->add_option("--frequency-penalty", a.frequency_penalty,
                 "Frequency penalty sent with every request")
       ->group("Sampling parameters");
-  c->add_option("--presence-penalty", a.presence_penalty, "Presence penalty sent with every request")
+  c->add_option("--presence-penalty", a.presence_penalty,
+                "Presence penalty sent with every request")
       ->group("Sampling parameters");
   c->add_option("--repetition-penalty", a.repetition_penalty,
                 "Repetition penalty sent with every request")

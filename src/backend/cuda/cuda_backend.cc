@@ -966,8 +966,8 @@ class CudaBackend final : public Backend {
     const auto* d_params = reinterpret_cast<cuda::DeviceSamplingRow*>(dev + o_params);
     if (split) {
       void* scratch = arena_.alloc(cuda::sample_split_scratch_bytes(n));
-      cuda::sample_rows_split(logits.as<float>(), work, n, vocab, d_params, tab, out, scratch,
-                              lean, stream_);
+      cuda::sample_rows_split(logits.as<float>(), work, n, vocab, d_params, tab, out, scratch, lean,
+                              stream_);
     } else {
       cuda::sample_rows(logits.as<float>(), work, n, vocab, d_params, tab, out, stream_);
     }

@@ -373,8 +373,8 @@ __device__ __forceinline__ bool has_edits(const DeviceSamplingRow& p) {
 }
 
 // The row's values after its edits: the logits themselves when a lean launch left them alone.
-__device__ __forceinline__ const float* edited_row(const float* logits, const float* work,
-                                                   int row, int vocab, const DeviceSamplingRow& p,
+__device__ __forceinline__ const float* edited_row(const float* logits, const float* work, int row,
+                                                   int vocab, const DeviceSamplingRow& p,
                                                    bool lean) {
   return (lean && !has_edits(p) ? logits : work) + static_cast<size_t>(row) * vocab;
 }
@@ -578,8 +578,8 @@ void sample_rows_split(const float* logits, float* work, int rows, int vocab,
   const dim3 grid(s.chunks, rows);
   sample_split_prep_kernel<<<grid, kSplitThreads, 0, stream>>>(logits, work, vocab, params, tables,
                                                                s);
-  launch_pdl(sample_split_probs_kernel, grid, kSplitThreads, 0, stream, logits, work, vocab,
-             params, s);
+  launch_pdl(sample_split_probs_kernel, grid, kSplitThreads, 0, stream, logits, work, vocab, params,
+             s);
   launch_pdl(sample_split_draw_kernel, rows, kSplitThreads, 0, stream, logits,
              static_cast<const float*>(work), vocab, params, s, out);
   ERNIE_CUDA_CHECK(cudaGetLastError());
