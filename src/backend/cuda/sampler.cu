@@ -229,6 +229,14 @@ __device__ void edited_logits(const float* raw, float* x, int lo, int hi,
   __syncthreads();
 }
 
+// q, the unnormalised probability of one element: exp((v - max) / T) in double, 0 under min_p
+// (which keeps q >= min_p * max q = min_p).
+__device__ __forceinline__ float probability(float v, float mx, const DeviceSamplingRow& p) {
+  double q = v == -INFINITY ? 0.0 : exp((static_cast<double>(v) - mx) / p.temperature);
+  if (p.min_p > 0.0f && q < static_cast<double>(p.min_p)) q = 0.0;
+  return static_cast<float>(q);
+}
+
 __global__ void __launch_bounds__(kThreads)
     sample_kernel(const float* logits, float* work, int vocab, const DeviceSamplingRow* params,
                   SamplingTables tab, SamplingOutput out) {
@@ -250,13 +258,7 @@ __global__ void __launch_bounds__(kThreads)
 
   if (p.temperature >= 1e-5f) {
     const float mx = top.v;
-    // q = unnormalised probabilities; min_p keeps q >= min_p * max q = min_p.
-    for (int i = threadIdx.x; i < vocab; i += kThreads) {
-      const float v = x[i];
-      double q = v == -INFINITY ? 0.0 : exp((static_cast<double>(v) - mx) / p.temperature);
-      if (p.min_p > 0.0f && q < static_cast<double>(p.min_p)) q = 0.0;
-      x[i] = static_cast<float>(q);
-    }
+    for (int i = threadIdx.x; i < vocab; i += kThreads) x[i] = probability(x[i], mx, p);
     __syncthreads();
     if (p.top_k > 0 && p.top_k < vocab) keep_first(x, vocab, p.top_k, sh);
     if (p.top_p < 1.0f) {
@@ -377,13 +379,6 @@ __device__ __forceinline__ const float* edited_row(const float* logits, const fl
                                                    int vocab, const DeviceSamplingRow& p,
                                                    bool lean) {
   return (lean && !has_edits(p) ? logits : work) + static_cast<size_t>(row) * vocab;
-}
-
-// q of one element, as sample_kernel computes it.
-__device__ __forceinline__ float probability(float v, float mx, const DeviceSamplingRow& p) {
-  double q = v == -INFINITY ? 0.0 : exp((static_cast<double>(v) - mx) / p.temperature);
-  if (p.min_p > 0.0f && q < static_cast<double>(p.min_p)) q = 0.0;
-  return static_cast<float>(q);
 }
 
 // A CTA-wide argmax for kSplitThreads threads.
