@@ -284,7 +284,7 @@ TEST_F(CudaBackendTest, MoeMatchesCpu) {
     int tokens, hidden, experts, k, inter, shared_inter;
   };
   // Every M-block size (moe_block_m): 16-row tiles for up to 8 pairs per expert, 32-row up to
-  // 32 (ERNIE_MOE_SWAP_AB=2: 64, the 400-token case), 128-row wgmma tiles beyond (also with
+  // 32, 128-row wgmma tiles beyond (also with
   // reductions and widths that leave partial tiles: hidden 160, intermediate 96); the 21B shape all
   // three ways. Up to 8 tokens, shared experts of a whole number of routed experts' sizes run
   // folded into the routed GEMMs (1, 5 and 8 tokens; 8: three folded experts); 160 over 96 cannot

@@ -134,11 +134,6 @@ TEST(MoeLayout, CapacityHoldsAnyRouting) {
   EXPECT_EQ(moe_block_m(256 * 6, 64), kMoeBlockMid);
   EXPECT_EQ(moe_block_m(512 * 6, 64), kMoeBlockWgmma);
   EXPECT_EQ(moe_block_m(8192 * 6, 64), kMoeBlockWgmma);
-  // With 32-row blocks up to 64 pairs an expert (ERNIE_MOE_SWAP_AB=2): up to ~680 sequences.
-  EXPECT_EQ(moe_block_m(64 * 6, 64, 64), kMoeBlockSmall);
-  EXPECT_EQ(moe_block_m(512 * 6, 64, 64), kMoeBlockMid);
-  EXPECT_EQ(moe_block_m(682 * 6, 64, 64), kMoeBlockMid);
-  EXPECT_EQ(moe_block_m(683 * 6, 64, 64), kMoeBlockWgmma);
 }
 
 // Every (row, col) of a tiled matrix has its own element, the padding columns included, and

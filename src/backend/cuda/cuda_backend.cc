@@ -750,7 +750,7 @@ class CudaBackend final : public Backend {
     if (tokens == 0) return;
     const auto scratch_mark = arena_.mark();
     const int pairs = tokens * k;
-    const int block_m = cuda::moe_block_m(pairs, experts, cuda::moe_mid_max_pairs());
+    const int block_m = cuda::moe_block_m(pairs, experts);
     // Up to kFoldTokens tokens the shared experts run inside the routed GEMMs where
     // prepare_moe folded them (their gate/up blocks start while the router runs): H200, step
     // 1 x 1000 2.540 -> 2.503 ms; folded at 16-256 tokens too, steps were 2-8% slower than with

@@ -1080,15 +1080,11 @@ __global__ void __launch_bounds__(128)
   }
 }
 
-// ERNIE_MOE_SWAP_AB (new, off): 1 or 2 run the 32-row blocks on moe_gemm_swap_kernel (gate/up
-// and down alike: down's readiness target counts gate/up's column tiles); 2 also takes 32-row
-// blocks up to 64 pairs an expert (moe_mid_max_pairs).
-int swap_ab_mode() {
-  static const int mode = switch_bits("ERNIE_MOE_SWAP_AB", 0);
-  return mode;
-}
+// ERNIE_MOE_SWAP_AB=1 (new, off) runs the 32-row blocks on moe_gemm_swap_kernel (gate/up and
+// down alike: down's readiness target counts gate/up's column tiles).
 bool swap_ab_enabled() {
-  return swap_ab_mode() == 1 || swap_ab_mode() == 2;
+  static const bool on = switch_bits("ERNIE_MOE_SWAP_AB", 0) == 1;
+  return on;
 }
 
 // w_rows: the stacked weights' rows (experts * 2N for gate/up, experts * N for down).
@@ -1363,10 +1359,6 @@ void tile_expert_weights(__nv_bfloat16* dst, const __nv_bfloat16* src, int64_t r
   tile_expert_weights_kernel<<<static_cast<unsigned>(blocks), threads, 0, stream>>>(
       dst, src, rows, K, tiled_cols(K), ld);
   ERNIE_CUDA_CHECK(cudaGetLastError());
-}
-
-int moe_mid_max_pairs() {
-  return swap_ab_mode() == 2 ? 64 : 32;
 }
 
 size_t moe_align_scratch_bytes(int pairs, int experts) {

@@ -18,18 +18,14 @@
 namespace ernie::cuda {
 
 // Rows per M-block of the sorted layout: 16 while the average expert gets up to 8 rows, 32 up
-// to mid_max rows (decode: tiles that stream weights), else 128 (wgmma tiles fed by TMA,
+// to 32 rows (decode: tiles that stream weights), else 128 (wgmma tiles fed by TMA,
 // sm_90a).
 constexpr int kMoeBlockSmall = 16, kMoeBlockMid = 32, kMoeBlockWgmma = 128;
-inline int moe_block_m(int64_t pairs, int experts, int mid_max = 32) {
+inline int moe_block_m(int64_t pairs, int experts) {
   if (pairs <= 8LL * experts) return kMoeBlockSmall;
-  if (pairs <= int64_t{mid_max} * experts) return kMoeBlockMid;
+  if (pairs <= 32LL * experts) return kMoeBlockMid;
   return kMoeBlockWgmma;
 }
-
-// The mid_max the backend passes moe_block_m: 32; 64 with ERNIE_MOE_SWAP_AB=2 (new, off), whose
-// swapped 32-row kernel is to stream weights past 32 rows an expert as well (moe.cu).
-int moe_mid_max_pairs();
 
 // Rows of the sorted/padded layout for `pairs` = tokens * k pairs over `experts` experts: each
 // expert that gets pairs pads at most block_m - 1 rows, and at most min(experts, pairs) do (a
