@@ -3,12 +3,24 @@
 #include <atomic>
 #include <chrono>
 #include <cstdio>
+#include <cstdlib>
 #include <ctime>
 #include <mutex>
+#include <string>
 
 namespace ernie::log {
 namespace {
-std::atomic<Level> g_level{Level::kInfo};
+// The starting level from VLLM_LOGGING_LEVEL, as vLLM reads it (DEBUG, INFO, WARNING, ERROR;
+// anything else leaves INFO).
+Level initial_level() {
+  const char* v = std::getenv("VLLM_LOGGING_LEVEL");
+  const std::string name = v ? v : "";
+  if (name == "DEBUG") return Level::kDebug;
+  if (name == "WARNING") return Level::kWarning;
+  if (name == "ERROR") return Level::kError;
+  return Level::kInfo;
+}
+std::atomic<Level> g_level{initial_level()};
 std::mutex g_mutex;
 }  // namespace
 

@@ -371,15 +371,19 @@ std::vector<RequestOutput> Engine::step() {
     if (o.finished) requests_.erase(it);
     outputs.push_back(std::move(o));
   }
+  auto ms = [](auto d) { return std::chrono::duration<double, std::milli>(d).count(); };
+  const auto t_end = Clock::now();
+  step_build_ms_ += ms(t_forward - t_start);
+  step_device_ms_ += ms(t_sampled - t_forward);
+  step_output_ms_ += ms(t_end - t_sampled);
   if (cfg_.profile_stages) {
     const model::StepCost cost = model::step_cost(model_.config(), step);
     for (size_t i = 0; i < cost.size(); ++i) {
       host_profile_.bytes[i] += cost[i].bytes;
       host_profile_.flops[i] += cost[i].flops;
     }
-    auto ms = [](auto d) { return std::chrono::duration<double, std::milli>(d).count(); };
     host_profile_.ms[static_cast<int>(backend::Stage::kHostSchedule)] += ms(t_forward - t_start);
-    host_profile_.ms[static_cast<int>(backend::Stage::kHostOutput)] += ms(Clock::now() - t_sampled);
+    host_profile_.ms[static_cast<int>(backend::Stage::kHostOutput)] += ms(t_end - t_sampled);
   }
   return outputs;
 }
@@ -406,6 +410,9 @@ EngineStats Engine::stats() const {
   st.generation_tokens = generation_tokens_;
   st.preemptions = sched_.num_preemptions();
   st.steps = steps_;
+  st.step_build_ms = step_build_ms_;
+  st.step_device_ms = step_device_ms_;
+  st.step_output_ms = step_output_ms_;
   return st;
 }
 

@@ -65,6 +65,11 @@ struct EngineStats {
   int64_t prompt_tokens = 0, generation_tokens = 0;
   int64_t preemptions = 0;
   int64_t steps = 0;
+  // Wall time of the steps so far, summed (ms): building the step on the host before the
+  // forward pass, the forward pass and sampling (the host waits for the device's tokens), and
+  // the host's work on the tokens after (stop checks, text, outputs). The GPU idles through
+  // the first and the last.
+  double step_build_ms = 0.0, step_device_ms = 0.0, step_output_ms = 0.0;
 };
 
 class Engine {
@@ -120,6 +125,7 @@ class Engine {
   uint64_t next_arrival_ = 0;
   std::mt19937_64 seed_rng_;
   int64_t prompt_tokens_ = 0, generation_tokens_ = 0, steps_ = 0;
+  double step_build_ms_ = 0.0, step_device_ms_ = 0.0, step_output_ms_ = 0.0;
   backend::StageProfile host_profile_;  // profile_stages: the engine's host time per stage
   std::vector<std::string> aborted_;    // reported by the next step
 };

@@ -48,6 +48,7 @@ std::optional<std::string> RequestStream::error() const {
 AsyncEngine::AsyncEngine(runtime::Engine& engine, Metrics& metrics, double log_interval_s)
     : engine_(engine), metrics_(metrics), log_interval_s_(log_interval_s), last_log_(Clock::now()) {
   snapshot_ = engine_.stats();
+  deliver_thread_ = std::thread([this] { deliver_loop(); });
   thread_ = std::thread([this] { loop(); });
 }
 
@@ -130,9 +131,87 @@ void AsyncEngine::log_stats() {
       log::info(line + end);
     }
   }
+  // Where a step's wall time goes (VLLM_LOGGING_LEVEL=DEBUG): the GPU idles through all but
+  // the device part.
+  if (const int64_t steps = st.steps - logged_steps_.steps;
+      steps > 0 && log::level() <= log::Level::kDebug) {
+    char line[256];
+    std::snprintf(
+        line, sizeof line,
+        "Step times over %lld steps (ms per step): build %.3f, device + sampling %.3f, "
+        "outputs %.3f, between steps %.3f; %lld preemptions",
+        static_cast<long long>(steps), (st.step_build_ms - logged_steps_.step_build_ms) / steps,
+        (st.step_device_ms - logged_steps_.step_device_ms) / steps,
+        (st.step_output_ms - logged_steps_.step_output_ms) / steps, between_steps_ms_ / steps,
+        static_cast<long long>(st.preemptions - logged_steps_.preemptions));
+    log::debug(line);
+  }
+  logged_steps_ = st;
+  between_steps_ms_ = 0.0;
   logged_prompt_ = st.prompt_tokens;
   logged_generation_ = st.generation_tokens;
   last_log_ = now;
+}
+
+void AsyncEngine::deliver(Delivery d) {
+  {
+    std::lock_guard lock(deliver_mu_);
+    deliveries_.push_back(std::move(d));
+  }
+  deliver_cv_.notify_one();
+}
+
+void AsyncEngine::deliver_loop() {
+  while (true) {
+    std::deque<Delivery> batch;
+    {
+      std::unique_lock lock(deliver_mu_);
+      deliver_cv_.wait(lock, [this] { return deliver_stop_ || !deliveries_.empty(); });
+      if (deliveries_.empty()) return;  // stopping, everything handed out
+      batch.swap(deliveries_);
+    }
+    for (Delivery& d : batch) {
+      for (auto& [id, live] : d.adds) live_[id] = std::move(live);
+      for (auto& o : d.outputs) {
+        auto it = live_.find(o.request_id);
+        if (it == live_.end()) continue;
+        Live& l = it->second;
+        bool new_tokens = false;
+        for (const auto& out : o.outputs) new_tokens |= !out.token_ids.empty();
+        if (new_tokens) {
+          if (!l.first_token) {
+            l.first_token = d.stamp;
+            metrics_.observe_ttft(std::chrono::duration<double>(d.stamp - l.arrival).count());
+          } else {
+            metrics_.observe_itl(std::chrono::duration<double>(d.stamp - *l.last_token).count());
+          }
+          l.last_token = d.stamp;
+        }
+        if (o.finished) {
+          int64_t out_tokens = 0;
+          std::string reason = "stop";
+          for (const auto& out : o.outputs) {
+            out_tokens = std::max(out_tokens, out.num_output_tokens);
+            if (out.finish_reason) reason = *out.finish_reason;
+          }
+          const double e2e = std::chrono::duration<double>(d.stamp - l.arrival).count();
+          const double tpot =
+              l.first_token && out_tokens > 1
+                  ? std::chrono::duration<double>(d.stamp - *l.first_token).count() /
+                        (out_tokens - 1)
+                  : 0.0;
+          metrics_.observe_e2e(e2e, tpot, reason);
+        }
+        auto stream = l.stream;
+        if (o.finished) live_.erase(it);
+        stream->push(std::move(o));
+      }
+      if (d.fail_all) {
+        for (auto& [id, live] : live_) live.stream->fail(*d.fail_all);
+        live_.clear();
+      }
+    }
+  }
 }
 
 void AsyncEngine::loop() {
@@ -149,70 +228,51 @@ void AsyncEngine::loop() {
       aborts.swap(aborts_);
       stopping = stop_;
     }
+    Delivery d;
     for (auto& p : adds) {
       try {
         engine_.add_request(p.id, std::move(p.prompt), std::move(p.params));
-        live_[p.id] = {p.stream, p.arrival, std::nullopt, std::nullopt};
+        live_ids_.insert(p.id);
+        d.adds.push_back({p.id, Live{p.stream, p.arrival, std::nullopt, std::nullopt}});
       } catch (const std::exception& e) {
         p.stream->fail(e.what());
       }
     }
     for (const auto& id : aborts) engine_.abort_request(id);
     if (stopping) {
-      for (auto& [id, live] : live_) engine_.abort_request(id);
+      for (const auto& id : live_ids_) engine_.abort_request(id);
     }
-    std::vector<runtime::RequestOutput> outputs;
     if (engine_.has_unfinished()) {
+      const auto begin = Clock::now();
+      if (last_step_end_)
+        between_steps_ms_ +=
+            std::chrono::duration<double, std::milli>(begin - *last_step_end_).count();
       try {
-        outputs = engine_.step();
+        d.outputs = engine_.step();
       } catch (const std::exception& e) {
         // A failed step cannot be retried safely: fail every live request, keep serving.
         log::error("engine step failed: ", e.what());
-        for (auto& [id, live] : live_) {
-          engine_.abort_request(id);
-          live.stream->fail(cat("internal error: ", e.what()));
-        }
-        live_.clear();
+        for (const auto& id : live_ids_) engine_.abort_request(id);
+        live_ids_.clear();
+        d.outputs.clear();
+        d.fail_all = cat("internal error: ", e.what());
         try {
           while (engine_.has_unfinished()) engine_.step();
         } catch (const std::exception&) {
         }
       }
     }
-    const auto now = Clock::now();
-    for (auto& o : outputs) {
-      auto it = live_.find(o.request_id);
-      if (it == live_.end()) continue;
-      Live& l = it->second;
-      bool new_tokens = false;
-      for (const auto& d : o.outputs) new_tokens |= !d.token_ids.empty();
-      if (new_tokens) {
-        if (!l.first_token) {
-          l.first_token = now;
-          metrics_.observe_ttft(std::chrono::duration<double>(now - l.arrival).count());
-        } else {
-          metrics_.observe_itl(std::chrono::duration<double>(now - *l.last_token).count());
-        }
-        l.last_token = now;
-      }
-      if (o.finished) {
-        int64_t out_tokens = 0;
-        std::string reason = "stop";
-        for (const auto& d : o.outputs) {
-          out_tokens = std::max(out_tokens, d.num_output_tokens);
-          if (d.finish_reason) reason = *d.finish_reason;
-        }
-        const double e2e = std::chrono::duration<double>(now - l.arrival).count();
-        const double tpot =
-            l.first_token && out_tokens > 1
-                ? std::chrono::duration<double>(now - *l.first_token).count() / (out_tokens - 1)
-                : 0.0;
-        metrics_.observe_e2e(e2e, tpot, reason);
-      }
-      auto stream = l.stream;
-      if (o.finished) live_.erase(it);
-      stream->push(std::move(o));
+    d.stamp = Clock::now();
+    last_step_end_ = d.stamp;
+    for (const auto& o : d.outputs) {
+      if (o.finished) live_ids_.erase(o.request_id);
     }
+    const bool done = stopping && !engine_.has_unfinished();
+    if (done) {
+      live_ids_.clear();
+      d.fail_all = "the server is shutting down";
+    }
+    if (!d.adds.empty() || !d.outputs.empty() || d.fail_all) deliver(std::move(d));
     const auto st = engine_.stats();
     metrics_.update(st);
     {
@@ -220,9 +280,14 @@ void AsyncEngine::loop() {
       snapshot_ = st;
     }
     log_stats();
-    if (stopping && !engine_.has_unfinished()) {
-      for (auto& [id, live] : live_) live.stream->fail("the server is shutting down");
-      live_.clear();
+    if (!engine_.has_unfinished()) last_step_end_.reset();  // idle time is not a gap
+    if (done) {
+      {
+        std::lock_guard lock(deliver_mu_);
+        deliver_stop_ = true;
+      }
+      deliver_cv_.notify_one();
+      deliver_thread_.join();
       return;
     }
   }

@@ -1,6 +1,9 @@
 // The engine on its own thread: HTTP handlers submit requests and aborts from any thread and
 // receive outputs through a RequestStream; the engine thread owns the engine (and through it
-// the model and the device), steps while there is work, and logs periodic stats.
+// the model and the device), steps while there is work, and logs periodic stats. A second
+// thread hands each step's outputs to the requests' streams (and records TTFT, ITL and E2E
+// latency), so that the engine thread goes on to the next step at once: at 256 sequences the
+// hand-off took ~0.6 ms a step, time the GPU sat idle.
 #pragma once
 
 #include <chrono>
@@ -11,6 +14,7 @@
 #include <memory>
 #include <mutex>
 #include <optional>
+#include <set>
 #include <string>
 #include <thread>
 #include <vector>
@@ -66,7 +70,18 @@ class AsyncEngine {
     std::chrono::steady_clock::time_point arrival;
     std::optional<std::chrono::steady_clock::time_point> first_token, last_token;
   };
+  // One batch of work for the delivery thread, in the engine thread's order: streams to
+  // register, outputs to hand out (stamped when their step ended), then, when set, a failure
+  // for every registered stream.
+  struct Delivery {
+    std::vector<std::pair<std::string, Live>> adds;
+    std::vector<runtime::RequestOutput> outputs;
+    std::chrono::steady_clock::time_point stamp;
+    std::optional<std::string> fail_all;
+  };
   void loop();
+  void deliver_loop();
+  void deliver(Delivery d);  // engine thread: queue for the delivery thread
   void log_stats();
 
   runtime::Engine& engine_;
@@ -78,9 +93,21 @@ class AsyncEngine {
   std::vector<std::string> aborts_;
   bool stop_ = false;
   runtime::EngineStats snapshot_;
-  std::map<std::string, Live> live_;  // engine thread only
+  std::set<std::string> live_ids_;    // engine thread only: registered, not finished
+  std::map<std::string, Live> live_;  // delivery thread only
+  std::mutex deliver_mu_;
+  std::condition_variable deliver_cv_;
+  std::deque<Delivery> deliveries_;
+  bool deliver_stop_ = false;
+  std::thread deliver_thread_;
   std::chrono::steady_clock::time_point last_log_;
   int64_t logged_prompt_ = 0, logged_generation_ = 0;
+  // Engine-thread time from the end of one step to the start of the next while requests ran
+  // (handing out the outputs, taking new requests, stats), and the engine's step times at the
+  // last log: the step-time debug line's intervals.
+  std::optional<std::chrono::steady_clock::time_point> last_step_end_;
+  double between_steps_ms_ = 0.0;
+  runtime::EngineStats logged_steps_;
   std::thread thread_;
   std::once_flag joined_;  // shutdown() may be called from several threads
 };

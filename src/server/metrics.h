@@ -28,7 +28,7 @@ class Histogram {
 class Metrics {
  public:
   explicit Metrics(std::string model_name);
-  // Engine thread.
+  // The delivery thread (observe_*) and the engine thread (update); any thread may render.
   void observe_ttft(double s);
   void observe_itl(double s);
   void observe_e2e(double s, double tpot, const std::string& finish_reason);

@@ -1,12 +1,17 @@
 // The engine end to end on a small synthetic model with its tokenizer.
 #include <gtest/gtest.h>
 
+#include <chrono>
 #include <cmath>
+#include <condition_variable>
+#include <mutex>
 #include <random>
 
 #include "common/check.h"
 #include "common/rng.h"
 #include "runtime/engine.h"
+#include "server/async_engine.h"
+#include "server/metrics.h"
 #include "test_util.h"
 #include "tokenizer/synthetic.h"
 
@@ -326,6 +331,134 @@ TEST_F(EngineTest, StageProfileCountsEveryStep) {
   }
   EXPECT_EQ(e.take_stage_profile().steps, 0);  // taken: reset
   m_->model->backend().enable_profile(false);
+}
+
+}  // namespace
+}  // namespace ernie::runtime
+
+namespace ernie::runtime {
+namespace {
+
+using server::AsyncEngine;
+using server::Metrics;
+using server::RequestStream;
+
+// What one stream received, waited for until finished (or failed).
+struct Received {
+  std::vector<int32_t> tokens;
+  bool finished = false;
+  std::optional<std::string> error;
+  std::string finish_reason;
+};
+
+Received wait_for(RequestStream& s, std::mutex& mu, std::condition_variable& cv) {
+  Received r;
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(120);
+  while (true) {
+    bool finished = false;
+    for (RequestOutput& o : s.drain(&finished)) {
+      for (auto& d : o.outputs) {
+        r.tokens.insert(r.tokens.end(), d.token_ids.begin(), d.token_ids.end());
+        if (d.finish_reason) r.finish_reason = *d.finish_reason;
+      }
+      r.finished |= o.finished;
+    }
+    r.error = s.error();
+    if (finished) return r;
+    std::unique_lock lock(mu);
+    if (cv.wait_until(lock, deadline) == std::cv_status::timeout) {
+      ADD_FAILURE() << "a stream never finished";
+      return r;
+    }
+  }
+}
+
+// Requests through the engine thread and the delivery thread: each stream receives, in order,
+// exactly what the engine gives the same request alone, ends with its finished output, and the
+// latency histograms count every request once.
+TEST_F(EngineTest, AsyncEngineDeliversEveryOutputInOrder) {
+  Rng rng(std::random_device{}());
+  const auto prompts = random_prompts(rng, 12);
+  std::vector<SamplingParams> params;
+  for (size_t i = 0; i < prompts.size(); ++i)
+    params.push_back(greedy(3 + static_cast<int>(rng.below(20))));
+  std::vector<std::vector<int32_t>> alone;
+  {
+    Engine e(*m_->model, nullptr, small_config());
+    for (size_t i = 0; i < prompts.size(); ++i)
+      alone.push_back(generate(e, {prompts[i]}, {params[i]})[0][0].tokens);
+  }
+  Engine e(*m_->model, nullptr, small_config());
+  Metrics metrics("m");
+  std::mutex mu;
+  std::condition_variable cv;
+  auto notify = [&] {
+    std::lock_guard lock(mu);
+    cv.notify_all();
+  };
+  std::vector<std::shared_ptr<RequestStream>> streams;
+  {
+    AsyncEngine ae(e, metrics, 0.05);
+    for (size_t i = 0; i < prompts.size(); ++i) {
+      streams.push_back(std::make_shared<RequestStream>(notify));
+      ae.submit("r" + std::to_string(i), prompts[i], params[i], streams.back());
+    }
+    for (size_t i = 0; i < prompts.size(); ++i) {
+      const Received r = wait_for(*streams[i], mu, cv);
+      EXPECT_TRUE(r.finished) << i;
+      EXPECT_FALSE(r.error) << i;
+      EXPECT_EQ(r.finish_reason, "length") << i;
+      EXPECT_EQ(r.tokens, alone[i]) << i;
+    }
+  }
+  const std::string text = metrics.render();
+  EXPECT_NE(text.find("vllm:time_to_first_token_seconds_count{model_name=\"m\"} " +
+                      std::to_string(prompts.size())),
+            std::string::npos)
+      << text;
+  EXPECT_NE(text.find("vllm:e2e_request_latency_seconds_count{model_name=\"m\"} " +
+                      std::to_string(prompts.size())),
+            std::string::npos)
+      << text;
+}
+
+// Shutting down with requests still running: every stream ends (an abort output or a failure),
+// none is left waiting, and a request submitted after shutdown fails at once.
+TEST_F(EngineTest, AsyncEngineShutdownEndsEveryStream) {
+  Rng rng(std::random_device{}());
+  const auto prompts = random_prompts(rng, 6);
+  Engine e(*m_->model, nullptr, small_config());
+  Metrics metrics("m");
+  std::mutex mu;
+  std::condition_variable cv;
+  auto notify = [&] {
+    std::lock_guard lock(mu);
+    cv.notify_all();
+  };
+  std::vector<std::shared_ptr<RequestStream>> streams;
+  AsyncEngine ae(e, metrics, 0.05);
+  for (size_t i = 0; i < prompts.size(); ++i) {
+    streams.push_back(std::make_shared<RequestStream>(notify));
+    ae.submit("r" + std::to_string(i), prompts[i], greedy(200), streams.back());
+  }
+  // Wait for the first tokens of the first request, then stop.
+  while (true) {
+    bool finished = false;
+    std::vector<RequestOutput> got = streams[0]->drain(&finished);
+    if (!got.empty() || finished) break;
+    std::unique_lock lock(mu);
+    cv.wait_for(lock, std::chrono::milliseconds(10));
+  }
+  ae.shutdown();
+  for (size_t i = 0; i < streams.size(); ++i) {
+    EXPECT_TRUE(streams[i]->finished()) << i;
+    const Received r = wait_for(*streams[i], mu, cv);
+    EXPECT_TRUE(r.finish_reason == "abort" || r.error) << i;
+  }
+  auto late = std::make_shared<RequestStream>(notify);
+  ae.submit("late", prompts[0], greedy(5), late);
+  EXPECT_TRUE(late->finished());
+  EXPECT_TRUE(late->error());
 }
 
 }  // namespace
