@@ -86,6 +86,10 @@ void validate_step(const StepInput& s, int64_t num_blocks, int64_t block_size, i
     require_parts(id >= 0 && id < vocab_size, "step: token id ", id, " outside vocabulary of ",
                   vocab_size);
   }
+  for (const auto& [i, r] : s.token_feed) {
+    require_parts(i >= 0 && i < t && r >= 0, "step: token feed {", i, ", ", r,
+                  "} outside the step");
+  }
   for (int64_t q = 0; q < n; ++q) {
     const int32_t b = s.query_start[q], e = s.query_start[q + 1], ctx = s.context_lens[q];
     require_parts(b < e, "step: sequence ", q, " has no tokens");

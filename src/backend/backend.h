@@ -52,6 +52,10 @@ struct StepInput {
   int32_t max_blocks_per_seq = 0;
   std::vector<int64_t> slot_mapping;    // [num_tokens]: KV slot = block * block_size + offset
   std::vector<int32_t> logits_indices;  // token rows whose logits the step returns, in order
+  // Tokens whose ids the host does not know yet (asynchronous scheduling): {token index i, row
+  // r} gives token i the id that row r of the backend's last sample_async drew; their
+  // token_ids entries are placeholders (0).
+  std::vector<std::pair<int32_t, int32_t>> token_feed;
 
   int32_t num_tokens() const { return static_cast<int32_t>(token_ids.size()); }
   int32_t num_seqs() const { return static_cast<int32_t>(context_lens.size()); }
@@ -295,6 +299,26 @@ class Backend {
   // ids and requested logprobs come back).
   virtual std::vector<SampledToken> sample(const Tensor& logits,
                                            const std::vector<SamplingRow>& rows) = 0;
+  // sample() in two halves, for asynchronous scheduling: sample_async queues the work and may
+  // return before the ids are known; finish_sample() waits for them and returns what sample()
+  // would have. The drawn ids also stay with the backend as the next step's token_feed. At
+  // most one sample is pending; a step may begin (and be fed) before finish_sample().
+  // Backends that sample on the host answer at once (this default).
+  virtual void sample_async(const Tensor& logits, const std::vector<SamplingRow>& rows) {
+    pending_samples_ = sample(logits, rows);
+    fed_ids_.clear();
+    for (const SampledToken& t : pending_samples_) fed_ids_.push_back(t.id);
+  }
+  virtual std::vector<SampledToken> finish_sample() {
+    std::vector<SampledToken> out;
+    out.swap(pending_samples_);
+    return out;
+  }
+
+ protected:
+  // The default sample_async's result and its ids (the host-side token feed).
+  std::vector<SampledToken> pending_samples_;
+  std::vector<int32_t> fed_ids_;
 };
 
 std::unique_ptr<Backend> make_cpu_backend(int num_threads = 0);

@@ -64,6 +64,9 @@ CLI::App* add_serve(CLI::App& app, ServeArgs& a) {
       ->check(CLI::IsMember({"auto", "safetensors", "dummy"}))
       ->capture_default_str();
   c->add_flag("--enforce-eager", a.enforce_eager, "Do not capture CUDA graphs");
+  c->add_flag("--async-scheduling,!--no-async-scheduling", a.async_scheduling,
+              "Schedule and launch each step before the last step's tokens reach the host "
+              "(the host's work overlaps the device's)");
   c->add_flag("--profile-stages", a.profile_stages,
               "Time every stage of every step (CUDA events on the GPU, graphs off) and log a "
               "breakdown with the periodic stats");
@@ -175,6 +178,7 @@ int run_serve(const ServeArgs& a) {
   ec.max_logprobs = a.max_logprobs;
   ec.seed = a.seed;
   ec.enforce_eager = a.enforce_eager;
+  ec.async_scheduling = a.async_scheduling;
   ec.profile_stages = a.profile_stages;
   runtime::Engine engine(m, tok, ec);
   log::info("KV cache: ", engine.num_kv_blocks(), " blocks of ", ec.block_size, " tokens (",

@@ -101,6 +101,7 @@ Engine::Engine(model::Ernie45& model, std::shared_ptr<const tokenizer::Tokenizer
   model.backend().allocate_kv_cache(static_cast<int>(c.num_hidden_layers), kv_.num_blocks(),
                                     cfg.block_size);
   model.backend().enable_profile(cfg.profile_stages);
+  async_ = cfg.async_scheduling && !cfg.profile_stages;  // stages are timed one step at a time
   if (cfg.profile_stages && !cfg.enforce_eager) {
     log::info("stage profiling: CUDA graphs are off (every op is timed on its own)");
   }
@@ -220,7 +221,12 @@ backend::SamplingRow Engine::sampling_row(const Sequence& s) const {
 void Engine::append_token(Sequence& s, const backend::SampledToken& t) {
   const SamplingParams& p = *s.params;
   s.output.push_back(t.id);
-  s.tokens.push_back(t.id);
+  if (s.pending_at >= 0) {  // the placeholder the next step was scheduled with
+    s.tokens[static_cast<size_t>(s.pending_at)] = t.id;
+    s.pending_at = -1;
+  } else {
+    s.tokens.push_back(t.id);
+  }
   ++generation_tokens_;
   if (p.logprobs) s.logprobs.push_back(t);
   const size_t text_before = s.text.size();
@@ -294,11 +300,32 @@ CompletionDelta Engine::take_delta(Sequence& s) {
   return d;
 }
 
+void Engine::take_in_flight(std::vector<Sequence*>& touched) {
+  if (!in_flight_) return;
+  const InFlight f = std::move(*in_flight_);
+  in_flight_.reset();
+  const auto t0 = std::chrono::steady_clock::now();
+  const std::vector<backend::SampledToken> tokens = model_.backend().finish_sample();
+  device_wait_ms_ +=
+      std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+  check(tokens.size() == f.sampled.size(), "one token per sampled sequence");
+  for (size_t i = 0; i < f.sampled.size(); ++i) {
+    const InFlightRow& row = f.sampled[i];
+    auto it = requests_.find(row.request_id);
+    if (it == requests_.end()) continue;  // aborted or ended while the step ran
+    Sequence& s = *it->second->seqs[static_cast<size_t>(row.index)];
+    if (s.arrival != row.arrival) continue;  // a later request under the same id
+    if (s.finished()) continue;              // stopped on the step before: this row was a spare
+    append_token(s, tokens[i]);
+    touched.push_back(&s);
+  }
+}
+
 std::vector<RequestOutput> Engine::step() {
   using Clock = std::chrono::steady_clock;
+  auto ms = [](auto d) { return std::chrono::duration<double, std::milli>(d).count(); };
   const auto t_start = Clock::now();
   std::vector<RequestOutput> outputs;
-  std::vector<Request*> touched;
   // Aborted requests are reported once, then forgotten.
   for (const auto& id : aborted_) {
     auto it = requests_.find(id);
@@ -313,51 +340,85 @@ std::vector<RequestOutput> Engine::step() {
   }
   aborted_.clear();
 
+  // Sequences whose tokens this call takes: the step in flight's (asynchronous scheduling),
+  // else this step's.
+  std::vector<Sequence*> touched;
   const SchedulerOutput plan = sched_.schedule();
-  if (plan.seqs.empty()) return outputs;
-  ++steps_;
   backend::StepInput step;
-  int max_blocks = 1;
-  for (const auto& sc : plan.seqs)
-    max_blocks = std::max<int>(max_blocks, static_cast<int>(sc.seq->table.blocks.size()));
-  step.max_blocks_per_seq = max_blocks;
-  const int bs = cfg_.block_size;
   std::vector<Sequence*> sampled;
-  for (const auto& sc : plan.seqs) {
-    Sequence& s = *sc.seq;
+  device_wait_ms_ = 0.0;
+  double launch_ms = 0.0;  // queueing the forward pass and the sampling
+  auto t_forward = Clock::now();
+  if (plan.seqs.empty()) {
+    take_in_flight(touched);  // sequences that wait only for their last token
+  } else {
+    ++steps_;
+    int max_blocks = 1;
+    for (const auto& sc : plan.seqs)
+      max_blocks = std::max<int>(max_blocks, static_cast<int>(sc.seq->table.blocks.size()));
+    step.max_blocks_per_seq = max_blocks;
+    const int bs = cfg_.block_size;
+    for (const auto& sc : plan.seqs) {
+      Sequence& s = *sc.seq;
+      step.query_start.push_back(step.num_tokens());
+      for (int64_t pos = sc.start; pos < sc.start + sc.num_tokens; ++pos) {
+        if (pos == s.pending_at) step.token_feed.push_back({step.num_tokens(), s.pending_row});
+        step.token_ids.push_back(s.tokens[pos]);
+        step.positions.push_back(static_cast<int32_t>(pos));
+        step.slot_mapping.push_back(static_cast<int64_t>(s.table.blocks[pos / bs]) * bs + pos % bs);
+      }
+      step.context_lens.push_back(static_cast<int32_t>(sc.start + sc.num_tokens));
+      for (int b = 0; b < max_blocks; ++b) {
+        step.block_tables.push_back(b < static_cast<int>(s.table.blocks.size()) ? s.table.blocks[b]
+                                                                                : -1);
+      }
+      if (sc.samples) {
+        step.logits_indices.push_back(step.num_tokens() - 1);
+        sampled.push_back(&s);
+      }
+    }
     step.query_start.push_back(step.num_tokens());
-    for (int64_t pos = sc.start; pos < sc.start + sc.num_tokens; ++pos) {
-      step.token_ids.push_back(s.tokens[pos]);
-      step.positions.push_back(static_cast<int32_t>(pos));
-      step.slot_mapping.push_back(static_cast<int64_t>(s.table.blocks[pos / bs]) * bs + pos % bs);
+    t_forward = Clock::now();
+    const backend::Tensor logits = model_.forward_logits(step);
+    launch_ms += ms(Clock::now() - t_forward);
+    // The step before's tokens (asynchronous scheduling), while the device runs this one: the
+    // rows below then see every token up to this step's.
+    take_in_flight(touched);
+    if (!sampled.empty()) {
+      std::vector<backend::SamplingRow> rows;
+      rows.reserve(sampled.size());
+      for (Sequence* s : sampled) rows.push_back(sampling_row(*s));
+      const auto t_sample = Clock::now();
+      model_.backend().sample_async(logits, rows);
+      launch_ms += ms(Clock::now() - t_sample);
     }
-    step.context_lens.push_back(static_cast<int32_t>(sc.start + sc.num_tokens));
-    for (int b = 0; b < max_blocks; ++b) {
-      step.block_tables.push_back(b < static_cast<int>(s.table.blocks.size()) ? s.table.blocks[b]
-                                                                              : -1);
+    sched_.update(plan);
+    if (!sampled.empty()) {
+      InFlight f;
+      for (Sequence* s : sampled) f.sampled.push_back({s->request_id, s->index, s->arrival});
+      in_flight_ = std::move(f);
     }
-    if (sc.samples) {
-      step.logits_indices.push_back(step.num_tokens() - 1);
-      sampled.push_back(&s);
+    if (async_ && in_flight_) {
+      // The next step computes each sampled token's KV before its id is on the host: a
+      // placeholder stands in, filled in by the device (token feed) and then by
+      // take_in_flight.
+      for (size_t i = 0; i < sampled.size(); ++i) {
+        Sequence& s = *sampled[i];
+        if (s.finished()) continue;
+        s.pending_at = s.num_tokens();
+        s.pending_row = static_cast<int>(i);
+        s.tokens.push_back(0);
+        s.await_final = static_cast<int>(s.output.size()) + 1 >= s.params->max_tokens ||
+                        s.num_tokens() >= max_model_len_;
+      }
+    } else {
+      take_in_flight(touched);
     }
   }
-  step.query_start.push_back(step.num_tokens());
-  const auto t_forward = Clock::now();
-  const backend::Tensor logits = model_.forward_logits(step);
-  std::vector<backend::SampledToken> tokens;
-  if (!sampled.empty()) {
-    std::vector<backend::SamplingRow> rows;
-    rows.reserve(sampled.size());
-    for (Sequence* s : sampled) rows.push_back(sampling_row(*s));
-    tokens = model_.backend().sample(logits, rows);
-  }
-  const auto t_sampled = Clock::now();
-  sched_.update(plan);
-  for (size_t i = 0; i < sampled.size(); ++i) append_token(*sampled[i], tokens[i]);
 
   // Report every request that produced something.
   std::map<std::string, RequestOutput> by_request;
-  for (Sequence* s : sampled) {
+  for (Sequence* s : touched) {
     Request& r = *requests_.at(s->request_id);
     RequestOutput& o = by_request[r.id];
     o.request_id = r.id;
@@ -371,19 +432,20 @@ std::vector<RequestOutput> Engine::step() {
     if (o.finished) requests_.erase(it);
     outputs.push_back(std::move(o));
   }
-  auto ms = [](auto d) { return std::chrono::duration<double, std::milli>(d).count(); };
   const auto t_end = Clock::now();
+  const double device_ms = launch_ms + device_wait_ms_;
   step_build_ms_ += ms(t_forward - t_start);
-  step_device_ms_ += ms(t_sampled - t_forward);
-  step_output_ms_ += ms(t_end - t_sampled);
-  if (cfg_.profile_stages) {
+  step_device_ms_ += device_ms;
+  step_output_ms_ += ms(t_end - t_forward) - device_ms;
+  if (cfg_.profile_stages && !plan.seqs.empty()) {
     const model::StepCost cost = model::step_cost(model_.config(), step);
     for (size_t i = 0; i < cost.size(); ++i) {
       host_profile_.bytes[i] += cost[i].bytes;
       host_profile_.flops[i] += cost[i].flops;
     }
     host_profile_.ms[static_cast<int>(backend::Stage::kHostSchedule)] += ms(t_forward - t_start);
-    host_profile_.ms[static_cast<int>(backend::Stage::kHostOutput)] += ms(t_end - t_sampled);
+    host_profile_.ms[static_cast<int>(backend::Stage::kHostOutput)] +=
+        ms(t_end - t_forward) - device_ms;
   }
   return outputs;
 }

@@ -35,8 +35,12 @@ struct EngineConfig {
   double gpu_memory_utilization = 0.9;
   int max_logprobs = 20;
   bool enforce_eager = false;   // no CUDA graphs for decode steps
-  bool profile_stages = false;  // time every step's stages (implies no graphs)
-  uint64_t seed = 0;            // seeds requests that do not set their own
+  bool profile_stages = false;  // time every step's stages (implies no graphs, no async)
+  // Asynchronous scheduling (--async-scheduling): each step is scheduled and launched before
+  // the last step's tokens reach the host; those reach the device through the step's token
+  // feed, and the host's work on them runs while the device computes.
+  bool async_scheduling = false;
+  uint64_t seed = 0;  // seeds requests that do not set their own
 };
 
 // What one of a request's n outputs produced since the last step.
@@ -94,7 +98,7 @@ class Engine {
   void abort_request(const std::string& id);
   // Runs one step (nothing when idle) and returns what changed.
   std::vector<RequestOutput> step();
-  bool has_unfinished() const { return !requests_.empty(); }
+  bool has_unfinished() const { return !requests_.empty() || in_flight_.has_value(); }
   EngineStats stats() const;
   // The stage profile since the last call (profile_stages), and resets it.
   // Host stages (scheduling, outputs) are the engine's own; the rest come from the backend.
@@ -109,6 +113,18 @@ class Engine {
     std::vector<std::unique_ptr<Sequence>> seqs;
     int64_t cached_tokens = 0;
   };
+  // The step whose tokens have not been taken yet (asynchronous scheduling): its sampled
+  // sequences, by request id and index (a request may end while the step runs).
+  struct InFlightRow {
+    std::string request_id;
+    int index = 0;
+    uint64_t arrival = 0;  // tells the sequence from a later one under a reused id
+  };
+  struct InFlight {
+    std::vector<InFlightRow> sampled;
+  };
+  // Takes the in-flight step's tokens into its sequences; adds those sequences to `touched`.
+  void take_in_flight(std::vector<Sequence*>& touched);
   void finish_seq(Sequence& s, FinishReason why);
   void append_token(Sequence& s, const backend::SampledToken& t);
   CompletionDelta take_delta(Sequence& s);
@@ -128,6 +144,9 @@ class Engine {
   double step_build_ms_ = 0.0, step_device_ms_ = 0.0, step_output_ms_ = 0.0;
   backend::StageProfile host_profile_;  // profile_stages: the engine's host time per stage
   std::vector<std::string> aborted_;    // reported by the next step
+  std::optional<InFlight> in_flight_;
+  bool async_ = false;           // cfg_.async_scheduling, unless profiling
+  double device_wait_ms_ = 0.0;  // this step's wait for the in-flight step's tokens
 };
 
 // Runs prompts to completion through an engine (offline generation, tests).

@@ -29,6 +29,12 @@ struct Sequence {
   std::vector<int32_t> tokens;  // prompt + output
   std::vector<int32_t> output;  // generated ids
   int64_t num_computed = 0;     // tokens whose KV is in the cache
+  // Asynchronous scheduling: tokens[pending_at] is a placeholder for the id that row
+  // pending_row of the step in flight draws (-1: none); await_final: that id is the last
+  // (max_tokens or the context limit), so nothing is scheduled for it.
+  int64_t pending_at = -1;
+  int pending_row = 0;
+  bool await_final = false;
   BlockTable table;
   int num_preemptions = 0;
 

@@ -42,6 +42,10 @@ SchedulerOutput Scheduler::schedule() {
   // 1. Running sequences, oldest first.
   for (size_t i = 0; i < running_.size() && budget > 0;) {
     Sequence* s = running_[i];
+    if (s->await_final) {  // its last token is in flight: nothing to compute
+      ++i;
+      continue;
+    }
     const int64_t n = std::min(s->num_tokens() - s->num_computed, budget);
     check(n > 0, "a running sequence has nothing to compute");
     bool self_preempted = false;
@@ -83,6 +87,9 @@ SchedulerOutput Scheduler::schedule() {
 
 void Scheduler::update(const SchedulerOutput& out) {
   for (const auto& sc : out.seqs) {
+    // Finished while the step ran (asynchronous scheduling: a stop in the step before): its
+    // blocks are gone.
+    if (sc.seq->finished()) continue;
     sc.seq->num_computed = sc.start + sc.num_tokens;
     kv_.cache_full_blocks(sc.seq->table, sc.seq->tokens, sc.seq->num_computed);
   }

@@ -140,6 +140,109 @@ TEST_F(EngineTest, ConcurrentEqualsAlone) {
   }
 }
 
+// Asynchronous scheduling gives exactly what synchronous scheduling gives: greedy, seeded
+// draws, penalties (their history includes the token in flight), logprobs, max_tokens of 1,
+// n > 1, prefix caching, chunked prompts and a cache small enough to preempt sequences whose
+// next token is still in flight; stop strings and ids with a tokenizer.
+TEST_F(EngineTest, AsyncSchedulingGivesWhatSyncGives) {
+  Rng rng(std::random_device{}());
+  const auto prompts = random_prompts(rng, 12);
+  std::vector<SamplingParams> params;
+  for (size_t i = 0; i < prompts.size(); ++i) {
+    SamplingParams p = greedy(1 + static_cast<int>(rng.below(16)));
+    switch (i % 4) {
+      case 1:  // seeded draws
+        p.temperature = 0.9f;
+        p.top_p = 0.95f;
+        p.seed = 100 + i;
+        p.logprobs.reset();
+        break;
+      case 2:  // penalties
+        p.presence_penalty = 0.7f;
+        p.frequency_penalty = 0.4f;
+        p.repetition_penalty = 1.3f;
+        break;
+      case 3:  // several outputs
+        p.temperature = 1.0f;
+        p.seed = 7 + i;
+        p.n = 2;
+        break;
+      default:
+        break;
+    }
+    params.push_back(p);
+  }
+  struct Mode {
+    int block_size, budget;
+    bool caching;
+    bool small_cache;
+  };
+  for (const Mode& mode :
+       {Mode{16, 8192, true, false}, Mode{4, 19, true, true}, Mode{5, 7, false, true}}) {
+    SCOPED_TRACE(::testing::Message() << "block " << mode.block_size << " budget " << mode.budget
+                                      << " small cache " << mode.small_cache);
+    EngineConfig c = small_config();
+    c.block_size = mode.block_size;
+    c.max_num_batched_tokens = mode.budget;
+    c.enable_prefix_caching = mode.caching;
+    if (mode.small_cache) {
+      int64_t longest = 0;
+      for (size_t i = 0; i < prompts.size(); ++i) {
+        longest = std::max<int64_t>(longest, (static_cast<int64_t>(prompts[i].size()) +
+                                              params[i].max_tokens + mode.block_size - 1) /
+                                                 mode.block_size);
+      }
+      c.num_blocks_override = longest + 3;
+      c.max_model_len = c.num_blocks_override * mode.block_size;
+    }
+    c.async_scheduling = false;
+    Engine sync(*m_->model, nullptr, c);
+    const auto want = generate(sync, prompts, params);
+    c.async_scheduling = true;
+    Engine async(*m_->model, nullptr, c);
+    const auto got = generate(async, prompts, params);
+    for (size_t i = 0; i < prompts.size(); ++i) {
+      ASSERT_EQ(got[i].size(), want[i].size());
+      for (size_t k = 0; k < want[i].size(); ++k) {
+        EXPECT_EQ(got[i][k].tokens, want[i][k].tokens) << "prompt " << i << " output " << k;
+        EXPECT_EQ(got[i][k].finish_reason, want[i][k].finish_reason) << "prompt " << i;
+        ASSERT_EQ(got[i][k].logprobs.size(), want[i][k].logprobs.size());
+        for (size_t t = 0; t < want[i][k].logprobs.size(); ++t) {
+          EXPECT_EQ(got[i][k].logprobs[t].logprob, want[i][k].logprobs[t].logprob);
+        }
+      }
+    }
+    if (mode.small_cache) EXPECT_GT(async.stats().preemptions, 0);
+    EXPECT_FALSE(async.has_unfinished());
+    EXPECT_EQ(async.stats().kv_usage, 0.0);
+  }
+  // Stops found on the host one step late: stop ids, EOS, stop strings.
+  EngineConfig c = small_config();
+  Engine sync(*m_->model, tok_, c);
+  c.async_scheduling = true;
+  Engine async(*m_->model, tok_, c);
+  SamplingParams p = greedy(24);
+  p.logprobs.reset();
+  const std::vector<int32_t> prompt = tok_->encode("The engine serves");
+  const auto full = generate(sync, {prompt}, {p})[0][0];
+  ASSERT_GE(full.tokens.size(), 6u);
+  std::vector<SamplingParams> stops(3, p);
+  stops[0].stop_token_ids = {full.tokens[3]};
+  stops[1].stop = {full.text.substr(full.text.size() / 2, 2)};
+  stops[2].ignore_eos = false;
+  stops[2].min_tokens = 2;
+  const std::vector<std::vector<int32_t>> three(3, prompt);
+  const auto want = generate(sync, three, stops);
+  const auto got = generate(async, three, stops);
+  for (size_t i = 0; i < stops.size(); ++i) {
+    EXPECT_EQ(got[i][0].tokens, want[i][0].tokens) << i;
+    EXPECT_EQ(got[i][0].text, want[i][0].text) << i;
+    EXPECT_EQ(got[i][0].finish_reason, want[i][0].finish_reason) << i;
+  }
+  EXPECT_EQ(want[0][0].finish_reason, "stop");
+  EXPECT_EQ(want[1][0].finish_reason, "stop");
+}
+
 TEST_F(EngineTest, SeededSamplingIsReproducibleWhateverTheBatch) {
   SamplingParams p;
   p.temperature = 1.0f;

@@ -85,6 +85,15 @@ class CpuBackend final : public Backend {
     timer_.end_step();  // a step that was not sampled
     validate_step(step, num_blocks_, block_size_, std::numeric_limits<int32_t>::max());
     step_ = &step;
+    if (!step.token_feed.empty()) {  // ids drawn by the last sample_async
+      fed_step_ = step;
+      for (const auto& [i, r] : step.token_feed) {
+        require_parts(r < static_cast<int32_t>(fed_ids_.size()), "token feed row ", r,
+                      " past the last sample's ", fed_ids_.size(), " rows");
+        fed_step_.token_ids[i] = fed_ids_[r];
+      }
+      step_ = &fed_step_;
+    }
     scratch_.clear();
   }
 
@@ -290,6 +299,7 @@ class CpuBackend final : public Backend {
   std::deque<std::vector<float>> weights_;
   std::deque<std::vector<float>> scratch_;
   const StepInput* step_ = nullptr;
+  StepInput fed_step_;  // the step with its fed ids filled in, when it has a token feed
   HostStageTimer timer_;
 };
 

@@ -155,6 +155,10 @@ class Packer {
   size_t add(const std::vector<T>& v) {
     return add(v.data(), v.size());
   }
+  // Pads the buffer to `size` bytes (a fixed layout's reserved room).
+  void pad_to(size_t size) {
+    if (bytes_.size() < size) bytes_.resize(size);
+  }
   // Bytes the device region must hold: at least `min_bytes` (so that a fixed-size step always
   // gets the same layout).
   size_t region(size_t min_bytes) const { return std::max(bytes_.size(), min_bytes); }
@@ -179,7 +183,10 @@ class CudaBackend final : public Backend {
                 prop.name, " (sm_", prop.major, prop.minor, ")"));
     sms_ = prop.multiProcessorCount;
     check_cuda(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking), "cudaStreamCreate");
-    check_cuda(cudaEventCreateWithFlags(&meta_done_, cudaEventDisableTiming), "cudaEventCreate");
+    for (auto* e : {&meta_done_[0], &meta_done_[1], &meta_done_[2], &meta_done_[3],
+                    &sample_done_[0], &sample_done_[1]}) {
+      check_cuda(cudaEventCreateWithFlags(e, cudaEventDisableTiming), "cudaEventCreate");
+    }
     for (auto& e : upload_done_) {
       check_cuda(cudaEventCreateWithFlags(&e, cudaEventDisableTiming), "cudaEventCreate");
     }
@@ -219,7 +226,9 @@ class CudaBackend final : public Backend {
     cudaEventDestroy(join_);
     cudaStreamDestroy(side_stream_);
     for (auto& e : upload_done_) cudaEventDestroy(e);
-    cudaEventDestroy(meta_done_);
+    for (auto e : meta_done_) cudaEventDestroy(e);
+    for (auto e : sample_done_) cudaEventDestroy(e);
+    for (void* p : sample_out_) cudaFree(p);
     cudaStreamDestroy(stream_);
   }
 
@@ -863,11 +872,20 @@ class CudaBackend final : public Backend {
 
   std::vector<SampledToken> sample(const Tensor& logits,
                                    const std::vector<SamplingRow>& rows) override {
+    sample_async(logits, rows);
+    return finish_sample();
+  }
+
+  void sample_async(const Tensor& logits, const std::vector<SamplingRow>& rows) override {
     check(logits.dim(0) == static_cast<int64_t>(rows.size()), "one sampling row per logits row");
     require(logits.dtype == DType::kF32, "sampling takes f32 logits");
+    require(!pending_.active, "sample_async: the last sample was not finished");
     const int n = static_cast<int>(rows.size());
     const int vocab = static_cast<int>(logits.dim(1));
-    if (n == 0) return {};
+    pending_ = PendingSample{};
+    pending_.active = true;
+    pending_.n = n;
+    if (n == 0) return;
     mark(Stage::kSampling);
     std::vector<cuda::DeviceSamplingRow> params(n);
     std::vector<int32_t> bias_ids, pen_ids, pen_counts, ban_ids;
@@ -920,14 +938,8 @@ class CudaBackend final : public Backend {
     const size_t o_params = pk.add(params), o_bias_ids = pk.add(bias_ids),
                  o_bias_values = pk.add(bias_values), o_pen_ids = pk.add(pen_ids),
                  o_pen_counts = pk.add(pen_counts), o_ban = pk.add(ban_ids);
-    const auto& bytes = pk.bytes();
-    check_cuda(cudaEventSynchronize(meta_done_), "cudaEventSynchronize");
-    char* host = meta_host_.get(bytes.size());
-    std::memcpy(host, bytes.data(), bytes.size());
-    char* dev = static_cast<char*>(arena_.alloc(bytes.size()));
-    check_cuda(cudaMemcpyAsync(dev, host, bytes.size(), cudaMemcpyHostToDevice, stream_),
-               "cudaMemcpyAsync (sampling)");
-    check_cuda(cudaEventRecord(meta_done_, stream_), "cudaEventRecord");
+    char* dev = static_cast<char*>(arena_.alloc(pk.bytes().size()));
+    upload_meta(dev, pk.bytes(), "cudaMemcpyAsync (sampling)");
     cuda::SamplingTables tab;
     tab.bias_ids = reinterpret_cast<int32_t*>(dev + o_bias_ids);
     tab.bias_values = reinterpret_cast<float*>(dev + o_bias_values);
@@ -938,7 +950,17 @@ class CudaBackend final : public Backend {
     // Results: ids, logprobs, ranks, then the top-k tables, in one block copied back at once.
     const size_t top = static_cast<size_t>(n) * std::max(max_top, 1);
     const size_t out_bytes = 3 * n * sizeof(int32_t) + 2 * top * sizeof(int32_t);
-    char* d_out = static_cast<char*>(arena_.alloc(out_bytes));
+    // The other slot than the last sample's: that one may still feed the step being built.
+    const int slot = 1 - sample_slot_;
+    if (sample_out_bytes_[slot] < out_bytes) {
+      check_cuda(cudaStreamSynchronize(stream_), "cudaStreamSynchronize");  // rare: growth
+      if (sample_out_[slot]) cudaFree(sample_out_[slot]);
+      sample_out_[slot] = nullptr;
+      sample_out_bytes_[slot] = round_up(std::max(out_bytes, size_t{16} << 10), 4096);
+      check_cuda(cudaMalloc(&sample_out_[slot], sample_out_bytes_[slot]),
+                 "cudaMalloc (sampling results)");
+    }
+    char* d_out = static_cast<char*>(sample_out_[slot]);
     cuda::SamplingOutput out;
     out.ids = reinterpret_cast<int32_t*>(d_out);
     out.logprobs = reinterpret_cast<float*>(d_out + n * sizeof(int32_t));
@@ -971,12 +993,31 @@ class CudaBackend final : public Backend {
     } else {
       cuda::sample_rows(logits.as<float>(), work, n, vocab, d_params, tab, out, stream_);
     }
-    char* h_out = result_host_.get(out_bytes);
+    // This slot's pinned buffer was last read by finish_sample two samples ago.
+    char* h_out = result_host_[slot].get(out_bytes);
     check_cuda(cudaMemcpyAsync(h_out, d_out, out_bytes, cudaMemcpyDeviceToHost, stream_),
                "cudaMemcpyAsync (samples)");
-    check_cuda(cudaStreamSynchronize(stream_), "cudaStreamSynchronize");
-    close_profiled_step();
+    check_cuda(cudaEventRecord(sample_done_[slot], stream_), "cudaEventRecord");
+    sample_slot_ = slot;
+    have_fed_ = true;
+    pending_rows_fed_ = n;
+    pending_.vocab = vocab;
+    pending_.slot = slot;
+    pending_.top = top;
+    pending_.max_top = out.max_top;
+    pending_.num_logprobs.resize(n);
+    for (int r = 0; r < n; ++r) pending_.num_logprobs[r] = rows[r].num_logprobs;
+  }
 
+  std::vector<SampledToken> finish_sample() override {
+    require(pending_.active, "finish_sample without a sample_async");
+    pending_.active = false;
+    const int n = pending_.n, vocab = pending_.vocab;
+    if (n == 0) return {};
+    check_cuda(cudaEventSynchronize(sample_done_[pending_.slot]), "cudaEventSynchronize");
+    close_profiled_step();
+    const size_t top = pending_.top;
+    const char* h_out = result_host_[pending_.slot].get(0);
     const auto* ids = reinterpret_cast<const int32_t*>(h_out);
     const auto* lps = reinterpret_cast<const float*>(h_out + n * sizeof(int32_t));
     const auto* ranks = reinterpret_cast<const int32_t*>(h_out + 2 * n * sizeof(int32_t));
@@ -988,12 +1029,13 @@ class CudaBackend final : public Backend {
       require_parts(ids[r] >= 0 && ids[r] < vocab, "sampling produced token id ", ids[r],
                     " for row ", r, " (the row's logits are not finite)");
       result[r].id = ids[r];
-      if (rows[r].num_logprobs >= 0) {
+      if (pending_.num_logprobs[r] >= 0) {
         result[r].logprob = lps[r];
         result[r].rank = ranks[r];
-        const int k = std::min(rows[r].num_logprobs, vocab);
+        const int k = std::min(pending_.num_logprobs[r], vocab);
         for (int i = 0; i < k; ++i) {
-          result[r].top.push_back({top_ids[r * out.max_top + i], top_lps[r * out.max_top + i]});
+          result[r].top.push_back(
+              {top_ids[r * pending_.max_top + i], top_lps[r * pending_.max_top + i]});
         }
       }
     }
@@ -1047,18 +1089,20 @@ class CudaBackend final : public Backend {
                  o_slots = pk.add(step.slot_mapping), o_logits = pk.add(step.logits_indices),
                  o_tseq = pk.add(plan_.tile_seq), o_trow = pk.add(plan_.tile_row0),
                  o_dims = pk.add(dims, 2), o_tables = pk.add(step.block_tables);
-    const size_t region = pk.region(fixed ? o_tables + static_cast<size_t>(step.num_seqs()) *
-                                                           graph_max_blocks_ * sizeof(int32_t)
-                                          : 0);
-    const auto& bytes = pk.bytes();
-    // The previous step's metadata copy must be done before its pinned buffer is reused.
-    check_cuda(cudaEventSynchronize(meta_done_), "cudaEventSynchronize");
-    char* host = meta_host_.get(bytes.size());
-    std::memcpy(host, bytes.data(), bytes.size());
+    // Graph steps: every table at the same place whatever the step's widths, then the token
+    // feed (at most a pair a sequence) in room of its own.
+    const size_t tables_end =
+        o_tables + static_cast<size_t>(step.num_seqs()) * graph_max_blocks_ * sizeof(int32_t);
+    if (fixed) pk.pad_to(tables_end);
+    const size_t o_feed = pk.add(step.token_feed);
+    require(!fixed || step.token_feed.size() <= static_cast<size_t>(step.num_seqs()),
+            "a graph step feeds at most one token a sequence");
+    const size_t region =
+        pk.region(fixed ? round_up(tables_end, 16) + static_cast<size_t>(step.num_seqs()) *
+                                                         sizeof(std::pair<int32_t, int32_t>)
+                        : 0);
     char* dev = static_cast<char*>(arena_.alloc(region));
-    check_cuda(cudaMemcpyAsync(dev, host, bytes.size(), cudaMemcpyHostToDevice, stream_),
-               "cudaMemcpyAsync (step)");
-    check_cuda(cudaEventRecord(meta_done_, stream_), "cudaEventRecord");
+    upload_meta(dev, pk.bytes(), "cudaMemcpyAsync (step)");
     d_tokens_ = reinterpret_cast<int32_t*>(dev + o_tokens);
     d_positions_ = reinterpret_cast<int32_t*>(dev + o_pos);
     d_query_start_ = reinterpret_cast<int32_t*>(dev + o_qs);
@@ -1069,6 +1113,30 @@ class CudaBackend final : public Backend {
     d_tile_seq_ = reinterpret_cast<int32_t*>(dev + o_tseq);
     d_tile_row0_ = reinterpret_cast<int32_t*>(dev + o_trow);
     d_dims_ = reinterpret_cast<int32_t*>(dev + o_dims);
+    if (!step.token_feed.empty()) {
+      // Ids the last sample_async drew, into their tokens' places (before the graph or the
+      // first layer reads them; stream order does the rest).
+      require(have_fed_, "a token feed needs a sample_async before the step");
+      int max_row = 0;
+      for (const auto& [i, r] : step.token_feed) max_row = std::max(max_row, r);
+      require_parts(max_row < pending_rows_fed_, "token feed row ", max_row,
+                    " past the last sample's ", pending_rows_fed_, " rows");
+      cuda::feed_tokens(d_tokens_, reinterpret_cast<const int32_t*>(dev + o_feed),
+                        static_cast<int>(step.token_feed.size()),
+                        static_cast<const int32_t*>(sample_out_[sample_slot_]), stream_);
+    }
+  }
+
+  // Copies packed host bytes to dev through the next pinned buffer of the ring (waiting only
+  // for that buffer's previous copy).
+  void upload_meta(void* dev, const std::vector<char>& bytes, const char* what) {
+    const int i = next_meta_;
+    next_meta_ = (next_meta_ + 1) % 4;
+    check_cuda(cudaEventSynchronize(meta_done_[i]), "cudaEventSynchronize");
+    char* host = meta_host_[i].get(bytes.size());
+    std::memcpy(host, bytes.data(), bytes.size());
+    check_cuda(cudaMemcpyAsync(dev, host, bytes.size(), cudaMemcpyHostToDevice, stream_), what);
+    check_cuda(cudaEventRecord(meta_done_[i], stream_), "cudaEventRecord");
   }
 
   void free_weight(void* p, size_t bytes) {
@@ -1102,7 +1170,27 @@ class CudaBackend final : public Backend {
   cudaEvent_t fork_ = nullptr, join_ = nullptr;
   cublasHandle_t blas_[2] = {nullptr, nullptr};  // on stream_ and on side_stream_
   void* blas_workspace_[2] = {nullptr, nullptr};
-  cudaEvent_t meta_done_ = nullptr;
+  // Host-to-device metadata (step inputs, sampling tables) goes through a ring of pinned
+  // buffers, each reused only once its last copy is done (upload_meta): with asynchronous
+  // scheduling the next step's inputs are copied while the last step still runs.
+  cudaEvent_t meta_done_[4] = {};
+  PinnedBuffer meta_host_[4];
+  int next_meta_ = 0;
+  // Sampling results, double-buffered: a step's ids stay on the device (the next step's token
+  // feed) and in pinned memory until finish_sample reads them, while the next sample is queued.
+  cudaEvent_t sample_done_[2] = {};
+  PinnedBuffer result_host_[2];
+  void* sample_out_[2] = {nullptr, nullptr};
+  size_t sample_out_bytes_[2] = {0, 0};
+  int sample_slot_ = 0;  // the slot of the last sample_async
+  struct PendingSample {
+    bool active = false;
+    int n = 0, vocab = 0, max_top = 1, slot = 0;
+    size_t top = 0;
+    std::vector<int> num_logprobs;
+  } pending_;
+  bool have_fed_ = false;     // a sample_async has left ids to feed
+  int pending_rows_fed_ = 0;  // and this many
   cudaEvent_t upload_done_[2] = {nullptr, nullptr};
   char* staging_[2] = {nullptr, nullptr};
   int next_staging_ = 0;
@@ -1130,7 +1218,6 @@ class CudaBackend final : public Backend {
   StageProfile profile_;
 
   DeviceArena arena_;
-  PinnedBuffer meta_host_, result_host_;
   const StepInput* step_ = nullptr;
   cuda::AttentionPlan plan_;
   float* d_inv_freq_ = nullptr;  // [head_dim / 2] (configure_attention)

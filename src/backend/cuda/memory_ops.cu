@@ -16,6 +16,13 @@ __global__ void gather_rows_kernel(uint32_t* out, const uint32_t* src, const int
   for (int64_t i = threadIdx.x; i < words; i += blockDim.x) o[i] = s[i];
 }
 
+__global__ void feed_tokens_kernel(int32_t* tokens, const int32_t* feed, int n,
+                                   const int32_t* ids) {
+  for (int j = blockIdx.x * blockDim.x + threadIdx.x; j < n; j += gridDim.x * blockDim.x) {
+    tokens[feed[2 * j]] = ids[feed[2 * j + 1]];
+  }
+}
+
 __device__ __forceinline__ uint64_t mix(uint64_t z) {
   z += 0x9e3779b97f4a7c15ull;
   z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
@@ -64,6 +71,13 @@ void gather_rows(void* out, const void* src, const int32_t* indices, int n, int6
   require(row_bytes % 4 == 0, "gather_rows: rows must be a multiple of 4 bytes");
   launch_pdl(gather_rows_kernel, n, 256, 0, stream, static_cast<uint32_t*>(out),
              static_cast<const uint32_t*>(src), indices, row_bytes / 4);
+  ERNIE_CUDA_CHECK(cudaGetLastError());
+}
+
+void feed_tokens(int32_t* tokens, const int32_t* feed, int n, const int32_t* ids,
+                 cudaStream_t stream) {
+  if (n == 0) return;
+  feed_tokens_kernel<<<(n + 255) / 256, 256, 0, stream>>>(tokens, feed, n, ids);
   ERNIE_CUDA_CHECK(cudaGetLastError());
 }
 
