@@ -77,7 +77,7 @@ struct ServeArgs {
   bool enable_prefix_caching = true;
   std::string load_format = "auto";
   bool enforce_eager = false;
-  bool async_scheduling = false;
+  bool async_scheduling = true;
   bool profile_stages = false;
   int block_size = 16;
   uint64_t seed = 0;

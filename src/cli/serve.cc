@@ -66,7 +66,7 @@ CLI::App* add_serve(CLI::App& app, ServeArgs& a) {
   c->add_flag("--enforce-eager", a.enforce_eager, "Do not capture CUDA graphs");
   c->add_flag("--async-scheduling,!--no-async-scheduling", a.async_scheduling,
               "Schedule and launch each step before the last step's tokens reach the host "
-              "(the host's work overlaps the device's)");
+              "(the host's work overlaps the device's; on by default)");
   c->add_flag("--profile-stages", a.profile_stages,
               "Time every stage of every step (CUDA events on the GPU, graphs off) and log a "
               "breakdown with the periodic stats");

@@ -36,10 +36,11 @@ struct EngineConfig {
   int max_logprobs = 20;
   bool enforce_eager = false;   // no CUDA graphs for decode steps
   bool profile_stages = false;  // time every step's stages (implies no graphs, no async)
-  // Asynchronous scheduling (--async-scheduling): each step is scheduled and launched before
-  // the last step's tokens reach the host; those reach the device through the step's token
-  // feed, and the host's work on them runs while the device computes.
-  bool async_scheduling = false;
+  // Asynchronous scheduling (on by default as in vLLM; --no-async-scheduling turns it off):
+  // each step is scheduled and launched before the last step's tokens reach the host; those
+  // reach the device through the step's token feed, and the host's work on them runs while
+  // the device computes.
+  bool async_scheduling = true;
   uint64_t seed = 0;  // seeds requests that do not set their own
 };
 
