@@ -883,9 +883,11 @@ class CudaBackend final : public Backend {
     const int n = static_cast<int>(rows.size());
     const int vocab = static_cast<int>(logits.dim(1));
     pending_ = PendingSample{};
-    pending_.active = true;
     pending_.n = n;
-    if (n == 0) return;
+    if (n == 0) {
+      pending_.active = true;
+      return;
+    }
     mark(Stage::kSampling);
     std::vector<cuda::DeviceSamplingRow> params(n);
     std::vector<int32_t> bias_ids, pen_ids, pen_counts, ban_ids;
@@ -1000,7 +1002,8 @@ class CudaBackend final : public Backend {
     check_cuda(cudaEventRecord(sample_done_[slot], stream_), "cudaEventRecord");
     sample_slot_ = slot;
     have_fed_ = true;
-    pending_rows_fed_ = n;
+    fed_rows_ = n;
+    pending_.active = true;  // only once everything is queued: a throw above leaves none
     pending_.vocab = vocab;
     pending_.slot = slot;
     pending_.top = top;
@@ -1119,8 +1122,8 @@ class CudaBackend final : public Backend {
       require(have_fed_, "a token feed needs a sample_async before the step");
       int max_row = 0;
       for (const auto& [i, r] : step.token_feed) max_row = std::max(max_row, r);
-      require_parts(max_row < pending_rows_fed_, "token feed row ", max_row,
-                    " past the last sample's ", pending_rows_fed_, " rows");
+      require_parts(max_row < fed_rows_, "token feed row ", max_row, " past the last sample's ",
+                    fed_rows_, " rows");
       cuda::feed_tokens(d_tokens_, reinterpret_cast<const int32_t*>(dev + o_feed),
                         static_cast<int>(step.token_feed.size()),
                         static_cast<const int32_t*>(sample_out_[sample_slot_]), stream_);
@@ -1189,8 +1192,8 @@ class CudaBackend final : public Backend {
     size_t top = 0;
     std::vector<int> num_logprobs;
   } pending_;
-  bool have_fed_ = false;     // a sample_async has left ids to feed
-  int pending_rows_fed_ = 0;  // and this many
+  bool have_fed_ = false;  // a sample_async has left ids to feed
+  int fed_rows_ = 0;       // how many rows it drew
   cudaEvent_t upload_done_[2] = {nullptr, nullptr};
   char* staging_[2] = {nullptr, nullptr};
   int next_staging_ = 0;
