@@ -300,13 +300,13 @@ CompletionDelta Engine::take_delta(Sequence& s) {
   return d;
 }
 
-void Engine::take_in_flight(std::vector<Sequence*>& touched) {
-  if (!in_flight_) return;
+double Engine::take_in_flight(std::vector<Sequence*>& touched) {
+  if (!in_flight_) return 0.0;
   const InFlight f = std::move(*in_flight_);
   in_flight_.reset();
   const auto t0 = std::chrono::steady_clock::now();
   const std::vector<backend::SampledToken> tokens = model_.backend().finish_sample();
-  device_wait_ms_ +=
+  const double wait_ms =
       std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
   check(tokens.size() == f.sampled.size(), "one token per sampled sequence");
   for (size_t i = 0; i < f.sampled.size(); ++i) {
@@ -319,6 +319,7 @@ void Engine::take_in_flight(std::vector<Sequence*>& touched) {
     append_token(s, tokens[i]);
     touched.push_back(&s);
   }
+  return wait_ms;
 }
 
 std::vector<RequestOutput> Engine::step() {
@@ -346,11 +347,10 @@ std::vector<RequestOutput> Engine::step() {
   const SchedulerOutput plan = sched_.schedule();
   backend::StepInput step;
   std::vector<Sequence*> sampled;
-  device_wait_ms_ = 0.0;
-  double launch_ms = 0.0;  // queueing the forward pass and the sampling
+  double device_ms = 0.0;  // queueing the forward pass and the sampling, waiting for tokens
   auto t_forward = Clock::now();
   if (plan.seqs.empty()) {
-    take_in_flight(touched);  // sequences that wait only for their last token
+    device_ms += take_in_flight(touched);  // sequences that wait only for their last token
   } else {
     ++steps_;
     int max_blocks = 1;
@@ -380,17 +380,17 @@ std::vector<RequestOutput> Engine::step() {
     step.query_start.push_back(step.num_tokens());
     t_forward = Clock::now();
     const backend::Tensor logits = model_.forward_logits(step);
-    launch_ms += ms(Clock::now() - t_forward);
+    device_ms += ms(Clock::now() - t_forward);
     // The step before's tokens (asynchronous scheduling), while the device runs this one: the
     // rows below then see every token up to this step's.
-    take_in_flight(touched);
+    device_ms += take_in_flight(touched);
     if (!sampled.empty()) {
       std::vector<backend::SamplingRow> rows;
       rows.reserve(sampled.size());
       for (Sequence* s : sampled) rows.push_back(sampling_row(*s));
       const auto t_sample = Clock::now();
       model_.backend().sample_async(logits, rows);
-      launch_ms += ms(Clock::now() - t_sample);
+      device_ms += ms(Clock::now() - t_sample);
     }
     sched_.update(plan);
     if (!sampled.empty()) {
@@ -412,7 +412,7 @@ std::vector<RequestOutput> Engine::step() {
                         s.num_tokens() >= max_model_len_;
       }
     } else {
-      take_in_flight(touched);
+      device_ms += take_in_flight(touched);
     }
   }
 
@@ -433,7 +433,6 @@ std::vector<RequestOutput> Engine::step() {
     outputs.push_back(std::move(o));
   }
   const auto t_end = Clock::now();
-  const double device_ms = launch_ms + device_wait_ms_;
   step_build_ms_ += ms(t_forward - t_start);
   step_device_ms_ += device_ms;
   step_output_ms_ += ms(t_end - t_forward) - device_ms;

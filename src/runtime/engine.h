@@ -125,7 +125,8 @@ class Engine {
     std::vector<InFlightRow> sampled;
   };
   // Takes the in-flight step's tokens into its sequences; adds those sequences to `touched`.
-  void take_in_flight(std::vector<Sequence*>& touched);
+  // Returns the ms spent waiting for the device's tokens.
+  double take_in_flight(std::vector<Sequence*>& touched);
   void finish_seq(Sequence& s, FinishReason why);
   void append_token(Sequence& s, const backend::SampledToken& t);
   CompletionDelta take_delta(Sequence& s);
@@ -146,8 +147,7 @@ class Engine {
   backend::StageProfile host_profile_;  // profile_stages: the engine's host time per stage
   std::vector<std::string> aborted_;    // reported by the next step
   std::optional<InFlight> in_flight_;
-  bool async_ = false;           // cfg_.async_scheduling, unless profiling
-  double device_wait_ms_ = 0.0;  // this step's wait for the in-flight step's tokens
+  bool async_ = false;  // cfg_.async_scheduling, unless profiling
 };
 
 // Runs prompts to completion through an engine (offline generation, tests).

@@ -212,7 +212,9 @@ TEST_F(EngineTest, AsyncSchedulingGivesWhatSyncGives) {
         }
       }
     }
-    if (mode.small_cache) EXPECT_GT(async.stats().preemptions, 0);
+    if (mode.small_cache) {
+      EXPECT_GT(async.stats().preemptions, 0);
+    }
     EXPECT_FALSE(async.has_unfinished());
     EXPECT_EQ(async.stats().kv_usage, 0.0);
   }
@@ -454,27 +456,44 @@ struct Received {
   std::string finish_reason;
 };
 
-Received wait_for(RequestStream& s, std::mutex& mu, std::condition_variable& cv) {
-  Received r;
-  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(120);
-  while (true) {
-    bool finished = false;
-    for (RequestOutput& o : s.drain(&finished)) {
-      for (auto& d : o.outputs) {
-        r.tokens.insert(r.tokens.end(), d.token_ids.begin(), d.token_ids.end());
-        if (d.finish_reason) r.finish_reason = *d.finish_reason;
-      }
-      r.finished |= o.finished;
-    }
-    r.error = s.error();
-    if (finished) return r;
+// Streams whose notifications wake the test thread.
+struct Mailboxes {
+  std::mutex mu;
+  std::condition_variable cv;
+
+  std::shared_ptr<RequestStream> open() {
+    return std::make_shared<RequestStream>([this] {
+      std::lock_guard lock(mu);
+      cv.notify_all();
+    });
+  }
+  // Waits for the next notification, up to `until`; false at the deadline.
+  bool wait(std::chrono::steady_clock::time_point until) {
     std::unique_lock lock(mu);
-    if (cv.wait_until(lock, deadline) == std::cv_status::timeout) {
-      ADD_FAILURE() << "a stream never finished";
-      return r;
+    return cv.wait_until(lock, until) != std::cv_status::timeout;
+  }
+  // Everything `s` receives until it finishes (or fails).
+  Received drain_all(RequestStream& s) {
+    Received r;
+    const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(120);
+    while (true) {
+      bool finished = false;
+      for (RequestOutput& o : s.drain(&finished)) {
+        for (auto& d : o.outputs) {
+          r.tokens.insert(r.tokens.end(), d.token_ids.begin(), d.token_ids.end());
+          if (d.finish_reason) r.finish_reason = *d.finish_reason;
+        }
+        r.finished |= o.finished;
+      }
+      r.error = s.error();
+      if (finished) return r;
+      if (!wait(deadline)) {
+        ADD_FAILURE() << "a stream never finished";
+        return r;
+      }
     }
   }
-}
+};
 
 // Requests through the engine thread and the delivery thread: each stream receives, in order,
 // exactly what the engine gives the same request alone, ends with its finished output, and the
@@ -493,21 +512,16 @@ TEST_F(EngineTest, AsyncEngineDeliversEveryOutputInOrder) {
   }
   Engine e(*m_->model, nullptr, small_config());
   Metrics metrics("m");
-  std::mutex mu;
-  std::condition_variable cv;
-  auto notify = [&] {
-    std::lock_guard lock(mu);
-    cv.notify_all();
-  };
+  Mailboxes boxes;
   std::vector<std::shared_ptr<RequestStream>> streams;
   {
     AsyncEngine ae(e, metrics, 0.05);
     for (size_t i = 0; i < prompts.size(); ++i) {
-      streams.push_back(std::make_shared<RequestStream>(notify));
+      streams.push_back(boxes.open());
       ae.submit("r" + std::to_string(i), prompts[i], params[i], streams.back());
     }
     for (size_t i = 0; i < prompts.size(); ++i) {
-      const Received r = wait_for(*streams[i], mu, cv);
+      const Received r = boxes.drain_all(*streams[i]);
       EXPECT_TRUE(r.finished) << i;
       EXPECT_FALSE(r.error) << i;
       EXPECT_EQ(r.finish_reason, "length") << i;
@@ -532,16 +546,11 @@ TEST_F(EngineTest, AsyncEngineShutdownEndsEveryStream) {
   const auto prompts = random_prompts(rng, 6);
   Engine e(*m_->model, nullptr, small_config());
   Metrics metrics("m");
-  std::mutex mu;
-  std::condition_variable cv;
-  auto notify = [&] {
-    std::lock_guard lock(mu);
-    cv.notify_all();
-  };
+  Mailboxes boxes;
   std::vector<std::shared_ptr<RequestStream>> streams;
   AsyncEngine ae(e, metrics, 0.05);
   for (size_t i = 0; i < prompts.size(); ++i) {
-    streams.push_back(std::make_shared<RequestStream>(notify));
+    streams.push_back(boxes.open());
     ae.submit("r" + std::to_string(i), prompts[i], greedy(200), streams.back());
   }
   // Wait for the first tokens of the first request, then stop.
@@ -549,16 +558,15 @@ TEST_F(EngineTest, AsyncEngineShutdownEndsEveryStream) {
     bool finished = false;
     std::vector<RequestOutput> got = streams[0]->drain(&finished);
     if (!got.empty() || finished) break;
-    std::unique_lock lock(mu);
-    cv.wait_for(lock, std::chrono::milliseconds(10));
+    boxes.wait(std::chrono::steady_clock::now() + std::chrono::milliseconds(10));
   }
   ae.shutdown();
   for (size_t i = 0; i < streams.size(); ++i) {
     EXPECT_TRUE(streams[i]->finished()) << i;
-    const Received r = wait_for(*streams[i], mu, cv);
+    const Received r = boxes.drain_all(*streams[i]);
     EXPECT_TRUE(r.finish_reason == "abort" || r.error) << i;
   }
-  auto late = std::make_shared<RequestStream>(notify);
+  auto late = boxes.open();
   ae.submit("late", prompts[0], greedy(5), late);
   EXPECT_TRUE(late->finished());
   EXPECT_TRUE(late->error());

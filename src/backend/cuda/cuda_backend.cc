@@ -1001,7 +1001,6 @@ class CudaBackend final : public Backend {
                "cudaMemcpyAsync (samples)");
     check_cuda(cudaEventRecord(sample_done_[slot], stream_), "cudaEventRecord");
     sample_slot_ = slot;
-    have_fed_ = true;
     fed_rows_ = n;
     pending_.active = true;  // only once everything is queued: a throw above leaves none
     pending_.vocab = vocab;
@@ -1119,7 +1118,6 @@ class CudaBackend final : public Backend {
     if (!step.token_feed.empty()) {
       // Ids the last sample_async drew, into their tokens' places (before the graph or the
       // first layer reads them; stream order does the rest).
-      require(have_fed_, "a token feed needs a sample_async before the step");
       int max_row = 0;
       for (const auto& [i, r] : step.token_feed) max_row = std::max(max_row, r);
       require_parts(max_row < fed_rows_, "token feed row ", max_row, " past the last sample's ",
@@ -1192,8 +1190,7 @@ class CudaBackend final : public Backend {
     size_t top = 0;
     std::vector<int> num_logprobs;
   } pending_;
-  bool have_fed_ = false;  // a sample_async has left ids to feed
-  int fed_rows_ = 0;       // how many rows it drew
+  int fed_rows_ = 0;  // rows the last sample_async drew: the ids a token feed may take
   cudaEvent_t upload_done_[2] = {nullptr, nullptr};
   char* staging_[2] = {nullptr, nullptr};
   int next_staging_ = 0;
