@@ -68,7 +68,7 @@ if [ "${ERNIE_GPU_BENCH:-1}" != 0 ]; then
     sleep 1
   done
   if curl -sf http://127.0.0.1:8200/health > /dev/null; then
-    grep -E "GPU memory|KV cache|weights" "$out/serve.log"
+    grep -E "GPU memory|KV cache|weights|Captured" "$out/serve.log"
     $ernie bench serve --model "$model" --host 127.0.0.1 --port 8200 --dataset-name random \
       --random-input-len 8000 --random-output-len 1000 --request-rate 10 --num-prompts 16 \
       --ignore-eos --disable-tqdm > "$out/bench.txt" 2>&1 || rc=1

@@ -220,6 +220,8 @@ class Backend {
     (void)utilization;
     return -1;
   }
+  // Device backends: bytes of device memory in use by the whole process now; -1 elsewhere.
+  virtual int64_t device_memory_in_use() { return -1; }
 
   // Starts a step: validates and takes the batch description; frees last step's scratch.
   virtual void begin_step(const StepInput& step) = 0;

@@ -28,6 +28,7 @@
 #include "backend/cuda/sampler.cuh"
 #include "backend/cuda/skinny_gemm.cuh"
 #include "backend/cuda/switches.h"
+#include "backend/scratch_arena.h"
 #include "common/check.h"
 #include "common/log.h"
 
@@ -42,7 +43,6 @@ void check_cublas(cublasStatus_t s, const char* what) {
   }
 }
 
-constexpr size_t kAlign = 256;
 size_t round_up(size_t n, size_t a) {
   return (n + a - 1) / a * a;
 }
@@ -51,73 +51,16 @@ __nv_bfloat16* bf(const Tensor& t) {
   return static_cast<__nv_bfloat16*>(t.data);
 }
 
-// Per-step device memory: a bump allocator. When a step needs more than the current chunk, more
-// chunks are added; at the next reset they are merged into one chunk of the high-water size,
-// so after the first worst-case step no step allocates.
-class DeviceArena {
- public:
-  ~DeviceArena() { release(); }
-  void* alloc(size_t bytes) {
-    bytes = round_up(std::max<size_t>(bytes, 1), kAlign);
-    if (chunks_.empty() || offset_ + bytes > chunks_.back().size) {
-      const size_t size = std::max(bytes, capacity() + (64u << 20));
-      Chunk c{nullptr, size};
-      check_cuda(cudaMalloc(&c.ptr, size), "cudaMalloc (scratch)");
-      chunks_.push_back(c);
-      offset_ = 0;
-    }
-    void* p = static_cast<char*>(chunks_.back().ptr) + offset_;
-    offset_ += bytes;
-    used_ += bytes;
-    peak_ = std::max(peak_, used_);
+// Per-step device memory (scratch_arena.h) in cudaMalloc'd chunks.
+struct CudaChunks {
+  void* allocate(size_t bytes) {
+    void* p = nullptr;
+    check_cuda(cudaMalloc(&p, bytes), "cudaMalloc (scratch)");
     return p;
   }
-  // Scratch taken after mark() can be handed back with rewind() once the kernels that use it
-  // are queued: later work on the same stream runs after them.
-  struct Mark {
-    size_t chunks, offset, used;
-  };
-  Mark mark() const { return {chunks_.size(), offset_, used_}; }
-  void rewind(const Mark& m) {
-    if (m.chunks != chunks_.size()) return;  // grew meanwhile: merged at the next reset
-    offset_ = m.offset;
-    used_ = m.used;
-  }
-  // Start of a step; the stream must be idle if chunks are merged.
-  void reset(cudaStream_t stream) {
-    if (chunks_.size() > 1) {
-      check_cuda(cudaStreamSynchronize(stream), "cudaStreamSynchronize");
-      release();
-      ++generation_;  // addresses change: graphs recorded before are stale
-      Chunk c{nullptr, round_up(peak_ + peak_ / 8, 1u << 20)};
-      check_cuda(cudaMalloc(&c.ptr, c.size), "cudaMalloc (scratch)");
-      chunks_.push_back(c);
-    }
-    offset_ = 0;
-    used_ = 0;
-  }
-  size_t peak() const { return peak_; }
-  size_t chunk_count() const { return chunks_.size(); }
-  uint64_t generation() const { return generation_; }
-  size_t capacity() const {
-    size_t s = 0;
-    for (const auto& c : chunks_) s += c.size;
-    return s;
-  }
-
- private:
-  struct Chunk {
-    void* ptr;
-    size_t size;
-  };
-  void release() {
-    for (auto& c : chunks_) cudaFree(c.ptr);
-    chunks_.clear();
-  }
-  std::vector<Chunk> chunks_;
-  size_t offset_ = 0, used_ = 0, peak_ = 0;
-  uint64_t generation_ = 0;
+  void release(void* p) { cudaFree(p); }
 };
+using DeviceArena = ScratchArena<CudaChunks>;
 
 // Page-locked host memory that grows on demand.
 class PinnedBuffer {
@@ -413,21 +356,38 @@ class CudaBackend final : public Backend {
   int64_t kv_memory_budget(double utilization) override {
     activate();
     check_cuda(cudaStreamSynchronize(stream_), "cudaStreamSynchronize");
-    size_t free = 0, total = 0;
-    check_cuda(cudaMemGetInfo(&free, &total), "cudaMemGetInfo");
+    // Chunks the profiled step added are merged first (as the next step would merge them):
+    // counted apart, they held up to twice the peak.
+    const size_t before_merge = arena_.capacity();
+    reset_arena();
     // Everything held now (weights, the scratch arena at its measured peak, cuBLAS, the
     // context, a KV cache if any) stays; a margin covers graphs and fragmentation.
     const int64_t held_kv =
         kv_ ? static_cast<int64_t>(2 * layer_elems_ * num_layers_ * sizeof(__nv_bfloat16)) : 0;
+    size_t free = 0, total = 0;
+    check_cuda(cudaMemGetInfo(&free, &total), "cudaMemGetInfo");
     const int64_t in_use = static_cast<int64_t>(total - free) - held_kv;
     const int64_t margin = 512ll << 20;
     const int64_t budget =
         static_cast<int64_t>(utilization * static_cast<double>(total)) - in_use - margin;
     log::info("GPU memory: ", total / 1e9, " GB total, ", in_use / 1e9, " GB in use (weights ",
               weight_bytes_ / 1e9, " GB, activation peak ", arena_.peak() / 1e9,
-              " GB); KV cache budget at utilization ", utilization, ": ",
+              " GB in a scratch arena of ", arena_.capacity() / 1e9, " GB, ", before_merge / 1e9,
+              " GB before merging); KV cache budget at utilization ", utilization, ": ",
               std::max<int64_t>(budget, 0) / 1e9, " GB");
     return std::max<int64_t>(budget, 0);
+  }
+
+  // Frees the last step's scratch (merging the arena's chunks once the stream is idle).
+  void reset_arena() {
+    arena_.reset([this] { check_cuda(cudaStreamSynchronize(stream_), "cudaStreamSynchronize"); });
+  }
+
+  int64_t device_memory_in_use() override {
+    activate();
+    size_t free = 0, total = 0;
+    check_cuda(cudaMemGetInfo(&free, &total), "cudaMemGetInfo");
+    return static_cast<int64_t>(total - free);
   }
 
   // ---- steps ----
@@ -1075,7 +1035,7 @@ class CudaBackend final : public Backend {
     validate_step(step, num_blocks_ + (fixed ? 1 : 0), block_size_,
                   std::numeric_limits<int32_t>::max());
     step_ = &step;
-    arena_.reset(stream_);
+    reset_arena();
     // The fewest keys a decode split takes (ERNIE_ATTN_SPLIT_KEYS=N; rounded up to 64-key
     // tiles): short contexts run fewer, longer splits in the graphs' fixed split counts, each
     // split's fixed latency chain being its cost rather than its bytes (128 against 64: step
