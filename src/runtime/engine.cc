@@ -112,12 +112,13 @@ Engine::Engine(model::Ernie45& model, std::shared_ptr<const tokenizer::Tokenizer
         cfg.enforce_eager || cfg.profile_stages ? 0 : std::min(cfg.max_num_seqs, 512),
         static_cast<int>((max_model_len_ + cfg.block_size - 1) / cfg.block_size));
     if (graphs > 0) {
-      log::info("Captured ", graphs, " CUDA graphs for decode batches up to ",
-                std::min(cfg.max_num_seqs, 512), " in ",
-                std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count(), " s",
-                held_before >= 0 ? cat(", took ", (model.backend().device_memory_in_use() -
-                                                   held_before) / 1e9, " GB")
-                                 : std::string());
+      log::info(
+          "Captured ", graphs, " CUDA graphs for decode batches up to ",
+          std::min(cfg.max_num_seqs, 512), " in ",
+          std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count(), " s",
+          held_before >= 0
+              ? cat(", took ", (model.backend().device_memory_in_use() - held_before) / 1e9, " GB")
+              : std::string());
     }
   }
   for (int64_t id : c.eos_token_ids) eos_ids_.push_back(static_cast<int32_t>(id));
