@@ -213,11 +213,14 @@ class Backend {
   virtual int64_t num_kv_blocks() const = 0;
   virtual int kv_block_size() const = 0;
   // Device backends: bytes left for the KV cache if the process may use `utilization` of the
-  // device's memory, after the weights and the scratch peak measured so far (run a worst-case
-  // step first). -1: the backend sizes its cache from a host budget instead (cpu).
+  // device's memory, after the weights, the scratch peak measured so far (run a worst-case
+  // step first) and `reserve` bytes the caller will allocate after the cache (`what` names
+  // them in the log). -1: the backend sizes its cache from a host budget instead (cpu).
   virtual bool sizes_kv_from_device_memory() const { return false; }
-  virtual int64_t kv_memory_budget(double utilization) {
+  virtual int64_t kv_memory_budget(double utilization, int64_t reserve, const std::string& what) {
     (void)utilization;
+    (void)reserve;
+    (void)what;
     return -1;
   }
   // Device backends: bytes of device memory in use by the whole process now; -1 elsewhere.
@@ -283,6 +286,17 @@ class Backend {
   virtual void attention(Tensor out, const Tensor& qkv, int layer) = 0;
   // out [M, I] = silu(gate_up[:, :I]) * gate_up[:, I:]
   virtual void silu_mul(Tensor out, const Tensor& gate_up) = 0;
+  // out [T, hidden] = down(silu_mul(linear(x, gate_up))): a dense MLP block. Its
+  // intermediate activations are scratch that a backend may free when it returns (the CUDA
+  // backend does: they are the largest buffers of a long prefill step).
+  virtual void dense_mlp(Tensor out, const Tensor& x, const Tensor& gate_up, const Tensor& down) {
+    const int64_t inter = down.dim(1);
+    Tensor gu = scratch({x.dim(0), 2 * inter}, activation_dtype());
+    Tensor a = scratch({x.dim(0), inter}, activation_dtype());
+    linear(gu, x, gate_up);
+    silu_mul(a, gu);
+    linear(out, a, down);
+  }
   // out [T, hidden] = routed experts (+ shared experts) of x [T, hidden]
   virtual void moe(Tensor out, const Tensor& x, const MoeWeights& w) = 0;
   // moe(out, x, w), then add_rms_norm(normed, residual, out, norm_weight, eps) (the next

@@ -225,15 +225,21 @@ backend::StepInput Ernie45::pad_step(const backend::StepInput& step, int size) c
   return p;
 }
 
+std::vector<int> Ernie45::graph_sizes(int max_batch) {
+  // 1, 2, 4, then multiples of 8, up to the first size that holds max_batch.
+  std::vector<int> sizes;
+  for (int s = 1; max_batch > 0 && (sizes.empty() || sizes.back() < max_batch);
+       s = s < 8 ? 2 * s : s + 8) {
+    sizes.push_back(s);
+  }
+  return sizes;
+}
+
 int Ernie45::enable_graphs(int max_batch, int max_blocks_per_seq) {
   graph_sizes_.clear();
   graph_logits_.clear();
   if (max_batch <= 0) return 0;
-  // 1, 2, 4, then multiples of 8, up to the first size that holds max_batch.
-  std::vector<int> sizes;
-  for (int s = 1; sizes.empty() || sizes.back() < max_batch; s = s < 8 ? 2 * s : s + 8) {
-    sizes.push_back(s);
-  }
+  const std::vector<int> sizes = graph_sizes(max_batch);
   if (!be_.enable_graphs(sizes.back(), max_blocks_per_seq)) return 0;
   graph_max_blocks_ = max_blocks_per_seq;
   graph_sizes_ = sizes;
@@ -288,7 +294,6 @@ Tensor Ernie45::run_layers(const backend::StepInput& step) {
   Tensor delta = be_.scratch({t, h}, act);     // output of the last sub-block
   Tensor qkv = be_.scratch({t, qkv_cols}, act);
   Tensor attn = be_.scratch({t, cfg_.q_size()}, act);
-  Tensor gu, a;  // dense MLP scratch, made at the first dense layer
 
   using backend::Stage;
   be_.mark(Stage::kEmbedding);
@@ -323,14 +328,7 @@ Tensor Ernie45::run_layers(const backend::StepInput& step) {
       }
     } else {
       be_.mark(Stage::kDenseMlp);
-      const int64_t inter = L.down.dim(1);
-      if (gu.empty()) {  // shared by every dense layer (all have the same size)
-        gu = be_.scratch({t, 2 * inter}, act);
-        a = be_.scratch({t, inter}, act);
-      }
-      be_.linear(gu, x, L.gate_up);
-      be_.silu_mul(a, gu);
-      be_.linear(delta, a, L.down);
+      be_.dense_mlp(delta, x, L.gate_up, L.down);
     }
   }
   // Only the rows that need logits go through the final norm and the head.

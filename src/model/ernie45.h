@@ -55,6 +55,8 @@ class Ernie45 {
   // then multiples of 8), now, for backends that have graphs; later decode steps replay them.
   // Returns the number of graphs recorded. max_batch 0 turns graphs off.
   int enable_graphs(int max_batch, int max_blocks_per_seq);
+  // The padded sizes enable_graphs(max_batch, ...) records (none for max_batch <= 0).
+  static std::vector<int> graph_sizes(int max_batch);
 
  private:
   // The layers and the head for the current step (after begin_step).

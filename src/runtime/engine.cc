@@ -18,9 +18,23 @@ int64_t kv_blocks_for_memory(const model::ModelConfig& c, int block_size, int64_
 
 namespace {
 
+// The largest decode batch recorded as a CUDA graph (0: none).
+int graph_max_batch(const EngineConfig& cfg) {
+  return cfg.enforce_eager || cfg.profile_stages ? 0 : std::min(cfg.max_num_seqs, 512);
+}
+
+// Device memory the decode graphs take once recorded, set aside from the KV cache's budget (as
+// vLLM does by default): per graph, a share per layer of its nodes' memory. H100, 21B (28
+// layers): 35 graphs took 0.136 GB, 3.9 MB each; 5.25 MB are reserved.
+int64_t graph_memory_estimate(const model::ModelConfig& c, int max_batch) {
+  constexpr int64_t kBytesPerGraphLayer = 192 << 10;
+  return static_cast<int64_t>(model::Ernie45::graph_sizes(max_batch).size()) *
+         c.num_hidden_layers * kBytesPerGraphLayer;
+}
+
 // Runs the largest step the scheduler can produce (max_num_batched_tokens of prefill, logits
 // and sampling for up to max_num_seqs rows) against a temporary cache, so the backend knows its
-// activation peak; returns the bytes left for the KV cache.
+// activation peak; returns the bytes left for the KV cache after the graphs' estimate.
 int64_t profile_kv_budget(model::Ernie45& model, const EngineConfig& cfg, int64_t max_len) {
   auto& be = model.backend();
   const auto& c = model.config();
@@ -48,7 +62,10 @@ int64_t profile_kv_budget(model::Ernie45& model, const EngineConfig& cfg, int64_
     r.num_logprobs = cfg.max_logprobs;
   }
   be.sample(logits, sampling);
-  return be.kv_memory_budget(cfg.gpu_memory_utilization);
+  const int graphs = static_cast<int>(model::Ernie45::graph_sizes(graph_max_batch(cfg)).size());
+  return be.kv_memory_budget(cfg.gpu_memory_utilization,
+                             graph_memory_estimate(c, graph_max_batch(cfg)),
+                             cat(graphs, " CUDA graphs"));
 }
 
 }  // namespace
@@ -109,12 +126,12 @@ Engine::Engine(model::Ernie45& model, std::shared_ptr<const tokenizer::Tokenizer
     const auto t0 = std::chrono::steady_clock::now();
     const int64_t held_before = model.backend().device_memory_in_use();
     const int graphs = model.enable_graphs(
-        cfg.enforce_eager || cfg.profile_stages ? 0 : std::min(cfg.max_num_seqs, 512),
+        graph_max_batch(cfg),
         static_cast<int>((max_model_len_ + cfg.block_size - 1) / cfg.block_size));
     if (graphs > 0) {
       log::info(
-          "Captured ", graphs, " CUDA graphs for decode batches up to ",
-          std::min(cfg.max_num_seqs, 512), " in ",
+          "Captured ", graphs, " CUDA graphs for decode batches up to ", graph_max_batch(cfg),
+          " in ",
           std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count(), " s",
           held_before >= 0
               ? cat(", took ", (model.backend().device_memory_in_use() - held_before) / 1e9, " GB")

@@ -7,6 +7,8 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <array>
+#include <cstddef>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
@@ -435,6 +437,32 @@ TEST_F(CudaBackendTest, MoeNormFusedMatchesSeparate) {
     expect_same(gpu_values(out_b), gpu_values(out_a), "MoE output");
     expect_same(gpu_values(res_b), gpu_values(res_a), "residual");
     expect_same(gpu_values(x_b), gpu_values(normed_a), "normalised rows");
+  }
+}
+
+// The dense MLP block (layer 0 of the ERNIE models) against the CPU reference; its
+// intermediates go back to the scratch arena when it returns: the next scratch lies closer to
+// one taken before the call than the intermediates' size (kept, they would lie in between).
+TEST_F(CudaBackendTest, DenseMlpMatchesCpuAndFreesItsScratch) {
+  for (const auto [tokens, hidden, inter] : {std::array{1, 256, 384}, std::array{37, 160, 96},
+                                             std::array{300, 2560, 1536}}) {
+    SCOPED_TRACE(::testing::Message() << tokens << " tokens, hidden " << hidden << ", inter "
+                                      << inter);
+    const HostData gate_up = random_bf16(rng, {2 * inter, hidden}, 1 / std::sqrt(double(hidden)));
+    const HostData down = random_bf16(rng, {hidden, inter}, 1 / std::sqrt(double(inter)));
+    const HostData x = random_bf16(rng, {tokens, hidden}, 1.0);
+    std::vector<float> c_out(static_cast<size_t>(tokens) * hidden);
+    cpu->dense_mlp(Tensor{c_out.data(), DType::kF32, {tokens, hidden}}, cpu->load_weight(x.host()),
+                   cpu->load_weight(gate_up.host()), cpu->load_weight(down.host()));
+    const Tensor g_x = gpu->load_weight(x.host()), g_gu = gpu->load_weight(gate_up.host());
+    const Tensor g_down = gpu->load_weight(down.host());
+    Tensor g_out = poisoned_gpu(*gpu, {tokens, hidden});
+    const auto* before = static_cast<const char*>(gpu->scratch({1}, DType::kBF16).data);
+    gpu->dense_mlp(g_out, g_x, g_gu, g_down);
+    const auto* after = static_cast<const char*>(gpu->scratch({1}, DType::kBF16).data);
+    ERNIE_CUDA_CHECK(cudaDeviceSynchronize());
+    expect_bf16_close(gpu_values(g_out), c_out, "dense mlp");
+    EXPECT_LT(after - before, static_cast<ptrdiff_t>(tokens) * 3 * inter * 2);
   }
 }
 

@@ -210,5 +210,16 @@ TEST_F(GraphLogicTest, DecodeStepsArePaddedToGraphSizesAndExact) {
   }
 }
 
+// The sizes the engine sets memory aside for are the ones enable_graphs records.
+TEST(GraphSizes, AreThoseRecorded) {
+  EXPECT_TRUE(model::Ernie45::graph_sizes(0).empty());
+  EXPECT_EQ(model::Ernie45::graph_sizes(1), (std::vector<int>{1}));
+  EXPECT_EQ(model::Ernie45::graph_sizes(12), (std::vector<int>{1, 2, 4, 8, 16}));
+  const std::vector<int> s = model::Ernie45::graph_sizes(256);
+  EXPECT_EQ(s.size(), 35u);
+  EXPECT_EQ(s.back(), 256);
+  EXPECT_EQ(model::Ernie45::graph_sizes(257).back(), 264);
+}
+
 }  // namespace
 }  // namespace ernie
