@@ -28,8 +28,8 @@ int graph_max_batch(const EngineConfig& cfg) {
 // layers): 35 graphs took 0.136 GB, 3.9 MB each; 5.25 MB are reserved.
 int64_t graph_memory_estimate(const model::ModelConfig& c, int max_batch) {
   constexpr int64_t kBytesPerGraphLayer = 192 << 10;
-  return static_cast<int64_t>(model::Ernie45::graph_sizes(max_batch).size()) *
-         c.num_hidden_layers * kBytesPerGraphLayer;
+  return static_cast<int64_t>(model::Ernie45::graph_sizes(max_batch).size()) * c.num_hidden_layers *
+         kBytesPerGraphLayer;
 }
 
 // Runs the largest step the scheduler can produce (max_num_batched_tokens of prefill, logits
@@ -131,8 +131,8 @@ Engine::Engine(model::Ernie45& model, std::shared_ptr<const tokenizer::Tokenizer
     if (graphs > 0) {
       log::info(
           "Captured ", graphs, " CUDA graphs for decode batches up to ", graph_max_batch(cfg),
-          " in ",
-          std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count(), " s",
+          " in ", std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count(),
+          " s",
           held_before >= 0
               ? cat(", took ", (model.backend().device_memory_in_use() - held_before) / 1e9, " GB")
               : std::string());

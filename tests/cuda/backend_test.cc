@@ -8,8 +8,8 @@
 
 #include <algorithm>
 #include <array>
-#include <cstddef>
 #include <cmath>
+#include <cstddef>
 #include <cstdlib>
 #include <cstring>
 #include <limits>
@@ -444,10 +444,10 @@ TEST_F(CudaBackendTest, MoeNormFusedMatchesSeparate) {
 // intermediates go back to the scratch arena when it returns: the next scratch lies closer to
 // one taken before the call than the intermediates' size (kept, they would lie in between).
 TEST_F(CudaBackendTest, DenseMlpMatchesCpuAndFreesItsScratch) {
-  for (const auto [tokens, hidden, inter] : {std::array{1, 256, 384}, std::array{37, 160, 96},
-                                             std::array{300, 2560, 1536}}) {
-    SCOPED_TRACE(::testing::Message() << tokens << " tokens, hidden " << hidden << ", inter "
-                                      << inter);
+  for (const auto [tokens, hidden, inter] :
+       {std::array{1, 256, 384}, std::array{37, 160, 96}, std::array{300, 2560, 1536}}) {
+    SCOPED_TRACE(::testing::Message()
+                 << tokens << " tokens, hidden " << hidden << ", inter " << inter);
     const HostData gate_up = random_bf16(rng, {2 * inter, hidden}, 1 / std::sqrt(double(hidden)));
     const HostData down = random_bf16(rng, {hidden, inter}, 1 / std::sqrt(double(inter)));
     const HostData x = random_bf16(rng, {tokens, hidden}, 1.0);

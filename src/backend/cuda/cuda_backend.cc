@@ -375,9 +375,8 @@ class CudaBackend final : public Backend {
               weight_bytes_ / 1e9, " GB, activation peak ", arena_.peak() / 1e9,
               " GB in a scratch arena of ", arena_.capacity() / 1e9, " GB, ", before_merge / 1e9,
               " GB before merging); KV cache budget at utilization ", utilization, ": ",
-              std::max<int64_t>(budget, 0) / 1e9, " GB (after ", reserve / 1e9, " GB for ",
-              what, " and a margin of ", margin / 1e9,
-              " GB)");
+              std::max<int64_t>(budget, 0) / 1e9, " GB (after ", reserve / 1e9, " GB for ", what,
+              " and a margin of ", margin / 1e9, " GB)");
     return std::max<int64_t>(budget, 0);
   }
 
