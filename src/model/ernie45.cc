@@ -238,8 +238,8 @@ std::vector<int> Ernie45::graph_sizes(int max_batch) {
 int Ernie45::enable_graphs(int max_batch, int max_blocks_per_seq) {
   graph_sizes_.clear();
   graph_logits_.clear();
-  if (max_batch <= 0) return 0;
   const std::vector<int> sizes = graph_sizes(max_batch);
+  if (sizes.empty()) return 0;
   if (!be_.enable_graphs(sizes.back(), max_blocks_per_seq)) return 0;
   graph_max_blocks_ = max_blocks_per_seq;
   graph_sizes_ = sizes;

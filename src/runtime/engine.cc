@@ -23,13 +23,12 @@ int graph_max_batch(const EngineConfig& cfg) {
   return cfg.enforce_eager || cfg.profile_stages ? 0 : std::min(cfg.max_num_seqs, 512);
 }
 
-// Device memory the decode graphs take once recorded, set aside from the KV cache's budget (as
-// vLLM does by default): per graph, a share per layer of its nodes' memory. H100, 21B (28
+// Device memory `graphs` decode graphs take once recorded, set aside from the KV cache's budget
+// (as vLLM does by default): per graph, a share per layer of its nodes' memory. H100, 21B (28
 // layers): 35 graphs took 0.136 GB, 3.9 MB each; 5.25 MB are reserved.
-int64_t graph_memory_estimate(const model::ModelConfig& c, int max_batch) {
+int64_t graph_memory_estimate(const model::ModelConfig& c, size_t graphs) {
   constexpr int64_t kBytesPerGraphLayer = 192 << 10;
-  return static_cast<int64_t>(model::Ernie45::graph_sizes(max_batch).size()) * c.num_hidden_layers *
-         kBytesPerGraphLayer;
+  return static_cast<int64_t>(graphs) * c.num_hidden_layers * kBytesPerGraphLayer;
 }
 
 // Runs the largest step the scheduler can produce (max_num_batched_tokens of prefill, logits
@@ -62,9 +61,8 @@ int64_t profile_kv_budget(model::Ernie45& model, const EngineConfig& cfg, int64_
     r.num_logprobs = cfg.max_logprobs;
   }
   be.sample(logits, sampling);
-  const int graphs = static_cast<int>(model::Ernie45::graph_sizes(graph_max_batch(cfg)).size());
-  return be.kv_memory_budget(cfg.gpu_memory_utilization,
-                             graph_memory_estimate(c, graph_max_batch(cfg)),
+  const size_t graphs = model::Ernie45::graph_sizes(graph_max_batch(cfg)).size();
+  return be.kv_memory_budget(cfg.gpu_memory_utilization, graph_memory_estimate(c, graphs),
                              cat(graphs, " CUDA graphs"));
 }
 
