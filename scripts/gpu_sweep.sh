@@ -29,7 +29,9 @@ for _ in $(seq 600); do
   kill -0 $server 2>/dev/null || { tail -20 "$out/sweep_serve.log"; exit 1; }
   sleep 1
 done
-max_seqs=256
+# The server's sequences per step (its startup line "max_num_seqs N"; the default depends on the GPU).
+max_seqs=$(sed -n 's/.*max_num_seqs \([0-9]*\).*/\1/p' "$out/sweep_serve.log" | head -1)
+max_seqs=${max_seqs:-256}
 # The floor's batch: the prompts, at most max_seqs, and at most the sequences of in + out tokens
 # that the KV cache holds (the server's startup line "KV cache: N blocks of B tokens (T tokens)").
 kv_tokens=$(sed -n 's/.*KV cache: [0-9]* blocks of [0-9]* tokens (\([0-9]*\) tokens).*/\1/p' \

@@ -183,10 +183,17 @@ class HostStageTimer {
   StageProfile profile_;
 };
 
+// The accelerator a backend runs on (empty name and no memory: the host).
+struct DeviceSpec {
+  std::string name;          // e.g. "NVIDIA H100 80GB HBM3"
+  int64_t total_memory = 0;  // bytes
+};
+
 class Backend {
  public:
   virtual ~Backend() = default;
   virtual std::string name() const = 0;
+  virtual DeviceSpec device_spec() const { return {}; }
   // The dtype activations are kept in (f32 on cpu).
   virtual DType activation_dtype() const = 0;
 

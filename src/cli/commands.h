@@ -72,8 +72,8 @@ struct ServeArgs {
   std::string quantization;
   std::string speculative_config;
   int64_t max_model_len = 0;
-  int max_num_seqs = 256;
-  int max_num_batched_tokens = 8192;
+  int max_num_seqs = 0;            // 0: the device's default (runtime::serving_defaults)
+  int max_num_batched_tokens = 0;  // likewise
   bool enable_prefix_caching = true;
   std::string load_format = "auto";
   bool enforce_eager = false;

@@ -52,12 +52,14 @@ CLI::App* add_serve(CLI::App& app, ServeArgs& a) {
                 "JSON, e.g. {\"method\": \"ernie_mtp\", \"num_speculative_tokens\": 1}");
   c->add_option("--max-model-len", a.max_model_len, "Context length (default: the model's)")
       ->check(CLI::Range(int64_t{1}, int64_t{1} << 40));
-  c->add_option("--max-num-seqs", a.max_num_seqs, "Sequences per step")
-      ->check(CLI::Range(1, 1 << 20))
-      ->capture_default_str();
-  c->add_option("--max-num-batched-tokens", a.max_num_batched_tokens, "Tokens per step")
-      ->check(CLI::Range(1, 1 << 24))
-      ->capture_default_str();
+  c->add_option("--max-num-seqs", a.max_num_seqs,
+                "Sequences per step (default: vLLM's, 1024 on GPUs of 70 GiB or more other "
+                "than the A100, 256 on smaller ones; 256 on the CPU)")
+      ->check(CLI::Range(1, 1 << 20));
+  c->add_option("--max-num-batched-tokens", a.max_num_batched_tokens,
+                "Tokens per step (default: vLLM's, 8192 on GPUs of 70 GiB or more other than "
+                "the A100, 2048 on smaller ones; 8192 on the CPU)")
+      ->check(CLI::Range(1, 1 << 24));
   c->add_flag("--enable-prefix-caching,!--no-enable-prefix-caching", a.enable_prefix_caching,
               "Prefix caching (on by default)");
   c->add_option("--load-format", a.load_format, "auto, safetensors, or dummy (random weights)")
@@ -165,10 +167,12 @@ int run_serve(const ServeArgs& a) {
             " in ", std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count(),
             " s: ", be->weight_bytes() / 1e9, " GB, activations in ",
             dtype_name(be->activation_dtype()));
+  const runtime::SchedulingLimits defaults = runtime::serving_defaults(be->device_spec());
   runtime::EngineConfig ec;
   ec.block_size = a.block_size;
-  ec.max_num_seqs = a.max_num_seqs;
-  ec.max_num_batched_tokens = a.max_num_batched_tokens;
+  ec.max_num_seqs = a.max_num_seqs > 0 ? a.max_num_seqs : defaults.max_num_seqs;
+  ec.max_num_batched_tokens =
+      a.max_num_batched_tokens > 0 ? a.max_num_batched_tokens : defaults.max_num_batched_tokens;
   ec.max_model_len = a.max_model_len;
   ec.enable_prefix_caching = a.enable_prefix_caching;
   ec.num_blocks_override = a.num_gpu_blocks_override;
@@ -187,9 +191,15 @@ int run_serve(const ServeArgs& a) {
             static_cast<double>(engine.kv_capacity_tokens()) /
                 static_cast<double>(engine.max_model_len()),
             "x");
+  const backend::DeviceSpec spec = be->device_spec();
+  const bool defaulted = a.max_num_seqs <= 0 || a.max_num_batched_tokens <= 0;
   log::info("max_model_len ", engine.max_model_len(), ", max_num_seqs ", ec.max_num_seqs,
-            ", max_num_batched_tokens ", ec.max_num_batched_tokens, ", prefix caching ",
-            ec.enable_prefix_caching ? "on" : "off");
+            ", max_num_batched_tokens ", ec.max_num_batched_tokens,
+            defaulted && spec.total_memory > 0
+                ? cat(" (defaults for ", spec.name, ", ",
+                      static_cast<double>(spec.total_memory) / (1ll << 30), " GiB)")
+                : std::string(),
+            ", prefix caching ", ec.enable_prefix_caching ? "on" : "off");
 
   server::ApiContext ctx;
   ctx.served_names =

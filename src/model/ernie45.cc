@@ -226,10 +226,11 @@ backend::StepInput Ernie45::pad_step(const backend::StepInput& step, int size) c
 }
 
 std::vector<int> Ernie45::graph_sizes(int max_batch) {
-  // 1, 2, 4, then multiples of 8, up to the first size that holds max_batch.
+  // vLLM's capture sizes: 1, 2, 4, multiples of 8 below 256, then multiples of 16, up to the
+  // first size that holds max_batch.
   std::vector<int> sizes;
   for (int s = 1; max_batch > 0 && (sizes.empty() || sizes.back() < max_batch);
-       s = s < 8 ? 2 * s : s + 8) {
+       s = s < 8 ? 2 * s : s + (s < 256 ? 8 : 16)) {
     sizes.push_back(s);
   }
   return sizes;

@@ -51,9 +51,9 @@ class Ernie45 {
   std::vector<float> forward(const backend::StepInput& step);
   backend::Backend& backend() { return be_; }
 
-  // Records decode steps of up to `max_batch` sequences as graphs at padded sizes (1, 2, 4, 8,
-  // then multiples of 8), now, for backends that have graphs; later decode steps replay them.
-  // Returns the number of graphs recorded. max_batch 0 turns graphs off.
+  // Records decode steps of up to `max_batch` sequences as graphs at padded sizes (1, 2, 4,
+  // multiples of 8 below 256, then of 16), now, for backends that have graphs; later decode
+  // steps replay them. Returns the number of graphs recorded. max_batch 0 turns graphs off.
   int enable_graphs(int max_batch, int max_blocks_per_seq);
   // The padded sizes enable_graphs(max_batch, ...) records (none for max_batch <= 0).
   static std::vector<int> graph_sizes(int max_batch);

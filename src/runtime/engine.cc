@@ -1,6 +1,7 @@
 #include "runtime/engine.h"
 
 #include <algorithm>
+#include <cctype>
 #include <chrono>
 
 #include "common/check.h"
@@ -14,6 +15,14 @@ int64_t kv_blocks_for_memory(const model::ModelConfig& c, int block_size, int64_
   const int64_t per_block = c.num_hidden_layers * 2 * block_size * c.num_key_value_heads *
                             c.head_dim * static_cast<int64_t>(bytes_per_element);
   return bytes / per_block;
+}
+
+SchedulingLimits serving_defaults(const backend::DeviceSpec& device) {
+  if (device.total_memory <= 0) return {256, 8192};
+  std::string name = device.name;
+  for (char& ch : name) ch = static_cast<char>(std::tolower(static_cast<unsigned char>(ch)));
+  const bool big = device.total_memory >= (int64_t{70} << 30) && name.find("a100") == name.npos;
+  return big ? SchedulingLimits{1024, 8192} : SchedulingLimits{256, 2048};
 }
 
 namespace {

@@ -44,6 +44,16 @@ struct EngineConfig {
   uint64_t seed = 0;  // seeds requests that do not set their own
 };
 
+// Sequences and tokens per step a server starts with when the command line does not set them:
+// vLLM's serving defaults for the device. GPUs of 70 GiB or more other than the A100 (H100,
+// H200): 1024 sequences and 8192 tokens; smaller GPUs: 256 and 2048. On the host (no device
+// memory) ernie keeps 256 and 8192.
+struct SchedulingLimits {
+  int max_num_seqs = 256;
+  int max_num_batched_tokens = 8192;
+};
+SchedulingLimits serving_defaults(const backend::DeviceSpec& device);
+
 // What one of a request's n outputs produced since the last step.
 struct CompletionDelta {
   int index = 0;

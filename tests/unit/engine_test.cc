@@ -572,5 +572,21 @@ TEST_F(EngineTest, AsyncEngineShutdownEndsEveryStream) {
   EXPECT_TRUE(late->error());
 }
 
+// vLLM's serving defaults by device (EngineArgs' defaults for its OpenAI server).
+TEST(ServingDefaults, FollowVllmByDevice) {
+  auto limits = [](const std::string& name, double gib) {
+    const runtime::SchedulingLimits l =
+        runtime::serving_defaults({name, static_cast<int64_t>(gib * (1ll << 30))});
+    return std::pair{l.max_num_seqs, l.max_num_batched_tokens};
+  };
+  EXPECT_EQ(limits("NVIDIA H100 80GB HBM3", 79.2), (std::pair{1024, 8192}));
+  EXPECT_EQ(limits("NVIDIA H200", 139.8), (std::pair{1024, 8192}));
+  EXPECT_EQ(limits("NVIDIA GH200 96GB", 95.0), (std::pair{1024, 8192}));
+  EXPECT_EQ(limits("NVIDIA A100-SXM4-80GB", 79.3), (std::pair{256, 2048}));
+  EXPECT_EQ(limits("a GPU just short of 70 GiB", 69.9), (std::pair{256, 2048}));
+  EXPECT_EQ(limits("NVIDIA L40S", 44.4), (std::pair{256, 2048}));
+  EXPECT_EQ(limits("", 0), (std::pair{256, 8192}));  // the host
+}
+
 }  // namespace
 }  // namespace ernie::runtime

@@ -218,7 +218,13 @@ TEST(GraphSizes, AreThoseRecorded) {
   const std::vector<int> s = model::Ernie45::graph_sizes(256);
   EXPECT_EQ(s.size(), 35u);
   EXPECT_EQ(s.back(), 256);
-  EXPECT_EQ(model::Ernie45::graph_sizes(257).back(), 264);
+  const std::vector<int> t = model::Ernie45::graph_sizes(512);  // as vLLM records them
+  EXPECT_EQ(t.size(), 51u);
+  EXPECT_EQ(std::vector<int>(t.begin(), t.begin() + 35), s);
+  for (size_t i = 35; i < t.size(); ++i) EXPECT_EQ(t[i], t[i - 1] + 16);
+  EXPECT_EQ(t.back(), 512);
+  EXPECT_EQ(model::Ernie45::graph_sizes(257).back(), 272);
+  EXPECT_EQ(model::Ernie45::graph_sizes(500).back(), 512);
 }
 
 }  // namespace

@@ -125,6 +125,7 @@ class CudaBackend final : public Backend {
             cat("this build of ernie targets sm_90a (H100/H200); device ", device, " is ",
                 prop.name, " (sm_", prop.major, prop.minor, ")"));
     sms_ = prop.multiProcessorCount;
+    spec_ = {prop.name, static_cast<int64_t>(prop.totalGlobalMem)};
     check_cuda(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking), "cudaStreamCreate");
     for (auto* e : {&meta_done_[0], &meta_done_[1], &meta_done_[2], &meta_done_[3],
                     &sample_done_[0], &sample_done_[1]}) {
@@ -176,6 +177,7 @@ class CudaBackend final : public Backend {
   }
 
   std::string name() const override { return "cuda"; }
+  DeviceSpec device_spec() const override { return spec_; }
   DType activation_dtype() const override { return DType::kBF16; }
 
   // ---- weights ----
@@ -1137,6 +1139,7 @@ class CudaBackend final : public Backend {
 
   int device_;
   int sms_ = 0;
+  DeviceSpec spec_;
   cudaStream_t stream_ = nullptr;
   cudaStream_t side_stream_ = nullptr;  // the shared experts of decode steps (see moe)
   cudaEvent_t fork_ = nullptr, join_ = nullptr;
