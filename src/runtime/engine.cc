@@ -34,7 +34,8 @@ int graph_max_batch(const EngineConfig& cfg) {
 
 // Device memory `graphs` decode graphs take once recorded, set aside from the KV cache's budget
 // (as vLLM does by default): per graph, a share per layer of its nodes' memory. H100, 21B (28
-// layers): 35 graphs took 0.136 GB, 3.9 MB each; 5.25 MB are reserved.
+// layers): 35 graphs took 0.136 GB (3.9 MB each), 51 graphs 0.172 GB (3.4 MB each); 5.25 MB
+// are reserved.
 int64_t graph_memory_estimate(const model::ModelConfig& c, size_t graphs) {
   constexpr int64_t kBytesPerGraphLayer = 192 << 10;
   return static_cast<int64_t>(graphs) * c.num_hidden_layers * kBytesPerGraphLayer;
