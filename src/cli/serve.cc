@@ -167,7 +167,8 @@ int run_serve(const ServeArgs& a) {
             " in ", std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count(),
             " s: ", be->weight_bytes() / 1e9, " GB, activations in ",
             dtype_name(be->activation_dtype()));
-  const runtime::SchedulingLimits defaults = runtime::serving_defaults(be->device_spec());
+  const backend::DeviceSpec spec = be->device_spec();
+  const runtime::SchedulingLimits defaults = runtime::serving_defaults(spec);
   runtime::EngineConfig ec;
   ec.block_size = a.block_size;
   ec.max_num_seqs = a.max_num_seqs > 0 ? a.max_num_seqs : defaults.max_num_seqs;
@@ -191,7 +192,6 @@ int run_serve(const ServeArgs& a) {
             static_cast<double>(engine.kv_capacity_tokens()) /
                 static_cast<double>(engine.max_model_len()),
             "x");
-  const backend::DeviceSpec spec = be->device_spec();
   const bool defaulted = a.max_num_seqs <= 0 || a.max_num_batched_tokens <= 0;
   log::info("max_model_len ", engine.max_model_len(), ", max_num_seqs ", ec.max_num_seqs,
             ", max_num_batched_tokens ", ec.max_num_batched_tokens,
