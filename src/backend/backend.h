@@ -94,8 +94,8 @@ struct MoeWeights {
   // Set by Backend::prepare_moe: the expert tensors are in the form the backend's moe() reads
   // (their shapes stay the logical ones above).
   bool experts_prepared = false;
-  // Set by Backend::prepare_moe where the backend also keeps the shared experts as this many
-  // extra routed-expert-sized experts in its prepared expert tensors (0: it does not).
+  // Set by Backend::prepare_moe where the backend's routed GEMMs can also run the shared
+  // experts, as this many extra routed-expert-sized experts (0: they cannot).
   int shared_folded = 0;
   // Set by Backend::prepare_moe where the backend also keeps the router's weights in another
   // form for its own kernels (the CUDA backend: bf16 terms, cuda::split_router_terms); empty
@@ -208,7 +208,8 @@ class Backend {
   // Puts a MoE block's expert tensors (loaded or drawn by this backend) into the form its moe()
   // reads, once, after every tensor of `w` is set and before the first moe() with them. The
   // CPU backend reads them as they are; the CUDA backend re-lays them out for its kernels
-  // (cuda/expert_layout.h) and appends the shared experts to them (MoeWeights::shared_folded).
+  // (cuda/expert_layout.h) and lets its routed GEMMs run the shared experts of small steps
+  // too, from their own tensors (MoeWeights::shared_folded).
   virtual void prepare_moe(MoeWeights& w) { w.experts_prepared = true; }
 
   virtual void configure_attention(const AttentionConfig& cfg) = 0;

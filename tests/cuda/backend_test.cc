@@ -23,6 +23,7 @@
 #include "backend/cuda/cuda_backend.h"
 #include "backend/cuda/cuda_check.h"
 #include "backend/cuda/device.h"
+#include "backend/cuda/expert_layout.h"
 #include "common/dtype.h"
 #include "common/rng.h"
 #include "runtime/engine.h"
@@ -330,7 +331,17 @@ TEST_F(CudaBackendTest, MoeMatchesCpu) {
         w.shared_gate_up = be.load_weight(sgu.host());
         w.shared_down = be.load_weight(sdown.host());
       }
+      const int64_t held = be.weight_bytes();
       be.prepare_moe(w);
+      if (&be == gpu.get()) {
+        // The tiled layout's padding columns and the router's terms are all prepare_moe may
+        // add: folded shared experts are read from their own tensors, not from a second copy.
+        const int64_t padding =
+            int64_t{c.experts} * (2 * c.inter * (cuda::tiled_cols(c.hidden) - c.hidden) +
+                                  c.hidden * (cuda::tiled_cols(c.inter) - c.inter));
+        const int64_t terms = w.router_terms.empty() ? 0 : w.router_terms.numel();
+        EXPECT_EQ(be.weight_bytes() - held, 2 * (padding + terms));
+      }
       w.top_k = c.k;
       return w;
     };

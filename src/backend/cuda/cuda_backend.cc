@@ -252,10 +252,10 @@ class CudaBackend final : public Backend {
                 ") and the experts' intermediate size (", inter, ") to be multiples of ",
                 cuda::kTiledGroupRows));
     activate();
-    // Shared experts of a whole number of routed experts' sizes are kept also as that many
-    // more experts in the tiled tensors (cuda::SharedFold): small decode steps run them inside
-    // the routed GEMMs. The originals stay for larger batches and prefill.
-    // ERNIE_FOLD_SHARED=0 turns it off (for A/B runs).
+    // Shared experts of a whole number of routed experts' sizes also run as that many more
+    // experts of the routed GEMMs (cuda::SharedFold): small decode steps run them there,
+    // reading their own tensors through TMA maps made here (no second copy); larger batches
+    // and prefill run them through cuBLAS. ERNIE_FOLD_SHARED=0 turns it off (for A/B runs).
     static const bool fold_enabled = cuda::path_enabled("ERNIE_FOLD_SHARED");
     int64_t fold = 0, si = 0;
     if (fold_enabled && !w.shared_gate_up.empty()) {
@@ -267,25 +267,18 @@ class CudaBackend final : public Backend {
       si = w.shared_down.dim(1);
       if (si % inter == 0) fold = si / inter;
     }
+    if (fold > 0) {
+      fold_maps_[w.shared_gate_up.data] =
+          cuda::shared_fold_maps(bf(w.shared_gate_up), bf(w.shared_down), hidden, si);
+    }
     const int64_t gu_rows = 2 * inter, kp_h = cuda::tiled_cols(hidden);
     const int64_t kp_i = cuda::tiled_cols(inter);
     auto* gate_up = static_cast<__nv_bfloat16*>(
-        allocate_weight(static_cast<size_t>((experts + fold) * gu_rows * kp_h) * 2));
+        allocate_weight(static_cast<size_t>(experts * gu_rows * kp_h) * 2));
     auto* down = static_cast<__nv_bfloat16*>(
-        allocate_weight(static_cast<size_t>((experts + fold) * hidden * kp_i) * 2));
+        allocate_weight(static_cast<size_t>(experts * hidden * kp_i) * 2));
     cuda::tile_expert_weights(gate_up, bf(w.experts_gate_up), experts * gu_rows, hidden, stream_);
     cuda::tile_expert_weights(down, bf(w.experts_down), experts * hidden, inter, stream_);
-    for (int64_t s = 0; s < fold; ++s) {
-      // Folded expert s: rows s I .. (s + 1) I of the shared gate, the same of its up, and
-      // columns s I .. (s + 1) I of its down.
-      __nv_bfloat16* gu_dst = gate_up + (experts + s) * gu_rows * kp_h;
-      const __nv_bfloat16* sgu = bf(w.shared_gate_up);
-      cuda::tile_expert_weights(gu_dst, sgu + s * inter * hidden, inter, hidden, stream_);
-      cuda::tile_expert_weights(gu_dst + inter * kp_h, sgu + (si + s * inter) * hidden, inter,
-                                hidden, stream_);
-      cuda::tile_expert_weights(down + (experts + s) * hidden * kp_i, bf(w.shared_down) + s * inter,
-                                hidden, inter, stream_, si);
-    }
     // The router's weights also as bf16 terms, for the logits of many tokens (moe()).
     if (router_gemm_tokens() > 0 && w.router.dtype == DType::kF32 && w.router.shape.size() == 2) {
       const int64_t count = w.router.dim(0) * w.router.dim(1);
@@ -747,8 +740,8 @@ class CudaBackend final : public Backend {
         !profiling_) {
       // ERNIE_FOLD_EARLY=0: the folded blocks wait for the router like the routed ones (A/B).
       static const bool early = cuda::path_enabled("ERNIE_FOLD_EARLY");
-      fold =
-          cuda::SharedFold{w.shared_folded, tokens, early && tokens <= cuda::kRouteOrderedTokens};
+      fold = cuda::SharedFold{w.shared_folded, tokens, early && tokens <= cuda::kRouteOrderedTokens,
+                              nullptr, &fold_maps_.at(w.shared_gate_up.data)};
     }
     const bool unfolded_shared = has_shared && fold.experts == 0;
     const bool overlap = unfolded_shared && block_m != cuda::kMoeBlockWgmma && !profiling_;
@@ -1143,6 +1136,8 @@ class CudaBackend final : public Backend {
   cudaStream_t stream_ = nullptr;
   cudaStream_t side_stream_ = nullptr;  // the shared experts of decode steps (see moe)
   cudaEvent_t fork_ = nullptr, join_ = nullptr;
+  // The folded shared experts' tensor maps by their gate/up tensor (prepare_moe).
+  std::unordered_map<const void*, cuda::SharedFoldMaps> fold_maps_;
   cublasHandle_t blas_[2] = {nullptr, nullptr};  // on stream_ and on side_stream_
   void* blas_workspace_[2] = {nullptr, nullptr};
   // Host-to-device metadata (step inputs, sampling tables) goes through a ring of pinned

@@ -159,24 +159,34 @@ struct Tile {
 
 // The folded shared experts (SharedFold) as the decode GEMM kernel sees them: P experts of the
 // routed experts' size, blocks_per_expert M-blocks each (rows of both GEMMs' outputs numbered
-// over the grid: expert s's row of token t is s * blocks_per_expert * BM + t); down writes
-// them unrounded (f32) to down_out, for moe_combine to add up and round as the unfolded
-// shared experts' GEMM would.
+// over the grid: expert s's row of token t is s * blocks_per_expert * BM + t), their weights
+// read through `map` (this GEMM's tensor map of the shared experts' row-major tensor); down
+// writes them unrounded (f32) to down_out, for moe_combine to add up and round as the unfolded
+// shared experts' GEMM would. A kernel parameter (__grid_constant__: TMA reads the map where
+// the parameter lives).
 struct FoldArgs {
-  int blocks = 0;  // their M-blocks, first in the grid
+  CUtensorMap map{};
+  int experts = 0;  // P
+  int blocks = 0;   // their M-blocks, first in the grid
   int blocks_per_expert = 1;
-  int first_expert = 0;  // id of the first one in the tiled weights
   int tokens = 0;
   bool early = false;         // their gate/up blocks do not wait for the kernel before
   float* down_out = nullptr;  // [blocks * BM, N]
+  // With ERNIE_FOLD_PREFETCH=1 (new, off): the tensor `map` covers, whose rows each folded CTA
+  // asks L2 for whole (one bulk prefetch per weight row of its tile) before its first stage.
+  const __nv_bfloat16* prefetch = nullptr;
 };
 
-FoldArgs fold_args(const SharedFold& f, int block_m, int experts) {
+FoldArgs fold_args(const SharedFold& f, int block_m, bool gate_up) {
   FoldArgs a;
   if (f.experts == 0) return a;
+  require(f.maps != nullptr, "MoE GEMM: folded shared experts need their tensor maps");
+  a.map = gate_up ? f.maps->gate_up : f.maps->down;
+  static const bool prefetch = new_path_enabled("ERNIE_FOLD_PREFETCH");
+  if (prefetch) a.prefetch = gate_up ? f.maps->gate_up_data : f.maps->down_data;
+  a.experts = f.experts;
   a.blocks_per_expert = (f.tokens + block_m - 1) / block_m;
   a.blocks = f.experts * a.blocks_per_expert;
-  a.first_expert = experts;
   a.tokens = f.tokens;
   a.early = f.early;
   a.down_out = f.down_out;
@@ -232,6 +242,34 @@ __device__ __forceinline__ void load_weight_stage(unsigned char* dst, uint64_t* 
     if (j % kPart < part_groups) {
       const int64_t row = (j >= kPart ? N : 0) + (j % kPart) * kTiledGroupRows;
       bulk_load(dst + j * T::kGroupStage, src + row * kp, T::kGroupStage, bar);
+    }
+  }
+}
+
+// The same stage for folded shared expert s, from the shared experts' row-major tensor by two
+// 2-D TMA boxes (64 columns x 16 rows, 128-byte swizzle) per group, which land as the tiled
+// layout's two chunks of the group: gate/up rows s N + n (gate) and P N + s N + n (up) of
+// [2 P N, K]; down rows n of [N, P K] from column s K. Columns past the tensor's end read as
+// zeros; past expert s's K columns of down (K % 128 != 0) they are expert s + 1's, multiplied
+// by the zero-filled activations.
+template <typename T, bool kGateUp>
+__device__ __forceinline__ void load_folded_stage(unsigned char* dst, uint64_t* bar,
+                                                  const CUtensorMap* map, int s, int experts,
+                                                  int n0, int kt, int K, int N) {
+  constexpr int kGroups = T::kGroups;
+  constexpr int kPart = kGateUp ? kGroups / 2 : kGroups;
+  const int part_groups = min(kPart, (N - n0) / kTiledGroupRows);
+  mbar_arrive_expect_tx(bar, (kGroups / kPart) * part_groups * T::kGroupStage);
+  const int col = (kGateUp ? 0 : s * K) + kt * T::kBK;
+  const int row0 = (kGateUp ? s * N : 0) + n0;
+#pragma unroll
+  for (int j = 0; j < kGroups; ++j) {
+    if (j % kPart < part_groups) {
+      const int row = row0 + (j >= kPart ? experts * N : 0) + (j % kPart) * kTiledGroupRows;
+      unsigned char* group = dst + j * T::kGroupStage;
+      tma_load_2d(group, map, bar, col, row);
+      tma_load_2d(group + kTiledGroupRows * kTiledChunkCols * 2, map, bar, col + kTiledChunkCols,
+                  row);
     }
   }
 }
@@ -342,8 +380,8 @@ template <int BM, bool kWide, bool kGateUp, bool kLean = false>
 __global__ void __launch_bounds__(Tile<BM, kWide, kLean>::kThreads, 1)
     moe_gemm_kernel(__nv_bfloat16* out, const __nv_bfloat16* a_src, const __nv_bfloat16* w,
                     const float* route_w, const int32_t* sorted_pairs, const int32_t* block_expert,
-                    int k_choices, int K, int N, const FoldArgs fold, bool early_rows,
-                    const BlockReady ready) {
+                    int k_choices, int K, int N, const __grid_constant__ FoldArgs fold,
+                    bool early_rows, const BlockReady ready) {
   // M-blocks below fold.blocks are the folded shared experts' (FoldArgs), laid out by position;
   // the routed blocks follow, block b of the routed layout at M-block fold.blocks + b. Rows of
   // `out` (and of down's activations) are numbered over the whole grid. The M-block is
@@ -366,8 +404,8 @@ __global__ void __launch_bounds__(Tile<BM, kWide, kLean>::kThreads, 1)
   using T = Tile<BM, kWide, kLean>;
   constexpr int kBN = T::kBN, kBK = T::kBK, kStages = T::kStages, kLd = T::kLd;
   constexpr int kMt = T::kMt, kNt = T::kNt;
-  const int e =
-      folded ? fold.first_expert + mb / fold.blocks_per_expert : __ldcg(block_expert + rb);
+  // The routed expert, or the folded expert's index s.
+  const int e = folded ? mb / fold.blocks_per_expert : __ldcg(block_expert + rb);
   if (e < 0) return;
   // The pair of row r of this block (-1: padding); a folded block's row is a token, its weight 1.
   auto pair_of = [&](int r) {
@@ -393,9 +431,26 @@ __global__ void __launch_bounds__(Tile<BM, kWide, kLean>::kThreads, 1)
   }
   __syncthreads();
 
+  if (folded && fold.prefetch != nullptr && tid < kBN) {
+    // Row tid of the tile's weights, whole (K columns), into L2: one contiguous run per row
+    // instead of the 128-byte pieces the boxes read it in, stage by stage.
+    const int half = kBN / 2;
+    const int64_t row =
+        kGateUp ? (tid < half ? 0 : fold.experts * N) + e * N + n0 + tid % half : n0 + tid;
+    const int64_t ld = kGateUp ? K : static_cast<int64_t>(fold.experts) * K;
+    if ((kGateUp ? tid % half : tid) < N - n0) {
+      const __nv_bfloat16* src = fold.prefetch + row * ld + (kGateUp ? 0 : e * K);
+      asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(src), "r"(K * 2) : "memory");
+    }
+  }
   auto load_b = [&](int stage, int kt) {
     if (tid == 0) {
-      load_weight_stage<T, kGateUp>(sb + stage * T::kBStage, &full[stage], w, e, n0, kt, K, N);
+      if (folded) {
+        load_folded_stage<T, kGateUp>(sb + stage * T::kBStage, &full[stage], &fold.map, e,
+                                      fold.experts, n0, kt, K, N);
+      } else {
+        load_weight_stage<T, kGateUp>(sb + stage * T::kBStage, &full[stage], w, e, n0, kt, K, N);
+      }
     }
   };
 
@@ -1392,6 +1447,13 @@ void moe_align(int32_t* sorted_pairs, int32_t* block_expert, int32_t* pair_pos, 
   ERNIE_CUDA_CHECK(cudaGetLastError());
 }
 
+SharedFoldMaps shared_fold_maps(const __nv_bfloat16* gate_up, const __nv_bfloat16* down,
+                                int64_t hidden, int64_t shared_inter) {
+  return SharedFoldMaps{tensor_map_bf16_sw128(gate_up, 2 * shared_inter, hidden, kTiledGroupRows),
+                        tensor_map_bf16_sw128(down, hidden, shared_inter, kTiledGroupRows), gate_up,
+                        down};
+}
+
 void moe_gate_up(__nv_bfloat16* act, const __nv_bfloat16* x, const __nv_bfloat16* w_gate_up,
                  const int32_t* sorted_pairs, const int32_t* block_expert, int64_t capacity,
                  int block_m, int k, int hidden, int inter, int experts, cudaStream_t stream,
@@ -1414,7 +1476,7 @@ void moe_gate_up(__nv_bfloat16* act, const __nv_bfloat16* x, const __nv_bfloat16
     return;
   }
   launch_gemm<true>(act, x, w_gate_up, nullptr, sorted_pairs, block_expert, capacity, block_m, k,
-                    hidden, inter, fold_args(fold, block_m, experts), block_ready, stream);
+                    hidden, inter, fold_args(fold, block_m, true), block_ready, stream);
 }
 
 void moe_down(__nv_bfloat16* y, const __nv_bfloat16* act, const __nv_bfloat16* w_down,
@@ -1437,7 +1499,7 @@ void moe_down(__nv_bfloat16* y, const __nv_bfloat16* act, const __nv_bfloat16* w
     return;
   }
   launch_gemm<false>(y, act, w_down, weights, sorted_pairs, block_expert, capacity, block_m, 1,
-                     inter, hidden, fold_args(fold, block_m, experts), block_ready, stream);
+                     inter, hidden, fold_args(fold, block_m, false), block_ready, stream);
 }
 
 void moe_combine(__nv_bfloat16* out, const __nv_bfloat16* y, const int32_t* pair_pos,

@@ -9,6 +9,7 @@
 // The launch grids are sized for the worst case, so nothing depends on the counts on the host.
 #pragma once
 
+#include <cuda.h>
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
@@ -53,14 +54,28 @@ void moe_align(int32_t* sorted_pairs, int32_t* block_expert, int32_t* pair_pos, 
 void tile_expert_weights(__nv_bfloat16* dst, const __nv_bfloat16* src, int64_t rows, int64_t K,
                          cudaStream_t stream, int64_t ld = 0);
 
+// The tensor maps a fold reads the shared experts' weights through: gate_up over [2 I_s,
+// hidden], down over [hidden, I_s] (row-major bf16), 16-row x 64-column boxes, 128-byte swizzle.
+struct SharedFoldMaps {
+  CUtensorMap gate_up, down;
+  const __nv_bfloat16* gate_up_data;  // the tensors the maps cover
+  const __nv_bfloat16* down_data;
+};
+SharedFoldMaps shared_fold_maps(const __nv_bfloat16* gate_up, const __nv_bfloat16* down,
+                                int64_t hidden, int64_t shared_inter);
+
 // Shared experts folded into the decode GEMMs (16- and 32-row blocks; not the wgmma path): a
-// shared expert of intermediate size I_s = P * I_e is P extra experts (ids E .. E + P - 1 of
-// the tiled weights, gate/up and down) that every token takes. Their M-blocks come first in
-// the grids, laid out by position (token t is row t of each one's blocks), so they need nothing
-// from the router: with `early`, the gate/up kernel's folded CTAs start without waiting for the
-// kernel before (the router's), which is right only if the kernels before gate/up let it launch
-// once x is complete (route_topk's launch order). The values are those of the unfolded GEMMs up
-// to summation order: gate and up are rounded to bf16 before SwiGLU, down writes its P partial
+// shared expert of intermediate size I_s = P * I_e is P extra experts of the routed experts'
+// size that every token takes, read from the shared experts' own row-major tensors (the ones
+// the unfolded path's cuBLAS GEMMs read; no second copy) by 2-D TMA boxes that land in shared
+// memory as the tiled layout's groups do (`maps`: shared_fold_maps, host memory, copied into
+// the kernels' parameters at launch); folded expert s is gate rows s I_e ..,
+// up rows I_s + s I_e .. and down columns s I_e ... Their M-blocks come first in the grids,
+// laid out by position (token t is row t of each one's blocks), so they need nothing from the
+// router: with `early`, the gate/up kernel's folded CTAs start without waiting for the kernel
+// before (the router's), which is right only if the kernels before gate/up let it launch once
+// x is complete (route_topk's launch order). The values are those of the unfolded GEMMs up to
+// summation order: gate and up are rounded to bf16 before SwiGLU, down writes its P partial
 // sums in f32 (down_out, moe_shared_rows(...) x hidden floats), and moe_combine adds them up
 // and rounds once. act and y hold moe_shared_rows(...) rows before the routed layout's (y's
 // unused).
@@ -69,6 +84,7 @@ struct SharedFold {
   int tokens = 0;
   bool early = false;
   float* down_out = nullptr;
+  const SharedFoldMaps* maps = nullptr;
 };
 inline int64_t moe_shared_rows(const SharedFold& f, int block_m) {
   return static_cast<int64_t>(f.experts) * ((f.tokens + block_m - 1) / block_m) * block_m;
