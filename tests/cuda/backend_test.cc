@@ -581,6 +581,52 @@ TEST_F(CudaBackendTest, SplitSamplingMatchesCpu) {
   EXPECT_GT(distinct, 10);  // the draws really vary
 }
 
+// Batches of nothing but greedy rows without edits (the benchmark's requests; with
+// ERNIE_GREEDY_ROWS=1 cuda::greedy_rows takes them): every row's token is the CPU reference's,
+// with planted ties (the lower index wins), a maximum in the last column, -inf entries and a
+// row whose every value is the same.
+TEST_F(CudaBackendTest, GreedyRowsMatchCpu) {
+  for (int vocab : {7, 1000, 103424}) {
+    for (int rows : {1, 3, 256, 1024}) {
+      SCOPED_TRACE(::testing::Message() << "vocab " << vocab << ", " << rows << " rows");
+      HostData logits = random_f32(rng, {rows, vocab}, 0, 1);
+      for (auto& v : logits.f32) v = static_cast<float>(3.0 * rng.normal());
+      for (int r = 0; r < rows; ++r) {
+        float* row = logits.f32.data() + static_cast<size_t>(r) * vocab;
+        const float top = *std::max_element(row, row + vocab) + 1.0f;
+        const int a = static_cast<int>(rng.below(vocab)), b = static_cast<int>(rng.below(vocab));
+        switch (r % 4) {
+          case 0:  // a tie for the maximum
+            row[a] = row[b] = top;
+            break;
+          case 1:  // the maximum last, some -inf
+            row[vocab - 1] = top;
+            row[a] = -std::numeric_limits<float>::infinity();
+            break;
+          case 2:  // all equal: the first
+            std::fill(row, row + vocab, -2.5f);
+            break;
+          default:
+            break;
+        }
+      }
+      std::vector<SamplingRow> params(rows);
+      for (auto& p : params) {
+        p.temperature = 0.0f;
+        p.seed = rng.next();
+        p.position = static_cast<int64_t>(rng.below(1000));
+      }
+      const auto ref = cpu->sample(cpu->load_weight(logits.host()), params);
+      const auto got = gpu->sample(gpu->load_weight(logits.host()), params);
+      ASSERT_EQ(got.size(), ref.size());
+      int differ = 0;
+      for (int r = 0; r < rows; ++r) differ += got[r].id != ref[r].id;
+      EXPECT_EQ(differ, 0);
+      EXPECT_EQ(got[0].id, ref[0].id);
+    }
+  }
+}
+
 // Many draws from one distribution (top-k + top-p + temperature), keyed by position: the same
 // token as the CPU reference for every position.
 TEST_F(CudaBackendTest, ManyDrawsMatchCpuDrawForDraw) {

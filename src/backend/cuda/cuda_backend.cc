@@ -855,65 +855,86 @@ class CudaBackend final : public Backend {
       return;
     }
     mark(Stage::kSampling);
-    std::vector<cuda::DeviceSamplingRow> params(n);
-    std::vector<int32_t> bias_ids, pen_ids, pen_counts, ban_ids;
-    std::vector<float> bias_values;
-    int max_top = 0;
-    std::unordered_map<int32_t, int32_t> counts;
-    for (int r = 0; r < n; ++r) {
+    // Greedy rows without edits, top-k, top-p or logprobs (the benchmark's requests) need no
+    // parameters on the device: cuda::greedy_rows, two kernels and no upload (ERNIE_GREEDY_ROWS=1,
+    // new, off).
+    static const bool split_enabled = cuda::path_enabled("ERNIE_SPLIT_SAMPLER");
+    static const bool lean = cuda::path_enabled("ERNIE_SAMPLER_LEAN");
+    static const bool greedy_enabled = cuda::new_path_enabled("ERNIE_GREEDY_ROWS");
+    constexpr int kSplitRows = 32, kLeanRows = 1024;
+    bool plain_greedy = greedy_enabled && split_enabled && lean && n <= kLeanRows;
+    for (int r = 0; r < n && plain_greedy; ++r) {
       const SamplingRow& s = rows[r];
-      auto& p = params[r];
-      p.temperature = s.temperature;
-      p.top_p = s.top_p;
-      p.min_p = s.min_p;
-      p.top_k = s.top_k;
-      p.presence_penalty = s.presence_penalty;
-      p.frequency_penalty = s.frequency_penalty;
-      p.repetition_penalty = s.repetition_penalty;
-      p.num_logprobs = s.num_logprobs;
-      p.seed = s.seed;
-      p.position = s.position;
-      max_top = std::max(max_top, s.num_logprobs);
-      p.bias_begin = static_cast<int>(bias_ids.size());
-      if (s.logit_bias) {
-        for (const auto& [id, b] : *s.logit_bias) {
-          bias_ids.push_back(id);
-          bias_values.push_back(b);
-        }
-      }
-      p.bias_end = static_cast<int>(bias_ids.size());
-      p.pen_begin = static_cast<int>(pen_ids.size());
-      if (s.repetition_penalty != 1.0f || s.frequency_penalty != 0.0f ||
-          s.presence_penalty != 0.0f) {
-        counts.clear();
-        if (s.output_tokens) {
-          for (int32_t t : *s.output_tokens) ++counts[t];
-        }
-        if (s.repetition_penalty != 1.0f && s.prompt_tokens) {
-          for (int32_t t : *s.prompt_tokens) counts.try_emplace(t, 0);
-        }
-        for (const auto& [t, c] : counts) {
-          pen_ids.push_back(t);
-          pen_counts.push_back(c);
-        }
-      }
-      p.pen_end = static_cast<int>(pen_ids.size());
-      p.ban_begin = static_cast<int>(ban_ids.size());
-      ban_ids.insert(ban_ids.end(), s.banned.begin(), s.banned.end());
-      p.ban_end = static_cast<int>(ban_ids.size());
+      plain_greedy = s.temperature < 1e-5f && (s.top_k <= 0 || s.top_k >= vocab) &&
+                     s.top_p >= 1.0f && s.num_logprobs < 0 &&
+                     (s.logit_bias == nullptr || s.logit_bias->empty()) &&
+                     s.repetition_penalty == 1.0f && s.frequency_penalty == 0.0f &&
+                     s.presence_penalty == 0.0f && s.banned.empty();
     }
-    Packer pk;
-    const size_t o_params = pk.add(params), o_bias_ids = pk.add(bias_ids),
-                 o_bias_values = pk.add(bias_values), o_pen_ids = pk.add(pen_ids),
-                 o_pen_counts = pk.add(pen_counts), o_ban = pk.add(ban_ids);
-    char* dev = static_cast<char*>(arena_.alloc(pk.bytes().size()));
-    upload_meta(dev, pk.bytes(), "cudaMemcpyAsync (sampling)");
+    int max_top = 0;
     cuda::SamplingTables tab;
-    tab.bias_ids = reinterpret_cast<int32_t*>(dev + o_bias_ids);
-    tab.bias_values = reinterpret_cast<float*>(dev + o_bias_values);
-    tab.pen_ids = reinterpret_cast<int32_t*>(dev + o_pen_ids);
-    tab.pen_counts = reinterpret_cast<int32_t*>(dev + o_pen_counts);
-    tab.ban_ids = reinterpret_cast<int32_t*>(dev + o_ban);
+    char* dev = nullptr;
+    size_t o_params = 0;
+    if (!plain_greedy) {
+      std::vector<cuda::DeviceSamplingRow> params(n);
+      std::vector<int32_t> bias_ids, pen_ids, pen_counts, ban_ids;
+      std::vector<float> bias_values;
+      std::unordered_map<int32_t, int32_t> counts;
+      for (int r = 0; r < n; ++r) {
+        const SamplingRow& s = rows[r];
+        auto& p = params[r];
+        p.temperature = s.temperature;
+        p.top_p = s.top_p;
+        p.min_p = s.min_p;
+        p.top_k = s.top_k;
+        p.presence_penalty = s.presence_penalty;
+        p.frequency_penalty = s.frequency_penalty;
+        p.repetition_penalty = s.repetition_penalty;
+        p.num_logprobs = s.num_logprobs;
+        p.seed = s.seed;
+        p.position = s.position;
+        max_top = std::max(max_top, s.num_logprobs);
+        p.bias_begin = static_cast<int>(bias_ids.size());
+        if (s.logit_bias) {
+          for (const auto& [id, b] : *s.logit_bias) {
+            bias_ids.push_back(id);
+            bias_values.push_back(b);
+          }
+        }
+        p.bias_end = static_cast<int>(bias_ids.size());
+        p.pen_begin = static_cast<int>(pen_ids.size());
+        if (s.repetition_penalty != 1.0f || s.frequency_penalty != 0.0f ||
+            s.presence_penalty != 0.0f) {
+          counts.clear();
+          if (s.output_tokens) {
+            for (int32_t t : *s.output_tokens) ++counts[t];
+          }
+          if (s.repetition_penalty != 1.0f && s.prompt_tokens) {
+            for (int32_t t : *s.prompt_tokens) counts.try_emplace(t, 0);
+          }
+          for (const auto& [t, c] : counts) {
+            pen_ids.push_back(t);
+            pen_counts.push_back(c);
+          }
+        }
+        p.pen_end = static_cast<int>(pen_ids.size());
+        p.ban_begin = static_cast<int>(ban_ids.size());
+        ban_ids.insert(ban_ids.end(), s.banned.begin(), s.banned.end());
+        p.ban_end = static_cast<int>(ban_ids.size());
+      }
+      Packer pk;
+      o_params = pk.add(params);
+      const size_t o_bias_ids = pk.add(bias_ids), o_bias_values = pk.add(bias_values),
+                   o_pen_ids = pk.add(pen_ids), o_pen_counts = pk.add(pen_counts),
+                   o_ban = pk.add(ban_ids);
+      dev = static_cast<char*>(arena_.alloc(pk.bytes().size()));
+      upload_meta(dev, pk.bytes(), "cudaMemcpyAsync (sampling)");
+      tab.bias_ids = reinterpret_cast<int32_t*>(dev + o_bias_ids);
+      tab.bias_values = reinterpret_cast<float*>(dev + o_bias_values);
+      tab.pen_ids = reinterpret_cast<int32_t*>(dev + o_pen_ids);
+      tab.pen_counts = reinterpret_cast<int32_t*>(dev + o_pen_counts);
+      tab.ban_ids = reinterpret_cast<int32_t*>(dev + o_ban);
+    }
 
     // Results: ids, logprobs, ranks, then the top-k tables, in one block copied back at once.
     const size_t top = static_cast<size_t>(n) * std::max(max_top, 1);
@@ -937,7 +958,6 @@ class CudaBackend final : public Backend {
     out.top_logprobs =
         reinterpret_cast<float*>(d_out + 3 * n * sizeof(int32_t) + top * sizeof(int32_t));
     out.max_top = std::max(max_top, 1);
-    auto* work = static_cast<float*>(arena_.alloc(static_cast<size_t>(n) * vocab * sizeof(float)));
     // Rows without top-k, top-p or logprobs (an OpenAI request's defaults): each row over
     // several CTAs (cuda::sample_rows_split), rows without edits read straight from the logits
     // with no per-element stores (H200, `ernie_kernel_bench 20 sampling`: one CTA a row 0.110
@@ -945,25 +965,31 @@ class CudaBackend final : public Backend {
     // 256 rows 0.359 -> 0.267 with a temperature, 0.181 -> 0.068 greedy).
     // ERNIE_SPLIT_SAMPLER=0 turns the split kernels off, ERNIE_SAMPLER_LEAN=0 the lean form
     // (then 64 CTAs a row with the work buffer, up to kSplitRows rows).
-    static const bool split_enabled = cuda::path_enabled("ERNIE_SPLIT_SAMPLER");
-    static const bool lean = cuda::path_enabled("ERNIE_SAMPLER_LEAN");
-    constexpr int kSplitRows = 32, kLeanRows = 1024;
     bool split = split_enabled && n <= (lean ? kLeanRows : kSplitRows);
     for (int r = 0; r < n && split; ++r) {
       const SamplingRow& s = rows[r];
       split = (s.top_k <= 0 || s.top_k >= vocab) && s.top_p >= 1.0f && s.num_logprobs < 0;
     }
     const auto* d_params = reinterpret_cast<cuda::DeviceSamplingRow*>(dev + o_params);
-    if (split) {
+    if (plain_greedy) {
       void* scratch = arena_.alloc(cuda::sample_split_scratch_bytes(n));
-      cuda::sample_rows_split(logits.as<float>(), work, n, vocab, d_params, tab, out, scratch, lean,
-                              stream_);
+      cuda::greedy_rows(logits.as<float>(), n, vocab, out.ids, scratch, stream_);
     } else {
-      cuda::sample_rows(logits.as<float>(), work, n, vocab, d_params, tab, out, stream_);
+      auto* work =
+          static_cast<float*>(arena_.alloc(static_cast<size_t>(n) * vocab * sizeof(float)));
+      if (split) {
+        void* scratch = arena_.alloc(cuda::sample_split_scratch_bytes(n));
+        cuda::sample_rows_split(logits.as<float>(), work, n, vocab, d_params, tab, out, scratch,
+                                lean, stream_);
+      } else {
+        cuda::sample_rows(logits.as<float>(), work, n, vocab, d_params, tab, out, stream_);
+      }
     }
     // This slot's pinned buffer was last read by finish_sample two samples ago.
     char* h_out = result_host_[slot].get(out_bytes);
-    check_cuda(cudaMemcpyAsync(h_out, d_out, out_bytes, cudaMemcpyDeviceToHost, stream_),
+    // Plain greedy rows write only their ids.
+    const size_t copy_bytes = plain_greedy ? n * sizeof(int32_t) : out_bytes;
+    check_cuda(cudaMemcpyAsync(h_out, d_out, copy_bytes, cudaMemcpyDeviceToHost, stream_),
                "cudaMemcpyAsync (samples)");
     check_cuda(cudaEventRecord(sample_done_[slot], stream_), "cudaEventRecord");
     sample_slot_ = slot;

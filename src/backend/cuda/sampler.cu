@@ -548,7 +548,49 @@ __global__ void __launch_bounds__(kSplitThreads)
   }
 }
 
+// Greedy rows without edits (greedy_rows): the argmax of one chunk of a row, as
+// sample_split_prep_kernel finds it for such a row of a lean launch.
+__global__ void __launch_bounds__(kSplitThreads)
+    greedy_chunks_kernel(const float* logits, int vocab, SplitScratch scratch) {
+  __shared__ ArgMax warps[kSplitThreads / 32];
+  const int c = blockIdx.x, row = blockIdx.y;
+  const float* v = logits + static_cast<size_t>(row) * vocab;
+  int lo, hi;
+  chunk_range(vocab, scratch.chunks, c, lo, hi);
+  ArgMax best{-INFINITY, INT_MAX};
+  for (int i = lo + threadIdx.x; i < hi; i += kSplitThreads) {
+    const ArgMax e{v[i], i};
+    if (better(e, best)) best = e;
+  }
+  best = split_argmax(best, warps);
+  if (threadIdx.x == 0) scratch.am[row * scratch.chunks + c] = best;
+}
+
+// One CTA per row: the best of the row's chunks is its token (sample_split_draw_kernel's
+// greedy branch).
+__global__ void __launch_bounds__(kSplitThreads)
+    greedy_pick_kernel(SplitScratch scratch, int32_t* ids) {
+  pdl_begin();
+  __shared__ ArgMax warps[kSplitThreads / 32];
+  const ArgMax top = row_argmax(scratch, blockIdx.x, warps);
+  if (threadIdx.x == 0) ids[blockIdx.x] = top.i;
+}
+
 }  // namespace
+
+void greedy_rows(const float* logits, int rows, int vocab, int32_t* ids, void* scratch,
+                 cudaStream_t stream) {
+  if (rows == 0) return;
+  require(vocab > 0, "greedy_rows: empty vocabulary");
+  SplitScratch s;
+  s.chunks = sample_split_chunks(rows, true);
+  s.lean = true;
+  s.mass = nullptr;
+  s.am = static_cast<ArgMax*>(scratch);
+  greedy_chunks_kernel<<<dim3(s.chunks, rows), kSplitThreads, 0, stream>>>(logits, vocab, s);
+  launch_pdl(greedy_pick_kernel, rows, kSplitThreads, 0, stream, s, ids);
+  ERNIE_CUDA_CHECK(cudaGetLastError());
+}
 
 size_t sample_split_scratch_bytes(int rows) {
   return static_cast<size_t>(rows) * kMaxSplitChunks * (sizeof(ArgMax) + sizeof(double));

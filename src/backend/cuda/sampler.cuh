@@ -61,4 +61,12 @@ void sample_rows_split(const float* logits, float* work, int rows, int vocab,
                        const DeviceSamplingRow* params, const SamplingTables& tables,
                        const SamplingOutput& out, void* scratch, bool lean, cudaStream_t stream);
 
+// Greedy rows without edits (temperature < 1e-5; no bias, penalties or bans; no top-k, top-p or
+// logprobs): ids [rows] = each row's argmax, the lowest index among equal maxima, exactly what
+// sample_rows_split gives such rows, with neither its parameters nor its work buffer: two
+// kernels (a lean launch's chunk argmaxes, then one CTA a row). scratch:
+// sample_split_scratch_bytes(rows) of device memory, 8-byte aligned.
+void greedy_rows(const float* logits, int rows, int vocab, int32_t* ids, void* scratch,
+                 cudaStream_t stream);
+
 }  // namespace ernie::cuda
