@@ -478,9 +478,9 @@ TEST_F(CudaBackendTest, DenseMlpMatchesCpuAndFreesItsScratch) {
 }
 
 TEST_F(CudaBackendTest, SamplingMatchesCpu) {
-  for (int vocab : {4096, 103424}) {
-    SCOPED_TRACE(::testing::Message() << "vocab " << vocab);
-    const int rows = 48;
+  // 300 rows: two launches of at most 256 rows each (the work buffer's bound).
+  for (const auto [vocab, rows] : {std::array{4096, 300}, std::array{103424, 48}}) {
+    SCOPED_TRACE(::testing::Message() << "vocab " << vocab << ", " << rows << " rows");
     HostData logits = random_f32(rng, {rows, vocab}, 0, 1);
     for (auto& v : logits.f32) v = static_cast<float>(3.0 * rng.normal());
     std::vector<std::vector<int32_t>> prompts(rows), outputs(rows);
@@ -522,10 +522,10 @@ TEST_F(CudaBackendTest, SamplingMatchesCpu) {
 // temperature rows, biased rows with bans, and top-k at the vocabulary (off); then many draws
 // of one distribution keyed by position, 32 rows a call.
 TEST_F(CudaBackendTest, SplitSamplingMatchesCpu) {
-  // (256 rows: the lean split kernels, 4 chunks a row; with ERNIE_SAMPLER_LEAN=0 the
-  // one-CTA-per-row sampler: the same results are expected.)
+  // (256 and 300 rows: the lean split kernels, 4 chunks a row, at most 256 rows a launch; with
+  // ERNIE_SAMPLER_LEAN=0 the one-CTA-per-row sampler: the same results are expected.)
   for (int vocab : {1000, 4096, 103424}) {
-    for (int rows : {1, 5, 32, 256}) {
+    for (int rows : {1, 5, 32, 256, 300}) {
       SCOPED_TRACE(::testing::Message() << "vocab " << vocab << ", " << rows << " rows");
       HostData logits = random_f32(rng, {rows, vocab}, 0, 1);
       for (auto& v : logits.f32) v = static_cast<float>(3.0 * rng.normal());

@@ -975,14 +975,28 @@ class CudaBackend final : public Backend {
       void* scratch = arena_.alloc(cuda::sample_split_scratch_bytes(n));
       cuda::greedy_rows(logits.as<float>(), n, vocab, out.ids, scratch, stream_);
     } else {
-      auto* work =
-          static_cast<float*>(arena_.alloc(static_cast<size_t>(n) * vocab * sizeof(float)));
-      if (split) {
-        void* scratch = arena_.alloc(cuda::sample_split_scratch_bytes(n));
-        cuda::sample_rows_split(logits.as<float>(), work, n, vocab, d_params, tab, out, scratch,
-                                lean, stream_);
-      } else {
-        cuda::sample_rows(logits.as<float>(), work, n, vocab, d_params, tab, out, stream_);
+      // At most kChunkRows rows a launch, so that the work buffer (a row of f32 per row) stays
+      // at kChunkRows rows: the profiled step samples max_num_seqs rows with logprobs, and its
+      // peak is what the KV cache budget leaves room for (1024 rows of the 21B vocabulary: 424
+      // MB of work buffer, 106 MB in chunks).
+      constexpr int kChunkRows = 256;
+      const int chunk_rows = std::min(n, kChunkRows);
+      auto* work = static_cast<float*>(
+          arena_.alloc(static_cast<size_t>(chunk_rows) * vocab * sizeof(float)));
+      void* scratch = split ? arena_.alloc(cuda::sample_split_scratch_bytes(chunk_rows)) : nullptr;
+      for (int r0 = 0; r0 < n; r0 += kChunkRows) {
+        const int m = std::min(kChunkRows, n - r0);
+        const size_t top_row0 = static_cast<size_t>(r0) * out.max_top;
+        const cuda::SamplingOutput o{
+            out.ids + r0,           out.logprobs + r0,           out.ranks + r0,
+            out.top_ids + top_row0, out.top_logprobs + top_row0, out.max_top};
+        const float* lg = logits.as<float>() + static_cast<size_t>(r0) * vocab;
+        if (split) {
+          cuda::sample_rows_split(lg, work, m, vocab, d_params + r0, tab, o, scratch, lean,
+                                  stream_);
+        } else {
+          cuda::sample_rows(lg, work, m, vocab, d_params + r0, tab, o, stream_);
+        }
       }
     }
     // This slot's pinned buffer was last read by finish_sample two samples ago.
