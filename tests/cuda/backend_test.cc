@@ -581,10 +581,10 @@ TEST_F(CudaBackendTest, SplitSamplingMatchesCpu) {
   EXPECT_GT(distinct, 10);  // the draws really vary
 }
 
-// Batches of nothing but greedy rows without edits (the benchmark's requests; with
-// ERNIE_GREEDY_ROWS=1 cuda::greedy_rows takes them): every row's token is the CPU reference's,
-// with planted ties (the lower index wins), a maximum in the last column, -inf entries and a
-// row whose every value is the same.
+// Batches of nothing but greedy rows without edits (the benchmark's requests; cuda::greedy_rows
+// takes them unless ERNIE_GREEDY_ROWS=0): every row's token is the CPU reference's, with
+// planted ties (the lower index wins), a maximum in the last column, -inf entries and a row
+// whose every value is the same.
 TEST_F(CudaBackendTest, GreedyRowsMatchCpu) {
   for (int vocab : {7, 1000, 103424}) {
     for (int rows : {1, 3, 256, 1024}) {

@@ -856,11 +856,12 @@ class CudaBackend final : public Backend {
     }
     mark(Stage::kSampling);
     // Greedy rows without edits, top-k, top-p or logprobs (the benchmark's requests) need no
-    // parameters on the device: cuda::greedy_rows, two kernels and no upload (ERNIE_GREEDY_ROWS=1,
-    // new, off).
+    // parameters on the device: cuda::greedy_rows, two kernels and no upload (H100,
+    // `ernie_kernel_bench 20 sampling` greedy: 1 row 0.028 -> 0.021 ms, 16 rows 0.031 -> 0.021, 256
+    // rows 0.074 -> 0.053). ERNIE_GREEDY_ROWS=0 turns it off.
     static const bool split_enabled = cuda::path_enabled("ERNIE_SPLIT_SAMPLER");
     static const bool lean = cuda::path_enabled("ERNIE_SAMPLER_LEAN");
-    static const bool greedy_enabled = cuda::new_path_enabled("ERNIE_GREEDY_ROWS");
+    static const bool greedy_enabled = cuda::path_enabled("ERNIE_GREEDY_ROWS");
     constexpr int kSplitRows = 32, kLeanRows = 1024;
     bool plain_greedy = greedy_enabled && split_enabled && lean && n <= kLeanRows;
     for (int r = 0; r < n && plain_greedy; ++r) {

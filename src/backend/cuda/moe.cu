@@ -172,9 +172,6 @@ struct FoldArgs {
   int tokens = 0;
   bool early = false;         // their gate/up blocks do not wait for the kernel before
   float* down_out = nullptr;  // [blocks * BM, N]
-  // With ERNIE_FOLD_PREFETCH=1 (new, off): the tensor `map` covers, whose rows each folded CTA
-  // asks L2 for whole (one bulk prefetch per weight row of its tile) before its first stage.
-  const __nv_bfloat16* prefetch = nullptr;
 };
 
 FoldArgs fold_args(const SharedFold& f, int block_m, bool gate_up) {
@@ -182,8 +179,6 @@ FoldArgs fold_args(const SharedFold& f, int block_m, bool gate_up) {
   if (f.experts == 0) return a;
   require(f.maps != nullptr, "MoE GEMM: folded shared experts need their tensor maps");
   a.map = gate_up ? f.maps->gate_up : f.maps->down;
-  static const bool prefetch = new_path_enabled("ERNIE_FOLD_PREFETCH");
-  if (prefetch) a.prefetch = gate_up ? f.maps->gate_up_data : f.maps->down_data;
   a.experts = f.experts;
   a.blocks_per_expert = (f.tokens + block_m - 1) / block_m;
   a.blocks = f.experts * a.blocks_per_expert;
@@ -431,18 +426,6 @@ __global__ void __launch_bounds__(Tile<BM, kWide, kLean>::kThreads, 1)
   }
   __syncthreads();
 
-  if (folded && fold.prefetch != nullptr && tid < kBN) {
-    // Row tid of the tile's weights, whole (K columns), into L2: one contiguous run per row
-    // instead of the 128-byte pieces the boxes read it in, stage by stage.
-    const int half = kBN / 2;
-    const int64_t row =
-        kGateUp ? (tid < half ? 0 : fold.experts * N) + e * N + n0 + tid % half : n0 + tid;
-    const int64_t ld = kGateUp ? K : static_cast<int64_t>(fold.experts) * K;
-    if ((kGateUp ? tid % half : tid) < N - n0) {
-      const __nv_bfloat16* src = fold.prefetch + row * ld + (kGateUp ? 0 : e * K);
-      asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(src), "r"(K * 2) : "memory");
-    }
-  }
   auto load_b = [&](int stage, int kt) {
     if (tid == 0) {
       if (folded) {
@@ -1450,8 +1433,7 @@ void moe_align(int32_t* sorted_pairs, int32_t* block_expert, int32_t* pair_pos, 
 SharedFoldMaps shared_fold_maps(const __nv_bfloat16* gate_up, const __nv_bfloat16* down,
                                 int64_t hidden, int64_t shared_inter) {
   return SharedFoldMaps{tensor_map_bf16_sw128(gate_up, 2 * shared_inter, hidden, kTiledGroupRows),
-                        tensor_map_bf16_sw128(down, hidden, shared_inter, kTiledGroupRows), gate_up,
-                        down};
+                        tensor_map_bf16_sw128(down, hidden, shared_inter, kTiledGroupRows)};
 }
 
 void moe_gate_up(__nv_bfloat16* act, const __nv_bfloat16* x, const __nv_bfloat16* w_gate_up,

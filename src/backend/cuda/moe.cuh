@@ -58,8 +58,6 @@ void tile_expert_weights(__nv_bfloat16* dst, const __nv_bfloat16* src, int64_t r
 // hidden], down over [hidden, I_s] (row-major bf16), 16-row x 64-column boxes, 128-byte swizzle.
 struct SharedFoldMaps {
   CUtensorMap gate_up, down;
-  const __nv_bfloat16* gate_up_data;  // the tensors the maps cover
-  const __nv_bfloat16* down_data;
 };
 SharedFoldMaps shared_fold_maps(const __nv_bfloat16* gate_up, const __nv_bfloat16* down,
                                 int64_t hidden, int64_t shared_inter);
