@@ -855,27 +855,36 @@ class CudaBackend final : public Backend {
       return;
     }
     mark(Stage::kSampling);
-    // Greedy rows without edits, top-k, top-p or logprobs (the benchmark's requests) need no
-    // parameters on the device: cuda::greedy_rows, two kernels and no upload (H100,
-    // `ernie_kernel_bench 20 sampling` greedy: 1 row 0.028 -> 0.021 ms, 16 rows 0.031 -> 0.021, 256
-    // rows 0.074 -> 0.053). ERNIE_GREEDY_ROWS=0 turns it off.
+    // Rows without top-k, top-p or logprobs (an OpenAI request's defaults): each row over
+    // several CTAs (cuda::sample_rows_split), rows without edits read straight from the logits
+    // with no per-element stores (H200, `ernie_kernel_bench 20 sampling`: one CTA a row 0.110
+    // ms at 1 row, 0.127 at 16; the split kernels with a work buffer 0.036 and 0.049; lean at
+    // 256 rows 0.359 -> 0.267 with a temperature, 0.181 -> 0.068 greedy).
+    // ERNIE_SPLIT_SAMPLER=0 turns the split kernels off, ERNIE_SAMPLER_LEAN=0 the lean form
+    // (then 64 CTAs a row with the work buffer, up to kSplitRows rows).
     static const bool split_enabled = cuda::path_enabled("ERNIE_SPLIT_SAMPLER");
     static const bool lean = cuda::path_enabled("ERNIE_SAMPLER_LEAN");
-    static const bool greedy_enabled = cuda::path_enabled("ERNIE_GREEDY_ROWS");
     constexpr int kSplitRows = 32, kLeanRows = 1024;
-    bool plain_greedy = greedy_enabled && split_enabled && lean && n <= kLeanRows;
-    for (int r = 0; r < n && plain_greedy; ++r) {
-      const SamplingRow& s = rows[r];
-      plain_greedy = s.temperature < 1e-5f && (s.top_k <= 0 || s.top_k >= vocab) &&
-                     s.top_p >= 1.0f && s.num_logprobs < 0 &&
-                     (s.logit_bias == nullptr || s.logit_bias->empty()) &&
-                     s.repetition_penalty == 1.0f && s.frequency_penalty == 0.0f &&
-                     s.presence_penalty == 0.0f && s.banned.empty();
-    }
+    const bool split =
+        split_enabled && n <= (lean ? kLeanRows : kSplitRows) &&
+        std::all_of(rows.begin(), rows.end(), [vocab](const SamplingRow& s) {
+          return (s.top_k <= 0 || s.top_k >= vocab) && s.top_p >= 1.0f && s.num_logprobs < 0;
+        });
+    // Of those, greedy rows without edits (the benchmark's requests) need no parameters on the
+    // device: cuda::greedy_rows, two kernels and no upload (H100, `ernie_kernel_bench 20
+    // sampling` greedy: 1 row 0.028 -> 0.021 ms, 16 rows 0.031 -> 0.021, 256 rows 0.074 ->
+    // 0.053). ERNIE_GREEDY_ROWS=0 turns it off.
+    static const bool greedy_enabled = cuda::path_enabled("ERNIE_GREEDY_ROWS");
+    const bool plain_greedy =
+        greedy_enabled && split && lean &&
+        std::all_of(rows.begin(), rows.end(), [](const SamplingRow& s) {
+          return s.temperature < 1e-5f && (s.logit_bias == nullptr || s.logit_bias->empty()) &&
+                 s.repetition_penalty == 1.0f && s.frequency_penalty == 0.0f &&
+                 s.presence_penalty == 0.0f && s.banned.empty();
+        });
     int max_top = 0;
     cuda::SamplingTables tab;
-    char* dev = nullptr;
-    size_t o_params = 0;
+    const cuda::DeviceSamplingRow* d_params = nullptr;  // with tab: none for plain greedy rows
     if (!plain_greedy) {
       std::vector<cuda::DeviceSamplingRow> params(n);
       std::vector<int32_t> bias_ids, pen_ids, pen_counts, ban_ids;
@@ -924,17 +933,17 @@ class CudaBackend final : public Backend {
         p.ban_end = static_cast<int>(ban_ids.size());
       }
       Packer pk;
-      o_params = pk.add(params);
-      const size_t o_bias_ids = pk.add(bias_ids), o_bias_values = pk.add(bias_values),
-                   o_pen_ids = pk.add(pen_ids), o_pen_counts = pk.add(pen_counts),
-                   o_ban = pk.add(ban_ids);
-      dev = static_cast<char*>(arena_.alloc(pk.bytes().size()));
+      const size_t o_params = pk.add(params), o_bias_ids = pk.add(bias_ids),
+                   o_bias_values = pk.add(bias_values), o_pen_ids = pk.add(pen_ids),
+                   o_pen_counts = pk.add(pen_counts), o_ban = pk.add(ban_ids);
+      char* dev = static_cast<char*>(arena_.alloc(pk.bytes().size()));
       upload_meta(dev, pk.bytes(), "cudaMemcpyAsync (sampling)");
       tab.bias_ids = reinterpret_cast<int32_t*>(dev + o_bias_ids);
       tab.bias_values = reinterpret_cast<float*>(dev + o_bias_values);
       tab.pen_ids = reinterpret_cast<int32_t*>(dev + o_pen_ids);
       tab.pen_counts = reinterpret_cast<int32_t*>(dev + o_pen_counts);
       tab.ban_ids = reinterpret_cast<int32_t*>(dev + o_ban);
+      d_params = reinterpret_cast<cuda::DeviceSamplingRow*>(dev + o_params);
     }
 
     // Results: ids, logprobs, ranks, then the top-k tables, in one block copied back at once.
@@ -959,19 +968,6 @@ class CudaBackend final : public Backend {
     out.top_logprobs =
         reinterpret_cast<float*>(d_out + 3 * n * sizeof(int32_t) + top * sizeof(int32_t));
     out.max_top = std::max(max_top, 1);
-    // Rows without top-k, top-p or logprobs (an OpenAI request's defaults): each row over
-    // several CTAs (cuda::sample_rows_split), rows without edits read straight from the logits
-    // with no per-element stores (H200, `ernie_kernel_bench 20 sampling`: one CTA a row 0.110
-    // ms at 1 row, 0.127 at 16; the split kernels with a work buffer 0.036 and 0.049; lean at
-    // 256 rows 0.359 -> 0.267 with a temperature, 0.181 -> 0.068 greedy).
-    // ERNIE_SPLIT_SAMPLER=0 turns the split kernels off, ERNIE_SAMPLER_LEAN=0 the lean form
-    // (then 64 CTAs a row with the work buffer, up to kSplitRows rows).
-    bool split = split_enabled && n <= (lean ? kLeanRows : kSplitRows);
-    for (int r = 0; r < n && split; ++r) {
-      const SamplingRow& s = rows[r];
-      split = (s.top_k <= 0 || s.top_k >= vocab) && s.top_p >= 1.0f && s.num_logprobs < 0;
-    }
-    const auto* d_params = reinterpret_cast<cuda::DeviceSamplingRow*>(dev + o_params);
     if (plain_greedy) {
       void* scratch = arena_.alloc(cuda::sample_split_scratch_bytes(n));
       cuda::greedy_rows(logits.as<float>(), n, vocab, out.ids, scratch, stream_);

@@ -410,6 +410,18 @@ __device__ double split_sum(double v, double* warps) {
   return r;
 }
 
+// Chunk c of a row (values v[lo, hi)): its argmax, stored for the row's later reduction.
+__device__ void store_chunk_argmax(const float* v, int lo, int hi, const SplitScratch& scratch,
+                                   int row, int c, ArgMax* warps) {
+  ArgMax best{-INFINITY, INT_MAX};
+  for (int i = lo + threadIdx.x; i < hi; i += kSplitThreads) {
+    const ArgMax e{v[i], i};
+    if (better(e, best)) best = e;
+  }
+  best = split_argmax(best, warps);
+  if (threadIdx.x == 0) scratch.am[row * scratch.chunks + c] = best;
+}
+
 __global__ void __launch_bounds__(kSplitThreads)
     sample_split_prep_kernel(const float* logits, float* work, int vocab,
                              const DeviceSamplingRow* params, SamplingTables tab,
@@ -423,13 +435,7 @@ __global__ void __launch_bounds__(kSplitThreads)
   chunk_range(vocab, scratch.chunks, c, lo, hi);
   if (!scratch.lean || has_edits(p)) edited_logits(raw, x, lo, hi, p, tab);
   const float* v = edited_row(logits, work, row, vocab, p, scratch.lean);
-  ArgMax best{-INFINITY, INT_MAX};
-  for (int i = lo + threadIdx.x; i < hi; i += kSplitThreads) {
-    const ArgMax e{v[i], i};
-    if (better(e, best)) best = e;
-  }
-  best = split_argmax(best, warps);
-  if (threadIdx.x == 0) scratch.am[row * scratch.chunks + c] = best;
+  store_chunk_argmax(v, lo, hi, scratch, row, c, warps);
 }
 
 // The row's argmax from its chunks' (every thread gets it).
@@ -557,13 +563,7 @@ __global__ void __launch_bounds__(kSplitThreads)
   const float* v = logits + static_cast<size_t>(row) * vocab;
   int lo, hi;
   chunk_range(vocab, scratch.chunks, c, lo, hi);
-  ArgMax best{-INFINITY, INT_MAX};
-  for (int i = lo + threadIdx.x; i < hi; i += kSplitThreads) {
-    const ArgMax e{v[i], i};
-    if (better(e, best)) best = e;
-  }
-  best = split_argmax(best, warps);
-  if (threadIdx.x == 0) scratch.am[row * scratch.chunks + c] = best;
+  store_chunk_argmax(v, lo, hi, scratch, row, c, warps);
 }
 
 // One CTA per row: the best of the row's chunks is its token (sample_split_draw_kernel's
