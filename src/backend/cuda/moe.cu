@@ -133,18 +133,14 @@ __global__ void moe_align_place_kernel(int32_t* sorted_pairs, int32_t* pair_pos,
 //   64 tokens -0.4 to -0.6%. (A persistent form, its CTAs walking tiles with the stage ring
 //   running on from one tile into the next, was slower either way: tiles dealt round-robin,
 //   the 256-token layer 0.493 -> 0.524 ms; taken from a global counter, 0.460 -> 0.572.)
-// - kWide with 32-row blocks (ERNIE_MOE_WIDE_MID, off: not yet measured): 128 weight rows per
-//   CTA (eight warps), so each M-block's activation rows come from L2 once per 128 weight rows
-//   instead of per 64 (a 256-token step's gate/up reads ~0.5 GB of them a layer beside its 1 GB
-//   of weights). kLean: 2 stages (82 KB, two CTAs per SM); otherwise 3 (123 KB, one CTA).
 template <int BM, bool kWide = false, bool kLean = false>
 struct Tile {
   static_assert(BM == kMoeBlockSmall || BM == kMoeBlockMid);
-  static_assert(!kWide || !kLean || BM == kMoeBlockMid);
-  static constexpr int kBN = (BM == kMoeBlockSmall ? 32 : 64) * (kWide ? 2 : 1);
+  static_assert(!kWide || BM == kMoeBlockSmall);
+  static_assert(!kWide || !kLean);
+  static constexpr int kBN = BM == kMoeBlockSmall && !kWide ? 32 : 64;
   static constexpr int kBK = 128;
-  static constexpr int kStages =
-      BM == kMoeBlockSmall ? (kWide ? 3 : 5) - (kLean ? 1 : 0) : (kWide ? 3 : 4) - (kLean ? 1 : 0);
+  static constexpr int kStages = (kWide ? 3 : BM == kMoeBlockSmall ? 5 : 4) - (kLean ? 1 : 0);
   static constexpr int kLd = kBK + 8;  // padded activation rows: conflict-free fragment reads
   static constexpr int kWarpsM = 1, kWarpsN = kBN / 16;
   static constexpr int kThreads = 32 * kWarpsM * kWarpsN;
@@ -628,20 +624,13 @@ void launch_gemm(__nv_bfloat16* out, const __nv_bfloat16* a, const __nv_bfloat16
   // ERNIE_MOE_LEAN: bit 1 the 16-row tiles' lean form, bit 2 the 32-row ones' (Tile); both by
   // default, 0 turns both off.
   static const int lean = switch_bits("ERNIE_MOE_LEAN", 3);
-  // ERNIE_MOE_WIDE_MID (Tile): bit 1 the 32-row gate/up GEMM's 128-row tiles, bit 2 down's,
-  // bit 4 their 3-stage form (else 2 stages when the 32-row tiles are lean).
-  static const int wide_mid = switch_bits("ERNIE_MOE_WIDE_MID", 0);
-  const bool mid_wide = (wide_mid & (kGateUp ? 1 : 2)) != 0;
-  const bool mid_lean = (wide_mid & 4) == 0 && (lean & 2) != 0;
   BlockReady ready;
   if (block_ready != nullptr) {
     require(block_m == kMoeBlockMid && fold.blocks == 0,
             "MoE GEMM: readiness counters need 32-row blocks and no folded experts");
     // down waits for every gate/up column tile of its M-block (gate/up's K is down's N).
+    constexpr int gate_up_cols = Tile<kMoeBlockMid>::kBN / 2;
     static_assert(Tile<kMoeBlockMid>::kBN == Tile<kMoeBlockMid, false, true>::kBN);
-    static_assert(Tile<kMoeBlockMid, true>::kBN == Tile<kMoeBlockMid, true, true>::kBN);
-    const int gate_up_cols =
-        ((wide_mid & 1) != 0 ? Tile<kMoeBlockMid, true>::kBN : Tile<kMoeBlockMid>::kBN) / 2;
     ready = BlockReady{block_ready, kGateUp ? 0 : (K + gate_up_cols - 1) / gate_up_cols};
   }
   const bool wide = block_m == kMoeBlockSmall &&
@@ -656,14 +645,6 @@ void launch_gemm(__nv_bfloat16* out, const __nv_bfloat16* a, const __nv_bfloat16
     } else {
       launch_gemm_tile<kMoeBlockSmall, false, kGateUp>(
           out, a, w, route_w, sorted_pairs, block_expert, capacity, k, K, N, fold, ready, stream);
-    }
-  } else if (mid_wide) {
-    if (mid_lean) {
-      launch_gemm_tile<kMoeBlockMid, true, kGateUp, true>(
-          out, a, w, route_w, sorted_pairs, block_expert, capacity, k, K, N, fold, ready, stream);
-    } else {
-      launch_gemm_tile<kMoeBlockMid, true, kGateUp>(out, a, w, route_w, sorted_pairs, block_expert,
-                                                    capacity, k, K, N, fold, ready, stream);
     }
   } else {
     if (lean & 2) {
