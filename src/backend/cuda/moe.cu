@@ -269,6 +269,37 @@ __device__ __forceinline__ void load_folded_stage(unsigned char* dst, uint64_t* 
   }
 }
 
+// The routed gate/up blocks' L2 prefetch before the routing is in (ERNIE_MOE_GUESS_PREFETCH,
+// off: not yet measured). From 32-row blocks on (more than 8 pairs an expert) nearly every
+// expert is chosen and most get one block, so routed block b holds expert b less the experts'
+// extra blocks before it: a CTA that takes expert b as its guess, before its wait for the
+// layout, asks L2 for the first `stages` stages of that expert's weights in its column tile,
+// which it, or the CTA of expert b's block a few blocks on, reads next. The CTAs launched while
+// the router's kernels run (route_topk's kAtStart order) so stream weights that would otherwise
+// wait for the routing.
+struct GuessPrefetch {
+  int experts = 0;  // E; 0: off
+  int stages = 0;
+};
+
+// The first `stages` stages of tile n0's weight groups of expert e into L2: each 16-row group
+// keeps its stages one after the other (the tiled layout), so a group's are one contiguous range.
+template <typename T>
+__device__ __forceinline__ void prefetch_gate_up_stages(const __nv_bfloat16* w, int e, int n0,
+                                                        int stages, int K, int N) {
+  constexpr int kPart = T::kGroups / 2;
+  const int64_t kp = tiled_cols(K);
+  const int count = min(stages, static_cast<int>((K + T::kBK - 1) / T::kBK));
+  const int part_groups = min(kPart, (N - n0) / kTiledGroupRows);
+  const __nv_bfloat16* base = w + (static_cast<int64_t>(e) * 2 * N + n0) * kp;
+  for (int j = 0; j < 2 * kPart; ++j) {
+    if (j % kPart < part_groups) {
+      const int64_t row = (j >= kPart ? N : 0) + (j % kPart) * kTiledGroupRows;
+      bulk_prefetch_l2(base + row * kp, static_cast<uint32_t>(count) * T::kGroupStage);
+    }
+  }
+}
+
 // One stage of a tile's MMAs: acc += the stage's BM activation rows (A, rows kLd apart) times
 // its weight groups (B, as the tiled layout stores them).
 template <typename T, bool kGateUp>
@@ -376,7 +407,7 @@ __global__ void __launch_bounds__(Tile<BM, kWide, kLean>::kThreads, 1)
     moe_gemm_kernel(__nv_bfloat16* out, const __nv_bfloat16* a_src, const __nv_bfloat16* w,
                     const float* route_w, const int32_t* sorted_pairs, const int32_t* block_expert,
                     int k_choices, int K, int N, const __grid_constant__ FoldArgs fold,
-                    bool early_rows, const BlockReady ready) {
+                    bool early_rows, const BlockReady ready, const GuessPrefetch guess) {
   // M-blocks below fold.blocks are the folded shared experts' (FoldArgs), laid out by position;
   // the routed blocks follow, block b of the routed layout at M-block fold.blocks + b. Rows of
   // `out` (and of down's activations) are numbered over the whole grid. The M-block is
@@ -392,11 +423,14 @@ __global__ void __launch_bounds__(Tile<BM, kWide, kLean>::kThreads, 1)
   // load. gate/up's folded blocks read only x and write rows nobody reads before this kernel
   // ends: with fold.early (x complete before the kernels before this one let it launch) they
   // do not wait for the router.
+  using T = Tile<BM, kWide, kLean>;
   if constexpr (kGateUp) {
+    if (!folded && rb < guess.experts && threadIdx.x == 0) {
+      prefetch_gate_up_stages<T>(w, rb, nb * (T::kBN / 2), guess.stages, K, N);
+    }
     if (!folded || !fold.early) asm volatile("griddepcontrol.wait;" ::: "memory");
   }
   asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
-  using T = Tile<BM, kWide, kLean>;
   constexpr int kBN = T::kBN, kBK = T::kBK, kStages = T::kStages, kLd = T::kLd;
   constexpr int kMt = T::kMt, kNt = T::kNt;
   // The routed expert, or the folded expert's index s.
@@ -562,7 +596,8 @@ template <int BM, bool kWide, bool kGateUp, bool kLean = false>
 void launch_gemm_tile(__nv_bfloat16* out, const __nv_bfloat16* a, const __nv_bfloat16* w,
                       const float* route_w, const int32_t* sorted_pairs,
                       const int32_t* block_expert, int64_t capacity, int k, int K, int N,
-                      const FoldArgs& fold, const BlockReady& ready, cudaStream_t stream) {
+                      const FoldArgs& fold, const BlockReady& ready, const GuessPrefetch& guess,
+                      cudaStream_t stream) {
   using T = Tile<BM, kWide, kLean>;
   static bool configured = false;
   if (!configured) {
@@ -579,7 +614,7 @@ void launch_gemm_tile(__nv_bfloat16* out, const __nv_bfloat16* a, const __nv_bfl
   // moe_gemm_kernel).
   static const bool early_rows = path_enabled("ERNIE_MOE_EARLY_ROWS");
   launch_pdl(moe_gemm_kernel<BM, kWide, kGateUp, kLean>, grid, T::kThreads, T::kSmem, stream, out,
-             a, w, route_w, sorted_pairs, block_expert, k, K, N, fold, early_rows, ready);
+             a, w, route_w, sorted_pairs, block_expert, k, K, N, fold, early_rows, ready, guess);
   ERNIE_CUDA_CHECK(cudaGetLastError());
 }
 
@@ -617,7 +652,7 @@ template <bool kGateUp>
 void launch_gemm(__nv_bfloat16* out, const __nv_bfloat16* a, const __nv_bfloat16* w,
                  const float* route_w, const int32_t* sorted_pairs, const int32_t* block_expert,
                  int64_t capacity, int block_m, int k, int K, int N, const FoldArgs& fold,
-                 int32_t* block_ready, cudaStream_t stream) {
+                 int32_t* block_ready, cudaStream_t stream, const GuessPrefetch& guess = {}) {
   require_gemm_shape(K, N, capacity, block_m);
   require_parts(block_m == kMoeBlockSmall || block_m == kMoeBlockMid,
                 "MoE GEMM: unknown block size ", block_m);
@@ -637,22 +672,26 @@ void launch_gemm(__nv_bfloat16* out, const __nv_bfloat16* a, const __nv_bfloat16
                     wide_tiles_fit<kGateUp>(fold.blocks + capacity / kMoeBlockSmall, N);
   if (block_m == kMoeBlockSmall) {
     if (wide) {
-      launch_gemm_tile<kMoeBlockSmall, true, kGateUp>(
-          out, a, w, route_w, sorted_pairs, block_expert, capacity, k, K, N, fold, ready, stream);
+      launch_gemm_tile<kMoeBlockSmall, true, kGateUp>(out, a, w, route_w, sorted_pairs,
+                                                      block_expert, capacity, k, K, N, fold, ready,
+                                                      guess, stream);
     } else if (lean & 1) {
-      launch_gemm_tile<kMoeBlockSmall, false, kGateUp, true>(
-          out, a, w, route_w, sorted_pairs, block_expert, capacity, k, K, N, fold, ready, stream);
+      launch_gemm_tile<kMoeBlockSmall, false, kGateUp, true>(out, a, w, route_w, sorted_pairs,
+                                                             block_expert, capacity, k, K, N, fold,
+                                                             ready, guess, stream);
     } else {
-      launch_gemm_tile<kMoeBlockSmall, false, kGateUp>(
-          out, a, w, route_w, sorted_pairs, block_expert, capacity, k, K, N, fold, ready, stream);
+      launch_gemm_tile<kMoeBlockSmall, false, kGateUp>(out, a, w, route_w, sorted_pairs,
+                                                       block_expert, capacity, k, K, N, fold, ready,
+                                                       guess, stream);
     }
   } else {
     if (lean & 2) {
-      launch_gemm_tile<kMoeBlockMid, false, kGateUp, true>(
-          out, a, w, route_w, sorted_pairs, block_expert, capacity, k, K, N, fold, ready, stream);
+      launch_gemm_tile<kMoeBlockMid, false, kGateUp, true>(out, a, w, route_w, sorted_pairs,
+                                                           block_expert, capacity, k, K, N, fold,
+                                                           ready, guess, stream);
     } else {
       launch_gemm_tile<kMoeBlockMid, false, kGateUp>(out, a, w, route_w, sorted_pairs, block_expert,
-                                                     capacity, k, K, N, fold, ready, stream);
+                                                     capacity, k, K, N, fold, ready, guess, stream);
     }
   }
 }
@@ -1457,8 +1496,13 @@ void moe_gate_up(__nv_bfloat16* act, const __nv_bfloat16* x, const __nv_bfloat16
                       sorted_pairs, block_expert, capacity, k, hidden, inter, block_ready, stream);
     return;
   }
+  // ERNIE_MOE_GUESS_PREFETCH=S (GuessPrefetch): the 32-row blocks' first S stages into L2 before
+  // the routing is in.
+  static const int guess_stages = switch_bits("ERNIE_MOE_GUESS_PREFETCH", 0);
+  const GuessPrefetch guess{block_m == kMoeBlockMid && guess_stages > 0 ? experts : 0,
+                            guess_stages};
   launch_gemm<true>(act, x, w_gate_up, nullptr, sorted_pairs, block_expert, capacity, block_m, k,
-                    hidden, inter, fold_args(fold, block_m, true), block_ready, stream);
+                    hidden, inter, fold_args(fold, block_m, true), block_ready, stream, guess);
 }
 
 void moe_down(__nv_bfloat16* y, const __nv_bfloat16* act, const __nv_bfloat16* w_down,
