@@ -596,8 +596,8 @@ template <int BM, bool kWide, bool kGateUp, bool kLean = false>
 void launch_gemm_tile(__nv_bfloat16* out, const __nv_bfloat16* a, const __nv_bfloat16* w,
                       const float* route_w, const int32_t* sorted_pairs,
                       const int32_t* block_expert, int64_t capacity, int k, int K, int N,
-                      const FoldArgs& fold, const BlockReady& ready, const GuessPrefetch& guess,
-                      cudaStream_t stream) {
+                      const FoldArgs& fold, const BlockReady& ready, cudaStream_t stream,
+                      const GuessPrefetch& guess = {}) {
   using T = Tile<BM, kWide, kLean>;
   static bool configured = false;
   if (!configured) {
@@ -653,6 +653,7 @@ void launch_gemm(__nv_bfloat16* out, const __nv_bfloat16* a, const __nv_bfloat16
                  const float* route_w, const int32_t* sorted_pairs, const int32_t* block_expert,
                  int64_t capacity, int block_m, int k, int K, int N, const FoldArgs& fold,
                  int32_t* block_ready, cudaStream_t stream, const GuessPrefetch& guess = {}) {
+  // guess (GuessPrefetch) goes to the 32-row tiles only.
   require_gemm_shape(K, N, capacity, block_m);
   require_parts(block_m == kMoeBlockSmall || block_m == kMoeBlockMid,
                 "MoE GEMM: unknown block size ", block_m);
@@ -672,26 +673,23 @@ void launch_gemm(__nv_bfloat16* out, const __nv_bfloat16* a, const __nv_bfloat16
                     wide_tiles_fit<kGateUp>(fold.blocks + capacity / kMoeBlockSmall, N);
   if (block_m == kMoeBlockSmall) {
     if (wide) {
-      launch_gemm_tile<kMoeBlockSmall, true, kGateUp>(out, a, w, route_w, sorted_pairs,
-                                                      block_expert, capacity, k, K, N, fold, ready,
-                                                      guess, stream);
+      launch_gemm_tile<kMoeBlockSmall, true, kGateUp>(
+          out, a, w, route_w, sorted_pairs, block_expert, capacity, k, K, N, fold, ready, stream);
     } else if (lean & 1) {
-      launch_gemm_tile<kMoeBlockSmall, false, kGateUp, true>(out, a, w, route_w, sorted_pairs,
-                                                             block_expert, capacity, k, K, N, fold,
-                                                             ready, guess, stream);
+      launch_gemm_tile<kMoeBlockSmall, false, kGateUp, true>(
+          out, a, w, route_w, sorted_pairs, block_expert, capacity, k, K, N, fold, ready, stream);
     } else {
-      launch_gemm_tile<kMoeBlockSmall, false, kGateUp>(out, a, w, route_w, sorted_pairs,
-                                                       block_expert, capacity, k, K, N, fold, ready,
-                                                       guess, stream);
+      launch_gemm_tile<kMoeBlockSmall, false, kGateUp>(
+          out, a, w, route_w, sorted_pairs, block_expert, capacity, k, K, N, fold, ready, stream);
     }
   } else {
     if (lean & 2) {
       launch_gemm_tile<kMoeBlockMid, false, kGateUp, true>(out, a, w, route_w, sorted_pairs,
                                                            block_expert, capacity, k, K, N, fold,
-                                                           ready, guess, stream);
+                                                           ready, stream, guess);
     } else {
       launch_gemm_tile<kMoeBlockMid, false, kGateUp>(out, a, w, route_w, sorted_pairs, block_expert,
-                                                     capacity, k, K, N, fold, ready, guess, stream);
+                                                     capacity, k, K, N, fold, ready, stream, guess);
     }
   }
 }
@@ -1499,8 +1497,7 @@ void moe_gate_up(__nv_bfloat16* act, const __nv_bfloat16* x, const __nv_bfloat16
   // ERNIE_MOE_GUESS_PREFETCH=S (GuessPrefetch): the 32-row blocks' first S stages into L2 before
   // the routing is in.
   static const int guess_stages = switch_bits("ERNIE_MOE_GUESS_PREFETCH", 0);
-  const GuessPrefetch guess{block_m == kMoeBlockMid && guess_stages > 0 ? experts : 0,
-                            guess_stages};
+  const GuessPrefetch guess{guess_stages > 0 ? experts : 0, guess_stages};
   launch_gemm<true>(act, x, w_gate_up, nullptr, sorted_pairs, block_expert, capacity, block_m, k,
                     hidden, inter, fold_args(fold, block_m, true), block_ready, stream, guess);
 }
