@@ -815,6 +815,22 @@ __device__ __forceinline__ uint32_t bf16_pair_bits(float lo, float hi) {
   return bits;
 }
 
+// The two rows a consumer thread stores (m0 + cw * 64 + warp * 16 + g, + 8): their pairs (< 0:
+// padding) and, for down, their routing weights (1 for gate/up).
+struct TileRows {
+  int pair[2];
+  float weight[2];
+  __device__ __forceinline__ void load_pairs(const int32_t* sorted_pairs, int r0) {
+    pair[0] = sorted_pairs[r0];
+    pair[1] = sorted_pairs[r0 + 8];
+  }
+  template <bool kGateUp>
+  __device__ __forceinline__ void load_weights(const float* route_w) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) weight[h] = kGateUp || pair[h] < 0 ? 1.0f : route_w[pair[h]];
+  }
+};
+
 // Consumer warpgroup cw's 64 x 256 accumulators (wgmma m64n256 layout; the thread is lane
 // 4 g + c of the group's warp `warp`) into its rows of the M-block at row m0 of the sorted
 // layout: gate/up (the first 128 columns gate, the last 128 up) as
@@ -824,16 +840,14 @@ __device__ __forceinline__ uint32_t bf16_pair_bits(float lo, float hi) {
 // bytes, eight adjacent columns, instead of four stores of 4 bytes (the same values).
 template <bool kGateUp, bool kWideStores>
 __device__ __forceinline__ void wgmma_store_tile(const float (&acc)[128], __nv_bfloat16* out,
-                                                 const float* route_w, const int32_t* sorted_pairs,
-                                                 int m0, int cw, int n0, int N, int warp, int g,
-                                                 int c) {
+                                                 const TileRows& rows, int m0, int cw, int n0,
+                                                 int N, int warp, int g, int c) {
 #pragma unroll
   for (int half = 0; half < 2; ++half) {
     const int r = m0 + cw * 64 + warp * 16 + g + 8 * half;
-    const int pair = sorted_pairs[r];
-    if (pair < 0) continue;
+    if (rows.pair[half] < 0) continue;
     __nv_bfloat16* orow = out + static_cast<size_t>(r) * N;
-    const float rw = kGateUp ? 1.0f : route_w[pair];
+    const float rw = rows.weight[half];
     // Output columns n0 + 8 i + 2 c, + 1 (i < 16 for gate/up, 32 for down) as a bf16 pair.
     const auto value = [&](int i) {
       float v[2];
@@ -871,8 +885,11 @@ __device__ __forceinline__ void wgmma_store_tile(const float (&acc)[128], __nv_b
   }
 }
 
-// kWideStores: the epilogue's stores of 16 bytes (wgmma_store_tile).
-template <bool kGateUp, bool kWideStores>
+// kWideStores: the epilogue's stores of 16 bytes (wgmma_store_tile). kEarlyRows: a consumer
+// thread reads its two rows' pairs while its tile's first K slice multiplies and their routing
+// weights while the second does, instead of after the main loop, where both dependent loads
+// stood between the last wgmma and the stores.
+template <bool kGateUp, bool kWideStores, bool kEarlyRows>
 __global__ void __launch_bounds__(384, 1)
     moe_gemm_wgmma_kernel(const __grid_constant__ CUtensorMap a_map,
                           const __grid_constant__ CUtensorMap b_map, __nv_bfloat16* out,
@@ -936,6 +953,8 @@ __global__ void __launch_bounds__(384, 1)
     const int mb = tile / n_tiles, n0 = (tile % n_tiles) * (kGateUp ? kWgBN / 2 : kWgBN);
     if (block_expert[mb] < 0) continue;
     const int m0 = mb * kWgBM;
+    const int r0 = m0 + cw * 64 + warp * 16 + g;  // this thread's rows: r0 and r0 + 8
+    TileRows rows;
     float acc[128];
 #pragma unroll
     for (int i = 0; i < 128; ++i) acc[i] = 0.0f;
@@ -952,14 +971,21 @@ __global__ void __launch_bounds__(384, 1)
                          wgmma_desc_sw128(st + 2 * kWgBox + ks * 32));
       }
       wgmma_commit();
+      if constexpr (kEarlyRows) {
+        if (kt == 0) rows.load_pairs(sorted_pairs, r0);
+        if (kt == 1 || k_tiles == 1) rows.load_weights<kGateUp>(route_w);
+      }
       // The previous slice's group is complete once at most this one is pending.
       wgmma_wait<1>();
       if (kt > 0 && lane == 0) mbar_arrive(&empty[(it - 1) % kWgStages]);
     }
     wgmma_wait<0>();
     if (lane == 0) mbar_arrive(&empty[(it - 1) % kWgStages]);
-    wgmma_store_tile<kGateUp, kWideStores>(acc, out, route_w, sorted_pairs, m0, cw, n0, N, warp, g,
-                                           c);
+    if constexpr (!kEarlyRows) {
+      rows.load_pairs(sorted_pairs, r0);
+      rows.load_weights<kGateUp>(route_w);
+    }
+    wgmma_store_tile<kGateUp, kWideStores>(acc, out, rows, m0, cw, n0, N, warp, g, c);
   }
 }
 
@@ -972,8 +998,14 @@ void launch_wgmma(__nv_bfloat16* out, const CUtensorMap& a_map, const CUtensorMa
   // The epilogue stores 16 bytes a lane (wgmma_store_tile): H200, mixed 8192-token steps -1.8%
   // (two A/B pairs). ERNIE_WG_WIDE_STORES=0 turns it off.
   static const bool wide_stores = path_enabled("ERNIE_WG_WIDE_STORES");
+  // Each consumer thread's rows read during the main loop (moe_gemm_wgmma_kernel's kEarlyRows);
+  // new: ERNIE_WG_EARLY_ROWS=1 turns it on.
+  static const bool early_rows = new_path_enabled("ERNIE_WG_EARLY_ROWS");
   const auto kernel =
-      wide_stores ? moe_gemm_wgmma_kernel<kGateUp, true> : moe_gemm_wgmma_kernel<kGateUp, false>;
+      wide_stores ? (early_rows ? moe_gemm_wgmma_kernel<kGateUp, true, true>
+                                : moe_gemm_wgmma_kernel<kGateUp, true, false>)
+                  : (early_rows ? moe_gemm_wgmma_kernel<kGateUp, false, true>
+                                : moe_gemm_wgmma_kernel<kGateUp, false, false>);
   static bool configured = false;
   if (!configured) {
     ERNIE_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
