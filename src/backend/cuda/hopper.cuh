@@ -108,12 +108,6 @@ __device__ __forceinline__ void bulk_load(void* dst, const void* src, uint32_t b
       : "memory");
 }
 
-// A hint that `bytes` (a multiple of 16, 16-byte aligned) of global memory will be read soon:
-// the copy engine brings them into L2 (no completion to wait for).
-__device__ __forceinline__ void bulk_prefetch_l2(const void* src, uint32_t bytes) {
-  asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;\n" ::"l"(src), "r"(bytes) : "memory");
-}
-
 // atomicAdd with acquire-release semantics at GPU scope: the writes ordered before it (this
 // thread's, and its CTA's through a barrier) are visible to whoever acquires the new value, and
 // it sees what the earlier arrivals released. Returns the old value.

@@ -269,37 +269,6 @@ __device__ __forceinline__ void load_folded_stage(unsigned char* dst, uint64_t* 
   }
 }
 
-// The routed gate/up blocks' L2 prefetch before the routing is in (ERNIE_MOE_GUESS_PREFETCH,
-// off: not yet measured). From 32-row blocks on (more than 8 pairs an expert) nearly every
-// expert is chosen and most get one block, so routed block b holds expert b less the experts'
-// extra blocks before it: a CTA that takes expert b as its guess, before its wait for the
-// layout, asks L2 for the first `stages` stages of that expert's weights in its column tile,
-// which it, or the CTA of expert b's block a few blocks on, reads next. The CTAs launched while
-// the router's kernels run (route_topk's kAtStart order) so stream weights that would otherwise
-// wait for the routing.
-struct GuessPrefetch {
-  int experts = 0;  // E; 0: off
-  int stages = 0;
-};
-
-// The first `stages` stages of tile n0's weight groups of expert e into L2: each 16-row group
-// keeps its stages one after the other (the tiled layout), so a group's are one contiguous range.
-template <typename T>
-__device__ __forceinline__ void prefetch_gate_up_stages(const __nv_bfloat16* w, int e, int n0,
-                                                        int stages, int K, int N) {
-  constexpr int kPart = T::kGroups / 2;
-  const int64_t kp = tiled_cols(K);
-  const int count = min(stages, static_cast<int>((K + T::kBK - 1) / T::kBK));
-  const int part_groups = min(kPart, (N - n0) / kTiledGroupRows);
-  const __nv_bfloat16* base = w + (static_cast<int64_t>(e) * 2 * N + n0) * kp;
-  for (int j = 0; j < 2 * kPart; ++j) {
-    if (j % kPart < part_groups) {
-      const int64_t row = (j >= kPart ? N : 0) + (j % kPart) * kTiledGroupRows;
-      bulk_prefetch_l2(base + row * kp, static_cast<uint32_t>(count) * T::kGroupStage);
-    }
-  }
-}
-
 // One stage of a tile's MMAs: acc += the stage's BM activation rows (A, rows kLd apart) times
 // its weight groups (B, as the tiled layout stores them).
 template <typename T, bool kGateUp>
@@ -407,7 +376,7 @@ __global__ void __launch_bounds__(Tile<BM, kWide, kLean>::kThreads, 1)
     moe_gemm_kernel(__nv_bfloat16* out, const __nv_bfloat16* a_src, const __nv_bfloat16* w,
                     const float* route_w, const int32_t* sorted_pairs, const int32_t* block_expert,
                     int k_choices, int K, int N, const __grid_constant__ FoldArgs fold,
-                    bool early_rows, const BlockReady ready, const GuessPrefetch guess) {
+                    bool early_rows, const BlockReady ready) {
   // M-blocks below fold.blocks are the folded shared experts' (FoldArgs), laid out by position;
   // the routed blocks follow, block b of the routed layout at M-block fold.blocks + b. Rows of
   // `out` (and of down's activations) are numbered over the whole grid. The M-block is
@@ -423,14 +392,11 @@ __global__ void __launch_bounds__(Tile<BM, kWide, kLean>::kThreads, 1)
   // load. gate/up's folded blocks read only x and write rows nobody reads before this kernel
   // ends: with fold.early (x complete before the kernels before this one let it launch) they
   // do not wait for the router.
-  using T = Tile<BM, kWide, kLean>;
   if constexpr (kGateUp) {
-    if (!folded && rb < guess.experts && threadIdx.x == 0) {
-      prefetch_gate_up_stages<T>(w, rb, nb * (T::kBN / 2), guess.stages, K, N);
-    }
     if (!folded || !fold.early) asm volatile("griddepcontrol.wait;" ::: "memory");
   }
   asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+  using T = Tile<BM, kWide, kLean>;
   constexpr int kBN = T::kBN, kBK = T::kBK, kStages = T::kStages, kLd = T::kLd;
   constexpr int kMt = T::kMt, kNt = T::kNt;
   // The routed expert, or the folded expert's index s.
@@ -596,8 +562,7 @@ template <int BM, bool kWide, bool kGateUp, bool kLean = false>
 void launch_gemm_tile(__nv_bfloat16* out, const __nv_bfloat16* a, const __nv_bfloat16* w,
                       const float* route_w, const int32_t* sorted_pairs,
                       const int32_t* block_expert, int64_t capacity, int k, int K, int N,
-                      const FoldArgs& fold, const BlockReady& ready, cudaStream_t stream,
-                      const GuessPrefetch& guess = {}) {
+                      const FoldArgs& fold, const BlockReady& ready, cudaStream_t stream) {
   using T = Tile<BM, kWide, kLean>;
   static bool configured = false;
   if (!configured) {
@@ -614,7 +579,7 @@ void launch_gemm_tile(__nv_bfloat16* out, const __nv_bfloat16* a, const __nv_bfl
   // moe_gemm_kernel).
   static const bool early_rows = path_enabled("ERNIE_MOE_EARLY_ROWS");
   launch_pdl(moe_gemm_kernel<BM, kWide, kGateUp, kLean>, grid, T::kThreads, T::kSmem, stream, out,
-             a, w, route_w, sorted_pairs, block_expert, k, K, N, fold, early_rows, ready, guess);
+             a, w, route_w, sorted_pairs, block_expert, k, K, N, fold, early_rows, ready);
   ERNIE_CUDA_CHECK(cudaGetLastError());
 }
 
@@ -652,8 +617,7 @@ template <bool kGateUp>
 void launch_gemm(__nv_bfloat16* out, const __nv_bfloat16* a, const __nv_bfloat16* w,
                  const float* route_w, const int32_t* sorted_pairs, const int32_t* block_expert,
                  int64_t capacity, int block_m, int k, int K, int N, const FoldArgs& fold,
-                 int32_t* block_ready, cudaStream_t stream, const GuessPrefetch& guess = {}) {
-  // guess (GuessPrefetch) goes to the 32-row tiles only.
+                 int32_t* block_ready, cudaStream_t stream) {
   require_gemm_shape(K, N, capacity, block_m);
   require_parts(block_m == kMoeBlockSmall || block_m == kMoeBlockMid,
                 "MoE GEMM: unknown block size ", block_m);
@@ -684,12 +648,11 @@ void launch_gemm(__nv_bfloat16* out, const __nv_bfloat16* a, const __nv_bfloat16
     }
   } else {
     if (lean & 2) {
-      launch_gemm_tile<kMoeBlockMid, false, kGateUp, true>(out, a, w, route_w, sorted_pairs,
-                                                           block_expert, capacity, k, K, N, fold,
-                                                           ready, stream, guess);
+      launch_gemm_tile<kMoeBlockMid, false, kGateUp, true>(
+          out, a, w, route_w, sorted_pairs, block_expert, capacity, k, K, N, fold, ready, stream);
     } else {
       launch_gemm_tile<kMoeBlockMid, false, kGateUp>(out, a, w, route_w, sorted_pairs, block_expert,
-                                                     capacity, k, K, N, fold, ready, stream, guess);
+                                                     capacity, k, K, N, fold, ready, stream);
     }
   }
 }
@@ -815,22 +778,6 @@ __device__ __forceinline__ uint32_t bf16_pair_bits(float lo, float hi) {
   return bits;
 }
 
-// The two rows a consumer thread stores (m0 + cw * 64 + warp * 16 + g, + 8): their pairs (< 0:
-// padding) and, for down, their routing weights (1 for gate/up).
-struct TileRows {
-  int pair[2];
-  float weight[2];
-  __device__ __forceinline__ void load_pairs(const int32_t* sorted_pairs, int r0) {
-    pair[0] = sorted_pairs[r0];
-    pair[1] = sorted_pairs[r0 + 8];
-  }
-  template <bool kGateUp>
-  __device__ __forceinline__ void load_weights(const float* route_w) {
-#pragma unroll
-    for (int h = 0; h < 2; ++h) weight[h] = kGateUp || pair[h] < 0 ? 1.0f : route_w[pair[h]];
-  }
-};
-
 // Consumer warpgroup cw's 64 x 256 accumulators (wgmma m64n256 layout; the thread is lane
 // 4 g + c of the group's warp `warp`) into its rows of the M-block at row m0 of the sorted
 // layout: gate/up (the first 128 columns gate, the last 128 up) as
@@ -840,14 +787,16 @@ struct TileRows {
 // bytes, eight adjacent columns, instead of four stores of 4 bytes (the same values).
 template <bool kGateUp, bool kWideStores>
 __device__ __forceinline__ void wgmma_store_tile(const float (&acc)[128], __nv_bfloat16* out,
-                                                 const TileRows& rows, int m0, int cw, int n0,
-                                                 int N, int warp, int g, int c) {
+                                                 const float* route_w, const int32_t* sorted_pairs,
+                                                 int m0, int cw, int n0, int N, int warp, int g,
+                                                 int c) {
 #pragma unroll
   for (int half = 0; half < 2; ++half) {
     const int r = m0 + cw * 64 + warp * 16 + g + 8 * half;
-    if (rows.pair[half] < 0) continue;
+    const int pair = sorted_pairs[r];
+    if (pair < 0) continue;
     __nv_bfloat16* orow = out + static_cast<size_t>(r) * N;
-    const float rw = rows.weight[half];
+    const float rw = kGateUp ? 1.0f : route_w[pair];
     // Output columns n0 + 8 i + 2 c, + 1 (i < 16 for gate/up, 32 for down) as a bf16 pair.
     const auto value = [&](int i) {
       float v[2];
@@ -885,11 +834,8 @@ __device__ __forceinline__ void wgmma_store_tile(const float (&acc)[128], __nv_b
   }
 }
 
-// kWideStores: the epilogue's stores of 16 bytes (wgmma_store_tile). kEarlyRows: a consumer
-// thread reads its two rows' pairs while its tile's first K slice multiplies and their routing
-// weights while the second does, instead of after the main loop, where both dependent loads
-// stood between the last wgmma and the stores.
-template <bool kGateUp, bool kWideStores, bool kEarlyRows>
+// kWideStores: the epilogue's stores of 16 bytes (wgmma_store_tile).
+template <bool kGateUp, bool kWideStores>
 __global__ void __launch_bounds__(384, 1)
     moe_gemm_wgmma_kernel(const __grid_constant__ CUtensorMap a_map,
                           const __grid_constant__ CUtensorMap b_map, __nv_bfloat16* out,
@@ -953,8 +899,6 @@ __global__ void __launch_bounds__(384, 1)
     const int mb = tile / n_tiles, n0 = (tile % n_tiles) * (kGateUp ? kWgBN / 2 : kWgBN);
     if (block_expert[mb] < 0) continue;
     const int m0 = mb * kWgBM;
-    const int r0 = m0 + cw * 64 + warp * 16 + g;  // this thread's rows: r0 and r0 + 8
-    TileRows rows;
     float acc[128];
 #pragma unroll
     for (int i = 0; i < 128; ++i) acc[i] = 0.0f;
@@ -971,21 +915,14 @@ __global__ void __launch_bounds__(384, 1)
                          wgmma_desc_sw128(st + 2 * kWgBox + ks * 32));
       }
       wgmma_commit();
-      if constexpr (kEarlyRows) {
-        if (kt == 0) rows.load_pairs(sorted_pairs, r0);
-        if (kt == 1 || k_tiles == 1) rows.load_weights<kGateUp>(route_w);
-      }
       // The previous slice's group is complete once at most this one is pending.
       wgmma_wait<1>();
       if (kt > 0 && lane == 0) mbar_arrive(&empty[(it - 1) % kWgStages]);
     }
     wgmma_wait<0>();
     if (lane == 0) mbar_arrive(&empty[(it - 1) % kWgStages]);
-    if constexpr (!kEarlyRows) {
-      rows.load_pairs(sorted_pairs, r0);
-      rows.load_weights<kGateUp>(route_w);
-    }
-    wgmma_store_tile<kGateUp, kWideStores>(acc, out, rows, m0, cw, n0, N, warp, g, c);
+    wgmma_store_tile<kGateUp, kWideStores>(acc, out, route_w, sorted_pairs, m0, cw, n0, N, warp, g,
+                                           c);
   }
 }
 
@@ -998,14 +935,8 @@ void launch_wgmma(__nv_bfloat16* out, const CUtensorMap& a_map, const CUtensorMa
   // The epilogue stores 16 bytes a lane (wgmma_store_tile): H200, mixed 8192-token steps -1.8%
   // (two A/B pairs). ERNIE_WG_WIDE_STORES=0 turns it off.
   static const bool wide_stores = path_enabled("ERNIE_WG_WIDE_STORES");
-  // Each consumer thread's rows read during the main loop (moe_gemm_wgmma_kernel's kEarlyRows);
-  // new: ERNIE_WG_EARLY_ROWS=1 turns it on.
-  static const bool early_rows = new_path_enabled("ERNIE_WG_EARLY_ROWS");
   const auto kernel =
-      wide_stores ? (early_rows ? moe_gemm_wgmma_kernel<kGateUp, true, true>
-                                : moe_gemm_wgmma_kernel<kGateUp, true, false>)
-                  : (early_rows ? moe_gemm_wgmma_kernel<kGateUp, false, true>
-                                : moe_gemm_wgmma_kernel<kGateUp, false, false>);
+      wide_stores ? moe_gemm_wgmma_kernel<kGateUp, true> : moe_gemm_wgmma_kernel<kGateUp, false>;
   static bool configured = false;
   if (!configured) {
     ERNIE_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
@@ -1526,12 +1457,8 @@ void moe_gate_up(__nv_bfloat16* act, const __nv_bfloat16* x, const __nv_bfloat16
                       sorted_pairs, block_expert, capacity, k, hidden, inter, block_ready, stream);
     return;
   }
-  // ERNIE_MOE_GUESS_PREFETCH=S (GuessPrefetch): the 32-row blocks' first S stages into L2 before
-  // the routing is in.
-  static const int guess_stages = switch_bits("ERNIE_MOE_GUESS_PREFETCH", 0);
-  const GuessPrefetch guess{guess_stages > 0 ? experts : 0, guess_stages};
   launch_gemm<true>(act, x, w_gate_up, nullptr, sorted_pairs, block_expert, capacity, block_m, k,
-                    hidden, inter, fold_args(fold, block_m, true), block_ready, stream, guess);
+                    hidden, inter, fold_args(fold, block_m, true), block_ready, stream);
 }
 
 void moe_down(__nv_bfloat16* y, const __nv_bfloat16* act, const __nv_bfloat16* w_down,
