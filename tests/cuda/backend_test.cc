@@ -296,14 +296,17 @@ TEST_F(CudaBackendTest, MoeMatchesCpu) {
   // the wide ones; 37 tokens over hidden 160 and intermediate 96: 32-row tiles with partial output
   // and reduction tiles; 64 tokens over hidden 1024 and intermediate 640: 16-row tiles with at
   // least five reduction tiles in both GEMMs. Hidden 8192 (the 300B model's): the combine's widest
-  // rows.
+  // rows. 1500 tokens over 8 experts: ~9 wgmma M-blocks an expert, so pairs of blocks of one
+  // expert and pairs across two experts or beside padding (ERNIE_WG_MULTICAST), with partial
+  // output tiles in both GEMMs.
   for (const Case& c :
        {Case{1, 256, 64, 6, 128, 256}, Case{37, 128, 16, 4, 64, 128}, Case{300, 160, 24, 8, 96, 0},
         Case{700, 256, 64, 6, 64, 128}, Case{5, 2560, 64, 6, 1536, 3072},
         Case{400, 256, 64, 6, 128, 0}, Case{900, 2560, 64, 6, 1536, 0},
         Case{200, 2560, 64, 6, 1536, 3072}, Case{3, 256, 16, 4, 96, 160},
         Case{8, 128, 16, 4, 64, 192}, Case{64, 256, 64, 6, 512, 0}, Case{37, 160, 16, 4, 96, 0},
-        Case{64, 1024, 64, 6, 640, 0}, Case{40, 8192, 16, 8, 128, 0}}) {
+        Case{64, 1024, 64, 6, 640, 0}, Case{40, 8192, 16, 8, 128, 0},
+        Case{1500, 384, 8, 6, 192, 0}}) {
     SCOPED_TRACE(::testing::Message() << c.tokens << " tokens, hidden " << c.hidden << ", "
                                       << c.experts << " experts top-" << c.k << ", inter "
                                       << c.inter << ", shared " << c.shared_inter);

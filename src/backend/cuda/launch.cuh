@@ -63,4 +63,23 @@ void launch_pdl_cluster(void (*kernel)(Params...), unsigned grid, unsigned clust
   ERNIE_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, std::forward<Args>(args)...));
 }
 
+// A plain launch (no early start) as clusters of `cluster` CTAs along x (grid % cluster == 0).
+template <typename... Params, typename... Args>
+void launch_cluster(void (*kernel)(Params...), unsigned grid, unsigned cluster, dim3 block,
+                    size_t smem, cudaStream_t stream, Args&&... args) {
+  cudaLaunchConfig_t cfg{};
+  cfg.gridDim = dim3(grid);
+  cfg.blockDim = block;
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = stream;
+  cudaLaunchAttribute attr{};
+  attr.id = cudaLaunchAttributeClusterDimension;
+  attr.val.clusterDim.x = cluster;
+  attr.val.clusterDim.y = 1;
+  attr.val.clusterDim.z = 1;
+  cfg.attrs = &attr;
+  cfg.numAttrs = 1;
+  ERNIE_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, std::forward<Args>(args)...));
+}
+
 }  // namespace ernie::cuda

@@ -670,6 +670,14 @@ void launch_gemm(__nv_bfloat16* out, const __nv_bfloat16* a, const __nv_bfloat16
 // activations are in sorted order already), and for gate/up gathered from x by the whole
 // producer warpgroup (gather_producer), where a separate gather kernel used to write x in
 // sorted order first (151 us for an 8192-token step).
+//
+// With ERNIE_WG_MULTICAST=1 (new, off) the CTAs run as clusters of two over pairs of M-blocks
+// (2p, 2p + 1) in the same N tile: where both blocks are one expert's, each CTA's producer
+// brings half of every weight slice by TMA multicast into both CTAs, so L2 sends the weights
+// once per two M-blocks (the operand bytes -1/3; the GEMMs are bound by that feed, performance.md
+// twenty-sixth round). Each consumer warp then frees a slot in both CTAs, and both CTAs walk
+// the same slots in the same order (a CTA whose block is padding runs empty slices beside its
+// partner).
 constexpr int kWgBM = kMoeBlockWgmma, kWgBK = 64, kWgStages = 4;
 constexpr int kWgBN = 256;                 // weight rows per tile
 constexpr int kWgBox = 64 * kWgBK * 2;     // bytes of one 64-row box
@@ -701,7 +709,78 @@ struct GateUpBoxes {
       tma_load_4d(dst + b * kWgBox, map, bar, 0, 0, kt, rows[b] / kTiledGroupRows);
     }
   }
+  // Cluster CTA `rank`'s half of them (boxes 2 rank, 2 rank + 1) into both CTAs of its pair.
+  __device__ __forceinline__ void load_half(unsigned char* dst, const CUtensorMap* map,
+                                            uint64_t* bar, int kt, uint32_t rank) const {
+    const int first = rank == 0 ? rows[0] : rows[2], second = rank == 0 ? rows[1] : rows[3];
+    unsigned char* half = dst + 2 * rank * kWgBox;
+    tma_load_4d_multicast(half, map, bar, 0, 0, kt, first / kTiledGroupRows, 3);
+    tma_load_4d_multicast(half + kWgBox, map, bar, 0, 0, kt, second / kTiledGroupRows, 3);
+  }
 };
+
+// The wgmma GEMMs' work units, N tile fastest: (M-block, N tile), or with kPair (clusters of
+// two CTAs) (pair of M-blocks 2p and 2p + 1, N tile), cluster CTA r taking block 2p + r. A CTA
+// (a cluster) takes units first, first + stride, ...
+template <bool kPair>
+struct WgWork {
+  int m_blocks, n_tiles, units, first, stride;
+  uint32_t rank = 0;
+  __device__ __forceinline__ WgWork(int m_blocks_, int n_tiles_)
+      : m_blocks(m_blocks_), n_tiles(n_tiles_) {
+    if constexpr (kPair) {
+      rank = cluster_rank();
+      units = (m_blocks + 1) / 2 * n_tiles;
+      first = blockIdx.x / 2;
+      stride = gridDim.x / 2;
+    } else {
+      units = m_blocks * n_tiles;
+      first = blockIdx.x;
+      stride = gridDim.x;
+    }
+  }
+};
+
+// One unit as this CTA sees it: its M-block and expert (-1: padding), whether the unit is
+// passed over (no expert in either block of the pair), and whether both blocks of the pair are
+// the same expert's (the weights are multicast).
+struct WgTile {
+  int mb, nt, e;
+  bool skip, shared;
+};
+
+template <bool kPair>
+__device__ __forceinline__ WgTile wg_tile(const WgWork<kPair>& w, int u,
+                                          const int32_t* block_expert) {
+  WgTile t;
+  const int row = u / w.n_tiles;
+  t.nt = u % w.n_tiles;
+  if constexpr (kPair) {
+    const int e0 = block_expert[2 * row];
+    const int e1 = 2 * row + 1 < w.m_blocks ? block_expert[2 * row + 1] : -1;
+    t.mb = 2 * row + static_cast<int>(w.rank);
+    t.e = w.rank == 0 ? e0 : e1;
+    t.skip = e0 < 0 && e1 < 0;
+    t.shared = e0 >= 0 && e0 == e1;
+  } else {
+    t.mb = row;
+    t.e = block_expert[row];
+    t.skip = t.e < 0;
+    t.shared = false;
+  }
+  return t;
+}
+
+// The producer's wait for a free slot: with kPair the slot must be free in both CTAs (both
+// CTAs' consumers arrive on it) before a multicast may write it.
+template <bool kPair>
+__device__ __forceinline__ void wait_slot_free(uint64_t* empty, uint32_t parity) {
+  if constexpr (kPair) {
+    mbar_wait_cluster(empty, parity);
+  } else {
+    mbar_wait(empty, parity);
+  }
+}
 
 // The gate/up producer warpgroup: A rows come straight from x (row sorted_pairs[r] / k) by
 // cp.async into the 128-byte swizzled layout TMA would give, no gathered copy of x in memory;
@@ -710,38 +789,47 @@ struct GateUpBoxes {
 // barrier when they land (cp.async.mbarrier.arrive), so the producer never waits for its own
 // copies and keeps every free stage in flight; the consumers fence for the tensor cores' proxy
 // after the barrier.
+template <bool kPair>
 __device__ __forceinline__ void gather_producer(unsigned char* smem, uint64_t* full,
                                                 uint64_t* empty, const CUtensorMap& b_map,
                                                 const __nv_bfloat16* x, const int32_t* sorted_pairs,
-                                                const int32_t* block_expert, int m_blocks,
-                                                int n_tiles, int k_choices, int K, int N) {
+                                                const int32_t* block_expert,
+                                                const WgWork<kPair>& work, int k_choices, int K,
+                                                int N) {
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, ch = lane % 8;
   const int k_tiles = (K + kWgBK - 1) / kWgBK;
-  const int tiles = m_blocks * n_tiles;
   int it = 0;  // K slices issued so far, over all tiles: slot it % stages, round it / stages
-  for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
-    const int mb = tile / n_tiles, n0 = (tile % n_tiles) * (kWgBN / 2);
-    const int e = block_expert[mb];
-    if (e < 0) continue;
-    const int m0 = mb * kWgBM;
+  for (int u = work.first; u < work.units; u += work.stride) {
+    const WgTile t = wg_tile(work, u, block_expert);
+    if (t.skip) continue;
+    const int n0 = t.nt * (kWgBN / 2);
+    const int m0 = t.mb * kWgBM;
     const __nv_bfloat16* src[8];  // this thread's rows of the tile (null: padding, zero-filled)
     int dst[8];                   // their byte offsets in a stage (swizzle of 16-byte chunk ch)
 #pragma unroll
     for (int i = 0; i < 8; ++i) {
       const int r = warp * 32 + i * 4 + lane / 8;
-      const int pair = sorted_pairs[m0 + r];
+      const int pair = t.e >= 0 ? sorted_pairs[m0 + r] : -1;
       src[i] = pair >= 0 ? x + static_cast<size_t>(pair / k_choices) * K : nullptr;
       dst[i] = gathered_offset(r, ch);
     }
-    const GateUpBoxes boxes(e, n0, N);
+    const GateUpBoxes boxes(max(t.e, 0), n0, N);
     for (int kt = 0; kt < k_tiles; ++kt, ++it) {
       const int s = it % kWgStages;
-      if (it >= kWgStages) mbar_wait(&empty[s], ((it / kWgStages) - 1) & 1);
+      if (it >= kWgStages) wait_slot_free<kPair>(&empty[s], ((it / kWgStages) - 1) & 1);
       unsigned char* st = smem + s * kWgStageBytes;
       const int k0 = kt * kWgBK;
       if (tid == 0) {
-        mbar_arrive_expect_tx(&full[s], 4 * kWgBox);
-        boxes.load(st + 2 * kWgBox, &b_map, &full[s], kt);
+        if (t.e < 0) {
+          mbar_arrive(&full[s]);  // a padding block beside its partner's: nothing to bring
+        } else {
+          mbar_arrive_expect_tx(&full[s], 4 * kWgBox);
+          if (t.shared) {
+            boxes.load_half(st + 2 * kWgBox, &b_map, &full[s], kt, work.rank);
+          } else {
+            boxes.load(st + 2 * kWgBox, &b_map, &full[s], kt);
+          }
+        }
       }
       const int kk = k0 + ch * 8;
 #pragma unroll
@@ -834,8 +922,9 @@ __device__ __forceinline__ void wgmma_store_tile(const float (&acc)[128], __nv_b
   }
 }
 
-// kWideStores: the epilogue's stores of 16 bytes (wgmma_store_tile).
-template <bool kGateUp, bool kWideStores>
+// kWideStores: the epilogue's stores of 16 bytes (wgmma_store_tile). kPair: clusters of two CTAs
+// sharing the weights of M-block pairs (WgWork; launched by launch_wgmma as such).
+template <bool kGateUp, bool kWideStores, bool kPair>
 __global__ void __launch_bounds__(384, 1)
     moe_gemm_wgmma_kernel(const __grid_constant__ CUtensorMap a_map,
                           const __grid_constant__ CUtensorMap b_map, __nv_bfloat16* out,
@@ -853,77 +942,108 @@ __global__ void __launch_bounds__(384, 1)
     for (int s = 0; s < kWgStages; ++s) {
       // gate/up: thread 0's TMA arrival plus one per producer thread for its gathered A rows.
       mbar_init(&full[s], kGateUp ? 1 + 128 : 1);
-      mbar_init(&empty[s], 8);  // one arrival per consumer warp
+      // One arrival per consumer warp, of both CTAs with kPair.
+      mbar_init(&empty[s], kPair ? 16 : 8);
     }
     mbar_init_fence();
   }
-  __syncthreads();
+  // kPair: the partner's barriers are initialised before anything may arrive on them.
+  if constexpr (kPair) {
+    cluster_sync();
+  } else {
+    __syncthreads();
+  }
+  const WgWork<kPair> work(m_blocks, n_tiles);
   const int k_tiles = (K + kWgBK - 1) / kWgBK;
-  const int tiles = m_blocks * n_tiles;
 
   if (wg == 0) {              // producer
     if constexpr (kGateUp) {  // A gathered from x by every thread of the warpgroup
-      gather_producer(smem, full, empty, b_map, x, sorted_pairs, block_expert, m_blocks, n_tiles,
-                      k_choices, K, N);
-      return;
-    }
-    if (tid != 0) return;
-    int it = 0;  // K slices issued so far, over all tiles: slot it % stages, round it / stages
-    for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
-      const int mb = tile / n_tiles, n0 = (tile % n_tiles) * kWgBN;
-      const int e = block_expert[mb];
-      if (e < 0) continue;
-      const int m0 = mb * kWgBM;
-      const int r0 = e * N + n0;  // weight rows n0..n0+255 of the expert's [N, K] down block
-      for (int kt = 0; kt < k_tiles; ++kt, ++it) {
-        const int s = it % kWgStages;
-        if (it >= kWgStages) mbar_wait(&empty[s], ((it / kWgStages) - 1) & 1);
-        unsigned char* st = smem + s * kWgStageBytes;
-        mbar_arrive_expect_tx(&full[s], kWgStageBytes);
-        const int k0 = kt * kWgBK;
-        tma_load_2d(st, &a_map, &full[s], k0, m0);
-        tma_load_2d(st + kWgBox, &a_map, &full[s], k0, m0 + 64);
-        for (int b = 0; b < 4; ++b) {
-          tma_load_4d(st + (2 + b) * kWgBox, &b_map, &full[s], 0, 0, kt,
-                      (r0 + 64 * b) / kTiledGroupRows);
+      gather_producer(smem, full, empty, b_map, x, sorted_pairs, block_expert, work, k_choices, K,
+                      N);
+    } else if (tid == 0) {
+      int it = 0;  // K slices issued so far, over all tiles: slot it % stages, round it / stages
+      for (int u = work.first; u < work.units; u += work.stride) {
+        const WgTile t = wg_tile(work, u, block_expert);
+        if (t.skip) continue;
+        const int m0 = t.mb * kWgBM;
+        // weight rows n0..n0+255 of the expert's [N, K] down block
+        const int r0 = max(t.e, 0) * N + t.nt * kWgBN;
+        for (int kt = 0; kt < k_tiles; ++kt, ++it) {
+          const int s = it % kWgStages;
+          if (it >= kWgStages) wait_slot_free<kPair>(&empty[s], ((it / kWgStages) - 1) & 1);
+          if (t.e < 0) {
+            mbar_arrive(&full[s]);  // a padding block beside its partner's: nothing to bring
+            continue;
+          }
+          unsigned char* st = smem + s * kWgStageBytes;
+          mbar_arrive_expect_tx(&full[s], kWgStageBytes);
+          const int k0 = kt * kWgBK;
+          tma_load_2d(st, &a_map, &full[s], k0, m0);
+          tma_load_2d(st + kWgBox, &a_map, &full[s], k0, m0 + 64);
+          if (t.shared) {
+            for (int b = 2 * work.rank; b < 2 * work.rank + 2; ++b) {
+              tma_load_4d_multicast(st + (2 + b) * kWgBox, &b_map, &full[s], 0, 0, kt,
+                                    (r0 + 64 * b) / kTiledGroupRows, 3);
+            }
+          } else {
+            for (int b = 0; b < 4; ++b) {
+              tma_load_4d(st + (2 + b) * kWgBox, &b_map, &full[s], 0, 0, kt,
+                          (r0 + 64 * b) / kTiledGroupRows);
+            }
+          }
         }
       }
     }
-    return;
-  }
-
-  const int cw = wg - 1;  // this consumer's 64 rows of the M-block
-  const int warp = (tid % 128) / 32, lane = tid % 32, g = lane / 4, c = lane % 4;
-  int it = 0;
-  for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
-    const int mb = tile / n_tiles, n0 = (tile % n_tiles) * (kGateUp ? kWgBN / 2 : kWgBN);
-    if (block_expert[mb] < 0) continue;
-    const int m0 = mb * kWgBM;
-    float acc[128];
+  } else {
+    const int cw = wg - 1;  // this consumer's 64 rows of the M-block
+    const int warp = (tid % 128) / 32, lane = tid % 32, g = lane / 4, c = lane % 4;
+    // Frees slot s: in this CTA, and with kPair in the partner too (its producer may multicast
+    // into this CTA's slot once both are free).
+    const auto release = [&](int s) {
+      if (lane != 0) return;
+      mbar_arrive(&empty[s]);
+      if constexpr (kPair) mbar_arrive_cluster(&empty[s], work.rank ^ 1);
+    };
+    int it = 0;
+    for (int u = work.first; u < work.units; u += work.stride) {
+      const WgTile t = wg_tile(work, u, block_expert);
+      if (t.skip) continue;
+      const int n0 = t.nt * (kGateUp ? kWgBN / 2 : kWgBN);
+      const int m0 = t.mb * kWgBM;
+      const bool run = t.e >= 0;  // else empty slices beside the partner's
+      float acc[128];
 #pragma unroll
-    for (int i = 0; i < 128; ++i) acc[i] = 0.0f;
-    for (int kt = 0; kt < k_tiles; ++kt, ++it) {
-      const int s = it % kWgStages;
-      mbar_wait(&full[s], (it / kWgStages) & 1);
-      // gate/up: the gathered A rows were written by cp.async (the generic proxy).
-      if constexpr (kGateUp) fence_proxy_async();
-      const unsigned char* st = smem + s * kWgStageBytes;
-      wgmma_fence();
+      for (int i = 0; i < 128; ++i) acc[i] = 0.0f;
+      for (int kt = 0; kt < k_tiles; ++kt, ++it) {
+        const int s = it % kWgStages;
+        mbar_wait(&full[s], (it / kWgStages) & 1);
+        if (run) {
+          // gate/up: the gathered A rows were written by cp.async (the generic proxy).
+          if constexpr (kGateUp) fence_proxy_async();
+          const unsigned char* st = smem + s * kWgStageBytes;
+          wgmma_fence();
 #pragma unroll
-      for (int ks = 0; ks < kWgBK / 16; ++ks) {
-        wgmma_m64n256k16(acc, wgmma_desc_sw128(st + cw * kWgBox + ks * 32),
-                         wgmma_desc_sw128(st + 2 * kWgBox + ks * 32));
+          for (int ks = 0; ks < kWgBK / 16; ++ks) {
+            wgmma_m64n256k16(acc, wgmma_desc_sw128(st + cw * kWgBox + ks * 32),
+                             wgmma_desc_sw128(st + 2 * kWgBox + ks * 32));
+          }
+          wgmma_commit();
+          // The previous slice's group is complete once at most this one is pending.
+          wgmma_wait<1>();
+        }
+        if (kt > 0) release((it - 1) % kWgStages);
       }
-      wgmma_commit();
-      // The previous slice's group is complete once at most this one is pending.
-      wgmma_wait<1>();
-      if (kt > 0 && lane == 0) mbar_arrive(&empty[(it - 1) % kWgStages]);
+      wgmma_wait<0>();
+      release((it - 1) % kWgStages);
+      if (run) {
+        wgmma_store_tile<kGateUp, kWideStores>(acc, out, route_w, sorted_pairs, m0, cw, n0, N, warp,
+                                               g, c);
+      }
     }
-    wgmma_wait<0>();
-    if (lane == 0) mbar_arrive(&empty[(it - 1) % kWgStages]);
-    wgmma_store_tile<kGateUp, kWideStores>(acc, out, route_w, sorted_pairs, m0, cw, n0, N, warp, g,
-                                           c);
   }
+  // kPair: neither CTA leaves while its partner may still write its slots or arrive on its
+  // barriers.
+  if constexpr (kPair) cluster_sync();
 }
 
 // gate/up (kGateUp): A gathered from x by the kernel (a_map unused); down: A by a_map.
@@ -933,27 +1053,46 @@ void launch_wgmma(__nv_bfloat16* out, const CUtensorMap& a_map, const CUtensorMa
                   int64_t capacity, int K, int N, const __nv_bfloat16* x, int k_choices,
                   cudaStream_t stream) {
   // The epilogue stores 16 bytes a lane (wgmma_store_tile): H200, mixed 8192-token steps -1.8%
-  // (two A/B pairs). ERNIE_WG_WIDE_STORES=0 turns it off.
+  // (two A/B pairs). ERNIE_WG_WIDE_STORES=0 turns it off. ERNIE_WG_MULTICAST=1 (new, off, with
+  // the wide stores only): clusters of two sharing the weights of M-block pairs.
   static const bool wide_stores = path_enabled("ERNIE_WG_WIDE_STORES");
-  const auto kernel =
-      wide_stores ? moe_gemm_wgmma_kernel<kGateUp, true> : moe_gemm_wgmma_kernel<kGateUp, false>;
-  static bool configured = false;
-  if (!configured) {
+  static const bool pair = wide_stores && new_path_enabled("ERNIE_WG_MULTICAST");
+  const auto kernel = pair          ? moe_gemm_wgmma_kernel<kGateUp, true, true>
+                      : wide_stores ? moe_gemm_wgmma_kernel<kGateUp, true, false>
+                                    : moe_gemm_wgmma_kernel<kGateUp, false, false>;
+  // CTAs (clusters with `pair`) resident at once: the persistent grid's size.
+  static const int slots = [&] {
     ERNIE_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                           static_cast<int>(kWgSmem)));
-    configured = true;
-  }
-  static const int sms = [] {
     int device = 0, count = 0;
     ERNIE_CUDA_CHECK(cudaGetDevice(&device));
     ERNIE_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device));
-    return count;
+    if (!pair) return count;
+    cudaLaunchConfig_t cfg{};
+    cfg.gridDim = dim3(2 * (count / 2));
+    cfg.blockDim = dim3(384);
+    cfg.dynamicSmemBytes = kWgSmem;
+    cudaLaunchAttribute attr{};
+    attr.id = cudaLaunchAttributeClusterDimension;
+    attr.val.clusterDim = {2, 1, 1};
+    cfg.attrs = &attr;
+    cfg.numAttrs = 1;
+    int clusters = 0;
+    ERNIE_CUDA_CHECK(cudaOccupancyMaxActiveClusters(&clusters, kernel, &cfg));
+    require_parts(clusters > 0, "MoE wgmma GEMM: no cluster of two CTAs fits on this device");
+    return clusters;
   }();
   const int cols = kGateUp ? kWgBN / 2 : kWgBN;
   const int m_blocks = static_cast<int>(capacity / kWgBM), n_tiles = (N + cols - 1) / cols;
-  const int grid = std::min(m_blocks * n_tiles, sms);
-  kernel<<<grid, 384, kWgSmem, stream>>>(a_map, b_map, out, route_w, sorted_pairs, block_expert,
-                                         m_blocks, n_tiles, K, N, x, k_choices);
+  if (pair) {
+    const int clusters = std::min((m_blocks + 1) / 2 * n_tiles, slots);
+    launch_cluster(kernel, 2 * clusters, 2, 384, kWgSmem, stream, a_map, b_map, out, route_w,
+                   sorted_pairs, block_expert, m_blocks, n_tiles, K, N, x, k_choices);
+  } else {
+    const int grid = std::min(m_blocks * n_tiles, slots);
+    kernel<<<grid, 384, kWgSmem, stream>>>(a_map, b_map, out, route_w, sorted_pairs, block_expert,
+                                           m_blocks, n_tiles, K, N, x, k_choices);
+  }
   ERNIE_CUDA_CHECK(cudaGetLastError());
 }
 
