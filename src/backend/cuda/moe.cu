@@ -671,13 +671,13 @@ void launch_gemm(__nv_bfloat16* out, const __nv_bfloat16* a, const __nv_bfloat16
 // producer warpgroup (gather_producer), where a separate gather kernel used to write x in
 // sorted order first (151 us for an 8192-token step).
 //
-// With ERNIE_WG_MULTICAST=1 (new, off) the CTAs run as clusters of two over pairs of M-blocks
-// (2p, 2p + 1) in the same N tile: where both blocks are one expert's, each CTA's producer
-// brings half of every weight slice by TMA multicast into both CTAs, so L2 sends the weights
-// once per two M-blocks (the operand bytes -1/3; the GEMMs are bound by that feed, performance.md
-// twenty-sixth round). Each consumer warp then frees a slot in both CTAs, and both CTAs walk
-// the same slots in the same order (a CTA whose block is padding runs empty slices beside its
-// partner).
+// The CTAs run as clusters of two over pairs of M-blocks (2p, 2p + 1) in the same N tile:
+// where both blocks are one expert's, each CTA's producer brings half of every weight slice by
+// TMA multicast into both CTAs, so L2 sends the weights once per two M-blocks (the operand
+// bytes -1/3; mixed 8192-token steps -0.8%, performance.md twenty-sixth round;
+// ERNIE_WG_MULTICAST=0 runs single CTAs). Each consumer warp then frees a slot in both CTAs,
+// and both CTAs walk the same slots in the same order (a CTA whose block is padding runs empty
+// slices beside its partner).
 constexpr int kWgBM = kMoeBlockWgmma, kWgBK = 64, kWgStages = 4;
 constexpr int kWgBN = 256;                 // weight rows per tile
 constexpr int kWgBox = 64 * kWgBK * 2;     // bytes of one 64-row box
@@ -771,17 +771,6 @@ __device__ __forceinline__ WgTile wg_tile(const WgWork<kPair>& w, int u,
   return t;
 }
 
-// The producer's wait for a free slot: with kPair the slot must be free in both CTAs (both
-// CTAs' consumers arrive on it) before a multicast may write it.
-template <bool kPair>
-__device__ __forceinline__ void wait_slot_free(uint64_t* empty, uint32_t parity) {
-  if constexpr (kPair) {
-    mbar_wait_cluster(empty, parity);
-  } else {
-    mbar_wait(empty, parity);
-  }
-}
-
 // The gate/up producer warpgroup: A rows come straight from x (row sorted_pairs[r] / k) by
 // cp.async into the 128-byte swizzled layout TMA would give, no gathered copy of x in memory;
 // thread 0 also brings the weight boxes by TMA. Each warp copies 4 rows x 128 bytes per
@@ -816,7 +805,7 @@ __device__ __forceinline__ void gather_producer(unsigned char* smem, uint64_t* f
     const GateUpBoxes boxes(max(t.e, 0), n0, N);
     for (int kt = 0; kt < k_tiles; ++kt, ++it) {
       const int s = it % kWgStages;
-      if (it >= kWgStages) wait_slot_free<kPair>(&empty[s], ((it / kWgStages) - 1) & 1);
+      if (it >= kWgStages) mbar_wait(&empty[s], ((it / kWgStages) - 1) & 1);
       unsigned char* st = smem + s * kWgStageBytes;
       const int k0 = kt * kWgBK;
       if (tid == 0) {
@@ -970,7 +959,7 @@ __global__ void __launch_bounds__(384, 1)
         const int r0 = max(t.e, 0) * N + t.nt * kWgBN;
         for (int kt = 0; kt < k_tiles; ++kt, ++it) {
           const int s = it % kWgStages;
-          if (it >= kWgStages) wait_slot_free<kPair>(&empty[s], ((it / kWgStages) - 1) & 1);
+          if (it >= kWgStages) mbar_wait(&empty[s], ((it / kWgStages) - 1) & 1);
           if (t.e < 0) {
             mbar_arrive(&full[s]);  // a padding block beside its partner's: nothing to bring
             continue;
@@ -1053,10 +1042,10 @@ void launch_wgmma(__nv_bfloat16* out, const CUtensorMap& a_map, const CUtensorMa
                   int64_t capacity, int K, int N, const __nv_bfloat16* x, int k_choices,
                   cudaStream_t stream) {
   // The epilogue stores 16 bytes a lane (wgmma_store_tile): H200, mixed 8192-token steps -1.8%
-  // (two A/B pairs). ERNIE_WG_WIDE_STORES=0 turns it off. ERNIE_WG_MULTICAST=1 (new, off, with
-  // the wide stores only): clusters of two sharing the weights of M-block pairs.
+  // (two A/B pairs). ERNIE_WG_WIDE_STORES=0 turns it off. ERNIE_WG_MULTICAST=0 (the clusters of
+  // two sharing the weights of M-block pairs need the wide stores) runs single CTAs.
   static const bool wide_stores = path_enabled("ERNIE_WG_WIDE_STORES");
-  static const bool pair = wide_stores && new_path_enabled("ERNIE_WG_MULTICAST");
+  static const bool pair = wide_stores && path_enabled("ERNIE_WG_MULTICAST");
   const auto kernel = pair          ? moe_gemm_wgmma_kernel<kGateUp, true, true>
                       : wide_stores ? moe_gemm_wgmma_kernel<kGateUp, true, false>
                                     : moe_gemm_wgmma_kernel<kGateUp, false, false>;
