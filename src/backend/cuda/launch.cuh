@@ -42,27 +42,6 @@ void launch_pdl(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, c
   ERNIE_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, std::forward<Args>(args)...));
 }
 
-// launch_pdl for a kernel run as clusters of `cluster` CTAs along x (grid % cluster == 0).
-template <typename... Params, typename... Args>
-void launch_pdl_cluster(void (*kernel)(Params...), unsigned grid, unsigned cluster, dim3 block,
-                        size_t smem, cudaStream_t stream, Args&&... args) {
-  cudaLaunchConfig_t cfg{};
-  cfg.gridDim = dim3(grid);
-  cfg.blockDim = block;
-  cfg.dynamicSmemBytes = smem;
-  cfg.stream = stream;
-  cudaLaunchAttribute attrs[2]{};
-  attrs[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attrs[0].val.programmaticStreamSerializationAllowed = 1;
-  attrs[1].id = cudaLaunchAttributeClusterDimension;
-  attrs[1].val.clusterDim.x = cluster;
-  attrs[1].val.clusterDim.y = 1;
-  attrs[1].val.clusterDim.z = 1;
-  cfg.attrs = attrs;
-  cfg.numAttrs = 2;
-  ERNIE_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, std::forward<Args>(args)...));
-}
-
 // A plain launch (no early start) as clusters of `cluster` CTAs along x (grid % cluster == 0).
 template <typename... Params, typename... Args>
 void launch_cluster(void (*kernel)(Params...), unsigned grid, unsigned cluster, dim3 block,
