@@ -11,6 +11,7 @@
 #include <functional>
 #include <limits>
 #include <map>
+#include <memory>
 #include <string>
 #include <unordered_map>
 #include <vector>
@@ -28,6 +29,7 @@
 #include "backend/cuda/sampler.cuh"
 #include "backend/cuda/skinny_gemm.cuh"
 #include "backend/cuda/switches.h"
+#include "backend/cuda/tuned_gemm.h"
 #include "backend/scratch_arena.h"
 #include "common/check.h"
 #include "common/log.h"
@@ -139,14 +141,14 @@ class CudaBackend final : public Backend {
       check_cuda(cudaEventCreateWithFlags(e, cudaEventDisableTiming), "cudaEventCreate");
     }
     // One cuBLAS handle (and workspace) per stream: GEMMs on the two may run at once.
-    constexpr size_t kWorkspace = 32u << 20;
     for (int i = 0; i < 2; ++i) {
       check_cublas(cublasCreate(&blas_[i]), "cublasCreate");
       check_cublas(cublasSetStream(blas_[i], i == 0 ? stream_ : side_stream_), "cublasSetStream");
-      check_cuda(cudaMalloc(&blas_workspace_[i], kWorkspace), "cudaMalloc (cuBLAS workspace)");
-      check_cublas(cublasSetWorkspace(blas_[i], blas_workspace_[i], kWorkspace),
+      check_cuda(cudaMalloc(&blas_workspace_[i], kBlasWorkspace), "cudaMalloc (cuBLAS workspace)");
+      check_cublas(cublasSetWorkspace(blas_[i], blas_workspace_[i], kBlasWorkspace),
                    "cublasSetWorkspace");
     }
+    if (cuda::new_path_enabled("ERNIE_GEMM_TUNE")) tuned_ = std::make_unique<cuda::TunedGemm>();
     for (auto& s : staging_) {
       check_cuda(cudaHostAlloc(reinterpret_cast<void**>(&s), kStagingBytes, cudaHostAllocDefault),
                  "cudaHostAlloc (weight staging)");
@@ -161,6 +163,7 @@ class CudaBackend final : public Backend {
     for (void* p : allocations_) cudaFree(p);
     if (kv_) cudaFree(kv_);
     cudaStreamSynchronize(side_stream_);
+    tuned_.reset();
     for (int i = 0; i < 2; ++i) {
       cublasDestroy(blas_[i]);
       cudaFree(blas_workspace_[i]);
@@ -440,7 +443,28 @@ class CudaBackend final : public Backend {
 
   bool capture_graph(int key, const std::function<void()>& body) override {
     const auto start = arena_.mark();
-    body();  // eager run: sets kernel attributes, sizes the arena; its results stand if we stop
+    // The eager run: sets kernel attributes, sizes the arena, tunes new GEMM shapes; its results
+    // stand if we stop.
+    const bool tune = tuned_ != nullptr;
+    if (tune) {
+      tuned_->begin_tuning();
+      tuning_pass_ = true;
+    }
+    try {
+      body();
+    } catch (...) {
+      tuning_pass_ = false;
+      if (tune) tuned_->end_tuning();
+      throw;
+    }
+    if (tune) {
+      tuning_pass_ = false;
+      tuned_->end_tuning();
+      if (key == graph_max_batch_) {
+        log::info("GEMM tuning: ", tuned_->shapes(), " shapes, ", tuned_->non_default(),
+                  " faster than cuBLAS's default, ", tuned_->tune_ms() / 1e3, " s");
+      }
+    }
     if (arena_.chunk_count() != start.chunks) return false;  // grew: addresses not final yet
     arena_.rewind(start);
     check_cuda(cudaStreamBeginCapture(stream_, cudaStreamCaptureModeThreadLocal),
@@ -518,7 +542,7 @@ class CudaBackend final : public Backend {
       cuda::skinny_tc(bf(out), bf(x), bf(w), m, n, k, skinny_tc_rows(), stream_);
       return;
     }
-    gemm(blas_[0], out, x, w);
+    gemm(0, out, x, w);
   }
 
   // From how many tokens the router's logits are a cuBLAS GEMM with its weights' bf16 terms
@@ -570,18 +594,29 @@ class CudaBackend final : public Backend {
             "the CUDA linear takes bf16 inputs and weights");
   }
 
-  // out = x w^T on the stream of `handle`.
-  void gemm(cublasHandle_t handle, Tensor out, const Tensor& x, const Tensor& w) {
+  // out = x w^T on lane's stream (0: stream_, 1: side_stream_). Decode-sized batches (at most
+  // kTunedRows rows) take cuda::TunedGemm's algorithm for their shape when ERNIE_GEMM_TUNE=1:
+  // shapes are tuned during the eager run before each graph's capture, so a graph and an eager
+  // step of its size use the same algorithm; other shapes take cuBLAS's default.
+  static constexpr int kTunedRows = 512;
+  void gemm(int lane, Tensor out, const Tensor& x, const Tensor& w) {
     check_linear(out, x, w);
     const int m = static_cast<int>(x.dim(0)), n = static_cast<int>(w.dim(0)),
               k = static_cast<int>(x.dim(1));
     if (m == 0) return;
+    const bool f32 = out.dtype == DType::kF32;
+    if (tuned_ && m <= kTunedRows &&
+        tuned_->run(blas_[lane], out.data, f32, x.data, w.data, m, n, k, blas_workspace_[lane],
+                   kBlasWorkspace, lane == 0 ? stream_ : side_stream_,
+                   tuning_pass_ && !capturing_)) {
+      return;
+    }
     const float alpha = 1.0f, beta = 0.0f;
     // Row-major out[m, n] = x[m, k] w[n, k]^T is column-major out^T = w^T x.
-    check_cublas(cublasGemmEx(handle, CUBLAS_OP_T, CUBLAS_OP_N, n, m, k, &alpha, w.data,
+    check_cublas(cublasGemmEx(blas_[lane], CUBLAS_OP_T, CUBLAS_OP_N, n, m, k, &alpha, w.data,
                               CUDA_R_16BF, k, x.data, CUDA_R_16BF, k, &beta, out.data,
-                              out.dtype == DType::kF32 ? CUDA_R_32F : CUDA_R_16BF, n,
-                              CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
+                              f32 ? CUDA_R_32F : CUDA_R_16BF, n, CUBLAS_COMPUTE_32F,
+                              CUBLAS_GEMM_DEFAULT),
                  "cublasGemmEx");
   }
 
@@ -692,10 +727,10 @@ class CudaBackend final : public Backend {
     const int64_t tokens = x.dim(0), si = w.shared_down.dim(1);
     Tensor gu = scratch({tokens, 2 * si}, DType::kBF16);
     Tensor a = scratch({tokens, si}, DType::kBF16);
-    gemm(blas_[lane], gu, x, w.shared_gate_up);
+    gemm(lane, gu, x, w.shared_gate_up);
     cuda::silu_mul(bf(a), bf(gu), static_cast<int>(tokens), static_cast<int>(si),
                    lane == 0 ? stream_ : side_stream_);
-    gemm(blas_[lane], s, a, w.shared_down);
+    gemm(lane, s, a, w.shared_down);
   }
 
   void moe(Tensor out, const Tensor& x, const MoeWeights& w) override { run_moe(out, x, w, {}); }
@@ -782,7 +817,7 @@ class CudaBackend final : public Backend {
     bool laid_out = false;  // the router laid the pairs out too (few tokens)
     if (by_terms) {
       const Tensor partial{route_scratch, DType::kF32, {tokens, term_cols}};
-      gemm(blas_[0], partial, x, w.router_terms);
+      gemm(0, partial, x, w.router_terms);
       cuda::route_topk_terms(ids, weights, partial.as<float>(), w.router_bias.as<float>(), tokens,
                              experts, k, w.norm_min, stream_);
     } else {
@@ -1176,7 +1211,10 @@ class CudaBackend final : public Backend {
   // The folded shared experts' tensor maps by their gate/up tensor (prepare_moe).
   std::unordered_map<const void*, cuda::SharedFoldMaps> fold_maps_;
   cublasHandle_t blas_[2] = {nullptr, nullptr};  // on stream_ and on side_stream_
+  static constexpr size_t kBlasWorkspace = 32u << 20;
   void* blas_workspace_[2] = {nullptr, nullptr};
+  std::unique_ptr<cuda::TunedGemm> tuned_;  // decode-sized GEMMs (gemm; ERNIE_GEMM_TUNE=1)
+  bool tuning_pass_ = false;  // capture_graph's eager run: new GEMM shapes may be tuned
   // Host-to-device metadata (step inputs, sampling tables) goes through a ring of pinned
   // buffers, each reused only once its last copy is done (upload_meta): with asynchronous
   // scheduling the next step's inputs are copied while the last step still runs.

@@ -1,0 +1,66 @@
+// Linear layers of decode-sized batches through cuBLASLt with each shape's algorithm chosen by
+// timing. cuBLAS's default heuristic picks one algorithm from a cost model; at a few hundred
+// rows it tends to choose wide tiles that leave most multiprocessors idle, each CTA pulling
+// megabytes through its own load path (a 256-row GEMM with a 6144 x 2560 weight ran at about a
+// third of the memory bandwidth). Here cuBLASLt's heuristic candidates (split-K ones among them)
+// and the default GEMM are each timed on the real operands, with L2 flushed before every run as
+// a decode step's cold weights are, and the fastest is kept for that shape.
+#pragma once
+
+#include <cublasLt.h>
+#include <cublas_v2.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <map>
+#include <tuple>
+
+namespace ernie::cuda {
+
+class TunedGemm {
+ public:
+  TunedGemm();
+  ~TunedGemm();
+  TunedGemm(const TunedGemm&) = delete;
+  TunedGemm& operator=(const TunedGemm&) = delete;
+
+  // out[m, n] = x[m, k] w[n, k]^T, row-major, bf16 operands, bf16 or f32 out, f32 sums, on
+  // `stream` (the stream of `blas`, whose default GEMM is one candidate). A shape seen before
+  // runs its chosen algorithm. A new one is tuned first when `may_tune` (the device is then
+  // synchronized: never while a stream is being captured), else this returns false and the
+  // caller runs its default. workspace: workspace_bytes of device memory for this stream only.
+  bool run(cublasHandle_t blas, void* out, bool out_f32, const void* x, const void* w, int m,
+           int n, int k, void* workspace, size_t workspace_bytes, cudaStream_t stream,
+           bool may_tune);
+
+  // A buffer written before each timed run to push the operands out of L2 (bytes > L2's size),
+  // held between begin_tuning and end_tuning (e.g. around a graph's eager run); without one the
+  // candidates are timed with warm caches.
+  void begin_tuning();
+  void end_tuning();
+
+  int shapes() const { return static_cast<int>(plans_.size()); }
+  int non_default() const;   // shapes whose fastest was not the default GEMM
+  double tune_ms() const { return tune_ms_; }
+
+ private:
+  struct Plan {
+    bool use_default = true;
+    cublasLtMatmulDesc_t op = nullptr;
+    cublasLtMatrixLayout_t a = nullptr, b = nullptr, c = nullptr;
+    cublasLtMatmulAlgo_t algo{};
+    size_t workspace = 0;
+  };
+  using Key = std::tuple<int, int, int, bool>;
+  Plan tune(cublasHandle_t blas, void* out, bool out_f32, const void* x, const void* w, int m,
+            int n, int k, void* workspace, size_t workspace_bytes, cudaStream_t stream);
+
+  cublasLtHandle_t lt_ = nullptr;
+  std::map<Key, Plan> plans_;
+  void* flush_ = nullptr;
+  size_t flush_bytes_ = 0;
+  cudaEvent_t start_ = nullptr, stop_ = nullptr;
+  double tune_ms_ = 0.0;
+};
+
+}  // namespace ernie::cuda
