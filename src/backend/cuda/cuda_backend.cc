@@ -607,17 +607,17 @@ class CudaBackend final : public Backend {
     const bool f32 = out.dtype == DType::kF32;
     if (tuned_ && m <= kTunedRows &&
         tuned_->run(blas_[lane], out.data, f32, x.data, w.data, m, n, k, blas_workspace_[lane],
-                   kBlasWorkspace, lane == 0 ? stream_ : side_stream_,
-                   tuning_pass_ && !capturing_)) {
+                    kBlasWorkspace, lane == 0 ? stream_ : side_stream_,
+                    tuning_pass_ && !capturing_)) {
       return;
     }
     const float alpha = 1.0f, beta = 0.0f;
     // Row-major out[m, n] = x[m, k] w[n, k]^T is column-major out^T = w^T x.
-    check_cublas(cublasGemmEx(blas_[lane], CUBLAS_OP_T, CUBLAS_OP_N, n, m, k, &alpha, w.data,
-                              CUDA_R_16BF, k, x.data, CUDA_R_16BF, k, &beta, out.data,
-                              f32 ? CUDA_R_32F : CUDA_R_16BF, n, CUBLAS_COMPUTE_32F,
-                              CUBLAS_GEMM_DEFAULT),
-                 "cublasGemmEx");
+    check_cublas(
+        cublasGemmEx(blas_[lane], CUBLAS_OP_T, CUBLAS_OP_N, n, m, k, &alpha, w.data, CUDA_R_16BF, k,
+                     x.data, CUDA_R_16BF, k, &beta, out.data, f32 ? CUDA_R_32F : CUDA_R_16BF, n,
+                     CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
+        "cublasGemmEx");
   }
 
   void rope_store_kv(Tensor qkv, int layer) override {

@@ -26,8 +26,8 @@ cublasStatus_t default_gemm(cublasHandle_t blas, void* out, bool out_f32, const 
                       CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
 }
 
-constexpr int kCandidates = 16;  // cuBLASLt heuristic results timed per shape
-constexpr int kRuns = 4;         // timed runs of each (after one untimed)
+constexpr int kCandidates = 16;            // cuBLASLt heuristic results timed per shape
+constexpr int kRuns = 4;                   // timed runs of each (after one untimed)
 constexpr size_t kFlushBytes = 96u << 20;  // more than an H100's or H200's 50-60 MB of L2
 
 }  // namespace
@@ -69,8 +69,8 @@ void TunedGemm::end_tuning() {
 }
 
 int TunedGemm::non_default() const {
-  return static_cast<int>(
-      std::count_if(plans_.begin(), plans_.end(), [](const auto& kv) { return !kv.second.use_default; }));
+  return static_cast<int>(std::count_if(plans_.begin(), plans_.end(),
+                                        [](const auto& kv) { return !kv.second.use_default; }));
 }
 
 bool TunedGemm::run(cublasHandle_t blas, void* out, bool out_f32, const void* x, const void* w,
@@ -80,8 +80,9 @@ bool TunedGemm::run(cublasHandle_t blas, void* out, bool out_f32, const void* x,
   auto it = plans_.find(key);
   if (it == plans_.end()) {
     if (!may_tune) return false;
-    it = plans_.emplace(key, tune(blas, out, out_f32, x, w, m, n, k, workspace, workspace_bytes,
-                                  stream))
+    it = plans_
+             .emplace(key,
+                      tune(blas, out, out_f32, x, w, m, n, k, workspace, workspace_bytes, stream))
              .first;
   }
   const Plan& p = it->second;
@@ -116,8 +117,8 @@ TunedGemm::Plan TunedGemm::tune(cublasHandle_t blas, void* out, bool out_f32, co
   cublasLtMatmulPreference_t pref = nullptr;
   check_lt(cublasLtMatmulPreferenceCreate(&pref), "MatmulPreferenceCreate");
   const uint64_t ws = workspace_bytes;
-  check_lt(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
-                                                &ws, sizeof ws),
+  check_lt(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws,
+                                                sizeof ws),
            "MatmulPreferenceSetAttribute");
   cublasLtMatmulHeuristicResult_t found[kCandidates];
   int count = 0;
@@ -167,7 +168,8 @@ TunedGemm::Plan TunedGemm::tune(cublasHandle_t blas, void* out, bool out_f32, co
   }
   // The output of the caller's call is written after this by the chosen algorithm.
   check_cuda(cudaStreamSynchronize(stream), "cudaStreamSynchronize (GEMM tuning)");
-  tune_ms_ += std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+  tune_ms_ +=
+      std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
   return p;
 }
 

@@ -29,9 +29,8 @@ class TunedGemm {
   // runs its chosen algorithm. A new one is tuned first when `may_tune` (the device is then
   // synchronized: never while a stream is being captured), else this returns false and the
   // caller runs its default. workspace: workspace_bytes of device memory for this stream only.
-  bool run(cublasHandle_t blas, void* out, bool out_f32, const void* x, const void* w, int m,
-           int n, int k, void* workspace, size_t workspace_bytes, cudaStream_t stream,
-           bool may_tune);
+  bool run(cublasHandle_t blas, void* out, bool out_f32, const void* x, const void* w, int m, int n,
+           int k, void* workspace, size_t workspace_bytes, cudaStream_t stream, bool may_tune);
 
   // A buffer written before each timed run to push the operands out of L2 (bytes > L2's size),
   // held between begin_tuning and end_tuning (e.g. around a graph's eager run); without one the
@@ -40,7 +39,7 @@ class TunedGemm {
   void end_tuning();
 
   int shapes() const { return static_cast<int>(plans_.size()); }
-  int non_default() const;   // shapes whose fastest was not the default GEMM
+  int non_default() const;  // shapes whose fastest was not the default GEMM
   double tune_ms() const { return tune_ms_; }
 
  private:
