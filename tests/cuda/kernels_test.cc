@@ -25,6 +25,7 @@
 #include "backend/cuda/rope.cuh"
 #include "backend/cuda/router.cuh"
 #include "backend/cuda/skinny_gemm.cuh"
+#include "backend/cuda/tuned_gemm.h"
 #include "common/dtype.h"
 #include "common/rng.h"
 #include "device_buffer.h"
@@ -173,6 +174,72 @@ TEST(CudaKernels, SkinnyGemmMatchesReference) {
     }
     expect_gemm_matches(got, in, wf, c.m, c.n, c.k, c.f32);
   }
+}
+
+// TunedGemm: each shape tuned on first use (the default GEMM and cuBLASLt's candidates timed on
+// these operands), then run again from its plan: both results against the reference, and the
+// second equal to the first bit for bit (one algorithm per shape). A shape not seen while tuning
+// was allowed is left to the caller.
+TEST(CudaKernels, TunedGemmMatchesReference) {
+  if (device_count() == 0) GTEST_SKIP() << "no CUDA device";
+  Rng rng(std::random_device{}());
+  cudaStream_t stream = nullptr;
+  ERNIE_CUDA_CHECK(cudaStreamCreate(&stream));
+  cublasHandle_t blas = nullptr;
+  ASSERT_EQ(cublasCreate(&blas), CUBLAS_STATUS_SUCCESS);
+  ASSERT_EQ(cublasSetStream(blas, stream), CUBLAS_STATUS_SUCCESS);
+  constexpr size_t kWorkspace = 32u << 20;
+  DeviceBuffer<uint8_t> workspace(kWorkspace);
+  ASSERT_EQ(cublasSetWorkspace(blas, workspace.p, kWorkspace), CUBLAS_STATUS_SUCCESS);
+  {
+    TunedGemm tuned;
+    tuned.begin_tuning();
+    struct Case {
+      int m, n, k;
+      bool f32;
+    };
+    for (const Case& c : {Case{9, 6144, 2560, false}, Case{256, 1024, 2560, false},
+                          Case{65, 192, 2560, true}, Case{512, 384, 3072, false},
+                          Case{100, 1001, 704, true}, Case{17, 2560, 1536, false}}) {
+      SCOPED_TRACE(::testing::Message()
+                   << c.m << " x " << c.k << " -> " << c.n << (c.f32 ? " f32" : " bf16"));
+      const auto x = random_bf16(rng, static_cast<size_t>(c.m) * c.k, 1.0);
+      const auto w = random_bf16(rng, static_cast<size_t>(c.n) * c.k, 1.0 / std::sqrt(c.k));
+      DeviceBuffer<uint16_t> d_x(x.size()), d_w(w.size());
+      d_x.upload(x);
+      d_w.upload(w);
+      const size_t outs = static_cast<size_t>(c.m) * c.n;
+      DeviceBuffer<float> d_f32(outs);
+      DeviceBuffer<uint16_t> d_bf16(outs);
+      void* out = c.f32 ? static_cast<void*>(d_f32.p) : static_cast<void*>(d_bf16.p);
+      auto run = [&](bool may_tune) {
+        d_f32.poison();
+        d_bf16.poison();
+        const bool ran = tuned.run(blas, out, c.f32, d_x.p, d_w.p, c.m, c.n, c.k, workspace.p,
+                                   kWorkspace, stream, may_tune);
+        ERNIE_CUDA_CHECK(cudaStreamSynchronize(stream));
+        EXPECT_TRUE(ran);
+        return c.f32 ? d_f32.download() : widen(d_bf16.download());
+      };
+      const int before = tuned.shapes();
+      EXPECT_FALSE(tuned.run(blas, out, c.f32, d_x.p, d_w.p, c.m, c.n, c.k, workspace.p,
+                             kWorkspace, stream, false));  // not tuned yet, not allowed to
+      const auto first = run(true);
+      EXPECT_EQ(tuned.shapes(), before + 1);
+      const auto second = run(false);
+      EXPECT_EQ(tuned.shapes(), before + 1);
+      expect_gemm_matches(first, widen(x), widen(w), c.m, c.n, c.k, c.f32);
+      for (size_t i = 0; i < outs; ++i) {
+        ASSERT_EQ(std::bit_cast<uint32_t>(first[i]), std::bit_cast<uint32_t>(second[i]))
+            << "element " << i;
+      }
+    }
+    std::printf("tuned %d shapes, %d not the default GEMM, %.1f ms\n", tuned.shapes(),
+                tuned.non_default(), tuned.tune_ms());
+    tuned.end_tuning();
+  }
+  cublasDestroy(blas);
+  ERNIE_CUDA_CHECK(cudaStreamDestroy(stream));
 }
 
 // The device tiling of expert weights puts every element where tiled_offset says and zeros in

@@ -148,7 +148,7 @@ class CudaBackend final : public Backend {
       check_cublas(cublasSetWorkspace(blas_[i], blas_workspace_[i], kBlasWorkspace),
                    "cublasSetWorkspace");
     }
-    if (cuda::new_path_enabled("ERNIE_GEMM_TUNE")) tuned_ = std::make_unique<cuda::TunedGemm>();
+    if (cuda::path_enabled("ERNIE_GEMM_TUNE")) tuned_ = std::make_unique<cuda::TunedGemm>();
     for (auto& s : staging_) {
       check_cuda(cudaHostAlloc(reinterpret_cast<void**>(&s), kStagingBytes, cudaHostAllocDefault),
                  "cudaHostAlloc (weight staging)");
@@ -595,9 +595,11 @@ class CudaBackend final : public Backend {
   }
 
   // out = x w^T on lane's stream (0: stream_, 1: side_stream_). Decode-sized batches (at most
-  // kTunedRows rows) take cuda::TunedGemm's algorithm for their shape when ERNIE_GEMM_TUNE=1:
-  // shapes are tuned during the eager run before each graph's capture, so a graph and an eager
-  // step of its size use the same algorithm; other shapes take cuBLAS's default.
+  // kTunedRows rows) take cuda::TunedGemm's algorithm for their shape: shapes are tuned during
+  // the eager run before each graph's capture, so a graph and an eager step of its size use the
+  // same algorithm; other shapes take cuBLAS's default. H100: step 256 x 1000 21.87 -> 21.60
+  // ms (the router's logits 9.6 -> 8.4 us, qkv 12.8 -> 11.4, o 10.1 -> 8.7), 256 prompts
+  // 1000/1000 +0.9%; 370 shapes tuned in 3.6 s at startup. ERNIE_GEMM_TUNE=0 turns it off.
   static constexpr int kTunedRows = 512;
   void gemm(int lane, Tensor out, const Tensor& x, const Tensor& w) {
     check_linear(out, x, w);
@@ -1213,7 +1215,7 @@ class CudaBackend final : public Backend {
   cublasHandle_t blas_[2] = {nullptr, nullptr};  // on stream_ and on side_stream_
   static constexpr size_t kBlasWorkspace = 32u << 20;
   void* blas_workspace_[2] = {nullptr, nullptr};
-  std::unique_ptr<cuda::TunedGemm> tuned_;  // decode-sized GEMMs (gemm; ERNIE_GEMM_TUNE=1)
+  std::unique_ptr<cuda::TunedGemm> tuned_;  // decode-sized GEMMs (gemm; null: ERNIE_GEMM_TUNE=0)
   bool tuning_pass_ = false;  // capture_graph's eager run: new GEMM shapes may be tuned
   // Host-to-device metadata (step inputs, sampling tables) goes through a ring of pinned
   // buffers, each reused only once its last copy is done (upload_meta): with asynchronous
