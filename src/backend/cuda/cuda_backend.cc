@@ -21,6 +21,7 @@
 #include "backend/cuda/cuda_check.h"
 #include "backend/cuda/device.h"
 #include "backend/cuda/expert_layout.h"
+#include "backend/cuda/launch_priority.h"
 #include "backend/cuda/memory_ops.cuh"
 #include "backend/cuda/moe.cuh"
 #include "backend/cuda/rms_norm.cuh"
@@ -137,13 +138,34 @@ class CudaBackend final : public Backend {
       check_cuda(cudaEventCreateWithFlags(&e, cudaEventDisableTiming), "cudaEventCreate");
     }
     check_cuda(cudaStreamCreateWithFlags(&side_stream_, cudaStreamNonBlocking), "cudaStreamCreate");
-    for (cudaEvent_t* e : {&fork_, &join_}) {
+    for (cudaEvent_t* e : {&fork_, &join_, &route_fork_, &route_join_}) {
       check_cuda(cudaEventCreateWithFlags(e, cudaEventDisableTiming), "cudaEventCreate");
     }
-    // One cuBLAS handle (and workspace) per stream: GEMMs on the two may run at once.
-    for (int i = 0; i < 2; ++i) {
+    lane_streams_[kMainLane] = stream_;
+    lane_streams_[kSideLane] = side_stream_;
+    if (route_priority()) {
+      // ERNIE_ROUTE_PRIORITY=1 (see run_moe): the shared experts on a stream above the main
+      // one's priority, the router's logits GEMM on one at the device's highest.
+      int least = 0, greatest = 0;
+      check_cuda(cudaDeviceGetStreamPriorityRange(&least, &greatest),
+                 "cudaDeviceGetStreamPriorityRange");
+      route_launch_priority_ = greatest;
+      check_cuda(
+          cudaStreamCreateWithPriority(&lane_streams_[kSharedFirstLane], cudaStreamNonBlocking,
+                                       least + (greatest - least) / 2),
+          "cudaStreamCreate");
+      check_cuda(
+          cudaStreamCreateWithPriority(&lane_streams_[kRouteLane], cudaStreamNonBlocking, greatest),
+          "cudaStreamCreate");
+      log::info("ERNIE_ROUTE_PRIORITY: the router's kernels at stream priority ", greatest,
+                ", the shared experts at ", least + (greatest - least) / 2, ", the rest at ",
+                least);
+    }
+    // One cuBLAS handle (and workspace) per stream: GEMMs on them may run at once.
+    for (int i = 0; i < kLanes; ++i) {
+      if (lane_streams_[i] == nullptr) continue;
       check_cublas(cublasCreate(&blas_[i]), "cublasCreate");
-      check_cublas(cublasSetStream(blas_[i], i == 0 ? stream_ : side_stream_), "cublasSetStream");
+      check_cublas(cublasSetStream(blas_[i], lane_streams_[i]), "cublasSetStream");
       check_cuda(cudaMalloc(&blas_workspace_[i], kBlasWorkspace), "cudaMalloc (cuBLAS workspace)");
       check_cublas(cublasSetWorkspace(blas_[i], blas_workspace_[i], kBlasWorkspace),
                    "cublasSetWorkspace");
@@ -162,16 +184,19 @@ class CudaBackend final : public Backend {
     for (auto e : events_) cudaEventDestroy(e);
     for (void* p : allocations_) cudaFree(p);
     if (kv_) cudaFree(kv_);
-    cudaStreamSynchronize(side_stream_);
+    for (cudaStream_t st : lane_streams_) {
+      if (st) cudaStreamSynchronize(st);
+    }
     tuned_.reset();
-    for (int i = 0; i < 2; ++i) {
-      cublasDestroy(blas_[i]);
-      cudaFree(blas_workspace_[i]);
+    for (int i = 0; i < kLanes; ++i) {
+      if (blas_[i]) cublasDestroy(blas_[i]);
+      if (blas_workspace_[i]) cudaFree(blas_workspace_[i]);
     }
     for (auto* s : staging_) cudaFreeHost(s);
-    cudaEventDestroy(fork_);
-    cudaEventDestroy(join_);
-    cudaStreamDestroy(side_stream_);
+    for (cudaEvent_t e : {fork_, join_, route_fork_, route_join_}) cudaEventDestroy(e);
+    for (int i = kSideLane; i < kLanes; ++i) {
+      if (lane_streams_[i]) cudaStreamDestroy(lane_streams_[i]);
+    }
     for (auto& e : upload_done_) cudaEventDestroy(e);
     for (auto e : meta_done_) cudaEventDestroy(e);
     for (auto e : sample_done_) cudaEventDestroy(e);
@@ -483,7 +508,9 @@ class CudaBackend final : public Backend {
     cudaGraph_t graph = nullptr;
     check_cuda(cudaStreamEndCapture(stream_, &graph), "cudaStreamEndCapture");
     cudaGraphExec_t exec = nullptr;
-    const cudaError_t err = cudaGraphInstantiate(&exec, graph, 0);
+    // ERNIE_ROUTE_PRIORITY: the graph's kernels run at the priorities they were captured with.
+    const cudaError_t err = cudaGraphInstantiate(
+        &exec, graph, route_priority() ? cudaGraphInstantiateFlagUseNodePriority : 0);
     cudaGraphDestroy(graph);
     check_cuda(err, "cudaGraphInstantiate");
     auto& slot = graphs_[key];
@@ -542,7 +569,13 @@ class CudaBackend final : public Backend {
       cuda::skinny_tc(bf(out), bf(x), bf(w), m, n, k, skinny_tc_rows(), stream_);
       return;
     }
-    gemm(0, out, x, w);
+    gemm(kMainLane, out, x, w);
+  }
+
+  // ERNIE_ROUTE_PRIORITY=1: the router's kernels ahead of the shared experts' (run_moe).
+  static bool route_priority() {
+    static const bool on = cuda::new_path_enabled("ERNIE_ROUTE_PRIORITY");
+    return on;
   }
 
   // From how many tokens the router's logits are a cuBLAS GEMM with its weights' bf16 terms
@@ -594,7 +627,7 @@ class CudaBackend final : public Backend {
             "the CUDA linear takes bf16 inputs and weights");
   }
 
-  // out = x w^T on lane's stream (0: stream_, 1: side_stream_). Decode-sized batches (at most
+  // out = x w^T on lane's stream (lane_streams_). Decode-sized batches (at most
   // kTunedRows rows) take cuda::TunedGemm's algorithm for their shape: shapes are tuned during
   // the eager run before each graph's capture, so a graph and an eager step of its size use the
   // same algorithm; other shapes take cuBLAS's default. H100: step 256 x 1000 21.87 -> 21.60
@@ -609,8 +642,7 @@ class CudaBackend final : public Backend {
     const bool f32 = out.dtype == DType::kF32;
     if (tuned_ && m <= kTunedRows &&
         tuned_->run(blas_[lane], out.data, f32, x.data, w.data, m, n, k, blas_workspace_[lane],
-                    kBlasWorkspace, lane == 0 ? stream_ : side_stream_,
-                    tuning_pass_ && !capturing_)) {
+                    kBlasWorkspace, lane_streams_[lane], tuning_pass_ && !capturing_)) {
       return;
     }
     const float alpha = 1.0f, beta = 0.0f;
@@ -731,7 +763,7 @@ class CudaBackend final : public Backend {
     Tensor a = scratch({tokens, si}, DType::kBF16);
     gemm(lane, gu, x, w.shared_gate_up);
     cuda::silu_mul(bf(a), bf(gu), static_cast<int>(tokens), static_cast<int>(si),
-                   lane == 0 ? stream_ : side_stream_);
+                   lane_streams_[lane]);
     gemm(lane, s, a, w.shared_down);
   }
 
@@ -782,19 +814,29 @@ class CudaBackend final : public Backend {
     }
     const bool unfolded_shared = has_shared && fold.experts == 0;
     const bool overlap = unfolded_shared && block_m != cuda::kMoeBlockWgmma && !profiling_;
+    // Many tokens: the router's logits as one cuBLAS GEMM of x with its weights' bf16 terms
+    // (prepare_moe made them), the partial sums added by the top-k kernel.
+    const bool by_terms = !w.router_terms.empty() && tokens >= router_gemm_tokens();
+    // ERNIE_ROUTE_PRIORITY=1 (A/B runs, not yet measured): where the shared experts overlap a
+    // router GEMM (65 tokens and more, 32-row blocks), the shared experts' GEMMs hold every
+    // multiprocessor when the norm ends and the router's logits GEMM starts ~15 us late (H100
+    // timeline, 256 tokens: norm to routed gate/up 35 us, the router chain alone ~20). With it
+    // the router's GEMM runs on the highest-priority stream and its top-k and align launch at
+    // that priority, the shared experts on a stream between that and the main one's, so the
+    // routed GEMMs (main, lowest) start as soon as the routing is in and the shared experts'
+    // SwiGLU and down still take the first multiprocessors the routed CTAs free.
+    const bool prioritized = overlap && by_terms && route_priority();
+    const int shared_lane = prioritized ? kSharedFirstLane : kSideLane;
     Tensor shared_out;
     if (unfolded_shared) shared_out = scratch({tokens, hidden}, DType::kBF16);
     if (overlap) {
       check_cuda(cudaEventRecord(fork_, stream_), "cudaEventRecord");
-      check_cuda(cudaStreamWaitEvent(side_stream_, fork_), "cudaStreamWaitEvent");
-      shared_experts(shared_out, x, w, 1);
-      check_cuda(cudaEventRecord(join_, side_stream_), "cudaEventRecord");
+      check_cuda(cudaStreamWaitEvent(lane_streams_[shared_lane], fork_), "cudaStreamWaitEvent");
+      shared_experts(shared_out, x, w, shared_lane);
+      check_cuda(cudaEventRecord(join_, lane_streams_[shared_lane]), "cudaEventRecord");
     }
     auto* ids = static_cast<int32_t*>(arena_.alloc(pairs * sizeof(int32_t)));
     auto* weights = static_cast<float*>(arena_.alloc(pairs * sizeof(float)));
-    // Many tokens: the router's logits as one cuBLAS GEMM of x with its weights' bf16 terms
-    // (prepare_moe made them), the partial sums added by the top-k kernel.
-    const bool by_terms = !w.router_terms.empty() && tokens >= router_gemm_tokens();
     const int64_t term_cols = static_cast<int64_t>(cuda::kRouterTerms) * experts;
     void* route_scratch =
         arena_.alloc(by_terms ? static_cast<size_t>(tokens * term_cols) * sizeof(float)
@@ -817,9 +859,20 @@ class CudaBackend final : public Backend {
       block_ready = static_cast<int32_t*>(arena_.alloc(cap / block_m * sizeof(int32_t)));
     }
     bool laid_out = false;  // the router laid the pairs out too (few tokens)
+    // The top-k and align kernels below launch at route_launch_priority_ when prioritized.
+    const cuda::ScopedLaunchPriority route_launches(prioritized ? route_launch_priority_ : 0);
     if (by_terms) {
       const Tensor partial{route_scratch, DType::kF32, {tokens, term_cols}};
-      gemm(0, partial, x, w.router_terms);
+      if (prioritized) {
+        check_cuda(cudaEventRecord(route_fork_, stream_), "cudaEventRecord");
+        check_cuda(cudaStreamWaitEvent(lane_streams_[kRouteLane], route_fork_),
+                   "cudaStreamWaitEvent");
+        gemm(kRouteLane, partial, x, w.router_terms);
+        check_cuda(cudaEventRecord(route_join_, lane_streams_[kRouteLane]), "cudaEventRecord");
+        check_cuda(cudaStreamWaitEvent(stream_, route_join_), "cudaStreamWaitEvent");
+      } else {
+        gemm(kMainLane, partial, x, w.router_terms);
+      }
       cuda::route_topk_terms(ids, weights, partial.as<float>(), w.router_bias.as<float>(), tokens,
                              experts, k, w.norm_min, stream_);
     } else {
@@ -834,6 +887,7 @@ class CudaBackend final : public Backend {
       cuda::moe_align(sorted, block_expert, pair_pos, ids, pairs, experts, block_m, align_scratch,
                       stream_, block_ready);
     }
+    route_launches.end();
     mark(Stage::kMoeExperts);
     // Rows of the GEMMs' outputs: the folded experts' first, then the routed layout's.
     const int64_t fold_rows = cuda::moe_shared_rows(fold, block_m), rows = fold_rows + cap;
@@ -850,7 +904,7 @@ class CudaBackend final : public Backend {
       check_cuda(cudaStreamWaitEvent(stream_, join_), "cudaStreamWaitEvent");
     } else if (unfolded_shared) {
       mark(Stage::kMoeShared);
-      shared_experts(shared_out, x, w, 0);
+      shared_experts(shared_out, x, w, kMainLane);
     }
     mark(Stage::kMoeCombine);
     __nv_bfloat16* shared = unfolded_shared ? bf(shared_out) : nullptr;
@@ -1212,9 +1266,16 @@ class CudaBackend final : public Backend {
   cudaEvent_t fork_ = nullptr, join_ = nullptr;
   // The folded shared experts' tensor maps by their gate/up tensor (prepare_moe).
   std::unordered_map<const void*, cuda::SharedFoldMaps> fold_maps_;
-  cublasHandle_t blas_[2] = {nullptr, nullptr};  // on stream_ and on side_stream_
+  // The streams GEMMs run on: the main one, the side one (shared experts of decode steps), and
+  // with ERNIE_ROUTE_PRIORITY=1 a prioritized one for the shared experts and the router's.
+  static constexpr int kMainLane = 0, kSideLane = 1, kSharedFirstLane = 2, kRouteLane = 3;
+  static constexpr int kLanes = 4;
+  cudaStream_t lane_streams_[kLanes] = {};
+  cudaEvent_t route_fork_ = nullptr, route_join_ = nullptr;
+  int route_launch_priority_ = 0;  // the router's kernels' launch priority (ERNIE_ROUTE_PRIORITY)
+  cublasHandle_t blas_[kLanes] = {};  // one per lane stream
   static constexpr size_t kBlasWorkspace = 32u << 20;
-  void* blas_workspace_[2] = {nullptr, nullptr};
+  void* blas_workspace_[kLanes] = {};
   std::unique_ptr<cuda::TunedGemm> tuned_;  // decode-sized GEMMs (gemm; null: ERNIE_GEMM_TUNE=0)
   bool tuning_pass_ = false;  // capture_graph's eager run: new GEMM shapes may be tuned
   // Host-to-device metadata (step inputs, sampling tables) goes through a ring of pinned
