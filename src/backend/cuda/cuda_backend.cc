@@ -858,7 +858,8 @@ class CudaBackend final : public Backend {
     if (block_ready_on && cuda::moe_block_ready_fits(block_m, fold)) {
       block_ready = static_cast<int32_t*>(arena_.alloc(cap / block_m * sizeof(int32_t)));
     }
-    bool laid_out = false;  // the router laid the pairs out too (few tokens)
+    bool laid_out = false;        // the router laid the pairs out too (few tokens)
+    bool terms_laid_out = false;  // the top-k after the router's GEMM did (block_ready cleared)
     // The top-k and align kernels below launch at route_launch_priority_ when prioritized.
     const cuda::ScopedLaunchPriority route_launches(prioritized ? route_launch_priority_ : 0);
     if (by_terms) {
@@ -873,8 +874,9 @@ class CudaBackend final : public Backend {
       } else {
         gemm(kMainLane, partial, x, w.router_terms);
       }
-      cuda::route_topk_terms(ids, weights, partial.as<float>(), w.router_bias.as<float>(), tokens,
-                             experts, k, w.norm_min, stream_);
+      terms_laid_out =
+          cuda::route_topk_terms(ids, weights, partial.as<float>(), w.router_bias.as<float>(),
+                                 tokens, experts, k, w.norm_min, stream_, &layout, block_ready);
     } else {
       laid_out = cuda::route_topk(ids, weights, bf(x), w.router.as<float>(),
                                   w.router_bias.as<float>(), tokens, hidden, experts, k, w.norm_min,
@@ -882,7 +884,7 @@ class CudaBackend final : public Backend {
     }
     if (laid_out) {
       block_ready = nullptr;  // no counters cleared
-    } else {
+    } else if (!terms_laid_out) {
       void* align_scratch = arena_.alloc(cuda::moe_align_scratch_bytes(pairs, experts));
       cuda::moe_align(sorted, block_expert, pair_pos, ids, pairs, experts, block_m, align_scratch,
                       stream_, block_ready);
