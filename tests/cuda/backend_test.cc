@@ -298,15 +298,16 @@ TEST_F(CudaBackendTest, MoeMatchesCpu) {
   // least five reduction tiles in both GEMMs. Hidden 8192 (the 300B model's): the combine's widest
   // rows. 1500 tokens over 8 experts: ~9 wgmma M-blocks an expert, so pairs of blocks of one
   // expert and pairs across two experts or beside padding (ERNIE_WG_MULTICAST), with partial
-  // output tiles in both GEMMs.
+  // output tiles in both GEMMs. 400 tokens over 16 experts with shared experts: wgmma tiles at a
+  // decode batch size (the shared experts on the side stream under ERNIE_SIDE_SHARED_WGMMA).
   for (const Case& c :
        {Case{1, 256, 64, 6, 128, 256}, Case{37, 128, 16, 4, 64, 128}, Case{300, 160, 24, 8, 96, 0},
         Case{700, 256, 64, 6, 64, 128}, Case{5, 2560, 64, 6, 1536, 3072},
         Case{400, 256, 64, 6, 128, 0}, Case{900, 2560, 64, 6, 1536, 0},
         Case{200, 2560, 64, 6, 1536, 3072}, Case{3, 256, 16, 4, 96, 160},
         Case{8, 128, 16, 4, 64, 192}, Case{64, 256, 64, 6, 512, 0}, Case{37, 160, 16, 4, 96, 0},
-        Case{64, 1024, 64, 6, 640, 0}, Case{40, 8192, 16, 8, 128, 0},
-        Case{1500, 384, 8, 6, 192, 0}}) {
+        Case{64, 1024, 64, 6, 640, 0}, Case{40, 8192, 16, 8, 128, 0}, Case{1500, 384, 8, 6, 192, 0},
+        Case{400, 256, 16, 6, 128, 256}}) {
     SCOPED_TRACE(::testing::Message() << c.tokens << " tokens, hidden " << c.hidden << ", "
                                       << c.experts << " experts top-" << c.k << ", inter "
                                       << c.inter << ", shared " << c.shared_inter);

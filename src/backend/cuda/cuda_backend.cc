@@ -813,7 +813,16 @@ class CudaBackend final : public Backend {
                               nullptr, &fold_maps_.at(w.shared_gate_up.data)};
     }
     const bool unfolded_shared = has_shared && fold.experts == 0;
-    const bool overlap = unfolded_shared && block_m != cuda::kMoeBlockWgmma && !profiling_;
+    // ERNIE_SIDE_SHARED_WGMMA=1 (A/B runs, not yet measured): decode-sized batches of 128-row
+    // wgmma blocks (up to kSideSharedWgmmaTokens tokens) overlap the shared experts too. There
+    // they ran after the routed down on the main stream: at 512 tokens gate/up 23, SwiGLU 4
+    // and down 15 us a layer on the critical path (H100 timeline), beside an 18-us router
+    // window with nothing in it.
+    static const bool side_wgmma = cuda::new_path_enabled("ERNIE_SIDE_SHARED_WGMMA");
+    constexpr int kSideSharedWgmmaTokens = 512;
+    const bool overlap =
+        unfolded_shared && !profiling_ &&
+        (block_m != cuda::kMoeBlockWgmma || (side_wgmma && tokens <= kSideSharedWgmmaTokens));
     // Many tokens: the router's logits as one cuBLAS GEMM of x with its weights' bf16 terms
     // (prepare_moe made them), the partial sums added by the top-k kernel.
     const bool by_terms = !w.router_terms.empty() && tokens >= router_gemm_tokens();
