@@ -444,7 +444,8 @@ bool route_topk_terms(int32_t* ids, float* weights, const float* partial, const 
       (static_cast<size_t>(kTopkAlignWarps) * 2 * experts + static_cast<size_t>(tokens) * k +
        2 * static_cast<size_t>(experts) + 1) *
       4;
-  if (fused && layout != nullptr && fused_smem <= 48 * 1024) {
+  // (Within the 48 KB a launch gets without opting in, beside the kernel's static flag.)
+  if (fused && layout != nullptr && fused_smem <= 47 * 1024) {
     launch_pdl(router_topk_align_kernel, (tokens + kTopkAlignWarps - 1) / kTopkAlignWarps,
                kTopkAlignWarps * 32, fused_smem, stream, ids, weights, part, bias, tokens, experts,
                k, norm_min, lean, *layout, block_ready);
