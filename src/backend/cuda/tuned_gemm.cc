@@ -7,6 +7,7 @@
 
 #include "backend/cuda/cuda_check.h"
 #include "common/check.h"
+#include "common/log.h"
 
 namespace ernie::cuda {
 namespace {
@@ -85,15 +86,20 @@ bool TunedGemm::run(cublasHandle_t blas, void* out, bool out_f32, const void* x,
                       tune(blas, out, out_f32, x, w, m, n, k, workspace, workspace_bytes, stream))
              .first;
   }
-  const Plan& p = it->second;
-  if (p.use_default) {
-    check_lt(default_gemm(blas, out, out_f32, x, w, m, n, k), "cublasGemmEx");
-    return true;
+  Plan& p = it->second;
+  if (!p.use_default) {
+    const float alpha = 1.0f, beta = 0.0f;
+    if (cublasLtMatmul(lt_, p.op, &alpha, w, p.a, x, p.b, &beta, out, p.c, out, p.c, &p.algo,
+                       workspace, p.workspace, stream) == CUBLAS_STATUS_SUCCESS) {
+      return true;
+    }
+    // Operands this algorithm does not take (say, less aligned than the tuning call's): the
+    // default from now on, for every call of this shape.
+    log::warn("GEMM ", m, " x ", k, " -> ", n,
+              ": the tuned cuBLASLt algorithm refused these operands; cuBLAS's default instead");
+    p.use_default = true;
   }
-  const float alpha = 1.0f, beta = 0.0f;
-  check_lt(cublasLtMatmul(lt_, p.op, &alpha, w, p.a, x, p.b, &beta, out, p.c, out, p.c, &p.algo,
-                          workspace, p.workspace, stream),
-           "cublasLtMatmul");
+  check_lt(default_gemm(blas, out, out_f32, x, w, m, n, k), "cublasGemmEx");
   return true;
 }
 
