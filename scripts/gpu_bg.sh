@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # A job longer than one command on the GPU machine (a table cell of 20 minutes, say), run in
 # the background and waited for across several commands:
-#   scripts/gpu_bg.sh start DIR CMD [ARG...]   start CMD in its own session; its output goes to
+#   scripts/gpu_bg.sh start DIR CMD [ARG...]   start CMD detached (setsid); its output goes to
 #                                             DIR/out.log, its pid to DIR/pid, and its exit
 #                                             status to DIR/rc once it ends
 #   scripts/gpu_bg.sh wait DIR [SECONDS]       wait until the job has ended or SECONDS have
