@@ -137,12 +137,12 @@ class CudaBackend final : public Backend {
     for (auto& e : upload_done_) {
       check_cuda(cudaEventCreateWithFlags(&e, cudaEventDisableTiming), "cudaEventCreate");
     }
-    check_cuda(cudaStreamCreateWithFlags(&side_stream_, cudaStreamNonBlocking), "cudaStreamCreate");
+    check_cuda(cudaStreamCreateWithFlags(&lane_streams_[kSideLane], cudaStreamNonBlocking),
+               "cudaStreamCreate");
     for (cudaEvent_t* e : {&fork_, &join_, &route_fork_, &route_join_}) {
       check_cuda(cudaEventCreateWithFlags(e, cudaEventDisableTiming), "cudaEventCreate");
     }
     lane_streams_[kMainLane] = stream_;
-    lane_streams_[kSideLane] = side_stream_;
     if (route_priority()) {
       // ERNIE_ROUTE_PRIORITY=1 (see run_moe): the shared experts on a stream above the main
       // one's priority, the router's logits GEMM on one at the device's highest.
@@ -470,25 +470,13 @@ class CudaBackend final : public Backend {
     const auto start = arena_.mark();
     // The eager run: sets kernel attributes, sizes the arena, tunes new GEMM shapes; its results
     // stand if we stop.
-    const bool tune = tuned_ != nullptr;
-    if (tune) {
-      tuned_->begin_tuning();
-      tuning_pass_ = true;
-    }
-    try {
+    {
+      const cuda::TunedGemm::Window tuning(tuned_.get());
       body();
-    } catch (...) {
-      tuning_pass_ = false;
-      if (tune) tuned_->end_tuning();
-      throw;
     }
-    if (tune) {
-      tuning_pass_ = false;
-      tuned_->end_tuning();
-      if (key == graph_max_batch_) {
-        log::info("GEMM tuning: ", tuned_->shapes(), " shapes, ", tuned_->non_default(),
-                  " faster than cuBLAS's default, ", tuned_->tune_ms() / 1e3, " s");
-      }
+    if (tuned_ && key == graph_max_batch_) {
+      log::info("GEMM tuning: ", tuned_->shapes(), " shapes, ", tuned_->non_default(),
+                " faster than cuBLAS's default, ", tuned_->tune_ms() / 1e3, " s");
     }
     if (arena_.chunk_count() != start.chunks) return false;  // grew: addresses not final yet
     arena_.rewind(start);
@@ -642,16 +630,11 @@ class CudaBackend final : public Backend {
     const bool f32 = out.dtype == DType::kF32;
     if (tuned_ && m <= kTunedRows &&
         tuned_->run(blas_[lane], out.data, f32, x.data, w.data, m, n, k, blas_workspace_[lane],
-                    kBlasWorkspace, lane_streams_[lane], tuning_pass_ && !capturing_)) {
+                    kBlasWorkspace, lane_streams_[lane], !capturing_)) {
       return;
     }
-    const float alpha = 1.0f, beta = 0.0f;
-    // Row-major out[m, n] = x[m, k] w[n, k]^T is column-major out^T = w^T x.
-    check_cublas(
-        cublasGemmEx(blas_[lane], CUBLAS_OP_T, CUBLAS_OP_N, n, m, k, &alpha, w.data, CUDA_R_16BF, k,
-                     x.data, CUDA_R_16BF, k, &beta, out.data, f32 ? CUDA_R_32F : CUDA_R_16BF, n,
-                     CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
-        "cublasGemmEx");
+    check_cublas(cuda::default_gemm(blas_[lane], out.data, f32, x.data, w.data, m, n, k),
+                 "cublasGemmEx");
   }
 
   void rope_store_kv(Tensor qkv, int layer) override {
@@ -867,8 +850,7 @@ class CudaBackend final : public Backend {
     if (block_ready_on && cuda::moe_block_ready_fits(block_m, fold)) {
       block_ready = static_cast<int32_t*>(arena_.alloc(cap / block_m * sizeof(int32_t)));
     }
-    bool laid_out = false;        // the router laid the pairs out too (few tokens)
-    bool terms_laid_out = false;  // the top-k after the router's GEMM did (block_ready cleared)
+    bool laid_out = false;  // the router's kernels laid the pairs out too (no moe_align)
     // The top-k and align kernels below launch at route_launch_priority_ when prioritized.
     const cuda::ScopedLaunchPriority route_launches(prioritized ? route_launch_priority_ : 0);
     if (by_terms) {
@@ -883,17 +865,16 @@ class CudaBackend final : public Backend {
       } else {
         gemm(kMainLane, partial, x, w.router_terms);
       }
-      terms_laid_out =
+      laid_out =
           cuda::route_topk_terms(ids, weights, partial.as<float>(), w.router_bias.as<float>(),
                                  tokens, experts, k, w.norm_min, stream_, &layout, block_ready);
     } else {
       laid_out = cuda::route_topk(ids, weights, bf(x), w.router.as<float>(),
                                   w.router_bias.as<float>(), tokens, hidden, experts, k, w.norm_min,
                                   route_scratch, stream_, &layout, fold.early);
+      if (laid_out) block_ready = nullptr;  // its layout clears no counters
     }
-    if (laid_out) {
-      block_ready = nullptr;  // no counters cleared
-    } else if (!terms_laid_out) {
+    if (!laid_out) {
       void* align_scratch = arena_.alloc(cuda::moe_align_scratch_bytes(pairs, experts));
       cuda::moe_align(sorted, block_expert, pair_pos, ids, pairs, experts, block_m, align_scratch,
                       stream_, block_ready);
@@ -1273,7 +1254,6 @@ class CudaBackend final : public Backend {
   int sms_ = 0;
   DeviceSpec spec_;
   cudaStream_t stream_ = nullptr;
-  cudaStream_t side_stream_ = nullptr;  // the shared experts of decode steps (see moe)
   cudaEvent_t fork_ = nullptr, join_ = nullptr;
   // The folded shared experts' tensor maps by their gate/up tensor (prepare_moe).
   std::unordered_map<const void*, cuda::SharedFoldMaps> fold_maps_;
@@ -1288,7 +1268,6 @@ class CudaBackend final : public Backend {
   static constexpr size_t kBlasWorkspace = 32u << 20;
   void* blas_workspace_[kLanes] = {};
   std::unique_ptr<cuda::TunedGemm> tuned_;  // decode-sized GEMMs (gemm; null: ERNIE_GEMM_TUNE=0)
-  bool tuning_pass_ = false;  // capture_graph's eager run: new GEMM shapes may be tuned
   // Host-to-device metadata (step inputs, sampling tables) goes through a ring of pinned
   // buffers, each reused only once its last copy is done (upload_meta): with asynchronous
   // scheduling the next step's inputs are copied while the last step still runs.

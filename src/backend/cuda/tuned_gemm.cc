@@ -18,7 +18,13 @@ void check_lt(cublasStatus_t s, const char* what) {
   }
 }
 
-// The default GEMM: row-major out[m, n] = x[m, k] w[n, k]^T is column-major out^T = w^T x.
+constexpr int kCandidates = 16;            // cuBLASLt heuristic results timed per shape
+constexpr int kRuns = 4;                   // timed runs of each (after one untimed)
+constexpr size_t kFlushBytes = 96u << 20;  // more than an H100's or H200's 50-60 MB of L2
+
+}  // namespace
+
+// Row-major out[m, n] = x[m, k] w[n, k]^T is column-major out^T = w^T x.
 cublasStatus_t default_gemm(cublasHandle_t blas, void* out, bool out_f32, const void* x,
                             const void* w, int m, int n, int k) {
   const float alpha = 1.0f, beta = 0.0f;
@@ -26,12 +32,6 @@ cublasStatus_t default_gemm(cublasHandle_t blas, void* out, bool out_f32, const 
                       CUDA_R_16BF, k, &beta, out, out_f32 ? CUDA_R_32F : CUDA_R_16BF, n,
                       CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
 }
-
-constexpr int kCandidates = 16;            // cuBLASLt heuristic results timed per shape
-constexpr int kRuns = 4;                   // timed runs of each (after one untimed)
-constexpr size_t kFlushBytes = 96u << 20;  // more than an H100's or H200's 50-60 MB of L2
-
-}  // namespace
 
 TunedGemm::TunedGemm() {
   check_lt(cublasLtCreate(&lt_), "cublasLtCreate");
@@ -53,6 +53,7 @@ TunedGemm::~TunedGemm() {
 }
 
 void TunedGemm::begin_tuning() {
+  tuning_ = true;
   if (flush_ != nullptr) return;
   if (cudaMalloc(&flush_, kFlushBytes) != cudaSuccess) {
     (void)cudaGetLastError();  // no room: candidates are timed with warm caches
@@ -63,6 +64,7 @@ void TunedGemm::begin_tuning() {
 }
 
 void TunedGemm::end_tuning() {
+  tuning_ = false;
   if (flush_ == nullptr) return;
   cudaFree(flush_);
   flush_ = nullptr;
@@ -80,7 +82,7 @@ bool TunedGemm::run(cublasHandle_t blas, void* out, bool out_f32, const void* x,
   const Key key{m, n, k, out_f32};
   auto it = plans_.find(key);
   if (it == plans_.end()) {
-    if (!may_tune) return false;
+    if (!may_tune || !tuning_) return false;
     it = plans_
              .emplace(key,
                       tune(blas, out, out_f32, x, w, m, n, k, workspace, workspace_bytes, stream))

@@ -17,6 +17,11 @@
 
 namespace ernie::cuda {
 
+// cuBLAS's default GEMM for the same operands: row-major out[m, n] = x[m, k] w[n, k]^T on the
+// stream of `blas`.
+cublasStatus_t default_gemm(cublasHandle_t blas, void* out, bool out_f32, const void* x,
+                            const void* w, int m, int n, int k);
+
 class TunedGemm {
  public:
   TunedGemm();
@@ -26,17 +31,33 @@ class TunedGemm {
 
   // out[m, n] = x[m, k] w[n, k]^T, row-major, bf16 operands, bf16 or f32 out, f32 sums, on
   // `stream` (the stream of `blas`, whose default GEMM is one candidate). A shape seen before
-  // runs its chosen algorithm. A new one is tuned first when `may_tune` (the device is then
-  // synchronized: never while a stream is being captured), else this returns false and the
-  // caller runs its default. workspace: workspace_bytes of device memory for this stream only.
+  // runs its chosen algorithm. A new one is tuned first when `may_tune` and a tuning window is
+  // open (the device is then synchronized: never while a stream is being captured), else this
+  // returns false and the caller runs its default. workspace: workspace_bytes of device memory
+  // for this stream only.
   bool run(cublasHandle_t blas, void* out, bool out_f32, const void* x, const void* w, int m, int n,
            int k, void* workspace, size_t workspace_bytes, cudaStream_t stream, bool may_tune);
 
-  // A buffer written before each timed run to push the operands out of L2 (bytes > L2's size),
-  // held between begin_tuning and end_tuning (e.g. around a graph's eager run); without one the
-  // candidates are timed with warm caches.
+  // New shapes are tuned only between begin_tuning and end_tuning (e.g. around a graph's eager
+  // run), which also hold a buffer written before each timed run to push the operands out of
+  // L2 (bytes > L2's size; without one the candidates are timed with warm caches).
   void begin_tuning();
   void end_tuning();
+  // begin_tuning for a scope (nothing with a null TunedGemm).
+  class Window {
+   public:
+    explicit Window(TunedGemm* t) : t_(t) {
+      if (t_) t_->begin_tuning();
+    }
+    ~Window() {
+      if (t_) t_->end_tuning();
+    }
+    Window(const Window&) = delete;
+    Window& operator=(const Window&) = delete;
+
+   private:
+    TunedGemm* t_;
+  };
 
   int shapes() const { return static_cast<int>(plans_.size()); }
   int non_default() const;  // shapes whose fastest was not the default GEMM
@@ -55,6 +76,7 @@ class TunedGemm {
             int n, int k, void* workspace, size_t workspace_bytes, cudaStream_t stream);
 
   cublasLtHandle_t lt_ = nullptr;
+  bool tuning_ = false;  // between begin_tuning and end_tuning
   std::map<Key, Plan> plans_;
   void* flush_ = nullptr;
   size_t flush_bytes_ = 0;
