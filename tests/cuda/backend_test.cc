@@ -299,7 +299,7 @@ TEST_F(CudaBackendTest, MoeMatchesCpu) {
   // rows. 1500 tokens over 8 experts: ~9 wgmma M-blocks an expert, so pairs of blocks of one
   // expert and pairs across two experts or beside padding (ERNIE_WG_MULTICAST), with partial
   // output tiles in both GEMMs. 400 tokens over 16 experts with shared experts: wgmma tiles at a
-  // decode batch size (the shared experts on the side stream under ERNIE_SIDE_SHARED_WGMMA).
+  // decode batch size (the shared experts on the side stream unless ERNIE_SIDE_SHARED_WGMMA=0).
   for (const Case& c :
        {Case{1, 256, 64, 6, 128, 256}, Case{37, 128, 16, 4, 64, 128}, Case{300, 160, 24, 8, 96, 0},
         Case{700, 256, 64, 6, 64, 128}, Case{5, 2560, 64, 6, 1536, 3072},

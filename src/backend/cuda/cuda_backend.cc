@@ -21,7 +21,6 @@
 #include "backend/cuda/cuda_check.h"
 #include "backend/cuda/device.h"
 #include "backend/cuda/expert_layout.h"
-#include "backend/cuda/launch_priority.h"
 #include "backend/cuda/memory_ops.cuh"
 #include "backend/cuda/moe.cuh"
 #include "backend/cuda/rms_norm.cuh"
@@ -139,31 +138,12 @@ class CudaBackend final : public Backend {
     }
     check_cuda(cudaStreamCreateWithFlags(&lane_streams_[kSideLane], cudaStreamNonBlocking),
                "cudaStreamCreate");
-    for (cudaEvent_t* e : {&fork_, &join_, &route_fork_, &route_join_}) {
+    for (cudaEvent_t* e : {&fork_, &join_}) {
       check_cuda(cudaEventCreateWithFlags(e, cudaEventDisableTiming), "cudaEventCreate");
     }
     lane_streams_[kMainLane] = stream_;
-    if (route_priority()) {
-      // ERNIE_ROUTE_PRIORITY=1 (see run_moe): the shared experts on a stream above the main
-      // one's priority, the router's logits GEMM on one at the device's highest.
-      int least = 0, greatest = 0;
-      check_cuda(cudaDeviceGetStreamPriorityRange(&least, &greatest),
-                 "cudaDeviceGetStreamPriorityRange");
-      route_launch_priority_ = greatest;
-      check_cuda(
-          cudaStreamCreateWithPriority(&lane_streams_[kSharedFirstLane], cudaStreamNonBlocking,
-                                       least + (greatest - least) / 2),
-          "cudaStreamCreate");
-      check_cuda(
-          cudaStreamCreateWithPriority(&lane_streams_[kRouteLane], cudaStreamNonBlocking, greatest),
-          "cudaStreamCreate");
-      log::info("ERNIE_ROUTE_PRIORITY: the router's kernels at stream priority ", greatest,
-                ", the shared experts at ", least + (greatest - least) / 2, ", the rest at ",
-                least);
-    }
     // One cuBLAS handle (and workspace) per stream: GEMMs on them may run at once.
     for (int i = 0; i < kLanes; ++i) {
-      if (lane_streams_[i] == nullptr) continue;
       check_cublas(cublasCreate(&blas_[i]), "cublasCreate");
       check_cublas(cublasSetStream(blas_[i], lane_streams_[i]), "cublasSetStream");
       check_cuda(cudaMalloc(&blas_workspace_[i], kBlasWorkspace), "cudaMalloc (cuBLAS workspace)");
@@ -193,10 +173,8 @@ class CudaBackend final : public Backend {
       if (blas_workspace_[i]) cudaFree(blas_workspace_[i]);
     }
     for (auto* s : staging_) cudaFreeHost(s);
-    for (cudaEvent_t e : {fork_, join_, route_fork_, route_join_}) cudaEventDestroy(e);
-    for (int i = kSideLane; i < kLanes; ++i) {
-      if (lane_streams_[i]) cudaStreamDestroy(lane_streams_[i]);
-    }
+    for (cudaEvent_t e : {fork_, join_}) cudaEventDestroy(e);
+    cudaStreamDestroy(lane_streams_[kSideLane]);
     for (auto& e : upload_done_) cudaEventDestroy(e);
     for (auto e : meta_done_) cudaEventDestroy(e);
     for (auto e : sample_done_) cudaEventDestroy(e);
@@ -496,9 +474,7 @@ class CudaBackend final : public Backend {
     cudaGraph_t graph = nullptr;
     check_cuda(cudaStreamEndCapture(stream_, &graph), "cudaStreamEndCapture");
     cudaGraphExec_t exec = nullptr;
-    // ERNIE_ROUTE_PRIORITY: the graph's kernels run at the priorities they were captured with.
-    const cudaError_t err = cudaGraphInstantiate(
-        &exec, graph, route_priority() ? cudaGraphInstantiateFlagUseNodePriority : 0);
+    const cudaError_t err = cudaGraphInstantiate(&exec, graph, 0);
     cudaGraphDestroy(graph);
     check_cuda(err, "cudaGraphInstantiate");
     auto& slot = graphs_[key];
@@ -558,12 +534,6 @@ class CudaBackend final : public Backend {
       return;
     }
     gemm(kMainLane, out, x, w);
-  }
-
-  // ERNIE_ROUTE_PRIORITY=1: the router's kernels ahead of the shared experts' (run_moe).
-  static bool route_priority() {
-    static const bool on = cuda::new_path_enabled("ERNIE_ROUTE_PRIORITY");
-    return on;
   }
 
   // From how many tokens the router's logits are a cuBLAS GEMM with its weights' bf16 terms
@@ -796,12 +766,11 @@ class CudaBackend final : public Backend {
                               nullptr, &fold_maps_.at(w.shared_gate_up.data)};
     }
     const bool unfolded_shared = has_shared && fold.experts == 0;
-    // ERNIE_SIDE_SHARED_WGMMA=1 (A/B runs, not yet measured): decode-sized batches of 128-row
-    // wgmma blocks (up to kSideSharedWgmmaTokens tokens) overlap the shared experts too. There
-    // they ran after the routed down on the main stream: at 512 tokens gate/up 23, SwiGLU 4
-    // and down 15 us a layer on the critical path (H100 timeline), beside an 18-us router
-    // window with nothing in it.
-    static const bool side_wgmma = cuda::new_path_enabled("ERNIE_SIDE_SHARED_WGMMA");
+    // Decode-sized batches of 128-row wgmma blocks (up to kSideSharedWgmmaTokens tokens)
+    // overlap the shared experts too; they ran after the routed down on the main stream (at
+    // 512 tokens 42 us a layer). H100, step 512 x 1000 -0.2 to -0.3% in four A/B pairs
+    // (docs/performance.md, twenty-eighth round). ERNIE_SIDE_SHARED_WGMMA=0 turns it off.
+    static const bool side_wgmma = cuda::path_enabled("ERNIE_SIDE_SHARED_WGMMA");
     constexpr int kSideSharedWgmmaTokens = 512;
     const bool overlap =
         unfolded_shared && !profiling_ &&
@@ -809,23 +778,13 @@ class CudaBackend final : public Backend {
     // Many tokens: the router's logits as one cuBLAS GEMM of x with its weights' bf16 terms
     // (prepare_moe made them), the partial sums added by the top-k kernel.
     const bool by_terms = !w.router_terms.empty() && tokens >= router_gemm_tokens();
-    // ERNIE_ROUTE_PRIORITY=1 (A/B runs, not yet measured): where the shared experts overlap a
-    // router GEMM (65 tokens and more, 32-row blocks), the shared experts' GEMMs hold every
-    // multiprocessor when the norm ends and the router's logits GEMM starts ~15 us late (H100
-    // timeline, 256 tokens: norm to routed gate/up 35 us, the router chain alone ~20). With it
-    // the router's GEMM runs on the highest-priority stream and its top-k and align launch at
-    // that priority, the shared experts on a stream between that and the main one's, so the
-    // routed GEMMs (main, lowest) start as soon as the routing is in and the shared experts'
-    // SwiGLU and down still take the first multiprocessors the routed CTAs free.
-    const bool prioritized = overlap && by_terms && route_priority();
-    const int shared_lane = prioritized ? kSharedFirstLane : kSideLane;
     Tensor shared_out;
     if (unfolded_shared) shared_out = scratch({tokens, hidden}, DType::kBF16);
     if (overlap) {
       check_cuda(cudaEventRecord(fork_, stream_), "cudaEventRecord");
-      check_cuda(cudaStreamWaitEvent(lane_streams_[shared_lane], fork_), "cudaStreamWaitEvent");
-      shared_experts(shared_out, x, w, shared_lane);
-      check_cuda(cudaEventRecord(join_, lane_streams_[shared_lane]), "cudaEventRecord");
+      check_cuda(cudaStreamWaitEvent(lane_streams_[kSideLane], fork_), "cudaStreamWaitEvent");
+      shared_experts(shared_out, x, w, kSideLane);
+      check_cuda(cudaEventRecord(join_, lane_streams_[kSideLane]), "cudaEventRecord");
     }
     auto* ids = static_cast<int32_t*>(arena_.alloc(pairs * sizeof(int32_t)));
     auto* weights = static_cast<float*>(arena_.alloc(pairs * sizeof(float)));
@@ -850,24 +809,12 @@ class CudaBackend final : public Backend {
     if (block_ready_on && cuda::moe_block_ready_fits(block_m, fold)) {
       block_ready = static_cast<int32_t*>(arena_.alloc(cap / block_m * sizeof(int32_t)));
     }
-    bool laid_out = false;  // the router's kernels laid the pairs out too (no moe_align)
-    // The top-k and align kernels below launch at route_launch_priority_ when prioritized.
-    const cuda::ScopedLaunchPriority route_launches(prioritized ? route_launch_priority_ : 0);
+    bool laid_out = false;  // the router laid the pairs out too (few tokens)
     if (by_terms) {
       const Tensor partial{route_scratch, DType::kF32, {tokens, term_cols}};
-      if (prioritized) {
-        check_cuda(cudaEventRecord(route_fork_, stream_), "cudaEventRecord");
-        check_cuda(cudaStreamWaitEvent(lane_streams_[kRouteLane], route_fork_),
-                   "cudaStreamWaitEvent");
-        gemm(kRouteLane, partial, x, w.router_terms);
-        check_cuda(cudaEventRecord(route_join_, lane_streams_[kRouteLane]), "cudaEventRecord");
-        check_cuda(cudaStreamWaitEvent(stream_, route_join_), "cudaStreamWaitEvent");
-      } else {
-        gemm(kMainLane, partial, x, w.router_terms);
-      }
-      laid_out =
-          cuda::route_topk_terms(ids, weights, partial.as<float>(), w.router_bias.as<float>(),
-                                 tokens, experts, k, w.norm_min, stream_, &layout, block_ready);
+      gemm(kMainLane, partial, x, w.router_terms);
+      cuda::route_topk_terms(ids, weights, partial.as<float>(), w.router_bias.as<float>(), tokens,
+                             experts, k, w.norm_min, stream_);
     } else {
       laid_out = cuda::route_topk(ids, weights, bf(x), w.router.as<float>(),
                                   w.router_bias.as<float>(), tokens, hidden, experts, k, w.norm_min,
@@ -879,7 +826,6 @@ class CudaBackend final : public Backend {
       cuda::moe_align(sorted, block_expert, pair_pos, ids, pairs, experts, block_m, align_scratch,
                       stream_, block_ready);
     }
-    route_launches.end();
     mark(Stage::kMoeExperts);
     // Rows of the GEMMs' outputs: the folded experts' first, then the routed layout's.
     const int64_t fold_rows = cuda::moe_shared_rows(fold, block_m), rows = fold_rows + cap;
@@ -1257,13 +1203,10 @@ class CudaBackend final : public Backend {
   cudaEvent_t fork_ = nullptr, join_ = nullptr;
   // The folded shared experts' tensor maps by their gate/up tensor (prepare_moe).
   std::unordered_map<const void*, cuda::SharedFoldMaps> fold_maps_;
-  // The streams GEMMs run on: the main one, the side one (shared experts of decode steps), and
-  // with ERNIE_ROUTE_PRIORITY=1 a prioritized one for the shared experts and the router's.
-  static constexpr int kMainLane = 0, kSideLane = 1, kSharedFirstLane = 2, kRouteLane = 3;
-  static constexpr int kLanes = 4;
+  // The streams GEMMs run on: the main one and the side one (shared experts of decode steps).
+  static constexpr int kMainLane = 0, kSideLane = 1;
+  static constexpr int kLanes = 2;
   cudaStream_t lane_streams_[kLanes] = {};
-  cudaEvent_t route_fork_ = nullptr, route_join_ = nullptr;
-  int route_launch_priority_ = 0;  // the router's kernels' launch priority (ERNIE_ROUTE_PRIORITY)
   cublasHandle_t blas_[kLanes] = {};  // one per lane stream
   static constexpr size_t kBlasWorkspace = 32u << 20;
   void* blas_workspace_[kLanes] = {};

@@ -1085,7 +1085,7 @@ void launch_wgmma(__nv_bfloat16* out, const CUtensorMap& a_map, const CUtensorMa
   ERNIE_CUDA_CHECK(cudaGetLastError());
 }
 
-// ---- Mid batches, swapped: the weights as wgmma's M side (ERNIE_MOE_SWAP_AB=1, new) ----
+// ---- Mid batches, swapped: the weights as wgmma's M side (ERNIE_MOE_SWAP_AB=0: off) ----
 //
 // The 32-row blocks (9-32 pairs per expert) on wgmma with the roles swapped: a CTA's 128
 // weight rows (gate/up: 64 gate rows and the 64 up rows of the same outputs; down: 128 output
@@ -1246,10 +1246,12 @@ __global__ void __launch_bounds__(128)
   }
 }
 
-// ERNIE_MOE_SWAP_AB=1 (new, off) runs the 32-row blocks on moe_gemm_swap_kernel (gate/up and
-// down alike: down's readiness target counts gate/up's column tiles).
+// The 32-row blocks run on moe_gemm_swap_kernel (gate/up and down alike: down's readiness
+// target counts gate/up's column tiles). H100, steps 128 and 256 x 1000 -0.4% and -0.6% against
+// the mma.sync tiles, 256 prompts +0.5% (docs/performance.md, twenty-eighth round);
+// ERNIE_MOE_SWAP_AB=0 runs the mma.sync tiles.
 bool swap_ab_enabled() {
-  static const bool on = switch_bits("ERNIE_MOE_SWAP_AB", 0) == 1;
+  static const bool on = path_enabled("ERNIE_MOE_SWAP_AB");
   return on;
 }
 

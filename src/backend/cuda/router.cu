@@ -344,60 +344,16 @@ __global__ void __launch_bounds__(kSmallThreads)
   }
 }
 
-// lean: topk_token's lean stores and hardware reductions (as the fused tail's).
 __global__ void __launch_bounds__(kTopkWarps * 32)
     router_topk_kernel(int32_t* ids, float* weights, const Partials part, const float* bias,
-                       int tokens, int experts, int k, float norm_min, bool lean) {
+                       int tokens, int experts, int k, float norm_min) {
   pdl_begin();
   extern __shared__ float smem[];
   const int warp = threadIdx.x / 32;
   const int t = blockIdx.x * kTopkWarps + warp;
   if (t >= tokens) return;
   topk_token(t, ids, weights, part, bias, experts, k, norm_min,
-             smem + static_cast<size_t>(warp) * 2 * experts, nullptr, lean, lean);
-}
-
-// The top-k of route_topk_terms with the MoE layout in the same launch: a warp per token, and
-// the last CTA to finish lays every pair out (align_pairs over the ids, copied into shared
-// memory through L2) and clears block_ready (if any), instead of a moe_align launch after it.
-// Dynamic shared memory: the warps' scratch [warps][2 * experts] floats, then the ids [pairs],
-// counts [experts] and offsets [experts + 1].
-constexpr int kTopkAlignWarps = 8;
-__device__ unsigned int g_topk_arrivals = 0;  // CTAs done with their tokens; the last resets it
-
-__global__ void __launch_bounds__(kTopkAlignWarps * 32)
-    router_topk_align_kernel(int32_t* ids, float* weights, const Partials part, const float* bias,
-                             int tokens, int experts, int k, float norm_min, bool lean,
-                             const RouteLayout layout, int32_t* block_ready) {
-  pdl_begin();
-  extern __shared__ float smem[];
-  const int warp = threadIdx.x / 32;
-  const int t = blockIdx.x * kTopkAlignWarps + warp;
-  if (t < tokens) {
-    topk_token(t, ids, weights, part, bias, experts, k, norm_min,
-               smem + static_cast<size_t>(warp) * 2 * experts, nullptr, lean, lean);
-  }
-  __shared__ bool last;
-  __syncthreads();  // this CTA's ids are written
-  if (threadIdx.x == 0) {
-    // Releases this CTA's ids (ordered before it by the barrier), acquires the others'.
-    last = atomic_add_acq_rel_gpu(&g_topk_arrivals, 1u) == gridDim.x - 1;
-  }
-  __syncthreads();
-  if (!last) return;
-  const int pairs = tokens * k;
-  auto* ids_s =
-      reinterpret_cast<int32_t*>(smem + static_cast<size_t>(kTopkAlignWarps) * 2 * experts);
-  int* counts = ids_s + pairs;
-  int* offsets = counts + experts;
-  for (int i = threadIdx.x; i < pairs; i += blockDim.x) ids_s[i] = __ldcg(ids + i);
-  if (block_ready != nullptr) {
-    for (int b = threadIdx.x; b < layout.num_blocks; b += blockDim.x) block_ready[b] = 0;
-  }
-  __syncthreads();
-  align_pairs(layout.sorted_pairs, layout.block_expert, layout.pair_pos, ids_s, pairs, experts,
-              layout.block_m, layout.num_blocks, counts, offsets);
-  if (threadIdx.x == 0) g_topk_arrivals = 0;
+             smem + static_cast<size_t>(warp) * 2 * experts);
 }
 
 // Pair i of the router's f32 weights split into its three bf16 terms, stored lo, mid, hi
@@ -427,36 +383,16 @@ void split_router_terms(__nv_bfloat16* terms, const float* router, int64_t count
   ERNIE_CUDA_CHECK(cudaGetLastError());
 }
 
-bool route_topk_terms(int32_t* ids, float* weights, const float* partial, const float* bias,
-                      int tokens, int experts, int k, float norm_min, cudaStream_t stream,
-                      const RouteLayout* layout, int32_t* block_ready) {
+void route_topk_terms(int32_t* ids, float* weights, const float* partial, const float* bias,
+                      int tokens, int experts, int k, float norm_min, cudaStream_t stream) {
   require(tokens >= 0 && experts > 0 && experts <= 1024 && k > 0 && k <= experts,
           "route_topk_terms: bad shape");
-  if (tokens == 0) return false;
-  // ERNIE_LEAN_TOPK=1 (A/B runs, not yet measured): the lean stores and hardware reductions
-  // of the fused small-batch tail here too (fewer instructions per token; same ids and weights).
-  static const bool lean = new_path_enabled("ERNIE_LEAN_TOPK");
-  const Partials part = Partials::token_major(partial, experts, kRouterTerms);
-  // ERNIE_TOPK_ALIGN=1 (A/B runs, not yet measured): the layout by the top-k's last CTA,
-  // one launch fewer between the router's GEMM and the routed GEMMs.
-  static const bool fused = new_path_enabled("ERNIE_TOPK_ALIGN");
-  const size_t fused_smem =
-      (static_cast<size_t>(kTopkAlignWarps) * 2 * experts + static_cast<size_t>(tokens) * k +
-       2 * static_cast<size_t>(experts) + 1) *
-      4;
-  // (Within the 48 KB a launch gets without opting in, beside the kernel's static flag.)
-  if (fused && layout != nullptr && fused_smem <= 47 * 1024) {
-    launch_pdl(router_topk_align_kernel, (tokens + kTopkAlignWarps - 1) / kTopkAlignWarps,
-               kTopkAlignWarps * 32, fused_smem, stream, ids, weights, part, bias, tokens, experts,
-               k, norm_min, lean, *layout, block_ready);
-    ERNIE_CUDA_CHECK(cudaGetLastError());
-    return true;
-  }
+  if (tokens == 0) return;
   const size_t smem = static_cast<size_t>(kTopkWarps) * 2 * experts * sizeof(float);
   launch_pdl(router_topk_kernel, (tokens + kTopkWarps - 1) / kTopkWarps, kTopkWarps * 32, smem,
-             stream, ids, weights, part, bias, tokens, experts, k, norm_min, lean);
+             stream, ids, weights, Partials::token_major(partial, experts, kRouterTerms), bias,
+             tokens, experts, k, norm_min);
   ERNIE_CUDA_CHECK(cudaGetLastError());
-  return false;
 }
 
 size_t route_scratch_bytes(int tokens, int hidden, int experts) {
@@ -558,7 +494,7 @@ bool route_topk(int32_t* ids, float* weights, const __nv_bfloat16* x, const floa
     const size_t smem = static_cast<size_t>(kTopkWarps) * 2 * experts * sizeof(float);
     launch_pdl(router_topk_kernel, (tokens + kTopkWarps - 1) / kTopkWarps, kTopkWarps * 32, smem,
                stream, ids, weights, Partials::split_major(logits, tokens, experts, 1), bias,
-               tokens, experts, k, norm_min, false);
+               tokens, experts, k, norm_min);
     ERNIE_CUDA_CHECK(cudaGetLastError());
     return false;
   }
@@ -571,7 +507,7 @@ bool route_topk(int32_t* ids, float* weights, const __nv_bfloat16* x, const floa
   const size_t smem = static_cast<size_t>(kTopkWarps) * 2 * experts * sizeof(float);
   launch_pdl(router_topk_kernel, (tokens + kTopkWarps - 1) / kTopkWarps, kTopkWarps * 32, smem,
              stream, ids, weights, Partials::split_major(partial, tokens, experts, s.splits), bias,
-             tokens, experts, k, norm_min, false);
+             tokens, experts, k, norm_min);
   ERNIE_CUDA_CHECK(cudaGetLastError());
   return false;
 }

@@ -58,11 +58,8 @@ constexpr int kRouterTerms = 3;
 void split_router_terms(__nv_bfloat16* terms, const float* router, int64_t count,
                         cudaStream_t stream);
 // The top-k from partial [tokens, kRouterTerms * experts] f32 = x terms^T: route_topk's ids and
-// weights. With a layout (and ERNIE_TOPK_ALIGN=1, the shape permitting) the same launch lays
-// the pairs out as moe_align does, block_ready (if not null: layout.num_blocks counters)
-// cleared, and it returns true; otherwise the caller runs moe_align.
-bool route_topk_terms(int32_t* ids, float* weights, const float* partial, const float* bias,
-                      int tokens, int experts, int k, float norm_min, cudaStream_t stream,
-                      const RouteLayout* layout = nullptr, int32_t* block_ready = nullptr);
+// weights (the caller lays the pairs out with moe_align).
+void route_topk_terms(int32_t* ids, float* weights, const float* partial, const float* bias,
+                      int tokens, int experts, int k, float norm_min, cudaStream_t stream);
 
 }  // namespace ernie::cuda
