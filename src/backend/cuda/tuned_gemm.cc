@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <chrono>
 #include <limits>
+#include <string>
 #include <vector>
 
 #include "backend/cuda/cuda_check.h"
@@ -159,8 +160,14 @@ TunedGemm::Plan TunedGemm::tune(cublasHandle_t blas, void* out, bool out_f32, co
     }
     return total / kRuns;
   };
-  double best = time_of(-1);
-  require(best < std::numeric_limits<double>::infinity(), "GEMM tuning: the default GEMM failed");
+  const double default_ms = time_of(-1);
+  require(default_ms < std::numeric_limits<double>::infinity(),
+          "GEMM tuning: the default GEMM failed");
+  double best = default_ms;
+  // The fastest candidate beside the chosen one (a near tie makes the choice a coin toss
+  // between runs: logged at debug level).
+  double runner_up = std::numeric_limits<double>::infinity();
+  int chosen = -1;
   for (int c = 0; c < count; ++c) {
     if (found[c].state != CUBLAS_STATUS_SUCCESS || found[c].workspaceSize > workspace_bytes) {
       continue;
@@ -168,12 +175,20 @@ TunedGemm::Plan TunedGemm::tune(cublasHandle_t blas, void* out, bool out_f32, co
     // A candidate must beat the default by 3% (timing noise is not a reason to switch).
     const double t = time_of(c);
     if (t < best * (p.use_default ? 0.97 : 1.0)) {
+      runner_up = std::min(runner_up, best);
       best = t;
+      chosen = c;
       p.use_default = false;
       p.algo = found[c].algo;
       p.workspace = found[c].workspaceSize;
+    } else {
+      runner_up = std::min(runner_up, t);
     }
   }
+  log::debug("GEMM tuning ", m, " x ", k, " -> ", n, out_f32 ? " (f32 out)" : "", ": default ",
+             default_ms * 1e3, " us, ",
+             chosen < 0 ? std::string("kept") : cat("candidate ", chosen, " of ", count), " ",
+             best * 1e3, " us, next best ", runner_up * 1e3, " us");
   // The output of the caller's call is written after this by the chosen algorithm.
   check_cuda(cudaStreamSynchronize(stream), "cudaStreamSynchronize (GEMM tuning)");
   tune_ms_ +=
