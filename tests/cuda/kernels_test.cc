@@ -374,42 +374,65 @@ struct ExpertWeights {
   DeviceBuffer<uint16_t> gu, down;
 };
 
-// One routing of `tokens` tokens through the 32-row expert GEMMs, with and without readiness
-// counters (MoeBlockReadyMatchesGridWait).
-void expect_block_ready_matches(Rng& rng, cudaStream_t stream, int hidden, int inter, int experts,
-                                int k, int tokens, const DeviceBuffer<uint16_t>& d_gu,
-                                const DeviceBuffer<uint16_t>& d_down) {
-  constexpr int block_m = kMoeBlockMid;
-  const int pairs = tokens * k;
-  const bool skew = rng.below(2) == 0;
-  SCOPED_TRACE(::testing::Message() << tokens << " tokens, " << hidden << "/" << inter << ", "
-                                    << experts << " experts top-" << k << (skew ? ", skewed" : ""));
-  std::vector<int32_t> ids(pairs);
+// A routing of `tokens` tokens for the expert GEMM tests: k distinct experts a token (skewed:
+// most from the first quarter), the pairs' routing weights and the tokens' rows.
+struct Routing {
+  int tokens, k;
+  bool skew;
+  std::vector<int32_t> ids;
+  std::vector<float> wts;
+  std::vector<uint16_t> x;
+};
+
+Routing random_routing(Rng& rng, int tokens, int experts, int k, int hidden) {
+  Routing r{tokens,
+            k,
+            rng.below(2) == 0,
+            std::vector<int32_t>(tokens * k),
+            std::vector<float>(tokens * k),
+            {}};
   for (int t = 0; t < tokens; ++t) {
-    // k distinct experts per token; skewed: most from the first quarter.
     std::vector<int> pool(experts);
     std::iota(pool.begin(), pool.end(), 0);
     std::shuffle(pool.begin(), pool.end(), std::mt19937(static_cast<unsigned>(rng.next())));
-    if (skew) {
+    if (r.skew) {
       std::stable_partition(pool.begin(), pool.end(),
                             [&](int e) { return e < experts / 4 && rng.below(4) != 0; });
     }
-    for (int j = 0; j < k; ++j) ids[t * k + j] = pool[j];
+    for (int j = 0; j < k; ++j) r.ids[t * k + j] = pool[j];
   }
-  std::vector<float> wts(pairs);
-  for (auto& w : wts) w = static_cast<float>(rng.uniform(0.05, 1.0));
+  for (auto& w : r.wts) w = static_cast<float>(rng.uniform(0.05, 1.0));
+  r.x = random_bf16(rng, static_cast<size_t>(tokens) * hidden, 1.0);
+  return r;
+}
+
+// The expert GEMMs' outputs by pair: act [pairs, inter] and y [pairs, hidden].
+struct PairRows {
+  std::vector<float> act, y;
+};
+
+// One routing through the expert GEMMs of block_m-row blocks (32, or 64 on the swapped
+// kernel), with and without readiness counters (MoeBlockReadyMatchesGridWait); the outputs by
+// pair go to `out`.
+void expect_block_ready_matches(cudaStream_t stream, int hidden, int inter, int experts,
+                                const Routing& r, int block_m, const DeviceBuffer<uint16_t>& d_gu,
+                                const DeviceBuffer<uint16_t>& d_down, PairRows* out) {
+  const int k = r.k, tokens = r.tokens, pairs = tokens * k;
+  SCOPED_TRACE(::testing::Message()
+               << tokens << " tokens, " << hidden << "/" << inter << ", " << experts
+               << " experts top-" << k << (r.skew ? ", skewed" : "") << ", blocks of " << block_m);
   const int64_t cap = moe_capacity(pairs, experts, block_m);
   const int blocks = static_cast<int>(cap / block_m);
   DeviceBuffer<uint16_t> d_x(static_cast<size_t>(tokens) * hidden);
-  d_x.upload(random_bf16(rng, d_x.n, 1.0));
+  d_x.upload(r.x);
   DeviceBuffer<int32_t> d_ids(pairs), d_sorted(cap), d_block(blocks), d_pos(pairs);
   DeviceBuffer<int32_t> d_scratch(moe_align_scratch_bytes(pairs, experts) / 4 + 1);
   DeviceBuffer<int32_t> d_ready(blocks);
   DeviceBuffer<float> d_wts(pairs);
   DeviceBuffer<uint16_t> d_act(static_cast<size_t>(cap) * inter);
   DeviceBuffer<uint16_t> d_y(static_cast<size_t>(cap) * hidden);
-  d_ids.upload(ids);
-  d_wts.upload(wts);
+  d_ids.upload(r.ids);
+  d_wts.upload(r.wts);
   // The align kernels may order an expert's pairs differently from run to run: rows are
   // compared by pair.
   std::vector<uint16_t> act[2], y[2];
@@ -431,7 +454,8 @@ void expect_block_ready_matches(Rng& rng, cudaStream_t stream, int hidden, int i
     pos[with_ready] = d_pos.download();
   }
   for (int i = 0; i < pairs; ++i) {
-    for (auto [v, width, name] : {std::tuple{act, inter, "act"}, std::tuple{y, hidden, "y"}}) {
+    for (auto [v, width, dst, name] :
+         {std::tuple{act, inter, &out->act, "act"}, std::tuple{y, hidden, &out->y, "y"}}) {
       const auto row = [&](int run) {
         return v[run].begin() + static_cast<ptrdiff_t>(pos[run][i]) * width;
       };
@@ -442,6 +466,7 @@ void expect_block_ready_matches(Rng& rng, cudaStream_t stream, int hidden, int i
         ASSERT_TRUE(std::isfinite(bf16_to_float(row(1)[c])))
             << name << " of pair " << i << " column " << c;
       }
+      for (int c = 0; c < width; ++c) dst->push_back(bf16_to_float(row(1)[c]));
     }
   }
   const auto block_expert = d_block.download();
@@ -459,26 +484,58 @@ void expect_block_ready_matches(Rng& rng, cudaStream_t stream, int hidden, int i
   EXPECT_GT(used, 0);
 }
 
+// Rows of `got` against the same rows of `ref` (width values each): every value within 2% of
+// its reference row's RMS (the 64-row blocks' wgmma N differs from the 32-row ones', the sums
+// in f32 do not: at most a bf16 rounding step apart).
+void expect_rows_close(const std::vector<float>& got, const std::vector<float>& ref, int width,
+                       const char* name) {
+  ASSERT_EQ(got.size(), ref.size());
+  for (size_t r = 0; r < ref.size() / width; ++r) {
+    double ss = 0.0;
+    for (int c = 0; c < width; ++c) ss += double(ref[r * width + c]) * ref[r * width + c];
+    const double tol = 0.02 * std::sqrt(ss / width) + 1e-6;
+    for (int c = 0; c < width; ++c) {
+      ASSERT_LE(std::abs(double(got[r * width + c]) - ref[r * width + c]), tol)
+          << name << " row " << r << " column " << c;
+    }
+  }
+}
+
 // The 32-row expert GEMMs with per-M-block readiness counters (each down CTA waits for its own
 // M-block's gate/up tiles) compute bit for bit what they compute when down waits for the whole
 // gate/up grid, over random and skewed routings, one-CTA and spread layouts, and grids of many
 // waves; afterwards every used M-block's counter holds the same positive count (gate/up's
-// column tiles) and every padding block's is 0 (the align kernels cleared the poison).
+// column tiles) and every padding block's is 0 (the align kernels cleared the poison). The
+// same for 64-row blocks (the swapped kernel with 64 rows as N: ERNIE_MOE_WIDE_SWAP), whose
+// outputs must also match the 32-row blocks' pair by pair.
 TEST(CudaKernels, MoeBlockReadyMatchesGridWait) {
   if (device_count() == 0) GTEST_SKIP() << "no CUDA device";
   Rng rng(std::random_device{}());
   ASSERT_TRUE(moe_block_ready_fits(kMoeBlockMid, SharedFold{}));
+  ASSERT_TRUE(moe_block_ready_fits(kMoeBlockWide, SharedFold{}));
+  const char* swap_env = std::getenv("ERNIE_MOE_SWAP_AB");  // "0": no swapped kernel
+  const bool wide = swap_env == nullptr || std::string(swap_env) != "0";
   cudaStream_t stream;
   ERNIE_CUDA_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
   struct Shape {
     int hidden, inter, experts, k;
     std::vector<int> tokens;
   };
-  for (const Shape& s : {Shape{2560, 1536, 64, 6, {3, 256, 1500}}, Shape{512, 160, 24, 8, {200}}}) {
+  for (const Shape& s : {Shape{2560, 1536, 64, 6, {3, 256, 512, 1500}},
+                         Shape{512, 160, 24, 8, {200}}, Shape{160, 96, 24, 6, {200}}}) {
     const ExpertWeights w(rng, stream, s.hidden, s.inter, s.experts);
     for (int tokens : s.tokens) {
-      expect_block_ready_matches(rng, stream, s.hidden, s.inter, s.experts, s.k, tokens, w.gu,
-                                 w.down);
+      const Routing r = random_routing(rng, tokens, s.experts, s.k, s.hidden);
+      PairRows mid, wide_rows;
+      expect_block_ready_matches(stream, s.hidden, s.inter, s.experts, r, kMoeBlockMid, w.gu,
+                                 w.down, &mid);
+      if (!wide || ::testing::Test::HasFatalFailure()) continue;
+      expect_block_ready_matches(stream, s.hidden, s.inter, s.experts, r, kMoeBlockWide, w.gu,
+                                 w.down, &wide_rows);
+      if (::testing::Test::HasFatalFailure()) continue;
+      SCOPED_TRACE(::testing::Message() << tokens << " tokens, 64-row against 32-row blocks");
+      expect_rows_close(wide_rows.act, mid.act, s.inter, "act");
+      expect_rows_close(wide_rows.y, mid.y, s.hidden, "y");
     }
   }
   ERNIE_CUDA_CHECK(cudaStreamDestroy(stream));

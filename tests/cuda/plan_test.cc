@@ -105,7 +105,7 @@ TEST(AttentionPlan, TilesCoverRowsAndSplitsCoverKeys) {
 
 TEST(MoeLayout, CapacityHoldsAnyRouting) {
   Rng rng(17);
-  for (int block_m : {kMoeBlockSmall, kMoeBlockMid, kMoeBlockWgmma}) {
+  for (int block_m : {kMoeBlockSmall, kMoeBlockMid, kMoeBlockWide, kMoeBlockWgmma}) {
     for (int64_t pairs : {1, 2, 6, 7, 96, 161, 1000, 49152}) {
       for (int experts : {8, 64, 160}) {
         const int64_t cap = moe_capacity(pairs, experts, block_m);
@@ -127,12 +127,14 @@ TEST(MoeLayout, CapacityHoldsAnyRouting) {
   // One token of the 21B model (top-6 of 64): at most six experts pad, six 16-row blocks.
   EXPECT_EQ(moe_capacity(6, 64, kMoeBlockSmall), 6 * kMoeBlockSmall);
   // Decode batches of the 21B model (64 experts, top-6) up to ~85 sequences take the 16-row
-  // blocks, up to ~340 the 32-row blocks, larger batches and prefill chunks the wgmma tiles.
+  // blocks, up to ~340 the 32-row blocks, up to ~680 the 64-row ones under ERNIE_MOE_WIDE_SWAP=1
+  // (else the wgmma tiles), larger batches and prefill chunks the wgmma tiles.
   EXPECT_EQ(moe_block_m(16 * 6, 64), kMoeBlockSmall);
   EXPECT_EQ(moe_block_m(64 * 6, 64), kMoeBlockSmall);
   EXPECT_EQ(moe_block_m(128 * 6, 64), kMoeBlockMid);
   EXPECT_EQ(moe_block_m(256 * 6, 64), kMoeBlockMid);
-  EXPECT_EQ(moe_block_m(512 * 6, 64), kMoeBlockWgmma);
+  EXPECT_EQ(moe_block_m(512 * 6, 64), moe_wide_swap_enabled() ? kMoeBlockWide : kMoeBlockWgmma);
+  EXPECT_EQ(moe_block_m(683 * 6, 64), kMoeBlockWgmma);
   EXPECT_EQ(moe_block_m(8192 * 6, 64), kMoeBlockWgmma);
 }
 

@@ -1098,15 +1098,25 @@ void launch_wgmma(__nv_bfloat16* out, const CUtensorMap& a_map, const CUtensorMa
 // for gate/up), kSwStages slices in flight. Each thread then holds, for 8 of the block's rows,
 // gate and up (or down's two halves) of the same output columns: SwiGLU and the routing weight
 // stay in registers. Grid, launch order and readiness counters as moe_gemm_kernel's.
-constexpr int kSwBM = kMoeBlockMid;  // pair rows per block (wgmma N)
-constexpr int kSwRows = 128;         // weight rows per CTA
+// The same kernel with BN = 64 pair rows (m64n64k16) takes the 64-row blocks of 33-64 pairs an
+// expert under ERNIE_MOE_WIDE_SWAP=1: one block an expert where two 32-row ones would each
+// stream its weights (the nineteenth round measured that: +25% on the 512-token layer).
+constexpr int kSwRows = 128;  // weight rows per CTA
 constexpr int kSwStages = 4;
-constexpr int kSwABytes = kSwBM * 128;                 // a K slice of the block's rows
-constexpr int kSwStageBytes = 2 * kWgBox + kSwABytes;  // 20 KB, 1024-byte aligned parts
-constexpr size_t kSwSmem = static_cast<size_t>(kSwStages) * kSwStageBytes + 1024;
-static_assert(kSwABytes % 1024 == 0 && kSwBM % 8 == 0);
+// A K slice of the block's BN rows; a stage: the two weight boxes, then that slice (20 KB for
+// BN 32, 24 KB for 64; 1024-byte aligned parts).
+constexpr int sw_a_bytes(int bn) {
+  return bn * 128;
+}
+constexpr int sw_stage_bytes(int bn) {
+  return 2 * kWgBox + sw_a_bytes(bn);
+}
+constexpr size_t sw_smem(int bn) {
+  return static_cast<size_t>(kSwStages) * sw_stage_bytes(bn) + 1024;
+}
+static_assert(sw_a_bytes(kMoeBlockMid) % 1024 == 0 && sw_a_bytes(kMoeBlockWide) % 1024 == 0);
 
-template <bool kGateUp>
+template <bool kGateUp, int BN>
 __global__ void __launch_bounds__(128)
     moe_gemm_swap_kernel(const __grid_constant__ CUtensorMap w_map, __nv_bfloat16* out,
                          const __nv_bfloat16* a_src, const float* route_w,
@@ -1126,7 +1136,7 @@ __global__ void __launch_bounds__(128)
       (reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t{1023});
   __shared__ uint64_t full[kSwStages];  // a slice's weight boxes have landed
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, c = lane % 4;
-  const int m0 = mb * kSwBM;
+  const int m0 = mb * BN;
   const int n0 = nb * (kGateUp ? kSwRows / 2 : kSwRows);  // first output column
   // The two boxes' first weight rows in the stacked [E * 2N, K] or [E * N, K] weights. Rows of a
   // last partial tile past the expert's are read (or zero-filled past the tensor) and unused.
@@ -1135,7 +1145,7 @@ __global__ void __launch_bounds__(128)
   const int k_tiles = (K + kWgBK - 1) / kWgBK;
   auto load_w = [&](int kt) {
     if (tid == 0) {
-      unsigned char* st = smem + (kt % kSwStages) * kSwStageBytes;
+      unsigned char* st = smem + (kt % kSwStages) * sw_stage_bytes(BN);
       uint64_t* bar = &full[kt % kSwStages];
       mbar_arrive_expect_tx(bar, 2 * kWgBox);
       tma_load_4d(st, &w_map, bar, 0, 0, kt, row0 / kTiledGroupRows);
@@ -1151,32 +1161,33 @@ __global__ void __launch_bounds__(128)
   for (int s = 0; s < kSwStages - 1; ++s) {
     if (s < k_tiles) load_w(s);
   }
-  // This thread's activation pieces of each slice: rows tid / 8 and tid / 8 + 16, piece tid % 8;
-  // and the pairs of the rows its accumulators hold: 8 i + 2 c + j.
+  // This thread's activation pieces of each slice: rows tid / 8 + 16 i, piece tid % 8; and the
+  // pairs of the rows its accumulators hold: 8 i + 2 c + j.
+  constexpr int kRowsPerThread = BN / 16;
   const int ch = tid % 8;
-  const __nv_bfloat16* a_row[2];
-  int a_off[2];
+  const __nv_bfloat16* a_row[kRowsPerThread];
+  int a_off[kRowsPerThread];
 #pragma unroll
-  for (int i = 0; i < 2; ++i) {
+  for (int i = 0; i < kRowsPerThread; ++i) {
     const int r = tid / 8 + 16 * i;
     const int pair = __ldcg(sorted_pairs + m0 + r);
     const int64_t src = kGateUp ? pair / k_choices : m0 + r;
     a_row[i] = pair >= 0 ? a_src + src * K : nullptr;
     a_off[i] = gathered_offset(r, ch);
   }
-  int ep_pair[kSwBM / 4];
-  float ep_w[kSwBM / 4];
+  int ep_pair[BN / 4];
+  float ep_w[BN / 4];
 #pragma unroll
-  for (int q = 0; q < kSwBM / 4; ++q) {
+  for (int q = 0; q < BN / 4; ++q) {
     ep_pair[q] = __ldcg(sorted_pairs + m0 + 8 * (q / 2) + 2 * c + q % 2);
     ep_w[q] = !kGateUp && ep_pair[q] >= 0 ? route_w[ep_pair[q]] : 0.0f;
   }
   __syncthreads();  // the barriers' init
   auto load_a = [&](int kt) {
-    unsigned char* st = smem + (kt % kSwStages) * kSwStageBytes + 2 * kWgBox;
+    unsigned char* st = smem + (kt % kSwStages) * sw_stage_bytes(BN) + 2 * kWgBox;
     const int kk = kt * kWgBK + ch * 8;
 #pragma unroll
-    for (int i = 0; i < 2; ++i) {
+    for (int i = 0; i < kRowsPerThread; ++i) {
       const bool ok = a_row[i] != nullptr && kk < K;
       cp_async_16(st + a_off[i], ok ? a_row[i] + kk : a_src, ok);
     }
@@ -1186,9 +1197,10 @@ __global__ void __launch_bounds__(128)
     if (s < k_tiles) load_a(s);
     cp_async_commit();
   }
-  float acc0[16], acc1[16];  // box 0 (gate / columns n0..) and box 1 (up / columns n0 + 64..)
+  // Box 0 (gate / columns n0..) and box 1 (up / columns n0 + 64..).
+  float acc0[BN / 2], acc1[BN / 2];
 #pragma unroll
-  for (int i = 0; i < 16; ++i) acc0[i] = acc1[i] = 0.0f;
+  for (int i = 0; i < BN / 2; ++i) acc0[i] = acc1[i] = 0.0f;
   for (int kt = 0; kt < k_tiles; ++kt) {
     cp_async_wait<kSwStages - 2>();  // this thread's pieces of slice kt have landed
     fence_proxy_async();             // for the tensor cores
@@ -1201,14 +1213,20 @@ __global__ void __launch_bounds__(128)
       load_a(next);
     }
     cp_async_commit();
-    const unsigned char* st = smem + (kt % kSwStages) * kSwStageBytes;
+    const unsigned char* st = smem + (kt % kSwStages) * sw_stage_bytes(BN);
     mbar_wait(&full[kt % kSwStages], (kt / kSwStages) & 1);
     wgmma_fence();
 #pragma unroll
     for (int ks = 0; ks < kWgBK / 16; ++ks) {
       const uint64_t b = wgmma_desc_sw128(st + 2 * kWgBox + ks * 32);
-      wgmma_m64n32k16(acc0, wgmma_desc_sw128(st + ks * 32), b);
-      wgmma_m64n32k16(acc1, wgmma_desc_sw128(st + kWgBox + ks * 32), b);
+      if constexpr (BN == 32) {
+        wgmma_m64n32k16(acc0, wgmma_desc_sw128(st + ks * 32), b);
+        wgmma_m64n32k16(acc1, wgmma_desc_sw128(st + kWgBox + ks * 32), b);
+      } else {
+        static_assert(BN == 64);
+        wgmma_m64n64k16(acc0, wgmma_desc_sw128(st + ks * 32), b, 1);
+        wgmma_m64n64k16(acc1, wgmma_desc_sw128(st + kWgBox + ks * 32), b, 1);
+      }
     }
     wgmma_commit();
     wgmma_wait<0>();
@@ -1219,7 +1237,7 @@ __global__ void __launch_bounds__(128)
 
   // acc[4 i + 2 h + j]: weight row 16 warp + g + 8 h of its box, block row 8 i + 2 c + j.
 #pragma unroll
-  for (int i = 0; i < kSwBM / 8; ++i) {
+  for (int i = 0; i < BN / 8; ++i) {
 #pragma unroll
     for (int j = 0; j < 2; ++j) {
       const int q = 2 * i + j;
@@ -1255,17 +1273,26 @@ bool swap_ab_enabled() {
   return on;
 }
 
+}  // namespace
+
+bool moe_wide_swap_enabled() {
+  static const bool on = new_path_enabled("ERNIE_MOE_WIDE_SWAP") && swap_ab_enabled();
+  return on;
+}
+
+namespace {
+
 // w_rows: the stacked weights' rows (experts * 2N for gate/up, experts * N for down).
-template <bool kGateUp>
+template <bool kGateUp, int BN>
 void launch_swap(__nv_bfloat16* out, const __nv_bfloat16* a, const __nv_bfloat16* w, int64_t w_rows,
                  const float* route_w, const int32_t* sorted_pairs, const int32_t* block_expert,
                  int64_t capacity, int k, int K, int N, int32_t* block_ready, cudaStream_t stream) {
-  require_gemm_shape(K, N, capacity, kSwBM);
+  require_gemm_shape(K, N, capacity, BN);
   static bool configured = false;
   if (!configured) {
-    ERNIE_CUDA_CHECK(cudaFuncSetAttribute(moe_gemm_swap_kernel<kGateUp>,
+    ERNIE_CUDA_CHECK(cudaFuncSetAttribute(moe_gemm_swap_kernel<kGateUp, BN>,
                                           cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                          static_cast<int>(kSwSmem)));
+                                          static_cast<int>(sw_smem(BN))));
     configured = true;
   }
   constexpr int gate_up_cols = kSwRows / 2;
@@ -1275,11 +1302,11 @@ void launch_swap(__nv_bfloat16* out, const __nv_bfloat16* a, const __nv_bfloat16
     ready = BlockReady{block_ready, kGateUp ? 0 : (K + gate_up_cols - 1) / gate_up_cols};
   }
   const CUtensorMap map = tensor_map_bf16_tiled(w, w_rows, tiled_cols(K), 64 / kTiledGroupRows);
-  const unsigned m_blocks = static_cast<unsigned>(capacity / kSwBM);
+  const unsigned m_blocks = static_cast<unsigned>(capacity / BN);
   const unsigned n_tiles = (N + cols - 1) / cols;
   const dim3 grid = ready.counters != nullptr ? dim3(n_tiles, m_blocks) : dim3(m_blocks, n_tiles);
-  launch_pdl(moe_gemm_swap_kernel<kGateUp>, grid, 128, kSwSmem, stream, map, out, a, route_w,
-             sorted_pairs, block_expert, k, K, N, ready);
+  launch_pdl(moe_gemm_swap_kernel<kGateUp, BN>, grid, 128, sw_smem(BN), stream, map, out, a,
+             route_w, sorted_pairs, block_expert, k, K, N, ready);
   ERNIE_CUDA_CHECK(cudaGetLastError());
 }
 
@@ -1582,9 +1609,17 @@ void moe_gate_up(__nv_bfloat16* act, const __nv_bfloat16* x, const __nv_bfloat16
                        inter, x, k, stream);
     return;
   }
-  if (block_m == kSwBM && fold.experts == 0 && swap_ab_enabled()) {
-    launch_swap<true>(act, x, w_gate_up, static_cast<int64_t>(experts) * 2 * inter, nullptr,
-                      sorted_pairs, block_expert, capacity, k, hidden, inter, block_ready, stream);
+  if (block_m == kMoeBlockMid && fold.experts == 0 && swap_ab_enabled()) {
+    launch_swap<true, kMoeBlockMid>(act, x, w_gate_up, static_cast<int64_t>(experts) * 2 * inter,
+                                    nullptr, sorted_pairs, block_expert, capacity, k, hidden, inter,
+                                    block_ready, stream);
+    return;
+  }
+  if (block_m == kMoeBlockWide) {
+    require(fold.experts == 0 && swap_ab_enabled(), "MoE: 64-row blocks need the swapped kernel");
+    launch_swap<true, kMoeBlockWide>(act, x, w_gate_up, static_cast<int64_t>(experts) * 2 * inter,
+                                     nullptr, sorted_pairs, block_expert, capacity, k, hidden,
+                                     inter, block_ready, stream);
     return;
   }
   launch_gemm<true>(act, x, w_gate_up, nullptr, sorted_pairs, block_expert, capacity, block_m, k,
@@ -1605,9 +1640,17 @@ void moe_down(__nv_bfloat16* y, const __nv_bfloat16* act, const __nv_bfloat16* w
                         nullptr, 1, stream);
     return;
   }
-  if (block_m == kSwBM && fold.experts == 0 && swap_ab_enabled()) {
-    launch_swap<false>(y, act, w_down, static_cast<int64_t>(experts) * hidden, weights,
-                       sorted_pairs, block_expert, capacity, 1, inter, hidden, block_ready, stream);
+  if (block_m == kMoeBlockMid && fold.experts == 0 && swap_ab_enabled()) {
+    launch_swap<false, kMoeBlockMid>(y, act, w_down, static_cast<int64_t>(experts) * hidden,
+                                     weights, sorted_pairs, block_expert, capacity, 1, inter,
+                                     hidden, block_ready, stream);
+    return;
+  }
+  if (block_m == kMoeBlockWide) {
+    require(fold.experts == 0 && swap_ab_enabled(), "MoE: 64-row blocks need the swapped kernel");
+    launch_swap<false, kMoeBlockWide>(y, act, w_down, static_cast<int64_t>(experts) * hidden,
+                                      weights, sorted_pairs, block_expert, capacity, 1, inter,
+                                      hidden, block_ready, stream);
     return;
   }
   launch_gemm<false>(y, act, w_down, weights, sorted_pairs, block_expert, capacity, block_m, 1,

@@ -18,13 +18,18 @@
 
 namespace ernie::cuda {
 
+// ERNIE_MOE_WIDE_SWAP=1 (A/B runs, not yet measured; needs the swapped kernel, on unless
+// ERNIE_MOE_SWAP_AB=0): 64-row blocks for 33-64 pairs an expert.
+bool moe_wide_swap_enabled();
+
 // Rows per M-block of the sorted layout: 16 while the average expert gets up to 8 rows, 32 up
-// to 32 rows (decode: tiles that stream weights), else 128 (wgmma tiles fed by TMA,
-// sm_90a).
-constexpr int kMoeBlockSmall = 16, kMoeBlockMid = 32, kMoeBlockWgmma = 128;
+// to 32 rows (decode: tiles that stream weights), with ERNIE_MOE_WIDE_SWAP=1 64 up to 64 (the
+// swapped kernel with 64 rows as N), else 128 (wgmma tiles fed by TMA, sm_90a).
+constexpr int kMoeBlockSmall = 16, kMoeBlockMid = 32, kMoeBlockWide = 64, kMoeBlockWgmma = 128;
 inline int moe_block_m(int64_t pairs, int experts) {
   if (pairs <= 8LL * experts) return kMoeBlockSmall;
   if (pairs <= 32LL * experts) return kMoeBlockMid;
+  if (pairs <= 64LL * experts && moe_wide_swap_enabled()) return kMoeBlockWide;
   return kMoeBlockWgmma;
 }
 
@@ -106,11 +111,12 @@ void moe_down(__nv_bfloat16* y, const __nv_bfloat16* act, const __nv_bfloat16* w
               int64_t capacity, int block_m, int hidden, int inter, int experts,
               cudaStream_t stream, const SharedFold& fold = {}, int32_t* block_ready = nullptr);
 
-// block_ready for moe_gate_up and moe_down (32-row blocks, no fold; moe_align cleared it, and
-// the same counters go to both, gate/up launched right before down on one stream): each down
-// CTA waits for its own M-block's gate/up tiles rather than for the whole gate/up grid.
+// block_ready for moe_gate_up and moe_down (32- and 64-row blocks, no fold; moe_align cleared
+// it, and the same counters go to both, gate/up launched right before down on one stream):
+// each down CTA waits for its own M-block's gate/up tiles rather than for the whole gate/up
+// grid.
 inline bool moe_block_ready_fits(int block_m, const SharedFold& fold) {
-  return block_m == kMoeBlockMid && fold.experts == 0;
+  return (block_m == kMoeBlockMid || block_m == kMoeBlockWide) && fold.experts == 0;
 }
 
 // The next layer's residual add and input norm, done by moe_combine when `normed` is set:
