@@ -164,13 +164,11 @@ class CudaBackend final : public Backend {
     for (auto e : events_) cudaEventDestroy(e);
     for (void* p : allocations_) cudaFree(p);
     if (kv_) cudaFree(kv_);
-    for (cudaStream_t st : lane_streams_) {
-      if (st) cudaStreamSynchronize(st);
-    }
+    cudaStreamSynchronize(lane_streams_[kSideLane]);
     tuned_.reset();
     for (int i = 0; i < kLanes; ++i) {
-      if (blas_[i]) cublasDestroy(blas_[i]);
-      if (blas_workspace_[i]) cudaFree(blas_workspace_[i]);
+      cublasDestroy(blas_[i]);
+      cudaFree(blas_workspace_[i]);
     }
     for (auto* s : staging_) cudaFreeHost(s);
     for (cudaEvent_t e : {fork_, join_}) cudaEventDestroy(e);

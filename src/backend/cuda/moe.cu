@@ -1273,20 +1273,12 @@ bool swap_ab_enabled() {
   return on;
 }
 
-}  // namespace
-
-bool moe_wide_swap_enabled() {
-  static const bool on = new_path_enabled("ERNIE_MOE_WIDE_SWAP") && swap_ab_enabled();
-  return on;
-}
-
-namespace {
-
 // w_rows: the stacked weights' rows (experts * 2N for gate/up, experts * N for down).
 template <bool kGateUp, int BN>
-void launch_swap(__nv_bfloat16* out, const __nv_bfloat16* a, const __nv_bfloat16* w, int64_t w_rows,
-                 const float* route_w, const int32_t* sorted_pairs, const int32_t* block_expert,
-                 int64_t capacity, int k, int K, int N, int32_t* block_ready, cudaStream_t stream) {
+void launch_swap_rows(__nv_bfloat16* out, const __nv_bfloat16* a, const __nv_bfloat16* w,
+                      int64_t w_rows, const float* route_w, const int32_t* sorted_pairs,
+                      const int32_t* block_expert, int64_t capacity, int k, int K, int N,
+                      int32_t* block_ready, cudaStream_t stream) {
   require_gemm_shape(K, N, capacity, BN);
   static bool configured = false;
   if (!configured) {
@@ -1308,6 +1300,29 @@ void launch_swap(__nv_bfloat16* out, const __nv_bfloat16* a, const __nv_bfloat16
   launch_pdl(moe_gemm_swap_kernel<kGateUp, BN>, grid, 128, sw_smem(BN), stream, map, out, a,
              route_w, sorted_pairs, block_expert, k, K, N, ready);
   ERNIE_CUDA_CHECK(cudaGetLastError());
+}
+
+// Whether the swapped kernel takes blocks of block_m rows: 32-row ones unless
+// ERNIE_MOE_SWAP_AB=0 (never with folded experts), 64-row ones always (moe_block_m gives those
+// only with it on).
+bool takes_swap(int block_m, const SharedFold& fold) {
+  if (block_m == kMoeBlockWide) {
+    require(fold.experts == 0 && swap_ab_enabled(), "MoE: 64-row blocks need the swapped kernel");
+    return true;
+  }
+  return block_m == kMoeBlockMid && fold.experts == 0 && swap_ab_enabled();
+}
+
+// launch_swap_rows for blocks of block_m rows (takes_swap).
+template <bool kGateUp>
+void launch_swap(int block_m, __nv_bfloat16* out, const __nv_bfloat16* a, const __nv_bfloat16* w,
+                 int64_t w_rows, const float* route_w, const int32_t* sorted_pairs,
+                 const int32_t* block_expert, int64_t capacity, int k, int K, int N,
+                 int32_t* block_ready, cudaStream_t stream) {
+  auto* launch = block_m == kMoeBlockWide ? launch_swap_rows<kGateUp, kMoeBlockWide>
+                                          : launch_swap_rows<kGateUp, kMoeBlockMid>;
+  launch(out, a, w, w_rows, route_w, sorted_pairs, block_expert, capacity, k, K, N, block_ready,
+         stream);
 }
 
 // What the combine sums for a token: routed: y's routed rows (the routed layout's first row),
@@ -1593,6 +1608,11 @@ SharedFoldMaps shared_fold_maps(const __nv_bfloat16* gate_up, const __nv_bfloat1
                         tensor_map_bf16_sw128(down, hidden, shared_inter, kTiledGroupRows)};
 }
 
+bool moe_wide_swap_enabled() {
+  static const bool on = new_path_enabled("ERNIE_MOE_WIDE_SWAP") && swap_ab_enabled();
+  return on;
+}
+
 void moe_gate_up(__nv_bfloat16* act, const __nv_bfloat16* x, const __nv_bfloat16* w_gate_up,
                  const int32_t* sorted_pairs, const int32_t* block_expert, int64_t capacity,
                  int block_m, int k, int hidden, int inter, int experts, cudaStream_t stream,
@@ -1609,17 +1629,10 @@ void moe_gate_up(__nv_bfloat16* act, const __nv_bfloat16* x, const __nv_bfloat16
                        inter, x, k, stream);
     return;
   }
-  if (block_m == kMoeBlockMid && fold.experts == 0 && swap_ab_enabled()) {
-    launch_swap<true, kMoeBlockMid>(act, x, w_gate_up, static_cast<int64_t>(experts) * 2 * inter,
-                                    nullptr, sorted_pairs, block_expert, capacity, k, hidden, inter,
-                                    block_ready, stream);
-    return;
-  }
-  if (block_m == kMoeBlockWide) {
-    require(fold.experts == 0 && swap_ab_enabled(), "MoE: 64-row blocks need the swapped kernel");
-    launch_swap<true, kMoeBlockWide>(act, x, w_gate_up, static_cast<int64_t>(experts) * 2 * inter,
-                                     nullptr, sorted_pairs, block_expert, capacity, k, hidden,
-                                     inter, block_ready, stream);
+  if (takes_swap(block_m, fold)) {
+    launch_swap<true>(block_m, act, x, w_gate_up, static_cast<int64_t>(experts) * 2 * inter,
+                      nullptr, sorted_pairs, block_expert, capacity, k, hidden, inter, block_ready,
+                      stream);
     return;
   }
   launch_gemm<true>(act, x, w_gate_up, nullptr, sorted_pairs, block_expert, capacity, block_m, k,
@@ -1640,17 +1653,9 @@ void moe_down(__nv_bfloat16* y, const __nv_bfloat16* act, const __nv_bfloat16* w
                         nullptr, 1, stream);
     return;
   }
-  if (block_m == kMoeBlockMid && fold.experts == 0 && swap_ab_enabled()) {
-    launch_swap<false, kMoeBlockMid>(y, act, w_down, static_cast<int64_t>(experts) * hidden,
-                                     weights, sorted_pairs, block_expert, capacity, 1, inter,
-                                     hidden, block_ready, stream);
-    return;
-  }
-  if (block_m == kMoeBlockWide) {
-    require(fold.experts == 0 && swap_ab_enabled(), "MoE: 64-row blocks need the swapped kernel");
-    launch_swap<false, kMoeBlockWide>(y, act, w_down, static_cast<int64_t>(experts) * hidden,
-                                      weights, sorted_pairs, block_expert, capacity, 1, inter,
-                                      hidden, block_ready, stream);
+  if (takes_swap(block_m, fold)) {
+    launch_swap<false>(block_m, y, act, w_down, static_cast<int64_t>(experts) * hidden, weights,
+                       sorted_pairs, block_expert, capacity, 1, inter, hidden, block_ready, stream);
     return;
   }
   launch_gemm<false>(y, act, w_down, weights, sorted_pairs, block_expert, capacity, block_m, 1,
