@@ -1102,6 +1102,8 @@ void launch_wgmma(__nv_bfloat16* out, const CUtensorMap& a_map, const CUtensorMa
 // expert under ERNIE_MOE_WIDE_SWAP=1: one block an expert where two 32-row ones would each
 // stream its weights (the nineteenth round measured that: +25% on the 512-token layer).
 constexpr int kSwRows = 128;  // weight rows per CTA
+// K slices in flight: 4 by default (two CTAs an SM for BN 32 and 64); ERNIE_MOE_SWAP_STAGES=3
+// (three CTAs an SM) or 5 (two, one slice more each) for the 32-row blocks.
 constexpr int kSwStages = 4;
 // A K slice of the block's BN rows; a stage: the two weight boxes, then that slice (20 KB for
 // BN 32, 24 KB for 64; 1024-byte aligned parts).
@@ -1111,12 +1113,12 @@ constexpr int sw_a_bytes(int bn) {
 constexpr int sw_stage_bytes(int bn) {
   return 2 * kWgBox + sw_a_bytes(bn);
 }
-constexpr size_t sw_smem(int bn) {
-  return static_cast<size_t>(kSwStages) * sw_stage_bytes(bn) + 1024;
+constexpr size_t sw_smem(int bn, int stages) {
+  return static_cast<size_t>(stages) * sw_stage_bytes(bn) + 1024;
 }
 static_assert(sw_a_bytes(kMoeBlockMid) % 1024 == 0 && sw_a_bytes(kMoeBlockWide) % 1024 == 0);
 
-template <bool kGateUp, int BN>
+template <bool kGateUp, int BN, int kStages>
 __global__ void __launch_bounds__(128)
     moe_gemm_swap_kernel(const __grid_constant__ CUtensorMap w_map, __nv_bfloat16* out,
                          const __nv_bfloat16* a_src, const float* route_w,
@@ -1134,7 +1136,7 @@ __global__ void __launch_bounds__(128)
   extern __shared__ unsigned char smem_raw[];
   unsigned char* smem = reinterpret_cast<unsigned char*>(
       (reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t{1023});
-  __shared__ uint64_t full[kSwStages];  // a slice's weight boxes have landed
+  __shared__ uint64_t full[kStages];  // a slice's weight boxes have landed
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, c = lane % 4;
   const int m0 = mb * BN;
   const int n0 = nb * (kGateUp ? kSwRows / 2 : kSwRows);  // first output column
@@ -1145,8 +1147,8 @@ __global__ void __launch_bounds__(128)
   const int k_tiles = (K + kWgBK - 1) / kWgBK;
   auto load_w = [&](int kt) {
     if (tid == 0) {
-      unsigned char* st = smem + (kt % kSwStages) * sw_stage_bytes(BN);
-      uint64_t* bar = &full[kt % kSwStages];
+      unsigned char* st = smem + (kt % kStages) * sw_stage_bytes(BN);
+      uint64_t* bar = &full[kt % kStages];
       mbar_arrive_expect_tx(bar, 2 * kWgBox);
       tma_load_4d(st, &w_map, bar, 0, 0, kt, row0 / kTiledGroupRows);
       tma_load_4d(st + kWgBox, &w_map, bar, 0, 0, kt, row1 / kTiledGroupRows);
@@ -1155,10 +1157,10 @@ __global__ void __launch_bounds__(128)
   // The first slices' weights go out before anything else is read (thread 0 alone uses the
   // barriers until the CTA barrier below).
   if (tid == 0) {
-    for (int s = 0; s < kSwStages; ++s) mbar_init(&full[s], 1);
+    for (int s = 0; s < kStages; ++s) mbar_init(&full[s], 1);
     mbar_init_fence();
   }
-  for (int s = 0; s < kSwStages - 1; ++s) {
+  for (int s = 0; s < kStages - 1; ++s) {
     if (s < k_tiles) load_w(s);
   }
   // This thread's activation pieces of each slice: rows tid / 8 + 16 i, piece tid % 8; and the
@@ -1184,7 +1186,7 @@ __global__ void __launch_bounds__(128)
   }
   __syncthreads();  // the barriers' init
   auto load_a = [&](int kt) {
-    unsigned char* st = smem + (kt % kSwStages) * sw_stage_bytes(BN) + 2 * kWgBox;
+    unsigned char* st = smem + (kt % kStages) * sw_stage_bytes(BN) + 2 * kWgBox;
     const int kk = kt * kWgBK + ch * 8;
 #pragma unroll
     for (int i = 0; i < kRowsPerThread; ++i) {
@@ -1193,7 +1195,7 @@ __global__ void __launch_bounds__(128)
     }
   };
   if constexpr (!kGateUp) wait_for_rows(ready, block_major, mb, tid);
-  for (int s = 0; s < kSwStages - 1; ++s) {
+  for (int s = 0; s < kStages - 1; ++s) {
     if (s < k_tiles) load_a(s);
     cp_async_commit();
   }
@@ -1202,19 +1204,19 @@ __global__ void __launch_bounds__(128)
 #pragma unroll
   for (int i = 0; i < BN / 2; ++i) acc0[i] = acc1[i] = 0.0f;
   for (int kt = 0; kt < k_tiles; ++kt) {
-    cp_async_wait<kSwStages - 2>();  // this thread's pieces of slice kt have landed
+    cp_async_wait<kStages - 2>();  // this thread's pieces of slice kt have landed
     fence_proxy_async();             // for the tensor cores
     // Everyone's pieces of slice kt are in, and everyone's wgmma of slice kt - 1 is complete
     // (waited for below), so its stage may be refilled.
     __syncthreads();
-    const int next = kt + kSwStages - 1;
+    const int next = kt + kStages - 1;
     if (next < k_tiles) {
       load_w(next);
       load_a(next);
     }
     cp_async_commit();
-    const unsigned char* st = smem + (kt % kSwStages) * sw_stage_bytes(BN);
-    mbar_wait(&full[kt % kSwStages], (kt / kSwStages) & 1);
+    const unsigned char* st = smem + (kt % kStages) * sw_stage_bytes(BN);
+    mbar_wait(&full[kt % kStages], (kt / kStages) & 1);
     wgmma_fence();
 #pragma unroll
     for (int ks = 0; ks < kWgBK / 16; ++ks) {
@@ -1273,18 +1275,30 @@ bool swap_ab_enabled() {
   return on;
 }
 
+// The 32-row blocks' K slices in flight (ERNIE_MOE_SWAP_STAGES, 3-5; new, not yet measured:
+// the default 4 unless set).
+int swap_stages() {
+  static const int stages = [] {
+    const int v = switch_bits("ERNIE_MOE_SWAP_STAGES", kSwStages);
+    require(v >= 3 && v <= 5, "ERNIE_MOE_SWAP_STAGES must be 3, 4 or 5");
+    return v;
+  }();
+  return stages;
+}
+
 // w_rows: the stacked weights' rows (experts * 2N for gate/up, experts * N for down).
-template <bool kGateUp, int BN>
+template <bool kGateUp, int BN, int kStages>
 void launch_swap_rows(__nv_bfloat16* out, const __nv_bfloat16* a, const __nv_bfloat16* w,
                       int64_t w_rows, const float* route_w, const int32_t* sorted_pairs,
                       const int32_t* block_expert, int64_t capacity, int k, int K, int N,
                       int32_t* block_ready, cudaStream_t stream) {
   require_gemm_shape(K, N, capacity, BN);
+  constexpr size_t smem = sw_smem(BN, kStages);
   static bool configured = false;
   if (!configured) {
-    ERNIE_CUDA_CHECK(cudaFuncSetAttribute(moe_gemm_swap_kernel<kGateUp, BN>,
+    ERNIE_CUDA_CHECK(cudaFuncSetAttribute(moe_gemm_swap_kernel<kGateUp, BN, kStages>,
                                           cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                          static_cast<int>(sw_smem(BN))));
+                                          static_cast<int>(smem)));
     configured = true;
   }
   constexpr int gate_up_cols = kSwRows / 2;
@@ -1297,7 +1311,7 @@ void launch_swap_rows(__nv_bfloat16* out, const __nv_bfloat16* a, const __nv_bfl
   const unsigned m_blocks = static_cast<unsigned>(capacity / BN);
   const unsigned n_tiles = (N + cols - 1) / cols;
   const dim3 grid = ready.counters != nullptr ? dim3(n_tiles, m_blocks) : dim3(m_blocks, n_tiles);
-  launch_pdl(moe_gemm_swap_kernel<kGateUp, BN>, grid, 128, sw_smem(BN), stream, map, out, a,
+  launch_pdl(moe_gemm_swap_kernel<kGateUp, BN, kStages>, grid, 128, smem, stream, map, out, a,
              route_w, sorted_pairs, block_expert, k, K, N, ready);
   ERNIE_CUDA_CHECK(cudaGetLastError());
 }
@@ -1319,8 +1333,10 @@ void launch_swap(int block_m, __nv_bfloat16* out, const __nv_bfloat16* a, const 
                  int64_t w_rows, const float* route_w, const int32_t* sorted_pairs,
                  const int32_t* block_expert, int64_t capacity, int k, int K, int N,
                  int32_t* block_ready, cudaStream_t stream) {
-  auto* launch = block_m == kMoeBlockWide ? launch_swap_rows<kGateUp, kMoeBlockWide>
-                                          : launch_swap_rows<kGateUp, kMoeBlockMid>;
+  auto* launch = block_m == kMoeBlockWide ? launch_swap_rows<kGateUp, kMoeBlockWide, kSwStages>
+                 : swap_stages() == 3      ? launch_swap_rows<kGateUp, kMoeBlockMid, 3>
+                 : swap_stages() == 5      ? launch_swap_rows<kGateUp, kMoeBlockMid, 5>
+                                           : launch_swap_rows<kGateUp, kMoeBlockMid, kSwStages>;
   launch(out, a, w, w_rows, route_w, sorted_pairs, block_expert, capacity, k, K, N, block_ready,
          stream);
 }
