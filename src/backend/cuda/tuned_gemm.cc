@@ -7,6 +7,8 @@
 #include <vector>
 
 #include "backend/cuda/cuda_check.h"
+#include "backend/cuda/gemm_choice.h"
+#include "backend/cuda/switches.h"
 #include "common/check.h"
 #include "common/log.h"
 
@@ -22,6 +24,14 @@ void check_lt(cublasStatus_t s, const char* what) {
 constexpr int kCandidates = 16;            // cuBLASLt heuristic results timed per shape
 constexpr int kRuns = 4;                   // timed runs of each (after one untimed)
 constexpr size_t kFlushBytes = 96u << 20;  // more than an H100's or H200's 50-60 MB of L2
+constexpr double kMargin = 0.03;           // what a candidate must gain on the default
+
+// ERNIE_GEMM_TUNE_TIE=P (new, not yet measured; 0 unless set): candidates within P% of the
+// fastest count as tied and the first of them in cuBLASLt's order is kept (choose_gemm).
+double tie_fraction() {
+  static const double tie = switch_bits("ERNIE_GEMM_TUNE_TIE", 0) / 100.0;
+  return tie;
+}
 
 }  // namespace
 
@@ -163,32 +173,29 @@ TunedGemm::Plan TunedGemm::tune(cublasHandle_t blas, void* out, bool out_f32, co
   const double default_ms = time_of(-1);
   require(default_ms < std::numeric_limits<double>::infinity(),
           "GEMM tuning: the default GEMM failed");
-  double best = default_ms;
-  // The fastest candidate beside the chosen one (a near tie makes the choice a coin toss
-  // between runs: logged at debug level).
-  double runner_up = std::numeric_limits<double>::infinity();
-  int chosen = -1;
+  std::vector<double> times(count, std::numeric_limits<double>::infinity());
   for (int c = 0; c < count; ++c) {
-    if (found[c].state != CUBLAS_STATUS_SUCCESS || found[c].workspaceSize > workspace_bytes) {
-      continue;
+    if (found[c].state == CUBLAS_STATUS_SUCCESS && found[c].workspaceSize <= workspace_bytes) {
+      times[c] = time_of(c);
     }
-    // A candidate must beat the default by 3% (timing noise is not a reason to switch).
-    const double t = time_of(c);
-    if (t < best * (p.use_default ? 0.97 : 1.0)) {
-      runner_up = std::min(runner_up, best);
-      best = t;
-      chosen = c;
-      p.use_default = false;
-      p.algo = found[c].algo;
-      p.workspace = found[c].workspaceSize;
-    } else {
-      runner_up = std::min(runner_up, t);
-    }
+  }
+  const int chosen = choose_gemm(default_ms, times, kMargin, tie_fraction());
+  if (chosen >= 0) {
+    p.use_default = false;
+    p.algo = found[chosen].algo;
+    p.workspace = found[chosen].workspaceSize;
+  }
+  // The fastest beside the chosen one (a near tie makes the choice a coin toss between runs
+  // unless ERNIE_GEMM_TUNE_TIE keeps the first: logged at debug level).
+  const double kept = chosen < 0 ? default_ms : times[chosen];
+  double runner_up = chosen < 0 ? std::numeric_limits<double>::infinity() : default_ms;
+  for (int c = 0; c < count; ++c) {
+    if (c != chosen) runner_up = std::min(runner_up, times[c]);
   }
   log::debug("GEMM tuning ", m, " x ", k, " -> ", n, out_f32 ? " (f32 out)" : "", ": default ",
              default_ms * 1e3, " us, ",
              chosen < 0 ? std::string("kept") : cat("candidate ", chosen, " of ", count), " ",
-             best * 1e3, " us, next best ", runner_up * 1e3, " us");
+             kept * 1e3, " us, next best ", runner_up * 1e3, " us");
   // The output of the caller's call is written after this by the chosen algorithm.
   check_cuda(cudaStreamSynchronize(stream), "cudaStreamSynchronize (GEMM tuning)");
   tune_ms_ +=
