@@ -1205,7 +1205,7 @@ __global__ void __launch_bounds__(128)
   for (int i = 0; i < BN / 2; ++i) acc0[i] = acc1[i] = 0.0f;
   for (int kt = 0; kt < k_tiles; ++kt) {
     cp_async_wait<kStages - 2>();  // this thread's pieces of slice kt have landed
-    fence_proxy_async();             // for the tensor cores
+    fence_proxy_async();           // for the tensor cores
     // Everyone's pieces of slice kt are in, and everyone's wgmma of slice kt - 1 is complete
     // (waited for below), so its stage may be refilled.
     __syncthreads();
@@ -1334,9 +1334,9 @@ void launch_swap(int block_m, __nv_bfloat16* out, const __nv_bfloat16* a, const 
                  const int32_t* block_expert, int64_t capacity, int k, int K, int N,
                  int32_t* block_ready, cudaStream_t stream) {
   auto* launch = block_m == kMoeBlockWide ? launch_swap_rows<kGateUp, kMoeBlockWide, kSwStages>
-                 : swap_stages() == 3      ? launch_swap_rows<kGateUp, kMoeBlockMid, 3>
-                 : swap_stages() == 5      ? launch_swap_rows<kGateUp, kMoeBlockMid, 5>
-                                           : launch_swap_rows<kGateUp, kMoeBlockMid, kSwStages>;
+                 : swap_stages() == 3     ? launch_swap_rows<kGateUp, kMoeBlockMid, 3>
+                 : swap_stages() == 5     ? launch_swap_rows<kGateUp, kMoeBlockMid, 5>
+                                          : launch_swap_rows<kGateUp, kMoeBlockMid, kSwStages>;
   launch(out, a, w, w_rows, route_w, sorted_pairs, block_expert, capacity, k, K, N, block_ready,
          stream);
 }
