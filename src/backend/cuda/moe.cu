@@ -1118,7 +1118,7 @@ constexpr size_t sw_smem(int bn, int stages) {
 }
 static_assert(sw_a_bytes(kMoeBlockMid) % 1024 == 0 && sw_a_bytes(kMoeBlockWide) % 1024 == 0);
 
-template <bool kGateUp, int BN, int kStages>
+template <bool kGateUp, int BN, int kStages, int kTiles>
 __global__ void __launch_bounds__(128)
     moe_gemm_swap_kernel(const __grid_constant__ CUtensorMap w_map, __nv_bfloat16* out,
                          const __nv_bfloat16* a_src, const float* route_w,
@@ -1139,19 +1139,28 @@ __global__ void __launch_bounds__(128)
   __shared__ uint64_t full[kStages];  // a slice's weight boxes have landed
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, c = lane % 4;
   const int m0 = mb * BN;
-  const int n0 = nb * (kGateUp ? kSwRows / 2 : kSwRows);  // first output column
-  // The two boxes' first weight rows in the stacked [E * 2N, K] or [E * N, K] weights. Rows of a
-  // last partial tile past the expert's are read (or zero-filled past the tensor) and unused.
+  // kTiles column tiles one after the other (ERNIE_MOE_SWAP_TILES), their K slices in one
+  // stream: the next tile's first slices are in flight while this one's last are multiplied.
+  constexpr int kCols = kGateUp ? kSwRows / 2 : kSwRows;  // output columns of a tile
+  const int n0 = nb * kTiles * kCols;                     // the first tile's first output column
+  const int tiles = kTiles == 1 ? 1 : min(kTiles, (N - n0 + kCols - 1) / kCols);
+  const int k_tiles = (K + kWgBK - 1) / kWgBK;
+  const int slices = tiles * k_tiles;
+  // The two boxes' first weight rows in the stacked [E * 2N, K] or [E * N, K] weights (the
+  // first tile's; tile t's are t * kCols further). Rows of a last partial tile past the
+  // expert's are read (or zero-filled past the tensor) and unused.
   const int row0 = kGateUp ? e * 2 * N + n0 : e * N + n0;
   const int row1 = kGateUp ? row0 + N : row0 + 64;
-  const int k_tiles = (K + kWgBK - 1) / kWgBK;
-  auto load_w = [&](int kt) {
+  // Slice s: K slice s % k_tiles of the CTA's tile s / k_tiles.
+  auto load_w = [&](int s) {
     if (tid == 0) {
-      unsigned char* st = smem + (kt % kStages) * sw_stage_bytes(BN);
-      uint64_t* bar = &full[kt % kStages];
+      const int kt = kTiles == 1 ? s : s % k_tiles;
+      const int dr = kTiles == 1 ? 0 : s / k_tiles * kCols;
+      unsigned char* st = smem + (s % kStages) * sw_stage_bytes(BN);
+      uint64_t* bar = &full[s % kStages];
       mbar_arrive_expect_tx(bar, 2 * kWgBox);
-      tma_load_4d(st, &w_map, bar, 0, 0, kt, row0 / kTiledGroupRows);
-      tma_load_4d(st + kWgBox, &w_map, bar, 0, 0, kt, row1 / kTiledGroupRows);
+      tma_load_4d(st, &w_map, bar, 0, 0, kt, (row0 + dr) / kTiledGroupRows);
+      tma_load_4d(st + kWgBox, &w_map, bar, 0, 0, kt, (row1 + dr) / kTiledGroupRows);
     }
   };
   // The first slices' weights go out before anything else is read (thread 0 alone uses the
@@ -1161,7 +1170,7 @@ __global__ void __launch_bounds__(128)
     mbar_init_fence();
   }
   for (int s = 0; s < kStages - 1; ++s) {
-    if (s < k_tiles) load_w(s);
+    if (s < slices) load_w(s);
   }
   // This thread's activation pieces of each slice: rows tid / 8 + 16 i, piece tid % 8; and the
   // pairs of the rows its accumulators hold: 8 i + 2 c + j.
@@ -1185,9 +1194,9 @@ __global__ void __launch_bounds__(128)
     ep_w[q] = !kGateUp && ep_pair[q] >= 0 ? route_w[ep_pair[q]] : 0.0f;
   }
   __syncthreads();  // the barriers' init
-  auto load_a = [&](int kt) {
-    unsigned char* st = smem + (kt % kStages) * sw_stage_bytes(BN) + 2 * kWgBox;
-    const int kk = kt * kWgBK + ch * 8;
+  auto load_a = [&](int s) {
+    unsigned char* st = smem + (s % kStages) * sw_stage_bytes(BN) + 2 * kWgBox;
+    const int kk = (kTiles == 1 ? s : s % k_tiles) * kWgBK + ch * 8;
 #pragma unroll
     for (int i = 0; i < kRowsPerThread; ++i) {
       const bool ok = a_row[i] != nullptr && kk < K;
@@ -1196,27 +1205,58 @@ __global__ void __launch_bounds__(128)
   };
   if constexpr (!kGateUp) wait_for_rows(ready, block_major, mb, tid);
   for (int s = 0; s < kStages - 1; ++s) {
-    if (s < k_tiles) load_a(s);
+    if (s < slices) load_a(s);
     cp_async_commit();
   }
   // Box 0 (gate / columns n0..) and box 1 (up / columns n0 + 64..).
   float acc0[BN / 2], acc1[BN / 2];
 #pragma unroll
   for (int i = 0; i < BN / 2; ++i) acc0[i] = acc1[i] = 0.0f;
-  for (int kt = 0; kt < k_tiles; ++kt) {
-    cp_async_wait<kStages - 2>();  // this thread's pieces of slice kt have landed
+  // The outputs of the tile whose first column is t0, from the accumulators; acc[4 i + 2 h + j]:
+  // weight row 16 warp + g + 8 h of its box, block row 8 i + 2 c + j.
+  auto epilogue = [&](int t0) {
+#pragma unroll
+    for (int i = 0; i < BN / 8; ++i) {
+#pragma unroll
+      for (int j = 0; j < 2; ++j) {
+        const int q = 2 * i + j;
+        if (ep_pair[q] < 0) continue;
+        __nv_bfloat16* orow = out + static_cast<size_t>(m0 + 8 * i + 2 * c + j) * N;
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const int col = t0 + 16 * warp + g + 8 * h;
+          const float v0 = acc0[4 * i + 2 * h + j], v1 = acc1[4 * i + 2 * h + j];
+          if (kGateUp) {
+            if (col < N) orow[col] = __float2bfloat16(v0 / (1.0f + __expf(-v0)) * v1);
+          } else {
+            if (col < N) orow[col] = __float2bfloat16(v0 * ep_w[q]);
+            if (col + 64 < N) orow[col + 64] = __float2bfloat16(v1 * ep_w[q]);
+          }
+        }
+      }
+    }
+    // gate/up counts each stored tile for down's wait (the target: gate/up's column tiles).
+    if constexpr (kGateUp) {
+      if (block_major) {
+        __syncthreads();  // every thread's rows stored
+        if (tid == 0) red_add_release_gpu(ready.counters + mb, 1);
+      }
+    }
+  };
+  for (int s = 0; s < slices; ++s) {
+    cp_async_wait<kStages - 2>();  // this thread's pieces of slice s have landed
     fence_proxy_async();           // for the tensor cores
-    // Everyone's pieces of slice kt are in, and everyone's wgmma of slice kt - 1 is complete
+    // Everyone's pieces of slice s are in, and everyone's wgmma of slice s - 1 is complete
     // (waited for below), so its stage may be refilled.
     __syncthreads();
-    const int next = kt + kStages - 1;
-    if (next < k_tiles) {
+    const int next = s + kStages - 1;
+    if (next < slices) {
       load_w(next);
       load_a(next);
     }
     cp_async_commit();
-    const unsigned char* st = smem + (kt % kStages) * sw_stage_bytes(BN);
-    mbar_wait(&full[kt % kStages], (kt / kStages) & 1);
+    const unsigned char* st = smem + (s % kStages) * sw_stage_bytes(BN);
+    mbar_wait(&full[s % kStages], (s / kStages) & 1);
     wgmma_fence();
 #pragma unroll
     for (int ks = 0; ks < kWgBK / 16; ++ks) {
@@ -1234,36 +1274,16 @@ __global__ void __launch_bounds__(128)
     wgmma_wait<0>();
     fence_regs(acc0);
     fence_regs(acc1);
-  }
-  cp_async_wait<0>();
-
-  // acc[4 i + 2 h + j]: weight row 16 warp + g + 8 h of its box, block row 8 i + 2 c + j.
+    if constexpr (kTiles > 1) {
+      if (s % k_tiles == k_tiles - 1 && s + 1 < slices) {  // a tile done, another to come
+        epilogue(n0 + s / k_tiles * kCols);
 #pragma unroll
-  for (int i = 0; i < BN / 8; ++i) {
-#pragma unroll
-    for (int j = 0; j < 2; ++j) {
-      const int q = 2 * i + j;
-      if (ep_pair[q] < 0) continue;
-      __nv_bfloat16* orow = out + static_cast<size_t>(m0 + 8 * i + 2 * c + j) * N;
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const int col = n0 + 16 * warp + g + 8 * h;
-        const float v0 = acc0[4 * i + 2 * h + j], v1 = acc1[4 * i + 2 * h + j];
-        if (kGateUp) {
-          if (col < N) orow[col] = __float2bfloat16(v0 / (1.0f + __expf(-v0)) * v1);
-        } else {
-          if (col < N) orow[col] = __float2bfloat16(v0 * ep_w[q]);
-          if (col + 64 < N) orow[col + 64] = __float2bfloat16(v1 * ep_w[q]);
-        }
+        for (int i = 0; i < BN / 2; ++i) acc0[i] = acc1[i] = 0.0f;
       }
     }
   }
-  if constexpr (kGateUp) {
-    if (block_major) {
-      __syncthreads();  // every thread's rows stored
-      if (tid == 0) red_add_release_gpu(ready.counters + mb, 1);
-    }
-  }
+  cp_async_wait<0>();
+  epilogue(n0 + (tiles - 1) * kCols);
 }
 
 // The 32-row blocks run on moe_gemm_swap_kernel (gate/up and down alike: down's readiness
@@ -1286,8 +1306,16 @@ int swap_stages() {
   return stages;
 }
 
+// Whether a CTA of the 32-row blocks' gate/up (bit 1 of ERNIE_MOE_SWAP_TILES) or down (bit 2)
+// takes two column tiles in one stream of K slices instead of one (new, not yet measured: off
+// unless set): half the CTAs, each one's pipeline filled and drained once for two tiles.
+bool swap_two_tiles(bool gate_up) {
+  static const int bits = switch_bits("ERNIE_MOE_SWAP_TILES", 0);
+  return (bits & (gate_up ? 1 : 2)) != 0;
+}
+
 // w_rows: the stacked weights' rows (experts * 2N for gate/up, experts * N for down).
-template <bool kGateUp, int BN, int kStages>
+template <bool kGateUp, int BN, int kStages, int kTiles>
 void launch_swap_rows(__nv_bfloat16* out, const __nv_bfloat16* a, const __nv_bfloat16* w,
                       int64_t w_rows, const float* route_w, const int32_t* sorted_pairs,
                       const int32_t* block_expert, int64_t capacity, int k, int K, int N,
@@ -1296,7 +1324,7 @@ void launch_swap_rows(__nv_bfloat16* out, const __nv_bfloat16* a, const __nv_bfl
   constexpr size_t smem = sw_smem(BN, kStages);
   static bool configured = false;
   if (!configured) {
-    ERNIE_CUDA_CHECK(cudaFuncSetAttribute(moe_gemm_swap_kernel<kGateUp, BN, kStages>,
+    ERNIE_CUDA_CHECK(cudaFuncSetAttribute(moe_gemm_swap_kernel<kGateUp, BN, kStages, kTiles>,
                                           cudaFuncAttributeMaxDynamicSharedMemorySize,
                                           static_cast<int>(smem)));
     configured = true;
@@ -1309,10 +1337,12 @@ void launch_swap_rows(__nv_bfloat16* out, const __nv_bfloat16* a, const __nv_bfl
   }
   const CUtensorMap map = tensor_map_bf16_tiled(w, w_rows, tiled_cols(K), 64 / kTiledGroupRows);
   const unsigned m_blocks = static_cast<unsigned>(capacity / BN);
-  const unsigned n_tiles = (N + cols - 1) / cols;
-  const dim3 grid = ready.counters != nullptr ? dim3(n_tiles, m_blocks) : dim3(m_blocks, n_tiles);
-  launch_pdl(moe_gemm_swap_kernel<kGateUp, BN, kStages>, grid, 128, smem, stream, map, out, a,
-             route_w, sorted_pairs, block_expert, k, K, N, ready);
+  // Column tiles of kTiles tiles each (a partial last one); down's readiness target stays
+  // gate/up's tile count, each tile counted when stored.
+  const unsigned n_ctas = ((N + cols - 1) / cols + kTiles - 1) / kTiles;
+  const dim3 grid = ready.counters != nullptr ? dim3(n_ctas, m_blocks) : dim3(m_blocks, n_ctas);
+  launch_pdl(moe_gemm_swap_kernel<kGateUp, BN, kStages, kTiles>, grid, 128, smem, stream, map, out,
+             a, route_w, sorted_pairs, block_expert, k, K, N, ready);
   ERNIE_CUDA_CHECK(cudaGetLastError());
 }
 
@@ -1333,10 +1363,11 @@ void launch_swap(int block_m, __nv_bfloat16* out, const __nv_bfloat16* a, const 
                  int64_t w_rows, const float* route_w, const int32_t* sorted_pairs,
                  const int32_t* block_expert, int64_t capacity, int k, int K, int N,
                  int32_t* block_ready, cudaStream_t stream) {
-  auto* launch = block_m == kMoeBlockWide ? launch_swap_rows<kGateUp, kMoeBlockWide, kSwStages>
-                 : swap_stages() == 3     ? launch_swap_rows<kGateUp, kMoeBlockMid, 3>
-                 : swap_stages() == 5     ? launch_swap_rows<kGateUp, kMoeBlockMid, 5>
-                                          : launch_swap_rows<kGateUp, kMoeBlockMid, kSwStages>;
+  auto* launch = block_m == kMoeBlockWide  ? launch_swap_rows<kGateUp, kMoeBlockWide, kSwStages, 1>
+                 : swap_stages() == 3      ? launch_swap_rows<kGateUp, kMoeBlockMid, 3, 1>
+                 : swap_stages() == 5      ? launch_swap_rows<kGateUp, kMoeBlockMid, 5, 1>
+                 : swap_two_tiles(kGateUp) ? launch_swap_rows<kGateUp, kMoeBlockMid, kSwStages, 2>
+                                           : launch_swap_rows<kGateUp, kMoeBlockMid, kSwStages, 1>;
   launch(out, a, w, w_rows, route_w, sorted_pairs, block_expert, capacity, k, K, N, block_ready,
          stream);
 }
