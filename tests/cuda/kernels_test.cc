@@ -416,7 +416,8 @@ struct PairRows {
 // pair go to `out`.
 void expect_block_ready_matches(cudaStream_t stream, int hidden, int inter, int experts,
                                 const Routing& r, int block_m, const DeviceBuffer<uint16_t>& d_gu,
-                                const DeviceBuffer<uint16_t>& d_down, PairRows* out) {
+                                const DeviceBuffer<uint16_t>& d_down, PairRows* out,
+                                const MoeSwapShape* swap = nullptr) {
   const int k = r.k, tokens = r.tokens, pairs = tokens * k;
   SCOPED_TRACE(::testing::Message()
                << tokens << " tokens, " << hidden << "/" << inter << ", " << experts
@@ -445,9 +446,9 @@ void expect_block_ready_matches(cudaStream_t stream, int hidden, int inter, int 
     moe_align(d_sorted.p, d_block.p, d_pos.p, d_ids.p, pairs, experts, block_m, d_scratch.p, stream,
               ready);
     moe_gate_up(bf(d_act.p), bf(d_x.p), bf(d_gu.p), d_sorted.p, d_block.p, cap, block_m, k, hidden,
-                inter, experts, stream, SharedFold{}, ready);
+                inter, experts, stream, SharedFold{}, ready, swap);
     moe_down(bf(d_y.p), bf(d_act.p), bf(d_down.p), d_wts.p, d_sorted.p, d_block.p, cap, block_m,
-             hidden, inter, experts, stream, SharedFold{}, ready);
+             hidden, inter, experts, stream, SharedFold{}, ready, swap);
     finish_or_abort(stream, 20.0);
     act[with_ready] = d_act.download();
     y[with_ready] = d_y.download();
@@ -501,13 +502,25 @@ void expect_rows_close(const std::vector<float>& got, const std::vector<float>& 
   }
 }
 
+// Rows of `got` equal to those of `ref`, bit for bit (as floats widened from bf16).
+void expect_rows_equal(const std::vector<float>& got, const std::vector<float>& ref, int width,
+                       const char* name) {
+  ASSERT_EQ(got.size(), ref.size());
+  for (size_t i = 0; i < ref.size(); ++i) {
+    ASSERT_EQ(got[i], ref[i]) << name << " row " << i / width << " column " << i % width;
+  }
+}
+
 // The 32-row expert GEMMs with per-M-block readiness counters (each down CTA waits for its own
 // M-block's gate/up tiles) compute bit for bit what they compute when down waits for the whole
 // gate/up grid, over random and skewed routings, one-CTA and spread layouts, and grids of many
 // waves; afterwards every used M-block's counter holds the same positive count (gate/up's
 // column tiles) and every padding block's is 0 (the align kernels cleared the poison). The
 // same for 64-row blocks (the swapped kernel with 64 rows as N: ERNIE_MOE_WIDE_SWAP), whose
-// outputs must also match the 32-row blocks' pair by pair.
+// outputs must also match the 32-row blocks' pair by pair, and for the swapped kernel's other
+// forms of the 32-row blocks (3 and 5 K slices in flight, two column tiles a CTA: the A/B
+// switches ERNIE_MOE_SWAP_STAGES and ERNIE_MOE_SWAP_TILES), whose outputs must be the same bit
+// for bit.
 TEST(CudaKernels, MoeBlockReadyMatchesGridWait) {
   if (device_count() == 0) GTEST_SKIP() << "no CUDA device";
   Rng rng(std::random_device{}());
@@ -530,6 +543,20 @@ TEST(CudaKernels, MoeBlockReadyMatchesGridWait) {
       expect_block_ready_matches(stream, s.hidden, s.inter, s.experts, r, kMoeBlockMid, w.gu,
                                  w.down, &mid);
       if (!wide || ::testing::Test::HasFatalFailure()) continue;
+      for (const MoeSwapShape& form : {MoeSwapShape{3, 1, 1}, MoeSwapShape{5, 1, 1},
+                                       MoeSwapShape{4, 2, 2}, MoeSwapShape{4, 1, 2}}) {
+        SCOPED_TRACE(::testing::Message()
+                     << "swapped kernel, " << form.stages << " stages, " << form.gate_up_tiles
+                     << "/" << form.down_tiles << " tiles a CTA");
+        PairRows other;
+        expect_block_ready_matches(stream, s.hidden, s.inter, s.experts, r, kMoeBlockMid, w.gu,
+                                   w.down, &other, &form);
+        if (::testing::Test::HasFatalFailure()) break;
+        expect_rows_equal(other.act, mid.act, s.inter, "act");
+        expect_rows_equal(other.y, mid.y, s.hidden, "y");
+        if (::testing::Test::HasFatalFailure()) break;
+      }
+      if (::testing::Test::HasFatalFailure()) continue;
       expect_block_ready_matches(stream, s.hidden, s.inter, s.experts, r, kMoeBlockWide, w.gu,
                                  w.down, &wide_rows);
       if (::testing::Test::HasFatalFailure()) continue;

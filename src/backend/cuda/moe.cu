@@ -1295,25 +1295,6 @@ bool swap_ab_enabled() {
   return on;
 }
 
-// The 32-row blocks' K slices in flight (ERNIE_MOE_SWAP_STAGES, 3-5; new, not yet measured:
-// the default 4 unless set).
-int swap_stages() {
-  static const int stages = [] {
-    const int v = switch_bits("ERNIE_MOE_SWAP_STAGES", kSwStages);
-    require(v >= 3 && v <= 5, "ERNIE_MOE_SWAP_STAGES must be 3, 4 or 5");
-    return v;
-  }();
-  return stages;
-}
-
-// Whether a CTA of the 32-row blocks' gate/up (bit 1 of ERNIE_MOE_SWAP_TILES) or down (bit 2)
-// takes two column tiles in one stream of K slices instead of one (new, not yet measured: off
-// unless set): half the CTAs, each one's pipeline filled and drained once for two tiles.
-bool swap_two_tiles(bool gate_up) {
-  static const int bits = switch_bits("ERNIE_MOE_SWAP_TILES", 0);
-  return (bits & (gate_up ? 1 : 2)) != 0;
-}
-
 // w_rows: the stacked weights' rows (experts * 2N for gate/up, experts * N for down).
 template <bool kGateUp, int BN, int kStages, int kTiles>
 void launch_swap_rows(__nv_bfloat16* out, const __nv_bfloat16* a, const __nv_bfloat16* w,
@@ -1357,17 +1338,23 @@ bool takes_swap(int block_m, const SharedFold& fold) {
   return block_m == kMoeBlockMid && fold.experts == 0 && swap_ab_enabled();
 }
 
-// launch_swap_rows for blocks of block_m rows (takes_swap).
+// launch_swap_rows for blocks of block_m rows (takes_swap); the 32-row blocks' in `shape`'s
+// form (the 64-row ones have one).
 template <bool kGateUp>
-void launch_swap(int block_m, __nv_bfloat16* out, const __nv_bfloat16* a, const __nv_bfloat16* w,
-                 int64_t w_rows, const float* route_w, const int32_t* sorted_pairs,
-                 const int32_t* block_expert, int64_t capacity, int k, int K, int N,
-                 int32_t* block_ready, cudaStream_t stream) {
-  auto* launch = block_m == kMoeBlockWide  ? launch_swap_rows<kGateUp, kMoeBlockWide, kSwStages, 1>
-                 : swap_stages() == 3      ? launch_swap_rows<kGateUp, kMoeBlockMid, 3, 1>
-                 : swap_stages() == 5      ? launch_swap_rows<kGateUp, kMoeBlockMid, 5, 1>
-                 : swap_two_tiles(kGateUp) ? launch_swap_rows<kGateUp, kMoeBlockMid, kSwStages, 2>
-                                           : launch_swap_rows<kGateUp, kMoeBlockMid, kSwStages, 1>;
+void launch_swap(int block_m, const MoeSwapShape& shape, __nv_bfloat16* out, const __nv_bfloat16* a,
+                 const __nv_bfloat16* w, int64_t w_rows, const float* route_w,
+                 const int32_t* sorted_pairs, const int32_t* block_expert, int64_t capacity, int k,
+                 int K, int N, int32_t* block_ready, cudaStream_t stream) {
+  const int tiles = kGateUp ? shape.gate_up_tiles : shape.down_tiles;
+  require_parts((shape.stages == kSwStages && (tiles == 1 || tiles == 2)) ||
+                    ((shape.stages == 3 || shape.stages == 5) && tiles == 1),
+                "MoE swapped kernel: ", shape.stages, " stages with ", tiles,
+                " tiles a CTA is not built (4 stages with 1 or 2 tiles, or 3 or 5 with 1)");
+  auto* launch = block_m == kMoeBlockWide ? launch_swap_rows<kGateUp, kMoeBlockWide, kSwStages, 1>
+                 : tiles == 2             ? launch_swap_rows<kGateUp, kMoeBlockMid, kSwStages, 2>
+                 : shape.stages == 3      ? launch_swap_rows<kGateUp, kMoeBlockMid, 3, 1>
+                 : shape.stages == 5      ? launch_swap_rows<kGateUp, kMoeBlockMid, 5, 1>
+                                          : launch_swap_rows<kGateUp, kMoeBlockMid, kSwStages, 1>;
   launch(out, a, w, w_rows, route_w, sorted_pairs, block_expert, capacity, k, K, N, block_ready,
          stream);
 }
@@ -1655,6 +1642,21 @@ SharedFoldMaps shared_fold_maps(const __nv_bfloat16* gate_up, const __nv_bfloat1
                         tensor_map_bf16_sw128(down, hidden, shared_inter, kTiledGroupRows)};
 }
 
+// The A/B switches' shape (moe.cuh), read once: ERNIE_MOE_SWAP_STAGES=3|5 (K slices in flight;
+// 4 unless set), ERNIE_MOE_SWAP_TILES bit 1 (gate/up) and bit 2 (down): two column tiles a CTA.
+// Neither is measured yet: the defaults are the kernel as measured.
+MoeSwapShape moe_swap_shape() {
+  static const MoeSwapShape shape = [] {
+    MoeSwapShape v;
+    v.stages = switch_bits("ERNIE_MOE_SWAP_STAGES", kSwStages);
+    const int tiles = switch_bits("ERNIE_MOE_SWAP_TILES", 0);
+    v.gate_up_tiles = (tiles & 1) != 0 ? 2 : 1;
+    v.down_tiles = (tiles & 2) != 0 ? 2 : 1;
+    return v;
+  }();
+  return shape;
+}
+
 bool moe_wide_swap_enabled() {
   static const bool on = new_path_enabled("ERNIE_MOE_WIDE_SWAP") && swap_ab_enabled();
   return on;
@@ -1663,7 +1665,7 @@ bool moe_wide_swap_enabled() {
 void moe_gate_up(__nv_bfloat16* act, const __nv_bfloat16* x, const __nv_bfloat16* w_gate_up,
                  const int32_t* sorted_pairs, const int32_t* block_expert, int64_t capacity,
                  int block_m, int k, int hidden, int inter, int experts, cudaStream_t stream,
-                 const SharedFold& fold, int32_t* block_ready) {
+                 const SharedFold& fold, int32_t* block_ready, const MoeSwapShape* swap) {
   if (capacity == 0) return;
   if (block_m == kMoeBlockWgmma) {
     require(fold.experts == 0, "MoE wgmma GEMM: shared experts cannot be folded");
@@ -1677,9 +1679,9 @@ void moe_gate_up(__nv_bfloat16* act, const __nv_bfloat16* x, const __nv_bfloat16
     return;
   }
   if (takes_swap(block_m, fold)) {
-    launch_swap<true>(block_m, act, x, w_gate_up, static_cast<int64_t>(experts) * 2 * inter,
-                      nullptr, sorted_pairs, block_expert, capacity, k, hidden, inter, block_ready,
-                      stream);
+    launch_swap<true>(block_m, swap != nullptr ? *swap : moe_swap_shape(), act, x, w_gate_up,
+                      static_cast<int64_t>(experts) * 2 * inter, nullptr, sorted_pairs,
+                      block_expert, capacity, k, hidden, inter, block_ready, stream);
     return;
   }
   launch_gemm<true>(act, x, w_gate_up, nullptr, sorted_pairs, block_expert, capacity, block_m, k,
@@ -1689,7 +1691,8 @@ void moe_gate_up(__nv_bfloat16* act, const __nv_bfloat16* x, const __nv_bfloat16
 void moe_down(__nv_bfloat16* y, const __nv_bfloat16* act, const __nv_bfloat16* w_down,
               const float* weights, const int32_t* sorted_pairs, const int32_t* block_expert,
               int64_t capacity, int block_m, int hidden, int inter, int experts,
-              cudaStream_t stream, const SharedFold& fold, int32_t* block_ready) {
+              cudaStream_t stream, const SharedFold& fold, int32_t* block_ready,
+              const MoeSwapShape* swap) {
   if (capacity == 0) return;
   if (block_m == kMoeBlockWgmma) {
     require(fold.experts == 0, "MoE wgmma GEMM: shared experts cannot be folded");
@@ -1701,8 +1704,9 @@ void moe_down(__nv_bfloat16* y, const __nv_bfloat16* act, const __nv_bfloat16* w
     return;
   }
   if (takes_swap(block_m, fold)) {
-    launch_swap<false>(block_m, y, act, w_down, static_cast<int64_t>(experts) * hidden, weights,
-                       sorted_pairs, block_expert, capacity, 1, inter, hidden, block_ready, stream);
+    launch_swap<false>(block_m, swap != nullptr ? *swap : moe_swap_shape(), y, act, w_down,
+                       static_cast<int64_t>(experts) * hidden, weights, sorted_pairs, block_expert,
+                       capacity, 1, inter, hidden, block_ready, stream);
     return;
   }
   launch_gemm<false>(y, act, w_down, weights, sorted_pairs, block_expert, capacity, block_m, 1,

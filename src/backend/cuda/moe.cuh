@@ -93,15 +93,28 @@ inline int64_t moe_shared_rows(const SharedFold& f, int block_m) {
   return static_cast<int64_t>(f.experts) * ((f.tokens + block_m - 1) / block_m) * block_m;
 }
 
+// The swapped wgmma kernel's form for the 32-row blocks: K slices in flight (3, 4 or 5) and
+// column tiles a CTA (1 or 2; two only with 4 stages) for gate/up and down. moe_swap_shape():
+// the environment's (ERNIE_MOE_SWAP_STAGES, ERNIE_MOE_SWAP_TILES; A/B switches not yet
+// measured, the defaults the kernel as measured); moe_gate_up and moe_down take another for
+// tests. Every form computes the same values bit for bit.
+struct MoeSwapShape {
+  int stages = 4;
+  int gate_up_tiles = 1, down_tiles = 1;
+};
+MoeSwapShape moe_swap_shape();
+
 // act [capacity, inter] = silu(x_g W_gate^T) * (x_g W_up^T) per sorted row, x_g = x[pair / k]
 // (gathered by the GEMM's loads); w_gate_up [E * 2 * inter, hidden] in the tiled layout (each
 // expert's gate rows then its up rows). hidden % 8 == 0, inter % 16 == 0. With a fold (decode
 // block sizes only), act has moe_shared_rows(fold, block_m) rows of the folded experts first,
-// then the capacity rows of the routed layout.
+// then the capacity rows of the routed layout. swap: the swapped kernel's form (null: the
+// environment's).
 void moe_gate_up(__nv_bfloat16* act, const __nv_bfloat16* x, const __nv_bfloat16* w_gate_up,
                  const int32_t* sorted_pairs, const int32_t* block_expert, int64_t capacity,
                  int block_m, int k, int hidden, int inter, int experts, cudaStream_t stream,
-                 const SharedFold& fold = {}, int32_t* block_ready = nullptr);
+                 const SharedFold& fold = {}, int32_t* block_ready = nullptr,
+                 const MoeSwapShape* swap = nullptr);
 
 // y [capacity, hidden] = weight[pair] * act W_down^T per sorted row; w_down [E * hidden, inter]
 // in the tiled layout. inter % 8 == 0, hidden % 16 == 0. With a fold, act as moe_gate_up wrote
@@ -109,7 +122,8 @@ void moe_gate_up(__nv_bfloat16* act, const __nv_bfloat16* x, const __nv_bfloat16
 void moe_down(__nv_bfloat16* y, const __nv_bfloat16* act, const __nv_bfloat16* w_down,
               const float* weights, const int32_t* sorted_pairs, const int32_t* block_expert,
               int64_t capacity, int block_m, int hidden, int inter, int experts,
-              cudaStream_t stream, const SharedFold& fold = {}, int32_t* block_ready = nullptr);
+              cudaStream_t stream, const SharedFold& fold = {}, int32_t* block_ready = nullptr,
+              const MoeSwapShape* swap = nullptr);
 
 // block_ready for moe_gate_up and moe_down (32- and 64-row blocks, no fold; moe_align cleared
 // it, and the same counters go to both, gate/up launched right before down on one stream):
