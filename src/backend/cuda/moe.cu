@@ -1143,14 +1143,14 @@ __global__ void __launch_bounds__(128)
   // stream: the next tile's first slices are in flight while this one's last are multiplied.
   constexpr int kCols = kGateUp ? kSwRows / 2 : kSwRows;  // output columns of a tile
   const int n0 = nb * kTiles * kCols;                     // the first tile's first output column
-  const int tiles = kTiles == 1 ? 1 : min(kTiles, (N - n0 + kCols - 1) / kCols);
-  const int k_tiles = (K + kWgBK - 1) / kWgBK;
-  const int slices = tiles * k_tiles;
   // The two boxes' first weight rows in the stacked [E * 2N, K] or [E * N, K] weights (the
   // first tile's; tile t's are t * kCols further). Rows of a last partial tile past the
   // expert's are read (or zero-filled past the tensor) and unused.
   const int row0 = kGateUp ? e * 2 * N + n0 : e * N + n0;
   const int row1 = kGateUp ? row0 + N : row0 + 64;
+  const int k_tiles = (K + kWgBK - 1) / kWgBK;
+  const int tiles = kTiles == 1 ? 1 : min(kTiles, (N - n0 + kCols - 1) / kCols);
+  const int slices = tiles * k_tiles;
   // Slice s: K slice s % k_tiles of the CTA's tile s / k_tiles.
   auto load_w = [&](int s) {
     if (tid == 0) {
