@@ -1102,8 +1102,7 @@ void launch_wgmma(__nv_bfloat16* out, const CUtensorMap& a_map, const CUtensorMa
 // expert under ERNIE_MOE_WIDE_SWAP=1: one block an expert where two 32-row ones would each
 // stream its weights (the nineteenth round measured that: +25% on the 512-token layer).
 constexpr int kSwRows = 128;  // weight rows per CTA
-// K slices in flight: 4 by default (two CTAs an SM for BN 32 and 64); ERNIE_MOE_SWAP_STAGES=3
-// (three CTAs an SM) or 5 (two, one slice more each) for the 32-row blocks.
+// K slices in flight by default (two CTAs an SM for BN 32 and 64; MoeSwapShape's other forms).
 constexpr int kSwStages = 4;
 // A K slice of the block's BN rows; a stage: the two weight boxes, then that slice (20 KB for
 // BN 32, 24 KB for 64; 1024-byte aligned parts).
