@@ -520,7 +520,9 @@ void expect_rows_equal(const std::vector<float>& got, const std::vector<float>& 
 // outputs must also match the 32-row blocks' pair by pair, and for the swapped kernel's other
 // forms of the 32-row blocks (3 and 5 K slices in flight, two column tiles a CTA: the A/B
 // switches ERNIE_MOE_SWAP_STAGES and ERNIE_MOE_SWAP_TILES), whose outputs must be the same bit
-// for bit.
+// for bit. Paired blocks (ERNIE_MOE_PAIR_BLOCKS: an expert of two 32-row blocks in one CTA,
+// wgmma's N of 64) must match the 32-row blocks as the 64-row blocks do, and the routings must
+// hold such experts.
 TEST(CudaKernels, MoeBlockReadyMatchesGridWait) {
   if (device_count() == 0) GTEST_SKIP() << "no CUDA device";
   Rng rng(std::random_device{}());
@@ -534,12 +536,16 @@ TEST(CudaKernels, MoeBlockReadyMatchesGridWait) {
     int hidden, inter, experts, k;
     std::vector<int> tokens;
   };
+  int paired_experts = 0;  // experts of 33-64 pairs in the routings (two 32-row blocks)
   for (const Shape& s : {Shape{2560, 1536, 64, 6, {3, 256, 512, 1500}},
                          Shape{512, 160, 24, 8, {200}}, Shape{160, 96, 24, 6, {200}}}) {
     const ExpertWeights w(rng, stream, s.hidden, s.inter, s.experts);
     for (int tokens : s.tokens) {
       const Routing r = random_routing(rng, tokens, s.experts, s.k, s.hidden);
-      PairRows mid, wide_rows;
+      std::vector<int> per_expert(s.experts, 0);
+      for (int32_t e : r.ids) ++per_expert[e];
+      for (int n : per_expert) paired_experts += n > kMoeBlockMid && n <= 2 * kMoeBlockMid;
+      PairRows mid, wide_rows, paired;
       expect_block_ready_matches(stream, s.hidden, s.inter, s.experts, r, kMoeBlockMid, w.gu,
                                  w.down, &mid);
       if (!wide || ::testing::Test::HasFatalFailure()) continue;
@@ -557,6 +563,16 @@ TEST(CudaKernels, MoeBlockReadyMatchesGridWait) {
         if (::testing::Test::HasFatalFailure()) break;
       }
       if (::testing::Test::HasFatalFailure()) continue;
+      {
+        SCOPED_TRACE("swapped kernel, paired 32-row blocks");
+        const MoeSwapShape pairs{4, 1, 1, true};
+        expect_block_ready_matches(stream, s.hidden, s.inter, s.experts, r, kMoeBlockMid, w.gu,
+                                   w.down, &paired, &pairs);
+        if (::testing::Test::HasFatalFailure()) continue;
+        expect_rows_close(paired.act, mid.act, s.inter, "act");
+        expect_rows_close(paired.y, mid.y, s.hidden, "y");
+        if (::testing::Test::HasFatalFailure()) continue;
+      }
       expect_block_ready_matches(stream, s.hidden, s.inter, s.experts, r, kMoeBlockWide, w.gu,
                                  w.down, &wide_rows);
       if (::testing::Test::HasFatalFailure()) continue;
@@ -564,6 +580,9 @@ TEST(CudaKernels, MoeBlockReadyMatchesGridWait) {
       expect_rows_close(wide_rows.act, mid.act, s.inter, "act");
       expect_rows_close(wide_rows.y, mid.y, s.hidden, "y");
     }
+  }
+  if (wide) {
+    EXPECT_GT(paired_experts, 0) << "no routing had an expert of two 32-row blocks";
   }
   ERNIE_CUDA_CHECK(cudaStreamDestroy(stream));
 }

@@ -1101,6 +1101,12 @@ void launch_wgmma(__nv_bfloat16* out, const CUtensorMap& a_map, const CUtensorMa
 // The same kernel with BN = 64 pair rows (m64n64k16) takes the 64-row blocks of 33-64 pairs an
 // expert under ERNIE_MOE_WIDE_SWAP=1: one block an expert where two 32-row ones would each
 // stream its weights (the nineteenth round measured that: +25% on the 512-token layer).
+// kPairs (BN = 64 over the 32-row layout, ERNIE_MOE_PAIR_BLOCKS=1): the same per expert inside
+// a batch of 32-row blocks. An expert of exactly two blocks (33-64 pairs; at 256 tokens of the
+// 21B model ~3% of the experts, at 320 a third) has both taken by the first block's CTAs, 64
+// rows as N, and the second block's CTAs leave at once; every other block is computed as 32
+// rows with 32 empty ones. The rule (pair_lead / pair_follower) reads only block_expert, so
+// gate/up and down agree on it, and a lead gate/up CTA counts each stored tile for both blocks.
 constexpr int kSwRows = 128;  // weight rows per CTA
 // K slices in flight by default (two CTAs an SM for BN 32 and 64; MoeSwapShape's other forms).
 constexpr int kSwStages = 4;
@@ -1117,12 +1123,24 @@ constexpr size_t sw_smem(int bn, int stages) {
 }
 static_assert(sw_a_bytes(kMoeBlockMid) % 1024 == 0 && sw_a_bytes(kMoeBlockWide) % 1024 == 0);
 
-template <bool kGateUp, int BN, int kStages, int kTiles>
+// kPairs: what a CTA of layout block mb does with the 32-row blocks around it (e: mb's expert,
+// prev2/prev/next/next2: the experts of blocks mb - 2 .. mb + 2, -1 past either end). An
+// expert of exactly two blocks is a pair: its first block leads (takes both), its second
+// follows (is taken). Experts of one block or of three and more are left as they are.
+__device__ __forceinline__ bool pair_lead(int e, int prev, int next, int next2) {
+  return prev != e && next == e && next2 != e;
+}
+__device__ __forceinline__ bool pair_follower(int e, int prev2, int prev, int next) {
+  return prev == e && prev2 != e && next != e;
+}
+
+template <bool kGateUp, int BN, int kStages, int kTiles, bool kPairs = false>
 __global__ void __launch_bounds__(128)
     moe_gemm_swap_kernel(const __grid_constant__ CUtensorMap w_map, __nv_bfloat16* out,
                          const __nv_bfloat16* a_src, const float* route_w,
                          const int32_t* sorted_pairs, const int32_t* block_expert, int k_choices,
                          int K, int N, const BlockReady ready) {
+  static_assert(!kPairs || (BN == 64 && kTiles == 1));
   const bool block_major = ready.counters != nullptr;
   const int mb = block_major ? blockIdx.y : blockIdx.x;
   const int nb = block_major ? blockIdx.x : blockIdx.y;
@@ -1131,13 +1149,27 @@ __global__ void __launch_bounds__(128)
   if constexpr (kGateUp) asm volatile("griddepcontrol.wait;" ::: "memory");
   asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
   const int e = __ldcg(block_expert + mb);
+  // Rows of the layout a block holds, and of them the rows this CTA computes (kPairs: 64 for a
+  // pair's lead, else 32; rows past them are padding).
+  constexpr int kBlockRows = kPairs ? BN / 2 : BN;
+  int rows = BN;
+  bool lead = false;
+  if constexpr (kPairs) {
+    const int blocks = block_major ? gridDim.y : gridDim.x;
+    const auto expert_at = [&](int b) { return b >= 0 && b < blocks ? __ldcg(block_expert + b) : -1; };
+    const int prev2 = expert_at(mb - 2), prev = expert_at(mb - 1);
+    const int next = expert_at(mb + 1), next2 = expert_at(mb + 2);
+    if (e >= 0 && pair_follower(e, prev2, prev, next)) return;
+    lead = e >= 0 && pair_lead(e, prev, next, next2);
+    rows = lead ? BN : kBlockRows;
+  }
   if (e < 0) return;
   extern __shared__ unsigned char smem_raw[];
   unsigned char* smem = reinterpret_cast<unsigned char*>(
       (reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t{1023});
   __shared__ uint64_t full[kStages];  // a slice's weight boxes have landed
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, c = lane % 4;
-  const int m0 = mb * BN;
+  const int m0 = mb * kBlockRows;
   // kTiles column tiles one after the other (ERNIE_MOE_SWAP_TILES), their K slices in one
   // stream: the next tile's first slices are in flight while this one's last are multiplied.
   constexpr int kCols = kGateUp ? kSwRows / 2 : kSwRows;  // output columns of a tile
@@ -1180,7 +1212,7 @@ __global__ void __launch_bounds__(128)
 #pragma unroll
   for (int i = 0; i < kRowsPerThread; ++i) {
     const int r = tid / 8 + 16 * i;
-    const int pair = __ldcg(sorted_pairs + m0 + r);
+    const int pair = !kPairs || r < rows ? __ldcg(sorted_pairs + m0 + r) : -1;
     const int64_t src = kGateUp ? pair / k_choices : m0 + r;
     a_row[i] = pair >= 0 ? a_src + src * K : nullptr;
     a_off[i] = gathered_offset(r, ch);
@@ -1189,7 +1221,8 @@ __global__ void __launch_bounds__(128)
   float ep_w[BN / 4];
 #pragma unroll
   for (int q = 0; q < BN / 4; ++q) {
-    ep_pair[q] = __ldcg(sorted_pairs + m0 + 8 * (q / 2) + 2 * c + q % 2);
+    const int32_t* at = sorted_pairs + m0 + 8 * (q / 2) + 2 * c + q % 2;
+    ep_pair[q] = !kPairs || at < sorted_pairs + m0 + rows ? __ldcg(at) : -1;
     ep_w[q] = !kGateUp && ep_pair[q] >= 0 ? route_w[ep_pair[q]] : 0.0f;
   }
   __syncthreads();  // the barriers' init
@@ -1238,7 +1271,10 @@ __global__ void __launch_bounds__(128)
     if constexpr (kGateUp) {
       if (block_major) {
         __syncthreads();  // every thread's rows stored
-        if (tid == 0) red_add_release_gpu(ready.counters + mb, 1);
+        if (tid == 0) {
+          red_add_release_gpu(ready.counters + mb, 1);
+          if (lead) red_add_release_gpu(ready.counters + mb + 1, 1);  // kPairs: both blocks
+        }
       }
     }
   };
@@ -1294,18 +1330,20 @@ bool swap_ab_enabled() {
   return on;
 }
 
-// w_rows: the stacked weights' rows (experts * 2N for gate/up, experts * N for down).
-template <bool kGateUp, int BN, int kStages, int kTiles>
+// w_rows: the stacked weights' rows (experts * 2N for gate/up, experts * N for down). kPairs:
+// BN = 64 over a layout of 32-row blocks.
+template <bool kGateUp, int BN, int kStages, int kTiles, bool kPairs = false>
 void launch_swap_rows(__nv_bfloat16* out, const __nv_bfloat16* a, const __nv_bfloat16* w,
                       int64_t w_rows, const float* route_w, const int32_t* sorted_pairs,
                       const int32_t* block_expert, int64_t capacity, int k, int K, int N,
                       int32_t* block_ready, cudaStream_t stream) {
-  require_gemm_shape(K, N, capacity, BN);
+  constexpr int block_rows = kPairs ? BN / 2 : BN;
+  require_gemm_shape(K, N, capacity, block_rows);
   constexpr size_t smem = sw_smem(BN, kStages);
+  constexpr auto kernel = moe_gemm_swap_kernel<kGateUp, BN, kStages, kTiles, kPairs>;
   static bool configured = false;
   if (!configured) {
-    ERNIE_CUDA_CHECK(cudaFuncSetAttribute(moe_gemm_swap_kernel<kGateUp, BN, kStages, kTiles>,
-                                          cudaFuncAttributeMaxDynamicSharedMemorySize,
+    ERNIE_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                           static_cast<int>(smem)));
     configured = true;
   }
@@ -1316,13 +1354,13 @@ void launch_swap_rows(__nv_bfloat16* out, const __nv_bfloat16* a, const __nv_bfl
     ready = BlockReady{block_ready, kGateUp ? 0 : (K + gate_up_cols - 1) / gate_up_cols};
   }
   const CUtensorMap map = tensor_map_bf16_tiled(w, w_rows, tiled_cols(K), 64 / kTiledGroupRows);
-  const unsigned m_blocks = static_cast<unsigned>(capacity / BN);
+  const unsigned m_blocks = static_cast<unsigned>(capacity / block_rows);
   // Column tiles of kTiles tiles each (a partial last one); down's readiness target stays
   // gate/up's tile count, each tile counted when stored.
   const unsigned n_ctas = ((N + cols - 1) / cols + kTiles - 1) / kTiles;
   const dim3 grid = ready.counters != nullptr ? dim3(n_ctas, m_blocks) : dim3(m_blocks, n_ctas);
-  launch_pdl(moe_gemm_swap_kernel<kGateUp, BN, kStages, kTiles>, grid, 128, smem, stream, map, out,
-             a, route_w, sorted_pairs, block_expert, k, K, N, ready);
+  launch_pdl(kernel, grid, 128, smem, stream, map, out, a, route_w, sorted_pairs, block_expert, k,
+             K, N, ready);
   ERNIE_CUDA_CHECK(cudaGetLastError());
 }
 
@@ -1349,11 +1387,17 @@ void launch_swap(int block_m, const MoeSwapShape& shape, __nv_bfloat16* out, con
                     ((shape.stages == 3 || shape.stages == 5) && tiles == 1),
                 "MoE swapped kernel: ", shape.stages, " stages with ", tiles,
                 " tiles a CTA is not built (4 stages with 1 or 2 tiles, or 3 or 5 with 1)");
-  auto* launch = block_m == kMoeBlockWide ? launch_swap_rows<kGateUp, kMoeBlockWide, kSwStages, 1>
-                 : tiles == 2             ? launch_swap_rows<kGateUp, kMoeBlockMid, kSwStages, 2>
-                 : shape.stages == 3      ? launch_swap_rows<kGateUp, kMoeBlockMid, 3, 1>
-                 : shape.stages == 5      ? launch_swap_rows<kGateUp, kMoeBlockMid, 5, 1>
-                                          : launch_swap_rows<kGateUp, kMoeBlockMid, kSwStages, 1>;
+  require_parts(!shape.pair_blocks || (shape.stages == kSwStages && tiles == 1),
+                "MoE swapped kernel: paired blocks are built for 4 stages and one tile a CTA, not ",
+                shape.stages, " and ", tiles);
+  const bool pairs = shape.pair_blocks && block_m == kMoeBlockMid;
+  auto* launch =
+      block_m == kMoeBlockWide ? launch_swap_rows<kGateUp, kMoeBlockWide, kSwStages, 1>
+      : pairs                  ? launch_swap_rows<kGateUp, kMoeBlockWide, kSwStages, 1, true>
+      : tiles == 2             ? launch_swap_rows<kGateUp, kMoeBlockMid, kSwStages, 2>
+      : shape.stages == 3      ? launch_swap_rows<kGateUp, kMoeBlockMid, 3, 1>
+      : shape.stages == 5      ? launch_swap_rows<kGateUp, kMoeBlockMid, 5, 1>
+                               : launch_swap_rows<kGateUp, kMoeBlockMid, kSwStages, 1>;
   launch(out, a, w, w_rows, route_w, sorted_pairs, block_expert, capacity, k, K, N, block_ready,
          stream);
 }
@@ -1642,8 +1686,9 @@ SharedFoldMaps shared_fold_maps(const __nv_bfloat16* gate_up, const __nv_bfloat1
 }
 
 // The A/B switches' shape (moe.cuh), read once: ERNIE_MOE_SWAP_STAGES=3|5 (K slices in flight;
-// 4 unless set), ERNIE_MOE_SWAP_TILES bit 1 (gate/up) and bit 2 (down): two column tiles a CTA.
-// Neither is measured yet: the defaults are the kernel as measured.
+// 4 unless set), ERNIE_MOE_SWAP_TILES bit 1 (gate/up) and bit 2 (down): two column tiles a CTA,
+// ERNIE_MOE_PAIR_BLOCKS=1: an expert's two 32-row blocks in one CTA. None is measured yet: the
+// defaults are the kernel as measured.
 MoeSwapShape moe_swap_shape() {
   static const MoeSwapShape shape = [] {
     MoeSwapShape v;
@@ -1651,6 +1696,7 @@ MoeSwapShape moe_swap_shape() {
     const int tiles = switch_bits("ERNIE_MOE_SWAP_TILES", 0);
     v.gate_up_tiles = (tiles & 1) != 0 ? 2 : 1;
     v.down_tiles = (tiles & 2) != 0 ? 2 : 1;
+    v.pair_blocks = new_path_enabled("ERNIE_MOE_PAIR_BLOCKS");
     return v;
   }();
   return shape;

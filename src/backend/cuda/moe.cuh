@@ -94,13 +94,17 @@ inline int64_t moe_shared_rows(const SharedFold& f, int block_m) {
 }
 
 // The swapped wgmma kernel's form for the 32-row blocks: K slices in flight (3, 4 or 5) and
-// column tiles a CTA (1 or 2; two only with 4 stages) for gate/up and down. moe_swap_shape():
-// the environment's (ERNIE_MOE_SWAP_STAGES, ERNIE_MOE_SWAP_TILES; A/B switches not yet
-// measured, the defaults the kernel as measured); moe_gate_up and moe_down take another for
-// tests. Every form computes the same values bit for bit.
+// column tiles a CTA (1 or 2; two only with 4 stages) for gate/up and down, and paired blocks.
+// moe_swap_shape(): the environment's (ERNIE_MOE_SWAP_STAGES, ERNIE_MOE_SWAP_TILES,
+// ERNIE_MOE_PAIR_BLOCKS; A/B switches not yet measured, the defaults the kernel as measured);
+// moe_gate_up and moe_down take another for tests (the same one for both). The stage and tile
+// forms compute the same values bit for bit; paired blocks use wgmma's N of 64 throughout.
 struct MoeSwapShape {
   int stages = 4;
   int gate_up_tiles = 1, down_tiles = 1;
+  // An expert of exactly two blocks (33-64 pairs) taken by one CTA a column tile, 64 rows as
+  // wgmma's N, so its weights stream once (with 4 stages and one tile only).
+  bool pair_blocks = false;
 };
 MoeSwapShape moe_swap_shape();
 
