@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <limits>
+#include <numeric>
 #include <random>
 #include <utility>
 #include <vector>
@@ -136,6 +137,75 @@ TEST(MoeLayout, CapacityHoldsAnyRouting) {
   EXPECT_EQ(moe_block_m(512 * 6, 64), moe_wide_swap_enabled() ? kMoeBlockWide : kMoeBlockWgmma);
   EXPECT_EQ(moe_block_m(683 * 6, 64), kMoeBlockWgmma);
   EXPECT_EQ(moe_block_m(8192 * 6, 64), kMoeBlockWgmma);
+}
+
+// Paired 32-row blocks (ERNIE_MOE_PAIR_BLOCKS): over layouts of contiguous runs of each
+// expert's blocks, in any expert order and with padding blocks after them, pair_role has every
+// used block computed exactly once (alone, or by the lead of its pair), no padding block
+// computed, and a lead exactly for each expert of two blocks (33-64 pairs).
+TEST(MoeLayout, PairedBlocksComputeEveryBlockOnce) {
+  Rng rng(std::random_device{}());
+  for (int trial = 0; trial < 2000; ++trial) {
+    const int experts = std::vector<int>{1, 2, 3, 8, 64, 160}[rng.below(6)];
+    // Pairs an expert: around a random mean, every one 33-64 in some trials, skewed in others.
+    const int mean = static_cast<int>(rng.below(80));
+    std::vector<int> count(experts);
+    for (int& n : count) {
+      switch (trial % 4) {
+        case 0:
+          n = 33 + static_cast<int>(rng.below(32));
+          break;
+        case 1:
+          n = static_cast<int>(rng.below(2 * mean + 1));
+          break;
+        case 2:
+          n = rng.below(4) == 0 ? static_cast<int>(rng.below(200)) : mean;
+          break;
+        default:
+          n = std::vector<int>{0, 20, 40, 70, 100}[rng.below(5)];
+          break;
+      }
+    }
+    std::vector<int> order(experts);
+    std::iota(order.begin(), order.end(), 0);
+    std::shuffle(order.begin(), order.end(), std::mt19937(static_cast<unsigned>(rng.next())));
+    std::vector<int> block_expert;
+    int64_t pairs = 0;
+    int two_block_experts = 0;
+    for (int e : order) {
+      const int blocks = (count[e] + kMoeBlockMid - 1) / kMoeBlockMid;
+      block_expert.insert(block_expert.end(), blocks, e);
+      pairs += count[e];
+      two_block_experts += blocks == 2;
+    }
+    const size_t used = block_expert.size();
+    const int64_t cap = moe_capacity(pairs, experts, kMoeBlockMid);
+    ASSERT_LE(static_cast<int64_t>(used) * kMoeBlockMid, cap);
+    block_expert.resize(static_cast<size_t>(cap / kMoeBlockMid), -1);
+    const int n = static_cast<int>(block_expert.size());
+    const auto at = [&](int b) { return b >= 0 && b < n ? block_expert[b] : -1; };
+    std::vector<int> computed(n, 0);
+    int leads = 0;
+    for (int b = 0; b < n; ++b) {
+      const PairRole role = pair_role(at(b - 2), at(b - 1), at(b), at(b + 1), at(b + 2));
+      if (at(b) < 0) {
+        ASSERT_EQ(role, kPairAlone) << "padding block " << b;
+        continue;  // the kernel leaves
+      }
+      if (role == kPairFollower) continue;
+      ++computed[b];
+      if (role == kPairLead) {
+        ASSERT_LT(b + 1, n);
+        ASSERT_EQ(at(b + 1), at(b)) << "lead block " << b;
+        ++computed[b + 1];
+        ++leads;
+      }
+    }
+    for (int b = 0; b < n; ++b) {
+      ASSERT_EQ(computed[b], static_cast<size_t>(b) < used ? 1 : 0) << "block " << b;
+    }
+    ASSERT_EQ(leads, two_block_experts) << "trial " << trial;
+  }
 }
 
 // Every (row, col) of a tiled matrix has its own element, the padding columns included, and

@@ -1105,8 +1105,8 @@ void launch_wgmma(__nv_bfloat16* out, const CUtensorMap& a_map, const CUtensorMa
 // a batch of 32-row blocks. An expert of exactly two blocks (33-64 pairs; at 256 tokens of the
 // 21B model ~3% of the experts, at 320 a third) has both taken by the first block's CTAs, 64
 // rows as N, and the second block's CTAs leave at once; every other block is computed as 32
-// rows with 32 empty ones. The rule (pair_lead / pair_follower) reads only block_expert, so
-// gate/up and down agree on it, and a lead gate/up CTA counts each stored tile for both blocks.
+// rows with 32 empty ones. The rule (pair_role, moe.cuh) reads only block_expert, so gate/up
+// and down agree on it, and a lead gate/up CTA counts each stored tile for both blocks.
 constexpr int kSwRows = 128;  // weight rows per CTA
 // K slices in flight by default (two CTAs an SM for BN 32 and 64; MoeSwapShape's other forms).
 constexpr int kSwStages = 4;
@@ -1122,17 +1122,6 @@ constexpr size_t sw_smem(int bn, int stages) {
   return static_cast<size_t>(stages) * sw_stage_bytes(bn) + 1024;
 }
 static_assert(sw_a_bytes(kMoeBlockMid) % 1024 == 0 && sw_a_bytes(kMoeBlockWide) % 1024 == 0);
-
-// kPairs: what a CTA of layout block mb does with the 32-row blocks around it (e: mb's expert,
-// prev2/prev/next/next2: the experts of blocks mb - 2 .. mb + 2, -1 past either end). An
-// expert of exactly two blocks is a pair: its first block leads (takes both), its second
-// follows (is taken). Experts of one block or of three and more are left as they are.
-__device__ __forceinline__ bool pair_lead(int e, int prev, int next, int next2) {
-  return prev != e && next == e && next2 != e;
-}
-__device__ __forceinline__ bool pair_follower(int e, int prev2, int prev, int next) {
-  return prev == e && prev2 != e && next != e;
-}
 
 template <bool kGateUp, int BN, int kStages, int kTiles, bool kPairs = false>
 __global__ void __launch_bounds__(128)
@@ -1156,11 +1145,13 @@ __global__ void __launch_bounds__(128)
   bool lead = false;
   if constexpr (kPairs) {
     const int blocks = block_major ? gridDim.y : gridDim.x;
-    const auto expert_at = [&](int b) { return b >= 0 && b < blocks ? __ldcg(block_expert + b) : -1; };
-    const int prev2 = expert_at(mb - 2), prev = expert_at(mb - 1);
-    const int next = expert_at(mb + 1), next2 = expert_at(mb + 2);
-    if (e >= 0 && pair_follower(e, prev2, prev, next)) return;
-    lead = e >= 0 && pair_lead(e, prev, next, next2);
+    const auto expert_at = [&](int b) {
+      return b >= 0 && b < blocks ? __ldcg(block_expert + b) : -1;
+    };
+    const PairRole role =
+        pair_role(expert_at(mb - 2), expert_at(mb - 1), e, expert_at(mb + 1), expert_at(mb + 2));
+    if (role == kPairFollower) return;
+    lead = role == kPairLead;
     rows = lead ? BN : kBlockRows;
   }
   if (e < 0) return;
@@ -1391,13 +1382,12 @@ void launch_swap(int block_m, const MoeSwapShape& shape, __nv_bfloat16* out, con
                 "MoE swapped kernel: paired blocks are built for 4 stages and one tile a CTA, not ",
                 shape.stages, " and ", tiles);
   const bool pairs = shape.pair_blocks && block_m == kMoeBlockMid;
-  auto* launch =
-      block_m == kMoeBlockWide ? launch_swap_rows<kGateUp, kMoeBlockWide, kSwStages, 1>
-      : pairs                  ? launch_swap_rows<kGateUp, kMoeBlockWide, kSwStages, 1, true>
-      : tiles == 2             ? launch_swap_rows<kGateUp, kMoeBlockMid, kSwStages, 2>
-      : shape.stages == 3      ? launch_swap_rows<kGateUp, kMoeBlockMid, 3, 1>
-      : shape.stages == 5      ? launch_swap_rows<kGateUp, kMoeBlockMid, 5, 1>
-                               : launch_swap_rows<kGateUp, kMoeBlockMid, kSwStages, 1>;
+  auto* launch = block_m == kMoeBlockWide ? launch_swap_rows<kGateUp, kMoeBlockWide, kSwStages, 1>
+                 : pairs             ? launch_swap_rows<kGateUp, kMoeBlockWide, kSwStages, 1, true>
+                 : tiles == 2        ? launch_swap_rows<kGateUp, kMoeBlockMid, kSwStages, 2>
+                 : shape.stages == 3 ? launch_swap_rows<kGateUp, kMoeBlockMid, 3, 1>
+                 : shape.stages == 5 ? launch_swap_rows<kGateUp, kMoeBlockMid, 5, 1>
+                                     : launch_swap_rows<kGateUp, kMoeBlockMid, kSwStages, 1>;
   launch(out, a, w, w_rows, route_w, sorted_pairs, block_expert, capacity, k, K, N, block_ready,
          stream);
 }

@@ -16,6 +16,8 @@
 #include <algorithm>
 #include <cstdint>
 
+#include "backend/cuda/expert_layout.h"
+
 namespace ernie::cuda {
 
 // ERNIE_MOE_WIDE_SWAP=1 (A/B runs, not yet measured; needs the swapped kernel, on unless
@@ -107,6 +109,18 @@ struct MoeSwapShape {
   bool pair_blocks = false;
 };
 MoeSwapShape moe_swap_shape();
+
+// Paired blocks: what the CTAs of layout block b do, from the experts of blocks b - 2 .. b + 2
+// (block_expert; -1 past either end and for padding blocks). An expert of exactly two blocks
+// is a pair: its first block leads (computes both), its second follows (computes nothing).
+// Blocks of experts of one block or of three and more are alone (compute themselves).
+enum PairRole : int { kPairAlone, kPairLead, kPairFollower };
+ERNIE_HOST_DEVICE PairRole pair_role(int prev2, int prev, int e, int next, int next2) {
+  if (e < 0) return kPairAlone;
+  if (prev != e && next == e && next2 != e) return kPairLead;
+  if (prev == e && prev2 != e && next != e) return kPairFollower;
+  return kPairAlone;
+}
 
 // act [capacity, inter] = silu(x_g W_gate^T) * (x_g W_up^T) per sorted row, x_g = x[pair / k]
 // (gathered by the GEMM's loads); w_gate_up [E * 2 * inter, hidden] in the tiled layout (each
