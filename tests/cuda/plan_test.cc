@@ -5,15 +5,18 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <limits>
 #include <numeric>
 #include <random>
+#include <string>
 #include <utility>
 #include <vector>
 
 #include "backend/cuda/attention.cuh"
 #include "backend/cuda/expert_layout.h"
 #include "backend/cuda/moe.cuh"
+#include "common/check.h"
 #include "common/rng.h"
 
 namespace ernie::cuda {
@@ -205,6 +208,39 @@ TEST(MoeLayout, PairedBlocksComputeEveryBlockOnce) {
       ASSERT_EQ(computed[b], static_cast<size_t>(b) < used ? 1 : 0) << "block " << b;
     }
     ASSERT_EQ(leads, two_block_experts) << "trial " << trial;
+  }
+}
+
+// The swapped kernel's forms that are not built (MoeSwapShape: paired blocks with other than 4
+// stages and one tile a CTA, two tiles with 3 or 5 stages) are refused with an error that
+// names them, before anything runs on a device. It runs where there is no device (CI): there a
+// form that slipped through fails at its first CUDA call instead of launching on null pointers.
+TEST(MoeLayout, UnbuiltSwapFormsAreRefused) {
+  const char* swap_env = std::getenv("ERNIE_MOE_SWAP_AB");
+  if (swap_env != nullptr && std::string(swap_env) == "0") GTEST_SKIP() << "no swapped kernel";
+  int devices = 0;
+  if (cudaGetDeviceCount(&devices) == cudaSuccess && devices > 0) {
+    GTEST_SKIP() << "checked on machines without a device";
+  }
+  const int tokens = 8, k = 6, hidden = 256, inter = 128, experts = 8;
+  const int64_t cap = moe_capacity(int64_t{tokens} * k, experts, kMoeBlockMid);
+  for (const MoeSwapShape& bad :
+       {MoeSwapShape{3, 1, 1, true}, MoeSwapShape{4, 2, 1, true}, MoeSwapShape{4, 1, 2, true},
+        MoeSwapShape{5, 2, 2, false}, MoeSwapShape{6, 1, 1, false}}) {
+    SCOPED_TRACE(::testing::Message() << bad.stages << " stages, " << bad.gate_up_tiles << "/"
+                                      << bad.down_tiles << " tiles, pairs " << bad.pair_blocks);
+    try {
+      if (bad.gate_up_tiles != 1 || bad.down_tiles == 1) {
+        moe_gate_up(nullptr, nullptr, nullptr, nullptr, nullptr, cap, kMoeBlockMid, k, hidden,
+                    inter, experts, nullptr, SharedFold{}, nullptr, &bad);
+      } else {
+        moe_down(nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, cap, kMoeBlockMid, hidden,
+                 inter, experts, nullptr, SharedFold{}, nullptr, &bad);
+      }
+      ADD_FAILURE() << "not refused";
+    } catch (const Error& e) {
+      EXPECT_NE(std::string(e.what()).find("MoE swapped kernel"), std::string::npos) << e.what();
+    }
   }
 }
 
