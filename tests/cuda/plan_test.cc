@@ -212,7 +212,7 @@ TEST(MoeLayout, PairedBlocksComputeEveryBlockOnce) {
 }
 
 // The swapped kernel's forms that are not built (MoeSwapShape: paired blocks with other than 4
-// stages and one tile a CTA, two tiles with 3 or 5 stages) are refused with an error that
+// stages and one tile a CTA, two tiles with 5 stages, 6 stages) are refused with an error that
 // names them, before anything runs on a device. It runs where there is no device (CI): there a
 // form that slipped through fails at its first CUDA call instead of launching on null pointers.
 TEST(MoeLayout, UnbuiltSwapFormsAreRefused) {
