@@ -230,6 +230,7 @@ TEST(MoeLayout, UnbuiltSwapFormsAreRefused) {
     SCOPED_TRACE(::testing::Message() << bad.stages << " stages, " << bad.gate_up_tiles << "/"
                                       << bad.down_tiles << " tiles, pairs " << bad.pair_blocks);
     try {
+      // The GEMM whose form is off: down where only its tile count is.
       if (bad.gate_up_tiles != 1 || bad.down_tiles == 1) {
         moe_gate_up(nullptr, nullptr, nullptr, nullptr, nullptr, cap, kMoeBlockMid, k, hidden,
                     inter, experts, nullptr, SharedFold{}, nullptr, &bad);
