@@ -131,8 +131,8 @@ TEST(MoeLayout, CapacityHoldsAnyRouting) {
   // One token of the 21B model (top-6 of 64): at most six experts pad, six 16-row blocks.
   EXPECT_EQ(moe_capacity(6, 64, kMoeBlockSmall), 6 * kMoeBlockSmall);
   // Decode batches of the 21B model (64 experts, top-6) up to ~85 sequences take the 16-row
-  // blocks, up to ~340 the 32-row blocks, up to ~680 the 64-row ones under ERNIE_MOE_WIDE_SWAP=1
-  // (else the wgmma tiles), larger batches and prefill chunks the wgmma tiles.
+  // blocks, up to ~340 the 32-row blocks, up to ~680 the 64-row ones (the wgmma tiles with
+  // ERNIE_MOE_WIDE_SWAP=0), larger batches and prefill chunks the wgmma tiles.
   EXPECT_EQ(moe_block_m(16 * 6, 64), kMoeBlockSmall);
   EXPECT_EQ(moe_block_m(64 * 6, 64), kMoeBlockSmall);
   EXPECT_EQ(moe_block_m(128 * 6, 64), kMoeBlockMid);
@@ -211,36 +211,55 @@ TEST(MoeLayout, PairedBlocksComputeEveryBlockOnce) {
   }
 }
 
-// The swapped kernel's forms that are not built (MoeSwapShape: paired blocks with other than 4
-// stages and one tile a CTA, two tiles with 5 stages, 6 stages) are refused with an error that
-// names them, before anything runs on a device. It runs where there is no device (CI): there a
-// form that slipped through fails at its first CUDA call instead of launching on null pointers.
-TEST(MoeLayout, UnbuiltSwapFormsAreRefused) {
-  const char* swap_env = std::getenv("ERNIE_MOE_SWAP_AB");
-  if (swap_env != nullptr && std::string(swap_env) == "0") GTEST_SKIP() << "no swapped kernel";
+// Paired blocks where they pay (moe_pair_blocks): the 32-row blocks from kMoePairMinAverage
+// pairs an expert on average, for the 21B model (64 experts, top-6) from 214 tokens to the
+// 32-row blocks' last size; never other block sizes, nor with the switches off.
+TEST(MoeLayout, PairedBlocksFromTwentyPairsAnExpert) {
+  const auto off = [](const char* name) {
+    const char* v = std::getenv(name);
+    return v != nullptr && std::string(v) == "0";
+  };
+  const bool on = !off("ERNIE_MOE_PAIR_BLOCKS") && !off("ERNIE_MOE_SWAP_AB");
+  const auto paired = [](int tokens) {
+    const int64_t pairs = int64_t{tokens} * 6;
+    return moe_pair_blocks(pairs, 64, moe_block_m(pairs, 64));
+  };
+  for (int tokens : {1, 8, 86, 128, 192, 213, 342, 512, 8192}) {
+    EXPECT_FALSE(paired(tokens)) << tokens << " tokens";
+  }
+  for (int tokens : {214, 256, 320, 341}) EXPECT_EQ(paired(tokens), on) << tokens << " tokens";
+  for (int block_m : {kMoeBlockSmall, kMoeBlockWide, kMoeBlockWgmma}) {
+    EXPECT_FALSE(moe_pair_blocks(300 * 6, 64, block_m)) << "blocks of " << block_m;
+  }
+}
+
+// Paired blocks asked of the GEMMs for blocks other than 32 rows are refused with an error
+// that says so, before anything runs on a device. It runs where there is no device (CI): there
+// a call that slipped through fails at its first CUDA call instead of launching on null
+// pointers.
+TEST(MoeLayout, PairedBlocksOfOtherSizesAreRefused) {
   int devices = 0;
   if (cudaGetDeviceCount(&devices) == cudaSuccess && devices > 0) {
     GTEST_SKIP() << "checked on machines without a device";
   }
-  const int tokens = 8, k = 6, hidden = 256, inter = 128, experts = 8;
-  const int64_t cap = moe_capacity(int64_t{tokens} * k, experts, kMoeBlockMid);
-  for (const MoeSwapShape& bad :
-       {MoeSwapShape{3, 1, 1, true}, MoeSwapShape{4, 2, 1, true}, MoeSwapShape{4, 1, 2, true},
-        MoeSwapShape{5, 2, 2, false}, MoeSwapShape{6, 1, 1, false}}) {
-    SCOPED_TRACE(::testing::Message() << bad.stages << " stages, " << bad.gate_up_tiles << "/"
-                                      << bad.down_tiles << " tiles, pairs " << bad.pair_blocks);
-    try {
-      // The GEMM whose form is off: down where only its tile count is.
-      if (bad.gate_up_tiles != 1 || bad.down_tiles == 1) {
-        moe_gate_up(nullptr, nullptr, nullptr, nullptr, nullptr, cap, kMoeBlockMid, k, hidden,
-                    inter, experts, nullptr, SharedFold{}, nullptr, &bad);
-      } else {
-        moe_down(nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, cap, kMoeBlockMid, hidden,
-                 inter, experts, nullptr, SharedFold{}, nullptr, &bad);
+  const int tokens = 300, k = 6, hidden = 256, inter = 128, experts = 8;
+  for (int block_m : {kMoeBlockSmall, kMoeBlockWide, kMoeBlockWgmma}) {
+    const int64_t cap = moe_capacity(int64_t{tokens} * k, experts, block_m);
+    for (bool gate_up : {true, false}) {
+      SCOPED_TRACE(::testing::Message()
+                   << "blocks of " << block_m << (gate_up ? ", gate/up" : ", down"));
+      try {
+        if (gate_up) {
+          moe_gate_up(nullptr, nullptr, nullptr, nullptr, nullptr, cap, block_m, k, hidden, inter,
+                      experts, nullptr, SharedFold{}, nullptr, true);
+        } else {
+          moe_down(nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, cap, block_m, hidden,
+                   inter, experts, nullptr, SharedFold{}, nullptr, true);
+        }
+        ADD_FAILURE() << "not refused";
+      } catch (const Error& e) {
+        EXPECT_NE(std::string(e.what()).find("paired blocks"), std::string::npos) << e.what();
       }
-      ADD_FAILURE() << "not refused";
-    } catch (const Error& e) {
-      EXPECT_NE(std::string(e.what()).find("MoE swapped kernel"), std::string::npos) << e.what();
     }
   }
 }

@@ -1099,16 +1099,17 @@ void launch_wgmma(__nv_bfloat16* out, const CUtensorMap& a_map, const CUtensorMa
 // gate and up (or down's two halves) of the same output columns: SwiGLU and the routing weight
 // stay in registers. Grid, launch order and readiness counters as moe_gemm_kernel's.
 // The same kernel with BN = 64 pair rows (m64n64k16) takes the 64-row blocks of 33-64 pairs an
-// expert under ERNIE_MOE_WIDE_SWAP=1: one block an expert where two 32-row ones would each
-// stream its weights (the nineteenth round measured that: +25% on the 512-token layer).
-// kPairs (BN = 64 over the 32-row layout, ERNIE_MOE_PAIR_BLOCKS=1): the same per expert inside
-// a batch of 32-row blocks. An expert of exactly two blocks (33-64 pairs; at 256 tokens of the
-// 21B model ~3% of the experts, at 320 a third) has both taken by the first block's CTAs, 64
+// expert on average (moe_wide_swap_enabled): one block an expert where two 32-row ones would
+// each stream its weights (the nineteenth round measured that: +25% on the 512-token layer).
+// kPairs (BN = 64 over the 32-row layout, moe_pair_blocks): the same per expert inside a batch
+// of 32-row blocks. An expert of exactly two blocks (33-64 pairs; at 256 tokens of the 21B
+// model a few of the 64 experts, at 320 a third) has both taken by the first block's CTAs, 64
 // rows as N, and the second block's CTAs leave at once; every other block is computed as 32
 // rows with 32 empty ones. The rule (pair_role, moe.cuh) reads only block_expert, so gate/up
 // and down agree on it, and a lead gate/up CTA counts each stored tile for both blocks.
 constexpr int kSwRows = 128;  // weight rows per CTA
-// K slices in flight by default (two CTAs an SM for BN 32 and 64; MoeSwapShape's other forms).
+// K slices in flight (two CTAs an SM for BN 32 and 64; H100, 256 x 1000: 3 stages and three CTAs
+// an SM +0.5%, 5 stages no gain, docs/performance.md thirty-first round).
 constexpr int kSwStages = 4;
 // A K slice of the block's BN rows; a stage: the two weight boxes, then that slice (20 KB for
 // BN 32, 24 KB for 64; 1024-byte aligned parts).
@@ -1118,18 +1119,18 @@ constexpr int sw_a_bytes(int bn) {
 constexpr int sw_stage_bytes(int bn) {
   return 2 * kWgBox + sw_a_bytes(bn);
 }
-constexpr size_t sw_smem(int bn, int stages) {
-  return static_cast<size_t>(stages) * sw_stage_bytes(bn) + 1024;
+constexpr size_t sw_smem(int bn) {
+  return static_cast<size_t>(kSwStages) * sw_stage_bytes(bn) + 1024;
 }
 static_assert(sw_a_bytes(kMoeBlockMid) % 1024 == 0 && sw_a_bytes(kMoeBlockWide) % 1024 == 0);
 
-template <bool kGateUp, int BN, int kStages, int kTiles, bool kPairs = false>
+template <bool kGateUp, int BN, bool kPairs = false>
 __global__ void __launch_bounds__(128)
     moe_gemm_swap_kernel(const __grid_constant__ CUtensorMap w_map, __nv_bfloat16* out,
                          const __nv_bfloat16* a_src, const float* route_w,
                          const int32_t* sorted_pairs, const int32_t* block_expert, int k_choices,
                          int K, int N, const BlockReady ready) {
-  static_assert(!kPairs || (BN == 64 && kTiles == 1));
+  static_assert(!kPairs || BN == 64);
   const bool block_major = ready.counters != nullptr;
   const int mb = block_major ? blockIdx.y : blockIdx.x;
   const int nb = block_major ? blockIdx.x : blockIdx.y;
@@ -1158,41 +1159,32 @@ __global__ void __launch_bounds__(128)
   extern __shared__ unsigned char smem_raw[];
   unsigned char* smem = reinterpret_cast<unsigned char*>(
       (reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t{1023});
-  __shared__ uint64_t full[kStages];  // a slice's weight boxes have landed
+  __shared__ uint64_t full[kSwStages];  // a slice's weight boxes have landed
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, c = lane % 4;
   const int m0 = mb * kBlockRows;
-  // kTiles column tiles one after the other (ERNIE_MOE_SWAP_TILES), their K slices in one
-  // stream: the next tile's first slices are in flight while this one's last are multiplied.
-  constexpr int kCols = kGateUp ? kSwRows / 2 : kSwRows;  // output columns of a tile
-  const int n0 = nb * kTiles * kCols;                     // the first tile's first output column
-  // The two boxes' first weight rows in the stacked [E * 2N, K] or [E * N, K] weights (the
-  // first tile's; tile t's are t * kCols further). Rows of a last partial tile past the
-  // expert's are read (or zero-filled past the tensor) and unused.
+  const int n0 = nb * (kGateUp ? kSwRows / 2 : kSwRows);  // the tile's first output column
+  // The two boxes' first weight rows in the stacked [E * 2N, K] or [E * N, K] weights. Rows of
+  // a last partial tile past the expert's are read (or zero-filled past the tensor) and unused.
   const int row0 = kGateUp ? e * 2 * N + n0 : e * N + n0;
   const int row1 = kGateUp ? row0 + N : row0 + 64;
   const int k_tiles = (K + kWgBK - 1) / kWgBK;
-  const int tiles = kTiles == 1 ? 1 : min(kTiles, (N - n0 + kCols - 1) / kCols);
-  const int slices = tiles * k_tiles;
-  // Slice s: K slice s % k_tiles of the CTA's tile s / k_tiles.
-  auto load_w = [&](int s) {
+  auto load_w = [&](int kt) {
     if (tid == 0) {
-      const int kt = kTiles == 1 ? s : s % k_tiles;
-      const int dr = kTiles == 1 ? 0 : s / k_tiles * kCols;
-      unsigned char* st = smem + (s % kStages) * sw_stage_bytes(BN);
-      uint64_t* bar = &full[s % kStages];
+      unsigned char* st = smem + (kt % kSwStages) * sw_stage_bytes(BN);
+      uint64_t* bar = &full[kt % kSwStages];
       mbar_arrive_expect_tx(bar, 2 * kWgBox);
-      tma_load_4d(st, &w_map, bar, 0, 0, kt, (row0 + dr) / kTiledGroupRows);
-      tma_load_4d(st + kWgBox, &w_map, bar, 0, 0, kt, (row1 + dr) / kTiledGroupRows);
+      tma_load_4d(st, &w_map, bar, 0, 0, kt, row0 / kTiledGroupRows);
+      tma_load_4d(st + kWgBox, &w_map, bar, 0, 0, kt, row1 / kTiledGroupRows);
     }
   };
   // The first slices' weights go out before anything else is read (thread 0 alone uses the
   // barriers until the CTA barrier below).
   if (tid == 0) {
-    for (int s = 0; s < kStages; ++s) mbar_init(&full[s], 1);
+    for (int s = 0; s < kSwStages; ++s) mbar_init(&full[s], 1);
     mbar_init_fence();
   }
-  for (int s = 0; s < kStages - 1; ++s) {
-    if (s < slices) load_w(s);
+  for (int kt = 0; kt < kSwStages - 1; ++kt) {
+    if (kt < k_tiles) load_w(kt);
   }
   // This thread's activation pieces of each slice: rows tid / 8 + 16 i, piece tid % 8; and the
   // pairs of the rows its accumulators hold: 8 i + 2 c + j.
@@ -1217,9 +1209,9 @@ __global__ void __launch_bounds__(128)
     ep_w[q] = !kGateUp && ep_pair[q] >= 0 ? route_w[ep_pair[q]] : 0.0f;
   }
   __syncthreads();  // the barriers' init
-  auto load_a = [&](int s) {
-    unsigned char* st = smem + (s % kStages) * sw_stage_bytes(BN) + 2 * kWgBox;
-    const int kk = (kTiles == 1 ? s : s % k_tiles) * kWgBK + ch * 8;
+  auto load_a = [&](int kt) {
+    unsigned char* st = smem + (kt % kSwStages) * sw_stage_bytes(BN) + 2 * kWgBox;
+    const int kk = kt * kWgBK + ch * 8;
 #pragma unroll
     for (int i = 0; i < kRowsPerThread; ++i) {
       const bool ok = a_row[i] != nullptr && kk < K;
@@ -1227,62 +1219,28 @@ __global__ void __launch_bounds__(128)
     }
   };
   if constexpr (!kGateUp) wait_for_rows(ready, block_major, mb, tid);
-  for (int s = 0; s < kStages - 1; ++s) {
-    if (s < slices) load_a(s);
+  for (int kt = 0; kt < kSwStages - 1; ++kt) {
+    if (kt < k_tiles) load_a(kt);
     cp_async_commit();
   }
   // Box 0 (gate / columns n0..) and box 1 (up / columns n0 + 64..).
   float acc0[BN / 2], acc1[BN / 2];
 #pragma unroll
   for (int i = 0; i < BN / 2; ++i) acc0[i] = acc1[i] = 0.0f;
-  // The outputs of the tile whose first column is t0, from the accumulators; acc[4 i + 2 h + j]:
-  // weight row 16 warp + g + 8 h of its box, block row 8 i + 2 c + j.
-  auto epilogue = [&](int t0) {
-#pragma unroll
-    for (int i = 0; i < BN / 8; ++i) {
-#pragma unroll
-      for (int j = 0; j < 2; ++j) {
-        const int q = 2 * i + j;
-        if (ep_pair[q] < 0) continue;
-        __nv_bfloat16* orow = out + static_cast<size_t>(m0 + 8 * i + 2 * c + j) * N;
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          const int col = t0 + 16 * warp + g + 8 * h;
-          const float v0 = acc0[4 * i + 2 * h + j], v1 = acc1[4 * i + 2 * h + j];
-          if (kGateUp) {
-            if (col < N) orow[col] = __float2bfloat16(v0 / (1.0f + __expf(-v0)) * v1);
-          } else {
-            if (col < N) orow[col] = __float2bfloat16(v0 * ep_w[q]);
-            if (col + 64 < N) orow[col + 64] = __float2bfloat16(v1 * ep_w[q]);
-          }
-        }
-      }
-    }
-    // gate/up counts each stored tile for down's wait (the target: gate/up's column tiles).
-    if constexpr (kGateUp) {
-      if (block_major) {
-        __syncthreads();  // every thread's rows stored
-        if (tid == 0) {
-          red_add_release_gpu(ready.counters + mb, 1);
-          if (lead) red_add_release_gpu(ready.counters + mb + 1, 1);  // kPairs: both blocks
-        }
-      }
-    }
-  };
-  for (int s = 0; s < slices; ++s) {
-    cp_async_wait<kStages - 2>();  // this thread's pieces of slice s have landed
-    fence_proxy_async();           // for the tensor cores
-    // Everyone's pieces of slice s are in, and everyone's wgmma of slice s - 1 is complete
+  for (int kt = 0; kt < k_tiles; ++kt) {
+    cp_async_wait<kSwStages - 2>();  // this thread's pieces of slice kt have landed
+    fence_proxy_async();             // for the tensor cores
+    // Everyone's pieces of slice kt are in, and everyone's wgmma of slice kt - 1 is complete
     // (waited for below), so its stage may be refilled.
     __syncthreads();
-    const int next = s + kStages - 1;
-    if (next < slices) {
+    const int next = kt + kSwStages - 1;
+    if (next < k_tiles) {
       load_w(next);
       load_a(next);
     }
     cp_async_commit();
-    const unsigned char* st = smem + (s % kStages) * sw_stage_bytes(BN);
-    mbar_wait(&full[s % kStages], (s / kStages) & 1);
+    const unsigned char* st = smem + (kt % kSwStages) * sw_stage_bytes(BN);
+    mbar_wait(&full[kt % kSwStages], (kt / kSwStages) & 1);
     wgmma_fence();
 #pragma unroll
     for (int ks = 0; ks < kWgBK / 16; ++ks) {
@@ -1300,16 +1258,40 @@ __global__ void __launch_bounds__(128)
     wgmma_wait<0>();
     fence_regs(acc0);
     fence_regs(acc1);
-    if constexpr (kTiles > 1) {
-      if (s % k_tiles == k_tiles - 1 && s + 1 < slices) {  // a tile done, another to come
-        epilogue(n0 + s / k_tiles * kCols);
+  }
+  cp_async_wait<0>();
+  // The outputs from the accumulators; acc[4 i + 2 h + j]: weight row 16 warp + g + 8 h of its
+  // box, block row 8 i + 2 c + j.
 #pragma unroll
-        for (int i = 0; i < BN / 2; ++i) acc0[i] = acc1[i] = 0.0f;
+  for (int i = 0; i < BN / 8; ++i) {
+#pragma unroll
+    for (int j = 0; j < 2; ++j) {
+      const int q = 2 * i + j;
+      if (ep_pair[q] < 0) continue;
+      __nv_bfloat16* orow = out + static_cast<size_t>(m0 + 8 * i + 2 * c + j) * N;
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int col = n0 + 16 * warp + g + 8 * h;
+        const float v0 = acc0[4 * i + 2 * h + j], v1 = acc1[4 * i + 2 * h + j];
+        if (kGateUp) {
+          if (col < N) orow[col] = __float2bfloat16(v0 / (1.0f + __expf(-v0)) * v1);
+        } else {
+          if (col < N) orow[col] = __float2bfloat16(v0 * ep_w[q]);
+          if (col + 64 < N) orow[col + 64] = __float2bfloat16(v1 * ep_w[q]);
+        }
       }
     }
   }
-  cp_async_wait<0>();
-  epilogue(n0 + (tiles - 1) * kCols);
+  // gate/up counts each stored tile for down's wait (the target: gate/up's column tiles).
+  if constexpr (kGateUp) {
+    if (block_major) {
+      __syncthreads();  // every thread's rows stored
+      if (tid == 0) {
+        red_add_release_gpu(ready.counters + mb, 1);
+        if (lead) red_add_release_gpu(ready.counters + mb + 1, 1);  // kPairs: both blocks
+      }
+    }
+  }
 }
 
 // The 32-row blocks run on moe_gemm_swap_kernel (gate/up and down alike: down's readiness
@@ -1323,15 +1305,15 @@ bool swap_ab_enabled() {
 
 // w_rows: the stacked weights' rows (experts * 2N for gate/up, experts * N for down). kPairs:
 // BN = 64 over a layout of 32-row blocks.
-template <bool kGateUp, int BN, int kStages, int kTiles, bool kPairs = false>
+template <bool kGateUp, int BN, bool kPairs = false>
 void launch_swap_rows(__nv_bfloat16* out, const __nv_bfloat16* a, const __nv_bfloat16* w,
                       int64_t w_rows, const float* route_w, const int32_t* sorted_pairs,
                       const int32_t* block_expert, int64_t capacity, int k, int K, int N,
                       int32_t* block_ready, cudaStream_t stream) {
   constexpr int block_rows = kPairs ? BN / 2 : BN;
   require_gemm_shape(K, N, capacity, block_rows);
-  constexpr size_t smem = sw_smem(BN, kStages);
-  constexpr auto kernel = moe_gemm_swap_kernel<kGateUp, BN, kStages, kTiles, kPairs>;
+  constexpr size_t smem = sw_smem(BN);
+  constexpr auto kernel = moe_gemm_swap_kernel<kGateUp, BN, kPairs>;
   static bool configured = false;
   if (!configured) {
     ERNIE_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
@@ -1346,9 +1328,7 @@ void launch_swap_rows(__nv_bfloat16* out, const __nv_bfloat16* a, const __nv_bfl
   }
   const CUtensorMap map = tensor_map_bf16_tiled(w, w_rows, tiled_cols(K), 64 / kTiledGroupRows);
   const unsigned m_blocks = static_cast<unsigned>(capacity / block_rows);
-  // Column tiles of kTiles tiles each (a partial last one); down's readiness target stays
-  // gate/up's tile count, each tile counted when stored.
-  const unsigned n_ctas = ((N + cols - 1) / cols + kTiles - 1) / kTiles;
+  const unsigned n_ctas = (N + cols - 1) / cols;
   const dim3 grid = ready.counters != nullptr ? dim3(n_ctas, m_blocks) : dim3(m_blocks, n_ctas);
   launch_pdl(kernel, grid, 128, smem, stream, map, out, a, route_w, sorted_pairs, block_expert, k,
              K, N, ready);
@@ -1366,30 +1346,26 @@ bool takes_swap(int block_m, const SharedFold& fold) {
   return block_m == kMoeBlockMid && fold.experts == 0 && swap_ab_enabled();
 }
 
-// launch_swap_rows for blocks of block_m rows (takes_swap); the 32-row blocks' in `shape`'s
-// form (the 64-row ones have one).
+// launch_swap_rows for blocks of block_m rows (takes_swap), the 32-row ones paired or not.
 template <bool kGateUp>
-void launch_swap(int block_m, const MoeSwapShape& shape, __nv_bfloat16* out, const __nv_bfloat16* a,
+void launch_swap(int block_m, bool pair_blocks, __nv_bfloat16* out, const __nv_bfloat16* a,
                  const __nv_bfloat16* w, int64_t w_rows, const float* route_w,
                  const int32_t* sorted_pairs, const int32_t* block_expert, int64_t capacity, int k,
                  int K, int N, int32_t* block_ready, cudaStream_t stream) {
-  const int tiles = kGateUp ? shape.gate_up_tiles : shape.down_tiles;
-  require_parts((shape.stages == kSwStages && (tiles == 1 || tiles == 2)) ||
-                    ((shape.stages == 3 || shape.stages == 5) && tiles == 1),
-                "MoE swapped kernel: ", shape.stages, " stages with ", tiles,
-                " tiles a CTA is not built (4 stages with 1 or 2 tiles, or 3 or 5 with 1)");
-  require_parts(!shape.pair_blocks || (shape.stages == kSwStages && tiles == 1),
-                "MoE swapped kernel: paired blocks are built for 4 stages and one tile a CTA, not ",
-                shape.stages, " and ", tiles);
-  const bool pairs = shape.pair_blocks && block_m == kMoeBlockMid;
-  auto* launch = block_m == kMoeBlockWide ? launch_swap_rows<kGateUp, kMoeBlockWide, kSwStages, 1>
-                 : pairs             ? launch_swap_rows<kGateUp, kMoeBlockWide, kSwStages, 1, true>
-                 : tiles == 2        ? launch_swap_rows<kGateUp, kMoeBlockMid, kSwStages, 2>
-                 : shape.stages == 3 ? launch_swap_rows<kGateUp, kMoeBlockMid, 3, 1>
-                 : shape.stages == 5 ? launch_swap_rows<kGateUp, kMoeBlockMid, 5, 1>
-                                     : launch_swap_rows<kGateUp, kMoeBlockMid, kSwStages, 1>;
+  auto* launch = block_m == kMoeBlockWide ? launch_swap_rows<kGateUp, kMoeBlockWide>
+                 : pair_blocks            ? launch_swap_rows<kGateUp, kMoeBlockWide, true>
+                                          : launch_swap_rows<kGateUp, kMoeBlockMid>;
   launch(out, a, w, w_rows, route_w, sorted_pairs, block_expert, capacity, k, K, N, block_ready,
          stream);
+}
+
+// Paired blocks only where moe_pair_blocks may give them: 32-row blocks on the swapped kernel.
+void require_pair_blocks_fit(bool pair_blocks, int block_m, const SharedFold& fold) {
+  require_parts(!pair_blocks || (block_m == kMoeBlockMid && fold.experts == 0 && swap_ab_enabled()),
+                "MoE: paired blocks need 32-row blocks on the swapped kernel without folded "
+                "experts, not blocks of ",
+                block_m, fold.experts > 0 ? " with a fold" : "",
+                swap_ab_enabled() ? "" : " (ERNIE_MOE_SWAP_AB=0)");
 }
 
 // What the combine sums for a token: routed: y's routed rows (the routed layout's first row),
@@ -1675,32 +1651,21 @@ SharedFoldMaps shared_fold_maps(const __nv_bfloat16* gate_up, const __nv_bfloat1
                         tensor_map_bf16_sw128(down, hidden, shared_inter, kTiledGroupRows)};
 }
 
-// The A/B switches' shape (moe.cuh), read once: ERNIE_MOE_SWAP_STAGES=3|5 (K slices in flight;
-// 4 unless set), ERNIE_MOE_SWAP_TILES bit 1 (gate/up) and bit 2 (down): two column tiles a CTA,
-// ERNIE_MOE_PAIR_BLOCKS=1: an expert's two 32-row blocks in one CTA. None is measured yet: the
-// defaults are the kernel as measured.
-MoeSwapShape moe_swap_shape() {
-  static const MoeSwapShape shape = [] {
-    MoeSwapShape v;
-    v.stages = switch_bits("ERNIE_MOE_SWAP_STAGES", kSwStages);
-    const int tiles = switch_bits("ERNIE_MOE_SWAP_TILES", 0);
-    v.gate_up_tiles = (tiles & 1) != 0 ? 2 : 1;
-    v.down_tiles = (tiles & 2) != 0 ? 2 : 1;
-    v.pair_blocks = new_path_enabled("ERNIE_MOE_PAIR_BLOCKS");
-    return v;
-  }();
-  return shape;
+bool moe_pair_blocks(int64_t pairs, int experts, int block_m) {
+  static const bool on = path_enabled("ERNIE_MOE_PAIR_BLOCKS") && swap_ab_enabled();
+  return on && block_m == kMoeBlockMid && pairs >= int64_t{kMoePairMinAverage} * experts;
 }
 
 bool moe_wide_swap_enabled() {
-  static const bool on = new_path_enabled("ERNIE_MOE_WIDE_SWAP") && swap_ab_enabled();
+  static const bool on = path_enabled("ERNIE_MOE_WIDE_SWAP") && swap_ab_enabled();
   return on;
 }
 
 void moe_gate_up(__nv_bfloat16* act, const __nv_bfloat16* x, const __nv_bfloat16* w_gate_up,
                  const int32_t* sorted_pairs, const int32_t* block_expert, int64_t capacity,
                  int block_m, int k, int hidden, int inter, int experts, cudaStream_t stream,
-                 const SharedFold& fold, int32_t* block_ready, const MoeSwapShape* swap) {
+                 const SharedFold& fold, int32_t* block_ready, bool pair_blocks) {
+  require_pair_blocks_fit(pair_blocks, block_m, fold);
   if (capacity == 0) return;
   if (block_m == kMoeBlockWgmma) {
     require(fold.experts == 0, "MoE wgmma GEMM: shared experts cannot be folded");
@@ -1714,7 +1679,7 @@ void moe_gate_up(__nv_bfloat16* act, const __nv_bfloat16* x, const __nv_bfloat16
     return;
   }
   if (takes_swap(block_m, fold)) {
-    launch_swap<true>(block_m, swap != nullptr ? *swap : moe_swap_shape(), act, x, w_gate_up,
+    launch_swap<true>(block_m, pair_blocks, act, x, w_gate_up,
                       static_cast<int64_t>(experts) * 2 * inter, nullptr, sorted_pairs,
                       block_expert, capacity, k, hidden, inter, block_ready, stream);
     return;
@@ -1726,8 +1691,8 @@ void moe_gate_up(__nv_bfloat16* act, const __nv_bfloat16* x, const __nv_bfloat16
 void moe_down(__nv_bfloat16* y, const __nv_bfloat16* act, const __nv_bfloat16* w_down,
               const float* weights, const int32_t* sorted_pairs, const int32_t* block_expert,
               int64_t capacity, int block_m, int hidden, int inter, int experts,
-              cudaStream_t stream, const SharedFold& fold, int32_t* block_ready,
-              const MoeSwapShape* swap) {
+              cudaStream_t stream, const SharedFold& fold, int32_t* block_ready, bool pair_blocks) {
+  require_pair_blocks_fit(pair_blocks, block_m, fold);
   if (capacity == 0) return;
   if (block_m == kMoeBlockWgmma) {
     require(fold.experts == 0, "MoE wgmma GEMM: shared experts cannot be folded");
@@ -1739,9 +1704,9 @@ void moe_down(__nv_bfloat16* y, const __nv_bfloat16* act, const __nv_bfloat16* w
     return;
   }
   if (takes_swap(block_m, fold)) {
-    launch_swap<false>(block_m, swap != nullptr ? *swap : moe_swap_shape(), y, act, w_down,
-                       static_cast<int64_t>(experts) * hidden, weights, sorted_pairs, block_expert,
-                       capacity, 1, inter, hidden, block_ready, stream);
+    launch_swap<false>(block_m, pair_blocks, y, act, w_down, static_cast<int64_t>(experts) * hidden,
+                       weights, sorted_pairs, block_expert, capacity, 1, inter, hidden, block_ready,
+                       stream);
     return;
   }
   launch_gemm<false>(y, act, w_down, weights, sorted_pairs, block_expert, capacity, block_m, 1,

@@ -20,13 +20,14 @@
 
 namespace ernie::cuda {
 
-// ERNIE_MOE_WIDE_SWAP=1 (A/B runs, not yet measured; needs the swapped kernel, on unless
-// ERNIE_MOE_SWAP_AB=0): 64-row blocks for 33-64 pairs an expert.
+// 64-row blocks for 33-64 pairs an expert on average (the swapped kernel with 64 rows as N):
+// on unless ERNIE_MOE_WIDE_SWAP=0 or ERNIE_MOE_SWAP_AB=0 (H100: steps 384 and 512 x 1000 -2.9%
+// and -1.9%, docs/performance.md thirty-first round).
 bool moe_wide_swap_enabled();
 
 // Rows per M-block of the sorted layout: 16 while the average expert gets up to 8 rows, 32 up
-// to 32 rows (decode: tiles that stream weights), with ERNIE_MOE_WIDE_SWAP=1 64 up to 64 (the
-// swapped kernel with 64 rows as N), else 128 (wgmma tiles fed by TMA, sm_90a).
+// to 32 rows (decode: tiles that stream weights), 64 up to 64 (moe_wide_swap_enabled), else
+// 128 (wgmma tiles fed by TMA, sm_90a).
 constexpr int kMoeBlockSmall = 16, kMoeBlockMid = 32, kMoeBlockWide = 64, kMoeBlockWgmma = 128;
 inline int moe_block_m(int64_t pairs, int experts) {
   if (pairs <= 8LL * experts) return kMoeBlockSmall;
@@ -95,20 +96,16 @@ inline int64_t moe_shared_rows(const SharedFold& f, int block_m) {
   return static_cast<int64_t>(f.experts) * ((f.tokens + block_m - 1) / block_m) * block_m;
 }
 
-// The swapped wgmma kernel's form for the 32-row blocks: K slices in flight (3, 4 or 5) and
-// column tiles a CTA (1 or 2; two only with 4 stages) for gate/up and down, and paired blocks.
-// moe_swap_shape(): the environment's (ERNIE_MOE_SWAP_STAGES, ERNIE_MOE_SWAP_TILES,
-// ERNIE_MOE_PAIR_BLOCKS; A/B switches not yet measured, the defaults the kernel as measured);
-// moe_gate_up and moe_down take another for tests (the same one for both). The stage and tile
-// forms compute the same values bit for bit; paired blocks use wgmma's N of 64 throughout.
-struct MoeSwapShape {
-  int stages = 4;
-  int gate_up_tiles = 1, down_tiles = 1;
-  // An expert of exactly two blocks (33-64 pairs) taken by one CTA a column tile, 64 rows as
-  // wgmma's N, so its weights stream once (with 4 stages and one tile only).
-  bool pair_blocks = false;
-};
-MoeSwapShape moe_swap_shape();
+// Paired 32-row blocks: an expert of exactly two 32-row blocks (33-64 pairs) is taken by one
+// CTA a column tile of the swapped kernel, its 64 rows as wgmma's N, so its weights stream
+// once; every other block is computed as 32 rows and 32 empty ones. It pays where such experts
+// are common: from kMoePairMinAverage pairs an expert on average (H100, steps: 224 x 1000
+// -0.3%, 256 -0.8%, 320 -1.5%; 160 and 192 +0.1-0.2%, 128 +0.3%; docs/performance.md
+// thirty-first round). moe_pair_blocks: whether a step of `pairs` pairs takes them (32-row
+// blocks on the swapped kernel; ERNIE_MOE_PAIR_BLOCKS=0 turns them off); moe_gate_up and
+// moe_down must be told the same.
+constexpr int kMoePairMinAverage = 20;
+bool moe_pair_blocks(int64_t pairs, int experts, int block_m);
 
 // Paired blocks: what the CTAs of layout block b do, from the experts of blocks b - 2 .. b + 2
 // (block_expert; -1 past either end and for padding blocks). An expert of exactly two blocks
@@ -126,13 +123,13 @@ ERNIE_HOST_DEVICE PairRole pair_role(int prev2, int prev, int e, int next, int n
 // (gathered by the GEMM's loads); w_gate_up [E * 2 * inter, hidden] in the tiled layout (each
 // expert's gate rows then its up rows). hidden % 8 == 0, inter % 16 == 0. With a fold (decode
 // block sizes only), act has moe_shared_rows(fold, block_m) rows of the folded experts first,
-// then the capacity rows of the routed layout. swap: the swapped kernel's form (null: the
-// environment's).
+// then the capacity rows of the routed layout. pair_blocks: the 32-row blocks paired
+// (moe_pair_blocks; refused for other blocks and with a fold).
 void moe_gate_up(__nv_bfloat16* act, const __nv_bfloat16* x, const __nv_bfloat16* w_gate_up,
                  const int32_t* sorted_pairs, const int32_t* block_expert, int64_t capacity,
                  int block_m, int k, int hidden, int inter, int experts, cudaStream_t stream,
                  const SharedFold& fold = {}, int32_t* block_ready = nullptr,
-                 const MoeSwapShape* swap = nullptr);
+                 bool pair_blocks = false);
 
 // y [capacity, hidden] = weight[pair] * act W_down^T per sorted row; w_down [E * hidden, inter]
 // in the tiled layout. inter % 8 == 0, hidden % 16 == 0. With a fold, act as moe_gate_up wrote
@@ -141,7 +138,7 @@ void moe_down(__nv_bfloat16* y, const __nv_bfloat16* act, const __nv_bfloat16* w
               const float* weights, const int32_t* sorted_pairs, const int32_t* block_expert,
               int64_t capacity, int block_m, int hidden, int inter, int experts,
               cudaStream_t stream, const SharedFold& fold = {}, int32_t* block_ready = nullptr,
-              const MoeSwapShape* swap = nullptr);
+              bool pair_blocks = false);
 
 // block_ready for moe_gate_up and moe_down (32- and 64-row blocks, no fold; moe_align cleared
 // it, and the same counters go to both, gate/up launched right before down on one stream):

@@ -8,7 +8,6 @@
 
 #include "backend/cuda/cuda_check.h"
 #include "backend/cuda/gemm_choice.h"
-#include "backend/cuda/switches.h"
 #include "common/check.h"
 #include "common/log.h"
 
@@ -25,13 +24,6 @@ constexpr int kCandidates = 16;            // cuBLASLt heuristic results timed p
 constexpr int kRuns = 4;                   // timed runs of each (after one untimed)
 constexpr size_t kFlushBytes = 96u << 20;  // more than an H100's or H200's 50-60 MB of L2
 constexpr double kMargin = 0.03;           // what a candidate must gain on the default
-
-// ERNIE_GEMM_TUNE_TIE=P (new, not yet measured; 0 unless set): candidates within P% of the
-// fastest count as tied and the first of them in cuBLASLt's order is kept (choose_gemm).
-double tie_fraction() {
-  static const double tie = switch_bits("ERNIE_GEMM_TUNE_TIE", 0) / 100.0;
-  return tie;
-}
 
 }  // namespace
 
@@ -179,14 +171,14 @@ TunedGemm::Plan TunedGemm::tune(cublasHandle_t blas, void* out, bool out_f32, co
       times[c] = time_of(c);
     }
   }
-  const int chosen = choose_gemm(default_ms, times, kMargin, tie_fraction());
+  const int chosen = choose_gemm(default_ms, times, kMargin);
   if (chosen >= 0) {
     p.use_default = false;
     p.algo = found[chosen].algo;
     p.workspace = found[chosen].workspaceSize;
   }
-  // The fastest beside the chosen one (a near tie makes the choice a coin toss between runs
-  // unless ERNIE_GEMM_TUNE_TIE keeps the first: logged at debug level).
+  // The fastest beside the chosen one (a near tie makes the choice a coin toss between runs:
+  // logged at debug level).
   const double kept = chosen < 0 ? default_ms : times[chosen];
   double runner_up = chosen < 0 ? std::numeric_limits<double>::infinity() : default_ms;
   for (int c = 0; c < count; ++c) {
