@@ -287,7 +287,7 @@ TEST_F(CudaBackendTest, MoeMatchesCpu) {
     int tokens, hidden, experts, k, inter, shared_inter;
   };
   // Every M-block size (moe_block_m): 16-row tiles for up to 8 pairs per expert, 32-row up to
-  // 32 (64-row ones up to 64 under ERNIE_MOE_WIDE_SWAP=1), 128-row wgmma tiles beyond (also with
+  // 32 (64-row ones up to 64 unless ERNIE_MOE_WIDE_SWAP=0), 128-row wgmma tiles beyond (also with
   // reductions and widths that leave partial tiles: hidden 160, intermediate 96); the 21B shape all
   // three ways. Up to 8 tokens, shared experts of a whole number of routed experts' sizes run
   // folded into the routed GEMMs (1, 5 and 8 tokens; 8: three folded experts); 160 over 96 cannot
@@ -300,18 +300,22 @@ TEST_F(CudaBackendTest, MoeMatchesCpu) {
   // expert and pairs across two experts or beside padding (ERNIE_WG_MULTICAST), with partial
   // output tiles in both GEMMs. 400 tokens over 16 experts with shared experts: wgmma tiles at a
   // decode batch size (the shared experts on the side stream unless ERNIE_SIDE_SHARED_WGMMA=0).
-  // 33-64 pairs an expert (the 64-row blocks of ERNIE_MOE_WIDE_SWAP=1, else wgmma tiles): 400
+  // 33-64 pairs an expert (the 64-row blocks, or wgmma tiles with ERNIE_MOE_WIDE_SWAP=0): 400
   // tokens over 64 experts; 200 over 24 with hidden 160 and intermediate 96 (partial output and
-  // reduction tiles in both GEMMs); 300 over 32 with shared experts.
-  for (const Case& c :
-       {Case{1, 256, 64, 6, 128, 256}, Case{37, 128, 16, 4, 64, 128}, Case{300, 160, 24, 8, 96, 0},
-        Case{700, 256, 64, 6, 64, 128}, Case{5, 2560, 64, 6, 1536, 3072},
-        Case{400, 256, 64, 6, 128, 0}, Case{900, 2560, 64, 6, 1536, 0},
-        Case{200, 2560, 64, 6, 1536, 3072}, Case{3, 256, 16, 4, 96, 160},
-        Case{8, 128, 16, 4, 64, 192}, Case{64, 256, 64, 6, 512, 0}, Case{37, 160, 16, 4, 96, 0},
-        Case{64, 1024, 64, 6, 640, 0}, Case{40, 8192, 16, 8, 128, 0}, Case{1500, 384, 8, 6, 192, 0},
-        Case{400, 256, 16, 6, 128, 256}, Case{200, 160, 24, 6, 96, 0},
-        Case{300, 256, 32, 6, 128, 256}}) {
+  // reduction tiles in both GEMMs); 300 over 32 with shared experts. 20-32 pairs an expert (the
+  // paired 32-row blocks, cuda::moe_pair_blocks, unless ERNIE_MOE_PAIR_BLOCKS=0): 256 tokens of
+  // the 21B shape with its shared experts; 100 over 16 experts top-4 with hidden 160 and
+  // intermediate 96.
+  for (const Case& c : {Case{1, 256, 64, 6, 128, 256},      Case{37, 128, 16, 4, 64, 128},
+                        Case{300, 160, 24, 8, 96, 0},       Case{700, 256, 64, 6, 64, 128},
+                        Case{5, 2560, 64, 6, 1536, 3072},   Case{400, 256, 64, 6, 128, 0},
+                        Case{900, 2560, 64, 6, 1536, 0},    Case{200, 2560, 64, 6, 1536, 3072},
+                        Case{3, 256, 16, 4, 96, 160},       Case{8, 128, 16, 4, 64, 192},
+                        Case{64, 256, 64, 6, 512, 0},       Case{37, 160, 16, 4, 96, 0},
+                        Case{64, 1024, 64, 6, 640, 0},      Case{40, 8192, 16, 8, 128, 0},
+                        Case{1500, 384, 8, 6, 192, 0},      Case{400, 256, 16, 6, 128, 256},
+                        Case{200, 160, 24, 6, 96, 0},       Case{300, 256, 32, 6, 128, 256},
+                        Case{256, 2560, 64, 6, 1536, 3072}, Case{100, 160, 16, 4, 96, 0}}) {
     SCOPED_TRACE(::testing::Message() << c.tokens << " tokens, hidden " << c.hidden << ", "
                                       << c.experts << " experts top-" << c.k << ", inter "
                                       << c.inter << ", shared " << c.shared_inter);
