@@ -840,8 +840,10 @@ TEST_F(CudaBackendTest, GraphReplayMatchesEager) {
 
 // Graphs above 256 rows (vLLM's sizes there step by 16; a server on an H100 records them up to
 // 512): decode steps of 272 (a graph size) and 300 sequences (padded to 304) replayed against
-// the same steps run eagerly. Other split plans and padding round differently in bf16 and can
-// flip near-tie expert choices on a few rows; a padding or table bug puts every row off.
+// the same steps run eagerly; first 96 and 100 (padded to 104), whose 24-26 pairs an expert
+// (the tiny model's 16 experts, top-4) take the paired 32-row MoE blocks. Other split plans and
+// padding round differently in bf16 and can flip near-tie expert choices on a few rows; a padding
+// or table bug puts every row off.
 TEST_F(CudaBackendTest, GraphReplayAbove256Rows) {
   ernie::testing::TempDir dir;
   make_tiny_model(dir);
@@ -877,7 +879,7 @@ TEST_F(CudaBackendTest, GraphReplayAbove256Rows) {
     const StepInput prefill = step_of(seqs, at, 0);
     EXPECT_EQ(graphed.model->forward(prefill), eager.model->forward(prefill));  // both eager
   }
-  for (int n : {272, 300, 300}) {
+  for (int n : {96, 100, 272, 300, 300}) {
     const StepInput decode = step_of(n, at, 1);
     const auto g = graphed.model->forward(decode);
     const auto e = eager.model->forward(decode);
