@@ -21,8 +21,8 @@
 namespace ernie::cuda {
 
 // 64-row blocks for 33-64 pairs an expert on average (the swapped kernel with 64 rows as N):
-// on unless ERNIE_MOE_WIDE_SWAP=0 or ERNIE_MOE_SWAP_AB=0 (H100: steps 384 and 512 x 1000 -2.9%
-// and -1.9%, docs/performance.md thirty-first round).
+// on unless ERNIE_MOE_WIDE_SWAP=0 or ERNIE_MOE_SWAP_AB=0 (H100: steps 384, 448 and 512 x 1000
+// -2.9%, -2.0% and -0.6 to -2.1%, docs/performance.md thirty-first round).
 bool moe_wide_swap_enabled();
 
 // Rows per M-block of the sorted layout: 16 while the average expert gets up to 8 rows, 32 up
@@ -100,7 +100,7 @@ inline int64_t moe_shared_rows(const SharedFold& f, int block_m) {
 // CTA a column tile of the swapped kernel, its 64 rows as wgmma's N, so its weights stream
 // once; every other block is computed as 32 rows and 32 empty ones. It pays where such experts
 // are common: from kMoePairMinAverage pairs an expert on average (H100, steps: 224 x 1000
-// -0.3%, 256 -0.8%, 320 -1.5%; 160 and 192 +0.1-0.2%, 128 +0.3%; docs/performance.md
+// -0.3%, 256 -0.8%, 320 -1.4%; 160 and 192 +0.1-0.2%, 128 +0.3%; docs/performance.md
 // thirty-first round). moe_pair_blocks: whether a step of `pairs` pairs takes them (32-row
 // blocks on the swapped kernel; ERNIE_MOE_PAIR_BLOCKS=0 turns them off); moe_gate_up and
 // moe_down must be told the same.
