@@ -5,7 +5,6 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
-#include <cstdlib>
 #include <limits>
 #include <numeric>
 #include <random>
@@ -16,6 +15,7 @@
 #include "backend/cuda/attention.cuh"
 #include "backend/cuda/expert_layout.h"
 #include "backend/cuda/moe.cuh"
+#include "backend/cuda/switches.h"
 #include "common/check.h"
 #include "common/rng.h"
 
@@ -215,11 +215,7 @@ TEST(MoeLayout, PairedBlocksComputeEveryBlockOnce) {
 // pairs an expert on average, for the 21B model (64 experts, top-6) from 214 tokens to the
 // 32-row blocks' last size; never other block sizes, nor with the switches off.
 TEST(MoeLayout, PairedBlocksFromTwentyPairsAnExpert) {
-  const auto off = [](const char* name) {
-    const char* v = std::getenv(name);
-    return v != nullptr && std::string(v) == "0";
-  };
-  const bool on = !off("ERNIE_MOE_PAIR_BLOCKS") && !off("ERNIE_MOE_SWAP_AB");
+  const bool on = path_enabled("ERNIE_MOE_PAIR_BLOCKS") && path_enabled("ERNIE_MOE_SWAP_AB");
   const auto paired = [](int tokens) {
     const int64_t pairs = int64_t{tokens} * 6;
     return moe_pair_blocks(pairs, 64, moe_block_m(pairs, 64));

@@ -1,7 +1,6 @@
 // The tuned GEMMs' choice among timed algorithms (cuda::choose_gemm), on the host.
 #include <gtest/gtest.h>
 
-#include <algorithm>
 #include <limits>
 #include <random>
 #include <vector>
