@@ -112,6 +112,51 @@ __global__ void __launch_bounds__(2 * R)
   if (acc == 0x9e3779b9u) sink[0] = acc;  // keeps the reads
 }
 
+// The swapped expert GEMM's weight stream: a CTA reads a 640 KB tile (an expert's 128 weight
+// rows of K = 2560) in 40 stages of 16 KB, each stage P bulk copies of 16 KB / P bytes, piece p
+// of stage kt at p * (640 KB / P) + kt * (16 KB / P) of the tile: P = 8 is the tiled layout's
+// 2 KB pieces 80 KB apart (four 16-row groups of each of the two 64-row boxes), P = 1 a
+// contiguous stage. S stages, 128 threads, two CTAs an SM.
+constexpr int kPieceStage = 16 * 1024, kPieceStages = 40;
+constexpr int64_t kPieceTile = static_cast<int64_t>(kPieceStage) * kPieceStages;
+template <int S, int P>
+__global__ void __launch_bounds__(128)
+    pieces_kernel(const unsigned char* w, int64_t byte0, unsigned* sink) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  unsigned char* smem = smem_raw + ((1024 - (smem_u32(smem_raw) & 1023)) & 1023);
+  __shared__ uint64_t full[S];
+  const int tid = threadIdx.x;
+  if (tid == 0) {
+    for (int s = 0; s < S; ++s) mbar_init(&full[s], 1);
+    mbar_init_fence();
+  }
+  __syncthreads();
+  const unsigned char* tile = w + byte0 + blockIdx.x * kPieceTile;
+  auto issue = [&](int kt) {
+    if (tid != 0) return;
+    uint64_t* bar = &full[kt % S];
+    mbar_arrive_expect_tx(bar, kPieceStage);
+    for (int p = 0; p < P; ++p) {
+      const unsigned char* src = tile + p * (kPieceTile / P) + kt * (kPieceStage / P);
+      asm volatile(
+          "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, "
+          "[%3];\n" ::"r"(smem_u32(smem + (kt % S) * kPieceStage + p * (kPieceStage / P))),
+          "l"(src), "r"(kPieceStage / P), "r"(smem_u32(bar))
+          : "memory");
+    }
+  };
+  for (int s = 0; s < S - 1; ++s) issue(s);
+  unsigned acc = 0;
+  for (int kt = 0; kt < kPieceStages; ++kt) {
+    if (kt + S - 1 < kPieceStages) issue(kt + S - 1);
+    mbar_wait(&full[kt % S], (kt / S) & 1);
+    const unsigned* q = reinterpret_cast<const unsigned*>(smem + (kt % S) * kPieceStage);
+    acc ^= q[tid] + q[tid + 2048];
+    __syncthreads();
+  }
+  if (acc == 0x9e3779b9u) sink[0] = acc;
+}
+
 struct Bench {
   __nv_bfloat16* buf = nullptr;
   int64_t rows = 0;  // of K elements
@@ -158,6 +203,24 @@ void run_case(Bench& b, const char* copy_name, int tiles, bool persistent) {
               sec * 1e6, bytes / sec * 1e-12);
 }
 
+template <int S, int P>
+void run_pieces(Bench& b, int tiles) {
+  auto kernel = pieces_kernel<S, P>;
+  const int smem = std::max(S * kPieceStage + 1024, 81 * 1024);  // two CTAs an SM, as the GEMM
+  ERNIE_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+  int per_sm = 0;
+  ERNIE_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, 128, smem));
+  const int64_t run_rows = tiles * kPieceTile / (kK * 2);
+  const double sec = b.time(run_rows, [&](int64_t row0) {
+    kernel<<<tiles, 128, smem>>>(reinterpret_cast<const unsigned char*>(b.buf), row0 * kK * 2,
+                                 b.sink);
+  });
+  ERNIE_CUDA_CHECK(cudaGetLastError());
+  const double bytes = static_cast<double>(tiles) * kPieceTile;
+  std::printf("pieces    P=%d (%5d B) S=%d tiles %5d (%d/SM)  %8.1f us  %5.2f TB/s\n", P,
+              kPieceStage / P, S, tiles, per_sm, sec * 1e6, bytes / sec * 1e-12);
+}
+
 // Plain 16-byte loads over the same number of bytes (cuda::measure_read_bandwidth).
 void run_ldg(int iters, int64_t bytes) {
   const double rate = measure_read_bandwidth(bytes, iters);
@@ -177,6 +240,18 @@ int run(int iters) {
   ERNIE_CUDA_CHECK(cudaEventCreate(&b.t1));
   b.map32 = tensor_map_bf16_sw128(b.buf, b.rows, kK, 32);
   b.map64 = tensor_map_bf16_sw128(b.buf, b.rows, kK, 64);
+  // The 256-token gate/up's weights (64 experts x 3072 rows: 1536 tiles of 640 KB).
+  std::printf("-- 64 experts' gate/up, %.1f MB\n", 1536 * kPieceTile * 1e-6);
+  run_ldg(iters, 1536 * kPieceTile);
+  for (int rep = 0; rep < 2; ++rep) {
+    run_pieces<4, 1>(b, 1536);
+    run_pieces<4, 2>(b, 1536);
+    run_pieces<4, 8>(b, 1536);
+    run_pieces<4, 16>(b, 1536);
+    run_pieces<5, 8>(b, 1536);
+    run_pieces<3, 8>(b, 1536);
+  }
+  if (std::getenv("PROBE_PIECES_ONLY") != nullptr) return 0;
   // One token: 6 experts x 3072 gate/up rows; 16 tokens: ~51 experts.
   for (const int rows : {6 * 3072, 51 * 3072}) {
     std::printf("-- %d weight rows x %d (%.1f MB)\n", rows, kK, rows * kK * 2e-6);
