@@ -412,9 +412,17 @@ struct PairRows {
   std::vector<float> act, y;
 };
 
+// Whether the 32-row MoE blocks run on the swapped kernel (ERNIE_MOE_SWAP_AB=0: the mma.sync
+// tiles, and no 64-row blocks).
+bool swapped_kernel_on() {
+  const char* v = std::getenv("ERNIE_MOE_SWAP_AB");
+  return v == nullptr || std::string(v) != "0";
+}
+
 // One routing through the expert GEMMs of block_m-row blocks (32, or 64 on the swapped
-// kernel; the 32-row ones paired with pair_blocks), with and without readiness counters
-// (MoeBlockReadyMatchesGridWait); the outputs by pair go to `out`.
+// kernel; the 32-row ones paired with pair_blocks), with and without readiness counters, and
+// on the swapped kernel once more with its staged stores (MoeBlockReadyMatchesGridWait); the
+// outputs by pair go to `out`.
 void expect_block_ready_matches(cudaStream_t stream, int hidden, int inter, int experts,
                                 const Routing& r, int block_m, const DeviceBuffer<uint16_t>& d_gu,
                                 const DeviceBuffer<uint16_t>& d_down, PairRows* out,
@@ -438,9 +446,14 @@ void expect_block_ready_matches(cudaStream_t stream, int hidden, int inter, int 
   d_wts.upload(r.wts);
   // The align kernels may order an expert's pairs differently from run to run: rows are
   // compared by pair.
-  std::vector<uint16_t> act[2], y[2];
-  std::vector<int32_t> pos[2];
-  for (int with_ready = 0; with_ready < 2; ++with_ready) {
+  // Runs: grid wait, readiness counters, counters with staged stores (swapped kernel only: the
+  // 32-row blocks take it unless ERNIE_MOE_SWAP_AB=0).
+  const int runs = swapped_kernel_on() ? 3 : 2;
+  std::vector<uint16_t> act[3], y[3];
+  std::vector<int32_t> pos[3];
+  for (int run = 0; run < runs; ++run) {
+    const int with_ready = run > 0 ? 1 : 0;
+    const MoeSwapForm form{.pair_blocks = pair_blocks, .staged_stores = run == 2};
     ERNIE_CUDA_CHECK(cudaMemsetAsync(d_ready.p, 0x7f, d_ready.n * sizeof(int32_t), stream));
     ERNIE_CUDA_CHECK(cudaMemsetAsync(d_act.p, 0xff, d_act.n * sizeof(uint16_t), stream));
     ERNIE_CUDA_CHECK(cudaMemsetAsync(d_y.p, 0xff, d_y.n * sizeof(uint16_t), stream));
@@ -448,13 +461,13 @@ void expect_block_ready_matches(cudaStream_t stream, int hidden, int inter, int 
     moe_align(d_sorted.p, d_block.p, d_pos.p, d_ids.p, pairs, experts, block_m, d_scratch.p, stream,
               ready);
     moe_gate_up(bf(d_act.p), bf(d_x.p), bf(d_gu.p), d_sorted.p, d_block.p, cap, block_m, k, hidden,
-                inter, experts, stream, SharedFold{}, ready, pair_blocks);
+                inter, experts, stream, SharedFold{}, ready, form);
     moe_down(bf(d_y.p), bf(d_act.p), bf(d_down.p), d_wts.p, d_sorted.p, d_block.p, cap, block_m,
-             hidden, inter, experts, stream, SharedFold{}, ready, pair_blocks);
+             hidden, inter, experts, stream, SharedFold{}, ready, form);
     finish_or_abort(stream, 20.0);
-    act[with_ready] = d_act.download();
-    y[with_ready] = d_y.download();
-    pos[with_ready] = d_pos.download();
+    act[run] = d_act.download();
+    y[run] = d_y.download();
+    pos[run] = d_pos.download();
   }
   for (int i = 0; i < pairs; ++i) {
     for (auto [v, width, dst, name] :
@@ -464,6 +477,11 @@ void expect_block_ready_matches(cudaStream_t stream, int hidden, int inter, int 
       };
       ASSERT_TRUE(std::equal(row(1), row(1) + width, row(0)))
           << name << " of pair " << i << " differs (rows " << pos[1][i] << ", " << pos[0][i] << ")";
+      if (runs == 3) {
+        ASSERT_TRUE(std::equal(row(2), row(2) + width, row(1)))
+            << name << " of pair " << i << " differs with staged stores (rows " << pos[2][i] << ", "
+            << pos[1][i] << ")";
+      }
       // Computed, not left poisoned.
       for (int c = 0; c < width; c += 97) {
         ASSERT_TRUE(std::isfinite(bf16_to_float(row(1)[c])))
@@ -513,14 +531,14 @@ void expect_rows_close(const std::vector<float>& got, const std::vector<float>& 
 // (moe_pair_blocks: an expert of two 32-row blocks in one CTA, wgmma's N of 64), whose outputs
 // must also match the 32-row blocks' pair by pair, on every routing whatever the step size
 // (moe_pair_blocks would give them only from 20 pairs an expert); the routings must hold
-// experts of two 32-row blocks.
+// experts of two 32-row blocks. Every form of the swapped kernel also runs with its staged
+// stores (moe_swap_staged_stores), bit for bit equal to the 2-byte stores.
 TEST(CudaKernels, MoeBlockReadyMatchesGridWait) {
   if (device_count() == 0) GTEST_SKIP() << "no CUDA device";
   Rng rng(std::random_device{}());
   ASSERT_TRUE(moe_block_ready_fits(kMoeBlockMid, SharedFold{}));
   ASSERT_TRUE(moe_block_ready_fits(kMoeBlockWide, SharedFold{}));
-  const char* swap_env = std::getenv("ERNIE_MOE_SWAP_AB");  // "0": no swapped kernel
-  const bool wide = swap_env == nullptr || std::string(swap_env) != "0";
+  const bool wide = swapped_kernel_on();
   cudaStream_t stream;
   ERNIE_CUDA_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
   struct Shape {

@@ -247,10 +247,11 @@ TEST(MoeLayout, PairedBlocksOfOtherSizesAreRefused) {
       try {
         if (gate_up) {
           moe_gate_up(nullptr, nullptr, nullptr, nullptr, nullptr, cap, block_m, k, hidden, inter,
-                      experts, nullptr, SharedFold{}, nullptr, true);
+                      experts, nullptr, SharedFold{}, nullptr, MoeSwapForm{.pair_blocks = true});
         } else {
           moe_down(nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, cap, block_m, hidden,
-                   inter, experts, nullptr, SharedFold{}, nullptr, true);
+                   inter, experts, nullptr, SharedFold{}, nullptr,
+                   MoeSwapForm{.pair_blocks = true});
         }
         ADD_FAILURE() << "not refused";
       } catch (const Error& e) {

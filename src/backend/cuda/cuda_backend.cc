@@ -834,11 +834,13 @@ class CudaBackend final : public Backend {
     auto* y = static_cast<__nv_bfloat16*>(arena_.alloc(rows * hidden * sizeof(__nv_bfloat16)));
     // An expert of two 32-row blocks in one CTA a column tile where such experts are common
     // (cuda::moe_pair_blocks): H100, steps 256 and 320 x 1000 -0.8% and -1.4%.
-    const bool paired = fold.experts == 0 && cuda::moe_pair_blocks(pairs, experts, block_m);
+    const cuda::MoeSwapForm form{
+        .pair_blocks = fold.experts == 0 && cuda::moe_pair_blocks(pairs, experts, block_m),
+        .staged_stores = cuda::moe_swap_staged_stores()};
     cuda::moe_gate_up(act, bf(x), bf(w.experts_gate_up), sorted, block_expert, cap, block_m, k,
-                      hidden, inter, experts, stream_, fold, block_ready, paired);
+                      hidden, inter, experts, stream_, fold, block_ready, form);
     cuda::moe_down(y, act, bf(w.experts_down), weights, sorted, block_expert, cap, block_m, hidden,
-                   inter, experts, stream_, fold, block_ready, paired);
+                   inter, experts, stream_, fold, block_ready, form);
     if (overlap) {
       check_cuda(cudaStreamWaitEvent(stream_, join_), "cudaStreamWaitEvent");
     } else if (unfolded_shared) {

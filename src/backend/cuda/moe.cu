@@ -1124,7 +1124,13 @@ constexpr size_t sw_smem(int bn) {
 }
 static_assert(sw_a_bytes(kMoeBlockMid) % 1024 == 0 && sw_a_bytes(kMoeBlockWide) % 1024 == 0);
 
-template <bool kGateUp, int BN, bool kPairs = false>
+// kStaged (moe_swap_staged_stores; not yet measured on a GPU): the epilogue writes the tile's
+// outputs (BN rows of 64 SwiGLU columns, or of down's 128 columns) to shared memory first, then
+// stores them as 16-byte row pieces, 8 (gate/up) or 16 (down) lanes a row. Without it each
+// thread stores its accumulators' values 2 bytes at a time: 16 (gate/up) or 32 (down) stores a
+// thread for 32 rows, each warp store 4 rows' 16-byte pieces. The values are the same, computed
+// by the same expressions; only the store pattern differs.
+template <bool kGateUp, int BN, bool kPairs = false, bool kStaged = false>
 __global__ void __launch_bounds__(128)
     moe_gemm_swap_kernel(const __grid_constant__ CUtensorMap w_map, __nv_bfloat16* out,
                          const __nv_bfloat16* a_src, const float* route_w,
@@ -1262,22 +1268,63 @@ __global__ void __launch_bounds__(128)
   cp_async_wait<0>();
   // The outputs from the accumulators; acc[4 i + 2 h + j]: weight row 16 warp + g + 8 h of its
   // box, block row 8 i + 2 c + j.
+  if constexpr (kStaged) {
+    // [BN][kLd] bf16 over the first stage (free once every thread's last wgmma is complete),
+    // rows padded by 16 bytes so that the four c lanes' rows (2 c apart) fall in distinct banks;
+    // then a flag per row: whether it holds a pair.
+    constexpr int kCols = kGateUp ? kSwRows / 2 : kSwRows, kLd = kCols + 8;
+    static_assert(BN * kLd * 2 + BN * 4 <= sw_stage_bytes(BN));
+    __nv_bfloat16* staged = reinterpret_cast<__nv_bfloat16*>(smem);
+    int* row_ok = reinterpret_cast<int*>(smem + BN * kLd * 2);
+    __syncthreads();  // every thread's wgmmas have read their last stage
 #pragma unroll
-  for (int i = 0; i < BN / 8; ++i) {
+    for (int i = 0; i < BN / 8; ++i) {
 #pragma unroll
-    for (int j = 0; j < 2; ++j) {
-      const int q = 2 * i + j;
-      if (ep_pair[q] < 0) continue;
-      __nv_bfloat16* orow = out + static_cast<size_t>(m0 + 8 * i + 2 * c + j) * N;
+      for (int j = 0; j < 2; ++j) {
+        const int q = 2 * i + j, r = 8 * i + 2 * c + j;
+        if (warp == 0 && g == 0) row_ok[r] = ep_pair[q] >= 0;
 #pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const int col = n0 + 16 * warp + g + 8 * h;
-        const float v0 = acc0[4 * i + 2 * h + j], v1 = acc1[4 * i + 2 * h + j];
-        if (kGateUp) {
-          if (col < N) orow[col] = __float2bfloat16(v0 / (1.0f + __expf(-v0)) * v1);
-        } else {
-          if (col < N) orow[col] = __float2bfloat16(v0 * ep_w[q]);
-          if (col + 64 < N) orow[col + 64] = __float2bfloat16(v1 * ep_w[q]);
+        for (int h = 0; h < 2; ++h) {
+          __nv_bfloat16* dst = staged + r * kLd + 16 * warp + g + 8 * h;
+          const float v0 = acc0[4 * i + 2 * h + j], v1 = acc1[4 * i + 2 * h + j];
+          if (kGateUp) {
+            *dst = __float2bfloat16(v0 / (1.0f + __expf(-v0)) * v1);
+          } else {
+            dst[0] = __float2bfloat16(v0 * ep_w[q]);
+            dst[64] = __float2bfloat16(v1 * ep_w[q]);
+          }
+        }
+      }
+    }
+    __syncthreads();
+    constexpr int kPieces = kCols / 8;  // 16-byte pieces of a row
+    static_assert(BN * kPieces % 128 == 0);
+#pragma unroll
+    for (int it = 0; it < BN * kPieces / 128; ++it) {
+      const int idx = tid + 128 * it, r = idx / kPieces, col = n0 + 8 * (idx % kPieces);
+      if (row_ok[r] && col < N) {  // N % 16 == 0: a piece is whole or past the end
+        *reinterpret_cast<uint4*>(out + static_cast<size_t>(m0 + r) * N + col) =
+            *reinterpret_cast<const uint4*>(staged + r * kLd + 8 * (idx % kPieces));
+      }
+    }
+  } else {
+#pragma unroll
+    for (int i = 0; i < BN / 8; ++i) {
+#pragma unroll
+      for (int j = 0; j < 2; ++j) {
+        const int q = 2 * i + j;
+        if (ep_pair[q] < 0) continue;
+        __nv_bfloat16* orow = out + static_cast<size_t>(m0 + 8 * i + 2 * c + j) * N;
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const int col = n0 + 16 * warp + g + 8 * h;
+          const float v0 = acc0[4 * i + 2 * h + j], v1 = acc1[4 * i + 2 * h + j];
+          if (kGateUp) {
+            if (col < N) orow[col] = __float2bfloat16(v0 / (1.0f + __expf(-v0)) * v1);
+          } else {
+            if (col < N) orow[col] = __float2bfloat16(v0 * ep_w[q]);
+            if (col + 64 < N) orow[col + 64] = __float2bfloat16(v1 * ep_w[q]);
+          }
         }
       }
     }
@@ -1305,7 +1352,7 @@ bool swap_ab_enabled() {
 
 // w_rows: the stacked weights' rows (experts * 2N for gate/up, experts * N for down). kPairs:
 // BN = 64 over a layout of 32-row blocks.
-template <bool kGateUp, int BN, bool kPairs = false>
+template <bool kGateUp, int BN, bool kPairs = false, bool kStaged = false>
 void launch_swap_rows(__nv_bfloat16* out, const __nv_bfloat16* a, const __nv_bfloat16* w,
                       int64_t w_rows, const float* route_w, const int32_t* sorted_pairs,
                       const int32_t* block_expert, int64_t capacity, int k, int K, int N,
@@ -1313,7 +1360,7 @@ void launch_swap_rows(__nv_bfloat16* out, const __nv_bfloat16* a, const __nv_bfl
   constexpr int block_rows = kPairs ? BN / 2 : BN;
   require_gemm_shape(K, N, capacity, block_rows);
   constexpr size_t smem = sw_smem(BN);
-  constexpr auto kernel = moe_gemm_swap_kernel<kGateUp, BN, kPairs>;
+  constexpr auto kernel = moe_gemm_swap_kernel<kGateUp, BN, kPairs, kStaged>;
   static bool configured = false;
   if (!configured) {
     ERNIE_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
@@ -1346,17 +1393,28 @@ bool takes_swap(int block_m, const SharedFold& fold) {
   return block_m == kMoeBlockMid && fold.experts == 0 && swap_ab_enabled();
 }
 
-// launch_swap_rows for blocks of block_m rows (takes_swap), the 32-row ones paired or not.
+// launch_swap_rows for blocks of block_m rows (takes_swap), the 32-row ones paired or not, the
+// epilogue staged or not.
+template <bool kGateUp, bool kStaged>
+void launch_swap_form(int block_m, bool pair_blocks, __nv_bfloat16* out, const __nv_bfloat16* a,
+                      const __nv_bfloat16* w, int64_t w_rows, const float* route_w,
+                      const int32_t* sorted_pairs, const int32_t* block_expert, int64_t capacity,
+                      int k, int K, int N, int32_t* block_ready, cudaStream_t stream) {
+  auto* launch = block_m == kMoeBlockWide ? launch_swap_rows<kGateUp, kMoeBlockWide, false, kStaged>
+                 : pair_blocks            ? launch_swap_rows<kGateUp, kMoeBlockWide, true, kStaged>
+                                          : launch_swap_rows<kGateUp, kMoeBlockMid, false, kStaged>;
+  launch(out, a, w, w_rows, route_w, sorted_pairs, block_expert, capacity, k, K, N, block_ready,
+         stream);
+}
 template <bool kGateUp>
-void launch_swap(int block_m, bool pair_blocks, __nv_bfloat16* out, const __nv_bfloat16* a,
+void launch_swap(int block_m, const MoeSwapForm& form, __nv_bfloat16* out, const __nv_bfloat16* a,
                  const __nv_bfloat16* w, int64_t w_rows, const float* route_w,
                  const int32_t* sorted_pairs, const int32_t* block_expert, int64_t capacity, int k,
                  int K, int N, int32_t* block_ready, cudaStream_t stream) {
-  auto* launch = block_m == kMoeBlockWide ? launch_swap_rows<kGateUp, kMoeBlockWide>
-                 : pair_blocks            ? launch_swap_rows<kGateUp, kMoeBlockWide, true>
-                                          : launch_swap_rows<kGateUp, kMoeBlockMid>;
-  launch(out, a, w, w_rows, route_w, sorted_pairs, block_expert, capacity, k, K, N, block_ready,
-         stream);
+  auto* launch =
+      form.staged_stores ? launch_swap_form<kGateUp, true> : launch_swap_form<kGateUp, false>;
+  launch(block_m, form.pair_blocks, out, a, w, w_rows, route_w, sorted_pairs, block_expert,
+         capacity, k, K, N, block_ready, stream);
 }
 
 // Paired blocks only where moe_pair_blocks may give them: 32-row blocks on the swapped kernel.
@@ -1656,6 +1714,11 @@ bool moe_pair_blocks(int64_t pairs, int experts, int block_m) {
   return on && block_m == kMoeBlockMid && pairs >= int64_t{kMoePairMinAverage} * experts;
 }
 
+bool moe_swap_staged_stores() {
+  static const bool on = new_path_enabled("ERNIE_MOE_SWAP_STAGED") && swap_ab_enabled();
+  return on;
+}
+
 bool moe_wide_swap_enabled() {
   static const bool on = path_enabled("ERNIE_MOE_WIDE_SWAP") && swap_ab_enabled();
   return on;
@@ -1664,8 +1727,8 @@ bool moe_wide_swap_enabled() {
 void moe_gate_up(__nv_bfloat16* act, const __nv_bfloat16* x, const __nv_bfloat16* w_gate_up,
                  const int32_t* sorted_pairs, const int32_t* block_expert, int64_t capacity,
                  int block_m, int k, int hidden, int inter, int experts, cudaStream_t stream,
-                 const SharedFold& fold, int32_t* block_ready, bool pair_blocks) {
-  require_pair_blocks_fit(pair_blocks, block_m, fold);
+                 const SharedFold& fold, int32_t* block_ready, const MoeSwapForm& form) {
+  require_pair_blocks_fit(form.pair_blocks, block_m, fold);
   if (capacity == 0) return;
   if (block_m == kMoeBlockWgmma) {
     require(fold.experts == 0, "MoE wgmma GEMM: shared experts cannot be folded");
@@ -1679,9 +1742,9 @@ void moe_gate_up(__nv_bfloat16* act, const __nv_bfloat16* x, const __nv_bfloat16
     return;
   }
   if (takes_swap(block_m, fold)) {
-    launch_swap<true>(block_m, pair_blocks, act, x, w_gate_up,
-                      static_cast<int64_t>(experts) * 2 * inter, nullptr, sorted_pairs,
-                      block_expert, capacity, k, hidden, inter, block_ready, stream);
+    launch_swap<true>(block_m, form, act, x, w_gate_up, static_cast<int64_t>(experts) * 2 * inter,
+                      nullptr, sorted_pairs, block_expert, capacity, k, hidden, inter, block_ready,
+                      stream);
     return;
   }
   launch_gemm<true>(act, x, w_gate_up, nullptr, sorted_pairs, block_expert, capacity, block_m, k,
@@ -1691,8 +1754,9 @@ void moe_gate_up(__nv_bfloat16* act, const __nv_bfloat16* x, const __nv_bfloat16
 void moe_down(__nv_bfloat16* y, const __nv_bfloat16* act, const __nv_bfloat16* w_down,
               const float* weights, const int32_t* sorted_pairs, const int32_t* block_expert,
               int64_t capacity, int block_m, int hidden, int inter, int experts,
-              cudaStream_t stream, const SharedFold& fold, int32_t* block_ready, bool pair_blocks) {
-  require_pair_blocks_fit(pair_blocks, block_m, fold);
+              cudaStream_t stream, const SharedFold& fold, int32_t* block_ready,
+              const MoeSwapForm& form) {
+  require_pair_blocks_fit(form.pair_blocks, block_m, fold);
   if (capacity == 0) return;
   if (block_m == kMoeBlockWgmma) {
     require(fold.experts == 0, "MoE wgmma GEMM: shared experts cannot be folded");
@@ -1704,7 +1768,7 @@ void moe_down(__nv_bfloat16* y, const __nv_bfloat16* act, const __nv_bfloat16* w
     return;
   }
   if (takes_swap(block_m, fold)) {
-    launch_swap<false>(block_m, pair_blocks, y, act, w_down, static_cast<int64_t>(experts) * hidden,
+    launch_swap<false>(block_m, form, y, act, w_down, static_cast<int64_t>(experts) * hidden,
                        weights, sorted_pairs, block_expert, capacity, 1, inter, hidden, block_ready,
                        stream);
     return;

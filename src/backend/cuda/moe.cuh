@@ -107,6 +107,19 @@ inline int64_t moe_shared_rows(const SharedFold& f, int block_m) {
 constexpr int kMoePairMinAverage = 20;
 bool moe_pair_blocks(int64_t pairs, int experts, int block_m);
 
+// Staged stores: the swapped kernel's epilogue through shared memory, 16-byte row pieces to
+// global memory instead of 2-byte stores (ERNIE_MOE_SWAP_STAGED=1; not yet measured on a GPU,
+// off by default). The outputs are the same bit for bit.
+bool moe_swap_staged_stores();
+
+// The forms of the swapped kernel (32- and 64-row blocks) a call takes; other kernels take no
+// form. pair_blocks: the 32-row blocks paired (moe_pair_blocks; refused for other blocks and
+// with a fold). staged_stores: moe_swap_staged_stores.
+struct MoeSwapForm {
+  bool pair_blocks = false;
+  bool staged_stores = false;
+};
+
 // Paired blocks: what the CTAs of layout block b do, from the experts of blocks b - 2 .. b + 2
 // (block_expert; -1 past either end and for padding blocks). An expert of exactly two blocks
 // is a pair: its first block leads (computes both), its second follows (computes nothing).
@@ -123,13 +136,13 @@ ERNIE_HOST_DEVICE PairRole pair_role(int prev2, int prev, int e, int next, int n
 // (gathered by the GEMM's loads); w_gate_up [E * 2 * inter, hidden] in the tiled layout (each
 // expert's gate rows then its up rows). hidden % 8 == 0, inter % 16 == 0. With a fold (decode
 // block sizes only), act has moe_shared_rows(fold, block_m) rows of the folded experts first,
-// then the capacity rows of the routed layout. pair_blocks: the 32-row blocks paired
-// (moe_pair_blocks; refused for other blocks and with a fold).
+// then the capacity rows of the routed layout. form: MoeSwapForm (moe_gate_up and moe_down of
+// one layer take the same pair_blocks).
 void moe_gate_up(__nv_bfloat16* act, const __nv_bfloat16* x, const __nv_bfloat16* w_gate_up,
                  const int32_t* sorted_pairs, const int32_t* block_expert, int64_t capacity,
                  int block_m, int k, int hidden, int inter, int experts, cudaStream_t stream,
                  const SharedFold& fold = {}, int32_t* block_ready = nullptr,
-                 bool pair_blocks = false);
+                 const MoeSwapForm& form = {});
 
 // y [capacity, hidden] = weight[pair] * act W_down^T per sorted row; w_down [E * hidden, inter]
 // in the tiled layout. inter % 8 == 0, hidden % 16 == 0. With a fold, act as moe_gate_up wrote
@@ -138,7 +151,7 @@ void moe_down(__nv_bfloat16* y, const __nv_bfloat16* act, const __nv_bfloat16* w
               const float* weights, const int32_t* sorted_pairs, const int32_t* block_expert,
               int64_t capacity, int block_m, int hidden, int inter, int experts,
               cudaStream_t stream, const SharedFold& fold = {}, int32_t* block_ready = nullptr,
-              bool pair_blocks = false);
+              const MoeSwapForm& form = {});
 
 // block_ready for moe_gate_up and moe_down (32- and 64-row blocks, no fold; moe_align cleared
 // it, and the same counters go to both, gate/up launched right before down on one stream):
