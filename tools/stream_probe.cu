@@ -10,7 +10,8 @@
 // each either one CTA per tile or persistent (one wave of CTAs, the stages of all of a CTA's
 // tiles in one pipeline). Every CTA asks for the decode GEMM's 65 KB of shared memory so that
 // as many are resident per SM. Tile counts: a one-token step's gate/up (6 experts x 3072 rows)
-// and a 16-token step's (~51 experts).
+// and a 16-token step's (~51 experts). First, the 256-token step's gate/up as the swapped
+// kernel streams it (pieces_kernel), alone and with that kernel's fixed costs a CTA.
 #include <cuda.h>
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
@@ -19,6 +20,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <exception>
+#include <vector>
 
 #include "backend/cuda/cuda_check.h"
 #include "backend/cuda/device.h"
@@ -117,11 +119,22 @@ __global__ void __launch_bounds__(2 * R)
 // of stage kt at p * (640 KB / P) + kt * (16 KB / P) of the tile: P = 8 is the tiled layout's
 // 2 KB pieces 80 KB apart (four 16-row groups of each of the two 64-row boxes), P = 1 a
 // contiguous stage. S stages, 128 threads, two CTAs an SM.
+// kFixed adds the GEMM's fixed costs a CTA, one bit each: 1 its tile from a global index read
+// first (the GEMM reads its block's expert before the first copy); 2 the gate/up epilogue of a
+// 32-row block (16 two-byte stores a thread, 4 rows' 16-byte pieces a warp store, then a
+// barrier and a release add on a counter, as the readiness counters); 4 that epilogue staged
+// through shared memory (two 16-byte stores a thread of whole rows, ERNIE_MOE_SWAP_STAGED).
 constexpr int kPieceStage = 16 * 1024, kPieceStages = 40;
 constexpr int64_t kPieceTile = static_cast<int64_t>(kPieceStage) * kPieceStages;
-template <int S, int P>
+constexpr int kOutRows = 32, kOutCols = 64;  // a gate/up tile's outputs (kFixed 2 and 4)
+struct PieceFixed {
+  const int32_t* order = nullptr;  // [tiles]: the tile a CTA reads (kFixed & 1)
+  __nv_bfloat16* out = nullptr;    // [tiles][kOutRows][kOutCols] (kFixed & 6)
+  int32_t* counters = nullptr;     // [tiles] (kFixed & 6)
+};
+template <int S, int P, int kFixed = 0>
 __global__ void __launch_bounds__(128)
-    pieces_kernel(const unsigned char* w, int64_t byte0, unsigned* sink) {
+    pieces_kernel(const unsigned char* w, int64_t byte0, unsigned* sink, const PieceFixed f) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   unsigned char* smem = smem_raw + ((1024 - (smem_u32(smem_raw) & 1023)) & 1023);
   __shared__ uint64_t full[S];
@@ -131,7 +144,11 @@ __global__ void __launch_bounds__(128)
     mbar_init_fence();
   }
   __syncthreads();
-  const unsigned char* tile = w + byte0 + blockIdx.x * kPieceTile;
+  int64_t t = blockIdx.x;
+  if constexpr ((kFixed & 1) != 0) {
+    if (tid == 0) t = __ldcg(f.order + blockIdx.x);
+  }
+  const unsigned char* tile = w + byte0 + t * kPieceTile;
   auto issue = [&](int kt) {
     if (tid != 0) return;
     uint64_t* bar = &full[kt % S];
@@ -154,6 +171,41 @@ __global__ void __launch_bounds__(128)
     acc ^= q[tid] + q[tid + 2048];
     __syncthreads();
   }
+  if constexpr ((kFixed & 6) != 0) {
+    // The swapped kernel's gate/up accumulator layout: thread (warp, g, c) holds rows
+    // 8 i + 2 c + j and columns 16 warp + g + 8 h.
+    const int warp = tid / 32, g = tid % 32 / 4, c = tid % 4;
+    __nv_bfloat16* out = f.out + blockIdx.x * (kOutRows * kOutCols);
+    constexpr int kStagedLd = kOutCols + 8;
+    auto* staged = reinterpret_cast<__nv_bfloat16*>(smem);
+#pragma unroll
+    for (int i = 0; i < kOutRows / 8; ++i) {
+#pragma unroll
+      for (int j = 0; j < 2; ++j) {
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const int r = 8 * i + 2 * c + j, col = 16 * warp + g + 8 * h;
+          const __nv_bfloat16 v = __float2bfloat16(static_cast<float>((acc >> (i + j + h)) & 255));
+          if constexpr ((kFixed & 4) != 0) {
+            staged[r * kStagedLd + col] = v;
+          } else {
+            out[r * kOutCols + col] = v;
+          }
+        }
+      }
+    }
+    if constexpr ((kFixed & 4) != 0) {
+      __syncthreads();
+#pragma unroll
+      for (int it = 0; it < kOutRows * kOutCols / 8 / 128; ++it) {
+        const int idx = tid + 128 * it, r = idx / (kOutCols / 8), piece = idx % (kOutCols / 8);
+        *reinterpret_cast<uint4*>(out + r * kOutCols + 8 * piece) =
+            *reinterpret_cast<const uint4*>(staged + r * kStagedLd + 8 * piece);
+      }
+    }
+    __syncthreads();
+    if (tid == 0) red_add_release_gpu(f.counters + blockIdx.x, 1);
+  }
   if (acc == 0x9e3779b9u) sink[0] = acc;
 }
 
@@ -161,6 +213,7 @@ struct Bench {
   __nv_bfloat16* buf = nullptr;
   int64_t rows = 0;  // of K elements
   unsigned* sink = nullptr;
+  PieceFixed fixed;  // buffers for pieces_kernel's fixed costs (1536 tiles)
   CUtensorMap map32{}, map64{};
   int iters = 20;
   cudaEvent_t t0{}, t1{};
@@ -203,9 +256,9 @@ void run_case(Bench& b, const char* copy_name, int tiles, bool persistent) {
               sec * 1e6, bytes / sec * 1e-12);
 }
 
-template <int S, int P>
+template <int S, int P, int kFixed = 0>
 void run_pieces(Bench& b, int tiles) {
-  auto kernel = pieces_kernel<S, P>;
+  auto kernel = pieces_kernel<S, P, kFixed>;
   const int smem = std::max(S * kPieceStage + 1024, 81 * 1024);  // two CTAs an SM, as the GEMM
   ERNIE_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
   int per_sm = 0;
@@ -213,12 +266,14 @@ void run_pieces(Bench& b, int tiles) {
   const int64_t run_rows = tiles * kPieceTile / (kK * 2);
   const double sec = b.time(run_rows, [&](int64_t row0) {
     kernel<<<tiles, 128, smem>>>(reinterpret_cast<const unsigned char*>(b.buf), row0 * kK * 2,
-                                 b.sink);
+                                 b.sink, b.fixed);
   });
   ERNIE_CUDA_CHECK(cudaGetLastError());
   const double bytes = static_cast<double>(tiles) * kPieceTile;
-  std::printf("pieces    P=%d (%5d B) S=%d tiles %5d (%d/SM)  %8.1f us  %5.2f TB/s\n", P,
-              kPieceStage / P, S, tiles, per_sm, sec * 1e6, bytes / sec * 1e-12);
+  std::printf("pieces    P=%d (%5d B) S=%d tiles %5d (%d/SM)  %8.1f us  %5.2f TB/s%s%s%s\n", P,
+              kPieceStage / P, S, tiles, per_sm, sec * 1e6, bytes / sec * 1e-12,
+              (kFixed & 1) ? "  +index read" : "", (kFixed & 2) ? "  +2-byte epilogue" : "",
+              (kFixed & 4) ? "  +staged epilogue" : "");
 }
 
 // Plain 16-byte loads over the same number of bytes (cuda::measure_read_bandwidth).
@@ -241,16 +296,38 @@ int run(int iters) {
   b.map32 = tensor_map_bf16_sw128(b.buf, b.rows, kK, 32);
   b.map64 = tensor_map_bf16_sw128(b.buf, b.rows, kK, 64);
   // The 256-token gate/up's weights (64 experts x 3072 rows: 1536 tiles of 640 KB).
-  std::printf("-- 64 experts' gate/up, %.1f MB\n", 1536 * kPieceTile * 1e-6);
-  run_ldg(iters, 1536 * kPieceTile);
+  constexpr int kTiles = 1536;
+  std::vector<int32_t> order(kTiles);
+  for (int i = 0; i < kTiles; ++i) order[i] = i;
+  int32_t* d_order = nullptr;
+  ERNIE_CUDA_CHECK(cudaMalloc(&d_order, kTiles * sizeof(int32_t)));
+  ERNIE_CUDA_CHECK(
+      cudaMemcpy(d_order, order.data(), kTiles * sizeof(int32_t), cudaMemcpyHostToDevice));
+  b.fixed.order = d_order;
+  ERNIE_CUDA_CHECK(cudaMalloc(&b.fixed.out, size_t{kTiles} * kOutRows * kOutCols * 2));
+  ERNIE_CUDA_CHECK(cudaMalloc(&b.fixed.counters, kTiles * sizeof(int32_t)));
+  std::printf("-- 64 experts' gate/up, %.1f MB\n", kTiles * kPieceTile * 1e-6);
+  run_ldg(iters, kTiles * kPieceTile);
   for (int rep = 0; rep < 2; ++rep) {
-    run_pieces<4, 1>(b, 1536);
-    run_pieces<4, 2>(b, 1536);
-    run_pieces<4, 8>(b, 1536);
-    run_pieces<4, 16>(b, 1536);
-    run_pieces<5, 8>(b, 1536);
-    run_pieces<3, 8>(b, 1536);
+    run_pieces<4, 1>(b, kTiles);
+    run_pieces<4, 2>(b, kTiles);
+    run_pieces<4, 8>(b, kTiles);
+    run_pieces<4, 16>(b, kTiles);
+    run_pieces<5, 8>(b, kTiles);
+    run_pieces<3, 8>(b, kTiles);
   }
+  // The GEMM's fixed costs a CTA on the 2 KB pieces (pieces_kernel's kFixed).
+  for (int rep = 0; rep < 2; ++rep) {
+    run_pieces<4, 8>(b, kTiles);
+    run_pieces<4, 8, 1>(b, kTiles);
+    run_pieces<4, 8, 2>(b, kTiles);
+    run_pieces<4, 8, 4>(b, kTiles);
+    run_pieces<4, 8, 3>(b, kTiles);
+    run_pieces<4, 8, 5>(b, kTiles);
+  }
+  cudaFree(d_order);
+  cudaFree(b.fixed.out);
+  cudaFree(b.fixed.counters);
   if (std::getenv("PROBE_PIECES_ONLY") != nullptr) return 0;
   // One token: 6 experts x 3072 gate/up rows; 16 tokens: ~51 experts.
   for (const int rows : {6 * 3072, 51 * 3072}) {
