@@ -22,6 +22,7 @@ __device__ __forceinline__ void clear_block_ready(int32_t* block_ready, int num_
   for (int b = threadIdx.x; b < num_blocks; b += blockDim.x) block_ready[b] = 0;
 }
 
+template <bool kExpertMajor = false>
 __global__ void moe_align_kernel(int32_t* sorted_pairs, int32_t* block_expert, int32_t* pair_pos,
                                  int32_t* block_ready, const int32_t* ids, int pairs, int experts,
                                  int block_m, int num_blocks) {
@@ -29,15 +30,20 @@ __global__ void moe_align_kernel(int32_t* sorted_pairs, int32_t* block_expert, i
   __shared__ int counts[1024];
   __shared__ int offsets[1025];
   clear_block_ready(block_ready, num_blocks);
-  align_pairs(sorted_pairs, block_expert, pair_pos, ids, pairs, experts, block_m, num_blocks,
-              counts, offsets);
+  if constexpr (kExpertMajor) {
+    align_pairs_expert_major(sorted_pairs, block_expert, pair_pos, ids, pairs, experts, num_blocks,
+                             counts, offsets);
+  } else {
+    align_pairs(sorted_pairs, block_expert, pair_pos, ids, pairs, experts, block_m, num_blocks,
+                counts, offsets);
+  }
 }
 
 // Many pairs (a prefill chunk): the align over many CTAs in three launches, chunks of
 // kAlignChunk pairs per CTA. One CTA on shared atomics took 83 us for the 49152 pairs of an
 // 8192-token step. Device scratch: the per-chunk counts [chunks][experts], then the segment
 // starts [experts + 1].
-constexpr int kAlignSpreadPairs = 8192, kAlignChunk = 2048, kAlignSpreadThreads = 256;
+constexpr int kAlignSpreadPairs = kMoeAlignOneCta, kAlignChunk = 2048, kAlignSpreadThreads = 256;
 
 int align_chunks(int pairs) {
   return (pairs + kAlignChunk - 1) / kAlignChunk;
@@ -1130,24 +1136,65 @@ static_assert(sw_a_bytes(kMoeBlockMid) % 1024 == 0 && sw_a_bytes(kMoeBlockWide) 
 // thread stores its accumulators' values 2 bytes at a time: 16 (gate/up) or 32 (down) stores a
 // thread for 32 rows, each warp store 4 rows' 16-byte pieces. The values are the same, computed
 // by the same expressions; only the store pattern differs.
-template <bool kGateUp, int BN, bool kPairs = false, bool kStaged = false>
+// kExpertMajor (moe_expert_major, BN = 64): blocks below `experts` are those experts' first
+// blocks (the expert-major layout), so their weights go out before the layout is read.
+template <bool kGateUp, int BN, bool kPairs = false, bool kStaged = false,
+          bool kExpertMajor = false>
 __global__ void __launch_bounds__(128)
     moe_gemm_swap_kernel(const __grid_constant__ CUtensorMap w_map, __nv_bfloat16* out,
                          const __nv_bfloat16* a_src, const float* route_w,
                          const int32_t* sorted_pairs, const int32_t* block_expert, int k_choices,
-                         int K, int N, const BlockReady ready) {
+                         int K, int N, const BlockReady ready, int experts) {
   static_assert(!kPairs || BN == 64);
+  static_assert(!kExpertMajor || (BN == 64 && !kPairs));
   const bool block_major = ready.counters != nullptr;
   const int mb = block_major ? blockIdx.y : blockIdx.x;
   const int nb = block_major ? blockIdx.x : blockIdx.y;
   // As moe_gemm_kernel: gate/up waits (its routing), then lets down launch; down reads the
   // layout before its wait and waits for gate/up's rows before its first activation load.
+  // kExpertMajor: a CTA of the first `experts` blocks knows its expert (the block's index) and
+  // issues its first weight copies before anything else, gate/up's before its wait.
+  extern __shared__ unsigned char smem_raw[];
+  unsigned char* smem = reinterpret_cast<unsigned char*>(
+      (reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t{1023});
+  __shared__ uint64_t full[kSwStages];  // a slice's weight boxes have landed
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, c = lane % 4;
+  constexpr int kBlockRows = kPairs ? BN / 2 : BN;
+  const int m0 = mb * kBlockRows;
+  const int n0 = nb * (kGateUp ? kSwRows / 2 : kSwRows);  // the tile's first output column
+  const int k_tiles = (K + kWgBK - 1) / kWgBK;
+  // The two boxes' first weight rows in the stacked [E * 2N, K] or [E * N, K] weights (rows of
+  // a last partial tile past the expert's are read, or zero-filled past the tensor, and unused),
+  // and the first slices' weights, issued before anything else is read (thread 0 alone uses the
+  // barriers until the CTA barrier below).
+  int row0 = 0, row1 = 0;
+  auto load_w = [&](int kt) {
+    if (tid == 0) {
+      unsigned char* st = smem + (kt % kSwStages) * sw_stage_bytes(BN);
+      uint64_t* bar = &full[kt % kSwStages];
+      mbar_arrive_expect_tx(bar, 2 * kWgBox);
+      tma_load_4d(st, &w_map, bar, 0, 0, kt, row0 / kTiledGroupRows);
+      tma_load_4d(st + kWgBox, &w_map, bar, 0, 0, kt, row1 / kTiledGroupRows);
+    }
+  };
+  const auto start_weights = [&](int expert) {
+    row0 = kGateUp ? expert * 2 * N + n0 : expert * N + n0;
+    row1 = kGateUp ? row0 + N : row0 + 64;
+    if (tid == 0) {
+      for (int s = 0; s < kSwStages; ++s) mbar_init(&full[s], 1);
+      mbar_init_fence();
+    }
+    for (int kt = 0; kt < kSwStages - 1; ++kt) {
+      if (kt < k_tiles) load_w(kt);
+    }
+  };
+  const bool known = kExpertMajor && mb < experts;
+  if (known) start_weights(mb);
   if constexpr (kGateUp) asm volatile("griddepcontrol.wait;" ::: "memory");
   asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
   const int e = __ldcg(block_expert + mb);
   // Rows of the layout a block holds, and of them the rows this CTA computes (kPairs: 64 for a
   // pair's lead, else 32; rows past them are padding).
-  constexpr int kBlockRows = kPairs ? BN / 2 : BN;
   int rows = BN;
   bool lead = false;
   if constexpr (kPairs) {
@@ -1161,37 +1208,14 @@ __global__ void __launch_bounds__(128)
     lead = role == kPairLead;
     rows = lead ? BN : kBlockRows;
   }
-  if (e < 0) return;
-  extern __shared__ unsigned char smem_raw[];
-  unsigned char* smem = reinterpret_cast<unsigned char*>(
-      (reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t{1023});
-  __shared__ uint64_t full[kSwStages];  // a slice's weight boxes have landed
-  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, c = lane % 4;
-  const int m0 = mb * kBlockRows;
-  const int n0 = nb * (kGateUp ? kSwRows / 2 : kSwRows);  // the tile's first output column
-  // The two boxes' first weight rows in the stacked [E * 2N, K] or [E * N, K] weights. Rows of
-  // a last partial tile past the expert's are read (or zero-filled past the tensor) and unused.
-  const int row0 = kGateUp ? e * 2 * N + n0 : e * N + n0;
-  const int row1 = kGateUp ? row0 + N : row0 + 64;
-  const int k_tiles = (K + kWgBK - 1) / kWgBK;
-  auto load_w = [&](int kt) {
-    if (tid == 0) {
-      unsigned char* st = smem + (kt % kSwStages) * sw_stage_bytes(BN);
-      uint64_t* bar = &full[kt % kSwStages];
-      mbar_arrive_expect_tx(bar, 2 * kWgBox);
-      tma_load_4d(st, &w_map, bar, 0, 0, kt, row0 / kTiledGroupRows);
-      tma_load_4d(st + kWgBox, &w_map, bar, 0, 0, kt, row1 / kTiledGroupRows);
+  if (e < 0) {
+    // An expert that got no pairs: its copies land before the CTA's shared memory is let go.
+    if (known && tid == 0) {
+      for (int kt = 0; kt < kSwStages - 1 && kt < k_tiles; ++kt) mbar_wait(&full[kt], 0);
     }
-  };
-  // The first slices' weights go out before anything else is read (thread 0 alone uses the
-  // barriers until the CTA barrier below).
-  if (tid == 0) {
-    for (int s = 0; s < kSwStages; ++s) mbar_init(&full[s], 1);
-    mbar_init_fence();
+    return;
   }
-  for (int kt = 0; kt < kSwStages - 1; ++kt) {
-    if (kt < k_tiles) load_w(kt);
-  }
+  if (!known) start_weights(e);
   // This thread's activation pieces of each slice: rows tid / 8 + 16 i, piece tid % 8; and the
   // pairs of the rows its accumulators hold: 8 i + 2 c + j.
   constexpr int kRowsPerThread = BN / 16;
@@ -1351,8 +1375,9 @@ bool swap_ab_enabled() {
 }
 
 // w_rows: the stacked weights' rows (experts * 2N for gate/up, experts * N for down). kPairs:
-// BN = 64 over a layout of 32-row blocks.
-template <bool kGateUp, int BN, bool kPairs = false, bool kStaged = false>
+// BN = 64 over a layout of 32-row blocks. kExpertMajor: the expert-major layout's 64-row blocks.
+template <bool kGateUp, int BN, bool kPairs = false, bool kStaged = false,
+          bool kExpertMajor = false>
 void launch_swap_rows(__nv_bfloat16* out, const __nv_bfloat16* a, const __nv_bfloat16* w,
                       int64_t w_rows, const float* route_w, const int32_t* sorted_pairs,
                       const int32_t* block_expert, int64_t capacity, int k, int K, int N,
@@ -1360,7 +1385,7 @@ void launch_swap_rows(__nv_bfloat16* out, const __nv_bfloat16* a, const __nv_bfl
   constexpr int block_rows = kPairs ? BN / 2 : BN;
   require_gemm_shape(K, N, capacity, block_rows);
   constexpr size_t smem = sw_smem(BN);
-  constexpr auto kernel = moe_gemm_swap_kernel<kGateUp, BN, kPairs, kStaged>;
+  constexpr auto kernel = moe_gemm_swap_kernel<kGateUp, BN, kPairs, kStaged, kExpertMajor>;
   static bool configured = false;
   if (!configured) {
     ERNIE_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
@@ -1377,8 +1402,9 @@ void launch_swap_rows(__nv_bfloat16* out, const __nv_bfloat16* a, const __nv_bfl
   const unsigned m_blocks = static_cast<unsigned>(capacity / block_rows);
   const unsigned n_ctas = (N + cols - 1) / cols;
   const dim3 grid = ready.counters != nullptr ? dim3(n_ctas, m_blocks) : dim3(m_blocks, n_ctas);
+  const int experts = static_cast<int>(w_rows / (kGateUp ? 2 * N : N));
   launch_pdl(kernel, grid, 128, smem, stream, map, out, a, route_w, sorted_pairs, block_expert, k,
-             K, N, ready);
+             K, N, ready, experts);
   ERNIE_CUDA_CHECK(cudaGetLastError());
 }
 
@@ -1393,16 +1419,19 @@ bool takes_swap(int block_m, const SharedFold& fold) {
   return block_m == kMoeBlockMid && fold.experts == 0 && swap_ab_enabled();
 }
 
-// launch_swap_rows for blocks of block_m rows (takes_swap), the 32-row ones paired or not, the
-// epilogue staged or not.
+// launch_swap_rows for blocks of block_m rows (takes_swap) in the call's form: the 32-row ones
+// paired or not, the 64-row ones expert-major or not, the epilogue staged or not.
 template <bool kGateUp, bool kStaged>
-void launch_swap_form(int block_m, bool pair_blocks, __nv_bfloat16* out, const __nv_bfloat16* a,
-                      const __nv_bfloat16* w, int64_t w_rows, const float* route_w,
-                      const int32_t* sorted_pairs, const int32_t* block_expert, int64_t capacity,
-                      int k, int K, int N, int32_t* block_ready, cudaStream_t stream) {
-  auto* launch = block_m == kMoeBlockWide ? launch_swap_rows<kGateUp, kMoeBlockWide, false, kStaged>
-                 : pair_blocks            ? launch_swap_rows<kGateUp, kMoeBlockWide, true, kStaged>
-                                          : launch_swap_rows<kGateUp, kMoeBlockMid, false, kStaged>;
+void launch_swap_form(int block_m, const MoeSwapForm& form, __nv_bfloat16* out,
+                      const __nv_bfloat16* a, const __nv_bfloat16* w, int64_t w_rows,
+                      const float* route_w, const int32_t* sorted_pairs,
+                      const int32_t* block_expert, int64_t capacity, int k, int K, int N,
+                      int32_t* block_ready, cudaStream_t stream) {
+  constexpr int kWide = kMoeBlockWide, kMid = kMoeBlockMid;
+  auto* launch = form.expert_major  ? launch_swap_rows<kGateUp, kWide, false, kStaged, true>
+                 : block_m == kWide ? launch_swap_rows<kGateUp, kWide, false, kStaged>
+                 : form.pair_blocks ? launch_swap_rows<kGateUp, kWide, true, kStaged>
+                                    : launch_swap_rows<kGateUp, kMid, false, kStaged>;
   launch(out, a, w, w_rows, route_w, sorted_pairs, block_expert, capacity, k, K, N, block_ready,
          stream);
 }
@@ -1413,17 +1442,24 @@ void launch_swap(int block_m, const MoeSwapForm& form, __nv_bfloat16* out, const
                  int K, int N, int32_t* block_ready, cudaStream_t stream) {
   auto* launch =
       form.staged_stores ? launch_swap_form<kGateUp, true> : launch_swap_form<kGateUp, false>;
-  launch(block_m, form.pair_blocks, out, a, w, w_rows, route_w, sorted_pairs, block_expert,
-         capacity, k, K, N, block_ready, stream);
+  launch(block_m, form, out, a, w, w_rows, route_w, sorted_pairs, block_expert, capacity, k, K, N,
+         block_ready, stream);
 }
 
-// Paired blocks only where moe_pair_blocks may give them: 32-row blocks on the swapped kernel.
-void require_pair_blocks_fit(bool pair_blocks, int block_m, const SharedFold& fold) {
-  require_parts(!pair_blocks || (block_m == kMoeBlockMid && fold.experts == 0 && swap_ab_enabled()),
-                "MoE: paired blocks need 32-row blocks on the swapped kernel without folded "
-                "experts, not blocks of ",
-                block_m, fold.experts > 0 ? " with a fold" : "",
-                swap_ab_enabled() ? "" : " (ERNIE_MOE_SWAP_AB=0)");
+// Paired blocks only where moe_pair_blocks may give them (32-row blocks on the swapped kernel),
+// the expert-major layout only with 64-row blocks (moe_expert_major), neither with a fold.
+void require_form_fits(const MoeSwapForm& form, int block_m, const SharedFold& fold) {
+  require_parts(
+      !form.pair_blocks || (block_m == kMoeBlockMid && fold.experts == 0 && swap_ab_enabled()),
+      "MoE: paired blocks need 32-row blocks on the swapped kernel without folded "
+      "experts, not blocks of ",
+      block_m, fold.experts > 0 ? " with a fold" : "",
+      swap_ab_enabled() ? "" : " (ERNIE_MOE_SWAP_AB=0)");
+  require_parts(!form.expert_major || (block_m == kMoeBlockWide && fold.experts == 0 &&
+                                       swap_ab_enabled() && !form.pair_blocks),
+                "MoE: the expert-major layout needs 64-row blocks on the swapped kernel, unpaired "
+                "and without folded experts, not blocks of ",
+                block_m, fold.experts > 0 ? " with a fold" : "", form.pair_blocks ? " paired" : "");
 }
 
 // What the combine sums for a token: routed: y's routed rows (the routed layout's first row),
@@ -1679,14 +1715,24 @@ size_t moe_align_scratch_bytes(int pairs, int experts) {
 
 void moe_align(int32_t* sorted_pairs, int32_t* block_expert, int32_t* pair_pos, const int32_t* ids,
                int pairs, int experts, int block_m, void* scratch, cudaStream_t stream,
-               int32_t* block_ready) {
+               int32_t* block_ready, bool expert_major) {
   if (pairs == 0) return;
   require(experts > 0 && experts <= 1024, "moe_align: at most 1024 experts");
+  if (expert_major) {
+    require_parts(block_m == kMoeBlockWide && pairs <= kMoeAlignOneCta,
+                  "moe_align: the expert-major layout takes 64-row blocks and at most ",
+                  kMoeAlignOneCta, " pairs, not blocks of ", block_m, " and ", pairs, " pairs");
+    const int num_blocks = static_cast<int>(moe_capacity_expert_major(pairs, experts) / block_m);
+    launch_pdl(moe_align_kernel<true>, 1, kAlignThreads, 0, stream, sorted_pairs, block_expert,
+               pair_pos, block_ready, ids, pairs, experts, block_m, num_blocks);
+    ERNIE_CUDA_CHECK(cudaGetLastError());
+    return;
+  }
   const int64_t capacity = moe_capacity(pairs, experts, block_m);
   const int num_blocks = static_cast<int>(capacity / block_m);
   if (pairs <= kAlignSpreadPairs) {
-    launch_pdl(moe_align_kernel, 1, kAlignThreads, 0, stream, sorted_pairs, block_expert, pair_pos,
-               block_ready, ids, pairs, experts, block_m, num_blocks);
+    launch_pdl(moe_align_kernel<false>, 1, kAlignThreads, 0, stream, sorted_pairs, block_expert,
+               pair_pos, block_ready, ids, pairs, experts, block_m, num_blocks);
     ERNIE_CUDA_CHECK(cudaGetLastError());
     return;
   }
@@ -1714,6 +1760,13 @@ bool moe_pair_blocks(int64_t pairs, int experts, int block_m) {
   return on && block_m == kMoeBlockMid && pairs >= int64_t{kMoePairMinAverage} * experts;
 }
 
+bool moe_expert_major(int64_t pairs, int experts, int block_m) {
+  static const bool on = new_path_enabled("ERNIE_MOE_EXPERT_MAJOR") && swap_ab_enabled();
+  return on && pairs <= kMoeAlignOneCta &&
+         ((block_m == kMoeBlockMid && pairs >= int64_t{kMoePairMinAverage} * experts) ||
+          block_m == kMoeBlockWide);
+}
+
 bool moe_swap_staged_stores() {
   static const bool on = new_path_enabled("ERNIE_MOE_SWAP_STAGED") && swap_ab_enabled();
   return on;
@@ -1728,7 +1781,7 @@ void moe_gate_up(__nv_bfloat16* act, const __nv_bfloat16* x, const __nv_bfloat16
                  const int32_t* sorted_pairs, const int32_t* block_expert, int64_t capacity,
                  int block_m, int k, int hidden, int inter, int experts, cudaStream_t stream,
                  const SharedFold& fold, int32_t* block_ready, const MoeSwapForm& form) {
-  require_pair_blocks_fit(form.pair_blocks, block_m, fold);
+  require_form_fits(form, block_m, fold);
   if (capacity == 0) return;
   if (block_m == kMoeBlockWgmma) {
     require(fold.experts == 0, "MoE wgmma GEMM: shared experts cannot be folded");
@@ -1756,7 +1809,7 @@ void moe_down(__nv_bfloat16* y, const __nv_bfloat16* act, const __nv_bfloat16* w
               int64_t capacity, int block_m, int hidden, int inter, int experts,
               cudaStream_t stream, const SharedFold& fold, int32_t* block_ready,
               const MoeSwapForm& form) {
-  require_pair_blocks_fit(form.pair_blocks, block_m, fold);
+  require_form_fits(form, block_m, fold);
   if (capacity == 0) return;
   if (block_m == kMoeBlockWgmma) {
     require(fold.experts == 0, "MoE wgmma GEMM: shared experts cannot be folded");
