@@ -170,7 +170,7 @@ ERNIE_HOST_DEVICE PairRole pair_role(int prev2, int prev, int e, int next, int n
 // expert's gate rows then its up rows). hidden % 8 == 0, inter % 16 == 0. With a fold (decode
 // block sizes only), act has moe_shared_rows(fold, block_m) rows of the folded experts first,
 // then the capacity rows of the routed layout. form: MoeSwapForm (moe_gate_up and moe_down of
-// one layer take the same pair_blocks).
+// one layer take the same pair_blocks and expert_major, and moe_align the same expert_major).
 void moe_gate_up(__nv_bfloat16* act, const __nv_bfloat16* x, const __nv_bfloat16* w_gate_up,
                  const int32_t* sorted_pairs, const int32_t* block_expert, int64_t capacity,
                  int block_m, int k, int hidden, int inter, int experts, cudaStream_t stream,
