@@ -1298,8 +1298,11 @@ __global__ void __launch_bounds__(128)
     // then a flag per row: whether it holds a pair.
     constexpr int kCols = kGateUp ? kSwRows / 2 : kSwRows, kLd = kCols + 8;
     static_assert(BN * kLd * 2 + BN * 4 <= sw_stage_bytes(BN));
-    __nv_bfloat16* staged = reinterpret_cast<__nv_bfloat16*>(smem);
-    int* row_ok = reinterpret_cast<int*>(smem + BN * kLd * 2);
+    // Addressed from smem_raw so that the compiler keeps to shared-memory instructions (from
+    // smem, aligned through an integer, it emits generic ones).
+    unsigned char* stage0 = smem_raw + (smem - smem_raw);
+    __nv_bfloat16* staged = reinterpret_cast<__nv_bfloat16*>(stage0);
+    int* row_ok = reinterpret_cast<int*>(stage0 + BN * kLd * 2);
     __syncthreads();  // every thread's wgmmas have read their last stage
 #pragma unroll
     for (int i = 0; i < BN / 8; ++i) {
