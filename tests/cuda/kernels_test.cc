@@ -535,15 +535,17 @@ void expect_block_ready_matches(cudaStream_t stream, int hidden, int inter, int 
   d_wts.upload(r.wts);
   // The align kernels may order an expert's pairs differently from run to run: rows are
   // compared by pair.
-  // Runs: grid wait, readiness counters, counters with staged stores (swapped kernel only: the
-  // 32-row blocks take it unless ERNIE_MOE_SWAP_AB=0).
-  const int runs = swapped_kernel_on() ? 3 : 2;
-  std::vector<uint16_t> act[3], y[3];
-  std::vector<int32_t> pos[3];
+  // Runs: grid wait, readiness counters, then with counters the swapped kernel's staged stores
+  // and its TMA activations for down (the 32-row blocks take that kernel unless
+  // ERNIE_MOE_SWAP_AB=0).
+  const int runs = swapped_kernel_on() ? 4 : 2;
+  std::vector<uint16_t> act[4], y[4];
+  std::vector<int32_t> pos[4];
   for (int run = 0; run < runs; ++run) {
     const int with_ready = run > 0 ? 1 : 0;
     MoeSwapForm form = base;
     form.staged_stores = run == 2;
+    form.tma_act = run == 3;
     ERNIE_CUDA_CHECK(cudaMemsetAsync(d_ready.p, 0x7f, d_ready.n * sizeof(int32_t), stream));
     ERNIE_CUDA_CHECK(cudaMemsetAsync(d_act.p, 0xff, d_act.n * sizeof(uint16_t), stream));
     ERNIE_CUDA_CHECK(cudaMemsetAsync(d_y.p, 0xff, d_y.n * sizeof(uint16_t), stream));
@@ -567,9 +569,10 @@ void expect_block_ready_matches(cudaStream_t stream, int hidden, int inter, int 
       };
       ASSERT_TRUE(std::equal(row(1), row(1) + width, row(0)))
           << name << " of pair " << i << " differs (rows " << pos[1][i] << ", " << pos[0][i] << ")";
-      if (runs == 3) {
-        ASSERT_TRUE(std::equal(row(2), row(2) + width, row(1)))
-            << name << " of pair " << i << " differs with staged stores (rows " << pos[2][i] << ", "
+      for (int run = 2; run < runs; ++run) {
+        ASSERT_TRUE(std::equal(row(run), row(run) + width, row(1)))
+            << name << " of pair " << i << " differs with "
+            << (run == 2 ? "staged stores" : "TMA activations") << " (rows " << pos[run][i] << ", "
             << pos[1][i] << ")";
       }
       // Computed, not left poisoned.
@@ -626,7 +629,9 @@ void expect_rows_close(const std::vector<float>& got, const std::vector<float>& 
 // (moe_expert_major: up to one CTA's align of pairs), on the routing and on one drawn from half
 // the experts, so that some experts get no pairs (their first blocks' CTAs stream weights and
 // leave) and some more than 64 (further blocks). Every form of the swapped kernel also runs with
-// its staged stores (moe_swap_staged_stores), bit for bit equal to the 2-byte stores.
+// its staged stores (moe_swap_staged_stores) and with down's activations by TMA
+// (moe_swap_tma_act; act poisoned with NaN, so padding rows read in must stay in their own
+// columns), each bit for bit equal to the default.
 TEST(CudaKernels, MoeBlockReadyMatchesGridWait) {
   if (device_count() == 0) GTEST_SKIP() << "no CUDA device";
   Rng rng(std::random_device{}());

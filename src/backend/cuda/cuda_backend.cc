@@ -844,7 +844,8 @@ class CudaBackend final : public Backend {
     const cuda::MoeSwapForm form{.pair_blocks = fold.experts == 0 && !expert_major &&
                                                 cuda::moe_pair_blocks(pairs, experts, block_m),
                                  .staged_stores = cuda::moe_swap_staged_stores(),
-                                 .expert_major = expert_major};
+                                 .expert_major = expert_major,
+                                 .tma_act = cuda::moe_swap_tma_act()};
     cuda::moe_gate_up(act, bf(x), bf(w.experts_gate_up), sorted, block_expert, cap, block_m, k,
                       hidden, inter, experts, stream_, fold, block_ready, form);
     cuda::moe_down(y, act, bf(w.experts_down), weights, sorted, block_expert, cap, block_m, hidden,

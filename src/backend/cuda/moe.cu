@@ -1138,15 +1138,23 @@ static_assert(sw_a_bytes(kMoeBlockMid) % 1024 == 0 && sw_a_bytes(kMoeBlockWide) 
 // by the same expressions; only the store pattern differs.
 // kExpertMajor (moe_expert_major, BN = 64): blocks below `experts` are those experts' first
 // blocks (the expert-major layout), so their weights go out before the layout is read.
+// kTmaAct (down only, moe_swap_tma_act; not yet measured on a GPU): a slice's activation rows,
+// the block's BN consecutive rows of act, come as one 2-D TMA box (a_map: BN rows x 64 columns,
+// the same 128-byte swizzle) on the slice's barrier instead of 16-byte cp.async pieces from
+// every thread. Rows past a block's pairs are read as they are (padding, or the next block's
+// rows for a paired block that is computed alone): they only reach the output columns of those
+// rows, which are not stored.
 template <bool kGateUp, int BN, bool kPairs = false, bool kStaged = false,
-          bool kExpertMajor = false>
+          bool kExpertMajor = false, bool kTmaAct = false>
 __global__ void __launch_bounds__(128)
-    moe_gemm_swap_kernel(const __grid_constant__ CUtensorMap w_map, __nv_bfloat16* out,
+    moe_gemm_swap_kernel(const __grid_constant__ CUtensorMap w_map,
+                         const __grid_constant__ CUtensorMap a_map, __nv_bfloat16* out,
                          const __nv_bfloat16* a_src, const float* route_w,
                          const int32_t* sorted_pairs, const int32_t* block_expert, int k_choices,
                          int K, int N, const BlockReady ready, int experts) {
   static_assert(!kPairs || BN == 64);
   static_assert(!kExpertMajor || (BN == 64 && !kPairs));
+  static_assert(!kTmaAct || !kGateUp);
   const bool block_major = ready.counters != nullptr;
   const int mb = block_major ? blockIdx.y : blockIdx.x;
   const int nb = block_major ? blockIdx.x : blockIdx.y;
@@ -1172,7 +1180,8 @@ __global__ void __launch_bounds__(128)
     if (tid == 0) {
       unsigned char* st = smem + (kt % kSwStages) * sw_stage_bytes(BN);
       uint64_t* bar = &full[kt % kSwStages];
-      mbar_arrive_expect_tx(bar, 2 * kWgBox);
+      // kTmaAct: the slice's activation box, issued once the rows are ready, counts here too.
+      mbar_arrive_expect_tx(bar, 2 * kWgBox + (kTmaAct ? sw_a_bytes(BN) : 0));
       tma_load_4d(st, &w_map, bar, 0, 0, kt, row0 / kTiledGroupRows);
       tma_load_4d(st + kWgBox, &w_map, bar, 0, 0, kt, row1 / kTiledGroupRows);
     }
@@ -1222,13 +1231,15 @@ __global__ void __launch_bounds__(128)
   const int ch = tid % 8;
   const __nv_bfloat16* a_row[kRowsPerThread];
   int a_off[kRowsPerThread];
+  if constexpr (!kTmaAct) {
 #pragma unroll
-  for (int i = 0; i < kRowsPerThread; ++i) {
-    const int r = tid / 8 + 16 * i;
-    const int pair = !kPairs || r < rows ? __ldcg(sorted_pairs + m0 + r) : -1;
-    const int64_t src = kGateUp ? pair / k_choices : m0 + r;
-    a_row[i] = pair >= 0 ? a_src + src * K : nullptr;
-    a_off[i] = gathered_offset(r, ch);
+    for (int i = 0; i < kRowsPerThread; ++i) {
+      const int r = tid / 8 + 16 * i;
+      const int pair = !kPairs || r < rows ? __ldcg(sorted_pairs + m0 + r) : -1;
+      const int64_t src = kGateUp ? pair / k_choices : m0 + r;
+      a_row[i] = pair >= 0 ? a_src + src * K : nullptr;
+      a_off[i] = gathered_offset(r, ch);
+    }
   }
   int ep_pair[BN / 4];
   float ep_w[BN / 4];
@@ -1241,14 +1252,22 @@ __global__ void __launch_bounds__(128)
   __syncthreads();  // the barriers' init
   auto load_a = [&](int kt) {
     unsigned char* st = smem + (kt % kSwStages) * sw_stage_bytes(BN) + 2 * kWgBox;
-    const int kk = kt * kWgBK + ch * 8;
+    if constexpr (kTmaAct) {
+      if (tid == 0) tma_load_2d(st, &a_map, &full[kt % kSwStages], kt * kWgBK, m0);
+    } else {
+      const int kk = kt * kWgBK + ch * 8;
 #pragma unroll
-    for (int i = 0; i < kRowsPerThread; ++i) {
-      const bool ok = a_row[i] != nullptr && kk < K;
-      cp_async_16(st + a_off[i], ok ? a_row[i] + kk : a_src, ok);
+      for (int i = 0; i < kRowsPerThread; ++i) {
+        const bool ok = a_row[i] != nullptr && kk < K;
+        cp_async_16(st + a_off[i], ok ? a_row[i] + kk : a_src, ok);
+      }
     }
   };
   if constexpr (!kGateUp) wait_for_rows(ready, block_major, mb, tid);
+  if constexpr (kTmaAct) {
+    // gate/up's rows were written by generic stores: order them before the async proxy's reads.
+    if (tid == 0) asm volatile("fence.proxy.async.global;" ::: "memory");
+  }
   for (int kt = 0; kt < kSwStages - 1; ++kt) {
     if (kt < k_tiles) load_a(kt);
     cp_async_commit();
@@ -1258,8 +1277,10 @@ __global__ void __launch_bounds__(128)
 #pragma unroll
   for (int i = 0; i < BN / 2; ++i) acc0[i] = acc1[i] = 0.0f;
   for (int kt = 0; kt < k_tiles; ++kt) {
-    cp_async_wait<kSwStages - 2>();  // this thread's pieces of slice kt have landed
-    fence_proxy_async();             // for the tensor cores
+    if constexpr (!kTmaAct) {
+      cp_async_wait<kSwStages - 2>();  // this thread's pieces of slice kt have landed
+      fence_proxy_async();             // for the tensor cores
+    }
     // Everyone's pieces of slice kt are in, and everyone's wgmma of slice kt - 1 is complete
     // (waited for below), so its stage may be refilled.
     __syncthreads();
@@ -1379,8 +1400,9 @@ bool swap_ab_enabled() {
 
 // w_rows: the stacked weights' rows (experts * 2N for gate/up, experts * N for down). kPairs:
 // BN = 64 over a layout of 32-row blocks. kExpertMajor: the expert-major layout's 64-row blocks.
+// kTmaAct: down's activation rows by TMA.
 template <bool kGateUp, int BN, bool kPairs = false, bool kStaged = false,
-          bool kExpertMajor = false>
+          bool kExpertMajor = false, bool kTmaAct = false>
 void launch_swap_rows(__nv_bfloat16* out, const __nv_bfloat16* a, const __nv_bfloat16* w,
                       int64_t w_rows, const float* route_w, const int32_t* sorted_pairs,
                       const int32_t* block_expert, int64_t capacity, int k, int K, int N,
@@ -1388,7 +1410,7 @@ void launch_swap_rows(__nv_bfloat16* out, const __nv_bfloat16* a, const __nv_bfl
   constexpr int block_rows = kPairs ? BN / 2 : BN;
   require_gemm_shape(K, N, capacity, block_rows);
   constexpr size_t smem = sw_smem(BN);
-  constexpr auto kernel = moe_gemm_swap_kernel<kGateUp, BN, kPairs, kStaged, kExpertMajor>;
+  constexpr auto kernel = moe_gemm_swap_kernel<kGateUp, BN, kPairs, kStaged, kExpertMajor, kTmaAct>;
   static bool configured = false;
   if (!configured) {
     ERNIE_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
@@ -1406,8 +1428,10 @@ void launch_swap_rows(__nv_bfloat16* out, const __nv_bfloat16* a, const __nv_bfl
   const unsigned n_ctas = (N + cols - 1) / cols;
   const dim3 grid = ready.counters != nullptr ? dim3(n_ctas, m_blocks) : dim3(m_blocks, n_ctas);
   const int experts = static_cast<int>(w_rows / (kGateUp ? 2 * N : N));
-  launch_pdl(kernel, grid, 128, smem, stream, map, out, a, route_w, sorted_pairs, block_expert, k,
-             K, N, ready, experts);
+  // kTmaAct: a's rows in boxes of BN (the paired blocks' 64 rows start at a 32-row block).
+  const CUtensorMap a_map = kTmaAct ? tensor_map_bf16_sw128(a, capacity, K, BN) : CUtensorMap{};
+  launch_pdl(kernel, grid, 128, smem, stream, map, a_map, out, a, route_w, sorted_pairs,
+             block_expert, k, K, N, ready, experts);
   ERNIE_CUDA_CHECK(cudaGetLastError());
 }
 
@@ -1424,17 +1448,18 @@ bool takes_swap(int block_m, const SharedFold& fold) {
 
 // launch_swap_rows for blocks of block_m rows (takes_swap) in the call's form: the 32-row ones
 // paired or not, the 64-row ones expert-major or not, the epilogue staged or not.
-template <bool kGateUp, bool kStaged>
+template <bool kGateUp, bool kStaged, bool kTmaAct = false>
 void launch_swap_form(int block_m, const MoeSwapForm& form, __nv_bfloat16* out,
                       const __nv_bfloat16* a, const __nv_bfloat16* w, int64_t w_rows,
                       const float* route_w, const int32_t* sorted_pairs,
                       const int32_t* block_expert, int64_t capacity, int k, int K, int N,
                       int32_t* block_ready, cudaStream_t stream) {
   constexpr int kWide = kMoeBlockWide, kMid = kMoeBlockMid;
-  auto* launch = form.expert_major  ? launch_swap_rows<kGateUp, kWide, false, kStaged, true>
-                 : block_m == kWide ? launch_swap_rows<kGateUp, kWide, false, kStaged>
-                 : form.pair_blocks ? launch_swap_rows<kGateUp, kWide, true, kStaged>
-                                    : launch_swap_rows<kGateUp, kMid, false, kStaged>;
+  constexpr bool T = kTmaAct;
+  auto* launch = form.expert_major  ? launch_swap_rows<kGateUp, kWide, false, kStaged, true, T>
+                 : block_m == kWide ? launch_swap_rows<kGateUp, kWide, false, kStaged, false, T>
+                 : form.pair_blocks ? launch_swap_rows<kGateUp, kWide, true, kStaged, false, T>
+                                    : launch_swap_rows<kGateUp, kMid, false, kStaged, false, T>;
   launch(out, a, w, w_rows, route_w, sorted_pairs, block_expert, capacity, k, K, N, block_ready,
          stream);
 }
@@ -1445,6 +1470,12 @@ void launch_swap(int block_m, const MoeSwapForm& form, __nv_bfloat16* out, const
                  int K, int N, int32_t* block_ready, cudaStream_t stream) {
   auto* launch =
       form.staged_stores ? launch_swap_form<kGateUp, true> : launch_swap_form<kGateUp, false>;
+  if constexpr (!kGateUp) {
+    if (form.tma_act) {
+      launch = form.staged_stores ? launch_swap_form<false, true, true>
+                                  : launch_swap_form<false, false, true>;
+    }
+  }
   launch(block_m, form, out, a, w, w_rows, route_w, sorted_pairs, block_expert, capacity, k, K, N,
          block_ready, stream);
 }
@@ -1768,6 +1799,11 @@ bool moe_expert_major(int64_t pairs, int experts, int block_m) {
   return on && pairs <= kMoeAlignOneCta &&
          ((block_m == kMoeBlockMid && pairs >= int64_t{kMoePairMinAverage} * experts) ||
           block_m == kMoeBlockWide);
+}
+
+bool moe_swap_tma_act() {
+  static const bool on = new_path_enabled("ERNIE_MOE_SWAP_TMA_ACT") && swap_ab_enabled();
+  return on;
 }
 
 bool moe_swap_staged_stores() {

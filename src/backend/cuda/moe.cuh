@@ -142,15 +142,22 @@ ERNIE_HOST_DEVICE int64_t expert_major_row(int e, int local, int64_t further) {
 // off by default). The outputs are the same bit for bit.
 bool moe_swap_staged_stores();
 
+// TMA activations: the swapped kernel's down GEMM reads a slice of its block's activation rows
+// (consecutive rows of act) as one TMA box instead of every thread's cp.async pieces
+// (ERNIE_MOE_SWAP_TMA_ACT=1; not yet measured on a GPU, off by default). The same values.
+bool moe_swap_tma_act();
+
 // The forms of the swapped kernel (32- and 64-row blocks) a call takes; other kernels take no
 // form. pair_blocks: the 32-row blocks paired (moe_pair_blocks; refused for other blocks and
 // with a fold). staged_stores: moe_swap_staged_stores. expert_major: the 64-row blocks of the
 // expert-major layout (moe_expert_major; refused for other blocks, with a fold, and with
-// pair_blocks).
+// pair_blocks). tma_act: moe_swap_tma_act (moe_down only; moe_gate_up gathers its rows and
+// ignores it).
 struct MoeSwapForm {
   bool pair_blocks = false;
   bool staged_stores = false;
   bool expert_major = false;
+  bool tma_act = false;
 };
 
 // Paired blocks: what the CTAs of layout block b do, from the experts of blocks b - 2 .. b + 2
