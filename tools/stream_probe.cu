@@ -11,7 +11,8 @@
 // tiles in one pipeline). Every CTA asks for the decode GEMM's 65 KB of shared memory so that
 // as many are resident per SM. Tile counts: a one-token step's gate/up (6 experts x 3072 rows)
 // and a 16-token step's (~51 experts). First, the 256-token step's gate/up as the swapped
-// kernel streams it (pieces_kernel), alone and with that kernel's fixed costs a CTA.
+// kernel streams it (pieces_kernel), alone and with that kernel's fixed costs a CTA, then decode
+// attention's K/V stream at 256 x 1024 keys as its kernel's boxes come (attn_stream_kernel).
 #include <cuda.h>
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
@@ -209,6 +210,128 @@ __global__ void __launch_bounds__(128)
   if (acc == 0x9e3779b9u) sink[0] = acc;
 }
 
+// Decode attention's stream at 256 sequences of 1024 keys (the 21B model: 4 KV heads of 128,
+// 16-key cache blocks of [slot][head][128] bf16, K and V caches apart): a CTA per (sequence, KV
+// head), as the decode kernel's grid, reads its keys and values as 64-key tiles of 16 TMA boxes
+// (each cache block's 16 rows x 64 columns of its head, two halves, K and V: the kernel's boxes),
+// three tiles in flight, each tile only touched, two CTAs an SM (the kernel's 104 KB of shared
+// memory). kTable: each block's slot from a block table, read by thread 0 a tile ahead (the
+// spread issue's order), else computed. Beside the kernel's time for the same bytes it tells
+// how much of decode attention's gap to the streaming rate is its stream and how much its math,
+// barriers and merge.
+constexpr int kAttnSeqs = 256, kAttnKeys = 1024, kAttnHeads = 4, kAttnBlock = 16,
+              kAttnTileKeys = 64, kAttnBuffers = 3;
+constexpr int kAttnTileBytes = 2 * kAttnTileKeys * 128 * 2;  // K and V of a 64-key tile
+constexpr int64_t kAttnSlots = int64_t{kAttnSeqs} * kAttnKeys;
+template <bool kTable>
+__global__ void __launch_bounds__(128)
+    attn_stream_kernel(const __grid_constant__ CUtensorMap k_map,
+                       const __grid_constant__ CUtensorMap v_map, const int32_t* tables,
+                       int64_t slot0, unsigned* sink) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  unsigned char* smem = smem_raw + ((1024 - (smem_u32(smem_raw) & 1023)) & 1023);
+  __shared__ uint64_t full[kAttnBuffers];
+  const int tid = threadIdx.x, seq = blockIdx.x, kvh = blockIdx.y;
+  constexpr int kTiles = kAttnKeys / kAttnTileKeys, kBlocks = kAttnTileKeys / kAttnBlock;
+  constexpr int kBlocksPerSeq = kAttnKeys / kAttnBlock;
+  if (tid == 0) {
+    for (int b = 0; b < kAttnBuffers; ++b) mbar_init(&full[b], 1);
+    mbar_init_fence();
+  }
+  __syncthreads();
+  int ent[kBlocks];  // thread 0: the next tile's blocks
+  auto fetch = [&](int t) {
+#pragma unroll
+    for (int j = 0; j < kBlocks; ++j) {
+      const int b = t * kBlocks + j;
+      ent[j] = kTable ? tables[seq * kBlocksPerSeq + min(b, kBlocksPerSeq - 1)]
+                      : seq * kBlocksPerSeq + b;
+    }
+  };
+  auto issue = [&](int t) {
+    if (tid != 0) return;
+    uint64_t* bar = &full[t % kAttnBuffers];
+    unsigned char* dst = smem + (t % kAttnBuffers) * kAttnTileBytes;
+    mbar_arrive_expect_tx(bar, kAttnTileBytes);
+#pragma unroll
+    for (int j = 0; j < kBlocks; ++j) {
+      const int slot = static_cast<int>(slot0 + int64_t{ent[j]} * kAttnBlock);
+      for (int half = 0; half < 2; ++half) {
+        unsigned char* row = dst + half * (kAttnTileKeys * 128) + j * kAttnBlock * 128;
+        tma_load_3d(row, &k_map, bar, half * 64, kvh, slot);
+        tma_load_3d(row + kAttnTileBytes / 2, &v_map, bar, half * 64, kvh, slot);
+      }
+    }
+    if (t + 1 < kTiles) fetch(t + 1);
+  };
+  if (tid == 0) fetch(0);
+  for (int t = 0; t < kAttnBuffers - 1; ++t) issue(t);
+  unsigned acc = 0;
+  for (int t = 0; t < kTiles; ++t) {
+    if (t + kAttnBuffers - 1 < kTiles) issue(t + kAttnBuffers - 1);
+    mbar_wait(&full[t % kAttnBuffers], (t / kAttnBuffers) & 1);
+    const unsigned* q =
+        reinterpret_cast<const unsigned*>(smem + (t % kAttnBuffers) * kAttnTileBytes);
+    acc ^= q[tid] + q[tid + 4096];
+    __syncthreads();
+  }
+  if (acc == 0x9e3779b9u) sink[0] = acc;
+}
+
+template <bool kTable>
+void run_attn(int iters, unsigned* sink, cudaEvent_t t0, cudaEvent_t t1) {
+  constexpr int kCopies = 4;  // a fresh cache each run (no L2 reuse)
+  const int64_t slots = kCopies * kAttnSlots;
+  const size_t bytes = static_cast<size_t>(slots) * kAttnHeads * 128 * 2;
+  __nv_bfloat16 *k = nullptr, *v = nullptr;
+  int32_t* tables = nullptr;
+  ERNIE_CUDA_CHECK(cudaMalloc(&k, bytes));
+  ERNIE_CUDA_CHECK(cudaMalloc(&v, bytes));
+  ERNIE_CUDA_CHECK(cudaMemset(k, 0x3c, bytes));
+  ERNIE_CUDA_CHECK(cudaMemset(v, 0x3c, bytes));
+  // Each sequence's blocks in a random order among its own (a cache that has been in use).
+  std::vector<int32_t> table(static_cast<size_t>(kAttnSlots / kAttnBlock));
+  const int per_seq = kAttnKeys / kAttnBlock;
+  unsigned rnd = 12345;
+  for (int s = 0; s < kAttnSeqs; ++s) {
+    for (int b = 0; b < per_seq; ++b) table[s * per_seq + b] = s * per_seq + b;
+    for (int b = per_seq - 1; b > 0; --b) {
+      rnd = rnd * 1664525u + 1013904223u;
+      std::swap(table[s * per_seq + b], table[s * per_seq + static_cast<int>(rnd % (b + 1))]);
+    }
+  }
+  ERNIE_CUDA_CHECK(cudaMalloc(&tables, table.size() * sizeof(int32_t)));
+  ERNIE_CUDA_CHECK(
+      cudaMemcpy(tables, table.data(), table.size() * sizeof(int32_t), cudaMemcpyHostToDevice));
+  const int64_t dims[3] = {128, kAttnHeads, slots};
+  const int box[3] = {64, 1, kAttnBlock};
+  const CUtensorMap k_map = tensor_map_bf16_sw128_3d(k, dims, box);
+  const CUtensorMap v_map = tensor_map_bf16_sw128_3d(v, dims, box);
+  auto kernel = attn_stream_kernel<kTable>;
+  const int smem = 104 * 1024;  // the decode kernel's: two CTAs an SM
+  ERNIE_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+  const dim3 grid(kAttnSeqs, kAttnHeads);
+  kernel<<<grid, 128, smem>>>(k_map, v_map, tables, 0, sink);
+  ERNIE_CUDA_CHECK(cudaDeviceSynchronize());
+  ERNIE_CUDA_CHECK(cudaEventRecord(t0));
+  for (int i = 0; i < iters; ++i) {
+    kernel<<<grid, 128, smem>>>(k_map, v_map, tables, ((i + 1) % kCopies) * kAttnSlots, sink);
+  }
+  ERNIE_CUDA_CHECK(cudaEventRecord(t1));
+  ERNIE_CUDA_CHECK(cudaEventSynchronize(t1));
+  ERNIE_CUDA_CHECK(cudaGetLastError());
+  float ms = 0;
+  ERNIE_CUDA_CHECK(cudaEventElapsedTime(&ms, t0, t1));
+  const double sec = ms * 1e-3 / iters;
+  const double read = static_cast<double>(kAttnSlots) * kAttnHeads * 128 * 2 * 2;
+  std::printf("attn      %d x %d keys, %d KV heads, %s  %8.1f us  %5.2f TB/s\n", kAttnSeqs,
+              kAttnKeys, kAttnHeads, kTable ? "block table  " : "computed slots", sec * 1e6,
+              read / sec * 1e-12);
+  cudaFree(k);
+  cudaFree(v);
+  cudaFree(tables);
+}
+
 struct Bench {
   __nv_bfloat16* buf = nullptr;
   int64_t rows = 0;  // of K elements
@@ -328,6 +451,13 @@ int run(int iters) {
   cudaFree(d_order);
   cudaFree(b.fixed.out);
   cudaFree(b.fixed.counters);
+  // Decode attention's stream (attn_stream_kernel), 537 MB a run.
+  std::printf("-- decode attention's K/V stream, %.1f MB\n",
+              kAttnSlots * kAttnHeads * 128 * 2 * 2 * 1e-6);
+  for (int rep = 0; rep < 2; ++rep) {
+    run_attn<false>(iters, b.sink, b.t0, b.t1);
+    run_attn<true>(iters, b.sink, b.t0, b.t1);
+  }
   if (std::getenv("PROBE_PIECES_ONLY") != nullptr) return 0;
   // One token: 6 experts x 3072 gate/up rows; 16 tokens: ~51 experts.
   for (const int rows : {6 * 3072, 51 * 3072}) {
