@@ -748,8 +748,7 @@ class CudaBackend final : public Backend {
     // The expert-major layout where nearly every expert gets pairs (cuda::moe_expert_major,
     // ERNIE_MOE_EXPERT_MAJOR=1; not yet measured): 64-row blocks, the first E of them the
     // experts' own, whose weights stream before the routing is in.
-    const bool expert_major =
-        cuda::moe_expert_major(pairs, experts, cuda::moe_block_m(pairs, experts));
+    const bool expert_major = cuda::moe_expert_major(pairs, experts);
     const int block_m = expert_major ? cuda::kMoeBlockWide : cuda::moe_block_m(pairs, experts);
     // Up to kFoldTokens tokens the shared experts run inside the routed GEMMs where
     // prepare_moe folded them (their gate/up blocks start while the router runs): H200, step

@@ -1,4 +1,5 @@
 #include <algorithm>
+#include <utility>
 
 #include "backend/cuda/align.cuh"
 #include "backend/cuda/cuda_check.h"
@@ -30,20 +31,15 @@ __global__ void moe_align_kernel(int32_t* sorted_pairs, int32_t* block_expert, i
   __shared__ int counts[1024];
   __shared__ int offsets[1025];
   clear_block_ready(block_ready, num_blocks);
-  if constexpr (kExpertMajor) {
-    align_pairs_expert_major(sorted_pairs, block_expert, pair_pos, ids, pairs, experts, num_blocks,
-                             counts, offsets);
-  } else {
-    align_pairs(sorted_pairs, block_expert, pair_pos, ids, pairs, experts, block_m, num_blocks,
-                counts, offsets);
-  }
+  align_pairs<kExpertMajor>(sorted_pairs, block_expert, pair_pos, ids, pairs, experts, block_m,
+                            num_blocks, counts, offsets);
 }
 
 // Many pairs (a prefill chunk): the align over many CTAs in three launches, chunks of
 // kAlignChunk pairs per CTA. One CTA on shared atomics took 83 us for the 49152 pairs of an
 // 8192-token step. Device scratch: the per-chunk counts [chunks][experts], then the segment
 // starts [experts + 1].
-constexpr int kAlignSpreadPairs = kMoeAlignOneCta, kAlignChunk = 2048, kAlignSpreadThreads = 256;
+constexpr int kAlignChunk = 2048, kAlignSpreadThreads = 256;
 
 int align_chunks(int pairs) {
   return (pairs + kAlignChunk - 1) / kAlignChunk;
@@ -1312,7 +1308,17 @@ __global__ void __launch_bounds__(128)
   }
   cp_async_wait<0>();
   // The outputs from the accumulators; acc[4 i + 2 h + j]: weight row 16 warp + g + 8 h of its
-  // box, block row 8 i + 2 c + j.
+  // box, block row 8 i + 2 c + j. gate/up: one SwiGLU output (first); down: box 0's and box 1's
+  // columns times the row's routing weight (ep_w[q], q = 2 i + j).
+  const auto outputs = [&](int i, int h, int j) {
+    const int q = 2 * i + j;
+    const float v0 = acc0[4 * i + 2 * h + j], v1 = acc1[4 * i + 2 * h + j];
+    if constexpr (kGateUp) {
+      return std::pair{__float2bfloat16(v0 / (1.0f + __expf(-v0)) * v1), __nv_bfloat16{}};
+    } else {
+      return std::pair{__float2bfloat16(v0 * ep_w[q]), __float2bfloat16(v1 * ep_w[q])};
+    }
+  };
   if constexpr (kStaged) {
     // [BN][kLd] bf16 over the first stage (free once every thread's last wgmma is complete),
     // rows padded by 16 bytes so that the four c lanes' rows (2 c apart) fall in distinct banks;
@@ -1334,13 +1340,9 @@ __global__ void __launch_bounds__(128)
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
           __nv_bfloat16* dst = staged + r * kLd + 16 * warp + g + 8 * h;
-          const float v0 = acc0[4 * i + 2 * h + j], v1 = acc1[4 * i + 2 * h + j];
-          if (kGateUp) {
-            *dst = __float2bfloat16(v0 / (1.0f + __expf(-v0)) * v1);
-          } else {
-            dst[0] = __float2bfloat16(v0 * ep_w[q]);
-            dst[64] = __float2bfloat16(v1 * ep_w[q]);
-          }
+          const auto [o0, o1] = outputs(i, h, j);
+          dst[0] = o0;
+          if (!kGateUp) dst[64] = o1;
         }
       }
     }
@@ -1366,13 +1368,9 @@ __global__ void __launch_bounds__(128)
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
           const int col = n0 + 16 * warp + g + 8 * h;
-          const float v0 = acc0[4 * i + 2 * h + j], v1 = acc1[4 * i + 2 * h + j];
-          if (kGateUp) {
-            if (col < N) orow[col] = __float2bfloat16(v0 / (1.0f + __expf(-v0)) * v1);
-          } else {
-            if (col < N) orow[col] = __float2bfloat16(v0 * ep_w[q]);
-            if (col + 64 < N) orow[col + 64] = __float2bfloat16(v1 * ep_w[q]);
-          }
+          const auto [o0, o1] = outputs(i, h, j);
+          if (col < N) orow[col] = o0;
+          if (!kGateUp && col + 64 < N) orow[col + 64] = o1;
         }
       }
     }
@@ -1743,7 +1741,7 @@ void tile_expert_weights(__nv_bfloat16* dst, const __nv_bfloat16* src, int64_t r
 }
 
 size_t moe_align_scratch_bytes(int pairs, int experts) {
-  if (pairs <= kAlignSpreadPairs) return 0;
+  if (pairs <= kMoeAlignOneCta) return 0;
   return (static_cast<size_t>(align_chunks(pairs)) * experts + experts + 1) * sizeof(int32_t);
 }
 
@@ -1764,7 +1762,7 @@ void moe_align(int32_t* sorted_pairs, int32_t* block_expert, int32_t* pair_pos, 
   }
   const int64_t capacity = moe_capacity(pairs, experts, block_m);
   const int num_blocks = static_cast<int>(capacity / block_m);
-  if (pairs <= kAlignSpreadPairs) {
+  if (pairs <= kMoeAlignOneCta) {
     launch_pdl(moe_align_kernel<false>, 1, kAlignThreads, 0, stream, sorted_pairs, block_expert,
                pair_pos, block_ready, ids, pairs, experts, block_m, num_blocks);
     ERNIE_CUDA_CHECK(cudaGetLastError());
@@ -1794,8 +1792,9 @@ bool moe_pair_blocks(int64_t pairs, int experts, int block_m) {
   return on && block_m == kMoeBlockMid && pairs >= int64_t{kMoePairMinAverage} * experts;
 }
 
-bool moe_expert_major(int64_t pairs, int experts, int block_m) {
+bool moe_expert_major(int64_t pairs, int experts) {
   static const bool on = new_path_enabled("ERNIE_MOE_EXPERT_MAJOR") && swap_ab_enabled();
+  const int block_m = moe_block_m(pairs, experts);
   return on && pairs <= kMoeAlignOneCta &&
          ((block_m == kMoeBlockMid && pairs >= int64_t{kMoePairMinAverage} * experts) ||
           block_m == kMoeBlockWide);

@@ -117,10 +117,10 @@ bool moe_pair_blocks(int64_t pairs, int experts, int block_m);
 // first E blocks then know their expert before the routing is in: gate/up issues its first
 // weight copies before its wait for the layout, down before reading it. The blocks are
 // computed with 64 rows as wgmma's N (the 64-row blocks' kernel), whatever their count.
-// moe_expert_major: whether a step of `pairs` pairs (moe_block_m gave block_m) takes it: from
-// kMoePairMinAverage pairs an expert on average through the 64-row blocks' range, laid out by
-// one CTA (moe_align's expert_major; moe_gate_up and moe_down by MoeSwapForm::expert_major).
-bool moe_expert_major(int64_t pairs, int experts, int block_m);
+// moe_expert_major: whether a step of `pairs` pairs takes it: from kMoePairMinAverage pairs an
+// expert on average through the 64-row blocks' range (moe_block_m), laid out by one CTA
+// (moe_align's expert_major; moe_gate_up and moe_down by MoeSwapForm::expert_major).
+bool moe_expert_major(int64_t pairs, int experts);
 
 // Rows of the expert-major layout: E first blocks, then further blocks; an expert of c > 64
 // pairs pads its c - 64 to whole blocks, at most c - 1 rows, so all further blocks together
