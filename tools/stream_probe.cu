@@ -124,7 +124,8 @@ __global__ void __launch_bounds__(2 * R)
 // first (the GEMM reads its block's expert before the first copy); 2 the gate/up epilogue of a
 // 32-row block (16 two-byte stores a thread, 4 rows' 16-byte pieces a warp store, then a
 // barrier and a release add on a counter, as the readiness counters); 4 that epilogue staged
-// through shared memory (two 16-byte stores a thread of whole rows, ERNIE_MOE_SWAP_STAGED).
+// through shared memory (two 16-byte stores a thread of whole rows; the kernel's form of it was
+// measured and dropped).
 constexpr int kPieceStage = 16 * 1024, kPieceStages = 40;
 constexpr int64_t kPieceTile = static_cast<int64_t>(kPieceStage) * kPieceStages;
 constexpr int kOutRows = 32, kOutCols = 64;  // a gate/up tile's outputs (kFixed 2 and 4)

@@ -746,7 +746,7 @@ class CudaBackend final : public Backend {
     const auto scratch_mark = arena_.mark();
     const int pairs = tokens * k;
     // The expert-major layout where nearly every expert gets pairs (cuda::moe_expert_major,
-    // ERNIE_MOE_EXPERT_MAJOR=1; not yet measured): 64-row blocks, the first E of them the
+    // ERNIE_MOE_EXPERT_MAJOR=1, off): 64-row blocks, the first E of them the
     // experts' own, whose weights stream before the routing is in.
     const bool expert_major = cuda::moe_expert_major(pairs, experts);
     const int block_m = expert_major ? cuda::kMoeBlockWide : cuda::moe_block_m(pairs, experts);
@@ -842,9 +842,7 @@ class CudaBackend final : public Backend {
     // (cuda::moe_pair_blocks): H100, steps 256 and 320 x 1000 -0.8% and -1.4%.
     const cuda::MoeSwapForm form{.pair_blocks = fold.experts == 0 && !expert_major &&
                                                 cuda::moe_pair_blocks(pairs, experts, block_m),
-                                 .staged_stores = cuda::moe_swap_staged_stores(),
-                                 .expert_major = expert_major,
-                                 .tma_act = cuda::moe_swap_tma_act()};
+                                 .expert_major = expert_major};
     cuda::moe_gate_up(act, bf(x), bf(w.experts_gate_up), sorted, block_expert, cap, block_m, k,
                       hidden, inter, experts, stream_, fold, block_ready, form);
     cuda::moe_down(y, act, bf(w.experts_down), weights, sorted, block_expert, cap, block_m, hidden,

@@ -1,5 +1,4 @@
 #include <algorithm>
-#include <utility>
 
 #include "backend/cuda/align.cuh"
 #include "backend/cuda/cuda_check.h"
@@ -1126,31 +1125,16 @@ constexpr size_t sw_smem(int bn) {
 }
 static_assert(sw_a_bytes(kMoeBlockMid) % 1024 == 0 && sw_a_bytes(kMoeBlockWide) % 1024 == 0);
 
-// kStaged (moe_swap_staged_stores; not yet measured on a GPU): the epilogue writes the tile's
-// outputs (BN rows of 64 SwiGLU columns, or of down's 128 columns) to shared memory first, then
-// stores them as 16-byte row pieces, 8 (gate/up) or 16 (down) lanes a row. Without it each
-// thread stores its accumulators' values 2 bytes at a time: 16 (gate/up) or 32 (down) stores a
-// thread for 32 rows, each warp store 4 rows' 16-byte pieces. The values are the same, computed
-// by the same expressions; only the store pattern differs.
 // kExpertMajor (moe_expert_major, BN = 64): blocks below `experts` are those experts' first
 // blocks (the expert-major layout), so their weights go out before the layout is read.
-// kTmaAct (down only, moe_swap_tma_act; not yet measured on a GPU): a slice's activation rows,
-// the block's BN consecutive rows of act, come as one 2-D TMA box (a_map: BN rows x 64 columns,
-// the same 128-byte swizzle) on the slice's barrier instead of 16-byte cp.async pieces from
-// every thread. Rows past a block's pairs are read as they are (padding, or the next block's
-// rows for a paired block that is computed alone): they only reach the output columns of those
-// rows, which are not stored.
-template <bool kGateUp, int BN, bool kPairs = false, bool kStaged = false,
-          bool kExpertMajor = false, bool kTmaAct = false>
+template <bool kGateUp, int BN, bool kPairs = false, bool kExpertMajor = false>
 __global__ void __launch_bounds__(128)
-    moe_gemm_swap_kernel(const __grid_constant__ CUtensorMap w_map,
-                         const __grid_constant__ CUtensorMap a_map, __nv_bfloat16* out,
+    moe_gemm_swap_kernel(const __grid_constant__ CUtensorMap w_map, __nv_bfloat16* out,
                          const __nv_bfloat16* a_src, const float* route_w,
                          const int32_t* sorted_pairs, const int32_t* block_expert, int k_choices,
                          int K, int N, const BlockReady ready, int experts) {
   static_assert(!kPairs || BN == 64);
   static_assert(!kExpertMajor || (BN == 64 && !kPairs));
-  static_assert(!kTmaAct || !kGateUp);
   const bool block_major = ready.counters != nullptr;
   const int mb = block_major ? blockIdx.y : blockIdx.x;
   const int nb = block_major ? blockIdx.x : blockIdx.y;
@@ -1176,8 +1160,7 @@ __global__ void __launch_bounds__(128)
     if (tid == 0) {
       unsigned char* st = smem + (kt % kSwStages) * sw_stage_bytes(BN);
       uint64_t* bar = &full[kt % kSwStages];
-      // kTmaAct: the slice's activation box, issued once the rows are ready, counts here too.
-      mbar_arrive_expect_tx(bar, 2 * kWgBox + (kTmaAct ? sw_a_bytes(BN) : 0));
+      mbar_arrive_expect_tx(bar, 2 * kWgBox);
       tma_load_4d(st, &w_map, bar, 0, 0, kt, row0 / kTiledGroupRows);
       tma_load_4d(st + kWgBox, &w_map, bar, 0, 0, kt, row1 / kTiledGroupRows);
     }
@@ -1227,15 +1210,13 @@ __global__ void __launch_bounds__(128)
   const int ch = tid % 8;
   const __nv_bfloat16* a_row[kRowsPerThread];
   int a_off[kRowsPerThread];
-  if constexpr (!kTmaAct) {
 #pragma unroll
-    for (int i = 0; i < kRowsPerThread; ++i) {
-      const int r = tid / 8 + 16 * i;
-      const int pair = !kPairs || r < rows ? __ldcg(sorted_pairs + m0 + r) : -1;
-      const int64_t src = kGateUp ? pair / k_choices : m0 + r;
-      a_row[i] = pair >= 0 ? a_src + src * K : nullptr;
-      a_off[i] = gathered_offset(r, ch);
-    }
+  for (int i = 0; i < kRowsPerThread; ++i) {
+    const int r = tid / 8 + 16 * i;
+    const int pair = !kPairs || r < rows ? __ldcg(sorted_pairs + m0 + r) : -1;
+    const int64_t src = kGateUp ? pair / k_choices : m0 + r;
+    a_row[i] = pair >= 0 ? a_src + src * K : nullptr;
+    a_off[i] = gathered_offset(r, ch);
   }
   int ep_pair[BN / 4];
   float ep_w[BN / 4];
@@ -1248,22 +1229,14 @@ __global__ void __launch_bounds__(128)
   __syncthreads();  // the barriers' init
   auto load_a = [&](int kt) {
     unsigned char* st = smem + (kt % kSwStages) * sw_stage_bytes(BN) + 2 * kWgBox;
-    if constexpr (kTmaAct) {
-      if (tid == 0) tma_load_2d(st, &a_map, &full[kt % kSwStages], kt * kWgBK, m0);
-    } else {
-      const int kk = kt * kWgBK + ch * 8;
+    const int kk = kt * kWgBK + ch * 8;
 #pragma unroll
-      for (int i = 0; i < kRowsPerThread; ++i) {
-        const bool ok = a_row[i] != nullptr && kk < K;
-        cp_async_16(st + a_off[i], ok ? a_row[i] + kk : a_src, ok);
-      }
+    for (int i = 0; i < kRowsPerThread; ++i) {
+      const bool ok = a_row[i] != nullptr && kk < K;
+      cp_async_16(st + a_off[i], ok ? a_row[i] + kk : a_src, ok);
     }
   };
   if constexpr (!kGateUp) wait_for_rows(ready, block_major, mb, tid);
-  if constexpr (kTmaAct) {
-    // gate/up's rows were written by generic stores: order them before the async proxy's reads.
-    if (tid == 0) asm volatile("fence.proxy.async.global;" ::: "memory");
-  }
   for (int kt = 0; kt < kSwStages - 1; ++kt) {
     if (kt < k_tiles) load_a(kt);
     cp_async_commit();
@@ -1273,10 +1246,8 @@ __global__ void __launch_bounds__(128)
 #pragma unroll
   for (int i = 0; i < BN / 2; ++i) acc0[i] = acc1[i] = 0.0f;
   for (int kt = 0; kt < k_tiles; ++kt) {
-    if constexpr (!kTmaAct) {
-      cp_async_wait<kSwStages - 2>();  // this thread's pieces of slice kt have landed
-      fence_proxy_async();             // for the tensor cores
-    }
+    cp_async_wait<kSwStages - 2>();  // this thread's pieces of slice kt have landed
+    fence_proxy_async();             // for the tensor cores
     // Everyone's pieces of slice kt are in, and everyone's wgmma of slice kt - 1 is complete
     // (waited for below), so its stage may be refilled.
     __syncthreads();
@@ -1308,69 +1279,23 @@ __global__ void __launch_bounds__(128)
   }
   cp_async_wait<0>();
   // The outputs from the accumulators; acc[4 i + 2 h + j]: weight row 16 warp + g + 8 h of its
-  // box, block row 8 i + 2 c + j. gate/up: one SwiGLU output (first); down: box 0's and box 1's
-  // columns times the row's routing weight (ep_w[q], q = 2 i + j).
-  const auto outputs = [&](int i, int h, int j) {
-    const int q = 2 * i + j;
-    const float v0 = acc0[4 * i + 2 * h + j], v1 = acc1[4 * i + 2 * h + j];
-    if constexpr (kGateUp) {
-      return std::pair{__float2bfloat16(v0 / (1.0f + __expf(-v0)) * v1), __nv_bfloat16{}};
-    } else {
-      return std::pair{__float2bfloat16(v0 * ep_w[q]), __float2bfloat16(v1 * ep_w[q])};
-    }
-  };
-  if constexpr (kStaged) {
-    // [BN][kLd] bf16 over the first stage (free once every thread's last wgmma is complete),
-    // rows padded by 16 bytes so that the four c lanes' rows (2 c apart) fall in distinct banks;
-    // then a flag per row: whether it holds a pair.
-    constexpr int kCols = kGateUp ? kSwRows / 2 : kSwRows, kLd = kCols + 8;
-    static_assert(BN * kLd * 2 + BN * 4 <= sw_stage_bytes(BN));
-    // Addressed from smem_raw so that the compiler keeps to shared-memory instructions (from
-    // smem, aligned through an integer, it emits generic ones).
-    unsigned char* stage0 = smem_raw + (smem - smem_raw);
-    __nv_bfloat16* staged = reinterpret_cast<__nv_bfloat16*>(stage0);
-    int* row_ok = reinterpret_cast<int*>(stage0 + BN * kLd * 2);
-    __syncthreads();  // every thread's wgmmas have read their last stage
+  // box, block row 8 i + 2 c + j.
 #pragma unroll
-    for (int i = 0; i < BN / 8; ++i) {
+  for (int i = 0; i < BN / 8; ++i) {
 #pragma unroll
-      for (int j = 0; j < 2; ++j) {
-        const int q = 2 * i + j, r = 8 * i + 2 * c + j;
-        if (warp == 0 && g == 0) row_ok[r] = ep_pair[q] >= 0;
+    for (int j = 0; j < 2; ++j) {
+      const int q = 2 * i + j;
+      if (ep_pair[q] < 0) continue;
+      __nv_bfloat16* orow = out + static_cast<size_t>(m0 + 8 * i + 2 * c + j) * N;
 #pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          __nv_bfloat16* dst = staged + r * kLd + 16 * warp + g + 8 * h;
-          const auto [o0, o1] = outputs(i, h, j);
-          dst[0] = o0;
-          if (!kGateUp) dst[64] = o1;
-        }
-      }
-    }
-    __syncthreads();
-    constexpr int kPieces = kCols / 8;  // 16-byte pieces of a row
-    static_assert(BN * kPieces % 128 == 0);
-#pragma unroll
-    for (int it = 0; it < BN * kPieces / 128; ++it) {
-      const int idx = tid + 128 * it, r = idx / kPieces, col = n0 + 8 * (idx % kPieces);
-      if (row_ok[r] && col < N) {  // N % 16 == 0: a piece is whole or past the end
-        *reinterpret_cast<uint4*>(out + static_cast<size_t>(m0 + r) * N + col) =
-            *reinterpret_cast<const uint4*>(staged + r * kLd + 8 * (idx % kPieces));
-      }
-    }
-  } else {
-#pragma unroll
-    for (int i = 0; i < BN / 8; ++i) {
-#pragma unroll
-      for (int j = 0; j < 2; ++j) {
-        const int q = 2 * i + j;
-        if (ep_pair[q] < 0) continue;
-        __nv_bfloat16* orow = out + static_cast<size_t>(m0 + 8 * i + 2 * c + j) * N;
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          const int col = n0 + 16 * warp + g + 8 * h;
-          const auto [o0, o1] = outputs(i, h, j);
-          if (col < N) orow[col] = o0;
-          if (!kGateUp && col + 64 < N) orow[col + 64] = o1;
+      for (int h = 0; h < 2; ++h) {
+        const int col = n0 + 16 * warp + g + 8 * h;
+        const float v0 = acc0[4 * i + 2 * h + j], v1 = acc1[4 * i + 2 * h + j];
+        if (kGateUp) {
+          if (col < N) orow[col] = __float2bfloat16(v0 / (1.0f + __expf(-v0)) * v1);
+        } else {
+          if (col < N) orow[col] = __float2bfloat16(v0 * ep_w[q]);
+          if (col + 64 < N) orow[col + 64] = __float2bfloat16(v1 * ep_w[q]);
         }
       }
     }
@@ -1398,9 +1323,7 @@ bool swap_ab_enabled() {
 
 // w_rows: the stacked weights' rows (experts * 2N for gate/up, experts * N for down). kPairs:
 // BN = 64 over a layout of 32-row blocks. kExpertMajor: the expert-major layout's 64-row blocks.
-// kTmaAct: down's activation rows by TMA.
-template <bool kGateUp, int BN, bool kPairs = false, bool kStaged = false,
-          bool kExpertMajor = false, bool kTmaAct = false>
+template <bool kGateUp, int BN, bool kPairs = false, bool kExpertMajor = false>
 void launch_swap_rows(__nv_bfloat16* out, const __nv_bfloat16* a, const __nv_bfloat16* w,
                       int64_t w_rows, const float* route_w, const int32_t* sorted_pairs,
                       const int32_t* block_expert, int64_t capacity, int k, int K, int N,
@@ -1408,7 +1331,7 @@ void launch_swap_rows(__nv_bfloat16* out, const __nv_bfloat16* a, const __nv_bfl
   constexpr int block_rows = kPairs ? BN / 2 : BN;
   require_gemm_shape(K, N, capacity, block_rows);
   constexpr size_t smem = sw_smem(BN);
-  constexpr auto kernel = moe_gemm_swap_kernel<kGateUp, BN, kPairs, kStaged, kExpertMajor, kTmaAct>;
+  constexpr auto kernel = moe_gemm_swap_kernel<kGateUp, BN, kPairs, kExpertMajor>;
   static bool configured = false;
   if (!configured) {
     ERNIE_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
@@ -1426,10 +1349,8 @@ void launch_swap_rows(__nv_bfloat16* out, const __nv_bfloat16* a, const __nv_bfl
   const unsigned n_ctas = (N + cols - 1) / cols;
   const dim3 grid = ready.counters != nullptr ? dim3(n_ctas, m_blocks) : dim3(m_blocks, n_ctas);
   const int experts = static_cast<int>(w_rows / (kGateUp ? 2 * N : N));
-  // kTmaAct: a's rows in boxes of BN (the paired blocks' 64 rows start at a 32-row block).
-  const CUtensorMap a_map = kTmaAct ? tensor_map_bf16_sw128(a, capacity, K, BN) : CUtensorMap{};
-  launch_pdl(kernel, grid, 128, smem, stream, map, a_map, out, a, route_w, sorted_pairs,
-             block_expert, k, K, N, ready, experts);
+  launch_pdl(kernel, grid, 128, smem, stream, map, out, a, route_w, sorted_pairs, block_expert, k,
+             K, N, ready, experts);
   ERNIE_CUDA_CHECK(cudaGetLastError());
 }
 
@@ -1445,37 +1366,19 @@ bool takes_swap(int block_m, const SharedFold& fold) {
 }
 
 // launch_swap_rows for blocks of block_m rows (takes_swap) in the call's form: the 32-row ones
-// paired or not, the 64-row ones expert-major or not, the epilogue staged or not.
-template <bool kGateUp, bool kStaged, bool kTmaAct = false>
-void launch_swap_form(int block_m, const MoeSwapForm& form, __nv_bfloat16* out,
-                      const __nv_bfloat16* a, const __nv_bfloat16* w, int64_t w_rows,
-                      const float* route_w, const int32_t* sorted_pairs,
-                      const int32_t* block_expert, int64_t capacity, int k, int K, int N,
-                      int32_t* block_ready, cudaStream_t stream) {
-  constexpr int kWide = kMoeBlockWide, kMid = kMoeBlockMid;
-  constexpr bool T = kTmaAct;
-  auto* launch = form.expert_major  ? launch_swap_rows<kGateUp, kWide, false, kStaged, true, T>
-                 : block_m == kWide ? launch_swap_rows<kGateUp, kWide, false, kStaged, false, T>
-                 : form.pair_blocks ? launch_swap_rows<kGateUp, kWide, true, kStaged, false, T>
-                                    : launch_swap_rows<kGateUp, kMid, false, kStaged, false, T>;
-  launch(out, a, w, w_rows, route_w, sorted_pairs, block_expert, capacity, k, K, N, block_ready,
-         stream);
-}
+// paired or not, the 64-row ones expert-major or not.
 template <bool kGateUp>
 void launch_swap(int block_m, const MoeSwapForm& form, __nv_bfloat16* out, const __nv_bfloat16* a,
                  const __nv_bfloat16* w, int64_t w_rows, const float* route_w,
                  const int32_t* sorted_pairs, const int32_t* block_expert, int64_t capacity, int k,
                  int K, int N, int32_t* block_ready, cudaStream_t stream) {
-  auto* launch =
-      form.staged_stores ? launch_swap_form<kGateUp, true> : launch_swap_form<kGateUp, false>;
-  if constexpr (!kGateUp) {
-    if (form.tma_act) {
-      launch = form.staged_stores ? launch_swap_form<false, true, true>
-                                  : launch_swap_form<false, false, true>;
-    }
-  }
-  launch(block_m, form, out, a, w, w_rows, route_w, sorted_pairs, block_expert, capacity, k, K, N,
-         block_ready, stream);
+  constexpr int kWide = kMoeBlockWide, kMid = kMoeBlockMid;
+  auto* launch = form.expert_major  ? launch_swap_rows<kGateUp, kWide, false, true>
+                 : block_m == kWide ? launch_swap_rows<kGateUp, kWide>
+                 : form.pair_blocks ? launch_swap_rows<kGateUp, kWide, true>
+                                    : launch_swap_rows<kGateUp, kMid>;
+  launch(out, a, w, w_rows, route_w, sorted_pairs, block_expert, capacity, k, K, N, block_ready,
+         stream);
 }
 
 // Paired blocks only where moe_pair_blocks may give them (32-row blocks on the swapped kernel),
@@ -1795,19 +1698,8 @@ bool moe_pair_blocks(int64_t pairs, int experts, int block_m) {
 bool moe_expert_major(int64_t pairs, int experts) {
   static const bool on = new_path_enabled("ERNIE_MOE_EXPERT_MAJOR") && swap_ab_enabled();
   const int block_m = moe_block_m(pairs, experts);
-  return on && pairs <= kMoeAlignOneCta &&
-         ((block_m == kMoeBlockMid && pairs >= int64_t{kMoePairMinAverage} * experts) ||
-          block_m == kMoeBlockWide);
-}
-
-bool moe_swap_tma_act() {
-  static const bool on = new_path_enabled("ERNIE_MOE_SWAP_TMA_ACT") && swap_ab_enabled();
-  return on;
-}
-
-bool moe_swap_staged_stores() {
-  static const bool on = new_path_enabled("ERNIE_MOE_SWAP_STAGED") && swap_ab_enabled();
-  return on;
+  return on && pairs <= kMoeAlignOneCta && block_m == kMoeBlockMid &&
+         pairs >= int64_t{kMoePairMinAverage} * experts;
 }
 
 bool moe_wide_swap_enabled() {

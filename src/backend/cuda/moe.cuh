@@ -110,16 +110,19 @@ inline int64_t moe_shared_rows(const SharedFold& f, int block_m) {
 constexpr int kMoePairMinAverage = 20;
 bool moe_pair_blocks(int64_t pairs, int experts, int block_m);
 
-// Expert-major layout (ERNIE_MOE_EXPERT_MAJOR=1; not yet measured on a GPU, off by default):
+// Expert-major layout (ERNIE_MOE_EXPERT_MAJOR=1, off by default; H100, steps 256 x 1000 -0.2 to
+// -0.3%, 512 x 1000 +6 to +7%, so it is taken only below the 64-row blocks' range; its
+// correctness test has not yet passed on a GPU, docs/performance.md thirty-fourth round):
 // where nearly every expert gets pairs, the layout's 64-row block e (e < E) holds expert e's
 // first 64 pairs (block_expert[e] = e, or -1 when e got none), and an expert's further pairs
 // follow in 64-row blocks after block E - 1, expert by expert. The swapped kernel's CTAs of the
 // first E blocks then know their expert before the routing is in: gate/up issues its first
 // weight copies before its wait for the layout, down before reading it. The blocks are
 // computed with 64 rows as wgmma's N (the 64-row blocks' kernel), whatever their count.
-// moe_expert_major: whether a step of `pairs` pairs takes it: from kMoePairMinAverage pairs an
-// expert on average through the 64-row blocks' range (moe_block_m), laid out by one CTA
-// (moe_align's expert_major; moe_gate_up and moe_down by MoeSwapForm::expert_major).
+// moe_expert_major: whether a step of `pairs` pairs takes it: where the paired 32-row blocks
+// would (from kMoePairMinAverage pairs an expert on average, below the 64-row blocks of
+// moe_block_m), laid out by one CTA (moe_align's expert_major; moe_gate_up and moe_down by
+// MoeSwapForm::expert_major).
 bool moe_expert_major(int64_t pairs, int experts);
 
 // Rows of the expert-major layout: E first blocks, then further blocks; an expert of c > 64
@@ -137,27 +140,13 @@ ERNIE_HOST_DEVICE int64_t expert_major_row(int e, int local, int64_t further) {
                                : further + (local - kMoeBlockWide);
 }
 
-// Staged stores: the swapped kernel's epilogue through shared memory, 16-byte row pieces to
-// global memory instead of 2-byte stores (ERNIE_MOE_SWAP_STAGED=1; not yet measured on a GPU,
-// off by default). The outputs are the same bit for bit.
-bool moe_swap_staged_stores();
-
-// TMA activations: the swapped kernel's down GEMM reads a slice of its block's activation rows
-// (consecutive rows of act) as one TMA box instead of every thread's cp.async pieces
-// (ERNIE_MOE_SWAP_TMA_ACT=1; not yet measured on a GPU, off by default). The same values.
-bool moe_swap_tma_act();
-
 // The forms of the swapped kernel (32- and 64-row blocks) a call takes; other kernels take no
 // form. pair_blocks: the 32-row blocks paired (moe_pair_blocks; refused for other blocks and
-// with a fold). staged_stores: moe_swap_staged_stores. expert_major: the 64-row blocks of the
-// expert-major layout (moe_expert_major; refused for other blocks, with a fold, and with
-// pair_blocks). tma_act: moe_swap_tma_act (moe_down only; moe_gate_up gathers its rows and
-// ignores it).
+// with a fold). expert_major: the 64-row blocks of the expert-major layout (moe_expert_major;
+// refused for other blocks, with a fold, and with pair_blocks).
 struct MoeSwapForm {
   bool pair_blocks = false;
-  bool staged_stores = false;
   bool expert_major = false;
-  bool tma_act = false;
 };
 
 // Paired blocks: what the CTAs of layout block b do, from the experts of blocks b - 2 .. b + 2
