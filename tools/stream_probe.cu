@@ -12,7 +12,8 @@
 // as many are resident per SM. Tile counts: a one-token step's gate/up (6 experts x 3072 rows)
 // and a 16-token step's (~51 experts). First, the 256-token step's gate/up as the swapped
 // kernel streams it (pieces_kernel), alone and with that kernel's fixed costs a CTA, then decode
-// attention's K/V stream at 256 x 1024 keys as its kernel's boxes come (attn_stream_kernel).
+// attention's K/V stream at 256 x 1024 keys as its kernel's boxes come (attn_stream_kernel),
+// over several placements of the caches.
 #include <cuda.h>
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
@@ -21,6 +22,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <exception>
+#include <utility>
 #include <vector>
 
 #include "backend/cuda/cuda_check.h"
@@ -212,27 +214,36 @@ __global__ void __launch_bounds__(128)
 }
 
 // Decode attention's stream at 256 sequences of 1024 keys (the 21B model: 4 KV heads of 128,
-// 16-key cache blocks of [slot][head][128] bf16, K and V caches apart): a CTA per (sequence, KV
-// head), as the decode kernel's grid, reads its keys and values as 64-key tiles of 16 TMA boxes
-// (each cache block's 16 rows x 64 columns of its head, two halves, K and V: the kernel's boxes),
-// three tiles in flight, each tile only touched, two CTAs an SM (the kernel's 104 KB of shared
-// memory). kTable: each block's slot from a block table, read by thread 0 a tile ahead (the
-// spread issue's order), else computed. Beside the kernel's time for the same bytes it tells
-// how much of decode attention's gap to the streaming rate is its stream and how much its math,
-// barriers and merge.
+// 16-key cache blocks of [slot][head][128] bf16): a CTA per (sequence, KV head), as the decode
+// kernel's grid, reads its keys and values as 64-key tiles of 16 TMA boxes (each cache block's
+// 16 rows x 64 columns of its head, two halves, K and V: the kernel's boxes), three tiles in
+// flight, each tile only touched, two CTAs an SM (the kernel's 104 KB of shared memory).
+// kTable: each block's number from a block table, read by thread 0 a tile ahead (the spread
+// issue's order), else computed. Block n's K rows start at row n * blk_rows of k_map, its V
+// rows at n * blk_rows + v_first of v_map: K and V caches apart (blk_rows 16, v_first 0, two
+// maps) or a block's K and V side by side (blk_rows 32, v_first 16, one map). heads_inner: a
+// sequence's KV heads in consecutive CTAs (they read the same cache rows, 256 bytes of each
+// 1 KB slot apiece), else the decode kernel's order (every sequence of head 0 first, then of
+// head 1, ...: a slot's four pieces are read waves apart). Beside the
+// kernel's time for the same bytes it tells how much of decode attention's gap to the streaming
+// rate is its stream and how much its math, barriers and merge; over placements, whether where
+// the caches lie moves the stream.
 constexpr int kAttnSeqs = 256, kAttnKeys = 1024, kAttnHeads = 4, kAttnBlock = 16,
               kAttnTileKeys = 64, kAttnBuffers = 3;
 constexpr int kAttnTileBytes = 2 * kAttnTileKeys * 128 * 2;  // K and V of a 64-key tile
 constexpr int64_t kAttnSlots = int64_t{kAttnSeqs} * kAttnKeys;
+constexpr size_t kAttnCacheBytes = static_cast<size_t>(kAttnSlots) * kAttnHeads * 128 * 2;
 template <bool kTable>
 __global__ void __launch_bounds__(128)
     attn_stream_kernel(const __grid_constant__ CUtensorMap k_map,
                        const __grid_constant__ CUtensorMap v_map, const int32_t* tables,
-                       int64_t slot0, unsigned* sink) {
+                       int blk_rows, int v_first, bool heads_inner, unsigned* sink) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   unsigned char* smem = smem_raw + ((1024 - (smem_u32(smem_raw) & 1023)) & 1023);
   __shared__ uint64_t full[kAttnBuffers];
-  const int tid = threadIdx.x, seq = blockIdx.x, kvh = blockIdx.y;
+  const int tid = threadIdx.x;
+  const int seq = heads_inner ? blockIdx.y : blockIdx.x,
+            kvh = heads_inner ? blockIdx.x : blockIdx.y;
   constexpr int kTiles = kAttnKeys / kAttnTileKeys, kBlocks = kAttnTileKeys / kAttnBlock;
   constexpr int kBlocksPerSeq = kAttnKeys / kAttnBlock;
   if (tid == 0) {
@@ -256,11 +267,11 @@ __global__ void __launch_bounds__(128)
     mbar_arrive_expect_tx(bar, kAttnTileBytes);
 #pragma unroll
     for (int j = 0; j < kBlocks; ++j) {
-      const int slot = static_cast<int>(slot0 + int64_t{ent[j]} * kAttnBlock);
+      const int row = ent[j] * blk_rows;
       for (int half = 0; half < 2; ++half) {
-        unsigned char* row = dst + half * (kAttnTileKeys * 128) + j * kAttnBlock * 128;
-        tma_load_3d(row, &k_map, bar, half * 64, kvh, slot);
-        tma_load_3d(row + kAttnTileBytes / 2, &v_map, bar, half * 64, kvh, slot);
+        unsigned char* dst_row = dst + half * (kAttnTileKeys * 128) + j * kAttnBlock * 128;
+        tma_load_3d(dst_row, &k_map, bar, half * 64, kvh, row);
+        tma_load_3d(dst_row + kAttnTileBytes / 2, &v_map, bar, half * 64, kvh, row + v_first);
       }
     }
     if (t + 1 < kTiles) fetch(t + 1);
@@ -279,18 +290,19 @@ __global__ void __launch_bounds__(128)
   if (acc == 0x9e3779b9u) sink[0] = acc;
 }
 
-template <bool kTable>
-void run_attn(int iters, unsigned* sink, cudaEvent_t t0, cudaEvent_t t1) {
-  constexpr int kCopies = 4;  // a fresh cache each run (no L2 reuse)
-  const int64_t slots = kCopies * kAttnSlots;
-  const size_t bytes = static_cast<size_t>(slots) * kAttnHeads * 128 * 2;
-  __nv_bfloat16 *k = nullptr, *v = nullptr;
-  int32_t* tables = nullptr;
-  ERNIE_CUDA_CHECK(cudaMalloc(&k, bytes));
-  ERNIE_CUDA_CHECK(cudaMalloc(&v, bytes));
-  ERNIE_CUDA_CHECK(cudaMemset(k, 0x3c, bytes));
-  ERNIE_CUDA_CHECK(cudaMemset(v, 0x3c, bytes));
-  // Each sequence's blocks in a random order among its own (a cache that has been in use).
+// Where the K and V caches of the attention probe lie: kCopies copies (a fresh cache each run,
+// no L2 reuse), each either K and V apart (k[c], v[c]) or a block's K and V side by side (k[c]
+// alone, twice the rows).
+constexpr int kAttnCopies = 4;
+struct AttnPlacement {
+  const char* name;
+  unsigned char* k[kAttnCopies];
+  unsigned char* v[kAttnCopies];
+  bool side_by_side;
+};
+
+// Each sequence's blocks in a random order among its own (a cache that has been in use).
+int32_t* shuffled_attn_tables() {
   std::vector<int32_t> table(static_cast<size_t>(kAttnSlots / kAttnBlock));
   const int per_seq = kAttnKeys / kAttnBlock;
   unsigned rnd = 12345;
@@ -301,22 +313,35 @@ void run_attn(int iters, unsigned* sink, cudaEvent_t t0, cudaEvent_t t1) {
       std::swap(table[s * per_seq + b], table[s * per_seq + static_cast<int>(rnd % (b + 1))]);
     }
   }
+  int32_t* tables = nullptr;
   ERNIE_CUDA_CHECK(cudaMalloc(&tables, table.size() * sizeof(int32_t)));
   ERNIE_CUDA_CHECK(
       cudaMemcpy(tables, table.data(), table.size() * sizeof(int32_t), cudaMemcpyHostToDevice));
-  const int64_t dims[3] = {128, kAttnHeads, slots};
+  return tables;
+}
+
+template <bool kTable>
+void run_attn(const AttnPlacement& pl, const int32_t* tables, bool heads_inner, int iters,
+              unsigned* sink, cudaEvent_t t0, cudaEvent_t t1) {
+  CUtensorMap k_maps[kAttnCopies], v_maps[kAttnCopies];
   const int box[3] = {64, 1, kAttnBlock};
-  const CUtensorMap k_map = tensor_map_bf16_sw128_3d(k, dims, box);
-  const CUtensorMap v_map = tensor_map_bf16_sw128_3d(v, dims, box);
+  for (int c = 0; c < kAttnCopies; ++c) {
+    const int64_t dims[3] = {128, kAttnHeads, pl.side_by_side ? 2 * kAttnSlots : kAttnSlots};
+    k_maps[c] = tensor_map_bf16_sw128_3d(pl.k[c], dims, box);
+    v_maps[c] = pl.side_by_side ? k_maps[c] : tensor_map_bf16_sw128_3d(pl.v[c], dims, box);
+  }
+  const int blk_rows = pl.side_by_side ? 2 * kAttnBlock : kAttnBlock;
+  const int v_first = pl.side_by_side ? kAttnBlock : 0;
   auto kernel = attn_stream_kernel<kTable>;
   const int smem = 104 * 1024;  // the decode kernel's: two CTAs an SM
   ERNIE_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-  const dim3 grid(kAttnSeqs, kAttnHeads);
-  kernel<<<grid, 128, smem>>>(k_map, v_map, tables, 0, sink);
+  const dim3 grid = heads_inner ? dim3(kAttnHeads, kAttnSeqs) : dim3(kAttnSeqs, kAttnHeads);
+  kernel<<<grid, 128, smem>>>(k_maps[0], v_maps[0], tables, blk_rows, v_first, heads_inner, sink);
   ERNIE_CUDA_CHECK(cudaDeviceSynchronize());
   ERNIE_CUDA_CHECK(cudaEventRecord(t0));
   for (int i = 0; i < iters; ++i) {
-    kernel<<<grid, 128, smem>>>(k_map, v_map, tables, ((i + 1) % kCopies) * kAttnSlots, sink);
+    const int c = (i + 1) % kAttnCopies;
+    kernel<<<grid, 128, smem>>>(k_maps[c], v_maps[c], tables, blk_rows, v_first, heads_inner, sink);
   }
   ERNIE_CUDA_CHECK(cudaEventRecord(t1));
   ERNIE_CUDA_CHECK(cudaEventSynchronize(t1));
@@ -324,12 +349,63 @@ void run_attn(int iters, unsigned* sink, cudaEvent_t t0, cudaEvent_t t1) {
   float ms = 0;
   ERNIE_CUDA_CHECK(cudaEventElapsedTime(&ms, t0, t1));
   const double sec = ms * 1e-3 / iters;
-  const double read = static_cast<double>(kAttnSlots) * kAttnHeads * 128 * 2 * 2;
-  std::printf("attn      %d x %d keys, %d KV heads, %s  %8.1f us  %5.2f TB/s\n", kAttnSeqs,
-              kAttnKeys, kAttnHeads, kTable ? "block table  " : "computed slots", sec * 1e6,
-              read / sec * 1e-12);
-  cudaFree(k);
-  cudaFree(v);
+  const double read = 2.0 * kAttnCacheBytes;
+  std::printf("attn      %-34s %-14s %-12s %8.1f us  %5.2f TB/s\n", pl.name,
+              kTable ? "block table" : "computed slots", heads_inner ? "heads inner" : "seqs inner",
+              sec * 1e6, read / sec * 1e-12);
+}
+
+// The placements, each with computed slots and the block table in both grid orders, twice: K and V
+// caches in two allocations of their own (as before); one allocation of kCopies [K | V] pairs (the
+// engine's cache: each layer's K then its V); the same allocation with each block's K and V side by
+// side; then that allocation freed and made again, K and V apart once more (whether a second
+// allocation of the same size streams as the first).
+void run_attn_placements(int iters, unsigned* sink, cudaEvent_t t0, cudaEvent_t t1) {
+  int32_t* tables = shuffled_attn_tables();
+  const size_t copy_bytes = 2 * kAttnCacheBytes;
+  auto cases = [&](const AttnPlacement& pl) {
+    for (int rep = 0; rep < 2; ++rep) {
+      for (const bool heads_inner : {false, true}) {
+        run_attn<false>(pl, tables, heads_inner, iters, sink, t0, t1);
+        run_attn<true>(pl, tables, heads_inner, iters, sink, t0, t1);
+      }
+    }
+  };
+  auto one_allocation = [&](const char* name, bool side_by_side) {
+    unsigned char* all = nullptr;
+    ERNIE_CUDA_CHECK(cudaMalloc(&all, kAttnCopies * copy_bytes));
+    ERNIE_CUDA_CHECK(cudaMemset(all, 0x3c, kAttnCopies * copy_bytes));
+    AttnPlacement pl{name, {}, {}, side_by_side};
+    for (int c = 0; c < kAttnCopies; ++c) {
+      pl.k[c] = all + c * copy_bytes;
+      pl.v[c] = pl.k[c] + kAttnCacheBytes;
+    }
+    return std::pair{all, pl};
+  };
+  {
+    AttnPlacement pl{"K and V apart, own allocations", {}, {}, false};
+    for (int c = 0; c < kAttnCopies; ++c) {
+      ERNIE_CUDA_CHECK(cudaMalloc(&pl.k[c], kAttnCacheBytes));
+      ERNIE_CUDA_CHECK(cudaMalloc(&pl.v[c], kAttnCacheBytes));
+      ERNIE_CUDA_CHECK(cudaMemset(pl.k[c], 0x3c, kAttnCacheBytes));
+      ERNIE_CUDA_CHECK(cudaMemset(pl.v[c], 0x3c, kAttnCacheBytes));
+    }
+    cases(pl);
+    for (int c = 0; c < kAttnCopies; ++c) {
+      cudaFree(pl.k[c]);
+      cudaFree(pl.v[c]);
+    }
+  }
+  auto [all, apart] = one_allocation("one allocation, [K | V] a copy", false);
+  cases(apart);
+  AttnPlacement side = apart;
+  side.name = "one allocation, K, V a block";
+  side.side_by_side = true;
+  cases(side);
+  cudaFree(all);
+  auto [again, apart2] = one_allocation("the same, allocated again", false);
+  cases(apart2);
+  cudaFree(again);
   cudaFree(tables);
 }
 
@@ -453,12 +529,8 @@ int run(int iters) {
   cudaFree(b.fixed.out);
   cudaFree(b.fixed.counters);
   // Decode attention's stream (attn_stream_kernel), 537 MB a run.
-  std::printf("-- decode attention's K/V stream, %.1f MB\n",
-              kAttnSlots * kAttnHeads * 128 * 2 * 2 * 1e-6);
-  for (int rep = 0; rep < 2; ++rep) {
-    run_attn<false>(iters, b.sink, b.t0, b.t1);
-    run_attn<true>(iters, b.sink, b.t0, b.t1);
-  }
+  std::printf("-- decode attention's K/V stream, %.1f MB\n", 2 * kAttnCacheBytes * 1e-6);
+  run_attn_placements(iters, b.sink, b.t0, b.t1);
   if (std::getenv("PROBE_PIECES_ONLY") != nullptr) return 0;
   // One token: 6 experts x 3072 gate/up rows; 16 tokens: ~51 experts.
   for (const int rows : {6 * 3072, 51 * 3072}) {
