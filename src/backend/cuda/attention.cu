@@ -238,7 +238,8 @@ __global__ void __launch_bounds__(32 * RW * KW + (kIssue == 2 ? 32 : 0))
   __shared__ __align__(8) uint64_t full_v[kWs ? NB : 1], empty_k[kWs ? NB : 1],
       empty_v[kWs ? NB : 1];
 
-  const int tile = blockIdx.x, kvh = blockIdx.y, split = blockIdx.z;
+  const int tile = a.heads_inner ? blockIdx.y : blockIdx.x;
+  const int kvh = a.heads_inner ? blockIdx.x : blockIdx.y, split = blockIdx.z;
   const auto [seq, row0, group, q0, rows, k_begin, k_end] = tile_span(a, tile, split, BM);
   const size_t row_stride = static_cast<size_t>(a.heads + 2 * a.kv_heads) * D;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, c = lane % 4;
@@ -1163,13 +1164,21 @@ void launch(const PagedAttentionArgs& a, cudaStream_t stream) {
                                           static_cast<int>(smem)));
     configured = true;
   }
-  const dim3 grid(a.num_tiles, a.kv_heads, a.splits);
+  // ERNIE_ATTN_HEADS_INNER=1 (decode; not yet measured on a GPU, off by default): a tile's KV
+  // heads in consecutive CTAs. A cache slot holds its KV heads' rows side by side (1 KB for the
+  // 21B model's four), so in the default order, where every tile of head 0 comes first, a
+  // multi-wave grid reads each slot's pieces waves apart.
+  static const bool heads_inner_on = new_path_enabled("ERNIE_ATTN_HEADS_INNER");
+  PagedAttentionArgs b = a;
+  b.heads_inner = heads_inner_on && a.decode_shape && a.num_tiles <= 65535;
+  const dim3 grid = b.heads_inner ? dim3(a.kv_heads, a.num_tiles, a.splits)
+                                  : dim3(a.num_tiles, a.kv_heads, a.splits);
   if constexpr (kTma) {
-    launch_pdl(kernel, grid, kThreads, smem, stream, a, cache_map(a.k_cache, a),
+    launch_pdl(kernel, grid, kThreads, smem, stream, b, cache_map(a.k_cache, a),
                cache_map(a.v_cache, a));
   } else {
     const CUtensorMap unused{};
-    launch_pdl(kernel, grid, kThreads, smem, stream, a, unused, unused);
+    launch_pdl(kernel, grid, kThreads, smem, stream, b, unused, unused);
   }
   ERNIE_CUDA_CHECK(cudaGetLastError());
 }

@@ -65,6 +65,9 @@ struct PagedAttentionArgs {
   int splits = 1;
   bool decode_shape = false;
   bool paired = false;  // AttentionPlan::paired
+  // Decode kernel only: the grid is (kv_heads, num_tiles, splits) instead of (num_tiles,
+  // kv_heads, splits), a tile's KV heads in consecutive CTAs (set by paged_attention).
+  bool heads_inner = false;
   float scale = 1.0f;
 };
 
