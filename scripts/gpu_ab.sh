@@ -7,20 +7,36 @@
 # AB_FILTER is the gtest filter (default every test; "none" skips the tests), AB_BENCH the
 # kernel bench section (ops, steps, all; "none" skips it), AB_PICK a regex for the bench lines
 # to print (default every timing line), AB_CASES the bench's SEQSxCTX cases (default its own),
-# AB_TIMEOUT the seconds the tests may take (default 400).
+# AB_TIMEOUT the seconds the tests may take (default 400), AB_BIN a directory of binaries
+# (ernie_cuda_tests, ernie_kernel_bench) built elsewhere for sm_90a with the same CUDA version,
+# run instead of building here (it saves the build's minutes of GPU time; the golden fixtures
+# are read from this tree).
 # Logs go under DIR, one pair of files per config, numbered in order.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=$(realpath -m "${1:-ab-results}")
 shift || true
 mkdir -p "$out"
-if [ ! -f build-gpu/build.ninja ]; then
-  cmake -S . -B build-gpu -G Ninja -DCMAKE_BUILD_TYPE=Release > "$out/configure.log" 2>&1 ||
-    { tail -30 "$out/configure.log"; exit 1; }
+tests=build-gpu/tests/ernie_cuda_tests
+bench=build-gpu/ernie_kernel_bench
+if [ -n "${AB_BIN:-}" ]; then
+  tests=$AB_BIN/ernie_cuda_tests
+  bench=$AB_BIN/ernie_kernel_bench
+  export ERNIE_GOLDEN_DIR=$PWD/tests/golden
+  export LD_LIBRARY_PATH=/usr/local/cuda/lib64${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+  if ldd "$tests" "$bench" | grep "not found"; then
+    echo "AB_BIN: libraries missing (above)"
+    exit 1
+  fi
+else
+  if [ ! -f build-gpu/build.ninja ]; then
+    cmake -S . -B build-gpu -G Ninja -DCMAKE_BUILD_TYPE=Release > "$out/configure.log" 2>&1 ||
+      { tail -30 "$out/configure.log"; exit 1; }
+  fi
+  cmake --build build-gpu -j "$(nproc)" --target ernie_cuda_tests ernie_kernel_bench \
+    > "$out/build.log" 2>&1 || { tail -50 "$out/build.log"; exit 1; }
+  echo "built (${SECONDS}s)"
 fi
-cmake --build build-gpu -j "$(nproc)" --target ernie_cuda_tests ernie_kernel_bench \
-  > "$out/build.log" 2>&1 || { tail -50 "$out/build.log"; exit 1; }
-echo "built (${SECONDS}s)"
 filter=${AB_FILTER:-*}
 section=${AB_BENCH:-all}
 pick=${AB_PICK:-.}
@@ -32,7 +48,7 @@ for config in "$@"; do
   n=$((n + 1))  # the same config twice (before and after) keeps both logs
   log="$out/$n-$(echo "$config" | tr -c 'A-Za-z0-9_.-' '_')"
   if [ "$filter" != none ]; then
-    env "${settings[@]}" timeout "${AB_TIMEOUT:-400}" build-gpu/tests/ernie_cuda_tests \
+    env "${settings[@]}" timeout "${AB_TIMEOUT:-400}" "$tests" \
       --gtest_filter="$filter" > "$log.tests.log" 2>&1
     t=$?
     [ $t = 0 ] || rc=1
@@ -42,7 +58,7 @@ for config in "$@"; do
   fi
   if [ "$section" != none ]; then
     echo "== $config: kernel bench $section"
-    env "${settings[@]}" timeout 300 build-gpu/ernie_kernel_bench 20 "$section" ${AB_CASES:-} \
+    env "${settings[@]}" timeout 300 "$bench" 20 "$section" ${AB_CASES:-} \
       > "$log.bench.txt" 2>&1 || rc=1
     grep -E "$pick" "$log.bench.txt"
     echo "(${SECONDS}s)"

@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <filesystem>
 #include <map>
 
@@ -37,9 +38,12 @@ constexpr bool kCuda = true;
 constexpr bool kCuda = false;
 #endif
 
+// The fixtures' directory: ERNIE_GOLDEN_DIR from the environment (binaries built in another
+// tree, scripts/gpu_ab.sh's AB_BIN), else the source tree's.
 std::vector<fs::path> fixtures() {
   std::vector<fs::path> out;
-  for (const auto& e : fs::directory_iterator(ERNIE_GOLDEN_DIR)) {
+  const char* dir = std::getenv("ERNIE_GOLDEN_DIR");
+  for (const auto& e : fs::directory_iterator(dir != nullptr ? dir : ERNIE_GOLDEN_DIR)) {
     if (e.path().extension() == ".json") out.push_back(e.path());
   }
   std::sort(out.begin(), out.end());
