@@ -371,11 +371,11 @@ void run_attn_placements(int iters, unsigned* sink, cudaEvent_t t0, cudaEvent_t 
       }
     }
   };
-  auto one_allocation = [&](const char* name, bool side_by_side) {
+  auto one_allocation = [&](const char* name) {
     unsigned char* all = nullptr;
     ERNIE_CUDA_CHECK(cudaMalloc(&all, kAttnCopies * copy_bytes));
     ERNIE_CUDA_CHECK(cudaMemset(all, 0x3c, kAttnCopies * copy_bytes));
-    AttnPlacement pl{name, {}, {}, side_by_side};
+    AttnPlacement pl{name, {}, {}, false};
     for (int c = 0; c < kAttnCopies; ++c) {
       pl.k[c] = all + c * copy_bytes;
       pl.v[c] = pl.k[c] + kAttnCacheBytes;
@@ -396,14 +396,14 @@ void run_attn_placements(int iters, unsigned* sink, cudaEvent_t t0, cudaEvent_t 
       cudaFree(pl.v[c]);
     }
   }
-  auto [all, apart] = one_allocation("one allocation, [K | V] a copy", false);
+  auto [all, apart] = one_allocation("one allocation, [K | V] a copy");
   cases(apart);
   AttnPlacement side = apart;
   side.name = "one allocation, K, V a block";
   side.side_by_side = true;
   cases(side);
   cudaFree(all);
-  auto [again, apart2] = one_allocation("the same, allocated again", false);
+  auto [again, apart2] = one_allocation("the same, allocated again");
   cases(apart2);
   cudaFree(again);
   cudaFree(tables);
