@@ -16,10 +16,10 @@ namespace {
 constexpr int kAlignThreads = 1024;
 
 // block_ready (null: none): the M-blocks' readiness counters of the GEMMs after it
-// (BlockReady), set to 0.
+// (BlockReady) and the persistent GEMMs' tile counters after them (moe_ready_counters), set to 0.
 __device__ __forceinline__ void clear_block_ready(int32_t* block_ready, int num_blocks) {
   if (block_ready == nullptr) return;
-  for (int b = threadIdx.x; b < num_blocks; b += blockDim.x) block_ready[b] = 0;
+  for (int b = threadIdx.x; b < num_blocks + kMoeTileCounters; b += blockDim.x) block_ready[b] = 0;
 }
 
 template <bool kExpertMajor = false>
@@ -1125,6 +1125,117 @@ constexpr size_t sw_smem(int bn) {
 }
 static_assert(sw_a_bytes(kMoeBlockMid) % 1024 == 0 && sw_a_bytes(kMoeBlockWide) % 1024 == 0);
 
+// The swapped kernel's parts, shared by its one-tile form (moe_gemm_swap_kernel) and its
+// persistent one (moe_gemm_swap_persistent_kernel).
+//
+// Thread 0: a K slice's two weight boxes (rows row0 and row1 of the stacked weights) into
+// stage `st`, completing on `bar`.
+__device__ __forceinline__ void swap_load_weights(unsigned char* st, uint64_t* bar,
+                                                  const CUtensorMap* map, int kt, int row0,
+                                                  int row1) {
+  mbar_arrive_expect_tx(bar, 2 * kWgBox);
+  tma_load_4d(st, map, bar, 0, 0, kt, row0 / kTiledGroupRows);
+  tma_load_4d(st + kWgBox, map, bar, 0, 0, kt, row1 / kTiledGroupRows);
+}
+
+// This thread's activation rows of a block whose first layout row is m0 (tid / 8 + 16 i; null
+// for padding, and past `rows` for kPairs): gathered from x by pair for gate/up, the block's
+// own rows of act for down.
+template <bool kGateUp, int BN, bool kPairs>
+__device__ __forceinline__ void swap_act_rows(const __nv_bfloat16* (&a_row)[BN / 16],
+                                              const __nv_bfloat16* a_src,
+                                              const int32_t* sorted_pairs, int m0, int rows,
+                                              int k_choices, int K, int tid) {
+#pragma unroll
+  for (int i = 0; i < BN / 16; ++i) {
+    const int r = tid / 8 + 16 * i;
+    const int pair = !kPairs || r < rows ? __ldcg(sorted_pairs + m0 + r) : -1;
+    const int64_t src = kGateUp ? pair / k_choices : m0 + r;
+    a_row[i] = pair >= 0 ? a_src + src * K : nullptr;
+  }
+}
+
+// This thread's 16-byte pieces of K slice kt's activation rows into a stage's activation part.
+template <int BN>
+__device__ __forceinline__ void swap_load_act(unsigned char* st_a,
+                                              const __nv_bfloat16* const (&a_row)[BN / 16],
+                                              const int (&a_off)[BN / 16],
+                                              const __nv_bfloat16* a_src, int kt, int K, int ch) {
+  const int kk = kt * kWgBK + ch * 8;
+#pragma unroll
+  for (int i = 0; i < BN / 16; ++i) {
+    const bool ok = a_row[i] != nullptr && kk < K;
+    cp_async_16(st_a + a_off[i], ok ? a_row[i] + kk : a_src, ok);
+  }
+}
+
+// The pairs of the rows this thread's accumulators hold (8 i + 2 c + j; -1 for padding and,
+// for kPairs, past `rows`) and, for down, their routing weights.
+template <bool kGateUp, int BN, bool kPairs>
+__device__ __forceinline__ void swap_epilogue_rows(int (&ep_pair)[BN / 4], float (&ep_w)[BN / 4],
+                                                   const int32_t* sorted_pairs,
+                                                   const float* route_w, int m0, int rows, int c) {
+#pragma unroll
+  for (int q = 0; q < BN / 4; ++q) {
+    const int32_t* at = sorted_pairs + m0 + 8 * (q / 2) + 2 * c + q % 2;
+    ep_pair[q] = !kPairs || at < sorted_pairs + m0 + rows ? __ldcg(at) : -1;
+    ep_w[q] = !kGateUp && ep_pair[q] >= 0 ? route_w[ep_pair[q]] : 0.0f;
+  }
+}
+
+// One K slice's multiplies from stage `st` (its weight boxes landed, its activations fenced).
+template <int BN>
+__device__ __forceinline__ void swap_mma_slice(float (&acc0)[BN / 2], float (&acc1)[BN / 2],
+                                               const unsigned char* st) {
+  wgmma_fence();
+#pragma unroll
+  for (int ks = 0; ks < kWgBK / 16; ++ks) {
+    const uint64_t b = wgmma_desc_sw128(st + 2 * kWgBox + ks * 32);
+    if constexpr (BN == 32) {
+      wgmma_m64n32k16(acc0, wgmma_desc_sw128(st + ks * 32), b);
+      wgmma_m64n32k16(acc1, wgmma_desc_sw128(st + kWgBox + ks * 32), b);
+    } else {
+      static_assert(BN == 64);
+      wgmma_m64n64k16(acc0, wgmma_desc_sw128(st + ks * 32), b, 1);
+      wgmma_m64n64k16(acc1, wgmma_desc_sw128(st + kWgBox + ks * 32), b, 1);
+    }
+  }
+  wgmma_commit();
+  wgmma_wait<0>();
+  fence_regs(acc0);
+  fence_regs(acc1);
+}
+
+// The outputs from the accumulators; acc[4 i + 2 h + j]: weight row 16 warp + g + 8 h of its
+// box, block row 8 i + 2 c + j. Gate/up: SwiGLU of gate (box 0) and up (box 1); down: box 0
+// columns n0.., box 1 n0 + 64.., times the routing weight.
+template <bool kGateUp, int BN>
+__device__ __forceinline__ void swap_store(const float (&acc0)[BN / 2], const float (&acc1)[BN / 2],
+                                           const int (&ep_pair)[BN / 4],
+                                           const float (&ep_w)[BN / 4], __nv_bfloat16* out, int m0,
+                                           int n0, int N, int warp, int g, int c) {
+#pragma unroll
+  for (int i = 0; i < BN / 8; ++i) {
+#pragma unroll
+    for (int j = 0; j < 2; ++j) {
+      const int q = 2 * i + j;
+      if (ep_pair[q] < 0) continue;
+      __nv_bfloat16* orow = out + static_cast<size_t>(m0 + 8 * i + 2 * c + j) * N;
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int col = n0 + 16 * warp + g + 8 * h;
+        const float v0 = acc0[4 * i + 2 * h + j], v1 = acc1[4 * i + 2 * h + j];
+        if (kGateUp) {
+          if (col < N) orow[col] = __float2bfloat16(v0 / (1.0f + __expf(-v0)) * v1);
+        } else {
+          if (col < N) orow[col] = __float2bfloat16(v0 * ep_w[q]);
+          if (col + 64 < N) orow[col + 64] = __float2bfloat16(v1 * ep_w[q]);
+        }
+      }
+    }
+  }
+}
+
 // kExpertMajor (moe_expert_major, BN = 64): blocks below `experts` are those experts' first
 // blocks (the expert-major layout), so their weights go out before the layout is read.
 template <bool kGateUp, int BN, bool kPairs = false, bool kExpertMajor = false>
@@ -1158,11 +1269,8 @@ __global__ void __launch_bounds__(128)
   int row0 = 0, row1 = 0;
   auto load_w = [&](int kt) {
     if (tid == 0) {
-      unsigned char* st = smem + (kt % kSwStages) * sw_stage_bytes(BN);
-      uint64_t* bar = &full[kt % kSwStages];
-      mbar_arrive_expect_tx(bar, 2 * kWgBox);
-      tma_load_4d(st, &w_map, bar, 0, 0, kt, row0 / kTiledGroupRows);
-      tma_load_4d(st + kWgBox, &w_map, bar, 0, 0, kt, row1 / kTiledGroupRows);
+      swap_load_weights(smem + (kt % kSwStages) * sw_stage_bytes(BN), &full[kt % kSwStages], &w_map,
+                        kt, row0, row1);
     }
   };
   const auto start_weights = [&](int expert) {
@@ -1205,36 +1313,21 @@ __global__ void __launch_bounds__(128)
   }
   if (!known) start_weights(e);
   // This thread's activation pieces of each slice: rows tid / 8 + 16 i, piece tid % 8; and the
-  // pairs of the rows its accumulators hold: 8 i + 2 c + j.
+  // pairs of the rows its accumulators hold.
   constexpr int kRowsPerThread = BN / 16;
   const int ch = tid % 8;
   const __nv_bfloat16* a_row[kRowsPerThread];
   int a_off[kRowsPerThread];
+  swap_act_rows<kGateUp, BN, kPairs>(a_row, a_src, sorted_pairs, m0, rows, k_choices, K, tid);
 #pragma unroll
-  for (int i = 0; i < kRowsPerThread; ++i) {
-    const int r = tid / 8 + 16 * i;
-    const int pair = !kPairs || r < rows ? __ldcg(sorted_pairs + m0 + r) : -1;
-    const int64_t src = kGateUp ? pair / k_choices : m0 + r;
-    a_row[i] = pair >= 0 ? a_src + src * K : nullptr;
-    a_off[i] = gathered_offset(r, ch);
-  }
+  for (int i = 0; i < kRowsPerThread; ++i) a_off[i] = gathered_offset(tid / 8 + 16 * i, ch);
   int ep_pair[BN / 4];
   float ep_w[BN / 4];
-#pragma unroll
-  for (int q = 0; q < BN / 4; ++q) {
-    const int32_t* at = sorted_pairs + m0 + 8 * (q / 2) + 2 * c + q % 2;
-    ep_pair[q] = !kPairs || at < sorted_pairs + m0 + rows ? __ldcg(at) : -1;
-    ep_w[q] = !kGateUp && ep_pair[q] >= 0 ? route_w[ep_pair[q]] : 0.0f;
-  }
+  swap_epilogue_rows<kGateUp, BN, kPairs>(ep_pair, ep_w, sorted_pairs, route_w, m0, rows, c);
   __syncthreads();  // the barriers' init
   auto load_a = [&](int kt) {
-    unsigned char* st = smem + (kt % kSwStages) * sw_stage_bytes(BN) + 2 * kWgBox;
-    const int kk = kt * kWgBK + ch * 8;
-#pragma unroll
-    for (int i = 0; i < kRowsPerThread; ++i) {
-      const bool ok = a_row[i] != nullptr && kk < K;
-      cp_async_16(st + a_off[i], ok ? a_row[i] + kk : a_src, ok);
-    }
+    swap_load_act<BN>(smem + (kt % kSwStages) * sw_stage_bytes(BN) + 2 * kWgBox, a_row, a_off,
+                      a_src, kt, K, ch);
   };
   if constexpr (!kGateUp) wait_for_rows(ready, block_major, mb, tid);
   for (int kt = 0; kt < kSwStages - 1; ++kt) {
@@ -1257,49 +1350,11 @@ __global__ void __launch_bounds__(128)
       load_a(next);
     }
     cp_async_commit();
-    const unsigned char* st = smem + (kt % kSwStages) * sw_stage_bytes(BN);
     mbar_wait(&full[kt % kSwStages], (kt / kSwStages) & 1);
-    wgmma_fence();
-#pragma unroll
-    for (int ks = 0; ks < kWgBK / 16; ++ks) {
-      const uint64_t b = wgmma_desc_sw128(st + 2 * kWgBox + ks * 32);
-      if constexpr (BN == 32) {
-        wgmma_m64n32k16(acc0, wgmma_desc_sw128(st + ks * 32), b);
-        wgmma_m64n32k16(acc1, wgmma_desc_sw128(st + kWgBox + ks * 32), b);
-      } else {
-        static_assert(BN == 64);
-        wgmma_m64n64k16(acc0, wgmma_desc_sw128(st + ks * 32), b, 1);
-        wgmma_m64n64k16(acc1, wgmma_desc_sw128(st + kWgBox + ks * 32), b, 1);
-      }
-    }
-    wgmma_commit();
-    wgmma_wait<0>();
-    fence_regs(acc0);
-    fence_regs(acc1);
+    swap_mma_slice<BN>(acc0, acc1, smem + (kt % kSwStages) * sw_stage_bytes(BN));
   }
   cp_async_wait<0>();
-  // The outputs from the accumulators; acc[4 i + 2 h + j]: weight row 16 warp + g + 8 h of its
-  // box, block row 8 i + 2 c + j.
-#pragma unroll
-  for (int i = 0; i < BN / 8; ++i) {
-#pragma unroll
-    for (int j = 0; j < 2; ++j) {
-      const int q = 2 * i + j;
-      if (ep_pair[q] < 0) continue;
-      __nv_bfloat16* orow = out + static_cast<size_t>(m0 + 8 * i + 2 * c + j) * N;
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const int col = n0 + 16 * warp + g + 8 * h;
-        const float v0 = acc0[4 * i + 2 * h + j], v1 = acc1[4 * i + 2 * h + j];
-        if (kGateUp) {
-          if (col < N) orow[col] = __float2bfloat16(v0 / (1.0f + __expf(-v0)) * v1);
-        } else {
-          if (col < N) orow[col] = __float2bfloat16(v0 * ep_w[q]);
-          if (col + 64 < N) orow[col + 64] = __float2bfloat16(v1 * ep_w[q]);
-        }
-      }
-    }
-  }
+  swap_store<kGateUp, BN>(acc0, acc1, ep_pair, ep_w, out, m0, n0, N, warp, g, c);
   // gate/up counts each stored tile for down's wait (the target: gate/up's column tiles).
   if constexpr (kGateUp) {
     if (block_major) {
@@ -1310,6 +1365,178 @@ __global__ void __launch_bounds__(128)
       }
     }
   }
+}
+
+// Persistent form (MoeSwapForm::persistent; M-block-major grids with readiness counters only): at
+// most as many CTAs as fit at once, each taking tiles in launch order from a counter (tile t:
+// M-block t / n_tiles, column tile t % n_tiles) until the used blocks run out, its K slices one
+// stream across its tiles. A one-tile CTA ends with its stages drained, then stores, releases and
+// leaves; the stream probe put that at ~3% of a tile's stream (docs/performance.md, thirty-fourth
+// round). Here the next tile's first slices are in flight while a tile's outputs are stored. Thread
+// 0 resolves the tile after the one being loaded a step at a time (the counter, then the block's
+// expert, then again past a follower), so the loads it waits on have had a slice's time to land;
+// each resolved tile goes into a ring in shared memory that both the loads and the multiplies read.
+// next_tile: the counter (moe_align set it to 0).
+constexpr int kSwRing = 8;  // > the tiles the loads can run ahead of the multiplies, plus one
+template <bool kGateUp, int BN, bool kPairs>
+__global__ void __launch_bounds__(128)
+    moe_gemm_swap_persistent_kernel(const __grid_constant__ CUtensorMap w_map, __nv_bfloat16* out,
+                                    const __nv_bfloat16* a_src, const float* route_w,
+                                    const int32_t* sorted_pairs, const int32_t* block_expert,
+                                    int k_choices, int K, int N, const BlockReady ready,
+                                    int m_blocks, int n_tiles, int32_t* next_tile) {
+  static_assert(!kPairs || BN == 64);
+  if constexpr (kGateUp) asm volatile("griddepcontrol.wait;" ::: "memory");
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+  extern __shared__ unsigned char smem_raw[];
+  unsigned char* smem = reinterpret_cast<unsigned char*>(
+      (reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t{1023});
+  __shared__ uint64_t full[kSwStages];
+  // Resolved tiles: (t << 1) | lead, or -1 past the last.
+  __shared__ int ring[kSwRing];
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, c = lane % 4;
+  constexpr int kBlockRows = kPairs ? BN / 2 : BN;
+  constexpr int kCols = kGateUp ? kSwRows / 2 : kSwRows;
+  const int k_tiles = (K + kWgBK - 1) / kWgBK;
+  const int tiles = m_blocks * n_tiles;
+  // Thread 0's look-ahead: 0 resolved (`found`), 1 a tile taken from the counter (`cand`),
+  // 2 its block's experts read (`ex`: blocks mb - 2 .. mb + 2).
+  int la_phase = 0, cand = 0, found = -1;
+  int ex[5];
+  const auto la_step = [&] {
+    if (la_phase == 1) {
+      if (cand >= tiles) {
+        found = -1;
+        la_phase = 0;
+        return;
+      }
+      const int mb = cand / n_tiles;
+#pragma unroll
+      for (int d = 0; d < 5; ++d) {
+        const int b = mb - 2 + d;
+        ex[d] = (kPairs || d == 2) && b >= 0 && b < m_blocks ? __ldcg(block_expert + b) : -1;
+      }
+      la_phase = 2;
+    } else if (la_phase == 2) {
+      // The used blocks come first: past them every block is padding.
+      if (ex[2] < 0) {
+        found = -1;
+        la_phase = 0;
+        return;
+      }
+      bool lead = false;
+      if constexpr (kPairs) {
+        const PairRole role = pair_role(ex[0], ex[1], ex[2], ex[3], ex[4]);
+        if (role == kPairFollower) {
+          cand = atomicAdd(next_tile, 1);
+          la_phase = 1;
+          return;
+        }
+        lead = role == kPairLead;
+      }
+      found = (cand << 1) | (lead ? 1 : 0);
+      la_phase = 0;
+    }
+  };
+  const auto la_start = [&] {
+    cand = atomicAdd(next_tile, 1);
+    la_phase = 1;
+  };
+  const auto la_finish = [&] {
+    while (la_phase != 0) la_step();
+  };
+  if (tid == 0) {
+    for (int s = 0; s < kSwStages; ++s) mbar_init(&full[s], 1);
+    mbar_init_fence();
+    la_start();
+  }
+  __syncthreads();  // the barriers' init
+  // The loads' cursor: tile number p_i (its ring entry), its slice p_kt, the global slice
+  // count p_g (the stage and the barrier's phase); the tile's weight rows (thread 0: from its
+  // expert p_e) and this thread's activation rows.
+  const int ch = tid % 8;
+  constexpr int kRowsPerThread = BN / 16;
+  int a_off[kRowsPerThread];
+#pragma unroll
+  for (int i = 0; i < kRowsPerThread; ++i) a_off[i] = gathered_offset(tid / 8 + 16 * i, ch);
+  const __nv_bfloat16* a_row[kRowsPerThread];
+  int p_i = -1, p_kt = k_tiles, p_g = 0, p_e = 0, row0 = 0, row1 = 0;
+  bool p_end = false;
+  const auto tile_rows = [&](int info) { return kPairs && !(info & 1) ? kBlockRows : BN; };
+  // Issue the next slice (every thread calls it): past a tile's last, first move to the next
+  // tile: its weights go out before its activation rows are read (and, for down, waited for).
+  const auto issue = [&] {
+    if (p_end) return;
+    const bool first = p_kt == k_tiles;
+    int info = 0;
+    if (first) {
+      if (tid == 0) {
+        la_finish();
+        ring[(p_i + 1) % kSwRing] = found;
+        p_e = ex[2];
+        if (found >= 0) la_start();
+      }
+      __syncthreads();
+      ++p_i;
+      info = ring[p_i % kSwRing];
+      if (info < 0) {
+        p_end = true;
+        return;
+      }
+      const int t = info >> 1, n0 = (t % n_tiles) * kCols;
+      row0 = kGateUp ? p_e * 2 * N + n0 : p_e * N + n0;
+      row1 = kGateUp ? row0 + N : row0 + 64;
+      p_kt = 0;
+    }
+    unsigned char* st = smem + (p_g % kSwStages) * sw_stage_bytes(BN);
+    if (tid == 0) swap_load_weights(st, &full[p_g % kSwStages], &w_map, p_kt, row0, row1);
+    if (first) {
+      const int mb = (info >> 1) / n_tiles;
+      swap_act_rows<kGateUp, BN, kPairs>(a_row, a_src, sorted_pairs, mb * kBlockRows,
+                                         tile_rows(info), k_choices, K, tid);
+      if constexpr (!kGateUp) wait_for_rows(ready, true, mb, tid);
+    }
+    swap_load_act<BN>(st + 2 * kWgBox, a_row, a_off, a_src, p_kt, K, ch);
+    ++p_kt;
+    ++p_g;
+  };
+  for (int s = 0; s < kSwStages - 1; ++s) {
+    issue();
+    cp_async_commit();
+  }
+  // The multiplies' cursor: tile number c_i, global slice count c_g.
+  int c_g = 0;
+  for (int c_i = 0;; ++c_i) {
+    const int info = ring[c_i % kSwRing];
+    if (info < 0) break;
+    const int t = info >> 1, mb = t / n_tiles, m0 = mb * kBlockRows, n0 = (t % n_tiles) * kCols;
+    int ep_pair[BN / 4];
+    float ep_w[BN / 4];
+    swap_epilogue_rows<kGateUp, BN, kPairs>(ep_pair, ep_w, sorted_pairs, route_w, m0,
+                                            tile_rows(info), c);
+    float acc0[BN / 2], acc1[BN / 2];
+#pragma unroll
+    for (int i = 0; i < BN / 2; ++i) acc0[i] = acc1[i] = 0.0f;
+    for (int kt = 0; kt < k_tiles; ++kt, ++c_g) {
+      cp_async_wait<kSwStages - 2>();  // this thread's pieces of slice c_g have landed
+      fence_proxy_async();
+      __syncthreads();  // everyone's pieces in, everyone's multiplies of slice c_g - 1 done
+      issue();
+      cp_async_commit();
+      if (tid == 0 && la_phase != 0) la_step();
+      mbar_wait(&full[c_g % kSwStages], (c_g / kSwStages) & 1);
+      swap_mma_slice<BN>(acc0, acc1, smem + (c_g % kSwStages) * sw_stage_bytes(BN));
+    }
+    swap_store<kGateUp, BN>(acc0, acc1, ep_pair, ep_w, out, m0, n0, N, warp, g, c);
+    if constexpr (kGateUp) {
+      __syncthreads();  // every thread's rows stored
+      if (tid == 0) {
+        red_add_release_gpu(ready.counters + mb, 1);
+        if (kPairs && (info & 1)) red_add_release_gpu(ready.counters + mb + 1, 1);
+      }
+    }
+  }
+  cp_async_wait<0>();
 }
 
 // The 32-row blocks run on moe_gemm_swap_kernel (gate/up and down alike: down's readiness
@@ -1323,11 +1550,12 @@ bool swap_ab_enabled() {
 
 // w_rows: the stacked weights' rows (experts * 2N for gate/up, experts * N for down). kPairs:
 // BN = 64 over a layout of 32-row blocks. kExpertMajor: the expert-major layout's 64-row blocks.
+// persistent: the persistent kernel where block_ready is given (not with kExpertMajor).
 template <bool kGateUp, int BN, bool kPairs = false, bool kExpertMajor = false>
 void launch_swap_rows(__nv_bfloat16* out, const __nv_bfloat16* a, const __nv_bfloat16* w,
                       int64_t w_rows, const float* route_w, const int32_t* sorted_pairs,
                       const int32_t* block_expert, int64_t capacity, int k, int K, int N,
-                      int32_t* block_ready, cudaStream_t stream) {
+                      int32_t* block_ready, bool persistent, cudaStream_t stream) {
   constexpr int block_rows = kPairs ? BN / 2 : BN;
   require_gemm_shape(K, N, capacity, block_rows);
   constexpr size_t smem = sw_smem(BN);
@@ -1348,6 +1576,28 @@ void launch_swap_rows(__nv_bfloat16* out, const __nv_bfloat16* a, const __nv_bfl
   const unsigned m_blocks = static_cast<unsigned>(capacity / block_rows);
   const unsigned n_ctas = (N + cols - 1) / cols;
   const dim3 grid = ready.counters != nullptr ? dim3(n_ctas, m_blocks) : dim3(m_blocks, n_ctas);
+  if constexpr (!kExpertMajor) {
+    if (ready.counters != nullptr && persistent) {
+      constexpr auto persistent = moe_gemm_swap_persistent_kernel<kGateUp, BN, kPairs>;
+      static const unsigned slots = [&] {
+        ERNIE_CUDA_CHECK(cudaFuncSetAttribute(
+            persistent, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+        int device = 0, sms = 0, per_sm = 0;
+        ERNIE_CUDA_CHECK(cudaGetDevice(&device));
+        ERNIE_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+        ERNIE_CUDA_CHECK(
+            cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, persistent, 128, smem));
+        return static_cast<unsigned>(std::max(1, sms * per_sm));
+      }();
+      // The tile counters follow the blocks' (moe_ready_counters): gate/up's, then down's.
+      int32_t* next_tile = block_ready + m_blocks + (kGateUp ? 0 : 1);
+      launch_pdl(persistent, std::min(slots, m_blocks * n_ctas), 128, smem, stream, map, out, a,
+                 route_w, sorted_pairs, block_expert, k, K, N, ready, static_cast<int>(m_blocks),
+                 static_cast<int>(n_ctas), next_tile);
+      ERNIE_CUDA_CHECK(cudaGetLastError());
+      return;
+    }
+  }
   const int experts = static_cast<int>(w_rows / (kGateUp ? 2 * N : N));
   launch_pdl(kernel, grid, 128, smem, stream, map, out, a, route_w, sorted_pairs, block_expert, k,
              K, N, ready, experts);
@@ -1378,7 +1628,7 @@ void launch_swap(int block_m, const MoeSwapForm& form, __nv_bfloat16* out, const
                  : form.pair_blocks ? launch_swap_rows<kGateUp, kWide, true>
                                     : launch_swap_rows<kGateUp, kMid>;
   launch(out, a, w, w_rows, route_w, sorted_pairs, block_expert, capacity, k, K, N, block_ready,
-         stream);
+         form.persistent, stream);
 }
 
 // Paired blocks only where moe_pair_blocks may give them (32-row blocks on the swapped kernel),
@@ -1395,6 +1645,11 @@ void require_form_fits(const MoeSwapForm& form, int block_m, const SharedFold& f
                 "MoE: the expert-major layout needs 64-row blocks on the swapped kernel, unpaired "
                 "and without folded experts, not blocks of ",
                 block_m, fold.experts > 0 ? " with a fold" : "", form.pair_blocks ? " paired" : "");
+  require_parts(!form.persistent || (takes_swap(block_m, fold) && !form.expert_major),
+                "MoE: the persistent form needs 32- or 64-row blocks on the swapped kernel, not "
+                "blocks of ",
+                block_m, fold.experts > 0 ? " with a fold" : "",
+                form.expert_major ? " in the expert-major layout" : "");
 }
 
 // What the combine sums for a token: routed: y's routed rows (the routed layout's first row),
@@ -1700,6 +1955,11 @@ bool moe_expert_major(int64_t pairs, int experts) {
   const int block_m = moe_block_m(pairs, experts);
   return on && pairs <= kMoeAlignOneCta && block_m == kMoeBlockMid &&
          pairs >= int64_t{kMoePairMinAverage} * experts;
+}
+
+bool moe_swap_persistent() {
+  static const bool on = new_path_enabled("ERNIE_MOE_SWAP_PERSIST") && swap_ab_enabled();
+  return on;
 }
 
 bool moe_wide_swap_enabled() {
