@@ -1164,11 +1164,13 @@ void launch(const PagedAttentionArgs& a, cudaStream_t stream) {
                                           static_cast<int>(smem)));
     configured = true;
   }
-  // ERNIE_ATTN_HEADS_INNER=1 (decode; not yet measured on a GPU, off by default): a tile's KV
-  // heads in consecutive CTAs. A cache slot holds its KV heads' rows side by side (1 KB for the
-  // 21B model's four), so in the default order, where every tile of head 0 comes first, a
-  // multi-wave grid reads each slot's pieces waves apart.
-  static const bool heads_inner_on = new_path_enabled("ERNIE_ATTN_HEADS_INNER");
+  // Decode: a tile's KV heads in consecutive CTAs. A cache slot holds its KV heads' rows side
+  // by side (1 KB for the 21B model's four); with every tile of head 0 first, a multi-wave grid
+  // read each slot's pieces waves apart, and the stream ran at 2.56-3.04 TB/s by placement of
+  // the caches against 3.03-3.07 in this order (H100, stream probe; steps 256 x 1000 and
+  // 256 x 2000 -0.7%, 256 prompts +0.6%: docs/performance.md, thirty-fifth round).
+  // ERNIE_ATTN_HEADS_INNER=0 turns it off.
+  static const bool heads_inner_on = path_enabled("ERNIE_ATTN_HEADS_INNER");
   PagedAttentionArgs b = a;
   b.heads_inner = heads_inner_on && a.decode_shape && a.num_tiles <= 65535;
   const dim3 grid = b.heads_inner ? dim3(a.kv_heads, a.num_tiles, a.splits)
