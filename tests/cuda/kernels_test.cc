@@ -355,7 +355,7 @@ TEST(CudaKernels, MoeAlignExpertMajorLaysOutEveryPair) {
       const int64_t cap = moe_capacity_expert_major(pairs, experts);
       const int blocks = static_cast<int>(cap / B);
       DeviceBuffer<int32_t> d_ids(pairs), d_sorted(cap), d_block(blocks), d_pos(pairs),
-          d_ready(moe_ready_counters(cap, B));
+          d_ready(blocks);
       d_ids.upload(ids);
       for (auto* buf : {&d_sorted, &d_block, &d_pos, &d_ready}) {
         ERNIE_CUDA_CHECK(cudaMemset(buf->p, 0x55, buf->n * sizeof(int32_t)));
@@ -384,9 +384,6 @@ TEST(CudaKernels, MoeAlignExpertMajorLaysOutEveryPair) {
         }
         ASSERT_EQ(block_expert[b], want) << "block " << b;
         ASSERT_EQ(ready[b], 0) << "block " << b << "'s readiness counter";
-      }
-      for (int i = 0; i < kMoeTileCounters; ++i) {
-        ASSERT_EQ(ready[blocks + i], 0) << "tile counter " << i;
       }
       std::vector<int> seen(cap, 0);
       std::vector<int64_t> first(experts, 0), rest(experts, 0);  // pairs in each part
@@ -522,8 +519,7 @@ void expect_block_ready_matches(cudaStream_t stream, int hidden, int inter, int 
                << tokens << " tokens, " << hidden << "/" << inter << ", " << experts
                << " experts top-" << k << (r.skew ? ", skewed" : "") << ", blocks of " << block_m
                << (base.pair_blocks ? ", paired" : "")
-               << (base.expert_major ? ", expert-major" : "")
-               << (base.persistent ? ", persistent" : ""));
+               << (base.expert_major ? ", expert-major" : ""));
   const int64_t cap = base.expert_major ? moe_capacity_expert_major(pairs, experts)
                                         : moe_capacity(pairs, experts, block_m);
   const int blocks = static_cast<int>(cap / block_m);
@@ -531,7 +527,7 @@ void expect_block_ready_matches(cudaStream_t stream, int hidden, int inter, int 
   d_x.upload(r.x);
   DeviceBuffer<int32_t> d_ids(pairs), d_sorted(cap), d_block(blocks), d_pos(pairs);
   DeviceBuffer<int32_t> d_scratch(moe_align_scratch_bytes(pairs, experts) / 4 + 1);
-  DeviceBuffer<int32_t> d_ready(moe_ready_counters(cap, block_m));
+  DeviceBuffer<int32_t> d_ready(blocks);
   DeviceBuffer<float> d_wts(pairs);
   DeviceBuffer<uint16_t> d_act(static_cast<size_t>(cap) * inter);
   DeviceBuffer<uint16_t> d_y(static_cast<size_t>(cap) * hidden);
@@ -618,9 +614,7 @@ void expect_rows_close(const std::vector<float>& got, const std::vector<float>& 
 // experts of two 32-row blocks. The same comparison for the expert-major layout's 64-row blocks
 // (moe_expert_major: up to one CTA's align of pairs), on the routing and on one drawn from half
 // the experts, so that some experts get no pairs (their first blocks' CTAs stream weights and
-// leave) and some more than 64 (further blocks). The persistent form (MoeSwapForm::persistent)
-// of the 32-row, paired and 64-row blocks runs where the counters are given: bit for bit what
-// the one-tile CTAs compute without them, and close to the 32-row blocks.
+// leave) and some more than 64 (further blocks).
 TEST(CudaKernels, MoeBlockReadyMatchesGridWait) {
   if (device_count() == 0) GTEST_SKIP() << "no CUDA device";
   Rng rng(std::random_device{}());
@@ -668,10 +662,6 @@ TEST(CudaKernels, MoeBlockReadyMatchesGridWait) {
         if (!half) {
           forms.push_back({kMoeBlockMid, {.pair_blocks = true}, "paired 32-row"});
           forms.push_back({kMoeBlockWide, {}, "64-row"});
-          forms.push_back({kMoeBlockMid, {.persistent = true}, "persistent 32-row"});
-          forms.push_back(
-              {kMoeBlockMid, {.pair_blocks = true, .persistent = true}, "persistent paired"});
-          forms.push_back({kMoeBlockWide, {.persistent = true}, "persistent 64-row"});
         }
         if (expert_major) {
           forms.push_back({kMoeBlockWide, {.expert_major = true}, "expert-major 64-row"});

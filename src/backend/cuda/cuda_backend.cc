@@ -810,8 +810,7 @@ class CudaBackend final : public Backend {
     static const bool block_ready_on = cuda::path_enabled("ERNIE_MOE_READY");
     int32_t* block_ready = nullptr;
     if (block_ready_on && cuda::moe_block_ready_fits(block_m, fold)) {
-      block_ready = static_cast<int32_t*>(
-          arena_.alloc(cuda::moe_ready_counters(cap, block_m) * sizeof(int32_t)));
+      block_ready = static_cast<int32_t*>(arena_.alloc(cap / block_m * sizeof(int32_t)));
     }
     bool laid_out = false;  // the router laid the pairs out too (few tokens)
     if (by_terms) {
@@ -841,11 +840,9 @@ class CudaBackend final : public Backend {
     auto* y = static_cast<__nv_bfloat16*>(arena_.alloc(rows * hidden * sizeof(__nv_bfloat16)));
     // An expert of two 32-row blocks in one CTA a column tile where such experts are common
     // (cuda::moe_pair_blocks): H100, steps 256 and 320 x 1000 -0.8% and -1.4%.
-    const cuda::MoeSwapForm form{
-        .pair_blocks =
-            fold.experts == 0 && !expert_major && cuda::moe_pair_blocks(pairs, experts, block_m),
-        .expert_major = expert_major,
-        .persistent = !expert_major && block_ready != nullptr && cuda::moe_swap_persistent()};
+    const cuda::MoeSwapForm form{.pair_blocks = fold.experts == 0 && !expert_major &&
+                                                cuda::moe_pair_blocks(pairs, experts, block_m),
+                                 .expert_major = expert_major};
     cuda::moe_gate_up(act, bf(x), bf(w.experts_gate_up), sorted, block_expert, cap, block_m, k,
                       hidden, inter, experts, stream_, fold, block_ready, form);
     cuda::moe_down(y, act, bf(w.experts_down), weights, sorted, block_expert, cap, block_m, hidden,

@@ -16,10 +16,10 @@ namespace {
 constexpr int kAlignThreads = 1024;
 
 // block_ready (null: none): the M-blocks' readiness counters of the GEMMs after it
-// (BlockReady) and the persistent GEMMs' tile counters after them (moe_ready_counters), set to 0.
+// (BlockReady), set to 0.
 __device__ __forceinline__ void clear_block_ready(int32_t* block_ready, int num_blocks) {
   if (block_ready == nullptr) return;
-  for (int b = threadIdx.x; b < num_blocks + kMoeTileCounters; b += blockDim.x) block_ready[b] = 0;
+  for (int b = threadIdx.x; b < num_blocks; b += blockDim.x) block_ready[b] = 0;
 }
 
 template <bool kExpertMajor = false>
@@ -1125,8 +1125,7 @@ constexpr size_t sw_smem(int bn) {
 }
 static_assert(sw_a_bytes(kMoeBlockMid) % 1024 == 0 && sw_a_bytes(kMoeBlockWide) % 1024 == 0);
 
-// The swapped kernel's parts, shared by its one-tile form (moe_gemm_swap_kernel) and its
-// persistent one (moe_gemm_swap_persistent_kernel).
+// The swapped kernel's parts.
 //
 // Thread 0: a K slice's two weight boxes (rows row0 and row1 of the stacked weights) into
 // stage `st`, completing on `bar`.
@@ -1367,178 +1366,6 @@ __global__ void __launch_bounds__(128)
   }
 }
 
-// Persistent form (MoeSwapForm::persistent; M-block-major grids with readiness counters only): at
-// most as many CTAs as fit at once, each taking tiles in launch order from a counter (tile t:
-// M-block t / n_tiles, column tile t % n_tiles) until the used blocks run out, its K slices one
-// stream across its tiles. A one-tile CTA ends with its stages drained, then stores, releases and
-// leaves; the stream probe put that at ~3% of a tile's stream (docs/performance.md, thirty-fourth
-// round). Here the next tile's first slices are in flight while a tile's outputs are stored. Thread
-// 0 resolves the tile after the one being loaded a step at a time (the counter, then the block's
-// expert, then again past a follower), so the loads it waits on have had a slice's time to land;
-// each resolved tile goes into a ring in shared memory that both the loads and the multiplies read.
-// next_tile: the counter (moe_align set it to 0).
-constexpr int kSwRing = 8;  // > the tiles the loads can run ahead of the multiplies, plus one
-template <bool kGateUp, int BN, bool kPairs>
-__global__ void __launch_bounds__(128)
-    moe_gemm_swap_persistent_kernel(const __grid_constant__ CUtensorMap w_map, __nv_bfloat16* out,
-                                    const __nv_bfloat16* a_src, const float* route_w,
-                                    const int32_t* sorted_pairs, const int32_t* block_expert,
-                                    int k_choices, int K, int N, const BlockReady ready,
-                                    int m_blocks, int n_tiles, int32_t* next_tile) {
-  static_assert(!kPairs || BN == 64);
-  if constexpr (kGateUp) asm volatile("griddepcontrol.wait;" ::: "memory");
-  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
-  extern __shared__ unsigned char smem_raw[];
-  unsigned char* smem = reinterpret_cast<unsigned char*>(
-      (reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t{1023});
-  __shared__ uint64_t full[kSwStages];
-  // Resolved tiles: (t << 1) | lead, or -1 past the last.
-  __shared__ int ring[kSwRing];
-  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, c = lane % 4;
-  constexpr int kBlockRows = kPairs ? BN / 2 : BN;
-  constexpr int kCols = kGateUp ? kSwRows / 2 : kSwRows;
-  const int k_tiles = (K + kWgBK - 1) / kWgBK;
-  const int tiles = m_blocks * n_tiles;
-  // Thread 0's look-ahead: 0 resolved (`found`), 1 a tile taken from the counter (`cand`),
-  // 2 its block's experts read (`ex`: blocks mb - 2 .. mb + 2).
-  int la_phase = 0, cand = 0, found = -1;
-  int ex[5];
-  const auto la_step = [&] {
-    if (la_phase == 1) {
-      if (cand >= tiles) {
-        found = -1;
-        la_phase = 0;
-        return;
-      }
-      const int mb = cand / n_tiles;
-#pragma unroll
-      for (int d = 0; d < 5; ++d) {
-        const int b = mb - 2 + d;
-        ex[d] = (kPairs || d == 2) && b >= 0 && b < m_blocks ? __ldcg(block_expert + b) : -1;
-      }
-      la_phase = 2;
-    } else if (la_phase == 2) {
-      // The used blocks come first: past them every block is padding.
-      if (ex[2] < 0) {
-        found = -1;
-        la_phase = 0;
-        return;
-      }
-      bool lead = false;
-      if constexpr (kPairs) {
-        const PairRole role = pair_role(ex[0], ex[1], ex[2], ex[3], ex[4]);
-        if (role == kPairFollower) {
-          cand = atomicAdd(next_tile, 1);
-          la_phase = 1;
-          return;
-        }
-        lead = role == kPairLead;
-      }
-      found = (cand << 1) | (lead ? 1 : 0);
-      la_phase = 0;
-    }
-  };
-  const auto la_start = [&] {
-    cand = atomicAdd(next_tile, 1);
-    la_phase = 1;
-  };
-  const auto la_finish = [&] {
-    while (la_phase != 0) la_step();
-  };
-  if (tid == 0) {
-    for (int s = 0; s < kSwStages; ++s) mbar_init(&full[s], 1);
-    mbar_init_fence();
-    la_start();
-  }
-  __syncthreads();  // the barriers' init
-  // The loads' cursor: tile number p_i (its ring entry), its slice p_kt, the global slice
-  // count p_g (the stage and the barrier's phase); the tile's weight rows (thread 0: from its
-  // expert p_e) and this thread's activation rows.
-  const int ch = tid % 8;
-  constexpr int kRowsPerThread = BN / 16;
-  int a_off[kRowsPerThread];
-#pragma unroll
-  for (int i = 0; i < kRowsPerThread; ++i) a_off[i] = gathered_offset(tid / 8 + 16 * i, ch);
-  const __nv_bfloat16* a_row[kRowsPerThread];
-  int p_i = -1, p_kt = k_tiles, p_g = 0, p_e = 0, row0 = 0, row1 = 0;
-  bool p_end = false;
-  const auto tile_rows = [&](int info) { return kPairs && !(info & 1) ? kBlockRows : BN; };
-  // Issue the next slice (every thread calls it): past a tile's last, first move to the next
-  // tile: its weights go out before its activation rows are read (and, for down, waited for).
-  const auto issue = [&] {
-    if (p_end) return;
-    const bool first = p_kt == k_tiles;
-    int info = 0;
-    if (first) {
-      if (tid == 0) {
-        la_finish();
-        ring[(p_i + 1) % kSwRing] = found;
-        p_e = ex[2];
-        if (found >= 0) la_start();
-      }
-      __syncthreads();
-      ++p_i;
-      info = ring[p_i % kSwRing];
-      if (info < 0) {
-        p_end = true;
-        return;
-      }
-      const int t = info >> 1, n0 = (t % n_tiles) * kCols;
-      row0 = kGateUp ? p_e * 2 * N + n0 : p_e * N + n0;
-      row1 = kGateUp ? row0 + N : row0 + 64;
-      p_kt = 0;
-    }
-    unsigned char* st = smem + (p_g % kSwStages) * sw_stage_bytes(BN);
-    if (tid == 0) swap_load_weights(st, &full[p_g % kSwStages], &w_map, p_kt, row0, row1);
-    if (first) {
-      const int mb = (info >> 1) / n_tiles;
-      swap_act_rows<kGateUp, BN, kPairs>(a_row, a_src, sorted_pairs, mb * kBlockRows,
-                                         tile_rows(info), k_choices, K, tid);
-      if constexpr (!kGateUp) wait_for_rows(ready, true, mb, tid);
-    }
-    swap_load_act<BN>(st + 2 * kWgBox, a_row, a_off, a_src, p_kt, K, ch);
-    ++p_kt;
-    ++p_g;
-  };
-  for (int s = 0; s < kSwStages - 1; ++s) {
-    issue();
-    cp_async_commit();
-  }
-  // The multiplies' cursor: tile number c_i, global slice count c_g.
-  int c_g = 0;
-  for (int c_i = 0;; ++c_i) {
-    const int info = ring[c_i % kSwRing];
-    if (info < 0) break;
-    const int t = info >> 1, mb = t / n_tiles, m0 = mb * kBlockRows, n0 = (t % n_tiles) * kCols;
-    int ep_pair[BN / 4];
-    float ep_w[BN / 4];
-    swap_epilogue_rows<kGateUp, BN, kPairs>(ep_pair, ep_w, sorted_pairs, route_w, m0,
-                                            tile_rows(info), c);
-    float acc0[BN / 2], acc1[BN / 2];
-#pragma unroll
-    for (int i = 0; i < BN / 2; ++i) acc0[i] = acc1[i] = 0.0f;
-    for (int kt = 0; kt < k_tiles; ++kt, ++c_g) {
-      cp_async_wait<kSwStages - 2>();  // this thread's pieces of slice c_g have landed
-      fence_proxy_async();
-      __syncthreads();  // everyone's pieces in, everyone's multiplies of slice c_g - 1 done
-      issue();
-      cp_async_commit();
-      if (tid == 0 && la_phase != 0) la_step();
-      mbar_wait(&full[c_g % kSwStages], (c_g / kSwStages) & 1);
-      swap_mma_slice<BN>(acc0, acc1, smem + (c_g % kSwStages) * sw_stage_bytes(BN));
-    }
-    swap_store<kGateUp, BN>(acc0, acc1, ep_pair, ep_w, out, m0, n0, N, warp, g, c);
-    if constexpr (kGateUp) {
-      __syncthreads();  // every thread's rows stored
-      if (tid == 0) {
-        red_add_release_gpu(ready.counters + mb, 1);
-        if (kPairs && (info & 1)) red_add_release_gpu(ready.counters + mb + 1, 1);
-      }
-    }
-  }
-  cp_async_wait<0>();
-}
-
 // The 32-row blocks run on moe_gemm_swap_kernel (gate/up and down alike: down's readiness
 // target counts gate/up's column tiles). H100, steps 128 and 256 x 1000 -0.4% and -0.6% against
 // the mma.sync tiles, 256 prompts +0.5% (docs/performance.md, twenty-eighth round);
@@ -1550,12 +1377,11 @@ bool swap_ab_enabled() {
 
 // w_rows: the stacked weights' rows (experts * 2N for gate/up, experts * N for down). kPairs:
 // BN = 64 over a layout of 32-row blocks. kExpertMajor: the expert-major layout's 64-row blocks.
-// persistent: the persistent kernel where block_ready is given (not with kExpertMajor).
 template <bool kGateUp, int BN, bool kPairs = false, bool kExpertMajor = false>
 void launch_swap_rows(__nv_bfloat16* out, const __nv_bfloat16* a, const __nv_bfloat16* w,
                       int64_t w_rows, const float* route_w, const int32_t* sorted_pairs,
                       const int32_t* block_expert, int64_t capacity, int k, int K, int N,
-                      int32_t* block_ready, bool persistent, cudaStream_t stream) {
+                      int32_t* block_ready, cudaStream_t stream) {
   constexpr int block_rows = kPairs ? BN / 2 : BN;
   require_gemm_shape(K, N, capacity, block_rows);
   constexpr size_t smem = sw_smem(BN);
@@ -1576,28 +1402,6 @@ void launch_swap_rows(__nv_bfloat16* out, const __nv_bfloat16* a, const __nv_bfl
   const unsigned m_blocks = static_cast<unsigned>(capacity / block_rows);
   const unsigned n_ctas = (N + cols - 1) / cols;
   const dim3 grid = ready.counters != nullptr ? dim3(n_ctas, m_blocks) : dim3(m_blocks, n_ctas);
-  if constexpr (!kExpertMajor) {
-    if (ready.counters != nullptr && persistent) {
-      constexpr auto persistent = moe_gemm_swap_persistent_kernel<kGateUp, BN, kPairs>;
-      static const unsigned slots = [&] {
-        ERNIE_CUDA_CHECK(cudaFuncSetAttribute(
-            persistent, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
-        int device = 0, sms = 0, per_sm = 0;
-        ERNIE_CUDA_CHECK(cudaGetDevice(&device));
-        ERNIE_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-        ERNIE_CUDA_CHECK(
-            cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, persistent, 128, smem));
-        return static_cast<unsigned>(std::max(1, sms * per_sm));
-      }();
-      // The tile counters follow the blocks' (moe_ready_counters): gate/up's, then down's.
-      int32_t* next_tile = block_ready + m_blocks + (kGateUp ? 0 : 1);
-      launch_pdl(persistent, std::min(slots, m_blocks * n_ctas), 128, smem, stream, map, out, a,
-                 route_w, sorted_pairs, block_expert, k, K, N, ready, static_cast<int>(m_blocks),
-                 static_cast<int>(n_ctas), next_tile);
-      ERNIE_CUDA_CHECK(cudaGetLastError());
-      return;
-    }
-  }
   const int experts = static_cast<int>(w_rows / (kGateUp ? 2 * N : N));
   launch_pdl(kernel, grid, 128, smem, stream, map, out, a, route_w, sorted_pairs, block_expert, k,
              K, N, ready, experts);
@@ -1628,7 +1432,7 @@ void launch_swap(int block_m, const MoeSwapForm& form, __nv_bfloat16* out, const
                  : form.pair_blocks ? launch_swap_rows<kGateUp, kWide, true>
                                     : launch_swap_rows<kGateUp, kMid>;
   launch(out, a, w, w_rows, route_w, sorted_pairs, block_expert, capacity, k, K, N, block_ready,
-         form.persistent, stream);
+         stream);
 }
 
 // Paired blocks only where moe_pair_blocks may give them (32-row blocks on the swapped kernel),
@@ -1645,11 +1449,6 @@ void require_form_fits(const MoeSwapForm& form, int block_m, const SharedFold& f
                 "MoE: the expert-major layout needs 64-row blocks on the swapped kernel, unpaired "
                 "and without folded experts, not blocks of ",
                 block_m, fold.experts > 0 ? " with a fold" : "", form.pair_blocks ? " paired" : "");
-  require_parts(!form.persistent || (takes_swap(block_m, fold) && !form.expert_major),
-                "MoE: the persistent form needs 32- or 64-row blocks on the swapped kernel, not "
-                "blocks of ",
-                block_m, fold.experts > 0 ? " with a fold" : "",
-                form.expert_major ? " in the expert-major layout" : "");
 }
 
 // What the combine sums for a token: routed: y's routed rows (the routed layout's first row),
@@ -1955,11 +1754,6 @@ bool moe_expert_major(int64_t pairs, int experts) {
   const int block_m = moe_block_m(pairs, experts);
   return on && pairs <= kMoeAlignOneCta && block_m == kMoeBlockMid &&
          pairs >= int64_t{kMoePairMinAverage} * experts;
-}
-
-bool moe_swap_persistent() {
-  static const bool on = new_path_enabled("ERNIE_MOE_SWAP_PERSIST") && swap_ab_enabled();
-  return on;
 }
 
 bool moe_wide_swap_enabled() {

@@ -50,8 +50,7 @@ inline int64_t moe_capacity(int64_t pairs, int experts, int block_m) {
 // (-1 for padding), block_expert [capacity / block_m] (-1 past the last used block) and
 // pair_pos [pairs] (row of each pair in the sorted layout). experts <= 1024. scratch: device
 // memory of moe_align_scratch_bytes (null when that is 0: few pairs take one CTA).
-// block_ready (moe_ready_counters(capacity, block_m) counters, or null): set to 0 for
-// moe_gate_up and moe_down.
+// block_ready (capacity / block_m counters, or null): set to 0 for moe_gate_up and moe_down.
 // expert_major: the expert-major layout (moe_expert_major) with capacity
 // moe_capacity_expert_major, block_m 64, at most kMoeAlignOneCta pairs.
 constexpr int kMoeAlignOneCta = 8192;
@@ -144,19 +143,11 @@ ERNIE_HOST_DEVICE int64_t expert_major_row(int e, int local, int64_t further) {
 // The forms of the swapped kernel (32- and 64-row blocks) a call takes; other kernels take no
 // form. pair_blocks: the 32-row blocks paired (moe_pair_blocks; refused for other blocks and
 // with a fold). expert_major: the 64-row blocks of the expert-major layout (moe_expert_major;
-// refused for other blocks, with a fold, and with pair_blocks). persistent: the swapped
-// kernel's persistent form (moe_swap_persistent; taken where readiness counters are given,
-// refused with expert_major): as many CTAs as fit at once, each taking column tiles from a
-// counter, the next tile's first weight copies in flight while a tile stores its outputs.
+// refused for other blocks, with a fold, and with pair_blocks).
 struct MoeSwapForm {
   bool pair_blocks = false;
   bool expert_major = false;
-  bool persistent = false;
 };
-
-// Whether the swapped kernel runs persistent (ERNIE_MOE_SWAP_PERSIST=1; not yet measured on a
-// GPU, so off unless set).
-bool moe_swap_persistent();
 
 // Paired blocks: what the CTAs of layout block b do, from the experts of blocks b - 2 .. b + 2
 // (block_expert; -1 past either end and for padding blocks). An expert of exactly two blocks
@@ -197,14 +188,6 @@ void moe_down(__nv_bfloat16* y, const __nv_bfloat16* act, const __nv_bfloat16* w
 // grid.
 inline bool moe_block_ready_fits(int block_m, const SharedFold& fold) {
   return (block_m == kMoeBlockMid || block_m == kMoeBlockWide) && fold.experts == 0;
-}
-
-// The counters block_ready holds: one an M-block, then kMoeTileCounters for the persistent
-// form of the swapped kernel (MoeSwapForm::persistent: its CTAs take their tiles from a
-// counter, gate/up's then down's).
-constexpr int kMoeTileCounters = 2;
-inline int64_t moe_ready_counters(int64_t capacity, int block_m) {
-  return capacity / block_m + kMoeTileCounters;
 }
 
 // The next layer's residual add and input norm, done by moe_combine when `normed` is set:
