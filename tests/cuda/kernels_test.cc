@@ -331,90 +331,6 @@ TEST(CudaKernels, MoeAlignLaysOutEveryPair) {
   }
 }
 
-// The expert-major layout (moe_expert_major) from random routings, skewed ones and ones that
-// leave experts without pairs: expert e's first 64 pairs in block e (block_expert[e] = e, or -1
-// when e got none), its further ones in whole blocks from row E * 64 on, expert after expert
-// (each further segment starts where the ones before it, rounded up to whole blocks, end);
-// every pair once and pair_pos finds it; every other row -1; block_expert names each further
-// block's expert and -1 after.
-TEST(CudaKernels, MoeAlignExpertMajorLaysOutEveryPair) {
-  if (device_count() == 0) GTEST_SKIP() << "no CUDA device";
-  Rng rng(std::random_device{}());
-  constexpr int B = kMoeBlockWide;
-  for (int pairs : {7, 1536, 3000, kMoeAlignOneCta}) {
-    for (int experts : {64, 160}) {
-      const int drawn = rng.below(2) == 0 ? experts : experts / 2;
-      const bool skew = rng.below(2) == 0;
-      SCOPED_TRACE(::testing::Message() << pairs << " pairs, " << experts << " experts, drawn from "
-                                        << drawn << (skew ? ", skewed" : ""));
-      std::vector<int32_t> ids(pairs);
-      for (auto& id : ids) {
-        id = static_cast<int32_t>(skew && rng.below(4) != 0 ? rng.below(drawn / 8)
-                                                            : rng.below(drawn));
-      }
-      const int64_t cap = moe_capacity_expert_major(pairs, experts);
-      const int blocks = static_cast<int>(cap / B);
-      DeviceBuffer<int32_t> d_ids(pairs), d_sorted(cap), d_block(blocks), d_pos(pairs),
-          d_ready(blocks);
-      d_ids.upload(ids);
-      for (auto* buf : {&d_sorted, &d_block, &d_pos, &d_ready}) {
-        ERNIE_CUDA_CHECK(cudaMemset(buf->p, 0x55, buf->n * sizeof(int32_t)));
-      }
-      moe_align(d_sorted.p, d_block.p, d_pos.p, d_ids.p, pairs, experts, B, nullptr, nullptr,
-                d_ready.p, true);
-      ERNIE_CUDA_CHECK(cudaDeviceSynchronize());
-      const auto sorted = d_sorted.download();
-      const auto block_expert = d_block.download();
-      const auto pos = d_pos.download();
-      const auto ready = d_ready.download();
-      std::vector<int64_t> count(experts, 0), further(experts + 1, int64_t{experts} * B);
-      for (int32_t id : ids) ++count[id];
-      for (int e = 0; e < experts; ++e) {
-        further[e + 1] = further[e] + (std::max<int64_t>(count[e] - B, 0) + B - 1) / B * B;
-      }
-      ASSERT_LE(further[experts], cap);
-      for (int b = 0; b < blocks; ++b) {
-        int want = -1;
-        if (b < experts) {
-          want = count[b] > 0 ? b : -1;
-        } else {
-          for (int e = 0; e < experts; ++e) {
-            if (int64_t{b} * B >= further[e] && int64_t{b} * B < further[e + 1]) want = e;
-          }
-        }
-        ASSERT_EQ(block_expert[b], want) << "block " << b;
-        ASSERT_EQ(ready[b], 0) << "block " << b << "'s readiness counter";
-      }
-      std::vector<int> seen(cap, 0);
-      std::vector<int64_t> first(experts, 0), rest(experts, 0);  // pairs in each part
-      for (int i = 0; i < pairs; ++i) {
-        const int e = ids[i];
-        ASSERT_GE(pos[i], 0) << "pair " << i;
-        ASSERT_LT(pos[i], cap) << "pair " << i;
-        ASSERT_EQ(sorted[pos[i]], i) << "pair " << i;
-        if (pos[i] >= int64_t{e} * B && pos[i] < int64_t{e + 1} * B) {
-          ++first[e];
-        } else {
-          ASSERT_GE(pos[i], further[e]) << "pair " << i << " of expert " << e;
-          ASSERT_LT(pos[i], further[e] + count[e] - B) << "pair " << i << " of expert " << e;
-          ++rest[e];
-        }
-        ++seen[pos[i]];
-      }
-      for (int e = 0; e < experts; ++e) {
-        ASSERT_EQ(first[e], std::min<int64_t>(count[e], B)) << "expert " << e;
-        ASSERT_EQ(rest[e], std::max<int64_t>(count[e] - B, 0)) << "expert " << e;
-      }
-      for (int64_t r = 0; r < cap; ++r) {
-        ASSERT_LE(seen[r], 1) << "row " << r;
-        if (seen[r] == 0) {
-          ASSERT_EQ(sorted[r], -1) << "row " << r;
-        }
-      }
-    }
-  }
-}
-
 // Waits for `stream` for at most `seconds`; a GPU that has not finished by then is hung (a
 // deadlock in the kernels under test), so the test binary stops rather than block forever.
 void finish_or_abort(cudaStream_t stream, double seconds) {
@@ -469,16 +385,13 @@ struct Routing {
   std::vector<uint16_t> x;
 };
 
-// drawn_from (0: all): the experts a token's k distinct ones are drawn from, the first ones (the
-// others get no pairs).
-Routing random_routing(Rng& rng, int tokens, int experts, int k, int hidden, int drawn_from = 0) {
+Routing random_routing(Rng& rng, int tokens, int experts, int k, int hidden) {
   Routing r{tokens,
             k,
             rng.below(2) == 0,
             std::vector<int32_t>(tokens * k),
             std::vector<float>(tokens * k),
             {}};
-  if (drawn_from > 0) experts = drawn_from;
   for (int t = 0; t < tokens; ++t) {
     std::vector<int> pool(experts);
     std::iota(pool.begin(), pool.end(), 0);
@@ -507,9 +420,8 @@ bool swapped_kernel_on() {
 }
 
 // One routing through the expert GEMMs of block_m-row blocks (32, or 64 on the swapped
-// kernel; the 32-row ones paired, or the 64-row ones in the expert-major layout, as `base`
-// says), with and without readiness counters (MoeBlockReadyMatchesGridWait); the outputs by
-// pair go to `out`.
+// kernel; the 32-row ones paired as `base` says), with and without readiness counters
+// (MoeBlockReadyMatchesGridWait); the outputs by pair go to `out`.
 void expect_block_ready_matches(cudaStream_t stream, int hidden, int inter, int experts,
                                 const Routing& r, int block_m, const DeviceBuffer<uint16_t>& d_gu,
                                 const DeviceBuffer<uint16_t>& d_down, PairRows* out,
@@ -518,10 +430,8 @@ void expect_block_ready_matches(cudaStream_t stream, int hidden, int inter, int 
   SCOPED_TRACE(::testing::Message()
                << tokens << " tokens, " << hidden << "/" << inter << ", " << experts
                << " experts top-" << k << (r.skew ? ", skewed" : "") << ", blocks of " << block_m
-               << (base.pair_blocks ? ", paired" : "")
-               << (base.expert_major ? ", expert-major" : ""));
-  const int64_t cap = base.expert_major ? moe_capacity_expert_major(pairs, experts)
-                                        : moe_capacity(pairs, experts, block_m);
+               << (base.pair_blocks ? ", paired" : ""));
+  const int64_t cap = moe_capacity(pairs, experts, block_m);
   const int blocks = static_cast<int>(cap / block_m);
   DeviceBuffer<uint16_t> d_x(static_cast<size_t>(tokens) * hidden);
   d_x.upload(r.x);
@@ -543,7 +453,7 @@ void expect_block_ready_matches(cudaStream_t stream, int hidden, int inter, int 
     ERNIE_CUDA_CHECK(cudaMemsetAsync(d_y.p, 0xff, d_y.n * sizeof(uint16_t), stream));
     int32_t* ready = with_ready ? d_ready.p : nullptr;
     moe_align(d_sorted.p, d_block.p, d_pos.p, d_ids.p, pairs, experts, block_m, d_scratch.p, stream,
-              ready, base.expert_major);
+              ready);
     moe_gate_up(bf(d_act.p), bf(d_x.p), bf(d_gu.p), d_sorted.p, d_block.p, cap, block_m, k, hidden,
                 inter, experts, stream, SharedFold{}, ready, base);
     moe_down(bf(d_y.p), bf(d_act.p), bf(d_down.p), d_wts.p, d_sorted.p, d_block.p, cap, block_m,
@@ -571,14 +481,13 @@ void expect_block_ready_matches(cudaStream_t stream, int hidden, int inter, int 
   }
   const auto block_expert = d_block.download();
   const auto counters = d_ready.download();
-  int used = 0, first = -1;  // the first used block's count (block 0 may be an empty expert's)
+  int used = 0;
   for (int b = 0; b < blocks; ++b) {
     if (block_expert[b] < 0) {
       ASSERT_EQ(counters[b], 0) << "padding block " << b;
     } else {
       ASSERT_GT(counters[b], 0) << "block " << b;
-      if (first < 0) first = counters[b];
-      ASSERT_EQ(counters[b], first) << "block " << b;
+      ASSERT_EQ(counters[b], counters[0]) << "block " << b;
       ++used;
     }
   }
@@ -611,10 +520,7 @@ void expect_rows_close(const std::vector<float>& got, const std::vector<float>& 
 // (moe_pair_blocks: an expert of two 32-row blocks in one CTA, wgmma's N of 64), whose outputs
 // must also match the 32-row blocks' pair by pair, on every routing whatever the step size
 // (moe_pair_blocks would give them only from 20 pairs an expert); the routings must hold
-// experts of two 32-row blocks. The same comparison for the expert-major layout's 64-row blocks
-// (moe_expert_major: up to one CTA's align of pairs), on the routing and on one drawn from half
-// the experts, so that some experts get no pairs (their first blocks' CTAs stream weights and
-// leave) and some more than 64 (further blocks).
+// experts of two 32-row blocks.
 TEST(CudaKernels, MoeBlockReadyMatchesGridWait) {
   if (device_count() == 0) GTEST_SKIP() << "no CUDA device";
   Rng rng(std::random_device{}());
@@ -627,63 +533,40 @@ TEST(CudaKernels, MoeBlockReadyMatchesGridWait) {
     int hidden, inter, experts, k;
     std::vector<int> tokens;
   };
-  int paired_experts = 0;            // experts of 33-64 pairs in the routings (two 32-row blocks)
-  int em_further = 0, em_empty = 0;  // expert-major runs: experts of > 64 pairs, of none
+  int paired_experts = 0;  // experts of 33-64 pairs in the routings (two 32-row blocks)
   for (const Shape& s : {Shape{2560, 1536, 64, 6, {3, 256, 512, 1500}},
                          Shape{512, 160, 24, 8, {200}}, Shape{160, 96, 24, 6, {200}}}) {
     const ExpertWeights w(rng, stream, s.hidden, s.inter, s.experts);
     for (int tokens : s.tokens) {
-      // The second routing draws from half the experts (the others get none): only the
-      // expert-major layout runs on it.
-      for (const bool half : {false, true}) {
-        const bool expert_major = wide && int64_t{tokens} * s.k <= kMoeAlignOneCta;
-        if (half && !expert_major) continue;
-        const Routing r =
-            random_routing(rng, tokens, s.experts, s.k, s.hidden, half ? s.experts / 2 : 0);
-        std::vector<int> per_expert(s.experts, 0);
-        for (int32_t e : r.ids) ++per_expert[e];
-        for (int n : per_expert) {
-          if (!half) paired_experts += n > kMoeBlockMid && n <= 2 * kMoeBlockMid;
-          if (expert_major) {
-            em_further += n > kMoeBlockWide;
-            em_empty += n == 0;
-          }
-        }
-        PairRows mid;
-        expect_block_ready_matches(stream, s.hidden, s.inter, s.experts, r, kMoeBlockMid, w.gu,
-                                   w.down, &mid);
-        if (!wide || ::testing::Test::HasFatalFailure()) continue;
-        struct Form {
-          int block_m;
-          MoeSwapForm form;
-          const char* name;
-        };
-        std::vector<Form> forms;
-        if (!half) {
-          forms.push_back({kMoeBlockMid, {.pair_blocks = true}, "paired 32-row"});
-          forms.push_back({kMoeBlockWide, {}, "64-row"});
-        }
-        if (expert_major) {
-          forms.push_back({kMoeBlockWide, {.expert_major = true}, "expert-major 64-row"});
-        }
-        for (const Form& f : forms) {
-          PairRows other;
-          expect_block_ready_matches(stream, s.hidden, s.inter, s.experts, r, f.block_m, w.gu,
-                                     w.down, &other, f.form);
-          if (::testing::Test::HasFatalFailure()) break;
-          SCOPED_TRACE(::testing::Message()
-                       << tokens << " tokens, " << f.name << " against 32-row blocks");
-          expect_rows_close(other.act, mid.act, s.inter, "act");
-          expect_rows_close(other.y, mid.y, s.hidden, "y");
-          if (::testing::Test::HasFatalFailure()) break;
-        }
+      const Routing r = random_routing(rng, tokens, s.experts, s.k, s.hidden);
+      std::vector<int> per_expert(s.experts, 0);
+      for (int32_t e : r.ids) ++per_expert[e];
+      for (int n : per_expert) paired_experts += n > kMoeBlockMid && n <= 2 * kMoeBlockMid;
+      PairRows mid;
+      expect_block_ready_matches(stream, s.hidden, s.inter, s.experts, r, kMoeBlockMid, w.gu,
+                                 w.down, &mid);
+      if (!wide || ::testing::Test::HasFatalFailure()) continue;
+      struct Form {
+        int block_m;
+        MoeSwapForm form;
+        const char* name;
+      };
+      for (const Form& f : {Form{kMoeBlockMid, {.pair_blocks = true}, "paired 32-row"},
+                            Form{kMoeBlockWide, {}, "64-row"}}) {
+        PairRows other;
+        expect_block_ready_matches(stream, s.hidden, s.inter, s.experts, r, f.block_m, w.gu, w.down,
+                                   &other, f.form);
+        if (::testing::Test::HasFatalFailure()) break;
+        SCOPED_TRACE(::testing::Message()
+                     << tokens << " tokens, " << f.name << " against 32-row blocks");
+        expect_rows_close(other.act, mid.act, s.inter, "act");
+        expect_rows_close(other.y, mid.y, s.hidden, "y");
+        if (::testing::Test::HasFatalFailure()) break;
       }
     }
   }
   if (wide) {
     EXPECT_GT(paired_experts, 0) << "no routing had an expert of two 32-row blocks";
-    EXPECT_GT(em_further, 0) << "no expert-major routing had an expert of more than 64 pairs";
-    EXPECT_GT(em_empty, 0) << "no expert-major routing left an expert without pairs";
   }
   ERNIE_CUDA_CHECK(cudaStreamDestroy(stream));
 }

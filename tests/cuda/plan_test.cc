@@ -107,56 +107,6 @@ TEST(AttentionPlan, TilesCoverRowsAndSplitsCoverKeys) {
   }
 }
 
-// The expert-major layout (moe_expert_major): E first blocks of 64 rows, then each expert's
-// pairs past its first 64 in whole blocks, expert after expert, all inside
-// moe_capacity_expert_major, and expert_major_row puts every (expert, rank) on its own row:
-// the first 64 in the expert's block, the rest in its further segment. Random routings, the
-// worst ones (every pair to one expert; every expert one pair past a block), and none at all
-// for most experts.
-TEST(MoeLayout, ExpertMajorCapacityHoldsAnyRouting) {
-  Rng rng(23);
-  constexpr int B = kMoeBlockWide;
-  for (int64_t pairs : {1, 6, 65, 1536, 3000, 4160, 8192}) {
-    for (int experts : {8, 64, 160}) {
-      const int64_t cap = moe_capacity_expert_major(pairs, experts);
-      EXPECT_EQ(cap % B, 0);
-      for (int trial = 0; trial < 12; ++trial) {
-        std::vector<int64_t> count(experts, 0);
-        for (int64_t p = 0; p < pairs; ++p) {
-          const int e = trial == 0   ? 0                                        // one expert
-                        : trial == 1 ? static_cast<int>(p / (B + 1) % experts)  // 65 each
-                        : trial == 2 ? static_cast<int>(rng.below(std::min(experts, 4)))
-                                     : static_cast<int>(rng.below(experts));
-          ++count[e];
-        }
-        SCOPED_TRACE(::testing::Message()
-                     << pairs << " pairs, " << experts << " experts, trial " << trial);
-        std::vector<int64_t> further(experts + 1, int64_t{experts} * B);
-        for (int e = 0; e < experts; ++e) {
-          further[e + 1] = further[e] + (std::max<int64_t>(count[e] - B, 0) + B - 1) / B * B;
-        }
-        ASSERT_LE(further[experts], cap);
-        std::vector<char> used(cap, 0);
-        for (int e = 0; e < experts; ++e) {
-          for (int64_t local = 0; local < count[e]; ++local) {
-            const int64_t row = expert_major_row(e, static_cast<int>(local), further[e]);
-            ASSERT_GE(row, 0);
-            ASSERT_LT(row, cap);
-            ASSERT_EQ(used[row], 0) << "row " << row << " twice";
-            used[row] = 1;
-            if (local < B) {
-              ASSERT_EQ(row / B, e) << "expert " << e << "'s first block";
-            } else {
-              ASSERT_GE(row, further[e]);
-              ASSERT_LT(row, further[e + 1]);
-            }
-          }
-        }
-      }
-    }
-  }
-}
-
 TEST(MoeLayout, CapacityHoldsAnyRouting) {
   Rng rng(17);
   for (int block_m : {kMoeBlockSmall, kMoeBlockMid, kMoeBlockWide, kMoeBlockWgmma}) {
@@ -308,51 +258,6 @@ TEST(MoeLayout, PairedBlocksOfOtherSizesAreRefused) {
         EXPECT_NE(std::string(e.what()).find("paired blocks"), std::string::npos) << e.what();
       }
     }
-  }
-}
-
-// The expert-major layout only on 64-row blocks (moe_expert_major), and never paired: other
-// forms are refused before anything launches.
-TEST(MoeLayout, ExpertMajorOfOtherFormsIsRefused) {
-  int devices = 0;
-  if (cudaGetDeviceCount(&devices) == cudaSuccess && devices > 0) {
-    GTEST_SKIP() << "checked on machines without a device";
-  }
-  const int tokens = 300, k = 6, hidden = 256, inter = 128, experts = 8;
-  const std::pair<int, MoeSwapForm> cases[] = {
-      {kMoeBlockSmall, {.expert_major = true}},
-      {kMoeBlockMid, {.expert_major = true}},
-      {kMoeBlockWgmma, {.expert_major = true}},
-      {kMoeBlockWide, {.pair_blocks = true, .expert_major = true}}};
-  for (const auto& [block_m, form] : cases) {
-    const int64_t cap = moe_capacity_expert_major(int64_t{tokens} * k, experts);
-    for (bool gate_up : {true, false}) {
-      SCOPED_TRACE(::testing::Message()
-                   << "blocks of " << block_m << (form.pair_blocks ? " paired" : "")
-                   << (gate_up ? ", gate/up" : ", down"));
-      try {
-        if (gate_up) {
-          moe_gate_up(nullptr, nullptr, nullptr, nullptr, nullptr, cap, block_m, k, hidden, inter,
-                      experts, nullptr, SharedFold{}, nullptr, form);
-        } else {
-          moe_down(nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, cap, block_m, hidden,
-                   inter, experts, nullptr, SharedFold{}, nullptr, form);
-        }
-        ADD_FAILURE() << "not refused";
-      } catch (const Error& e) {
-        const std::string what = e.what();
-        EXPECT_TRUE(what.find("expert-major") != std::string::npos ||
-                    what.find("paired blocks") != std::string::npos)
-            << what;
-      }
-    }
-  }
-  try {
-    moe_align(nullptr, nullptr, nullptr, nullptr, 6000, experts, kMoeBlockMid, nullptr, nullptr,
-              nullptr, true);
-    ADD_FAILURE() << "an expert-major align of 32-row blocks was not refused";
-  } catch (const Error& e) {
-    EXPECT_NE(std::string(e.what()).find("expert-major"), std::string::npos) << e.what();
   }
 }
 

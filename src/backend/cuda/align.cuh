@@ -4,8 +4,6 @@
 
 #include <cstdint>
 
-#include "backend/cuda/moe.cuh"
-
 namespace ernie::cuda {
 
 // offsets[e] = start of expert e's segment, each segment `totals[e]` rounded up to whole
@@ -55,11 +53,6 @@ __device__ inline void expert_of_blocks(int32_t* block_expert, const int* offset
 // padding), block_expert [num_blocks] (-1 past the last used block) and pair_pos [pairs].
 // counts [experts] and offsets [experts + 1] are shared-memory scratch. Every thread of the CTA
 // calls it.
-// kExpertMajor: the expert-major layout (moe_expert_major; block_m 64): expert e's first 64
-// pairs in block e, its further ones in whole blocks after block experts - 1
-// (expert_major_row), block_expert[b] = b for b < experts when expert b got pairs, else -1, and
-// the further blocks' experts after them.
-template <bool kExpertMajor = false>
 __device__ inline void align_pairs(int32_t* sorted_pairs, int32_t* block_expert, int32_t* pair_pos,
                                    const int32_t* ids, int pairs, int experts, int block_m,
                                    int num_blocks, int* counts, int* offsets) {
@@ -68,21 +61,9 @@ __device__ inline void align_pairs(int32_t* sorted_pairs, int32_t* block_expert,
   __syncthreads();
   for (int i = tid; i < pairs; i += step) atomicAdd(&counts[ids[i]], 1);
   __syncthreads();
-  // kExpertMajor: the first blocks' experts, then counts[e] becomes e's pairs past its first
-  // block, laid out from row experts * block_m on.
-  int first_blocks = 0;
-  if constexpr (kExpertMajor) {
-    first_blocks = experts;
-    for (int e = tid; e < experts; e += step) {
-      block_expert[e] = counts[e] > 0 ? e : -1;
-      counts[e] = max(counts[e] - block_m, 0);
-    }
-    __syncthreads();
-  }
   if (tid < 32) pad_segments(offsets, counts, experts, block_m);
   __syncthreads();
-  expert_of_blocks(block_expert + first_blocks, offsets, experts, block_m,
-                   num_blocks - first_blocks);
+  expert_of_blocks(block_expert, offsets, experts, block_m, num_blocks);
   for (int r = tid; r < num_blocks * block_m; r += step) sorted_pairs[r] = -1;
   __syncthreads();
   for (int e = tid; e < experts; e += step) counts[e] = 0;
@@ -90,10 +71,7 @@ __device__ inline void align_pairs(int32_t* sorted_pairs, int32_t* block_expert,
   // The order inside an expert's segment does not matter: every row is computed on its own.
   for (int i = tid; i < pairs; i += step) {
     const int e = ids[i];
-    const int local = atomicAdd(&counts[e], 1);
-    const int pos = kExpertMajor ? static_cast<int>(expert_major_row(
-                                       e, local, int64_t{first_blocks} * block_m + offsets[e]))
-                                 : offsets[e] + local;
+    const int pos = offsets[e] + atomicAdd(&counts[e], 1);
     sorted_pairs[pos] = i;
     pair_pos[i] = pos;
   }

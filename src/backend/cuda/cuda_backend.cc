@@ -745,11 +745,7 @@ class CudaBackend final : public Backend {
     if (tokens == 0) return;
     const auto scratch_mark = arena_.mark();
     const int pairs = tokens * k;
-    // The expert-major layout where nearly every expert gets pairs (cuda::moe_expert_major,
-    // ERNIE_MOE_EXPERT_MAJOR=1, off): 64-row blocks, the first E of them the
-    // experts' own, whose weights stream before the routing is in.
-    const bool expert_major = cuda::moe_expert_major(pairs, experts);
-    const int block_m = expert_major ? cuda::kMoeBlockWide : cuda::moe_block_m(pairs, experts);
+    const int block_m = cuda::moe_block_m(pairs, experts);
     // Up to kFoldTokens tokens the shared experts run inside the routed GEMMs where
     // prepare_moe folded them (their gate/up blocks start while the router runs): H200, step
     // 1 x 1000 2.540 -> 2.503 ms; folded at 16-256 tokens too, steps were 2-8% slower than with
@@ -794,8 +790,7 @@ class CudaBackend final : public Backend {
     void* route_scratch =
         arena_.alloc(by_terms ? static_cast<size_t>(tokens * term_cols) * sizeof(float)
                               : cuda::route_scratch_bytes(tokens, hidden, experts));
-    const int64_t cap = expert_major ? cuda::moe_capacity_expert_major(pairs, experts)
-                                     : cuda::moe_capacity(pairs, experts, block_m);
+    const int64_t cap = cuda::moe_capacity(pairs, experts, block_m);
     auto* sorted = static_cast<int32_t*>(arena_.alloc(cap * sizeof(int32_t)));
     auto* block_expert = static_cast<int32_t*>(arena_.alloc(cap / block_m * sizeof(int32_t)));
     auto* pair_pos = static_cast<int32_t*>(arena_.alloc(pairs * sizeof(int32_t)));
@@ -819,16 +814,15 @@ class CudaBackend final : public Backend {
       cuda::route_topk_terms(ids, weights, partial.as<float>(), w.router_bias.as<float>(), tokens,
                              experts, k, w.norm_min, stream_);
     } else {
-      laid_out =
-          cuda::route_topk(ids, weights, bf(x), w.router.as<float>(), w.router_bias.as<float>(),
-                           tokens, hidden, experts, k, w.norm_min, route_scratch, stream_,
-                           expert_major ? nullptr : &layout, fold.early);
+      laid_out = cuda::route_topk(ids, weights, bf(x), w.router.as<float>(),
+                                  w.router_bias.as<float>(), tokens, hidden, experts, k, w.norm_min,
+                                  route_scratch, stream_, &layout, fold.early);
       if (laid_out) block_ready = nullptr;  // its layout clears no counters
     }
     if (!laid_out) {
       void* align_scratch = arena_.alloc(cuda::moe_align_scratch_bytes(pairs, experts));
       cuda::moe_align(sorted, block_expert, pair_pos, ids, pairs, experts, block_m, align_scratch,
-                      stream_, block_ready, expert_major);
+                      stream_, block_ready);
     }
     mark(Stage::kMoeExperts);
     // Rows of the GEMMs' outputs: the folded experts' first, then the routed layout's.
@@ -840,9 +834,8 @@ class CudaBackend final : public Backend {
     auto* y = static_cast<__nv_bfloat16*>(arena_.alloc(rows * hidden * sizeof(__nv_bfloat16)));
     // An expert of two 32-row blocks in one CTA a column tile where such experts are common
     // (cuda::moe_pair_blocks): H100, steps 256 and 320 x 1000 -0.8% and -1.4%.
-    const cuda::MoeSwapForm form{.pair_blocks = fold.experts == 0 && !expert_major &&
-                                                cuda::moe_pair_blocks(pairs, experts, block_m),
-                                 .expert_major = expert_major};
+    const cuda::MoeSwapForm form{.pair_blocks = fold.experts == 0 &&
+                                                cuda::moe_pair_blocks(pairs, experts, block_m)};
     cuda::moe_gate_up(act, bf(x), bf(w.experts_gate_up), sorted, block_expert, cap, block_m, k,
                       hidden, inter, experts, stream_, fold, block_ready, form);
     cuda::moe_down(y, act, bf(w.experts_down), weights, sorted, block_expert, cap, block_m, hidden,

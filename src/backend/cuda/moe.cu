@@ -22,7 +22,6 @@ __device__ __forceinline__ void clear_block_ready(int32_t* block_ready, int num_
   for (int b = threadIdx.x; b < num_blocks; b += blockDim.x) block_ready[b] = 0;
 }
 
-template <bool kExpertMajor = false>
 __global__ void moe_align_kernel(int32_t* sorted_pairs, int32_t* block_expert, int32_t* pair_pos,
                                  int32_t* block_ready, const int32_t* ids, int pairs, int experts,
                                  int block_m, int num_blocks) {
@@ -30,8 +29,8 @@ __global__ void moe_align_kernel(int32_t* sorted_pairs, int32_t* block_expert, i
   __shared__ int counts[1024];
   __shared__ int offsets[1025];
   clear_block_ready(block_ready, num_blocks);
-  align_pairs<kExpertMajor>(sorted_pairs, block_expert, pair_pos, ids, pairs, experts, block_m,
-                            num_blocks, counts, offsets);
+  align_pairs(sorted_pairs, block_expert, pair_pos, ids, pairs, experts, block_m, num_blocks,
+              counts, offsets);
 }
 
 // Many pairs (a prefill chunk): the align over many CTAs in three launches, chunks of
@@ -1235,23 +1234,18 @@ __device__ __forceinline__ void swap_store(const float (&acc0)[BN / 2], const fl
   }
 }
 
-// kExpertMajor (moe_expert_major, BN = 64): blocks below `experts` are those experts' first
-// blocks (the expert-major layout), so their weights go out before the layout is read.
-template <bool kGateUp, int BN, bool kPairs = false, bool kExpertMajor = false>
+template <bool kGateUp, int BN, bool kPairs = false>
 __global__ void __launch_bounds__(128)
     moe_gemm_swap_kernel(const __grid_constant__ CUtensorMap w_map, __nv_bfloat16* out,
                          const __nv_bfloat16* a_src, const float* route_w,
                          const int32_t* sorted_pairs, const int32_t* block_expert, int k_choices,
-                         int K, int N, const BlockReady ready, int experts) {
+                         int K, int N, const BlockReady ready) {
   static_assert(!kPairs || BN == 64);
-  static_assert(!kExpertMajor || (BN == 64 && !kPairs));
   const bool block_major = ready.counters != nullptr;
   const int mb = block_major ? blockIdx.y : blockIdx.x;
   const int nb = block_major ? blockIdx.x : blockIdx.y;
   // As moe_gemm_kernel: gate/up waits (its routing), then lets down launch; down reads the
   // layout before its wait and waits for gate/up's rows before its first activation load.
-  // kExpertMajor: a CTA of the first `experts` blocks knows its expert (the block's index) and
-  // issues its first weight copies before anything else, gate/up's before its wait.
   extern __shared__ unsigned char smem_raw[];
   unsigned char* smem = reinterpret_cast<unsigned char*>(
       (reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t{1023});
@@ -1261,30 +1255,6 @@ __global__ void __launch_bounds__(128)
   const int m0 = mb * kBlockRows;
   const int n0 = nb * (kGateUp ? kSwRows / 2 : kSwRows);  // the tile's first output column
   const int k_tiles = (K + kWgBK - 1) / kWgBK;
-  // The two boxes' first weight rows in the stacked [E * 2N, K] or [E * N, K] weights (rows of
-  // a last partial tile past the expert's are read, or zero-filled past the tensor, and unused),
-  // and the first slices' weights, issued before anything else is read (thread 0 alone uses the
-  // barriers until the CTA barrier below).
-  int row0 = 0, row1 = 0;
-  auto load_w = [&](int kt) {
-    if (tid == 0) {
-      swap_load_weights(smem + (kt % kSwStages) * sw_stage_bytes(BN), &full[kt % kSwStages], &w_map,
-                        kt, row0, row1);
-    }
-  };
-  const auto start_weights = [&](int expert) {
-    row0 = kGateUp ? expert * 2 * N + n0 : expert * N + n0;
-    row1 = kGateUp ? row0 + N : row0 + 64;
-    if (tid == 0) {
-      for (int s = 0; s < kSwStages; ++s) mbar_init(&full[s], 1);
-      mbar_init_fence();
-    }
-    for (int kt = 0; kt < kSwStages - 1; ++kt) {
-      if (kt < k_tiles) load_w(kt);
-    }
-  };
-  const bool known = kExpertMajor && mb < experts;
-  if (known) start_weights(mb);
   if constexpr (kGateUp) asm volatile("griddepcontrol.wait;" ::: "memory");
   asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
   const int e = __ldcg(block_expert + mb);
@@ -1303,14 +1273,26 @@ __global__ void __launch_bounds__(128)
     lead = role == kPairLead;
     rows = lead ? BN : kBlockRows;
   }
-  if (e < 0) {
-    // An expert that got no pairs: its copies land before the CTA's shared memory is let go.
-    if (known && tid == 0) {
-      for (int kt = 0; kt < kSwStages - 1 && kt < k_tiles; ++kt) mbar_wait(&full[kt], 0);
+  if (e < 0) return;
+  // The two boxes' first weight rows in the stacked [E * 2N, K] or [E * N, K] weights (rows of
+  // a last partial tile past the expert's are read, or zero-filled past the tensor, and unused),
+  // and the first slices' weights, issued before anything else is read (thread 0 alone uses the
+  // barriers until the CTA barrier below).
+  const int row0 = kGateUp ? e * 2 * N + n0 : e * N + n0;
+  const int row1 = kGateUp ? row0 + N : row0 + 64;
+  auto load_w = [&](int kt) {
+    if (tid == 0) {
+      swap_load_weights(smem + (kt % kSwStages) * sw_stage_bytes(BN), &full[kt % kSwStages], &w_map,
+                        kt, row0, row1);
     }
-    return;
+  };
+  if (tid == 0) {
+    for (int s = 0; s < kSwStages; ++s) mbar_init(&full[s], 1);
+    mbar_init_fence();
   }
-  if (!known) start_weights(e);
+  for (int kt = 0; kt < kSwStages - 1; ++kt) {
+    if (kt < k_tiles) load_w(kt);
+  }
   // This thread's activation pieces of each slice: rows tid / 8 + 16 i, piece tid % 8; and the
   // pairs of the rows its accumulators hold.
   constexpr int kRowsPerThread = BN / 16;
@@ -1376,8 +1358,8 @@ bool swap_ab_enabled() {
 }
 
 // w_rows: the stacked weights' rows (experts * 2N for gate/up, experts * N for down). kPairs:
-// BN = 64 over a layout of 32-row blocks. kExpertMajor: the expert-major layout's 64-row blocks.
-template <bool kGateUp, int BN, bool kPairs = false, bool kExpertMajor = false>
+// BN = 64 over a layout of 32-row blocks.
+template <bool kGateUp, int BN, bool kPairs = false>
 void launch_swap_rows(__nv_bfloat16* out, const __nv_bfloat16* a, const __nv_bfloat16* w,
                       int64_t w_rows, const float* route_w, const int32_t* sorted_pairs,
                       const int32_t* block_expert, int64_t capacity, int k, int K, int N,
@@ -1385,7 +1367,7 @@ void launch_swap_rows(__nv_bfloat16* out, const __nv_bfloat16* a, const __nv_bfl
   constexpr int block_rows = kPairs ? BN / 2 : BN;
   require_gemm_shape(K, N, capacity, block_rows);
   constexpr size_t smem = sw_smem(BN);
-  constexpr auto kernel = moe_gemm_swap_kernel<kGateUp, BN, kPairs, kExpertMajor>;
+  constexpr auto kernel = moe_gemm_swap_kernel<kGateUp, BN, kPairs>;
   static bool configured = false;
   if (!configured) {
     ERNIE_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
@@ -1402,9 +1384,8 @@ void launch_swap_rows(__nv_bfloat16* out, const __nv_bfloat16* a, const __nv_bfl
   const unsigned m_blocks = static_cast<unsigned>(capacity / block_rows);
   const unsigned n_ctas = (N + cols - 1) / cols;
   const dim3 grid = ready.counters != nullptr ? dim3(n_ctas, m_blocks) : dim3(m_blocks, n_ctas);
-  const int experts = static_cast<int>(w_rows / (kGateUp ? 2 * N : N));
   launch_pdl(kernel, grid, 128, smem, stream, map, out, a, route_w, sorted_pairs, block_expert, k,
-             K, N, ready, experts);
+             K, N, ready);
   ERNIE_CUDA_CHECK(cudaGetLastError());
 }
 
@@ -1420,23 +1401,22 @@ bool takes_swap(int block_m, const SharedFold& fold) {
 }
 
 // launch_swap_rows for blocks of block_m rows (takes_swap) in the call's form: the 32-row ones
-// paired or not, the 64-row ones expert-major or not.
+// paired or not.
 template <bool kGateUp>
 void launch_swap(int block_m, const MoeSwapForm& form, __nv_bfloat16* out, const __nv_bfloat16* a,
                  const __nv_bfloat16* w, int64_t w_rows, const float* route_w,
                  const int32_t* sorted_pairs, const int32_t* block_expert, int64_t capacity, int k,
                  int K, int N, int32_t* block_ready, cudaStream_t stream) {
   constexpr int kWide = kMoeBlockWide, kMid = kMoeBlockMid;
-  auto* launch = form.expert_major  ? launch_swap_rows<kGateUp, kWide, false, true>
-                 : block_m == kWide ? launch_swap_rows<kGateUp, kWide>
+  auto* launch = block_m == kWide   ? launch_swap_rows<kGateUp, kWide>
                  : form.pair_blocks ? launch_swap_rows<kGateUp, kWide, true>
                                     : launch_swap_rows<kGateUp, kMid>;
   launch(out, a, w, w_rows, route_w, sorted_pairs, block_expert, capacity, k, K, N, block_ready,
          stream);
 }
 
-// Paired blocks only where moe_pair_blocks may give them (32-row blocks on the swapped kernel),
-// the expert-major layout only with 64-row blocks (moe_expert_major), neither with a fold.
+// Paired blocks only where moe_pair_blocks may give them (32-row blocks on the swapped kernel
+// without a fold).
 void require_form_fits(const MoeSwapForm& form, int block_m, const SharedFold& fold) {
   require_parts(
       !form.pair_blocks || (block_m == kMoeBlockMid && fold.experts == 0 && swap_ab_enabled()),
@@ -1444,11 +1424,6 @@ void require_form_fits(const MoeSwapForm& form, int block_m, const SharedFold& f
       "experts, not blocks of ",
       block_m, fold.experts > 0 ? " with a fold" : "",
       swap_ab_enabled() ? "" : " (ERNIE_MOE_SWAP_AB=0)");
-  require_parts(!form.expert_major || (block_m == kMoeBlockWide && fold.experts == 0 &&
-                                       swap_ab_enabled() && !form.pair_blocks),
-                "MoE: the expert-major layout needs 64-row blocks on the swapped kernel, unpaired "
-                "and without folded experts, not blocks of ",
-                block_m, fold.experts > 0 ? " with a fold" : "", form.pair_blocks ? " paired" : "");
 }
 
 // What the combine sums for a token: routed: y's routed rows (the routed layout's first row),
@@ -1704,24 +1679,14 @@ size_t moe_align_scratch_bytes(int pairs, int experts) {
 
 void moe_align(int32_t* sorted_pairs, int32_t* block_expert, int32_t* pair_pos, const int32_t* ids,
                int pairs, int experts, int block_m, void* scratch, cudaStream_t stream,
-               int32_t* block_ready, bool expert_major) {
+               int32_t* block_ready) {
   if (pairs == 0) return;
   require(experts > 0 && experts <= 1024, "moe_align: at most 1024 experts");
-  if (expert_major) {
-    require_parts(block_m == kMoeBlockWide && pairs <= kMoeAlignOneCta,
-                  "moe_align: the expert-major layout takes 64-row blocks and at most ",
-                  kMoeAlignOneCta, " pairs, not blocks of ", block_m, " and ", pairs, " pairs");
-    const int num_blocks = static_cast<int>(moe_capacity_expert_major(pairs, experts) / block_m);
-    launch_pdl(moe_align_kernel<true>, 1, kAlignThreads, 0, stream, sorted_pairs, block_expert,
-               pair_pos, block_ready, ids, pairs, experts, block_m, num_blocks);
-    ERNIE_CUDA_CHECK(cudaGetLastError());
-    return;
-  }
   const int64_t capacity = moe_capacity(pairs, experts, block_m);
   const int num_blocks = static_cast<int>(capacity / block_m);
   if (pairs <= kMoeAlignOneCta) {
-    launch_pdl(moe_align_kernel<false>, 1, kAlignThreads, 0, stream, sorted_pairs, block_expert,
-               pair_pos, block_ready, ids, pairs, experts, block_m, num_blocks);
+    launch_pdl(moe_align_kernel, 1, kAlignThreads, 0, stream, sorted_pairs, block_expert, pair_pos,
+               block_ready, ids, pairs, experts, block_m, num_blocks);
     ERNIE_CUDA_CHECK(cudaGetLastError());
     return;
   }
@@ -1747,13 +1712,6 @@ SharedFoldMaps shared_fold_maps(const __nv_bfloat16* gate_up, const __nv_bfloat1
 bool moe_pair_blocks(int64_t pairs, int experts, int block_m) {
   static const bool on = path_enabled("ERNIE_MOE_PAIR_BLOCKS") && swap_ab_enabled();
   return on && block_m == kMoeBlockMid && pairs >= int64_t{kMoePairMinAverage} * experts;
-}
-
-bool moe_expert_major(int64_t pairs, int experts) {
-  static const bool on = new_path_enabled("ERNIE_MOE_EXPERT_MAJOR") && swap_ab_enabled();
-  const int block_m = moe_block_m(pairs, experts);
-  return on && pairs <= kMoeAlignOneCta && block_m == kMoeBlockMid &&
-         pairs >= int64_t{kMoePairMinAverage} * experts;
 }
 
 bool moe_wide_swap_enabled() {

@@ -51,13 +51,11 @@ inline int64_t moe_capacity(int64_t pairs, int experts, int block_m) {
 // pair_pos [pairs] (row of each pair in the sorted layout). experts <= 1024. scratch: device
 // memory of moe_align_scratch_bytes (null when that is 0: few pairs take one CTA).
 // block_ready (capacity / block_m counters, or null): set to 0 for moe_gate_up and moe_down.
-// expert_major: the expert-major layout (moe_expert_major) with capacity
-// moe_capacity_expert_major, block_m 64, at most kMoeAlignOneCta pairs.
 constexpr int kMoeAlignOneCta = 8192;
 size_t moe_align_scratch_bytes(int pairs, int experts);
 void moe_align(int32_t* sorted_pairs, int32_t* block_expert, int32_t* pair_pos, const int32_t* ids,
                int pairs, int experts, int block_m, void* scratch, cudaStream_t stream,
-               int32_t* block_ready = nullptr, bool expert_major = false);
+               int32_t* block_ready = nullptr);
 
 // dst = src [rows, K] (row-major, ld elements from one row to the next; 0: K) in the tiled
 // expert layout of expert_layout.h, rows x tiled_cols(K) elements (the padding columns zero).
@@ -110,43 +108,11 @@ inline int64_t moe_shared_rows(const SharedFold& f, int block_m) {
 constexpr int kMoePairMinAverage = 20;
 bool moe_pair_blocks(int64_t pairs, int experts, int block_m);
 
-// Expert-major layout (ERNIE_MOE_EXPERT_MAJOR=1, off by default; H100, steps 256 x 1000 -0.2 to
-// -0.3%, 512 x 1000 +6 to +7%, so it is taken only below the 64-row blocks' range; its
-// correctness test has not yet passed on a GPU, docs/performance.md thirty-fourth round):
-// where nearly every expert gets pairs, the layout's 64-row block e (e < E) holds expert e's
-// first 64 pairs (block_expert[e] = e, or -1 when e got none), and an expert's further pairs
-// follow in 64-row blocks after block E - 1, expert by expert. The swapped kernel's CTAs of the
-// first E blocks then know their expert before the routing is in: gate/up issues its first
-// weight copies before its wait for the layout, down before reading it. The blocks are
-// computed with 64 rows as wgmma's N (the 64-row blocks' kernel), whatever their count.
-// moe_expert_major: whether a step of `pairs` pairs takes it: where the paired 32-row blocks
-// would (from kMoePairMinAverage pairs an expert on average, below the 64-row blocks of
-// moe_block_m), laid out by one CTA (moe_align's expert_major; moe_gate_up and moe_down by
-// MoeSwapForm::expert_major).
-bool moe_expert_major(int64_t pairs, int experts);
-
-// Rows of the expert-major layout: E first blocks, then further blocks; an expert of c > 64
-// pairs pads its c - 64 to whole blocks, at most c - 1 rows, so all further blocks together
-// hold fewer than `pairs` rows.
-inline int64_t moe_capacity_expert_major(int64_t pairs, int experts) {
-  return int64_t{experts} * kMoeBlockWide +
-         (pairs + kMoeBlockWide - 1) / kMoeBlockWide * kMoeBlockWide;
-}
-
-// The expert-major row of expert e's pair number `local` (its rank among e's pairs), where e's
-// further blocks start at row `further` (at or after E * 64).
-ERNIE_HOST_DEVICE int64_t expert_major_row(int e, int local, int64_t further) {
-  return local < kMoeBlockWide ? int64_t{e} * kMoeBlockWide + local
-                               : further + (local - kMoeBlockWide);
-}
-
 // The forms of the swapped kernel (32- and 64-row blocks) a call takes; other kernels take no
 // form. pair_blocks: the 32-row blocks paired (moe_pair_blocks; refused for other blocks and
-// with a fold). expert_major: the 64-row blocks of the expert-major layout (moe_expert_major;
-// refused for other blocks, with a fold, and with pair_blocks).
+// with a fold).
 struct MoeSwapForm {
   bool pair_blocks = false;
-  bool expert_major = false;
 };
 
 // Paired blocks: what the CTAs of layout block b do, from the experts of blocks b - 2 .. b + 2
@@ -166,7 +132,7 @@ ERNIE_HOST_DEVICE PairRole pair_role(int prev2, int prev, int e, int next, int n
 // expert's gate rows then its up rows). hidden % 8 == 0, inter % 16 == 0. With a fold (decode
 // block sizes only), act has moe_shared_rows(fold, block_m) rows of the folded experts first,
 // then the capacity rows of the routed layout. form: MoeSwapForm (moe_gate_up and moe_down of
-// one layer take the same pair_blocks and expert_major, and moe_align the same expert_major).
+// one layer take the same).
 void moe_gate_up(__nv_bfloat16* act, const __nv_bfloat16* x, const __nv_bfloat16* w_gate_up,
                  const int32_t* sorted_pairs, const int32_t* block_expert, int64_t capacity,
                  int block_m, int k, int hidden, int inter, int experts, cudaStream_t stream,
