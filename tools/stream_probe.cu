@@ -13,12 +13,15 @@
 // and a 16-token step's (~51 experts). First, the 256-token step's gate/up as the swapped
 // kernel streams it (pieces_kernel), alone and with that kernel's fixed costs a CTA, then decode
 // attention's K/V stream at 256 x 1024 keys as its kernel's boxes come (attn_stream_kernel),
-// over several placements of the caches.
+// over several placements of the caches, in the kernel's CTA order, with a sequence's KV heads
+// in consecutive CTAs, and with one CTA a sequence reading whole cache slots
+// (attn_slots_kernel).
 #include <cuda.h>
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <array>
 #include <cstdio>
 #include <cstdlib>
 #include <exception>
@@ -290,6 +293,52 @@ __global__ void __launch_bounds__(128)
   if (acc == 0x9e3779b9u) sink[0] = acc;
 }
 
+// The same bytes with a CTA per sequence reading whole cache slots: each 16-key block's four KV
+// heads as one box a half (64 columns x 4 heads x 16 slots, 8 KB), K and V, so a block's 16 KB
+// of K (or V) is read by one CTA at once; 16-key tiles, three in flight (96 KB: two CTAs an
+// SM, as the decode kernel). What a decode kernel with all of a tile's KV heads in one CTA
+// would stream at.
+template <bool kTable>
+__global__ void __launch_bounds__(128)
+    attn_slots_kernel(const __grid_constant__ CUtensorMap k_map,
+                      const __grid_constant__ CUtensorMap v_map, const int32_t* tables,
+                      int blk_rows, int v_first, unsigned* sink) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  unsigned char* smem = smem_raw + ((1024 - (smem_u32(smem_raw) & 1023)) & 1023);
+  __shared__ uint64_t full[kAttnBuffers];
+  const int tid = threadIdx.x, seq = blockIdx.x;
+  constexpr int kBlocksPerSeq = kAttnKeys / kAttnBlock;
+  constexpr int kBox = 64 * kAttnHeads * kAttnBlock * 2;  // bytes of one half's box
+  constexpr int kTileBytes = 4 * kBox;                    // K and V, two halves each
+  if (tid == 0) {
+    for (int b = 0; b < kAttnBuffers; ++b) mbar_init(&full[b], 1);
+    mbar_init_fence();
+  }
+  __syncthreads();
+  auto issue = [&](int t) {
+    if (tid != 0) return;
+    const int ent = kTable ? tables[seq * kBlocksPerSeq + t] : seq * kBlocksPerSeq + t;
+    uint64_t* bar = &full[t % kAttnBuffers];
+    unsigned char* dst = smem + (t % kAttnBuffers) * kTileBytes;
+    mbar_arrive_expect_tx(bar, kTileBytes);
+    const int row = ent * blk_rows;
+    for (int half = 0; half < 2; ++half) {
+      tma_load_3d(dst + half * kBox, &k_map, bar, half * 64, 0, row);
+      tma_load_3d(dst + (2 + half) * kBox, &v_map, bar, half * 64, 0, row + v_first);
+    }
+  };
+  for (int t = 0; t < kAttnBuffers - 1; ++t) issue(t);
+  unsigned acc = 0;
+  for (int t = 0; t < kBlocksPerSeq; ++t) {
+    if (t + kAttnBuffers - 1 < kBlocksPerSeq) issue(t + kAttnBuffers - 1);
+    mbar_wait(&full[t % kAttnBuffers], (t / kAttnBuffers) & 1);
+    const unsigned* q = reinterpret_cast<const unsigned*>(smem + (t % kAttnBuffers) * kTileBytes);
+    acc ^= q[tid] + q[tid + kTileBytes / 8];
+    __syncthreads();
+  }
+  if (acc == 0x9e3779b9u) sink[0] = acc;
+}
+
 // Where the K and V caches of the attention probe lie: kCopies copies (a fresh cache each run,
 // no L2 reuse), each either K and V apart (k[c], v[c]) or a block's K and V side by side (k[c]
 // alone, twice the rows).
@@ -320,11 +369,16 @@ int32_t* shuffled_attn_tables() {
   return tables;
 }
 
+// The attention probe's CTA orders: the decode kernel's (every sequence of head 0 first), a
+// sequence's KV heads in consecutive CTAs, one CTA a sequence over whole slots.
+enum class AttnOrder { kSeqsInner, kHeadsInner, kWholeSlots };
+
 template <bool kTable>
-void run_attn(const AttnPlacement& pl, const int32_t* tables, bool heads_inner, int iters,
+void run_attn(const AttnPlacement& pl, const int32_t* tables, AttnOrder order, int iters,
               unsigned* sink, cudaEvent_t t0, cudaEvent_t t1) {
   CUtensorMap k_maps[kAttnCopies], v_maps[kAttnCopies];
-  const int box[3] = {64, 1, kAttnBlock};
+  const bool slots = order == AttnOrder::kWholeSlots;
+  const int box[3] = {64, slots ? kAttnHeads : 1, kAttnBlock};
   for (int c = 0; c < kAttnCopies; ++c) {
     const int64_t dims[3] = {128, kAttnHeads, pl.side_by_side ? 2 * kAttnSlots : kAttnSlots};
     k_maps[c] = tensor_map_bf16_sw128_3d(pl.k[c], dims, box);
@@ -332,17 +386,28 @@ void run_attn(const AttnPlacement& pl, const int32_t* tables, bool heads_inner, 
   }
   const int blk_rows = pl.side_by_side ? 2 * kAttnBlock : kAttnBlock;
   const int v_first = pl.side_by_side ? kAttnBlock : 0;
-  auto kernel = attn_stream_kernel<kTable>;
+  const bool heads_inner = order == AttnOrder::kHeadsInner;
   const int smem = 104 * 1024;  // the decode kernel's: two CTAs an SM
-  ERNIE_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-  const dim3 grid = heads_inner ? dim3(kAttnHeads, kAttnSeqs) : dim3(kAttnSeqs, kAttnHeads);
-  kernel<<<grid, 128, smem>>>(k_maps[0], v_maps[0], tables, blk_rows, v_first, heads_inner, sink);
+  ERNIE_CUDA_CHECK(cudaFuncSetAttribute(attn_stream_kernel<kTable>,
+                                        cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+  ERNIE_CUDA_CHECK(cudaFuncSetAttribute(attn_slots_kernel<kTable>,
+                                        cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+  const dim3 grid = slots         ? dim3(kAttnSeqs)
+                    : heads_inner ? dim3(kAttnHeads, kAttnSeqs)
+                                  : dim3(kAttnSeqs, kAttnHeads);
+  auto launch = [&](int c) {
+    if (slots) {
+      attn_slots_kernel<kTable>
+          <<<grid, 128, smem>>>(k_maps[c], v_maps[c], tables, blk_rows, v_first, sink);
+    } else {
+      attn_stream_kernel<kTable>
+          <<<grid, 128, smem>>>(k_maps[c], v_maps[c], tables, blk_rows, v_first, heads_inner, sink);
+    }
+  };
+  launch(0);
   ERNIE_CUDA_CHECK(cudaDeviceSynchronize());
   ERNIE_CUDA_CHECK(cudaEventRecord(t0));
-  for (int i = 0; i < iters; ++i) {
-    const int c = (i + 1) % kAttnCopies;
-    kernel<<<grid, 128, smem>>>(k_maps[c], v_maps[c], tables, blk_rows, v_first, heads_inner, sink);
-  }
+  for (int i = 0; i < iters; ++i) launch((i + 1) % kAttnCopies);
   ERNIE_CUDA_CHECK(cudaEventRecord(t1));
   ERNIE_CUDA_CHECK(cudaEventSynchronize(t1));
   ERNIE_CUDA_CHECK(cudaGetLastError());
@@ -351,23 +416,29 @@ void run_attn(const AttnPlacement& pl, const int32_t* tables, bool heads_inner, 
   const double sec = ms * 1e-3 / iters;
   const double read = 2.0 * kAttnCacheBytes;
   std::printf("attn      %-34s %-14s %-12s %8.1f us  %5.2f TB/s\n", pl.name,
-              kTable ? "block table" : "computed slots", heads_inner ? "heads inner" : "seqs inner",
+              kTable ? "block table" : "computed slots",
+              slots         ? "whole slots"
+              : heads_inner ? "heads inner"
+                            : "seqs inner",
               sec * 1e6, read / sec * 1e-12);
 }
 
-// The placements, each with computed slots and the block table in both grid orders, twice: K and V
-// caches in two allocations of their own (as before); one allocation of kCopies [K | V] pairs (the
-// engine's cache: each layer's K then its V); the same allocation with each block's K and V side by
-// side; then that allocation freed and made again, K and V apart once more (whether a second
-// allocation of the same size streams as the first).
+// The placements, each with computed slots and the block table in the three CTA orders, twice
+// (heads inner first, then the decode kernel's order first: each order meets a fresh allocation
+// in one of the two): K and V caches in two allocations of their own (as before); one allocation
+// of kCopies [K | V] pairs (the engine's cache: each layer's K then its V); the same allocation
+// with each block's K and V side by side; then that allocation freed and made again, K and V
+// apart once more (whether a second allocation of the same size streams as the first).
 void run_attn_placements(int iters, unsigned* sink, cudaEvent_t t0, cudaEvent_t t1) {
   int32_t* tables = shuffled_attn_tables();
   const size_t copy_bytes = 2 * kAttnCacheBytes;
   auto cases = [&](const AttnPlacement& pl) {
-    for (int rep = 0; rep < 2; ++rep) {
-      for (const bool heads_inner : {false, true}) {
-        run_attn<false>(pl, tables, heads_inner, iters, sink, t0, t1);
-        run_attn<true>(pl, tables, heads_inner, iters, sink, t0, t1);
+    using enum AttnOrder;
+    for (const auto& orders : {std::array{kHeadsInner, kWholeSlots, kSeqsInner},
+                               std::array{kSeqsInner, kHeadsInner, kWholeSlots}}) {
+      for (const AttnOrder order : orders) {
+        run_attn<false>(pl, tables, order, iters, sink, t0, t1);
+        run_attn<true>(pl, tables, order, iters, sink, t0, t1);
       }
     }
   };
