@@ -120,6 +120,26 @@ __global__ void __launch_bounds__(2 * R)
   if (acc == 0x9e3779b9u) sink[0] = acc;  // keeps the reads
 }
 
+// The probe kernels' ring: n stages through kStages buffers of stage_bytes at `ring`, in order
+// (issue(t) fills stage t and arms full[t % kStages]; the first kStages - 1 go out first), each
+// stage only touched (two words a thread, `second` words apart, so the copies are not dead)
+// before its buffer is refilled. Returns the fold of what was read.
+template <int kStages, class Issue>
+__device__ __forceinline__ unsigned consume_ring(const unsigned char* ring, uint64_t* full,
+                                                 int stage_bytes, int n, int second,
+                                                 Issue&& issue) {
+  for (int t = 0; t < kStages - 1; ++t) issue(t);
+  unsigned acc = 0;
+  for (int t = 0; t < n; ++t) {
+    if (t + kStages - 1 < n) issue(t + kStages - 1);
+    mbar_wait(&full[t % kStages], (t / kStages) & 1);
+    const unsigned* q = reinterpret_cast<const unsigned*>(ring + (t % kStages) * stage_bytes);
+    acc ^= q[threadIdx.x] + q[threadIdx.x + second];
+    __syncthreads();
+  }
+  return acc;
+}
+
 // The swapped expert GEMM's weight stream: a CTA reads a 640 KB tile (an expert's 128 weight
 // rows of K = 2560) in 40 stages of 16 KB, each stage P bulk copies of 16 KB / P bytes, piece p
 // of stage kt at p * (640 KB / P) + kt * (16 KB / P) of the tile: P = 8 is the tiled layout's
@@ -169,15 +189,7 @@ __global__ void __launch_bounds__(128)
           : "memory");
     }
   };
-  for (int s = 0; s < S - 1; ++s) issue(s);
-  unsigned acc = 0;
-  for (int kt = 0; kt < kPieceStages; ++kt) {
-    if (kt + S - 1 < kPieceStages) issue(kt + S - 1);
-    mbar_wait(&full[kt % S], (kt / S) & 1);
-    const unsigned* q = reinterpret_cast<const unsigned*>(smem + (kt % S) * kPieceStage);
-    acc ^= q[tid] + q[tid + 2048];
-    __syncthreads();
-  }
+  const unsigned acc = consume_ring<S>(smem, full, kPieceStage, kPieceStages, 2048, issue);
   if constexpr ((kFixed & 6) != 0) {
     // The swapped kernel's gate/up accumulator layout: thread (warp, g, c) holds rows
     // 8 i + 2 c + j and columns 16 warp + g + 8 h.
@@ -280,16 +292,7 @@ __global__ void __launch_bounds__(128)
     if (t + 1 < kTiles) fetch(t + 1);
   };
   if (tid == 0) fetch(0);
-  for (int t = 0; t < kAttnBuffers - 1; ++t) issue(t);
-  unsigned acc = 0;
-  for (int t = 0; t < kTiles; ++t) {
-    if (t + kAttnBuffers - 1 < kTiles) issue(t + kAttnBuffers - 1);
-    mbar_wait(&full[t % kAttnBuffers], (t / kAttnBuffers) & 1);
-    const unsigned* q =
-        reinterpret_cast<const unsigned*>(smem + (t % kAttnBuffers) * kAttnTileBytes);
-    acc ^= q[tid] + q[tid + 4096];
-    __syncthreads();
-  }
+  const unsigned acc = consume_ring<kAttnBuffers>(smem, full, kAttnTileBytes, kTiles, 4096, issue);
   if (acc == 0x9e3779b9u) sink[0] = acc;
 }
 
@@ -327,15 +330,8 @@ __global__ void __launch_bounds__(128)
       tma_load_3d(dst + (2 + half) * kBox, &v_map, bar, half * 64, 0, row + v_first);
     }
   };
-  for (int t = 0; t < kAttnBuffers - 1; ++t) issue(t);
-  unsigned acc = 0;
-  for (int t = 0; t < kBlocksPerSeq; ++t) {
-    if (t + kAttnBuffers - 1 < kBlocksPerSeq) issue(t + kAttnBuffers - 1);
-    mbar_wait(&full[t % kAttnBuffers], (t / kAttnBuffers) & 1);
-    const unsigned* q = reinterpret_cast<const unsigned*>(smem + (t % kAttnBuffers) * kTileBytes);
-    acc ^= q[tid] + q[tid + kTileBytes / 8];
-    __syncthreads();
-  }
+  const unsigned acc =
+      consume_ring<kAttnBuffers>(smem, full, kTileBytes, kBlocksPerSeq, kTileBytes / 8, issue);
   if (acc == 0x9e3779b9u) sink[0] = acc;
 }
 
