@@ -384,10 +384,9 @@ void run_attn(const AttnPlacement& pl, const int32_t* tables, AttnOrder order, i
   const int v_first = pl.side_by_side ? kAttnBlock : 0;
   const bool heads_inner = order == AttnOrder::kHeadsInner;
   const int smem = 104 * 1024;  // the decode kernel's: two CTAs an SM
-  ERNIE_CUDA_CHECK(cudaFuncSetAttribute(attn_stream_kernel<kTable>,
-                                        cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-  ERNIE_CUDA_CHECK(cudaFuncSetAttribute(attn_slots_kernel<kTable>,
-                                        cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+  const void* kernel = slots ? reinterpret_cast<const void*>(attn_slots_kernel<kTable>)
+                             : reinterpret_cast<const void*>(attn_stream_kernel<kTable>);
+  ERNIE_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
   const dim3 grid = slots         ? dim3(kAttnSeqs)
                     : heads_inner ? dim3(kAttnHeads, kAttnSeqs)
                                   : dim3(kAttnSeqs, kAttnHeads);

@@ -1168,7 +1168,8 @@ void launch(const PagedAttentionArgs& a, cudaStream_t stream) {
   // by side (1 KB for the 21B model's four); with every tile of head 0 first, a multi-wave grid
   // read each slot's pieces waves apart, and the stream ran at 2.56-3.04 TB/s by placement of
   // the caches against 3.03-3.07 in this order (H100, stream probe; steps 256 x 1000 and
-  // 256 x 2000 -0.7%, 256 prompts +0.6%: docs/performance.md, thirty-fifth round).
+  // 256 x 2000 -0.3 to -1.8% on two machines, 256 prompts +0.6%: docs/performance.md,
+  // thirty-fifth round).
   // ERNIE_ATTN_HEADS_INNER=0 turns it off.
   static const bool heads_inner_on = path_enabled("ERNIE_ATTN_HEADS_INNER");
   PagedAttentionArgs b = a;
