@@ -20,6 +20,7 @@
 
 #include "backend/cpu/ops.h"
 #include "backend/cuda/activation.cuh"
+#include "backend/cuda/cluster_gemm.cuh"
 #include "backend/cuda/device.h"
 #include "backend/cuda/expert_layout.h"
 #include "backend/cuda/moe.cuh"
@@ -870,6 +871,106 @@ TEST(CudaKernels, SkinnyTcRopeMatchesSeparateKernels) {
             const SkinnyRope& rope) {
           ASSERT_TRUE(skinny_tc_rope_fits(s.tokens, s.k, c.rows, rope));
           skinny_tc_rope(qkv, x, w, s.tokens, s.k, c.rows, rope, nullptr);
+        }));
+  }
+}
+
+// The cluster GEMM for decode batches against a double reference, output poisoned: token
+// tiles of 64, 128 and 256 (one partial, and two tiles of 256 for 300 tokens), splits of the
+// reduction from 1 to 8 (uneven ones too), the 21B model's qkv, o and shared-down shapes; a
+// second run must give the same bits (the splits are added in rank order).
+TEST(CudaKernels, ClusterGemmMatchesReference) {
+  if (device_count() == 0) GTEST_SKIP() << "no CUDA device";
+  Rng rng(std::random_device{}());
+  EXPECT_GT(cluster_gemm_plan(256, 3584, 2560).splits, 0);
+  EXPECT_GT(cluster_gemm_plan(17, 2560, 2560).splits, 0);
+  EXPECT_EQ(cluster_gemm_plan(256, 3500, 2560).splits, 0);        // n % 128
+  EXPECT_EQ(cluster_gemm_plan(256, 3584, 2000).splits, 0);        // k % 64
+  EXPECT_FALSE(cluster_gemm_plan_valid({4, 256}, 64, 256, 192));  // 3 slices for 4 splits
+  EXPECT_FALSE(cluster_gemm_plan_valid({2, 96}, 64, 256, 256));   // token tile
+  struct Case {
+    int m, n, k, splits, tile;
+  };
+  for (const Case& c :
+       {Case{17, 128, 64, 1, 64}, Case{64, 3584, 2560, 4, 64}, Case{100, 2560, 2560, 4, 128},
+        Case{256, 3584, 2560, 4, 256}, Case{256, 2560, 3072, 2, 256}, Case{300, 384, 512, 3, 256},
+        Case{129, 640, 1024, 8, 256}, Case{1, 256, 192, 2, 64}, Case{200, 256, 2560, 1, 256}}) {
+    SCOPED_TRACE(::testing::Message() << c.m << " x " << c.k << " -> " << c.n << ", " << c.splits
+                                      << " splits, token tile " << c.tile);
+    const ClusterGemmPlan plan{c.splits, c.tile};
+    ASSERT_TRUE(cluster_gemm_plan_valid(plan, c.m, c.n, c.k));
+    const auto x = random_bf16(rng, static_cast<size_t>(c.m) * c.k, 1.0);
+    const auto w = random_bf16(rng, static_cast<size_t>(c.n) * c.k, 1.0 / std::sqrt(c.k));
+    DeviceBuffer<uint16_t> d_x(x.size()), d_w(w.size()), d_out(static_cast<size_t>(c.m) * c.n),
+        d_again(static_cast<size_t>(c.m) * c.n);
+    d_x.upload(x);
+    d_w.upload(w);
+    d_out.poison();
+    d_again.poison();
+    cluster_gemm(bf(d_out.p), bf(d_x.p), bf(d_w.p), c.m, c.n, c.k, plan, nullptr);
+    cluster_gemm(bf(d_again.p), bf(d_x.p), bf(d_w.p), c.m, c.n, c.k, plan, nullptr);
+    ERNIE_CUDA_CHECK(cudaDeviceSynchronize());
+    const auto got = d_out.download();
+    EXPECT_TRUE(got == d_again.download()) << "two runs differ";
+    expect_gemm_matches(widen(got), widen(x), widen(w), c.m, c.n, c.k, false);
+  }
+}
+
+// The SwiGLU epilogue against cluster_gemm's gate and up followed by silu_mul, bit for bit
+// (the same plan: the same sums, rounded to bf16 before the activation as silu_mul reads them).
+TEST(CudaKernels, ClusterGemmSwiGluMatchesSeparateKernels) {
+  if (device_count() == 0) GTEST_SKIP() << "no CUDA device";
+  Rng rng(std::random_device{}());
+  struct Case {
+    int m, inter, k;
+    ClusterGemmPlan plan;
+  };
+  for (const Case& c :
+       {Case{256, 3072, 2560, cluster_gemm_plan(256, 6144, 2560)}, Case{40, 128, 640, {4, 64}},
+        Case{130, 192, 1024, {1, 256}}, Case{77, 3072, 2560, cluster_gemm_plan(77, 6144, 2560)}}) {
+    const int n = 2 * c.inter;
+    SCOPED_TRACE(::testing::Message()
+                 << c.m << " x " << c.k << " -> " << n << ", " << c.plan.splits << " splits");
+    ASSERT_TRUE(cluster_gemm_plan_valid(c.plan, c.m, n, c.k));
+    const auto x = random_bf16(rng, static_cast<size_t>(c.m) * c.k, 1.0);
+    const auto w = random_bf16(rng, static_cast<size_t>(n) * c.k, 2.0 / std::sqrt(c.k));
+    DeviceBuffer<uint16_t> d_x(x.size()), d_w(w.size()), d_gu(static_cast<size_t>(c.m) * n),
+        d_want(static_cast<size_t>(c.m) * c.inter), d_got(static_cast<size_t>(c.m) * c.inter);
+    d_x.upload(x);
+    d_w.upload(w);
+    d_gu.poison();
+    d_want.poison();
+    d_got.poison();
+    cluster_gemm(bf(d_gu.p), bf(d_x.p), bf(d_w.p), c.m, n, c.k, c.plan, nullptr);
+    silu_mul(bf(d_want.p), bf(d_gu.p), c.m, c.inter, nullptr);
+    cluster_gemm_swiglu(bf(d_got.p), bf(d_x.p), bf(d_w.p), c.m, n, c.k, c.plan, nullptr);
+    ERNIE_CUDA_CHECK(cudaDeviceSynchronize());
+    const auto want = d_want.download(), got = d_got.download();
+    for (size_t i = 0; i < want.size(); ++i) {
+      ASSERT_NE(got[i], 0xffff) << "element " << i << " not written";
+      ASSERT_EQ(got[i], want[i]) << "element " << i;
+    }
+  }
+}
+
+// cluster_gemm_rope against cluster_gemm followed by rope_store_kv (the same plan).
+TEST(CudaKernels, ClusterGemmRopeMatchesSeparateKernels) {
+  if (device_count() == 0) GTEST_SKIP() << "no CUDA device";
+  Rng rng(std::random_device{}());
+  for (const RopeShape& s : {RopeShape{256, 20, 4, 128, 2560}, RopeShape{33, 4, 2, 48, 512},
+                             RopeShape{100, 20, 4, 128, 2560}, RopeShape{17, 64, 8, 128, 1024}}) {
+    const int n = (s.heads + 2 * s.kv_heads) * s.head_dim;
+    const ClusterGemmPlan plan = cluster_gemm_plan(s.tokens, n, s.k);
+    ASSERT_GT(plan.splits, 0);
+    ASSERT_NO_FATAL_FAILURE(expect_fused_rope_matches(
+        rng, s, 1e-6f,
+        [&](__nv_bfloat16* qkv, const __nv_bfloat16* x, const __nv_bfloat16* w, int cols) {
+          cluster_gemm(qkv, x, w, s.tokens, cols, s.k, plan, nullptr);
+        },
+        [&](__nv_bfloat16* qkv, const __nv_bfloat16* x, const __nv_bfloat16* w,
+            const SkinnyRope& rope) {
+          ASSERT_TRUE(cluster_gemm_rope_fits(rope));
+          cluster_gemm_rope(qkv, x, w, s.tokens, s.k, rope, plan, nullptr);
         }));
   }
 }

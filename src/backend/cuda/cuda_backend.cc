@@ -18,6 +18,7 @@
 
 #include "backend/cuda/activation.cuh"
 #include "backend/cuda/attention.cuh"
+#include "backend/cuda/cluster_gemm.cuh"
 #include "backend/cuda/cuda_check.h"
 #include "backend/cuda/device.h"
 #include "backend/cuda/expert_layout.h"
@@ -531,7 +532,27 @@ class CudaBackend final : public Backend {
       cuda::skinny_tc(bf(out), bf(x), bf(w), m, n, k, skinny_tc_rows(), stream_);
       return;
     }
+    if (out.dtype == DType::kBF16 && cluster_gemm_takes(kClusterLinear, m)) {
+      const cuda::ClusterGemmPlan plan = cuda::cluster_gemm_plan(m, n, k);
+      if (plan.splits > 0) {
+        check_linear(out, x, w);
+        cuda::cluster_gemm(bf(out), bf(x), bf(w), m, n, k, plan, stream_);
+        return;
+      }
+    }
     gemm(kMainLane, out, x, w);
+  }
+
+  // Decode batches of 17 to ERNIE_CLUSTER_GEMM tokens (0, the default: none) take
+  // cuda::cluster_gemm instead of cuBLAS for the uses in ERNIE_CLUSTER_GEMM_USES (bits, all by
+  // default): kClusterQkv the qkv projection with rope and the KV store in its epilogue,
+  // kClusterLinear the other bf16 linear layers (o), kClusterShared the shared experts (gate/up
+  // with SwiGLU in its epilogue, then down).
+  static constexpr int kClusterQkv = 1, kClusterLinear = 2, kClusterShared = 4;
+  static bool cluster_gemm_takes(int use, int m) {
+    static const int max_tokens = cuda::switch_bits("ERNIE_CLUSTER_GEMM", 0);
+    static const int uses = cuda::switch_bits("ERNIE_CLUSTER_GEMM_USES", 7);
+    return (uses & use) != 0 && m > cuda::kClusterGemmMinTokens - 1 && m <= max_tokens;
   }
 
   // From how many tokens the router's logits are a cuBLAS GEMM with its weights' bf16 terms
@@ -656,6 +677,16 @@ class CudaBackend final : public Backend {
       }
       return;
     }
+    if (!profiling_ && m == step_->num_tokens() && qkv.dtype == DType::kBF16 &&
+        cluster_gemm_takes(kClusterQkv, m) && cuda::cluster_gemm_rope_fits(rope) &&
+        n == (attn_.num_heads + 2 * attn_.num_kv_heads) * attn_.head_dim) {
+      const cuda::ClusterGemmPlan plan = cuda::cluster_gemm_plan(m, n, k);
+      if (plan.splits > 0) {
+        check_linear(qkv, x, w);
+        cuda::cluster_gemm_rope(bf(qkv), bf(x), bf(w), m, k, rope, plan, stream_);
+        return;
+      }
+    }
     Backend::qkv_rope_store_kv(qkv, x, w, layer);
   }
 
@@ -710,6 +741,22 @@ class CudaBackend final : public Backend {
   // The shared experts of an MoE layer: s = down(silu(gate) * up) of x.
   void shared_experts(Tensor s, const Tensor& x, const MoeWeights& w, int lane) {
     const int64_t tokens = x.dim(0), si = w.shared_down.dim(1);
+    if (cluster_gemm_takes(kClusterShared, static_cast<int>(tokens)) && s.dtype == DType::kBF16 &&
+        x.dtype == DType::kBF16 && w.shared_gate_up.dtype == DType::kBF16 &&
+        w.shared_down.dtype == DType::kBF16) {
+      const int m = static_cast<int>(tokens), hidden = static_cast<int>(x.dim(1));
+      const int inter = static_cast<int>(si);
+      const cuda::ClusterGemmPlan gate_up = cuda::cluster_gemm_plan(m, 2 * inter, hidden);
+      const cuda::ClusterGemmPlan down = cuda::cluster_gemm_plan(m, hidden, inter);
+      if (gate_up.splits > 0 && down.splits > 0) {
+        Tensor a = scratch({tokens, si}, DType::kBF16);
+        cuda::cluster_gemm_swiglu(bf(a), bf(x), bf(w.shared_gate_up), m, 2 * inter, hidden, gate_up,
+                                  lane_streams_[lane]);
+        cuda::cluster_gemm(bf(s), bf(a), bf(w.shared_down), m, hidden, inter, down,
+                           lane_streams_[lane]);
+        return;
+      }
+    }
     Tensor gu = scratch({tokens, 2 * si}, DType::kBF16);
     Tensor a = scratch({tokens, si}, DType::kBF16);
     gemm(lane, gu, x, w.shared_gate_up);
