@@ -877,27 +877,33 @@ TEST(CudaKernels, SkinnyTcRopeMatchesSeparateKernels) {
 
 // The cluster GEMM for decode batches against a double reference, output poisoned: token
 // tiles of 64, 128 and 256 (one partial, and two tiles of 256 for 300 tokens), splits of the
-// reduction from 1 to 8 (uneven ones too), the 21B model's qkv, o and shared-down shapes; a
-// second run must give the same bits (the splits are added in rank order).
+// reduction from 1 to 8 (uneven ones too), tokens shared by 2 or 4 tiles (multicast pieces),
+// the 21B model's qkv, o and shared-down shapes; a second run must give the same bits (the
+// splits are added in rank order).
 TEST(CudaKernels, ClusterGemmMatchesReference) {
   if (device_count() == 0) GTEST_SKIP() << "no CUDA device";
   Rng rng(std::random_device{}());
   EXPECT_GT(cluster_gemm_plan(256, 3584, 2560).splits, 0);
   EXPECT_GT(cluster_gemm_plan(17, 2560, 2560).splits, 0);
-  EXPECT_EQ(cluster_gemm_plan(256, 3500, 2560).splits, 0);        // n % 128
-  EXPECT_EQ(cluster_gemm_plan(256, 3584, 2000).splits, 0);        // k % 64
-  EXPECT_FALSE(cluster_gemm_plan_valid({4, 256}, 64, 256, 192));  // 3 slices for 4 splits
-  EXPECT_FALSE(cluster_gemm_plan_valid({2, 96}, 64, 256, 256));   // token tile
+  EXPECT_EQ(cluster_gemm_plan(256, 3500, 2560).splits, 0);          // n % 128
+  EXPECT_EQ(cluster_gemm_plan(256, 3584, 2000).splits, 0);          // k % 64
+  EXPECT_FALSE(cluster_gemm_plan_valid({4, 256}, 64, 256, 192));    // 3 slices for 4 splits
+  EXPECT_FALSE(cluster_gemm_plan_valid({2, 96}, 64, 256, 256));     // token tile
+  EXPECT_FALSE(cluster_gemm_plan_valid({2, 64, 2}, 64, 384, 256));  // 3 tiles for pairs
+  EXPECT_FALSE(cluster_gemm_plan_valid({4, 64, 4}, 64, 512, 256));  // clusters of 16
   struct Case {
-    int m, n, k, splits, tile;
+    int m, n, k, splits, tile, share = 1;
   };
   for (const Case& c :
        {Case{17, 128, 64, 1, 64}, Case{64, 3584, 2560, 4, 64}, Case{100, 2560, 2560, 4, 128},
         Case{256, 3584, 2560, 4, 256}, Case{256, 2560, 3072, 2, 256}, Case{300, 384, 512, 3, 256},
-        Case{129, 640, 1024, 8, 256}, Case{1, 256, 192, 2, 64}, Case{200, 256, 2560, 1, 256}}) {
-    SCOPED_TRACE(::testing::Message() << c.m << " x " << c.k << " -> " << c.n << ", " << c.splits
-                                      << " splits, token tile " << c.tile);
-    const ClusterGemmPlan plan{c.splits, c.tile};
+        Case{129, 640, 1024, 8, 256}, Case{1, 256, 192, 2, 64}, Case{200, 256, 2560, 1, 256},
+        Case{256, 3584, 2560, 4, 256, 2}, Case{100, 2560, 2560, 2, 128, 4},
+        Case{40, 512, 512, 1, 64, 4}, Case{300, 1024, 1024, 3, 256, 2}}) {
+    SCOPED_TRACE(::testing::Message()
+                 << c.m << " x " << c.k << " -> " << c.n << ", " << c.splits
+                 << " splits, token tile " << c.tile << ", shared by " << c.share);
+    const ClusterGemmPlan plan{c.splits, c.tile, c.share};
     ASSERT_TRUE(cluster_gemm_plan_valid(plan, c.m, c.n, c.k));
     const auto x = random_bf16(rng, static_cast<size_t>(c.m) * c.k, 1.0);
     const auto w = random_bf16(rng, static_cast<size_t>(c.n) * c.k, 1.0 / std::sqrt(c.k));
@@ -927,7 +933,8 @@ TEST(CudaKernels, ClusterGemmSwiGluMatchesSeparateKernels) {
   };
   for (const Case& c :
        {Case{256, 3072, 2560, cluster_gemm_plan(256, 6144, 2560)}, Case{40, 128, 640, {4, 64}},
-        Case{130, 192, 1024, {1, 256}}, Case{77, 3072, 2560, cluster_gemm_plan(77, 6144, 2560)}}) {
+        Case{130, 192, 1024, {1, 256}}, Case{77, 3072, 2560, cluster_gemm_plan(77, 6144, 2560)},
+        Case{256, 3072, 2560, {2, 256, 4}}}) {
     const int n = 2 * c.inter;
     SCOPED_TRACE(::testing::Message()
                  << c.m << " x " << c.k << " -> " << n << ", " << c.plan.splits << " splits");
@@ -957,11 +964,20 @@ TEST(CudaKernels, ClusterGemmSwiGluMatchesSeparateKernels) {
 TEST(CudaKernels, ClusterGemmRopeMatchesSeparateKernels) {
   if (device_count() == 0) GTEST_SKIP() << "no CUDA device";
   Rng rng(std::random_device{}());
-  for (const RopeShape& s : {RopeShape{256, 20, 4, 128, 2560}, RopeShape{33, 4, 2, 48, 512},
-                             RopeShape{100, 20, 4, 128, 2560}, RopeShape{17, 64, 8, 128, 1024}}) {
+  struct Case {
+    RopeShape shape;
+    int share;  // 0: cluster_gemm_plan's plan
+  };
+  for (const Case& c : {Case{{256, 20, 4, 128, 2560}, 0}, Case{{33, 4, 2, 48, 512}, 0},
+                        Case{{100, 20, 4, 128, 2560}, 0}, Case{{17, 64, 8, 128, 1024}, 0},
+                        Case{{256, 20, 4, 128, 2560}, 2}, Case{{70, 20, 4, 128, 2560}, 4}}) {
+    const RopeShape& s = c.shape;
     const int n = (s.heads + 2 * s.kv_heads) * s.head_dim;
-    const ClusterGemmPlan plan = cluster_gemm_plan(s.tokens, n, s.k);
+    ClusterGemmPlan plan = cluster_gemm_plan(s.tokens, n, s.k);
     ASSERT_GT(plan.splits, 0);
+    if (c.share > 0) plan = {8 / c.share, plan.token_tile, c.share};
+    ASSERT_TRUE(cluster_gemm_plan_valid(plan, s.tokens, n, s.k));
+    SCOPED_TRACE(::testing::Message() << plan.splits << " splits, shared by " << plan.share);
     ASSERT_NO_FATAL_FAILURE(expect_fused_rope_matches(
         rng, s, 1e-6f,
         [&](__nv_bfloat16* qkv, const __nv_bfloat16* x, const __nv_bfloat16* w, int cols) {

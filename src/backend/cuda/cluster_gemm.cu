@@ -59,9 +59,9 @@ __device__ __forceinline__ void ld_cluster_f8(float (&v)[8], const float* p, uin
                : "memory");
 }
 
-// The sum over the cluster's splits of the eight staged partial sums at `p`, in rank order
-// (every split's loads issued before the first add).
-__device__ __forceinline__ void sum_splits(float (&s)[8], const float* p, int splits) {
+// The sum over the splits (cluster ranks cta0..) of the eight staged partial sums at `p`, in
+// rank order (every split's loads issued before the first add).
+__device__ __forceinline__ void sum_splits(float (&s)[8], const float* p, int splits, int cta0) {
   if (splits == 1) {
     const float4 a = *reinterpret_cast<const float4*>(p);
     const float4 b = *reinterpret_cast<const float4*>(p + 4);
@@ -73,7 +73,7 @@ __device__ __forceinline__ void sum_splits(float (&s)[8], const float* p, int sp
   float v[kCgMaxSplits][8];
 #pragma unroll
   for (int r = 0; r < kCgMaxSplits; ++r) {
-    if (r < splits) ld_cluster_f8(v[r], p, r);
+    if (r < splits) ld_cluster_f8(v[r], p, cta0 + r);
   }
 #pragma unroll
   for (int j = 0; j < 8; ++j) s[j] = v[0][j];
@@ -107,11 +107,14 @@ __device__ __forceinline__ uint4 pack_bf16x8(const float (&v)[8]) {
 // z * TN... The producer thread brings each slice's two 64-row weight boxes and the tokens' box
 // by TMA (the first stages' weights before the wait for the previous kernel: they do not depend
 // on it); each consumer warpgroup multiplies its 64 weight rows by all TN tokens.
+// share > 1: clusters of splits x share CTAs, the `share` tiles of a cluster (consecutive along
+// y) taking the tokens' box of a slice in `share` pieces, each piece brought once by TMA
+// multicast into all of them (the cluster's CTA of split r and tile p has rank r + p splits).
 template <int TN, int kEpi>
 __global__ void __launch_bounds__(kCgThreads, 1)
     cluster_gemm_kernel(const __grid_constant__ CUtensorMap w_map,
                         const __grid_constant__ CUtensorMap x_map, __nv_bfloat16* out, int m, int n,
-                        int k, int splits, const SkinnyRope rope) {
+                        int k, int splits, int share, const SkinnyRope rope) {
   using Shape = CgShape<TN>;
   constexpr int kStages = Shape::kStages, kStageBytes = Shape::kStageBytes;
   extern __shared__ unsigned char cg_smem_raw[];
@@ -121,6 +124,10 @@ __global__ void __launch_bounds__(kCgThreads, 1)
   uint64_t* empty = full + kStages;
   const int tid = threadIdx.x, wg = tid / 128;
   const int rank = blockIdx.x, tile = blockIdx.y, t0 = blockIdx.z * TN;
+  const int piece = tile % share, piece_rows = TN / share;  // this CTA's piece of the tokens
+  const int cta0 = piece * splits;                          // cluster rank of split 0 of this tile
+  uint16_t mask = 0;  // the CTAs of this split that take the pieces
+  for (int q = 0; q < share; ++q) mask |= static_cast<uint16_t>(1u << (rank + q * splits));
   const int slices = k / kCgBK;
   const int kb0 = rank * slices / splits, count = (rank + 1) * slices / splits - kb0;
   const int row0 = kEpi == kSwiGlu ? tile * 64 : tile * kCgRows;
@@ -128,7 +135,7 @@ __global__ void __launch_bounds__(kCgThreads, 1)
   if (tid == 0) {
     for (int s = 0; s < kStages; ++s) {
       mbar_init(&full[s], 1);
-      mbar_init(&empty[s], 8);  // one arrival per consumer warp
+      mbar_init(&empty[s], 8 * share);  // one arrival per consumer warp of the sharing CTAs
     }
     mbar_init_fence();
     for (int i = 0; i < min(count, kStages); ++i) {
@@ -138,7 +145,12 @@ __global__ void __launch_bounds__(kCgThreads, 1)
       tma_load_2d(st + kCgHalfBytes, &w_map, &full[i], (kb0 + i) * kCgBK, row1);
     }
   }
-  __syncthreads();
+  // The cluster's barriers are initialised before any piece is multicast into them.
+  if (splits * share > 1) {
+    cluster_sync();
+  } else {
+    __syncthreads();
+  }
   asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
   asm volatile("griddepcontrol.wait;" ::: "memory");
   float* part = reinterpret_cast<float*>(smem);  // [TN tokens][kCgLd], after the main loop
@@ -153,7 +165,13 @@ __global__ void __launch_bounds__(kCgThreads, 1)
           tma_load_2d(st, &w_map, &full[s], (kb0 + i) * kCgBK, row0);
           tma_load_2d(st + kCgHalfBytes, &w_map, &full[s], (kb0 + i) * kCgBK, row1);
         }
-        tma_load_2d(st + 2 * kCgHalfBytes, &x_map, &full[s], (kb0 + i) * kCgBK, t0);
+        unsigned char* xs = st + 2 * kCgHalfBytes;
+        if (share == 1) {
+          tma_load_2d(xs, &x_map, &full[s], (kb0 + i) * kCgBK, t0);
+        } else {
+          tma_load_2d_multicast(xs + piece * piece_rows * 128, &x_map, &full[s], (kb0 + i) * kCgBK,
+                                t0 + piece * piece_rows, mask);
+        }
       }
     }
   } else {
@@ -173,7 +191,16 @@ __global__ void __launch_bounds__(kCgThreads, 1)
       }
       wgmma_commit();
       wgmma_wait<1>();  // the previous slice's group is complete
-      if (i > 0 && lane == 0) mbar_arrive(&empty[(i - 1) % kStages]);
+      if (i > 0 && lane == 0) {
+        // Slot free here and, with shared pieces, in every CTA that multicasts into it.
+        for (int q = 0; q < share; ++q) {
+          if (q == piece) {
+            mbar_arrive(&empty[(i - 1) % kStages]);
+          } else {
+            mbar_arrive_cluster(&empty[(i - 1) % kStages], rank + q * splits);
+          }
+        }
+      }
     }
     wgmma_wait<0>();
     fence_regs(acc);
@@ -191,7 +218,7 @@ __global__ void __launch_bounds__(kCgThreads, 1)
       part[(t + 1) * kCgLd + r + 8] = acc[4 * j + 3];
     }
   }
-  if (splits > 1) {
+  if (splits * share > 1) {
     cluster_sync();  // every CTA's sums are staged
   } else {
     __syncthreads();
@@ -204,10 +231,10 @@ __global__ void __launch_bounds__(kCgThreads, 1)
     const int t = i / kChunks, q = i % kChunks;
     const size_t token = static_cast<size_t>(t0 + t);
     float v[8];
-    sum_splits(v, part + t * kCgLd + 8 * q, splits);
+    sum_splits(v, part + t * kCgLd + 8 * q, splits, cta0);
     if constexpr (kEpi == kSwiGlu) {
       float u[8];
-      sum_splits(u, part + t * kCgLd + 64 + 8 * q, splits);
+      sum_splits(u, part + t * kCgLd + 64 + 8 * q, splits, cta0);
 #pragma unroll
       for (int j = 0; j < 8; ++j) {
         // As silu_mul on the bf16 gate and up that cluster_gemm would store.
@@ -246,8 +273,8 @@ __global__ void __launch_bounds__(kCgThreads, 1)
       *reinterpret_cast<uint4*>(out + token * n + tile * kCgRows + 8 * q) = pack_bf16x8(v);
     }
   }
-  // No CTA leaves while the others may still read its staged sums.
-  if (splits > 1) cluster_sync();
+  // No CTA leaves while the others may still read its staged sums or arrive on its barriers.
+  if (splits * share > 1) cluster_sync();
 }
 
 int sm_count() {
@@ -311,10 +338,10 @@ int token_tiles(int m, int token_tile) {
 
 template <int TN, int kEpi>
 void launch(__nv_bfloat16* out, const __nv_bfloat16* x, const __nv_bfloat16* w, int m, int n, int k,
-            int splits, const SkinnyRope& rope, cudaStream_t stream) {
+            int splits, int share, const SkinnyRope& rope, cudaStream_t stream) {
   auto* kernel = configured_kernel<TN, kEpi>();
   const CUtensorMap w_map = tensor_map_bf16_sw128(w, n, k, 64);
-  const CUtensorMap x_map = tensor_map_bf16_sw128(x, m, k, TN);
+  const CUtensorMap x_map = tensor_map_bf16_sw128(x, m, k, TN / share);
   cudaLaunchConfig_t cfg{};
   cfg.gridDim = dim3(splits, n / kCgRows, token_tiles(m, TN));
   cfg.blockDim = dim3(kCgThreads);
@@ -326,12 +353,13 @@ void launch(__nv_bfloat16* out, const __nv_bfloat16* x, const __nv_bfloat16* w, 
   static const bool early = new_path_enabled("ERNIE_CLUSTER_GEMM_PDL");
   cudaLaunchAttribute attrs[2]{};
   attrs[0].id = cudaLaunchAttributeClusterDimension;
-  attrs[0].val.clusterDim = {static_cast<unsigned>(splits), 1, 1};
+  attrs[0].val.clusterDim = {static_cast<unsigned>(splits), static_cast<unsigned>(share), 1};
   attrs[1].id = cudaLaunchAttributeProgrammaticStreamSerialization;
   attrs[1].val.programmaticStreamSerializationAllowed = 1;
   cfg.attrs = attrs;
   cfg.numAttrs = early ? 2 : 1;
-  ERNIE_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, w_map, x_map, out, m, n, k, splits, rope));
+  ERNIE_CUDA_CHECK(
+      cudaLaunchKernelEx(&cfg, kernel, w_map, x_map, out, m, n, k, splits, share, rope));
 }
 
 template <int kEpi>
@@ -344,13 +372,13 @@ void dispatch(__nv_bfloat16* out, const __nv_bfloat16* x, const __nv_bfloat16* w
           "cluster_gemm: operands must be 16-byte aligned");
   switch (plan.token_tile) {
     case 64:
-      launch<64, kEpi>(out, x, w, m, n, k, plan.splits, rope, stream);
+      launch<64, kEpi>(out, x, w, m, n, k, plan.splits, plan.share, rope, stream);
       break;
     case 128:
-      launch<128, kEpi>(out, x, w, m, n, k, plan.splits, rope, stream);
+      launch<128, kEpi>(out, x, w, m, n, k, plan.splits, plan.share, rope, stream);
       break;
     default:
-      launch<256, kEpi>(out, x, w, m, n, k, plan.splits, rope, stream);
+      launch<256, kEpi>(out, x, w, m, n, k, plan.splits, plan.share, rope, stream);
   }
 }
 
@@ -358,7 +386,10 @@ void dispatch(__nv_bfloat16* out, const __nv_bfloat16* x, const __nv_bfloat16* w
 
 bool cluster_gemm_plan_valid(const ClusterGemmPlan& plan, int m, int n, int k) {
   const bool tile_ok = plan.token_tile == 64 || plan.token_tile == 128 || plan.token_tile == 256;
-  return tile_ok && plan.splits >= 1 && plan.splits <= kCgMaxSplits && m >= 1 &&
+  const bool share_ok = (plan.share == 1 || plan.share == 2 || plan.share == 4) && tile_ok &&
+                        plan.splits * plan.share <= kCgMaxSplits &&
+                        n % (kCgRows * plan.share) == 0 && plan.token_tile / plan.share >= 8;
+  return tile_ok && share_ok && plan.splits >= 1 && plan.splits <= kCgMaxSplits && m >= 1 &&
          token_tiles(m, plan.token_tile) <= 65535 && n >= kCgRows && n % kCgRows == 0 &&
          n / kCgRows <= 65535 && k >= kCgBK && k % kCgBK == 0 && k / kCgBK >= plan.splits;
 }
@@ -369,10 +400,15 @@ ClusterGemmPlan cluster_gemm_plan(int m, int n, int k) {
   const int64_t tiles = static_cast<int64_t>(n / kCgRows) * token_tiles(m, tn);
   // ERNIE_CLUSTER_GEMM_SPLITS=S (A/B runs): S splits first where they fit (up to 8).
   static const int first = std::clamp(switch_bits("ERNIE_CLUSTER_GEMM_SPLITS", 4), 1, kCgMaxSplits);
+  // ERNIE_CLUSTER_GEMM_SHARE=2|4 (A/B runs): the tokens' boxes shared by that many tiles.
+  static const int share_first = switch_bits("ERNIE_CLUSTER_GEMM_SHARE", 1);
   for (const int splits : {first, 4, 2, 1}) {
     if (splits > first || k / kCgBK < 2 * splits || tiles * splits > sm_count()) continue;
-    if (tiles > max_resident_clusters(tn, splits)) continue;
-    return {splits, tn};
+    const bool shared = (share_first == 2 || share_first == 4) &&
+                        (n / kCgRows) % share_first == 0 && splits * share_first <= kCgMaxSplits;
+    const int share = shared ? share_first : 1;
+    if (tiles / share > max_resident_clusters(tn, splits * share)) continue;
+    return {splits, tn, share};
   }
   return {};
 }

@@ -20,11 +20,15 @@ namespace ernie::cuda {
 // The backend takes it from this many tokens (fewer: skinny_tc, skinny_gemm).
 constexpr int kClusterGemmMinTokens = 17;
 
-// How a call runs: `splits` CTAs of a cluster share the reduction (1, 2 or 4), each CTA takes
-// `token_tile` tokens (64, 128 or 256; more tokens take more tiles). splits == 0: not taken.
+// How a call runs: `splits` CTAs of a cluster share the reduction (1, 2 or 4; tests up to 8),
+// each CTA takes `token_tile` tokens (64, 128 or 256; more tokens take more tiles). splits == 0:
+// not taken.
 struct ClusterGemmPlan {
   int splits = 0;
   int token_tile = 0;
+  // Tiles (of 128 weight rows) in a cluster that share each slice's tokens (1, 2 or 4): each
+  // brings a piece by TMA multicast into all of them (clusters of splits x share CTAs).
+  int share = 1;
 };
 
 // The plan for out [m, n] = x [m, k] w [n, k]^T on this device, or splits == 0 when the call

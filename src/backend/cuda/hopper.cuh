@@ -133,6 +133,17 @@ __device__ __forceinline__ void tma_load_4d_multicast(void* dst, const CUtensorM
       : "memory");
 }
 
+// tma_load_2d into the same shared-memory offset of every cluster CTA in `mask`, as above.
+__device__ __forceinline__ void tma_load_2d_multicast(void* dst, const CUtensorMap* map,
+                                                      uint64_t* bar, int c0, int c1,
+                                                      uint16_t mask) {
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes.multicast::"
+      "cluster [%0], [%1, {%3, %4}], [%2], %5;\n" ::"r"(smem_u32(dst)),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(smem_u32(bar)), "r"(c0), "r"(c1), "h"(mask)
+      : "memory");
+}
+
 // One contiguous copy of `bytes` (a multiple of 16, both addresses 16-byte aligned) from global
 // into shared memory by the copy engine, completing on `bar`.
 __device__ __forceinline__ void bulk_load(void* dst, const void* src, uint32_t bytes,
