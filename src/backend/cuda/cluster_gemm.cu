@@ -347,9 +347,9 @@ void launch(__nv_bfloat16* out, const __nv_bfloat16* x, const __nv_bfloat16* w, 
   cfg.blockDim = dim3(kCgThreads);
   cfg.dynamicSmemBytes = CgShape<TN>::kSmem;
   cfg.stream = stream;
-  // No early launch by default: CTAs resident before the previous kernel ends (one an SM, for
-  // their shared memory) took multiprocessors from its later waves (H100, 256 x 1000: the
-  // attention before o 184 -> 198 us). ERNIE_CLUSTER_GEMM_PDL=1 launches early (A/B runs).
+  // A plain launch unless ERNIE_CLUSTER_GEMM_PDL=1 (early, programmatic dependent launch: the
+  // first stages' weights then load while the previous kernel ends). H100, steps 64-512 x
+  // 1000: early -0.6 to +0.1% against plain (docs/performance.md, thirty-sixth round).
   static const bool early = new_path_enabled("ERNIE_CLUSTER_GEMM_PDL");
   cudaLaunchAttribute attrs[2]{};
   attrs[0].id = cudaLaunchAttributeClusterDimension;

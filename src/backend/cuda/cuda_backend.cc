@@ -547,7 +547,10 @@ class CudaBackend final : public Backend {
   // cuda::cluster_gemm instead of cuBLAS for the uses in ERNIE_CLUSTER_GEMM_USES (bits, all by
   // default): kClusterQkv the qkv projection with rope and the KV store in its epilogue,
   // kClusterLinear the other bf16 linear layers (o), kClusterShared the shared experts (gate/up
-  // with SwiGLU in its epilogue, then down).
+  // with SwiGLU in its epilogue, then down). Off: on the H100 it is slower than tuned cuBLAS
+  // for qkv and o (steps 128 / 256 x 1000 +0.7 / +0.8% with qkv alone, +1.8 / +2.5% with o
+  // alone); the shared experts alone -0.8% at 512 x 1000, +0.4% at 256 (performance.md,
+  // thirty-sixth round).
   static constexpr int kClusterQkv = 1, kClusterLinear = 2, kClusterShared = 4;
   static bool cluster_gemm_takes(int use, int m) {
     static const int max_tokens = cuda::switch_bits("ERNIE_CLUSTER_GEMM", 0);
