@@ -555,7 +555,7 @@ class CudaBackend final : public Backend {
   static bool cluster_gemm_takes(int use, int m) {
     static const int max_tokens = cuda::switch_bits("ERNIE_CLUSTER_GEMM", 0);
     static const int uses = cuda::switch_bits("ERNIE_CLUSTER_GEMM_USES", 7);
-    return (uses & use) != 0 && m > cuda::kClusterGemmMinTokens - 1 && m <= max_tokens;
+    return (uses & use) != 0 && m >= cuda::kClusterGemmMinTokens && m <= max_tokens;
   }
 
   // From how many tokens the router's logits are a cuBLAS GEMM with its weights' bf16 terms
