@@ -118,8 +118,7 @@ __global__ void __launch_bounds__(kCgThreads, 1)
   using Shape = CgShape<TN>;
   constexpr int kStages = Shape::kStages, kStageBytes = Shape::kStageBytes;
   extern __shared__ unsigned char cg_smem_raw[];
-  unsigned char* smem = reinterpret_cast<unsigned char*>(
-      (reinterpret_cast<uintptr_t>(cg_smem_raw) + 1023) & ~uintptr_t{1023});
+  unsigned char* smem = align_1024(cg_smem_raw);
   uint64_t* full = reinterpret_cast<uint64_t*>(smem + kStages * kStageBytes);
   uint64_t* empty = full + kStages;
   const int tid = threadIdx.x, wg = tid / 128;
