@@ -5,6 +5,7 @@
 #include "backend/cuda/cluster_gemm.cuh"
 #include "backend/cuda/cuda_check.h"
 #include "backend/cuda/hopper.cuh"
+#include "backend/cuda/mma.cuh"
 #include "backend/cuda/switches.h"
 #include "common/check.h"
 
@@ -91,14 +92,8 @@ __device__ __forceinline__ float bf16_round(float v) {
 }
 
 __device__ __forceinline__ uint4 pack_bf16x8(const float (&v)[8]) {
-  uint4 r;
-  uint32_t* w = &r.x;
-#pragma unroll
-  for (int j = 0; j < 4; ++j) {
-    const __nv_bfloat162 p = __floats2bfloat162_rn(v[2 * j], v[2 * j + 1]);
-    w[j] = *reinterpret_cast<const uint32_t*>(&p);
-  }
-  return r;
+  return make_uint4(pack_bf16(v[0], v[1]), pack_bf16(v[2], v[3]), pack_bf16(v[4], v[5]),
+                    pack_bf16(v[6], v[7]));
 }
 
 // Grid (splits, n / 128, token tiles), clusters of `splits` along x: CTA (r, tile, z) sums the
