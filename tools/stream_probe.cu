@@ -16,6 +16,10 @@
 // over several placements of the caches, in the kernel's CTA order, with a sequence's KV heads
 // in consecutive CTAs, and with one CTA a sequence reading whole cache slots
 // (attn_slots_kernel).
+// PROBE_CLUSTER_GEMM=1 instead times cuda::cluster_gemm on decode batches' dense projections
+// beside cuBLAS's default algorithm, then prints where one launch's time goes: each CTA's
+// milestones (cluster_gemm's stamps) from the first CTA's start, median and latest over CTAs.
+#include <cublas_v2.h>
 #include <cuda.h>
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
@@ -25,12 +29,15 @@
 #include <cstdio>
 #include <cstdlib>
 #include <exception>
+#include <stdexcept>
 #include <utility>
 #include <vector>
 
+#include "backend/cuda/cluster_gemm.cuh"
 #include "backend/cuda/cuda_check.h"
 #include "backend/cuda/device.h"
 #include "backend/cuda/hopper.cuh"
+#include "backend/cuda/memory_ops.cuh"
 #include "backend/cuda/mma.cuh"
 
 namespace ernie::cuda {
@@ -549,7 +556,103 @@ void run_ldg(int iters, int64_t bytes) {
               static_cast<double>(bytes) / rate * 1e6, rate * 1e-12);
 }
 
+// cluster_gemm against cuBLAS on out [m, n] = x [m, k] w [n, k]^T, each launch on another of
+// kCopies weight matrices (more bytes than L2 holds, as in a step), then the milestones of
+// single launches.
+void run_cluster_gemm(int iters) {
+  constexpr int kCopies = 8;
+  struct Shape {
+    const char* name;
+    int m, n, k;
+  };
+  const Shape shapes[] = {{"qkv", 256, 3584, 2560},
+                          {"o", 256, 2560, 2560},
+                          {"qkv", 128, 3584, 2560},
+                          {"qkv", 64, 3584, 2560}};
+  cudaEvent_t t0{}, t1{};
+  ERNIE_CUDA_CHECK(cudaEventCreate(&t0));
+  ERNIE_CUDA_CHECK(cudaEventCreate(&t1));
+  cublasHandle_t blas = nullptr;
+  if (cublasCreate(&blas) != CUBLAS_STATUS_SUCCESS) throw std::runtime_error("cublasCreate");
+  const auto timed = [&](auto&& launch) {  // us a launch, launches back to back
+    for (int i = 0; i < kCopies; ++i) launch(i);
+    ERNIE_CUDA_CHECK(cudaDeviceSynchronize());
+    ERNIE_CUDA_CHECK(cudaEventRecord(t0));
+    for (int i = 0; i < iters; ++i) launch(i % kCopies);
+    ERNIE_CUDA_CHECK(cudaEventRecord(t1));
+    ERNIE_CUDA_CHECK(cudaEventSynchronize(t1));
+    float ms = 0;
+    ERNIE_CUDA_CHECK(cudaEventElapsedTime(&ms, t0, t1));
+    return 1e3 * ms / iters;
+  };
+  const char* names[kCgStamps] = {"entry",    "synced", "first slice", "issued",
+                                  "mma done", "staged", "stored",      "exit"};
+  for (const Shape& sh : shapes) {
+    const size_t w_elems = static_cast<size_t>(sh.n) * sh.k;
+    __nv_bfloat16 *x = nullptr, *w = nullptr, *out = nullptr;
+    ERNIE_CUDA_CHECK(cudaMalloc(&x, static_cast<size_t>(sh.m) * sh.k * 2));
+    ERNIE_CUDA_CHECK(cudaMalloc(&w, kCopies * w_elems * 2));
+    ERNIE_CUDA_CHECK(cudaMalloc(&out, static_cast<size_t>(sh.m) * sh.n * 2));
+    fill_random_bf16(x, static_cast<int64_t>(sh.m) * sh.k, false, 0.0, 1.0, 11, nullptr);
+    fill_random_bf16(w, kCopies * static_cast<int64_t>(w_elems), false, 0.0, 0.02, 12, nullptr);
+    const float one = 1.0f, zero = 0.0f;
+    const double blas_us = timed([&](int c) {
+      if (cublasGemmEx(blas, CUBLAS_OP_T, CUBLAS_OP_N, sh.n, sh.m, sh.k, &one, w + c * w_elems,
+                       CUDA_R_16BF, sh.k, x, CUDA_R_16BF, sh.k, &zero, out, CUDA_R_16BF, sh.n,
+                       CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT) != CUBLAS_STATUS_SUCCESS) {
+        throw std::runtime_error("cublasGemmEx");
+      }
+    });
+    std::printf("-- %s %d x %d -> %d: cuBLAS %.1f us a launch\n", sh.name, sh.m, sh.k, sh.n,
+                blas_us);
+    for (const int splits : {1, 2, 4}) {
+      const ClusterGemmPlan plan{splits, sh.m <= 64 ? 64 : sh.m <= 128 ? 128 : 256, 1};
+      if (!cluster_gemm_plan_valid(plan, sh.m, sh.n, sh.k)) continue;
+      const double us = timed(
+          [&](int c) { cluster_gemm(out, x, w + c * w_elems, sh.m, sh.n, sh.k, plan, nullptr); });
+      const int ctas = splits * (sh.n / 128) * ((sh.m + plan.token_tile - 1) / plan.token_tile);
+      uint64_t* d_stamps = nullptr;
+      ERNIE_CUDA_CHECK(cudaMalloc(&d_stamps, size_t{8} * ctas * kCgStamps));
+      std::vector<uint64_t> st(static_cast<size_t>(ctas) * kCgStamps);
+      float ms = 0;
+      for (int rep = 0; rep < 3; ++rep) {  // the last of three single launches
+        ERNIE_CUDA_CHECK(cudaMemset(d_stamps, 0, st.size() * 8));
+        ERNIE_CUDA_CHECK(cudaEventRecord(t0));
+        cluster_gemm(out, x, w + rep * w_elems, sh.m, sh.n, sh.k, plan, nullptr, d_stamps);
+        ERNIE_CUDA_CHECK(cudaEventRecord(t1));
+        ERNIE_CUDA_CHECK(cudaEventSynchronize(t1));
+        ERNIE_CUDA_CHECK(cudaEventElapsedTime(&ms, t0, t1));
+      }
+      ERNIE_CUDA_CHECK(cudaMemcpy(st.data(), d_stamps, st.size() * 8, cudaMemcpyDeviceToHost));
+      cudaFree(d_stamps);
+      uint64_t first = ~uint64_t{0};
+      for (int c = 0; c < ctas; ++c) first = std::min(first, st[c * kCgStamps + kStampEntry]);
+      std::printf(
+          "   splits %d (%d CTAs): %.1f us a launch, one launch %.1f us; milestones, us "
+          "from the first entry (median / latest):\n   ",
+          splits, ctas, us, 1e3 * ms);
+      for (int p = 0; p < kCgStamps; ++p) {
+        std::vector<double> v(ctas);
+        for (int c = 0; c < ctas; ++c) v[c] = 1e-3 * (st[c * kCgStamps + p] - first);
+        std::sort(v.begin(), v.end());
+        std::printf(" %s %.1f/%.1f", names[p], v[ctas / 2], v.back());
+      }
+      std::printf("\n");
+    }
+    cudaFree(x);
+    cudaFree(w);
+    cudaFree(out);
+  }
+  cublasDestroy(blas);
+  cudaEventDestroy(t0);
+  cudaEventDestroy(t1);
+}
+
 int run(int iters) {
+  if (std::getenv("PROBE_CLUSTER_GEMM") != nullptr) {
+    run_cluster_gemm(iters);
+    return 0;
+  }
   Bench b;
   b.iters = iters;
   const size_t bytes = size_t{6} << 30;

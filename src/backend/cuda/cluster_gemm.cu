@@ -87,6 +87,16 @@ __device__ __forceinline__ void sum_splits(float (&s)[8], const float* p, int sp
   }
 }
 
+// Diagnostics (cluster_gemm's `stamps`, ernie_stream_probe): the global timer into this CTA's
+// milestone `slot` (kCgStamps a CTA, CTAs in launch order x, y, z).
+__device__ __forceinline__ void stamp(uint64_t* stamps, int slot) {
+  if (stamps == nullptr) return;
+  uint64_t t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  const int cta = blockIdx.x + gridDim.x * (blockIdx.y + gridDim.y * blockIdx.z);
+  stamps[cta * kCgStamps + slot] = t;
+}
+
 __device__ __forceinline__ float bf16_round(float v) {
   return __bfloat162float(__float2bfloat16(v));
 }
@@ -105,11 +115,12 @@ __device__ __forceinline__ uint4 pack_bf16x8(const float (&v)[8]) {
 // share > 1: clusters of splits x share CTAs, the `share` tiles of a cluster (consecutive along
 // y) taking the tokens' box of a slice in `share` pieces, each piece brought once by TMA
 // multicast into all of them (the cluster's CTA of split r and tile p has rank r + p splits).
+// stamps (diagnostics, null in the engine): the milestones of ClusterGemmStamp, a CTA's row.
 template <int TN, int kEpi>
 __global__ void __launch_bounds__(kCgThreads, 1)
     cluster_gemm_kernel(const __grid_constant__ CUtensorMap w_map,
                         const __grid_constant__ CUtensorMap x_map, __nv_bfloat16* out, int m, int n,
-                        int k, int splits, int share, const SkinnyRope rope) {
+                        int k, int splits, int share, const SkinnyRope rope, uint64_t* stamps) {
   using Shape = CgShape<TN>;
   constexpr int kStages = Shape::kStages, kStageBytes = Shape::kStageBytes;
   extern __shared__ unsigned char cg_smem_raw[];
@@ -127,6 +138,7 @@ __global__ void __launch_bounds__(kCgThreads, 1)
   const int row0 = kEpi == kSwiGlu ? tile * 64 : tile * kCgRows;
   const int row1 = kEpi == kSwiGlu ? n / 2 + tile * 64 : row0 + 64;
   if (tid == 0) {
+    stamp(stamps, kStampEntry);
     for (int s = 0; s < kStages; ++s) {
       mbar_init(&full[s], 1);
       mbar_init(&empty[s], 8 * share);  // one arrival per consumer warp of the sharing CTAs
@@ -147,6 +159,7 @@ __global__ void __launch_bounds__(kCgThreads, 1)
   }
   asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
   asm volatile("griddepcontrol.wait;" ::: "memory");
+  if (tid == 128) stamp(stamps, kStampSynced);
   float* part = reinterpret_cast<float*>(smem);  // [TN tokens][kCgLd], after the main loop
   if (wg == 0) {
     if (tid == 0) {
@@ -167,12 +180,17 @@ __global__ void __launch_bounds__(kCgThreads, 1)
                                 t0 + piece * piece_rows, mask);
         }
       }
+      stamp(stamps, kStampIssued);
     }
   } else {
     const int cw = wg - 1, warp = (tid % 128) / 32, lane = tid % 32, g = lane / 4, c = lane % 4;
     float acc[TN / 2];
 #pragma unroll
     for (int i = 0; i < TN / 2; ++i) acc[i] = 0.0f;
+    if (stamps != nullptr && tid == 128) {
+      mbar_wait(&full[0], 0);
+      stamp(stamps, kStampFirstSlice);
+    }
     for (int i = 0; i < count; ++i) {
       const int s = i % kStages;
       mbar_wait(&full[s], (i / kStages) & 1);
@@ -198,6 +216,7 @@ __global__ void __launch_bounds__(kCgThreads, 1)
     }
     wgmma_wait<0>();
     fence_regs(acc);
+    if (tid == 128) stamp(stamps, kStampLoopDone);
     named_barrier_sync(1, 256);  // both consumers are done with the ring: it takes the sums
     // Accumulator element 4j + h: weight row 16 warp + g (+8 for h >= 2), token 8j + 2c (+1
     // for odd h); staged as part[token][row] (rows of one token contiguous; the lanes of a
@@ -217,6 +236,7 @@ __global__ void __launch_bounds__(kCgThreads, 1)
   } else {
     __syncthreads();
   }
+  if (tid == 128) stamp(stamps, kStampStaged);
   // Eight adjacent outputs of one token per item; this CTA adds its share of the tile's items.
   constexpr int kChunks = kEpi == kSwiGlu ? 8 : 16;  // items per token
   const int tokens = min(TN, m - t0), items = tokens * kChunks;
@@ -267,8 +287,10 @@ __global__ void __launch_bounds__(kCgThreads, 1)
       *reinterpret_cast<uint4*>(out + token * n + tile * kCgRows + 8 * q) = pack_bf16x8(v);
     }
   }
+  if (tid == 128) stamp(stamps, kStampStored);
   // No CTA leaves while the others may still read its staged sums or arrive on its barriers.
   if (splits * share > 1) cluster_sync();
+  if (tid == 128) stamp(stamps, kStampExit);
 }
 
 int sm_count() {
@@ -332,7 +354,7 @@ int token_tiles(int m, int token_tile) {
 
 template <int TN, int kEpi>
 void launch(__nv_bfloat16* out, const __nv_bfloat16* x, const __nv_bfloat16* w, int m, int n, int k,
-            int splits, int share, const SkinnyRope& rope, cudaStream_t stream) {
+            int splits, int share, const SkinnyRope& rope, uint64_t* stamps, cudaStream_t stream) {
   auto* kernel = configured_kernel<TN, kEpi>();
   const CUtensorMap w_map = tensor_map_bf16_sw128(w, n, k, 64);
   const CUtensorMap x_map = tensor_map_bf16_sw128(x, m, k, TN / share);
@@ -353,12 +375,13 @@ void launch(__nv_bfloat16* out, const __nv_bfloat16* x, const __nv_bfloat16* w, 
   cfg.attrs = attrs;
   cfg.numAttrs = early ? 2 : 1;
   ERNIE_CUDA_CHECK(
-      cudaLaunchKernelEx(&cfg, kernel, w_map, x_map, out, m, n, k, splits, share, rope));
+      cudaLaunchKernelEx(&cfg, kernel, w_map, x_map, out, m, n, k, splits, share, rope, stamps));
 }
 
 template <int kEpi>
 void dispatch(__nv_bfloat16* out, const __nv_bfloat16* x, const __nv_bfloat16* w, int m, int n,
-              int k, const ClusterGemmPlan& plan, const SkinnyRope& rope, cudaStream_t stream) {
+              int k, const ClusterGemmPlan& plan, const SkinnyRope& rope, uint64_t* stamps,
+              cudaStream_t stream) {
   require_parts(cluster_gemm_plan_valid(plan, m, n, k), "cluster_gemm: no plan for ", m, " x ", k,
                 " -> ", n, " (splits ", plan.splits, ", token tile ", plan.token_tile, ")");
   require(reinterpret_cast<uintptr_t>(out) % 16 == 0 && reinterpret_cast<uintptr_t>(x) % 16 == 0 &&
@@ -366,13 +389,13 @@ void dispatch(__nv_bfloat16* out, const __nv_bfloat16* x, const __nv_bfloat16* w
           "cluster_gemm: operands must be 16-byte aligned");
   switch (plan.token_tile) {
     case 64:
-      launch<64, kEpi>(out, x, w, m, n, k, plan.splits, plan.share, rope, stream);
+      launch<64, kEpi>(out, x, w, m, n, k, plan.splits, plan.share, rope, stamps, stream);
       break;
     case 128:
-      launch<128, kEpi>(out, x, w, m, n, k, plan.splits, plan.share, rope, stream);
+      launch<128, kEpi>(out, x, w, m, n, k, plan.splits, plan.share, rope, stamps, stream);
       break;
     default:
-      launch<256, kEpi>(out, x, w, m, n, k, plan.splits, plan.share, rope, stream);
+      launch<256, kEpi>(out, x, w, m, n, k, plan.splits, plan.share, rope, stamps, stream);
   }
 }
 
@@ -408,13 +431,13 @@ ClusterGemmPlan cluster_gemm_plan(int m, int n, int k) {
 }
 
 void cluster_gemm(__nv_bfloat16* out, const __nv_bfloat16* x, const __nv_bfloat16* w, int m, int n,
-                  int k, const ClusterGemmPlan& plan, cudaStream_t stream) {
-  dispatch<kStore>(out, x, w, m, n, k, plan, SkinnyRope{}, stream);
+                  int k, const ClusterGemmPlan& plan, cudaStream_t stream, uint64_t* stamps) {
+  dispatch<kStore>(out, x, w, m, n, k, plan, SkinnyRope{}, stamps, stream);
 }
 
 void cluster_gemm_swiglu(__nv_bfloat16* out, const __nv_bfloat16* x, const __nv_bfloat16* w, int m,
                          int n, int k, const ClusterGemmPlan& plan, cudaStream_t stream) {
-  dispatch<kSwiGlu>(out, x, w, m, n, k, plan, SkinnyRope{}, stream);
+  dispatch<kSwiGlu>(out, x, w, m, n, k, plan, SkinnyRope{}, nullptr, stream);
 }
 
 bool cluster_gemm_rope_fits(const SkinnyRope& rope) {
@@ -428,7 +451,7 @@ void cluster_gemm_rope(__nv_bfloat16* qkv, const __nv_bfloat16* x, const __nv_bf
                        cudaStream_t stream) {
   require(cluster_gemm_rope_fits(rope), "cluster_gemm_rope: bad rope configuration");
   const int n = (rope.heads + 2 * rope.kv_heads) * rope.head_dim;
-  dispatch<kRope>(qkv, x, w, m, n, k, plan, rope, stream);
+  dispatch<kRope>(qkv, x, w, m, n, k, plan, rope, nullptr, stream);
 }
 
 }  // namespace ernie::cuda

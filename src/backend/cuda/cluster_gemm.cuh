@@ -40,9 +40,25 @@ ClusterGemmPlan cluster_gemm_plan(int m, int n, int k);
 // tests force other splits).
 bool cluster_gemm_plan_valid(const ClusterGemmPlan& plan, int m, int n, int k);
 
+// Diagnostics: with `stamps` set (kCgStamps 64-bit words a CTA, CTAs in launch order: x the
+// split, y the weight tile, z the token tile), each CTA writes the global timer (ns) at these
+// milestones; the engine passes none.
+enum ClusterGemmStamp {
+  kStampEntry,       // thread 0 begins
+  kStampSynced,      // barriers initialised and (cluster) synchronised
+  kStampFirstSlice,  // the first slice's weights and tokens have landed
+  kStampIssued,      // the producer has issued its last slice
+  kStampLoopDone,    // the first consumer's multiplies are done
+  kStampStaged,      // every split's sums are staged
+  kStampStored,      // this CTA's outputs are stored
+  kStampExit,        // the last barrier passed
+};
+constexpr int kCgStamps = 8;
+
 // out [m, n] bf16 = x w^T (f32 sums); x, w, out 16-byte aligned, row-major.
 void cluster_gemm(__nv_bfloat16* out, const __nv_bfloat16* x, const __nv_bfloat16* w, int m, int n,
-                  int k, const ClusterGemmPlan& plan, cudaStream_t stream);
+                  int k, const ClusterGemmPlan& plan, cudaStream_t stream,
+                  uint64_t* stamps = nullptr);
 
 // out [m, n / 2] = silu(gate) * up with [gate; up] = x w^T, w's first n / 2 rows the gate's:
 // the values of cluster_gemm followed by silu_mul (each sum rounded to bf16 first).
