@@ -18,7 +18,9 @@
 // (attn_slots_kernel).
 // PROBE_CLUSTER_GEMM=1 instead times cuda::cluster_gemm on decode batches' dense projections
 // beside cuBLAS's default algorithm, then prints where one launch's time goes: each CTA's
-// milestones (cluster_gemm's stamps) from the first CTA's start, median and latest over CTAs.
+// milestones (cluster_gemm's stamps) from the first CTA's start, median and latest over CTAs,
+// once right after a launch of the same kernel and once after L2 has been flushed (in a decode
+// step the kernel runs once a layer, ~1.5 GB of weight streams apart).
 #include <cublas_v2.h>
 #include <cuda.h>
 #include <cuda_bf16.h>
@@ -574,6 +576,9 @@ void run_cluster_gemm(int iters) {
   ERNIE_CUDA_CHECK(cudaEventCreate(&t1));
   cublasHandle_t blas = nullptr;
   if (cublasCreate(&blas) != CUBLAS_STATUS_SUCCESS) throw std::runtime_error("cublasCreate");
+  constexpr size_t kFlushBytes = size_t{256} << 20;
+  void* flush = nullptr;
+  ERNIE_CUDA_CHECK(cudaMalloc(&flush, kFlushBytes));
   const auto timed = [&](auto&& launch) {  // us a launch, launches back to back
     for (int i = 0; i < kCopies; ++i) launch(i);
     ERNIE_CUDA_CHECK(cudaDeviceSynchronize());
@@ -614,35 +619,43 @@ void run_cluster_gemm(int iters) {
       uint64_t* d_stamps = nullptr;
       ERNIE_CUDA_CHECK(cudaMalloc(&d_stamps, size_t{8} * ctas * kCgStamps));
       std::vector<uint64_t> st(static_cast<size_t>(ctas) * kCgStamps);
-      float ms = 0;
-      for (int rep = 0; rep < 3; ++rep) {  // the last of three single launches
+      std::printf(
+          "   splits %d (%d CTAs): %.1f us a launch; one launch's milestones, us from the "
+          "first entry (median / latest over CTAs):\n",
+          splits, ctas, us);
+      // Warm: right after a launch of the same kernel (its code in L2 and in the SMs). Cold:
+      // after 256 MB written, so that L2 holds none of its code, tensor maps or input. The
+      // weights are the copy read longest ago in both (not in L2).
+      const int oldest = iters % kCopies;
+      for (const bool cold : {false, true}) {
         ERNIE_CUDA_CHECK(cudaMemset(d_stamps, 0, st.size() * 8));
+        cluster_gemm(out, x, w + (oldest + 1) % kCopies * w_elems, sh.m, sh.n, sh.k, plan, nullptr);
+        if (cold) ERNIE_CUDA_CHECK(cudaMemsetAsync(flush, 1, kFlushBytes, nullptr));
         ERNIE_CUDA_CHECK(cudaEventRecord(t0));
-        cluster_gemm(out, x, w + rep * w_elems, sh.m, sh.n, sh.k, plan, nullptr, d_stamps);
+        cluster_gemm(out, x, w + oldest * w_elems, sh.m, sh.n, sh.k, plan, nullptr, d_stamps);
         ERNIE_CUDA_CHECK(cudaEventRecord(t1));
         ERNIE_CUDA_CHECK(cudaEventSynchronize(t1));
+        float ms = 0;
         ERNIE_CUDA_CHECK(cudaEventElapsedTime(&ms, t0, t1));
+        ERNIE_CUDA_CHECK(cudaMemcpy(st.data(), d_stamps, st.size() * 8, cudaMemcpyDeviceToHost));
+        uint64_t first = ~uint64_t{0};
+        for (int c = 0; c < ctas; ++c) first = std::min(first, st[c * kCgStamps + kStampEntry]);
+        std::printf("   %s (%.1f us by events):", cold ? "cold" : "warm", 1e3 * ms);
+        for (int p = 0; p < kCgStamps; ++p) {
+          std::vector<double> v(ctas);
+          for (int c = 0; c < ctas; ++c) v[c] = 1e-3 * (st[c * kCgStamps + p] - first);
+          std::sort(v.begin(), v.end());
+          std::printf(" %s %.1f/%.1f", names[p], v[ctas / 2], v.back());
+        }
+        std::printf("\n");
       }
-      ERNIE_CUDA_CHECK(cudaMemcpy(st.data(), d_stamps, st.size() * 8, cudaMemcpyDeviceToHost));
       cudaFree(d_stamps);
-      uint64_t first = ~uint64_t{0};
-      for (int c = 0; c < ctas; ++c) first = std::min(first, st[c * kCgStamps + kStampEntry]);
-      std::printf(
-          "   splits %d (%d CTAs): %.1f us a launch, one launch %.1f us; milestones, us "
-          "from the first entry (median / latest):\n   ",
-          splits, ctas, us, 1e3 * ms);
-      for (int p = 0; p < kCgStamps; ++p) {
-        std::vector<double> v(ctas);
-        for (int c = 0; c < ctas; ++c) v[c] = 1e-3 * (st[c * kCgStamps + p] - first);
-        std::sort(v.begin(), v.end());
-        std::printf(" %s %.1f/%.1f", names[p], v[ctas / 2], v.back());
-      }
-      std::printf("\n");
     }
     cudaFree(x);
     cudaFree(w);
     cudaFree(out);
   }
+  cudaFree(flush);
   cublasDestroy(blas);
   cudaEventDestroy(t0);
   cudaEventDestroy(t1);
