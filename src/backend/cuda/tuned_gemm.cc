@@ -8,6 +8,7 @@
 
 #include "backend/cuda/cuda_check.h"
 #include "backend/cuda/gemm_choice.h"
+#include "backend/cuda/switches.h"
 #include "common/check.h"
 #include "common/log.h"
 
@@ -20,7 +21,12 @@ void check_lt(cublasStatus_t s, const char* what) {
   }
 }
 
-constexpr int kCandidates = 16;            // cuBLASLt heuristic results timed per shape
+// cuBLASLt heuristic results timed per shape: 16, or ERNIE_GEMM_TUNE_CANDIDATES (1-256; A/B
+// runs: does a wider search than the heuristic's first 16 find faster algorithms?).
+int candidates() {
+  static const int n = std::clamp(switch_bits("ERNIE_GEMM_TUNE_CANDIDATES", 16), 1, 256);
+  return n;
+}
 constexpr int kRuns = 4;                   // timed runs of each (after one untimed)
 constexpr size_t kFlushBytes = 96u << 20;  // more than an H100's or H200's 50-60 MB of L2
 constexpr double kMargin = 0.03;           // what a candidate must gain on the default
@@ -131,10 +137,10 @@ TunedGemm::Plan TunedGemm::tune(cublasHandle_t blas, void* out, bool out_f32, co
   check_lt(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws,
                                                 sizeof ws),
            "MatmulPreferenceSetAttribute");
-  cublasLtMatmulHeuristicResult_t found[kCandidates];
+  std::vector<cublasLtMatmulHeuristicResult_t> found(candidates());
   int count = 0;
-  const cublasStatus_t hs = cublasLtMatmulAlgoGetHeuristic(lt_, p.op, p.a, p.b, p.c, p.c, pref,
-                                                           kCandidates, found, &count);
+  const cublasStatus_t hs = cublasLtMatmulAlgoGetHeuristic(
+      lt_, p.op, p.a, p.b, p.c, p.c, pref, static_cast<int>(found.size()), found.data(), &count);
   cublasLtMatmulPreferenceDestroy(pref);
   if (hs != CUBLAS_STATUS_SUCCESS) count = 0;
 
