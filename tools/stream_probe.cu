@@ -611,11 +611,14 @@ void run_cluster_gemm(int iters) {
     std::printf("-- %s %d x %d -> %d: cuBLAS %.1f us a launch\n", sh.name, sh.m, sh.k, sh.n,
                 blas_us);
     for (const int splits : {1, 2, 4}) {
-      const ClusterGemmPlan plan{splits, sh.m <= 64 ? 64 : sh.m <= 128 ? 128 : 256, 1};
+      // The engine's token tile for this shape, with the split count forced.
+      ClusterGemmPlan plan = cluster_gemm_plan(sh.m, sh.n, sh.k);
+      plan.splits = splits;
+      plan.share = 1;
       if (!cluster_gemm_plan_valid(plan, sh.m, sh.n, sh.k)) continue;
       const double us = timed(
           [&](int c) { cluster_gemm(out, x, w + c * w_elems, sh.m, sh.n, sh.k, plan, nullptr); });
-      const int ctas = splits * (sh.n / 128) * ((sh.m + plan.token_tile - 1) / plan.token_tile);
+      const int ctas = cluster_gemm_ctas(plan, sh.m, sh.n);
       uint64_t* d_stamps = nullptr;
       ERNIE_CUDA_CHECK(cudaMalloc(&d_stamps, size_t{8} * ctas * kCgStamps));
       std::vector<uint64_t> st(static_cast<size_t>(ctas) * kCgStamps);

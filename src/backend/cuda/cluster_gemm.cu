@@ -411,6 +411,10 @@ bool cluster_gemm_plan_valid(const ClusterGemmPlan& plan, int m, int n, int k) {
          n / kCgRows <= 65535 && k >= kCgBK && k % kCgBK == 0 && k / kCgBK >= plan.splits;
 }
 
+int cluster_gemm_ctas(const ClusterGemmPlan& plan, int m, int n) {
+  return plan.splits * (n / kCgRows) * token_tiles(m, plan.token_tile);  // launch's grid
+}
+
 ClusterGemmPlan cluster_gemm_plan(int m, int n, int k) {
   if (m < 1 || n < kCgRows || n % kCgRows != 0 || k < kCgBK || k % kCgBK != 0) return {};
   const int tn = m <= 64 ? 64 : m <= 128 ? 128 : 256;

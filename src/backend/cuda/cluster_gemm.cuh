@@ -54,6 +54,8 @@ enum ClusterGemmStamp {
   kStampExit,        // the last barrier passed
 };
 constexpr int kCgStamps = 8;
+// CTAs of an m x ? -> n launch under `plan`: the rows a stamp buffer needs.
+int cluster_gemm_ctas(const ClusterGemmPlan& plan, int m, int n);
 
 // out [m, n] bf16 = x w^T (f32 sums); x, w, out 16-byte aligned, row-major.
 void cluster_gemm(__nv_bfloat16* out, const __nv_bfloat16* x, const __nv_bfloat16* w, int m, int n,
