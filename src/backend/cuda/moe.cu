@@ -913,7 +913,11 @@ __device__ __forceinline__ void wgmma_store_tile(const float (&acc)[128], __nv_b
 
 // kWideStores: the epilogue's stores of 16 bytes (wgmma_store_tile). kPair: clusters of two CTAs
 // sharing the weights of M-block pairs (WgWork; launched by launch_wgmma as such).
-template <bool kGateUp, bool kWideStores, bool kPair>
+// kEarlyRelease: each consumer waits for its slice's wgmma group to complete and frees the slot
+// at once, instead of keeping one group in flight and freeing the slice before: while the
+// consumers wait for the next slice the producer has all kWgStages slots to fill, not one fewer
+// (four slices of operands in flight instead of three, if the feed's latency is the bound).
+template <bool kGateUp, bool kWideStores, bool kPair, bool kEarlyRelease = false>
 __global__ void __launch_bounds__(384, 1)
     moe_gemm_wgmma_kernel(const __grid_constant__ CUtensorMap a_map,
                           const __grid_constant__ CUtensorMap b_map, __nv_bfloat16* out,
@@ -1017,13 +1021,23 @@ __global__ void __launch_bounds__(384, 1)
                              wgmma_desc_sw128(st + 2 * kWgBox + ks * 32));
           }
           wgmma_commit();
-          // The previous slice's group is complete once at most this one is pending.
-          wgmma_wait<1>();
+          if constexpr (kEarlyRelease) {
+            wgmma_wait<0>();  // this slice's group is complete: its slot is free
+          } else {
+            // The previous slice's group is complete once at most this one is pending.
+            wgmma_wait<1>();
+          }
         }
-        if (kt > 0) release((it - 1) % kWgStages);
+        if constexpr (kEarlyRelease) {
+          release(s);
+        } else if (kt > 0) {
+          release((it - 1) % kWgStages);
+        }
       }
-      wgmma_wait<0>();
-      release((it - 1) % kWgStages);
+      if constexpr (!kEarlyRelease) {
+        wgmma_wait<0>();
+        release((it - 1) % kWgStages);
+      }
       if (run) {
         wgmma_store_tile<kGateUp, kWideStores>(acc, out, route_w, sorted_pairs, m0, cw, n0, N, warp,
                                                g, c);
@@ -1044,9 +1058,14 @@ void launch_wgmma(__nv_bfloat16* out, const CUtensorMap& a_map, const CUtensorMa
   // The epilogue stores 16 bytes a lane (wgmma_store_tile): H200, mixed 8192-token steps -1.8%
   // (two A/B pairs). ERNIE_WG_WIDE_STORES=0 turns it off. ERNIE_WG_MULTICAST=0 (the clusters of
   // two sharing the weights of M-block pairs need the wide stores) runs single CTAs.
+  // ERNIE_WG_EARLY_RELEASE=1 (not yet measured; with the wide stores): each K slice's slot
+  // freed as soon as its wgmma group completes (moe_gemm_wgmma_kernel's kEarlyRelease).
   static const bool wide_stores = path_enabled("ERNIE_WG_WIDE_STORES");
   static const bool pair = wide_stores && path_enabled("ERNIE_WG_MULTICAST");
-  const auto kernel = pair          ? moe_gemm_wgmma_kernel<kGateUp, true, true>
+  static const bool early = wide_stores && new_path_enabled("ERNIE_WG_EARLY_RELEASE");
+  const auto kernel = pair && early ? moe_gemm_wgmma_kernel<kGateUp, true, true, true>
+                      : pair        ? moe_gemm_wgmma_kernel<kGateUp, true, true>
+                      : early       ? moe_gemm_wgmma_kernel<kGateUp, true, false, true>
                       : wide_stores ? moe_gemm_wgmma_kernel<kGateUp, true, false>
                                     : moe_gemm_wgmma_kernel<kGateUp, false, false>;
   // CTAs (clusters with `pair`) resident at once: the persistent grid's size.
