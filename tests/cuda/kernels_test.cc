@@ -277,7 +277,7 @@ TEST(CudaKernels, MoeAlignLaysOutEveryPair) {
   Rng rng(std::random_device{}());
   for (int pairs : {7, 3000, 8192, 8193, 49152, 70001}) {
     for (int experts : {64, 160}) {
-      for (int block_m : {kMoeBlockSmall, kMoeBlockWgmma}) {
+      for (int block_m : {kMoeBlockSmall, kMoeBlockWgmma, kMoeBlockTall}) {
         SCOPED_TRACE(::testing::Message()
                      << pairs << " pairs, " << experts << " experts, block " << block_m);
         std::vector<int32_t> ids(pairs);
@@ -420,6 +420,59 @@ bool swapped_kernel_on() {
   return v == nullptr || std::string(v) != "0";
 }
 
+// What one routing through the expert GEMMs left: act [cap, inter] and y [cap, hidden] in the
+// sorted layout, each pair's row (pair_pos) and each block's expert.
+struct GemmOutputs {
+  std::vector<uint16_t> act, y;
+  std::vector<int32_t> pos, block_expert;
+};
+
+// One routing through align, gate/up and down with blocks of block_m rows (ready: the blocks'
+// readiness counters, or null), into outputs poisoned first.
+GemmOutputs run_expert_gemms(cudaStream_t stream, int hidden, int inter, int experts,
+                             const Routing& r, int block_m, const DeviceBuffer<uint16_t>& d_gu,
+                             const DeviceBuffer<uint16_t>& d_down, int32_t* ready,
+                             const MoeSwapForm& form = {}) {
+  const int k = r.k, tokens = r.tokens, pairs = tokens * k;
+  const int64_t cap = moe_capacity(pairs, experts, block_m);
+  const int blocks = static_cast<int>(cap / block_m);
+  DeviceBuffer<uint16_t> d_x(static_cast<size_t>(tokens) * hidden);
+  d_x.upload(r.x);
+  DeviceBuffer<int32_t> d_ids(pairs), d_sorted(cap), d_block(blocks), d_pos(pairs);
+  DeviceBuffer<int32_t> d_scratch(moe_align_scratch_bytes(pairs, experts) / 4 + 1);
+  DeviceBuffer<float> d_wts(pairs);
+  DeviceBuffer<uint16_t> d_act(static_cast<size_t>(cap) * inter);
+  DeviceBuffer<uint16_t> d_y(static_cast<size_t>(cap) * hidden);
+  d_ids.upload(r.ids);
+  d_wts.upload(r.wts);
+  ERNIE_CUDA_CHECK(cudaMemsetAsync(d_act.p, 0xff, d_act.n * sizeof(uint16_t), stream));
+  ERNIE_CUDA_CHECK(cudaMemsetAsync(d_y.p, 0xff, d_y.n * sizeof(uint16_t), stream));
+  moe_align(d_sorted.p, d_block.p, d_pos.p, d_ids.p, pairs, experts, block_m, d_scratch.p, stream,
+            ready);
+  moe_gate_up(bf(d_act.p), bf(d_x.p), bf(d_gu.p), d_sorted.p, d_block.p, cap, block_m, k, hidden,
+              inter, experts, stream, SharedFold{}, ready, form);
+  moe_down(bf(d_y.p), bf(d_act.p), bf(d_down.p), d_wts.p, d_sorted.p, d_block.p, cap, block_m,
+           hidden, inter, experts, stream, SharedFold{}, ready, form);
+  finish_or_abort(stream, 20.0);
+  return {d_act.download(), d_y.download(), d_pos.download(), d_block.download()};
+}
+
+// Every pair's rows of act and y from `run` into `out` (as floats, pair by pair), each checked
+// computed (finite where the poison was NaN).
+void collect_pair_rows(const GemmOutputs& run, int pairs, int inter, int hidden, PairRows* out) {
+  for (int i = 0; i < pairs; ++i) {
+    for (auto [v, width, dst, name] : {std::tuple{&run.act, inter, &out->act, "act"},
+                                       std::tuple{&run.y, hidden, &out->y, "y"}}) {
+      const auto row = v->begin() + static_cast<ptrdiff_t>(run.pos[i]) * width;
+      for (int c = 0; c < width; c += 97) {
+        ASSERT_TRUE(std::isfinite(bf16_to_float(row[c])))
+            << name << " of pair " << i << " column " << c;
+      }
+      for (int c = 0; c < width; ++c) dst->push_back(bf16_to_float(row[c]));
+    }
+  }
+}
+
 // One routing through the expert GEMMs of block_m-row blocks (32, or 64 on the swapped
 // kernel; the 32-row ones paired as `base` says), with and without readiness counters
 // (MoeBlockReadyMatchesGridWait); the outputs by pair go to `out`.
@@ -432,59 +485,31 @@ void expect_block_ready_matches(cudaStream_t stream, int hidden, int inter, int 
                << tokens << " tokens, " << hidden << "/" << inter << ", " << experts
                << " experts top-" << k << (r.skew ? ", skewed" : "") << ", blocks of " << block_m
                << (base.pair_blocks ? ", paired" : ""));
-  const int64_t cap = moe_capacity(pairs, experts, block_m);
-  const int blocks = static_cast<int>(cap / block_m);
-  DeviceBuffer<uint16_t> d_x(static_cast<size_t>(tokens) * hidden);
-  d_x.upload(r.x);
-  DeviceBuffer<int32_t> d_ids(pairs), d_sorted(cap), d_block(blocks), d_pos(pairs);
-  DeviceBuffer<int32_t> d_scratch(moe_align_scratch_bytes(pairs, experts) / 4 + 1);
+  const int blocks = static_cast<int>(moe_capacity(pairs, experts, block_m) / block_m);
   DeviceBuffer<int32_t> d_ready(blocks);
-  DeviceBuffer<float> d_wts(pairs);
-  DeviceBuffer<uint16_t> d_act(static_cast<size_t>(cap) * inter);
-  DeviceBuffer<uint16_t> d_y(static_cast<size_t>(cap) * hidden);
-  d_ids.upload(r.ids);
-  d_wts.upload(r.wts);
+  ERNIE_CUDA_CHECK(cudaMemsetAsync(d_ready.p, 0x7f, d_ready.n * sizeof(int32_t), stream));
   // The align kernels may order an expert's pairs differently from run to run: rows are
   // compared by pair.
-  std::vector<uint16_t> act[2], y[2];
-  std::vector<int32_t> pos[2];
-  for (int with_ready = 0; with_ready < 2; ++with_ready) {
-    ERNIE_CUDA_CHECK(cudaMemsetAsync(d_ready.p, 0x7f, d_ready.n * sizeof(int32_t), stream));
-    ERNIE_CUDA_CHECK(cudaMemsetAsync(d_act.p, 0xff, d_act.n * sizeof(uint16_t), stream));
-    ERNIE_CUDA_CHECK(cudaMemsetAsync(d_y.p, 0xff, d_y.n * sizeof(uint16_t), stream));
-    int32_t* ready = with_ready ? d_ready.p : nullptr;
-    moe_align(d_sorted.p, d_block.p, d_pos.p, d_ids.p, pairs, experts, block_m, d_scratch.p, stream,
-              ready);
-    moe_gate_up(bf(d_act.p), bf(d_x.p), bf(d_gu.p), d_sorted.p, d_block.p, cap, block_m, k, hidden,
-                inter, experts, stream, SharedFold{}, ready, base);
-    moe_down(bf(d_y.p), bf(d_act.p), bf(d_down.p), d_wts.p, d_sorted.p, d_block.p, cap, block_m,
-             hidden, inter, experts, stream, SharedFold{}, ready, base);
-    finish_or_abort(stream, 20.0);
-    act[with_ready] = d_act.download();
-    y[with_ready] = d_y.download();
-    pos[with_ready] = d_pos.download();
-  }
+  const GemmOutputs grid_wait =
+      run_expert_gemms(stream, hidden, inter, experts, r, block_m, d_gu, d_down, nullptr, base);
+  const GemmOutputs ready =
+      run_expert_gemms(stream, hidden, inter, experts, r, block_m, d_gu, d_down, d_ready.p, base);
   for (int i = 0; i < pairs; ++i) {
-    for (auto [v, width, dst, name] :
-         {std::tuple{act, inter, &out->act, "act"}, std::tuple{y, hidden, &out->y, "y"}}) {
-      const auto row = [&](int run) {
-        return v[run].begin() + static_cast<ptrdiff_t>(pos[run][i]) * width;
-      };
-      ASSERT_TRUE(std::equal(row(1), row(1) + width, row(0)))
-          << name << " of pair " << i << " differs (rows " << pos[1][i] << ", " << pos[0][i] << ")";
-      // Computed, not left poisoned.
-      for (int c = 0; c < width; c += 97) {
-        ASSERT_TRUE(std::isfinite(bf16_to_float(row(1)[c])))
-            << name << " of pair " << i << " column " << c;
-      }
-      for (int c = 0; c < width; ++c) dst->push_back(bf16_to_float(row(1)[c]));
+    for (auto [a, b, width, name] : {std::tuple{&ready.act, &grid_wait.act, inter, "act"},
+                                     std::tuple{&ready.y, &grid_wait.y, hidden, "y"}}) {
+      const auto row_a = a->begin() + static_cast<ptrdiff_t>(ready.pos[i]) * width;
+      const auto row_b = b->begin() + static_cast<ptrdiff_t>(grid_wait.pos[i]) * width;
+      ASSERT_TRUE(std::equal(row_a, row_a + width, row_b))
+          << name << " of pair " << i << " differs (rows " << ready.pos[i] << ", "
+          << grid_wait.pos[i] << ")";
     }
   }
-  const auto block_expert = d_block.download();
+  collect_pair_rows(ready, pairs, inter, hidden, out);
+  if (::testing::Test::HasFatalFailure()) return;
   const auto counters = d_ready.download();
   int used = 0;
   for (int b = 0; b < blocks; ++b) {
-    if (block_expert[b] < 0) {
+    if (ready.block_expert[b] < 0) {
       ASSERT_EQ(counters[b], 0) << "padding block " << b;
     } else {
       ASSERT_GT(counters[b], 0) << "block " << b;
@@ -568,6 +593,46 @@ TEST(CudaKernels, MoeBlockReadyMatchesGridWait) {
   }
   if (wide) {
     EXPECT_GT(paired_experts, 0) << "no routing had an expert of two 32-row blocks";
+  }
+  ERNIE_CUDA_CHECK(cudaStreamDestroy(stream));
+}
+
+// The tall wgmma GEMMs (256-row blocks, 192-row weight tiles: ERNIE_WG_TALL) compute what the
+// 128-row ones compute, pair by pair (within 2% of each row's RMS), whatever the switch: the
+// 21B model's shapes at 700-3000 tokens (several blocks an expert, an expert's last block
+// holding one to four 64-row parts of pairs, random and skewed routings), widths that leave the
+// last weight tile partial (intermediate 160 and hidden 512 against 96- and 192-row tiles),
+// and a reduction that is not a whole number of 64-wide slices (hidden 160, intermediate 96).
+TEST(CudaKernels, MoeTallBlocksMatchWgmmaBlocks) {
+  if (device_count() == 0) GTEST_SKIP() << "no CUDA device";
+  Rng rng(std::random_device{}());
+  cudaStream_t stream;
+  ERNIE_CUDA_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+  struct Shape {
+    int hidden, inter, experts, k;
+    std::vector<int> tokens;
+  };
+  for (const Shape& s : {Shape{2560, 1536, 64, 6, {700, 3000}}, Shape{512, 160, 24, 8, {900}},
+                         Shape{160, 96, 8, 6, {1500}}}) {
+    const ExpertWeights w(rng, stream, s.hidden, s.inter, s.experts);
+    for (int tokens : s.tokens) {
+      const Routing r = random_routing(rng, tokens, s.experts, s.k, s.hidden);
+      const int pairs = tokens * s.k;
+      SCOPED_TRACE(::testing::Message()
+                   << tokens << " tokens, " << s.hidden << "/" << s.inter << ", " << s.experts
+                   << " experts top-" << s.k << (r.skew ? ", skewed" : ""));
+      PairRows ref, tall;
+      collect_pair_rows(run_expert_gemms(stream, s.hidden, s.inter, s.experts, r, kMoeBlockWgmma,
+                                         w.gu, w.down, nullptr),
+                        pairs, s.inter, s.hidden, &ref);
+      collect_pair_rows(run_expert_gemms(stream, s.hidden, s.inter, s.experts, r, kMoeBlockTall,
+                                         w.gu, w.down, nullptr),
+                        pairs, s.inter, s.hidden, &tall);
+      if (::testing::Test::HasFatalFailure()) break;
+      expect_rows_close(tall.act, ref.act, s.inter, "act");
+      expect_rows_close(tall.y, ref.y, s.hidden, "y");
+      if (::testing::Test::HasFatalFailure()) break;
+    }
   }
   ERNIE_CUDA_CHECK(cudaStreamDestroy(stream));
 }

@@ -109,7 +109,7 @@ TEST(AttentionPlan, TilesCoverRowsAndSplitsCoverKeys) {
 
 TEST(MoeLayout, CapacityHoldsAnyRouting) {
   Rng rng(17);
-  for (int block_m : {kMoeBlockSmall, kMoeBlockMid, kMoeBlockWide, kMoeBlockWgmma}) {
+  for (int block_m : {kMoeBlockSmall, kMoeBlockMid, kMoeBlockWide, kMoeBlockWgmma, kMoeBlockTall}) {
     for (int64_t pairs : {1, 2, 6, 7, 96, 161, 1000, 49152}) {
       for (int experts : {8, 64, 160}) {
         const int64_t cap = moe_capacity(pairs, experts, block_m);
@@ -132,14 +132,20 @@ TEST(MoeLayout, CapacityHoldsAnyRouting) {
   EXPECT_EQ(moe_capacity(6, 64, kMoeBlockSmall), 6 * kMoeBlockSmall);
   // Decode batches of the 21B model (64 experts, top-6) up to ~85 sequences take the 16-row
   // blocks, up to ~340 the 32-row blocks, up to ~680 the 64-row ones (the wgmma tiles with
-  // ERNIE_MOE_WIDE_SWAP=0), larger batches and prefill chunks the wgmma tiles.
+  // ERNIE_MOE_WIDE_SWAP=0), larger batches and prefill chunks the wgmma tiles (256-row blocks
+  // with ERNIE_WG_TALL=1).
+  const int wgmma = moe_tall_enabled() ? kMoeBlockTall : kMoeBlockWgmma;
   EXPECT_EQ(moe_block_m(16 * 6, 64), kMoeBlockSmall);
   EXPECT_EQ(moe_block_m(64 * 6, 64), kMoeBlockSmall);
   EXPECT_EQ(moe_block_m(128 * 6, 64), kMoeBlockMid);
   EXPECT_EQ(moe_block_m(256 * 6, 64), kMoeBlockMid);
-  EXPECT_EQ(moe_block_m(512 * 6, 64), moe_wide_swap_enabled() ? kMoeBlockWide : kMoeBlockWgmma);
-  EXPECT_EQ(moe_block_m(683 * 6, 64), kMoeBlockWgmma);
-  EXPECT_EQ(moe_block_m(8192 * 6, 64), kMoeBlockWgmma);
+  EXPECT_EQ(moe_block_m(512 * 6, 64), moe_wide_swap_enabled() ? kMoeBlockWide : wgmma);
+  EXPECT_EQ(moe_block_m(683 * 6, 64), wgmma);
+  EXPECT_EQ(moe_block_m(8192 * 6, 64), wgmma);
+  for (int block_m : {kMoeBlockWgmma, kMoeBlockTall}) EXPECT_TRUE(moe_wgmma_block(block_m));
+  for (int block_m : {kMoeBlockSmall, kMoeBlockMid, kMoeBlockWide}) {
+    EXPECT_FALSE(moe_wgmma_block(block_m));
+  }
 }
 
 // Paired 32-row blocks (ERNIE_MOE_PAIR_BLOCKS): over layouts of contiguous runs of each
@@ -224,7 +230,7 @@ TEST(MoeLayout, PairedBlocksFromTwentyPairsAnExpert) {
     EXPECT_FALSE(paired(tokens)) << tokens << " tokens";
   }
   for (int tokens : {214, 256, 320, 341}) EXPECT_EQ(paired(tokens), on) << tokens << " tokens";
-  for (int block_m : {kMoeBlockSmall, kMoeBlockWide, kMoeBlockWgmma}) {
+  for (int block_m : {kMoeBlockSmall, kMoeBlockWide, kMoeBlockWgmma, kMoeBlockTall}) {
     EXPECT_FALSE(moe_pair_blocks(300 * 6, 64, block_m)) << "blocks of " << block_m;
   }
 }
@@ -239,7 +245,7 @@ TEST(MoeLayout, PairedBlocksOfOtherSizesAreRefused) {
     GTEST_SKIP() << "checked on machines without a device";
   }
   const int tokens = 300, k = 6, hidden = 256, inter = 128, experts = 8;
-  for (int block_m : {kMoeBlockSmall, kMoeBlockWide, kMoeBlockWgmma}) {
+  for (int block_m : {kMoeBlockSmall, kMoeBlockWide, kMoeBlockWgmma, kMoeBlockTall}) {
     const int64_t cap = moe_capacity(int64_t{tokens} * k, experts, block_m);
     for (bool gate_up : {true, false}) {
       SCOPED_TRACE(::testing::Message()

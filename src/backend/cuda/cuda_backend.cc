@@ -806,7 +806,7 @@ class CudaBackend final : public Backend {
     constexpr int kFoldTokens = 8;
     const bool has_shared = !w.shared_gate_up.empty();
     cuda::SharedFold fold;
-    if (w.shared_folded > 0 && tokens <= kFoldTokens && block_m != cuda::kMoeBlockWgmma &&
+    if (w.shared_folded > 0 && tokens <= kFoldTokens && !cuda::moe_wgmma_block(block_m) &&
         !profiling_) {
       // ERNIE_FOLD_EARLY=0: the folded blocks wait for the router like the routed ones (A/B).
       static const bool early = cuda::path_enabled("ERNIE_FOLD_EARLY");
@@ -822,7 +822,7 @@ class CudaBackend final : public Backend {
     constexpr int kSideSharedWgmmaTokens = 512;
     const bool overlap =
         unfolded_shared && !profiling_ &&
-        (block_m != cuda::kMoeBlockWgmma || (side_wgmma && tokens <= kSideSharedWgmmaTokens));
+        (!cuda::moe_wgmma_block(block_m) || (side_wgmma && tokens <= kSideSharedWgmmaTokens));
     // Many tokens: the router's logits as one cuBLAS GEMM of x with its weights' bf16 terms
     // (prepare_moe made them), the partial sums added by the top-k kernel.
     const bool by_terms = !w.router_terms.empty() && tokens >= router_gemm_tokens();

@@ -684,6 +684,20 @@ constexpr int kWgBox = 64 * kWgBK * 2;     // bytes of one 64-row box
 constexpr int kWgStageBytes = 6 * kWgBox;  // A: 2 boxes, B: 4 boxes
 constexpr size_t kWgSmem = static_cast<size_t>(kWgStages) * kWgStageBytes + 1024 + 256;
 
+// The tall form (moe_tall_enabled): 256-row M-blocks, 192 weight rows a tile (gate/up: 96
+// outputs), each consumer warpgroup 128 rows as two m64n192 accumulators (192 registers: the
+// producer warpgroup gives registers back with setmaxnreg, 56 a thread, so that the consumers
+// can hold 224; fewer for the producer spill its gathered rows' pointers, fewer for the
+// consumers spill theirs). A slice is 56 KB (A 32, B 24) for 1.5 times the multiplies of the
+// 48 KB slice above; the ring is four slices (224 KB). Single CTAs, no clusters.
+constexpr int kTallBM = kMoeBlockTall, kTallBN = 192;
+constexpr int kTallGroups = 96 / kTiledGroupRows;  // gate/up: one box of gate rows, one of up
+constexpr int kTallABytes = kTallBM / 64 * kWgBox, kTallStageBytes = kTallABytes + kTallBN * 128;
+constexpr size_t kTallSmem = static_cast<size_t>(kWgStages) * kTallStageBytes + 1024 + 256;
+constexpr int kTallProducerRegs = 56, kTallConsumerRegs = 224;
+static_assert(128 * kTallProducerRegs + 256 * kTallConsumerRegs <= 65536);
+static_assert(kTallSmem <= 227 * 1024);
+
 // Byte offset of row r's 16-byte chunk ch of a K slice in a stage's A boxes (64 rows of 128
 // bytes each), swizzled as a 128-byte-swizzle TMA box would place it.
 __device__ __forceinline__ int gathered_offset(int r, int ch) {
@@ -694,6 +708,7 @@ __device__ __forceinline__ int gathered_offset(int r, int ch) {
 // expert e's [2N, K] block, as four 64-row boxes of the tiled layout (each starts at a group,
 // as N % 16 == 0).
 struct GateUpBoxes {
+  static constexpr int kCols = kWgBN / 2;  // outputs of a tile
   int rows[4];
   __device__ __forceinline__ GateUpBoxes(int e, int n0, int N) {
     const int r0 = e * 2 * N + n0;
@@ -717,6 +732,22 @@ struct GateUpBoxes {
     tma_load_4d_multicast(half, map, bar, 0, 0, kt, first / kTiledGroupRows, 3);
     tma_load_4d_multicast(half + kWgBox, map, bar, 0, 0, kt, second / kTiledGroupRows, 3);
   }
+};
+
+// The same for the tall GEMMs' 192 weight rows: gate rows n0..n0+95 and up rows N + n0.., one
+// 96-row box each (a tensor map with boxes of kTallGroups groups).
+struct TallGateUpBoxes {
+  static constexpr int kCols = kTallBN / 2;
+  int gate, up;
+  __device__ __forceinline__ TallGateUpBoxes(int e, int n0, int N)
+      : gate(e * 2 * N + n0), up(e * 2 * N + N + n0) {}
+  __device__ __forceinline__ void load(unsigned char* dst, const CUtensorMap* map, uint64_t* bar,
+                                       int kt) const {
+    tma_load_4d(dst, map, bar, 0, 0, kt, gate / kTiledGroupRows);
+    tma_load_4d(dst + kTallBN / 2 * 128, map, bar, 0, 0, kt, up / kTiledGroupRows);
+  }
+  __device__ __forceinline__ void load_half(unsigned char*, const CUtensorMap*, uint64_t*, int,
+                                            uint32_t) const {}  // tall tiles run single CTAs
 };
 
 // The wgmma GEMMs' work units, N tile fastest: (M-block, N tile), or with kPair (clusters of
@@ -778,53 +809,67 @@ __device__ __forceinline__ WgTile wg_tile(const WgWork<kPair>& w, int u,
 // barrier when they land (cp.async.mbarrier.arrive), so the producer never waits for its own
 // copies and keeps every free stage in flight; the consumers fence for the tensor cores' proxy
 // after the barrier.
-template <bool kPair>
+// BM: the tile's rows (kWgBM, or kTallBM with TallGateUpBoxes: there each thread keeps its
+// rows as 32-bit token indices, its 40 registers too few for sixteen pointers).
+template <bool kPair, int BM = kWgBM, typename Boxes = GateUpBoxes>
 __device__ __forceinline__ void gather_producer(unsigned char* smem, uint64_t* full,
                                                 uint64_t* empty, const CUtensorMap& b_map,
                                                 const __nv_bfloat16* x, const int32_t* sorted_pairs,
                                                 const int32_t* block_expert,
                                                 const WgWork<kPair>& work, int k_choices, int K,
                                                 int N) {
-  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, ch = lane % 8;
+  constexpr bool kTall = BM == kTallBM;
+  // A thread copies kRows rows of each slice, kChunks adjacent 16-byte chunks of each (the tall
+  // form: two, so that eight rows' pointers fit the producer's registers); the lanes of a warp
+  // take rows 8 / kChunks lanes a row.
+  constexpr int kChunks = kTall ? 2 : 1, kLanesPerRow = 8 / kChunks, kRows = BM / 16 / kChunks;
+  constexpr int kStageBytes = kTall ? kTallStageBytes : kWgStageBytes;
+  constexpr int kABytes = BM / 64 * kWgBox, kBBytes = kTall ? kTallBN * 128 : 4 * kWgBox;
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  const int ch = lane % kLanesPerRow * kChunks;  // the first of the thread's chunks of a row
   const int k_tiles = (K + kWgBK - 1) / kWgBK;
   int it = 0;  // K slices issued so far, over all tiles: slot it % stages, round it / stages
   for (int u = work.first; u < work.units; u += work.stride) {
     const WgTile t = wg_tile(work, u, block_expert);
     if (t.skip) continue;
-    const int n0 = t.nt * (kWgBN / 2);
-    const int m0 = t.mb * kWgBM;
-    const __nv_bfloat16* src[8];  // this thread's rows of the tile (null: padding, zero-filled)
-    int dst[8];                   // their byte offsets in a stage (swizzle of 16-byte chunk ch)
+    const int n0 = t.nt * Boxes::kCols;
+    const int m0 = t.mb * BM;
+    const __nv_bfloat16* src[kRows];  // this thread's rows of the tile (null: padding, zero-filled)
+    int dst[kRows];  // their byte offsets in a stage (swizzle of 16-byte chunk ch; ch + 1 is at
+                     // dst ^ 16, ch being even)
 #pragma unroll
-    for (int i = 0; i < 8; ++i) {
-      const int r = warp * 32 + i * 4 + lane / 8;
+    for (int i = 0; i < kRows; ++i) {
+      const int r = warp * (BM / 4) + i * (32 / kLanesPerRow) + lane / kLanesPerRow;
       const int pair = t.e >= 0 ? sorted_pairs[m0 + r] : -1;
       src[i] = pair >= 0 ? x + static_cast<size_t>(pair / k_choices) * K : nullptr;
       dst[i] = gathered_offset(r, ch);
     }
-    const GateUpBoxes boxes(max(t.e, 0), n0, N);
+    const Boxes boxes(max(t.e, 0), n0, N);
     for (int kt = 0; kt < k_tiles; ++kt, ++it) {
       const int s = it % kWgStages;
       if (it >= kWgStages) mbar_wait(&empty[s], ((it / kWgStages) - 1) & 1);
-      unsigned char* st = smem + s * kWgStageBytes;
+      unsigned char* st = smem + s * kStageBytes;
       const int k0 = kt * kWgBK;
       if (tid == 0) {
         if (t.e < 0) {
           mbar_arrive(&full[s]);  // a padding block beside its partner's: nothing to bring
         } else {
-          mbar_arrive_expect_tx(&full[s], 4 * kWgBox);
+          mbar_arrive_expect_tx(&full[s], kBBytes);
           if (t.shared) {
-            boxes.load_half(st + 2 * kWgBox, &b_map, &full[s], kt, work.rank);
+            boxes.load_half(st + kABytes, &b_map, &full[s], kt, work.rank);
           } else {
-            boxes.load(st + 2 * kWgBox, &b_map, &full[s], kt);
+            boxes.load(st + kABytes, &b_map, &full[s], kt);
           }
         }
       }
       const int kk = k0 + ch * 8;
 #pragma unroll
-      for (int i = 0; i < 8; ++i) {
-        const bool ok = src[i] != nullptr && kk < K;
-        cp_async_16(st + dst[i], ok ? src[i] + kk : x, ok);
+      for (int i = 0; i < kRows; ++i) {
+#pragma unroll
+        for (int j = 0; j < kChunks; ++j) {
+          const bool ok = src[i] != nullptr && kk + 8 * j < K;
+          cp_async_16(st + (dst[i] ^ (j << 4)), ok ? src[i] + kk + 8 * j : x, ok);
+        }
       }
       cp_async_mbar_arrive(&full[s]);
     }
@@ -862,8 +907,9 @@ __device__ __forceinline__ uint32_t bf16_pair_bits(float lo, float hi) {
 // columns n0.. n0 + 255. Padding rows (no pair) are left alone, columns past N skipped.
 // kWideStores: the quad's four lanes trade values (quad_transpose) so that each stores 16
 // bytes, eight adjacent columns, instead of four stores of 4 bytes (the same values).
-template <bool kGateUp, bool kWideStores>
-__device__ __forceinline__ void wgmma_store_tile(const float (&acc)[128], __nv_bfloat16* out,
+// kCols: the tile's weight rows (256, or kTallBN for the tall form's m64n192 accumulators).
+template <bool kGateUp, bool kWideStores, int kCols = kWgBN>
+__device__ __forceinline__ void wgmma_store_tile(const float (&acc)[kCols / 2], __nv_bfloat16* out,
                                                  const float* route_w, const int32_t* sorted_pairs,
                                                  int m0, int cw, int n0, int N, int warp, int g,
                                                  int c) {
@@ -880,7 +926,8 @@ __device__ __forceinline__ void wgmma_store_tile(const float (&acc)[128], __nv_b
 #pragma unroll
       for (int j = 0; j < 2; ++j) {
         if (kGateUp) {
-          const float gv = acc[4 * i + 2 * half + j], uv = acc[4 * (i + 16) + 2 * half + j];
+          const float gv = acc[4 * i + 2 * half + j];
+          const float uv = acc[4 * (i + kCols / 16) + 2 * half + j];
           v[j] = gv / (1.0f + __expf(-gv)) * uv;
         } else {
           v[j] = acc[4 * i + 2 * half + j] * rw;
@@ -888,7 +935,7 @@ __device__ __forceinline__ void wgmma_store_tile(const float (&acc)[128], __nv_b
       }
       return bf16_pair_bits(v[0], v[1]);
     };
-    constexpr int kPairs = kGateUp ? 16 : 32;
+    constexpr int kPairs = kGateUp ? kCols / 16 : kCols / 8;
     if constexpr (kWideStores) {
       // N % 16 == 0: a chunk of eight columns is wholly inside N or wholly past it.
       const unsigned quad = 0xFu << (4 * g);
@@ -1101,6 +1148,148 @@ void launch_wgmma(__nv_bfloat16* out, const CUtensorMap& a_map, const CUtensorMa
     kernel<<<grid, 384, kWgSmem, stream>>>(a_map, b_map, out, route_w, sorted_pairs, block_expert,
                                            m_blocks, n_tiles, K, N, x, k_choices);
   }
+  ERNIE_CUDA_CHECK(cudaGetLastError());
+}
+
+// The tall form of moe_gemm_wgmma_kernel (moe_tall_enabled; see kTallBM): 256-row M-blocks
+// against 192 weight rows a tile, single CTAs, the same producer (gathered rows for gate/up, TMA
+// for down), ring and epilogue. Each consumer warpgroup takes 128 rows of the block as two
+// 64-row parts, each its own m64n192 accumulator. A part whose first row is padding holds no
+// pair (a segment's pairs come first): a consumer whose first part is such multiplies nothing,
+// and a second part that is such is multiplied beside the first (a wgmma under a condition of
+// its own is serialised) but not stored.
+template <bool kGateUp, bool kEarlyRelease>
+__global__ void __launch_bounds__(384, 1)
+    moe_gemm_tall_kernel(const __grid_constant__ CUtensorMap a_map,
+                         const __grid_constant__ CUtensorMap b_map, __nv_bfloat16* out,
+                         const float* route_w, const int32_t* sorted_pairs,
+                         const int32_t* block_expert, int m_blocks, int n_tiles, int K, int N,
+                         const __nv_bfloat16* x, int k_choices) {
+  extern __shared__ unsigned char smem_raw[];
+  unsigned char* smem = align_1024(smem_raw);
+  uint64_t* full = reinterpret_cast<uint64_t*>(smem + kWgStages * kTallStageBytes);
+  uint64_t* empty = full + kWgStages;
+  const int tid = threadIdx.x, wg = tid / 128;
+  if (tid == 0) {
+    for (int s = 0; s < kWgStages; ++s) {
+      mbar_init(&full[s], kGateUp ? 1 + 128 : 1);
+      mbar_init(&empty[s], 8);  // one arrival per consumer warp
+    }
+    mbar_init_fence();
+  }
+  __syncthreads();
+  const WgWork<false> work(m_blocks, n_tiles);
+  const int k_tiles = (K + kWgBK - 1) / kWgBK;
+
+  if (wg == 0) {  // producer
+    setmaxnreg_dec<kTallProducerRegs>();
+    if constexpr (kGateUp) {
+      gather_producer<false, kTallBM, TallGateUpBoxes>(smem, full, empty, b_map, x, sorted_pairs,
+                                                       block_expert, work, k_choices, K, N);
+    } else if (tid == 0) {
+      int it = 0;
+      for (int u = work.first; u < work.units; u += work.stride) {
+        const WgTile t = wg_tile(work, u, block_expert);
+        if (t.skip) continue;
+        const int m0 = t.mb * kTallBM;
+        const int r0 = t.e * N + t.nt * kTallBN;  // weight rows r0.. of the [E * N, K] matrix
+        for (int kt = 0; kt < k_tiles; ++kt, ++it) {
+          const int s = it % kWgStages;
+          if (it >= kWgStages) mbar_wait(&empty[s], ((it / kWgStages) - 1) & 1);
+          unsigned char* st = smem + s * kTallStageBytes;
+          mbar_arrive_expect_tx(&full[s], kTallStageBytes);
+          const int k0 = kt * kWgBK;
+#pragma unroll
+          for (int b = 0; b < kTallBM / 64; ++b) {
+            tma_load_2d(st + b * kWgBox, &a_map, &full[s], k0, m0 + 64 * b);
+          }
+          tma_load_4d(st + kTallABytes, &b_map, &full[s], 0, 0, kt, r0 / kTiledGroupRows);
+        }
+      }
+    }
+  } else {
+    setmaxnreg_inc<kTallConsumerRegs>();
+    const int cw = wg - 1;
+    const int warp = (tid % 128) / 32, lane = tid % 32, g = lane / 4, c = lane % 4;
+    const auto release = [&](int s) {
+      if (lane == 0) mbar_arrive(&empty[s]);
+    };
+    int it = 0;
+    for (int u = work.first; u < work.units; u += work.stride) {
+      const WgTile t = wg_tile(work, u, block_expert);
+      if (t.skip) continue;
+      const int n0 = t.nt * (kGateUp ? kTallBN / 2 : kTallBN);
+      const int m1 = t.mb * kTallBM + cw * 128;  // this consumer's first row
+      const bool live0 = sorted_pairs[m1] >= 0, live1 = sorted_pairs[m1 + 64] >= 0;
+      float acc0[kTallBN / 2], acc1[kTallBN / 2];
+#pragma unroll
+      for (int i = 0; i < kTallBN / 2; ++i) acc0[i] = acc1[i] = 0.0f;
+      for (int kt = 0; kt < k_tiles; ++kt, ++it) {
+        const int s = it % kWgStages;
+        mbar_wait(&full[s], (it / kWgStages) & 1);
+        if (live0) {  // both parts (a wgmma under a condition of its own is serialised)
+          if constexpr (kGateUp) fence_proxy_async();
+          const unsigned char* st = smem + s * kTallStageBytes;
+          wgmma_fence();
+#pragma unroll
+          for (int ks = 0; ks < kWgBK / 16; ++ks) {
+            const uint64_t b = wgmma_desc_sw128(st + kTallABytes + ks * 32);
+            wgmma_m64n192k16(acc0, wgmma_desc_sw128(st + 2 * cw * kWgBox + ks * 32), b);
+            wgmma_m64n192k16(acc1, wgmma_desc_sw128(st + (2 * cw + 1) * kWgBox + ks * 32), b);
+          }
+          wgmma_commit();
+          if constexpr (kEarlyRelease) {
+            wgmma_wait<0>();
+          } else {
+            wgmma_wait<1>();
+          }
+        }
+        if constexpr (kEarlyRelease) {
+          release(s);
+        } else if (kt > 0) {
+          release((it - 1) % kWgStages);
+        }
+      }
+      if constexpr (!kEarlyRelease) {
+        wgmma_wait<0>();
+        release((it - 1) % kWgStages);
+      }
+      if (live0) {
+        wgmma_store_tile<kGateUp, true, kTallBN>(acc0, out, route_w, sorted_pairs, m1, 0, n0, N,
+                                                 warp, g, c);
+      }
+      if (live1) {
+        wgmma_store_tile<kGateUp, true, kTallBN>(acc1, out, route_w, sorted_pairs, m1 + 64, 0, n0,
+                                                 N, warp, g, c);
+      }
+    }
+  }
+}
+
+// The tall GEMMs' launch: one persistent CTA an SM over the (256-row block, 192-row tile) units.
+template <bool kGateUp>
+void launch_tall(__nv_bfloat16* out, const CUtensorMap& a_map, const CUtensorMap& b_map,
+                 const float* route_w, const int32_t* sorted_pairs, const int32_t* block_expert,
+                 int64_t capacity, int K, int N, const __nv_bfloat16* x, int k_choices,
+                 cudaStream_t stream) {
+  static const bool early = new_path_enabled("ERNIE_WG_EARLY_RELEASE");
+  const auto kernel =
+      early ? moe_gemm_tall_kernel<kGateUp, true> : moe_gemm_tall_kernel<kGateUp, false>;
+  static const int slots = [&] {
+    for (auto* f : {moe_gemm_tall_kernel<kGateUp, true>, moe_gemm_tall_kernel<kGateUp, false>}) {
+      ERNIE_CUDA_CHECK(cudaFuncSetAttribute(f, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                            static_cast<int>(kTallSmem)));
+    }
+    int device = 0, count = 0;
+    ERNIE_CUDA_CHECK(cudaGetDevice(&device));
+    ERNIE_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device));
+    return count;
+  }();
+  const int cols = kGateUp ? kTallBN / 2 : kTallBN;
+  const int m_blocks = static_cast<int>(capacity / kTallBM), n_tiles = (N + cols - 1) / cols;
+  const int grid = std::min(m_blocks * n_tiles, slots);
+  kernel<<<grid, 384, kTallSmem, stream>>>(a_map, b_map, out, route_w, sorted_pairs, block_expert,
+                                           m_blocks, n_tiles, K, N, x, k_choices);
   ERNIE_CUDA_CHECK(cudaGetLastError());
 }
 
@@ -1738,21 +1927,28 @@ bool moe_wide_swap_enabled() {
   return on;
 }
 
+bool moe_tall_enabled() {
+  static const bool on = new_path_enabled("ERNIE_WG_TALL");
+  return on;
+}
+
 void moe_gate_up(__nv_bfloat16* act, const __nv_bfloat16* x, const __nv_bfloat16* w_gate_up,
                  const int32_t* sorted_pairs, const int32_t* block_expert, int64_t capacity,
                  int block_m, int k, int hidden, int inter, int experts, cudaStream_t stream,
                  const SharedFold& fold, int32_t* block_ready, const MoeSwapForm& form) {
   require_form_fits(form, block_m, fold);
   if (capacity == 0) return;
-  if (block_m == kMoeBlockWgmma) {
+  if (moe_wgmma_block(block_m)) {
     require(fold.experts == 0, "MoE wgmma GEMM: shared experts cannot be folded");
     require_parts(hidden % 8 == 0 && inter % 8 == 0, "MoE wgmma GEMM: hidden ", hidden,
                   " and intermediate ", inter, " must be multiples of 8");
+    const bool tall = block_m == kMoeBlockTall;
     const CUtensorMap b =
         tensor_map_bf16_tiled(w_gate_up, static_cast<int64_t>(experts) * 2 * inter,
-                              tiled_cols(hidden), 64 / kTiledGroupRows);
-    launch_wgmma<true>(act, CUtensorMap{}, b, nullptr, sorted_pairs, block_expert, capacity, hidden,
-                       inter, x, k, stream);
+                              tiled_cols(hidden), tall ? kTallGroups : 64 / kTiledGroupRows);
+    auto* launch = tall ? launch_tall<true> : launch_wgmma<true>;
+    launch(act, CUtensorMap{}, b, nullptr, sorted_pairs, block_expert, capacity, hidden, inter, x,
+           k, stream);
     return;
   }
   if (takes_swap(block_m, fold)) {
@@ -1772,13 +1968,16 @@ void moe_down(__nv_bfloat16* y, const __nv_bfloat16* act, const __nv_bfloat16* w
               const MoeSwapForm& form) {
   require_form_fits(form, block_m, fold);
   if (capacity == 0) return;
-  if (block_m == kMoeBlockWgmma) {
+  if (moe_wgmma_block(block_m)) {
     require(fold.experts == 0, "MoE wgmma GEMM: shared experts cannot be folded");
+    const bool tall = block_m == kMoeBlockTall;
     const CUtensorMap a = tensor_map_bf16_sw128(act, capacity, inter, 64);
-    const CUtensorMap b = tensor_map_bf16_tiled(w_down, static_cast<int64_t>(experts) * hidden,
-                                                tiled_cols(inter), 64 / kTiledGroupRows);
-    launch_wgmma<false>(y, a, b, weights, sorted_pairs, block_expert, capacity, inter, hidden,
-                        nullptr, 1, stream);
+    const CUtensorMap b =
+        tensor_map_bf16_tiled(w_down, static_cast<int64_t>(experts) * hidden, tiled_cols(inter),
+                              (tall ? kTallBN : 64) / kTiledGroupRows);
+    auto* launch = tall ? launch_tall<false> : launch_wgmma<false>;
+    launch(y, a, b, weights, sorted_pairs, block_expert, capacity, inter, hidden, nullptr, 1,
+           stream);
     return;
   }
   if (takes_swap(block_m, fold)) {
@@ -1827,7 +2026,7 @@ void moe_combine(__nv_bfloat16* out, const __nv_bfloat16* y, const int32_t* pair
   if (norm.normed != nullptr) {
     static const bool early_pos = path_enabled("ERNIE_COMBINE_EARLY_POS");
     const bool early =
-        early_pos && loads_first && k <= kCombineMaxK && block_m > 0 && block_m != kMoeBlockWgmma;
+        early_pos && loads_first && k <= kCombineMaxK && block_m > 0 && !moe_wgmma_block(block_m);
     auto* kernel = early ? (lean ? moe_combine_norm_kernel<true, 0>
                                  : moe_combine_norm_kernel<true, kCombineMaxFolded>)
                          : (lean ? moe_combine_norm_kernel<false, 0>

@@ -25,15 +25,26 @@ namespace ernie::cuda {
 // -2.9%, -2.0% and -0.6 to -2.1%, docs/performance.md thirty-first round).
 bool moe_wide_swap_enabled();
 
+// 256-row blocks for the wgmma GEMMs instead of 128-row ones (256 x 192 tiles: a sixth fewer
+// operand bytes into the multiprocessors at 8192 tokens): on only when ERNIE_WG_TALL=1 (not
+// yet measured on a GPU).
+bool moe_tall_enabled();
+
 // Rows per M-block of the sorted layout: 16 while the average expert gets up to 8 rows, 32 up
 // to 32 rows (decode: tiles that stream weights), 64 up to 64 (moe_wide_swap_enabled), else
-// 128 (wgmma tiles fed by TMA, sm_90a).
+// 128 (wgmma tiles fed by TMA, sm_90a), or 256 with moe_tall_enabled.
 constexpr int kMoeBlockSmall = 16, kMoeBlockMid = 32, kMoeBlockWide = 64, kMoeBlockWgmma = 128;
+constexpr int kMoeBlockTall = 256;
 inline int moe_block_m(int64_t pairs, int experts) {
   if (pairs <= 8LL * experts) return kMoeBlockSmall;
   if (pairs <= 32LL * experts) return kMoeBlockMid;
   if (pairs <= 64LL * experts && moe_wide_swap_enabled()) return kMoeBlockWide;
-  return kMoeBlockWgmma;
+  return moe_tall_enabled() ? kMoeBlockTall : kMoeBlockWgmma;
+}
+
+// Whether blocks of block_m rows run on the persistent wgmma GEMMs (prefill-sized batches).
+inline bool moe_wgmma_block(int block_m) {
+  return block_m == kMoeBlockWgmma || block_m == kMoeBlockTall;
 }
 
 // Rows of the sorted/padded layout for `pairs` = tokens * k pairs over `experts` experts: each
