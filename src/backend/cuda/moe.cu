@@ -958,6 +958,43 @@ __device__ __forceinline__ void wgmma_store_tile(const float (&acc)[kCols / 2], 
   }
 }
 
+// A consumer warpgroup's K loop over one tile of the wgmma GEMMs: waits for each slice of the
+// ring (stages of kStageBytes), and where `run` multiplies it (mma(stage): the slice's wgmmas,
+// between the fence and the commit); frees each slot with release(slot), one slice late or,
+// with kEarlyRelease, as soon as the slice's group completes. Every group is complete on
+// return. `it` counts the slices taken over all tiles.
+template <bool kGateUp, bool kEarlyRelease, int kStageBytes, typename Mma, typename Release>
+__device__ __forceinline__ void consume_tile(const unsigned char* smem, uint64_t* full, int& it,
+                                             int k_tiles, bool run, const Mma& mma,
+                                             const Release& release) {
+  for (int kt = 0; kt < k_tiles; ++kt, ++it) {
+    const int s = it % kWgStages;
+    mbar_wait(&full[s], (it / kWgStages) & 1);
+    if (run) {
+      // gate/up: the gathered A rows were written by cp.async (the generic proxy).
+      if constexpr (kGateUp) fence_proxy_async();
+      wgmma_fence();
+      mma(smem + s * kStageBytes);
+      wgmma_commit();
+      if constexpr (kEarlyRelease) {
+        wgmma_wait<0>();  // this slice's group is complete: its slot is free
+      } else {
+        // The previous slice's group is complete once at most this one is pending.
+        wgmma_wait<1>();
+      }
+    }
+    if constexpr (kEarlyRelease) {
+      release(s);
+    } else if (kt > 0) {
+      release((it - 1) % kWgStages);
+    }
+  }
+  if constexpr (!kEarlyRelease) {
+    wgmma_wait<0>();
+    release((it - 1) % kWgStages);
+  }
+}
+
 // kWideStores: the epilogue's stores of 16 bytes (wgmma_store_tile). kPair: clusters of two CTAs
 // sharing the weights of M-block pairs (WgWork; launched by launch_wgmma as such).
 // kEarlyRelease: each consumer waits for its slice's wgmma group to complete and frees the slot
@@ -1054,37 +1091,16 @@ __global__ void __launch_bounds__(384, 1)
       float acc[128];
 #pragma unroll
       for (int i = 0; i < 128; ++i) acc[i] = 0.0f;
-      for (int kt = 0; kt < k_tiles; ++kt, ++it) {
-        const int s = it % kWgStages;
-        mbar_wait(&full[s], (it / kWgStages) & 1);
-        if (run) {
-          // gate/up: the gathered A rows were written by cp.async (the generic proxy).
-          if constexpr (kGateUp) fence_proxy_async();
-          const unsigned char* st = smem + s * kWgStageBytes;
-          wgmma_fence();
+      consume_tile<kGateUp, kEarlyRelease, kWgStageBytes>(
+          smem, full, it, k_tiles, run,
+          [&](const unsigned char* st) {
 #pragma unroll
-          for (int ks = 0; ks < kWgBK / 16; ++ks) {
-            wgmma_m64n256k16(acc, wgmma_desc_sw128(st + cw * kWgBox + ks * 32),
-                             wgmma_desc_sw128(st + 2 * kWgBox + ks * 32));
-          }
-          wgmma_commit();
-          if constexpr (kEarlyRelease) {
-            wgmma_wait<0>();  // this slice's group is complete: its slot is free
-          } else {
-            // The previous slice's group is complete once at most this one is pending.
-            wgmma_wait<1>();
-          }
-        }
-        if constexpr (kEarlyRelease) {
-          release(s);
-        } else if (kt > 0) {
-          release((it - 1) % kWgStages);
-        }
-      }
-      if constexpr (!kEarlyRelease) {
-        wgmma_wait<0>();
-        release((it - 1) % kWgStages);
-      }
+            for (int ks = 0; ks < kWgBK / 16; ++ks) {
+              wgmma_m64n256k16(acc, wgmma_desc_sw128(st + cw * kWgBox + ks * 32),
+                               wgmma_desc_sw128(st + 2 * kWgBox + ks * 32));
+            }
+          },
+          release);
       if (run) {
         wgmma_store_tile<kGateUp, kWideStores>(acc, out, route_w, sorted_pairs, m0, cw, n0, N, warp,
                                                g, c);
@@ -1224,36 +1240,19 @@ __global__ void __launch_bounds__(384, 1)
       float acc0[kTallBN / 2], acc1[kTallBN / 2];
 #pragma unroll
       for (int i = 0; i < kTallBN / 2; ++i) acc0[i] = acc1[i] = 0.0f;
-      for (int kt = 0; kt < k_tiles; ++kt, ++it) {
-        const int s = it % kWgStages;
-        mbar_wait(&full[s], (it / kWgStages) & 1);
-        if (live0) {  // both parts (a wgmma under a condition of its own is serialised)
-          if constexpr (kGateUp) fence_proxy_async();
-          const unsigned char* st = smem + s * kTallStageBytes;
-          wgmma_fence();
+      // Both parts where the first holds pairs (a wgmma under a condition of its own is
+      // serialised).
+      consume_tile<kGateUp, kEarlyRelease, kTallStageBytes>(
+          smem, full, it, k_tiles, live0,
+          [&](const unsigned char* st) {
 #pragma unroll
-          for (int ks = 0; ks < kWgBK / 16; ++ks) {
-            const uint64_t b = wgmma_desc_sw128(st + kTallABytes + ks * 32);
-            wgmma_m64n192k16(acc0, wgmma_desc_sw128(st + 2 * cw * kWgBox + ks * 32), b);
-            wgmma_m64n192k16(acc1, wgmma_desc_sw128(st + (2 * cw + 1) * kWgBox + ks * 32), b);
-          }
-          wgmma_commit();
-          if constexpr (kEarlyRelease) {
-            wgmma_wait<0>();
-          } else {
-            wgmma_wait<1>();
-          }
-        }
-        if constexpr (kEarlyRelease) {
-          release(s);
-        } else if (kt > 0) {
-          release((it - 1) % kWgStages);
-        }
-      }
-      if constexpr (!kEarlyRelease) {
-        wgmma_wait<0>();
-        release((it - 1) % kWgStages);
-      }
+            for (int ks = 0; ks < kWgBK / 16; ++ks) {
+              const uint64_t b = wgmma_desc_sw128(st + kTallABytes + ks * 32);
+              wgmma_m64n192k16(acc0, wgmma_desc_sw128(st + 2 * cw * kWgBox + ks * 32), b);
+              wgmma_m64n192k16(acc1, wgmma_desc_sw128(st + (2 * cw + 1) * kWgBox + ks * 32), b);
+            }
+          },
+          release);
       if (live0) {
         wgmma_store_tile<kGateUp, true, kTallBN>(acc0, out, route_w, sorted_pairs, m1, 0, n0, N,
                                                  warp, g, c);
