@@ -687,8 +687,8 @@ constexpr size_t kWgSmem = static_cast<size_t>(kWgStages) * kWgStageBytes + 1024
 // The tall form (moe_tall_enabled): 256-row M-blocks, 192 weight rows a tile (gate/up: 96
 // outputs), each consumer warpgroup 128 rows as two m64n192 accumulators (192 registers: the
 // producer warpgroup gives registers back with setmaxnreg, 56 a thread, so that the consumers
-// can hold 224; fewer for the producer spill its gathered rows' pointers, fewer for the
-// consumers spill theirs). A slice is 56 KB (A 32, B 24) for 1.5 times the multiplies of the
+// can hold 224; ptxas spills the producer's registers with fewer than 56, the consumers' with
+// fewer than 224). A slice is 56 KB (A 32, B 24) for 1.5 times the multiplies of the
 // 48 KB slice above; the ring is four slices (224 KB). Single CTAs, no clusters.
 constexpr int kTallBM = kMoeBlockTall, kTallBN = 192;
 constexpr int kTallGroups = 96 / kTiledGroupRows;  // gate/up: one box of gate rows, one of up
@@ -809,8 +809,7 @@ __device__ __forceinline__ WgTile wg_tile(const WgWork<kPair>& w, int u,
 // barrier when they land (cp.async.mbarrier.arrive), so the producer never waits for its own
 // copies and keeps every free stage in flight; the consumers fence for the tensor cores' proxy
 // after the barrier.
-// BM: the tile's rows (kWgBM, or kTallBM with TallGateUpBoxes: there each thread keeps its
-// rows as 32-bit token indices, its 40 registers too few for sixteen pointers).
+// BM: the tile's rows (kWgBM, or kTallBM with TallGateUpBoxes for the tall form).
 template <bool kPair, int BM = kWgBM, typename Boxes = GateUpBoxes>
 __device__ __forceinline__ void gather_producer(unsigned char* smem, uint64_t* full,
                                                 uint64_t* empty, const CUtensorMap& b_map,
