@@ -687,8 +687,8 @@ constexpr size_t kWgSmem = static_cast<size_t>(kWgStages) * kWgStageBytes + 1024
 // The tall form (moe_tall_enabled): 256-row M-blocks, 192 weight rows a tile (gate/up: 96
 // outputs), each consumer warpgroup 128 rows as two m64n192 accumulators (192 registers: the
 // producer warpgroup gives registers back with setmaxnreg, 56 a thread, so that the consumers
-// can hold 224; ptxas spills the producer's registers with fewer than 56, the consumers' with
-// fewer than 224). A slice is 56 KB (A 32, B 24) for 1.5 times the multiplies of the
+// can hold 224; ptxas spilled the gathering producer's registers at 40, the consumers' at
+// 216). A slice is 56 KB (A 32, B 24) for 1.5 times the multiplies of the
 // 48 KB slice above; the ring is four slices (224 KB). Single CTAs, no clusters.
 constexpr int kTallBM = kMoeBlockTall, kTallBN = 192;
 constexpr int kTallGroups = 96 / kTiledGroupRows;  // gate/up: one box of gate rows, one of up
