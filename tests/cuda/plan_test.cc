@@ -318,24 +318,64 @@ TEST(ExpertLayout, DecodeStageIsOneContiguousCopy) {
 // "column" is the element's place inside its 64-column row of the layout. That must be the
 // position TMA's 128-byte swizzle gives row R = row - 16 group0 of a row-major box, which the
 // wgmma descriptors read.
+// Boxes of 4 groups (the 128-row GEMMs), 6 (the tall form's gate and up rows) and 12 (its down
+// rows).
 TEST(ExpertLayout, PrefillBoxIsASwizzledTile) {
   const int64_t k = 2560, kp = tiled_cols(k), chunks = kp / 64;
-  for (const int64_t group0 : {0, 4, 9}) {
-    for (int64_t chunk = 0; chunk < chunks; chunk += 7) {
-      for (int64_t row = group0 * 16; row < group0 * 16 + 64; ++row) {
-        for (int64_t c = 0; c < 64; ++c) {
-          const int64_t o = tiled_offset(row, chunk * 64 + c, kp);
-          // The packed 4-D coordinates of offset o.
-          const int64_t col_in = o % 64, r_in = (o / 64) % 16, ch = (o / 1024) % chunks,
-                        grp = o / (1024 * chunks);
-          ASSERT_EQ(ch, chunk);
-          const int64_t box_pos = ((grp - group0) * 16 + r_in) * 64 + col_in;
-          const int64_t R = row - group0 * 16;
-          ASSERT_EQ(box_pos, R * 64 + (((c / 8) ^ (R % 8)) * 8) + c % 8)
-              << "group0 " << group0 << " chunk " << chunk << " row " << row << " col " << c;
+  for (const int64_t groups : {4, 6, 12}) {
+    for (const int64_t group0 : {0, 4, 9, 102}) {
+      for (int64_t chunk = 0; chunk < chunks; chunk += 7) {
+        for (int64_t row = group0 * 16; row < (group0 + groups) * 16; ++row) {
+          for (int64_t c = 0; c < 64; ++c) {
+            const int64_t o = tiled_offset(row, chunk * 64 + c, kp);
+            // The packed 4-D coordinates of offset o.
+            const int64_t col_in = o % 64, r_in = (o / 64) % 16, ch = (o / 1024) % chunks,
+                          grp = o / (1024 * chunks);
+            ASSERT_EQ(ch, chunk);
+            const int64_t box_pos = ((grp - group0) * 16 + r_in) * 64 + col_in;
+            const int64_t R = row - group0 * 16;
+            ASSERT_EQ(box_pos, R * 64 + (((c / 8) ^ (R % 8)) * 8) + c % 8)
+                << groups << " groups from " << group0 << ", chunk " << chunk << " row " << row
+                << " col " << c;
+            // The activation stages the GEMMs gather or load by TMA use the same places.
+            ASSERT_EQ(
+                2 * box_pos,
+                stage_piece_offset(static_cast<int>(R), static_cast<int>(c / 8)) + 2 * (c % 8));
+          }
         }
       }
     }
+  }
+}
+
+// The gate/up producer's copies of a stage (stage_gather_row, stage_first_piece) for the
+// 128-row GEMMs (one piece a row and thread) and the tall form (256 rows, two pieces): every
+// piece of every row of the stage is copied exactly once, and a thread's second piece of a row
+// lies at its first one's offset ^ 16, as gather_producer stores it.
+TEST(ExpertLayout, GatherCopiesEveryPieceOfAStageOnce) {
+  for (const auto [bm, pieces] : {std::pair{128, 1}, std::pair{256, 2}}) {
+    std::vector<int> hits(static_cast<size_t>(bm) * 8, 0), bytes(static_cast<size_t>(bm) * 8, 0);
+    for (int warp = 0; warp < 4; ++warp) {
+      for (int lane = 0; lane < 32; ++lane) {
+        const int p0 = stage_first_piece(pieces, lane);
+        for (int i = 0; i < bm / 16 / pieces; ++i) {
+          const int r = stage_gather_row(bm, pieces, warp, lane, i);
+          ASSERT_GE(r, 0);
+          ASSERT_LT(r, bm);
+          for (int j = 0; j < pieces; ++j) {
+            ++hits[static_cast<size_t>(r) * 8 + p0 + j];
+            ASSERT_EQ(stage_piece_offset(r, p0 + j), stage_piece_offset(r, p0) ^ (j << 4))
+                << "row " << r << " piece " << p0 + j;
+            const int o = stage_piece_offset(r, p0 + j);
+            ASSERT_EQ(o % 16, 0);
+            ASSERT_LT(o, bm * 128);
+            ++bytes[static_cast<size_t>(o / 16)];
+          }
+        }
+      }
+    }
+    EXPECT_EQ(std::count(hits.begin(), hits.end(), 1), bm * 8) << bm << " rows";
+    EXPECT_EQ(std::count(bytes.begin(), bytes.end(), 1), bm * 8) << bm << " rows";
   }
 }
 

@@ -41,4 +41,27 @@ ERNIE_HOST_DEVICE int64_t tiled_offset(int64_t row, int64_t col, int64_t kp) {
          r * kTiledChunkCols + (((c / 8) ^ (r % 8)) * 8) + c % 8;
 }
 
+// ---- The wgmma GEMMs' activation stages (moe.cu) ----
+//
+// A stage holds a K slice (64 columns, 128 bytes) of BM activation rows as BM / 64 boxes of 64
+// rows, each laid out as a 128-byte-swizzle TMA box would be: the same swizzle as a 64-column
+// chunk of the tiled layout, which the wgmma descriptors read.
+
+// Byte offset of 16-byte piece p (columns 8 p .. 8 p + 7) of row r in such a stage.
+ERNIE_HOST_DEVICE int stage_piece_offset(int r, int p) {
+  return (r / 64) * (64 * 128) + (r % 64) * 128 + ((p ^ (r % 8)) << 4);
+}
+
+// The gate/up producer's share of a stage it gathers (rows of x by cp.async): its 128 threads,
+// warp w and lane l, each copy `pieces` adjacent pieces, from stage_first_piece(pieces, l) on,
+// of the rows stage_gather_row(bm, pieces, w, l, i) for i < bm / 16 / pieces; the lanes of a
+// warp take 8 / pieces lanes a row.
+ERNIE_HOST_DEVICE int stage_gather_row(int bm, int pieces, int warp, int lane, int i) {
+  const int lanes_per_row = 8 / pieces;
+  return warp * (bm / 4) + i * (32 / lanes_per_row) + lane / lanes_per_row;
+}
+ERNIE_HOST_DEVICE int stage_first_piece(int pieces, int lane) {
+  return lane % (8 / pieces) * pieces;
+}
+
 }  // namespace ernie::cuda

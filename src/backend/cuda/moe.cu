@@ -701,7 +701,8 @@ static_assert(kTallSmem <= 227 * 1024);
 // Byte offset of row r's 16-byte chunk ch of a K slice in a stage's A boxes (64 rows of 128
 // bytes each), swizzled as a 128-byte-swizzle TMA box would place it.
 __device__ __forceinline__ int gathered_offset(int r, int ch) {
-  return (r / 64) * kWgBox + (r % 64) * 128 + ((ch ^ (r % 8)) << 4);
+  static_assert(kWgBox == 64 * 128);
+  return stage_piece_offset(r, ch);
 }
 
 // A gate/up tile's weights in the wgmma GEMMs: gate rows n0..n0+127 and up rows N + n0.. of
@@ -819,13 +820,13 @@ __device__ __forceinline__ void gather_producer(unsigned char* smem, uint64_t* f
                                                 int N) {
   constexpr bool kTall = BM == kTallBM;
   // A thread copies kRows rows of each slice, kChunks adjacent 16-byte chunks of each (the tall
-  // form: two, so that eight rows' pointers fit the producer's registers); the lanes of a warp
-  // take rows 8 / kChunks lanes a row.
-  constexpr int kChunks = kTall ? 2 : 1, kLanesPerRow = 8 / kChunks, kRows = BM / 16 / kChunks;
+  // form: two, so that eight rows' pointers fit the producer's registers), as
+  // stage_gather_row and stage_first_piece deal them.
+  constexpr int kChunks = kTall ? 2 : 1, kRows = BM / 16 / kChunks;
   constexpr int kStageBytes = kTall ? kTallStageBytes : kWgStageBytes;
   constexpr int kABytes = BM / 64 * kWgBox, kBBytes = kTall ? kTallBN * 128 : 4 * kWgBox;
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
-  const int ch = lane % kLanesPerRow * kChunks;  // the first of the thread's chunks of a row
+  const int ch = stage_first_piece(kChunks, lane);  // the first of the thread's chunks of a row
   const int k_tiles = (K + kWgBK - 1) / kWgBK;
   int it = 0;  // K slices issued so far, over all tiles: slot it % stages, round it / stages
   for (int u = work.first; u < work.units; u += work.stride) {
@@ -838,7 +839,7 @@ __device__ __forceinline__ void gather_producer(unsigned char* smem, uint64_t* f
                      // dst ^ 16, ch being even)
 #pragma unroll
     for (int i = 0; i < kRows; ++i) {
-      const int r = warp * (BM / 4) + i * (32 / kLanesPerRow) + lane / kLanesPerRow;
+      const int r = stage_gather_row(BM, kChunks, warp, lane, i);
       const int pair = t.e >= 0 ? sorted_pairs[m0 + r] : -1;
       src[i] = pair >= 0 ? x + static_cast<size_t>(pair / k_choices) * K : nullptr;
       dst[i] = gathered_offset(r, ch);
