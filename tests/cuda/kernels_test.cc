@@ -114,10 +114,14 @@ TEST(CudaKernels, SiluMulMatchesCpuReference) {
 // The few-token linear layer against a double-precision reference of the same bf16 inputs:
 // every row count it takes, rows wider than a warp's 256 columns and not a multiple of them,
 // output rows that leave a CTA partly idle (its bulk copy shorter), f32 and bf16 outputs.
-// got [m, n] = x [m, k] w [n, k]^T against a double reference: f32 sums (~1e-6 of the
-// magnitude), and a bf16 output (f32_out false) rounds by 2^-8 of the value.
-void expect_gemm_matches(const std::vector<float>& got, const std::vector<float>& x,
-                         const std::vector<float>& w, int m, int n, int k, bool f32_out) {
+// x [m, k] w [n, k]^T in double: each output's value and the sum of its products' magnitudes.
+struct GemmReference {
+  std::vector<double> ref, mag;
+};
+GemmReference gemm_reference(const std::vector<float>& x, const std::vector<float>& w, int m, int n,
+                             int k) {
+  GemmReference g{std::vector<double>(static_cast<size_t>(m) * n),
+                  std::vector<double>(static_cast<size_t>(m) * n)};
   for (int t = 0; t < m; ++t) {
     for (int r = 0; r < n; ++r) {
       double ref = 0.0, mag = 0.0;
@@ -127,12 +131,31 @@ void expect_gemm_matches(const std::vector<float>& got, const std::vector<float>
         ref += p;
         mag += std::abs(p);
       }
-      const double tol = 1e-5 * mag + (f32_out ? 0.0 : std::abs(ref) / 128.0) + 1e-6;
-      const float v = got[static_cast<size_t>(t) * n + r];
-      ASSERT_FALSE(std::isnan(v)) << "row " << t << " col " << r;
-      ASSERT_NEAR(v, ref, tol) << "row " << t << " col " << r;
+      g.ref[static_cast<size_t>(t) * n + r] = ref;
+      g.mag[static_cast<size_t>(t) * n + r] = mag;
     }
   }
+  return g;
+}
+
+// got [m, n] against the double reference: f32 sums (~1e-6 of the magnitude), and a bf16 output
+// (f32_out false) rounds by 2^-8 of the value.
+void expect_gemm_close(const std::vector<float>& got, const GemmReference& g, int m, int n,
+                       bool f32_out) {
+  for (int t = 0; t < m; ++t) {
+    for (int r = 0; r < n; ++r) {
+      const size_t i = static_cast<size_t>(t) * n + r;
+      const double tol = 1e-5 * g.mag[i] + (f32_out ? 0.0 : std::abs(g.ref[i]) / 128.0) + 1e-6;
+      ASSERT_FALSE(std::isnan(got[i])) << "row " << t << " col " << r;
+      ASSERT_NEAR(got[i], g.ref[i], tol) << "row " << t << " col " << r;
+    }
+  }
+}
+
+// got [m, n] = x [m, k] w [n, k]^T (expect_gemm_close).
+void expect_gemm_matches(const std::vector<float>& got, const std::vector<float>& x,
+                         const std::vector<float>& w, int m, int n, int k, bool f32_out) {
+  expect_gemm_close(got, gemm_reference(x, w, m, n, k), m, n, f32_out);
 }
 
 TEST(CudaKernels, SkinnyGemmMatchesReference) {
@@ -246,6 +269,61 @@ TEST(CudaKernels, TunedGemmMatchesReference) {
 
 // The device tiling of expert weights puts every element where tiled_offset says and zeros in
 // the padding columns (K not a multiple of 128 included).
+// Every algorithm the tuner may keep with the split-K sweep on (TuneOptions::split_k): each
+// candidate, forced in turn, heuristic results first and then the split-K variants, computes
+// the product (the same check as above), for decode-sized shapes of the 21B model; some of them
+// split K.
+TEST(CudaKernels, TunedGemmSplitCandidatesMatchReference) {
+  if (device_count() == 0) GTEST_SKIP() << "no CUDA device";
+  Rng rng(std::random_device{}());
+  cudaStream_t stream = nullptr;
+  ERNIE_CUDA_CHECK(cudaStreamCreate(&stream));
+  cublasHandle_t blas = nullptr;
+  ASSERT_EQ(cublasCreate(&blas), CUBLAS_STATUS_SUCCESS);
+  ASSERT_EQ(cublasSetStream(blas, stream), CUBLAS_STATUS_SUCCESS);
+  constexpr size_t kWorkspace = 32u << 20;
+  DeviceBuffer<uint8_t> workspace(kWorkspace);
+  ASSERT_EQ(cublasSetWorkspace(blas, workspace.p, kWorkspace), CUBLAS_STATUS_SUCCESS);
+  struct Case {
+    int m, n, k;
+    bool f32;
+  };
+  int split = 0;  // forced candidates that split K
+  for (const Case& c :
+       {Case{256, 3584, 2560, false}, Case{128, 2560, 2560, false}, Case{65, 192, 2560, true}}) {
+    const auto x = random_bf16(rng, static_cast<size_t>(c.m) * c.k, 1.0);
+    const auto w = random_bf16(rng, static_cast<size_t>(c.n) * c.k, 1.0 / std::sqrt(c.k));
+    DeviceBuffer<uint16_t> d_x(x.size()), d_w(w.size());
+    d_x.upload(x);
+    d_w.upload(w);
+    const size_t outs = static_cast<size_t>(c.m) * c.n;
+    DeviceBuffer<float> d_f32(outs);
+    DeviceBuffer<uint16_t> d_bf16(outs);
+    void* out = c.f32 ? static_cast<void*>(d_f32.p) : static_cast<void*>(d_bf16.p);
+    const GemmReference ref = gemm_reference(widen(x), widen(w), c.m, c.n, c.k);
+    int candidates = 1;
+    for (int force = 0; force < candidates; ++force) {
+      SCOPED_TRACE(::testing::Message() << c.m << " x " << c.k << " -> " << c.n
+                                        << (c.f32 ? " f32" : " bf16") << ", candidate " << force);
+      TunedGemm tuned(TuneOptions{.candidates = 16, .split_k = true, .force = force});
+      tuned.begin_tuning();
+      d_f32.poison();
+      d_bf16.poison();
+      ASSERT_TRUE(tuned.run(blas, out, c.f32, d_x.p, d_w.p, c.m, c.n, c.k, workspace.p, kWorkspace,
+                            stream, true));
+      ERNIE_CUDA_CHECK(cudaStreamSynchronize(stream));
+      tuned.end_tuning();
+      candidates = tuned.last_candidates();
+      split += tuned.split_k(c.m, c.n, c.k, c.f32) > 1;
+      expect_gemm_close(c.f32 ? d_f32.download() : widen(d_bf16.download()), ref, c.m, c.n, c.f32);
+      if (::testing::Test::HasFailure()) break;
+    }
+  }
+  EXPECT_GT(split, 0) << "no candidate split K";
+  cublasDestroy(blas);
+  ERNIE_CUDA_CHECK(cudaStreamDestroy(stream));
+}
+
 TEST(CudaKernels, TileExpertWeightsMatchesLayout) {
   if (device_count() == 0) GTEST_SKIP() << "no CUDA device";
   Rng rng(std::random_device{}());

@@ -21,17 +21,76 @@ void check_lt(cublasStatus_t s, const char* what) {
   }
 }
 
-// cuBLASLt heuristic results timed per shape: 16, or ERNIE_GEMM_TUNE_CANDIDATES (1-256; A/B
-// runs: does a wider search than the heuristic's first 16 find faster algorithms?).
-int candidates() {
-  static const int n = std::clamp(switch_bits("ERNIE_GEMM_TUNE_CANDIDATES", 16), 1, 256);
-  return n;
-}
 constexpr int kRuns = 4;                   // timed runs of each (after one untimed)
 constexpr size_t kFlushBytes = 96u << 20;  // more than an H100's or H200's 50-60 MB of L2
 constexpr double kMargin = 0.03;           // what a candidate must gain on the default
 
+// The split-K sweep (TuneOptions::split_k): the first kSplitBases heuristic results, each with
+// these split counts where the algorithm takes split-K and cuBLASLt accepts the configuration
+// for the shape (cublasLtMatmulAlgoCheck), the partial sums reduced in f32 (or in place, where
+// that is the only scheme offered; both are deterministic).
+constexpr int kSplitBases = 8;
+constexpr int kSplitCounts[] = {2, 3, 4, 6, 8};
+
+int32_t splits_of(const cublasLtMatmulAlgo_t& algo) {
+  int32_t v = 1;
+  size_t written = 0;
+  if (cublasLtMatmulAlgoConfigGetAttribute(&algo, CUBLASLT_ALGO_CONFIG_SPLITK_NUM, &v, sizeof v,
+                                           &written) != CUBLAS_STATUS_SUCCESS) {
+    return 1;
+  }
+  return v;
+}
+
+// `base` with `splits` K splits, checked for the operation and layouts; false where the
+// algorithm or the shape does not take it.
+bool with_splits(cublasLtHandle_t lt, cublasLtMatmulDesc_t op, cublasLtMatrixLayout_t a,
+                 cublasLtMatrixLayout_t b, cublasLtMatrixLayout_t c,
+                 const cublasLtMatmulAlgo_t& base, int32_t splits,
+                 cublasLtMatmulHeuristicResult_t* out) {
+  int32_t support = 0;
+  uint32_t schemes = 0;
+  size_t written = 0;
+  if (cublasLtMatmulAlgoCapGetAttribute(&base, CUBLASLT_ALGO_CAP_SPLITK_SUPPORT, &support,
+                                        sizeof support, &written) != CUBLAS_STATUS_SUCCESS ||
+      support == 0 ||
+      cublasLtMatmulAlgoCapGetAttribute(&base, CUBLASLT_ALGO_CAP_REDUCTION_SCHEME_MASK, &schemes,
+                                        sizeof schemes, &written) != CUBLAS_STATUS_SUCCESS) {
+    return false;
+  }
+  const uint32_t scheme = (schemes & CUBLASLT_REDUCTION_SCHEME_COMPUTE_TYPE) != 0
+                              ? CUBLASLT_REDUCTION_SCHEME_COMPUTE_TYPE
+                          : (schemes & CUBLASLT_REDUCTION_SCHEME_INPLACE) != 0
+                              ? CUBLASLT_REDUCTION_SCHEME_INPLACE
+                              : CUBLASLT_REDUCTION_SCHEME_NONE;
+  if (scheme == CUBLASLT_REDUCTION_SCHEME_NONE) return false;
+  cublasLtMatmulAlgo_t algo = base;
+  if (cublasLtMatmulAlgoConfigSetAttribute(&algo, CUBLASLT_ALGO_CONFIG_SPLITK_NUM, &splits,
+                                           sizeof splits) != CUBLAS_STATUS_SUCCESS ||
+      cublasLtMatmulAlgoConfigSetAttribute(&algo, CUBLASLT_ALGO_CONFIG_REDUCTION_SCHEME, &scheme,
+                                           sizeof scheme) != CUBLAS_STATUS_SUCCESS) {
+    return false;
+  }
+  cublasLtMatmulHeuristicResult_t r{};
+  if (cublasLtMatmulAlgoCheck(lt, op, a, b, c, c, &algo, &r) != CUBLAS_STATUS_SUCCESS ||
+      r.state != CUBLAS_STATUS_SUCCESS) {
+    return false;
+  }
+  r.algo = algo;
+  *out = r;
+  return true;
+}
+
 }  // namespace
+
+TuneOptions TuneOptions::from_env() {
+  TuneOptions o;
+  // ERNIE_GEMM_TUNE_CANDIDATES (1-256; A/B runs: does a wider search than the heuristic's
+  // first 16 find faster algorithms?).
+  o.candidates = std::clamp(switch_bits("ERNIE_GEMM_TUNE_CANDIDATES", 16), 1, 256);
+  o.split_k = new_path_enabled("ERNIE_GEMM_TUNE_SPLITK");
+  return o;
+}
 
 // Row-major out[m, n] = x[m, k] w[n, k]^T is column-major out^T = w^T x.
 cublasStatus_t default_gemm(cublasHandle_t blas, void* out, bool out_f32, const void* x,
@@ -42,7 +101,7 @@ cublasStatus_t default_gemm(cublasHandle_t blas, void* out, bool out_f32, const 
                       CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
 }
 
-TunedGemm::TunedGemm() {
+TunedGemm::TunedGemm(const TuneOptions& options) : options_(options) {
   check_lt(cublasLtCreate(&lt_), "cublasLtCreate");
   check_cuda(cudaEventCreate(&start_), "cudaEventCreate");
   check_cuda(cudaEventCreate(&stop_), "cudaEventCreate");
@@ -83,6 +142,12 @@ void TunedGemm::end_tuning() {
 int TunedGemm::non_default() const {
   return static_cast<int>(std::count_if(plans_.begin(), plans_.end(),
                                         [](const auto& kv) { return !kv.second.use_default; }));
+}
+
+int TunedGemm::split_k(int m, int n, int k, bool out_f32) const {
+  const auto it = plans_.find(Key{m, n, k, out_f32});
+  if (it == plans_.end()) return 0;
+  return it->second.use_default ? 1 : splits_of(it->second.algo);
 }
 
 bool TunedGemm::run(cublasHandle_t blas, void* out, bool out_f32, const void* x, const void* w,
@@ -137,12 +202,28 @@ TunedGemm::Plan TunedGemm::tune(cublasHandle_t blas, void* out, bool out_f32, co
   check_lt(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws,
                                                 sizeof ws),
            "MatmulPreferenceSetAttribute");
-  std::vector<cublasLtMatmulHeuristicResult_t> found(candidates());
+  std::vector<cublasLtMatmulHeuristicResult_t> found(std::clamp(options_.candidates, 1, 256));
   int count = 0;
   const cublasStatus_t hs = cublasLtMatmulAlgoGetHeuristic(
       lt_, p.op, p.a, p.b, p.c, p.c, pref, static_cast<int>(found.size()), found.data(), &count);
   cublasLtMatmulPreferenceDestroy(pref);
   if (hs != CUBLAS_STATUS_SUCCESS) count = 0;
+  found.resize(count);
+  if (options_.split_k) {
+    for (int c = 0; c < std::min(count, kSplitBases); ++c) {
+      if (found[c].state != CUBLAS_STATUS_SUCCESS) continue;
+      const int32_t own = splits_of(found[c].algo);
+      for (const int32_t splits : kSplitCounts) {
+        cublasLtMatmulHeuristicResult_t r;
+        if (splits != own && k / splits >= 64 &&
+            with_splits(lt_, p.op, p.a, p.b, p.c, found[c].algo, splits, &r)) {
+          found.push_back(r);
+        }
+      }
+    }
+    count = static_cast<int>(found.size());
+  }
+  last_candidates_ = count;
 
   const float alpha = 1.0f, beta = 0.0f;
   // Candidate -1 is the default GEMM; the mean of kRuns runs, each after an L2 flush.
@@ -168,16 +249,20 @@ TunedGemm::Plan TunedGemm::tune(cublasHandle_t blas, void* out, bool out_f32, co
     }
     return total / kRuns;
   };
-  const double default_ms = time_of(-1);
+  const auto usable = [&](int c) {
+    return found[c].state == CUBLAS_STATUS_SUCCESS && found[c].workspaceSize <= workspace_bytes;
+  };
+  const bool forced = options_.force >= 0;
+  const double default_ms = forced ? 0.0 : time_of(-1);
   require(default_ms < std::numeric_limits<double>::infinity(),
           "GEMM tuning: the default GEMM failed");
   std::vector<double> times(count, std::numeric_limits<double>::infinity());
-  for (int c = 0; c < count; ++c) {
-    if (found[c].state == CUBLAS_STATUS_SUCCESS && found[c].workspaceSize <= workspace_bytes) {
-      times[c] = time_of(c);
-    }
+  for (int c = 0; c < count && !forced; ++c) {
+    if (usable(c)) times[c] = time_of(c);
   }
-  const int chosen = choose_gemm(default_ms, times, kMargin);
+  const int chosen = forced
+                         ? (options_.force < count && usable(options_.force) ? options_.force : -1)
+                         : choose_gemm(default_ms, times, kMargin);
   if (chosen >= 0) {
     p.use_default = false;
     p.algo = found[chosen].algo;
@@ -192,8 +277,10 @@ TunedGemm::Plan TunedGemm::tune(cublasHandle_t blas, void* out, bool out_f32, co
   }
   log::debug("GEMM tuning ", m, " x ", k, " -> ", n, out_f32 ? " (f32 out)" : "", ": default ",
              default_ms * 1e3, " us, ",
-             chosen < 0 ? std::string("kept") : cat("candidate ", chosen, " of ", count), " ",
-             kept * 1e3, " us, next best ", runner_up * 1e3, " us");
+             chosen < 0 ? std::string("kept")
+                        : cat("candidate ", chosen, " of ", count, " (split-K ",
+                              splits_of(found[chosen].algo), ")"),
+             " ", kept * 1e3, " us, next best ", runner_up * 1e3, " us");
   // The output of the caller's call is written after this by the chosen algorithm.
   check_cuda(cudaStreamSynchronize(stream), "cudaStreamSynchronize (GEMM tuning)");
   tune_ms_ +=

@@ -22,9 +22,21 @@ namespace ernie::cuda {
 cublasStatus_t default_gemm(cublasHandle_t blas, void* out, bool out_f32, const void* x,
                             const void* w, int m, int n, int k);
 
+// What TunedGemm times (from_env gives the engine's).
+struct TuneOptions {
+  int candidates = 16;  // cuBLASLt heuristic results timed per shape (ERNIE_GEMM_TUNE_CANDIDATES)
+  // Also the first 8 of them with each split-K count of 2, 3, 4, 6 and 8 that cuBLASLt accepts
+  // for the shape (ERNIE_GEMM_TUNE_SPLITK=1; not yet measured on a GPU).
+  bool split_k = false;
+  // Tests: keep candidate `force` (heuristic results first, then the split-K variants) whatever
+  // the timings, or the default where there is no such candidate; -1: choose by timing.
+  int force = -1;
+  static TuneOptions from_env();
+};
+
 class TunedGemm {
  public:
-  TunedGemm();
+  explicit TunedGemm(const TuneOptions& options = TuneOptions::from_env());
   ~TunedGemm();
   TunedGemm(const TunedGemm&) = delete;
   TunedGemm& operator=(const TunedGemm&) = delete;
@@ -61,6 +73,11 @@ class TunedGemm {
 
   int shapes() const { return static_cast<int>(plans_.size()); }
   int non_default() const;  // shapes whose fastest was not the default GEMM
+  // The split-K count of the algorithm a tuned shape runs (1 for the default GEMM; 0: the shape
+  // is not tuned).
+  int split_k(int m, int n, int k, bool out_f32) const;
+  // Candidates of the last shape tuned (heuristic results and split-K variants).
+  int last_candidates() const { return last_candidates_; }
   double tune_ms() const { return tune_ms_; }
 
  private:
@@ -75,6 +92,7 @@ class TunedGemm {
   Plan tune(cublasHandle_t blas, void* out, bool out_f32, const void* x, const void* w, int m,
             int n, int k, void* workspace, size_t workspace_bytes, cudaStream_t stream);
 
+  TuneOptions options_;
   cublasLtHandle_t lt_ = nullptr;
   bool tuning_ = false;  // between begin_tuning and end_tuning
   std::map<Key, Plan> plans_;
@@ -82,6 +100,7 @@ class TunedGemm {
   size_t flush_bytes_ = 0;
   cudaEvent_t start_ = nullptr, stop_ = nullptr;
   double tune_ms_ = 0.0;
+  int last_candidates_ = 0;
 };
 
 }  // namespace ernie::cuda
