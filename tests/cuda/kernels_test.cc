@@ -201,6 +201,27 @@ TEST(CudaKernels, SkinnyGemmMatchesReference) {
   }
 }
 
+// A stream with a cuBLAS handle on it and the handle's 32 MB workspace (the backend's size).
+struct BlasOnStream {
+  cudaStream_t stream = nullptr;
+  cublasHandle_t blas = nullptr;
+  DeviceBuffer<uint8_t> workspace{32u << 20};
+  BlasOnStream() {
+    ERNIE_CUDA_CHECK(cudaStreamCreate(&stream));
+    if (cublasCreate(&blas) != CUBLAS_STATUS_SUCCESS ||
+        cublasSetStream(blas, stream) != CUBLAS_STATUS_SUCCESS ||
+        cublasSetWorkspace(blas, workspace.p, workspace.n) != CUBLAS_STATUS_SUCCESS) {
+      throw Error("cuBLAS handle setup failed");
+    }
+  }
+  ~BlasOnStream() {
+    cublasDestroy(blas);
+    cudaStreamDestroy(stream);
+  }
+  BlasOnStream(const BlasOnStream&) = delete;
+  BlasOnStream& operator=(const BlasOnStream&) = delete;
+};
+
 // TunedGemm: each shape tuned on first use (the default GEMM and cuBLASLt's candidates timed on
 // these operands), then run again from its plan: both results against the reference, and the
 // second equal to the first bit for bit (one algorithm per shape). A shape not seen while tuning
@@ -208,14 +229,11 @@ TEST(CudaKernels, SkinnyGemmMatchesReference) {
 TEST(CudaKernels, TunedGemmMatchesReference) {
   if (device_count() == 0) GTEST_SKIP() << "no CUDA device";
   Rng rng(std::random_device{}());
-  cudaStream_t stream = nullptr;
-  ERNIE_CUDA_CHECK(cudaStreamCreate(&stream));
-  cublasHandle_t blas = nullptr;
-  ASSERT_EQ(cublasCreate(&blas), CUBLAS_STATUS_SUCCESS);
-  ASSERT_EQ(cublasSetStream(blas, stream), CUBLAS_STATUS_SUCCESS);
-  constexpr size_t kWorkspace = 32u << 20;
-  DeviceBuffer<uint8_t> workspace(kWorkspace);
-  ASSERT_EQ(cublasSetWorkspace(blas, workspace.p, kWorkspace), CUBLAS_STATUS_SUCCESS);
+  const BlasOnStream b;
+  cudaStream_t stream = b.stream;
+  cublasHandle_t blas = b.blas;
+  const size_t kWorkspace = b.workspace.n;
+  const DeviceBuffer<uint8_t>& workspace = b.workspace;
   {
     TunedGemm tuned;
     tuned.begin_tuning();
@@ -263,12 +281,8 @@ TEST(CudaKernels, TunedGemmMatchesReference) {
                 tuned.non_default(), tuned.tune_ms());
     tuned.end_tuning();
   }
-  cublasDestroy(blas);
-  ERNIE_CUDA_CHECK(cudaStreamDestroy(stream));
 }
 
-// The device tiling of expert weights puts every element where tiled_offset says and zeros in
-// the padding columns (K not a multiple of 128 included).
 // Every algorithm the tuner may keep with the split-K sweep on (TuneOptions::split_k): each
 // candidate, forced in turn, heuristic results first and then the split-K variants, computes
 // the product (the same check as above), for decode-sized shapes of the 21B model; some of them
@@ -276,14 +290,11 @@ TEST(CudaKernels, TunedGemmMatchesReference) {
 TEST(CudaKernels, TunedGemmSplitCandidatesMatchReference) {
   if (device_count() == 0) GTEST_SKIP() << "no CUDA device";
   Rng rng(std::random_device{}());
-  cudaStream_t stream = nullptr;
-  ERNIE_CUDA_CHECK(cudaStreamCreate(&stream));
-  cublasHandle_t blas = nullptr;
-  ASSERT_EQ(cublasCreate(&blas), CUBLAS_STATUS_SUCCESS);
-  ASSERT_EQ(cublasSetStream(blas, stream), CUBLAS_STATUS_SUCCESS);
-  constexpr size_t kWorkspace = 32u << 20;
-  DeviceBuffer<uint8_t> workspace(kWorkspace);
-  ASSERT_EQ(cublasSetWorkspace(blas, workspace.p, kWorkspace), CUBLAS_STATUS_SUCCESS);
+  const BlasOnStream b;
+  cudaStream_t stream = b.stream;
+  cublasHandle_t blas = b.blas;
+  const size_t kWorkspace = b.workspace.n;
+  const DeviceBuffer<uint8_t>& workspace = b.workspace;
   struct Case {
     int m, n, k;
     bool f32;
@@ -320,10 +331,10 @@ TEST(CudaKernels, TunedGemmSplitCandidatesMatchReference) {
     }
   }
   EXPECT_GT(split, 0) << "no candidate split K";
-  cublasDestroy(blas);
-  ERNIE_CUDA_CHECK(cudaStreamDestroy(stream));
 }
 
+// The device tiling of expert weights puts every element where tiled_offset says and zeros in
+// the padding columns (K not a multiple of 128 included).
 TEST(CudaKernels, TileExpertWeightsMatchesLayout) {
   if (device_count() == 0) GTEST_SKIP() << "no CUDA device";
   Rng rng(std::random_device{}());
