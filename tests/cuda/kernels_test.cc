@@ -222,6 +222,27 @@ struct BlasOnStream {
   BlasOnStream& operator=(const BlasOnStream&) = delete;
 };
 
+// Random bf16 operands of out[m, n] = x[m, k] w[n, k]^T on the device, and both kinds of output
+// buffer (out: the f32 one or the bf16 one).
+struct GemmOperands {
+  std::vector<uint16_t> x, w;
+  DeviceBuffer<uint16_t> d_x, d_w;
+  DeviceBuffer<float> d_f32;
+  DeviceBuffer<uint16_t> d_bf16;
+  void* out;
+  GemmOperands(Rng& rng, int m, int n, int k, bool f32)
+      : x(random_bf16(rng, static_cast<size_t>(m) * k, 1.0)),
+        w(random_bf16(rng, static_cast<size_t>(n) * k, 1.0 / std::sqrt(k))),
+        d_x(x.size()),
+        d_w(w.size()),
+        d_f32(static_cast<size_t>(m) * n),
+        d_bf16(static_cast<size_t>(m) * n),
+        out(f32 ? static_cast<void*>(d_f32.p) : static_cast<void*>(d_bf16.p)) {
+    d_x.upload(x);
+    d_w.upload(w);
+  }
+};
+
 // TunedGemm: each shape tuned on first use (the default GEMM and cuBLASLt's candidates timed on
 // these operands), then run again from its plan: both results against the reference, and the
 // second equal to the first bit for bit (one algorithm per shape). A shape not seen while tuning
@@ -246,15 +267,9 @@ TEST(CudaKernels, TunedGemmMatchesReference) {
           Case{512, 384, 3072, false}, Case{100, 1001, 704, true}, Case{17, 2560, 1536, false}}) {
       SCOPED_TRACE(::testing::Message()
                    << c.m << " x " << c.k << " -> " << c.n << (c.f32 ? " f32" : " bf16"));
-      const auto x = random_bf16(rng, static_cast<size_t>(c.m) * c.k, 1.0);
-      const auto w = random_bf16(rng, static_cast<size_t>(c.n) * c.k, 1.0 / std::sqrt(c.k));
-      DeviceBuffer<uint16_t> d_x(x.size()), d_w(w.size());
-      d_x.upload(x);
-      d_w.upload(w);
+      GemmOperands ops(rng, c.m, c.n, c.k, c.f32);
+      auto& [x, w, d_x, d_w, d_f32, d_bf16, out] = ops;
       const size_t outs = static_cast<size_t>(c.m) * c.n;
-      DeviceBuffer<float> d_f32(outs);
-      DeviceBuffer<uint16_t> d_bf16(outs);
-      void* out = c.f32 ? static_cast<void*>(d_f32.p) : static_cast<void*>(d_bf16.p);
       auto run = [&](bool may_tune) {
         d_f32.poison();
         d_bf16.poison();
@@ -302,15 +317,8 @@ TEST(CudaKernels, TunedGemmSplitCandidatesMatchReference) {
   int split = 0;  // forced candidates that split K
   for (const Case& c :
        {Case{256, 3584, 2560, false}, Case{128, 2560, 2560, false}, Case{65, 192, 2560, true}}) {
-    const auto x = random_bf16(rng, static_cast<size_t>(c.m) * c.k, 1.0);
-    const auto w = random_bf16(rng, static_cast<size_t>(c.n) * c.k, 1.0 / std::sqrt(c.k));
-    DeviceBuffer<uint16_t> d_x(x.size()), d_w(w.size());
-    d_x.upload(x);
-    d_w.upload(w);
-    const size_t outs = static_cast<size_t>(c.m) * c.n;
-    DeviceBuffer<float> d_f32(outs);
-    DeviceBuffer<uint16_t> d_bf16(outs);
-    void* out = c.f32 ? static_cast<void*>(d_f32.p) : static_cast<void*>(d_bf16.p);
+    GemmOperands ops(rng, c.m, c.n, c.k, c.f32);
+    auto& [x, w, d_x, d_w, d_f32, d_bf16, out] = ops;
     const GemmReference ref = gemm_reference(widen(x), widen(w), c.m, c.n, c.k);
     int candidates = 1;
     for (int force = 0; force < candidates; ++force) {
