@@ -251,10 +251,7 @@ TEST(CudaKernels, TunedGemmMatchesReference) {
   if (device_count() == 0) GTEST_SKIP() << "no CUDA device";
   Rng rng(std::random_device{}());
   const BlasOnStream b;
-  cudaStream_t stream = b.stream;
-  cublasHandle_t blas = b.blas;
-  const size_t kWorkspace = b.workspace.n;
-  const DeviceBuffer<uint8_t>& workspace = b.workspace;
+  const auto& [stream, blas, workspace] = b;
   {
     TunedGemm tuned;
     tuned.begin_tuning();
@@ -274,14 +271,14 @@ TEST(CudaKernels, TunedGemmMatchesReference) {
         d_f32.poison();
         d_bf16.poison();
         const bool ran = tuned.run(blas, out, c.f32, d_x.p, d_w.p, c.m, c.n, c.k, workspace.p,
-                                   kWorkspace, stream, may_tune);
+                                   workspace.n, stream, may_tune);
         ERNIE_CUDA_CHECK(cudaStreamSynchronize(stream));
         EXPECT_TRUE(ran);
         return c.f32 ? d_f32.download() : widen(d_bf16.download());
       };
       const int before = tuned.shapes();
-      EXPECT_FALSE(tuned.run(blas, out, c.f32, d_x.p, d_w.p, c.m, c.n, c.k, workspace.p, kWorkspace,
-                             stream, false));  // not tuned yet, not allowed to
+      EXPECT_FALSE(tuned.run(blas, out, c.f32, d_x.p, d_w.p, c.m, c.n, c.k, workspace.p,
+                             workspace.n, stream, false));  // not tuned yet, not allowed to
       const auto first = run(true);
       EXPECT_EQ(tuned.shapes(), before + 1);
       const auto second = run(false);
@@ -306,10 +303,7 @@ TEST(CudaKernels, TunedGemmSplitCandidatesMatchReference) {
   if (device_count() == 0) GTEST_SKIP() << "no CUDA device";
   Rng rng(std::random_device{}());
   const BlasOnStream b;
-  cudaStream_t stream = b.stream;
-  cublasHandle_t blas = b.blas;
-  const size_t kWorkspace = b.workspace.n;
-  const DeviceBuffer<uint8_t>& workspace = b.workspace;
+  const auto& [stream, blas, workspace] = b;
   struct Case {
     int m, n, k;
     bool f32;
@@ -328,7 +322,7 @@ TEST(CudaKernels, TunedGemmSplitCandidatesMatchReference) {
       tuned.begin_tuning();
       d_f32.poison();
       d_bf16.poison();
-      ASSERT_TRUE(tuned.run(blas, out, c.f32, d_x.p, d_w.p, c.m, c.n, c.k, workspace.p, kWorkspace,
+      ASSERT_TRUE(tuned.run(blas, out, c.f32, d_x.p, d_w.p, c.m, c.n, c.k, workspace.p, workspace.n,
                             stream, true));
       ERNIE_CUDA_CHECK(cudaStreamSynchronize(stream));
       tuned.end_tuning();
