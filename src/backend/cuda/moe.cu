@@ -583,14 +583,21 @@ void launch_gemm_tile(__nv_bfloat16* out, const __nv_bfloat16* a, const __nv_bfl
   ERNIE_CUDA_CHECK(cudaGetLastError());
 }
 
+// The current device's multiprocessors.
+int device_sms() {
+  int device = 0, sms = 0;
+  ERNIE_CUDA_CHECK(cudaGetDevice(&device));
+  ERNIE_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  return sms;
+}
+
 // Whether the wide 16-row tiles cover this GEMM (`blocks` M-blocks) in one wave (CTAs resident
 // at once).
 template <bool kGateUp>
 bool wide_tiles_fit(int64_t blocks, int N) {
   static const int slots = [] {
-    int device = 0, sms = 0, per_sm = 0;
-    ERNIE_CUDA_CHECK(cudaGetDevice(&device));
-    ERNIE_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+    const int sms = device_sms();
+    int per_sm = 0;
     using T = Tile<kMoeBlockSmall, true>;
     ERNIE_CUDA_CHECK(cudaFuncSetAttribute(moe_gemm_kernel<kMoeBlockSmall, true, kGateUp>,
                                           cudaFuncAttributeMaxDynamicSharedMemorySize,
@@ -1135,9 +1142,7 @@ void launch_wgmma(__nv_bfloat16* out, const CUtensorMap& a_map, const CUtensorMa
   static const int slots = [&] {
     ERNIE_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                           static_cast<int>(kWgSmem)));
-    int device = 0, count = 0;
-    ERNIE_CUDA_CHECK(cudaGetDevice(&device));
-    ERNIE_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device));
+    const int count = device_sms();
     if (!pair) return count;
     cudaLaunchConfig_t cfg{};
     cfg.gridDim = dim3(2 * (count / 2));
@@ -1275,14 +1280,9 @@ void launch_tall(__nv_bfloat16* out, const CUtensorMap& a_map, const CUtensorMap
   const auto kernel =
       early ? moe_gemm_tall_kernel<kGateUp, true> : moe_gemm_tall_kernel<kGateUp, false>;
   static const int slots = [&] {
-    for (auto* f : {moe_gemm_tall_kernel<kGateUp, true>, moe_gemm_tall_kernel<kGateUp, false>}) {
-      ERNIE_CUDA_CHECK(cudaFuncSetAttribute(f, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                            static_cast<int>(kTallSmem)));
-    }
-    int device = 0, count = 0;
-    ERNIE_CUDA_CHECK(cudaGetDevice(&device));
-    ERNIE_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device));
-    return count;
+    ERNIE_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                          static_cast<int>(kTallSmem)));
+    return device_sms();
   }();
   const int cols = kGateUp ? kTallBN / 2 : kTallBN;
   const int m_blocks = static_cast<int>(capacity / kTallBM), n_tiles = (N + cols - 1) / cols;
