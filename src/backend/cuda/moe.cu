@@ -705,12 +705,8 @@ constexpr int kTallProducerRegs = 56, kTallConsumerRegs = 224;
 static_assert(128 * kTallProducerRegs + 256 * kTallConsumerRegs <= 65536);
 static_assert(kTallSmem <= 227 * 1024);
 
-// Byte offset of row r's 16-byte chunk ch of a K slice in a stage's A boxes (64 rows of 128
-// bytes each), swizzled as a 128-byte-swizzle TMA box would place it.
-__device__ __forceinline__ int gathered_offset(int r, int ch) {
-  static_assert(kWgBox == 64 * 128);
-  return stage_piece_offset(r, ch);
-}
+// A stage's A boxes are laid out as stage_piece_offset (expert_layout.h) places them.
+static_assert(kWgBox == 64 * 128);
 
 // A gate/up tile's weights in the wgmma GEMMs: gate rows n0..n0+127 and up rows N + n0.. of
 // expert e's [2N, K] block, as four 64-row boxes of the tiled layout (each starts at a group,
@@ -849,7 +845,7 @@ __device__ __forceinline__ void gather_producer(unsigned char* smem, uint64_t* f
       const int r = stage_gather_row(BM, kChunks, warp, lane, i);
       const int pair = t.e >= 0 ? sorted_pairs[m0 + r] : -1;
       src[i] = pair >= 0 ? x + static_cast<size_t>(pair / k_choices) * K : nullptr;
-      dst[i] = gathered_offset(r, ch);
+      dst[i] = stage_piece_offset(r, ch);
     }
     const Boxes boxes(max(t.e, 0), n0, N);
     for (int kt = 0; kt < k_tiles; ++kt, ++it) {
@@ -1508,7 +1504,7 @@ __global__ void __launch_bounds__(128)
   int a_off[kRowsPerThread];
   swap_act_rows<kGateUp, BN, kPairs>(a_row, a_src, sorted_pairs, m0, rows, k_choices, K, tid);
 #pragma unroll
-  for (int i = 0; i < kRowsPerThread; ++i) a_off[i] = gathered_offset(tid / 8 + 16 * i, ch);
+  for (int i = 0; i < kRowsPerThread; ++i) a_off[i] = stage_piece_offset(tid / 8 + 16 * i, ch);
   int ep_pair[BN / 4];
   float ep_w[BN / 4];
   swap_epilogue_rows<kGateUp, BN, kPairs>(ep_pair, ep_w, sorted_pairs, route_w, m0, rows, c);
