@@ -1,6 +1,8 @@
 #include "backend/backend.h"
 
+#include <algorithm>
 #include <chrono>
+#include <cmath>
 
 #include "common/check.h"
 
@@ -42,6 +44,40 @@ const char* stage_name(Stage s) {
       break;
   }
   return "?";
+}
+
+SampledToken score_token(std::span<const float> raw, int32_t id, int k) {
+  const int32_t vocab = static_cast<int32_t>(raw.size());
+  require_parts(id >= 0 && id < vocab, "score_token: token ", id, " outside the vocabulary of ",
+                vocab);
+  const float mx = *std::max_element(raw.begin(), raw.end());
+  double sum = 0.0;
+  for (float l : raw) sum += std::exp(static_cast<double>(l) - mx);
+  const double lse = mx + std::log(sum);
+  SampledToken out;
+  out.id = id;
+  out.logprob = static_cast<float>(raw[id] - lse);
+  int32_t rank = 1;
+  for (float l : raw) rank += l > raw[id];
+  out.rank = rank;
+  // The k best in one pass: a heap whose top is the worst kept.
+  k = std::clamp(k, 0, vocab);
+  auto better = [&](int32_t a, int32_t b) { return raw[a] != raw[b] ? raw[a] > raw[b] : a < b; };
+  std::vector<int32_t> heap;
+  heap.reserve(static_cast<size_t>(k));
+  for (int32_t t = 0; t < vocab && k > 0; ++t) {
+    if (static_cast<int>(heap.size()) < k) {
+      heap.push_back(t);
+      std::push_heap(heap.begin(), heap.end(), better);
+    } else if (better(t, heap.front())) {
+      std::pop_heap(heap.begin(), heap.end(), better);
+      heap.back() = t;
+      std::push_heap(heap.begin(), heap.end(), better);
+    }
+  }
+  std::sort_heap(heap.begin(), heap.end(), better);
+  for (int32_t t : heap) out.top.push_back({t, static_cast<float>(raw[t] - lse)});
+  return out;
 }
 
 void HostStageTimer::mark(Stage s) {

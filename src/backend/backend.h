@@ -7,6 +7,7 @@
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <span>
 #include <string>
 #include <vector>
 
@@ -134,6 +135,11 @@ struct SampledToken {
   int32_t rank = 0;               // 1 = most likely
   std::vector<TokenLogprob> top;  // most likely first
 };
+
+// The raw log-probability of token `id` in a row of logits (log_softmax of the row), its rank
+// (1 + the tokens with larger logits) and the `k` most likely tokens (larger logit first, then
+// smaller id). The sampler's logprobs and the engine's prompt logprobs both come from it.
+SampledToken score_token(std::span<const float> logits, int32_t id, int k);
 
 // Stages of a step for the stage profile (`--profile-stages`): each op belongs to the stage
 // marked last before it.

@@ -68,6 +68,9 @@ struct CompletionDelta {
 struct RequestOutput {
   std::string request_id;
   std::vector<CompletionDelta> outputs;
+  // Once, with the first output of a request that asked for them (SamplingParams::
+  // prompt_logprobs): entry p is prompt token p + 1's logprob, rank and top logprobs.
+  std::optional<std::vector<backend::SampledToken>> prompt_logprobs;
   int64_t num_prompt_tokens = 0;
   int64_t num_cached_tokens = 0;
   bool finished = false;  // every output finished
@@ -141,6 +144,9 @@ class Engine {
   void append_token(Sequence& s, const backend::SampledToken& t);
   CompletionDelta take_delta(Sequence& s);
   backend::SamplingRow sampling_row(const Sequence& s) const;
+  // Prompt logprobs from this step's logits rows [first_row, ...), in the order of `rows`.
+  void score_prompts(const backend::Tensor& logits, int64_t first_row,
+                     const std::vector<std::pair<Sequence*, Sequence::LogitRows>>& rows);
 
   model::Ernie45& model_;
   std::shared_ptr<const tokenizer::Tokenizer> tok_;
@@ -165,6 +171,7 @@ struct GenerateResult {
   std::vector<int32_t> tokens;
   std::string text;
   std::vector<backend::SampledToken> logprobs;
+  std::vector<backend::SampledToken> prompt_logprobs;  // first output only: prompt tokens 1..
   std::string finish_reason;
 };
 std::vector<std::vector<GenerateResult>> generate(Engine& engine,

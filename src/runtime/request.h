@@ -1,6 +1,7 @@
 // One sequence being generated (a request with n > 1 becomes n sequences sharing a prompt).
 #pragma once
 
+#include <algorithm>
 #include <chrono>
 #include <cstdint>
 #include <memory>
@@ -44,12 +45,35 @@ struct Sequence {
   size_t text_sent = 0;                         // bytes of `text` already returned to the caller
   size_t tokens_sent = 0;                       // output ids already returned
   std::vector<backend::SampledToken> logprobs;  // per output token, when asked for
+  // Prompt logprobs (params->prompt_logprobs; a request's first sequence only): entry p is
+  // prompt token p + 1's, from the logits at position p (the first token has none), filled as
+  // the prompt's chunks run; sent once, with the sequence's first output.
+  std::vector<backend::SampledToken> prompt_logprobs;
+  bool prompt_logprobs_sent = false;
 
   FinishReason finish = FinishReason::kNone;
   std::optional<std::string> stop_string;
   std::optional<int32_t> stop_token;
 
   int64_t num_tokens() const { return static_cast<int64_t>(tokens.size()); }
+  // Prompt logprobs still to compute: the prompt then runs without cached blocks, and its
+  // chunks return a logits row per position that gives one.
+  bool needs_prompt_logprobs() const {
+    return params && params->prompt_logprobs && index == 0 && prompt &&
+           prompt_logprobs.size() + 1 < prompt->size();
+  }
+  // The positions [first, first + count) of chunk [start, start + n) whose logits give prompt
+  // logprobs not computed yet (after a preemption the chunks run again over scored ones).
+  struct LogitRows {
+    int64_t first = 0, count = 0;
+  };
+  LogitRows prompt_logprob_rows(int64_t start, int64_t n) const {
+    if (!needs_prompt_logprobs()) return {};
+    const int64_t have = static_cast<int64_t>(prompt_logprobs.size());
+    const int64_t first = std::max(start, have);
+    const int64_t end = std::min(start + n, static_cast<int64_t>(prompt->size()) - 1);
+    return {first, std::max<int64_t>(0, end - first)};
+  }
   bool finished() const { return finish != FinishReason::kNone; }
 };
 

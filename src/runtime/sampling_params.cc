@@ -42,6 +42,14 @@ void SamplingParams::validate(int max_logprobs) const {
     fail("logprobs", cat("Requested sample logprobs of ", *logprobs,
                          ", which is greater than max allowed: ", max_logprobs));
   }
+  if (prompt_logprobs) {
+    if (*prompt_logprobs < -1)
+      fail("prompt_logprobs", "`prompt_logprobs` must be a positive value or -1.");
+    if (*prompt_logprobs > max_logprobs) {
+      fail("prompt_logprobs", cat("Requested prompt logprobs of ", *prompt_logprobs,
+                                  ", which is greater than max allowed: ", max_logprobs));
+    }
+  }
   for (const auto& s : stop) {
     if (s.empty()) fail("stop", "stop cannot contain an empty string.");
   }

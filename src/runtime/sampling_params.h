@@ -23,6 +23,9 @@ struct SamplingParams {
   std::optional<uint64_t> seed;
   std::vector<std::pair<int32_t, float>> logit_bias;
   std::optional<int> logprobs;  // top logprobs per generated token (plus the sampled one)
+  // Top logprobs per prompt token after the first (plus the prompt's own token); -1: the
+  // whole vocabulary (within max_logprobs).
+  std::optional<int> prompt_logprobs;
   int max_tokens = 16;
   int min_tokens = 0;
   bool ignore_eos = false;

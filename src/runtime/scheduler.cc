@@ -39,6 +39,23 @@ void Scheduler::preempt(Sequence* s) {
 SchedulerOutput Scheduler::schedule() {
   SchedulerOutput out;
   int64_t budget = cfg_.max_num_batched_tokens;
+  // Fits chunk [start, start + n) of s to the logits rows left for prompt logprobs when
+  // `reserved` rows go to sequences that may sample; 0 when none of it fits.
+  auto fit_rows = [&](const Sequence& s, int64_t start, int64_t n, int64_t reserved) {
+    const Sequence::LogitRows want = s.prompt_logprob_rows(start, n);
+    const int64_t left =
+        std::min(kPromptLogprobRows, cfg_.max_num_seqs + kPromptLogprobSlack - reserved) -
+        out.num_prompt_rows;
+    if (want.count <= std::max<int64_t>(left, 0)) return n;
+    return std::max<int64_t>(0, want.first + std::max<int64_t>(left, 0) - start);
+  };
+  auto add = [&](Sequence* s, int64_t start, int64_t n) {
+    ScheduledSeq sc{s, start, n, start + n == s->num_tokens(), s->prompt_logprob_rows(start, n)};
+    out.num_prompt_rows += sc.prompt_rows.count;
+    out.seqs.push_back(sc);
+    budget -= n;
+  };
+  bool held_back = false;  // a running sequence's prompt logprobs found no room
   // 1. Running sequences, oldest first.
   for (size_t i = 0; i < running_.size() && budget > 0;) {
     Sequence* s = running_[i];
@@ -46,8 +63,14 @@ SchedulerOutput Scheduler::schedule() {
       ++i;
       continue;
     }
-    const int64_t n = std::min(s->num_tokens() - s->num_computed, budget);
-    check(n > 0, "a running sequence has nothing to compute");
+    const int64_t todo = std::min(s->num_tokens() - s->num_computed, budget);
+    check(todo > 0, "a running sequence has nothing to compute");
+    const int64_t n = fit_rows(*s, s->num_computed, todo, static_cast<int64_t>(running_.size()));
+    if (n == 0) {
+      held_back = true;
+      ++i;
+      continue;
+    }
     bool self_preempted = false;
     while (!kv_.allocate(s->table, s->num_computed + n, {})) {
       Sequence* victim = running_.back();
@@ -60,17 +83,22 @@ SchedulerOutput Scheduler::schedule() {
       }
     }
     if (self_preempted) break;
-    out.seqs.push_back({s, s->num_computed, n, s->num_computed + n == s->num_tokens()});
-    budget -= n;
+    add(s, s->num_computed, n);
     ++i;
   }
-  // 2. Waiting sequences in arrival order, unless this step had to preempt.
-  while (out.num_preempted == 0 && !waiting_.empty() && budget > 0 &&
-         static_cast<int>(running_.size()) < cfg_.max_num_seqs) {
+  // 2. Waiting sequences in arrival order, unless this step had to preempt or hold back.
+  while (out.num_preempted == 0 && !held_back && !waiting_.empty() && budget > 0 &&
+         static_cast<int>(running_.size()) < cfg_.max_num_seqs &&
+         static_cast<int64_t>(running_.size()) + 1 + out.num_prompt_rows <=
+             cfg_.max_num_seqs + kPromptLogprobSlack) {
     Sequence* s = waiting_.front();
-    const std::vector<int32_t> prefix = kv_.cached_prefix(s->tokens);
+    // A prompt whose logprobs are asked for runs whole: cached blocks have no logits.
+    const std::vector<int32_t> prefix =
+        s->needs_prompt_logprobs() ? std::vector<int32_t>{} : kv_.cached_prefix(s->tokens);
     const int64_t computed = static_cast<int64_t>(prefix.size()) * kv_.block_size();
-    const int64_t n = std::min(s->num_tokens() - computed, budget);
+    const int64_t n = fit_rows(*s, computed, std::min(s->num_tokens() - computed, budget),
+                               static_cast<int64_t>(running_.size()) + 1);
+    if (n == 0) break;
     if (!kv_.allocate(s->table, computed + n, prefix)) break;  // FCFS: nobody jumps the queue
     s->num_computed = computed;
     s->table.hashes.clear();
@@ -78,8 +106,7 @@ SchedulerOutput Scheduler::schedule() {
     kv_.cache_full_blocks(s->table, s->tokens, computed);
     waiting_.pop_front();
     running_.push_back(s);
-    out.seqs.push_back({s, computed, n, computed + n == s->num_tokens()});
-    budget -= n;
+    add(s, computed, n);
   }
   for (const auto& sc : out.seqs) out.num_tokens += sc.num_tokens;
   return out;

@@ -14,6 +14,13 @@
 
 namespace ernie::runtime {
 
+// Logits rows a step returns for prompt logprobs: at most kPromptLogprobRows, and together
+// with one row per running sequence at most max_num_seqs + kPromptLogprobSlack (the worst-case
+// step the KV cache was sized with returns max_num_seqs rows). A sequence whose prompt
+// logprobs find no room waits, and no sequence is admitted meanwhile, so it never starves.
+constexpr int64_t kPromptLogprobRows = 256;
+constexpr int64_t kPromptLogprobSlack = 16;
+
 struct SchedulerConfig {
   int max_num_seqs = 256;
   int max_num_batched_tokens = 8192;
@@ -22,14 +29,16 @@ struct SchedulerConfig {
 
 struct ScheduledSeq {
   Sequence* seq;
-  int64_t start;       // first token position computed this step
-  int64_t num_tokens;  // tokens computed this step
-  bool samples;        // the chunk ends at the sequence's last token: sample after it
+  int64_t start;                    // first token position computed this step
+  int64_t num_tokens;               // tokens computed this step
+  bool samples;                     // the chunk ends at the sequence's last token: sample after it
+  Sequence::LogitRows prompt_rows;  // positions whose logits give prompt logprobs
 };
 
 struct SchedulerOutput {
   std::vector<ScheduledSeq> seqs;
   int64_t num_tokens = 0;
+  int64_t num_prompt_rows = 0;  // logits rows for prompt logprobs, over every sequence
   int num_preempted = 0;
 };
 

@@ -245,6 +245,135 @@ TEST_F(EngineTest, AsyncSchedulingGivesWhatSyncGives) {
   EXPECT_EQ(want[1][0].finish_reason, "stop");
 }
 
+// Prompt logprobs: every prompt token after the first scored from the logits at the position
+// before it, equal to a reference computed here from one forward pass over the whole prompt
+// (log-softmax in double, rank and top k by sorting), however the engine splits, caps, batches,
+// preempts and recomputes the prompt, and whether or not its blocks are in the prefix cache.
+TEST_F(EngineTest, PromptLogprobsMatchOneForwardPass) {
+  Rng rng(std::random_device{}());
+  auto prompts = random_prompts(rng, 9);
+  prompts.push_back({77});        // one token: nothing to score
+  prompts.push_back(prompts[0]);  // the same prompt again (prefix cache)
+  std::vector<int32_t> longp;     // longer than the rows a capped step takes
+  for (int i = 0; i < 90; ++i) longp.push_back(static_cast<int32_t>(3 + rng.below(4000)));
+  prompts.push_back(longp);
+  constexpr int kTop = 4;
+  // The reference, before any engine takes the backend's cache.
+  std::vector<std::vector<backend::SampledToken>> want;
+  const int64_t vocab = m_->model->config().vocab_size;
+  for (const auto& pr : prompts) {
+    const int32_t n = static_cast<int32_t>(pr.size());
+    std::vector<backend::SampledToken> rows;
+    if (n > 1) {
+      const int32_t blocks = (n + 15) / 16;
+      m_->be->allocate_kv_cache(static_cast<int>(m_->model->config().num_hidden_layers), blocks,
+                                16);
+      backend::StepInput st;
+      st.token_ids = pr;
+      for (int32_t i = 0; i < n; ++i) {
+        st.positions.push_back(i);
+        st.slot_mapping.push_back(i);
+      }
+      st.query_start = {0, n};
+      st.context_lens = {n};
+      st.max_blocks_per_seq = blocks;
+      for (int32_t b = 0; b < blocks; ++b) st.block_tables.push_back(b);
+      for (int32_t i = 0; i + 1 < n; ++i) st.logits_indices.push_back(i);
+      const std::vector<float> logits = m_->model->forward(st);
+      for (int32_t i = 0; i + 1 < n; ++i) {
+        const float* row = logits.data() + static_cast<int64_t>(i) * vocab;
+        double mx = row[0], sum = 0.0;
+        for (int64_t t = 0; t < vocab; ++t) mx = std::max<double>(mx, row[t]);
+        for (int64_t t = 0; t < vocab; ++t) sum += std::exp(row[t] - mx);
+        const double lse = mx + std::log(sum);
+        std::vector<int32_t> order(static_cast<size_t>(vocab));
+        for (int32_t t = 0; t < vocab; ++t) order[t] = t;
+        std::stable_sort(order.begin(), order.end(),
+                         [&](int32_t a, int32_t b) { return row[a] > row[b]; });
+        backend::SampledToken r;
+        r.id = pr[i + 1];
+        r.logprob = static_cast<float>(row[r.id] - lse);
+        r.rank = 1 + static_cast<int32_t>(
+                         std::count_if(row, row + vocab, [&](float l) { return l > row[r.id]; }));
+        for (int k = 0; k < kTop; ++k)
+          r.top.push_back({order[k], static_cast<float>(row[order[k]] - lse)});
+        rows.push_back(r);
+      }
+    }
+    want.push_back(rows);
+  }
+  std::vector<SamplingParams> params;
+  for (size_t i = 0; i < prompts.size(); ++i) {
+    SamplingParams p = greedy(1 + static_cast<int>(rng.below(4)));
+    p.prompt_logprobs = kTop;
+    if (i == 3) p.n = 2;                    // only the request's first sequence scores its prompt
+    if (i == 4) p.prompt_logprobs.reset();  // and a request that did not ask has none
+    params.push_back(p);
+  }
+  struct Mode {
+    int block_size, budget, max_seqs;
+    bool caching, async, small_cache;
+  };
+  const Mode modes[] = {{16, 8192, 16, true, true, false},
+                        {5, 7, 16, true, false, false},
+                        {4, 8192, 2, true, true, false},
+                        {4, 23, 16, false, true, true},
+                        {3, 31, 3, true, false, true}};
+  for (const Mode& mode : modes) {
+    SCOPED_TRACE(::testing::Message()
+                 << "block " << mode.block_size << " budget " << mode.budget << " seqs "
+                 << mode.max_seqs << " async " << mode.async << " small " << mode.small_cache);
+    EngineConfig c = small_config();
+    c.block_size = mode.block_size;
+    c.max_num_batched_tokens = mode.budget;
+    c.max_num_seqs = mode.max_seqs;
+    c.enable_prefix_caching = mode.caching;
+    c.async_scheduling = mode.async;
+    if (mode.small_cache) {
+      int64_t longest = 0;
+      for (size_t i = 0; i < prompts.size(); ++i) {
+        longest = std::max<int64_t>(longest, (static_cast<int64_t>(prompts[i].size()) +
+                                              params[i].max_tokens + mode.block_size - 1) /
+                                                 mode.block_size);
+      }
+      c.num_blocks_override = longest + 3;
+      c.max_model_len = c.num_blocks_override * mode.block_size;
+    }
+    Engine e(*m_->model, nullptr, c);
+    for (int round = 0; round < 2; ++round) {  // the second meets a warm prefix cache
+      const auto got = generate(e, prompts, params);
+      for (size_t i = 0; i < prompts.size(); ++i) {
+        SCOPED_TRACE(::testing::Message() << "round " << round << " prompt " << i);
+        for (size_t k = 1; k < got[i].size(); ++k) EXPECT_TRUE(got[i][k].prompt_logprobs.empty());
+        const auto& lp = got[i][0].prompt_logprobs;
+        if (!params[i].prompt_logprobs) {
+          EXPECT_TRUE(lp.empty());
+          continue;
+        }
+        ASSERT_EQ(lp.size(), want[i].size());
+        for (size_t t = 0; t < lp.size(); ++t) {
+          const auto& w = want[i][t];
+          EXPECT_EQ(lp[t].id, w.id) << "token " << t;
+          EXPECT_NEAR(lp[t].logprob, w.logprob, 1e-4) << "token " << t;
+          EXPECT_EQ(lp[t].rank, w.rank) << "token " << t;
+          ASSERT_EQ(lp[t].top.size(), static_cast<size_t>(kTop));
+          for (int k = 0; k < kTop; ++k) {
+            EXPECT_NEAR(lp[t].top[k].logprob, w.top[k].logprob, 1e-4) << "token " << t;
+            // Ids may swap only within a near-tie.
+            if (lp[t].top[k].id != w.top[k].id) {
+              EXPECT_NEAR(lp[t].top[k].logprob, w.top[k].logprob, 1e-5) << "token " << t;
+            }
+          }
+        }
+      }
+    }
+    // (Three sequences at a time do not always fill the small cache.)
+    if (mode.small_cache && mode.max_seqs > 3) EXPECT_GT(e.stats().preemptions, 0);
+    EXPECT_FALSE(e.has_unfinished());
+    EXPECT_EQ(e.stats().kv_usage, 0.0);
+  }
+}
+
 TEST_F(EngineTest, SeededSamplingIsReproducibleWhateverTheBatch) {
   SamplingParams p;
   p.temperature = 1.0f;
@@ -361,6 +490,16 @@ TEST_F(EngineTest, BadRequestsAreRefusedBeforeAnyWork) {
   bad = p;
   bad.logprobs = 21;
   EXPECT_THROW(e.add_request("h", {1, 2}, bad), ParamError);
+  for (int k : {21, -2, -1}) {  // -1: the whole vocabulary, over the 20 allowed
+    bad = p;
+    bad.prompt_logprobs = k;
+    try {
+      e.add_request("i", {1, 2}, bad);
+      FAIL() << k;
+    } catch (const ParamError& err) {
+      EXPECT_EQ(err.param(), "prompt_logprobs");
+    }
+  }
   e.add_request("ok", {1, 2}, p);
   EXPECT_THROW(e.add_request("ok", {1, 2}, p), Error);  // duplicate id
   EXPECT_FALSE(e.step().empty() && e.stats().running == 0);

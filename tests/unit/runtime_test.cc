@@ -89,7 +89,8 @@ TEST(KvCacheManager, DisabledCachingNeverHits) {
 
 // A random workload through the scheduler with a fake model: budgets hold, blocks are never
 // leaked or shared wrongly, and every request finishes (no starvation or deadlock), with
-// preemption forced by a small cache.
+// preemption forced by a small cache. A third of the sequences ask for prompt logprobs: their
+// logits rows stay within their bound and each prompt position is scored once, in order.
 TEST(Scheduler, RandomWorkloadsFinishWithinBudgets) {
   int64_t total_preemptions = 0, total_steps = 0;
   for (int trial = 0; trial < 40; ++trial) {
@@ -109,9 +110,15 @@ TEST(Scheduler, RandomWorkloadsFinishWithinBudgets) {
     for (int i = 0; i < n; ++i) {
       auto s = std::make_unique<Sequence>();
       s->arrival = i;
-      const int64_t len = 1 + static_cast<int64_t>(rng.below(std::min<int64_t>(30, capacity - 1)));
+      const bool scored = rng.below(3) == 0;
+      const int64_t len =
+          1 + static_cast<int64_t>(rng.below(std::min<int64_t>(scored ? 60 : 30, capacity - 1)));
       for (int64_t t = 0; t < len; ++t)
         s->tokens.push_back(static_cast<int32_t>(rng.below(3)));  // shared prefixes likely
+      auto params = std::make_shared<SamplingParams>();
+      if (scored) params->prompt_logprobs = 1;
+      s->params = params;
+      s->prompt = std::make_shared<const std::vector<int32_t>>(s->tokens);
       targets.push_back(1 + static_cast<int>(rng.below(
                                 std::max<int64_t>(1, std::min<int64_t>(20, capacity - len)))));
       sched.add(s.get());
@@ -125,6 +132,9 @@ TEST(Scheduler, RandomWorkloadsFinishWithinBudgets) {
       ASSERT_FALSE(out.seqs.empty()) << "nothing scheduled while work remains";
       ASSERT_LE(out.num_tokens, cfg.max_num_batched_tokens);
       ASSERT_LE(static_cast<int>(sched.num_running()), cfg.max_num_seqs);
+      ASSERT_LE(out.num_prompt_rows, kPromptLogprobRows);
+      ASSERT_LE(static_cast<int64_t>(out.seqs.size()) + out.num_prompt_rows,
+                cfg.max_num_seqs + kPromptLogprobSlack);
       std::map<int32_t, const Sequence*> writer;
       for (const auto& sc : out.seqs) {
         const Sequence& s = *sc.seq;
@@ -140,7 +150,15 @@ TEST(Scheduler, RandomWorkloadsFinishWithinBudgets) {
       sched.update(out);
       for (const auto& sc : out.seqs) {
         Sequence& s = *sc.seq;
+        if (sc.prompt_rows.count > 0) {
+          ASSERT_EQ(sc.prompt_rows.first, static_cast<int64_t>(s.prompt_logprobs.size()));
+          ASSERT_GE(sc.prompt_rows.first, sc.start);
+          ASSERT_LE(sc.prompt_rows.first + sc.prompt_rows.count, sc.start + sc.num_tokens);
+          s.prompt_logprobs.resize(s.prompt_logprobs.size() + sc.prompt_rows.count);
+        }
         if (!sc.samples) continue;
+        // The first token is drawn only once every prompt position was scored.
+        ASSERT_FALSE(s.needs_prompt_logprobs());
         const int32_t t = static_cast<int32_t>(rng.below(3));
         s.output.push_back(t);
         s.tokens.push_back(t);

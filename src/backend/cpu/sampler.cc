@@ -23,15 +23,6 @@ SampledToken sample_row(std::span<const float> raw, const SamplingRow& row) {
   const int32_t vocab = static_cast<int32_t>(raw.size());
   std::vector<float> x(raw.begin(), raw.end());
 
-  // Raw log-probabilities, for the logprobs the request asked for.
-  double lse = 0.0;
-  if (row.num_logprobs >= 0) {
-    const float mx = *std::max_element(raw.begin(), raw.end());
-    double sum = 0.0;
-    for (float l : raw) sum += std::exp(static_cast<double>(l) - mx);
-    lse = mx + std::log(sum);
-  }
-
   if (row.logit_bias) {
     for (const auto& [id, bias] : *row.logit_bias) {
       if (id >= 0 && id < vocab) x[id] += bias;
@@ -125,19 +116,8 @@ SampledToken sample_row(std::span<const float> raw, const SamplingRow& row) {
     if (out.id < 0) out.id = argmax(x);
   }
 
-  if (row.num_logprobs >= 0) {
-    out.logprob = static_cast<float>(raw[out.id] - lse);
-    int32_t rank = 1;
-    for (int32_t t = 0; t < vocab; ++t) rank += raw[t] > raw[out.id];
-    out.rank = rank;
-    const int k = std::min<int>(row.num_logprobs, vocab);
-    std::vector<int32_t> idx(vocab);
-    std::iota(idx.begin(), idx.end(), 0);
-    std::partial_sort(idx.begin(), idx.begin() + k, idx.end(), [&](int32_t a, int32_t b) {
-      return raw[a] != raw[b] ? raw[a] > raw[b] : a < b;
-    });
-    for (int i = 0; i < k; ++i) out.top.push_back({idx[i], static_cast<float>(raw[idx[i]] - lse)});
-  }
+  // Logprobs of the raw logits (before bias, penalties and temperature).
+  if (row.num_logprobs >= 0) out = score_token(raw, out.id, row.num_logprobs);
   return out;
 }
 
