@@ -10,6 +10,7 @@
 #include <cstdlib>
 #include <filesystem>
 #include <map>
+#include <optional>
 
 #include "../unit/test_util.h"
 #include "runtime/engine.h"
@@ -75,25 +76,54 @@ struct Mode {
   bool batched;  // all prompts in one batch, or one at a time
 };
 
+// The fixture's checkpoint rebuilt in `dir` and loaded on the tests' backend; none when the
+// checkpoint no longer matches the fixture (a failure) or there is no device (a skip).
+std::optional<testing::LoadedModel> fixture_model(const json& fx, const fs::path& dir) {
+  model::make_model(options_from(fx["make_model_args"], dir));
+  const json written = json::parse(testing::read_file(dir / "config.json"));
+  if (written != fx["config"]) {
+    ADD_FAILURE() << "make-model no longer writes the config this fixture was made from; "
+                     "regenerate the fixtures with scripts/gpu_golden.sh";
+    return std::nullopt;
+  }
+#ifdef ERNIE_GOLDEN_CUDA
+  if (cuda::device_count() == 0) return std::nullopt;
+  return testing::load_model(dir, backend::make_cuda_backend(0));
+#else
+  return testing::load_cpu_model(dir);
+#endif
+}
+
+// How far our logprobs may be from the fixture's (see kCuda).
+double logprob_tolerance(const json& fx) {
+  return kCuda ? std::max(1.0, 2 * fx.value("bf16_max_logprob_diff", 0.5)) : 1e-3;
+}
+
+// A small fixed KV cache on every backend.
+runtime::EngineConfig golden_engine_config(int block_size, int max_num_batched_tokens) {
+  runtime::EngineConfig ec;
+  ec.block_size = block_size;
+  ec.max_num_batched_tokens = max_num_batched_tokens;
+  ec.max_model_len = 256;
+  ec.max_num_seqs = 8;
+  ec.gpu_memory_utilization = 0.0;
+  ec.kv_cache_memory = 64ll << 20;
+  return ec;
+}
+
 class Golden : public ::testing::TestWithParam<fs::path> {};
 
 TEST_P(Golden, MatchesTransformers) {
   const json fx = json::parse(testing::read_file(GetParam()));
   testing::TempDir dir;
-  model::make_model(options_from(fx["make_model_args"], dir.path()));
-  const json written = json::parse(testing::read_file(dir.path() / "config.json"));
-  ASSERT_EQ(written, fx["config"])
-      << "make-model no longer writes the config this fixture was made from; regenerate the "
-         "fixtures with scripts/gpu_golden.sh";
-#ifdef ERNIE_GOLDEN_CUDA
-  if (cuda::device_count() == 0) GTEST_SKIP() << "no CUDA device";
-  auto m = testing::load_model(dir.path(), backend::make_cuda_backend(0));
-#else
-  auto m = testing::load_cpu_model(dir.path());
-#endif
+  auto loaded = fixture_model(fx, dir.path());
+  if (!loaded) {
+    if (!HasFailure()) GTEST_SKIP() << "no CUDA device";
+    return;
+  }
+  auto& m = *loaded;
   const int steps = fx["steps"];
-  const double kLogprobTolerance =
-      kCuda ? std::max(1.0, 2 * fx.value("bf16_max_logprob_diff", 0.5)) : 1e-3;
+  const double kLogprobTolerance = logprob_tolerance(fx);
   std::vector<double> diffs;
 
   std::vector<std::vector<int32_t>> prompts;
@@ -111,15 +141,9 @@ TEST_P(Golden, MatchesTransformers) {
   int compared = 0, divergences = 0;
   for (const Mode& mode : modes) {
     SCOPED_TRACE(mode.name);
-    runtime::EngineConfig ec;
-    ec.block_size = mode.block_size;
-    ec.max_num_batched_tokens = mode.max_num_batched_tokens;
-    ec.max_model_len = 256;
-    ec.max_num_seqs = 8;
+    runtime::EngineConfig ec = golden_engine_config(mode.block_size, mode.max_num_batched_tokens);
     ec.enable_prefix_caching = mode.block_size != 5;
-    ec.gpu_memory_utilization = 0.0;          // a small fixed KV cache on every backend
     ec.enforce_eager = mode.block_size == 5;  // graphs (on backends with them) in two modes
-    ec.kv_cache_memory = 64ll << 20;
     runtime::Engine engine(*m.model, nullptr, ec);
     std::vector<runtime::GenerateResult> res;
     if (mode.batched) {
@@ -185,6 +209,70 @@ TEST_P(Golden, MatchesTransformers) {
     EXPECT_LE(p95, 0.15);
     EXPECT_GE(compared, static_cast<int>(prompts.size()) * steps);
   }
+}
+
+// Prompt logprobs against transformers by teacher forcing: each fixture prompt followed by
+// its greedy continuation, scored as a prompt (whole, and in chunks over small blocks), gives at
+// each continuation position the distribution the fixture recorded for that step.
+TEST_P(Golden, PromptLogprobsMatchTransformers) {
+  const json fx = json::parse(testing::read_file(GetParam()));
+  testing::TempDir dir;
+  auto loaded = fixture_model(fx, dir.path());
+  if (!loaded) {
+    if (!HasFailure()) GTEST_SKIP() << "no CUDA device";
+    return;
+  }
+  auto& m = *loaded;
+  const int steps = fx["steps"];
+  const double tolerance = logprob_tolerance(fx);
+  std::vector<std::vector<int32_t>> forced;
+  for (const auto& p : fx["prompts"]) {
+    std::vector<int32_t> t = p["prompt"].get<std::vector<int32_t>>();
+    const auto cont = p["tokens"].get<std::vector<int32_t>>();
+    t.insert(t.end(), cont.begin(), cont.end());
+    forced.push_back(t);
+  }
+  runtime::SamplingParams sp;
+  sp.max_tokens = 1;
+  sp.temperature = 0.0f;
+  sp.prompt_logprobs = 20;
+  std::vector<double> diffs;
+  for (const int budget : {8192, 23}) {
+    SCOPED_TRACE(::testing::Message() << "budget " << budget);
+    runtime::Engine engine(*m.model, nullptr, golden_engine_config(budget == 23 ? 5 : 16, budget));
+    const auto res =
+        runtime::generate(engine, forced, std::vector<runtime::SamplingParams>(forced.size(), sp));
+    for (size_t i = 0; i < forced.size(); ++i) {
+      const json& want = fx["prompts"][i];
+      const size_t n_prompt = want["prompt"].size();
+      const auto& lp = res[i][0].prompt_logprobs;
+      ASSERT_EQ(lp.size(), forced[i].size() - 1);
+      for (int s = 0; s < steps; ++s) {
+        // Entry p scores token p + 1: the continuation's token s is forced[n_prompt + s].
+        const backend::SampledToken& got = lp[n_prompt - 1 + s];
+        ASSERT_EQ(got.id, want["tokens"][s].get<int32_t>());
+        std::map<int32_t, float> ours;
+        for (const auto& t : got.top) ours[t.id] = t.logprob;
+        for (const auto& pair : want["top_logprobs"][s]) {
+          const int32_t id = pair[0];
+          const double ref = pair[1];
+          ASSERT_TRUE(ours.count(id)) << "prompt " << i << " step " << s << ": token " << id
+                                      << " (logprob " << ref << ") is not in our top 20";
+          diffs.push_back(std::abs(ours[id] - ref));
+          EXPECT_LE(diffs.back(), tolerance) << "prompt " << i << " step " << s << " token " << id;
+          if (id == got.id) {
+            EXPECT_NEAR(got.logprob, ref, tolerance) << "prompt " << i << " step " << s;
+          }
+        }
+      }
+    }
+  }
+  std::sort(diffs.begin(), diffs.end());
+  ASSERT_FALSE(diffs.empty());
+  std::printf("[ golden   ] %s (%s) prompt logprobs: largest difference %.3g, p95 %.3g\n",
+              GetParam().stem().c_str(), kCuda ? "cuda" : "cpu", diffs.back(),
+              diffs[diffs.size() * 95 / 100]);
+  if (kCuda) EXPECT_LE(diffs[diffs.size() * 95 / 100], 0.15);
 }
 
 INSTANTIATE_TEST_SUITE_P(Fixtures, Golden, ::testing::ValuesIn(fixtures()),
