@@ -141,6 +141,16 @@ void parse_stream(const ojson& b, Job& job) {
   }
 }
 
+// vLLM's prompt_logprobs (both endpoints): k top logprobs per prompt token, -1 for all.
+void parse_prompt_logprobs(const ojson& b, Job& job) {
+  const auto v = get_int(b, "prompt_logprobs");
+  if (!v) return;
+  if (*v < -1) bad("prompt_logprobs", "`prompt_logprobs` must be a positive value or -1.");
+  if (job.stream && *v != 0)
+    bad("prompt_logprobs", "`prompt_logprobs` are not available when `stream=True`.");
+  job.params.prompt_logprobs = clamp_int(*v, "prompt_logprobs", -1, INT32_MAX);
+}
+
 void validate_with_engine(const Job& job, const ApiContext& ctx) {
   for (const auto& p : job.prompts) {
     try {
@@ -226,14 +236,18 @@ Job parse_completion(const ojson& b, const ApiContext& ctx) {
   job.model = check_model(b, ctx);
   parse_stream(b, job);
   parse_sampling(b, job.params, ctx);
-  if (auto v = get_int(b, "max_tokens"))
-    job.params.max_tokens = clamp_int(*v, "max_tokens", 1, INT32_MAX);
+  job.echo = get_bool(b, "echo").value_or(false);
+  if (auto v = get_int(b, "max_tokens")) {
+    job.echo_only = job.echo && *v == 0;  // the prompt alone: one token is drawn, not returned
+    job.params.max_tokens = job.echo_only ? 1 : clamp_int(*v, "max_tokens", 1, INT32_MAX);
+  }
   if (auto v = get_int(b, "logprobs"))
     job.completion_logprobs = clamp_int(*v, "logprobs", 0, ctx.max_logprobs);
   if (job.completion_logprobs >= 0) job.params.logprobs = job.completion_logprobs;
-  job.echo = get_bool(b, "echo").value_or(false);
-  if (job.echo && job.completion_logprobs >= 0)
-    bad("echo", "echo together with logprobs (prompt logprobs) is not supported");
+  parse_prompt_logprobs(b, job);
+  // An echo with logprobs shows the prompt's tokens with theirs.
+  if (job.echo && job.completion_logprobs >= 0 && !job.params.prompt_logprobs)
+    job.params.prompt_logprobs = job.completion_logprobs;
   if (field(b, "suffix")) bad("suffix", "suffix is not supported");
   if (auto best_of = get_int(b, "best_of"); best_of && *best_of != job.params.n) {
     bad("best_of", "best_of is not supported (it must equal n)");
@@ -359,6 +373,7 @@ Job parse_chat(const ojson& b, const ApiContext& ctx) {
   job.params.max_tokens = max_tokens ? clamp_int(*max_tokens, "max_tokens", 1, INT32_MAX)
                                      : static_cast<int>(std::max<int64_t>(1, room));
   job.echo = get_bool(b, "echo").value_or(false);
+  parse_prompt_logprobs(b, job);
   validate_with_engine(job, ctx);
   return job;
 }
@@ -367,15 +382,11 @@ Job parse_chat(const ojson& b, const ApiContext& ctx) {
 
 JobResult::JobResult(const Job& job, const ApiContext& ctx) : job_(job), ctx_(ctx) {
   choices_.resize(job.prompts.size() * static_cast<size_t>(job.params.n));
-  for (const auto& p : job.prompts) {
-    prompt_tokens_ += static_cast<int64_t>(p.size());
-    prompt_lens_.push_back(static_cast<int64_t>(p.size()));
-  }
+  prompt_logprobs_.resize(job.prompts.size());
+  for (const auto& p : job.prompts) prompt_tokens_ += static_cast<int64_t>(p.size());
   if (job.echo && !job.chat) {
-    for (size_t i = 0; i < choices_.size(); ++i) {
+    for (size_t i = 0; i < choices_.size(); ++i)
       choices_[i].text = job.prompt_texts[i / job.params.n];
-      choices_[i].text_offset = choices_[i].text.size();
-    }
   }
 }
 
@@ -385,47 +396,103 @@ std::string JobResult::token_text(int32_t id) const {
   return ctx_.tok->decode(one, false);
 }
 
-ojson JobResult::logprobs_json(const std::vector<backend::SampledToken>& lps,
-                               size_t& text_offset) const {
-  auto bytes = [](const std::string& s) {
-    ojson arr = ojson::array();
-    for (unsigned char c : s) arr.push_back(static_cast<int>(c));
-    return arr;
-  };
-  if (job_.chat) {
-    ojson content = ojson::array();
-    for (const auto& t : lps) {
-      const std::string s = token_text(t.id);
-      ojson top = ojson::array();
-      for (const auto& e : t.top) {
-        const std::string es = token_text(e.id);
-        top.push_back(
-            {{"token", es}, {"logprob", std::max(e.logprob, -9999.0f)}, {"bytes", bytes(es)}});
-      }
-      content.push_back({{"token", s},
-                         {"logprob", std::max(t.logprob, -9999.0f)},
-                         {"bytes", bytes(s)},
-                         {"top_logprobs", top}});
-    }
-    return {{"content", content}};
-  }
-  ojson tokens = ojson::array(), token_logprobs = ojson::array(), top = ojson::array(),
-        offsets = ojson::array();
+namespace {
+
+ojson bytes_of(const std::string& s) {
+  ojson arr = ojson::array();
+  for (unsigned char c : s) arr.push_back(static_cast<int>(c));
+  return arr;
+}
+
+// Characters (code points) of UTF-8 text: text offsets count them, as Python's len() does.
+size_t utf8_length(const std::string& s) {
+  size_t n = 0;
+  for (unsigned char c : s) n += (c & 0xc0) != 0x80;
+  return n;
+}
+
+// -inf (a token the model cannot draw) as the finite value OpenAI's clients expect.
+float clamped(float logprob) {
+  return std::max(logprob, -9999.0f);
+}
+
+}  // namespace
+
+ojson JobResult::chat_logprobs_json(const std::vector<backend::SampledToken>& lps) const {
+  ojson content = ojson::array();
   for (const auto& t : lps) {
     const std::string s = token_text(t.id);
+    ojson top = ojson::array();
+    for (const auto& e : t.top) {
+      const std::string es = token_text(e.id);
+      top.push_back({{"token", es}, {"logprob", clamped(e.logprob)}, {"bytes", bytes_of(es)}});
+    }
+    content.push_back({{"token", s},
+                       {"logprob", clamped(t.logprob)},
+                       {"bytes", bytes_of(s)},
+                       {"top_logprobs", top}});
+  }
+  return {{"content", content}};
+}
+
+ojson JobResult::completion_logprobs_json(const std::vector<int32_t>& ids,
+                                          const std::vector<const backend::SampledToken*>& scores,
+                                          size_t& offset) const {
+  ojson tokens = ojson::array(), token_logprobs = ojson::array(), top = ojson::array(),
+        offsets = ojson::array();
+  for (size_t i = 0; i < ids.size(); ++i) {
+    const std::string s = token_text(ids[i]);
     tokens.push_back(s);
-    token_logprobs.push_back(std::max(t.logprob, -9999.0f));
-    ojson m = ojson::object();
-    for (const auto& e : t.top) m[token_text(e.id)] = std::max(e.logprob, -9999.0f);
-    if (!m.contains(s)) m[s] = std::max(t.logprob, -9999.0f);
+    offsets.push_back(offset);
+    offset += utf8_length(s);
+    const backend::SampledToken* t = scores[i];
+    if (!t) {
+      token_logprobs.push_back(nullptr);
+      top.push_back(nullptr);
+      continue;
+    }
+    token_logprobs.push_back(clamped(t->logprob));
+    ojson m = ojson::object();  // the token itself first, then the most likely
+    m[s] = clamped(t->logprob);
+    for (const auto& e : t->top) {
+      const std::string es = token_text(e.id);
+      if (!m.contains(es)) m[es] = clamped(e.logprob);
+    }
     top.push_back(m);
-    offsets.push_back(text_offset);
-    text_offset += s.size();
   }
   return {{"text_offset", offsets},
           {"token_logprobs", token_logprobs},
           {"tokens", tokens},
           {"top_logprobs", top}};
+}
+
+void JobResult::add_prompt_entries(size_t prompt_index, std::vector<int32_t>& ids,
+                                   std::vector<const backend::SampledToken*>& scores) const {
+  const auto& prompt = job_.prompts[prompt_index];
+  const auto& lps = prompt_logprobs_[prompt_index];
+  for (size_t p = 0; p < prompt.size(); ++p) {
+    ids.push_back(prompt[p]);
+    scores.push_back(p > 0 && lps && p - 1 < lps->size() ? &(*lps)[p - 1] : nullptr);
+  }
+}
+
+ojson JobResult::prompt_logprobs_json(size_t prompt_index) const {
+  const auto& lps = prompt_logprobs_[prompt_index];
+  if (!job_.params.prompt_logprobs || !lps) return nullptr;
+  ojson out = ojson::array({nullptr});
+  for (const auto& t : *lps) {
+    ojson m = ojson::object();
+    auto entry = [&](int32_t id, float logprob, int rank) {
+      const std::string key = std::to_string(id);
+      if (m.contains(key)) return;
+      m[key] = {{"logprob", clamped(logprob)}, {"rank", rank}, {"decoded_token", token_text(id)}};
+    };
+    entry(t.id, t.logprob, t.rank);
+    for (size_t k = 0; k < t.top.size(); ++k)
+      entry(t.top[k].id, t.top[k].logprob, static_cast<int>(k) + 1);
+    out.push_back(std::move(m));
+  }
+  return out;
 }
 
 ojson JobResult::chunk_base() const {
@@ -446,43 +513,72 @@ ojson JobResult::usage() const {
 
 std::vector<ojson> JobResult::start_chunks() {
   std::vector<ojson> out;
-  if (!job_.stream) return out;
+  if (!job_.stream || !job_.chat) return out;
   for (size_t i = 0; i < choices_.size(); ++i) {
     ojson c = chunk_base();
-    if (job_.chat) {
-      ojson delta = {{"role", "assistant"}, {"content", ""}};
-      c["choices"] = ojson::array(
-          {{{"index", i}, {"delta", delta}, {"logprobs", nullptr}, {"finish_reason", nullptr}}});
-    } else if (job_.echo) {
-      c["choices"] = ojson::array({{{"index", i},
-                                    {"text", choices_[i].text},
-                                    {"logprobs", nullptr},
-                                    {"finish_reason", nullptr},
-                                    {"stop_reason", nullptr}}});
-    } else {
-      continue;
-    }
+    ojson delta = {{"role", "assistant"}, {"content", ""}};
+    c["choices"] = ojson::array(
+        {{{"index", i}, {"delta", delta}, {"logprobs", nullptr}, {"finish_reason", nullptr}}});
     if (job_.continuous_usage) c["usage"] = usage();
     out.push_back(std::move(c));
   }
   return out;
 }
 
+std::optional<ojson> JobResult::stream_chunk(size_t ci, const runtime::CompletionDelta& d) {
+  Choice& c = choices_[ci];
+  const size_t prompt_index = ci / static_cast<size_t>(job_.params.n);
+  const bool echo_now = job_.echo && !job_.chat && !c.echoed;
+  c.echoed = true;
+  const bool show_output = !job_.echo_only;
+  if (!echo_now && d.token_ids.empty() && d.text.empty() && !d.finish_reason) return std::nullopt;
+  ojson lp = nullptr;
+  if (job_.params.logprobs && job_.chat) {
+    lp = chat_logprobs_json(d.logprobs);
+  } else if (job_.params.logprobs) {
+    std::vector<int32_t> ids;
+    std::vector<const backend::SampledToken*> scores;
+    if (echo_now) add_prompt_entries(prompt_index, ids, scores);
+    if (show_output) {
+      ids.insert(ids.end(), d.token_ids.begin(), d.token_ids.end());
+      for (const auto& t : d.logprobs) scores.push_back(&t);
+    }
+    lp = completion_logprobs_json(ids, scores, c.stream_offset);
+  }
+  const ojson finish = d.finish_reason ? ojson(*d.finish_reason) : ojson(nullptr);
+  ojson choice;
+  if (job_.chat) {
+    choice = {{"index", ci},
+              {"delta", {{"content", d.text}}},
+              {"logprobs", lp},
+              {"finish_reason", finish}};
+    if (d.finish_reason) choice["stop_reason"] = c.stop_reason;
+  } else {
+    std::string text = echo_now ? job_.prompt_texts[prompt_index] : std::string();
+    if (show_output) text += d.text;
+    choice = {{"index", ci},
+              {"text", text},
+              {"logprobs", lp},
+              {"finish_reason", finish},
+              {"stop_reason", d.finish_reason ? c.stop_reason : ojson(nullptr)}};
+  }
+  ojson chunk = chunk_base();
+  chunk["choices"] = ojson::array({choice});
+  if (job_.continuous_usage) chunk["usage"] = usage();
+  return chunk;
+}
+
 std::vector<ojson> JobResult::apply(size_t prompt_index, const runtime::RequestOutput& out) {
   std::vector<ojson> chunks;
+  if (out.prompt_logprobs) prompt_logprobs_.at(prompt_index) = *out.prompt_logprobs;
+  const size_t n = static_cast<size_t>(job_.params.n);
   for (const auto& d : out.outputs) {
-    const size_t ci =
-        prompt_index * static_cast<size_t>(job_.params.n) + static_cast<size_t>(d.index);
+    const size_t ci = prompt_index * n + static_cast<size_t>(d.index);
     Choice& c = choices_.at(ci);
-    c.text += d.text;
+    if (!job_.echo_only) c.text += d.text;
     c.token_ids.insert(c.token_ids.end(), d.token_ids.begin(), d.token_ids.end());
-    size_t offset_before = c.text_offset;
-    ojson lp = nullptr;
-    if (job_.params.logprobs) {
+    if (job_.params.logprobs)
       c.logprobs.insert(c.logprobs.end(), d.logprobs.begin(), d.logprobs.end());
-      lp = logprobs_json(d.logprobs, offset_before);
-      c.text_offset = offset_before;
-    }
     if (d.finish_reason) {
       c.finish_reason = *d.finish_reason;
       if (auto* s = std::get_if<std::string>(&d.stop_reason))
@@ -490,26 +586,18 @@ std::vector<ojson> JobResult::apply(size_t prompt_index, const runtime::RequestO
       else if (auto* t = std::get_if<int32_t>(&d.stop_reason))
         c.stop_reason = *t;
     }
-    if (!job_.stream) continue;
-    if (d.token_ids.empty() && d.text.empty() && !d.finish_reason) continue;
-    ojson chunk = chunk_base();
-    ojson choice;
-    if (job_.chat) {
-      choice = {{"index", ci},
-                {"delta", {{"content", d.text}}},
-                {"logprobs", lp},
-                {"finish_reason", d.finish_reason ? ojson(*d.finish_reason) : ojson(nullptr)}};
-      if (d.finish_reason) choice["stop_reason"] = c.stop_reason;
-    } else {
-      choice = {{"index", ci},
-                {"text", d.text},
-                {"logprobs", lp},
-                {"finish_reason", d.finish_reason ? ojson(*d.finish_reason) : ojson(nullptr)},
-                {"stop_reason", d.finish_reason ? c.stop_reason : ojson(nullptr)}};
+    if (job_.stream) c.held.push_back(d);
+  }
+  if (!job_.stream) return chunks;
+  // An echo that shows prompt logprobs waits for them (a request's other outputs may come
+  // first); then every held output of the prompt goes out in order.
+  const bool waits =
+      job_.echo && !job_.chat && job_.params.logprobs && !prompt_logprobs_[prompt_index];
+  for (size_t ci = prompt_index * n; ci < (prompt_index + 1) * n && !waits; ++ci) {
+    for (const auto& d : choices_[ci].held) {
+      if (auto chunk = stream_chunk(ci, d)) chunks.push_back(std::move(*chunk));
     }
-    chunk["choices"] = ojson::array({choice});
-    if (job_.continuous_usage) chunk["usage"] = usage();
-    chunks.push_back(std::move(chunk));
+    choices_[ci].held.clear();
   }
   return chunks;
 }
@@ -537,31 +625,40 @@ ojson JobResult::response() const {
   ojson choices = ojson::array();
   for (size_t i = 0; i < choices_.size(); ++i) {
     const Choice& c = choices_[i];
-    ojson lp = nullptr;
-    if (job_.params.logprobs) {
-      size_t offset = job_.echo ? job_.prompt_texts[i / job_.params.n].size() : 0;
-      lp = logprobs_json(c.logprobs, offset);
-    }
+    const size_t prompt_index = i / static_cast<size_t>(job_.params.n);
+    const ojson finish = c.finish_reason ? ojson(*c.finish_reason) : ojson(nullptr);
     if (job_.chat) {
       choices.push_back(
           {{"index", i},
            {"message",
             {{"role", "assistant"}, {"content", c.text}, {"tool_calls", ojson::array()}}},
-           {"logprobs", lp},
-           {"finish_reason", c.finish_reason ? ojson(*c.finish_reason) : ojson(nullptr)},
+           {"logprobs", job_.params.logprobs ? chat_logprobs_json(c.logprobs) : ojson(nullptr)},
+           {"finish_reason", finish},
            {"stop_reason", c.stop_reason}});
-    } else {
-      choices.push_back(
-          {{"index", i},
-           {"text", c.text},
-           {"logprobs", lp},
-           {"finish_reason", c.finish_reason ? ojson(*c.finish_reason) : ojson(nullptr)},
-           {"stop_reason", c.stop_reason},
-           {"prompt_logprobs", nullptr}});
+      continue;
     }
+    ojson lp = nullptr;
+    if (job_.params.logprobs) {
+      std::vector<int32_t> ids;
+      std::vector<const backend::SampledToken*> scores;
+      if (job_.echo) add_prompt_entries(prompt_index, ids, scores);
+      if (!job_.echo_only) {
+        ids.insert(ids.end(), c.token_ids.begin(), c.token_ids.end());
+        for (const auto& t : c.logprobs) scores.push_back(&t);
+      }
+      size_t offset = 0;
+      lp = completion_logprobs_json(ids, scores, offset);
+    }
+    choices.push_back({{"index", i},
+                       {"text", c.text},
+                       {"logprobs", lp},
+                       {"finish_reason", finish},
+                       {"stop_reason", c.stop_reason},
+                       {"prompt_logprobs", prompt_logprobs_json(prompt_index)}});
   }
   r["choices"] = choices;
   r["usage"] = usage();
+  if (job_.chat) r["prompt_logprobs"] = prompt_logprobs_json(0);
   return r;
 }
 

@@ -49,6 +49,7 @@ struct Job {
   bool include_usage = false;
   bool continuous_usage = false;
   bool echo = false;
+  bool echo_only = false;        // completions: echo with max_tokens 0 (one token drawn, unsent)
   int completion_logprobs = -1;  // completions: logprobs=k
   bool chat_logprobs = false;    // chat: logprobs=true
   std::vector<std::vector<int32_t>> prompts;
@@ -68,7 +69,8 @@ class JobResult {
   // Applies one engine output of prompt `prompt_index`; returns the SSE chunks it produces
   // (empty for non-streaming jobs).
   std::vector<ojson> apply(size_t prompt_index, const runtime::RequestOutput& out);
-  // Chunks to send before any output (chat: the assistant role; completions: echo).
+  // Chunks to send before any output (chat: the assistant role; a completions echo goes out
+  // with the first output, as vLLM sends it).
   std::vector<ojson> start_chunks();
   // The final usage chunk (stream_options.include_usage), or null.
   std::optional<ojson> usage_chunk() const;
@@ -82,18 +84,37 @@ class JobResult {
     std::vector<backend::SampledToken> logprobs;
     std::optional<std::string> finish_reason;
     ojson stop_reason = nullptr;
-    size_t text_offset = 0;  // completions logprobs: offset of the next token's text
+    // Streaming: the prompt went out (echo); outputs held until the prompt logprobs the echo
+    // shows arrive; the text offset of the next completions logprobs entry.
+    bool echoed = false;
+    std::vector<runtime::CompletionDelta> held;
+    size_t stream_offset = 0;
   };
   ojson usage() const;
   ojson chunk_base() const;
-  ojson logprobs_json(const std::vector<backend::SampledToken>& lps, size_t& text_offset) const;
+  // Chat logprobs of generated tokens.
+  ojson chat_logprobs_json(const std::vector<backend::SampledToken>& lps) const;
+  // Completions logprobs of the tokens `ids` with their scores (null: none, as for a prompt's
+  // first token); text offsets from `offset`, which moves past them.
+  ojson completion_logprobs_json(const std::vector<int32_t>& ids,
+                                 const std::vector<const backend::SampledToken*>& scores,
+                                 size_t& offset) const;
+  // Adds prompt `prompt_index`'s tokens and scores (echo with logprobs) to the lists.
+  void add_prompt_entries(size_t prompt_index, std::vector<int32_t>& ids,
+                          std::vector<const backend::SampledToken*>& scores) const;
+  // vLLM's prompt_logprobs field: null for the first token, then {id: {logprob, rank,
+  // decoded_token}} with the prompt's own token first; null when the job did not ask.
+  ojson prompt_logprobs_json(size_t prompt_index) const;
+  // The stream chunk of one output of choice `ci` (none when it has nothing to show).
+  std::optional<ojson> stream_chunk(size_t ci, const runtime::CompletionDelta& d);
   std::string token_text(int32_t id) const;
 
   const Job& job_;
   const ApiContext& ctx_;
   std::vector<Choice> choices_;  // prompt_index * n + index
   int64_t prompt_tokens_ = 0;
-  std::vector<int64_t> prompt_lens_;
+  // Per prompt, once they arrive (SamplingParams::prompt_logprobs).
+  std::vector<std::optional<std::vector<backend::SampledToken>>> prompt_logprobs_;
 };
 
 // Responses of the simple endpoints.

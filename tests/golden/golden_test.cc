@@ -272,7 +272,9 @@ TEST_P(Golden, PromptLogprobsMatchTransformers) {
   std::printf("[ golden   ] %s (%s) prompt logprobs: largest difference %.3g, p95 %.3g\n",
               GetParam().stem().c_str(), kCuda ? "cuda" : "cpu", diffs.back(),
               diffs[diffs.size() * 95 / 100]);
-  if (kCuda) EXPECT_LE(diffs[diffs.size() * 95 / 100], 0.15);
+  if (kCuda) {
+    EXPECT_LE(diffs[diffs.size() * 95 / 100], 0.15);
+  }
 }
 
 INSTANTIATE_TEST_SUITE_P(Fixtures, Golden, ::testing::ValuesIn(fixtures()),

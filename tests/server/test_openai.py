@@ -95,6 +95,86 @@ def test_logprobs_n_seed_and_stop(client):
     assert echo.choices[0].text.startswith("echo me")
 
 
+def test_prompt_logprobs_and_echo(server, client):
+    url = server.url + "/v1/completions"
+    base = {"model": "ernie-tiny", "temperature": 0, "ignore_eos": True}
+    prompt = "The quick brown fox"
+    gen = httpx.post(url, json={**base, "prompt": prompt, "max_tokens": 3, "logprobs": 2}).json()
+    gen_lp = gen["choices"][0]["logprobs"]
+    n_prompt = gen["usage"]["prompt_tokens"]
+    # echo + logprobs: the prompt's tokens then the output's, the first without a logprob.
+    r = httpx.post(url, json={**base, "prompt": prompt, "max_tokens": 3, "logprobs": 2, "echo": True}).json()
+    ch = r["choices"][0]
+    lp = ch["logprobs"]
+    assert ch["text"] == prompt + gen["choices"][0]["text"]
+    assert len(lp["tokens"]) == len(lp["token_logprobs"]) == len(lp["top_logprobs"]) == n_prompt + 3
+    assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+    assert all(v <= 0 for v in lp["token_logprobs"][1:])
+    assert all(1 <= len(t) <= 3 for t in lp["top_logprobs"][1:])
+    assert lp["token_logprobs"][n_prompt:] == gen_lp["token_logprobs"]
+    assert lp["text_offset"][0] == 0
+    for i in range(1, len(lp["tokens"])):
+        assert lp["text_offset"][i] == lp["text_offset"][i - 1] + len(lp["tokens"][i - 1])
+    # vLLM's prompt_logprobs field: null, then {id: {logprob, rank, decoded_token}}, own token first.
+    pl = ch["prompt_logprobs"]
+    assert len(pl) == n_prompt and pl[0] is None
+    for i, entry in enumerate(pl[1:], start=1):
+        own_id, own = next(iter(entry.items()))
+        assert own["logprob"] == lp["token_logprobs"][i] and own["decoded_token"] == lp["tokens"][i]
+        others = sorted(v["rank"] for k, v in entry.items() if k != own_id)
+        if len(entry) == 3:  # the prompt's token outside the top 2
+            assert others == [1, 2] and own["rank"] >= 3
+        else:
+            assert len(entry) == 2 and sorted(others + [own["rank"]]) == [1, 2]
+    # max_tokens 0 with echo: the prompt alone comes back, scored (one token is drawn, unsent).
+    only = httpx.post(url, json={**base, "prompt": prompt, "max_tokens": 0, "echo": True, "logprobs": 2}).json()
+    och = only["choices"][0]
+    assert och["text"] == prompt and och["finish_reason"] == "length"
+    assert only["usage"]["completion_tokens"] == 1
+    assert och["logprobs"]["tokens"] == lp["tokens"][:n_prompt]
+    for a, b in zip(och["logprobs"]["token_logprobs"][1:], lp["token_logprobs"][1:n_prompt]):
+        assert abs(a - b) < 1e-5
+    only = httpx.post(url, json={**base, "prompt": prompt, "max_tokens": 0, "echo": True}).json()
+    assert only["choices"][0]["text"] == prompt and only["choices"][0]["prompt_logprobs"] is None
+    # Streaming: the echo with its logprobs comes with the first output; the same in all.
+    for n in (1, 2):
+        body = {**base, "prompt": prompt, "max_tokens": 3, "logprobs": 2, "echo": True, "n": n}
+        whole = httpx.post(url, json=body).json()
+        got = {}
+        with httpx.stream("POST", url, json={**body, "stream": True}) as s:
+            for line in s.iter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                for c in json.loads(line[6:])["choices"]:
+                    g = got.setdefault(c["index"], {"text": "", "tokens": [], "lps": []})
+                    g["text"] += c["text"]
+                    if c["logprobs"]:
+                        g["tokens"] += c["logprobs"]["tokens"]
+                        g["lps"] += c["logprobs"]["token_logprobs"]
+        assert sorted(got) == list(range(n))
+        for c in whole["choices"]:
+            g = got[c["index"]]
+            assert g["text"] == c["text"] and g["tokens"] == c["logprobs"]["tokens"]
+            assert g["lps"] == c["logprobs"]["token_logprobs"]
+            assert c["prompt_logprobs"] == whole["choices"][0]["prompt_logprobs"]
+    # Chat: the prompt's logprobs at the response's top level.
+    chat = httpx.post(server.url + "/v1/chat/completions",
+                      json={**base, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2,
+                            "prompt_logprobs": 1}).json()
+    assert len(chat["prompt_logprobs"]) == chat["usage"]["prompt_tokens"] and chat["prompt_logprobs"][0] is None
+    plain = client.completions.create(model="ernie-tiny", prompt="x", max_tokens=1)
+    assert plain.choices[0].model_extra.get("prompt_logprobs") is None
+    # Refused as vLLM refuses them.
+    for extra, words in [({"prompt_logprobs": 1, "stream": True}, "not available when `stream=True`"),
+                         ({"prompt_logprobs": -2}, "must be a positive value or -1"),
+                         ({"prompt_logprobs": 21}, "Requested prompt logprobs of 21"),
+                         ({"prompt_logprobs": -1}, "which is greater than max allowed: 20"),
+                         ({"max_tokens": 0}, "max_tokens")]:
+        r = httpx.post(url, json={**base, "prompt": prompt, "max_tokens": 2, **extra})
+        assert r.status_code == 400, (extra, r.text)
+        assert words in r.json()["error"]["message"], (extra, r.text)
+
+
 def test_tokenize_detokenize(server):
     t = httpx.post(server.url + "/tokenize", json={"prompt": "hello 世界"}).json()
     assert t["count"] == len(t["tokens"]) and t["max_model_len"] == 512
