@@ -141,6 +141,49 @@ void parse_stream(const ojson& b, Job& job) {
   }
 }
 
+// Fields vLLM serves that this version does not have: refused plainly, never ignored (a client
+// asking for JSON output must not get free text).
+void refuse_unbuilt(const ojson& b) {
+  auto unbuilt = [](const char* key, const std::string& what) {
+    bad(key, cat(what, " is not built yet in this version of ernie"));
+  };
+  if (const ojson* rf = field(b, "response_format")) {
+    if (!rf->is_object() || !rf->contains("type") || !(*rf)["type"].is_string())
+      bad("response_format", "'response_format' must be an object with a string 'type'");
+    const std::string type = (*rf)["type"].get<std::string>();
+    if (type != "text")
+      unbuilt("response_format", cat("response_format '", type, "' (structured outputs)"));
+  }
+  for (const char* key : {"guided_json", "guided_regex", "guided_choice", "guided_grammar",
+                          "structured_outputs", "structural_tag"}) {
+    if (field(b, key)) unbuilt(key, cat("'", key, "' (structured outputs)"));
+  }
+  if (get_bool(b, "use_beam_search").value_or(false)) unbuilt("use_beam_search", "Beam search");
+  for (const char* key : {"allowed_token_ids", "bad_words", "logits_processors", "prompt_embeds"}) {
+    const ojson* v = field(b, key);
+    if (v && !(v->is_array() && v->empty())) unbuilt(key, cat("'", key, "'"));
+  }
+}
+
+// vLLM's truncate_prompt_tokens: keep each prompt's last k tokens (-1: max_model_len).
+void truncate_prompts(const ojson& b, Job& job, const ApiContext& ctx) {
+  const auto v = get_int(b, "truncate_prompt_tokens");
+  if (!v) return;
+  if (*v < -1) bad("truncate_prompt_tokens", "'truncate_prompt_tokens' must be -1 or at least 0");
+  const int64_t k = *v == -1 ? ctx.max_model_len : *v;
+  if (k > ctx.max_model_len) {
+    bad("truncate_prompt_tokens",
+        cat("truncate_prompt_tokens value (", k, ") is greater than max_model_len (",
+            ctx.max_model_len, "). Please, select a smaller truncation size."));
+  }
+  for (size_t i = 0; i < job.prompts.size(); ++i) {
+    auto& p = job.prompts[i];
+    if (static_cast<int64_t>(p.size()) <= k) continue;
+    p.erase(p.begin(), p.end() - k);
+    job.prompt_texts[i] = ctx.tok ? ctx.tok->decode(p) : "";
+  }
+}
+
 // vLLM's prompt_logprobs (both endpoints): k top logprobs per prompt token, -1 for all.
 void parse_prompt_logprobs(const ojson& b, Job& job) {
   const auto v = get_int(b, "prompt_logprobs");
@@ -236,6 +279,8 @@ Job parse_completion(const ojson& b, const ApiContext& ctx) {
   job.model = check_model(b, ctx);
   parse_stream(b, job);
   parse_sampling(b, job.params, ctx);
+  refuse_unbuilt(b);
+  job.tokens_as_ids = get_bool(b, "return_tokens_as_token_ids").value_or(false);
   job.echo = get_bool(b, "echo").value_or(false);
   if (auto v = get_int(b, "max_tokens")) {
     job.echo_only = job.echo && *v == 0;  // the prompt alone: one token is drawn, not returned
@@ -285,6 +330,7 @@ Job parse_completion(const ojson& b, const ApiContext& ctx) {
   if (job.prompts.size() * static_cast<size_t>(job.params.n) > 1024) {
     bad("prompt", "at most 1024 outputs (prompts x n) per request");
   }
+  truncate_prompts(b, job, ctx);
   validate_with_engine(job, ctx);
   return job;
 }
@@ -298,6 +344,8 @@ Job parse_chat(const ojson& b, const ApiContext& ctx) {
   job.model = check_model(b, ctx);
   parse_stream(b, job);
   parse_sampling(b, job.params, ctx);
+  refuse_unbuilt(b);
+  job.tokens_as_ids = get_bool(b, "return_tokens_as_token_ids").value_or(false);
   if (!ctx.tok) bad("messages", "this model has no tokenizer, so chat is not available");
   if (!ctx.chat_template) {
     bad("messages", "the model has no chat template; start the server with --chat-template");
@@ -345,6 +393,28 @@ Job parse_chat(const ojson& b, const ApiContext& ctx) {
     if (!t->is_array()) bad("tools", "'tools' must be a list");
     opts.tools = *t;
   }
+  // Tools reach the template, but no tool-call parser reads the output: as vLLM without
+  // --enable-auto-tool-choice, only tool_choice "none" is served.
+  std::string tool_choice = opts.tools.is_array() && !opts.tools.empty() ? "auto" : "none";
+  if (const ojson* tc = field(b, "tool_choice")) {
+    if (tc->is_string())
+      tool_choice = tc->get<std::string>();
+    else if (tc->is_object())
+      tool_choice = "named";
+    else
+      bad("tool_choice", "'tool_choice' must be a string or an object");
+  }
+  if (tool_choice == "auto") {
+    bad("tool_choice",
+        "\"auto\" tool choice requires --enable-auto-tool-choice and --tool-call-parser to be set");
+  }
+  if (tool_choice == "required" || tool_choice == "named") {
+    bad("tool_choice",
+        "tool_choice 'required' or a named function (structured outputs) is not "
+        "built yet in this version of ernie");
+  }
+  if (tool_choice != "none")
+    bad("tool_choice", "'tool_choice' must be 'none', 'auto', 'required' or a named function");
   if (const ojson* d = field(b, "documents")) opts.documents = *d;
   if (const ojson* k = field(b, "chat_template_kwargs")) {
     if (!k->is_object()) bad("chat_template_kwargs", "'chat_template_kwargs' must be an object");
@@ -367,6 +437,7 @@ Job parse_chat(const ojson& b, const ApiContext& ctx) {
   const bool add_special = get_bool(b, "add_special_tokens").value_or(false);
   job.prompts.push_back(ctx.tok->encode(text, add_special));
   job.prompt_texts.push_back(text);
+  truncate_prompts(b, job, ctx);
   auto max_tokens = get_int(b, "max_completion_tokens");
   if (!max_tokens) max_tokens = get_int(b, "max_tokens");
   const int64_t room = ctx.max_model_len - static_cast<int64_t>(job.prompts[0].size());
@@ -396,6 +467,10 @@ std::string JobResult::token_text(int32_t id) const {
   return ctx_.tok->decode(one, false);
 }
 
+std::string JobResult::logprob_token(int32_t id) const {
+  return job_.tokens_as_ids ? cat("token_id:", id) : token_text(id);
+}
+
 namespace {
 
 ojson bytes_of(const std::string& s) {
@@ -421,10 +496,10 @@ float clamped(float logprob) {
 ojson JobResult::chat_logprobs_json(const std::vector<backend::SampledToken>& lps) const {
   ojson content = ojson::array();
   for (const auto& t : lps) {
-    const std::string s = token_text(t.id);
+    const std::string s = logprob_token(t.id);
     ojson top = ojson::array();
     for (const auto& e : t.top) {
-      const std::string es = token_text(e.id);
+      const std::string es = logprob_token(e.id);
       top.push_back({{"token", es}, {"logprob", clamped(e.logprob)}, {"bytes", bytes_of(es)}});
     }
     content.push_back({{"token", s},
@@ -441,7 +516,7 @@ ojson JobResult::completion_logprobs_json(const std::vector<int32_t>& ids,
   ojson tokens = ojson::array(), token_logprobs = ojson::array(), top = ojson::array(),
         offsets = ojson::array();
   for (size_t i = 0; i < ids.size(); ++i) {
-    const std::string s = token_text(ids[i]);
+    const std::string s = logprob_token(ids[i]);
     tokens.push_back(s);
     offsets.push_back(offset);
     offset += utf8_length(s);
@@ -455,7 +530,7 @@ ojson JobResult::completion_logprobs_json(const std::vector<int32_t>& ids,
     ojson m = ojson::object();  // the token itself first, then the most likely
     m[s] = clamped(t->logprob);
     for (const auto& e : t->top) {
-      const std::string es = token_text(e.id);
+      const std::string es = logprob_token(e.id);
       if (!m.contains(es)) m[es] = clamped(e.logprob);
     }
     top.push_back(m);
@@ -698,6 +773,7 @@ ojson tokenize_response(const ojson& b, const ApiContext& ctx) {
     ojson chat = b;
     chat.erase("model");
     chat["max_tokens"] = 1;
+    chat["tool_choice"] = "none";  // the template sees the tools; nothing is generated
     Job j = parse_chat(chat, ctx);
     ids = j.prompts[0];
   } else {

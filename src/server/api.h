@@ -50,6 +50,7 @@ struct Job {
   bool continuous_usage = false;
   bool echo = false;
   bool echo_only = false;        // completions: echo with max_tokens 0 (one token drawn, unsent)
+  bool tokens_as_ids = false;    // return_tokens_as_token_ids: logprobs name tokens "token_id:N"
   int completion_logprobs = -1;  // completions: logprobs=k
   bool chat_logprobs = false;    // chat: logprobs=true
   std::vector<std::vector<int32_t>> prompts;
@@ -108,6 +109,7 @@ class JobResult {
   // The stream chunk of one output of choice `ci` (none when it has nothing to show).
   std::optional<ojson> stream_chunk(size_t ci, const runtime::CompletionDelta& d);
   std::string token_text(int32_t id) const;
+  std::string logprob_token(int32_t id) const;  // token_text, or "token_id:N" when asked
 
   const Job& job_;
   const ApiContext& ctx_;

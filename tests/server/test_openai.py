@@ -175,6 +175,47 @@ def test_prompt_logprobs_and_echo(server, client):
         assert words in r.json()["error"]["message"], (extra, r.text)
 
 
+def test_truncation_token_ids_and_unbuilt_fields(server, client):
+    r = client.completions.create(model="ernie-tiny", prompt="one two three four five six", max_tokens=2,
+                                  temperature=0, extra_body={"truncate_prompt_tokens": 3, "ignore_eos": True})
+    assert r.usage.prompt_tokens == 3
+    e = client.completions.create(model="ernie-tiny", prompt="one two three four five six", max_tokens=2,
+                                  temperature=0, echo=True, extra_body={"truncate_prompt_tokens": 3})
+    tail = httpx.post(server.url + "/tokenize", json={"prompt": "one two three four five six"}).json()["tokens"][-3:]
+    assert e.choices[0].text.startswith(httpx.post(server.url + "/detokenize", json={"tokens": tail}).json()["prompt"])
+    c = client.chat.completions.create(model="ernie-tiny", messages=[{"role": "user", "content": "hello there"}],
+                                       max_tokens=1, extra_body={"truncate_prompt_tokens": 2})
+    assert c.usage.prompt_tokens == 2
+    ids = client.completions.create(model="ernie-tiny", prompt="abc", max_tokens=2, logprobs=1, temperature=0,
+                                    extra_body={"return_tokens_as_token_ids": True, "ignore_eos": True})
+    assert all(t.startswith("token_id:") for t in ids.choices[0].logprobs.tokens)
+    assert all(k.startswith("token_id:") for d in ids.choices[0].logprobs.top_logprobs for k in d)
+    # What is not built is refused, never ignored; what needs nothing is served.
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}]
+    msgs = [{"role": "user", "content": "hi"}]
+    chat_url = server.url + "/v1/chat/completions"
+    ok = httpx.post(chat_url, json={"messages": msgs, "max_tokens": 1, "tools": tools, "tool_choice": "none",
+                                    "response_format": {"type": "text"}})
+    assert ok.status_code == 200, ok.text
+    assert httpx.post(server.url + "/tokenize", json={"messages": msgs, "tools": tools}).status_code == 200
+    for url, extra, words in [
+            (chat_url, {"tools": tools}, '"auto" tool choice requires --enable-auto-tool-choice'),
+            (chat_url, {"tools": tools, "tool_choice": "required"}, "not built yet"),
+            (chat_url, {"tools": tools, "tool_choice": {"type": "function", "function": {"name": "f"}}},
+             "not built yet"),
+            (chat_url, {"response_format": {"type": "json_object"}}, "structured outputs"),
+            (chat_url, {"guided_choice": ["a", "b"]}, "structured outputs"),
+            (server.url + "/v1/completions", {"response_format": {"type": "json_schema"}}, "structured outputs"),
+            (server.url + "/v1/completions", {"use_beam_search": True}, "Beam search"),
+            (server.url + "/v1/completions", {"allowed_token_ids": [1, 2]}, "allowed_token_ids"),
+            (server.url + "/v1/completions", {"truncate_prompt_tokens": 100000}, "greater than max_model_len"),
+            (server.url + "/v1/completions", {"truncate_prompt_tokens": -5}, "truncate_prompt_tokens")]:
+        body = {"messages": msgs} if url == chat_url else {"prompt": "x"}
+        r = httpx.post(url, json={**body, "max_tokens": 1, **extra})
+        assert r.status_code == 400, (extra, r.text)
+        assert words in r.json()["error"]["message"], (extra, r.text)
+
+
 def test_tokenize_detokenize(server):
     t = httpx.post(server.url + "/tokenize", json={"prompt": "hello 世界"}).json()
     assert t["count"] == len(t["tokens"]) and t["max_model_len"] == 512
