@@ -444,6 +444,12 @@ Job parse_chat(const ojson& b, const ApiContext& ctx) {
   job.params.max_tokens = max_tokens ? clamp_int(*max_tokens, "max_tokens", 1, INT32_MAX)
                                      : static_cast<int>(std::max<int64_t>(1, room));
   job.echo = get_bool(b, "echo").value_or(false);
+  // vLLM's chat echo: the reply starts with the last message when that is the assistant's
+  // (the message the model continues).
+  if (job.echo && messages.back().value("role", "") == "assistant" &&
+      messages.back().contains("content") && messages.back()["content"].is_string()) {
+    job.chat_echo = messages.back()["content"].get<std::string>();
+  }
   parse_prompt_logprobs(b, job);
   validate_with_engine(job, ctx);
   return job;
@@ -455,10 +461,8 @@ JobResult::JobResult(const Job& job, const ApiContext& ctx) : job_(job), ctx_(ct
   choices_.resize(job.prompts.size() * static_cast<size_t>(job.params.n));
   prompt_logprobs_.resize(job.prompts.size());
   for (const auto& p : job.prompts) prompt_tokens_ += static_cast<int64_t>(p.size());
-  if (job.echo && !job.chat) {
-    for (size_t i = 0; i < choices_.size(); ++i)
-      choices_[i].text = job.prompt_texts[i / job.params.n];
-  }
+  for (size_t i = 0; i < choices_.size() && job.echo; ++i)
+    choices_[i].text = job.chat ? job.chat_echo : job.prompt_texts[i / job.params.n];
 }
 
 std::string JobResult::token_text(int32_t id) const {
@@ -589,13 +593,17 @@ ojson JobResult::usage() const {
 std::vector<ojson> JobResult::start_chunks() {
   std::vector<ojson> out;
   if (!job_.stream || !job_.chat) return out;
-  for (size_t i = 0; i < choices_.size(); ++i) {
-    ojson c = chunk_base();
-    ojson delta = {{"role", "assistant"}, {"content", ""}};
-    c["choices"] = ojson::array(
-        {{{"index", i}, {"delta", delta}, {"logprobs", nullptr}, {"finish_reason", nullptr}}});
-    if (job_.continuous_usage) c["usage"] = usage();
-    out.push_back(std::move(c));
+  // The role for every choice, then the echoed message (chat echo) for every choice.
+  for (int pass = 0; pass < (job_.chat_echo.empty() ? 1 : 2); ++pass) {
+    for (size_t i = 0; i < choices_.size(); ++i) {
+      ojson c = chunk_base();
+      const ojson delta = pass == 0 ? ojson{{"role", "assistant"}, {"content", ""}}
+                                    : ojson{{"content", job_.chat_echo}};
+      c["choices"] = ojson::array(
+          {{{"index", i}, {"delta", delta}, {"logprobs", nullptr}, {"finish_reason", nullptr}}});
+      if (job_.continuous_usage) c["usage"] = usage();
+      out.push_back(std::move(c));
+    }
   }
   return out;
 }

@@ -55,6 +55,7 @@ struct Job {
   bool chat_logprobs = false;    // chat: logprobs=true
   std::vector<std::vector<int32_t>> prompts;
   std::vector<std::string> prompt_texts;  // for echo
+  std::string chat_echo;  // chat echo: the last message's content when it is the assistant's
   runtime::SamplingParams params;
 };
 

@@ -216,6 +216,21 @@ def test_truncation_token_ids_and_unbuilt_fields(server, client):
         assert words in r.json()["error"]["message"], (extra, r.text)
 
 
+def test_chat_echo_continues_the_assistant(client):
+    msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Hello th"}]
+    extra = {"add_generation_prompt": False, "continue_final_message": True, "ignore_eos": True}
+    kw = dict(model="ernie-tiny", messages=msgs, max_tokens=4, temperature=0)
+    full = client.chat.completions.create(**kw, extra_body={**extra, "echo": True}).choices[0].message.content
+    plain = client.chat.completions.create(**kw, extra_body=extra).choices[0].message.content
+    assert full == "Hello th" + plain
+    stream = client.chat.completions.create(**kw, stream=True, extra_body={**extra, "echo": True})
+    assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == full
+    # The last message is the user's: nothing to echo.
+    kw["messages"] = msgs[:1]
+    assert (client.chat.completions.create(**kw, extra_body={"echo": True, "ignore_eos": True}).choices[0].message.content
+            == client.chat.completions.create(**kw, extra_body={"ignore_eos": True}).choices[0].message.content)
+
+
 def test_tokenize_detokenize(server):
     t = httpx.post(server.url + "/tokenize", json={"prompt": "hello 世界"}).json()
     assert t["count"] == len(t["tokens"]) and t["max_model_len"] == 512
