@@ -159,6 +159,8 @@ void refuse_unbuilt(const ojson& b) {
     if (field(b, key)) unbuilt(key, cat("'", key, "' (structured outputs)"));
   }
   if (get_bool(b, "use_beam_search").value_or(false)) unbuilt("use_beam_search", "Beam search");
+  if (const auto p = get_int(b, "priority"); p && *p != 0)
+    bad("priority", cat("Got priority ", *p, " but Priority scheduling is not enabled."));
   for (const char* key : {"allowed_token_ids", "bad_words", "logits_processors", "prompt_embeds"}) {
     const ojson* v = field(b, key);
     if (v && !(v->is_array() && v->empty())) unbuilt(key, cat("'", key, "'"));

@@ -207,6 +207,7 @@ def test_truncation_token_ids_and_unbuilt_fields(server, client):
             (chat_url, {"guided_choice": ["a", "b"]}, "structured outputs"),
             (server.url + "/v1/completions", {"response_format": {"type": "json_schema"}}, "structured outputs"),
             (server.url + "/v1/completions", {"use_beam_search": True}, "Beam search"),
+            (server.url + "/v1/completions", {"priority": 3}, "Priority scheduling is not enabled"),
             (server.url + "/v1/completions", {"allowed_token_ids": [1, 2]}, "allowed_token_ids"),
             (server.url + "/v1/completions", {"truncate_prompt_tokens": 100000}, "greater than max_model_len"),
             (server.url + "/v1/completions", {"truncate_prompt_tokens": -5}, "truncate_prompt_tokens")]:
