@@ -111,17 +111,23 @@ runtime::EngineConfig golden_engine_config(int block_size, int max_num_batched_t
   return ec;
 }
 
-class Golden : public ::testing::TestWithParam<fs::path> {};
+// Each test's fixture file and its checkpoint, loaded (a test without a device is skipped).
+class Golden : public ::testing::TestWithParam<fs::path> {
+ protected:
+  void SetUp() override {
+    fx_ = json::parse(testing::read_file(GetParam()));
+    loaded_ = fixture_model(fx_, dir_.path());
+    ASSERT_FALSE(HasFailure());
+    if (!loaded_) GTEST_SKIP() << "no CUDA device";
+  }
+  json fx_;
+  testing::TempDir dir_;
+  std::optional<testing::LoadedModel> loaded_;
+};
 
 TEST_P(Golden, MatchesTransformers) {
-  const json fx = json::parse(testing::read_file(GetParam()));
-  testing::TempDir dir;
-  auto loaded = fixture_model(fx, dir.path());
-  if (!loaded) {
-    if (!HasFailure()) GTEST_SKIP() << "no CUDA device";
-    return;
-  }
-  auto& m = *loaded;
+  const json& fx = fx_;
+  auto& m = *loaded_;
   const int steps = fx["steps"];
   const double kLogprobTolerance = logprob_tolerance(fx);
   std::vector<double> diffs;
@@ -215,14 +221,8 @@ TEST_P(Golden, MatchesTransformers) {
 // its greedy continuation, scored as a prompt (whole, and in chunks over small blocks), gives at
 // each continuation position the distribution the fixture recorded for that step.
 TEST_P(Golden, PromptLogprobsMatchTransformers) {
-  const json fx = json::parse(testing::read_file(GetParam()));
-  testing::TempDir dir;
-  auto loaded = fixture_model(fx, dir.path());
-  if (!loaded) {
-    if (!HasFailure()) GTEST_SKIP() << "no CUDA device";
-    return;
-  }
-  auto& m = *loaded;
+  const json& fx = fx_;
+  auto& m = *loaded_;
   const int steps = fx["steps"];
   const double tolerance = logprob_tolerance(fx);
   std::vector<std::vector<int32_t>> forced;

@@ -44,6 +44,19 @@ class EngineTest : public ::testing::Test {
     c.max_num_seqs = 16;
     return c;
   }
+  // A cache with room for the longest request (at c.block_size) and three blocks more:
+  // requests admitted together run out of blocks whatever lengths were drawn.
+  static void use_small_cache(EngineConfig& c, const std::vector<std::vector<int32_t>>& prompts,
+                              const std::vector<SamplingParams>& params) {
+    int64_t longest = 0;
+    for (size_t i = 0; i < prompts.size(); ++i) {
+      longest = std::max<int64_t>(longest, (static_cast<int64_t>(prompts[i].size()) +
+                                            params[i].max_tokens + c.block_size - 1) /
+                                               c.block_size);
+    }
+    c.num_blocks_override = longest + 3;
+    c.max_model_len = c.num_blocks_override * c.block_size;
+  }
   static std::vector<std::vector<int32_t>> random_prompts(Rng& rng, int n) {
     std::vector<std::vector<int32_t>> out;
     std::vector<int32_t> shared;
@@ -185,16 +198,7 @@ TEST_F(EngineTest, AsyncSchedulingGivesWhatSyncGives) {
     c.block_size = mode.block_size;
     c.max_num_batched_tokens = mode.budget;
     c.enable_prefix_caching = mode.caching;
-    if (mode.small_cache) {
-      int64_t longest = 0;
-      for (size_t i = 0; i < prompts.size(); ++i) {
-        longest = std::max<int64_t>(longest, (static_cast<int64_t>(prompts[i].size()) +
-                                              params[i].max_tokens + mode.block_size - 1) /
-                                                 mode.block_size);
-      }
-      c.num_blocks_override = longest + 3;
-      c.max_model_len = c.num_blocks_override * mode.block_size;
-    }
+    if (mode.small_cache) use_small_cache(c, prompts, params);
     c.async_scheduling = false;
     Engine sync(*m_->model, nullptr, c);
     const auto want = generate(sync, prompts, params);
@@ -329,16 +333,7 @@ TEST_F(EngineTest, PromptLogprobsMatchOneForwardPass) {
     c.max_num_seqs = mode.max_seqs;
     c.enable_prefix_caching = mode.caching;
     c.async_scheduling = mode.async;
-    if (mode.small_cache) {
-      int64_t longest = 0;
-      for (size_t i = 0; i < prompts.size(); ++i) {
-        longest = std::max<int64_t>(longest, (static_cast<int64_t>(prompts[i].size()) +
-                                              params[i].max_tokens + mode.block_size - 1) /
-                                                 mode.block_size);
-      }
-      c.num_blocks_override = longest + 3;
-      c.max_model_len = c.num_blocks_override * mode.block_size;
-    }
+    if (mode.small_cache) use_small_cache(c, prompts, params);
     Engine e(*m_->model, nullptr, c);
     for (int round = 0; round < 2; ++round) {  // the second meets a warm prefix cache
       const auto got = generate(e, prompts, params);
