@@ -3,12 +3,174 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <fstream>
 #include <numeric>
 #include <set>
+#include <sstream>
 
 #include "common/check.h"
 
 namespace ernie::bench {
+
+void PyRandom::reseed(uint64_t seed) {
+  std::vector<uint32_t> key;
+  do {
+    key.push_back(static_cast<uint32_t>(seed));
+    seed >>= 32;
+  } while (seed != 0);
+  mt_[0] = 19650218u;
+  for (uint32_t i = 1; i < 624; ++i) mt_[i] = 1812433253u * (mt_[i - 1] ^ (mt_[i - 1] >> 30)) + i;
+  uint32_t i = 1, j = 0;
+  for (size_t k = std::max<size_t>(624, key.size()); k > 0; --k) {
+    mt_[i] = (mt_[i] ^ ((mt_[i - 1] ^ (mt_[i - 1] >> 30)) * 1664525u)) + key[j] + j;
+    ++i;
+    ++j;
+    if (i >= 624) {
+      mt_[0] = mt_[623];
+      i = 1;
+    }
+    if (j >= key.size()) j = 0;
+  }
+  for (size_t k = 623; k > 0; --k) {
+    mt_[i] = (mt_[i] ^ ((mt_[i - 1] ^ (mt_[i - 1] >> 30)) * 1566083941u)) - i;
+    ++i;
+    if (i >= 624) {
+      mt_[0] = mt_[623];
+      i = 1;
+    }
+  }
+  mt_[0] = 0x80000000u;
+  index_ = 624;
+}
+
+uint32_t PyRandom::next32() {
+  if (index_ >= 624) {
+    for (int k = 0; k < 624; ++k) {
+      const uint32_t y = (mt_[k] & 0x80000000u) | (mt_[(k + 1) % 624] & 0x7fffffffu);
+      mt_[k] = mt_[(k + 397) % 624] ^ (y >> 1) ^ ((y & 1u) ? 0x9908b0dfu : 0u);
+    }
+    index_ = 0;
+  }
+  uint32_t y = mt_[index_++];
+  y ^= y >> 11;
+  y ^= (y << 7) & 0x9d2c5680u;
+  y ^= (y << 15) & 0xefc60000u;
+  y ^= y >> 18;
+  return y;
+}
+
+uint64_t PyRandom::randbelow(uint64_t n) {
+  require(n > 0 && n < (uint64_t{1} << 32), "randbelow: n must be in [1, 2^32)");
+  int bits = 0;
+  while ((n >> bits) != 0) ++bits;  // n.bit_length(): getrandbits(bits) is one word's top bits
+  for (;;) {
+    const uint64_t r = next32() >> (32 - bits);
+    if (r < n) return r;
+  }
+}
+
+namespace {
+
+// What vLLM's is_valid_sequence passes over (its defaults).
+bool valid_lengths(int64_t prompt_len, int64_t output_len, bool check_output) {
+  return prompt_len >= 4 && (!check_output || output_len >= 4) && prompt_len <= 1024 &&
+         prompt_len + output_len <= 2048;
+}
+
+// vLLM's maybe_oversample_requests: too few samples are topped up with random.choice after
+// random.seed(seed).
+void oversample(std::vector<SampleRequest>& samples, const FileDatasetArgs& a) {
+  if (a.no_oversample || static_cast<int>(samples.size()) >= a.num_prompts) return;
+  if (samples.empty()) throw Error(cat(a.path, ": no usable samples in the dataset"));
+  PyRandom rng(a.seed);
+  const size_t have = samples.size();
+  while (static_cast<int>(samples.size()) < a.num_prompts)
+    samples.push_back(samples[rng.randbelow(have)]);
+}
+
+nlohmann::json read_json_file(const std::string& path) {
+  std::ifstream in(path);
+  if (!in) throw Error(cat("cannot read the dataset ", path));
+  std::stringstream ss;
+  ss << in.rdbuf();
+  auto j = nlohmann::json::parse(ss.str(), nullptr, false);
+  if (j.is_discarded()) throw Error(cat(path, " is not valid JSON"));
+  return j;
+}
+
+}  // namespace
+
+std::vector<SampleRequest> sharegpt_dataset(
+    const FileDatasetArgs& a,
+    const std::function<std::vector<int32_t>(const std::string&)>& encode) {
+  const nlohmann::json data = read_json_file(a.path);
+  if (!data.is_array()) throw Error(cat(a.path, ": a ShareGPT dataset is a JSON list"));
+  std::vector<const nlohmann::json*> entries;
+  for (const auto& e : data) {
+    if (e.is_object() && e.contains("conversations") && e["conversations"].is_array() &&
+        e["conversations"].size() >= 2)
+      entries.push_back(&e);
+  }
+  PyRandom rng(a.seed);
+  if (!a.disable_shuffle) rng.shuffle(entries);
+  std::vector<SampleRequest> out;
+  for (const nlohmann::json* e : entries) {
+    if (static_cast<int>(out.size()) >= a.num_prompts) break;
+    const auto& turns = (*e)["conversations"];
+    auto text = [&](int t) {
+      if (!turns[t].is_object() || !turns[t].contains("value") || !turns[t]["value"].is_string())
+        throw Error(cat(a.path, ": a conversation turn without a string \"value\""));
+      return turns[t]["value"].get<std::string>();
+    };
+    SampleRequest r;
+    r.prompt = text(0);
+    r.prompt_len = static_cast<int64_t>(encode(r.prompt).size());
+    r.expected_output_len =
+        a.output_len ? *a.output_len : static_cast<int64_t>(encode(text(1)).size());
+    if (!valid_lengths(r.prompt_len, r.expected_output_len, !a.output_len)) continue;
+    out.push_back(std::move(r));
+  }
+  oversample(out, a);
+  return out;
+}
+
+std::vector<SampleRequest> custom_dataset(
+    const FileDatasetArgs& a, const std::function<std::vector<int32_t>(const std::string&)>& encode,
+    const std::function<std::string(const std::string&)>& chat) {
+  if (a.path.size() < 6 || a.path.substr(a.path.size() - 6) != ".jsonl")
+    throw Error("Only JSONL format is supported for CustomDataset.");
+  std::ifstream in(a.path);
+  if (!in) throw Error(cat("cannot read the dataset ", a.path));
+  require(a.output_len.has_value(), "custom_dataset: an output length (or -1)");
+  std::vector<nlohmann::json> rows;
+  std::string line;
+  for (int n = 1; std::getline(in, line); ++n) {
+    if (line.find_first_not_of(" \t\r") == std::string::npos) continue;
+    auto j = nlohmann::json::parse(line, nullptr, false);
+    if (j.is_discarded() || !j.is_object() || !j.contains("prompt") || !j["prompt"].is_string())
+      throw Error(
+          cat(a.path, ":", n, ": each line must be a JSON object with a string \"prompt\""));
+    if (*a.output_len < 0 &&
+        !(j.contains("output_tokens") && j["output_tokens"].is_number_integer()))
+      throw Error(cat(a.path, ":", n,
+                      ": --custom-output-len -1 takes each line's integer \"output_tokens\""));
+    rows.push_back(std::move(j));
+  }
+  PyRandom rng(a.seed);
+  if (!a.disable_shuffle) rng.shuffle(rows);
+  std::vector<SampleRequest> out;
+  for (const auto& row : rows) {
+    if (static_cast<int>(out.size()) >= a.num_prompts) break;
+    SampleRequest r;
+    r.prompt = chat(row["prompt"].get<std::string>());
+    r.prompt_len = static_cast<int64_t>(encode(r.prompt).size());
+    r.expected_output_len =
+        *a.output_len >= 0 ? *a.output_len : row["output_tokens"].get<int64_t>();
+    out.push_back(std::move(r));
+  }
+  oversample(out, a);
+  return out;
+}
 
 std::vector<SampleRequest> random_dataset(const TokenizerOps& tok, const RandomDatasetArgs& a,
                                           int64_t* mismatch) {

@@ -22,6 +22,7 @@ struct TokenizerOps {
   std::vector<int32_t> special_ids;  // left out of prompts
   std::function<std::string(const std::vector<int32_t>&)> decode;
   std::function<std::vector<int32_t>(const std::string&)> encode;  // no special tokens added
+  std::function<std::vector<int32_t>(const std::string&)> encode_special;  // the tokenizer's own
 };
 
 struct SampleRequest {
@@ -45,6 +46,52 @@ struct RandomDatasetArgs {
 // (at most 10 tries). Throws ernie::Error for impossible arguments.
 std::vector<SampleRequest> random_dataset(const TokenizerOps& tok, const RandomDatasetArgs& a,
                                           int64_t* mismatch);
+
+// Python's `random` module (MT19937 seeded by init_by_array from the integer's 32-bit words),
+// for the dataset shuffles and draws vLLM makes with it: the same seed gives the same order.
+class PyRandom {
+ public:
+  explicit PyRandom(uint64_t seed) { reseed(seed); }
+  void reseed(uint64_t seed);  // random.seed(int)
+  uint32_t next32();           // genrand_uint32
+  uint64_t randbelow(
+      uint64_t n);  // random._randbelow (n < 2^32): getrandbits(bit_length) until < n
+  template <typename T>
+  void shuffle(std::vector<T>& v) {  // random.shuffle
+    for (size_t i = v.size(); i > 1; --i) std::swap(v[i - 1], v[randbelow(i)]);
+  }
+
+ private:
+  uint32_t mt_[624];
+  int index_ = 624;
+};
+
+// Datasets read from a file, as vLLM samples them (its --dataset-path options).
+struct FileDatasetArgs {
+  std::string path;
+  int num_prompts = 1000;
+  uint64_t seed = 0;
+  bool disable_shuffle = false;
+  bool no_oversample = false;
+  std::optional<int64_t> output_len;  // sharegpt: --sharegpt-output-len; custom: required
+};
+
+// vLLM's ShareGPTDataset: a JSON list of {"conversations": [{"value": ...}, ...]} entries with
+// two turns or more, shuffled (Python's random, seeded); each entry's first turn is a prompt and
+// its second gives the output length (its token count, unless output_len is set); prompts under
+// 4 tokens or over 1024, outputs under 4 (unless set) and totals over 2048 are passed over; too
+// few left are topped up by seeded random.choice. `encode` counts tokens as
+// tokenizer(text).input_ids does (special tokens added).
+std::vector<SampleRequest> sharegpt_dataset(
+    const FileDatasetArgs& a,
+    const std::function<std::vector<int32_t>(const std::string&)>& encode);
+
+// vLLM's CustomDataset: JSON lines with a "prompt" each, shuffled the same way; each prompt put
+// through `chat` (the chat template as one user message; identity with --skip-chat-template),
+// output_len tokens each (-1: the line's "output_tokens").
+std::vector<SampleRequest> custom_dataset(
+    const FileDatasetArgs& a, const std::function<std::vector<int32_t>(const std::string&)>& encode,
+    const std::function<std::string(const std::string&)>& chat);
 
 // Send times (seconds from the start) as vLLM computes them: 0 for an infinite rate, else gamma
 // intervals (shape = burstiness, scale = 1 / (rate * burstiness); burstiness 1 is Poisson)

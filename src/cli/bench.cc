@@ -23,6 +23,7 @@
 #include "cli/commands.h"
 #include "common/check.h"
 #include "common/log.h"
+#include "tokenizer/chat.h"
 #include "tokenizer/tokenizer.h"
 
 namespace ernie::cli {
@@ -325,7 +326,22 @@ CLI::App* add_bench(CLI::App& app, BenchArgs& a) {
   c->add_option("--served-model-name", a.served_model_name,
                 "Name sent in requests (default: --model)");
   c->add_option("--tokenizer", a.tokenizer, "Tokenizer directory (default: the model's, if local)");
-  c->add_option("--dataset-name", a.dataset_name)->capture_default_str();
+  c->add_option("--dataset-name", a.dataset_name)
+      ->check(CLI::IsMember({"random", "sharegpt", "custom"}))
+      ->capture_default_str();
+  c->add_option("--dataset-path", a.dataset_path,
+                "The sharegpt dataset (a JSON file) or the custom one (JSON lines)");
+  c->add_option("--sharegpt-output-len", a.sharegpt_output_len,
+                "Output tokens per request, instead of the dataset's reply lengths");
+  c->add_option("--custom-output-len", a.custom_output_len,
+                "Output tokens per request of the custom dataset (-1: each line's "
+                "\"output_tokens\")")
+      ->capture_default_str();
+  c->add_flag("--skip-chat-template", a.skip_chat_template,
+              "Send the custom dataset's prompts without the chat template");
+  c->add_flag("--disable-shuffle", a.disable_shuffle, "Take the dataset's samples in file order");
+  c->add_flag("--no-oversample", a.no_oversample,
+              "Do not repeat samples when the dataset has fewer than --num-prompts");
   c->add_option("--random-input-len,--input-len", a.input_len)->capture_default_str();
   c->add_option("--random-output-len,--output-len", a.output_len)->capture_default_str();
   c->add_option("--random-range-ratio", a.range_ratio)->capture_default_str();
@@ -375,8 +391,15 @@ CLI::App* add_bench(CLI::App& app, BenchArgs& a) {
 }
 
 int run_bench(const BenchArgs& a) {
-  if (a.dataset_name != "random")
-    throw Error(cat("--dataset-name '", a.dataset_name, "' is not supported (only random)"));
+  if (a.dataset_name == "random" && !a.dataset_path.empty()) {
+    throw Error(
+        cat("Cannot use 'random' dataset with --dataset-path. Please specify the "
+            "appropriate --dataset-name (e.g., 'sharegpt', 'custom') for your dataset "
+            "file: ",
+            a.dataset_path));
+  }
+  if (a.dataset_name != "random" && a.dataset_path.empty())
+    throw Error(cat("--dataset-name ", a.dataset_name, " needs --dataset-path"));
   if (a.num_prompts < 1) throw Error("--num-prompts must be at least 1");
   if (!(a.request_rate > 0)) throw Error("--request-rate must be positive (inf: send all at once)");
   if (!(a.burstiness > 0)) throw Error("--burstiness must be positive");
@@ -459,6 +482,7 @@ int run_bench(const BenchArgs& a) {
     }
     ops.decode = [tok](const std::vector<int32_t>& ids) { return tok->decode(ids, false); };
     ops.encode = [tok](const std::string& s) { return tok->encode(s, false); };
+    ops.encode_special = [tok](const std::string& s) { return tok->encode(s, true); };
   } else {
     log::info("no local tokenizer: using the server's /tokenize and /detokenize");
     auto detok = [&u, &name_sent](const std::vector<int32_t>& ids) {
@@ -470,15 +494,17 @@ int run_bench(const BenchArgs& a) {
       return j["prompt"].get<std::string>();
     };
     ops.decode = detok;
-    ops.encode = [&u, &name_sent](const std::string& s) {
+    auto server_encode = [&u, &name_sent](const std::string& s, bool special) {
       auto [status, body] = blocking_request(
           u, http::verb::post, "/tokenize",
-          ojson{{"model", name_sent}, {"prompt", s}, {"add_special_tokens", false}}.dump());
+          ojson{{"model", name_sent}, {"prompt", s}, {"add_special_tokens", special}}.dump());
       auto j = ojson::parse(body, nullptr, false);
       if (status != 200 || j.is_discarded() || !j.contains("tokens"))
         throw Error(cat("/tokenize failed: HTTP ", status));
       return j["tokens"].get<std::vector<int32_t>>();
     };
+    ops.encode = [server_encode](const std::string& s) { return server_encode(s, false); };
+    ops.encode_special = [server_encode](const std::string& s) { return server_encode(s, true); };
     // Vocabulary size: the first id that no longer decodes (binary search).
     int64_t lo = 1, hi = 1 << 22;
     auto known = [&](int64_t id) {
@@ -497,19 +523,52 @@ int run_bench(const BenchArgs& a) {
     }
     ops.vocab_size = lo;
   }
-  bench::RandomDatasetArgs da;
-  da.input_len = a.input_len;
-  da.output_len = a.output_len;
-  da.range_ratio = a.range_ratio;
-  da.prefix_len = a.prefix_len;
-  da.num_prompts = a.num_prompts;
-  da.seed = a.seed;
-  int64_t mismatch = 0;
-  const auto reqs = bench::random_dataset(ops, da, &mismatch);
-  if (mismatch != 0) {
-    log::warn("Across all generated prompts, there were ", std::abs(mismatch),
-              mismatch > 0 ? " more" : " fewer",
-              " tokens than expected after decoding and re-encoding.");
+  std::vector<bench::SampleRequest> reqs;
+  if (a.dataset_name == "random") {
+    bench::RandomDatasetArgs da;
+    da.input_len = a.input_len;
+    da.output_len = a.output_len;
+    da.range_ratio = a.range_ratio;
+    da.prefix_len = a.prefix_len;
+    da.num_prompts = a.num_prompts;
+    da.seed = a.seed;
+    int64_t mismatch = 0;
+    reqs = bench::random_dataset(ops, da, &mismatch);
+    if (mismatch != 0) {
+      log::warn("Across all generated prompts, there were ", std::abs(mismatch),
+                mismatch > 0 ? " more" : " fewer",
+                " tokens than expected after decoding and re-encoding.");
+    }
+  } else {
+    bench::FileDatasetArgs fa;
+    fa.path = a.dataset_path;
+    fa.num_prompts = a.num_prompts;
+    fa.seed = a.seed;
+    fa.disable_shuffle = a.disable_shuffle;
+    fa.no_oversample = a.no_oversample;
+    if (a.dataset_name == "sharegpt") {
+      fa.output_len = a.sharegpt_output_len;
+      reqs = bench::sharegpt_dataset(fa, ops.encode_special);
+    } else {
+      fa.output_len = a.custom_output_len;
+      std::shared_ptr<const tokenizer::ChatTemplate> chat;
+      if (!a.skip_chat_template) {
+        if (!tok) {
+          throw Error(
+              "the custom dataset puts each prompt through the model's chat template: give "
+              "--tokenizer (a local model directory) or --skip-chat-template");
+        }
+        chat = tokenizer::ChatTemplate::for_model(*tok, "");
+      }
+      reqs = bench::custom_dataset(fa, ops.encode_special, [&](const std::string& p) {
+        if (!chat) return p;
+        tokenizer::ChatOptions opts;
+        opts.add_generation_prompt = true;
+        return chat->render(*tok, ojson::array({{{"role", "user"}, {"content", p}}}), opts);
+      });
+    }
+    if (reqs.empty()) throw Error(cat(a.dataset_path, ": no usable samples"));
+    log::info("dataset ", a.dataset_name, ": ", reqs.size(), " requests from ", a.dataset_path);
   }
 
   std::cout << "Starting initial single prompt test run..." << std::endl;

@@ -105,6 +105,12 @@ struct BenchArgs {
   std::string served_model_name;
   std::string tokenizer;
   std::string dataset_name = "random";
+  std::string dataset_path;  // sharegpt (JSON) and custom (JSON lines)
+  std::optional<int64_t> sharegpt_output_len;
+  int64_t custom_output_len = 256;  // -1: each line's "output_tokens"
+  bool skip_chat_template = false;  // custom: send the prompts as they are
+  bool disable_shuffle = false;
+  bool no_oversample = false;
   int64_t input_len = 1024;
   int64_t output_len = 128;
   double range_ratio = 0.0;

@@ -135,6 +135,95 @@ def test_requests_carry_sampling_parameters(recording_mock, model_dir):
         assert b["temperature"] == 1.0 and b["max_completion_tokens"] == 2 and "repetition_penalty" not in b
 
 
+def vllm_sharegpt(data, tok, num, seed, output_len=None, disable_shuffle=False, no_oversample=False):
+    """vLLM's ShareGPTDataset.load_data and sample (with its is_valid_sequence defaults and
+    maybe_oversample_requests), written out here with Python's own random module."""
+    import random
+    data = [e for e in data if "conversations" in e and len(e["conversations"]) >= 2]
+    random.seed(seed)
+    if not disable_shuffle:
+        random.shuffle(data)
+    samples = []
+    for e in data:
+        if len(samples) >= num:
+            break
+        prompt, completion = e["conversations"][0]["value"], e["conversations"][1]["value"]
+        prompt_len = len(tok(prompt).input_ids)
+        out_len = len(tok(completion).input_ids) if output_len is None else output_len
+        if (prompt_len < 4 or (output_len is None and out_len < 4) or prompt_len > 1024
+                or prompt_len + out_len > 2048):
+            continue
+        samples.append((prompt, out_len))
+    if not no_oversample and len(samples) < num:
+        random.seed(seed)
+        samples += [random.choice(samples) for _ in range(num - len(samples))]
+    return samples
+
+
+def test_file_datasets_sample_as_vllm(recording_mock, model_dir):
+    """The sharegpt and custom datasets give the requests vLLM's code gives for the same file and
+    seed: the same prompts in the same order (Python's random, reproduced), the same lengths."""
+    import random
+    from collections import Counter
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    port, path = recording_mock
+    words = ["alpha", "beta", "gamma", "delta", "模型", "数据", "engine", "token", "serve", "cache", "42", "!"]
+    rng = random.Random(1)
+
+    def text(n):
+        return " ".join(rng.choice(words) for _ in range(n))
+    data = [{"conversations": [{"from": "human", "value": text(rng.choice([1, 2, 5, 20, 80, 700]))},
+                               {"from": "gpt", "value": text(rng.choice([1, 3, 30, 200, 1500]))}]}
+            for _ in range(40)]
+    data += [{"conversations": [{"from": "human", "value": "one turn only"}]}, {"id": "no conversations"}]
+    rng.shuffle(data)
+
+    def sent_requests(n_expected):
+        got = [b for b in bodies(path) if "prompt" in b]
+        assert len(got) == n_expected + 1, len(got)  # the initial test run first
+        open(path, "w").close()
+        return got[0], Counter((b["prompt"], b["max_tokens"]) for b in got[1:])
+
+    with tempfile.TemporaryDirectory() as d:
+        f = os.path.join(d, "sharegpt.json")
+        json.dump(data, open(f, "w"), ensure_ascii=False)
+        for extra, kw in [([], {}), (["--seed", "5", "--sharegpt-output-len", "7"], {"seed": 5, "output_len": 7}),
+                          (["--disable-shuffle"], {"disable_shuffle": True})]:
+            want = vllm_sharegpt(data, tok, 30, kw.pop("seed", 0), **kw)
+            assert len(want) == 30 and len(set(want)) < 30  # too few usable: topped up by choice
+            r = bench(port, "--dataset-name", "sharegpt", "--dataset-path", f, "--num-prompts", "30", *extra,
+                      tokenizer=model_dir)
+            assert r.returncode == 0, r.stdout + r.stderr
+            first, got = sent_requests(30)
+            assert (first["prompt"], first["max_tokens"]) == want[0]
+            assert got == Counter(want), extra
+            assert all("ignore_eos" not in b or b["ignore_eos"] is False for b in [first])
+        r = bench(port, "--dataset-name", "sharegpt", "--dataset-path", f, "--num-prompts", "30", "--no-oversample",
+                  tokenizer=model_dir)
+        assert r.returncode == 0, r.stdout + r.stderr
+        want = vllm_sharegpt(data, tok, 30, 0, no_oversample=True)
+        assert sent_requests(len(want))[1] == Counter(want)
+        # custom: JSON lines, each prompt through the chat template unless skipped.
+        f = os.path.join(d, "custom.jsonl")
+        lines = [{"prompt": text(rng.choice([3, 9, 40])), "output_tokens": i + 1} for i in range(12)]
+        open(f, "w").write("\n".join(json.dumps(x, ensure_ascii=False) for x in lines) + "\n")
+        for extra, templated, lens in [([], True, None), (["--skip-chat-template", "--custom-output-len", "-1"],
+                                                          False, "file"), (["--custom-output-len", "9"], True, 9)]:
+            shuffled = list(lines)
+            random.seed(0)
+            random.shuffle(shuffled)
+            want = Counter()
+            for x in shuffled[:10]:
+                p = (tok.apply_chat_template([{"role": "user", "content": x["prompt"]}], add_generation_prompt=True,
+                                             tokenize=False) if templated else x["prompt"])
+                want[(p, x["output_tokens"] if lens == "file" else (lens or 256))] += 1
+            r = bench(port, "--dataset-name", "custom", "--dataset-path", f, "--num-prompts", "10", *extra,
+                      tokenizer=model_dir)
+            assert r.returncode == 0, r.stdout + r.stderr
+            assert sent_requests(10)[1] == want, extra
+
+
 def test_against_ernie_serve(server):
     r = bench(server.port, "--model", "ernie-tiny", "--random-input-len", "60", "--random-output-len", "12",
               "--num-prompts", "10", "--ignore-eos", "--request-rate", "100", "--burstiness", "0.5",
@@ -149,7 +238,12 @@ def test_against_ernie_serve(server):
 
 
 def test_bad_arguments_are_refused(mock, model_dir):
-    for args, want in [(["--dataset-name", "sharegpt"], "not supported"), (["--random-range-ratio", "1.5"], "range-ratio"),
+    for args, want in [(["--dataset-name", "sharegpt"], "needs --dataset-path"),
+                       (["--dataset-path", "x.json"], "Cannot use 'random' dataset with --dataset-path"),
+                       (["--dataset-name", "sonnet"], "dataset-name"),
+                       (["--dataset-name", "sharegpt", "--dataset-path", "/nonexistent.json"], "cannot read"),
+                       (["--dataset-name", "custom", "--dataset-path", "x.json"], "Only JSONL"),
+                       (["--random-range-ratio", "1.5"], "range-ratio"),
                        (["--request-rate", "0"], "request-rate"), (["--goodput", "latency:5"], "goodput"),
                        (["--percentile-metrics", "ttft,xyz"], "xyz"), (["--metric-percentiles", "150"], "150"),
                        (["--burstiness", "-1"], "burstiness"), (["--num-prompts", "0"], "num-prompts"),

@@ -104,5 +104,28 @@ TEST(Bench, PromptsHaveTheRequestedTokenCounts) {
   EXPECT_THROW(random_dataset(ops, a, nullptr), Error);
 }
 
+// Reference outputs of CPython's random module (3.11), printed by:
+//   random.seed(0); [random.getrandbits(32) for _ in range(3)]
+//   random.seed(12345678901); [random.getrandbits(32) for _ in range(2)]
+//   random.seed(7); x = list(range(10)); random.shuffle(x)
+//   random.seed(3); [random.choice(range(5)) for _ in range(6)]
+TEST(Bench, PyRandomFollowsCPython) {
+  PyRandom a(0);
+  EXPECT_EQ(a.next32(), 3626764237u);
+  EXPECT_EQ(a.next32(), 1654615998u);
+  EXPECT_EQ(a.next32(), 3255389356u);
+  PyRandom b(12345678901ull);  // a seed of two 32-bit words
+  EXPECT_EQ(b.next32(), 4063089813u);
+  EXPECT_EQ(b.next32(), 2562312935u);
+  PyRandom c(7);
+  std::vector<int> x = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9};
+  c.shuffle(x);
+  EXPECT_EQ(x, (std::vector<int>{8, 3, 1, 4, 7, 0, 9, 6, 2, 5}));
+  PyRandom d(3);
+  std::vector<uint64_t> picks;
+  for (int i = 0; i < 6; ++i) picks.push_back(d.randbelow(5));
+  EXPECT_EQ(picks, (std::vector<uint64_t>{1, 4, 4, 1, 2, 4}));
+}
+
 }  // namespace
 }  // namespace ernie::bench
