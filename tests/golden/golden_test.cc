@@ -256,8 +256,15 @@ TEST_P(Golden, PromptLogprobsMatchTransformers) {
         for (const auto& pair : want["top_logprobs"][s]) {
           const int32_t id = pair[0];
           const double ref = pair[1];
-          ASSERT_TRUE(ours.count(id)) << "prompt " << i << " step " << s << ": token " << id
-                                      << " (logprob " << ref << ") is not in our top 20";
+          if (!ours.count(id)) {
+            // bf16 may trade the top 20's last places (teacher forcing compares every step,
+            // also past a near-tie that moved a distribution): then the reference's logprob
+            // must be within the tolerance of our 20th.
+            ASSERT_TRUE(kCuda) << "prompt " << i << " step " << s << ": token " << id
+                               << " (logprob " << ref << ") is not in our top 20";
+            EXPECT_LE(ref, got.top.back().logprob + tolerance) << "prompt " << i << " step " << s;
+            continue;
+          }
           diffs.push_back(std::abs(ours[id] - ref));
           EXPECT_LE(diffs.back(), tolerance) << "prompt " << i << " step " << s << " token " << id;
           if (id == got.id) {
