@@ -208,6 +208,7 @@ void Engine::add_request(const std::string& id, std::vector<int32_t> prompt,
     s->params = req->params;
     s->seed = req->params->seed ? *req->params->seed + static_cast<uint64_t>(i) : seed_rng_();
     s->tokens = *req->prompt;
+    s->scores_prompt = i == 0 && req->params->prompt_logprobs.has_value();
     if (tok_)
       s->detok = std::make_unique<tokenizer::IncrementalDetokenizer>(
           tok_, req->params->skip_special_tokens);
@@ -397,6 +398,14 @@ std::vector<RequestOutput> Engine::step() {
       max_blocks = std::max<int>(max_blocks, static_cast<int>(sc.seq->table.blocks.size()));
     step.max_blocks_per_seq = max_blocks;
     const int bs = cfg_.block_size;
+    const size_t n_seqs = plan.seqs.size(), n_tokens = static_cast<size_t>(plan.num_tokens);
+    step.token_ids.reserve(n_tokens);
+    step.positions.reserve(n_tokens);
+    step.slot_mapping.reserve(n_tokens);
+    step.query_start.reserve(n_seqs + 1);
+    step.context_lens.reserve(n_seqs);
+    step.block_tables.reserve(n_seqs * static_cast<size_t>(max_blocks));
+    step.logits_indices.reserve(n_seqs + static_cast<size_t>(plan.num_prompt_rows));
     // Rows for prompt logprobs follow the sampled rows.
     std::vector<int32_t> prompt_rows;
     std::vector<std::pair<Sequence*, Sequence::LogitRows>> scored;
@@ -415,10 +424,9 @@ std::vector<RequestOutput> Engine::step() {
         step.slot_mapping.push_back(static_cast<int64_t>(s.table.blocks[pos / bs]) * bs + pos % bs);
       }
       step.context_lens.push_back(static_cast<int32_t>(sc.start + sc.num_tokens));
-      for (int b = 0; b < max_blocks; ++b) {
-        step.block_tables.push_back(b < static_cast<int>(s.table.blocks.size()) ? s.table.blocks[b]
-                                                                                : -1);
-      }
+      const auto& blocks = s.table.blocks;  // then -1 to the table's width
+      step.block_tables.insert(step.block_tables.end(), blocks.begin(), blocks.end());
+      step.block_tables.insert(step.block_tables.end(), max_blocks - blocks.size(), -1);
       if (sc.samples) {
         step.logits_indices.push_back(step.num_tokens() - 1);
         sampled.push_back(&s);
@@ -475,8 +483,7 @@ std::vector<RequestOutput> Engine::step() {
     o.request_id = r.id;
     o.num_prompt_tokens = static_cast<int64_t>(r.prompt->size());
     o.outputs.push_back(take_delta(*s));
-    if (s->params->prompt_logprobs && s->index == 0 && !s->prompt_logprobs_sent &&
-        !s->needs_prompt_logprobs()) {
+    if (s->scores_prompt && !s->prompt_logprobs_sent && !s->needs_prompt_logprobs()) {
       o.prompt_logprobs = s->prompt_logprobs;
       s->prompt_logprobs_sent = true;
     }

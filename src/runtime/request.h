@@ -49,6 +49,7 @@ struct Sequence {
   // prompt token p + 1's, from the logits at position p (the first token has none), filled as
   // the prompt's chunks run; sent once, with the sequence's first output.
   std::vector<backend::SampledToken> prompt_logprobs;
+  bool scores_prompt = false;  // params->prompt_logprobs set and index 0 (kept here: hot paths)
   bool prompt_logprobs_sent = false;
 
   FinishReason finish = FinishReason::kNone;
@@ -59,8 +60,7 @@ struct Sequence {
   // Prompt logprobs still to compute: the prompt then runs without cached blocks, and its
   // chunks return a logits row per position that gives one.
   bool needs_prompt_logprobs() const {
-    return params && params->prompt_logprobs && index == 0 && prompt &&
-           prompt_logprobs.size() + 1 < prompt->size();
+    return scores_prompt && prompt_logprobs.size() + 1 < prompt->size();
   }
   // The positions [first, first + count) of chunk [start, start + n) whose logits give prompt
   // logprobs not computed yet (after a preemption the chunks run again over scored ones).

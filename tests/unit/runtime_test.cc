@@ -118,6 +118,7 @@ TEST(Scheduler, RandomWorkloadsFinishWithinBudgets) {
       auto params = std::make_shared<SamplingParams>();
       if (scored) params->prompt_logprobs = 1;
       s->params = params;
+      s->scores_prompt = scored;
       s->prompt = std::make_shared<const std::vector<int32_t>>(s->tokens);
       targets.push_back(1 + static_cast<int>(rng.below(
                                 std::max<int64_t>(1, std::min<int64_t>(20, capacity - len)))));
