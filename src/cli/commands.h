@@ -84,6 +84,8 @@ struct ServeArgs {
   int64_t num_gpu_blocks_override = 0;
   int64_t kv_cache_memory = 0;
   int max_logprobs = 20;
+  std::string generation_config = "auto";  // auto: the model's; vllm: none; else a folder
+  std::string override_generation_config;  // a JSON object over it
   std::string dtype = "auto";
   std::string tokenizer;
   std::string download_dir;

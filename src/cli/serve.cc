@@ -1,7 +1,9 @@
 // `ernie serve MODEL`: the OpenAI-compatible server, with vLLM's flag names and defaults.
 #include <cstdlib>
 #include <filesystem>
+#include <fstream>
 #include <iostream>
+#include <sstream>
 
 #include <nlohmann/json.hpp>
 
@@ -86,6 +88,13 @@ CLI::App* add_serve(CLI::App& app, ServeArgs& a) {
                 "Largest logprobs / top_logprobs a request may ask for")
       ->check(CLI::Range(0, 1000))
       ->capture_default_str();
+  c->add_option("--generation-config", a.generation_config,
+                "Request defaults from generation_config.json: auto (the model's), vllm "
+                "(none), or a folder holding one")
+      ->capture_default_str();
+  c->add_option("--override-generation-config", a.override_generation_config,
+                "A JSON object of generation config fields over --generation-config's, e.g. "
+                "'{\"temperature\": 0.5}'");
   c->add_option("--dtype", a.dtype, "Model dtype (auto or bfloat16)")
       ->check(CLI::IsMember({"auto", "bfloat16", "bf16"}))
       ->capture_default_str();
@@ -107,8 +116,7 @@ CLI::App* add_serve(CLI::App& app, ServeArgs& a) {
          "Accepted for vLLM compatibility (no effect)")
         ->group("Compatibility");
   }
-  for (const char* f : {"--uvicorn-log-level", "--swap-space", "--distributed-executor-backend",
-                        "--generation-config"}) {
+  for (const char* f : {"--uvicorn-log-level", "--swap-space", "--distributed-executor-backend"}) {
     c->add_option_function<std::string>(
          f, [&a, f](const std::string&) { a.ignored.push_back(f); },
          "Accepted for vLLM compatibility (no effect)")
@@ -116,6 +124,58 @@ CLI::App* add_serve(CLI::App& app, ServeArgs& a) {
   }
   return c;
 }
+
+namespace {
+
+// The request defaults vLLM takes from the generation config (--generation-config,
+// --override-generation-config), checked as a request's would be.
+server::SamplingDefaults generation_defaults(const ServeArgs& a,
+                                             const std::filesystem::path& model_dir) {
+  nlohmann::ordered_json overrides = nlohmann::ordered_json::object();
+  if (!a.override_generation_config.empty()) {
+    overrides = nlohmann::ordered_json::parse(a.override_generation_config, nullptr, false);
+    if (!overrides.is_object()) throw Error("--override-generation-config must be a JSON object");
+  }
+  nlohmann::ordered_json config = nlohmann::ordered_json::object();
+  if (a.generation_config != "vllm") {
+    const std::filesystem::path folder =
+        a.generation_config == "auto" ? model_dir : std::filesystem::path(a.generation_config);
+    if (!std::filesystem::is_directory(folder))
+      throw Error(cat("--generation-config: ", folder.string(), " is not a directory"));
+    const auto file = folder / "generation_config.json";
+    if (std::filesystem::exists(file)) {
+      std::ifstream in(file);
+      std::stringstream ss;
+      ss << in.rdbuf();
+      config = nlohmann::ordered_json::parse(ss.str(), nullptr, false);
+      if (!config.is_object()) throw Error(cat(file.string(), " is not a JSON object"));
+    }
+  }
+  const server::SamplingDefaults d = server::sampling_defaults(config, overrides);
+  runtime::SamplingParams check;
+  if (d.temperature) check.temperature = static_cast<float>(*d.temperature);
+  if (d.top_p) check.top_p = static_cast<float>(*d.top_p);
+  if (d.top_k) check.top_k = *d.top_k;
+  if (d.min_p) check.min_p = static_cast<float>(*d.min_p);
+  if (d.repetition_penalty) check.repetition_penalty = static_cast<float>(*d.repetition_penalty);
+  if (d.max_tokens) check.max_tokens = static_cast<int>(*d.max_tokens);
+  try {
+    check.validate();
+  } catch (const Error& e) {
+    throw Error(cat("generation config: ", e.what()));
+  }
+  const auto j = d.to_json();
+  if (!j.empty()) {
+    log::warn(
+        "Default sampling parameters have been overridden by the model's Hugging Face "
+        "generation config recommended from the model creator. If this is not intended, "
+        "please relaunch with `--generation-config vllm`.");
+    log::info("Using default sampling params from the generation config: ", j.dump());
+  }
+  return d;
+}
+
+}  // namespace
 
 int run_serve(const ServeArgs& a) {
   // Refuse what is not built, before loading anything.
@@ -146,6 +206,7 @@ int run_serve(const ServeArgs& a) {
 
   const auto dir = model::resolve_model(a.model, {a.revision, a.download_dir});
   auto cfg = model::load_config(dir);
+  const server::SamplingDefaults defaults_sampling = generation_defaults(a, dir);
   log::info("Loading ", a.model, " from ", dir.string(), " (", cfg.num_hidden_layers, " layers, ",
             cfg.num_moe_layers(), " MoE, ", cfg.moe_num_experts, " experts top-", cfg.moe_k,
             ", hidden ", cfg.hidden_size, ")");
@@ -207,6 +268,7 @@ int run_serve(const ServeArgs& a) {
   ctx.model_path = dir.string();
   ctx.max_model_len = engine.max_model_len();
   ctx.max_logprobs = a.max_logprobs;
+  ctx.defaults = defaults_sampling;
   ctx.tok = tok;
   ctx.chat_template = chat;
   ctx.engine = &engine;

@@ -239,9 +239,12 @@ backend::SamplingRow Engine::sampling_row(const Sequence& s) const {
   const SamplingParams& p = *s.params;
   backend::SamplingRow r;
   r.temperature = p.temperature;
-  r.top_p = p.top_p;
-  r.top_k = p.top_k;
-  r.min_p = p.min_p;
+  // A greedy row's argmax survives top-k, top-p and min-p: left out, the row stays on the
+  // backends' greedy paths (a model's generation config may set top_p for every request).
+  const bool greedy = p.temperature < 1e-5f;
+  r.top_p = greedy ? 1.0f : p.top_p;
+  r.top_k = greedy ? 0 : p.top_k;
+  r.min_p = greedy ? 0.0f : p.min_p;
   r.presence_penalty = p.presence_penalty;
   r.frequency_penalty = p.frequency_penalty;
   r.repetition_penalty = p.repetition_penalty;

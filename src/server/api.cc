@@ -73,8 +73,15 @@ std::vector<int32_t> token_list(const ojson& arr, const char* key) {
   return out;
 }
 
-// The sampling fields shared by both endpoints (OpenAI's and vLLM's extras).
+// The sampling fields shared by both endpoints (OpenAI's and vLLM's extras), over the
+// model's defaults.
 void parse_sampling(const ojson& b, runtime::SamplingParams& p, const ApiContext& ctx) {
+  const SamplingDefaults& d = ctx.defaults;
+  if (d.temperature) p.temperature = static_cast<float>(*d.temperature);
+  if (d.top_p) p.top_p = static_cast<float>(*d.top_p);
+  if (d.top_k) p.top_k = *d.top_k;
+  if (d.min_p) p.min_p = static_cast<float>(*d.min_p);
+  if (d.repetition_penalty) p.repetition_penalty = static_cast<float>(*d.repetition_penalty);
   if (auto v = get_int(b, "n")) p.n = clamp_int(*v, "n", 1, 128);
   if (auto v = get_number(b, "temperature")) p.temperature = static_cast<float>(*v);
   if (auto v = get_number(b, "top_p")) p.top_p = static_cast<float>(*v);
@@ -230,6 +237,55 @@ std::string join_text_parts(const ojson& content, size_t message_index) {
 
 }  // namespace
 
+SamplingDefaults sampling_defaults(const ojson& generation_config, const ojson& overrides) {
+  SamplingDefaults d;
+  auto number = [](const ojson& v, const char* key) {
+    if (!v.is_number()) throw Error(cat("generation config: '", key, "' must be a number"));
+    return v.get<double>();
+  };
+  auto integer = [](const ojson& v, const char* key) {
+    if (!v.is_number_integer())
+      throw Error(cat("generation config: '", key, "' must be an integer"));
+    return v.get<int64_t>();
+  };
+  // transformers' GenerationConfig defaults: a value equal to one is not the model's choice.
+  const std::pair<const char*, double> neutral[] = {
+      {"temperature", 1.0}, {"top_k", 50.0}, {"top_p", 1.0}, {"repetition_penalty", 1.0}};
+  auto take = [&](const ojson& src, bool keep_neutral) {
+    if (!src.is_object()) return;
+    for (const char* key :
+         {"temperature", "top_p", "top_k", "min_p", "repetition_penalty", "max_new_tokens"}) {
+      auto it = src.find(key);
+      if (it == src.end() || it->is_null()) continue;
+      bool is_neutral = false;
+      for (const auto& [name, value] : neutral)
+        is_neutral |= std::string(name) == key && it->is_number() && it->get<double>() == value;
+      if (is_neutral && !keep_neutral) continue;
+      const std::string k = key;
+      if (k == "temperature") d.temperature = number(*it, key);
+      if (k == "top_p") d.top_p = number(*it, key);
+      if (k == "min_p") d.min_p = number(*it, key);
+      if (k == "repetition_penalty") d.repetition_penalty = number(*it, key);
+      if (k == "top_k") d.top_k = static_cast<int>(integer(*it, key));
+      if (k == "max_new_tokens") d.max_tokens = integer(*it, key);
+    }
+  };
+  take(generation_config, false);
+  take(overrides, true);
+  return d;
+}
+
+ojson SamplingDefaults::to_json() const {
+  ojson j = ojson::object();
+  if (repetition_penalty) j["repetition_penalty"] = *repetition_penalty;
+  if (temperature) j["temperature"] = *temperature;
+  if (top_k) j["top_k"] = *top_k;
+  if (top_p) j["top_p"] = *top_p;
+  if (min_p) j["min_p"] = *min_p;
+  if (max_tokens) j["max_tokens"] = *max_tokens;
+  return j;
+}
+
 std::string ApiError::type() const {
   switch (status) {
     case 401:
@@ -287,6 +343,10 @@ Job parse_completion(const ojson& b, const ApiContext& ctx) {
   if (auto v = get_int(b, "max_tokens")) {
     job.echo_only = job.echo && *v == 0;  // the prompt alone: one token is drawn, not returned
     job.params.max_tokens = job.echo_only ? 1 : clamp_int(*v, "max_tokens", 1, INT32_MAX);
+  }
+  if (ctx.defaults.max_tokens && !job.echo_only) {
+    job.params.max_tokens =
+        static_cast<int>(std::min<int64_t>(job.params.max_tokens, *ctx.defaults.max_tokens));
   }
   if (auto v = get_int(b, "logprobs"))
     job.completion_logprobs = clamp_int(*v, "logprobs", 0, ctx.max_logprobs);
@@ -445,6 +505,10 @@ Job parse_chat(const ojson& b, const ApiContext& ctx) {
   const int64_t room = ctx.max_model_len - static_cast<int64_t>(job.prompts[0].size());
   job.params.max_tokens = max_tokens ? clamp_int(*max_tokens, "max_tokens", 1, INT32_MAX)
                                      : static_cast<int>(std::max<int64_t>(1, room));
+  if (ctx.defaults.max_tokens) {
+    job.params.max_tokens =
+        static_cast<int>(std::min<int64_t>(job.params.max_tokens, *ctx.defaults.max_tokens));
+  }
   job.echo = get_bool(b, "echo").value_or(false);
   // vLLM's chat echo: the reply starts with the last message when that is the assistant's
   // (the message the model continues).

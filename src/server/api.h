@@ -27,12 +27,27 @@ struct ApiError {
   ojson body() const;
 };
 
+// Request defaults from a generation config (vLLM's --generation-config auto): the sampling
+// fields a request leaves unset take these; max_tokens also caps what a request asks for.
+struct SamplingDefaults {
+  std::optional<double> temperature, top_p, min_p, repetition_penalty;
+  std::optional<int> top_k;
+  std::optional<int64_t> max_tokens;  // the config's max_new_tokens
+  ojson to_json() const;              // the fields set, with vLLM's names
+};
+// vLLM's get_diff_sampling_param: the generation config's values that differ from transformers'
+// GenerationConfig defaults (temperature 1, top_k 50, top_p 1, repetition_penalty 1), then
+// `overrides` (--override-generation-config) on top whatever their value. Throws Error for a
+// field of the wrong type.
+SamplingDefaults sampling_defaults(const ojson& generation_config, const ojson& overrides);
+
 // What the API layer needs to know about the served model.
 struct ApiContext {
   std::vector<std::string> served_names;  // the first is reported in responses
   std::string model_path;
   int64_t max_model_len = 0;
   int max_logprobs = 20;
+  SamplingDefaults defaults;
   std::shared_ptr<const tokenizer::Tokenizer> tok;
   std::shared_ptr<const tokenizer::ChatTemplate> chat_template;  // may be null
   const runtime::Engine* engine = nullptr;                       // validate_request only

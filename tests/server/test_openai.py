@@ -3,6 +3,7 @@ import json
 import os
 import socket
 import threading
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -399,6 +400,48 @@ def test_dummy_weights_serve(model_dir):
         s.stop()
 
 
+def test_generation_config_gives_request_defaults(model_dir):
+    """As vLLM's --generation-config auto: the model's generation_config.json values that differ
+    from transformers' defaults fill the sampling fields a request leaves unset, max_new_tokens
+    caps max_tokens; `vllm` ignores the file; --override-generation-config goes on top."""
+    import shutil
+    with tempfile.TemporaryDirectory() as d:
+        model = os.path.join(d, "m")
+        shutil.copytree(model_dir, model)
+        path = os.path.join(model, "generation_config.json")
+        gen = json.load(open(path))
+        gen.update({"top_k": 1, "temperature": 1.0, "top_p": 1.0, "max_new_tokens": 5})  # top_k 1: greedy
+        json.dump(gen, open(path, "w"))
+        body = {"model": "ernie-tiny", "prompt": "The engine serves", "max_tokens": 12, "seed": 3,
+                "temperature": 0.9, "ignore_eos": True}
+        chat = {"model": "ernie-tiny", "messages": [{"role": "user", "content": "hi"}], "ignore_eos": True,
+                "temperature": 0.9, "seed": 3}
+        outs = {}
+        for name, args in [("auto", []), ("vllm", ["--generation-config", "vllm"]),
+                           ("override", ["--override-generation-config", '{"max_new_tokens": 2, "top_k": 50}'])]:
+            s = Server(model, *args)
+            try:
+                r = httpx.post(s.url + "/v1/completions", json=body).json()
+                greedy = httpx.post(s.url + "/v1/completions", json={**body, "temperature": 0}).json()
+                c = httpx.post(s.url + "/v1/chat/completions", json=chat).json()
+                outs[name] = (r, greedy, c, s.output())
+            finally:
+                s.stop()
+        r, greedy, c, log = outs["auto"]
+        assert r["usage"]["completion_tokens"] == 5 and c["usage"]["completion_tokens"] == 5
+        assert "generation config" in log and "--generation-config vllm" in log
+        # top_k 1 from the file: the seeded draw at temperature 0.9 is the greedy token each time
+        # (the file's temperature 1.0 and top_p 1.0 are transformers' defaults: not taken).
+        assert r["choices"][0]["text"] == greedy["choices"][0]["text"]
+        r, greedy, c, log = outs["vllm"]
+        assert r["usage"]["completion_tokens"] == 12 and c["usage"]["completion_tokens"] > 5
+        assert "generation config" not in log
+        assert r["choices"][0]["text"] != greedy["choices"][0]["text"]  # without top_k 1: a real draw
+        r, greedy, c, log = outs["override"]
+        assert r["usage"]["completion_tokens"] == 2 and c["usage"]["completion_tokens"] == 2
+        assert '"top_k":50' in log  # an override is taken even at transformers' default value
+
+
 def test_refuses_unbuilt_features_and_bad_flags(model_dir):
     import subprocess
     from conftest import ERNIE
@@ -406,7 +449,10 @@ def test_refuses_unbuilt_features_and_bad_flags(model_dir):
                        (["--quantization", "awq"], "not supported"), (["--speculative-config", "{"], "JSON"),
                        (["--device", "tpu"], "--device"), (["--port", "99999"], "99999"),
                        (["--gpu-memory-utilization", "1.5"], "gpu-memory-utilization"),
-                       (["--max-num-seqs", "0"], "max-num-seqs")]:
+                       (["--max-num-seqs", "0"], "max-num-seqs"),
+                       (["--override-generation-config", "[1]"], "JSON object"),
+                       (["--override-generation-config", '{"temperature": -1}'], "temperature"),
+                       (["--generation-config", "/no/such/folder"], "not a directory")]:
         r = subprocess.run([ERNIE, "serve", model_dir, *args], capture_output=True, text=True, timeout=30)
         assert r.returncode != 0 and want in (r.stdout + r.stderr), (args, r.stdout, r.stderr)
     if not os.path.exists("/dev/nvidiactl"):  # no GPU: --device cuda must say so and stop

@@ -1,6 +1,7 @@
 // The API layer's results without a server: stream chunks and responses from engine outputs.
 #include <gtest/gtest.h>
 
+#include "common/check.h"
 #include "server/api.h"
 
 namespace ernie::server {
@@ -108,6 +109,27 @@ TEST(JobResult, EchoOnlyShowsThePromptAlone) {
   EXPECT_TRUE(r["choices"][0]["logprobs"].is_null());
   EXPECT_TRUE(r["choices"][0]["prompt_logprobs"].is_null());
   EXPECT_EQ(r["usage"]["completion_tokens"], 1);
+}
+
+// vLLM's get_diff_sampling_param: transformers' defaults in the file are not the model's choice;
+// an override is taken whatever its value.
+TEST(SamplingDefaults, TakeWhatDiffersFromTransformersDefaults) {
+  const ojson file = {{"temperature", 1.0}, {"top_k", 50},         {"top_p", 0.8},
+                      {"min_p", 0.05},      {"max_new_tokens", 7}, {"do_sample", true},
+                      {"eos_token_id", 2}};
+  SamplingDefaults d = sampling_defaults(file, ojson::object());
+  EXPECT_FALSE(d.temperature);
+  EXPECT_FALSE(d.top_k);
+  EXPECT_FALSE(d.repetition_penalty);
+  EXPECT_EQ(d.top_p, 0.8);
+  EXPECT_EQ(d.min_p, 0.05);
+  EXPECT_EQ(d.max_tokens, 7);
+  d = sampling_defaults(file, {{"temperature", 1.0}, {"top_p", 0.5}});
+  EXPECT_EQ(d.temperature, 1.0);
+  EXPECT_EQ(d.top_p, 0.5);
+  EXPECT_EQ(d.to_json().dump(), R"({"temperature":1.0,"top_p":0.5,"min_p":0.05,"max_tokens":7})");
+  EXPECT_THROW(sampling_defaults({{"top_k", "many"}}, ojson::object()), Error);
+  EXPECT_THROW(sampling_defaults(ojson::object(), {{"max_new_tokens", 2.5}}), Error);
 }
 
 }  // namespace
