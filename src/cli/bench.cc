@@ -18,6 +18,8 @@
 #include <filesystem>
 #include <fstream>
 #include <iostream>
+#include <thread>
+#include <tuple>
 
 #include "bench/bench.h"
 #include "cli/commands.h"
@@ -387,10 +389,25 @@ CLI::App* add_bench(CLI::App& app, BenchArgs& a) {
   c->add_option("--label", a.label, "Result label (default: the backend)");
   c->add_option("--num-warmups", a.num_warmups)->capture_default_str();
   c->add_flag("--disable-tqdm", a.disable_tqdm, "No progress bar");
+  c->add_option("--ready-check-timeout-sec", a.ready_check_timeout_sec,
+                "Seconds to wait for the server's first answer, retrying every 5 s (0: no wait)")
+      ->check(CLI::NonNegativeNumber)
+      ->capture_default_str();
+  // Accepted for compatibility with vLLM command lines (the recipes' `--trust-remote-code`).
+  c->add_flag(
+       "--trust-remote-code", [&a](int64_t) { a.ignored.push_back("--trust-remote-code"); },
+       "Accepted for vLLM compatibility (no effect)")
+      ->group("Compatibility");
+  c->add_option_function<std::string>(
+       "--tokenizer-mode", [&a](const std::string&) { a.ignored.push_back("--tokenizer-mode"); },
+       "Accepted for vLLM compatibility (no effect)")
+      ->group("Compatibility");
   return c;
 }
 
 int run_bench(const BenchArgs& a) {
+  for (const auto& f : a.ignored)
+    log::info("note: ", f, " is accepted for vLLM compatibility and has no effect");
   if (a.dataset_name == "random" && !a.dataset_path.empty()) {
     throw Error(
         cat("Cannot use 'random' dataset with --dataset-path. Please specify the "
@@ -447,7 +464,16 @@ int run_bench(const BenchArgs& a) {
   // The model: given, or the first the server lists.
   std::string model = a.model, root;
   {
-    auto [status, body] = blocking_request(u, http::verb::get, "/v1/models", "");
+    int status = 0;
+    std::string body;
+    try {
+      std::tie(status, body) = blocking_request(u, http::verb::get, "/v1/models", "");
+    } catch (const std::exception& e) {
+      // Not up yet: with --model given, the ready check below waits for it.
+      if (model.empty())
+        throw Error(cat("cannot list models at ", u.host, ":", u.port, "/v1/models (", e.what(),
+                        "); give --model to wait for the server"));
+    }
     auto j = ojson::parse(body, nullptr, false);
     if (status != 200 || j.is_discarded() || !j.contains("data") || !j["data"].is_array() ||
         j["data"].empty()) {
@@ -572,17 +598,29 @@ int run_bench(const BenchArgs& a) {
   }
 
   std::cout << "Starting initial single prompt test run..." << std::endl;
-  {
-    Runner probe(args, u, name_sent, extra);
-    double d = 0;
-    bench::SampleRequest one = reqs[0];
-    auto out = probe.run({one}, {0.0}, false, d);
-    if (!out[0].success)
+  if (a.ready_check_timeout_sec > 0) {
+    // As vLLM's wait_for_endpoint: the first request again every 5 s until it succeeds.
+    std::cout << "Waiting for endpoint to become up in " << a.ready_check_timeout_sec << " seconds"
+              << std::endl;
+    const auto deadline =
+        std::chrono::steady_clock::now() + std::chrono::seconds(a.ready_check_timeout_sec);
+    bench::RequestOutput out;
+    for (;;) {
+      Runner probe(args, u, name_sent, extra);
+      double d = 0;
+      out = probe.run({reqs[0]}, {0.0}, false, d)[0];
+      if (out.success || std::chrono::steady_clock::now() + std::chrono::seconds(5) > deadline)
+        break;
+      std::this_thread::sleep_for(std::chrono::seconds(5));
+    }
+    if (!out.success)
       throw Error(
           cat("Initial test run failed - Please make sure benchmark arguments are correctly "
               "specified. Error: ",
-              out[0].error));
+              out.error));
     std::cout << "Initial test run completed." << std::endl;
+  } else {
+    std::cout << "Skipping endpoint ready check." << std::endl;
   }
   if (a.num_warmups > 0) {
     std::cout << "Warming up with " << a.num_warmups << " requests..." << std::endl;

@@ -71,6 +71,13 @@ struct ServeArgs {
   double gpu_memory_utilization = 0.9;
   std::string quantization;
   std::string speculative_config;
+  int pipeline_parallel_size = 1;
+  int data_parallel_size = 1;
+  double cpu_offload_gb = 0;
+  std::string kv_cache_dtype = "auto";
+  std::string tool_call_parser;  // --tool-call-parser / --enable-auto-tool-choice: not built
+  bool enable_auto_tool_choice = false;
+  std::string reasoning_parser;
   int64_t max_model_len = 0;
   int max_num_seqs = 0;            // 0: the device's default (runtime::serving_defaults)
   int max_num_batched_tokens = 0;  // likewise
@@ -140,6 +147,8 @@ struct BenchArgs {
   std::string label;
   int num_warmups = 0;
   bool disable_tqdm = false;
+  int ready_check_timeout_sec = 600;  // wait this long for the server's first answer (0: none)
+  std::vector<std::string> ignored;   // vLLM flags accepted with no effect
 };
 CLI::App* add_bench(CLI::App& app, BenchArgs& args);
 int run_bench(const BenchArgs& args);

@@ -52,6 +52,22 @@ CLI::App* add_serve(CLI::App& app, ServeArgs& a) {
   c->add_option("--quantization,-q", a.quantization, "Weight quantization (fp8)");
   c->add_option("--speculative-config", a.speculative_config,
                 "JSON, e.g. {\"method\": \"ernie_mtp\", \"num_speculative_tokens\": 1}");
+  c->add_option("--pipeline-parallel-size", a.pipeline_parallel_size, "Pipeline stages")
+      ->check(CLI::Range(1, 1024))
+      ->capture_default_str();
+  c->add_option("--data-parallel-size", a.data_parallel_size, "Data-parallel replicas")
+      ->check(CLI::Range(1, 1024))
+      ->capture_default_str();
+  c->add_option("--cpu-offload-gb", a.cpu_offload_gb, "GiB of weights kept in CPU memory")
+      ->check(CLI::NonNegativeNumber)
+      ->capture_default_str();
+  c->add_option("--kv-cache-dtype", a.kv_cache_dtype, "KV cache element type (auto: the model's)")
+      ->check(CLI::IsMember({"auto", "bfloat16", "fp8", "fp8_e4m3", "fp8_e5m2"}))
+      ->capture_default_str();
+  c->add_option("--tool-call-parser", a.tool_call_parser, "Tool-call parser (not built yet)");
+  c->add_flag("--enable-auto-tool-choice", a.enable_auto_tool_choice,
+              "tool_choice auto (not built yet)");
+  c->add_option("--reasoning-parser", a.reasoning_parser, "Reasoning parser (not built yet)");
   c->add_option("--max-model-len", a.max_model_len, "Context length (default: the model's)")
       ->check(CLI::Range(int64_t{1}, int64_t{1} << 40));
   c->add_option("--max-num-seqs", a.max_num_seqs,
@@ -110,13 +126,15 @@ CLI::App* add_serve(CLI::App& app, ServeArgs& a) {
   // Accepted for compatibility with vLLM command lines; they change nothing here.
   for (const char* f : {"--trust-remote-code", "--disable-log-requests", "--disable-log-stats",
                         "--disable-uvicorn-access-log", "--disable-frontend-multiprocessing",
-                        "--enable-chunked-prefill"}) {
+                        "--enable-chunked-prefill", "--enable-expert-parallel",
+                        "--disable-custom-all-reduce", "--disable-fastapi-docs"}) {
     c->add_flag(
          f, [&a, f](int64_t) { a.ignored.push_back(f); },
          "Accepted for vLLM compatibility (no effect)")
         ->group("Compatibility");
   }
-  for (const char* f : {"--uvicorn-log-level", "--swap-space", "--distributed-executor-backend"}) {
+  for (const char* f : {"--uvicorn-log-level", "--swap-space", "--distributed-executor-backend",
+                        "--max-seq-len-to-capture", "--max-log-len"}) {
     c->add_option_function<std::string>(
          f, [&a, f](const std::string&) { a.ignored.push_back(f); },
          "Accepted for vLLM compatibility (no effect)")
@@ -183,6 +201,13 @@ int run_serve(const ServeArgs& a) {
     throw Error(cat(what, " is not built yet in this version of ernie"));
   };
   if (a.tensor_parallel_size > 1) not_built("--tensor-parallel-size > 1 (tensor parallelism)");
+  if (a.pipeline_parallel_size > 1) not_built("--pipeline-parallel-size > 1");
+  if (a.data_parallel_size > 1) not_built("--data-parallel-size > 1");
+  if (a.cpu_offload_gb > 0) not_built("--cpu-offload-gb (weights in CPU memory)");
+  if (a.kv_cache_dtype.rfind("fp8", 0) == 0) not_built("--kv-cache-dtype fp8");
+  if (a.enable_auto_tool_choice || !a.tool_call_parser.empty())
+    not_built("Tool calling (--enable-auto-tool-choice, --tool-call-parser)");
+  if (!a.reasoning_parser.empty()) not_built("--reasoning-parser");
   if (!a.quantization.empty()) {
     if (a.quantization != "fp8")
       throw Error(cat("--quantization '", a.quantization, "' is not supported (choose fp8)"));

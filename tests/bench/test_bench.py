@@ -237,6 +237,33 @@ def test_against_ernie_serve(server):
     assert v["Total generated tokens:"] == 10 * 12
 
 
+def test_waits_for_the_server_as_vllm_does(model_dir):
+    """With --model given, a server that is not up yet is retried every 5 s (vLLM's ready check);
+    the recipes' --trust-remote-code is accepted."""
+    import socket
+    import time
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [ERNIE, "bench", "serve", "--port", str(port), "--disable-tqdm", "--model", "m", "--tokenizer", model_dir,
+           "--random-input-len", "10", "--random-output-len", "2", "--num-prompts", "2", "--trust-remote-code"]
+    start = time.time()
+    bench_proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    time.sleep(2)
+    mock = subprocess.Popen([sys.executable, os.path.join(HERE, "mock_server.py"), "0.01", "0.001", "", str(port)],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        out, _ = bench_proc.communicate(timeout=60)
+    finally:
+        mock.kill()
+    assert bench_proc.returncode == 0, out
+    assert "Waiting for endpoint to become up in 600 seconds" in out and "Initial test run completed." in out
+    assert time.time() - start >= 4.5  # one retry interval
+    assert parse_block(out)["Successful requests:"] == 2
+    r = bench(port, "--model", "m", "--ready-check-timeout-sec", "0", tokenizer=model_dir)
+    assert r.returncode != 0 and "Skipping endpoint ready check." in r.stdout, r.stdout + r.stderr
+
+
 def test_bad_arguments_are_refused(mock, model_dir):
     for args, want in [(["--dataset-name", "sharegpt"], "needs --dataset-path"),
                        (["--dataset-path", "x.json"], "Cannot use 'random' dataset with --dataset-path"),

@@ -452,7 +452,11 @@ def test_refuses_unbuilt_features_and_bad_flags(model_dir):
                        (["--max-num-seqs", "0"], "max-num-seqs"),
                        (["--override-generation-config", "[1]"], "JSON object"),
                        (["--override-generation-config", '{"temperature": -1}'], "temperature"),
-                       (["--generation-config", "/no/such/folder"], "not a directory")]:
+                       (["--generation-config", "/no/such/folder"], "not a directory"),
+                       (["--cpu-offload-gb", "50"], "not built"), (["--pipeline-parallel-size", "2"], "not built"),
+                       (["--kv-cache-dtype", "fp8"], "not built"),
+                       (["--enable-auto-tool-choice", "--tool-call-parser", "ernie45"], "not built"),
+                       (["--reasoning-parser", "ernie45"], "not built")]:
         r = subprocess.run([ERNIE, "serve", model_dir, *args], capture_output=True, text=True, timeout=30)
         assert r.returncode != 0 and want in (r.stdout + r.stderr), (args, r.stdout, r.stderr)
     if not os.path.exists("/dev/nvidiactl"):  # no GPU: --device cuda must say so and stop
