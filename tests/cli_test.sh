@@ -23,6 +23,23 @@ for line in lines:
         assert all(s["logprob"] <= 0 for s in step)
 PY
 
+# Prompt logprobs by teacher forcing: the prompt followed by its greedy continuation scores each
+# continuation token as generation drew it.
+gen=$("$ERNIE" generate --model "$dir/m" --prompt-token-ids 5,6,7 --max-tokens 6 --temperature 0 \
+      --logprobs 2 --json --ignore-eos 2>/dev/null)
+ids=$(python3 -c 'import json,sys; print(",".join(map(str, [5,6,7] + json.loads(sys.argv[1])["token_ids"])))' "$gen")
+forced=$("$ERNIE" generate --model "$dir/m" --prompt-token-ids "$ids" --max-tokens 1 --temperature 0 \
+         --prompt-logprobs 2 --json 2>/dev/null)
+python3 - "$gen" "$forced" <<'PY'
+import json, sys
+gen, forced = json.loads(sys.argv[1]), json.loads(sys.argv[2])
+pl = forced["prompt_logprobs"]
+assert len(pl) == 3 + 6 and pl[0] is None, pl
+for t, (tok, step) in enumerate(zip(gen["token_ids"], gen["logprobs"])):
+    e = pl[3 + t]
+    assert e["id"] == tok and e["rank"] == 1 and e["top"][0]["id"] == tok, (t, e)
+    assert abs(e["logprob"] - step[0]["logprob"]) < 1e-4, (t, e, step)
+PY
 expect_error() {  # expect_error "message part" args...
   local want=$1; shift
   if msg=$("$ERNIE" "$@" 2>&1); then fail "expected failure: $*"; fi

@@ -44,6 +44,7 @@ struct GenerateArgs {
   float repetition_penalty = 1.0f;
   std::optional<uint64_t> seed;
   int logprobs = -1;
+  int prompt_logprobs = -2;  // -2: none; else as SamplingParams::prompt_logprobs
   bool ignore_eos = false;
   std::vector<std::string> stop;
   bool skip_special_tokens = true;

@@ -81,6 +81,8 @@ CLI::App* add_generate(CLI::App& app, GenerateArgs& a) {
   s->add_option("--repetition-penalty", a.repetition_penalty)->capture_default_str();
   s->add_option("--seed", a.seed, "Sampling seed of every prompt (default: random per prompt)");
   s->add_option("--logprobs", a.logprobs, "Top logprobs to return per generated token");
+  s->add_option("--prompt-logprobs", a.prompt_logprobs,
+                "Top logprobs to return per prompt token after the first (-1: all)");
   s->add_flag("--ignore-eos", a.ignore_eos, "Keep generating after an end-of-sequence token");
   s->add_option("--stop", a.stop, "A stop string; repeatable");
   s->add_option("--skip-special-tokens", a.skip_special_tokens,
@@ -123,6 +125,7 @@ int run_generate(const GenerateArgs& a) {
   p.repetition_penalty = a.repetition_penalty;
   p.seed = a.seed;
   if (a.logprobs >= 0) p.logprobs = a.logprobs;
+  if (a.prompt_logprobs != -2) p.prompt_logprobs = a.prompt_logprobs;
   p.ignore_eos = a.ignore_eos;
   p.stop = a.stop;
   p.skip_special_tokens = a.skip_special_tokens;
@@ -188,6 +191,17 @@ int run_generate(const GenerateArgs& a) {
         if (tok) j["text"] = r.text;
         j["finish_reason"] = r.finish_reason;
         if (p.logprobs) j["logprobs"] = logprobs_json(r.logprobs);
+        if (p.prompt_logprobs && k == 0) {
+          // null for the first token, then each token's logprob, rank and the most likely.
+          nlohmann::json pl = nlohmann::json::array({nullptr});
+          const auto tops = logprobs_json(r.prompt_logprobs);
+          for (size_t t = 0; t < r.prompt_logprobs.size(); ++t) {
+            const auto& e = r.prompt_logprobs[t];
+            pl.push_back(
+                {{"id", e.id}, {"logprob", e.logprob}, {"rank", e.rank}, {"top", tops[t]}});
+          }
+          j["prompt_logprobs"] = pl;
+        }
         std::cout << j.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace) << "\n";
       } else {
         std::cout << "--- prompt " << i << (p.n > 1 ? cat(" output ", k) : "") << " ("
