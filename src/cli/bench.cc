@@ -25,6 +25,7 @@
 #include "cli/commands.h"
 #include "common/check.h"
 #include "common/log.h"
+#include "model/checkpoint.h"
 #include "tokenizer/chat.h"
 #include "tokenizer/tokenizer.h"
 
@@ -497,6 +498,16 @@ int run_bench(const BenchArgs& a) {
         tok_dir = cand;
         break;
       }
+    }
+  }
+  if (tok_dir.empty() && !model.empty()) {
+    // A Hugging Face id whose files are in the local cache (as vLLM's client loads them).
+    try {
+      model::ResolveOptions ro;
+      ro.allow_download = false;
+      const auto cached = model::resolve_model(model, ro);
+      if (std::filesystem::exists(cached / "tokenizer.model")) tok_dir = cached.string();
+    } catch (const std::exception&) {
     }
   }
   std::shared_ptr<const tokenizer::Tokenizer> tok;

@@ -264,6 +264,26 @@ def test_waits_for_the_server_as_vllm_does(model_dir):
     assert r.returncode != 0 and "Skipping endpoint ready check." in r.stdout, r.stdout + r.stderr
 
 
+def test_tokenizer_from_the_hugging_face_cache(recording_mock, model_dir):
+    """--model as a Hugging Face id whose files are in the local cache: the tokenizer is read
+    there (as vLLM's client loads it), not asked of the server."""
+    import shutil
+    port, path = recording_mock
+    with tempfile.TemporaryDirectory() as cache:
+        repo = os.path.join(cache, "models--acme--tiny")
+        snap = os.path.join(repo, "snapshots", "abc123")
+        os.makedirs(os.path.join(repo, "refs"))
+        shutil.copytree(model_dir, snap, ignore=shutil.ignore_patterns("*.safetensors*"))
+        open(os.path.join(repo, "refs", "main"), "w").write("abc123")
+        r = subprocess.run([ERNIE, "bench", "serve", "--port", str(port), "--disable-tqdm", "--model", "acme/tiny",
+                            "--random-input-len", "10", "--random-output-len", "2", "--num-prompts", "2"],
+                           capture_output=True, text=True, timeout=120,
+                           env={**os.environ, "HF_HUB_CACHE": cache, "HF_HUB_OFFLINE": "1"})
+    out = r.stdout + r.stderr
+    assert r.returncode == 0, out
+    assert "from the Hugging Face cache" in out and "no local tokenizer" not in out, out
+
+
 def test_bad_arguments_are_refused(mock, model_dir):
     for args, want in [(["--dataset-name", "sharegpt"], "needs --dataset-path"),
                        (["--dataset-path", "x.json"], "Cannot use 'random' dataset with --dataset-path"),
