@@ -339,6 +339,7 @@ Job parse_completion(const ojson& b, const ApiContext& ctx) {
   parse_sampling(b, job.params, ctx);
   refuse_unbuilt(b);
   job.tokens_as_ids = get_bool(b, "return_tokens_as_token_ids").value_or(false);
+  job.return_token_ids = get_bool(b, "return_token_ids").value_or(false);
   job.echo = get_bool(b, "echo").value_or(false);
   if (auto v = get_int(b, "max_tokens")) {
     job.echo_only = job.echo && *v == 0;  // the prompt alone: one token is drawn, not returned
@@ -408,6 +409,7 @@ Job parse_chat(const ojson& b, const ApiContext& ctx) {
   parse_sampling(b, job.params, ctx);
   refuse_unbuilt(b);
   job.tokens_as_ids = get_bool(b, "return_tokens_as_token_ids").value_or(false);
+  job.return_token_ids = get_bool(b, "return_token_ids").value_or(false);
   if (!ctx.tok) bad("messages", "this model has no tokenizer, so chat is not available");
   if (!ctx.chat_template) {
     bad("messages", "the model has no chat template; start the server with --chat-template");
@@ -527,7 +529,8 @@ JobResult::JobResult(const Job& job, const ApiContext& ctx) : job_(job), ctx_(ct
   choices_.resize(job.prompts.size() * static_cast<size_t>(job.params.n));
   prompt_logprobs_.resize(job.prompts.size());
   for (const auto& p : job.prompts) prompt_tokens_ += static_cast<int64_t>(p.size());
-  for (size_t i = 0; i < choices_.size() && job.echo; ++i)
+  // (vLLM echoes a completions prompt as its ids alone when return_token_ids is set.)
+  for (size_t i = 0; i < choices_.size() && job.echo && !(job.return_token_ids && !job.chat); ++i)
     choices_[i].text = job.chat ? job.chat_echo : job.prompt_texts[i / job.params.n];
 }
 
@@ -667,6 +670,7 @@ std::vector<ojson> JobResult::start_chunks() {
                                     : ojson{{"content", job_.chat_echo}};
       c["choices"] = ojson::array(
           {{{"index", i}, {"delta", delta}, {"logprobs", nullptr}, {"finish_reason", nullptr}}});
+      if (job_.return_token_ids && pass == 0) c["prompt_token_ids"] = job_.prompts[0];
       if (job_.continuous_usage) c["usage"] = usage();
       out.push_back(std::move(c));
     }
@@ -677,10 +681,14 @@ std::vector<ojson> JobResult::start_chunks() {
 std::optional<ojson> JobResult::stream_chunk(size_t ci, const runtime::CompletionDelta& d) {
   Choice& c = choices_[ci];
   const size_t prompt_index = ci / static_cast<size_t>(job_.params.n);
-  const bool echo_now = job_.echo && !job_.chat && !c.echoed;
+  const bool first_output = !c.echoed;  // (echoed: the choice's first chunk went out)
+  const bool echo_now = job_.echo && !job_.chat && first_output;
   c.echoed = true;
   const bool show_output = !job_.echo_only;
-  if (!echo_now && d.token_ids.empty() && d.text.empty() && !d.finish_reason) return std::nullopt;
+  if (!echo_now && d.token_ids.empty() && d.text.empty() && !d.finish_reason) {
+    c.echoed = !first_output;  // nothing went out: the next chunk is still the first
+    return std::nullopt;
+  }
   ojson lp = nullptr;
   if (job_.params.logprobs && job_.chat) {
     lp = chat_logprobs_json(d.logprobs);
@@ -703,14 +711,19 @@ std::optional<ojson> JobResult::stream_chunk(size_t ci, const runtime::Completio
               {"finish_reason", finish}};
     if (d.finish_reason) choice["stop_reason"] = c.stop_reason;
   } else {
-    std::string text = echo_now ? job_.prompt_texts[prompt_index] : std::string();
+    std::string text =
+        echo_now && !job_.return_token_ids ? job_.prompt_texts[prompt_index] : std::string();
     if (show_output) text += d.text;
     choice = {{"index", ci},
               {"text", text},
               {"logprobs", lp},
               {"finish_reason", finish},
               {"stop_reason", d.finish_reason ? c.stop_reason : ojson(nullptr)}};
+    if (job_.return_token_ids && first_output)
+      choice["prompt_token_ids"] = job_.prompts[prompt_index];
   }
+  if (job_.return_token_ids)
+    choice["token_ids"] = show_output ? ojson(d.token_ids) : ojson::array();
   ojson chunk = chunk_base();
   chunk["choices"] = ojson::array({choice});
   if (job_.continuous_usage) chunk["usage"] = usage();
@@ -783,7 +796,8 @@ ojson JobResult::response() const {
             {{"role", "assistant"}, {"content", c.text}, {"tool_calls", ojson::array()}}},
            {"logprobs", job_.params.logprobs ? chat_logprobs_json(c.logprobs) : ojson(nullptr)},
            {"finish_reason", finish},
-           {"stop_reason", c.stop_reason}});
+           {"stop_reason", c.stop_reason},
+           {"token_ids", job_.return_token_ids ? ojson(c.token_ids) : ojson(nullptr)}});
       continue;
     }
     ojson lp = nullptr;
@@ -798,16 +812,23 @@ ojson JobResult::response() const {
       size_t offset = 0;
       lp = completion_logprobs_json(ids, scores, offset);
     }
-    choices.push_back({{"index", i},
-                       {"text", c.text},
-                       {"logprobs", lp},
-                       {"finish_reason", finish},
-                       {"stop_reason", c.stop_reason},
-                       {"prompt_logprobs", prompt_logprobs_json(prompt_index)}});
+    const bool ids = job_.return_token_ids;
+    choices.push_back(
+        {{"index", i},
+         {"text", c.text},
+         {"logprobs", lp},
+         {"finish_reason", finish},
+         {"stop_reason", c.stop_reason},
+         {"token_ids", ids && !job_.echo_only ? ojson(c.token_ids) : ojson(nullptr)},
+         {"prompt_logprobs", prompt_logprobs_json(prompt_index)},
+         {"prompt_token_ids", ids ? ojson(job_.prompts[prompt_index]) : ojson(nullptr)}});
   }
   r["choices"] = choices;
   r["usage"] = usage();
-  if (job_.chat) r["prompt_logprobs"] = prompt_logprobs_json(0);
+  if (job_.chat) {
+    r["prompt_logprobs"] = prompt_logprobs_json(0);
+    r["prompt_token_ids"] = job_.return_token_ids ? ojson(job_.prompts[0]) : ojson(nullptr);
+  }
   return r;
 }
 

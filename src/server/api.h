@@ -64,10 +64,11 @@ struct Job {
   bool include_usage = false;
   bool continuous_usage = false;
   bool echo = false;
-  bool echo_only = false;        // completions: echo with max_tokens 0 (one token drawn, unsent)
-  bool tokens_as_ids = false;    // return_tokens_as_token_ids: logprobs name tokens "token_id:N"
-  int completion_logprobs = -1;  // completions: logprobs=k
-  bool chat_logprobs = false;    // chat: logprobs=true
+  bool echo_only = false;         // completions: echo with max_tokens 0 (one token drawn, unsent)
+  bool tokens_as_ids = false;     // return_tokens_as_token_ids: logprobs name tokens "token_id:N"
+  bool return_token_ids = false;  // the prompt's and the output's ids beside the text
+  int completion_logprobs = -1;   // completions: logprobs=k
+  bool chat_logprobs = false;     // chat: logprobs=true
   std::vector<std::vector<int32_t>> prompts;
   std::vector<std::string> prompt_texts;  // for echo
   std::string chat_echo;  // chat echo: the last message's content when it is the assistant's

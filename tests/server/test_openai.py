@@ -233,6 +233,36 @@ def test_chat_echo_continues_the_assistant(client):
             == client.chat.completions.create(**kw, extra_body={"ignore_eos": True}).choices[0].message.content)
 
 
+def test_return_token_ids(server):
+    """vLLM's return_token_ids: the prompt's ids and the output's beside the text (streamed: the
+    prompt's in the first chunk, each chunk's new ids)."""
+    url = server.url + "/v1/completions"
+    body = {"model": "ernie-tiny", "prompt": "token ids please", "max_tokens": 5, "temperature": 0,
+            "ignore_eos": True, "return_token_ids": True}
+    ids = httpx.post(server.url + "/tokenize", json={"prompt": "token ids please"}).json()["tokens"]
+    r = httpx.post(url, json=body).json()
+    ch = r["choices"][0]
+    assert ch["prompt_token_ids"] == ids and len(ch["token_ids"]) == 5
+    assert httpx.post(server.url + "/detokenize", json={"tokens": ch["token_ids"]}).json()["prompt"] == ch["text"]
+    got_prompt, got_ids = None, []
+    with httpx.stream("POST", url, json={**body, "stream": True}) as s:
+        for line in s.iter_lines():
+            if line.startswith("data: {"):
+                for c in json.loads(line[6:])["choices"]:
+                    if c.get("prompt_token_ids") is not None:
+                        assert got_prompt is None
+                        got_prompt = c["prompt_token_ids"]
+                    got_ids += c["token_ids"]
+    assert got_prompt == ids and got_ids == ch["token_ids"]
+    plain = httpx.post(url, json={**body, "return_token_ids": False}).json()["choices"][0]
+    assert plain["token_ids"] is None and plain["prompt_token_ids"] is None
+    chat = httpx.post(server.url + "/v1/chat/completions",
+                      json={"model": "ernie-tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3,
+                            "temperature": 0, "ignore_eos": True, "return_token_ids": True}).json()
+    assert len(chat["prompt_token_ids"]) == chat["usage"]["prompt_tokens"]
+    assert len(chat["choices"][0]["token_ids"]) == 3
+
+
 def test_tokenize_detokenize(server):
     t = httpx.post(server.url + "/tokenize", json={"prompt": "hello 世界"}).json()
     assert t["count"] == len(t["tokens"]) and t["max_model_len"] == 512
