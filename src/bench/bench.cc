@@ -103,6 +103,7 @@ nlohmann::json read_json_file(const std::string& path) {
 std::vector<SampleRequest> sharegpt_dataset(
     const FileDatasetArgs& a,
     const std::function<std::vector<int32_t>(const std::string&)>& encode) {
+  if (a.output_len && *a.output_len < 1) throw Error("--sharegpt-output-len must be at least 1");
   const nlohmann::json data = read_json_file(a.path);
   if (!data.is_array()) throw Error(cat(a.path, ": a ShareGPT dataset is a JSON list"));
   std::vector<const nlohmann::json*> entries;
@@ -139,9 +140,11 @@ std::vector<SampleRequest> custom_dataset(
     const std::function<std::string(const std::string&)>& chat) {
   if (a.path.size() < 6 || a.path.substr(a.path.size() - 6) != ".jsonl")
     throw Error("Only JSONL format is supported for CustomDataset.");
+  require(a.output_len.has_value(), "custom_dataset: an output length (or -1)");
+  if (*a.output_len == 0 || *a.output_len < -1)
+    throw Error("--custom-output-len must be at least 1, or -1");
   std::ifstream in(a.path);
   if (!in) throw Error(cat("cannot read the dataset ", a.path));
-  require(a.output_len.has_value(), "custom_dataset: an output length (or -1)");
   std::vector<nlohmann::json> rows;
   std::string line;
   for (int n = 1; std::getline(in, line); ++n) {
@@ -150,10 +153,10 @@ std::vector<SampleRequest> custom_dataset(
     if (j.is_discarded() || !j.is_object() || !j.contains("prompt") || !j["prompt"].is_string())
       throw Error(
           cat(a.path, ":", n, ": each line must be a JSON object with a string \"prompt\""));
-    if (*a.output_len < 0 &&
-        !(j.contains("output_tokens") && j["output_tokens"].is_number_integer()))
+    if (*a.output_len < 0 && !(j.contains("output_tokens") &&
+                               j["output_tokens"].is_number_integer() && j["output_tokens"] >= 1))
       throw Error(cat(a.path, ":", n,
-                      ": --custom-output-len -1 takes each line's integer \"output_tokens\""));
+                      ": --custom-output-len -1 takes each line's \"output_tokens\" (at least 1)"));
     rows.push_back(std::move(j));
   }
   PyRandom rng(a.seed);

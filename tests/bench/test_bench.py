@@ -290,6 +290,8 @@ def test_bad_arguments_are_refused(mock, model_dir):
                        (["--dataset-name", "sonnet"], "dataset-name"),
                        (["--dataset-name", "sharegpt", "--dataset-path", "/nonexistent.json"], "cannot read"),
                        (["--dataset-name", "custom", "--dataset-path", "x.json"], "Only JSONL"),
+                       (["--dataset-name", "custom", "--dataset-path", "x.jsonl", "--custom-output-len", "0"],
+                        "custom-output-len"),
                        (["--random-range-ratio", "1.5"], "range-ratio"),
                        (["--request-rate", "0"], "request-rate"), (["--goodput", "latency:5"], "goodput"),
                        (["--percentile-metrics", "ttft,xyz"], "xyz"), (["--metric-percentiles", "150"], "150"),
