@@ -265,6 +265,8 @@ struct HttpServer::Impl {
       if (!authorized(req)) return json(req, 401, ojson{{"error", "Unauthorized"}});
       if (route_is("/health", http::verb::get))
         return make(req, http::status::ok, "", "application/json");
+      if (path == "/ping" && (method == http::verb::get || method == http::verb::post))
+        return make(req, http::status::ok, "", "application/json");  // vLLM's, as /health
       if (route_is("/version", http::verb::get))
         return json(req, 200, ojson{{"version", cfg.version}});
       if (route_is("/v1/models", http::verb::get)) return json(req, 200, models_response(ctx));

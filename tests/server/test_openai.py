@@ -31,6 +31,7 @@ def test_models_health_version(server, client):
     assert [m.id for m in models.data] == ["ernie-tiny"]
     assert models.data[0].max_model_len == 512
     assert httpx.get(server.url + "/health").status_code == 200
+    assert httpx.get(server.url + "/ping").status_code == 200 and httpx.post(server.url + "/ping").status_code == 200
     assert "version" in httpx.get(server.url + "/version").json()
 
 
