@@ -99,6 +99,7 @@ struct ServeArgs {
   std::string download_dir;
   std::string revision = "main";
   bool log_requests = false;
+  bool prompt_tokens_details = false;
   int threads = 4;
   std::vector<std::string> ignored;
 };

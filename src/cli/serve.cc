@@ -120,6 +120,8 @@ CLI::App* add_serve(CLI::App& app, ServeArgs& a) {
   c->add_option("--revision", a.revision, "Model revision on the Hugging Face hub")
       ->capture_default_str();
   c->add_flag("--enable-log-requests", a.log_requests, "Log every request");
+  c->add_flag("--enable-prompt-tokens-details", a.prompt_tokens_details,
+              "Report the prompt's tokens found in the prefix cache in usage");
   c->add_option("--api-server-count,--threads", a.threads, "HTTP I/O threads")
       ->check(CLI::Range(1, 256))
       ->capture_default_str();
@@ -294,6 +296,7 @@ int run_serve(const ServeArgs& a) {
   ctx.max_model_len = engine.max_model_len();
   ctx.max_logprobs = a.max_logprobs;
   ctx.defaults = defaults_sampling;
+  ctx.prompt_tokens_details = a.prompt_tokens_details;
   ctx.tok = tok;
   ctx.chat_template = chat;
   ctx.engine = &engine;

@@ -485,6 +485,7 @@ std::vector<RequestOutput> Engine::step() {
     RequestOutput& o = by_request[r.id];
     o.request_id = r.id;
     o.num_prompt_tokens = static_cast<int64_t>(r.prompt->size());
+    o.num_cached_tokens = std::max<int64_t>(0, r.seqs[0]->cached_prompt_tokens);
     o.outputs.push_back(take_delta(*s));
     if (s->scores_prompt && !s->prompt_logprobs_sent && !s->needs_prompt_logprobs()) {
       o.prompt_logprobs = s->prompt_logprobs;

@@ -72,8 +72,8 @@ struct RequestOutput {
   // prompt_logprobs): entry p is prompt token p + 1's logprob, rank and top logprobs.
   std::optional<std::vector<backend::SampledToken>> prompt_logprobs;
   int64_t num_prompt_tokens = 0;
-  int64_t num_cached_tokens = 0;
-  bool finished = false;  // every output finished
+  int64_t num_cached_tokens = 0;  // the prompt's tokens found in the prefix cache
+  bool finished = false;          // every output finished
 };
 
 struct EngineStats {
@@ -125,7 +125,6 @@ class Engine {
     std::shared_ptr<const std::vector<int32_t>> prompt;
     std::shared_ptr<const SamplingParams> params;
     std::vector<std::unique_ptr<Sequence>> seqs;
-    int64_t cached_tokens = 0;
   };
   // The step whose tokens have not been taken yet (asynchronous scheduling): its sampled
   // sequences, by request id and index (a request may end while the step runs).

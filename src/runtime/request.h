@@ -38,6 +38,7 @@ struct Sequence {
   bool await_final = false;
   BlockTable table;
   int num_preemptions = 0;
+  int64_t cached_prompt_tokens = -1;  // prompt tokens found in the prefix cache at admission
 
   // Text (when a tokenizer is present).
   std::unique_ptr<tokenizer::IncrementalDetokenizer> detok;

@@ -101,6 +101,7 @@ SchedulerOutput Scheduler::schedule() {
     if (n == 0) break;
     if (!kv_.allocate(s->table, computed + n, prefix)) break;  // FCFS: nobody jumps the queue
     s->num_computed = computed;
+    if (s->cached_prompt_tokens < 0) s->cached_prompt_tokens = computed;  // the first admission
     s->table.hashes.clear();
     // The adopted prefix blocks are already cached: record their hashes.
     kv_.cache_full_blocks(s->table, s->tokens, computed);

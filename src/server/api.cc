@@ -656,7 +656,9 @@ ojson JobResult::usage() const {
   return {{"prompt_tokens", prompt_tokens_},
           {"total_tokens", prompt_tokens_ + completion},
           {"completion_tokens", completion},
-          {"prompt_tokens_details", nullptr}};
+          {"prompt_tokens_details", ctx_.prompt_tokens_details && cached_tokens_ > 0
+                                        ? ojson{{"cached_tokens", cached_tokens_}}
+                                        : ojson(nullptr)}};
 }
 
 std::vector<ojson> JobResult::start_chunks() {
@@ -733,6 +735,7 @@ std::optional<ojson> JobResult::stream_chunk(size_t ci, const runtime::Completio
 std::vector<ojson> JobResult::apply(size_t prompt_index, const runtime::RequestOutput& out) {
   std::vector<ojson> chunks;
   if (out.prompt_logprobs) prompt_logprobs_.at(prompt_index) = *out.prompt_logprobs;
+  if (out.num_cached_tokens > 0) cached_tokens_ = out.num_cached_tokens;
   const size_t n = static_cast<size_t>(job_.params.n);
   for (const auto& d : out.outputs) {
     const size_t ci = prompt_index * n + static_cast<size_t>(d.index);

@@ -47,6 +47,7 @@ struct ApiContext {
   std::string model_path;
   int64_t max_model_len = 0;
   int max_logprobs = 20;
+  bool prompt_tokens_details = false;  // --enable-prompt-tokens-details: usage's cached tokens
   SamplingDefaults defaults;
   std::shared_ptr<const tokenizer::Tokenizer> tok;
   std::shared_ptr<const tokenizer::ChatTemplate> chat_template;  // may be null
@@ -132,6 +133,7 @@ class JobResult {
   const ApiContext& ctx_;
   std::vector<Choice> choices_;  // prompt_index * n + index
   int64_t prompt_tokens_ = 0;
+  int64_t cached_tokens_ = 0;  // the last prompt's, as vLLM reports them
   // Per prompt, once they arrive (SamplingParams::prompt_logprobs).
   std::vector<std::optional<std::vector<backend::SampledToken>>> prompt_logprobs_;
 };

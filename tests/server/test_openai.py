@@ -264,6 +264,26 @@ def test_return_token_ids(server):
     assert len(chat["choices"][0]["token_ids"]) == 3
 
 
+def test_prompt_tokens_details(model_dir, server):
+    """--enable-prompt-tokens-details: usage names the prompt's tokens found in the prefix cache."""
+    prompt = list(range(10, 110))  # 100 tokens: six full blocks of 16
+    body = {"model": "ernie-tiny", "prompt": prompt, "max_tokens": 2, "temperature": 0}
+    s = Server(model_dir, "--enable-prompt-tokens-details")
+    try:
+        first = httpx.post(s.url + "/v1/completions", json=body).json()["usage"]
+        second = httpx.post(s.url + "/v1/completions", json=body).json()["usage"]
+        chunks = [json.loads(line[6:]) for line in httpx.post(
+            s.url + "/v1/completions", json={**body, "stream": True, "stream_options": {"include_usage": True}}
+        ).text.splitlines() if line.startswith("data: {")]
+    finally:
+        s.stop()
+    assert first["prompt_tokens_details"] is None  # nothing cached yet
+    assert second["prompt_tokens_details"] == {"cached_tokens": 96}
+    assert chunks[-1]["usage"]["prompt_tokens_details"] == {"cached_tokens": 96}
+    httpx.post(server.url + "/v1/completions", json=body)  # cached there too, but not reported
+    assert httpx.post(server.url + "/v1/completions", json=body).json()["usage"]["prompt_tokens_details"] is None
+
+
 def test_tokenize_detokenize(server):
     t = httpx.post(server.url + "/tokenize", json={"prompt": "hello 世界"}).json()
     assert t["count"] == len(t["tokens"]) and t["max_model_len"] == 512
