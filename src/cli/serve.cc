@@ -173,12 +173,7 @@ server::SamplingDefaults generation_defaults(const ServeArgs& a,
   }
   const server::SamplingDefaults d = server::sampling_defaults(config, overrides);
   runtime::SamplingParams check;
-  if (d.temperature) check.temperature = static_cast<float>(*d.temperature);
-  if (d.top_p) check.top_p = static_cast<float>(*d.top_p);
-  if (d.top_k) check.top_k = *d.top_k;
-  if (d.min_p) check.min_p = static_cast<float>(*d.min_p);
-  if (d.repetition_penalty) check.repetition_penalty = static_cast<float>(*d.repetition_penalty);
-  if (d.max_tokens) check.max_tokens = static_cast<int>(*d.max_tokens);
+  d.apply(check, true);
   try {
     check.validate();
   } catch (const Error& e) {

@@ -76,12 +76,7 @@ std::vector<int32_t> token_list(const ojson& arr, const char* key) {
 // The sampling fields shared by both endpoints (OpenAI's and vLLM's extras), over the
 // model's defaults.
 void parse_sampling(const ojson& b, runtime::SamplingParams& p, const ApiContext& ctx) {
-  const SamplingDefaults& d = ctx.defaults;
-  if (d.temperature) p.temperature = static_cast<float>(*d.temperature);
-  if (d.top_p) p.top_p = static_cast<float>(*d.top_p);
-  if (d.top_k) p.top_k = *d.top_k;
-  if (d.min_p) p.min_p = static_cast<float>(*d.min_p);
-  if (d.repetition_penalty) p.repetition_penalty = static_cast<float>(*d.repetition_penalty);
+  ctx.defaults.apply(p, false);  // max_tokens: each endpoint caps its own
   if (auto v = get_int(b, "n")) p.n = clamp_int(*v, "n", 1, 128);
   if (auto v = get_number(b, "temperature")) p.temperature = static_cast<float>(*v);
   if (auto v = get_number(b, "top_p")) p.top_p = static_cast<float>(*v);
@@ -273,6 +268,15 @@ SamplingDefaults sampling_defaults(const ojson& generation_config, const ojson& 
   take(generation_config, false);
   take(overrides, true);
   return d;
+}
+
+void SamplingDefaults::apply(runtime::SamplingParams& p, bool with_max_tokens) const {
+  if (temperature) p.temperature = static_cast<float>(*temperature);
+  if (top_p) p.top_p = static_cast<float>(*top_p);
+  if (top_k) p.top_k = *top_k;
+  if (min_p) p.min_p = static_cast<float>(*min_p);
+  if (repetition_penalty) p.repetition_penalty = static_cast<float>(*repetition_penalty);
+  if (with_max_tokens && max_tokens) p.max_tokens = static_cast<int>(*max_tokens);
 }
 
 ojson SamplingDefaults::to_json() const {
@@ -683,14 +687,11 @@ std::vector<ojson> JobResult::start_chunks() {
 std::optional<ojson> JobResult::stream_chunk(size_t ci, const runtime::CompletionDelta& d) {
   Choice& c = choices_[ci];
   const size_t prompt_index = ci / static_cast<size_t>(job_.params.n);
-  const bool first_output = !c.echoed;  // (echoed: the choice's first chunk went out)
+  const bool first_output = !c.started;
   const bool echo_now = job_.echo && !job_.chat && first_output;
-  c.echoed = true;
   const bool show_output = !job_.echo_only;
-  if (!echo_now && d.token_ids.empty() && d.text.empty() && !d.finish_reason) {
-    c.echoed = !first_output;  // nothing went out: the next chunk is still the first
-    return std::nullopt;
-  }
+  if (!echo_now && d.token_ids.empty() && d.text.empty() && !d.finish_reason) return std::nullopt;
+  c.started = true;
   ojson lp = nullptr;
   if (job_.params.logprobs && job_.chat) {
     lp = chat_logprobs_json(d.logprobs);

@@ -34,6 +34,8 @@ struct SamplingDefaults {
   std::optional<int> top_k;
   std::optional<int64_t> max_tokens;  // the config's max_new_tokens
   ojson to_json() const;              // the fields set, with vLLM's names
+  // Sets p's sampling fields (and max_tokens when `with_max_tokens`) to the defaults given.
+  void apply(runtime::SamplingParams& p, bool with_max_tokens) const;
 };
 // vLLM's get_diff_sampling_param: the generation config's values that differ from transformers'
 // GenerationConfig defaults (temperature 1, top_k 50, top_p 1, repetition_penalty 1), then
@@ -103,9 +105,10 @@ class JobResult {
     std::vector<backend::SampledToken> logprobs;
     std::optional<std::string> finish_reason;
     ojson stop_reason = nullptr;
-    // Streaming: the prompt went out (echo); outputs held until the prompt logprobs the echo
-    // shows arrive; the text offset of the next completions logprobs entry.
-    bool echoed = false;
+    // Streaming: a chunk of this choice went out (the first carries the echo and the prompt's
+    // ids); outputs held until the prompt logprobs the echo shows arrive; the text offset of
+    // the next completions logprobs entry.
+    bool started = false;
     std::vector<runtime::CompletionDelta> held;
     size_t stream_offset = 0;
   };
